@@ -1,0 +1,306 @@
+//! Ledger configuration. The config in force is recorded in the log's first event, so a ledger
+//! always replays with the numbers it was created with.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Limits on everything that comes from outside.
+pub const MAX_JOB_ID_CHARS: usize = 256;
+pub const MAX_MCP_NAME_CHARS: usize = 64;
+pub const MAX_MCP_SERVERS_PER_REQUEST: usize = 64;
+pub const MAX_WORKER_SLOTS: u32 = 100_000;
+pub const MAX_ENDPOINT_CHARS: usize = 512;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpCatalogEntry {
+    pub endpoint: String,
+    #[serde(default)]
+    pub cpu_millicores: u64,
+    #[serde(default)]
+    pub memory_mib: u64,
+}
+
+/// Percent of each pool that must stay free after a grant of the given priority. This is what
+/// makes priority matter: by default `low` cannot take the last quarter of the pool, which
+/// keeps room for everyone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityReservePercent {
+    pub low: u8,
+    pub normal: u8,
+    pub high: u8,
+    pub critical: u8,
+}
+
+impl Default for PriorityReservePercent {
+    fn default() -> Self {
+        PriorityReservePercent {
+            low: 25,
+            normal: 0,
+            high: 0,
+            critical: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub total_cpu_millicores: u64,
+    pub total_memory_mib: u64,
+    /// Number of worker slots; slot `i` has id `worker-i` (zero-padded).
+    pub worker_slots: u32,
+    pub worker_cpu_millicores: u64,
+    pub worker_memory_mib: u64,
+    /// Endpoint of each slot; empty means `http://localhost:<worker_base_port + slot>`.
+    pub worker_endpoints: Vec<String>,
+    pub worker_base_port: u16,
+    /// MCP servers with fixed endpoints and an optional cost, charged once while any active
+    /// allocation uses the server.
+    pub mcp_catalog: BTreeMap<String, McpCatalogEntry>,
+    /// Names not in the catalog get `http://localhost:<port>` from this port upward.
+    pub mcp_base_port: u16,
+    /// When set, a name not in the catalog is invalid input.
+    pub strict_mcp_catalog: bool,
+    pub min_ttl_seconds: u64,
+    pub max_ttl_seconds: u64,
+    pub default_ttl_seconds: u64,
+    /// Take a snapshot after this many events (0 turns periodic snapshots off).
+    pub snapshot_every: u64,
+    pub max_metadata_bytes: usize,
+    /// A segment file is closed and a new one started once it reaches this size.
+    pub segment_size_bytes: u64,
+    pub priority_reserve_percent: PriorityReservePercent,
+}
+
+impl Default for Config {
+    /// The embedded default reproduces the original system: 16 CPU, 32768 MiB, 10 workers of
+    /// 1 CPU and 2048 MiB each.
+    fn default() -> Self {
+        Config {
+            total_cpu_millicores: 16_000,
+            total_memory_mib: 32_768,
+            worker_slots: 10,
+            worker_cpu_millicores: 1_000,
+            worker_memory_mib: 2_048,
+            worker_endpoints: Vec::new(),
+            worker_base_port: 8000,
+            mcp_catalog: BTreeMap::new(),
+            mcp_base_port: 9000,
+            strict_mcp_catalog: false,
+            min_ttl_seconds: 60,
+            max_ttl_seconds: 604_800,
+            default_ttl_seconds: 3_600,
+            snapshot_every: 10_000,
+            max_metadata_bytes: 16 * 1024,
+            segment_size_bytes: 64 * 1024 * 1024,
+            priority_reserve_percent: PriorityReservePercent::default(),
+        }
+    }
+}
+
+fn cfg_err(field: &str, message: impl Into<String>) -> Error {
+    Error::invalid(format!("config.{field}"), message)
+}
+
+impl Config {
+    /// Parses a JSON config; unknown fields are errors that list the known ones.
+    pub fn from_json(text: &str) -> Result<Config> {
+        let config: Config = serde_json::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            Error::invalid(
+                "config",
+                format!(
+                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, priority_reserve_percent)"
+                ),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        Self::from_json(&text)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.worker_slots > MAX_WORKER_SLOTS {
+            return Err(cfg_err(
+                "worker_slots",
+                format!("{} is above the limit of {MAX_WORKER_SLOTS}", self.worker_slots),
+            ));
+        }
+        if self.total_cpu_millicores == 0 {
+            return Err(cfg_err("total_cpu_millicores", "must be greater than 0"));
+        }
+        if self.total_memory_mib == 0 {
+            return Err(cfg_err("total_memory_mib", "must be greater than 0"));
+        }
+        if self.total_cpu_millicores > 1 << 40 || self.total_memory_mib > 1 << 40 {
+            return Err(cfg_err("total_cpu_millicores", "totals must be below 2^40"));
+        }
+        if self.worker_cpu_millicores > self.total_cpu_millicores {
+            return Err(cfg_err(
+                "worker_cpu_millicores",
+                format!(
+                    "{} exceeds total_cpu_millicores {}",
+                    self.worker_cpu_millicores, self.total_cpu_millicores
+                ),
+            ));
+        }
+        if self.worker_memory_mib > self.total_memory_mib {
+            return Err(cfg_err(
+                "worker_memory_mib",
+                format!(
+                    "{} exceeds total_memory_mib {}",
+                    self.worker_memory_mib, self.total_memory_mib
+                ),
+            ));
+        }
+        if !self.worker_endpoints.is_empty() && self.worker_endpoints.len() != self.worker_slots as usize
+        {
+            return Err(cfg_err(
+                "worker_endpoints",
+                format!(
+                    "has {} entries; it must be empty or have exactly worker_slots ({}) entries",
+                    self.worker_endpoints.len(),
+                    self.worker_slots
+                ),
+            ));
+        }
+        for (i, e) in self.worker_endpoints.iter().enumerate() {
+            check_endpoint(&format!("worker_endpoints[{i}]"), e)?;
+        }
+        if u32::from(self.worker_base_port) + self.worker_slots > 65_536 {
+            return Err(cfg_err(
+                "worker_base_port",
+                "worker_base_port + worker_slots must stay within port 65535",
+            ));
+        }
+        for (name, entry) in &self.mcp_catalog {
+            validate_mcp_name(&format!("config.mcp_catalog key {name:?}"), name)?;
+            check_endpoint(&format!("mcp_catalog.{name}.endpoint"), &entry.endpoint)?;
+            if entry.cpu_millicores > self.total_cpu_millicores
+                || entry.memory_mib > self.total_memory_mib
+            {
+                return Err(cfg_err(
+                    &format!("mcp_catalog.{name}"),
+                    "costs more than the whole pool",
+                ));
+            }
+        }
+        if self.min_ttl_seconds == 0 {
+            return Err(cfg_err("min_ttl_seconds", "must be at least 1"));
+        }
+        if self.max_ttl_seconds < self.min_ttl_seconds {
+            return Err(cfg_err(
+                "max_ttl_seconds",
+                format!("{} is below min_ttl_seconds {}", self.max_ttl_seconds, self.min_ttl_seconds),
+            ));
+        }
+        if self.max_ttl_seconds > 10 * 365 * 86_400 {
+            return Err(cfg_err("max_ttl_seconds", "must be at most ten years (315360000)"));
+        }
+        if self.default_ttl_seconds < self.min_ttl_seconds || self.default_ttl_seconds > self.max_ttl_seconds
+        {
+            return Err(cfg_err(
+                "default_ttl_seconds",
+                format!(
+                    "{} must lie between min_ttl_seconds {} and max_ttl_seconds {}",
+                    self.default_ttl_seconds, self.min_ttl_seconds, self.max_ttl_seconds
+                ),
+            ));
+        }
+        if self.max_metadata_bytes > 256 * 1024 {
+            return Err(cfg_err("max_metadata_bytes", "must be at most 262144"));
+        }
+        if self.segment_size_bytes < 4096 || self.segment_size_bytes > 1 << 32 {
+            return Err(cfg_err(
+                "segment_size_bytes",
+                "must lie between 4096 and 4294967296",
+            ));
+        }
+        let r = self.priority_reserve_percent;
+        for (name, v) in [("low", r.low), ("normal", r.normal), ("high", r.high), ("critical", r.critical)] {
+            if v > 100 {
+                return Err(cfg_err(
+                    &format!("priority_reserve_percent.{name}"),
+                    format!("{v} is not a percentage (0..=100)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn worker_id(&self, slot: u32) -> String {
+        format!("worker-{slot:02}")
+    }
+
+    pub fn worker_endpoint(&self, slot: u32) -> String {
+        match self.worker_endpoints.get(slot as usize) {
+            Some(e) => e.clone(),
+            None => format!("http://localhost:{}", u32::from(self.worker_base_port) + slot),
+        }
+    }
+}
+
+fn check_endpoint(field: &str, e: &str) -> Result<()> {
+    if e.is_empty() || e.len() > MAX_ENDPOINT_CHARS || e.chars().any(char::is_control) {
+        return Err(cfg_err(
+            field,
+            format!("must be a non-empty URL of at most {MAX_ENDPOINT_CHARS} characters without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// MCP server names: 1..=64 characters from `A-Z a-z 0-9 . _ -`.
+pub fn validate_mcp_name(field: &str, name: &str) -> Result<()> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty() || name.chars().count() > MAX_MCP_NAME_CHARS || !ok_chars {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{name:?} is not a valid MCP server name: use 1 to {MAX_MCP_NAME_CHARS} characters from A-Z a-z 0-9 . _ -"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_the_original_pool() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.total_cpu_millicores, 16_000);
+        assert_eq!(c.total_memory_mib, 32_768);
+        assert_eq!(c.worker_slots, 10);
+        assert_eq!(c.worker_endpoint(3), "http://localhost:8003");
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let err = Config::from_json(r#"{"worker_slotz": 3}"#).unwrap_err().to_string();
+        assert!(err.contains("worker_slotz") && err.contains("known fields"), "{err}");
+        let err = Config::from_json(r#"{"min_ttl_seconds": 100, "max_ttl_seconds": 50}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_ttl_seconds"), "{err}");
+        let err = Config::from_json(r#"{"total_cpu_millicores": -1}"#).unwrap_err().to_string();
+        assert!(err.contains("config"), "{err}");
+        let err = Config::from_json(r#"{"priority_reserve_percent": {"low": 101, "normal": 0, "high": 0, "critical": 0}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("priority_reserve_percent.low"), "{err}");
+    }
+}

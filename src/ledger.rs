@@ -1,0 +1,756 @@
+//! The ledger: opens (snapshot + tail replay, torn-tail cut), decides commands against the
+//! state, appends their events, and acknowledges only once they are durable. Concurrent
+//! writers share fsyncs: whoever finds no fsync in flight becomes the leader and syncs
+//! everything appended so far; the others wait for it (group commit).
+
+use crate::clock::{Clock, Micros, SystemClock};
+use crate::config::Config;
+use crate::event::{Event, EventBody, LoggedEvent};
+use crate::model::{cores, AllocationId, AllocationState};
+use crate::report::*;
+use crate::snapshot;
+use crate::state::{ResourceRequest, State};
+use crate::storage::{FsStorage, LockGuard, Storage};
+use crate::wal::{self, AppendError, TornTail, WalWriter};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+pub const WAL_DIR: &str = "wal";
+pub const SNAPSHOT_DIR: &str = "snapshots";
+pub const QUARANTINE_DIR: &str = "quarantine";
+pub const LOCK_FILE: &str = "LOCK";
+/// Snapshots kept on disk; older ones are removed (the log keeps everything).
+pub const SNAPSHOTS_KEPT: usize = 4;
+
+/// How to open a ledger.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Config for a ledger created by this open; an existing ledger keeps the config in its log.
+    pub config: Option<Config>,
+    pub clock: Arc<dyn Clock>,
+    pub storage: Arc<dyn Storage>,
+    /// Create the ledger if the directory holds none (read-write opens only).
+    pub create: bool,
+    /// Open without the write lock, beside a running writer; every write fails.
+    pub read_only: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            config: None,
+            clock: Arc::new(SystemClock),
+            storage: Arc::new(FsStorage {
+                mmap_min_bytes: 1 << 20,
+            }),
+            create: true,
+            read_only: false,
+        }
+    }
+}
+
+impl OpenOptions {
+    pub fn read_only() -> Self {
+        OpenOptions {
+            read_only: true,
+            create: false,
+            storage: Arc::new(FsStorage { mmap_min_bytes: 0 }),
+            ..Default::default()
+        }
+    }
+
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn storage(mut self, storage: Arc<dyn Storage>) -> Self {
+        self.storage = storage;
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SetAside {
+    pub file: PathBuf,
+    pub reason: String,
+    /// Where it was moved (read-write opens only).
+    pub moved_to: Option<PathBuf>,
+}
+
+/// What opening found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RecoveryReport {
+    pub created: bool,
+    pub snapshot_seq: Option<u64>,
+    pub events_replayed: u64,
+    pub last_seq: u64,
+    pub torn_tail: Option<TornTail>,
+    pub snapshots_set_aside: Vec<SetAside>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    pub seq: u64,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LedgerStatus {
+    pub data_dir: PathBuf,
+    pub ledger_id: String,
+    pub read_only: bool,
+    pub last_seq: u64,
+    pub durable_seq: u64,
+    /// Why the ledger stopped accepting writes, if it did.
+    pub poisoned: Option<String>,
+    pub last_snapshot_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Core {
+    state: State,
+    wal: Option<WalWriter>,
+    poisoned: Option<String>,
+    since_snapshot: u64,
+    last_snapshot_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    durable_seq: u64,
+    leader: bool,
+    failed: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    read_only: bool,
+    core: Mutex<Core>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    snapshot_lock: Mutex<()>,
+    recovery: RecoveryReport,
+    _lock: Option<Box<dyn LockGuard>>,
+}
+
+/// A handle to an open ledger; cheap to clone, `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the log half-written (appends are single
+    // calls), so keep going with the data as it is.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Replays the log after `state.last_seq` into `state`, checking each event.
+fn replay_into(storage: &dyn Storage, wal_dir: &Path, state: &mut State) -> Result<(wal::LogEnd, u64)> {
+    let mut replayed = 0u64;
+    let end = wal::scan_log(storage, wal_dir, state.last_seq, &mut |pos, payload| {
+        let ev = Event::decode(payload)?;
+        if pos.seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
+            return Err("the first event is not ledger_created".into());
+        }
+        if pos.seq > 1 && ev.ts_us <= state.last_ts_us {
+            return Err(format!(
+                "timestamp {} is not after the previous event's {}",
+                ev.ts_us, state.last_ts_us
+            ));
+        }
+        state.evolve(pos.seq, ev.ts_us, &ev.body);
+        replayed += 1;
+        Ok(true)
+    })?;
+    Ok((end, replayed))
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `dir` with the default options.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Ledger> {
+        Self::open_with(dir, OpenOptions::default())
+    }
+
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Ledger> {
+        Self::open_with(dir, OpenOptions::read_only())
+    }
+
+    pub fn open_with(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<Ledger> {
+        let dir = dir.as_ref().to_path_buf();
+        let storage = opts.storage.clone();
+        let wal_dir = dir.join(WAL_DIR);
+        let snap_dir = dir.join(SNAPSHOT_DIR);
+        let quarantine = dir.join(QUARANTINE_DIR);
+        let mut report = RecoveryReport::default();
+
+        let lock_guard = if opts.read_only {
+            if !storage.exists(&wal_dir) {
+                return Err(Error::NoLedger { path: dir });
+            }
+            None
+        } else {
+            if !storage.exists(&dir) && !opts.create {
+                return Err(Error::NoLedger { path: dir });
+            }
+            storage
+                .create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            match storage
+                .try_lock(&dir.join(LOCK_FILE))
+                .map_err(|e| Error::io(format!("locking {}", dir.display()), e))?
+            {
+                Some(g) => Some(g),
+                None => return Err(Error::Locked { path: dir }),
+            }
+        };
+
+        // Newest snapshot that loads; damaged ones are set aside (the log is the truth).
+        let mut state = State::empty(opts.config.clone().unwrap_or_default());
+        let snaps = snapshot::list(&*storage, &snap_dir).map_err(|e| Error::io("listing snapshots", e))?;
+        for (seq, path) in snaps {
+            let loaded = storage
+                .read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| snapshot::decode(&bytes, seq));
+            match loaded {
+                Ok(s) => {
+                    report.snapshot_seq = Some(seq);
+                    state = s;
+                    break;
+                }
+                Err(reason) => {
+                    let moved_to = if opts.read_only {
+                        None
+                    } else {
+                        set_aside(&*storage, &path, &quarantine)
+                    };
+                    report.snapshots_set_aside.push(SetAside {
+                        file: path,
+                        reason,
+                        moved_to,
+                    });
+                }
+            }
+        }
+        let snapshot_seq = state.last_seq;
+        let (mut end, replayed) = replay_into(&*storage, &wal_dir, &mut state)?;
+        report.events_replayed = replayed;
+        if end.last_seq < snapshot_seq {
+            return Err(Error::Inconsistent {
+                path: wal_dir,
+                message: format!(
+                    "the newest snapshot is at sequence number {snapshot_seq} but the log ends at {}: records are missing from the log",
+                    end.last_seq
+                ),
+            });
+        }
+
+        let mut wal = None;
+        if !opts.read_only {
+            if let Some(torn) = end.torn.as_mut() {
+                wal::cut_torn_tail(&*storage, &quarantine, torn)?;
+                if torn.offset == 0 {
+                    end.segments.pop();
+                }
+            }
+            let seg_size = state.config.segment_size_bytes;
+            if end.last_seq == 0 {
+                // A new ledger (or one whose creation never became durable).
+                let config = opts.config.clone().unwrap_or_default();
+                config.validate()?;
+                state = State::empty(config.clone());
+                let mut w = if end.segments.is_empty() {
+                    WalWriter::create(storage.clone(), &wal_dir, config.segment_size_bytes)?
+                } else {
+                    WalWriter::resume(storage.clone(), &wal_dir, &end, config.segment_size_bytes)?
+                };
+                let ts = opts.clock.now_micros();
+                let body = EventBody::LedgerCreated {
+                    ledger_id: uuid::Uuid::new_v4().to_string(),
+                    config,
+                };
+                let payload = Event::new(ts, body.clone()).encode();
+                let seq = w.append(&payload).map_err(|e| match e {
+                    AppendError::Failed(e) | AppendError::Poison(e) => e,
+                })?;
+                w.active_file()
+                    .sync_data()
+                    .map_err(|e| Error::io("fsync of the new ledger", e))?;
+                state.evolve(seq, ts, &body);
+                report.created = true;
+                wal = Some(w);
+            } else {
+                let w = WalWriter::resume(storage.clone(), &wal_dir, &end, seg_size)?;
+                // What we read may have come from the page cache of a process that died before
+                // its fsync; make it durable before building on it.
+                w.active_file()
+                    .sync_data()
+                    .map_err(|e| Error::io("fsync of the log on open", e))?;
+                wal = Some(w);
+            }
+        } else if end.last_seq == 0 {
+            return Err(Error::NoLedger { path: dir });
+        }
+        report.torn_tail = end.torn.clone();
+        report.last_seq = state.last_seq;
+        let durable = state.last_seq;
+        let since_snapshot = state.last_seq - snapshot_seq;
+        Ok(Ledger {
+            shared: Arc::new(Shared {
+                dir,
+                storage,
+                clock: opts.clock,
+                read_only: opts.read_only,
+                core: Mutex::new(Core {
+                    state,
+                    wal,
+                    poisoned: None,
+                    since_snapshot,
+                    last_snapshot_error: None,
+                }),
+                sync: Mutex::new(SyncState {
+                    durable_seq: durable,
+                    ..Default::default()
+                }),
+                synced: Condvar::new(),
+                snapshot_lock: Mutex::new(()),
+                recovery: report,
+                _lock: lock_guard,
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.shared.recovery
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.shared.read_only
+    }
+
+    pub fn now_micros(&self) -> Micros {
+        self.shared.clock.now_micros()
+    }
+
+    pub fn status(&self) -> LedgerStatus {
+        let core = lock(&self.shared.core);
+        let sync = lock(&self.shared.sync);
+        LedgerStatus {
+            data_dir: self.shared.dir.clone(),
+            ledger_id: core.state.ledger_id.clone(),
+            read_only: self.shared.read_only,
+            last_seq: core.state.last_seq,
+            durable_seq: sync.durable_seq,
+            poisoned: core.poisoned.clone().or_else(|| sync.failed.clone()),
+            last_snapshot_error: core.last_snapshot_error.clone(),
+        }
+    }
+
+    /// Runs `f` on the current state (a consistent point: nothing is half-applied).
+    pub fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&lock(&self.shared.core).state)
+    }
+
+    // ----- writing -----
+
+    fn writable_core(&self) -> Result<MutexGuard<'_, Core>> {
+        if self.shared.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let core = lock(&self.shared.core);
+        if let Some(why) = &core.poisoned {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        if let Some(why) = &lock(&self.shared.sync).failed {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        Ok(core)
+    }
+
+    /// The timestamp the next event gets: the clock, but strictly after the last event.
+    fn next_ts(&self, state: &State) -> Micros {
+        self.shared.clock.now_micros().max(state.last_ts_us + 1)
+    }
+
+    fn append(&self, core: &mut Core, ts: Micros, body: EventBody) -> Result<u64> {
+        debug_assert!(ts > core.state.last_ts_us);
+        let payload = Event::new(ts, body).encode();
+        if payload.len() > crate::record::MAX_PAYLOAD_LEN {
+            return Err(Error::invalid("request", "the event would exceed the record size limit"));
+        }
+        let wal = core.wal.as_mut().expect("writable ledgers have a log writer");
+        match wal.append(&payload) {
+            Ok(seq) => {
+                // Decode what we wrote rather than keep `body`: evolve sees exactly the bytes that
+                // replay will see.
+                let ev = Event::decode(&payload).expect("an event we encoded decodes");
+                core.state.evolve(seq, ts, &ev.body);
+                core.since_snapshot += 1;
+                Ok(seq)
+            }
+            Err(AppendError::Failed(e)) => Err(e),
+            Err(AppendError::Poison(e)) => {
+                core.poisoned = Some(e.to_string());
+                Err(Error::Poisoned(e.to_string()))
+            }
+        }
+    }
+
+    /// Writes expiry events for every allocation past its deadline; returns their ids.
+    fn expire_due(&self, core: &mut Core) -> Result<Vec<AllocationId>> {
+        let now = self.next_ts(&core.state);
+        let due = core.state.due_for_expiry(now);
+        let mut ids = Vec::with_capacity(due.len());
+        for (allocation_id, deadline_us) in due {
+            let ts = self.next_ts(&core.state);
+            self.append(core, ts, EventBody::Expired { allocation_id, deadline_us })?;
+            ids.push(allocation_id);
+        }
+        Ok(ids)
+    }
+
+    /// Returns once every event up to `seq` is durable. Concurrent callers share one fsync.
+    fn wait_durable(&self, seq: u64) -> Result<()> {
+        let sh = &self.shared;
+        let mut s = lock(&sh.sync);
+        loop {
+            if s.durable_seq >= seq {
+                return Ok(());
+            }
+            if let Some(why) = &s.failed {
+                return Err(Error::Poisoned(why.clone()));
+            }
+            if s.leader {
+                s = sh.synced.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            s.leader = true;
+            drop(s);
+            let (file, upto) = {
+                let core = lock(&sh.core);
+                (core.wal.as_ref().map(|w| w.active_file()), core.state.last_seq)
+            };
+            let result = match file {
+                Some(f) => f.sync_data(),
+                None => Ok(()),
+            };
+            s = lock(&sh.sync);
+            s.leader = false;
+            match result {
+                Ok(()) => s.durable_seq = s.durable_seq.max(upto),
+                Err(e) => {
+                    // Never retried: after a failed fsync the page cache may have dropped the
+                    // data, so a later "successful" fsync would prove nothing.
+                    s.failed = Some(format!("fsync of the log failed: {e}"));
+                }
+            }
+            sh.synced.notify_all();
+        }
+    }
+
+    /// Expires what is due, runs `decide` on the resulting state, appends the events it returns
+    /// and waits until they are durable.
+    fn write<R>(
+        &self,
+        decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)>,
+    ) -> Result<R> {
+        let (result, target) = {
+            let mut core = self.writable_core()?;
+            let expired = self.expire_due(&mut core)?;
+            let ts = self.next_ts(&core.state);
+            let outcome = decide(&core.state, ts, &expired);
+            let (bodies, r) = match outcome {
+                Ok(x) => x,
+                Err(e) => {
+                    let target = core.state.last_seq;
+                    drop(core);
+                    // Expiries written on the way are still made durable before we answer.
+                    self.wait_durable(target)?;
+                    return Err(e);
+                }
+            };
+            let mut ts = ts;
+            for body in bodies {
+                self.append(&mut core, ts, body)?;
+                ts = self.next_ts(&core.state);
+            }
+            (r, core.state.last_seq)
+        };
+        self.wait_durable(target)?;
+        self.maybe_snapshot();
+        Ok(result)
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&State, Micros) -> R) -> Result<R> {
+        let (r, seq) = {
+            let core = lock(&self.shared.core);
+            let now = self.shared.clock.now_micros().max(core.state.last_ts_us);
+            (f(&core.state, now), core.state.last_seq)
+        };
+        if !self.shared.read_only {
+            // Never show an event that is not yet durable.
+            self.wait_durable(seq)?;
+        }
+        Ok(r)
+    }
+
+    // ----- operations -----
+
+    /// `request_resources`: grants the request or records why it cannot be granted.
+    pub fn request_resources(&self, req: &ResourceRequest) -> Result<RequestOutcome> {
+        self.write(|state, ts, _| {
+            let mut id = AllocationId::random();
+            while state.allocation(id).is_some() {
+                id = AllocationId::random();
+            }
+            let body = state.decide_request(req, ts, id)?;
+            let outcome = match &body {
+                EventBody::Granted(g) => RequestOutcome::Granted(GrantReport {
+                    allocation_id: g.allocation_id,
+                    status: AllocationState::Active,
+                    job_id: g.job_id.clone(),
+                    priority: g.priority,
+                    mcp_servers: g
+                        .mcp_servers
+                        .iter()
+                        .map(|m| McpServerInfo {
+                            name: m.name.clone(),
+                            endpoint: m.endpoint.clone(),
+                            status: "running".into(),
+                        })
+                        .collect(),
+                    workers_allocated: g
+                        .workers
+                        .iter()
+                        .map(|w| WorkerInfo {
+                            worker_id: w.worker_id.clone(),
+                            endpoint: w.endpoint.clone(),
+                            cpu: cores(w.cpu_millicores),
+                            memory: w.memory_mib,
+                            cpu_millicores: w.cpu_millicores,
+                            memory_mib: w.memory_mib,
+                        })
+                        .collect(),
+                    resources: GrantedResources {
+                        cpu: cores(g.resources.cpu_millicores),
+                        memory: g.resources.memory_mib,
+                        workers: g.resources.workers,
+                        cpu_millicores: g.resources.cpu_millicores,
+                        memory_mib: g.resources.memory_mib,
+                    },
+                    ttl_seconds: g.ttl_seconds,
+                    created_at: crate::clock::format_micros(ts),
+                    expires_at: crate::clock::format_micros(g.deadline_us),
+                    seq: state.last_seq + 1,
+                }),
+                EventBody::Rejected(r) => RequestOutcome::Failed(FailedReport {
+                    allocation_id: r.allocation_id,
+                    status: AllocationState::Failed,
+                    error: r.error.clone(),
+                    job_id: r.job_id.clone(),
+                    reason: r.reason.as_str().into(),
+                    created_at: crate::clock::format_micros(ts),
+                    seq: state.last_seq + 1,
+                }),
+                _ => unreachable!("decide_request returns a grant or a rejection"),
+            };
+            Ok((vec![body], outcome))
+        })
+    }
+
+    /// `release_resources`. An unknown id is `NotFound`; an allocation already in a terminal
+    /// state is reported as such and nothing is written.
+    pub fn release_resources(&self, allocation_id: &str) -> Result<ReleaseReport> {
+        let id = AllocationId::parse("allocation_id", allocation_id)?;
+        self.write(|state, ts, _| {
+            let a = state.allocation(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
+            let held_seconds = |end: Micros| (end - a.created_us).max(0) as f64 / 1e6;
+            if a.state == AllocationState::Active {
+                let report = ReleaseReport {
+                    status: "released".into(),
+                    allocation_id: id,
+                    job_id: a.job_id.clone(),
+                    state: AllocationState::Released,
+                    workers_released: a.resources.workers,
+                    cpu_freed: cores(a.resources.cpu_millicores),
+                    memory_freed: a.resources.memory_mib,
+                    released_at: Some(crate::clock::format_micros(ts)),
+                    expired_at: None,
+                    duration_seconds: held_seconds(ts),
+                };
+                return Ok((vec![EventBody::Released { allocation_id: id }], report));
+            }
+            let ended = a.ended_us.unwrap_or(a.created_us);
+            let report = ReleaseReport {
+                status: format!("already_{}", a.state.as_str()),
+                allocation_id: id,
+                job_id: a.job_id.clone(),
+                state: a.state,
+                workers_released: 0,
+                cpu_freed: 0.0,
+                memory_freed: 0,
+                released_at: (a.state == AllocationState::Released).then(|| crate::clock::format_micros(ended)),
+                expired_at: (a.state == AllocationState::Expired).then(|| crate::clock::format_micros(ended)),
+                duration_seconds: held_seconds(a.held_until()),
+            };
+            Ok((Vec::new(), report))
+        })
+    }
+
+    /// `cleanup_expired`: writes the pending expiries and returns their ids.
+    pub fn cleanup_expired(&self) -> Result<CleanupReport> {
+        self.write(|_, _, expired| {
+            Ok((
+                Vec::new(),
+                CleanupReport {
+                    cleaned_up: expired.to_vec(),
+                    count: expired.len(),
+                },
+            ))
+        })
+    }
+
+    /// Records a new config (validated against what is held now).
+    pub fn reconfigure(&self, config: Config) -> Result<u64> {
+        let seq = self.write(|state, _, _| {
+            let body = state.decide_config_change(config)?;
+            Ok((vec![body], state.last_seq + 1))
+        })?;
+        let mut core = lock(&self.shared.core);
+        let size = core.state.config.segment_size_bytes;
+        if let Some(w) = core.wal.as_mut() {
+            w.set_segment_size(size);
+        }
+        Ok(seq)
+    }
+
+    pub fn get_capacity(&self) -> Result<CapacityReport> {
+        self.read(|s, now| s.capacity(now))
+    }
+
+    /// `get_allocation`: `Ok(None)` for a well-formed id the ledger does not know.
+    pub fn get_allocation(&self, allocation_id: &str) -> Result<Option<AllocationDetails>> {
+        let id = AllocationId::parse("allocation_id", allocation_id)?;
+        self.read(|s, now| s.details(id, now))
+    }
+
+    pub fn list_allocations(
+        &self,
+        state: Option<AllocationState>,
+        job_id: Option<&str>,
+    ) -> Result<Vec<AllocationSummary>> {
+        self.read(|s, now| s.list(state, job_id, now))
+    }
+
+    /// The earliest deadline among active allocations (for an expiry timer).
+    pub fn next_deadline(&self) -> Option<Micros> {
+        lock(&self.shared.core).state.next_deadline()
+    }
+
+    // ----- snapshots -----
+
+    fn maybe_snapshot(&self) {
+        let due = {
+            let core = lock(&self.shared.core);
+            let every = core.state.config.snapshot_every;
+            every > 0 && core.since_snapshot >= every
+        };
+        if due {
+            if let Err(e) = self.snapshot() {
+                // Snapshots are derived data; the operation that triggered this one succeeded.
+                lock(&self.shared.core).last_snapshot_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Writes a snapshot of the current state (atomically) and prunes old ones.
+    pub fn snapshot(&self) -> Result<SnapshotInfo> {
+        if self.shared.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let _one_at_a_time = lock(&self.shared.snapshot_lock);
+        let data = {
+            let mut core = self.writable_core()?;
+            core.since_snapshot = 0;
+            core.state.to_data()
+        };
+        // A snapshot must never be ahead of the durable log.
+        self.wait_durable(data.last_seq)?;
+        let dir = self.shared.dir.join(SNAPSHOT_DIR);
+        let storage = &*self.shared.storage;
+        let path = snapshot::write(storage, &dir, &data)
+            .map_err(|e| Error::io(format!("writing snapshot {}", data.last_seq), e))?;
+        if let Ok(all) = snapshot::list(storage, &dir) {
+            for (_, old) in all.into_iter().skip(SNAPSHOTS_KEPT) {
+                let _ = storage.remove(&old);
+            }
+        }
+        lock(&self.shared.core).last_snapshot_error = None;
+        Ok(SnapshotInfo {
+            seq: data.last_seq,
+            path,
+        })
+    }
+
+    // ----- reading the log -----
+
+    /// Events with `seq >= from_seq`, at most `limit` of them, read from the log files.
+    pub fn events(&self, from_seq: u64, limit: usize) -> Result<Vec<LoggedEvent>> {
+        let upto = self.with_state(|s| s.last_seq);
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        wal::scan_log(
+            &*self.shared.storage,
+            &self.shared.dir.join(WAL_DIR),
+            from_seq.saturating_sub(1),
+            &mut |pos, payload| {
+                if pos.seq > upto {
+                    return Ok(false);
+                }
+                out.push(LoggedEvent {
+                    seq: pos.seq,
+                    event: Event::decode(payload)?,
+                });
+                Ok(out.len() < limit)
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Read-only handles: folds in what the writer appended since open or the last refresh.
+    pub fn refresh(&self) -> Result<u64> {
+        let mut core = lock(&self.shared.core);
+        let before = core.state.last_seq;
+        let mut state = core.state.clone();
+        replay_into(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), &mut state)?;
+        core.state = state;
+        Ok(core.state.last_seq - before)
+    }
+}
+
+fn set_aside(storage: &dyn Storage, path: &Path, quarantine: &Path) -> Option<PathBuf> {
+    storage.create_dir_all(quarantine).ok()?;
+    let name = path.file_name()?.to_str()?;
+    let to = quarantine.join(format!("{name}.damaged"));
+    storage.rename(path, &to).ok()?;
+    let _ = storage.sync_dir(path.parent()?);
+    let _ = storage.sync_dir(quarantine);
+    Some(to)
+}

@@ -1,0 +1,228 @@
+//! Domain primitives: ids, priorities, states and integer resource amounts.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// `alloc-` followed by 12 lowercase hex digits (48 random bits), as in the original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocationId(u64);
+
+impl AllocationId {
+    pub const MAX: u64 = (1 << 48) - 1;
+
+    pub fn from_u64(v: u64) -> Self {
+        debug_assert!(v <= Self::MAX);
+        AllocationId(v & Self::MAX)
+    }
+
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    pub fn random() -> Self {
+        let bits = uuid::Uuid::new_v4().as_u128();
+        AllocationId((bits as u64) & Self::MAX)
+    }
+
+    /// Parses an id given by a caller; the error names `field`.
+    pub fn parse(field: &str, text: &str) -> Result<Self> {
+        text.parse().map_err(|_| {
+            let shown: String = text.chars().take(64).collect();
+            Error::invalid(
+                field,
+                format!("{shown:?} is not an allocation id: expected `alloc-` followed by 12 lowercase hex digits, e.g. alloc-1a2b3c4d5e6f"),
+            )
+        })
+    }
+}
+
+impl fmt::Display for AllocationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "alloc-{:012x}", self.0)
+    }
+}
+
+impl FromStr for AllocationId {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        let hex = s.strip_prefix("alloc-").ok_or(())?;
+        if hex.len() != 12 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(());
+        }
+        u64::from_str_radix(hex, 16).map(AllocationId).map_err(|_| ())
+    }
+}
+
+impl Serialize for AllocationId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for AllocationId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse()
+            .map_err(|_| serde::de::Error::custom(format!("invalid allocation id {s:?}")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+    Critical,
+}
+
+impl Priority {
+    pub const ALLOWED: &'static str = "low, normal, high, critical";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
+
+    pub fn parse(field: &str, text: &str) -> Result<Self> {
+        match text {
+            "low" => Ok(Priority::Low),
+            "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            "critical" => Ok(Priority::Critical),
+            other => Err(Error::invalid(
+                field,
+                format!("{:?} is not a priority; allowed values: {}", truncate(other), Self::ALLOWED),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lifecycle of an allocation. Every state but `active` is terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocationState {
+    Active,
+    Released,
+    Expired,
+    Failed,
+}
+
+impl AllocationState {
+    pub const ALLOWED: &'static str = "active, released, expired, failed";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllocationState::Active => "active",
+            AllocationState::Released => "released",
+            AllocationState::Expired => "expired",
+            AllocationState::Failed => "failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self != AllocationState::Active
+    }
+
+    pub fn parse(field: &str, text: &str) -> Result<Self> {
+        match text {
+            "active" => Ok(AllocationState::Active),
+            "released" => Ok(AllocationState::Released),
+            "expired" => Ok(AllocationState::Expired),
+            "failed" => Ok(AllocationState::Failed),
+            other => Err(Error::invalid(
+                field,
+                format!("{:?} is not a state; allowed values: {}", truncate(other), Self::ALLOWED),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for AllocationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An amount of the pool, in integer units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpu_millicores: u64,
+    pub memory_mib: u64,
+    pub workers: u32,
+}
+
+impl Resources {
+    pub fn checked_add(self, o: Resources) -> Option<Resources> {
+        Some(Resources {
+            cpu_millicores: self.cpu_millicores.checked_add(o.cpu_millicores)?,
+            memory_mib: self.memory_mib.checked_add(o.memory_mib)?,
+            workers: self.workers.checked_add(o.workers)?,
+        })
+    }
+
+    pub fn checked_sub(self, o: Resources) -> Option<Resources> {
+        Some(Resources {
+            cpu_millicores: self.cpu_millicores.checked_sub(o.cpu_millicores)?,
+            memory_mib: self.memory_mib.checked_sub(o.memory_mib)?,
+            workers: self.workers.checked_sub(o.workers)?,
+        })
+    }
+
+    pub fn fits_within(self, o: Resources) -> bool {
+        self.cpu_millicores <= o.cpu_millicores && self.memory_mib <= o.memory_mib && self.workers <= o.workers
+    }
+}
+
+/// CPU as the original showed it: cores as a float.
+pub fn cores(millicores: u64) -> f64 {
+    millicores as f64 / 1000.0
+}
+
+pub(crate) fn truncate(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(MAX).collect();
+        t.push('…');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_id_round_trips_and_rejects_garbage() {
+        let id = AllocationId::from_u64(0x1a2b3c4d5e6f);
+        assert_eq!(id.to_string(), "alloc-1a2b3c4d5e6f");
+        assert_eq!("alloc-1a2b3c4d5e6f".parse::<AllocationId>(), Ok(id));
+        for bad in ["", "alloc-", "alloc-1A2B3C4D5E6F", "alloc-1a2b3c4d5e6", "x-1a2b3c4d5e6f", "alloc-1a2b3c4d5e6f0", "alloc-+a2b3c4d5e6f"] {
+            assert!(bad.parse::<AllocationId>().is_err(), "{bad}");
+        }
+        let err = AllocationId::parse("allocation_id", "nope").unwrap_err().to_string();
+        assert!(err.contains("allocation_id") && err.contains("12 lowercase hex"), "{err}");
+    }
+
+    #[test]
+    fn priority_errors_list_allowed_values() {
+        let err = Priority::parse("priority", "urgent").unwrap_err().to_string();
+        assert!(err.contains("priority") && err.contains("low, normal, high, critical"), "{err}");
+        assert_eq!(Priority::parse("p", "critical").unwrap(), Priority::Critical);
+    }
+}

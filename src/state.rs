@@ -1,0 +1,1168 @@
+//! The state fold: `evolve(state, event)` is pure and total, `decide_*` validates a command
+//! against the state and returns the event recording its outcome, and the query functions read
+//! the projection as of an instant (allocations past their deadline read as expired before
+//! their expiry event is written).
+
+use crate::clock::{format_micros, Micros};
+use crate::config::{validate_mcp_name, Config, MAX_JOB_ID_CHARS, MAX_MCP_SERVERS_PER_REQUEST};
+use crate::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, WorkerGrant};
+use crate::model::{cores, truncate, AllocationId, AllocationState, Priority, Resources};
+use crate::report::*;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// One allocation as the fold knows it. Failed requests are kept too (state `failed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub id: AllocationId,
+    pub job_id: String,
+    pub priority: Priority,
+    pub state: AllocationState,
+    pub ttl_seconds: u64,
+    pub created_us: Micros,
+    pub deadline_us: Micros,
+    /// When it was released, or the deadline it expired at.
+    #[serde(default)]
+    pub ended_us: Option<Micros>,
+    #[serde(default)]
+    pub workers: Vec<WorkerGrant>,
+    #[serde(default)]
+    pub mcp_servers: Vec<McpGrant>,
+    pub resources: Resources,
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Allocation {
+    /// Terminal state as seen at `now`: an active allocation past its deadline reads as expired.
+    pub fn state_at(&self, now: Micros) -> AllocationState {
+        if self.state == AllocationState::Active && now >= self.deadline_us {
+            AllocationState::Expired
+        } else {
+            self.state
+        }
+    }
+
+    /// End of the interval over which the allocation held resources.
+    pub fn held_until(&self) -> Micros {
+        match self.ended_us {
+            Some(end) => end.min(self.deadline_us),
+            None => self.deadline_us,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningServer {
+    pub refcount: u32,
+    pub endpoint: String,
+    pub cpu_millicores: u64,
+    pub memory_mib: u64,
+}
+
+/// The part of the state written to snapshots; every index is rebuilt from it on load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateData {
+    pub ledger_id: String,
+    pub created_us: Micros,
+    pub config: Config,
+    pub last_seq: u64,
+    pub last_ts_us: Micros,
+    pub allocations: Vec<Allocation>,
+    /// Endpoints given to MCP names outside the catalog, in the order they were assigned.
+    pub assigned_mcp_endpoints: BTreeMap<String, String>,
+    pub assigned_mcp_count: u64,
+}
+
+/// The in-memory projection of the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    pub ledger_id: String,
+    pub created_us: Micros,
+    pub config: Config,
+    /// Sequence number of the last event folded in (0 before the first).
+    pub last_seq: u64,
+    pub last_ts_us: Micros,
+    allocations: HashMap<AllocationId, Allocation>,
+    /// Active allocations by deadline, for expiry.
+    by_deadline: BTreeSet<(Micros, AllocationId)>,
+    /// Owner of each worker slot.
+    slots: Vec<Option<AllocationId>>,
+    assigned_mcp_endpoints: BTreeMap<String, String>,
+    assigned_mcp_count: u64,
+    running: BTreeMap<String, RunningServer>,
+    /// What active allocations and running MCP servers hold.
+    allocated: Resources,
+    jobs: HashMap<String, Vec<AllocationId>>,
+    /// Events that did not apply cleanly (an anomaly counter; evolve never panics).
+    pub anomalies: u64,
+}
+
+/// A request as validated input. Build it from CLI flags or MCP arguments.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResourceRequest {
+    pub job_id: String,
+    pub mcp_servers: Vec<String>,
+    pub workers: u32,
+    pub priority: Priority,
+    /// `None` takes the config's `default_ttl_seconds`.
+    pub ttl_seconds: Option<u64>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ResourceRequest {
+    pub fn new(job_id: impl Into<String>) -> Self {
+        ResourceRequest {
+            job_id: job_id.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn workers(mut self, n: u32) -> Self {
+        self.workers = n;
+        self
+    }
+
+    pub fn mcp_server(mut self, name: impl Into<String>) -> Self {
+        self.mcp_servers.push(name.into());
+        self
+    }
+
+    pub fn priority(mut self, p: Priority) -> Self {
+        self.priority = p;
+        self
+    }
+
+    pub fn ttl_seconds(mut self, ttl: u64) -> Self {
+        self.ttl_seconds = Some(ttl);
+        self
+    }
+
+    pub fn metadata(mut self, m: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.metadata = m;
+        self
+    }
+
+    /// Builds a request from JSON arguments (the MCP tool's), checking each field's type.
+    /// Unknown fields are rejected so that a typo does not silently fall back to a default.
+    pub fn from_json(args: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        use serde_json::Value;
+        const KNOWN: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata";
+        for key in args.keys() {
+            if !KNOWN.split(", ").any(|k| k == key) {
+                return Err(Error::invalid(
+                    truncate(key),
+                    format!("unknown argument; allowed arguments: {KNOWN}"),
+                ));
+            }
+        }
+        let job_id = match args.get("job_id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => return Err(type_err("job_id", "a string", other)),
+            None => return Err(Error::invalid("job_id", "is required (a non-empty string)")),
+        };
+        let mcp_servers = match args.get("mcp_servers") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(type_err(&format!("mcp_servers[{i}]"), "a string", other)),
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Some(other) => return Err(type_err("mcp_servers", "an array of strings", other)),
+        };
+        let workers = match args.get("workers") {
+            None | Some(Value::Null) => 0,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(w) if w <= u32::MAX as u64 => w as u32,
+                _ => {
+                    return Err(Error::invalid(
+                        "workers",
+                        format!("{n} is not allowed: use a whole number from 0 up to the pool's worker count"),
+                    ))
+                }
+            },
+            Some(other) => return Err(type_err("workers", "a whole number >= 0", other)),
+        };
+        let priority = match args.get("priority") {
+            None | Some(Value::Null) => Priority::Normal,
+            Some(Value::String(s)) => Priority::parse("priority", s)?,
+            Some(other) => {
+                return Err(type_err("priority", "one of low, normal, high, critical", other))
+            }
+        };
+        let ttl_seconds = match args.get("ttl_seconds") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(t) => Some(t),
+                None => {
+                    return Err(Error::invalid(
+                        "ttl_seconds",
+                        format!("{n} is not allowed: use a whole number of seconds"),
+                    ))
+                }
+            },
+            Some(other) => return Err(type_err("ttl_seconds", "a whole number of seconds", other)),
+        };
+        let metadata = match args.get("metadata") {
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(other) => return Err(type_err("metadata", "a JSON object", other)),
+        };
+        Ok(ResourceRequest {
+            job_id,
+            mcp_servers,
+            workers,
+            priority,
+            ttl_seconds,
+            metadata,
+        })
+    }
+}
+
+fn type_err(field: &str, expected: &str, got: &serde_json::Value) -> Error {
+    let kind = match got {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    };
+    Error::invalid(field, format!("must be {expected}, got {kind}"))
+}
+
+/// Checks a job id from outside: 1..=256 characters, no control characters.
+pub fn validate_job_id(field: &str, job_id: &str) -> Result<()> {
+    if job_id.trim().is_empty() {
+        return Err(Error::invalid(field, "must be a non-empty string"));
+    }
+    if job_id.chars().count() > MAX_JOB_ID_CHARS {
+        return Err(Error::invalid(
+            field,
+            format!("is {} characters long; at most {MAX_JOB_ID_CHARS} are allowed", job_id.chars().count()),
+        ));
+    }
+    if job_id.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+impl State {
+    /// The state before the first event: nothing but a config.
+    pub fn empty(config: Config) -> Self {
+        let slots = vec![None; config.worker_slots as usize];
+        State {
+            ledger_id: String::new(),
+            created_us: 0,
+            config,
+            last_seq: 0,
+            last_ts_us: 0,
+            allocations: HashMap::new(),
+            by_deadline: BTreeSet::new(),
+            slots,
+            assigned_mcp_endpoints: BTreeMap::new(),
+            assigned_mcp_count: 0,
+            running: BTreeMap::new(),
+            allocated: Resources::default(),
+            jobs: HashMap::new(),
+            anomalies: 0,
+        }
+    }
+
+    pub fn total(&self) -> Resources {
+        Resources {
+            cpu_millicores: self.config.total_cpu_millicores,
+            memory_mib: self.config.total_memory_mib,
+            workers: self.config.worker_slots,
+        }
+    }
+
+    pub fn allocated(&self) -> Resources {
+        self.allocated
+    }
+
+    pub fn available(&self) -> Resources {
+        // Saturating: a config change may shrink the pool below what is held.
+        let t = self.total();
+        Resources {
+            cpu_millicores: t.cpu_millicores.saturating_sub(self.allocated.cpu_millicores),
+            memory_mib: t.memory_mib.saturating_sub(self.allocated.memory_mib),
+            workers: self.free_slot_count(),
+        }
+    }
+
+    fn free_slot_count(&self) -> u32 {
+        self.slots.iter().filter(|s| s.is_none()).count() as u32
+    }
+
+    pub fn allocation(&self, id: AllocationId) -> Option<&Allocation> {
+        self.allocations.get(&id)
+    }
+
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocations.values()
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.by_deadline.len()
+    }
+
+    pub fn slot_owner(&self, slot: u32) -> Option<AllocationId> {
+        self.slots.get(slot as usize).copied().flatten()
+    }
+
+    pub fn running_servers(&self) -> &BTreeMap<String, RunningServer> {
+        &self.running
+    }
+
+    /// Active allocations whose deadline is at or before `now`, earliest first.
+    pub fn due_for_expiry(&self, now: Micros) -> Vec<(AllocationId, Micros)> {
+        self.by_deadline
+            .range(..=(now, AllocationId::from_u64(AllocationId::MAX)))
+            .map(|&(d, id)| (id, d))
+            .collect()
+    }
+
+    pub fn next_deadline(&self) -> Option<Micros> {
+        self.by_deadline.iter().next().map(|&(d, _)| d)
+    }
+
+    // ----- evolve -----
+
+    /// Folds one event into the state. Total: an event that does not fit (which a valid log
+    /// never holds) is counted as an anomaly and otherwise ignored, never a panic.
+    pub fn evolve(&mut self, seq: u64, ts_us: Micros, body: &EventBody) {
+        debug_assert!(seq > self.last_seq, "sequence numbers increase");
+        self.last_seq = seq;
+        self.last_ts_us = ts_us;
+        match body {
+            EventBody::LedgerCreated { ledger_id, config } => {
+                self.ledger_id = ledger_id.clone();
+                self.created_us = ts_us;
+                self.apply_config(config.clone());
+            }
+            EventBody::ConfigChanged { config } => self.apply_config(config.clone()),
+            EventBody::Granted(g) => self.apply_grant(ts_us, g),
+            EventBody::Rejected(r) => self.apply_rejection(ts_us, r),
+            EventBody::Released { allocation_id } => self.apply_end(*allocation_id, ts_us, AllocationState::Released),
+            EventBody::Expired {
+                allocation_id,
+                deadline_us,
+            } => self.apply_end(*allocation_id, *deadline_us, AllocationState::Expired),
+        }
+        debug_assert!(self.check_invariants().is_ok(), "{:?}", self.check_invariants());
+    }
+
+    fn apply_config(&mut self, config: Config) {
+        let n = config.worker_slots as usize;
+        if n < self.slots.len() && self.slots[n..].iter().any(Option::is_some) {
+            self.anomalies += 1;
+        }
+        self.slots.resize(n.max(self.slots.iter().rposition(Option::is_some).map_or(0, |p| p + 1)), None);
+        self.config = config;
+    }
+
+    fn apply_grant(&mut self, ts_us: Micros, g: &Grant) {
+        if self.allocations.contains_key(&g.allocation_id)
+            || g.workers.iter().any(|w| self.slots.get(w.slot as usize) != Some(&None))
+        {
+            self.anomalies += 1;
+            return;
+        }
+        for w in &g.workers {
+            self.slots[w.slot as usize] = Some(g.allocation_id);
+        }
+        let mut charged = g.resources;
+        for m in &g.mcp_servers {
+            if m.assigned && !self.assigned_mcp_endpoints.contains_key(&m.name) {
+                self.assigned_mcp_endpoints.insert(m.name.clone(), m.endpoint.clone());
+                self.assigned_mcp_count += 1;
+            }
+            let entry = self.running.entry(m.name.clone()).or_insert_with(|| RunningServer {
+                refcount: 0,
+                endpoint: m.endpoint.clone(),
+                cpu_millicores: m.cpu_millicores,
+                memory_mib: m.memory_mib,
+            });
+            if entry.refcount == 0 {
+                charged.cpu_millicores += entry.cpu_millicores;
+                charged.memory_mib += entry.memory_mib;
+            }
+            entry.refcount += 1;
+        }
+        self.allocated = self.allocated.checked_add(charged).unwrap_or_else(|| {
+            self.anomalies += 1;
+            self.allocated
+        });
+        self.by_deadline.insert((g.deadline_us, g.allocation_id));
+        self.jobs.entry(g.job_id.clone()).or_default().push(g.allocation_id);
+        self.allocations.insert(
+            g.allocation_id,
+            Allocation {
+                id: g.allocation_id,
+                job_id: g.job_id.clone(),
+                priority: g.priority,
+                state: AllocationState::Active,
+                ttl_seconds: g.ttl_seconds,
+                created_us: ts_us,
+                deadline_us: g.deadline_us,
+                ended_us: None,
+                workers: g.workers.clone(),
+                mcp_servers: g.mcp_servers.clone(),
+                resources: g.resources,
+                metadata: g.metadata.clone(),
+                error: None,
+            },
+        );
+    }
+
+    fn apply_rejection(&mut self, ts_us: Micros, r: &Rejection) {
+        if self.allocations.contains_key(&r.allocation_id) {
+            self.anomalies += 1;
+            return;
+        }
+        self.jobs.entry(r.job_id.clone()).or_default().push(r.allocation_id);
+        self.allocations.insert(
+            r.allocation_id,
+            Allocation {
+                id: r.allocation_id,
+                job_id: r.job_id.clone(),
+                priority: r.priority,
+                state: AllocationState::Failed,
+                ttl_seconds: r.ttl_seconds,
+                created_us: ts_us,
+                deadline_us: ts_us,
+                ended_us: Some(ts_us),
+                workers: Vec::new(),
+                mcp_servers: r
+                    .mcp_servers
+                    .iter()
+                    .map(|name| McpGrant {
+                        name: name.clone(),
+                        endpoint: String::new(),
+                        cpu_millicores: 0,
+                        memory_mib: 0,
+                        assigned: false,
+                        started: false,
+                    })
+                    .collect(),
+                resources: Resources {
+                    workers: r.workers,
+                    ..Resources::default()
+                },
+                metadata: r.metadata.clone(),
+                error: Some(r.error.clone()),
+            },
+        );
+    }
+
+    fn apply_end(&mut self, id: AllocationId, ended_us: Micros, to: AllocationState) {
+        let Some(a) = self.allocations.get_mut(&id) else {
+            self.anomalies += 1;
+            return;
+        };
+        if a.state != AllocationState::Active {
+            // Terminal states never change.
+            self.anomalies += 1;
+            return;
+        }
+        a.state = to;
+        a.ended_us = Some(ended_us);
+        self.by_deadline.remove(&(a.deadline_us, id));
+        for w in &a.workers {
+            if let Some(s) = self.slots.get_mut(w.slot as usize) {
+                if *s == Some(id) {
+                    *s = None;
+                }
+            }
+        }
+        let mut freed = a.resources;
+        for m in &a.mcp_servers {
+            if let Some(r) = self.running.get_mut(&m.name) {
+                r.refcount -= 1;
+                if r.refcount == 0 {
+                    freed.cpu_millicores += r.cpu_millicores;
+                    freed.memory_mib += r.memory_mib;
+                    self.running.remove(&m.name);
+                }
+            }
+        }
+        match self.allocated.checked_sub(freed) {
+            Some(left) => self.allocated = left,
+            None => {
+                self.anomalies += 1;
+                self.allocated = Resources::default();
+            }
+        }
+    }
+
+    /// Cross-checks every index against the allocations; used by tests, debug builds and snapshot
+    /// loading.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let mut held = Resources::default();
+        let mut slot_seen = vec![None; self.slots.len()];
+        let mut running: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut active = 0usize;
+        for a in self.allocations.values() {
+            if a.state != AllocationState::Active {
+                continue;
+            }
+            active += 1;
+            if !self.by_deadline.contains(&(a.deadline_us, a.id)) {
+                return Err(format!("{} missing from the deadline index", a.id));
+            }
+            held = held.checked_add(a.resources).ok_or("overflow")?;
+            for w in &a.workers {
+                match slot_seen.get_mut(w.slot as usize) {
+                    Some(s @ None) => *s = Some(a.id),
+                    Some(Some(other)) => {
+                        return Err(format!("slot {} held by {} and {}", w.slot, other, a.id))
+                    }
+                    None => return Err(format!("slot {} out of range", w.slot)),
+                }
+            }
+            for m in &a.mcp_servers {
+                *running.entry(m.name.as_str()).or_default() += 1;
+            }
+        }
+        if active != self.by_deadline.len() {
+            return Err(format!("{} active but {} in the deadline index", active, self.by_deadline.len()));
+        }
+        if slot_seen != self.slots {
+            return Err("slot table disagrees with the allocations".into());
+        }
+        for (name, r) in &self.running {
+            if running.get(name.as_str()) != Some(&r.refcount) {
+                return Err(format!("MCP server {name} refcount {} is wrong", r.refcount));
+            }
+            held.cpu_millicores += r.cpu_millicores;
+            held.memory_mib += r.memory_mib;
+        }
+        if running.len() != self.running.len() {
+            return Err("running MCP servers disagree with the allocations".into());
+        }
+        held.workers = self.slots.iter().filter(|s| s.is_some()).count() as u32;
+        if held != self.allocated {
+            return Err(format!("allocated {:?} but allocations hold {:?}", self.allocated, held));
+        }
+        let a = self.allocated;
+        let v = self.available();
+        if a.workers + v.workers != self.slots.len() as u32 {
+            return Err("allocated + available workers != total".into());
+        }
+        if self.anomalies == 0
+            && (a.cpu_millicores + v.cpu_millicores != self.config.total_cpu_millicores
+                || a.memory_mib + v.memory_mib != self.config.total_memory_mib)
+        {
+            return Err("allocated + available != total".into());
+        }
+        Ok(())
+    }
+
+    // ----- snapshots -----
+
+    pub fn to_data(&self) -> StateData {
+        let mut allocations: Vec<Allocation> = self.allocations.values().cloned().collect();
+        allocations.sort_by_key(|a| (a.created_us, a.id));
+        StateData {
+            ledger_id: self.ledger_id.clone(),
+            created_us: self.created_us,
+            config: self.config.clone(),
+            last_seq: self.last_seq,
+            last_ts_us: self.last_ts_us,
+            allocations,
+            assigned_mcp_endpoints: self.assigned_mcp_endpoints.clone(),
+            assigned_mcp_count: self.assigned_mcp_count,
+        }
+    }
+
+    /// Rebuilds every index from snapshot data and checks the invariants.
+    pub fn from_data(data: StateData) -> std::result::Result<State, String> {
+        let mut s = State::empty(data.config);
+        s.ledger_id = data.ledger_id;
+        s.created_us = data.created_us;
+        s.last_seq = data.last_seq;
+        s.last_ts_us = data.last_ts_us;
+        s.assigned_mcp_endpoints = data.assigned_mcp_endpoints;
+        s.assigned_mcp_count = data.assigned_mcp_count;
+        for a in data.allocations {
+            if s.allocations.contains_key(&a.id) {
+                return Err(format!("allocation {} appears twice", a.id));
+            }
+            if a.state == AllocationState::Active {
+                let mut charged = a.resources;
+                for w in &a.workers {
+                    match s.slots.get_mut(w.slot as usize) {
+                        Some(slot @ None) => *slot = Some(a.id),
+                        _ => return Err(format!("slot {} of {} is taken or out of range", w.slot, a.id)),
+                    }
+                }
+                for m in &a.mcp_servers {
+                    let r = s.running.entry(m.name.clone()).or_insert_with(|| RunningServer {
+                        refcount: 0,
+                        endpoint: m.endpoint.clone(),
+                        cpu_millicores: m.cpu_millicores,
+                        memory_mib: m.memory_mib,
+                    });
+                    if r.refcount == 0 {
+                        charged.cpu_millicores += r.cpu_millicores;
+                        charged.memory_mib += r.memory_mib;
+                    }
+                    r.refcount += 1;
+                }
+                s.allocated = s.allocated.checked_add(charged).ok_or("overflow")?;
+                s.by_deadline.insert((a.deadline_us, a.id));
+            }
+            s.jobs.entry(a.job_id.clone()).or_default().push(a.id);
+            s.allocations.insert(a.id, a);
+        }
+        s.check_invariants()?;
+        Ok(s)
+    }
+
+    // ----- decide -----
+
+    /// Validates a request and decides it against this state at `now` (the event's timestamp).
+    /// Invalid input is an error and no event; a request the pool cannot hold is a `Rejected`
+    /// event. The caller must have written pending expiries first.
+    pub fn decide_request(&self, req: &ResourceRequest, now: Micros, id: AllocationId) -> Result<EventBody> {
+        let cfg = &self.config;
+        validate_job_id("job_id", &req.job_id)?;
+        if req.mcp_servers.len() > MAX_MCP_SERVERS_PER_REQUEST {
+            return Err(Error::invalid(
+                "mcp_servers",
+                format!("{} names given; at most {MAX_MCP_SERVERS_PER_REQUEST} are allowed", req.mcp_servers.len()),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, name) in req.mcp_servers.iter().enumerate() {
+            validate_mcp_name(&format!("mcp_servers[{i}]"), name)?;
+            if !seen.insert(name.as_str()) {
+                return Err(Error::invalid(
+                    format!("mcp_servers[{i}]"),
+                    format!("{name:?} is listed twice; name each MCP server once"),
+                ));
+            }
+            if cfg.strict_mcp_catalog && !cfg.mcp_catalog.contains_key(name) {
+                let known: Vec<&str> = cfg.mcp_catalog.keys().map(String::as_str).collect();
+                return Err(Error::invalid(
+                    format!("mcp_servers[{i}]"),
+                    format!(
+                        "{name:?} is not in the MCP catalog; known servers: {}",
+                        if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+        }
+        if req.workers > cfg.worker_slots {
+            return Err(Error::invalid(
+                "workers",
+                format!(
+                    "{} exceeds the pool of {} workers; allowed values: 0 to {}",
+                    req.workers, cfg.worker_slots, cfg.worker_slots
+                ),
+            ));
+        }
+        if req.workers == 0 && req.mcp_servers.is_empty() {
+            return Err(Error::invalid(
+                "workers",
+                "the request asks for nothing: ask for at least 1 worker or name at least one MCP server in mcp_servers",
+            ));
+        }
+        let ttl_seconds = req.ttl_seconds.unwrap_or(cfg.default_ttl_seconds);
+        if ttl_seconds < cfg.min_ttl_seconds || ttl_seconds > cfg.max_ttl_seconds {
+            return Err(Error::invalid(
+                "ttl_seconds",
+                format!(
+                    "{ttl_seconds} is out of range; allowed values: {} to {} seconds",
+                    cfg.min_ttl_seconds, cfg.max_ttl_seconds
+                ),
+            ));
+        }
+        let metadata_bytes = serde_json::to_vec(&req.metadata).map(|v| v.len()).unwrap_or(usize::MAX);
+        if metadata_bytes > cfg.max_metadata_bytes {
+            return Err(Error::invalid(
+                "metadata",
+                format!(
+                    "is {metadata_bytes} bytes as JSON; at most {} bytes are allowed",
+                    cfg.max_metadata_bytes
+                ),
+            ));
+        }
+        for key in req.metadata.keys() {
+            if key.is_empty() || key.chars().any(char::is_control) || key.chars().count() > 128 {
+                return Err(Error::invalid(
+                    "metadata",
+                    format!("key {:?} is not allowed: keys are 1 to 128 characters without control characters", truncate(key)),
+                ));
+            }
+        }
+
+        // Which MCP servers this grant would start, and at what endpoint and cost.
+        let mut mcp = Vec::with_capacity(req.mcp_servers.len());
+        let mut next_assigned = self.assigned_mcp_count;
+        let mut server_cost = Resources::default();
+        for name in &req.mcp_servers {
+            let (endpoint, cpu, mem, assigned) = if let Some(r) = self.running.get(name) {
+                (r.endpoint.clone(), r.cpu_millicores, r.memory_mib, false)
+            } else if let Some(e) = cfg.mcp_catalog.get(name) {
+                (e.endpoint.clone(), e.cpu_millicores, e.memory_mib, false)
+            } else if let Some(e) = self.assigned_mcp_endpoints.get(name) {
+                (e.clone(), 0, 0, false)
+            } else {
+                let port = u64::from(cfg.mcp_base_port) + next_assigned;
+                next_assigned += 1;
+                (format!("http://localhost:{port}"), 0, 0, true)
+            };
+            let started = !self.running.contains_key(name);
+            if started {
+                server_cost.cpu_millicores += cpu;
+                server_cost.memory_mib += mem;
+            }
+            mcp.push(McpGrant {
+                name: name.clone(),
+                endpoint,
+                cpu_millicores: cpu,
+                memory_mib: mem,
+                assigned,
+                started,
+            });
+        }
+
+        let worker_res = Resources {
+            cpu_millicores: cfg.worker_cpu_millicores * u64::from(req.workers),
+            memory_mib: cfg.worker_memory_mib * u64::from(req.workers),
+            workers: req.workers,
+        };
+        let needed = worker_res.checked_add(server_cost).expect("bounded by config limits");
+        let avail = self.available();
+        let total = self.total();
+        let pct = match req.priority {
+            Priority::Low => cfg.priority_reserve_percent.low,
+            Priority::Normal => cfg.priority_reserve_percent.normal,
+            Priority::High => cfg.priority_reserve_percent.high,
+            Priority::Critical => cfg.priority_reserve_percent.critical,
+        } as u64;
+        let reserve = |t: u64| (t * pct).div_ceil(100);
+        let usable = |a: u64, t: u64| a.saturating_sub(reserve(t));
+        let note = |t: u64| {
+            if pct > 0 {
+                format!(" ({} of {t} kept free from {} priority requests)", reserve(t), req.priority)
+            } else {
+                String::new()
+            }
+        };
+        let workers_usable = usable(u64::from(avail.workers), u64::from(total.workers));
+        let cpu_usable = usable(avail.cpu_millicores, total.cpu_millicores);
+        let mem_usable = usable(avail.memory_mib, total.memory_mib);
+        let rejection = if u64::from(needed.workers) > workers_usable {
+            Some((
+                RejectReason::InsufficientWorkers,
+                u64::from(needed.workers),
+                workers_usable,
+                format!(
+                    "Insufficient workers: requested {}, available {workers_usable}{}",
+                    needed.workers,
+                    note(u64::from(total.workers))
+                ),
+            ))
+        } else if needed.cpu_millicores > cpu_usable {
+            Some((
+                RejectReason::InsufficientCpu,
+                needed.cpu_millicores,
+                cpu_usable,
+                format!(
+                    "Insufficient CPU: needed {:?}, available {:?}{}",
+                    cores(needed.cpu_millicores),
+                    cores(cpu_usable),
+                    note(total.cpu_millicores)
+                ),
+            ))
+        } else if needed.memory_mib > mem_usable {
+            Some((
+                RejectReason::InsufficientMemory,
+                needed.memory_mib,
+                mem_usable,
+                format!(
+                    "Insufficient memory: needed {}MB, available {mem_usable}MB{}",
+                    needed.memory_mib,
+                    note(total.memory_mib)
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, needed, available, error)) = rejection {
+            return Ok(EventBody::Rejected(Rejection {
+                allocation_id: id,
+                job_id: req.job_id.clone(),
+                priority: req.priority,
+                ttl_seconds,
+                workers: req.workers,
+                mcp_servers: req.mcp_servers.clone(),
+                reason,
+                needed,
+                available,
+                error,
+                metadata: req.metadata.clone(),
+            }));
+        }
+
+        let workers = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, owner)| owner.is_none())
+            .take(req.workers as usize)
+            .map(|(slot, _)| WorkerGrant {
+                slot: slot as u32,
+                worker_id: cfg.worker_id(slot as u32),
+                endpoint: cfg.worker_endpoint(slot as u32),
+                cpu_millicores: cfg.worker_cpu_millicores,
+                memory_mib: cfg.worker_memory_mib,
+            })
+            .collect::<Vec<_>>();
+        debug_assert_eq!(workers.len(), req.workers as usize);
+        Ok(EventBody::Granted(Grant {
+            allocation_id: id,
+            job_id: req.job_id.clone(),
+            priority: req.priority,
+            ttl_seconds,
+            deadline_us: now + (ttl_seconds as i64) * 1_000_000,
+            workers,
+            mcp_servers: mcp,
+            resources: worker_res,
+            metadata: req.metadata.clone(),
+        }))
+    }
+
+    /// Validates a config change against what is held now.
+    pub fn decide_config_change(&self, config: Config) -> Result<EventBody> {
+        config.validate()?;
+        if let Some(slot) = self.slots.iter().rposition(Option::is_some) {
+            if slot as u32 >= config.worker_slots {
+                return Err(Error::invalid(
+                    "config.worker_slots",
+                    format!("worker slot {slot} is held by an active allocation; worker_slots must stay above it"),
+                ));
+            }
+        }
+        if config.total_cpu_millicores < self.allocated.cpu_millicores
+            || config.total_memory_mib < self.allocated.memory_mib
+        {
+            return Err(Error::invalid(
+                "config",
+                "the new totals are below what active allocations hold now",
+            ));
+        }
+        Ok(EventBody::ConfigChanged { config })
+    }
+
+    // ----- queries -----
+
+    /// Resources and servers that allocations past their deadline at `now` still hold in the
+    /// fold but no longer hold in truth.
+    fn pending_expiry_effect(&self, now: Micros) -> (Resources, BTreeMap<&str, u32>, usize) {
+        let mut freed = Resources::default();
+        let mut stopped: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut count = 0;
+        for &(_, id) in self.by_deadline.range(..=(now, AllocationId::from_u64(AllocationId::MAX))) {
+            let a = &self.allocations[&id];
+            count += 1;
+            freed = freed.checked_add(a.resources).unwrap_or(freed);
+            for m in &a.mcp_servers {
+                *stopped.entry(m.name.as_str()).or_default() += 1;
+            }
+        }
+        (freed, stopped, count)
+    }
+
+    pub fn capacity(&self, now: Micros) -> CapacityReport {
+        let (mut freed, stopped, expired_count) = self.pending_expiry_effect(now);
+        let mut running = Vec::new();
+        for (name, r) in &self.running {
+            let gone = stopped.get(name.as_str()).copied().unwrap_or(0);
+            if gone >= r.refcount {
+                freed.cpu_millicores += r.cpu_millicores;
+                freed.memory_mib += r.memory_mib;
+            } else {
+                running.push(name.clone());
+            }
+        }
+        let allocated = self.allocated.checked_sub(freed).unwrap_or_default();
+        let total = self.total();
+        let available = Resources {
+            cpu_millicores: total.cpu_millicores.saturating_sub(allocated.cpu_millicores),
+            memory_mib: total.memory_mib.saturating_sub(allocated.memory_mib),
+            workers: total.workers.saturating_sub(allocated.workers),
+        };
+        CapacityReport {
+            total_cpu: cores(total.cpu_millicores),
+            total_memory: total.memory_mib,
+            total_workers: total.workers,
+            allocated_cpu: cores(allocated.cpu_millicores),
+            allocated_memory: allocated.memory_mib,
+            allocated_workers: allocated.workers,
+            available_cpu: cores(available.cpu_millicores),
+            available_memory: available.memory_mib,
+            available_workers: available.workers,
+            running_mcp_servers: running,
+            active_allocations: (self.by_deadline.len() - expired_count) as u64,
+            total_cpu_millicores: total.cpu_millicores,
+            allocated_cpu_millicores: allocated.cpu_millicores,
+            available_cpu_millicores: available.cpu_millicores,
+            as_of: format_micros(now),
+            seq: self.last_seq,
+        }
+    }
+
+    pub fn details(&self, id: AllocationId, now: Micros) -> Option<AllocationDetails> {
+        let a = self.allocations.get(&id)?;
+        let state = a.state_at(now);
+        let mcp_status = if state == AllocationState::Active { "running" } else { "stopped" };
+        let worker_status = if state == AllocationState::Active { "allocated" } else { state.as_str() };
+        let (released_at, expired_at) = match (a.state, state) {
+            (AllocationState::Released, _) => (a.ended_us.map(format_micros), None),
+            (AllocationState::Expired, _) => (None, a.ended_us.map(format_micros)),
+            (AllocationState::Active, AllocationState::Expired) => (None, Some(format_micros(a.deadline_us))),
+            _ => (None, None),
+        };
+        let failed = a.state == AllocationState::Failed;
+        Some(AllocationDetails {
+            allocation_id: a.id,
+            job_id: a.job_id.clone(),
+            state,
+            priority: a.priority,
+            resources: AllocationResources {
+                cpu_allocated: cores(a.resources.cpu_millicores),
+                memory_allocated: a.resources.memory_mib,
+                workers: a.resources.workers,
+                cpu_millicores: a.resources.cpu_millicores,
+                memory_mib: a.resources.memory_mib,
+            },
+            mcp_servers: a
+                .mcp_servers
+                .iter()
+                .map(|m| McpServerInfo {
+                    name: m.name.clone(),
+                    endpoint: m.endpoint.clone(),
+                    status: if failed { "not_started".into() } else { mcp_status.into() },
+                })
+                .collect(),
+            workers: a
+                .workers
+                .iter()
+                .map(|w| WorkerStatus {
+                    worker_id: w.worker_id.clone(),
+                    endpoint: w.endpoint.clone(),
+                    status: worker_status.into(),
+                    cpu: cores(w.cpu_millicores),
+                    memory: w.memory_mib,
+                })
+                .collect(),
+            timestamps: Timestamps {
+                created_at: format_micros(a.created_us),
+                activated_at: if failed { None } else { Some(format_micros(a.created_us)) },
+                released_at,
+                expired_at,
+                expires_at: if failed { None } else { Some(format_micros(a.deadline_us)) },
+                age_seconds: age_seconds(a.created_us, now),
+            },
+            ttl_seconds: a.ttl_seconds,
+            is_expired: state == AllocationState::Expired,
+            metadata: a.metadata.clone(),
+            error: a.error.clone(),
+        })
+    }
+
+    pub fn summary(&self, a: &Allocation, now: Micros) -> AllocationSummary {
+        let state = a.state_at(now);
+        AllocationSummary {
+            allocation_id: a.id,
+            job_id: a.job_id.clone(),
+            state,
+            priority: a.priority,
+            workers: a.resources.workers,
+            age_seconds: age_seconds(a.created_us, now),
+            is_expired: state == AllocationState::Expired,
+            created_at: format_micros(a.created_us),
+        }
+    }
+
+    /// Allocations filtered by state (as seen at `now`) and job, oldest first.
+    pub fn list(&self, state: Option<AllocationState>, job_id: Option<&str>, now: Micros) -> Vec<AllocationSummary> {
+        let mut out: Vec<&Allocation> = match job_id {
+            Some(j) => self
+                .jobs
+                .get(j)
+                .map(|ids| ids.iter().filter_map(|id| self.allocations.get(id)).collect())
+                .unwrap_or_default(),
+            None => self.allocations.values().collect(),
+        };
+        out.retain(|a| state.is_none_or(|s| a.state_at(now) == s));
+        out.sort_by_key(|a| (a.created_us, a.id));
+        out.into_iter().map(|a| self.summary(a, now)).collect()
+    }
+}
+
+pub fn age_seconds(from: Micros, now: Micros) -> f64 {
+    (now - from).max(0) as f64 / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Micros = 1_767_225_600_000_000;
+
+    fn created() -> State {
+        let mut s = State::empty(Config::default());
+        s.evolve(
+            1,
+            T0,
+            &EventBody::LedgerCreated {
+                ledger_id: "test".into(),
+                config: Config::default(),
+            },
+        );
+        s
+    }
+
+    fn apply(s: &mut State, req: &ResourceRequest, t: Micros, id: u64) -> EventBody {
+        let ev = s.decide_request(req, t, AllocationId::from_u64(id)).unwrap();
+        s.evolve(s.last_seq + 1, t, &ev);
+        ev
+    }
+
+    #[test]
+    fn grant_release_and_messages() {
+        let mut s = created();
+        let ev = apply(&mut s, &ResourceRequest::new("j").workers(7), T0 + 1, 1);
+        assert!(matches!(ev, EventBody::Granted(_)));
+        let ev = apply(&mut s, &ResourceRequest::new("j").workers(5), T0 + 2, 2);
+        match ev {
+            EventBody::Rejected(r) => assert_eq!(r.error, "Insufficient workers: requested 5, available 3"),
+            other => panic!("{other:?}"),
+        }
+        let cap = s.capacity(T0 + 3);
+        assert_eq!((cap.allocated_workers, cap.available_workers), (7, 3));
+        assert_eq!(cap.allocated_cpu, 7.0);
+        s.evolve(s.last_seq + 1, T0 + 4, &EventBody::Released { allocation_id: AllocationId::from_u64(1) });
+        assert_eq!(s.capacity(T0 + 5).available_workers, 10);
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn cpu_and_memory_messages_use_original_units() {
+        let mut cfg = Config::default();
+        cfg.total_cpu_millicores = 2_000;
+        cfg.total_memory_mib = 4096;
+        cfg.worker_cpu_millicores = 1_000;
+        cfg.worker_memory_mib = 1024;
+        let mut s = State::empty(cfg.clone());
+        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "x".into(), config: cfg });
+        match s.decide_request(&ResourceRequest::new("j").workers(4), T0, AllocationId::from_u64(1)).unwrap() {
+            EventBody::Rejected(r) => assert_eq!(r.error, "Insufficient CPU: needed 4.0, available 2.0"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn low_priority_keeps_a_reserve_free() {
+        let s = created();
+        match s
+            .decide_request(&ResourceRequest::new("j").workers(8).priority(Priority::Low), T0, AllocationId::from_u64(1))
+            .unwrap()
+        {
+            EventBody::Rejected(r) => {
+                assert!(r.error.starts_with("Insufficient workers: requested 8, available 7"), "{}", r.error)
+            }
+            other => panic!("{other:?}"),
+        }
+        let ev = s
+            .decide_request(&ResourceRequest::new("j").workers(8), T0, AllocationId::from_u64(1))
+            .unwrap();
+        assert!(matches!(ev, EventBody::Granted(_)));
+    }
+
+    #[test]
+    fn mcp_endpoints_are_shared_and_stop_with_the_last_user() {
+        let mut s = created();
+        let ev1 = apply(&mut s, &ResourceRequest::new("a").mcp_server("github"), T0 + 1, 1);
+        let ev2 = apply(&mut s, &ResourceRequest::new("b").mcp_server("github").mcp_server("slack"), T0 + 2, 2);
+        let (EventBody::Granted(g1), EventBody::Granted(g2)) = (ev1, ev2) else { panic!() };
+        assert_eq!(g1.mcp_servers[0].endpoint, "http://localhost:9000");
+        assert_eq!(g2.mcp_servers[0].endpoint, "http://localhost:9000");
+        assert_eq!(g2.mcp_servers[1].endpoint, "http://localhost:9001");
+        assert_eq!(s.capacity(T0 + 3).running_mcp_servers, vec!["github", "slack"]);
+        s.evolve(s.last_seq + 1, T0 + 4, &EventBody::Released { allocation_id: AllocationId::from_u64(2) });
+        assert_eq!(s.capacity(T0 + 5).running_mcp_servers, vec!["github"]);
+        s.evolve(s.last_seq + 1, T0 + 6, &EventBody::Released { allocation_id: AllocationId::from_u64(1) });
+        assert!(s.capacity(T0 + 7).running_mcp_servers.is_empty());
+        // The endpoint stays the name's.
+        let ev = apply(&mut s, &ResourceRequest::new("c").mcp_server("slack"), T0 + 8, 3);
+        let EventBody::Granted(g) = ev else { panic!() };
+        assert_eq!(g.mcp_servers[0].endpoint, "http://localhost:9001");
+    }
+
+    #[test]
+    fn past_deadline_reads_as_expired_before_the_event() {
+        let mut s = created();
+        apply(&mut s, &ResourceRequest::new("a").workers(2).ttl_seconds(60), T0 + 1, 1);
+        let later = T0 + 1 + 61_000_000;
+        let d = s.details(AllocationId::from_u64(1), later).unwrap();
+        assert_eq!(d.state, AllocationState::Expired);
+        assert!(d.is_expired);
+        assert_eq!(s.capacity(later).available_workers, 10);
+        assert_eq!(s.capacity(later).active_allocations, 0);
+        assert_eq!(s.due_for_expiry(later).len(), 1);
+    }
+
+    #[test]
+    fn invalid_requests_name_the_field() {
+        let s = created();
+        let cases: Vec<(ResourceRequest, &str)> = vec![
+            (ResourceRequest::new("").workers(1), "job_id"),
+            (ResourceRequest::new("a\u{7}b").workers(1), "job_id"),
+            (ResourceRequest::new("x".repeat(300)).workers(1), "job_id"),
+            (ResourceRequest::new("j").workers(11), "workers"),
+            (ResourceRequest::new("j"), "workers"),
+            (ResourceRequest::new("j").workers(1).ttl_seconds(59), "ttl_seconds"),
+            (ResourceRequest::new("j").workers(1).ttl_seconds(604_801), "ttl_seconds"),
+            (ResourceRequest::new("j").mcp_server("bad name"), "mcp_servers[0]"),
+            (ResourceRequest::new("j").mcp_server("a").mcp_server("a"), "mcp_servers[1]"),
+        ];
+        for (req, field) in cases {
+            match s.decide_request(&req, T0, AllocationId::from_u64(1)) {
+                Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field, "{req:?}"),
+                other => panic!("{req:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn from_json_checks_types() {
+        let parse = |v: serde_json::Value| ResourceRequest::from_json(v.as_object().unwrap());
+        let field = |r: Result<ResourceRequest>| match r {
+            Err(Error::InvalidInput { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(parse(serde_json::json!({"mcp_servers": []}))), "job_id");
+        assert_eq!(field(parse(serde_json::json!({"job_id": 3}))), "job_id");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "workers": -1}))), "workers");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "workers": 1.5}))), "workers");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "priority": "urgent"}))), "priority");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "metadata": [1]}))), "metadata");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "mcp_servers": [1]}))), "mcp_servers[0]");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "wrokers": 1}))), "wrokers");
+        let ok = parse(serde_json::json!({"job_id": "j", "workers": 2, "priority": "high", "ttl_seconds": 120})).unwrap();
+        assert_eq!((ok.workers, ok.priority, ok.ttl_seconds), (2, Priority::High, Some(120)));
+    }
+}

@@ -1,0 +1,617 @@
+//! Every file operation of the log and snapshots goes through [`Storage`], so tests can swap
+//! the real file system for [`FaultyStorage`], which fails chosen operations and simulates a
+//! crash (only what was fsynced survives; the unsynced tail of a file may survive in part).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// An open file that is only ever appended to.
+pub trait AppendFile: Send + Sync + Debug {
+    /// Appends all of `buf` or fails; on failure part of `buf` may have been written.
+    fn append(&self, buf: &[u8]) -> io::Result<()>;
+    /// `fdatasync`: everything appended so far is durable when this returns Ok.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes (used to undo a failed append).
+    fn truncate(&self, len: u64) -> io::Result<()>;
+}
+
+/// Bytes of a whole file, read or memory-mapped.
+pub enum FileBytes {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Owned(v) => v,
+            FileBytes::Mapped(m) => m,
+        }
+    }
+}
+
+/// Held while a directory is locked for writing; dropping it releases the lock.
+pub trait LockGuard: Send + Sync + Debug {}
+
+pub trait Storage: Send + Sync + Debug {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Names of the files in `dir` (not recursive); empty if `dir` does not exist.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    fn exists(&self, path: &Path) -> bool;
+    /// Creates a new file (failing if it exists) or opens an existing one, for appending.
+    fn open_append(&self, path: &Path, create_new: bool) -> io::Result<Box<dyn AppendFile>>;
+    /// The whole file. May memory-map it (only where nobody else can truncate it).
+    fn read(&self, path: &Path) -> io::Result<FileBytes>;
+    /// Bytes `[offset, offset + len)` (fewer at end of file).
+    fn read_range(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    fn file_len(&self, path: &Path) -> io::Result<u64>;
+    fn set_len(&self, path: &Path, len: u64) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// fsync of a directory, making creates, renames and removals in it durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive lock on `path` (creating it), or `Ok(None)` if another holder has it.
+    fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>>;
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, directory fsync.
+pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    if storage.exists(&tmp) {
+        storage.remove(&tmp)?;
+    }
+    let f = storage.open_append(&tmp, true)?;
+    let result = f.append(bytes).and_then(|_| f.sync_data());
+    drop(f);
+    if let Err(e) = result {
+        let _ = storage.remove(&tmp);
+        return Err(e);
+    }
+    storage.rename(&tmp, path)?;
+    storage.sync_dir(dir)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real files.
+
+#[derive(Debug, Default, Clone)]
+pub struct FsStorage {
+    /// Memory-map whole-file reads of at least this many bytes (0: never). Only the writer,
+    /// which holds the directory lock, may map: nobody truncates a file under it.
+    pub mmap_min_bytes: u64,
+}
+
+#[derive(Debug)]
+struct FsFile(std::fs::File);
+
+impl AppendFile for FsFile {
+    fn append(&self, buf: &[u8]) -> io::Result<()> {
+        (&self.0).write_all(buf)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+#[derive(Debug)]
+struct FsLock(#[allow(dead_code)] std::fs::File);
+impl LockGuard for FsLock {}
+
+impl Storage for FsStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        for entry in rd {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                if let Some(n) = entry.file_name().to_str() {
+                    names.push(n.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn open_append(&self, path: &Path, create_new: bool) -> io::Result<Box<dyn AppendFile>> {
+        let mut o = std::fs::OpenOptions::new();
+        o.append(true);
+        if create_new {
+            o.create_new(true);
+        }
+        Ok(Box::new(FsFile(o.open(path)?)))
+    }
+
+    fn read(&self, path: &Path) -> io::Result<FileBytes> {
+        let f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        if self.mmap_min_bytes > 0 && len >= self.mmap_min_bytes {
+            // SAFETY: the caller holds the ledger's write lock, so no other process truncates
+            // this file while the map lives; this process only appends to it.
+            let map = unsafe { memmap2::Mmap::map(&f)? };
+            return Ok(FileBytes::Mapped(map));
+        }
+        let mut buf = Vec::with_capacity(len as usize);
+        io::Read::read_to_end(&mut &f, &mut buf)?;
+        Ok(FileBytes::Owned(buf))
+    }
+
+    fn read_range(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(path)?;
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::with_capacity(len);
+        f.take(len as u64).read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        Ok(std::fs::metadata(path)?.len())
+    }
+
+    fn set_len(&self, path: &Path, len: u64) -> io::Result<()> {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(Box::new(FsLock(f)))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fault-injecting double.
+
+/// Kinds of operation a [`FaultPlan`] can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    Write,
+    Sync,
+    Truncate,
+    Rename,
+    Create,
+    SyncDir,
+    Remove,
+}
+
+/// What happens to the targeted operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The operation fails with EIO and has no effect.
+    Fail,
+    /// A write puts only the first half of its bytes in the file, then fails.
+    ShortWrite,
+    /// The operation fails with "no space left on device" (a write may have put part of its
+    /// bytes in the file first, as a real disk does).
+    NoSpace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Count operations of this kind (None: every kind counts).
+    pub kind: Option<OpKind>,
+    /// Zero-based index of the operation, among those counted, that fails.
+    pub nth: u64,
+    pub fault: Fault,
+    /// Keep failing every later matching operation too (a disk that stays full).
+    pub sticky: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Inode {
+    data: Vec<u8>,
+    /// What survives a crash.
+    synced: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct MemFs {
+    inodes: Vec<Inode>,
+    /// Names as the running process sees them.
+    names: BTreeMap<PathBuf, usize>,
+    /// Names as they would be after a crash (changed by directory fsync).
+    durable_names: BTreeMap<PathBuf, usize>,
+    dirs: std::collections::BTreeSet<PathBuf>,
+    locks: HashMap<PathBuf, u64>,
+    next_lock: u64,
+    ops: u64,
+    ops_by_kind: HashMap<OpKind, u64>,
+    plan: Option<FaultPlan>,
+    fired: u64,
+    log: Vec<String>,
+}
+
+impl MemFs {
+    /// Counts an operation and says which fault, if any, applies to it.
+    fn check(&mut self, kind: OpKind) -> Option<Fault> {
+        let n_any = self.ops;
+        self.ops += 1;
+        let n_kind = *self.ops_by_kind.get(&kind).unwrap_or(&0);
+        *self.ops_by_kind.entry(kind).or_default() += 1;
+        let plan = self.plan?;
+        let n = match plan.kind {
+            None => n_any,
+            Some(k) if k == kind => n_kind,
+            Some(_) => return None,
+        };
+        if n == plan.nth || (plan.sticky && n > plan.nth) {
+            self.fired += 1;
+            self.log.push(format!("{kind:?} #{n}: {:?}", plan.fault));
+            Some(plan.fault)
+        } else {
+            None
+        }
+    }
+
+    fn inode(&self, path: &Path) -> io::Result<usize> {
+        self.names
+            .get(path)
+            .copied()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file", path.display())))
+    }
+}
+
+fn injected(fault: Fault) -> io::Error {
+    match fault {
+        Fault::NoSpace => io::Error::from_raw_os_error(28), // ENOSPC
+        _ => io::Error::other("injected I/O error"),
+    }
+}
+
+/// In-memory storage with fault injection and crash simulation.
+#[derive(Debug, Clone, Default)]
+pub struct FaultyStorage {
+    fs: Arc<Mutex<MemFs>>,
+}
+
+#[derive(Debug)]
+struct MemFile {
+    fs: Arc<Mutex<MemFs>>,
+    inode: usize,
+}
+
+impl AppendFile for MemFile {
+    fn append(&self, buf: &[u8]) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        match fs.check(OpKind::Write) {
+            None => {
+                fs.inodes[self.inode].data.extend_from_slice(buf);
+                Ok(())
+            }
+            Some(f @ (Fault::ShortWrite | Fault::NoSpace)) => {
+                let half = buf.len() / 2;
+                fs.inodes[self.inode].data.extend_from_slice(&buf[..half]);
+                Err(injected(f))
+            }
+            Some(f) => Err(injected(f)),
+        }
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        if let Some(f) = fs.check(OpKind::Sync) {
+            // Like Linux after a failed fsync: the dirty pages may be dropped, so the unsynced
+            // bytes may or may not reach the disk; a crash decides.
+            return Err(injected(f));
+        }
+        let ino = &mut fs.inodes[self.inode];
+        ino.synced = ino.data.clone();
+        Ok(())
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        if let Some(f) = fs.check(OpKind::Truncate) {
+            return Err(injected(f));
+        }
+        fs.inodes[self.inode].data.truncate(len as usize);
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct MemLock {
+    fs: Arc<Mutex<MemFs>>,
+    path: PathBuf,
+    token: u64,
+}
+impl LockGuard for MemLock {}
+impl Drop for MemLock {
+    fn drop(&mut self) {
+        let mut fs = self.fs.lock().unwrap();
+        if fs.locks.get(&self.path) == Some(&self.token) {
+            fs.locks.remove(&self.path);
+        }
+    }
+}
+
+impl FaultyStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Arms a fault; operations are counted from now on.
+    pub fn set_plan(&self, plan: Option<FaultPlan>) {
+        let mut fs = self.fs.lock().unwrap();
+        fs.plan = plan;
+        fs.ops = 0;
+        fs.ops_by_kind.clear();
+        fs.fired = 0;
+    }
+
+    /// How many operations were counted since the plan was set.
+    pub fn ops(&self) -> u64 {
+        self.fs.lock().unwrap().ops
+    }
+
+    /// How many times the armed fault fired.
+    pub fn faults_fired(&self) -> u64 {
+        self.fs.lock().unwrap().fired
+    }
+
+    /// Simulates power loss: names revert to their last directory fsync, each file keeps what
+    /// was fsynced plus, chosen by `seed`, a prefix of what was written after (a torn write),
+    /// and every lock is dropped. Faults are disarmed.
+    pub fn crash(&self, seed: u64) {
+        let mut fs = self.fs.lock().unwrap();
+        let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        for ino in fs.inodes.iter_mut() {
+            let keep_extra = if ino.data.len() > ino.synced.len() && ino.data.starts_with(&ino.synced) {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let extra = ino.data.len() - ino.synced.len();
+                ((rng >> 33) as usize) % (extra + 1)
+            } else {
+                0
+            };
+            let mut survived = ino.synced.clone();
+            if keep_extra > 0 {
+                survived.extend_from_slice(&ino.data[ino.synced.len()..ino.synced.len() + keep_extra]);
+            }
+            ino.data = survived.clone();
+            ino.synced = survived;
+        }
+        fs.names = fs.durable_names.clone();
+        fs.locks.clear();
+        fs.plan = None;
+    }
+
+    /// Every file's current bytes, for assertions.
+    pub fn files(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+        let fs = self.fs.lock().unwrap();
+        fs.names.iter().map(|(p, &i)| (p.clone(), fs.inodes[i].data.clone())).collect()
+    }
+
+    /// Replaces a file's bytes (durably), for corruption tests.
+    pub fn put_file(&self, path: &Path, bytes: Vec<u8>) {
+        let mut fs = self.fs.lock().unwrap();
+        let ino = match fs.names.get(path) {
+            Some(&i) => i,
+            None => {
+                fs.inodes.push(Inode::default());
+                let i = fs.inodes.len() - 1;
+                fs.names.insert(path.to_path_buf(), i);
+                fs.durable_names.insert(path.to_path_buf(), i);
+                i
+            }
+        };
+        fs.inodes[ino].data = bytes.clone();
+        fs.inodes[ino].synced = bytes;
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        for a in dir.ancestors() {
+            fs.dirs.insert(a.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let fs = self.fs.lock().unwrap();
+        Ok(fs
+            .names
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+            .collect())
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        let fs = self.fs.lock().unwrap();
+        fs.names.contains_key(path) || fs.dirs.contains(path)
+    }
+
+    fn open_append(&self, path: &Path, create_new: bool) -> io::Result<Box<dyn AppendFile>> {
+        let mut fs = self.fs.lock().unwrap();
+        let inode = if create_new {
+            if let Some(f) = fs.check(OpKind::Create) {
+                return Err(injected(f));
+            }
+            if fs.names.contains_key(path) {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
+            }
+            fs.inodes.push(Inode::default());
+            let i = fs.inodes.len() - 1;
+            fs.names.insert(path.to_path_buf(), i);
+            i
+        } else {
+            fs.inode(path)?
+        };
+        Ok(Box::new(MemFile {
+            fs: self.fs.clone(),
+            inode,
+        }))
+    }
+
+    fn read(&self, path: &Path) -> io::Result<FileBytes> {
+        let fs = self.fs.lock().unwrap();
+        let i = fs.inode(path)?;
+        Ok(FileBytes::Owned(fs.inodes[i].data.clone()))
+    }
+
+    fn read_range(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let fs = self.fs.lock().unwrap();
+        let d = &fs.inodes[fs.inode(path)?].data;
+        let start = (offset as usize).min(d.len());
+        let end = start.saturating_add(len).min(d.len());
+        Ok(d[start..end].to_vec())
+    }
+
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        let fs = self.fs.lock().unwrap();
+        Ok(fs.inodes[fs.inode(path)?].data.len() as u64)
+    }
+
+    fn set_len(&self, path: &Path, len: u64) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        if let Some(f) = fs.check(OpKind::Truncate) {
+            return Err(injected(f));
+        }
+        let i = fs.inode(path)?;
+        let ino = &mut fs.inodes[i];
+        ino.data.resize(len as usize, 0);
+        ino.synced = ino.data.clone();
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        if let Some(f) = fs.check(OpKind::Rename) {
+            return Err(injected(f));
+        }
+        let i = fs.inode(from)?;
+        fs.names.remove(from);
+        fs.names.insert(to.to_path_buf(), i);
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        if let Some(f) = fs.check(OpKind::Remove) {
+            return Err(injected(f));
+        }
+        fs.inode(path)?;
+        fs.names.remove(path);
+        Ok(())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        if let Some(f) = fs.check(OpKind::SyncDir) {
+            return Err(injected(f));
+        }
+        let in_dir = |p: &PathBuf| p.parent() == Some(dir);
+        let current: Vec<(PathBuf, usize)> = fs.names.iter().filter(|(p, _)| in_dir(p)).map(|(p, &i)| (p.clone(), i)).collect();
+        fs.durable_names.retain(|p, _| !in_dir(p));
+        fs.durable_names.extend(current);
+        Ok(())
+    }
+
+    fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
+        let mut fs = self.fs.lock().unwrap();
+        if fs.locks.contains_key(path) {
+            return Ok(None);
+        }
+        fs.next_lock += 1;
+        let token = fs.next_lock;
+        fs.locks.insert(path.to_path_buf(), token);
+        Ok(Some(Box::new(MemLock {
+            fs: self.fs.clone(),
+            path: path.to_path_buf(),
+            token,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_keeps_synced_bytes_and_durable_names() {
+        let s = FaultyStorage::new();
+        let dir = Path::new("/d");
+        s.create_dir_all(dir).unwrap();
+        let f = s.open_append(&dir.join("a"), true).unwrap();
+        f.append(b"hello").unwrap();
+        f.sync_data().unwrap();
+        s.sync_dir(dir).unwrap();
+        f.append(b" world").unwrap();
+        let g = s.open_append(&dir.join("b"), true).unwrap();
+        g.append(b"lost").unwrap();
+        g.sync_data().unwrap(); // synced, but its name never was
+        s.crash(7);
+        let files = s.files();
+        assert!(files[&dir.join("a")].starts_with(b"hello"));
+        assert!(files[&dir.join("a")].len() <= 11);
+        assert!(!files.contains_key(&dir.join("b")));
+    }
+
+    #[test]
+    fn nth_fault_fires_once() {
+        let s = FaultyStorage::new();
+        s.create_dir_all(Path::new("/d")).unwrap();
+        let f = s.open_append(Path::new("/d/a"), true).unwrap();
+        s.set_plan(Some(FaultPlan { kind: Some(OpKind::Write), nth: 1, fault: Fault::ShortWrite, sticky: false }));
+        f.append(b"1234").unwrap();
+        assert!(f.append(b"5678").is_err());
+        f.append(b"9").unwrap();
+        assert_eq!(s.files()[Path::new("/d/a")], b"1234569");
+        assert_eq!(s.faults_fired(), 1);
+    }
+
+    #[test]
+    fn lock_is_exclusive_until_dropped() {
+        let s = FaultyStorage::new();
+        let a = s.try_lock(Path::new("/d/LOCK")).unwrap();
+        assert!(a.is_some());
+        assert!(s.try_lock(Path::new("/d/LOCK")).unwrap().is_none());
+        drop(a);
+        assert!(s.try_lock(Path::new("/d/LOCK")).unwrap().is_some());
+    }
+}

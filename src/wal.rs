@@ -1,0 +1,299 @@
+//! The write-ahead log: an ordered set of segment files in `<data-dir>/wal/`. This room knows
+//! bytes and sequence numbers, not events.
+
+use crate::error::Damage;
+use crate::segment::{self, RecordPos, Tail};
+use crate::storage::{AppendFile, Storage};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub first_seq: u64,
+    pub path: PathBuf,
+}
+
+/// Segment files in `dir`, oldest first. Files that do not look like segments are ignored.
+pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<SegmentInfo>> {
+    let names = storage
+        .list(dir)
+        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    let mut segs: Vec<SegmentInfo> = names
+        .into_iter()
+        .filter_map(|n| {
+            segment::parse_file_name(&n).map(|first_seq| SegmentInfo {
+                first_seq,
+                path: dir.join(n),
+            })
+        })
+        .collect();
+    segs.sort_by_key(|s| s.first_seq);
+    Ok(segs)
+}
+
+/// An incomplete final record found at the end of the last segment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TornTail {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+    /// Where the cut bytes were copied (set once they were cut).
+    pub saved_to: Option<PathBuf>,
+}
+
+/// Where a scan of the log ended.
+#[derive(Debug, Clone)]
+pub struct LogEnd {
+    pub segments: Vec<SegmentInfo>,
+    /// Sequence number of the last valid record (0 if none).
+    pub last_seq: u64,
+    /// Length of the valid part of the last segment.
+    pub last_valid_len: u64,
+    pub torn: Option<TornTail>,
+}
+
+/// Reads the log from the first record after `after_seq`, handing each record to `visit`
+/// (which returns false to stop early). Segments wholly at or before `after_seq` are skipped
+/// without reading. A torn tail in the last segment ends the scan and is reported; any other
+/// damage is an error naming file, offset and sequence number.
+pub fn scan_log(
+    storage: &dyn Storage,
+    dir: &Path,
+    after_seq: u64,
+    visit: &mut dyn FnMut(RecordPos, &[u8]) -> std::result::Result<bool, String>,
+) -> Result<LogEnd> {
+    let segments = list_segments(storage, dir)?;
+    let mut last_seq = 0;
+    let mut last_valid_len = 0;
+    let mut torn = None;
+    let mut expected_next: Option<u64> = None;
+    // First segment that can hold `after_seq + 1`.
+    let start = segments
+        .iter()
+        .rposition(|s| s.first_seq <= after_seq + 1)
+        .unwrap_or(0);
+    if start > 0 {
+        last_seq = segments[start].first_seq - 1;
+    }
+    for (i, seg) in segments.iter().enumerate().skip(start) {
+        let is_last = i + 1 == segments.len();
+        if let Some(exp) = expected_next {
+            if seg.first_seq != exp {
+                return Err(Error::Inconsistent {
+                    path: seg.path.clone(),
+                    message: format!(
+                        "the log has a gap: the previous segment ends before sequence number {exp}, this segment starts at {} (a segment is missing)",
+                        seg.first_seq
+                    ),
+                });
+            }
+        } else if i == 0 && seg.first_seq != 1 {
+            return Err(Error::Inconsistent {
+                path: seg.path.clone(),
+                message: format!("the first segment starts at sequence number {}, not 1 (segments are missing)", seg.first_seq),
+            });
+        }
+        let bytes = storage
+            .read(&seg.path)
+            .map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
+        let mut stop = false;
+        let scan = segment::scan(&seg.path, &bytes, seg.first_seq, &mut |pos, payload| {
+            if pos.seq <= after_seq {
+                return Ok(true);
+            }
+            let go_on = visit(pos, payload)?;
+            stop = !go_on;
+            Ok(go_on)
+        });
+        if scan.next_seq > seg.first_seq {
+            last_seq = scan.next_seq - 1;
+        }
+        last_valid_len = scan.valid_len;
+        if stop || scan.stopped {
+            break;
+        }
+        match scan.tail {
+            Tail::Clean => {}
+            Tail::Torn { offset, len } if is_last => {
+                torn = Some(TornTail {
+                    file: seg.path.clone(),
+                    offset,
+                    len,
+                    saved_to: None,
+                });
+            }
+            Tail::Torn { offset, .. } => {
+                return Err(Error::Damaged(Damage {
+                    file: seg.path.clone(),
+                    offset,
+                    seq: scan.next_seq,
+                    reason: "incomplete record in a segment that is not the last".into(),
+                }))
+            }
+            Tail::Corrupt(d) => return Err(Error::Damaged(d)),
+        }
+        expected_next = Some(scan.next_seq);
+    }
+    Ok(LogEnd {
+        segments,
+        last_seq,
+        last_valid_len,
+        torn,
+    })
+}
+
+/// Copies a torn tail's bytes to `quarantine_dir`, then cuts them off (or removes a segment
+/// whose header itself was torn). Fsyncs what it changes.
+pub fn cut_torn_tail(storage: &dyn Storage, quarantine_dir: &Path, torn: &mut TornTail) -> Result<()> {
+    let io = |what: &str, e| Error::io(format!("{what} {}", torn.file.display()), e);
+    let bytes = storage
+        .read_range(&torn.file, torn.offset, torn.len as usize)
+        .map_err(|e| io("reading torn tail of", e))?;
+    storage
+        .create_dir_all(quarantine_dir)
+        .map_err(|e| io("creating quarantine for", e))?;
+    let name = torn.file.file_name().and_then(|n| n.to_str()).unwrap_or("segment");
+    let saved = quarantine_dir.join(format!("{name}.torn-at-{}", torn.offset));
+    crate::storage::write_atomic(storage, &saved, &bytes).map_err(|e| io("saving torn tail of", e))?;
+    let dir = torn.file.parent().unwrap_or(Path::new("."));
+    if torn.offset == 0 {
+        storage.remove(&torn.file).map_err(|e| io("removing torn segment", e))?;
+    } else {
+        storage.set_len(&torn.file, torn.offset).map_err(|e| io("truncating", e))?;
+    }
+    storage.sync_dir(dir).map_err(|e| io("syncing directory of", e))?;
+    torn.saved_to = Some(saved);
+    Ok(())
+}
+
+/// Appends records to the newest segment, rotating at a size limit.
+#[derive(Debug)]
+pub struct WalWriter {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    active: Arc<dyn AppendFile>,
+    active_path: PathBuf,
+    active_len: u64,
+    next_seq: u64,
+    segment_size_bytes: u64,
+    frame: Vec<u8>,
+}
+
+impl WalWriter {
+    /// Creates the first segment of a new log.
+    pub fn create(storage: Arc<dyn Storage>, dir: &Path, segment_size_bytes: u64) -> Result<WalWriter> {
+        storage
+            .create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        if let Some(parent) = dir.parent() {
+            storage
+                .sync_dir(parent)
+                .map_err(|e| Error::io(format!("syncing {}", parent.display()), e))?;
+        }
+        let (active, path) = new_segment(&*storage, dir, 1)?;
+        Ok(WalWriter {
+            storage,
+            dir: dir.to_path_buf(),
+            active,
+            active_path: path,
+            active_len: segment::HEADER_LEN as u64,
+            next_seq: 1,
+            segment_size_bytes,
+            frame: Vec::new(),
+        })
+    }
+
+    /// Continues an existing log whose scan ended at `end` (torn tail already cut).
+    pub fn resume(storage: Arc<dyn Storage>, dir: &Path, end: &LogEnd, segment_size_bytes: u64) -> Result<WalWriter> {
+        let last = end.segments.last().expect("resume needs a segment");
+        let len = storage
+            .file_len(&last.path)
+            .map_err(|e| Error::io(format!("reading {}", last.path.display()), e))?;
+        debug_assert_eq!(len, end.last_valid_len);
+        let active: Arc<dyn AppendFile> = Arc::from(
+            storage
+                .open_append(&last.path, false)
+                .map_err(|e| Error::io(format!("opening {}", last.path.display()), e))?,
+        );
+        Ok(WalWriter {
+            storage,
+            dir: dir.to_path_buf(),
+            active,
+            active_path: last.path.clone(),
+            active_len: len,
+            next_seq: end.last_seq + 1,
+            segment_size_bytes,
+            frame: Vec::new(),
+        })
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn active_file(&self) -> Arc<dyn AppendFile> {
+        self.active.clone()
+    }
+
+    pub fn set_segment_size(&mut self, bytes: u64) {
+        self.segment_size_bytes = bytes;
+    }
+
+    /// Appends one record (not yet durable) and returns its sequence number. On error the
+    /// segment is cut back to where it was; `Err(Poison)` means that failed too, or the error
+    /// happened where the log cannot continue, and the caller must stop writing.
+    pub fn append(&mut self, payload: &[u8]) -> std::result::Result<u64, AppendError> {
+        if self.active_len >= self.segment_size_bytes {
+            self.rotate().map_err(AppendError::Poison)?;
+        }
+        let seq = self.next_seq;
+        self.frame.clear();
+        crate::record::encode(seq, payload, &mut self.frame);
+        if let Err(e) = self.active.append(&self.frame) {
+            let undo = self.active.truncate(self.active_len);
+            let err = Error::io(format!("appending record {seq} to {}", self.active_path.display()), e);
+            return Err(match undo {
+                Ok(()) => AppendError::Failed(err),
+                Err(u) => AppendError::Poison(Error::io(
+                    format!("{err}; cutting the partial record back off also failed"),
+                    u,
+                )),
+            });
+        }
+        self.active_len += self.frame.len() as u64;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Makes the full segment durable, then starts the next one (file and directory fsynced).
+    fn rotate(&mut self) -> Result<()> {
+        self.active
+            .sync_data()
+            .map_err(|e| Error::io(format!("fsync of {} before rotation", self.active_path.display()), e))?;
+        let (file, path) = new_segment(&*self.storage, &self.dir, self.next_seq)?;
+        self.active = file;
+        self.active_path = path;
+        self.active_len = segment::HEADER_LEN as u64;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub enum AppendError {
+    /// Nothing was appended; the log can go on.
+    Failed(Error),
+    /// The log is in an unknown state; stop writing.
+    Poison(Error),
+}
+
+fn new_segment(storage: &dyn Storage, dir: &Path, first_seq: u64) -> Result<(Arc<dyn AppendFile>, PathBuf)> {
+    let path = dir.join(segment::file_name(first_seq));
+    let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
+    let file = storage.open_append(&path, true).map_err(|e| io("creating segment", e))?;
+    file.append(&segment::encode_header(first_seq))
+        .map_err(|e| io("writing header of", e))?;
+    file.sync_data().map_err(|e| io("fsync of", e))?;
+    storage.sync_dir(dir).map_err(|e| io("fsync of the directory of", e))?;
+    Ok((Arc::from(file), path))
+}
