@@ -1,0 +1,629 @@
+//! Command-line interface: one subcommand per ledger operation, human tables or `--json`.
+
+use allocation_ledger::clock::format_micros;
+use allocation_ledger::ledger::{OpenOptions, SnapshotInfo};
+use allocation_ledger::report::*;
+use allocation_ledger::storage::FsStorage;
+use allocation_ledger::verify::VerifyReport;
+use allocation_ledger::{AllocationState, Config, Error, Ledger, Priority, ResourceRequest};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Exit codes (documented in README.md).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const OTHER: i32 = 1;
+    pub const INVALID_INPUT: i32 = 2;
+    pub const NOT_GRANTED: i32 = 3;
+    pub const NOT_FOUND: i32 = 4;
+    pub const LOCKED: i32 = 5;
+    pub const DAMAGED: i32 = 6;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "allocation-ledger",
+    version,
+    about = "An event-sourced, durable ledger of worker slots and MCP servers for AI-agent jobs",
+    after_help = "Exit codes: 0 success, 1 other error, 2 invalid input, 3 not granted, 4 not found, 5 ledger locked, 6 ledger damaged."
+)]
+pub struct Cli {
+    /// Ledger directory [default: $XDG_DATA_HOME/allocation-ledger, else ~/.local/share/allocation-ledger]
+    #[arg(long, global = true, env = "ALLOCATION_LEDGER_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// JSON config file, used when the ledger is created (an existing ledger keeps its own)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Print exactly one JSON document on stdout (NDJSON for event streams)
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Request workers and/or MCP servers for a job
+    Request {
+        /// The job the resources are for
+        #[arg(long)]
+        job_id: String,
+        /// An MCP server the job needs (repeatable)
+        #[arg(long = "mcp-server", value_name = "NAME")]
+        mcp_servers: Vec<String>,
+        /// Number of worker slots
+        #[arg(long, default_value = "0", allow_hyphen_values = true)]
+        workers: String,
+        /// low, normal, high or critical
+        #[arg(long, default_value = "normal", allow_hyphen_values = true)]
+        priority: String,
+        /// Lifetime of the allocation [default: the config's default_ttl_seconds, 3600]
+        #[arg(long, allow_hyphen_values = true)]
+        ttl_seconds: Option<String>,
+        /// A JSON object stored with the allocation
+        #[arg(long, value_name = "JSON", allow_hyphen_values = true)]
+        metadata: Option<String>,
+    },
+    /// Release an allocation
+    Release {
+        /// alloc-xxxxxxxxxxxx
+        allocation_id: String,
+    },
+    /// Show total, allocated and available capacity
+    Capacity,
+    /// Show one allocation
+    Get {
+        /// alloc-xxxxxxxxxxxx
+        allocation_id: String,
+    },
+    /// List allocations
+    List {
+        /// active, released, expired or failed
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        job_id: Option<String>,
+    },
+    /// Record the expiry of every allocation past its deadline
+    CleanupExpired,
+    /// Print events as NDJSON
+    Log {
+        /// First sequence number
+        #[arg(long, default_value_t = 1)]
+        from_seq: u64,
+        /// At most this many events
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Check every record and snapshot; non-zero exit on damage
+    Verify,
+    /// Write a snapshot now
+    Snapshot,
+    /// Walk through the original system's acceptance scenario on a scratch ledger
+    Demo,
+    /// Run the MCP server (stdio, or Streamable HTTP with --http)
+    #[cfg(feature = "server")]
+    Serve(allocation_ledger::mcp::ServeArgs),
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("allocation-ledger");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h).join(".local/share/allocation-ledger");
+    }
+    PathBuf::from("allocation-ledger-data")
+}
+
+fn exit_code(e: &Error) -> i32 {
+    match e {
+        Error::InvalidInput { .. } => exit::INVALID_INPUT,
+        Error::NotFound(_) => exit::NOT_FOUND,
+        Error::Locked { .. } => exit::LOCKED,
+        Error::Damaged(_) | Error::Inconsistent { .. } => exit::DAMAGED,
+        _ => exit::OTHER,
+    }
+}
+
+/// Flag spelling of a library field name, for messages.
+fn flag_for(field: &str) -> Option<&'static str> {
+    Some(match field.split('[').next().unwrap_or(field) {
+        "job_id" => "--job-id",
+        "workers" => "--workers",
+        "priority" => "--priority",
+        "ttl_seconds" => "--ttl-seconds",
+        "metadata" => "--metadata",
+        "mcp_servers" => "--mcp-server",
+        "state" => "--state",
+        "allocation_id" => "ALLOCATION_ID",
+        _ => return None,
+    })
+}
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn doc<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
+        let mut stdout = std::io::stdout().lock();
+        let text = if self.json {
+            serde_json::to_string(value).expect("serializable")
+        } else {
+            human()
+        };
+        let _ = writeln!(stdout, "{}", text.trim_end());
+    }
+
+    fn error(&self, e: &Error) -> i32 {
+        let code = exit_code(e);
+        let mut message = e.to_string();
+        if let Error::InvalidInput { field, .. } = e {
+            if let Some(flag) = flag_for(field) {
+                message = format!("{message} (flag {flag})");
+            }
+        }
+        if self.json {
+            let mut obj = serde_json::json!({"error": {"kind": e.kind(), "message": message, "exit_code": code}});
+            if let Error::InvalidInput { field, .. } = e {
+                obj["error"]["field"] = field.clone().into();
+            }
+            if let Error::NotFound(id) = e {
+                obj["status"] = "error".into();
+                obj["error"]["allocation_id"] = id.clone().into();
+            }
+            println!("{obj}");
+        } else {
+            eprintln!("error: {message}");
+        }
+        code
+    }
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return exit::OK;
+            }
+            if std::env::args().any(|a| a == "--json") {
+                let msg = e.render().to_string();
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {"kind": "invalid_input", "message": msg.trim(), "exit_code": exit::INVALID_INPUT}})
+                );
+            } else {
+                let _ = e.print();
+            }
+            return exit::INVALID_INPUT;
+        }
+    };
+    let out = Out { json: cli.json };
+    match run(cli, &out) {
+        Ok(code) => code,
+        Err(e) => out.error(&e),
+    }
+}
+
+fn open_options(config_file: &Option<PathBuf>) -> allocation_ledger::Result<OpenOptions> {
+    let mut opts = OpenOptions::default();
+    if let Some(path) = config_file {
+        opts.config = Some(Config::from_file(path)?);
+    }
+    Ok(opts)
+}
+
+fn open_writer(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledger::Result<Ledger> {
+    let ledger = Ledger::open_with(dir, open_options(config_file)?)?;
+    report_recovery(&ledger);
+    Ok(ledger)
+}
+
+/// Queries read beside a running writer (read-only, no lock). A directory with no ledger yet
+/// gets one created, so a first `capacity` shows the pool.
+fn open_reader(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledger::Result<Ledger> {
+    match Ledger::open_read_only(dir) {
+        Err(Error::NoLedger { .. }) => open_writer(dir, config_file),
+        other => other,
+    }
+}
+
+fn report_recovery(ledger: &Ledger) {
+    let r = ledger.recovery_report();
+    if r.created {
+        eprintln!("created a new ledger in {}", ledger.dir().display());
+    }
+    if let Some(t) = &r.torn_tail {
+        eprintln!(
+            "recovered: cut an incomplete final record ({} bytes at offset {} of {}); the bytes were saved to {}",
+            t.len,
+            t.offset,
+            t.file.display(),
+            t.saved_to.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        );
+    }
+    for s in &r.snapshots_set_aside {
+        eprintln!("set aside damaged snapshot {}: {}", s.file.display(), s.reason);
+    }
+}
+
+fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
+    let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    match cli.command {
+        Command::Request {
+            job_id,
+            mcp_servers,
+            workers,
+            priority,
+            ttl_seconds,
+            metadata,
+        } => {
+            let req = ResourceRequest {
+                job_id,
+                mcp_servers,
+                workers: parse_number("workers", &workers, u32::MAX as u64)? as u32,
+                priority: Priority::parse("priority", &priority)?,
+                ttl_seconds: ttl_seconds
+                    .as_deref()
+                    .map(|t| parse_number("ttl_seconds", t, u64::MAX))
+                    .transpose()?,
+                metadata: match metadata {
+                    None => Default::default(),
+                    Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+                        Ok(serde_json::Value::Object(m)) => m,
+                        Ok(_) => return Err(Error::invalid("metadata", "must be a JSON object, e.g. {\"team\":\"infra\"}")),
+                        Err(e) => return Err(Error::invalid("metadata", format!("is not valid JSON: {e}"))),
+                    },
+                },
+            };
+            let ledger = open_writer(&dir, &cli.config)?;
+            let outcome = ledger.request_resources(&req)?;
+            out.doc(&outcome, || human_request(&outcome));
+            Ok(if outcome.is_granted() { exit::OK } else { exit::NOT_GRANTED })
+        }
+        Command::Release { allocation_id } => {
+            allocation_ledger::AllocationId::parse("allocation_id", &allocation_id)?;
+            let ledger = open_writer(&dir, &cli.config)?;
+            let r = ledger.release_resources(&allocation_id)?;
+            out.doc(&r, || human_release(&r));
+            Ok(exit::OK)
+        }
+        Command::Capacity => {
+            let ledger = open_reader(&dir, &cli.config)?;
+            let c = ledger.get_capacity()?;
+            out.doc(&c, || human_capacity(&c));
+            Ok(exit::OK)
+        }
+        Command::Get { allocation_id } => {
+            allocation_ledger::AllocationId::parse("allocation_id", &allocation_id)?;
+            let ledger = open_reader(&dir, &cli.config)?;
+            match ledger.get_allocation(&allocation_id)? {
+                Some(d) => {
+                    out.doc(&d, || human_details(&d));
+                    Ok(exit::OK)
+                }
+                None => Err(Error::NotFound(allocation_id)),
+            }
+        }
+        Command::List { state, job_id } => {
+            let state = state.as_deref().map(|s| AllocationState::parse("state", s)).transpose()?;
+            if let Some(j) = &job_id {
+                allocation_ledger::state::validate_job_id("job_id", j)?;
+            }
+            let ledger = open_reader(&dir, &cli.config)?;
+            let rows = ledger.list_allocations(state, job_id.as_deref())?;
+            out.doc(&rows, || human_list(&rows));
+            Ok(exit::OK)
+        }
+        Command::CleanupExpired => {
+            let ledger = open_writer(&dir, &cli.config)?;
+            let r = ledger.cleanup_expired()?;
+            out.doc(&r, || {
+                if r.count == 0 {
+                    "no allocations past their deadline".into()
+                } else {
+                    let ids: Vec<String> = r.cleaned_up.iter().map(|i| i.to_string()).collect();
+                    format!("expired {} allocation(s): {}", r.count, ids.join(", "))
+                }
+            });
+            Ok(exit::OK)
+        }
+        Command::Log { from_seq, limit } => {
+            let ledger = open_reader(&dir, &cli.config)?;
+            let events = ledger.events(from_seq.max(1), limit.unwrap_or(usize::MAX))?;
+            let mut stdout = std::io::stdout().lock();
+            for e in events {
+                let _ = writeln!(stdout, "{}", serde_json::to_string(&e).expect("serializable"));
+            }
+            Ok(exit::OK)
+        }
+        Command::Verify => {
+            if !dir.join(allocation_ledger::ledger::WAL_DIR).exists() {
+                return Err(Error::NoLedger { path: dir });
+            }
+            let storage = FsStorage::default();
+            let report = allocation_ledger::verify::verify(&storage, &dir, &mut |_, _| {})?;
+            out.doc(&report, || human_verify(&report));
+            Ok(if report.ok { exit::OK } else { exit::DAMAGED })
+        }
+        Command::Snapshot => {
+            let ledger = open_writer(&dir, &cli.config)?;
+            let s: SnapshotInfo = ledger.snapshot()?;
+            out.doc(&s, || format!("snapshot at sequence number {} written to {}", s.seq, s.path.display()));
+            Ok(exit::OK)
+        }
+        Command::Demo => demo(out, &cli.config),
+        #[cfg(feature = "server")]
+        Command::Serve(args) => Ok(allocation_ledger::mcp::serve(
+            allocation_ledger::mcp::ServeContext {
+                data_dir: dir,
+                config_file: cli.config.clone(),
+            },
+            args,
+        )),
+    }
+}
+
+fn parse_number(field: &str, text: &str, max: u64) -> allocation_ledger::Result<u64> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v <= max)
+        .ok_or_else(|| Error::invalid(field, format!("{text:?} is not a whole number >= 0")))
+}
+
+// ----- human output -----
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut s = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        s.push_str(&line(r.clone()));
+    }
+    s
+}
+
+fn human_request(o: &RequestOutcome) -> String {
+    match o {
+        RequestOutcome::Granted(g) => {
+            let mut s = format!(
+                "granted {} to job {} (priority {}, ttl {} s, expires {})\n",
+                g.allocation_id, g.job_id, g.priority, g.ttl_seconds, g.expires_at
+            );
+            if !g.workers_allocated.is_empty() {
+                let rows: Vec<Vec<String>> = g
+                    .workers_allocated
+                    .iter()
+                    .map(|w| vec![w.worker_id.clone(), w.endpoint.clone(), format!("{:.1}", w.cpu), format!("{} MiB", w.memory)])
+                    .collect();
+                s.push_str(&table(&["WORKER", "ENDPOINT", "CPU", "MEMORY"], &rows));
+            }
+            if !g.mcp_servers.is_empty() {
+                let rows: Vec<Vec<String>> = g
+                    .mcp_servers
+                    .iter()
+                    .map(|m| vec![m.name.clone(), m.endpoint.clone(), m.status.clone()])
+                    .collect();
+                s.push_str(&table(&["MCP SERVER", "ENDPOINT", "STATUS"], &rows));
+            }
+            s
+        }
+        RequestOutcome::Failed(f) => format!("not granted ({} for job {}): {}", f.allocation_id, f.job_id, f.error),
+    }
+}
+
+fn human_release(r: &ReleaseReport) -> String {
+    if r.status == "released" {
+        format!(
+            "released {} (job {}): {} worker(s), {:.1} CPU, {} MiB freed after {:.1} s",
+            r.allocation_id, r.job_id, r.workers_released, r.cpu_freed, r.memory_freed, r.duration_seconds
+        )
+    } else {
+        format!("{} is already {}; nothing changed", r.allocation_id, r.state)
+    }
+}
+
+fn human_capacity(c: &CapacityReport) -> String {
+    let rows = vec![
+        vec!["workers".into(), c.total_workers.to_string(), c.allocated_workers.to_string(), c.available_workers.to_string()],
+        vec!["cpu".into(), format!("{:.1}", c.total_cpu), format!("{:.1}", c.allocated_cpu), format!("{:.1}", c.available_cpu)],
+        vec![
+            "memory_mib".into(),
+            c.total_memory.to_string(),
+            c.allocated_memory.to_string(),
+            c.available_memory.to_string(),
+        ],
+    ];
+    let mut s = table(&["RESOURCE", "TOTAL", "ALLOCATED", "AVAILABLE"], &rows);
+    s.push_str(&format!("active allocations:  {}\n", c.active_allocations));
+    s.push_str(&format!(
+        "running MCP servers: {}\n",
+        if c.running_mcp_servers.is_empty() { "(none)".to_string() } else { c.running_mcp_servers.join(", ") }
+    ));
+    s.push_str(&format!("as of:               {} (sequence number {})\n", c.as_of, c.seq));
+    s
+}
+
+fn human_details(d: &AllocationDetails) -> String {
+    let t = &d.timestamps;
+    let mut rows = vec![
+        vec!["allocation".to_string(), d.allocation_id.to_string()],
+        vec!["job".into(), d.job_id.clone()],
+        vec!["state".into(), d.state.to_string()],
+        vec!["priority".into(), d.priority.to_string()],
+        vec![
+            "resources".into(),
+            format!("{} worker(s), {:.1} CPU, {} MiB", d.resources.workers, d.resources.cpu_allocated, d.resources.memory_allocated),
+        ],
+        vec!["created".into(), t.created_at.clone()],
+    ];
+    for (k, v) in [("expires", &t.expires_at), ("released", &t.released_at), ("expired", &t.expired_at)] {
+        if let Some(v) = v {
+            rows.push(vec![k.into(), v.clone()]);
+        }
+    }
+    rows.push(vec!["ttl".into(), format!("{} s", d.ttl_seconds)]);
+    if let Some(e) = &d.error {
+        rows.push(vec!["error".into(), e.clone()]);
+    }
+    if !d.metadata.is_empty() {
+        rows.push(vec!["metadata".into(), serde_json::Value::Object(d.metadata.clone()).to_string()]);
+    }
+    let mut s = String::new();
+    for r in &rows {
+        s.push_str(&format!("{:<11} {}\n", r[0], r[1]));
+    }
+    if !d.workers.is_empty() {
+        let w: Vec<Vec<String>> = d
+            .workers
+            .iter()
+            .map(|w| vec![w.worker_id.clone(), w.endpoint.clone(), w.status.clone()])
+            .collect();
+        s.push_str(&table(&["WORKER", "ENDPOINT", "STATUS"], &w));
+    }
+    if !d.mcp_servers.is_empty() {
+        let m: Vec<Vec<String>> = d
+            .mcp_servers
+            .iter()
+            .map(|m| vec![m.name.clone(), m.endpoint.clone(), m.status.clone()])
+            .collect();
+        s.push_str(&table(&["MCP SERVER", "ENDPOINT", "STATUS"], &m));
+    }
+    s
+}
+
+fn human_list(rows: &[AllocationSummary]) -> String {
+    if rows.is_empty() {
+        return "no allocations".into();
+    }
+    let r: Vec<Vec<String>> = rows
+        .iter()
+        .map(|a| {
+            vec![
+                a.allocation_id.to_string(),
+                a.job_id.clone(),
+                a.state.to_string(),
+                a.priority.to_string(),
+                a.workers.to_string(),
+                format!("{:.0}s", a.age_seconds),
+            ]
+        })
+        .collect();
+    table(&["ALLOCATION", "JOB", "STATE", "PRIORITY", "WORKERS", "AGE"], &r)
+}
+
+fn human_verify(r: &VerifyReport) -> String {
+    let mut s = format!(
+        "{}: {} records in {} segment(s), last sequence number {}, {} snapshot(s), {} active allocation(s)\n",
+        if r.ok { "ok" } else { "DAMAGED" },
+        r.records,
+        r.segments.len(),
+        r.last_seq,
+        r.snapshots.len(),
+        r.active_allocations
+    );
+    if let (Some(a), Some(b)) = (&r.first_event_at, &r.last_event_at) {
+        s.push_str(&format!("events from {a} to {b}\n"));
+    }
+    let rows: Vec<Vec<String>> = r
+        .segments
+        .iter()
+        .map(|g| {
+            vec![
+                g.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                g.first_seq.to_string(),
+                g.records.to_string(),
+                g.bytes.to_string(),
+                g.status.clone(),
+            ]
+        })
+        .collect();
+    s.push_str(&table(&["SEGMENT", "FIRST SEQ", "RECORDS", "BYTES", "STATUS"], &rows));
+    if !r.snapshots.is_empty() {
+        let rows: Vec<Vec<String>> = r
+            .snapshots
+            .iter()
+            .map(|g| vec![g.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), g.seq.to_string(), g.status.clone()])
+            .collect();
+        s.push_str(&table(&["SNAPSHOT", "SEQ", "STATUS"], &rows));
+    }
+    if let Some(t) = &r.torn_tail {
+        s.push_str(&format!("note: {t}\n"));
+    }
+    for p in &r.problems {
+        s.push_str(&format!("problem: {p}\n"));
+    }
+    s
+}
+
+/// The original system's acceptance scenario, on a scratch ledger, step by step.
+fn demo(out: &Out, config_file: &Option<PathBuf>) -> allocation_ledger::Result<i32> {
+    let scratch = std::env::temp_dir().join(format!("allocation-ledger-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let result = (|| {
+        let ledger = Ledger::open_with(&scratch, open_options(config_file)?)?;
+        let mut steps: Vec<serde_json::Value> = Vec::new();
+        let mut say = |title: &str, value: serde_json::Value, human: String| {
+            if !out.json {
+                println!("== {title}\n{}\n", human.trim_end());
+            }
+            steps.push(serde_json::json!({"step": title, "result": value}));
+        };
+        let c = ledger.get_capacity()?;
+        say("1. a fresh ledger", serde_json::to_value(&c).unwrap(), human_capacity(&c));
+        let g = ledger.request_resources(&ResourceRequest::new("demo-job").workers(4).mcp_server("github"))?;
+        say("2. request 4 workers and the github MCP server", serde_json::to_value(&g).unwrap(), human_request(&g));
+        let c = ledger.get_capacity()?;
+        say("3. capacity now", serde_json::to_value(&c).unwrap(), human_capacity(&c));
+        let id = g.allocation_id().to_string();
+        let d = ledger.get_allocation(&id)?.expect("just granted");
+        say("4. the allocation", serde_json::to_value(&d).unwrap(), human_details(&d));
+        let l = ledger.list_allocations(None, None)?;
+        say("5. all allocations", serde_json::to_value(&l).unwrap(), human_list(&l));
+        let big = ledger.request_resources(&ResourceRequest::new("greedy-job").workers(7))?;
+        say("6. a request the pool cannot hold (recorded as failed)", serde_json::to_value(&big).unwrap(), human_request(&big));
+        let r = ledger.release_resources(&id)?;
+        say("7. release", serde_json::to_value(&r).unwrap(), human_release(&r));
+        let c = ledger.get_capacity()?;
+        say("8. capacity is back", serde_json::to_value(&c).unwrap(), human_capacity(&c));
+        let events = ledger.events(1, usize::MAX)?;
+        let lines: Vec<String> = events
+            .iter()
+            .map(|e| format!("{:>3}  {}  {}", e.seq, format_micros(e.event.ts_us), e.event.body.type_name()))
+            .collect();
+        say("9. the log: every step is an event", serde_json::to_value(&events).unwrap(), lines.join("\n"));
+        if out.json {
+            println!("{}", serde_json::json!({"data_dir": scratch, "steps": steps}));
+        } else {
+            println!("(scratch ledger in {}; removed on exit)", scratch.display());
+        }
+        Ok(exit::OK)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
