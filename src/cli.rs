@@ -153,11 +153,7 @@ struct Out {
 impl Out {
     fn doc<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
         let mut stdout = std::io::stdout().lock();
-        let text = if self.json {
-            serde_json::to_string(value).expect("serializable")
-        } else {
-            human()
-        };
+        let text = if self.json { serde_json::to_string(value).expect("serializable") } else { human() };
         let _ = writeln!(stdout, "{}", text.trim_end());
     }
 
@@ -259,28 +255,20 @@ fn report_recovery(ledger: &Ledger) {
 fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
     let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     match cli.command {
-        Command::Request {
-            job_id,
-            mcp_servers,
-            workers,
-            priority,
-            ttl_seconds,
-            metadata,
-        } => {
+        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata } => {
             let req = ResourceRequest {
                 job_id,
                 mcp_servers,
                 workers: parse_number("workers", &workers, u32::MAX as u64)? as u32,
                 priority: Priority::parse("priority", &priority)?,
-                ttl_seconds: ttl_seconds
-                    .as_deref()
-                    .map(|t| parse_number("ttl_seconds", t, u64::MAX))
-                    .transpose()?,
+                ttl_seconds: ttl_seconds.as_deref().map(|t| parse_number("ttl_seconds", t, u64::MAX)).transpose()?,
                 metadata: match metadata {
                     None => Default::default(),
                     Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
                         Ok(serde_json::Value::Object(m)) => m,
-                        Ok(_) => return Err(Error::invalid("metadata", "must be a JSON object, e.g. {\"team\":\"infra\"}")),
+                        Ok(_) => {
+                            return Err(Error::invalid("metadata", "must be a JSON object, e.g. {\"team\":\"infra\"}"))
+                        }
                         Err(e) => return Err(Error::invalid("metadata", format!("is not valid JSON: {e}"))),
                     },
                 },
@@ -364,10 +352,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
         Command::Demo => demo(out, &cli.config),
         #[cfg(feature = "server")]
         Command::Serve(args) => Ok(allocation_ledger::mcp::serve(
-            allocation_ledger::mcp::ServeContext {
-                data_dir: dir,
-                config_file: cli.config.clone(),
-            },
+            allocation_ledger::mcp::ServeContext { data_dir: dir, config_file: cli.config.clone() },
             args,
         )),
     }
@@ -419,16 +404,20 @@ fn human_request(o: &RequestOutcome) -> String {
                 let rows: Vec<Vec<String>> = g
                     .workers_allocated
                     .iter()
-                    .map(|w| vec![w.worker_id.clone(), w.endpoint.clone(), format!("{:.1}", w.cpu), format!("{} MiB", w.memory)])
+                    .map(|w| {
+                        vec![
+                            w.worker_id.clone(),
+                            w.endpoint.clone(),
+                            format!("{:.1}", w.cpu),
+                            format!("{} MiB", w.memory),
+                        ]
+                    })
                     .collect();
                 s.push_str(&table(&["WORKER", "ENDPOINT", "CPU", "MEMORY"], &rows));
             }
             if !g.mcp_servers.is_empty() {
-                let rows: Vec<Vec<String>> = g
-                    .mcp_servers
-                    .iter()
-                    .map(|m| vec![m.name.clone(), m.endpoint.clone(), m.status.clone()])
-                    .collect();
+                let rows: Vec<Vec<String>> =
+                    g.mcp_servers.iter().map(|m| vec![m.name.clone(), m.endpoint.clone(), m.status.clone()]).collect();
                 s.push_str(&table(&["MCP SERVER", "ENDPOINT", "STATUS"], &rows));
             }
             s
@@ -450,8 +439,18 @@ fn human_release(r: &ReleaseReport) -> String {
 
 fn human_capacity(c: &CapacityReport) -> String {
     let rows = vec![
-        vec!["workers".into(), c.total_workers.to_string(), c.allocated_workers.to_string(), c.available_workers.to_string()],
-        vec!["cpu".into(), format!("{:.1}", c.total_cpu), format!("{:.1}", c.allocated_cpu), format!("{:.1}", c.available_cpu)],
+        vec![
+            "workers".into(),
+            c.total_workers.to_string(),
+            c.allocated_workers.to_string(),
+            c.available_workers.to_string(),
+        ],
+        vec![
+            "cpu".into(),
+            format!("{:.1}", c.total_cpu),
+            format!("{:.1}", c.allocated_cpu),
+            format!("{:.1}", c.available_cpu),
+        ],
         vec![
             "memory_mib".into(),
             c.total_memory.to_string(),
@@ -478,7 +477,10 @@ fn human_details(d: &AllocationDetails) -> String {
         vec!["priority".into(), d.priority.to_string()],
         vec![
             "resources".into(),
-            format!("{} worker(s), {:.1} CPU, {} MiB", d.resources.workers, d.resources.cpu_allocated, d.resources.memory_allocated),
+            format!(
+                "{} worker(s), {:.1} CPU, {} MiB",
+                d.resources.workers, d.resources.cpu_allocated, d.resources.memory_allocated
+            ),
         ],
         vec!["created".into(), t.created_at.clone()],
     ];
@@ -499,19 +501,13 @@ fn human_details(d: &AllocationDetails) -> String {
         s.push_str(&format!("{:<11} {}\n", r[0], r[1]));
     }
     if !d.workers.is_empty() {
-        let w: Vec<Vec<String>> = d
-            .workers
-            .iter()
-            .map(|w| vec![w.worker_id.clone(), w.endpoint.clone(), w.status.clone()])
-            .collect();
+        let w: Vec<Vec<String>> =
+            d.workers.iter().map(|w| vec![w.worker_id.clone(), w.endpoint.clone(), w.status.clone()]).collect();
         s.push_str(&table(&["WORKER", "ENDPOINT", "STATUS"], &w));
     }
     if !d.mcp_servers.is_empty() {
-        let m: Vec<Vec<String>> = d
-            .mcp_servers
-            .iter()
-            .map(|m| vec![m.name.clone(), m.endpoint.clone(), m.status.clone()])
-            .collect();
+        let m: Vec<Vec<String>> =
+            d.mcp_servers.iter().map(|m| vec![m.name.clone(), m.endpoint.clone(), m.status.clone()]).collect();
         s.push_str(&table(&["MCP SERVER", "ENDPOINT", "STATUS"], &m));
     }
     s
@@ -568,7 +564,13 @@ fn human_verify(r: &VerifyReport) -> String {
         let rows: Vec<Vec<String>> = r
             .snapshots
             .iter()
-            .map(|g| vec![g.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), g.seq.to_string(), g.status.clone()])
+            .map(|g| {
+                vec![
+                    g.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    g.seq.to_string(),
+                    g.status.clone(),
+                ]
+            })
             .collect();
         s.push_str(&table(&["SNAPSHOT", "SEQ", "STATUS"], &rows));
     }
@@ -606,7 +608,11 @@ fn demo(out: &Out, config_file: &Option<PathBuf>) -> allocation_ledger::Result<i
         let l = ledger.list_allocations(None, None)?;
         say("5. all allocations", serde_json::to_value(&l).unwrap(), human_list(&l));
         let big = ledger.request_resources(&ResourceRequest::new("greedy-job").workers(7))?;
-        say("6. a request the pool cannot hold (recorded as failed)", serde_json::to_value(&big).unwrap(), human_request(&big));
+        say(
+            "6. a request the pool cannot hold (recorded as failed)",
+            serde_json::to_value(&big).unwrap(),
+            human_request(&big),
+        );
         let r = ledger.release_resources(&id)?;
         say("7. release", serde_json::to_value(&r).unwrap(), human_release(&r));
         let c = ledger.get_capacity()?;

@@ -28,9 +28,7 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(start: Micros) -> Self {
-        ManualClock {
-            now: Arc::new(AtomicI64::new(start)),
-        }
+        ManualClock { now: Arc::new(AtomicI64::new(start)) }
     }
 
     /// Starts at 2026-01-01T00:00:00Z, a fixed instant so tests are reproducible.
@@ -121,10 +119,7 @@ mod tests {
         assert_eq!(parse_time("at", "-15m", now).unwrap(), now - 900_000_000);
         assert_eq!(parse_time("at", "+1h", now).unwrap(), now + 3_600_000_000);
         assert_eq!(parse_time("at", "now", now).unwrap(), now);
-        assert_eq!(
-            parse_time("at", "2026-01-01T00:00:00Z", now).unwrap(),
-            1_767_225_600_000_000
-        );
+        assert_eq!(parse_time("at", "2026-01-01T00:00:00Z", now).unwrap(), 1_767_225_600_000_000);
         let err = parse_time("at", "yesterday", now).unwrap_err().to_string();
         assert!(err.contains("at") && err.contains("RFC 3339"), "{err}");
         assert!(parse_duration_micros("15x").is_none());

@@ -36,12 +36,7 @@ pub struct PriorityReservePercent {
 
 impl Default for PriorityReservePercent {
     fn default() -> Self {
-        PriorityReservePercent {
-            low: 25,
-            normal: 0,
-            high: 0,
-            critical: 0,
-        }
+        PriorityReservePercent { low: 25, normal: 0, high: 0, critical: 0 }
     }
 }
 
@@ -122,8 +117,8 @@ impl Config {
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
         Self::from_json(&text)
     }
 
@@ -146,23 +141,16 @@ impl Config {
         if self.worker_cpu_millicores > self.total_cpu_millicores {
             return Err(cfg_err(
                 "worker_cpu_millicores",
-                format!(
-                    "{} exceeds total_cpu_millicores {}",
-                    self.worker_cpu_millicores, self.total_cpu_millicores
-                ),
+                format!("{} exceeds total_cpu_millicores {}", self.worker_cpu_millicores, self.total_cpu_millicores),
             ));
         }
         if self.worker_memory_mib > self.total_memory_mib {
             return Err(cfg_err(
                 "worker_memory_mib",
-                format!(
-                    "{} exceeds total_memory_mib {}",
-                    self.worker_memory_mib, self.total_memory_mib
-                ),
+                format!("{} exceeds total_memory_mib {}", self.worker_memory_mib, self.total_memory_mib),
             ));
         }
-        if !self.worker_endpoints.is_empty() && self.worker_endpoints.len() != self.worker_slots as usize
-        {
+        if !self.worker_endpoints.is_empty() && self.worker_endpoints.len() != self.worker_slots as usize {
             return Err(cfg_err(
                 "worker_endpoints",
                 format!(
@@ -176,21 +164,13 @@ impl Config {
             check_endpoint(&format!("worker_endpoints[{i}]"), e)?;
         }
         if u32::from(self.worker_base_port) + self.worker_slots > 65_536 {
-            return Err(cfg_err(
-                "worker_base_port",
-                "worker_base_port + worker_slots must stay within port 65535",
-            ));
+            return Err(cfg_err("worker_base_port", "worker_base_port + worker_slots must stay within port 65535"));
         }
         for (name, entry) in &self.mcp_catalog {
             validate_mcp_name(&format!("config.mcp_catalog key {name:?}"), name)?;
             check_endpoint(&format!("mcp_catalog.{name}.endpoint"), &entry.endpoint)?;
-            if entry.cpu_millicores > self.total_cpu_millicores
-                || entry.memory_mib > self.total_memory_mib
-            {
-                return Err(cfg_err(
-                    &format!("mcp_catalog.{name}"),
-                    "costs more than the whole pool",
-                ));
+            if entry.cpu_millicores > self.total_cpu_millicores || entry.memory_mib > self.total_memory_mib {
+                return Err(cfg_err(&format!("mcp_catalog.{name}"), "costs more than the whole pool"));
             }
         }
         if self.min_ttl_seconds == 0 {
@@ -205,8 +185,7 @@ impl Config {
         if self.max_ttl_seconds > 10 * 365 * 86_400 {
             return Err(cfg_err("max_ttl_seconds", "must be at most ten years (315360000)"));
         }
-        if self.default_ttl_seconds < self.min_ttl_seconds || self.default_ttl_seconds > self.max_ttl_seconds
-        {
+        if self.default_ttl_seconds < self.min_ttl_seconds || self.default_ttl_seconds > self.max_ttl_seconds {
             return Err(cfg_err(
                 "default_ttl_seconds",
                 format!(
@@ -219,10 +198,7 @@ impl Config {
             return Err(cfg_err("max_metadata_bytes", "must be at most 262144"));
         }
         if self.segment_size_bytes < 4096 || self.segment_size_bytes > 1 << 32 {
-            return Err(cfg_err(
-                "segment_size_bytes",
-                "must lie between 4096 and 4294967296",
-            ));
+            return Err(cfg_err("segment_size_bytes", "must lie between 4096 and 4294967296"));
         }
         let r = self.priority_reserve_percent;
         for (name, v) in [("low", r.low), ("normal", r.normal), ("high", r.high), ("critical", r.critical)] {
@@ -260,9 +236,7 @@ fn check_endpoint(field: &str, e: &str) -> Result<()> {
 
 /// MCP server names: 1..=64 characters from `A-Z a-z 0-9 . _ -`.
 pub fn validate_mcp_name(field: &str, name: &str) -> Result<()> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if name.is_empty() || name.chars().count() > MAX_MCP_NAME_CHARS || !ok_chars {
         return Err(Error::invalid(
             field,
@@ -292,15 +266,14 @@ mod tests {
     fn bad_config_names_the_field() {
         let err = Config::from_json(r#"{"worker_slotz": 3}"#).unwrap_err().to_string();
         assert!(err.contains("worker_slotz") && err.contains("known fields"), "{err}");
-        let err = Config::from_json(r#"{"min_ttl_seconds": 100, "max_ttl_seconds": 50}"#)
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_json(r#"{"min_ttl_seconds": 100, "max_ttl_seconds": 50}"#).unwrap_err().to_string();
         assert!(err.contains("max_ttl_seconds"), "{err}");
         let err = Config::from_json(r#"{"total_cpu_millicores": -1}"#).unwrap_err().to_string();
         assert!(err.contains("config"), "{err}");
-        let err = Config::from_json(r#"{"priority_reserve_percent": {"low": 101, "normal": 0, "high": 0, "critical": 0}}"#)
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::from_json(r#"{"priority_reserve_percent": {"low": 101, "normal": 0, "high": 0, "critical": 0}}"#)
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("priority_reserve_percent.low"), "{err}");
     }
 }

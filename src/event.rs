@@ -23,12 +23,19 @@ pub struct Event {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
     /// Always the first event: the ledger's identity and the config in force.
-    LedgerCreated { ledger_id: String, config: Config },
+    LedgerCreated {
+        ledger_id: String,
+        config: Config,
+    },
     /// The config in force from this event on.
-    ConfigChanged { config: Config },
+    ConfigChanged {
+        config: Config,
+    },
     Granted(Grant),
     Rejected(Rejection),
-    Released { allocation_id: AllocationId },
+    Released {
+        allocation_id: AllocationId,
+    },
     /// The allocation's deadline passed; it held resources until `deadline_us`, whenever this
     /// event was written.
     Expired {
@@ -131,9 +138,7 @@ impl EventBody {
         match self {
             EventBody::Granted(g) => Some(g.allocation_id),
             EventBody::Rejected(r) => Some(r.allocation_id),
-            EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => {
-                Some(*allocation_id)
-            }
+            EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => Some(*allocation_id),
             _ => None,
         }
     }
@@ -141,11 +146,7 @@ impl EventBody {
 
 impl Event {
     pub fn new(ts_us: Micros, body: EventBody) -> Self {
-        Event {
-            v: EVENT_SCHEMA_VERSION,
-            ts_us,
-            body,
-        }
+        Event { v: EVENT_SCHEMA_VERSION, ts_us, body }
     }
 
     pub fn encode(&self) -> Vec<u8> {

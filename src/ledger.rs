@@ -41,9 +41,7 @@ impl Default for OpenOptions {
         OpenOptions {
             config: None,
             clock: Arc::new(SystemClock),
-            storage: Arc::new(FsStorage {
-                mmap_min_bytes: 1 << 20,
-            }),
+            storage: Arc::new(FsStorage { mmap_min_bytes: 1 << 20 }),
             create: true,
             read_only: false,
         }
@@ -164,10 +162,7 @@ fn replay_into(storage: &dyn Storage, wal_dir: &Path, state: &mut State) -> Resu
             return Err("the first event is not ledger_created".into());
         }
         if pos.seq > 1 && ev.ts_us <= state.last_ts_us {
-            return Err(format!(
-                "timestamp {} is not after the previous event's {}",
-                ev.ts_us, state.last_ts_us
-            ));
+            return Err(format!("timestamp {} is not after the previous event's {}", ev.ts_us, state.last_ts_us));
         }
         state.evolve(pos.seq, ev.ts_us, &ev.body);
         replayed += 1;
@@ -203,9 +198,7 @@ impl Ledger {
             if !storage.exists(&dir) && !opts.create {
                 return Err(Error::NoLedger { path: dir });
             }
-            storage
-                .create_dir_all(&dir)
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            storage.create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             match storage
                 .try_lock(&dir.join(LOCK_FILE))
                 .map_err(|e| Error::io(format!("locking {}", dir.display()), e))?
@@ -219,10 +212,7 @@ impl Ledger {
         let mut state = State::empty(opts.config.clone().unwrap_or_default());
         let snaps = snapshot::list(&*storage, &snap_dir).map_err(|e| Error::io("listing snapshots", e))?;
         for (seq, path) in snaps {
-            let loaded = storage
-                .read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| snapshot::decode(&bytes, seq));
+            let loaded = storage.read(&path).map_err(|e| e.to_string()).and_then(|bytes| snapshot::decode(&bytes, seq));
             match loaded {
                 Ok(s) => {
                     report.snapshot_seq = Some(seq);
@@ -230,16 +220,8 @@ impl Ledger {
                     break;
                 }
                 Err(reason) => {
-                    let moved_to = if opts.read_only {
-                        None
-                    } else {
-                        set_aside(&*storage, &path, &quarantine)
-                    };
-                    report.snapshots_set_aside.push(SetAside {
-                        file: path,
-                        reason,
-                        moved_to,
-                    });
+                    let moved_to = if opts.read_only { None } else { set_aside(&*storage, &path, &quarantine) };
+                    report.snapshots_set_aside.push(SetAside { file: path, reason, moved_to });
                 }
             }
         }
@@ -276,17 +258,12 @@ impl Ledger {
                     WalWriter::resume(storage.clone(), &wal_dir, &end, config.segment_size_bytes)?
                 };
                 let ts = opts.clock.now_micros();
-                let body = EventBody::LedgerCreated {
-                    ledger_id: uuid::Uuid::new_v4().to_string(),
-                    config,
-                };
+                let body = EventBody::LedgerCreated { ledger_id: uuid::Uuid::new_v4().to_string(), config };
                 let payload = Event::new(ts, body.clone()).encode();
                 let seq = w.append(&payload).map_err(|e| match e {
                     AppendError::Failed(e) | AppendError::Poison(e) => e,
                 })?;
-                w.active_file()
-                    .sync_data()
-                    .map_err(|e| Error::io("fsync of the new ledger", e))?;
+                w.active_file().sync_data().map_err(|e| Error::io("fsync of the new ledger", e))?;
                 state.evolve(seq, ts, &body);
                 report.created = true;
                 wal = Some(w);
@@ -294,9 +271,7 @@ impl Ledger {
                 let w = WalWriter::resume(storage.clone(), &wal_dir, &end, seg_size)?;
                 // What we read may have come from the page cache of a process that died before
                 // its fsync; make it durable before building on it.
-                w.active_file()
-                    .sync_data()
-                    .map_err(|e| Error::io("fsync of the log on open", e))?;
+                w.active_file().sync_data().map_err(|e| Error::io("fsync of the log on open", e))?;
                 wal = Some(w);
             }
         } else if end.last_seq == 0 {
@@ -312,17 +287,8 @@ impl Ledger {
                 storage,
                 clock: opts.clock,
                 read_only: opts.read_only,
-                core: Mutex::new(Core {
-                    state,
-                    wal,
-                    poisoned: None,
-                    since_snapshot,
-                    last_snapshot_error: None,
-                }),
-                sync: Mutex::new(SyncState {
-                    durable_seq: durable,
-                    ..Default::default()
-                }),
+                core: Mutex::new(Core { state, wal, poisoned: None, since_snapshot, last_snapshot_error: None }),
+                sync: Mutex::new(SyncState { durable_seq: durable, ..Default::default() }),
                 synced: Condvar::new(),
                 snapshot_lock: Mutex::new(()),
                 recovery: report,
@@ -615,13 +581,7 @@ impl Ledger {
     /// `cleanup_expired`: writes the pending expiries and returns their ids.
     pub fn cleanup_expired(&self) -> Result<CleanupReport> {
         self.write(|_, _, expired| {
-            Ok((
-                Vec::new(),
-                CleanupReport {
-                    cleaned_up: expired.to_vec(),
-                    count: expired.len(),
-                },
-            ))
+            Ok((Vec::new(), CleanupReport { cleaned_up: expired.to_vec(), count: expired.len() }))
         })
     }
 
@@ -701,10 +661,7 @@ impl Ledger {
             }
         }
         lock(&self.shared.core).last_snapshot_error = None;
-        Ok(SnapshotInfo {
-            seq: data.last_seq,
-            path,
-        })
+        Ok(SnapshotInfo { seq: data.last_seq, path })
     }
 
     // ----- reading the log -----
@@ -724,10 +681,7 @@ impl Ledger {
                 if pos.seq > upto {
                     return Ok(false);
                 }
-                out.push(LoggedEvent {
-                    seq: pos.seq,
-                    event: Event::decode(payload)?,
-                });
+                out.push(LoggedEvent { seq: pos.seq, event: Event::decode(payload)? });
                 Ok(out.len() < limit)
             },
         )?;

@@ -64,8 +64,7 @@ impl Serialize for AllocationId {
 impl<'de> Deserialize<'de> for AllocationId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse()
-            .map_err(|_| serde::de::Error::custom(format!("invalid allocation id {s:?}")))
+        s.parse().map_err(|_| serde::de::Error::custom(format!("invalid allocation id {s:?}")))
     }
 }
 
@@ -212,7 +211,15 @@ mod tests {
         let id = AllocationId::from_u64(0x1a2b3c4d5e6f);
         assert_eq!(id.to_string(), "alloc-1a2b3c4d5e6f");
         assert_eq!("alloc-1a2b3c4d5e6f".parse::<AllocationId>(), Ok(id));
-        for bad in ["", "alloc-", "alloc-1A2B3C4D5E6F", "alloc-1a2b3c4d5e6", "x-1a2b3c4d5e6f", "alloc-1a2b3c4d5e6f0", "alloc-+a2b3c4d5e6f"] {
+        for bad in [
+            "",
+            "alloc-",
+            "alloc-1A2B3C4D5E6F",
+            "alloc-1a2b3c4d5e6",
+            "x-1a2b3c4d5e6f",
+            "alloc-1a2b3c4d5e6f0",
+            "alloc-+a2b3c4d5e6f",
+        ] {
             assert!(bad.parse::<AllocationId>().is_err(), "{bad}");
         }
         let err = AllocationId::parse("allocation_id", "nope").unwrap_err().to_string();

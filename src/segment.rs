@@ -53,7 +53,9 @@ pub fn decode_header(bytes: &[u8]) -> Result<u64, String> {
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
     if version != FORMAT_VERSION {
-        return Err(format!("segment format version {version} is not supported (this build reads version {FORMAT_VERSION})"));
+        return Err(format!(
+            "segment format version {version} is not supported (this build reads version {FORMAT_VERSION})"
+        ));
     }
     Ok(u64::from_le_bytes(bytes[16..24].try_into().unwrap()))
 }
@@ -109,12 +111,7 @@ pub fn scan_from(
     start_seq: u64,
     visit: &mut Visit<'_>,
 ) -> Scan {
-    let damage = |offset: u64, seq: u64, reason: String| Damage {
-        file: PathBuf::from(path),
-        offset,
-        seq,
-        reason,
-    };
+    let damage = |offset: u64, seq: u64, reason: String| Damage { file: PathBuf::from(path), offset, seq, reason };
     let first_seq = match decode_header(bytes) {
         Ok(s) => s,
         Err(reason) => {
@@ -135,15 +132,14 @@ pub fn scan_from(
             tail: Tail::Corrupt(damage(
                 0,
                 expected_first,
-                format!("header says the segment starts at sequence number {first_seq}, its name says {expected_first}"),
+                format!(
+                    "header says the segment starts at sequence number {first_seq}, its name says {expected_first}"
+                ),
             )),
         };
     }
-    let (mut offset, mut next_seq) = if start_offset == 0 {
-        (HEADER_LEN, first_seq)
-    } else {
-        (start_offset as usize, start_seq)
-    };
+    let (mut offset, mut next_seq) =
+        if start_offset == 0 { (HEADER_LEN, first_seq) } else { (start_offset as usize, start_seq) };
     let mut stopped = false;
     let tail = loop {
         if offset == bytes.len() {

@@ -73,7 +73,8 @@ pub fn decode(bytes: &[u8], expected_seq: u64) -> Result<State, String> {
     if seq != expected_seq {
         return Err(format!("snapshot header says sequence number {seq}, its name says {expected_seq}"));
     }
-    let data: StateData = serde_json::from_slice(payload).map_err(|e| format!("snapshot payload does not decode: {e}"))?;
+    let data: StateData =
+        serde_json::from_slice(payload).map_err(|e| format!("snapshot payload does not decode: {e}"))?;
     if data.last_seq != seq {
         return Err("snapshot payload disagrees with its header".into());
     }
@@ -89,11 +90,8 @@ pub fn write(storage: &dyn Storage, dir: &Path, state: &StateData) -> std::io::R
 
 /// Snapshot files in `dir`, newest first.
 pub fn list(storage: &dyn Storage, dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
-    let mut out: Vec<(u64, PathBuf)> = storage
-        .list(dir)?
-        .into_iter()
-        .filter_map(|n| parse_file_name(&n).map(|s| (s, dir.join(n))))
-        .collect();
+    let mut out: Vec<(u64, PathBuf)> =
+        storage.list(dir)?.into_iter().filter_map(|n| parse_file_name(&n).map(|s| (s, dir.join(n)))).collect();
     out.sort_by(|a, b| b.0.cmp(&a.0));
     Ok(out)
 }

@@ -115,10 +115,7 @@ pub struct ResourceRequest {
 
 impl ResourceRequest {
     pub fn new(job_id: impl Into<String>) -> Self {
-        ResourceRequest {
-            job_id: job_id.into(),
-            ..Default::default()
-        }
+        ResourceRequest { job_id: job_id.into(), ..Default::default() }
     }
 
     pub fn workers(mut self, n: u32) -> Self {
@@ -153,10 +150,7 @@ impl ResourceRequest {
         const KNOWN: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata";
         for key in args.keys() {
             if !KNOWN.split(", ").any(|k| k == key) {
-                return Err(Error::invalid(
-                    truncate(key),
-                    format!("unknown argument; allowed arguments: {KNOWN}"),
-                ));
+                return Err(Error::invalid(truncate(key), format!("unknown argument; allowed arguments: {KNOWN}")));
             }
         }
         let job_id = match args.get("job_id") {
@@ -192,9 +186,7 @@ impl ResourceRequest {
         let priority = match args.get("priority") {
             None | Some(Value::Null) => Priority::Normal,
             Some(Value::String(s)) => Priority::parse("priority", s)?,
-            Some(other) => {
-                return Err(type_err("priority", "one of low, normal, high, critical", other))
-            }
+            Some(other) => return Err(type_err("priority", "one of low, normal, high, critical", other)),
         };
         let ttl_seconds = match args.get("ttl_seconds") {
             None | Some(Value::Null) => None,
@@ -214,14 +206,7 @@ impl ResourceRequest {
             Some(Value::Object(m)) => m.clone(),
             Some(other) => return Err(type_err("metadata", "a JSON object", other)),
         };
-        Ok(ResourceRequest {
-            job_id,
-            mcp_servers,
-            workers,
-            priority,
-            ttl_seconds,
-            metadata,
-        })
+        Ok(ResourceRequest { job_id, mcp_servers, workers, priority, ttl_seconds, metadata })
     }
 }
 
@@ -324,10 +309,7 @@ impl State {
 
     /// Active allocations whose deadline is at or before `now`, earliest first.
     pub fn due_for_expiry(&self, now: Micros) -> Vec<(AllocationId, Micros)> {
-        self.by_deadline
-            .range(..=(now, AllocationId::from_u64(AllocationId::MAX)))
-            .map(|&(d, id)| (id, d))
-            .collect()
+        self.by_deadline.range(..=(now, AllocationId::from_u64(AllocationId::MAX))).map(|&(d, id)| (id, d)).collect()
     }
 
     pub fn next_deadline(&self) -> Option<Micros> {
@@ -352,10 +334,9 @@ impl State {
             EventBody::Granted(g) => self.apply_grant(ts_us, g),
             EventBody::Rejected(r) => self.apply_rejection(ts_us, r),
             EventBody::Released { allocation_id } => self.apply_end(*allocation_id, ts_us, AllocationState::Released),
-            EventBody::Expired {
-                allocation_id,
-                deadline_us,
-            } => self.apply_end(*allocation_id, *deadline_us, AllocationState::Expired),
+            EventBody::Expired { allocation_id, deadline_us } => {
+                self.apply_end(*allocation_id, *deadline_us, AllocationState::Expired)
+            }
         }
         debug_assert!(self.check_invariants().is_ok(), "{:?}", self.check_invariants());
     }
@@ -453,10 +434,7 @@ impl State {
                         started: false,
                     })
                     .collect(),
-                resources: Resources {
-                    workers: r.workers,
-                    ..Resources::default()
-                },
+                resources: Resources { workers: r.workers, ..Resources::default() },
                 metadata: r.metadata.clone(),
                 error: Some(r.error.clone()),
             },
@@ -522,9 +500,7 @@ impl State {
             for w in &a.workers {
                 match slot_seen.get_mut(w.slot as usize) {
                     Some(s @ None) => *s = Some(a.id),
-                    Some(Some(other)) => {
-                        return Err(format!("slot {} held by {} and {}", w.slot, other, a.id))
-                    }
+                    Some(Some(other)) => return Err(format!("slot {} held by {} and {}", w.slot, other, a.id)),
                     None => return Err(format!("slot {} out of range", w.slot)),
                 }
             }
@@ -690,17 +666,17 @@ impl State {
         if metadata_bytes > cfg.max_metadata_bytes {
             return Err(Error::invalid(
                 "metadata",
-                format!(
-                    "is {metadata_bytes} bytes as JSON; at most {} bytes are allowed",
-                    cfg.max_metadata_bytes
-                ),
+                format!("is {metadata_bytes} bytes as JSON; at most {} bytes are allowed", cfg.max_metadata_bytes),
             ));
         }
         for key in req.metadata.keys() {
             if key.is_empty() || key.chars().any(char::is_control) || key.chars().count() > 128 {
                 return Err(Error::invalid(
                     "metadata",
-                    format!("key {:?} is not allowed: keys are 1 to 128 characters without control characters", truncate(key)),
+                    format!(
+                        "key {:?} is not allowed: keys are 1 to 128 characters without control characters",
+                        truncate(key)
+                    ),
                 ));
             }
         }
@@ -857,10 +833,7 @@ impl State {
         if config.total_cpu_millicores < self.allocated.cpu_millicores
             || config.total_memory_mib < self.allocated.memory_mib
         {
-            return Err(Error::invalid(
-                "config",
-                "the new totals are below what active allocations hold now",
-            ));
+            return Err(Error::invalid("config", "the new totals are below what active allocations hold now"));
         }
         Ok(EventBody::ConfigChanged { config })
     }
@@ -1024,14 +997,7 @@ mod tests {
 
     fn created() -> State {
         let mut s = State::empty(Config::default());
-        s.evolve(
-            1,
-            T0,
-            &EventBody::LedgerCreated {
-                ledger_id: "test".into(),
-                config: Config::default(),
-            },
-        );
+        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "test".into(), config: Config::default() });
         s
     }
 
@@ -1078,7 +1044,11 @@ mod tests {
     fn low_priority_keeps_a_reserve_free() {
         let s = created();
         match s
-            .decide_request(&ResourceRequest::new("j").workers(8).priority(Priority::Low), T0, AllocationId::from_u64(1))
+            .decide_request(
+                &ResourceRequest::new("j").workers(8).priority(Priority::Low),
+                T0,
+                AllocationId::from_u64(1),
+            )
             .unwrap()
         {
             EventBody::Rejected(r) => {
@@ -1086,9 +1056,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let ev = s
-            .decide_request(&ResourceRequest::new("j").workers(8), T0, AllocationId::from_u64(1))
-            .unwrap();
+        let ev = s.decide_request(&ResourceRequest::new("j").workers(8), T0, AllocationId::from_u64(1)).unwrap();
         assert!(matches!(ev, EventBody::Granted(_)));
     }
 
@@ -1162,7 +1130,8 @@ mod tests {
         assert_eq!(field(parse(serde_json::json!({"job_id": "j", "metadata": [1]}))), "metadata");
         assert_eq!(field(parse(serde_json::json!({"job_id": "j", "mcp_servers": [1]}))), "mcp_servers[0]");
         assert_eq!(field(parse(serde_json::json!({"job_id": "j", "wrokers": 1}))), "wrokers");
-        let ok = parse(serde_json::json!({"job_id": "j", "workers": 2, "priority": "high", "ttl_seconds": 120})).unwrap();
+        let ok =
+            parse(serde_json::json!({"job_id": "j", "workers": 2, "priority": "high", "ttl_seconds": 120})).unwrap();
         assert_eq!((ok.workers, ok.priority, ok.ttl_seconds), (2, Priority::High, Some(120)));
     }
 }

@@ -188,12 +188,7 @@ impl Storage for FsStorage {
     }
 
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)?;
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
         match f.try_lock() {
             Ok(()) => Ok(Some(Box::new(FsLock(f)))),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -482,10 +477,7 @@ impl Storage for FaultyStorage {
         } else {
             fs.inode(path)?
         };
-        Ok(Box::new(MemFile {
-            fs: self.fs.clone(),
-            inode,
-        }))
+        Ok(Box::new(MemFile { fs: self.fs.clone(), inode }))
     }
 
     fn read(&self, path: &Path) -> io::Result<FileBytes> {
@@ -546,7 +538,8 @@ impl Storage for FaultyStorage {
             return Err(injected(f));
         }
         let in_dir = |p: &PathBuf| p.parent() == Some(dir);
-        let current: Vec<(PathBuf, usize)> = fs.names.iter().filter(|(p, _)| in_dir(p)).map(|(p, &i)| (p.clone(), i)).collect();
+        let current: Vec<(PathBuf, usize)> =
+            fs.names.iter().filter(|(p, _)| in_dir(p)).map(|(p, &i)| (p.clone(), i)).collect();
         fs.durable_names.retain(|p, _| !in_dir(p));
         fs.durable_names.extend(current);
         Ok(())
@@ -560,11 +553,7 @@ impl Storage for FaultyStorage {
         fs.next_lock += 1;
         let token = fs.next_lock;
         fs.locks.insert(path.to_path_buf(), token);
-        Ok(Some(Box::new(MemLock {
-            fs: self.fs.clone(),
-            path: path.to_path_buf(),
-            token,
-        })))
+        Ok(Some(Box::new(MemLock { fs: self.fs.clone(), path: path.to_path_buf(), token })))
     }
 }
 

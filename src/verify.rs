@@ -61,11 +61,10 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
 
     // Snapshots to compare against the fold, by sequence number.
     let mut snaps: BTreeMap<u64, (PathBuf, std::result::Result<State, String>)> = BTreeMap::new();
-    for (seq, path) in snapshot::list(storage, &dir.join(SNAPSHOT_DIR)).map_err(|e| crate::Error::io("listing snapshots", e))? {
-        let loaded = storage
-            .read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| snapshot::decode(&b, seq));
+    for (seq, path) in
+        snapshot::list(storage, &dir.join(SNAPSHOT_DIR)).map_err(|e| crate::Error::io("listing snapshots", e))?
+    {
+        let loaded = storage.read(&path).map_err(|e| e.to_string()).and_then(|b| snapshot::decode(&b, seq));
         snaps.insert(seq, (path, loaded));
     }
     let mut snap_status: BTreeMap<u64, String> = BTreeMap::new();
@@ -114,7 +113,8 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
             first_ts.get_or_insert(ev.ts_us);
             state.evolve(pos.seq, ev.ts_us, &ev.body);
             if let Some((_, Ok(snap))) = snaps.get(&pos.seq) {
-                let status = if *snap == state { "ok".to_string() } else { "differs from the replayed log".to_string() };
+                let status =
+                    if *snap == state { "ok".to_string() } else { "differs from the replayed log".to_string() };
                 snap_status.insert(pos.seq, status);
             }
             Ok(true)
@@ -173,11 +173,7 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
         if status != "ok" && !status.starts_with("not checked") {
             problems.push(format!("{}: snapshot {status}", path.display()));
         }
-        snapshot_reports.push(SnapshotReport {
-            file: path.clone(),
-            seq: *seq,
-            status,
-        });
+        snapshot_reports.push(SnapshotReport { file: path.clone(), seq: *seq, status });
     }
     Ok(VerifyReport {
         ok: problems.is_empty(),

@@ -16,17 +16,10 @@ pub struct SegmentInfo {
 
 /// Segment files in `dir`, oldest first. Files that do not look like segments are ignored.
 pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<SegmentInfo>> {
-    let names = storage
-        .list(dir)
-        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    let names = storage.list(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
     let mut segs: Vec<SegmentInfo> = names
         .into_iter()
-        .filter_map(|n| {
-            segment::parse_file_name(&n).map(|first_seq| SegmentInfo {
-                first_seq,
-                path: dir.join(n),
-            })
-        })
+        .filter_map(|n| segment::parse_file_name(&n).map(|first_seq| SegmentInfo { first_seq, path: dir.join(n) }))
         .collect();
     segs.sort_by_key(|s| s.first_seq);
     Ok(segs)
@@ -69,10 +62,7 @@ pub fn scan_log(
     let mut torn = None;
     let mut expected_next: Option<u64> = None;
     // First segment that can hold `after_seq + 1`.
-    let start = segments
-        .iter()
-        .rposition(|s| s.first_seq <= after_seq + 1)
-        .unwrap_or(0);
+    let start = segments.iter().rposition(|s| s.first_seq <= after_seq + 1).unwrap_or(0);
     if start > 0 {
         last_seq = segments[start].first_seq - 1;
     }
@@ -91,12 +81,13 @@ pub fn scan_log(
         } else if i == 0 && seg.first_seq != 1 {
             return Err(Error::Inconsistent {
                 path: seg.path.clone(),
-                message: format!("the first segment starts at sequence number {}, not 1 (segments are missing)", seg.first_seq),
+                message: format!(
+                    "the first segment starts at sequence number {}, not 1 (segments are missing)",
+                    seg.first_seq
+                ),
             });
         }
-        let bytes = storage
-            .read(&seg.path)
-            .map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
+        let bytes = storage.read(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
         let mut stop = false;
         let scan = segment::scan(&seg.path, &bytes, seg.first_seq, &mut |pos, payload| {
             if pos.seq <= after_seq {
@@ -116,12 +107,7 @@ pub fn scan_log(
         match scan.tail {
             Tail::Clean => {}
             Tail::Torn { offset, len } if is_last => {
-                torn = Some(TornTail {
-                    file: seg.path.clone(),
-                    offset,
-                    len,
-                    saved_to: None,
-                });
+                torn = Some(TornTail { file: seg.path.clone(), offset, len, saved_to: None });
             }
             Tail::Torn { offset, .. } => {
                 return Err(Error::Damaged(Damage {
@@ -135,24 +121,16 @@ pub fn scan_log(
         }
         expected_next = Some(scan.next_seq);
     }
-    Ok(LogEnd {
-        segments,
-        last_seq,
-        last_valid_len,
-        torn,
-    })
+    Ok(LogEnd { segments, last_seq, last_valid_len, torn })
 }
 
 /// Copies a torn tail's bytes to `quarantine_dir`, then cuts them off (or removes a segment
 /// whose header itself was torn). Fsyncs what it changes.
 pub fn cut_torn_tail(storage: &dyn Storage, quarantine_dir: &Path, torn: &mut TornTail) -> Result<()> {
     let io = |what: &str, e| Error::io(format!("{what} {}", torn.file.display()), e);
-    let bytes = storage
-        .read_range(&torn.file, torn.offset, torn.len as usize)
-        .map_err(|e| io("reading torn tail of", e))?;
-    storage
-        .create_dir_all(quarantine_dir)
-        .map_err(|e| io("creating quarantine for", e))?;
+    let bytes =
+        storage.read_range(&torn.file, torn.offset, torn.len as usize).map_err(|e| io("reading torn tail of", e))?;
+    storage.create_dir_all(quarantine_dir).map_err(|e| io("creating quarantine for", e))?;
     let name = torn.file.file_name().and_then(|n| n.to_str()).unwrap_or("segment");
     let saved = quarantine_dir.join(format!("{name}.torn-at-{}", torn.offset));
     crate::storage::write_atomic(storage, &saved, &bytes).map_err(|e| io("saving torn tail of", e))?;
@@ -183,13 +161,9 @@ pub struct WalWriter {
 impl WalWriter {
     /// Creates the first segment of a new log.
     pub fn create(storage: Arc<dyn Storage>, dir: &Path, segment_size_bytes: u64) -> Result<WalWriter> {
-        storage
-            .create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        storage.create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         if let Some(parent) = dir.parent() {
-            storage
-                .sync_dir(parent)
-                .map_err(|e| Error::io(format!("syncing {}", parent.display()), e))?;
+            storage.sync_dir(parent).map_err(|e| Error::io(format!("syncing {}", parent.display()), e))?;
         }
         let (active, path) = new_segment(&*storage, dir, 1)?;
         Ok(WalWriter {
@@ -207,9 +181,7 @@ impl WalWriter {
     /// Continues an existing log whose scan ended at `end` (torn tail already cut).
     pub fn resume(storage: Arc<dyn Storage>, dir: &Path, end: &LogEnd, segment_size_bytes: u64) -> Result<WalWriter> {
         let last = end.segments.last().expect("resume needs a segment");
-        let len = storage
-            .file_len(&last.path)
-            .map_err(|e| Error::io(format!("reading {}", last.path.display()), e))?;
+        let len = storage.file_len(&last.path).map_err(|e| Error::io(format!("reading {}", last.path.display()), e))?;
         debug_assert_eq!(len, end.last_valid_len);
         let active: Arc<dyn AppendFile> = Arc::from(
             storage
@@ -255,10 +227,9 @@ impl WalWriter {
             let err = Error::io(format!("appending record {seq} to {}", self.active_path.display()), e);
             return Err(match undo {
                 Ok(()) => AppendError::Failed(err),
-                Err(u) => AppendError::Poison(Error::io(
-                    format!("{err}; cutting the partial record back off also failed"),
-                    u,
-                )),
+                Err(u) => {
+                    AppendError::Poison(Error::io(format!("{err}; cutting the partial record back off also failed"), u))
+                }
             });
         }
         self.active_len += self.frame.len() as u64;
@@ -291,8 +262,7 @@ fn new_segment(storage: &dyn Storage, dir: &Path, first_seq: u64) -> Result<(Arc
     let path = dir.join(segment::file_name(first_seq));
     let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
     let file = storage.open_append(&path, true).map_err(|e| io("creating segment", e))?;
-    file.append(&segment::encode_header(first_seq))
-        .map_err(|e| io("writing header of", e))?;
+    file.append(&segment::encode_header(first_seq)).map_err(|e| io("writing header of", e))?;
     file.sync_data().map_err(|e| io("fsync of", e))?;
     storage.sync_dir(dir).map_err(|e| io("fsync of the directory of", e))?;
     Ok((Arc::from(file), path))

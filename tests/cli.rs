@@ -20,8 +20,12 @@ fn json(dir: &Path, args: &[&str]) -> (i32, Value) {
     full.extend_from_slice(args);
     let o = run(dir, &full);
     let stdout = String::from_utf8(o.stdout).unwrap();
-    let v: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document ({e}): {stdout:?}; stderr: {}", String::from_utf8_lossy(&o.stderr)));
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: stdout is not one JSON document ({e}): {stdout:?}; stderr: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
     (o.status.code().unwrap(), v)
 }
 
@@ -216,7 +220,14 @@ fn config_file_is_used_at_creation_and_errors_name_the_field() {
     assert_eq!(cap["total_cpu"], 4.0);
     std::fs::write(&cfg, r#"{"worker_slotz": 3}"#).unwrap();
     let d2 = tmp.path().join("ledger2");
-    let o = bin().arg("--data-dir").arg(&d2).arg("--config").arg(&cfg).args(["--json", "request", "--job-id", "j", "--workers", "1"]).output().unwrap();
+    let o = bin()
+        .arg("--data-dir")
+        .arg(&d2)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--json", "request", "--job-id", "j", "--workers", "1"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let e: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(e["error"]["message"].as_str().unwrap().contains("worker_slotz"), "{e}");
