@@ -1,0 +1,127 @@
+//! Every released on-disk format keeps a small ledger under `tests/fixtures/`; this opens each
+//! one and checks that its history still reads the same.
+//!
+//! Regenerate (only when adding a new format version, never to make this pass):
+//! `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`
+
+use allocation_ledger::storage::FsStorage;
+use allocation_ledger::{
+    AllocationState, Config, EventBody, Ledger, ManualClock, OpenOptions, Priority, RequestOutcome, ResourceRequest,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn regenerate(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    let clock = ManualClock::at_default_epoch();
+    let config = Config { segment_size_bytes: 4096, ..Config::default() };
+    let opts = OpenOptions::default().config(config).clock(Arc::new(clock.clone()));
+    let ledger = Ledger::open_with(dir, opts).unwrap();
+    let mut meta = serde_json::Map::new();
+    meta.insert("tenant".into(), "acme".into());
+    let a = ledger
+        .request_resources(&ResourceRequest::new("fixture-a").workers(4).mcp_server("github").metadata(meta))
+        .unwrap();
+    clock.advance_seconds(10);
+    ledger
+        .request_resources(
+            &ResourceRequest::new("fixture-b").workers(2).mcp_server("slack").priority(Priority::Low).ttl_seconds(600),
+        )
+        .unwrap();
+    clock.advance_seconds(10);
+    let c = ledger.request_resources(&ResourceRequest::new("fixture-c").workers(7)).unwrap();
+    assert!(!c.is_granted());
+    clock.advance_seconds(10);
+    ledger.release_resources(&a.allocation_id().to_string()).unwrap();
+    clock.advance_seconds(10);
+    ledger.request_resources(&ResourceRequest::new("fixture-d").workers(1).ttl_seconds(60)).unwrap();
+    ledger.snapshot().unwrap();
+    for i in 0..6 {
+        clock.advance_seconds(5);
+        let o = ledger.request_resources(&ResourceRequest::new(format!("fixture-e{i}")).workers(1)).unwrap();
+        clock.advance_seconds(5);
+        if i % 2 == 0 {
+            ledger.release_resources(&o.allocation_id().to_string()).unwrap();
+        }
+    }
+    clock.advance_seconds(3600);
+    ledger.cleanup_expired().unwrap();
+    drop(ledger);
+    let _ = std::fs::remove_file(dir.join("LOCK"));
+}
+
+#[test]
+fn v1_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir();
+    if std::env::var_os("REGENERATE_FIXTURES").is_some() {
+        regenerate(&fixture);
+    }
+    assert!(fixture.join("wal").exists(), "missing fixture {}", fixture.display());
+    let segments = std::fs::read_dir(fixture.join("wal")).unwrap().count();
+    assert!(segments >= 2, "the fixture should span segments");
+
+    // Read-only, in place.
+    let ro = Ledger::open_with(
+        &fixture,
+        OpenOptions { storage: Arc::new(FsStorage::default()), ..OpenOptions::read_only() },
+    )
+    .unwrap();
+    let events = ro.events(1, usize::MAX).unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.body.type_name()).collect();
+    assert_eq!(kinds[0], "ledger_created");
+    assert_eq!(kinds.iter().filter(|k| **k == "granted").count(), 9);
+    assert_eq!(kinds.iter().filter(|k| **k == "rejected").count(), 1);
+    assert_eq!(kinds.iter().filter(|k| **k == "released").count(), 4);
+    // b (600 s), d (60 s) and e1, e3, e5 (3600 s) all expire in the final hour.
+    assert_eq!(kinds.iter().filter(|k| **k == "expired").count(), 5);
+    assert!(events.windows(2).all(|w| w[0].event.ts_us < w[1].event.ts_us && w[0].seq + 1 == w[1].seq));
+    match &events[1].event.body {
+        EventBody::Granted(g) => {
+            assert_eq!(g.job_id, "fixture-a");
+            assert_eq!(
+                g.workers.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(),
+                ["worker-00", "worker-01", "worker-02", "worker-03"]
+            );
+            assert_eq!(g.mcp_servers[0].endpoint, "http://localhost:9000");
+            assert_eq!(g.metadata["tenant"], "acme");
+        }
+        other => panic!("{other:?}"),
+    }
+    let cap = ro.get_capacity().unwrap();
+    assert_eq!((cap.allocated_workers, cap.available_workers), (0, 10));
+    let failed = ro.list_allocations(Some(AllocationState::Failed), None).unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].job_id, "fixture-c");
+    assert_eq!(ro.list_allocations(Some(AllocationState::Expired), None).unwrap().len(), 5);
+
+    // Read-write on a copy: snapshot + tail equals a full replay.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("v1");
+    copy_dir(&fixture, &copy);
+    let rw = Ledger::open(&copy).unwrap();
+    assert!(rw.recovery_report().snapshot_seq.is_some(), "the fixture has a snapshot");
+    let with_snapshot = rw.with_state(|s| s.clone());
+    drop(rw);
+    std::fs::remove_dir_all(copy.join("snapshots")).unwrap();
+    let rw = Ledger::open(&copy).unwrap();
+    assert_eq!(rw.recovery_report().snapshot_seq, None);
+    assert_eq!(rw.with_state(|s| s.clone()), with_snapshot);
+    assert_eq!(ro.with_state(|s| s.clone()), with_snapshot);
+}
