@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test: the Rust suites (unit, property, crash, end-to-end against the real binary),
+# then the real-client MCP tests (the Python `mcp` package and the MCP Inspector CLI).
+# Needs: cargo, python3 (venv + pip), node/npx. Installs what it needs on first run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+cargo build --all-features --bins
+cargo test --all-features
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+export ALLOCATION_LEDGER_BIN="$PWD/target/debug/allocation-ledger"
+.venv/bin/python -m pytest -q tests/python
+bash tests/inspector.sh
