@@ -91,6 +91,8 @@ pub struct State {
     by_deadline: BTreeSet<(Micros, AllocationId)>,
     /// Owner of each worker slot.
     slots: Vec<Option<AllocationId>>,
+    /// Free slots below `config.worker_slots`, so a decision takes the lowest ones in O(log n).
+    free_slots: BTreeSet<u32>,
     assigned_mcp_endpoints: BTreeMap<String, String>,
     assigned_mcp_count: u64,
     running: BTreeMap<String, RunningServer>,
@@ -243,6 +245,7 @@ impl State {
     /// The state before the first event: nothing but a config.
     pub fn empty(config: Config) -> Self {
         let slots = vec![None; config.worker_slots as usize];
+        let free_slots = (0..config.worker_slots).collect();
         State {
             ledger_id: String::new(),
             created_us: 0,
@@ -252,6 +255,7 @@ impl State {
             allocations: HashMap::new(),
             by_deadline: BTreeSet::new(),
             slots,
+            free_slots,
             assigned_mcp_endpoints: BTreeMap::new(),
             assigned_mcp_count: 0,
             running: BTreeMap::new(),
@@ -284,7 +288,7 @@ impl State {
     }
 
     fn free_slot_count(&self) -> u32 {
-        self.slots.iter().filter(|s| s.is_none()).count() as u32
+        self.free_slots.len() as u32
     }
 
     pub fn allocation(&self, id: AllocationId) -> Option<&Allocation> {
@@ -347,6 +351,7 @@ impl State {
             self.anomalies += 1;
         }
         self.slots.resize(n.max(self.slots.iter().rposition(Option::is_some).map_or(0, |p| p + 1)), None);
+        self.free_slots = (0..n as u32).filter(|&i| self.slots[i as usize].is_none()).collect();
         self.config = config;
     }
 
@@ -359,6 +364,7 @@ impl State {
         }
         for w in &g.workers {
             self.slots[w.slot as usize] = Some(g.allocation_id);
+            self.free_slots.remove(&w.slot);
         }
         let mut charged = g.resources;
         for m in &g.mcp_servers {
@@ -458,6 +464,9 @@ impl State {
             if let Some(s) = self.slots.get_mut(w.slot as usize) {
                 if *s == Some(id) {
                     *s = None;
+                    if w.slot < self.config.worker_slots {
+                        self.free_slots.insert(w.slot);
+                    }
                 }
             }
         }
@@ -513,6 +522,12 @@ impl State {
         }
         if slot_seen != self.slots {
             return Err("slot table disagrees with the allocations".into());
+        }
+        let free: BTreeSet<u32> = (0..self.config.worker_slots.min(self.slots.len() as u32))
+            .filter(|&i| self.slots[i as usize].is_none())
+            .collect();
+        if free != self.free_slots {
+            return Err("free-slot set disagrees with the slot table".into());
         }
         for (name, r) in &self.running {
             if running.get(name.as_str()) != Some(&r.refcount) {
@@ -576,7 +591,10 @@ impl State {
                 let mut charged = a.resources;
                 for w in &a.workers {
                     match s.slots.get_mut(w.slot as usize) {
-                        Some(slot @ None) => *slot = Some(a.id),
+                        Some(slot @ None) => {
+                            *slot = Some(a.id);
+                            s.free_slots.remove(&w.slot);
+                        }
                         _ => return Err(format!("slot {} of {} is taken or out of range", w.slot, a.id)),
                     }
                 }
@@ -792,15 +810,13 @@ impl State {
         }
 
         let workers = self
-            .slots
+            .free_slots
             .iter()
-            .enumerate()
-            .filter(|(_, owner)| owner.is_none())
             .take(req.workers as usize)
-            .map(|(slot, _)| WorkerGrant {
-                slot: slot as u32,
-                worker_id: cfg.worker_id(slot as u32),
-                endpoint: cfg.worker_endpoint(slot as u32),
+            .map(|&slot| WorkerGrant {
+                slot,
+                worker_id: cfg.worker_id(slot),
+                endpoint: cfg.worker_endpoint(slot),
                 cpu_millicores: cfg.worker_cpu_millicores,
                 memory_mib: cfg.worker_memory_mib,
             })
