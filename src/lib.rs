@@ -19,6 +19,8 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod ledger;
+#[cfg(feature = "server")]
+pub mod mcp;
 pub mod model;
 pub mod record;
 pub mod report;

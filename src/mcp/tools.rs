@@ -1,0 +1,263 @@
+//! The six tools. Arguments arrive as raw JSON objects (so a bad argument is a tool result that
+//! names the field, not a protocol error) and are validated by the library; results are the
+//! report types, which serialise to the original system's shapes.
+
+use super::schemas;
+use crate::model::AllocationState;
+use crate::{Config, Error, Ledger, RequestOutcome, ResourceRequest};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::model::{CallToolResult, JsonObject};
+use rmcp::{tool, tool_handler, tool_router, ErrorData as McpError, ServerHandler};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio_util::task::TaskTracker;
+
+/// One MCP handler instance (one per stdio session, HTTP session or stateless HTTP request);
+/// all of them share the same `Ledger`.
+#[derive(Clone)]
+pub(crate) struct LedgerTools {
+    ledger: Ledger,
+    tasks: TaskTracker,
+    tool_router: ToolRouter<Self>,
+}
+
+impl LedgerTools {
+    pub(crate) fn new(ledger: Ledger, tasks: TaskTracker, tool_router: ToolRouter<Self>) -> Self {
+        LedgerTools { ledger, tasks, tool_router }
+    }
+
+    /// The tool list with input schemas that state the limits of `config` (TTL range, worker
+    /// count) and output schemas that admit each tool's error shape too.
+    pub(crate) fn router(config: &Config) -> ToolRouter<Self> {
+        let mut router = Self::tool_router();
+        for (name, route) in router.map.iter_mut() {
+            route.attr.input_schema = schemas::input(name, config);
+            route.attr.output_schema = Some(schemas::output(name));
+        }
+        router
+    }
+
+    /// Runs a blocking ledger call on the blocking pool.
+    async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Ledger) -> crate::Result<R> + Send + 'static,
+    ) -> Result<crate::Result<R>, McpError> {
+        let ledger = self.ledger.clone();
+        self.tasks
+            .spawn_blocking(move || f(&ledger))
+            .await
+            .map_err(|e| McpError::internal_error(format!("the ledger call failed: {e}"), None))
+    }
+}
+
+/// A successful result: structuredContent plus its JSON text copy.
+fn ok(value: impl Serialize) -> Result<CallToolResult, McpError> {
+    let value = serde_json::to_value(value).map_err(|e| McpError::internal_error(e.to_string(), None))?;
+    Ok(CallToolResult::structured(value))
+}
+
+/// An `isError: true` result carrying `value` as structuredContent (and its text copy).
+fn tool_error(value: Value) -> Result<CallToolResult, McpError> {
+    Ok(CallToolResult::structured_error(value))
+}
+
+/// The error shape: `{status: "error", error, kind, ...}`. `error` is the message an agent
+/// reads; for invalid input it names the field and the allowed values.
+fn error_value(e: &Error) -> Value {
+    match e {
+        Error::InvalidInput { field, .. } => json!({
+            "status": "error",
+            "error": e.to_string(),
+            "kind": e.kind(),
+            "field": field,
+        }),
+        Error::NotFound(id) => json!({
+            "status": "error",
+            "error": e.to_string(),
+            "kind": e.kind(),
+            "allocation_id": id,
+        }),
+        _ => json!({"status": "error", "error": e.to_string(), "kind": e.kind()}),
+    }
+}
+
+fn from_ledger<R: Serialize>(r: crate::Result<R>) -> Result<CallToolResult, McpError> {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => tool_error(error_value(&e)),
+    }
+}
+
+/// Rejects arguments the tool does not take, so a typo is not silently ignored.
+fn check_known(args: &JsonObject, known: &[&str]) -> Result<(), Error> {
+    match args.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => {
+            let shown: String = key.chars().take(64).collect();
+            let allowed = if known.is_empty() {
+                "this tool takes no arguments".to_string()
+            } else {
+                format!("allowed arguments: {}", known.join(", "))
+            };
+            Err(Error::invalid(shown, format!("unknown argument; {allowed}")))
+        }
+    }
+}
+
+/// An optional string argument (`null` counts as absent).
+fn opt_str<'a>(args: &'a JsonObject, field: &str) -> Result<Option<&'a str>, Error> {
+    match args.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(Error::invalid(field, format!("must be a string, got {}", kind_of(other)))),
+    }
+}
+
+fn allocation_id_arg(args: &JsonObject) -> Result<String, Error> {
+    check_known(args, &["allocation_id"])?;
+    match opt_str(args, "allocation_id")? {
+        Some(id) => Ok(id.to_string()),
+        None => Err(Error::invalid(
+            "allocation_id",
+            "is required: the id request_resources returned, e.g. alloc-1a2b3c4d5e6f",
+        )),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[tool_router]
+impl LedgerTools {
+    #[tool(
+        description = "Reserve worker slots and MCP servers for a job. On success the result has status \"active\", an allocation_id (keep it to release the resources later), the granted workers with their endpoints, the MCP server endpoints, and the deadline (expires_at) after which the allocation expires by itself. If the pool cannot hold the request the result is an error with status \"failed\" and a message such as \"Insufficient workers: requested 5, available 3\" — call get_capacity, then retry with fewer workers or later. Invalid arguments give an error naming the field and the allowed values.",
+        annotations(
+            title = "Request resources",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = false
+        )
+    )]
+    async fn request_resources(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        let req = match ResourceRequest::from_json(&args) {
+            Ok(r) => r,
+            Err(e) => return tool_error(error_value(&e)),
+        };
+        match self.call(move |l| l.request_resources(&req)).await? {
+            Ok(RequestOutcome::Granted(g)) => ok(g),
+            // The original's `failed` shape, as an error result: nothing was granted.
+            Ok(RequestOutcome::Failed(f)) => {
+                let value = serde_json::to_value(f).map_err(|e| McpError::internal_error(e.to_string(), None))?;
+                tool_error(value)
+            }
+            Err(e) => tool_error(error_value(&e)),
+        }
+    }
+
+    #[tool(
+        description = "Release an allocation: its workers and MCP servers return to the pool. Returns status \"released\" with workers_released, cpu_freed, memory_freed and duration_seconds. Releasing an allocation that already ended is not an error: status is then \"already_released\", \"already_expired\" or \"already_failed\" and nothing changes. An unknown allocation_id is an error: \"Allocation <id> not found\".",
+        annotations(
+            title = "Release resources",
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn release_resources(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        let id = match allocation_id_arg(&args) {
+            Ok(id) => id,
+            Err(e) => return tool_error(error_value(&e)),
+        };
+        from_ledger(self.call(move |l| l.release_resources(&id)).await?)
+    }
+
+    #[tool(
+        description = "Show the pool: total, allocated and available CPU (cores), memory (MB) and workers, the MCP servers in use (running_mcp_servers) and the number of active allocations. Call it before a large request to see what fits.",
+        annotations(title = "Get capacity", read_only_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn get_capacity(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        if let Err(e) = check_known(&args, &[]) {
+            return tool_error(error_value(&e));
+        }
+        from_ledger(self.call(|l| l.get_capacity()).await?)
+    }
+
+    #[tool(
+        description = "Show one allocation: state (active, released, expired or failed), priority, resources, workers with endpoints, MCP servers, timestamps (created_at, released_at or expired_at, expires_at, age_seconds), ttl_seconds, is_expired and metadata. An unknown allocation_id is an error: \"Allocation <id> not found\".",
+        annotations(title = "Get allocation", read_only_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn get_allocation(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        let id = match allocation_id_arg(&args) {
+            Ok(id) => id,
+            Err(e) => return tool_error(error_value(&e)),
+        };
+        let lookup = id.clone();
+        match self.call(move |l| l.get_allocation(&lookup)).await? {
+            Ok(Some(details)) => ok(details),
+            Ok(None) => tool_error(error_value(&Error::NotFound(id))),
+            Err(e) => tool_error(error_value(&e)),
+        }
+    }
+
+    #[tool(
+        description = "List allocations as summaries (allocation_id, job_id, state, priority, workers, age_seconds, is_expired, created_at), oldest first, optionally only those in one state and/or of one job. The result is {allocations: [...], count}.",
+        annotations(
+            title = "List allocations",
+            read_only_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn list_allocations(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        let parsed = check_known(&args, &["state", "job_id"]).and_then(|()| {
+            let state = opt_str(&args, "state")?.map(|s| AllocationState::parse("state", s)).transpose()?;
+            let job_id = opt_str(&args, "job_id")?.map(str::to_string);
+            Ok((state, job_id))
+        });
+        let (state, job_id) = match parsed {
+            Ok(x) => x,
+            Err(e) => return tool_error(error_value(&e)),
+        };
+        match self.call(move |l| l.list_allocations(state, job_id.as_deref())).await? {
+            Ok(list) => {
+                let count = list.len();
+                ok(json!({ "allocations": list, "count": count }))
+            }
+            Err(e) => tool_error(error_value(&e)),
+        }
+    }
+
+    #[tool(
+        description = "Record the expiry of every active allocation whose deadline (created_at + ttl_seconds) has passed, returning their ids as {cleaned_up: [...], count}. The server also does this on its own every second, so this is rarely needed.",
+        annotations(
+            title = "Clean up expired allocations",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn cleanup_expired(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        if let Err(e) = check_known(&args, &[]) {
+            return tool_error(error_value(&e));
+        }
+        from_ledger(self.call(|l| l.cleanup_expired()).await?)
+    }
+}
+
+#[tool_handler(
+    router = self.tool_router,
+    name = "allocation-ledger",
+    instructions = "A durable ledger of worker slots and MCP servers for AI-agent jobs. Call request_resources to reserve workers and MCP servers for a job (keep the allocation_id), use the endpoints it returns, and call release_resources with the allocation_id when done; unreleased allocations expire after ttl_seconds. get_capacity shows what is free; get_allocation and list_allocations show allocations. Errors are tool results with isError true whose message names the field and the allowed values."
+)]
+impl ServerHandler for LedgerTools {}
