@@ -1,0 +1,226 @@
+//! The MCP server over Streamable HTTP: both protocol eras, the bearer token, the Origin check,
+//! the refusal to serve a non-loopback address without a token, and many concurrent clients.
+#![cfg(feature = "server")]
+
+mod mcp_common;
+
+use mcp_common::*;
+use serde_json::json;
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}"#;
+
+fn init_body() -> serde_json::Value {
+    serde_json::from_str(INIT).unwrap()
+}
+
+#[test]
+fn both_protocol_eras_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(dir.path(), &[]);
+    assert!(server.url.starts_with("http://127.0.0.1:") && server.url.ends_with("/mcp"), "{}", server.url);
+
+    // 2025-11-25: a session.
+    let mut legacy = HttpClient::new(&server.url, None);
+    let init = legacy.initialize();
+    assert_eq!(init["serverInfo"]["name"], "allocation-ledger");
+    assert_eq!(init["serverInfo"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(init["protocolVersion"], V_LEGACY);
+    let g = ok(&legacy.call("request_resources", json!({"job_id": "a", "mcp_servers": ["github"], "workers": 4})));
+    assert_eq!(g["status"], "active");
+
+    // 2026-07-28: stateless requests, sharing the same ledger.
+    let mut modern = HttpClient::stateless(&server.url, None);
+    let d = modern.request("server/discover", json!({}));
+    assert!(d["result"]["supportedVersions"].as_array().unwrap().contains(&json!(V_STATELESS)), "{d}");
+    let tools = modern.request("tools/list", json!({}));
+    assert_eq!(tools["result"]["tools"].as_array().unwrap().len(), 6);
+    let cap = ok(&modern.call("get_capacity", json!({})));
+    assert_eq!((cap["allocated_workers"].as_u64(), cap["available_workers"].as_u64()), (Some(4), Some(6)));
+    let f = err(&modern.call("request_resources", json!({"job_id": "b", "mcp_servers": [], "workers": 7})));
+    assert_eq!(f["error"], "Insufficient workers: requested 7, available 6");
+    let r = ok(&modern.call("release_resources", json!({"allocation_id": g["allocation_id"]})));
+    assert_eq!(r["status"], "released");
+    let r = modern.request("tools/call", json!({"name": "no_such_tool", "arguments": {}}));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+
+    let cap = ok(&legacy.call("get_capacity", json!({})));
+    assert_eq!(cap["available_workers"], 10);
+    let status = server.stop();
+    assert!(status.success(), "SIGTERM is a clean shutdown: {status:?}");
+}
+
+#[test]
+fn a_configured_token_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let server = HttpServer::start(&dir.path().join("ledger"), &["--token-file", token_file.to_str().unwrap()]);
+    let agent = agent();
+
+    let r = post(&agent, &server.url, &[], &init_body());
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.headers["www-authenticate"].starts_with("Bearer"), "{:?}", r.headers);
+    let r = post(&agent, &server.url, &[("Authorization", "Bearer wrong")], &init_body());
+    assert_eq!(r.status, 401);
+    let r = post(&agent, &server.url, &[("Authorization", "Basic czNjcmV0LXRva2Vu")], &init_body());
+    assert_eq!(r.status, 401);
+    let r = post(&agent, &server.url, &[("Authorization", "Bearer s3cret-token")], &init_body());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.message()["result"]["serverInfo"]["name"], "allocation-ledger");
+
+    let mut client = HttpClient::new(&server.url, Some("s3cret-token"));
+    client.initialize();
+    assert_eq!(ok(&client.call("get_capacity", json!({})))["total_workers"], 10);
+    assert!(server.stop().success());
+}
+
+#[test]
+fn the_token_may_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = bin()
+        .env("ALLOCATION_LEDGER_TOKEN", "from-env")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--http", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (log, lines) = StderrLog::pump(child.stderr.take().unwrap());
+    let url = loop {
+        let line = lines.recv_timeout(DEADLINE).unwrap_or_else(|e| panic!("{e}: {}", log.text()));
+        if let Some(i) = line.find("http://") {
+            break line[i..].trim().to_string();
+        }
+    };
+    let agent = agent();
+    assert_eq!(post(&agent, &url, &[], &init_body()).status, 401);
+    assert_eq!(post(&agent, &url, &[("Authorization", "Bearer from-env")], &init_body()).status, 200);
+    sigterm(&child);
+    assert!(wait_exit(&mut child, &log).success());
+}
+
+#[test]
+fn a_non_loopback_address_without_a_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger_dir = dir.path().join("ledger");
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let o = bin()
+            .arg("--data-dir")
+            .arg(&ledger_dir)
+            .args(["serve", "--http", addr])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{addr}: {stderr}");
+        assert!(stderr.contains("--token-file") && stderr.contains("ALLOCATION_LEDGER_TOKEN"), "{stderr}");
+    }
+    assert!(!ledger_dir.exists(), "nothing was created");
+
+    let o = bin()
+        .arg("--data-dir")
+        .arg(&ledger_dir)
+        .args(["serve", "--http", "not-an-address"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = bin()
+        .arg("--data-dir")
+        .arg(&ledger_dir)
+        .args(["serve", "--http", "127.0.0.1:0", "--allowed-origin", "example.com"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn the_origin_header_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(dir.path(), &["--allowed-origin", "https://app.example.com"]);
+    let agent = agent();
+    let origin = |o: &str| post(&agent, &server.url, &[("Origin", o)], &init_body()).status;
+    assert_eq!(origin("http://evil.example"), 403);
+    assert_eq!(origin("http://localhost.evil.example:8080"), 403);
+    assert_eq!(origin("https://localhost:3000"), 403, "only http on loopback by default");
+    assert_eq!(origin("http://localhost:3000"), 200);
+    assert_eq!(origin("http://127.0.0.1:6274"), 200);
+    assert_eq!(origin("http://[::1]:80"), 200);
+    assert_eq!(origin("https://app.example.com"), 200);
+    // No Origin (not a browser): accepted.
+    assert_eq!(post(&agent, &server.url, &[], &init_body()).status, 200);
+    // A Host header that is not this server's (DNS rebinding): rejected.
+    let r = post(&agent, &server.url, &[("Host", "evil.example")], &init_body());
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(server.stop().success());
+}
+
+/// 16 clients request and release at once (half in 2025-11-25 sessions, half stateless
+/// 2026-07-28); afterwards the pool is whole, no slot was ever granted twice, verify passes.
+#[test]
+fn concurrent_clients_never_share_a_slot() {
+    const CLIENTS: usize = 16;
+    const ROUNDS: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(dir.path(), &[]);
+    let url = server.url.clone();
+
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let mut client =
+                    if c % 2 == 0 { HttpClient::new(&url, None) } else { HttpClient::stateless(&url, None) };
+                if c % 2 == 0 {
+                    client.initialize();
+                }
+                let (mut granted, mut refused) = (0, 0);
+                for round in 0..ROUNDS {
+                    let workers = 1 + (c + round) % 3;
+                    let r = client.call(
+                        "request_resources",
+                        json!({"job_id": format!("client-{c}"), "mcp_servers": ["shared"], "workers": workers}),
+                    );
+                    if r["isError"] == json!(true) {
+                        let f = err(&r);
+                        assert_eq!(f["status"], "failed", "{f}");
+                        assert!(f["error"].as_str().unwrap().starts_with("Insufficient workers"), "{f}");
+                        refused += 1;
+                        continue;
+                    }
+                    let g = ok(&r);
+                    assert_eq!(g["workers_allocated"].as_array().unwrap().len(), workers);
+                    granted += 1;
+                    let rel = ok(&client.call("release_resources", json!({"allocation_id": g["allocation_id"]})));
+                    assert_eq!(rel["status"], "released", "{rel}");
+                    assert_eq!(rel["workers_released"], workers);
+                }
+                (granted, refused)
+            })
+        })
+        .collect();
+    let (mut granted, mut refused) = (0, 0);
+    for h in handles {
+        let (g, r) = h.join().expect("a client thread panicked");
+        granted += g;
+        refused += r;
+    }
+    assert_eq!(granted + refused, CLIENTS * ROUNDS);
+    assert!(granted > 0);
+
+    let mut client = HttpClient::stateless(&url, None);
+    let cap = ok(&client.call("get_capacity", json!({})));
+    assert_eq!(cap["allocated_workers"], 0, "{cap}");
+    assert_eq!(cap["available_workers"], cap["total_workers"], "{cap}");
+    assert_eq!(cap["active_allocations"], 0, "{cap}");
+    assert_eq!(cap["running_mcp_servers"], json!([]), "{cap}");
+    assert!(server.stop().success());
+
+    let (grants, rejections) = assert_no_double_grant(dir.path());
+    assert_eq!((grants, rejections), (granted, refused));
+    let o = bin().arg("--data-dir").arg(dir.path()).arg("verify").output().unwrap();
+    assert!(o.status.success(), "verify: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
