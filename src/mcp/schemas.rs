@@ -29,6 +29,17 @@ fn allocation_id_arg(what: &str) -> Value {
     })
 }
 
+fn priority_description(config: &Config) -> String {
+    let low = config.priority_reserve_percent.low;
+    let mut d = "Scheduling priority: one of low, normal, high, critical (default normal).".to_string();
+    if low > 0 {
+        d.push_str(&format!(
+            " A low-priority request may not take the last {low}% of the pool, which stays free for the others."
+        ));
+    }
+    d
+}
+
 /// The input schema of tool `name` under `config`.
 pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
     let v = match name {
@@ -62,7 +73,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
                     "type": "string",
                     "enum": ["low", "normal", "high", "critical"],
                     "default": "normal",
-                    "description": format!("Scheduling priority: one of low, normal, high, critical (default normal). A low-priority request may not take the last {}% of the pool, which stays free for the others.", config.priority_reserve_percent.low),
+                    "description": priority_description(config),
                 },
                 "ttl_seconds": {
                     "type": "integer",
