@@ -11,6 +11,8 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
 
+mod history;
+
 /// Exit codes (documented in README.md).
 pub mod exit {
     pub const OK: i32 = 0;
@@ -74,8 +76,12 @@ enum Command {
         /// alloc-xxxxxxxxxxxx
         allocation_id: String,
     },
-    /// Show total, allocated and available capacity
-    Capacity,
+    /// Show total, allocated and available capacity (now, or as of --at)
+    Capacity {
+        /// Show it as of this instant: RFC 3339 (2026-11-27T03:12:00Z) or relative (-15m, -2h, -1d)
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        at: Option<String>,
+    },
     /// Show one allocation
     Get {
         /// alloc-xxxxxxxxxxxx
@@ -88,6 +94,9 @@ enum Command {
         state: Option<String>,
         #[arg(long)]
         job_id: Option<String>,
+        /// List them as they were at this instant: RFC 3339 or relative (-15m, -2h, -1d)
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        at: Option<String>,
     },
     /// Record the expiry of every allocation past its deadline
     CleanupExpired,
@@ -99,7 +108,19 @@ enum Command {
         /// At most this many events
         #[arg(long)]
         limit: Option<usize>,
+        /// Only events at or after this instant: RFC 3339 or relative (-15m, -2h, -1d)
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        since: Option<String>,
+        /// Only events before this instant
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        until: Option<String>,
     },
+    /// Every event of one allocation, or of every allocation of one job, in order
+    History(history::HistoryArgs),
+    /// Usage over a window, by job or by a metadata key: CPU-, memory- and worker-seconds
+    Usage(history::UsageArgs),
+    /// Utilisation (allocated over total) per bucket over a window; --svg draws a chart
+    Timeline(history::TimelineArgs),
     /// Check every record and snapshot; non-zero exit on damage
     Verify,
     /// Write a snapshot now
@@ -142,6 +163,13 @@ fn flag_for(field: &str) -> Option<&'static str> {
         "mcp_servers" => "--mcp-server",
         "state" => "--state",
         "allocation_id" => "ALLOCATION_ID",
+        "allocation" => "--allocation",
+        "at" => "--at",
+        "since" => "--since",
+        "until" => "--until",
+        "by" => "--by",
+        "bucket" => "--bucket",
+        "svg" => "--svg",
         _ => return None,
     })
 }
@@ -285,9 +313,12 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
             out.doc(&r, || human_release(&r));
             Ok(exit::OK)
         }
-        Command::Capacity => {
+        Command::Capacity { at } => {
             let ledger = open_reader(&dir, &cli.config)?;
-            let c = ledger.get_capacity()?;
+            let c = match at {
+                None => ledger.get_capacity()?,
+                Some(at) => history::capacity_at(&ledger, &at)?,
+            };
             out.doc(&c, || human_capacity(&c));
             Ok(exit::OK)
         }
@@ -302,13 +333,16 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
                 None => Err(Error::NotFound(allocation_id)),
             }
         }
-        Command::List { state, job_id } => {
+        Command::List { state, job_id, at } => {
             let state = state.as_deref().map(|s| AllocationState::parse("state", s)).transpose()?;
             if let Some(j) = &job_id {
                 allocation_ledger::state::validate_job_id("job_id", j)?;
             }
             let ledger = open_reader(&dir, &cli.config)?;
-            let rows = ledger.list_allocations(state, job_id.as_deref())?;
+            let rows = match at {
+                None => ledger.list_allocations(state, job_id.as_deref())?,
+                Some(at) => history::list_at(&ledger, &at, state, job_id.as_deref())?,
+            };
             out.doc(&rows, || human_list(&rows));
             Ok(exit::OK)
         }
@@ -325,7 +359,14 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
             });
             Ok(exit::OK)
         }
-        Command::Log { from_seq, limit } => {
+        Command::Log { from_seq, limit, since, until } if since.is_some() || until.is_some() => {
+            let ledger = open_reader(&dir, &cli.config)?;
+            history::log(&ledger, from_seq, limit, since.as_deref(), until.as_deref())
+        }
+        Command::History(args) => history::history(&open_reader(&dir, &cli.config)?, out, args),
+        Command::Usage(args) => history::usage(&open_reader(&dir, &cli.config)?, out, args),
+        Command::Timeline(args) => history::timeline(&open_reader(&dir, &cli.config)?, out, args),
+        Command::Log { from_seq, limit, .. } => {
             let ledger = open_reader(&dir, &cli.config)?;
             let events = ledger.events(from_seq.max(1), limit.unwrap_or(usize::MAX))?;
             let mut stdout = std::io::stdout().lock();
@@ -339,7 +380,9 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
                 return Err(Error::NoLedger { path: dir });
             }
             let storage = FsStorage::default();
-            let report = allocation_ledger::verify::verify(&storage, &dir, &mut |_, _| {})?;
+            let mut bar = history::ProgressBar::new("verifying");
+            let report = allocation_ledger::verify::verify(&storage, &dir, &mut |done, total| bar.update(done, total))?;
+            bar.finish();
             out.doc(&report, || human_verify(&report));
             Ok(if report.ok { exit::OK } else { exit::DAMAGED })
         }

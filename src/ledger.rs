@@ -118,6 +118,8 @@ struct Core {
     poisoned: Option<String>,
     since_snapshot: u64,
     last_snapshot_error: Option<String>,
+    /// Derived capacity index (see `history`); built on first use, kept current by `append`.
+    capacity_index: Option<crate::history::CapacityIndex>,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +139,8 @@ struct Shared {
     sync: Mutex<SyncState>,
     synced: Condvar,
     snapshot_lock: Mutex<()>,
+    /// One capacity-index build at a time.
+    index_build_lock: Mutex<()>,
     recovery: RecoveryReport,
     _lock: Option<Box<dyn LockGuard>>,
 }
@@ -287,10 +291,18 @@ impl Ledger {
                 storage,
                 clock: opts.clock,
                 read_only: opts.read_only,
-                core: Mutex::new(Core { state, wal, poisoned: None, since_snapshot, last_snapshot_error: None }),
+                core: Mutex::new(Core {
+                    state,
+                    wal,
+                    poisoned: None,
+                    since_snapshot,
+                    last_snapshot_error: None,
+                    capacity_index: None,
+                }),
                 sync: Mutex::new(SyncState { durable_seq: durable, ..Default::default() }),
                 synced: Condvar::new(),
                 snapshot_lock: Mutex::new(()),
+                index_build_lock: Mutex::new(()),
                 recovery: report,
                 _lock: lock_guard,
             }),
@@ -367,6 +379,11 @@ impl Ledger {
                 let ev = Event::decode(&payload).expect("an event we encoded decodes");
                 core.state.evolve(seq, ts, &ev.body);
                 core.since_snapshot += 1;
+                if let Some(ix) = core.capacity_index.as_mut() {
+                    if !ix.observe(seq, ts, &ev.body) {
+                        core.capacity_index = None;
+                    }
+                }
                 Ok(seq)
             }
             Err(AppendError::Failed(e)) => Err(e),
@@ -473,6 +490,32 @@ impl Ledger {
             self.wait_durable(seq)?;
         }
         Ok(r)
+    }
+
+    /// For the history room: runs `f` on the state, the capacity index slot and the current
+    /// instant under the core lock, then (like every read) waits until what it saw is durable.
+    pub(crate) fn read_history<R>(
+        &self,
+        f: impl FnOnce(&State, &mut Option<crate::history::CapacityIndex>, Micros) -> R,
+    ) -> Result<R> {
+        let (r, seq) = {
+            let mut core = lock(&self.shared.core);
+            let core = &mut *core;
+            let now = self.shared.clock.now_micros().max(core.state.last_ts_us);
+            (f(&core.state, &mut core.capacity_index, now), core.state.last_seq)
+        };
+        if !self.shared.read_only {
+            self.wait_durable(seq)?;
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.shared.storage
+    }
+
+    pub(crate) fn index_build_lock(&self) -> MutexGuard<'_, ()> {
+        lock(&self.shared.index_build_lock)
     }
 
     // ----- operations -----

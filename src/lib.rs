@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod history;
 pub mod ledger;
 #[cfg(feature = "server")]
 pub mod mcp;
@@ -35,6 +36,7 @@ pub use clock::{Clock, ManualClock, Micros, SystemClock};
 pub use config::Config;
 pub use error::{Damage, Error, Result};
 pub use event::{Event, EventBody, LoggedEvent};
+pub use history::{EventRange, GroupBy, History, HistoryEvent, Timeline, UsageReport};
 pub use ledger::{Ledger, OpenOptions, RecoveryReport};
 pub use model::{AllocationId, AllocationState, Priority, Resources};
 pub use report::*;

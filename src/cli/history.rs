@@ -1,0 +1,306 @@
+//! The time-travel subcommands: `capacity --at`, `list --at`, `history`, `log --since/--until`,
+//! `usage` and `timeline`, and the progress bar for long scans.
+
+use super::{exit, table, Out};
+use allocation_ledger::clock::{format_micros, parse_duration_micros, parse_time};
+use allocation_ledger::history::{svg, EventRange, GroupBy, History, Timeline, UsageReport};
+use allocation_ledger::report::{AllocationSummary, CapacityReport};
+use allocation_ledger::{AllocationId, AllocationState, Error, Ledger, Result};
+use clap::Args;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("subject").required(true).args(["allocation", "job_id"])))]
+pub struct HistoryArgs {
+    /// The allocation (alloc-xxxxxxxxxxxx) whose events to show
+    #[arg(long, value_name = "ID")]
+    allocation: Option<String>,
+    /// The job whose allocations' events to show
+    #[arg(long, value_name = "JOB")]
+    job_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Start of the window (inclusive): RFC 3339 (2026-11-27T03:12:00Z) or relative (-15m, -2h, -1d)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    since: String,
+    /// End of the window (exclusive)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, default_value = "now")]
+    until: String,
+    /// Group by `job` or by a metadata key, `metadata.KEY` (e.g. metadata.tenant)
+    #[arg(long, value_name = "GROUPING", default_value = "job")]
+    by: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TimelineArgs {
+    /// Start of the window (inclusive): RFC 3339 or relative (-15m, -2h, -1d)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    since: String,
+    /// End of the window (exclusive)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, default_value = "now")]
+    until: String,
+    /// Width of each bucket: 30s, 5m, 1h, 1d
+    #[arg(long, value_name = "DURATION")]
+    bucket: String,
+    /// Also write a chart of allocated against total CPU, memory and workers to this SVG file
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+/// A progress bar on stderr, drawn only when stderr is a terminal.
+pub struct ProgressBar {
+    label: &'static str,
+    enabled: bool,
+    drawn: Option<u64>,
+}
+
+impl ProgressBar {
+    pub fn new(label: &'static str) -> Self {
+        ProgressBar { label, enabled: std::io::stderr().is_terminal(), drawn: None }
+    }
+
+    pub fn update(&mut self, done: u64, total: u64) {
+        if !self.enabled || total == 0 {
+            return;
+        }
+        let pct = (done.min(total) * 100 / total).min(100);
+        if self.drawn == Some(pct) {
+            return;
+        }
+        self.drawn = Some(pct);
+        let filled = (pct / 4) as usize;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{} [{}{}] {pct:>3}%", self.label, "#".repeat(filled), "-".repeat(25 - filled));
+        let _ = err.flush();
+    }
+
+    pub fn finish(&mut self) {
+        if self.enabled && self.drawn.is_some() {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r{}\r", " ".repeat(self.label.len() + 34));
+            let _ = err.flush();
+        }
+    }
+}
+
+/// Builds the capacity index (one pass over the log) with a progress bar.
+fn prepare(ledger: &Ledger) -> Result<()> {
+    let mut bar = ProgressBar::new("reading the log");
+    let r = ledger.prepare_history(&mut |done, total| bar.update(done, total));
+    bar.finish();
+    r
+}
+
+fn time(ledger: &Ledger, field: &str, text: &str) -> Result<i64> {
+    parse_time(field, text, ledger.now_micros())
+}
+
+pub fn capacity_at(ledger: &Ledger, at: &str) -> Result<CapacityReport> {
+    let t = time(ledger, "at", at)?;
+    prepare(ledger)?;
+    ledger.capacity_at(t)
+}
+
+pub fn list_at(
+    ledger: &Ledger,
+    at: &str,
+    state: Option<AllocationState>,
+    job_id: Option<&str>,
+) -> Result<Vec<AllocationSummary>> {
+    let t = time(ledger, "at", at)?;
+    prepare(ledger)?;
+    ledger.list_allocations_at(t, state, job_id)
+}
+
+pub fn log(
+    ledger: &Ledger,
+    from_seq: u64,
+    limit: Option<usize>,
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<i32> {
+    let range = EventRange {
+        since: since.map(|s| time(ledger, "since", s)).transpose()?,
+        until: until.map(|u| time(ledger, "until", u)).transpose()?,
+        from_seq: Some(from_seq.max(1)),
+        to_seq: None,
+    };
+    let mut left = limit.unwrap_or(usize::MAX);
+    if left == 0 {
+        return Ok(exit::OK);
+    }
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = None;
+    ledger.for_each_event(range, &mut |e| {
+        if let Err(err) = writeln!(stdout, "{}", serde_json::to_string(e).expect("serializable")) {
+            failed = Some(err);
+            return false;
+        }
+        left -= 1;
+        left > 0
+    })?;
+    match failed {
+        // A closed pipe (`| head`) is not an error of ours.
+        Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("writing to stdout", e)),
+        _ => Ok(exit::OK),
+    }
+}
+
+pub fn history(ledger: &Ledger, out: &Out, args: HistoryArgs) -> Result<i32> {
+    let h = match (&args.allocation, &args.job_id) {
+        (Some(id), _) => {
+            AllocationId::parse("allocation", id)?;
+            ledger.allocation_history(id)?
+        }
+        (None, Some(job)) => ledger.job_history(job)?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    out.doc(&h, || human_history(&h));
+    Ok(exit::OK)
+}
+
+fn human_history(h: &History) -> String {
+    let subject = match h.allocation_id {
+        Some(id) => format!("allocation {id} (job {})", h.job_id),
+        None => format!("job {} ({} allocations)", h.job_id, h.allocation_ids.len()),
+    };
+    if h.events.is_empty() {
+        return format!("no events for {subject}");
+    }
+    let rows: Vec<Vec<String>> = h
+        .events
+        .iter()
+        .map(|e| {
+            let body = serde_json::to_value(&e.event.body).unwrap_or_default();
+            let detail = match &e.event.body {
+                allocation_ledger::EventBody::Granted(g) => format!(
+                    "{} workers, mcp [{}], ttl {} s, expires {}",
+                    g.resources.workers,
+                    g.mcp_servers.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+                    g.ttl_seconds,
+                    format_micros(g.deadline_us)
+                ),
+                allocation_ledger::EventBody::Rejected(r) => r.error.clone(),
+                allocation_ledger::EventBody::Expired { deadline_us, .. } => {
+                    format!("deadline {}", format_micros(*deadline_us))
+                }
+                _ => String::new(),
+            };
+            vec![
+                e.seq.to_string(),
+                e.at.clone(),
+                body["type"].as_str().unwrap_or("").to_string(),
+                e.event.body.allocation_id().map(|i| i.to_string()).unwrap_or_default(),
+                detail,
+            ]
+        })
+        .collect();
+    format!("history of {subject}\n{}", table(&["SEQ", "AT", "EVENT", "ALLOCATION", "DETAIL"], &rows))
+}
+
+pub fn usage(ledger: &Ledger, out: &Out, args: UsageArgs) -> Result<i32> {
+    let since = time(ledger, "since", &args.since)?;
+    let until = time(ledger, "until", &args.until)?;
+    let by = GroupBy::parse("by", &args.by)?;
+    prepare(ledger)?;
+    let r = ledger.usage(since, until, &by)?;
+    out.doc(&r, || human_usage(&r));
+    Ok(exit::OK)
+}
+
+fn human_usage(r: &UsageReport) -> String {
+    let row = |name: &str, u: &allocation_ledger::history::UsageAmounts| {
+        vec![
+            name.to_string(),
+            format!("{:.1}", u.cpu_seconds),
+            format!("{:.0}", u.memory_mib_seconds),
+            format!("{:.1}", u.worker_seconds),
+            u.allocations.to_string(),
+            u.granted.to_string(),
+            u.released.to_string(),
+            u.expired.to_string(),
+            if u.rejections.is_empty() {
+                "0".into()
+            } else {
+                u.rejections.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" ")
+            },
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = r.groups.iter().map(|g| row(&g.group, &g.usage)).collect();
+    for m in &r.mcp_servers {
+        rows.push(vec![
+            format!("mcp:{}", m.name),
+            format!("{:.1}", m.cpu_seconds),
+            format!("{:.0}", m.memory_mib_seconds),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ]);
+    }
+    rows.push(row("TOTAL", &r.total));
+    let group = if r.group_by == "job" { "JOB".to_string() } else { r.group_by.to_uppercase() };
+    format!(
+        "usage from {} to {} ({:.0} s), by {}\n{}",
+        r.since,
+        r.until,
+        r.window_seconds,
+        r.group_by,
+        table(
+            &[&group, "CPU-S", "MEM-MIB-S", "WORKER-S", "ALLOCS", "GRANTED", "RELEASED", "EXPIRED", "REJECTED"],
+            &rows
+        )
+    )
+}
+
+pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<i32> {
+    let since = time(ledger, "since", &args.since)?;
+    let until = time(ledger, "until", &args.until)?;
+    let bucket = parse_duration_micros(&args.bucket).filter(|b| *b > 0).ok_or_else(|| {
+        Error::invalid("bucket", format!("{:?} is not a duration: use e.g. 30s, 5m, 1h, 1d", args.bucket))
+    })?;
+    prepare(ledger)?;
+    let tl = ledger.timeline(since, until, bucket)?;
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg::render(&tl)).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        if !out.json {
+            eprintln!("wrote a chart to {}", path.display());
+        }
+    }
+    let mut doc = serde_json::to_value(&tl).expect("serializable");
+    if let Some(path) = &args.svg {
+        doc["svg"] = path.display().to_string().into();
+    }
+    out.doc(&doc, || human_timeline(&tl));
+    Ok(exit::OK)
+}
+
+fn human_timeline(tl: &Timeline) -> String {
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
+    let rows: Vec<Vec<String>> = tl
+        .buckets
+        .iter()
+        .map(|b| {
+            vec![
+                b.start.clone(),
+                pct(b.cpu_utilisation),
+                pct(b.memory_utilisation),
+                pct(b.worker_utilisation),
+                format!("{:.2}/{:.0}", b.allocated_workers, b.total_workers),
+                b.peak_allocated_workers.to_string(),
+            ]
+        })
+        .collect();
+    format!(
+        "utilisation from {} to {}, buckets of {} s\n{}",
+        tl.since,
+        tl.until,
+        tl.bucket_seconds,
+        table(&["BUCKET START", "CPU", "MEMORY", "WORKERS", "MEAN WORKERS", "PEAK WORKERS"], &rows)
+    )
+}

@@ -1,0 +1,357 @@
+//! The capacity index: a compact step function of what the pool held over time, in holding-time
+//! (an allocation holds over `[granted_at, min(released_at, deadline))`, whenever its expiry
+//! event was written), plus the timestamp of every event so that an instant maps to a sequence
+//! number by binary search.
+//!
+//! It is built by one pass over the log and then kept current by the ledger after each append
+//! ([`CapacityIndex::observe`]). It is derived data: nothing in it is not in the log.
+//!
+//! Memory: 8 bytes per event (its timestamp) plus one 48-byte [`Step`] per change of capacity
+//! (grants, releases, expiries at their deadline, config changes; rejections change nothing),
+//! plus small tables of distinct totals and distinct sets of running MCP servers, plus the
+//! allocations active at the end of the log.
+
+use crate::clock::{format_micros, Micros};
+use crate::event::{EventBody, Grant, RejectReason};
+use crate::model::{cores, AllocationId, Resources};
+use crate::report::CapacityReport;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// What the pool held from `t` until the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Step {
+    pub t: Micros,
+    /// Allocated, MCP server costs included.
+    pub cpu_millicores: u64,
+    pub memory_mib: u64,
+    pub workers: u32,
+    /// Active allocations.
+    pub active: u32,
+    /// Index into `totals`.
+    pub totals: u32,
+    /// Index into `server_sets` (`u32::MAX` in steps computed past the end of the log, which
+    /// only ever feed integrals).
+    pub servers: u32,
+}
+
+impl Step {
+    fn same_value(&self, o: &Step) -> bool {
+        (self.cpu_millicores, self.memory_mib, self.workers, self.active, self.totals, self.servers)
+            == (o.cpu_millicores, o.memory_mib, o.workers, o.active, o.totals, o.servers)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    deadline_us: Micros,
+    resources: Resources,
+    /// Name ids of the MCP servers it uses.
+    servers: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    refcount: u32,
+    cpu_millicores: u64,
+    memory_mib: u64,
+}
+
+/// The fold's view at the end of the indexed log, in holding-time.
+#[derive(Debug, Clone, Default)]
+struct Sweep {
+    deadlines: BTreeSet<(Micros, AllocationId)>,
+    active: HashMap<AllocationId, Held>,
+    running: BTreeMap<u32, Running>,
+    allocated: Resources,
+    totals: u32,
+    servers: u32,
+    servers_changed: bool,
+}
+
+/// A rejection, for counting by reason.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RejectionMark {
+    pub ts_us: Micros,
+    pub allocation_id: AllocationId,
+    pub reason: RejectReason,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CapacityIndex {
+    /// `ts[i]` is the timestamp of the event with sequence number `i + 1`.
+    ts: Vec<Micros>,
+    steps: Vec<Step>,
+    totals: Vec<Resources>,
+    names: Vec<String>,
+    name_ids: HashMap<String, u32>,
+    server_sets: Vec<Box<[u32]>>,
+    server_set_ids: HashMap<Box<[u32]>, u32>,
+    rejections: Vec<RejectionMark>,
+    sweep: Sweep,
+}
+
+impl CapacityIndex {
+    pub(crate) fn new() -> Self {
+        let mut ix = CapacityIndex::default();
+        ix.server_sets.push(Box::new([]));
+        ix.server_set_ids.insert(Box::new([]), 0);
+        ix
+    }
+
+    /// Sequence number of the last event folded in.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.ts.len() as u64
+    }
+
+    /// Timestamp of the first event (the ledger's creation).
+    pub(crate) fn first_ts(&self) -> Option<Micros> {
+        self.ts.first().copied()
+    }
+
+    /// The sequence number of the last event at or before `t` (0 if none).
+    pub(crate) fn seq_at(&self, t: Micros) -> u64 {
+        self.ts.partition_point(|&x| x <= t) as u64
+    }
+
+    /// The sequence number of the last event strictly before `t` (0 if none).
+    pub(crate) fn seq_before(&self, t: Micros) -> u64 {
+        self.ts.partition_point(|&x| x < t) as u64
+    }
+
+    pub(crate) fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    pub(crate) fn totals_of(&self, step: &Step) -> Resources {
+        self.totals[step.totals as usize]
+    }
+
+    pub(crate) fn rejections_between(&self, since: Micros, until: Micros) -> &[RejectionMark] {
+        let a = self.rejections.partition_point(|r| r.ts_us < since);
+        let b = self.rejections.partition_point(|r| r.ts_us < until);
+        &self.rejections[a..b.max(a)]
+    }
+
+    /// Approximate heap footprint, for the docs' numbers.
+    pub fn approx_bytes(&self) -> usize {
+        self.ts.capacity() * 8
+            + self.steps.capacity() * std::mem::size_of::<Step>()
+            + self.rejections.capacity() * std::mem::size_of::<RejectionMark>()
+            + self.server_sets.iter().map(|s| s.len() * 4 + 16).sum::<usize>() * 2
+            + self.names.iter().map(|n| n.len() + 48).sum::<usize>()
+    }
+
+    pub(crate) fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Folds the event with sequence number `seq`. Returns false (and changes nothing) when
+    /// `seq` is not the next one: the caller drops the index and it is rebuilt from the log.
+    pub(crate) fn observe(&mut self, seq: u64, ts_us: Micros, body: &EventBody) -> bool {
+        if seq != self.last_seq() + 1 || self.ts.last().is_some_and(|&l| ts_us <= l) {
+            return false;
+        }
+        self.advance_to(ts_us);
+        self.ts.push(ts_us);
+        match body {
+            EventBody::LedgerCreated { config, .. } | EventBody::ConfigChanged { config } => {
+                let t = Resources {
+                    cpu_millicores: config.total_cpu_millicores,
+                    memory_mib: config.total_memory_mib,
+                    workers: config.worker_slots,
+                };
+                self.sweep.totals = match self.totals.iter().position(|&x| x == t) {
+                    Some(i) => i as u32,
+                    None => {
+                        self.totals.push(t);
+                        (self.totals.len() - 1) as u32
+                    }
+                };
+            }
+            EventBody::Granted(g) => self.grant(g),
+            EventBody::Rejected(r) => {
+                self.rejections.push(RejectionMark { ts_us, allocation_id: r.allocation_id, reason: r.reason })
+            }
+            // An expiry ended the holding at its deadline, which `advance_to` has passed.
+            EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => {
+                self.end(*allocation_id)
+            }
+        }
+        self.push_step(ts_us);
+        true
+    }
+
+    fn grant(&mut self, g: &Grant) {
+        if self.sweep.active.contains_key(&g.allocation_id) {
+            return;
+        }
+        let mut servers = Vec::with_capacity(g.mcp_servers.len());
+        let mut charged = g.resources;
+        for m in &g.mcp_servers {
+            let id = match self.name_ids.get(&m.name) {
+                Some(&id) => id,
+                None => {
+                    let id = self.names.len() as u32;
+                    self.names.push(m.name.clone());
+                    self.name_ids.insert(m.name.clone(), id);
+                    id
+                }
+            };
+            servers.push(id);
+            let r = self.sweep.running.entry(id).or_insert(Running {
+                refcount: 0,
+                cpu_millicores: m.cpu_millicores,
+                memory_mib: m.memory_mib,
+            });
+            if r.refcount == 0 {
+                charged.cpu_millicores += r.cpu_millicores;
+                charged.memory_mib += r.memory_mib;
+                self.sweep.servers_changed = true;
+            }
+            r.refcount += 1;
+        }
+        self.sweep.allocated = self.sweep.allocated.checked_add(charged).unwrap_or(self.sweep.allocated);
+        self.sweep.deadlines.insert((g.deadline_us, g.allocation_id));
+        self.sweep.active.insert(g.allocation_id, Held { deadline_us: g.deadline_us, resources: g.resources, servers });
+    }
+
+    fn end(&mut self, id: AllocationId) {
+        end_in(&mut self.sweep, id);
+    }
+
+    /// Ends every holding whose deadline is at or before `t`, with a step at each deadline.
+    fn advance_to(&mut self, t: Micros) {
+        while let Some(&(d, id)) = self.sweep.deadlines.first() {
+            if d > t {
+                break;
+            }
+            self.end(id);
+            self.push_step(d);
+        }
+    }
+
+    fn intern_servers(&mut self) -> u32 {
+        let mut set: Vec<u32> = self.sweep.running.keys().copied().collect();
+        set.sort_by(|a, b| self.names[*a as usize].cmp(&self.names[*b as usize]));
+        let set: Box<[u32]> = set.into();
+        if let Some(&id) = self.server_set_ids.get(&set) {
+            return id;
+        }
+        let id = self.server_sets.len() as u32;
+        self.server_sets.push(set.clone());
+        self.server_set_ids.insert(set, id);
+        id
+    }
+
+    fn push_step(&mut self, t: Micros) {
+        if self.sweep.servers_changed {
+            self.sweep.servers = self.intern_servers();
+            self.sweep.servers_changed = false;
+        }
+        let step = step_of(&self.sweep, t);
+        push(&mut self.steps, step);
+    }
+
+    /// Steps past the end of the indexed log up to `until`: the deadlines of allocations still
+    /// active then (no event is written between the last one and now, so only these change
+    /// anything). Their `servers` field is `u32::MAX`.
+    pub(crate) fn tail_steps(&self, until: Micros) -> Vec<Step> {
+        let mut sweep = self.sweep.clone();
+        let mut out = Vec::new();
+        while let Some(&(d, id)) = sweep.deadlines.first() {
+            if d > until {
+                break;
+            }
+            end_in(&mut sweep, id);
+            let mut s = step_of(&sweep, d);
+            s.servers = u32::MAX;
+            push(&mut out, s);
+        }
+        out
+    }
+
+    /// The capacity report as of `t`, which must lie at or after the first event. Allocations
+    /// whose deadline is at or before `t` no longer hold anything.
+    pub(crate) fn capacity_at(&self, t: Micros) -> Option<CapacityReport> {
+        let i = self.steps.partition_point(|s| s.t <= t).checked_sub(1)?;
+        let step = &self.steps[i];
+        let total = self.totals[step.totals as usize];
+        let allocated =
+            Resources { cpu_millicores: step.cpu_millicores, memory_mib: step.memory_mib, workers: step.workers };
+        let available = Resources {
+            cpu_millicores: total.cpu_millicores.saturating_sub(allocated.cpu_millicores),
+            memory_mib: total.memory_mib.saturating_sub(allocated.memory_mib),
+            workers: total.workers.saturating_sub(allocated.workers),
+        };
+        Some(CapacityReport {
+            total_cpu: cores(total.cpu_millicores),
+            total_memory: total.memory_mib,
+            total_workers: total.workers,
+            allocated_cpu: cores(allocated.cpu_millicores),
+            allocated_memory: allocated.memory_mib,
+            allocated_workers: allocated.workers,
+            available_cpu: cores(available.cpu_millicores),
+            available_memory: available.memory_mib,
+            available_workers: available.workers,
+            running_mcp_servers: self.server_sets[step.servers as usize]
+                .iter()
+                .map(|&n| self.names[n as usize].clone())
+                .collect(),
+            active_allocations: u64::from(step.active),
+            total_cpu_millicores: total.cpu_millicores,
+            allocated_cpu_millicores: allocated.cpu_millicores,
+            available_cpu_millicores: available.cpu_millicores,
+            as_of: format_micros(t),
+            seq: self.seq_at(t),
+        })
+    }
+}
+
+fn end_in(sweep: &mut Sweep, id: AllocationId) {
+    let Some(held) = sweep.active.remove(&id) else { return };
+    sweep.deadlines.remove(&(held.deadline_us, id));
+    let mut freed = held.resources;
+    for n in &held.servers {
+        if let Some(r) = sweep.running.get_mut(n) {
+            r.refcount -= 1;
+            if r.refcount == 0 {
+                freed.cpu_millicores += r.cpu_millicores;
+                freed.memory_mib += r.memory_mib;
+                sweep.running.remove(n);
+                sweep.servers_changed = true;
+            }
+        }
+    }
+    sweep.allocated = sweep.allocated.checked_sub(freed).unwrap_or_default();
+}
+
+fn step_of(sweep: &Sweep, t: Micros) -> Step {
+    Step {
+        t,
+        cpu_millicores: sweep.allocated.cpu_millicores,
+        memory_mib: sweep.allocated.memory_mib,
+        workers: sweep.allocated.workers,
+        active: sweep.active.len() as u32,
+        totals: sweep.totals,
+        servers: sweep.servers,
+    }
+}
+
+/// Appends `step`, merging it into the last one when they share an instant and dropping it
+/// when it changes nothing.
+fn push(steps: &mut Vec<Step>, step: Step) {
+    if let Some(last) = steps.last_mut() {
+        if last.t == step.t {
+            *last = step;
+            let n = steps.len();
+            if n >= 2 && steps[n - 2].same_value(&steps[n - 1]) {
+                steps.pop();
+            }
+            return;
+        }
+        if last.same_value(&step) {
+            return;
+        }
+    }
+    steps.push(step);
+}

@@ -1,0 +1,433 @@
+//! Time travel, audit history and usage accounting: the questions only a ledger can answer.
+//! The semantics are in `docs/queries.md`.
+//!
+//! - [`Ledger::capacity_at`] answers from the in-memory [`CapacityIndex`] (a step function over
+//!   holding-time, searched by binary search; no replay).
+//! - [`Ledger::allocations_at`] loads the nearest snapshot at or before the instant and folds
+//!   the events after it up to the instant.
+//! - [`Ledger::allocation_history`], [`Ledger::job_history`] and [`Ledger::for_each_event`]
+//!   read the log files (memory-mapped where the storage maps them), never a copy in RAM.
+//! - [`Ledger::usage`] and [`Ledger::timeline`] integrate holding intervals and the step
+//!   function in integer units; floats appear only in the reports.
+
+mod index;
+pub mod svg;
+mod usage;
+
+pub use index::CapacityIndex;
+pub use usage::{GroupBy, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup, UsageReport};
+
+use crate::clock::{format_micros, Micros};
+use crate::event::{Event, EventBody, LoggedEvent};
+use crate::ledger::{Ledger, SNAPSHOT_DIR, WAL_DIR};
+use crate::model::{AllocationId, AllocationState};
+use crate::report::{AllocationDetails, AllocationSummary, CapacityReport};
+use crate::state::State;
+use crate::{snapshot, wal, Config, Error, Result};
+use serde::Serialize;
+use std::collections::BTreeSet;
+
+/// Progress of a long scan: (done, total), in events.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Most buckets one timeline may have.
+pub const MAX_TIMELINE_BUCKETS: u64 = 10_000;
+
+/// One event of an allocation's or a job's history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEvent {
+    pub seq: u64,
+    /// The event's timestamp in RFC 3339.
+    pub at: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// The events of one allocation, or of every allocation of one job, in log order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct History {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocation_id: Option<AllocationId>,
+    pub job_id: String,
+    /// The allocations the events are about, oldest first.
+    pub allocation_ids: Vec<AllocationId>,
+    pub events: Vec<HistoryEvent>,
+}
+
+/// Which events [`Ledger::for_each_event`] visits: the intersection of a time range
+/// `[since, until)` and a sequence-number range `[from_seq, to_seq]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventRange {
+    pub since: Option<Micros>,
+    pub until: Option<Micros>,
+    pub from_seq: Option<u64>,
+    pub to_seq: Option<u64>,
+}
+
+fn before_start(field: &str, t: Micros, start: Micros) -> Error {
+    Error::invalid(
+        field,
+        format!(
+            "{} is before the ledger begins: its first event is at {}; ask about an instant at or after it",
+            format_micros(t),
+            format_micros(start)
+        ),
+    )
+}
+
+/// Folds the log's events after `ix.last_seq()` up to `upto` into `ix`.
+fn scan_into(ledger: &Ledger, ix: &mut CapacityIndex, upto: u64, progress: Progress<'_>) -> Result<()> {
+    if ix.last_seq() >= upto {
+        return Ok(());
+    }
+    let mut broken = None;
+    wal::scan_log(&**ledger.storage(), &ledger.dir().join(WAL_DIR), ix.last_seq(), &mut |pos, payload| {
+        if pos.seq > upto {
+            return Ok(false);
+        }
+        let ev = Event::decode(payload)?;
+        if !ix.observe(pos.seq, ev.ts_us, &ev.body) {
+            broken = Some(pos.seq);
+            return Ok(false);
+        }
+        if pos.seq.is_multiple_of(4096) || pos.seq == upto {
+            progress(pos.seq, upto);
+        }
+        Ok(pos.seq < upto)
+    })?;
+    if let Some(seq) = broken {
+        return Err(Error::Inconsistent {
+            path: ledger.dir().join(WAL_DIR),
+            message: format!("event {seq} is out of order (its timestamp is not after the previous event's)"),
+        });
+    }
+    Ok(())
+}
+
+enum AtPlan<R> {
+    Done(R),
+    Replay { t: Micros, seq: u64, ledger_id: String },
+}
+
+impl Ledger {
+    /// Builds the capacity index if this handle has none yet: one pass over the log, reporting
+    /// progress as (events done, events total). Every query that needs the index calls this;
+    /// call it first to show progress on a large log.
+    pub fn prepare_history(&self, progress: Progress<'_>) -> Result<()> {
+        let target = self.read_history(|s, ix, _| ix.is_none().then_some(s.last_seq))?;
+        if target.is_none() {
+            return Ok(());
+        }
+        let _one_build = self.index_build_lock();
+        let Some(target) = self.read_history(|s, ix, _| ix.is_none().then_some(s.last_seq))? else {
+            return Ok(());
+        };
+        let mut ix = CapacityIndex::new();
+        scan_into(self, &mut ix, target, progress)?;
+        self.read_history(|s, slot, _| {
+            if slot.is_none() {
+                // Catch up with what was appended during the build (a short tail).
+                scan_into(self, &mut ix, s.last_seq, &mut |_, _| {})?;
+                *slot = Some(ix);
+            }
+            Ok(())
+        })?
+    }
+
+    /// Runs `f` on the state and the capacity index (built and caught up) under the core lock.
+    fn with_index<R>(&self, f: impl FnOnce(&State, &CapacityIndex, Micros) -> Result<R>) -> Result<R> {
+        self.prepare_history(&mut |_, _| {})?;
+        self.read_history(|s, slot, now| {
+            let stale = slot.as_ref().is_none_or(|ix| ix.last_seq() > s.last_seq);
+            if stale {
+                let mut ix = CapacityIndex::new();
+                scan_into(self, &mut ix, s.last_seq, &mut |_, _| {})?;
+                *slot = Some(ix);
+            }
+            let ix = slot.as_mut().expect("just built");
+            // A read-only handle's state moves on with `refresh`; fold in what it folded.
+            scan_into(self, ix, s.last_seq, &mut |_, _| {})?;
+            f(s, ix, now)
+        })?
+    }
+
+    /// When the ledger begins: the timestamp of its first event.
+    pub fn ledger_start(&self) -> Micros {
+        self.with_state(|s| s.created_us)
+    }
+
+    /// The capacity report as of instant `at` (microseconds since the epoch): totals in force
+    /// then, what active allocations and running MCP servers held, the allocations past their
+    /// deadline by then counted as expired. An instant before the ledger's first event is an
+    /// error that says when it begins; an instant in the future answers with the current state.
+    pub fn capacity_at(&self, at: Micros) -> Result<CapacityReport> {
+        self.with_index(|s, ix, now| {
+            if at < s.created_us {
+                return Err(before_start("at", at, s.created_us));
+            }
+            let t = at.min(now);
+            if t >= s.last_ts_us {
+                return Ok(s.capacity(t));
+            }
+            ix.capacity_at(t).ok_or_else(|| before_start("at", at, ix.first_ts().unwrap_or(s.created_us)))
+        })
+    }
+
+    /// Runs `f` on the state as it was at `at` (and the instant, clamped to now): the live state
+    /// when no event came after `at`, else the nearest snapshot at or before `at` plus the
+    /// events after it up to `at`.
+    pub fn with_state_at<R>(&self, field: &str, at: Micros, f: impl FnOnce(&State, Micros) -> R) -> Result<R> {
+        let mut f = Some(f);
+        let plan = self.with_index(|s, ix, now| {
+            if at < s.created_us {
+                return Err(before_start(field, at, s.created_us));
+            }
+            let t = at.min(now);
+            if t >= s.last_ts_us {
+                let f = f.take().expect("called once");
+                return Ok(AtPlan::Done(f(s, t)));
+            }
+            Ok(AtPlan::Replay { t, seq: ix.seq_at(t), ledger_id: s.ledger_id.clone() })
+        })?;
+        let (t, seq, ledger_id) = match plan {
+            AtPlan::Done(r) => return Ok(r),
+            AtPlan::Replay { t, seq, ledger_id } => (t, seq, ledger_id),
+        };
+        let state = self.state_at_seq(seq, t, &ledger_id)?;
+        let f = f.take().expect("called once");
+        Ok(f(&state, t))
+    }
+
+    /// The fold of the log up to `seq` (whose event is at or before `t`): the newest snapshot at
+    /// or before it that loads and belongs to this ledger, then the events after it.
+    fn state_at_seq(&self, seq: u64, t: Micros, ledger_id: &str) -> Result<State> {
+        let storage = &**self.storage();
+        let snaps = snapshot::list(storage, &self.dir().join(SNAPSHOT_DIR)).unwrap_or_default();
+        let mut state = None;
+        for (snap_seq, path) in snaps.into_iter().filter(|(s, _)| *s <= seq) {
+            let loaded = storage.read(&path).map_err(|e| e.to_string()).and_then(|b| snapshot::decode(&b, snap_seq));
+            if let Ok(s) = loaded {
+                if s.ledger_id == ledger_id && s.last_ts_us <= t {
+                    state = Some(s);
+                    break;
+                }
+            }
+        }
+        let mut state = state.unwrap_or_else(|| State::empty(Config::default()));
+        if state.last_seq < seq {
+            wal::scan_log(storage, &self.dir().join(WAL_DIR), state.last_seq, &mut |pos, payload| {
+                if pos.seq > seq {
+                    return Ok(false);
+                }
+                let ev = Event::decode(payload)?;
+                state.evolve(pos.seq, ev.ts_us, &ev.body);
+                Ok(pos.seq < seq)
+            })?;
+        }
+        if state.last_seq != seq {
+            return Err(Error::Inconsistent {
+                path: self.dir().join(WAL_DIR),
+                message: format!("the log ends at sequence number {} before {seq}", state.last_seq),
+            });
+        }
+        Ok(state)
+    }
+
+    /// The allocations active at `at`, as they were then (state, age and expiry as of `at`),
+    /// oldest first.
+    pub fn allocations_at(&self, at: Micros) -> Result<Vec<AllocationDetails>> {
+        self.with_state_at("at", at, |s, t| {
+            let mut active: Vec<_> = s.allocations().filter(|a| a.state_at(t) == AllocationState::Active).collect();
+            active.sort_by_key(|a| (a.created_us, a.id));
+            active.into_iter().filter_map(|a| s.details(a.id, t)).collect()
+        })
+    }
+
+    /// `list_allocations` as of `at`: every allocation known then, filtered by its state then
+    /// and by job.
+    pub fn list_allocations_at(
+        &self,
+        at: Micros,
+        state: Option<AllocationState>,
+        job_id: Option<&str>,
+    ) -> Result<Vec<AllocationSummary>> {
+        self.with_state_at("at", at, |s, t| s.list(state, job_id, t))
+    }
+
+    /// Where a scan for events at or after `t` may start (`after_seq`), from the index if this
+    /// handle has one; a writer (a long-lived process) builds it.
+    fn seq_hint(&self, t: Micros) -> Result<u64> {
+        if !self.is_read_only() {
+            self.prepare_history(&mut |_, _| {})?;
+        }
+        self.read_history(|_, ix, _| ix.as_ref().map_or(0, |ix| ix.seq_before(t)))
+    }
+
+    /// Visits the events in `range` in log order, read from the log files; `visit` returns false
+    /// to stop. Only events already folded into this handle's state are visited.
+    pub fn for_each_event(&self, range: EventRange, visit: &mut dyn FnMut(&LoggedEvent) -> bool) -> Result<()> {
+        let upto = self.with_state(|s| s.last_seq).min(range.to_seq.unwrap_or(u64::MAX));
+        let mut after = range.from_seq.unwrap_or(1).max(1) - 1;
+        if let Some(since) = range.since {
+            after = after.max(self.seq_hint(since)?);
+        }
+        if after >= upto {
+            return Ok(());
+        }
+        wal::scan_log(&**self.storage(), &self.dir().join(WAL_DIR), after, &mut |pos, payload| {
+            if pos.seq > upto {
+                return Ok(false);
+            }
+            let event = Event::decode(payload)?;
+            if range.until.is_some_and(|u| event.ts_us >= u) {
+                return Ok(false);
+            }
+            if range.since.is_some_and(|s| event.ts_us < s) {
+                return Ok(true);
+            }
+            Ok(visit(&LoggedEvent { seq: pos.seq, event }) && pos.seq < upto)
+        })?;
+        Ok(())
+    }
+
+    /// The events with timestamps in `[since, until)`, in log order.
+    pub fn events_between(&self, since: Micros, until: Micros) -> Result<Vec<LoggedEvent>> {
+        let mut out = Vec::new();
+        self.for_each_event(EventRange { since: Some(since), until: Some(until), ..Default::default() }, &mut |e| {
+            out.push(e.clone());
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Events about the allocations in `ids` (id, created, terminal in the state), scanning
+    /// from the earliest creation and stopping after the last terminal event when none is active.
+    fn history_of(&self, ids: &[(AllocationId, Micros, bool)], upto: u64) -> Result<Vec<HistoryEvent>> {
+        let mut out = Vec::new();
+        let Some(first) = ids.iter().map(|x| x.1).min() else { return Ok(out) };
+        let wanted: BTreeSet<AllocationId> = ids.iter().map(|x| x.0).collect();
+        let any_active = ids.iter().any(|x| !x.2);
+        let mut pending: BTreeSet<AllocationId> = ids.iter().filter(|x| x.2).map(|x| x.0).collect();
+        let after = self.seq_hint(first)?;
+        wal::scan_log(&**self.storage(), &self.dir().join(WAL_DIR), after, &mut |pos, payload| {
+            if pos.seq > upto {
+                return Ok(false);
+            }
+            let event = Event::decode(payload)?;
+            let Some(id) = event.body.allocation_id().filter(|id| wanted.contains(id)) else {
+                return Ok(pos.seq < upto);
+            };
+            let terminal = !matches!(event.body, EventBody::Granted(_));
+            out.push(HistoryEvent { seq: pos.seq, at: format_micros(event.ts_us), event });
+            if terminal && pending.remove(&id) && !any_active && pending.is_empty() {
+                return Ok(false);
+            }
+            Ok(pos.seq < upto)
+        })?;
+        Ok(out)
+    }
+
+    /// Every event about one allocation, in order, with timestamps.
+    pub fn allocation_history(&self, allocation_id: &str) -> Result<History> {
+        let id = AllocationId::parse("allocation_id", allocation_id)?;
+        let (job_id, created, ended, upto) = self
+            .with_state(|s| {
+                s.allocation(id).map(|a| (a.job_id.clone(), a.created_us, a.state.is_terminal(), s.last_seq))
+            })
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let events = self.history_of(&[(id, created, ended)], upto)?;
+        Ok(History { allocation_id: Some(id), job_id, allocation_ids: vec![id], events })
+    }
+
+    /// Every event about every allocation of one job (granted or rejected), in log order. A job
+    /// the ledger never saw has an empty history.
+    pub fn job_history(&self, job_id: &str) -> Result<History> {
+        crate::state::validate_job_id("job_id", job_id)?;
+        let (ids, upto) = self.with_state(|s| {
+            let ids: Vec<(AllocationId, Micros, bool)> = s
+                .list(None, Some(job_id), s.last_ts_us)
+                .iter()
+                .filter_map(|row| s.allocation(row.allocation_id))
+                .map(|a| (a.id, a.created_us, a.state.is_terminal()))
+                .collect();
+            (ids, s.last_seq)
+        });
+        let events = self.history_of(&ids, upto)?;
+        Ok(History {
+            allocation_id: None,
+            job_id: job_id.to_string(),
+            allocation_ids: ids.iter().map(|x| x.0).collect(),
+            events,
+        })
+    }
+
+    /// Clamps a window to the ledger's life: `since` before the first event starts at it,
+    /// `until` in the future ends now. An empty result is invalid input.
+    fn window(s: &State, since: Micros, until: Micros, now: Micros) -> Result<(Micros, Micros)> {
+        if until <= since {
+            return Err(Error::invalid(
+                "until",
+                format!("{} is not after since ({})", format_micros(until), format_micros(since)),
+            ));
+        }
+        let (a, b) = (since.max(s.created_us), until.min(now));
+        if b <= a {
+            return Err(Error::invalid(
+                "since",
+                format!(
+                    "the window [{}, {}) holds no part of the ledger's life ({} to now, {})",
+                    format_micros(since),
+                    format_micros(until),
+                    format_micros(s.created_us),
+                    format_micros(now)
+                ),
+            ));
+        }
+        Ok((a, b))
+    }
+
+    /// Usage over `[since, until)`, grouped by job or by a metadata key: CPU-seconds,
+    /// memory-MiB-seconds, worker-seconds and allocation counts, each holding interval clipped
+    /// to the window; rejections by reason; releases and expiries. MCP server costs (charged
+    /// once per running server) are reported per server, and included in the totals.
+    pub fn usage(&self, since: Micros, until: Micros, by: &GroupBy) -> Result<UsageReport> {
+        self.with_index(|s, ix, now| {
+            let (a, b) = Self::window(s, since, until, now)?;
+            Ok(usage::usage(s, ix, a, b, by))
+        })
+    }
+
+    /// Utilisation per bucket of `bucket_us` over `[since, until)`: time-weighted mean of what
+    /// was allocated and of the totals, for CPU, memory and workers. The last bucket may be
+    /// shorter.
+    pub fn timeline(&self, since: Micros, until: Micros, bucket_us: i64) -> Result<Timeline> {
+        if bucket_us <= 0 {
+            return Err(Error::invalid("bucket", "must be a positive duration, e.g. 5m or 1h"));
+        }
+        self.with_index(|s, ix, now| {
+            let (a, b) = Self::window(s, since, until, now)?;
+            let n = ((b - a) as u64).div_ceil(bucket_us as u64);
+            if n > MAX_TIMELINE_BUCKETS {
+                return Err(Error::invalid(
+                    "bucket",
+                    format!(
+                        "{} s over this window makes {n} buckets; at most {MAX_TIMELINE_BUCKETS} are allowed: use a wider bucket",
+                        bucket_us as f64 / 1e6
+                    ),
+                ));
+            }
+            Ok(usage::timeline(ix, a, b, bucket_us))
+        })
+    }
+
+    /// How large this handle's capacity index is: (events, steps, approximate bytes), or None
+    /// when it is not built.
+    pub fn history_index_stats(&self) -> Result<Option<(u64, usize, usize)>> {
+        self.read_history(|_, ix, _| ix.as_ref().map(|ix| (ix.last_seq(), ix.step_count(), ix.approx_bytes())))
+    }
+
+    /// Drops this handle's capacity index (it is rebuilt from the log on next use).
+    pub fn drop_history_index(&self) -> Result<()> {
+        self.read_history(|_, ix, _| *ix = None)
+    }
+}

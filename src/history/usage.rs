@@ -1,0 +1,368 @@
+//! Usage accounting and the utilisation series. Everything is integrated in integer units
+//! (millicore-microseconds, MiB-microseconds, worker-microseconds, in `u128`); the reports
+//! carry floats (seconds) converted once at the end.
+
+use super::index::{CapacityIndex, Step};
+use crate::clock::{format_micros, Micros};
+use crate::model::{AllocationState, Resources};
+use crate::state::{Allocation, State};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// How usage is grouped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBy {
+    Job,
+    /// By the value of this metadata key; allocations without it go to the group `(none)`.
+    Metadata(String),
+}
+
+/// The group of allocations that lack the metadata key grouped by.
+pub const NO_GROUP: &str = "(none)";
+
+impl GroupBy {
+    /// `job` or `metadata.KEY`.
+    pub fn parse(field: &str, text: &str) -> Result<GroupBy> {
+        if text == "job" {
+            return Ok(GroupBy::Job);
+        }
+        match text.strip_prefix("metadata.") {
+            Some(key) if !key.is_empty() => Ok(GroupBy::Metadata(key.to_string())),
+            _ => Err(Error::invalid(
+                field,
+                format!("{text:?} is not a grouping; use `job` or `metadata.KEY` (e.g. metadata.tenant)"),
+            )),
+        }
+    }
+
+    pub fn as_string(&self) -> String {
+        match self {
+            GroupBy::Job => "job".into(),
+            GroupBy::Metadata(k) => format!("metadata.{k}"),
+        }
+    }
+
+    fn key_of(&self, a: &Allocation) -> String {
+        match self {
+            GroupBy::Job => a.job_id.clone(),
+            GroupBy::Metadata(k) => match a.metadata.get(k) {
+                None => NO_GROUP.into(),
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+            },
+        }
+    }
+}
+
+/// Amounts used over the window by one group (or in total).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct UsageAmounts {
+    /// CPU-seconds (cores × seconds).
+    pub cpu_seconds: f64,
+    pub memory_mib_seconds: f64,
+    pub worker_seconds: f64,
+    /// Allocations that held resources at some point in the window.
+    pub allocations: u64,
+    /// Allocations granted in the window.
+    pub granted: u64,
+    /// Allocations whose holding ended in the window, by how it ended.
+    pub released: u64,
+    /// Expiries are counted at the deadline, whenever the expiry event was written.
+    pub expired: u64,
+    /// Requests rejected in the window, by reason (`insufficient_workers`, `insufficient_cpu`,
+    /// `insufficient_memory`).
+    pub rejected: u64,
+    pub rejections: BTreeMap<String, u64>,
+    /// Exact integrals: millicore-µs, MiB-µs, worker-µs.
+    #[serde(skip)]
+    pub cpu_millicore_us: u128,
+    #[serde(skip)]
+    pub memory_mib_us: u128,
+    #[serde(skip)]
+    pub worker_us: u128,
+}
+
+impl UsageAmounts {
+    fn add_held(&mut self, r: Resources, us: i64) {
+        let us = us as u128;
+        self.cpu_millicore_us += u128::from(r.cpu_millicores) * us;
+        self.memory_mib_us += u128::from(r.memory_mib) * us;
+        self.worker_us += u128::from(r.workers) * us;
+    }
+
+    fn add(&mut self, o: &UsageAmounts) {
+        self.cpu_millicore_us += o.cpu_millicore_us;
+        self.memory_mib_us += o.memory_mib_us;
+        self.worker_us += o.worker_us;
+        self.allocations += o.allocations;
+        self.granted += o.granted;
+        self.released += o.released;
+        self.expired += o.expired;
+        self.rejected += o.rejected;
+        for (k, v) in &o.rejections {
+            *self.rejections.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    fn finish(&mut self) {
+        self.cpu_seconds = self.cpu_millicore_us as f64 / 1e9;
+        self.memory_mib_seconds = self.memory_mib_us as f64 / 1e6;
+        self.worker_seconds = self.worker_us as f64 / 1e6;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageGroup {
+    pub group: String,
+    #[serde(flatten)]
+    pub usage: UsageAmounts,
+}
+
+/// What a shared MCP server cost while it ran (charged once, however many allocations used it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct McpServerUsage {
+    pub name: String,
+    pub running_seconds: f64,
+    pub cpu_seconds: f64,
+    pub memory_mib_seconds: f64,
+    #[serde(skip)]
+    pub cpu_millicore_us: u128,
+    #[serde(skip)]
+    pub memory_mib_us: u128,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageReport {
+    /// The window, clamped to the ledger's life (`since` no earlier than its first event,
+    /// `until` no later than now).
+    pub since: String,
+    pub until: String,
+    pub since_us: Micros,
+    pub until_us: Micros,
+    pub window_seconds: f64,
+    /// `job` or `metadata.KEY`.
+    pub group_by: String,
+    /// Sorted by group name.
+    pub groups: Vec<UsageGroup>,
+    /// MCP servers with a cost that ran in the window, by name.
+    pub mcp_servers: Vec<McpServerUsage>,
+    /// Every group plus the MCP servers' costs: the integral of the allocated capacity.
+    pub total: UsageAmounts,
+}
+
+fn clip(start: Micros, end: Micros, since: Micros, until: Micros) -> i64 {
+    (end.min(until) - start.max(since)).max(0)
+}
+
+pub(super) fn usage(s: &State, ix: &CapacityIndex, since: Micros, until: Micros, by: &GroupBy) -> UsageReport {
+    let mut groups: HashMap<String, UsageAmounts> = HashMap::new();
+    // Per MCP server name: (start, end, cpu, memory) of each holding that used it.
+    let mut servers: BTreeMap<&str, Vec<(Micros, Micros, u64, u64)>> = BTreeMap::new();
+    for a in s.allocations() {
+        if a.state == AllocationState::Failed {
+            continue;
+        }
+        let (start, end) = (a.created_us, a.held_until());
+        if start >= until || end < since {
+            continue;
+        }
+        let held = clip(start, end, since, until);
+        let ends_in_window = end >= since && end < until;
+        let in_start = start >= since;
+        if held == 0 && !ends_in_window && !in_start {
+            continue;
+        }
+        let g = groups.entry(by.key_of(a)).or_default();
+        if held > 0 {
+            g.allocations += 1;
+            g.add_held(a.resources, held);
+        }
+        if in_start {
+            g.granted += 1;
+        }
+        if ends_in_window {
+            match a.state {
+                AllocationState::Released if a.ended_us.is_some_and(|e| e < a.deadline_us) => g.released += 1,
+                _ => g.expired += 1,
+            }
+        }
+        for m in &a.mcp_servers {
+            if m.cpu_millicores > 0 || m.memory_mib > 0 {
+                servers.entry(m.name.as_str()).or_default().push((start, end, m.cpu_millicores, m.memory_mib));
+            }
+        }
+    }
+    // A server runs while any holding that uses it lasts; each run costs what the grant that
+    // started it recorded.
+    let mut mcp_servers = Vec::new();
+    for (name, mut holdings) in servers {
+        holdings.sort_by_key(|h| h.0);
+        let mut u = McpServerUsage {
+            name: name.to_string(),
+            running_seconds: 0.0,
+            cpu_seconds: 0.0,
+            memory_mib_seconds: 0.0,
+            cpu_millicore_us: 0,
+            memory_mib_us: 0,
+        };
+        let mut running_us = 0i64;
+        let mut i = 0;
+        while i < holdings.len() {
+            let (run_start, mut run_end, cpu, mem) = holdings[i];
+            let mut j = i + 1;
+            while j < holdings.len() && holdings[j].0 < run_end {
+                run_end = run_end.max(holdings[j].1);
+                j += 1;
+            }
+            let d = clip(run_start, run_end, since, until);
+            running_us += d;
+            u.cpu_millicore_us += u128::from(cpu) * d as u128;
+            u.memory_mib_us += u128::from(mem) * d as u128;
+            i = j;
+        }
+        if running_us > 0 {
+            u.running_seconds = running_us as f64 / 1e6;
+            u.cpu_seconds = u.cpu_millicore_us as f64 / 1e9;
+            u.memory_mib_seconds = u.memory_mib_us as f64 / 1e6;
+            mcp_servers.push(u);
+        }
+    }
+    for r in ix.rejections_between(since, until) {
+        let key = s.allocation(r.allocation_id).map_or_else(|| NO_GROUP.to_string(), |a| by.key_of(a));
+        let g = groups.entry(key).or_default();
+        g.rejected += 1;
+        *g.rejections.entry(r.reason.as_str().to_string()).or_default() += 1;
+    }
+    let mut total = UsageAmounts::default();
+    let mut groups: Vec<UsageGroup> = groups
+        .into_iter()
+        .map(|(group, mut usage)| {
+            total.add(&usage);
+            usage.finish();
+            UsageGroup { group, usage }
+        })
+        .collect();
+    groups.sort_by(|a, b| a.group.cmp(&b.group));
+    for m in &mcp_servers {
+        total.cpu_millicore_us += m.cpu_millicore_us;
+        total.memory_mib_us += m.memory_mib_us;
+    }
+    total.finish();
+    UsageReport {
+        since: format_micros(since),
+        until: format_micros(until),
+        since_us: since,
+        until_us: until,
+        window_seconds: (until - since) as f64 / 1e6,
+        group_by: by.as_string(),
+        groups,
+        mcp_servers,
+        total,
+    }
+}
+
+/// One bucket of the utilisation series.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimelineBucket {
+    pub start: String,
+    pub end: String,
+    pub start_us: Micros,
+    pub end_us: Micros,
+    /// Time-weighted means over the bucket: cores, MiB, workers.
+    pub allocated_cpu: f64,
+    pub total_cpu: f64,
+    /// allocated / total (null when the total is 0).
+    pub cpu_utilisation: Option<f64>,
+    pub allocated_memory: f64,
+    pub total_memory: f64,
+    pub memory_utilisation: Option<f64>,
+    pub allocated_workers: f64,
+    pub total_workers: f64,
+    pub worker_utilisation: Option<f64>,
+    /// Highest values within the bucket.
+    pub peak_allocated_cpu: f64,
+    pub peak_allocated_memory: u64,
+    pub peak_allocated_workers: u32,
+    /// Exact integrals over the bucket: [allocated cpu, memory, workers, total cpu, memory,
+    /// workers] in unit-µs.
+    #[serde(skip)]
+    pub integrals: [u128; 6],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Timeline {
+    pub since: String,
+    pub until: String,
+    pub since_us: Micros,
+    pub until_us: Micros,
+    pub bucket_seconds: f64,
+    pub buckets: Vec<TimelineBucket>,
+}
+
+pub(super) fn timeline(ix: &CapacityIndex, since: Micros, until: Micros, bucket_us: i64) -> Timeline {
+    let tail = ix.tail_steps(until);
+    let steps: Vec<&Step> = ix.steps().iter().chain(tail.iter()).collect();
+    let totals = |s: &Step| ix.totals_of(s);
+    let mut buckets = Vec::new();
+    let mut j = steps.partition_point(|s| s.t <= since).saturating_sub(1);
+    let mut a = since;
+    while a < until {
+        let b = (a + bucket_us).min(until);
+        let mut acc = [0u128; 6];
+        let (mut peak_cpu, mut peak_mem, mut peak_workers) = (0u64, 0u64, 0u32);
+        while j < steps.len() {
+            let s = steps[j];
+            let next = steps.get(j + 1).map_or(Micros::MAX, |n| n.t);
+            let (lo, hi) = (s.t.max(a), next.min(b));
+            if hi > lo {
+                let d = (hi - lo) as u128;
+                let t = totals(s);
+                acc[0] += u128::from(s.cpu_millicores) * d;
+                acc[1] += u128::from(s.memory_mib) * d;
+                acc[2] += u128::from(s.workers) * d;
+                acc[3] += u128::from(t.cpu_millicores) * d;
+                acc[4] += u128::from(t.memory_mib) * d;
+                acc[5] += u128::from(t.workers) * d;
+                peak_cpu = peak_cpu.max(s.cpu_millicores);
+                peak_mem = peak_mem.max(s.memory_mib);
+                peak_workers = peak_workers.max(s.workers);
+            }
+            if next >= b {
+                break;
+            }
+            j += 1;
+        }
+        let width = (b - a) as f64;
+        let mean = |x: u128| x as f64 / width;
+        let ratio = |x: u128, t: u128| (t > 0).then(|| x as f64 / t as f64);
+        buckets.push(TimelineBucket {
+            start: format_micros(a),
+            end: format_micros(b),
+            start_us: a,
+            end_us: b,
+            allocated_cpu: mean(acc[0]) / 1000.0,
+            total_cpu: mean(acc[3]) / 1000.0,
+            cpu_utilisation: ratio(acc[0], acc[3]),
+            allocated_memory: mean(acc[1]),
+            total_memory: mean(acc[4]),
+            memory_utilisation: ratio(acc[1], acc[4]),
+            allocated_workers: mean(acc[2]),
+            total_workers: mean(acc[5]),
+            worker_utilisation: ratio(acc[2], acc[5]),
+            peak_allocated_cpu: peak_cpu as f64 / 1000.0,
+            peak_allocated_memory: peak_mem,
+            peak_allocated_workers: peak_workers,
+            integrals: acc,
+        });
+        a = b;
+    }
+    Timeline {
+        since: format_micros(since),
+        until: format_micros(until),
+        since_us: since,
+        until_us: until,
+        bucket_seconds: bucket_us as f64 / 1e6,
+        buckets,
+    }
+}
