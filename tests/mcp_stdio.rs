@@ -10,8 +10,16 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 6] =
-    ["cleanup_expired", "get_allocation", "get_capacity", "list_allocations", "release_resources", "request_resources"];
+const TOOLS: [&str; 8] = [
+    "allocation_history",
+    "cleanup_expired",
+    "get_allocation",
+    "get_capacity",
+    "list_allocations",
+    "release_resources",
+    "request_resources",
+    "usage_report",
+];
 
 fn tool_names(list: &Value) -> Vec<String> {
     let mut names: Vec<String> =

@@ -114,10 +114,18 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
                     "type": "string",
                     "description": "Only allocations of this job. Omit for all jobs.",
                 },
+                "at": super::tools::history::at_schema(),
             },
             "additionalProperties": false,
         }),
-        // get_capacity, cleanup_expired
+        "get_capacity" => json!({
+            "type": "object",
+            "properties": { "at": super::tools::history::at_schema() },
+            "additionalProperties": false,
+        }),
+        "allocation_history" => super::tools::history::history_input(),
+        "usage_report" => super::tools::history::usage_input(),
+        // cleanup_expired
         _ => json!({
             "type": "object",
             "properties": {},
@@ -405,6 +413,8 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "get_allocation" => with_error(vec![details()]),
         "list_allocations" => with_error(vec![list()]),
         "cleanup_expired" => with_error(vec![cleanup()]),
+        "allocation_history" => with_error(vec![super::tools::history::history_output()]),
+        "usage_report" => with_error(vec![super::tools::history::usage_output()]),
         other => unreachable!("no output schema for tool {other}"),
     }
 }

@@ -12,6 +12,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_util::task::TaskTracker;
 
+pub(super) mod history;
+
 /// One MCP handler instance (one per stdio session, HTTP session or stateless HTTP request);
 /// all of them share the same `Ledger`.
 #[derive(Clone)]
@@ -29,7 +31,7 @@ impl LedgerTools {
     /// The tool list with input schemas that state the limits of `config` (TTL range, worker
     /// count) and output schemas that admit each tool's error shape too.
     pub(crate) fn router(config: &Config) -> ToolRouter<Self> {
-        let mut router = Self::tool_router();
+        let mut router = Self::tool_router() + Self::history_router();
         for (name, route) in router.map.iter_mut() {
             route.attr.input_schema = schemas::input(name, config);
             route.attr.output_schema = Some(schemas::output(name));
@@ -182,14 +184,21 @@ impl LedgerTools {
     }
 
     #[tool(
-        description = "Show the pool: total, allocated and available CPU (cores), memory (MB) and workers, the MCP servers in use (running_mcp_servers) and the number of active allocations. Call it before a large request to see what fits.",
+        description = "Show the pool: total, allocated and available CPU (cores), memory (MB) and workers, the MCP servers in use (running_mcp_servers) and the number of active allocations. Call it before a large request to see what fits. With `at` (RFC 3339 or relative such as -15m) it shows the pool as it was at that instant.",
         annotations(title = "Get capacity", read_only_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn get_capacity(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        if let Err(e) = check_known(&args, &[]) {
-            return tool_error(error_value(&e));
-        }
-        from_ledger(self.call(|l| l.get_capacity()).await?)
+        let at = match check_known(&args, &["at"]).and_then(|()| Ok(opt_str(&args, "at")?.map(str::to_string))) {
+            Ok(at) => at,
+            Err(e) => return tool_error(error_value(&e)),
+        };
+        from_ledger(
+            self.call(move |l| match history::parse_at(l, "at", at.as_deref())? {
+                None => l.get_capacity(),
+                Some(t) => l.capacity_at(t),
+            })
+            .await?,
+        )
     }
 
     #[tool(
@@ -210,7 +219,7 @@ impl LedgerTools {
     }
 
     #[tool(
-        description = "List allocations as summaries (allocation_id, job_id, state, priority, workers, age_seconds, is_expired, created_at), oldest first, optionally only those in one state and/or of one job. The result is {allocations: [...], count}.",
+        description = "List allocations as summaries (allocation_id, job_id, state, priority, workers, age_seconds, is_expired, created_at), oldest first, optionally only those in one state and/or of one job. With `at` (RFC 3339 or relative such as -1h) it lists them as they were at that instant: states then, allocations granted later absent. The result is {allocations: [...], count}.",
         annotations(
             title = "List allocations",
             read_only_hint = true,
@@ -219,16 +228,23 @@ impl LedgerTools {
         )
     )]
     async fn list_allocations(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        let parsed = check_known(&args, &["state", "job_id"]).and_then(|()| {
+        let parsed = check_known(&args, &["state", "job_id", "at"]).and_then(|()| {
             let state = opt_str(&args, "state")?.map(|s| AllocationState::parse("state", s)).transpose()?;
             let job_id = opt_str(&args, "job_id")?.map(str::to_string);
-            Ok((state, job_id))
+            let at = opt_str(&args, "at")?.map(str::to_string);
+            Ok((state, job_id, at))
         });
-        let (state, job_id) = match parsed {
+        let (state, job_id, at) = match parsed {
             Ok(x) => x,
             Err(e) => return tool_error(error_value(&e)),
         };
-        match self.call(move |l| l.list_allocations(state, job_id.as_deref())).await? {
+        let listed = self
+            .call(move |l| match history::parse_at(l, "at", at.as_deref())? {
+                None => l.list_allocations(state, job_id.as_deref()),
+                Some(t) => l.list_allocations_at(t, state, job_id.as_deref()),
+            })
+            .await?;
+        match listed {
             Ok(list) => {
                 let count = list.len();
                 ok(json!({ "allocations": list, "count": count }))
@@ -258,6 +274,6 @@ impl LedgerTools {
 #[tool_handler(
     router = self.tool_router,
     name = "allocation-ledger",
-    instructions = "A durable ledger of worker slots and MCP servers for AI-agent jobs. Call request_resources to reserve workers and MCP servers for a job (keep the allocation_id), use the endpoints it returns, and call release_resources with the allocation_id when done; unreleased allocations expire after ttl_seconds. get_capacity shows what is free; get_allocation and list_allocations show allocations. Errors are tool results with isError true whose message names the field and the allowed values."
+    instructions = "A durable ledger of worker slots and MCP servers for AI-agent jobs. Call request_resources to reserve workers and MCP servers for a job (keep the allocation_id), use the endpoints it returns, and call release_resources with the allocation_id when done; unreleased allocations expire after ttl_seconds. get_capacity shows what is free; get_allocation and list_allocations show allocations (get_capacity and list_allocations also as of a past instant, with `at`); allocation_history shows what happened to an allocation or a job, and usage_report what each job or tenant used over a window. Errors are tool results with isError true whose message names the field and the allowed values."
 )]
 impl ServerHandler for LedgerTools {}
