@@ -247,7 +247,15 @@ impl Ledger {
             if let Some(torn) = end.torn.as_mut() {
                 wal::cut_torn_tail(&*storage, &quarantine, torn)?;
                 if torn.offset == 0 {
+                    // The segment's own header was torn and the file is gone: the log now ends
+                    // with the segment before it, which was complete.
                     end.segments.pop();
+                    end.last_valid_len = match end.segments.last() {
+                        Some(prev) => storage
+                            .file_len(&prev.path)
+                            .map_err(|e| Error::io(format!("reading {}", prev.path.display()), e))?,
+                        None => 0,
+                    };
                 }
             }
             let seg_size = state.config.segment_size_bytes;
@@ -388,8 +396,13 @@ impl Ledger {
             }
             Err(AppendError::Failed(e)) => Err(e),
             Err(AppendError::Poison(e)) => {
-                core.poisoned = Some(e.to_string());
-                Err(Error::Poisoned(e.to_string()))
+                let why = e.to_string();
+                core.poisoned = Some(why.clone());
+                // Events appended before this one may not be durable, and the failure may have
+                // been an fsync (at rotation): latch it where waiters look, so that nothing
+                // retries the fsync and acknowledges them.
+                lock(&self.shared.sync).failed.get_or_insert_with(|| why.clone());
+                Err(Error::Poisoned(why))
             }
         }
     }

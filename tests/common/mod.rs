@@ -1,0 +1,96 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use allocation_ledger::{CapacityReport, Config, EventBody, Ledger, LoggedEvent, ManualClock, OpenOptions, State};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A config that rotates segments often (the smallest segment size the config allows).
+pub fn small_config(snapshot_every: u64) -> Config {
+    Config { snapshot_every, segment_size_bytes: 4096, ..Config::default() }
+}
+
+pub fn opts(config: Config, clock: &ManualClock) -> OpenOptions {
+    OpenOptions::default().config(config).clock(Arc::new(clock.clone()))
+}
+
+/// Folds `events` (which must start with `ledger_created`) into a fresh state, the way a
+/// reader that knows nothing but the log would.
+pub fn fold(events: &[LoggedEvent]) -> State {
+    let config = match events.first().map(|e| &e.event.body) {
+        Some(EventBody::LedgerCreated { config, .. }) => config.clone(),
+        other => panic!("the first event is not ledger_created: {other:?}"),
+    };
+    let mut s = State::empty(config);
+    for e in events {
+        s.evolve(e.seq, e.event.ts_us, &e.event.body);
+    }
+    assert_eq!(s.anomalies, 0, "a fold of the log hit anomalies");
+    s.check_invariants().expect("a fold of the log is consistent");
+    s
+}
+
+/// Every event of the ledger, read back from its log files.
+pub fn all_events(ledger: &Ledger) -> Vec<LoggedEvent> {
+    ledger.events(1, usize::MAX).expect("reading the log")
+}
+
+/// allocated + available == total for CPU, memory and workers.
+pub fn assert_capacity_accounting(c: &CapacityReport) {
+    assert_eq!(
+        c.allocated_cpu_millicores + c.available_cpu_millicores,
+        c.total_cpu_millicores,
+        "CPU accounting: {c:?}"
+    );
+    assert_eq!(c.allocated_memory + c.available_memory, c.total_memory, "memory accounting: {c:?}");
+    assert_eq!(c.allocated_workers + c.available_workers, c.total_workers, "worker accounting: {c:?}");
+    assert_eq!(c.total_cpu, c.total_cpu_millicores as f64 / 1000.0, "cores and millicores disagree: {c:?}");
+    assert_eq!(c.allocated_cpu + c.available_cpu, c.total_cpu, "CPU accounting in cores: {c:?}");
+}
+
+/// Segment files of the ledger in `dir`, oldest first.
+pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("wal"))
+        .expect("listing wal/")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Copies every file of a ledger directory (one level of subdirectories: wal/, snapshots/,
+/// quarantine/) to `to`.
+pub fn copy_ledger_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            for f in std::fs::read_dir(entry.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), target.join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Record boundaries of a segment, read with the documented framing (32-byte segment header,
+/// then records of `len: u32 LE | seq: u64 LE | crc: u32 LE | payload`): for each record its
+/// start offset, end offset and sequence number.
+pub fn record_bounds(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    let mut off = 32usize;
+    while off < bytes.len() {
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        let seq = u64::from_le_bytes(bytes[off + 4..off + 12].try_into().unwrap());
+        let end = off + 16 + len;
+        assert!(end <= bytes.len(), "a clean segment ends with a whole record");
+        out.push((off as u64, end as u64, seq));
+        off = end;
+    }
+    out
+}
