@@ -152,7 +152,14 @@ impl ResourceRequest {
         const KNOWN: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata";
         for key in args.keys() {
             if !KNOWN.split(", ").any(|k| k == key) {
-                return Err(Error::invalid(truncate(key), format!("unknown argument; allowed arguments: {KNOWN}")));
+                // An empty name or one with control characters is shown quoted, so the field
+                // is never blank or garbled.
+                let shown = if key.is_empty() || key.chars().any(char::is_control) {
+                    format!("{:?}", truncate(key))
+                } else {
+                    truncate(key)
+                };
+                return Err(Error::invalid(shown, format!("unknown argument; allowed arguments: {KNOWN}")));
             }
         }
         let job_id = match args.get("job_id") {
@@ -346,9 +353,17 @@ impl State {
     }
 
     fn apply_config(&mut self, config: Config) {
+        // The ledger writes only configs that validate; one that does not (say, billions of
+        // worker slots) is an anomaly and is not applied.
+        // Nor does it write one that takes away what active allocations hold.
         let n = config.worker_slots as usize;
-        if n < self.slots.len() && self.slots[n..].iter().any(Option::is_some) {
+        if config.validate().is_err()
+            || (n < self.slots.len() && self.slots[n..].iter().any(Option::is_some))
+            || config.total_cpu_millicores < self.allocated.cpu_millicores
+            || config.total_memory_mib < self.allocated.memory_mib
+        {
             self.anomalies += 1;
+            return;
         }
         self.slots.resize(n.max(self.slots.iter().rposition(Option::is_some).map_or(0, |p| p + 1)), None);
         self.free_slots = (0..n as u32).filter(|&i| self.slots[i as usize].is_none()).collect();
@@ -356,7 +371,25 @@ impl State {
     }
 
     fn apply_grant(&mut self, ts_us: Micros, g: &Grant) {
+        // A grant must agree with itself (one entry per slot, as many slots as it says it holds)
+        // and with the state (every slot free, the pool big enough for what it charges); one
+        // that does not is an anomaly, not applied.
+        let mut distinct = BTreeSet::new();
+        let mut starting = BTreeSet::new();
+        let mut charge = Some(g.resources);
+        for m in &g.mcp_servers {
+            if !self.running.contains_key(&m.name) && starting.insert(m.name.as_str()) {
+                let cost = Resources { cpu_millicores: m.cpu_millicores, memory_mib: m.memory_mib, workers: 0 };
+                charge = charge.and_then(|c| c.checked_add(cost));
+            }
+        }
+        let fits = charge.and_then(|c| self.allocated.checked_add(c)).is_some_and(|after| {
+            after.cpu_millicores <= self.config.total_cpu_millicores && after.memory_mib <= self.config.total_memory_mib
+        });
         if self.allocations.contains_key(&g.allocation_id)
+            || !fits
+            || g.resources.workers as usize != g.workers.len()
+            || !g.workers.iter().all(|w| distinct.insert(w.slot))
             || g.workers.iter().any(|w| self.slots.get(w.slot as usize) != Some(&None))
         {
             self.anomalies += 1;
@@ -576,6 +609,7 @@ impl State {
 
     /// Rebuilds every index from snapshot data and checks the invariants.
     pub fn from_data(data: StateData) -> std::result::Result<State, String> {
+        data.config.validate().map_err(|e| e.to_string())?;
         let mut s = State::empty(data.config);
         s.ledger_id = data.ledger_id;
         s.created_us = data.created_us;
@@ -1043,11 +1077,13 @@ mod tests {
 
     #[test]
     fn cpu_and_memory_messages_use_original_units() {
-        let mut cfg = Config::default();
-        cfg.total_cpu_millicores = 2_000;
-        cfg.total_memory_mib = 4096;
-        cfg.worker_cpu_millicores = 1_000;
-        cfg.worker_memory_mib = 1024;
+        let cfg = Config {
+            total_cpu_millicores: 2_000,
+            total_memory_mib: 4096,
+            worker_cpu_millicores: 1_000,
+            worker_memory_mib: 1024,
+            ..Config::default()
+        };
         let mut s = State::empty(cfg.clone());
         s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "x".into(), config: cfg });
         match s.decide_request(&ResourceRequest::new("j").workers(4), T0, AllocationId::from_u64(1)).unwrap() {
