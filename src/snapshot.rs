@@ -92,7 +92,7 @@ pub fn write(storage: &dyn Storage, dir: &Path, state: &StateData) -> std::io::R
 pub fn list(storage: &dyn Storage, dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut out: Vec<(u64, PathBuf)> =
         storage.list(dir)?.into_iter().filter_map(|n| parse_file_name(&n).map(|s| (s, dir.join(n)))).collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|s| std::cmp::Reverse(s.0));
     Ok(out)
 }
 

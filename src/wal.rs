@@ -2,7 +2,7 @@
 //! bytes and sequence numbers, not events.
 
 use crate::error::Damage;
-use crate::segment::{self, RecordPos, Tail};
+use crate::segment::{self, Tail};
 use crate::storage::{AppendFile, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -50,12 +50,7 @@ pub struct LogEnd {
 /// (which returns false to stop early). Segments wholly at or before `after_seq` are skipped
 /// without reading. A torn tail in the last segment ends the scan and is reported; any other
 /// damage is an error naming file, offset and sequence number.
-pub fn scan_log(
-    storage: &dyn Storage,
-    dir: &Path,
-    after_seq: u64,
-    visit: &mut dyn FnMut(RecordPos, &[u8]) -> std::result::Result<bool, String>,
-) -> Result<LogEnd> {
+pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut segment::Visit<'_>) -> Result<LogEnd> {
     let segments = list_segments(storage, dir)?;
     let mut last_seq = 0;
     let mut last_valid_len = 0;

@@ -6,7 +6,7 @@
 
 use allocation_ledger::storage::FsStorage;
 use allocation_ledger::{
-    AllocationState, Config, EventBody, Ledger, ManualClock, OpenOptions, Priority, RequestOutcome, ResourceRequest,
+    AllocationState, Config, EventBody, Ledger, ManualClock, OpenOptions, Priority, ResourceRequest,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
