@@ -223,6 +223,20 @@ fn an_invalid_config_is_exit_code_2() {
     assert!(o.stdout.is_empty(), "stdout carries only MCP messages");
 }
 
+#[test]
+fn http_only_flags_are_refused_over_stdio() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = bin()
+        .arg("--data-dir")
+        .arg(dir.path().join("ledger"))
+        .args(["serve", "--token-file", "/nonexistent"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--http only"));
+}
+
 /// The timer records an expiry without any caller writing: an allocation whose deadline passed
 /// while no server ran is expired in the log shortly after the server starts.
 #[test]

@@ -90,7 +90,16 @@ pub fn serve(ctx: ServeContext, args: ServeArgs) -> i32 {
                 return EXIT_USAGE;
             }
         },
-        None => None,
+        None => {
+            if args.token_file.is_some() || !args.allowed_origins.is_empty() || !args.allowed_hosts.is_empty() {
+                eprintln!(
+                    "allocation-ledger serve: --token-file, --allowed-origin and --allowed-host apply to --http only; \
+                     over stdio the MCP client that starts the server is the only one talking to it"
+                );
+                return EXIT_USAGE;
+            }
+            None
+        }
     };
 
     let config = match &ctx.config_file {

@@ -277,3 +277,59 @@ impl LedgerTools {
     instructions = "A durable ledger of worker slots and MCP servers for AI-agent jobs. Call request_resources to reserve workers and MCP servers for a job (keep the allocation_id), use the endpoints it returns, and call release_resources with the allocation_id when done; unreleased allocations expire after ttl_seconds. get_capacity shows what is free; get_allocation and list_allocations show allocations (get_capacity and list_allocations also as of a past instant, with `at`); allocation_history shows what happened to an allocation or a job, and usage_report what each job or tenant used over a window. Errors are tool results with isError true whose message names the field and the allowed values."
 )]
 impl ServerHandler for LedgerTools {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_have_the_error_shape() {
+        let v = error_value(&Error::Poisoned("fsync of the log failed: EIO".into()));
+        assert_eq!(v["status"], "error");
+        assert_eq!(v["kind"], "poisoned");
+        assert!(v["error"].as_str().unwrap().contains("stopped accepting writes"), "{v}");
+        let v = error_value(&Error::NotFound("alloc-000000000000".into()));
+        assert_eq!(
+            v,
+            json!({"status": "error", "error": "Allocation alloc-000000000000 not found", "kind": "not_found", "allocation_id": "alloc-000000000000"})
+        );
+        let v = error_value(&Error::invalid("ttl_seconds", "59 is out of range"));
+        assert_eq!((v["field"].as_str(), v["kind"].as_str()), (Some("ttl_seconds"), Some("invalid_input")));
+    }
+
+    #[test]
+    fn every_tool_gets_schemas_from_the_config() {
+        let config = Config { worker_slots: 40, min_ttl_seconds: 10, ..Config::default() };
+        let router = LedgerTools::router(&config);
+        let tools = router.list_all();
+        for name in [
+            "request_resources",
+            "release_resources",
+            "get_capacity",
+            "get_allocation",
+            "list_allocations",
+            "cleanup_expired",
+        ] {
+            assert!(tools.iter().any(|t| t.name == name), "{name} is missing");
+        }
+        for t in &tools {
+            assert_eq!(t.input_schema["type"], "object", "{}", t.name);
+            let out = t.output_schema.as_ref().expect("an output schema");
+            assert_eq!(out["type"], "object", "{}", t.name);
+            assert!(out["anyOf"].as_array().is_some_and(|a| a.len() >= 2), "{}: success and error shapes", t.name);
+        }
+        let req = tools.iter().find(|t| t.name == "request_resources").unwrap();
+        assert_eq!(req.input_schema["properties"]["workers"]["maximum"], 40);
+        assert_eq!(req.input_schema["properties"]["ttl_seconds"]["minimum"], 10);
+    }
+
+    #[test]
+    fn unknown_arguments_are_named() {
+        let args: JsonObject = serde_json::from_value(json!({"verbose": true})).unwrap();
+        let e = check_known(&args, &[]).unwrap_err().to_string();
+        assert!(e.contains("verbose") && e.contains("takes no arguments"), "{e}");
+        let e =
+            allocation_id_arg(&serde_json::from_value(json!({"allocation_id": 7})).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("allocation_id") && e.contains("must be a string"), "{e}");
+    }
+}
