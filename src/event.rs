@@ -153,8 +153,15 @@ impl Event {
         serde_json::to_vec(self).expect("events always serialize")
     }
 
+    /// Decodes one record payload. Events this build wrote take a lean path (the envelope
+    /// `{"v":..,"ts_us":..,"type":".."` is read by hand and the body decoded straight into its
+    /// struct, without serde's `flatten` buffering); anything else takes the general path,
+    /// which also produces the error messages.
     pub fn decode(bytes: &[u8]) -> Result<Event, String> {
-        let event: Event = serde_json::from_slice(bytes).map_err(|e| format!("undecodable event: {e}"))?;
+        let event = match decode_lean(bytes) {
+            Some(e) => e,
+            None => serde_json::from_slice(bytes).map_err(|e| format!("undecodable event: {e}"))?,
+        };
         if event.v == 0 || event.v > EVENT_SCHEMA_VERSION {
             return Err(format!(
                 "event schema version {} is not supported (this build reads 1..={EVENT_SCHEMA_VERSION})",
@@ -165,10 +172,154 @@ impl Event {
     }
 }
 
+fn parse_int(bytes: &[u8]) -> Option<(i64, &[u8])> {
+    let (negative, digits) = match bytes.first()? {
+        b'-' => (true, &bytes[1..]),
+        _ => (false, bytes),
+    };
+    let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    if len == 0 || len > 18 || (len > 1 && digits[0] == b'0') {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &d in &digits[..len] {
+        v = v * 10 + i64::from(d - b'0');
+    }
+    Some((if negative { -v } else { v }, &digits[len..]))
+}
+
+#[derive(Deserialize)]
+struct ReleasedBody {
+    allocation_id: AllocationId,
+}
+
+#[derive(Deserialize)]
+struct ExpiredBody {
+    allocation_id: AllocationId,
+    deadline_us: Micros,
+}
+
+/// The lean path of [`Event::decode`]; `None` sends the payload to the general path.
+fn decode_lean(bytes: &[u8]) -> Option<Event> {
+    let rest = bytes.strip_prefix(b"{\"v\":")?;
+    let (v, rest) = parse_int(rest)?;
+    let rest = rest.strip_prefix(b",\"ts_us\":")?;
+    let (ts_us, rest) = parse_int(rest)?;
+    let rest = rest.strip_prefix(b",\"type\":\"")?;
+    let name_len = rest.iter().position(|&b| b == b'"')?;
+    let (name, rest) = (&rest[..name_len], &rest[name_len + 1..]);
+    // The rest of the object, as an object of its own: `,"a":1}` becomes `{"a":1}`.
+    let rest = rest.strip_prefix(b",")?;
+    let mut body_json = Vec::with_capacity(rest.len() + 1);
+    body_json.push(b'{');
+    body_json.extend_from_slice(rest);
+    let body = match name {
+        b"granted" => EventBody::Granted(serde_json::from_slice(&body_json).ok()?),
+        b"rejected" => EventBody::Rejected(serde_json::from_slice(&body_json).ok()?),
+        b"released" => {
+            let b: ReleasedBody = serde_json::from_slice(&body_json).ok()?;
+            EventBody::Released { allocation_id: b.allocation_id }
+        }
+        b"expired" => {
+            let b: ExpiredBody = serde_json::from_slice(&body_json).ok()?;
+            EventBody::Expired { allocation_id: b.allocation_id, deadline_us: b.deadline_us }
+        }
+        _ => return None,
+    };
+    Some(Event { v: u32::try_from(v).ok()?, ts_us, body })
+}
+
 /// An event with its position in the log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LoggedEvent {
     pub seq: u64,
     #[serde(flatten)]
     pub event: Event,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Event> {
+        let id = AllocationId::from_u64(0xabcdef012345);
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("tenant".into(), "acme \"quoted\" \u{e9}".into());
+        vec![
+            Event::new(1, EventBody::LedgerCreated { ledger_id: "x".into(), config: Config::default() }),
+            Event::new(
+                -5,
+                EventBody::Granted(Grant {
+                    allocation_id: id,
+                    job_id: "job \"1\"".into(),
+                    priority: Priority::High,
+                    ttl_seconds: 60,
+                    deadline_us: 60_000_005,
+                    workers: vec![WorkerGrant {
+                        slot: 3,
+                        worker_id: "worker-03".into(),
+                        endpoint: "http://localhost:8003".into(),
+                        cpu_millicores: 1000,
+                        memory_mib: 2048,
+                    }],
+                    mcp_servers: vec![McpGrant {
+                        name: "github".into(),
+                        endpoint: "http://localhost:9000".into(),
+                        cpu_millicores: 0,
+                        memory_mib: 0,
+                        assigned: true,
+                        started: true,
+                    }],
+                    resources: Resources { cpu_millicores: 1000, memory_mib: 2048, workers: 1 },
+                    metadata,
+                }),
+            ),
+            Event::new(
+                7,
+                EventBody::Rejected(Rejection {
+                    allocation_id: id,
+                    job_id: "j".into(),
+                    priority: Priority::Low,
+                    ttl_seconds: 60,
+                    workers: 5,
+                    mcp_servers: vec![],
+                    reason: RejectReason::InsufficientWorkers,
+                    needed: 5,
+                    available: 3,
+                    error: "Insufficient workers: requested 5, available 3".into(),
+                    metadata: Default::default(),
+                }),
+            ),
+            Event::new(8, EventBody::Released { allocation_id: id }),
+            Event::new(9, EventBody::Expired { allocation_id: id, deadline_us: 8 }),
+        ]
+    }
+
+    #[test]
+    fn lean_path_equals_the_general_path() {
+        for ev in samples() {
+            let bytes = ev.encode();
+            let general: Event = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(general, ev);
+            assert_eq!(Event::decode(&bytes).unwrap(), ev);
+            if !matches!(ev.body, EventBody::LedgerCreated { .. }) {
+                assert_eq!(decode_lean(&bytes).as_ref(), Some(&ev), "{}", String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_events_are_errors_not_panics() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"{\"v\":1,\"ts_us\":5,\"type\":\"granted\",}",
+            b"{\"v\":1,\"ts_us\":5,\"type\":\"released\",\"allocation_id\":\"nope\"}",
+            b"{\"v\":99,\"ts_us\":5,\"type\":\"released\",\"allocation_id\":\"alloc-000000000001\"}",
+            b"{\"v\":1,\"ts_us\":99999999999999999999,\"type\":\"released\",\"allocation_id\":\"alloc-000000000001\"}",
+            b"{\"v\":1,\"ts_us\":5,\"type\":\"bogus\"}",
+        ] {
+            assert!(Event::decode(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 }
