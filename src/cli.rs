@@ -125,6 +125,17 @@ enum Command {
     Verify,
     /// Write a snapshot now
     Snapshot,
+    /// Cut a torn or damaged tail off the log, after copying the cut bytes to quarantine/.
+    /// Damage in the middle of the log is refused (listing the events a cut would lose)
+    /// unless --force-truncate is given. Exit 0 when the log verifies afterwards, 6 if refused.
+    Repair {
+        /// Also cut damage in the middle of the log, losing the events listed
+        #[arg(long)]
+        force_truncate: bool,
+        /// Only show what would be done
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Walk through the original system's acceptance scenario on a scratch ledger
     Demo,
     /// Run the MCP server (stdio, or Streamable HTTP with --http)
@@ -386,6 +397,20 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
             out.doc(&report, || human_verify(&report));
             Ok(if report.ok { exit::OK } else { exit::DAMAGED })
         }
+        Command::Repair { force_truncate, dry_run } => {
+            use allocation_ledger::repair::{repair, RepairOptions};
+            let storage = FsStorage { mmap_min_bytes: 0 };
+            let report = repair(&storage, &dir, RepairOptions { force_truncate, dry_run })?;
+            let verified = if report.applied || !report.plan.has_work() {
+                Some(allocation_ledger::verify::verify(&storage, &dir, &mut |_, _| {})?)
+            } else {
+                None
+            };
+            let ok = verified.as_ref().is_some_and(|v| v.ok);
+            let doc = serde_json::json!({"repair": &report, "verify": &verified});
+            out.doc(&doc, || human_repair(&report, verified.as_ref(), dry_run));
+            Ok(if ok || (dry_run && report.refused.is_none()) { exit::OK } else { exit::DAMAGED })
+        }
         Command::Snapshot => {
             let ledger = open_writer(&dir, &cli.config)?;
             let s: SnapshotInfo = ledger.snapshot()?;
@@ -574,6 +599,75 @@ fn human_list(rows: &[AllocationSummary]) -> String {
         })
         .collect();
     table(&["ALLOCATION", "JOB", "STATE", "PRIORITY", "WORKERS", "AGE"], &r)
+}
+
+fn human_repair(r: &allocation_ledger::repair::RepairReport, v: Option<&VerifyReport>, dry_run: bool) -> String {
+    let p = &r.plan;
+    let mut s = String::new();
+    if let Some(problem) = &p.problem {
+        s.push_str(&format!("found: {problem}\n"));
+    }
+    if let Some(cut) = &p.cut {
+        s.push_str(&format!(
+            "cut: {} at offset {}; the log keeps sequence numbers 1 to {} ({} unreadable byte(s) after the cut)\n",
+            cut.file.display(),
+            cut.offset,
+            p.keeps_through_seq,
+            p.unreadable_bytes
+        ));
+    }
+    for seg in &p.segments_set_aside {
+        s.push_str(&format!("later segment set aside: {}\n", seg.display()));
+    }
+    if !p.events_lost.is_empty() {
+        s.push_str(&format!("events lost by the cut ({}):\n", p.events_lost.len()));
+        let rows: Vec<Vec<String>> = p
+            .events_lost
+            .iter()
+            .map(|e| {
+                vec![
+                    e.seq.to_string(),
+                    e.kind.clone(),
+                    e.allocation_id.clone().unwrap_or_default(),
+                    e.job_id.clone().unwrap_or_default(),
+                    e.at.clone().unwrap_or_default(),
+                    format!(
+                        "{}@{}",
+                        e.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        e.offset
+                    ),
+                ]
+            })
+            .collect();
+        s.push_str(&table(&["SEQ", "TYPE", "ALLOCATION", "JOB", "AT", "FILE@OFFSET"], &rows));
+    }
+    for snap in &p.snapshots_set_aside {
+        s.push_str(&format!("snapshot set aside: {} ({})\n", snap.file.display(), snap.reason));
+    }
+    if let Some(why) = &r.refused {
+        s.push_str(&format!("refused: {why}\n"));
+    } else if dry_run {
+        s.push_str(if p.has_work() { "dry run: nothing changed\n" } else { "nothing to repair\n" });
+    } else if r.applied {
+        for f in &r.saved {
+            s.push_str(&format!("saved: {}\n", f.display()));
+        }
+        s.push_str("repaired\n");
+    } else {
+        s.push_str("nothing to repair\n");
+    }
+    if let Some(v) = v {
+        s.push_str(&format!(
+            "verify: {} ({} records, last sequence number {})\n",
+            if v.ok { "ok" } else { "DAMAGED" },
+            v.records,
+            v.last_seq
+        ));
+        for problem in &v.problems {
+            s.push_str(&format!("problem: {problem}\n"));
+        }
+    }
+    s
 }
 
 fn human_verify(r: &VerifyReport) -> String {

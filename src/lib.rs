@@ -24,6 +24,7 @@ pub mod ledger;
 pub mod mcp;
 pub mod model;
 pub mod record;
+pub mod repair;
 pub mod report;
 pub mod segment;
 pub mod snapshot;

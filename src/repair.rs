@@ -1,0 +1,367 @@
+//! `repair`: cuts the log back to its last good record, after copying everything it removes
+//! to `quarantine/`.
+//!
+//! - A **torn tail** (an interrupted append in the last segment) is cut as a read-write open
+//!   would cut it.
+//! - A **damaged tail** (damage after which no readable record follows) is cut: the damaged
+//!   bytes are copied aside first, and nothing readable is lost.
+//! - **Damage in the middle** (readable records follow the damage, in the same segment or in
+//!   later ones, or a segment is missing) is refused unless `force_truncate` is given: the plan
+//!   lists exactly which events the cut would lose. Forced, the damaged segment's bytes from
+//!   the damage on are copied aside, later segments are moved aside whole, and the log is cut.
+//! - Snapshots that are damaged, or ahead of the repaired log, are moved aside too (they are
+//!   derived data; the next snapshot is written from the log).
+//!
+//! Damage in the very first record (nothing would be left) is never cut.
+
+use crate::clock::format_micros;
+use crate::event::{Event, EventBody};
+use crate::ledger::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOT_DIR, WAL_DIR};
+use crate::record::{self, Decoded};
+use crate::snapshot;
+use crate::storage::{write_atomic, Storage};
+use crate::wal::{self, TornTail};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// What is wrong with the log, as repair sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepairKind {
+    /// Nothing to cut in the log (damaged snapshots may still be set aside).
+    Clean,
+    /// An interrupted final append.
+    TornTail,
+    /// Damage after which nothing readable follows.
+    DamagedTail,
+    /// Damage with readable records (or whole segments) after it: cutting loses events.
+    DamageInTheMiddle,
+}
+
+/// A readable record after the cut: an event the cut would lose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LostEvent {
+    pub seq: u64,
+    pub file: PathBuf,
+    pub offset: u64,
+    /// The event's type, or `undecodable` if the record is whole but its payload is not an event.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub allocation_id: Option<String>,
+    pub job_id: Option<String>,
+    pub at: Option<String>,
+}
+
+/// Where the log is cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cut {
+    pub file: PathBuf,
+    pub offset: u64,
+    /// Sequence number of the first record that does not survive the cut.
+    pub first_lost_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotAside {
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+/// What repair would do, computed without changing anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RepairPlan {
+    pub data_dir: PathBuf,
+    pub kind: RepairKind,
+    /// The damage found, with file, offset and sequence number.
+    pub problem: Option<String>,
+    pub cut: Option<Cut>,
+    /// The log keeps the records up to this sequence number.
+    pub keeps_through_seq: u64,
+    /// Readable records after the cut, oldest first: the events a forced cut loses.
+    pub events_lost: Vec<LostEvent>,
+    /// Bytes after the cut that are not readable records (the damage itself).
+    pub unreadable_bytes: u64,
+    /// Segments after the damaged one, moved aside whole.
+    pub segments_set_aside: Vec<PathBuf>,
+    pub snapshots_set_aside: Vec<SnapshotAside>,
+    /// True when the cut loses readable events: `force_truncate` is needed.
+    pub needs_force: bool,
+    /// Why repair cannot cut at all, if it cannot.
+    pub impossible: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RepairOptions {
+    /// Cut damage in the middle of the log too (losing the events the plan lists).
+    pub force_truncate: bool,
+    /// Only compute the plan.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RepairReport {
+    pub plan: RepairPlan,
+    /// True if the plan was carried out.
+    pub applied: bool,
+    /// Why it was not, when there was something to do.
+    pub refused: Option<String>,
+    /// Files written to or moved into `quarantine/`.
+    pub saved: Vec<PathBuf>,
+}
+
+impl RepairPlan {
+    pub fn has_work(&self) -> bool {
+        self.cut.is_some() || !self.snapshots_set_aside.is_empty()
+    }
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+/// Readable records in `bytes` from `from` on, found by trying every offset: a damaged record
+/// says nothing reliable about where the next one starts.
+fn readable_records(path: &Path, bytes: &[u8], from: usize, out: &mut Vec<LostEvent>) -> u64 {
+    let mut pos = from;
+    let mut unreadable = 0u64;
+    while pos < bytes.len() {
+        match record::decode(&bytes[pos..]) {
+            Decoded::Record { seq, payload, frame_len } => {
+                let ev = Event::decode(payload).ok();
+                out.push(LostEvent {
+                    seq,
+                    file: path.to_path_buf(),
+                    offset: pos as u64,
+                    kind: ev.as_ref().map_or("undecodable", |e| e.body.type_name()).to_string(),
+                    allocation_id: ev.as_ref().and_then(|e| e.body.allocation_id()).map(|id| id.to_string()),
+                    job_id: ev.as_ref().and_then(|e| match &e.body {
+                        EventBody::Granted(g) => Some(g.job_id.clone()),
+                        EventBody::Rejected(r) => Some(r.job_id.clone()),
+                        _ => None,
+                    }),
+                    at: ev.as_ref().map(|e| format_micros(e.ts_us)),
+                });
+                pos += frame_len;
+            }
+            _ => {
+                unreadable += 1;
+                pos += 1;
+            }
+        }
+    }
+    unreadable
+}
+
+/// Computes the repair plan for the ledger in `dir`. Reads everything; changes nothing.
+pub fn plan(storage: &dyn Storage, dir: &Path) -> Result<RepairPlan> {
+    let wal_dir = dir.join(WAL_DIR);
+    let segments = wal::list_segments(storage, &wal_dir)?;
+    if segments.is_empty() {
+        return Err(Error::NoLedger { path: dir.to_path_buf() });
+    }
+    // Scan with the checks replay makes, remembering the last record that passed them.
+    let mut last_good = 0u64;
+    let mut last_ts = i64::MIN;
+    let scanned = wal::scan_log(storage, &wal_dir, 0, &mut |pos, payload| {
+        let ev = Event::decode(payload)?;
+        if pos.seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
+            return Err("the first event is not ledger_created".into());
+        }
+        if pos.seq > 1 && ev.ts_us <= last_ts {
+            return Err(format!("timestamp {} is not after the previous event's", ev.ts_us));
+        }
+        last_ts = ev.ts_us;
+        last_good = pos.seq;
+        Ok(true)
+    });
+    let mut p = RepairPlan {
+        data_dir: dir.to_path_buf(),
+        kind: RepairKind::Clean,
+        problem: None,
+        cut: None,
+        keeps_through_seq: last_good,
+        events_lost: Vec::new(),
+        unreadable_bytes: 0,
+        segments_set_aside: Vec::new(),
+        snapshots_set_aside: Vec::new(),
+        needs_force: false,
+        impossible: None,
+    };
+    let cut_at = match scanned {
+        Ok(end) => {
+            if let Some(t) = end.torn {
+                p.kind = RepairKind::TornTail;
+                p.problem = Some(format!(
+                    "{}: incomplete final record at offset {} ({} bytes)",
+                    t.file.display(),
+                    t.offset,
+                    t.len
+                ));
+                p.unreadable_bytes = t.len;
+                p.cut = Some(Cut { file: t.file, offset: t.offset, first_lost_seq: last_good + 1 });
+            }
+            None
+        }
+        Err(Error::Damaged(d)) => {
+            p.problem = Some(d.to_string());
+            Some((d.file, d.offset))
+        }
+        Err(Error::Inconsistent { path, message }) => {
+            p.problem = Some(format!("{}: {message}", path.display()));
+            Some((path, 0))
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some((file, offset)) = cut_at {
+        let idx = segments.iter().position(|s| s.path == file);
+        let Some(idx) = idx else {
+            return Err(Error::Inconsistent {
+                path: file,
+                message: "repair cannot place this damage in the log".into(),
+            });
+        };
+        let bytes = storage.read(&file).map_err(io(format!("reading {}", file.display())))?;
+        let mut lost = Vec::new();
+        let mut unreadable = readable_records(&file, &bytes, offset as usize, &mut lost);
+        for seg in &segments[idx + 1..] {
+            let b = storage.read(&seg.path).map_err(io(format!("reading {}", seg.path.display())))?;
+            let hdr = crate::segment::HEADER_LEN.min(b.len());
+            unreadable += readable_records(&seg.path, &b, hdr, &mut lost) + hdr as u64;
+            p.segments_set_aside.push(seg.path.clone());
+        }
+        // A whole record at the cut whose event failed the checks is lost too, but it is not
+        // "readable history after the damage".
+        let after_damage = lost.iter().filter(|l| !(l.file == file && l.offset == offset)).count();
+        p.kind = if after_damage > 0 || !p.segments_set_aside.is_empty() {
+            RepairKind::DamageInTheMiddle
+        } else {
+            RepairKind::DamagedTail
+        };
+        p.needs_force = p.kind == RepairKind::DamageInTheMiddle;
+        p.unreadable_bytes = unreadable;
+        p.events_lost = lost;
+        p.cut = Some(Cut { file, offset, first_lost_seq: last_good + 1 });
+        if last_good == 0 {
+            p.impossible = Some(
+                "the damage is in the first record of the log: nothing would be left. Move the directory aside \
+                 and start a new ledger, or restore it from a backup"
+                    .into(),
+            );
+        }
+    }
+    // Snapshots: damaged ones, and any ahead of what the log keeps.
+    let snaps = snapshot::list(storage, &dir.join(SNAPSHOT_DIR)).map_err(|e| Error::io("listing snapshots", e))?;
+    for (seq, path) in snaps {
+        let reason = if seq > p.keeps_through_seq {
+            Some(format!("ahead of the repaired log (which ends at sequence number {})", p.keeps_through_seq))
+        } else {
+            match storage.read(&path).map_err(|e| e.to_string()).and_then(|b| snapshot::decode(&b, seq)) {
+                Ok(_) => None,
+                Err(e) => Some(format!("damaged: {e}")),
+            }
+        };
+        if let Some(reason) = reason {
+            p.snapshots_set_aside.push(SnapshotAside { file: path, reason });
+        }
+    }
+    Ok(p)
+}
+
+/// Moves `path` into `quarantine` as `<name>.<suffix>`; returns the new path.
+fn move_aside(storage: &dyn Storage, path: &Path, quarantine: &Path, suffix: &str) -> Result<PathBuf> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let to = quarantine.join(format!("{name}.{suffix}"));
+    storage.rename(path, &to).map_err(io(format!("moving {} to {}", path.display(), to.display())))?;
+    Ok(to)
+}
+
+fn sync_dir(storage: &dyn Storage, dir: &Path) -> Result<()> {
+    storage.sync_dir(dir).map_err(io(format!("syncing {}", dir.display())))
+}
+
+/// Plans and, unless refused, carries out the repair of the ledger in `dir`. Takes the
+/// ledger's write lock, so it never runs beside a writer.
+pub fn repair(storage: &dyn Storage, dir: &Path, opts: RepairOptions) -> Result<RepairReport> {
+    if !storage.exists(&dir.join(WAL_DIR)) {
+        return Err(Error::NoLedger { path: dir.to_path_buf() });
+    }
+    let _lock = match storage.try_lock(&dir.join(LOCK_FILE)).map_err(io(format!("locking {}", dir.display())))? {
+        Some(g) => g,
+        None => return Err(Error::Locked { path: dir.to_path_buf() }),
+    };
+    let plan = plan(storage, dir)?;
+    let mut report = RepairReport { plan, applied: false, refused: None, saved: Vec::new() };
+    let p = &report.plan;
+    if let Some(why) = &p.impossible {
+        report.refused = Some(why.clone());
+        return Ok(report);
+    }
+    if p.needs_force && !opts.force_truncate {
+        report.refused = Some(format!(
+            "the damage is in the middle of the log: cutting it loses {} readable event(s){} listed above. Re-run with \
+             --force-truncate to cut anyway (everything cut is copied to {}/ first)",
+            p.events_lost.len(),
+            if p.segments_set_aside.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} later segment(s)", p.segments_set_aside.len())
+            },
+            QUARANTINE_DIR
+        ));
+        return Ok(report);
+    }
+    if opts.dry_run || !p.has_work() {
+        return Ok(report);
+    }
+    let quarantine = dir.join(QUARANTINE_DIR);
+    storage.create_dir_all(&quarantine).map_err(io(format!("creating {}", quarantine.display())))?;
+    sync_dir(storage, dir)?;
+    let wal_dir = dir.join(WAL_DIR);
+    let mut saved = Vec::new();
+    if let Some(cut) = p.cut.clone() {
+        if p.kind == RepairKind::TornTail {
+            let len = storage.file_len(&cut.file).map_err(io(format!("reading {}", cut.file.display())))? - cut.offset;
+            let mut torn = TornTail { file: cut.file.clone(), offset: cut.offset, len, saved_to: None };
+            wal::cut_torn_tail(storage, &quarantine, &mut torn)?;
+            saved.extend(torn.saved_to);
+        } else {
+            // 1. Copy the damaged segment's bytes from the cut on (durably).
+            let len = storage.file_len(&cut.file).map_err(io(format!("reading {}", cut.file.display())))?;
+            let bytes = storage
+                .read_range(&cut.file, cut.offset, (len - cut.offset) as usize)
+                .map_err(io(format!("reading {}", cut.file.display())))?;
+            let name = cut.file.file_name().and_then(|n| n.to_str()).unwrap_or("segment");
+            let copy = quarantine.join(format!("{name}.damaged-at-{}", cut.offset));
+            write_atomic(storage, &copy, &bytes).map_err(io(format!("saving {}", copy.display())))?;
+            saved.push(copy);
+            // 2. Move later segments aside whole, newest first, so that a crash in between
+            //    leaves a log that ends in a contiguous run of segments.
+            for seg in p.segments_set_aside.iter().rev() {
+                saved.push(move_aside(storage, seg, &quarantine, "after-damage")?);
+            }
+            sync_dir(storage, &quarantine)?;
+            sync_dir(storage, &wal_dir)?;
+            // 3. Cut (a damaged header: the whole file goes; its bytes were copied in 1).
+            if cut.offset == 0 {
+                storage.remove(&cut.file).map_err(io(format!("removing {}", cut.file.display())))?;
+            } else {
+                storage.set_len(&cut.file, cut.offset).map_err(io(format!("truncating {}", cut.file.display())))?;
+            }
+            sync_dir(storage, &wal_dir)?;
+        }
+    }
+    for s in &p.snapshots_set_aside {
+        if storage.exists(&s.file) {
+            let suffix = if s.reason.starts_with("damaged") { "damaged" } else { "ahead-of-log" };
+            saved.push(move_aside(storage, &s.file, &quarantine, suffix)?);
+        }
+    }
+    if !p.snapshots_set_aside.is_empty() {
+        sync_dir(storage, &quarantine)?;
+        sync_dir(storage, &dir.join(SNAPSHOT_DIR))?;
+    }
+    report.saved = saved;
+    report.applied = true;
+    Ok(report)
+}
