@@ -67,6 +67,9 @@ pub struct Config {
     pub max_metadata_bytes: usize,
     /// A segment file is closed and a new one started once it reaches this size.
     pub segment_size_bytes: u64,
+    /// Ended allocations (released, expired, failed) kept in memory, newest first; older ones
+    /// are read from the log when asked for, so memory does not grow with history.
+    pub terminal_retained: u64,
     pub priority_reserve_percent: PriorityReservePercent,
 }
 
@@ -91,6 +94,7 @@ impl Default for Config {
             snapshot_every: 10_000,
             max_metadata_bytes: 16 * 1024,
             segment_size_bytes: 64 * 1024 * 1024,
+            terminal_retained: 10_000,
             priority_reserve_percent: PriorityReservePercent::default(),
         }
     }
@@ -108,7 +112,7 @@ impl Config {
             Error::invalid(
                 "config",
                 format!(
-                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, priority_reserve_percent)"
+                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent)"
                 ),
             )
         })?;
@@ -199,6 +203,9 @@ impl Config {
         }
         if self.segment_size_bytes < 4096 || self.segment_size_bytes > 1 << 32 {
             return Err(cfg_err("segment_size_bytes", "must lie between 4096 and 4294967296"));
+        }
+        if self.terminal_retained > 10_000_000 {
+            return Err(cfg_err("terminal_retained", "must be at most 10000000"));
         }
         let r = self.priority_reserve_percent;
         for (name, v) in [("low", r.low), ("normal", r.normal), ("high", r.high), ("critical", r.critical)] {

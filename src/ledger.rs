@@ -9,7 +9,7 @@ use crate::event::{Event, EventBody, LoggedEvent};
 use crate::model::{cores, AllocationId, AllocationState};
 use crate::report::*;
 use crate::snapshot;
-use crate::state::{ResourceRequest, State};
+use crate::state::{Allocation, ResourceRequest, State};
 use crate::storage::{FsStorage, LockGuard, Storage};
 use crate::wal::{self, AppendError, TornTail, WalWriter};
 use crate::{Error, Result};
@@ -157,22 +157,123 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Replays the log after `state.last_seq` into `state`, checking each event.
+/// Records decoded per batch by the replay's decoder threads.
+const REPLAY_BATCH: usize = 2048;
+
+/// Folds one replayed event after checking it against the log's rules.
+fn fold_checked(state: &mut State, seq: u64, ev: Event) -> std::result::Result<(), String> {
+    if seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
+        return Err("the first event is not ledger_created".into());
+    }
+    if seq > 1 && ev.ts_us <= state.last_ts_us {
+        return Err(format!("timestamp {} is not after the previous event's {}", ev.ts_us, state.last_ts_us));
+    }
+    state.evolve_owned(seq, ev.ts_us, ev.body);
+    Ok(())
+}
+
+/// Replays the log after `state.last_seq` into `state`, checking each event. Decoding runs on
+/// several threads while the fold stays sequential; if anything is wrong the sequential path
+/// runs instead, so damage is reported with its exact file, offset and sequence number.
 fn replay_into(storage: &dyn Storage, wal_dir: &Path, state: &mut State) -> Result<(wal::LogEnd, u64)> {
+    let decoders = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    // Threads pay off only for a long tail (a few MiB of log).
+    let segments = wal::list_segments(storage, wal_dir)?;
+    let first = segments.iter().rposition(|s| s.first_seq <= state.last_seq + 1).unwrap_or(0);
+    let tail_bytes: u64 = segments[first..].iter().map(|s| storage.file_len(&s.path).unwrap_or(0)).sum();
+    if decoders > 1 && tail_bytes >= 4 << 20 {
+        let mut attempt = state.clone();
+        if let Some(done) = replay_parallel(storage, wal_dir, &mut attempt, decoders) {
+            *state = attempt;
+            return Ok(done);
+        }
+    }
     let mut replayed = 0u64;
     let end = wal::scan_log(storage, wal_dir, state.last_seq, &mut |pos, payload| {
-        let ev = Event::decode(payload)?;
-        if pos.seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
-            return Err("the first event is not ledger_created".into());
-        }
-        if pos.seq > 1 && ev.ts_us <= state.last_ts_us {
-            return Err(format!("timestamp {} is not after the previous event's {}", ev.ts_us, state.last_ts_us));
-        }
-        state.evolve(pos.seq, ev.ts_us, &ev.body);
+        fold_checked(state, pos.seq, Event::decode(payload)?)?;
         replayed += 1;
         Ok(true)
     })?;
     Ok((end, replayed))
+}
+
+type Decoded = std::result::Result<Vec<(u64, Event)>, String>;
+
+/// The parallel replay: this thread reads and checks records and folds; `decoders` threads
+/// turn batches of payloads into events. `None` means "use the sequential path".
+fn replay_parallel(
+    storage: &dyn Storage,
+    wal_dir: &Path,
+    state: &mut State,
+    decoders: usize,
+) -> Option<(wal::LogEnd, u64)> {
+    use std::collections::BTreeMap;
+    use std::sync::mpsc;
+    /// Decoded batches waiting for their turn, folded strictly in order.
+    struct Folder {
+        pending: BTreeMap<usize, Decoded>,
+        folded: usize,
+        replayed: u64,
+    }
+    impl Folder {
+        fn fold_ready(&mut self, state: &mut State) -> std::result::Result<(), String> {
+            while let Some(batch) = self.pending.remove(&self.folded) {
+                for (seq, ev) in batch? {
+                    fold_checked(state, seq, ev)?;
+                    self.replayed += 1;
+                }
+                self.folded += 1;
+            }
+            Ok(())
+        }
+    }
+    let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<(u64, Vec<u8>)>)>(decoders * 2);
+    let work_rx = Mutex::new(work_rx);
+    std::thread::scope(|scope| {
+        let (done_tx, done_rx) = mpsc::channel::<(usize, Decoded)>();
+        for _ in 0..decoders {
+            let (work_rx, done_tx) = (&work_rx, done_tx.clone());
+            scope.spawn(move || loop {
+                let job = lock(work_rx).recv();
+                let Ok((index, batch)) = job else { break };
+                let decoded = batch.into_iter().map(|(seq, bytes)| Event::decode(&bytes).map(|e| (seq, e))).collect();
+                if done_tx.send((index, decoded)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(done_tx);
+
+        let mut folder = Folder { pending: BTreeMap::new(), folded: 0, replayed: 0 };
+        let mut sent = 0usize;
+        let mut batch = Vec::with_capacity(REPLAY_BATCH);
+        let scanned = wal::scan_log(storage, wal_dir, state.last_seq, &mut |pos, payload| {
+            batch.push((pos.seq, payload.to_vec()));
+            if batch.len() == REPLAY_BATCH {
+                work_tx.send((sent, std::mem::take(&mut batch))).map_err(|_| "decoder stopped".to_string())?;
+                sent += 1;
+                while let Ok((i, d)) = done_rx.try_recv() {
+                    folder.pending.insert(i, d);
+                }
+                folder.fold_ready(state)?;
+            }
+            Ok(true)
+        });
+        let result = scanned.ok().and_then(|end| {
+            if !batch.is_empty() {
+                work_tx.send((sent, std::mem::take(&mut batch))).ok()?;
+                sent += 1;
+            }
+            drop(work_tx);
+            while folder.folded < sent {
+                let (i, d) = done_rx.recv().ok()?;
+                folder.pending.insert(i, d);
+                folder.fold_ready(state).ok()?;
+            }
+            Some(end)
+        });
+        result.map(|end| (end, folder.replayed))
+    })
 }
 
 impl Ledger {
@@ -375,23 +476,23 @@ impl Ledger {
 
     fn append(&self, core: &mut Core, ts: Micros, body: EventBody) -> Result<u64> {
         debug_assert!(ts > core.state.last_ts_us);
-        let payload = Event::new(ts, body).encode();
+        let ev = Event::new(ts, body);
+        let payload = ev.encode();
         if payload.len() > crate::record::MAX_PAYLOAD_LEN {
             return Err(Error::invalid("request", "the event would exceed the record size limit"));
         }
+        // Evolve sees exactly what replay will see (checked in debug builds; the property tests
+        // also compare live state with a replay).
+        debug_assert_eq!(Event::decode(&payload).as_ref(), Ok(&ev));
         let wal = core.wal.as_mut().expect("writable ledgers have a log writer");
         match wal.append(&payload) {
             Ok(seq) => {
-                // Decode what we wrote rather than keep `body`: evolve sees exactly the bytes that
-                // replay will see.
-                let ev = Event::decode(&payload).expect("an event we encoded decodes");
-                core.state.evolve(seq, ts, &ev.body);
-                core.since_snapshot += 1;
-                if let Some(ix) = core.capacity_index.as_mut() {
-                    if !ix.observe(seq, ts, &ev.body) {
-                        core.capacity_index = None;
-                    }
+                let indexed = core.capacity_index.as_mut().map(|ix| ix.observe(seq, ts, &ev.body));
+                if indexed == Some(false) {
+                    core.capacity_index = None;
                 }
+                core.state.evolve_owned(seq, ts, ev.body);
+                core.since_snapshot += 1;
                 Ok(seq)
             }
             Err(AppendError::Failed(e)) => Err(e),
@@ -536,7 +637,8 @@ impl Ledger {
     /// `request_resources`: grants the request or records why it cannot be granted.
     pub fn request_resources(&self, req: &ResourceRequest) -> Result<RequestOutcome> {
         self.write(|state, ts, _| {
-            let mut id = AllocationId::random();
+            let mut id = AllocationId::for_seq(AllocationId::ledger_key(&state.ledger_id), state.last_seq + 1);
+            // Only a ledger written by an older build (random ids) can hold this one already.
             while state.allocation(id).is_some() {
                 id = AllocationId::random();
             }
@@ -599,7 +701,7 @@ impl Ledger {
     /// state is reported as such and nothing is written.
     pub fn release_resources(&self, allocation_id: &str) -> Result<ReleaseReport> {
         let id = AllocationId::parse("allocation_id", allocation_id)?;
-        self.write(|state, ts, _| {
+        let result = self.write(|state, ts, _| {
             let a = state.allocation(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
             let held_seconds = |end: Micros| (end - a.created_us).max(0) as f64 / 1e6;
             if a.state == AllocationState::Active {
@@ -617,21 +719,101 @@ impl Ledger {
                 };
                 return Ok((vec![EventBody::Released { allocation_id: id }], report));
             }
-            let ended = a.ended_us.unwrap_or(a.created_us);
-            let report = ReleaseReport {
-                status: format!("already_{}", a.state.as_str()),
-                allocation_id: id,
-                job_id: a.job_id.clone(),
-                state: a.state,
-                workers_released: 0,
-                cpu_freed: 0.0,
-                memory_freed: 0,
-                released_at: (a.state == AllocationState::Released).then(|| crate::clock::format_micros(ended)),
-                expired_at: (a.state == AllocationState::Expired).then(|| crate::clock::format_micros(ended)),
-                duration_seconds: held_seconds(a.held_until()),
-            };
-            Ok((Vec::new(), report))
-        })
+            Ok((Vec::new(), already_ended_report(a)))
+        });
+        match result {
+            // An allocation that ended long ago is no longer in memory; the log has it.
+            Err(Error::NotFound(_)) if self.with_state(|s| s.evicted_count() > 0) => match self.find_in_log(id)? {
+                Some(a) => Ok(already_ended_report(&a)),
+                None => Err(Error::NotFound(id.to_string())),
+            },
+            other => other,
+        }
+    }
+
+    /// Rebuilds an allocation that is no longer in memory from its events in the log. Only
+    /// records that mention the id are decoded.
+    pub fn find_in_log(&self, id: AllocationId) -> Result<Option<Allocation>> {
+        let needle = format!("\"allocation_id\":\"{id}\"");
+        let finder = memchr::memmem::Finder::new(needle.as_bytes());
+        let upto = self.with_state(|s| s.last_seq);
+        let mut found: Option<Allocation> = None;
+        wal::scan_log(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, &mut |pos, payload| {
+            if pos.seq > upto {
+                return Ok(false);
+            }
+            if finder.find(payload).is_none() {
+                return Ok(true);
+            }
+            let ev = Event::decode(payload)?;
+            match ev.body {
+                EventBody::Granted(g) if g.allocation_id == id => found = Some(Allocation::from_grant(ev.ts_us, &g)),
+                EventBody::Rejected(r) if r.allocation_id == id => {
+                    found = Some(Allocation::from_rejection(pos.seq, ev.ts_us, &r));
+                    return Ok(false);
+                }
+                EventBody::Released { allocation_id } if allocation_id == id => {
+                    if let Some(a) = found.as_mut().filter(|a| a.state == AllocationState::Active) {
+                        a.end(pos.seq, ev.ts_us, AllocationState::Released);
+                    }
+                    return Ok(false);
+                }
+                EventBody::Expired { allocation_id, deadline_us } if allocation_id == id => {
+                    if let Some(a) = found.as_mut().filter(|a| a.state == AllocationState::Active) {
+                        a.end(pos.seq, deadline_us, AllocationState::Expired);
+                    }
+                    return Ok(false);
+                }
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(found)
+    }
+
+    /// Every allocation that is no longer in memory, from the log, filtered by job.
+    fn evicted_from_log(&self, job_id: Option<&str>) -> Result<Vec<Allocation>> {
+        let (upto, in_memory): (u64, std::collections::HashSet<AllocationId>) =
+            self.with_state(|s| (s.last_seq, s.allocations().map(|a| a.id).collect()));
+        let job_needle = job_id.map(|j| format!("\"job_id\":{}", serde_json::Value::from(j)));
+        let job_finder = job_needle.as_ref().map(|n| memchr::memmem::Finder::new(n.as_bytes()).into_owned());
+        let mut found: std::collections::HashMap<AllocationId, Allocation> = std::collections::HashMap::new();
+        wal::scan_log(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, &mut |pos, payload| {
+            if pos.seq > upto {
+                return Ok(false);
+            }
+            let starts = matches!(payload.get(..40), Some(p) if memchr::memmem::find(p, b"\"type\":\"granted\"").is_some()
+                || memchr::memmem::find(p, b"\"type\":\"rejected\"").is_some());
+            if starts && job_finder.as_ref().is_some_and(|f| f.find(payload).is_none()) {
+                return Ok(true);
+            }
+            let ev = Event::decode(payload)?;
+            match ev.body {
+                EventBody::Granted(g)
+                    if !in_memory.contains(&g.allocation_id) && job_id.is_none_or(|j| g.job_id == j) =>
+                {
+                    found.insert(g.allocation_id, Allocation::from_grant(ev.ts_us, &g));
+                }
+                EventBody::Rejected(r)
+                    if !in_memory.contains(&r.allocation_id) && job_id.is_none_or(|j| r.job_id == j) =>
+                {
+                    found.insert(r.allocation_id, Allocation::from_rejection(pos.seq, ev.ts_us, &r));
+                }
+                EventBody::Released { allocation_id } => {
+                    if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
+                        a.end(pos.seq, ev.ts_us, AllocationState::Released);
+                    }
+                }
+                EventBody::Expired { allocation_id, deadline_us } => {
+                    if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
+                        a.end(pos.seq, deadline_us, AllocationState::Expired);
+                    }
+                }
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(found.into_values().collect())
     }
 
     /// `cleanup_expired`: writes the pending expiries and returns their ids.
@@ -662,7 +844,11 @@ impl Ledger {
     /// `get_allocation`: `Ok(None)` for a well-formed id the ledger does not know.
     pub fn get_allocation(&self, allocation_id: &str) -> Result<Option<AllocationDetails>> {
         let id = AllocationId::parse("allocation_id", allocation_id)?;
-        self.read(|s, now| s.details(id, now))
+        let (details, evicted, now) = self.read(|s, now| (s.details(id, now), s.evicted_count(), now))?;
+        if details.is_some() || evicted == 0 {
+            return Ok(details);
+        }
+        Ok(self.find_in_log(id)?.map(|a| a.details(now)))
     }
 
     pub fn list_allocations(
@@ -670,7 +856,19 @@ impl Ledger {
         state: Option<AllocationState>,
         job_id: Option<&str>,
     ) -> Result<Vec<AllocationSummary>> {
-        self.read(|s, now| s.list(state, job_id, now))
+        let (mut rows, evicted, now) = self.read(|s, now| (s.list(state, job_id, now), s.evicted_count(), now))?;
+        // Ended allocations beyond the in-memory window are read from the log; active ones are
+        // always in memory.
+        if evicted > 0 && state != Some(AllocationState::Active) {
+            let known: std::collections::HashSet<AllocationId> = rows.iter().map(|r| r.allocation_id).collect();
+            for a in self.evicted_from_log(job_id)? {
+                if !known.contains(&a.id) && state.is_none_or(|s| a.state_at(now) == s) {
+                    rows.push(a.summary(now));
+                }
+            }
+            rows.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.allocation_id.cmp(&b.allocation_id)));
+        }
+        Ok(rows)
     }
 
     /// The earliest deadline among active allocations (for an expiry timer).
@@ -752,6 +950,23 @@ impl Ledger {
         replay_into(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), &mut state)?;
         core.state = state;
         Ok(core.state.last_seq - before)
+    }
+}
+
+/// `release_resources` of an allocation that has already ended: nothing is written.
+fn already_ended_report(a: &Allocation) -> ReleaseReport {
+    let ended = a.ended_us.unwrap_or(a.created_us);
+    ReleaseReport {
+        status: format!("already_{}", a.state.as_str()),
+        allocation_id: a.id,
+        job_id: a.job_id.clone(),
+        state: a.state,
+        workers_released: 0,
+        cpu_freed: 0.0,
+        memory_freed: 0,
+        released_at: (a.state == AllocationState::Released).then(|| crate::clock::format_micros(ended)),
+        expired_at: (a.state == AllocationState::Expired).then(|| crate::clock::format_micros(ended)),
+        duration_seconds: (a.held_until() - a.created_us).max(0) as f64 / 1e6,
     }
 }
 

@@ -21,6 +21,26 @@ impl AllocationId {
         self.0
     }
 
+    /// The id of the allocation decided by the event at `seq`: a keyed permutation of the 48-bit
+    /// space (a 4-round Feistel network), so ids look random, as the original's did, and are
+    /// unique by construction: no two sequence numbers give the same id, however long the
+    /// history and whether or not old allocations are still in memory.
+    pub fn for_seq(ledger_key: u64, seq: u64) -> Self {
+        assert!(seq <= Self::MAX, "sequence number {seq} beyond 48 bits");
+        let (mut left, mut right) = ((seq >> 24) as u32, (seq & 0xFF_FFFF) as u32);
+        for round in 0..4u32 {
+            let mixed = feistel_round(right, ledger_key, round);
+            (left, right) = (right, left ^ mixed);
+        }
+        AllocationId((u64::from(left) << 24) | u64::from(right))
+    }
+
+    /// The key for [`AllocationId::for_seq`], from the ledger's id (FNV-1a: stable across
+    /// builds, unlike std's hasher).
+    pub fn ledger_key(ledger_id: &str) -> u64 {
+        ledger_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    }
+
     pub fn random() -> Self {
         let bits = uuid::Uuid::new_v4().as_u128();
         AllocationId((bits as u64) & Self::MAX)
@@ -36,6 +56,15 @@ impl AllocationId {
             )
         })
     }
+}
+
+/// A 24-bit round function (splitmix64's finaliser over the half-block, key and round).
+fn feistel_round(half: u32, key: u64, round: u32) -> u32 {
+    let mut h =
+        u64::from(half) ^ key.rotate_left(round * 16) ^ (u64::from(round) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((h ^ (h >> 31)) & 0xFF_FFFF) as u32
 }
 
 impl fmt::Display for AllocationId {
@@ -224,6 +253,16 @@ mod tests {
         }
         let err = AllocationId::parse("allocation_id", "nope").unwrap_err().to_string();
         assert!(err.contains("allocation_id") && err.contains("12 lowercase hex"), "{err}");
+    }
+
+    #[test]
+    fn seq_derived_ids_are_unique() {
+        let key = AllocationId::ledger_key("some-ledger");
+        let ids: std::collections::HashSet<AllocationId> =
+            (1..200_000).map(|s| AllocationId::for_seq(key, s)).collect();
+        assert_eq!(ids.len(), 199_999);
+        assert_ne!(AllocationId::for_seq(key, 1), AllocationId::for_seq(AllocationId::ledger_key("other"), 1));
+        assert_eq!(AllocationId::for_seq(key, AllocationId::MAX).as_u64() >> 48, 0);
     }
 
     #[test]

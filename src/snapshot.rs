@@ -12,7 +12,8 @@ use crate::storage::{write_atomic, Storage};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"ALLOCSNP";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: allocations carry `ended_seq` and the state records how many ended ones were evicted.
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 40;
 pub const EXTENSION: &str = "snap";
 

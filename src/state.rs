@@ -25,6 +25,9 @@ pub struct Allocation {
     /// When it was released, or the deadline it expired at.
     #[serde(default)]
     pub ended_us: Option<Micros>,
+    /// Sequence number of the event that ended it (its rejection, release or expiry).
+    #[serde(default)]
+    pub ended_seq: Option<u64>,
     #[serde(default)]
     pub workers: Vec<WorkerGrant>,
     #[serde(default)]
@@ -37,6 +40,69 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// The allocation a grant creates (also used to rebuild one from the log).
+    pub fn from_grant(ts_us: Micros, g: &Grant) -> Allocation {
+        Self::from_grant_owned(ts_us, g.clone())
+    }
+
+    pub fn from_grant_owned(ts_us: Micros, g: Grant) -> Allocation {
+        Allocation {
+            id: g.allocation_id,
+            job_id: g.job_id,
+            priority: g.priority,
+            state: AllocationState::Active,
+            ttl_seconds: g.ttl_seconds,
+            created_us: ts_us,
+            deadline_us: g.deadline_us,
+            ended_us: None,
+            ended_seq: None,
+            workers: g.workers,
+            mcp_servers: g.mcp_servers,
+            resources: g.resources,
+            metadata: g.metadata,
+            error: None,
+        }
+    }
+
+    /// The failed allocation a rejection records.
+    pub fn from_rejection(seq: u64, ts_us: Micros, r: &Rejection) -> Allocation {
+        Allocation {
+            id: r.allocation_id,
+            job_id: r.job_id.clone(),
+            priority: r.priority,
+            state: AllocationState::Failed,
+            ttl_seconds: r.ttl_seconds,
+            created_us: ts_us,
+            deadline_us: ts_us,
+            ended_us: Some(ts_us),
+            ended_seq: Some(seq),
+            workers: Vec::new(),
+            mcp_servers: r
+                .mcp_servers
+                .iter()
+                .map(|name| McpGrant {
+                    name: name.clone(),
+                    endpoint: String::new(),
+                    cpu_millicores: 0,
+                    memory_mib: 0,
+                    assigned: false,
+                    started: false,
+                })
+                .collect(),
+            resources: Resources { workers: r.workers, ..Resources::default() },
+            metadata: r.metadata.clone(),
+            error: Some(r.error.clone()),
+        }
+    }
+
+    /// Moves an active allocation to a terminal state (a release, or an expiry at its deadline).
+    pub fn end(&mut self, seq: u64, ended_us: Micros, to: AllocationState) {
+        debug_assert!(self.state == AllocationState::Active && to.is_terminal());
+        self.state = to;
+        self.ended_us = Some(ended_us);
+        self.ended_seq = Some(seq);
+    }
+
     /// Terminal state as seen at `now`: an active allocation past its deadline reads as expired.
     pub fn state_at(&self, now: Micros) -> AllocationState {
         if self.state == AllocationState::Active && now >= self.deadline_us {
@@ -72,6 +138,9 @@ pub struct StateData {
     pub last_seq: u64,
     pub last_ts_us: Micros,
     pub allocations: Vec<Allocation>,
+    /// Ended allocations no longer kept in memory (they are in the log).
+    #[serde(default)]
+    pub evicted: u64,
     /// Endpoints given to MCP names outside the catalog, in the order they were assigned.
     pub assigned_mcp_endpoints: BTreeMap<String, String>,
     pub assigned_mcp_count: u64,
@@ -99,6 +168,10 @@ pub struct State {
     /// What active allocations and running MCP servers hold.
     allocated: Resources,
     jobs: HashMap<String, Vec<AllocationId>>,
+    /// Ended allocations still in memory, by the sequence number that ended them.
+    ended: BTreeMap<u64, AllocationId>,
+    /// Ended allocations dropped from memory (beyond `config.terminal_retained`).
+    evicted: u64,
     /// Events that did not apply cleanly (an anomaly counter; evolve never panics).
     pub anomalies: u64,
 }
@@ -268,6 +341,8 @@ impl State {
             running: BTreeMap::new(),
             allocated: Resources::default(),
             jobs: HashMap::new(),
+            ended: BTreeMap::new(),
+            evicted: 0,
             anomalies: 0,
         }
     }
@@ -306,6 +381,12 @@ impl State {
         self.allocations.values()
     }
 
+    /// How many ended allocations were dropped from memory; when it is 0 the state knows every
+    /// allocation the ledger ever had.
+    pub fn evicted_count(&self) -> u64 {
+        self.evicted
+    }
+
     pub fn active_count(&self) -> usize {
         self.by_deadline.len()
     }
@@ -332,24 +413,49 @@ impl State {
     /// Folds one event into the state. Total: an event that does not fit (which a valid log
     /// never holds) is counted as an anomaly and otherwise ignored, never a panic.
     pub fn evolve(&mut self, seq: u64, ts_us: Micros, body: &EventBody) {
+        self.evolve_owned(seq, ts_us, body.clone())
+    }
+
+    /// [`State::evolve`] taking the event by value, so its strings move into the state instead
+    /// of being copied (replay and the write path own their events).
+    pub fn evolve_owned(&mut self, seq: u64, ts_us: Micros, body: EventBody) {
         debug_assert!(seq > self.last_seq, "sequence numbers increase");
         self.last_seq = seq;
         self.last_ts_us = ts_us;
         match body {
             EventBody::LedgerCreated { ledger_id, config } => {
-                self.ledger_id = ledger_id.clone();
+                self.ledger_id = ledger_id;
                 self.created_us = ts_us;
-                self.apply_config(config.clone());
+                self.apply_config(config);
             }
-            EventBody::ConfigChanged { config } => self.apply_config(config.clone()),
+            EventBody::ConfigChanged { config } => self.apply_config(config),
             EventBody::Granted(g) => self.apply_grant(ts_us, g),
-            EventBody::Rejected(r) => self.apply_rejection(ts_us, r),
-            EventBody::Released { allocation_id } => self.apply_end(*allocation_id, ts_us, AllocationState::Released),
+            EventBody::Rejected(r) => self.apply_rejection(seq, ts_us, &r),
+            EventBody::Released { allocation_id } => {
+                self.apply_end(seq, allocation_id, ts_us, AllocationState::Released)
+            }
             EventBody::Expired { allocation_id, deadline_us } => {
-                self.apply_end(*allocation_id, *deadline_us, AllocationState::Expired)
+                self.apply_end(seq, allocation_id, deadline_us, AllocationState::Expired)
             }
         }
+        self.evict_ended();
         debug_assert!(self.check_invariants().is_ok(), "{:?}", self.check_invariants());
+    }
+
+    /// Drops the oldest ended allocations beyond `terminal_retained` (they stay in the log).
+    fn evict_ended(&mut self) {
+        while self.ended.len() as u64 > self.config.terminal_retained {
+            let Some((_, id)) = self.ended.pop_first() else { break };
+            if let Some(a) = self.allocations.remove(&id) {
+                if let Some(ids) = self.jobs.get_mut(&a.job_id) {
+                    ids.retain(|x| *x != id);
+                    if ids.is_empty() {
+                        self.jobs.remove(&a.job_id);
+                    }
+                }
+            }
+            self.evicted += 1;
+        }
     }
 
     fn apply_config(&mut self, config: Config) {
@@ -370,7 +476,7 @@ impl State {
         self.config = config;
     }
 
-    fn apply_grant(&mut self, ts_us: Micros, g: &Grant) {
+    fn apply_grant(&mut self, ts_us: Micros, g: Grant) {
         // A grant must agree with itself (one entry per slot, as many slots as it says it holds)
         // and with the state (every slot free, the pool big enough for what it charges); one
         // that does not is an anomaly, not applied.
@@ -405,12 +511,16 @@ impl State {
                 self.assigned_mcp_endpoints.insert(m.name.clone(), m.endpoint.clone());
                 self.assigned_mcp_count += 1;
             }
-            let entry = self.running.entry(m.name.clone()).or_insert_with(|| RunningServer {
-                refcount: 0,
-                endpoint: m.endpoint.clone(),
-                cpu_millicores: m.cpu_millicores,
-                memory_mib: m.memory_mib,
-            });
+            if !self.running.contains_key(&m.name) {
+                let server = RunningServer {
+                    refcount: 0,
+                    endpoint: m.endpoint.clone(),
+                    cpu_millicores: m.cpu_millicores,
+                    memory_mib: m.memory_mib,
+                };
+                self.running.insert(m.name.clone(), server);
+            }
+            let entry = self.running.get_mut(&m.name).expect("inserted above");
             if entry.refcount == 0 {
                 charged.cpu_millicores += entry.cpu_millicores;
                 charged.memory_mib += entry.memory_mib;
@@ -422,65 +532,26 @@ impl State {
             self.allocated
         });
         self.by_deadline.insert((g.deadline_us, g.allocation_id));
-        self.jobs.entry(g.job_id.clone()).or_default().push(g.allocation_id);
-        self.allocations.insert(
-            g.allocation_id,
-            Allocation {
-                id: g.allocation_id,
-                job_id: g.job_id.clone(),
-                priority: g.priority,
-                state: AllocationState::Active,
-                ttl_seconds: g.ttl_seconds,
-                created_us: ts_us,
-                deadline_us: g.deadline_us,
-                ended_us: None,
-                workers: g.workers.clone(),
-                mcp_servers: g.mcp_servers.clone(),
-                resources: g.resources,
-                metadata: g.metadata.clone(),
-                error: None,
-            },
-        );
+        match self.jobs.get_mut(&g.job_id) {
+            Some(ids) => ids.push(g.allocation_id),
+            None => {
+                self.jobs.insert(g.job_id.clone(), vec![g.allocation_id]);
+            }
+        }
+        self.allocations.insert(g.allocation_id, Allocation::from_grant_owned(ts_us, g));
     }
 
-    fn apply_rejection(&mut self, ts_us: Micros, r: &Rejection) {
+    fn apply_rejection(&mut self, seq: u64, ts_us: Micros, r: &Rejection) {
         if self.allocations.contains_key(&r.allocation_id) {
             self.anomalies += 1;
             return;
         }
         self.jobs.entry(r.job_id.clone()).or_default().push(r.allocation_id);
-        self.allocations.insert(
-            r.allocation_id,
-            Allocation {
-                id: r.allocation_id,
-                job_id: r.job_id.clone(),
-                priority: r.priority,
-                state: AllocationState::Failed,
-                ttl_seconds: r.ttl_seconds,
-                created_us: ts_us,
-                deadline_us: ts_us,
-                ended_us: Some(ts_us),
-                workers: Vec::new(),
-                mcp_servers: r
-                    .mcp_servers
-                    .iter()
-                    .map(|name| McpGrant {
-                        name: name.clone(),
-                        endpoint: String::new(),
-                        cpu_millicores: 0,
-                        memory_mib: 0,
-                        assigned: false,
-                        started: false,
-                    })
-                    .collect(),
-                resources: Resources { workers: r.workers, ..Resources::default() },
-                metadata: r.metadata.clone(),
-                error: Some(r.error.clone()),
-            },
-        );
+        self.ended.insert(seq, r.allocation_id);
+        self.allocations.insert(r.allocation_id, Allocation::from_rejection(seq, ts_us, r));
     }
 
-    fn apply_end(&mut self, id: AllocationId, ended_us: Micros, to: AllocationState) {
+    fn apply_end(&mut self, seq: u64, id: AllocationId, ended_us: Micros, to: AllocationState) {
         let Some(a) = self.allocations.get_mut(&id) else {
             self.anomalies += 1;
             return;
@@ -490,8 +561,8 @@ impl State {
             self.anomalies += 1;
             return;
         }
-        a.state = to;
-        a.ended_us = Some(ended_us);
+        a.end(seq, ended_us, to);
+        self.ended.insert(seq, id);
         self.by_deadline.remove(&(a.deadline_us, id));
         for w in &a.workers {
             if let Some(s) = self.slots.get_mut(w.slot as usize) {
@@ -532,6 +603,10 @@ impl State {
         let mut active = 0usize;
         for a in self.allocations.values() {
             if a.state != AllocationState::Active {
+                match a.ended_seq {
+                    Some(seq) if self.ended.get(&seq) == Some(&a.id) => {}
+                    _ => return Err(format!("ended allocation {} is missing from the ended index", a.id)),
+                }
                 continue;
             }
             active += 1;
@@ -549,6 +624,9 @@ impl State {
             for m in &a.mcp_servers {
                 *running.entry(m.name.as_str()).or_default() += 1;
             }
+        }
+        if self.ended.len() + active != self.allocations.len() {
+            return Err("the ended index disagrees with the allocations".into());
         }
         if active != self.by_deadline.len() {
             return Err(format!("{} active but {} in the deadline index", active, self.by_deadline.len()));
@@ -602,6 +680,7 @@ impl State {
             last_seq: self.last_seq,
             last_ts_us: self.last_ts_us,
             allocations,
+            evicted: self.evicted,
             assigned_mcp_endpoints: self.assigned_mcp_endpoints.clone(),
             assigned_mcp_count: self.assigned_mcp_count,
         }
@@ -617,6 +696,7 @@ impl State {
         s.last_ts_us = data.last_ts_us;
         s.assigned_mcp_endpoints = data.assigned_mcp_endpoints;
         s.assigned_mcp_count = data.assigned_mcp_count;
+        s.evicted = data.evicted;
         for a in data.allocations {
             if s.allocations.contains_key(&a.id) {
                 return Err(format!("allocation {} appears twice", a.id));
@@ -647,9 +727,17 @@ impl State {
                 }
                 s.allocated = s.allocated.checked_add(charged).ok_or("overflow")?;
                 s.by_deadline.insert((a.deadline_us, a.id));
+            } else {
+                let seq = a.ended_seq.ok_or_else(|| format!("ended allocation {} has no ended_seq", a.id))?;
+                if s.ended.insert(seq, a.id).is_some() {
+                    return Err(format!("two allocations ended at sequence number {seq}"));
+                }
             }
             s.jobs.entry(a.job_id.clone()).or_default().push(a.id);
             s.allocations.insert(a.id, a);
+        }
+        if s.ended.len() as u64 > s.config.terminal_retained {
+            return Err("more ended allocations than terminal_retained".into());
         }
         s.check_invariants()?;
         Ok(s)
@@ -947,7 +1035,14 @@ impl State {
     }
 
     pub fn details(&self, id: AllocationId, now: Micros) -> Option<AllocationDetails> {
-        let a = self.allocations.get(&id)?;
+        self.allocations.get(&id).map(|a| a.details(now))
+    }
+}
+
+impl Allocation {
+    /// `get_allocation`'s view of this allocation at `now`.
+    pub fn details(&self, now: Micros) -> AllocationDetails {
+        let a = self;
         let state = a.state_at(now);
         let mcp_status = if state == AllocationState::Active { "running" } else { "stopped" };
         let worker_status = if state == AllocationState::Active { "allocated" } else { state.as_str() };
@@ -958,7 +1053,7 @@ impl State {
             _ => (None, None),
         };
         let failed = a.state == AllocationState::Failed;
-        Some(AllocationDetails {
+        AllocationDetails {
             allocation_id: a.id,
             job_id: a.job_id.clone(),
             state,
@@ -1002,10 +1097,12 @@ impl State {
             is_expired: state == AllocationState::Expired,
             metadata: a.metadata.clone(),
             error: a.error.clone(),
-        })
+        }
     }
 
-    pub fn summary(&self, a: &Allocation, now: Micros) -> AllocationSummary {
+    /// `list_allocations`' row for this allocation at `now`.
+    pub fn summary(&self, now: Micros) -> AllocationSummary {
+        let a = self;
         let state = a.state_at(now);
         AllocationSummary {
             allocation_id: a.id,
@@ -1018,7 +1115,9 @@ impl State {
             created_at: format_micros(a.created_us),
         }
     }
+}
 
+impl State {
     /// Allocations filtered by state (as seen at `now`) and job, oldest first.
     pub fn list(&self, state: Option<AllocationState>, job_id: Option<&str>, now: Micros) -> Vec<AllocationSummary> {
         let mut out: Vec<&Allocation> = match job_id {
@@ -1031,7 +1130,7 @@ impl State {
         };
         out.retain(|a| state.is_none_or(|s| a.state_at(now) == s));
         out.sort_by_key(|a| (a.created_us, a.id));
-        out.into_iter().map(|a| self.summary(a, now)).collect()
+        out.into_iter().map(|a| a.summary(now)).collect()
     }
 }
 

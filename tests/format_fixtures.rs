@@ -1,8 +1,12 @@
 //! Every released on-disk format keeps a small ledger under `tests/fixtures/`; this opens each
 //! one and checks that its history still reads the same.
 //!
-//! Regenerate (only when adding a new format version, never to make this pass):
-//! `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`
+//! - `v1`: segments v1, snapshots v1 (the first release). Snapshot v1 is no longer read: it is
+//!   set aside and the log replayed, which must give the same history.
+//! - `v1-snap2`: segments v1, snapshots v2 (ended allocations carry `ended_seq`).
+//!
+//! Add a fixture when a format version is released; never regenerate an old one. The newest is
+//! written by `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`.
 
 use allocation_ledger::storage::FsStorage;
 use allocation_ledger::{
@@ -11,8 +15,8 @@ use allocation_ledger::{
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1")
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -69,10 +73,20 @@ fn regenerate(dir: &Path) {
 
 #[test]
 fn v1_fixture_opens_and_reads_the_same() {
-    let fixture = fixture_dir();
+    check_fixture("v1", false);
+}
+
+#[test]
+fn v1_snap2_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v1-snap2");
     if std::env::var_os("REGENERATE_FIXTURES").is_some() {
         regenerate(&fixture);
     }
+    check_fixture("v1-snap2", true);
+}
+
+fn check_fixture(name: &str, snapshot_readable: bool) {
+    let fixture = fixture_dir(name);
     assert!(fixture.join("wal").exists(), "missing fixture {}", fixture.display());
     let segments = std::fs::read_dir(fixture.join("wal")).unwrap().count();
     assert!(segments >= 2, "the fixture should span segments");
@@ -113,10 +127,17 @@ fn v1_fixture_opens_and_reads_the_same() {
 
     // Read-write on a copy: snapshot + tail equals a full replay.
     let tmp = tempfile::tempdir().unwrap();
-    let copy = tmp.path().join("v1");
+    let copy = tmp.path().join(name);
     copy_dir(&fixture, &copy);
     let rw = Ledger::open(&copy).unwrap();
-    assert!(rw.recovery_report().snapshot_seq.is_some(), "the fixture has a snapshot");
+    let report = rw.recovery_report();
+    if snapshot_readable {
+        assert!(report.snapshot_seq.is_some(), "the fixture's snapshot is used: {report:?}");
+    } else {
+        assert_eq!(report.snapshot_seq, None);
+        assert_eq!(report.snapshots_set_aside.len(), 1, "{report:?}");
+        assert!(report.snapshots_set_aside[0].reason.contains("version 1"), "{report:?}");
+    }
     let with_snapshot = rw.with_state(|s| s.clone());
     drop(rw);
     std::fs::remove_dir_all(copy.join("snapshots")).unwrap();
