@@ -103,10 +103,10 @@ enum Command {
     /// Print events as NDJSON
     Log {
         /// First sequence number
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
         from_seq: u64,
         /// At most this many events
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         limit: Option<usize>,
         /// Only events at or after this instant: RFC 3339 or relative (-15m, -2h, -1d)
         #[arg(long, value_name = "TIME", allow_hyphen_values = true)]

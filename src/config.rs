@@ -104,9 +104,31 @@ fn cfg_err(field: &str, message: impl Into<String>) -> Error {
     Error::invalid(format!("config.{field}"), message)
 }
 
+/// Names the field whose value has the wrong type or range for its Rust type (serde's own
+/// message for that gives only a line and column): each field is decoded on its own. Syntax
+/// errors and unknown fields are left to the whole-document decode, whose message says where.
+fn check_field_types(text: &str) -> Result<()> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else { return Ok(()) };
+    let serde_json::Value::Object(fields) = value else {
+        return Err(Error::invalid("config", "must be a JSON object whose keys are config fields"));
+    };
+    for (key, v) in fields {
+        let one = serde_json::Value::Object(std::iter::once((key.clone(), v)).collect());
+        if let Err(e) = serde_json::from_value::<Config>(one) {
+            let msg = e.to_string();
+            if msg.starts_with(&format!("unknown field `{key}`")) {
+                continue;
+            }
+            return Err(cfg_err(&key, msg));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Parses a JSON config; unknown fields are errors that list the known ones.
     pub fn from_json(text: &str) -> Result<Config> {
+        check_field_types(text)?;
         let config: Config = serde_json::from_str(text).map_err(|e| {
             let msg = e.to_string();
             Error::invalid(
