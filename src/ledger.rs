@@ -972,6 +972,7 @@ fn already_ended_report(a: &Allocation) -> ReleaseReport {
 
 fn set_aside(storage: &dyn Storage, path: &Path, quarantine: &Path) -> Option<PathBuf> {
     storage.create_dir_all(quarantine).ok()?;
+    let _ = storage.sync_dir(quarantine.parent()?);
     let name = path.file_name()?.to_str()?;
     let to = quarantine.join(format!("{name}.damaged"));
     storage.rename(path, &to).ok()?;

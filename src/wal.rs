@@ -126,6 +126,10 @@ pub fn cut_torn_tail(storage: &dyn Storage, quarantine_dir: &Path, torn: &mut To
     let bytes =
         storage.read_range(&torn.file, torn.offset, torn.len as usize).map_err(|e| io("reading torn tail of", e))?;
     storage.create_dir_all(quarantine_dir).map_err(|e| io("creating quarantine for", e))?;
+    // The copy must outlive a crash right after the cut: its directory's own entry too.
+    if let Some(parent) = quarantine_dir.parent() {
+        storage.sync_dir(parent).map_err(|e| io("syncing the quarantine directory for", e))?;
+    }
     let name = torn.file.file_name().and_then(|n| n.to_str()).unwrap_or("segment");
     let saved = quarantine_dir.join(format!("{name}.torn-at-{}", torn.offset));
     crate::storage::write_atomic(storage, &saved, &bytes).map_err(|e| io("saving torn tail of", e))?;

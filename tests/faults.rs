@@ -52,6 +52,7 @@ static FAILED_LEFT_NOTHING: AtomicU64 = AtomicU64::new(0);
 static TORN_CUT: AtomicU64 = AtomicU64::new(0);
 static LATCH_PROBED: AtomicU64 = AtomicU64::new(0);
 use std::path::Path;
+use std::sync::Arc;
 use support::{fold, mem_options, small_config, MEM_DIR};
 
 #[derive(Debug, Clone, Copy)]
@@ -620,6 +621,16 @@ fn disk_full_while_rotating_a_segment_is_an_error_and_reopen_is_clean() {
         let e2 = ledger.request_resources(&request_of("later", 1, &[], 3600)).unwrap_err();
         assert!(matches!(e2, Error::Poisoned(_)) && is_enospc(&e2), "{e2}");
         drop(ledger);
+        if restart {
+            // Reopening while the disk is still full: the half-written segment cannot be
+            // copied aside, so the open fails with the disk-full error and cuts nothing.
+            let files = storage.files();
+            let e = Ledger::open_with(MEM_DIR, mem_options(&storage, &clock, config())).unwrap_err();
+            assert!(is_enospc(&e), "{e}");
+            assert!(e.to_string().contains("saving torn tail"), "{e}");
+            let after = storage.files();
+            assert!(files.iter().all(|(p, b)| after.get(p) == Some(b)), "a failed open changed the log");
+        }
         storage.set_plan(None);
         if !restart {
             storage.crash(seed);
@@ -719,4 +730,95 @@ fn concurrent_writers_sharing_a_failed_fsync_all_get_poisoned() {
         }
         assert_eq!(recovered.with_state(|s| s.clone()), fold(&events));
     }
+}
+
+/// Records the directory-level operations a `FaultyStorage` sees (which `crash` does not model
+/// for directories themselves), to check their order.
+#[derive(Debug)]
+struct Recording {
+    inner: FaultyStorage,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl Recording {
+    fn note(&self, what: &str, p: &Path) {
+        self.log.lock().unwrap().push(format!("{what} {}", p.display()));
+    }
+}
+
+impl allocation_ledger::storage::Storage for Recording {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.note("mkdir", dir);
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn open_append(
+        &self,
+        path: &Path,
+        create_new: bool,
+    ) -> std::io::Result<Box<dyn allocation_ledger::storage::AppendFile>> {
+        self.inner.open_append(path, create_new)
+    }
+    fn read(&self, path: &Path) -> std::io::Result<allocation_ledger::storage::FileBytes> {
+        self.inner.read(path)
+    }
+    fn read_range(&self, path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.inner.read_range(path, offset, len)
+    }
+    fn file_len(&self, path: &Path) -> std::io::Result<u64> {
+        self.inner.file_len(path)
+    }
+    fn set_len(&self, path: &Path, len: u64) -> std::io::Result<()> {
+        self.note("truncate", path);
+        self.inner.set_len(path, len)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.note("rename", to);
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.note("syncdir", dir);
+        self.inner.sync_dir(dir)
+    }
+    fn try_lock(&self, path: &Path) -> std::io::Result<Option<Box<dyn allocation_ledger::storage::LockGuard>>> {
+        self.inner.try_lock(path)
+    }
+}
+
+/// A torn tail is cut only once its copy is durable: the copy's file and the new
+/// `quarantine/` directory's own entry in the ledger directory are fsynced before the cut.
+#[test]
+fn a_torn_tail_is_cut_only_after_its_copy_and_the_quarantine_directory_are_durable() {
+    let storage = FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let ledger = open_mem(&storage, &clock);
+    grant(&ledger, "a", 1);
+    drop(ledger);
+    // Half a record at the end of the log.
+    let (seg, mut bytes) =
+        storage.files().into_iter().rfind(|(p, _)| p.extension().is_some_and(|e| e == "wal")).unwrap();
+    bytes.extend_from_slice(&[200, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3]);
+    storage.put_file(&seg, bytes);
+    let rec = Arc::new(Recording { inner: storage.clone(), log: Default::default() });
+    let opts = mem_options(&storage, &clock, config()).storage(rec.clone());
+    let l = Ledger::open_with(MEM_DIR, opts).unwrap();
+    assert!(l.recovery_report().torn_tail.is_some());
+    let log = rec.log.lock().unwrap().clone();
+    let at = |what: &str| log.iter().position(|l| l == what).unwrap_or_else(|| panic!("{what} missing from {log:?}"));
+    let q = Path::new(MEM_DIR).join("quarantine");
+    let mkdir = at(&format!("mkdir {}", q.display()));
+    let sync_parent = log.iter().enumerate().position(|(i, l)| i > mkdir && *l == format!("syncdir {MEM_DIR}"));
+    let cut = at(&format!("truncate {}", seg.display()));
+    let sync_q = log.iter().position(|l| *l == format!("syncdir {}", q.display())).unwrap();
+    assert!(sync_q < cut, "the copy's directory entry is durable before the cut: {log:?}");
+    let sync_parent = sync_parent.unwrap_or_else(|| panic!("quarantine/ itself is never made durable: {log:?}"));
+    assert!(sync_parent < cut, "quarantine/ is durable before the cut: {log:?}");
 }
