@@ -382,7 +382,8 @@ fn with_header(base: &Base, seg: &Path, edit: impl Fn(&mut [u8]), fix_crc: bool)
 fn a_segment_header_with_a_wrong_magic_version_or_first_seq_is_damage_at_offset_0() {
     let base = build();
     let seg = &base.segments[1];
-    let cases: [(&str, Box<dyn Fn(&mut [u8])>, bool, &str); 5] = [
+    type HeaderEdit = Box<dyn Fn(&mut [u8])>;
+    let cases: [(&str, HeaderEdit, bool, &str); 5] = [
         ("magic", Box::new(|h: &mut [u8]| h[0..8].copy_from_slice(b"NOTAWAL!")), false, "bad magic"),
         ("magic, checksum fixed", Box::new(|h: &mut [u8]| h[0] = b'X'), true, "bad magic"),
         ("version", Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&2u32.to_le_bytes())), false, "checksum"),

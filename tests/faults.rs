@@ -451,7 +451,8 @@ fn every_storage_operation_of_the_workload_failing_then_power_loss_or_restart() 
             }
         }
     }
-    let counts: Vec<((Option<OpKind>, Fault, bool), u64)> = std::thread::scope(|s| {
+    type Cell = (Option<OpKind>, Fault, bool);
+    let counts: Vec<(Cell, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
             .map(|part| {
                 let cells = &cells;
