@@ -1,0 +1,451 @@
+//! Durable grants per second (issue 6, items 1 and 2), each against its baselines in the same run:
+//!
+//! - 1 caller: the ledger against a raw loop that appends a record of the same size as a grant's
+//!   and calls `sync_data` (the physical limit), and against SQLite (bundled, WAL,
+//!   `synchronous=FULL`, one transaction per grant: an events row and an allocations row).
+//! - 8 and 64 concurrent callers (threads on clones of one `Ledger`, group commit): against a raw
+//!   loop that fsyncs once per 64 records and SQLite with 1000 grants per transaction.
+//! - The fsync latency of the disk itself, which bounds any design that acknowledges only after
+//!   an fsync at `callers / latency`, and the CPU cost of a grant with the fsync skipped.
+//!
+//! Variants run interleaved in rounds (median reported) so that background load hits them alike.
+//! `BENCH_QUICK=1` (or `--quick`) runs tiny sizes. Scratch files live under `target/tmp/bench`.
+
+mod common;
+
+use allocation_ledger::clock::{Clock, SystemClock};
+use allocation_ledger::{
+    AllocationId, Config, Event, EventBody, Ledger, OpenOptions, RequestOutcome, ResourceRequest, State,
+};
+use common::*;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Worker slots of the benchmark pool (`worker_base_port + worker_slots` must stay within 65536).
+const POOL: u32 = 64_000;
+/// Grants per ledger (or SQLite database) before the pool would run out.
+const BUDGET: u64 = 60_000;
+
+fn pool_config() -> Config {
+    Config {
+        worker_slots: POOL,
+        worker_base_port: 1024,
+        total_cpu_millicores: u64::from(POOL) * 1000,
+        total_memory_mib: u64::from(POOL) * 2048,
+        ..Config::default()
+    }
+}
+
+/// The grant every benchmark makes: 1 worker, a job id and a little metadata, as an agent would.
+fn grant_request(i: u64) -> ResourceRequest {
+    let mut m = serde_json::Map::new();
+    m.insert("team".into(), "platform".into());
+    m.insert("pipeline".into(), "nightly-build".into());
+    m.insert("commit".into(), format!("{:040x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).into());
+    ResourceRequest::new(format!("job-{i:08}")).workers(1).metadata(m)
+}
+
+fn created_state() -> State {
+    let mut state = State::empty(pool_config());
+    let body = EventBody::LedgerCreated { ledger_id: "bench".into(), config: pool_config() };
+    state.evolve(1, SystemClock.now_micros(), &body);
+    state
+}
+
+/// The framed log record of a typical grant (header + JSON payload), as the ledger writes it.
+fn grant_record() -> Vec<u8> {
+    let state = created_state();
+    let ts = state.last_ts_us + 1;
+    let body = state.decide_request(&grant_request(12_345), ts, AllocationId::random()).unwrap();
+    assert!(matches!(body, EventBody::Granted(_)));
+    let payload = Event::new(ts, body).encode();
+    let mut rec = Vec::new();
+    allocation_ledger::record::encode(2, &payload, &mut rec);
+    rec
+}
+
+struct Rate {
+    per_s: f64,
+    /// Latency of each call (ledger) or of each fsync (raw loop).
+    lat: Samples,
+    /// fsyncs of the log per grant (ledger runs).
+    syncs_per_op: f64,
+    /// Snapshots written during the run (ledger runs).
+    snapshots: u64,
+    grants: u64,
+}
+
+/// Appends `record` and calls `sync_data` after every `per_sync` records, for `dur`.
+fn raw_loop(record: &[u8], per_sync: usize, dur: Duration) -> Rate {
+    let dir = scratch_dir("raw-");
+    let mut f = std::fs::OpenOptions::new().create_new(true).append(true).open(dir.path().join("raw.wal")).unwrap();
+    f.write_all(&[0u8; 32]).unwrap();
+    f.sync_all().unwrap();
+    let mut lat = Vec::new();
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        for _ in 0..per_sync {
+            f.write_all(record).unwrap();
+        }
+        let t = Instant::now();
+        f.sync_data().unwrap();
+        lat.push(t.elapsed());
+        n += per_sync as u64;
+    }
+    Rate {
+        per_s: n as f64 / start.elapsed().as_secs_f64(),
+        lat: Samples::from_durations(&lat),
+        syncs_per_op: 0.0,
+        snapshots: 0,
+        grants: n,
+    }
+}
+
+/// `callers` threads, each with its own clone of one ledger, granting 1 worker per call.
+fn ledger_grants(callers: usize, dur: Duration, storage: Arc<CountingStorage>, config: Config) -> Rate {
+    let dir = scratch_dir("ledger-");
+    let ledger = Ledger::open_with(dir.path(), OpenOptions::default().config(config).storage(storage.clone()))
+        .expect("opening the benchmark ledger");
+    let handles: Vec<Ledger> = (0..callers).map(|_| ledger.clone()).collect();
+    let issued = AtomicU64::new(0);
+    let syncs_before = storage.syncs();
+    let renames_before = storage.renames();
+    let (n, elapsed, lat) = run_threads(callers, dur, |t, _| {
+        let k = issued.fetch_add(1, Ordering::Relaxed);
+        if k >= BUDGET {
+            return false;
+        }
+        match handles[t].request_resources(&grant_request(k)).expect("a durable grant") {
+            RequestOutcome::Granted(_) => true,
+            RequestOutcome::Failed(f) => panic!("the benchmark pool rejected a grant: {}", f.error),
+        }
+    });
+    let syncs = storage.syncs() - syncs_before;
+    let snapshots = storage.renames() - renames_before;
+    drop(handles);
+    drop(ledger);
+    Rate {
+        per_s: n as f64 / elapsed.as_secs_f64(),
+        lat: Samples::from_durations(&lat),
+        syncs_per_op: syncs as f64 / n.max(1) as f64,
+        snapshots,
+        grants: n,
+    }
+}
+
+const SQLITE_SCHEMA: &str = "
+    PRAGMA synchronous=FULL;
+    CREATE TABLE events(seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, type TEXT NOT NULL, json TEXT NOT NULL);
+    CREATE TABLE allocations(
+        id INTEGER PRIMARY KEY, job TEXT NOT NULL, priority TEXT NOT NULL, state TEXT NOT NULL,
+        workers INTEGER NOT NULL, cpu_millicores INTEGER NOT NULL, memory_mib INTEGER NOT NULL,
+        start_us INTEGER NOT NULL, end_us INTEGER, deadline_us INTEGER NOT NULL, slots TEXT NOT NULL);
+";
+
+pub fn sqlite_open(path: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
+    conn.execute_batch(SQLITE_SCHEMA).unwrap();
+    conn
+}
+
+/// SQLite doing the ledger's bookkeeping: the same decision (`State::decide_request`, in memory),
+/// then an events row (seq, ts, type, JSON) and an allocations row per grant, committing every
+/// `per_txn` grants. Single-threaded: SQLite has one writer at a time.
+fn sqlite_grants(per_txn: usize, dur: Duration) -> Rate {
+    let dir = scratch_dir("sqlite-");
+    let conn = sqlite_open(&dir.path().join("ledger.db"));
+    let mut state = created_state();
+    let mut ins_event = conn.prepare("INSERT INTO events(seq, ts, type, json) VALUES (?1, ?2, ?3, ?4)").unwrap();
+    let mut ins_alloc = conn
+        .prepare(
+            "INSERT INTO allocations(id, job, priority, state, workers, cpu_millicores, memory_mib, start_us, end_us, deadline_us, slots)
+             VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, NULL, ?8, ?9)",
+        )
+        .unwrap();
+    let mut lat = Vec::new();
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < dur && n + per_txn as u64 <= BUDGET {
+        let t = Instant::now();
+        conn.execute_batch("BEGIN").unwrap();
+        for _ in 0..per_txn {
+            let ts = SystemClock.now_micros().max(state.last_ts_us + 1);
+            let body = state.decide_request(&grant_request(n), ts, AllocationId::random()).unwrap();
+            let EventBody::Granted(g) = &body else { panic!("the benchmark pool rejected a grant") };
+            let payload = Event::new(ts, body.clone()).encode();
+            let seq = state.last_seq + 1;
+            ins_event
+                .execute(rusqlite::params![seq as i64, ts, "granted", std::str::from_utf8(&payload).unwrap()])
+                .unwrap();
+            let slots: Vec<String> = g.workers.iter().map(|w| w.slot.to_string()).collect();
+            ins_alloc
+                .execute(rusqlite::params![
+                    g.allocation_id.as_u64() as i64,
+                    g.job_id,
+                    g.priority.as_str(),
+                    g.resources.workers,
+                    g.resources.cpu_millicores as i64,
+                    g.resources.memory_mib as i64,
+                    ts,
+                    g.deadline_us,
+                    slots.join(","),
+                ])
+                .unwrap();
+            state.evolve(seq, ts, &body);
+            n += 1;
+        }
+        conn.execute_batch("COMMIT").unwrap();
+        lat.push(t.elapsed());
+    }
+    Rate {
+        per_s: n as f64 / start.elapsed().as_secs_f64(),
+        lat: Samples::from_durations(&lat),
+        syncs_per_op: 0.0,
+        snapshots: 0,
+        grants: n,
+    }
+}
+
+fn med(rates: &[Rate]) -> f64 {
+    median(&rates.iter().map(|r| r.per_s).collect::<Vec<_>>())
+}
+
+/// Median over rounds of `a[i] / b[i]`: each round's variants ran back to back, so their ratio
+/// is less exposed to the load drifting during the run than a ratio of medians.
+fn ratio(a: &[Rate], b: &[Rate]) -> f64 {
+    median(&a.iter().zip(b).map(|(a, b)| a.per_s / b.per_s).collect::<Vec<_>>())
+}
+
+fn spread(rates: &[Rate]) -> String {
+    let v: Vec<f64> = rates.iter().map(|r| r.per_s).collect();
+    let s = Samples::new(v);
+    format!("{}..{}", fmt_rate(s.pct(0.0)), fmt_rate(s.max()))
+}
+
+fn all_lat(rates: &[Rate]) -> Samples {
+    Samples::new(rates.iter().flat_map(|r| r.lat.values().iter().copied()).collect())
+}
+
+fn main() {
+    let quick = quick();
+    let mut report = Report::new("durable");
+    let (rounds_1, dur_1, rounds_n, dur_n) = if quick {
+        (1, Duration::from_millis(200), 1, Duration::from_millis(300))
+    } else {
+        (7, Duration::from_millis(700), 4, Duration::from_millis(1500))
+    };
+    let record = grant_record();
+
+    report.section("Durable grants: 1 caller (issue 6, item 1)");
+    machine_note(&mut report);
+    let (mut raw1, mut led1, mut sql1) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds_1 {
+        raw1.push(raw_loop(&record, 1, dur_1));
+        led1.push(ledger_grants(1, dur_1, CountingStorage::real(), pool_config()));
+        sql1.push(sqlite_grants(1, dur_1));
+        eprintln!(
+            "[durable] 1 caller, round {}/{rounds_1}: raw {} (fsync p50 {})  ledger {} (p50 {}, max {})  sqlite {}",
+            round + 1,
+            fmt_rate(raw1[round].per_s),
+            fmt_secs(raw1[round].lat.pct(50.0)),
+            fmt_rate(led1[round].per_s),
+            fmt_secs(led1[round].lat.pct(50.0)),
+            fmt_secs(led1[round].lat.max()),
+            fmt_rate(sql1[round].per_s)
+        );
+    }
+    let fsync = all_lat(&raw1);
+    let fsync_p50 = fsync.pct(50.0);
+    report.value(
+        "fsync_p50_s",
+        &format!("fdatasync after appending one {}-byte record: p50 / p99 / mean", record.len()),
+        fsync_p50,
+        "s",
+        format!("{} / {} / {}", fmt_secs(fsync_p50), fmt_secs(fsync.pct(99.0)), fmt_secs(fsync.mean())),
+    );
+    let (raw, led, sql) = (med(&raw1), med(&led1), med(&sql1));
+    report.value(
+        "raw_1",
+        &format!("raw loop: append {} B + fdatasync (the physical limit)", record.len()),
+        raw,
+        "ops/s",
+        fmt_rate(raw),
+    );
+    let r_raw = ratio(&led1, &raw1);
+    report.row(Row {
+        id: "ledger_1".into(),
+        what: "ledger, 1 caller: durable grants".into(),
+        value: led,
+        unit: "grants/s".into(),
+        shown: fmt_rate(led),
+        against: format!("raw loop {}", fmt_rate(raw)),
+        ratio: Some(r_raw),
+        target: ">= 0.90x raw".into(),
+        met: Some(r_raw >= 0.9),
+    });
+    report.value("sqlite_1", "SQLite WAL synchronous=FULL, 1 transaction per grant", sql, "grants/s", fmt_rate(sql));
+    let r_sql = ratio(&led1, &sql1);
+    report.row(Row {
+        id: "ledger_1_vs_sqlite".into(),
+        what: "ledger, 1 caller, against SQLite".into(),
+        value: r_sql,
+        unit: "ratio".into(),
+        shown: fmt_rate(led),
+        against: format!("SQLite {}", fmt_rate(sql)),
+        ratio: Some(r_sql),
+        target: "> 1x SQLite".into(),
+        met: Some(r_sql > 1.0),
+    });
+    let l1 = all_lat(&led1);
+    report.value(
+        "ledger_1_p50_s",
+        "ledger, 1 caller: latency p50 / p99",
+        l1.pct(50.0),
+        "s",
+        format!("{} / {}", fmt_secs(l1.pct(50.0)), fmt_secs(l1.pct(99.0))),
+    );
+    let spo = led1.iter().map(|r| r.syncs_per_op).sum::<f64>() / led1.len() as f64;
+    report.note(format!(
+        "{rounds_1} rounds of {:.1} s per variant, interleaved (raw, ledger, SQLite); rates are the median round, \
+         ratios the median of the per-round ratios. Spread over rounds: raw {}, ledger {}, SQLite {}. The ledger made \
+         {spo:.2} log fsyncs per grant.",
+        dur_1.as_secs_f64(),
+        spread(&raw1),
+        spread(&led1),
+        spread(&sql1)
+    ));
+    report.note(format!(
+        "bound: one caller waits for one fsync per grant, so 1 / fsync p50 = {} is the ceiling for any design that \
+         acknowledges after fsync; the fsync latency of this shared disk moves with the other processes' I/O.",
+        fmt_rate(1.0 / fsync_p50)
+    ));
+
+    report.section("Durable grants: concurrent callers, group commit (issue 6, item 2)");
+    let (mut raw64, mut led8, mut led64, mut sql1000) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds_n {
+        raw64.push(raw_loop(&record, 64, dur_n));
+        led8.push(ledger_grants(8, dur_n, CountingStorage::real(), pool_config()));
+        led64.push(ledger_grants(64, dur_n, CountingStorage::real(), pool_config()));
+        sql1000.push(sqlite_grants(1000, dur_n));
+        eprintln!(
+            "[durable] concurrent, round {}/{rounds_n}: raw/64 {} (fsync p50 {})  ledger 8 {}  ledger 64 {} (max {})  sqlite/1000 {}",
+            round + 1,
+            fmt_rate(raw64[round].per_s),
+            fmt_secs(raw64[round].lat.pct(50.0)),
+            fmt_rate(led8[round].per_s),
+            fmt_rate(led64[round].per_s),
+            fmt_secs(led64[round].lat.max()),
+            fmt_rate(sql1000[round].per_s)
+        );
+    }
+    let fsync64 = all_lat(&raw64);
+    let fsync64_p50 = fsync64.pct(50.0);
+    let (raw64_rate, l8, l64, s1000) = (med(&raw64), med(&led8), med(&led64), med(&sql1000));
+    report.value(
+        "raw_64",
+        "raw loop: 64 appends, then one fdatasync (fsync p50)",
+        raw64_rate,
+        "ops/s",
+        format!("{} ({})", fmt_rate(raw64_rate), fmt_secs(fsync64_p50)),
+    );
+    report.value("ledger_1c", "ledger, 1 caller (from above)", led, "grants/s", fmt_rate(led));
+    for (id, callers, rate, runs) in [("ledger_8", 8usize, l8, &led8), ("ledger_64", 64, l64, &led64)] {
+        let lat = all_lat(runs);
+        let spo = runs.iter().map(|r| r.syncs_per_op).sum::<f64>() / runs.len() as f64;
+        let r = ratio(runs, &raw64);
+        report.row(Row {
+            id: id.into(),
+            what: format!("ledger, {callers} callers: durable grants"),
+            value: rate,
+            unit: "grants/s".into(),
+            shown: fmt_rate(rate),
+            against: format!("raw loop, fsync per 64: {}", fmt_rate(raw64_rate)),
+            ratio: Some(r),
+            target: if callers == 64 { ">= 150k/s".into() } else { String::new() },
+            met: (callers == 64).then_some(rate >= 150_000.0),
+        });
+        report.value(
+            &format!("{id}_p50_s"),
+            &format!("ledger, {callers} callers: latency p50 / p99; grants per fsync; snapshots"),
+            lat.pct(50.0),
+            "s",
+            format!(
+                "{} / {}; {:.1}; {}",
+                fmt_secs(lat.pct(50.0)),
+                fmt_secs(lat.pct(99.0)),
+                1.0 / spo.max(1e-9),
+                runs.iter().map(|r| r.snapshots).sum::<u64>()
+            ),
+        );
+    }
+    report.value(
+        "sqlite_1000",
+        "SQLite WAL synchronous=FULL, 1000 grants per transaction (1 thread)",
+        s1000,
+        "grants/s",
+        fmt_rate(s1000),
+    );
+    let r = ratio(&led64, &sql1000);
+    report.row(Row {
+        id: "ledger_64_vs_sqlite".into(),
+        what: "ledger, 64 callers, against SQLite 1000 grants/txn".into(),
+        value: r,
+        unit: "ratio".into(),
+        shown: fmt_rate(l64),
+        against: format!("SQLite {}", fmt_rate(s1000)),
+        ratio: Some(r),
+        target: ">= 5x SQLite".into(),
+        met: Some(r >= 5.0),
+    });
+    report.note(format!(
+        "bound: a caller's grant is acknowledged only after an fsync that began after it was appended, so 64 callers \
+         complete at most 64 grants per fsync: 64 / {} (fsync p50 of the 64-record loop) = {} in this run. 150k/s \
+         with 64 callers needs fsyncs of {} or less; SQLite with 1000 grants per transaction is not bound by callers.",
+        fmt_secs(fsync64_p50),
+        fmt_rate(64.0 / fsync64_p50),
+        fmt_secs(64.0 / 150_000.0)
+    ));
+    report.note(format!(
+        "{rounds_n} rounds of {:.1} s per variant, interleaved; medians as above. Spread: raw/64 {}, ledger 8 {}, \
+         ledger 64 {}, SQLite/1000 {}. Fresh ledger per run (pool of {POOL} slots, at most {BUDGET} grants), config \
+         otherwise default (snapshot_every 10000). SQLite's batches come from one thread (one writer at a time).",
+        dur_n.as_secs_f64(),
+        spread(&raw64),
+        spread(&led8),
+        spread(&led64),
+        spread(&sql1000)
+    ));
+
+    report.section("CPU cost of a grant, fsync skipped (NOT durable; what bounds throughput once fsyncs are shared)");
+    let cpu_dur = if quick { Duration::from_millis(200) } else { Duration::from_secs(1) };
+    let no_snapshots = Config { snapshot_every: 0, ..pool_config() };
+    for (callers, snapshots) in [(1usize, true), (2, true), (64, true), (1, false), (2, false), (64, false)] {
+        let config = if snapshots { pool_config() } else { no_snapshots.clone() };
+        let r = ledger_grants(callers, cpu_dur, CountingStorage::no_sync(), config);
+        let every = if snapshots { 10_000 } else { 0 };
+        report.value(
+            &format!("cpu_{callers}{}", if snapshots { "" } else { "_nosnap" }),
+            &format!("ledger, {callers} caller(s), no fdatasync, snapshot_every {every}: grants/s (µs per grant); snapshots written"),
+            r.per_s,
+            "grants/s",
+            format!(
+                "{} ({:.1} µs); {} (expected {})",
+                fmt_rate(r.per_s),
+                1e6 / r.per_s,
+                r.snapshots,
+                if snapshots { r.grants / 10_000 } else { 0 }
+            ),
+        );
+    }
+    report.note(
+        "each grant runs decide, JSON encode, one write(2), JSON decode and evolve under the state lock, so this rate \
+         is the most any number of callers can reach even with a free fsync.",
+    );
+    report.finish();
+}
