@@ -206,7 +206,10 @@ pub fn usage(ledger: &Ledger, out: &Out, args: UsageArgs) -> Result<i32> {
     let until = time(ledger, "until", &args.until)?;
     let by = GroupBy::parse("by", &args.by)?;
     prepare(ledger)?;
-    let r = ledger.usage(since, until, &by)?;
+    let mut bar = ProgressBar::new("reading the window");
+    let r = ledger.usage_with_progress(since, until, &by, &mut |done, total| bar.update(done, total));
+    bar.finish();
+    let r = r?;
     out.doc(&r, || human_usage(&r));
     Ok(exit::OK)
 }

@@ -12,7 +12,7 @@
 //! allocations active at the end of the log.
 
 use crate::clock::{format_micros, Micros};
-use crate::event::{EventBody, Grant, RejectReason};
+use crate::event::{EventBody, Grant};
 use crate::model::{cores, AllocationId, Resources};
 use crate::report::CapacityReport;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -68,14 +68,6 @@ struct Sweep {
     servers_changed: bool,
 }
 
-/// A rejection, for counting by reason.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RejectionMark {
-    pub ts_us: Micros,
-    pub allocation_id: AllocationId,
-    pub reason: RejectReason,
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct CapacityIndex {
     /// `ts[i]` is the timestamp of the event with sequence number `i + 1`.
@@ -86,7 +78,6 @@ pub struct CapacityIndex {
     name_ids: HashMap<String, u32>,
     server_sets: Vec<Box<[u32]>>,
     server_set_ids: HashMap<Box<[u32]>, u32>,
-    rejections: Vec<RejectionMark>,
     sweep: Sweep,
 }
 
@@ -126,17 +117,10 @@ impl CapacityIndex {
         self.totals[step.totals as usize]
     }
 
-    pub(crate) fn rejections_between(&self, since: Micros, until: Micros) -> &[RejectionMark] {
-        let a = self.rejections.partition_point(|r| r.ts_us < since);
-        let b = self.rejections.partition_point(|r| r.ts_us < until);
-        &self.rejections[a..b.max(a)]
-    }
-
     /// Approximate heap footprint, for the docs' numbers.
     pub fn approx_bytes(&self) -> usize {
         self.ts.capacity() * 8
             + self.steps.capacity() * std::mem::size_of::<Step>()
-            + self.rejections.capacity() * std::mem::size_of::<RejectionMark>()
             + self.server_sets.iter().map(|s| s.len() * 4 + 16).sum::<usize>() * 2
             + self.names.iter().map(|n| n.len() + 48).sum::<usize>()
     }
@@ -169,9 +153,7 @@ impl CapacityIndex {
                 };
             }
             EventBody::Granted(g) => self.grant(g),
-            EventBody::Rejected(r) => {
-                self.rejections.push(RejectionMark { ts_us, allocation_id: r.allocation_id, reason: r.reason })
-            }
+            EventBody::Rejected(_) => {}
             // An expiry ended the holding at its deadline, which `advance_to` has passed.
             EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => {
                 self.end(*allocation_id)

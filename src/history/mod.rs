@@ -22,10 +22,10 @@ use crate::event::{Event, EventBody, LoggedEvent};
 use crate::ledger::{Ledger, SNAPSHOT_DIR, WAL_DIR};
 use crate::model::{AllocationId, AllocationState};
 use crate::report::{AllocationDetails, AllocationSummary, CapacityReport};
-use crate::state::State;
+use crate::state::{Allocation, State};
 use crate::{snapshot, wal, Config, Error, Result};
 use serde::Serialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 /// Progress of a long scan: (done, total), in events.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
@@ -102,6 +102,11 @@ fn scan_into(ledger: &Ledger, ix: &mut CapacityIndex, upto: u64, progress: Progr
         });
     }
     Ok(())
+}
+
+enum Subject<'a> {
+    Allocation(AllocationId),
+    Job(&'a str),
 }
 
 enum AtPlan<R> {
@@ -244,14 +249,78 @@ impl Ledger {
     }
 
     /// `list_allocations` as of `at`: every allocation known then, filtered by its state then
-    /// and by job.
+    /// and by job. Ended allocations the state no longer keeps in memory are read from the log.
     pub fn list_allocations_at(
         &self,
         at: Micros,
         state: Option<AllocationState>,
         job_id: Option<&str>,
     ) -> Result<Vec<AllocationSummary>> {
-        self.with_state_at("at", at, |s, t| s.list(state, job_id, t))
+        let (mut rows, evicted, upto, t) = self.with_state_at("at", at, |s, t| {
+            let rows = s.list(state, job_id, t);
+            let evicted = s.evicted_count() > 0 && state != Some(AllocationState::Active);
+            let known: BTreeSet<AllocationId> =
+                if evicted { s.allocations().map(|a| a.id).collect() } else { BTreeSet::new() };
+            (rows, evicted.then_some(known), s.last_seq, t)
+        })?;
+        if let Some(known) = evicted {
+            for a in self.ended_from_log(upto, job_id, &known)? {
+                if state.is_none_or(|st| a.state_at(t) == st) {
+                    rows.push(a.summary(t));
+                }
+            }
+            rows.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.allocation_id.cmp(&b.allocation_id)));
+        }
+        Ok(rows)
+    }
+
+    /// Allocations of the log up to `upto` that are not in `known`, as they were at `upto`
+    /// (only records of the job, if given, and end events are decoded).
+    fn ended_from_log(
+        &self,
+        upto: u64,
+        job_id: Option<&str>,
+        known: &BTreeSet<AllocationId>,
+    ) -> Result<Vec<Allocation>> {
+        let job_needle = job_id.map(|j| format!("\"job_id\":{}", serde_json::Value::from(j)));
+        let job_finder = job_needle.as_ref().map(|n| memchr::memmem::Finder::new(n.as_bytes()));
+        let mut found: HashMap<AllocationId, Allocation> = HashMap::new();
+        if upto == 0 {
+            return Ok(Vec::new());
+        }
+        wal::scan_log(&**self.storage(), &self.dir().join(WAL_DIR), 0, &mut |pos, payload| {
+            if pos.seq > upto {
+                return Ok(false);
+            }
+            let head = &payload[..payload.len().min(80)];
+            let is_end = memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
+                || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some();
+            if !is_end && job_finder.as_ref().is_some_and(|f| f.find(payload).is_none()) {
+                return Ok(pos.seq < upto);
+            }
+            let ev = Event::decode(payload)?;
+            match ev.body {
+                EventBody::Granted(g) if !known.contains(&g.allocation_id) && job_id.is_none_or(|j| g.job_id == j) => {
+                    found.insert(g.allocation_id, Allocation::from_grant(ev.ts_us, &g));
+                }
+                EventBody::Rejected(r) if !known.contains(&r.allocation_id) && job_id.is_none_or(|j| r.job_id == j) => {
+                    found.insert(r.allocation_id, Allocation::from_rejection(pos.seq, ev.ts_us, &r));
+                }
+                EventBody::Released { allocation_id } => {
+                    if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
+                        a.end(pos.seq, ev.ts_us, AllocationState::Released);
+                    }
+                }
+                EventBody::Expired { allocation_id, deadline_us } => {
+                    if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
+                        a.end(pos.seq, deadline_us, AllocationState::Expired);
+                    }
+                }
+                _ => {}
+            }
+            Ok(pos.seq < upto)
+        })?;
+        Ok(found.into_values().collect())
     }
 
     /// Where a scan for events at or after `t` may start (`after_seq`), from the index if this
@@ -300,42 +369,94 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Events about the allocations in `ids` (id, created, terminal in the state), scanning
-    /// from the earliest creation and stopping after the last terminal event when none is active.
-    fn history_of(&self, ids: &[(AllocationId, Micros, bool)], upto: u64) -> Result<Vec<HistoryEvent>> {
+    /// Scans the log after `after` up to `upto` for the events of one allocation or of one job,
+    /// decoding only the records that can be about them. `stop_when_done`: the ids expected
+    /// and whether each has ended (lets the scan stop after the last terminal event).
+    fn history_scan(
+        &self,
+        subject: &Subject<'_>,
+        after: u64,
+        upto: u64,
+        stop_when_done: Option<&[(AllocationId, bool)]>,
+    ) -> Result<(Vec<HistoryEvent>, Vec<AllocationId>)> {
         let mut out = Vec::new();
-        let Some(first) = ids.iter().map(|x| x.1).min() else { return Ok(out) };
-        let wanted: BTreeSet<AllocationId> = ids.iter().map(|x| x.0).collect();
-        let any_active = ids.iter().any(|x| !x.2);
-        let mut pending: BTreeSet<AllocationId> = ids.iter().filter(|x| x.2).map(|x| x.0).collect();
-        let after = self.seq_hint(first)?;
+        let mut ids: Vec<AllocationId> = Vec::new();
+        let mut wanted: BTreeSet<AllocationId> = BTreeSet::new();
+        if let Subject::Allocation(id) = subject {
+            wanted.insert(*id);
+            ids.push(*id);
+        }
+        let (any_active, mut pending) = match stop_when_done {
+            Some(list) => (list.iter().any(|x| !x.1), list.iter().filter(|x| x.1).map(|x| x.0).collect()),
+            None => (true, BTreeSet::new()),
+        };
+        let needle = match subject {
+            Subject::Allocation(id) => format!("\"allocation_id\":\"{id}\""),
+            Subject::Job(j) => format!("\"job_id\":{}", serde_json::Value::from(*j)),
+        };
+        let finder = memchr::memmem::Finder::new(needle.as_bytes());
+        if after >= upto {
+            return Ok((out, ids));
+        }
         wal::scan_log(&**self.storage(), &self.dir().join(WAL_DIR), after, &mut |pos, payload| {
             if pos.seq > upto {
                 return Ok(false);
             }
-            let event = Event::decode(payload)?;
-            let Some(id) = event.body.allocation_id().filter(|id| wanted.contains(id)) else {
-                return Ok(pos.seq < upto);
+            let relevant = match subject {
+                Subject::Allocation(_) => finder.find(payload).is_some(),
+                Subject::Job(_) => {
+                    let head = &payload[..payload.len().min(80)];
+                    finder.find(payload).is_some()
+                        || memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
+                        || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some()
+                }
             };
+            if !relevant {
+                return Ok(pos.seq < upto);
+            }
+            let event = Event::decode(payload)?;
+            let about = match (&event.body, subject) {
+                (EventBody::Granted(g), Subject::Job(j)) if g.job_id == *j => Some(g.allocation_id),
+                (EventBody::Rejected(r), Subject::Job(j)) if r.job_id == *j => Some(r.allocation_id),
+                (body, _) => body.allocation_id().filter(|id| wanted.contains(id)),
+            };
+            let Some(id) = about else { return Ok(pos.seq < upto) };
+            if wanted.insert(id) {
+                ids.push(id);
+            }
             let terminal = !matches!(event.body, EventBody::Granted(_));
             out.push(HistoryEvent { seq: pos.seq, at: format_micros(event.ts_us), event });
-            if terminal && pending.remove(&id) && !any_active && pending.is_empty() {
+            if stop_when_done.is_some() && terminal && pending.remove(&id) && !any_active && pending.is_empty() {
                 return Ok(false);
             }
             Ok(pos.seq < upto)
         })?;
-        Ok(out)
+        Ok((out, ids))
     }
 
-    /// Every event about one allocation, in order, with timestamps.
+    /// Every event about one allocation, in order, with timestamps. One that ended long ago
+    /// (no longer in memory) is found in the log.
     pub fn allocation_history(&self, allocation_id: &str) -> Result<History> {
         let id = AllocationId::parse("allocation_id", allocation_id)?;
-        let (job_id, created, ended, upto) = self
-            .with_state(|s| {
-                s.allocation(id).map(|a| (a.job_id.clone(), a.created_us, a.state.is_terminal(), s.last_seq))
-            })
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let events = self.history_of(&[(id, created, ended)], upto)?;
+        let (known, upto) = self.with_state(|s| {
+            (s.allocation(id).map(|a| (a.job_id.clone(), a.created_us, a.state.is_terminal())), s.last_seq)
+        });
+        let subject = Subject::Allocation(id);
+        let (events, job_id) = match known {
+            Some((job_id, created, ended)) => {
+                let after = self.seq_hint(created)?;
+                (self.history_scan(&subject, after, upto, Some(&[(id, ended)]))?.0, job_id)
+            }
+            None => {
+                let (events, _) = self.history_scan(&subject, 0, upto, None)?;
+                let job_id = match events.first().map(|e| &e.event.body) {
+                    Some(EventBody::Granted(g)) => g.job_id.clone(),
+                    Some(EventBody::Rejected(r)) => r.job_id.clone(),
+                    _ => return Err(Error::NotFound(id.to_string())),
+                };
+                (events, job_id)
+            }
+        };
         Ok(History { allocation_id: Some(id), job_id, allocation_ids: vec![id], events })
     }
 
@@ -343,22 +464,30 @@ impl Ledger {
     /// the ledger never saw has an empty history.
     pub fn job_history(&self, job_id: &str) -> Result<History> {
         crate::state::validate_job_id("job_id", job_id)?;
-        let (ids, upto) = self.with_state(|s| {
-            let ids: Vec<(AllocationId, Micros, bool)> = s
+        let (known, evicted, upto) = self.with_state(|s| {
+            let known: Vec<(AllocationId, Micros, bool)> = s
                 .list(None, Some(job_id), s.last_ts_us)
                 .iter()
                 .filter_map(|row| s.allocation(row.allocation_id))
                 .map(|a| (a.id, a.created_us, a.state.is_terminal()))
                 .collect();
-            (ids, s.last_seq)
+            (known, s.evicted_count() > 0, s.last_seq)
         });
-        let events = self.history_of(&ids, upto)?;
-        Ok(History {
-            allocation_id: None,
-            job_id: job_id.to_string(),
-            allocation_ids: ids.iter().map(|x| x.0).collect(),
-            events,
-        })
+        let subject = Subject::Job(job_id);
+        let (events, ids) = if evicted {
+            // Older allocations of the job may be only in the log: read all of it.
+            self.history_scan(&subject, 0, upto, None)?
+        } else {
+            match known.iter().map(|x| x.1).min() {
+                None => (Vec::new(), Vec::new()),
+                Some(first) => {
+                    let after = self.seq_hint(first)?;
+                    let expect: Vec<(AllocationId, bool)> = known.iter().map(|x| (x.0, x.2)).collect();
+                    self.history_scan(&subject, after, upto, Some(&expect))?
+                }
+            }
+        };
+        Ok(History { allocation_id: None, job_id: job_id.to_string(), allocation_ids: ids, events })
     }
 
     /// Clamps a window to the ledger's life: `since` before the first event starts at it,
@@ -391,10 +520,41 @@ impl Ledger {
     /// to the window; rejections by reason; releases and expiries. MCP server costs (charged
     /// once per running server) are reported per server, and included in the totals.
     pub fn usage(&self, since: Micros, until: Micros, by: &GroupBy) -> Result<UsageReport> {
-        self.with_index(|s, ix, now| {
+        self.usage_with_progress(since, until, by, &mut |_, _| {})
+    }
+
+    /// [`Ledger::usage`], reporting progress through the window's events as (done, total).
+    /// It reads the state just before the window (nearest snapshot plus the events after it)
+    /// and then the window's events from the log.
+    pub fn usage_with_progress(
+        &self,
+        since: Micros,
+        until: Micros,
+        by: &GroupBy,
+        progress: Progress<'_>,
+    ) -> Result<UsageReport> {
+        let (a, b, start, first_seq, last_seq) = self.with_index(|s, ix, now| {
             let (a, b) = Self::window(s, since, until, now)?;
-            Ok(usage::usage(s, ix, a, b, by))
-        })
+            Ok((a, b, s.created_us, ix.seq_before(a) + 1, ix.seq_before(b)))
+        })?;
+        let mut u = usage::UsageBuilder::new(a, b, by);
+        if a > start {
+            self.with_state_at("since", a - 1, |s, _| {
+                for al in s.allocations() {
+                    u.add_before(al);
+                }
+            })?;
+        }
+        let total = last_seq.saturating_sub(first_seq) + 1;
+        self.for_each_event(EventRange { since: Some(a), until: Some(b), ..Default::default() }, &mut |e| {
+            u.observe(e.event.ts_us, &e.event.body);
+            let done = e.seq.saturating_sub(first_seq) + 1;
+            if done.is_multiple_of(4096) || done == total {
+                progress(done, total);
+            }
+            true
+        })?;
+        Ok(u.finish())
     }
 
     /// Utilisation per bucket of `bucket_us` over `[since, until)`: time-weighted mean of what

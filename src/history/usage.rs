@@ -4,8 +4,9 @@
 
 use super::index::{CapacityIndex, Step};
 use crate::clock::{format_micros, Micros};
-use crate::model::{AllocationState, Resources};
-use crate::state::{Allocation, State};
+use crate::event::{EventBody, McpGrant};
+use crate::model::{AllocationId, AllocationState, Resources};
+use crate::state::Allocation;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -43,10 +44,10 @@ impl GroupBy {
         }
     }
 
-    fn key_of(&self, a: &Allocation) -> String {
+    fn key_of(&self, job_id: &str, metadata: &serde_json::Map<String, serde_json::Value>) -> String {
         match self {
-            GroupBy::Job => a.job_id.clone(),
-            GroupBy::Metadata(k) => match a.metadata.get(k) {
+            GroupBy::Job => job_id.to_string(),
+            GroupBy::Metadata(k) => match metadata.get(k) {
                 None => NO_GROUP.into(),
                 Some(serde_json::Value::String(s)) => s.clone(),
                 Some(v) => v.to_string(),
@@ -155,110 +156,166 @@ fn clip(start: Micros, end: Micros, since: Micros, until: Micros) -> i64 {
     (end.min(until) - start.max(since)).max(0)
 }
 
-pub(super) fn usage(s: &State, ix: &CapacityIndex, since: Micros, until: Micros, by: &GroupBy) -> UsageReport {
-    let mut groups: HashMap<String, UsageAmounts> = HashMap::new();
-    // Per MCP server name: (start, end, cpu, memory) of each holding that used it.
-    let mut servers: BTreeMap<&str, Vec<(Micros, Micros, u64, u64)>> = BTreeMap::new();
-    for a in s.allocations() {
-        if a.state == AllocationState::Failed {
-            continue;
+/// One allocation's holding, as far as the window is concerned.
+struct Holding {
+    group: String,
+    start: Micros,
+    deadline: Micros,
+    resources: Resources,
+    /// (name, cpu, memory) of each MCP server it uses that has a cost.
+    servers: Vec<(String, u64, u64)>,
+    released_at: Option<Micros>,
+}
+
+/// Usage over `[since, until)`, built from the allocations holding at `since` (from the state
+/// just before it) and the events in the window, in log order.
+pub(super) struct UsageBuilder<'a> {
+    since: Micros,
+    until: Micros,
+    by: &'a GroupBy,
+    holdings: HashMap<AllocationId, Holding>,
+    groups: HashMap<String, UsageAmounts>,
+}
+
+impl<'a> UsageBuilder<'a> {
+    pub(super) fn new(since: Micros, until: Micros, by: &'a GroupBy) -> Self {
+        UsageBuilder { since, until, by, holdings: HashMap::new(), groups: HashMap::new() }
+    }
+
+    fn hold(
+        &mut self,
+        id: AllocationId,
+        group: String,
+        start: Micros,
+        deadline: Micros,
+        r: Resources,
+        mcp: &[McpGrant],
+    ) {
+        let servers = mcp
+            .iter()
+            .filter(|m| m.cpu_millicores > 0 || m.memory_mib > 0)
+            .map(|m| (m.name.clone(), m.cpu_millicores, m.memory_mib))
+            .collect();
+        self.holdings.insert(id, Holding { group, start, deadline, resources: r, servers, released_at: None });
+    }
+
+    /// An allocation of the state just before the window: counted if it still held at `since`
+    /// (or its deadline is `since` itself, which ends it in the window).
+    pub(super) fn add_before(&mut self, a: &Allocation) {
+        if a.state == AllocationState::Active && a.deadline_us >= self.since {
+            let group = self.by.key_of(&a.job_id, &a.metadata);
+            self.hold(a.id, group, a.created_us, a.deadline_us, a.resources, &a.mcp_servers);
         }
-        let (start, end) = (a.created_us, a.held_until());
-        if start >= until || end < since {
-            continue;
+    }
+
+    /// An event with `since <= ts < until`.
+    pub(super) fn observe(&mut self, ts: Micros, body: &EventBody) {
+        match body {
+            EventBody::Granted(g) => {
+                let group = self.by.key_of(&g.job_id, &g.metadata);
+                self.groups.entry(group.clone()).or_default().granted += 1;
+                self.hold(g.allocation_id, group, ts, g.deadline_us, g.resources, &g.mcp_servers);
+            }
+            EventBody::Released { allocation_id } => {
+                if let Some(h) = self.holdings.get_mut(allocation_id) {
+                    if h.released_at.is_none() && ts < h.deadline {
+                        h.released_at = Some(ts);
+                    }
+                }
+            }
+            EventBody::Rejected(r) => {
+                let g = self.groups.entry(self.by.key_of(&r.job_id, &r.metadata)).or_default();
+                g.rejected += 1;
+                *g.rejections.entry(r.reason.as_str().to_string()).or_default() += 1;
+            }
+            // An expiry ends the holding at the deadline, known from the grant.
+            EventBody::Expired { .. } | EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => {}
         }
-        let held = clip(start, end, since, until);
-        let ends_in_window = end >= since && end < until;
-        let in_start = start >= since;
-        if held == 0 && !ends_in_window && !in_start {
-            continue;
-        }
-        let g = groups.entry(by.key_of(a)).or_default();
-        if held > 0 {
-            g.allocations += 1;
-            g.add_held(a.resources, held);
-        }
-        if in_start {
-            g.granted += 1;
-        }
-        if ends_in_window {
-            match a.state {
-                AllocationState::Released if a.ended_us.is_some_and(|e| e < a.deadline_us) => g.released += 1,
-                _ => g.expired += 1,
+    }
+
+    pub(super) fn finish(self) -> UsageReport {
+        let (since, until, by) = (self.since, self.until, self.by);
+        let mut groups = self.groups;
+        // Per MCP server name: (start, end, cpu, memory) of each holding that used it.
+        let mut servers: BTreeMap<String, Vec<(Micros, Micros, u64, u64)>> = BTreeMap::new();
+        for h in self.holdings.into_values() {
+            let end = h.released_at.unwrap_or(h.deadline);
+            let held = clip(h.start, end, since, until);
+            let g = groups.entry(h.group).or_default();
+            if held > 0 {
+                g.allocations += 1;
+                g.add_held(h.resources, held);
+            }
+            if h.released_at.is_some() {
+                g.released += 1;
+            } else if h.deadline >= since && h.deadline < until {
+                g.expired += 1;
+            }
+            for (name, cpu, mem) in h.servers {
+                servers.entry(name).or_default().push((h.start, end, cpu, mem));
             }
         }
-        for m in &a.mcp_servers {
-            if m.cpu_millicores > 0 || m.memory_mib > 0 {
-                servers.entry(m.name.as_str()).or_default().push((start, end, m.cpu_millicores, m.memory_mib));
+        // A server runs while any holding that uses it lasts; each run costs what the grant
+        // that started it recorded (every grant during a run records the run's cost).
+        let mut mcp_servers = Vec::new();
+        for (name, mut holdings) in servers {
+            holdings.sort_by_key(|h| h.0);
+            let mut u = McpServerUsage {
+                name,
+                running_seconds: 0.0,
+                cpu_seconds: 0.0,
+                memory_mib_seconds: 0.0,
+                cpu_millicore_us: 0,
+                memory_mib_us: 0,
+            };
+            let mut running_us = 0i64;
+            let mut i = 0;
+            while i < holdings.len() {
+                let (run_start, mut run_end, cpu, mem) = holdings[i];
+                let mut j = i + 1;
+                while j < holdings.len() && holdings[j].0 < run_end {
+                    run_end = run_end.max(holdings[j].1);
+                    j += 1;
+                }
+                let d = clip(run_start, run_end, since, until);
+                running_us += d;
+                u.cpu_millicore_us += u128::from(cpu) * d as u128;
+                u.memory_mib_us += u128::from(mem) * d as u128;
+                i = j;
+            }
+            if running_us > 0 {
+                u.running_seconds = running_us as f64 / 1e6;
+                u.cpu_seconds = u.cpu_millicore_us as f64 / 1e9;
+                u.memory_mib_seconds = u.memory_mib_us as f64 / 1e6;
+                mcp_servers.push(u);
             }
         }
-    }
-    // A server runs while any holding that uses it lasts; each run costs what the grant that
-    // started it recorded.
-    let mut mcp_servers = Vec::new();
-    for (name, mut holdings) in servers {
-        holdings.sort_by_key(|h| h.0);
-        let mut u = McpServerUsage {
-            name: name.to_string(),
-            running_seconds: 0.0,
-            cpu_seconds: 0.0,
-            memory_mib_seconds: 0.0,
-            cpu_millicore_us: 0,
-            memory_mib_us: 0,
-        };
-        let mut running_us = 0i64;
-        let mut i = 0;
-        while i < holdings.len() {
-            let (run_start, mut run_end, cpu, mem) = holdings[i];
-            let mut j = i + 1;
-            while j < holdings.len() && holdings[j].0 < run_end {
-                run_end = run_end.max(holdings[j].1);
-                j += 1;
-            }
-            let d = clip(run_start, run_end, since, until);
-            running_us += d;
-            u.cpu_millicore_us += u128::from(cpu) * d as u128;
-            u.memory_mib_us += u128::from(mem) * d as u128;
-            i = j;
+        let mut total = UsageAmounts::default();
+        let mut groups: Vec<UsageGroup> = groups
+            .into_iter()
+            .map(|(group, mut usage)| {
+                total.add(&usage);
+                usage.finish();
+                UsageGroup { group, usage }
+            })
+            .collect();
+        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        for m in &mcp_servers {
+            total.cpu_millicore_us += m.cpu_millicore_us;
+            total.memory_mib_us += m.memory_mib_us;
         }
-        if running_us > 0 {
-            u.running_seconds = running_us as f64 / 1e6;
-            u.cpu_seconds = u.cpu_millicore_us as f64 / 1e9;
-            u.memory_mib_seconds = u.memory_mib_us as f64 / 1e6;
-            mcp_servers.push(u);
+        total.finish();
+        UsageReport {
+            since: format_micros(since),
+            until: format_micros(until),
+            since_us: since,
+            until_us: until,
+            window_seconds: (until - since) as f64 / 1e6,
+            group_by: by.as_string(),
+            groups,
+            mcp_servers,
+            total,
         }
-    }
-    for r in ix.rejections_between(since, until) {
-        let key = s.allocation(r.allocation_id).map_or_else(|| NO_GROUP.to_string(), |a| by.key_of(a));
-        let g = groups.entry(key).or_default();
-        g.rejected += 1;
-        *g.rejections.entry(r.reason.as_str().to_string()).or_default() += 1;
-    }
-    let mut total = UsageAmounts::default();
-    let mut groups: Vec<UsageGroup> = groups
-        .into_iter()
-        .map(|(group, mut usage)| {
-            total.add(&usage);
-            usage.finish();
-            UsageGroup { group, usage }
-        })
-        .collect();
-    groups.sort_by(|a, b| a.group.cmp(&b.group));
-    for m in &mcp_servers {
-        total.cpu_millicore_us += m.cpu_millicore_us;
-        total.memory_mib_us += m.memory_mib_us;
-    }
-    total.finish();
-    UsageReport {
-        since: format_micros(since),
-        until: format_micros(until),
-        since_us: since,
-        until_us: until,
-        window_seconds: (until - since) as f64 / 1e6,
-        group_by: by.as_string(),
-        groups,
-        mcp_servers,
-        total,
     }
 }
 
