@@ -8,7 +8,7 @@
 # Environment:
 #   FUZZ_SECONDS     seconds per target (default 60)
 #   FUZZ_SANITIZER   none (default; the code has no unsafe of its own) or address
-#   FUZZ_JOBS        parallel libFuzzer jobs per target (default 1)
+#   FUZZ_JOBS        parallel libFuzzer processes per target (-fork=N; default 1)
 #
 # Only a stable toolchain is needed: cargo-fuzz asks for nightly-only compiler flags, which
 # RUSTC_BOOTSTRAP=1 allows on stable. Debug assertions (overflow checks, the fold's invariant
@@ -41,9 +41,11 @@ for t in "${targets[@]}"; do
   if [ -d "../tests/fuzz_regressions/$t" ]; then cp -n ../tests/fuzz_regressions/"$t"/* "$corpus"/ 2>/dev/null || true; fi
   echo "== $t: ${seconds}s (sanitizer $sanitizer)"
   log="artifacts/$t/last-run.log"
+  parallel=()
+  if [ "$jobs" -gt 1 ]; then parallel=(-fork="$jobs"); fi
   if cargo fuzz run --sanitizer "$sanitizer" --release --debug-assertions "$t" "$corpus" -- \
       -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 -timeout=20 \
-      -jobs="$jobs" -workers="$jobs" -print_final_stats=1 >"$log" 2>&1; then
+      "${parallel[@]}" -print_final_stats=1 >"$log" 2>&1; then
     grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)" "$log" | sed "s/^/  /" || true
     echo "  ok"
   else
