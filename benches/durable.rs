@@ -238,214 +238,239 @@ fn main() {
     let (rounds_1, dur_1, rounds_n, dur_n) = if quick {
         (1, Duration::from_millis(200), 1, Duration::from_millis(300))
     } else {
-        (7, Duration::from_millis(700), 4, Duration::from_millis(1500))
+        (9, Duration::from_millis(600), 5, Duration::from_millis(1200))
     };
     let record = grant_record();
 
-    report.section("Durable grants: 1 caller (issue 6, item 1)");
-    machine_note(&mut report);
-    let (mut raw1, mut led1, mut sql1) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds_1 {
-        raw1.push(raw_loop(&record, 1, dur_1));
-        led1.push(ledger_grants(1, dur_1, CountingStorage::real(), pool_config()));
-        sql1.push(sqlite_grants(1, dur_1));
-        eprintln!(
-            "[durable] 1 caller, round {}/{rounds_1}: raw {} (fsync p50 {})  ledger {} (p50 {}, max {})  sqlite {}",
-            round + 1,
-            fmt_rate(raw1[round].per_s),
-            fmt_secs(raw1[round].lat.pct(50.0)),
-            fmt_rate(led1[round].per_s),
-            fmt_secs(led1[round].lat.pct(50.0)),
-            fmt_secs(led1[round].lat.max()),
-            fmt_rate(sql1[round].per_s)
+    // BENCH_ONLY=one,concurrent,cpu runs some sections only.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let want = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
+    let mut led_1: Option<f64> = None;
+    if want("one") {
+        report.section("Durable grants: 1 caller (issue 6, item 1)");
+        machine_note(&mut report);
+        let (mut raw1, mut led1, mut sql1) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds_1 {
+            raw1.push(raw_loop(&record, 1, dur_1));
+            led1.push(ledger_grants(1, dur_1, CountingStorage::real(), pool_config()));
+            sql1.push(sqlite_grants(1, dur_1));
+            eprintln!(
+                "[durable] 1 caller, round {}/{rounds_1}: raw {} (fsync p50 {})  ledger {} (p50 {}, max {})  sqlite {}",
+                round + 1,
+                fmt_rate(raw1[round].per_s),
+                fmt_secs(raw1[round].lat.pct(50.0)),
+                fmt_rate(led1[round].per_s),
+                fmt_secs(led1[round].lat.pct(50.0)),
+                fmt_secs(led1[round].lat.max()),
+                fmt_rate(sql1[round].per_s)
+            );
+        }
+        let fsync = all_lat(&raw1);
+        let fsync_p50 = fsync.pct(50.0);
+        report.value(
+            "fsync_p50_s",
+            &format!("fdatasync after appending one {}-byte record: p50 / p99 / mean", record.len()),
+            fsync_p50,
+            "s",
+            format!("{} / {} / {}", fmt_secs(fsync_p50), fmt_secs(fsync.pct(99.0)), fmt_secs(fsync.mean())),
         );
-    }
-    let fsync = all_lat(&raw1);
-    let fsync_p50 = fsync.pct(50.0);
-    report.value(
-        "fsync_p50_s",
-        &format!("fdatasync after appending one {}-byte record: p50 / p99 / mean", record.len()),
-        fsync_p50,
-        "s",
-        format!("{} / {} / {}", fmt_secs(fsync_p50), fmt_secs(fsync.pct(99.0)), fmt_secs(fsync.mean())),
-    );
-    let (raw, led, sql) = (med(&raw1), med(&led1), med(&sql1));
-    report.value(
-        "raw_1",
-        &format!("raw loop: append {} B + fdatasync (the physical limit)", record.len()),
-        raw,
-        "ops/s",
-        fmt_rate(raw),
-    );
-    let r_raw = ratio(&led1, &raw1);
-    report.row(Row {
-        id: "ledger_1".into(),
-        what: "ledger, 1 caller: durable grants".into(),
-        value: led,
-        unit: "grants/s".into(),
-        shown: fmt_rate(led),
-        against: format!("raw loop {}", fmt_rate(raw)),
-        ratio: Some(r_raw),
-        target: ">= 0.90x raw".into(),
-        met: Some(r_raw >= 0.9),
-    });
-    report.value("sqlite_1", "SQLite WAL synchronous=FULL, 1 transaction per grant", sql, "grants/s", fmt_rate(sql));
-    let r_sql = ratio(&led1, &sql1);
-    report.row(Row {
-        id: "ledger_1_vs_sqlite".into(),
-        what: "ledger, 1 caller, against SQLite".into(),
-        value: r_sql,
-        unit: "ratio".into(),
-        shown: fmt_rate(led),
-        against: format!("SQLite {}", fmt_rate(sql)),
-        ratio: Some(r_sql),
-        target: "> 1x SQLite".into(),
-        met: Some(r_sql > 1.0),
-    });
-    let l1 = all_lat(&led1);
-    report.value(
-        "ledger_1_p50_s",
-        "ledger, 1 caller: latency p50 / p99",
-        l1.pct(50.0),
-        "s",
-        format!("{} / {}", fmt_secs(l1.pct(50.0)), fmt_secs(l1.pct(99.0))),
-    );
-    let spo = led1.iter().map(|r| r.syncs_per_op).sum::<f64>() / led1.len() as f64;
-    report.note(format!(
-        "{rounds_1} rounds of {:.1} s per variant, interleaved (raw, ledger, SQLite); rates are the median round, \
-         ratios the median of the per-round ratios. Spread over rounds: raw {}, ledger {}, SQLite {}. The ledger made \
-         {spo:.2} log fsyncs per grant.",
-        dur_1.as_secs_f64(),
-        spread(&raw1),
-        spread(&led1),
-        spread(&sql1)
-    ));
-    report.note(format!(
-        "bound: one caller waits for one fsync per grant, so 1 / fsync p50 = {} is the ceiling for any design that \
-         acknowledges after fsync; the fsync latency of this shared disk moves with the other processes' I/O.",
-        fmt_rate(1.0 / fsync_p50)
-    ));
-
-    report.section("Durable grants: concurrent callers, group commit (issue 6, item 2)");
-    let (mut raw64, mut led8, mut led64, mut sql1000) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds_n {
-        raw64.push(raw_loop(&record, 64, dur_n));
-        led8.push(ledger_grants(8, dur_n, CountingStorage::real(), pool_config()));
-        led64.push(ledger_grants(64, dur_n, CountingStorage::real(), pool_config()));
-        sql1000.push(sqlite_grants(1000, dur_n));
-        eprintln!(
-            "[durable] concurrent, round {}/{rounds_n}: raw/64 {} (fsync p50 {})  ledger 8 {}  ledger 64 {} (max {})  sqlite/1000 {}",
-            round + 1,
-            fmt_rate(raw64[round].per_s),
-            fmt_secs(raw64[round].lat.pct(50.0)),
-            fmt_rate(led8[round].per_s),
-            fmt_rate(led64[round].per_s),
-            fmt_secs(led64[round].lat.max()),
-            fmt_rate(sql1000[round].per_s)
+        let (raw, led, sql) = (med(&raw1), med(&led1), med(&sql1));
+        led_1 = Some(led);
+        report.value(
+            "raw_1",
+            &format!("raw loop: append {} B + fdatasync (the physical limit)", record.len()),
+            raw,
+            "ops/s",
+            fmt_rate(raw),
         );
-    }
-    let fsync64 = all_lat(&raw64);
-    let fsync64_p50 = fsync64.pct(50.0);
-    let (raw64_rate, l8, l64, s1000) = (med(&raw64), med(&led8), med(&led64), med(&sql1000));
-    report.value(
-        "raw_64",
-        "raw loop: 64 appends, then one fdatasync (fsync p50)",
-        raw64_rate,
-        "ops/s",
-        format!("{} ({})", fmt_rate(raw64_rate), fmt_secs(fsync64_p50)),
-    );
-    report.value("ledger_1c", "ledger, 1 caller (from above)", led, "grants/s", fmt_rate(led));
-    for (id, callers, rate, runs) in [("ledger_8", 8usize, l8, &led8), ("ledger_64", 64, l64, &led64)] {
-        let lat = all_lat(runs);
-        let spo = runs.iter().map(|r| r.syncs_per_op).sum::<f64>() / runs.len() as f64;
-        let r = ratio(runs, &raw64);
+        let r_raw = ratio(&led1, &raw1);
         report.row(Row {
-            id: id.into(),
-            what: format!("ledger, {callers} callers: durable grants"),
-            value: rate,
+            id: "ledger_1".into(),
+            what: "ledger, 1 caller: durable grants".into(),
+            value: led,
             unit: "grants/s".into(),
-            shown: fmt_rate(rate),
-            against: format!("raw loop, fsync per 64: {}", fmt_rate(raw64_rate)),
-            ratio: Some(r),
-            target: if callers == 64 { ">= 150k/s".into() } else { String::new() },
-            met: (callers == 64).then_some(rate >= 150_000.0),
+            shown: fmt_rate(led),
+            against: format!("raw loop {}", fmt_rate(raw)),
+            ratio: Some(r_raw),
+            target: ">= 0.90x raw".into(),
+            met: Some(r_raw >= 0.9),
         });
         report.value(
-            &format!("{id}_p50_s"),
-            &format!("ledger, {callers} callers: latency p50 / p99; grants per fsync; snapshots"),
-            lat.pct(50.0),
-            "s",
-            format!(
-                "{} / {}; {:.1}; {}",
-                fmt_secs(lat.pct(50.0)),
-                fmt_secs(lat.pct(99.0)),
-                1.0 / spo.max(1e-9),
-                runs.iter().map(|r| r.snapshots).sum::<u64>()
-            ),
-        );
-    }
-    report.value(
-        "sqlite_1000",
-        "SQLite WAL synchronous=FULL, 1000 grants per transaction (1 thread)",
-        s1000,
-        "grants/s",
-        fmt_rate(s1000),
-    );
-    let r = ratio(&led64, &sql1000);
-    report.row(Row {
-        id: "ledger_64_vs_sqlite".into(),
-        what: "ledger, 64 callers, against SQLite 1000 grants/txn".into(),
-        value: r,
-        unit: "ratio".into(),
-        shown: fmt_rate(l64),
-        against: format!("SQLite {}", fmt_rate(s1000)),
-        ratio: Some(r),
-        target: ">= 5x SQLite".into(),
-        met: Some(r >= 5.0),
-    });
-    report.note(format!(
-        "bound: a caller's grant is acknowledged only after an fsync that began after it was appended, so 64 callers \
-         complete at most 64 grants per fsync: 64 / {} (fsync p50 of the 64-record loop) = {} in this run. 150k/s \
-         with 64 callers needs fsyncs of {} or less; SQLite with 1000 grants per transaction is not bound by callers.",
-        fmt_secs(fsync64_p50),
-        fmt_rate(64.0 / fsync64_p50),
-        fmt_secs(64.0 / 150_000.0)
-    ));
-    report.note(format!(
-        "{rounds_n} rounds of {:.1} s per variant, interleaved; medians as above. Spread: raw/64 {}, ledger 8 {}, \
-         ledger 64 {}, SQLite/1000 {}. Fresh ledger per run (pool of {POOL} slots, at most {BUDGET} grants), config \
-         otherwise default (snapshot_every 10000). SQLite's batches come from one thread (one writer at a time).",
-        dur_n.as_secs_f64(),
-        spread(&raw64),
-        spread(&led8),
-        spread(&led64),
-        spread(&sql1000)
-    ));
-
-    report.section("CPU cost of a grant, fsync skipped (NOT durable; what bounds throughput once fsyncs are shared)");
-    let cpu_dur = if quick { Duration::from_millis(200) } else { Duration::from_secs(1) };
-    let no_snapshots = Config { snapshot_every: 0, ..pool_config() };
-    for (callers, snapshots) in [(1usize, true), (2, true), (64, true), (1, false), (2, false), (64, false)] {
-        let config = if snapshots { pool_config() } else { no_snapshots.clone() };
-        let r = ledger_grants(callers, cpu_dur, CountingStorage::no_sync(), config);
-        let every = if snapshots { 10_000 } else { 0 };
-        report.value(
-            &format!("cpu_{callers}{}", if snapshots { "" } else { "_nosnap" }),
-            &format!("ledger, {callers} caller(s), no fdatasync, snapshot_every {every}: grants/s (µs per grant); snapshots written"),
-            r.per_s,
+            "sqlite_1",
+            "SQLite WAL synchronous=FULL, 1 transaction per grant",
+            sql,
             "grants/s",
-            format!(
-                "{} ({:.1} µs); {} (expected {})",
-                fmt_rate(r.per_s),
-                1e6 / r.per_s,
-                r.snapshots,
-                if snapshots { r.grants / 10_000 } else { 0 }
-            ),
+            fmt_rate(sql),
+        );
+        let r_sql = ratio(&led1, &sql1);
+        report.row(Row {
+            id: "ledger_1_vs_sqlite".into(),
+            what: "ledger, 1 caller, against SQLite".into(),
+            value: r_sql,
+            unit: "ratio".into(),
+            shown: fmt_rate(led),
+            against: format!("SQLite {}", fmt_rate(sql)),
+            ratio: Some(r_sql),
+            target: "> 1x SQLite".into(),
+            met: Some(r_sql > 1.0),
+        });
+        let l1 = all_lat(&led1);
+        report.value(
+            "ledger_1_p50_s",
+            "ledger, 1 caller: latency p50 / p99",
+            l1.pct(50.0),
+            "s",
+            format!("{} / {}", fmt_secs(l1.pct(50.0)), fmt_secs(l1.pct(99.0))),
+        );
+        report.value(
+            "ledger_1_p50_vs_fsync",
+            "ledger, 1 caller: fsync p50 / grant latency p50 (a ratio that ignores stalls)",
+            fsync_p50 / l1.pct(50.0),
+            "ratio",
+            fmt_ratio(fsync_p50 / l1.pct(50.0)),
+        );
+        let spo = led1.iter().map(|r| r.syncs_per_op).sum::<f64>() / led1.len() as f64;
+        report.note(format!(
+            "{rounds_1} rounds of {:.1} s per variant, interleaved (raw, ledger, SQLite); rates are the median round, \
+             ratios the median of the per-round ratios. Spread over rounds: raw {}, ledger {}, SQLite {}. The ledger made \
+             {spo:.2} log fsyncs per grant.",
+            dur_1.as_secs_f64(),
+            spread(&raw1),
+            spread(&led1),
+            spread(&sql1)
+        ));
+        report.note(format!(
+            "bound: one caller waits for one fsync per grant, so 1 / fsync p50 = {} is the ceiling for any design that \
+             acknowledges after fsync; the fsync latency of this shared disk moves with the other processes' I/O.",
+            fmt_rate(1.0 / fsync_p50)
+        ));
+    }
+    if want("concurrent") {
+        report.section("Durable grants: concurrent callers, group commit (issue 6, item 2)");
+        let (mut raw64, mut led8, mut led64, mut sql1000) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds_n {
+            raw64.push(raw_loop(&record, 64, dur_n));
+            led8.push(ledger_grants(8, dur_n, CountingStorage::real(), pool_config()));
+            led64.push(ledger_grants(64, dur_n, CountingStorage::real(), pool_config()));
+            sql1000.push(sqlite_grants(1000, dur_n));
+            eprintln!(
+                "[durable] concurrent, round {}/{rounds_n}: raw/64 {} (fsync p50 {})  ledger 8 {}  ledger 64 {} (max {})  sqlite/1000 {}",
+                round + 1,
+                fmt_rate(raw64[round].per_s),
+                fmt_secs(raw64[round].lat.pct(50.0)),
+                fmt_rate(led8[round].per_s),
+                fmt_rate(led64[round].per_s),
+                fmt_secs(led64[round].lat.max()),
+                fmt_rate(sql1000[round].per_s)
+            );
+        }
+        let fsync64 = all_lat(&raw64);
+        let fsync64_p50 = fsync64.pct(50.0);
+        let (raw64_rate, l8, l64, s1000) = (med(&raw64), med(&led8), med(&led64), med(&sql1000));
+        report.value(
+            "raw_64",
+            "raw loop: 64 appends, then one fdatasync (fsync p50)",
+            raw64_rate,
+            "ops/s",
+            format!("{} ({})", fmt_rate(raw64_rate), fmt_secs(fsync64_p50)),
+        );
+        if let Some(led) = led_1 {
+            report.value("ledger_1c", "ledger, 1 caller (from above)", led, "grants/s", fmt_rate(led));
+        }
+        for (id, callers, rate, runs) in [("ledger_8", 8usize, l8, &led8), ("ledger_64", 64, l64, &led64)] {
+            let lat = all_lat(runs);
+            let spo = runs.iter().map(|r| r.syncs_per_op).sum::<f64>() / runs.len() as f64;
+            let r = ratio(runs, &raw64);
+            report.row(Row {
+                id: id.into(),
+                what: format!("ledger, {callers} callers: durable grants"),
+                value: rate,
+                unit: "grants/s".into(),
+                shown: fmt_rate(rate),
+                against: format!("raw loop, fsync per 64: {}", fmt_rate(raw64_rate)),
+                ratio: Some(r),
+                target: if callers == 64 { ">= 150k/s".into() } else { String::new() },
+                met: (callers == 64).then_some(rate >= 150_000.0),
+            });
+            report.value(
+                &format!("{id}_p50_s"),
+                &format!("ledger, {callers} callers: latency p50 / p99; grants per fsync; snapshots"),
+                lat.pct(50.0),
+                "s",
+                format!(
+                    "{} / {}; {:.1}; {}",
+                    fmt_secs(lat.pct(50.0)),
+                    fmt_secs(lat.pct(99.0)),
+                    1.0 / spo.max(1e-9),
+                    runs.iter().map(|r| r.snapshots).sum::<u64>()
+                ),
+            );
+        }
+        report.value(
+            "sqlite_1000",
+            "SQLite WAL synchronous=FULL, 1000 grants per transaction (1 thread)",
+            s1000,
+            "grants/s",
+            fmt_rate(s1000),
+        );
+        let r = ratio(&led64, &sql1000);
+        report.row(Row {
+            id: "ledger_64_vs_sqlite".into(),
+            what: "ledger, 64 callers, against SQLite 1000 grants/txn".into(),
+            value: r,
+            unit: "ratio".into(),
+            shown: fmt_rate(l64),
+            against: format!("SQLite {}", fmt_rate(s1000)),
+            ratio: Some(r),
+            target: ">= 5x SQLite".into(),
+            met: Some(r >= 5.0),
+        });
+        report.note(format!(
+            "bound: a caller's grant is acknowledged only after an fsync that began after it was appended, so 64 callers \
+             complete at most 64 grants per fsync: 64 / {} (fsync p50 of the 64-record loop) = {} in this run. 150k/s \
+             with 64 callers needs fsyncs of {} or less; SQLite with 1000 grants per transaction is not bound by callers.",
+            fmt_secs(fsync64_p50),
+            fmt_rate(64.0 / fsync64_p50),
+            fmt_secs(64.0 / 150_000.0)
+        ));
+        report.note(format!(
+            "{rounds_n} rounds of {:.1} s per variant, interleaved; medians as above. Spread: raw/64 {}, ledger 8 {}, \
+             ledger 64 {}, SQLite/1000 {}. Fresh ledger per run (pool of {POOL} slots, at most {BUDGET} grants), config \
+             otherwise default (snapshot_every 10000). SQLite's batches come from one thread (one writer at a time).",
+            dur_n.as_secs_f64(),
+            spread(&raw64),
+            spread(&led8),
+            spread(&led64),
+            spread(&sql1000)
+        ));
+    }
+    if want("cpu") {
+        report
+            .section("CPU cost of a grant, fsync skipped (NOT durable; what bounds throughput once fsyncs are shared)");
+        let cpu_dur = if quick { Duration::from_millis(200) } else { Duration::from_secs(1) };
+        let no_snapshots = Config { snapshot_every: 0, ..pool_config() };
+        for (callers, snapshots) in [(1usize, true), (2, true), (64, true), (1, false), (2, false), (64, false)] {
+            let config = if snapshots { pool_config() } else { no_snapshots.clone() };
+            let r = ledger_grants(callers, cpu_dur, CountingStorage::no_sync(), config);
+            let every = if snapshots { 10_000 } else { 0 };
+            report.value(
+                &format!("cpu_{callers}{}", if snapshots { "" } else { "_nosnap" }),
+                &format!("ledger, {callers} caller(s), no fdatasync, snapshot_every {every}: grants/s (µs per grant); snapshots written"),
+                r.per_s,
+                "grants/s",
+                format!(
+                    "{} ({:.1} µs); {} (expected {})",
+                    fmt_rate(r.per_s),
+                    1e6 / r.per_s,
+                    r.snapshots,
+                    if snapshots { r.grants / 10_000 } else { 0 }
+                ),
+            );
+        }
+        report.note(
+            "each grant runs decide, JSON encode, one write(2), JSON decode and evolve under the state lock, so this rate \
+             is the most any number of callers can reach even with a free fsync.",
         );
     }
-    report.note(
-        "each grant runs decide, JSON encode, one write(2), JSON decode and evolve under the state lock, so this rate \
-         is the most any number of callers can reach even with a free fsync.",
-    );
     report.finish();
 }

@@ -83,6 +83,46 @@ impl Samples {
     }
 }
 
+/// Durations (seconds) of repeated runs of one CPU-bound measurement. Other processes only ever
+/// slow a run down, so the best run is the estimate; the median is shown beside it.
+#[derive(Debug, Clone)]
+pub struct Timed(pub Vec<f64>);
+
+impl Timed {
+    pub fn of(reps: usize, mut f: impl FnMut()) -> Timed {
+        Timed(
+            (0..reps.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    }
+    pub fn best(&self) -> f64 {
+        self.0.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+    pub fn median(&self) -> f64 {
+        median(&self.0)
+    }
+    /// `n` things per run as a rate: "best (median m)".
+    pub fn rate_shown(&self, n: f64) -> String {
+        if self.0.len() > 1 {
+            format!("{} (median {})", fmt_rate(n / self.best()), fmt_rate(n / self.median()))
+        } else {
+            fmt_rate(n / self.best())
+        }
+    }
+    pub fn secs_shown(&self) -> String {
+        if self.0.len() > 1 {
+            format!("{} (median {})", fmt_secs(self.best()), fmt_secs(self.median()))
+        } else {
+            fmt_secs(self.best())
+        }
+    }
+}
+
 pub fn median(v: &[f64]) -> f64 {
     Samples::new(v.to_vec()).pct(50.0)
 }
