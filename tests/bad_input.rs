@@ -361,6 +361,8 @@ fn config_cases() -> Vec<ConfigCase> {
         ("{\"max_metadata_bytes\": 300000}", "config.max_metadata_bytes", "at most 262144"),
         ("{\"segment_size_bytes\": 100}", "config.segment_size_bytes", "between 4096 and 4294967296"),
         ("{\"segment_size_bytes\": 8589934592}", "config.segment_size_bytes", "between 4096 and 4294967296"),
+        ("{\"terminal_retained\": 10000001}", "config.terminal_retained", "at most 10000000"),
+        ("{\"terminal_retained\": -1}", "config.terminal_retained", "expected u64"),
         (
             "{\"priority_reserve_percent\": {\"low\": 101, \"normal\": 0, \"high\": 0, \"critical\": 0}}",
             "config.priority_reserve_percent.low",
