@@ -107,16 +107,27 @@ fn main() {
     s.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     let startup = t.elapsed().as_secs_f64();
 
+    // The same operations in-process, on a ledger of the same (default) config, interleaved
+    // call by call with the server's so that both see the same disk; and the fsync of a raw
+    // append beside them, since this disk's fsync latency moves with other processes' I/O.
+    let dir2 = scratch_dir("mcp-inproc-");
+    let ledger = Ledger::open(dir2.path()).unwrap();
+    let mut raw = std::fs::OpenOptions::new().create_new(true).append(true).open(dir2.path().join("raw.wal")).unwrap();
+    let record = [b'x'; 400];
     for _ in 0..20 {
         s.call("get_capacity", json!({}));
     }
-    let mut cap = Vec::with_capacity(n_cap);
+    let (mut cap, mut cap_lib) = (Vec::with_capacity(n_cap), Vec::with_capacity(n_cap));
     for _ in 0..n_cap {
         let t = Instant::now();
         s.call("get_capacity", json!({}));
         cap.push(t.elapsed());
+        let t = Instant::now();
+        std::hint::black_box(ledger.get_capacity().unwrap());
+        cap_lib.push(t.elapsed());
     }
-    let (mut pair, mut req, mut rel) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pair, mut req, mut rel, mut pair_lib, mut fsync) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..n_pairs {
         let t = Instant::now();
         let g = s.call("request_resources", json!({"job_id": format!("bench-{i}"), "mcp_servers": [], "workers": 1}));
@@ -127,20 +138,7 @@ fn main() {
         rel.push(t2.elapsed());
         req.push(t_req);
         pair.push(t.elapsed());
-    }
-    s.close();
 
-    // The same operations in-process, on a ledger of the same (default) config.
-    let dir2 = scratch_dir("mcp-inproc-");
-    let ledger = Ledger::open(dir2.path()).unwrap();
-    let mut cap_lib = Vec::with_capacity(n_cap);
-    for _ in 0..n_cap {
-        let t = Instant::now();
-        std::hint::black_box(ledger.get_capacity().unwrap());
-        cap_lib.push(t.elapsed());
-    }
-    let mut pair_lib = Vec::new();
-    for i in 0..n_pairs.min(200) {
         let t = Instant::now();
         let RequestOutcome::Granted(g) =
             ledger.request_resources(&ResourceRequest::new(format!("bench-{i}")).workers(1)).unwrap()
@@ -149,7 +147,13 @@ fn main() {
         };
         ledger.release_resources(&g.allocation_id.to_string()).unwrap();
         pair_lib.push(t.elapsed());
+
+        raw.write_all(&record).unwrap();
+        let t = Instant::now();
+        raw.sync_data().unwrap();
+        fsync.push(t.elapsed());
     }
+    s.close();
     drop(ledger);
 
     let (cap, pair, req, rel) = (
@@ -159,6 +163,7 @@ fn main() {
         Samples::from_durations(&rel),
     );
     let (cap_lib, pair_lib) = (Samples::from_durations(&cap_lib), Samples::from_durations(&pair_lib));
+    let fsync = Samples::from_durations(&fsync);
     report.row(Row {
         id: "mcp_get_capacity".into(),
         what: format!("get_capacity over stdio: p50 / p99 ({n_cap} calls)"),
@@ -183,6 +188,13 @@ fn main() {
     });
     report.value("mcp_request", "  request_resources alone: p50 / p99", req.pct(50.0), "s", shown(&req));
     report.value("mcp_release", "  release_resources alone: p50 / p99", rel.pct(50.0), "s", shown(&rel));
+    report.value(
+        "mcp_fsync",
+        "fdatasync of a raw append, sampled between the pairs: p50 / p99",
+        fsync.pct(50.0),
+        "s",
+        shown(&fsync),
+    );
     report.value("mcp_startup", "server start to initialize response", startup, "s", fmt_secs(startup));
     report.note(
         "one call in flight at a time, as an agent makes them; request and release each wait for an fsync, so the \
