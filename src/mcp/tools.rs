@@ -95,7 +95,10 @@ fn check_known(args: &JsonObject, known: &[&str]) -> Result<(), Error> {
     match args.keys().find(|k| !known.contains(&k.as_str())) {
         None => Ok(()),
         Some(key) => {
-            let shown: String = key.chars().take(64).collect();
+            // An empty name or one with control characters is shown quoted, never blank.
+            let short: String = key.chars().take(64).collect();
+            let shown =
+                if short.is_empty() || short.chars().any(char::is_control) { format!("{short:?}") } else { short };
             let allowed = if known.is_empty() {
                 "this tool takes no arguments".to_string()
             } else {
