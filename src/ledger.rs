@@ -782,8 +782,10 @@ impl Ledger {
             if pos.seq > upto {
                 return Ok(false);
             }
-            let starts = matches!(payload.get(..40), Some(p) if memchr::memmem::find(p, b"\"type\":\"granted\"").is_some()
-                || memchr::memmem::find(p, b"\"type\":\"rejected\"").is_some());
+            // The envelope (`{"v":..,"ts_us":..,"type":".."`) fits in the first 64 bytes.
+            let head = &payload[..payload.len().min(64)];
+            let starts = memchr::memmem::find(head, b"\"type\":\"granted\"").is_some()
+                || memchr::memmem::find(head, b"\"type\":\"rejected\"").is_some();
             if starts && job_finder.as_ref().is_some_and(|f| f.find(payload).is_none()) {
                 return Ok(true);
             }
