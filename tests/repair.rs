@@ -151,7 +151,8 @@ fn a_damaged_tail_is_cut_without_force_after_its_bytes_are_saved() {
     let bytes = std::fs::read(&last).unwrap();
     let (start, _, seq) = *record_bounds(&bytes).last().unwrap();
     flip(&last, start + 20);
-    assert!(matches!(Ledger::open(tmp.path()), Err(Error::Damaged(_))));
+    let opened = Ledger::open(tmp.path());
+    assert!(matches!(opened, Err(Error::Damaged(_))), "{opened:?}");
     let damaged = std::fs::read(&last).unwrap();
     let (code, v) = run_repair(tmp.path(), &[]);
     assert_eq!(code, 0, "{v}");
