@@ -881,16 +881,26 @@ impl Ledger {
     // ----- snapshots -----
 
     fn maybe_snapshot(&self) {
-        let due = {
-            let core = lock(&self.shared.core);
+        let due = |core: &Core| {
             let every = core.state.config.snapshot_every;
             every > 0 && core.since_snapshot >= every
         };
-        if due {
-            if let Err(e) = self.snapshot() {
-                // Snapshots are derived data; the operation that triggered this one succeeded.
-                lock(&self.shared.core).last_snapshot_error = Some(e.to_string());
-            }
+        if !due(&lock(&self.shared.core)) {
+            return;
+        }
+        // One snapshot at a time, and only if it is still due once we hold the right to write
+        // it: otherwise every writer that saw the counter cross the line writes its own.
+        let guard = match self.shared.snapshot_lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        if !due(&lock(&self.shared.core)) {
+            return;
+        }
+        if let Err(e) = self.snapshot_holding(guard) {
+            // Snapshots are derived data; the operation that triggered this one succeeded.
+            lock(&self.shared.core).last_snapshot_error = Some(e.to_string());
         }
     }
 
@@ -899,7 +909,10 @@ impl Ledger {
         if self.shared.read_only {
             return Err(Error::ReadOnly);
         }
-        let _one_at_a_time = lock(&self.shared.snapshot_lock);
+        self.snapshot_holding(lock(&self.shared.snapshot_lock))
+    }
+
+    fn snapshot_holding(&self, _one_at_a_time: MutexGuard<'_, ()>) -> Result<SnapshotInfo> {
         let data = {
             let mut core = self.writable_core()?;
             core.since_snapshot = 0;
