@@ -528,7 +528,7 @@ fn main() {
             );
         }
         report.note(
-            "each grant runs decide, JSON encode, one write(2), JSON decode and evolve under the state lock, so this rate \
+            "each grant runs decide, JSON encode, one write(2) and evolve under the state lock, so this rate \
              is the most any number of callers can reach even with a free fsync.",
         );
     }
