@@ -789,30 +789,13 @@ impl Ledger {
             if starts && job_finder.as_ref().is_some_and(|f| f.find(payload).is_none()) {
                 return Ok(true);
             }
-            let ev = Event::decode(payload)?;
-            match ev.body {
-                EventBody::Granted(g)
-                    if !in_memory.contains(&g.allocation_id) && job_id.is_none_or(|j| g.job_id == j) =>
-                {
-                    found.insert(g.allocation_id, Allocation::from_grant(ev.ts_us, &g));
-                }
-                EventBody::Rejected(r)
-                    if !in_memory.contains(&r.allocation_id) && job_id.is_none_or(|j| r.job_id == j) =>
-                {
-                    found.insert(r.allocation_id, Allocation::from_rejection(pos.seq, ev.ts_us, &r));
-                }
-                EventBody::Released { allocation_id } => {
-                    if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
-                        a.end(pos.seq, ev.ts_us, AllocationState::Released);
-                    }
-                }
-                EventBody::Expired { allocation_id, deadline_us } => {
-                    if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
-                        a.end(pos.seq, deadline_us, AllocationState::Expired);
-                    }
-                }
-                _ => {}
-            }
+            crate::state::fold_rebuilt(
+                &mut found,
+                |id| in_memory.contains(id),
+                job_id,
+                pos.seq,
+                Event::decode(payload)?,
+            );
             Ok(true)
         })?;
         Ok(found.into_values().collect())
