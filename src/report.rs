@@ -127,6 +127,44 @@ pub struct CapacityReport {
     pub seq: u64,
 }
 
+impl CapacityReport {
+    /// The report for `allocated` out of `total` at `as_of_us`; available is what is left
+    /// (saturating: a config change may shrink the pool below what is held).
+    pub fn new(
+        total: crate::model::Resources,
+        allocated: crate::model::Resources,
+        running_mcp_servers: Vec<String>,
+        active_allocations: u64,
+        as_of_us: crate::clock::Micros,
+        seq: u64,
+    ) -> Self {
+        use crate::model::cores;
+        let available = crate::model::Resources {
+            cpu_millicores: total.cpu_millicores.saturating_sub(allocated.cpu_millicores),
+            memory_mib: total.memory_mib.saturating_sub(allocated.memory_mib),
+            workers: total.workers.saturating_sub(allocated.workers),
+        };
+        CapacityReport {
+            total_cpu: cores(total.cpu_millicores),
+            total_memory: total.memory_mib,
+            total_workers: total.workers,
+            allocated_cpu: cores(allocated.cpu_millicores),
+            allocated_memory: allocated.memory_mib,
+            allocated_workers: allocated.workers,
+            available_cpu: cores(available.cpu_millicores),
+            available_memory: available.memory_mib,
+            available_workers: available.workers,
+            running_mcp_servers,
+            active_allocations,
+            total_cpu_millicores: total.cpu_millicores,
+            allocated_cpu_millicores: allocated.cpu_millicores,
+            available_cpu_millicores: available.cpu_millicores,
+            as_of: crate::clock::format_micros(as_of_us),
+            seq,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AllocationResources {
     pub cpu_allocated: f64,

@@ -1008,30 +1008,8 @@ impl State {
             }
         }
         let allocated = self.allocated.checked_sub(freed).unwrap_or_default();
-        let total = self.total();
-        let available = Resources {
-            cpu_millicores: total.cpu_millicores.saturating_sub(allocated.cpu_millicores),
-            memory_mib: total.memory_mib.saturating_sub(allocated.memory_mib),
-            workers: total.workers.saturating_sub(allocated.workers),
-        };
-        CapacityReport {
-            total_cpu: cores(total.cpu_millicores),
-            total_memory: total.memory_mib,
-            total_workers: total.workers,
-            allocated_cpu: cores(allocated.cpu_millicores),
-            allocated_memory: allocated.memory_mib,
-            allocated_workers: allocated.workers,
-            available_cpu: cores(available.cpu_millicores),
-            available_memory: available.memory_mib,
-            available_workers: available.workers,
-            running_mcp_servers: running,
-            active_allocations: (self.by_deadline.len() - expired_count) as u64,
-            total_cpu_millicores: total.cpu_millicores,
-            allocated_cpu_millicores: allocated.cpu_millicores,
-            available_cpu_millicores: available.cpu_millicores,
-            as_of: format_micros(now),
-            seq: self.last_seq,
-        }
+        let active = (self.by_deadline.len() - expired_count) as u64;
+        CapacityReport::new(self.total(), allocated, running, active, now, self.last_seq)
     }
 
     pub fn details(&self, id: AllocationId, now: Micros) -> Option<AllocationDetails> {

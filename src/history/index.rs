@@ -11,9 +11,9 @@
 //! plus small tables of distinct totals and distinct sets of running MCP servers, plus the
 //! allocations active at the end of the log.
 
-use crate::clock::{format_micros, Micros};
+use crate::clock::Micros;
 use crate::event::{EventBody, Grant};
-use crate::model::{cores, AllocationId, Resources};
+use crate::model::{AllocationId, Resources};
 use crate::report::CapacityReport;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -260,32 +260,8 @@ impl CapacityIndex {
         let total = self.totals[step.totals as usize];
         let allocated =
             Resources { cpu_millicores: step.cpu_millicores, memory_mib: step.memory_mib, workers: step.workers };
-        let available = Resources {
-            cpu_millicores: total.cpu_millicores.saturating_sub(allocated.cpu_millicores),
-            memory_mib: total.memory_mib.saturating_sub(allocated.memory_mib),
-            workers: total.workers.saturating_sub(allocated.workers),
-        };
-        Some(CapacityReport {
-            total_cpu: cores(total.cpu_millicores),
-            total_memory: total.memory_mib,
-            total_workers: total.workers,
-            allocated_cpu: cores(allocated.cpu_millicores),
-            allocated_memory: allocated.memory_mib,
-            allocated_workers: allocated.workers,
-            available_cpu: cores(available.cpu_millicores),
-            available_memory: available.memory_mib,
-            available_workers: available.workers,
-            running_mcp_servers: self.server_sets[step.servers as usize]
-                .iter()
-                .map(|&n| self.names[n as usize].clone())
-                .collect(),
-            active_allocations: u64::from(step.active),
-            total_cpu_millicores: total.cpu_millicores,
-            allocated_cpu_millicores: allocated.cpu_millicores,
-            available_cpu_millicores: available.cpu_millicores,
-            as_of: format_micros(t),
-            seq: self.seq_at(t),
-        })
+        let running = self.server_sets[step.servers as usize].iter().map(|&n| self.names[n as usize].clone()).collect();
+        Some(CapacityReport::new(total, allocated, running, u64::from(step.active), t, self.seq_at(t)))
     }
 }
 
