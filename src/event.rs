@@ -3,7 +3,7 @@
 
 use crate::clock::Micros;
 use crate::config::Config;
-use crate::model::{AllocationId, Priority, Resources};
+use crate::model::{AllocationId, Metadata, Priority, Resources};
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the event schema changes; old versions stay readable.
@@ -81,8 +81,8 @@ pub struct Grant {
     pub mcp_servers: Vec<McpGrant>,
     /// What the workers hold (MCP server costs are charged separately, per running server).
     pub resources: Resources,
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
-    pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -117,8 +117,8 @@ pub struct Rejection {
     pub available: u64,
     /// The original's message, e.g. `Insufficient workers: requested 5, available 3`.
     pub error: String,
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
-    pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 impl EventBody {
@@ -188,15 +188,56 @@ fn parse_int(bytes: &[u8]) -> Option<(i64, &[u8])> {
     Some((if negative { -v } else { v }, &digits[len..]))
 }
 
+// The lean path's wire shapes: a whole event object, flat (`v`, `ts_us` and `type` are
+// skipped: already parsed from the prefix), deserialized in place from the log's bytes with
+// the metadata borrowed as raw text, so decoding copies nothing it does not keep.
+
 #[derive(Deserialize)]
-struct ReleasedBody {
+struct GrantedWire<'a> {
+    allocation_id: AllocationId,
+    job_id: String,
+    priority: Priority,
+    ttl_seconds: u64,
+    deadline_us: Micros,
+    workers: Vec<WorkerGrant>,
+    mcp_servers: Vec<McpGrant>,
+    resources: Resources,
+    #[serde(default, borrow)]
+    metadata: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RejectedWire<'a> {
+    allocation_id: AllocationId,
+    job_id: String,
+    priority: Priority,
+    ttl_seconds: u64,
+    workers: u32,
+    mcp_servers: Vec<String>,
+    reason: RejectReason,
+    needed: u64,
+    available: u64,
+    error: String,
+    #[serde(default, borrow)]
+    metadata: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ReleasedWire {
     allocation_id: AllocationId,
 }
 
 #[derive(Deserialize)]
-struct ExpiredBody {
+struct ExpiredWire {
     allocation_id: AllocationId,
     deadline_us: Micros,
+}
+
+fn lean_metadata(raw: Option<&serde_json::value::RawValue>) -> Option<Metadata> {
+    match raw {
+        None => Some(Metadata::default()),
+        Some(raw) => Metadata::from_raw(raw),
+    }
 }
 
 /// The lean path of [`Event::decode`]; `None` sends the payload to the general path.
@@ -207,21 +248,44 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
     let (ts_us, rest) = parse_int(rest)?;
     let rest = rest.strip_prefix(b",\"type\":\"")?;
     let name_len = rest.iter().position(|&b| b == b'"')?;
-    let (name, rest) = (&rest[..name_len], &rest[name_len + 1..]);
-    // The rest of the object, as an object of its own: `,"a":1}` becomes `{"a":1}`.
-    let rest = rest.strip_prefix(b",")?;
-    let mut body_json = Vec::with_capacity(rest.len() + 1);
-    body_json.push(b'{');
-    body_json.extend_from_slice(rest);
+    let name = &rest[..name_len];
     let body = match name {
-        b"granted" => EventBody::Granted(serde_json::from_slice(&body_json).ok()?),
-        b"rejected" => EventBody::Rejected(serde_json::from_slice(&body_json).ok()?),
+        b"granted" => {
+            let w: GrantedWire = serde_json::from_slice(bytes).ok()?;
+            EventBody::Granted(Grant {
+                allocation_id: w.allocation_id,
+                job_id: w.job_id,
+                priority: w.priority,
+                ttl_seconds: w.ttl_seconds,
+                deadline_us: w.deadline_us,
+                workers: w.workers,
+                mcp_servers: w.mcp_servers,
+                resources: w.resources,
+                metadata: lean_metadata(w.metadata)?,
+            })
+        }
+        b"rejected" => {
+            let w: RejectedWire = serde_json::from_slice(bytes).ok()?;
+            EventBody::Rejected(Rejection {
+                allocation_id: w.allocation_id,
+                job_id: w.job_id,
+                priority: w.priority,
+                ttl_seconds: w.ttl_seconds,
+                workers: w.workers,
+                mcp_servers: w.mcp_servers,
+                reason: w.reason,
+                needed: w.needed,
+                available: w.available,
+                error: w.error,
+                metadata: lean_metadata(w.metadata)?,
+            })
+        }
         b"released" => {
-            let b: ReleasedBody = serde_json::from_slice(&body_json).ok()?;
+            let b: ReleasedWire = serde_json::from_slice(bytes).ok()?;
             EventBody::Released { allocation_id: b.allocation_id }
         }
         b"expired" => {
-            let b: ExpiredBody = serde_json::from_slice(&body_json).ok()?;
+            let b: ExpiredWire = serde_json::from_slice(bytes).ok()?;
             EventBody::Expired { allocation_id: b.allocation_id, deadline_us: b.deadline_us }
         }
         _ => return None,
@@ -271,7 +335,7 @@ mod tests {
                         started: true,
                     }],
                     resources: Resources { cpu_millicores: 1000, memory_mib: 2048, workers: 1 },
-                    metadata,
+                    metadata: metadata.into(),
                 }),
             ),
             Event::new(

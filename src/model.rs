@@ -215,6 +215,106 @@ impl Resources {
     }
 }
 
+/// An allocation's free-form metadata, kept as the compact JSON text of an object (or nothing
+/// for an empty one). Held as text because the ledger only stores and shows it: a parsed map
+/// costs about 1 KiB and a dozen heap blocks per allocation, the text one block of its own size.
+#[derive(Clone, Default)]
+pub struct Metadata(Option<Box<serde_json::value::RawValue>>);
+
+impl Metadata {
+    pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> Metadata {
+        if map.is_empty() {
+            return Metadata(None);
+        }
+        Metadata(Some(serde_json::value::to_raw_value(map).expect("a JSON map serializes")))
+    }
+
+    /// From JSON text already known to be valid JSON (a logged event's); `None` unless it is an
+    /// object.
+    pub fn from_raw(raw: &serde_json::value::RawValue) -> Option<Metadata> {
+        let text = raw.get();
+        if !text.starts_with('{') {
+            return None;
+        }
+        if text == "{}" {
+            return Some(Metadata(None));
+        }
+        Some(Metadata(Some(raw.to_owned())))
+    }
+
+    /// From JSON text that must be an object (the snapshot's); the error says why not.
+    pub fn from_json_text(text: String) -> std::result::Result<Metadata, String> {
+        let raw = serde_json::value::RawValue::from_string(text).map_err(|e| format!("metadata: {e}"))?;
+        Metadata::from_raw(&raw).ok_or_else(|| "metadata is not a JSON object".to_string())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The compact JSON text, `{}` when empty.
+    pub fn as_json(&self) -> &str {
+        self.0.as_deref().map_or("{}", |r| r.get())
+    }
+
+    pub fn to_map(&self) -> serde_json::Map<String, serde_json::Value> {
+        match &self.0 {
+            None => serde_json::Map::new(),
+            // Only valid JSON objects get in, so this parse cannot fail.
+            Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<serde_json::Value> {
+        self.0.as_ref()?;
+        self.to_map().remove(key)
+    }
+
+    /// Heap bytes held (for memory accounting).
+    pub fn heap_bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |r| r.get().len())
+    }
+}
+
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Metadata) -> bool {
+        self.as_json() == other.as_json()
+    }
+}
+
+impl Eq for Metadata {}
+
+impl fmt::Debug for Metadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_json())
+    }
+}
+
+impl From<serde_json::Map<String, serde_json::Value>> for Metadata {
+    fn from(map: serde_json::Map<String, serde_json::Value>) -> Metadata {
+        Metadata::from_map(&map)
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(raw) => raw.serialize(s),
+            None => serde_json::Map::new().serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    /// The general path (any deserializer, including serde's buffering for tagged enums): an
+    /// object, turned back into compact text. The replay's lean path borrows the raw text
+    /// instead (`Metadata::from_raw`).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        Ok(Metadata::from_map(&map))
+    }
+}
+
 /// CPU as the original showed it: cores as a float.
 pub fn cores(millicores: u64) -> f64 {
     millicores as f64 / 1000.0

@@ -6,7 +6,7 @@
 use crate::clock::{format_micros, Micros};
 use crate::config::{validate_mcp_name, Config, MAX_JOB_ID_CHARS, MAX_MCP_SERVERS_PER_REQUEST};
 use crate::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, WorkerGrant};
-use crate::model::{cores, truncate, AllocationId, AllocationState, Priority, Resources};
+use crate::model::{cores, truncate, AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::report::*;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -34,7 +34,7 @@ pub struct Allocation {
     pub mcp_servers: Vec<McpGrant>,
     pub resources: Resources,
     #[serde(default)]
-    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub metadata: Metadata,
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -167,7 +167,6 @@ pub struct State {
     running: BTreeMap<String, RunningServer>,
     /// What active allocations and running MCP servers hold.
     allocated: Resources,
-    jobs: HashMap<String, Vec<AllocationId>>,
     /// Ended allocations still in memory, by the sequence number that ended them.
     ended: BTreeMap<u64, AllocationId>,
     /// Ended allocations dropped from memory (beyond `config.terminal_retained`).
@@ -340,7 +339,6 @@ impl State {
             assigned_mcp_count: 0,
             running: BTreeMap::new(),
             allocated: Resources::default(),
-            jobs: HashMap::new(),
             ended: BTreeMap::new(),
             evicted: 0,
             anomalies: 0,
@@ -446,14 +444,7 @@ impl State {
     fn evict_ended(&mut self) {
         while self.ended.len() as u64 > self.config.terminal_retained {
             let Some((_, id)) = self.ended.pop_first() else { break };
-            if let Some(a) = self.allocations.remove(&id) {
-                if let Some(ids) = self.jobs.get_mut(&a.job_id) {
-                    ids.retain(|x| *x != id);
-                    if ids.is_empty() {
-                        self.jobs.remove(&a.job_id);
-                    }
-                }
-            }
+            self.allocations.remove(&id);
             self.evicted += 1;
         }
     }
@@ -532,12 +523,6 @@ impl State {
             self.allocated
         });
         self.by_deadline.insert((g.deadline_us, g.allocation_id));
-        match self.jobs.get_mut(&g.job_id) {
-            Some(ids) => ids.push(g.allocation_id),
-            None => {
-                self.jobs.insert(g.job_id.clone(), vec![g.allocation_id]);
-            }
-        }
         self.allocations.insert(g.allocation_id, Allocation::from_grant_owned(ts_us, g));
     }
 
@@ -546,7 +531,6 @@ impl State {
             self.anomalies += 1;
             return;
         }
-        self.jobs.entry(r.job_id.clone()).or_default().push(r.allocation_id);
         self.ended.insert(seq, r.allocation_id);
         self.allocations.insert(r.allocation_id, Allocation::from_rejection(seq, ts_us, r));
     }
@@ -733,7 +717,6 @@ impl State {
                     return Err(format!("two allocations ended at sequence number {seq}"));
                 }
             }
-            s.jobs.entry(a.job_id.clone()).or_default().push(a.id);
             s.allocations.insert(a.id, a);
         }
         if s.ended.len() as u64 > s.config.terminal_retained {
@@ -802,7 +785,8 @@ impl State {
                 ),
             ));
         }
-        let metadata_bytes = serde_json::to_vec(&req.metadata).map(|v| v.len()).unwrap_or(usize::MAX);
+        let metadata = Metadata::from_map(&req.metadata);
+        let metadata_bytes = metadata.as_json().len();
         if metadata_bytes > cfg.max_metadata_bytes {
             return Err(Error::invalid(
                 "metadata",
@@ -927,7 +911,7 @@ impl State {
                 needed,
                 available,
                 error,
-                metadata: req.metadata.clone(),
+                metadata,
             }));
         }
 
@@ -953,7 +937,7 @@ impl State {
             workers,
             mcp_servers: mcp,
             resources: worker_res,
-            metadata: req.metadata.clone(),
+            metadata,
         }))
     }
 
@@ -1073,7 +1057,7 @@ impl Allocation {
             },
             ttl_seconds: a.ttl_seconds,
             is_expired: state == AllocationState::Expired,
-            metadata: a.metadata.clone(),
+            metadata: a.metadata.to_map(),
             error: a.error.clone(),
         }
     }
@@ -1098,15 +1082,13 @@ impl Allocation {
 impl State {
     /// Allocations filtered by state (as seen at `now`) and job, oldest first.
     pub fn list(&self, state: Option<AllocationState>, job_id: Option<&str>, now: Micros) -> Vec<AllocationSummary> {
-        let mut out: Vec<&Allocation> = match job_id {
-            Some(j) => self
-                .jobs
-                .get(j)
-                .map(|ids| ids.iter().filter_map(|id| self.allocations.get(id)).collect())
-                .unwrap_or_default(),
-            None => self.allocations.values().collect(),
-        };
-        out.retain(|a| state.is_none_or(|s| a.state_at(now) == s));
+        // A scan: memory holds the active allocations and at most `terminal_retained` ended
+        // ones, and a per-job index cost two heap blocks per grant on the fold's hot path.
+        let mut out: Vec<&Allocation> = self
+            .allocations
+            .values()
+            .filter(|a| job_id.is_none_or(|j| a.job_id == j) && state.is_none_or(|s| a.state_at(now) == s))
+            .collect();
         out.sort_by_key(|a| (a.created_us, a.id));
         out.into_iter().map(|a| a.summary(now)).collect()
     }

@@ -114,7 +114,7 @@ fn check_fixture(name: &str, snapshot_readable: bool) {
                 ["worker-00", "worker-01", "worker-02", "worker-03"]
             );
             assert_eq!(g.mcp_servers[0].endpoint, "http://localhost:9000");
-            assert_eq!(g.metadata["tenant"], "acme");
+            assert_eq!(g.metadata.get("tenant").unwrap(), "acme");
         }
         other => panic!("{other:?}"),
     }

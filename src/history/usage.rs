@@ -44,12 +44,12 @@ impl GroupBy {
         }
     }
 
-    fn key_of(&self, job_id: &str, metadata: &serde_json::Map<String, serde_json::Value>) -> String {
+    fn key_of(&self, job_id: &str, metadata: &crate::model::Metadata) -> String {
         match self {
             GroupBy::Job => job_id.to_string(),
             GroupBy::Metadata(k) => match metadata.get(k) {
                 None => NO_GROUP.into(),
-                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::String(s)) => s,
                 Some(v) => v.to_string(),
             },
         }
