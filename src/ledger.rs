@@ -88,6 +88,9 @@ pub struct RecoveryReport {
     pub created: bool,
     pub snapshot_seq: Option<u64>,
     pub events_replayed: u64,
+    /// Replay started right after the snapshot's last event (the position it recorded checked
+    /// out) rather than at the start of that event's segment.
+    pub resumed_from_snapshot_position: bool,
     pub last_seq: u64,
     pub torn_tail: Option<TornTail>,
     pub snapshots_set_aside: Vec<SetAside>,
@@ -175,21 +178,29 @@ fn fold_checked(state: &mut State, seq: u64, ev: Event) -> std::result::Result<(
 /// Replays the log after `state.last_seq` into `state`, checking each event. Decoding runs on
 /// several threads while the fold stays sequential; if anything is wrong the sequential path
 /// runs instead, so damage is reported with its exact file, offset and sequence number.
-fn replay_into(storage: &dyn Storage, wal_dir: &Path, state: &mut State) -> Result<(wal::LogEnd, u64)> {
-    let decoders = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+///
+/// `hint` is where the state's last event sits in the log (from its snapshot). `reload` gives
+/// the starting state again: a parallel attempt that fails has folded part of the log into
+/// `state`, and keeping a copy instead would double the memory a large state takes.
+fn replay_into(
+    storage: &dyn Storage,
+    wal_dir: &Path,
+    state: &mut State,
+    hint: Option<wal::LogPosition>,
+    reload: &dyn Fn() -> Result<State>,
+) -> Result<(wal::LogEnd, u64)> {
+    // The fold keeps one core; the others decode.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let decoders = (cores - 1).clamp(1, 3);
     // Threads pay off only for a long tail (a few MiB of log).
-    let segments = wal::list_segments(storage, wal_dir)?;
-    let first = segments.iter().rposition(|s| s.first_seq <= state.last_seq + 1).unwrap_or(0);
-    let tail_bytes: u64 = segments[first..].iter().map(|s| storage.file_len(&s.path).unwrap_or(0)).sum();
-    if decoders > 1 && tail_bytes >= 4 << 20 {
-        let mut attempt = state.clone();
-        if let Some(done) = replay_parallel(storage, wal_dir, &mut attempt, decoders) {
-            *state = attempt;
+    if cores > 1 && wal::bytes_after(storage, wal_dir, state.last_seq, hint)? >= 4 << 20 {
+        if let Some(done) = replay_parallel(storage, wal_dir, state, hint, decoders) {
             return Ok(done);
         }
+        *state = reload()?;
     }
     let mut replayed = 0u64;
-    let end = wal::scan_log(storage, wal_dir, state.last_seq, &mut |pos, payload| {
+    let end = wal::scan_log_from(storage, wal_dir, state.last_seq, hint, &mut |pos, payload| {
         fold_checked(state, pos.seq, Event::decode(payload)?)?;
         replayed += 1;
         Ok(true)
@@ -199,12 +210,25 @@ fn replay_into(storage: &dyn Storage, wal_dir: &Path, state: &mut State) -> Resu
 
 type Decoded = std::result::Result<Vec<(u64, Event)>, String>;
 
+/// Payloads copied out of the log for a decoder thread: one buffer per batch, recycled, so the
+/// copy costs no allocation per record.
+#[derive(Default)]
+struct PayloadBatch {
+    bytes: Vec<u8>,
+    /// (sequence number, start, end) in `bytes`.
+    records: Vec<(u64, usize, usize)>,
+}
+
+/// Bytes of payload per batch before it is handed over.
+const REPLAY_BATCH_BYTES: usize = 1 << 20;
+
 /// The parallel replay: this thread reads and checks records and folds; `decoders` threads
 /// turn batches of payloads into events. `None` means "use the sequential path".
 fn replay_parallel(
     storage: &dyn Storage,
     wal_dir: &Path,
     state: &mut State,
+    hint: Option<wal::LogPosition>,
     decoders: usize,
 ) -> Option<(wal::LogEnd, u64)> {
     use std::collections::BTreeMap;
@@ -214,8 +238,15 @@ fn replay_parallel(
         pending: BTreeMap<usize, Decoded>,
         folded: usize,
         replayed: u64,
+        spare: Vec<PayloadBatch>,
     }
     impl Folder {
+        fn take(&mut self, index: usize, decoded: Decoded, mut spare: PayloadBatch) {
+            spare.bytes.clear();
+            spare.records.clear();
+            self.spare.push(spare);
+            self.pending.insert(index, decoded);
+        }
         fn fold_ready(&mut self, state: &mut State) -> std::result::Result<(), String> {
             while let Some(batch) = self.pending.remove(&self.folded) {
                 for (seq, ev) in batch? {
@@ -227,47 +258,54 @@ fn replay_parallel(
             Ok(())
         }
     }
-    let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<(u64, Vec<u8>)>)>(decoders * 2);
+    let (work_tx, work_rx) = mpsc::sync_channel::<(usize, PayloadBatch)>(decoders * 2);
     let work_rx = Mutex::new(work_rx);
     std::thread::scope(|scope| {
-        let (done_tx, done_rx) = mpsc::channel::<(usize, Decoded)>();
+        let (done_tx, done_rx) = mpsc::channel::<(usize, Decoded, PayloadBatch)>();
         for _ in 0..decoders {
             let (work_rx, done_tx) = (&work_rx, done_tx.clone());
             scope.spawn(move || loop {
                 let job = lock(work_rx).recv();
                 let Ok((index, batch)) = job else { break };
-                let decoded = batch.into_iter().map(|(seq, bytes)| Event::decode(&bytes).map(|e| (seq, e))).collect();
-                if done_tx.send((index, decoded)).is_err() {
+                let decoded = batch
+                    .records
+                    .iter()
+                    .map(|&(seq, start, end)| Event::decode(&batch.bytes[start..end]).map(|e| (seq, e)))
+                    .collect();
+                if done_tx.send((index, decoded, batch)).is_err() {
                     break;
                 }
             });
         }
         drop(done_tx);
 
-        let mut folder = Folder { pending: BTreeMap::new(), folded: 0, replayed: 0 };
+        let mut folder = Folder { pending: BTreeMap::new(), folded: 0, replayed: 0, spare: Vec::new() };
         let mut sent = 0usize;
-        let mut batch = Vec::with_capacity(REPLAY_BATCH);
-        let scanned = wal::scan_log(storage, wal_dir, state.last_seq, &mut |pos, payload| {
-            batch.push((pos.seq, payload.to_vec()));
-            if batch.len() == REPLAY_BATCH {
-                work_tx.send((sent, std::mem::take(&mut batch))).map_err(|_| "decoder stopped".to_string())?;
+        let mut batch = PayloadBatch::default();
+        let scanned = wal::scan_log_from(storage, wal_dir, state.last_seq, hint, &mut |pos, payload| {
+            let start = batch.bytes.len();
+            batch.bytes.extend_from_slice(payload);
+            batch.records.push((pos.seq, start, batch.bytes.len()));
+            if batch.records.len() == REPLAY_BATCH || batch.bytes.len() >= REPLAY_BATCH_BYTES {
+                let next = folder.spare.pop().unwrap_or_default();
+                work_tx.send((sent, std::mem::replace(&mut batch, next))).map_err(|_| "decoder stopped".to_string())?;
                 sent += 1;
-                while let Ok((i, d)) = done_rx.try_recv() {
-                    folder.pending.insert(i, d);
+                while let Ok((i, d, spare)) = done_rx.try_recv() {
+                    folder.take(i, d, spare);
                 }
                 folder.fold_ready(state)?;
             }
             Ok(true)
         });
         let result = scanned.ok().and_then(|end| {
-            if !batch.is_empty() {
+            if !batch.records.is_empty() {
                 work_tx.send((sent, std::mem::take(&mut batch))).ok()?;
                 sent += 1;
             }
             drop(work_tx);
             while folder.folded < sent {
-                let (i, d) = done_rx.recv().ok()?;
-                folder.pending.insert(i, d);
+                let (i, d, spare) = done_rx.recv().ok()?;
+                folder.take(i, d, spare);
                 folder.fold_ready(state).ok()?;
             }
             Some(end)
@@ -314,14 +352,22 @@ impl Ledger {
         };
 
         // Newest snapshot that loads; damaged ones are set aside (the log is the truth).
-        let mut state = State::empty(opts.config.clone().unwrap_or_default());
+        let empty = || State::empty(opts.config.clone().unwrap_or_default());
+        let mut state = empty();
+        let mut hint = None;
+        let mut loaded_from = None;
         let snaps = snapshot::list(&*storage, &snap_dir).map_err(|e| Error::io("listing snapshots", e))?;
         for (seq, path) in snaps {
-            let loaded = storage.read(&path).map_err(|e| e.to_string()).and_then(|bytes| snapshot::decode(&bytes, seq));
+            let loaded = storage
+                .read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| snapshot::decode_with_position(&bytes, seq));
             match loaded {
-                Ok(s) => {
+                Ok((s, position)) => {
                     report.snapshot_seq = Some(seq);
                     state = s;
+                    hint = position;
+                    loaded_from = Some(path);
                     break;
                 }
                 Err(reason) => {
@@ -331,7 +377,16 @@ impl Ledger {
             }
         }
         let snapshot_seq = state.last_seq;
-        let (mut end, replayed) = replay_into(&*storage, &wal_dir, &mut state)?;
+        let reload = || match &loaded_from {
+            None => Ok(empty()),
+            Some(path) => storage
+                .read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| snapshot::decode(&bytes, snapshot_seq))
+                .map_err(|e| Error::Inconsistent { path: path.clone(), message: format!("reading it again: {e}") }),
+        };
+        let (mut end, replayed) = replay_into(&*storage, &wal_dir, &mut state, hint, &reload)?;
+        report.resumed_from_snapshot_position = end.resumed_from_hint;
         report.events_replayed = replayed;
         if end.last_seq < snapshot_seq {
             return Err(Error::Inconsistent {
@@ -896,16 +951,18 @@ impl Ledger {
     }
 
     fn snapshot_holding(&self, _one_at_a_time: MutexGuard<'_, ()>) -> Result<SnapshotInfo> {
-        let data = {
+        let (data, position) = {
             let mut core = self.writable_core()?;
             core.since_snapshot = 0;
-            core.state.to_data()
+            let data = core.state.to_data();
+            let position = core.wal.as_ref().and_then(|w| w.last_record()).filter(|p| p.seq == data.last_seq);
+            (data, position)
         };
         // A snapshot must never be ahead of the durable log.
         self.wait_durable(data.last_seq)?;
         let dir = self.shared.dir.join(SNAPSHOT_DIR);
         let storage = &*self.shared.storage;
-        let path = snapshot::write(storage, &dir, &data)
+        let path = snapshot::write(storage, &dir, &data, position)
             .map_err(|e| Error::io(format!("writing snapshot {}", data.last_seq), e))?;
         if let Ok(all) = snapshot::list(storage, &dir) {
             for (_, old) in all.into_iter().skip(SNAPSHOTS_KEPT) {
@@ -945,7 +1002,8 @@ impl Ledger {
         let mut core = lock(&self.shared.core);
         let before = core.state.last_seq;
         let mut state = core.state.clone();
-        replay_into(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), &mut state)?;
+        let reload = || Ok(core.state.clone());
+        replay_into(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), &mut state, None, &reload)?;
         core.state = state;
         Ok(core.state.last_seq - before)
     }

@@ -12,6 +12,16 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// Whether no slot appears twice among `workers`; without a heap set for the usual handful.
+fn slots_distinct(workers: &[WorkerGrant]) -> bool {
+    if workers.len() <= 16 {
+        workers.iter().enumerate().all(|(i, w)| workers[..i].iter().all(|v| v.slot != w.slot))
+    } else {
+        let mut seen = BTreeSet::new();
+        workers.iter().all(|w| seen.insert(w.slot))
+    }
+}
+
 /// One allocation as the fold knows it. Failed requests are kept too (state `failed`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Allocation {
@@ -155,7 +165,9 @@ pub struct State {
     /// Sequence number of the last event folded in (0 before the first).
     pub last_seq: u64,
     pub last_ts_us: Micros,
-    allocations: HashMap<AllocationId, Allocation>,
+    /// Boxed: the table stays small (16 bytes a slot) so its probes stay in cache, and a
+    /// resize moves pointers instead of 200-byte entries.
+    allocations: HashMap<AllocationId, Box<Allocation>>,
     /// Active allocations by deadline, for expiry.
     by_deadline: BTreeSet<(Micros, AllocationId)>,
     /// Owner of each worker slot.
@@ -372,11 +384,11 @@ impl State {
     }
 
     pub fn allocation(&self, id: AllocationId) -> Option<&Allocation> {
-        self.allocations.get(&id)
+        self.allocations.get(&id).map(|a| &**a)
     }
 
     pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
-        self.allocations.values()
+        self.allocations.values().map(|a| &**a)
     }
 
     /// How many ended allocations were dropped from memory; when it is 0 the state knows every
@@ -471,7 +483,6 @@ impl State {
         // A grant must agree with itself (one entry per slot, as many slots as it says it holds)
         // and with the state (every slot free, the pool big enough for what it charges); one
         // that does not is an anomaly, not applied.
-        let mut distinct = BTreeSet::new();
         let mut starting = BTreeSet::new();
         let mut charge = Some(g.resources);
         for m in &g.mcp_servers {
@@ -486,7 +497,7 @@ impl State {
         if self.allocations.contains_key(&g.allocation_id)
             || !fits
             || g.resources.workers as usize != g.workers.len()
-            || !g.workers.iter().all(|w| distinct.insert(w.slot))
+            || !slots_distinct(&g.workers)
             || g.workers.iter().any(|w| self.slots.get(w.slot as usize) != Some(&None))
         {
             self.anomalies += 1;
@@ -523,7 +534,7 @@ impl State {
             self.allocated
         });
         self.by_deadline.insert((g.deadline_us, g.allocation_id));
-        self.allocations.insert(g.allocation_id, Allocation::from_grant_owned(ts_us, g));
+        self.allocations.insert(g.allocation_id, Box::new(Allocation::from_grant_owned(ts_us, g)));
     }
 
     fn apply_rejection(&mut self, seq: u64, ts_us: Micros, r: &Rejection) {
@@ -532,7 +543,7 @@ impl State {
             return;
         }
         self.ended.insert(seq, r.allocation_id);
-        self.allocations.insert(r.allocation_id, Allocation::from_rejection(seq, ts_us, r));
+        self.allocations.insert(r.allocation_id, Box::new(Allocation::from_rejection(seq, ts_us, r)));
     }
 
     fn apply_end(&mut self, seq: u64, id: AllocationId, ended_us: Micros, to: AllocationState) {
@@ -655,7 +666,7 @@ impl State {
     // ----- snapshots -----
 
     pub fn to_data(&self) -> StateData {
-        let mut allocations: Vec<Allocation> = self.allocations.values().cloned().collect();
+        let mut allocations: Vec<Allocation> = self.allocations.values().map(|a| (**a).clone()).collect();
         allocations.sort_by_key(|a| (a.created_us, a.id));
         StateData {
             ledger_id: self.ledger_id.clone(),
@@ -671,59 +682,13 @@ impl State {
     }
 
     /// Rebuilds every index from snapshot data and checks the invariants.
-    pub fn from_data(data: StateData) -> std::result::Result<State, String> {
-        data.config.validate().map_err(|e| e.to_string())?;
-        let mut s = State::empty(data.config);
-        s.ledger_id = data.ledger_id;
-        s.created_us = data.created_us;
-        s.last_seq = data.last_seq;
-        s.last_ts_us = data.last_ts_us;
-        s.assigned_mcp_endpoints = data.assigned_mcp_endpoints;
-        s.assigned_mcp_count = data.assigned_mcp_count;
-        s.evicted = data.evicted;
-        for a in data.allocations {
-            if s.allocations.contains_key(&a.id) {
-                return Err(format!("allocation {} appears twice", a.id));
-            }
-            if a.state == AllocationState::Active {
-                let mut charged = a.resources;
-                for w in &a.workers {
-                    match s.slots.get_mut(w.slot as usize) {
-                        Some(slot @ None) => {
-                            *slot = Some(a.id);
-                            s.free_slots.remove(&w.slot);
-                        }
-                        _ => return Err(format!("slot {} of {} is taken or out of range", w.slot, a.id)),
-                    }
-                }
-                for m in &a.mcp_servers {
-                    let r = s.running.entry(m.name.clone()).or_insert_with(|| RunningServer {
-                        refcount: 0,
-                        endpoint: m.endpoint.clone(),
-                        cpu_millicores: m.cpu_millicores,
-                        memory_mib: m.memory_mib,
-                    });
-                    if r.refcount == 0 {
-                        charged.cpu_millicores += r.cpu_millicores;
-                        charged.memory_mib += r.memory_mib;
-                    }
-                    r.refcount += 1;
-                }
-                s.allocated = s.allocated.checked_add(charged).ok_or("overflow")?;
-                s.by_deadline.insert((a.deadline_us, a.id));
-            } else {
-                let seq = a.ended_seq.ok_or_else(|| format!("ended allocation {} has no ended_seq", a.id))?;
-                if s.ended.insert(seq, a.id).is_some() {
-                    return Err(format!("two allocations ended at sequence number {seq}"));
-                }
-            }
-            s.allocations.insert(a.id, a);
+    pub fn from_data(mut data: StateData) -> std::result::Result<State, String> {
+        let allocations = std::mem::take(&mut data.allocations);
+        let mut loader = StateLoader::new(data, allocations.len())?;
+        for a in allocations {
+            loader.add(a)?;
         }
-        if s.ended.len() as u64 > s.config.terminal_retained {
-            return Err("more ended allocations than terminal_retained".into());
-        }
-        s.check_invariants()?;
-        Ok(s)
+        loader.finish()
     }
 
     // ----- decide -----
@@ -1088,6 +1053,7 @@ impl State {
             .allocations
             .values()
             .filter(|a| job_id.is_none_or(|j| a.job_id == j) && state.is_none_or(|s| a.state_at(now) == s))
+            .map(|a| &**a)
             .collect();
         out.sort_by_key(|a| (a.created_us, a.id));
         out.into_iter().map(|a| a.summary(now)).collect()
@@ -1127,6 +1093,79 @@ pub fn fold_rebuilt(
 
 pub fn age_seconds(from: Micros, now: Micros) -> f64 {
     (now - from).max(0) as f64 / 1e6
+}
+
+/// Rebuilds a state from snapshot data one allocation at a time, so a decoder can hand each
+/// over as it reads it instead of holding them all in a list first (that list would double
+/// the memory a large state takes while it loads). Every index is rebuilt and checked.
+pub struct StateLoader {
+    s: State,
+}
+
+impl StateLoader {
+    /// `data.allocations` is ignored; `expected` sizes the table.
+    pub fn new(data: StateData, expected: usize) -> std::result::Result<StateLoader, String> {
+        data.config.validate().map_err(|e| e.to_string())?;
+        let mut s = State::empty(data.config);
+        s.ledger_id = data.ledger_id;
+        s.created_us = data.created_us;
+        s.last_seq = data.last_seq;
+        s.last_ts_us = data.last_ts_us;
+        s.assigned_mcp_endpoints = data.assigned_mcp_endpoints;
+        s.assigned_mcp_count = data.assigned_mcp_count;
+        s.evicted = data.evicted;
+        s.allocations.reserve(expected.min(1 << 24));
+        Ok(StateLoader { s })
+    }
+
+    pub fn add(&mut self, a: Allocation) -> std::result::Result<(), String> {
+        let s = &mut self.s;
+        if s.allocations.contains_key(&a.id) {
+            return Err(format!("allocation {} appears twice", a.id));
+        }
+        if a.state == AllocationState::Active {
+            let mut charged = a.resources;
+            for w in &a.workers {
+                match s.slots.get_mut(w.slot as usize) {
+                    Some(slot @ None) => {
+                        *slot = Some(a.id);
+                        s.free_slots.remove(&w.slot);
+                    }
+                    _ => return Err(format!("slot {} of {} is taken or out of range", w.slot, a.id)),
+                }
+            }
+            for m in &a.mcp_servers {
+                let r = s.running.entry(m.name.clone()).or_insert_with(|| RunningServer {
+                    refcount: 0,
+                    endpoint: m.endpoint.clone(),
+                    cpu_millicores: m.cpu_millicores,
+                    memory_mib: m.memory_mib,
+                });
+                if r.refcount == 0 {
+                    charged.cpu_millicores += r.cpu_millicores;
+                    charged.memory_mib += r.memory_mib;
+                }
+                r.refcount += 1;
+            }
+            s.allocated = s.allocated.checked_add(charged).ok_or("overflow")?;
+            s.by_deadline.insert((a.deadline_us, a.id));
+        } else {
+            let seq = a.ended_seq.ok_or_else(|| format!("ended allocation {} has no ended_seq", a.id))?;
+            if s.ended.insert(seq, a.id).is_some() {
+                return Err(format!("two allocations ended at sequence number {seq}"));
+            }
+            if s.ended.len() as u64 > s.config.terminal_retained {
+                return Err("more ended allocations than terminal_retained".into());
+            }
+        }
+        s.allocations.insert(a.id, Box::new(a));
+        Ok(())
+    }
+
+    pub fn finish(self) -> std::result::Result<State, String> {
+        self.s.check_invariants()?;
+        Ok(self.s)
+    }
 }
 
 #[cfg(test)]

@@ -35,12 +35,27 @@ pub struct TornTail {
     pub saved_to: Option<PathBuf>,
 }
 
+/// Where one record sits in the log. A snapshot records its last event's position so that
+/// opening resumes reading right after it instead of reading the segment from its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogPosition {
+    /// The segment, by the sequence number in its name.
+    pub segment_first_seq: u64,
+    /// Byte offset of the record's frame in the segment.
+    pub offset: u64,
+    pub seq: u64,
+}
+
 /// Where a scan of the log ended.
 #[derive(Debug, Clone)]
 pub struct LogEnd {
     pub segments: Vec<SegmentInfo>,
     /// Sequence number of the last valid record (0 if none).
     pub last_seq: u64,
+    /// Position of that record, when the scan passed it.
+    pub last_record: Option<LogPosition>,
+    /// The scan started at a position hint instead of the start of its first segment.
+    pub resumed_from_hint: bool,
     /// Length of the valid part of the last segment.
     pub last_valid_len: u64,
     pub torn: Option<TornTail>,
@@ -51,7 +66,35 @@ pub struct LogEnd {
 /// without reading. A torn tail in the last segment ends the scan and is reported; any other
 /// damage is an error naming file, offset and sequence number.
 pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut segment::Visit<'_>) -> Result<LogEnd> {
+    scan_log_from(storage, dir, after_seq, None, visit)
+}
+
+/// Bytes of log a scan after `after_seq` reads, starting at `hint` when it applies.
+pub fn bytes_after(storage: &dyn Storage, dir: &Path, after_seq: u64, hint: Option<LogPosition>) -> Result<u64> {
     let segments = list_segments(storage, dir)?;
+    let start = segments.iter().rposition(|s| s.first_seq <= after_seq + 1).unwrap_or(0);
+    let mut total = 0;
+    for (i, seg) in segments.iter().enumerate().skip(start) {
+        let len = storage.file_len(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
+        let skip = hint.filter(|h| i == start && h.seq == after_seq && h.segment_first_seq == seg.first_seq);
+        total += len.saturating_sub(skip.map_or(0, |h| h.offset));
+    }
+    Ok(total)
+}
+
+/// Like [`scan_log`], but when `hint` names the record `after_seq` in the segment where the
+/// scan starts, and a valid record with that sequence number is there, reading starts right
+/// after it. A hint that does not check out is ignored (the segment is read from its start).
+pub fn scan_log_from(
+    storage: &dyn Storage,
+    dir: &Path,
+    after_seq: u64,
+    hint: Option<LogPosition>,
+    visit: &mut segment::Visit<'_>,
+) -> Result<LogEnd> {
+    let segments = list_segments(storage, dir)?;
+    let mut last_record = None;
+    let mut resumed_from_hint = false;
     let mut last_seq = 0;
     let mut last_valid_len = 0;
     let mut torn = None;
@@ -84,14 +127,36 @@ pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut s
         }
         let bytes = storage.read(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
         let mut stop = false;
-        let scan = segment::scan(&seg.path, &bytes, seg.first_seq, &mut |pos, payload| {
+        let resume = hint
+            .filter(|h| i == start && h.seq == after_seq && h.segment_first_seq == seg.first_seq)
+            .and_then(|h| match crate::record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
+                crate::record::Decoded::Record { seq, frame_len, .. }
+                    if seq == h.seq && h.offset >= segment::HEADER_LEN as u64 =>
+                {
+                    Some((h, h.offset + frame_len as u64))
+                }
+                _ => None,
+            });
+        if let Some((h, _)) = resume {
+            resumed_from_hint = true;
+            last_record = Some(h);
+        }
+        let first_seq = seg.first_seq;
+        let mut on_record = |pos: segment::RecordPos, payload: &[u8]| {
+            last_record = Some(LogPosition { segment_first_seq: first_seq, offset: pos.offset, seq: pos.seq });
             if pos.seq <= after_seq {
                 return Ok(true);
             }
             let go_on = visit(pos, payload)?;
             stop = !go_on;
             Ok(go_on)
-        });
+        };
+        let scan = match resume {
+            Some((h, next_offset)) => {
+                segment::scan_from(&seg.path, &bytes, seg.first_seq, next_offset, h.seq + 1, &mut on_record)
+            }
+            None => segment::scan(&seg.path, &bytes, seg.first_seq, &mut on_record),
+        };
         if scan.next_seq > seg.first_seq {
             last_seq = scan.next_seq - 1;
         }
@@ -116,7 +181,7 @@ pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut s
         }
         expected_next = Some(scan.next_seq);
     }
-    Ok(LogEnd { segments, last_seq, last_valid_len, torn })
+    Ok(LogEnd { segments, last_seq, last_record, resumed_from_hint, last_valid_len, torn })
 }
 
 /// Copies a torn tail's bytes to `quarantine_dir`, then cuts them off (or removes a segment
@@ -152,7 +217,9 @@ pub struct WalWriter {
     active: Arc<dyn AppendFile>,
     active_path: PathBuf,
     active_len: u64,
+    active_first_seq: u64,
     next_seq: u64,
+    last_record: Option<LogPosition>,
     segment_size_bytes: u64,
     frame: Vec<u8>,
 }
@@ -171,7 +238,9 @@ impl WalWriter {
             active,
             active_path: path,
             active_len: segment::HEADER_LEN as u64,
+            active_first_seq: 1,
             next_seq: 1,
+            last_record: None,
             segment_size_bytes,
             frame: Vec::new(),
         })
@@ -193,7 +262,9 @@ impl WalWriter {
             active,
             active_path: last.path.clone(),
             active_len: len,
+            active_first_seq: last.first_seq,
             next_seq: end.last_seq + 1,
+            last_record: end.last_record.filter(|r| r.seq == end.last_seq),
             segment_size_bytes,
             frame: Vec::new(),
         })
@@ -201,6 +272,11 @@ impl WalWriter {
 
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// Where the last record appended (or found on resume) sits.
+    pub fn last_record(&self) -> Option<LogPosition> {
+        self.last_record
     }
 
     pub fn active_file(&self) -> Arc<dyn AppendFile> {
@@ -231,6 +307,7 @@ impl WalWriter {
                 }
             });
         }
+        self.last_record = Some(LogPosition { segment_first_seq: self.active_first_seq, offset: self.active_len, seq });
         self.active_len += self.frame.len() as u64;
         self.next_seq += 1;
         Ok(seq)
@@ -245,6 +322,7 @@ impl WalWriter {
         self.active = file;
         self.active_path = path;
         self.active_len = segment::HEADER_LEN as u64;
+        self.active_first_seq = self.next_seq;
         Ok(())
     }
 }

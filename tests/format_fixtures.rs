@@ -4,6 +4,8 @@
 //! - `v1`: segments v1, snapshots v1 (the first release). Snapshot v1 is no longer read: it is
 //!   set aside and the log replayed, which must give the same history.
 //! - `v1-snap2`: segments v1, snapshots v2 (ended allocations carry `ended_seq`).
+//! - `v1-snap3`: segments v1, snapshots v3 (binary allocations, the log position of the
+//!   snapshot's last event).
 //!
 //! Add a fixture when a format version is released; never regenerate an old one. The newest is
 //! written by `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`.
@@ -78,11 +80,18 @@ fn v1_fixture_opens_and_reads_the_same() {
 
 #[test]
 fn v1_snap2_fixture_opens_and_reads_the_same() {
-    let fixture = fixture_dir("v1-snap2");
+    check_fixture("v1-snap2", true);
+}
+
+#[test]
+fn v1_snap3_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v1-snap3");
     if std::env::var_os("REGENERATE_FIXTURES").is_some() {
         regenerate(&fixture);
     }
-    check_fixture("v1-snap2", true);
+    let snap = std::fs::read(fixture.join("snapshots/00000000000000000006.snap")).unwrap();
+    assert_eq!(&snap[8..12], &3u32.to_le_bytes(), "the fixture's snapshot is v3");
+    check_fixture("v1-snap3", true);
 }
 
 fn check_fixture(name: &str, snapshot_readable: bool) {

@@ -538,3 +538,9 @@ pub fn run_threads(
     let lat: Vec<Duration> = per_thread.into_iter().flatten().collect();
     (lat.len() as u64, elapsed, lat)
 }
+
+/// The benchmarks use the allocator the binary ships with (the `mimalloc` feature, on by
+/// default); `cargo bench --no-default-features --features cli,server` measures glibc's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
