@@ -68,7 +68,9 @@ pub struct Config {
     /// A segment file is closed and a new one started once it reaches this size.
     pub segment_size_bytes: u64,
     /// Ended allocations (released, expired, failed) kept in memory, newest first; older ones
-    /// are read from the log when asked for, so memory does not grow with history.
+    /// are read from the log when asked for, so memory does not grow with history. The default
+    /// (1000) keeps memory at about 1 KiB per active allocation; a lookup of an allocation
+    /// that ended earlier searches the log.
     pub terminal_retained: u64,
     pub priority_reserve_percent: PriorityReservePercent,
 }
@@ -94,7 +96,7 @@ impl Default for Config {
             snapshot_every: 10_000,
             max_metadata_bytes: 16 * 1024,
             segment_size_bytes: 64 * 1024 * 1024,
-            terminal_retained: 10_000,
+            terminal_retained: 1_000,
             priority_reserve_percent: PriorityReservePercent::default(),
         }
     }

@@ -358,10 +358,7 @@ impl Ledger {
         let mut loaded_from = None;
         let snaps = snapshot::list(&*storage, &snap_dir).map_err(|e| Error::io("listing snapshots", e))?;
         for (seq, path) in snaps {
-            let loaded = storage
-                .read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| snapshot::decode_with_position(&bytes, seq));
+            let loaded = snapshot::load(&*storage, &path, seq);
             match loaded {
                 Ok((s, position)) => {
                     report.snapshot_seq = Some(seq);
@@ -379,10 +376,8 @@ impl Ledger {
         let snapshot_seq = state.last_seq;
         let reload = || match &loaded_from {
             None => Ok(empty()),
-            Some(path) => storage
-                .read(path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| snapshot::decode(&bytes, snapshot_seq))
+            Some(path) => snapshot::load(&*storage, path, snapshot_seq)
+                .map(|(s, _)| s)
                 .map_err(|e| Error::Inconsistent { path: path.clone(), message: format!("reading it again: {e}") }),
         };
         let (mut end, replayed) = replay_into(&*storage, &wal_dir, &mut state, hint, &reload)?;

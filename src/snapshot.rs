@@ -175,16 +175,26 @@ pub fn decode_with_position(bytes: &[u8], expected_seq: u64) -> Result<(State, O
 
 fn decode_v3_payload(payload: &[u8], seq: u64) -> Result<(State, Option<LogPosition>), String> {
     let mut r = Reader { bytes: payload, at: 0 };
+    let loaded = decode_v3(&mut r, payload.len(), seq)?;
+    if r.at != payload.len() {
+        return Err(format!("{} bytes follow the last allocation", payload.len() - r.at));
+    }
+    Ok(loaded)
+}
+
+/// The v3 payload from `r`, which holds `payload_len` bytes.
+fn decode_v3(r: &mut impl Source, payload_len: usize, seq: u64) -> Result<(State, Option<LogPosition>), String> {
     let meta_len = r.u64()?;
-    let meta_bytes = r.take(usize::try_from(meta_len).map_err(|_| "meta length overflows")?)?;
-    let meta: MetaIn = serde_json::from_slice(meta_bytes).map_err(|e| format!("snapshot meta does not decode: {e}"))?;
+    let meta_len = usize::try_from(meta_len).ok().filter(|&l| l <= payload_len).ok_or("meta length overflows")?;
+    let meta: MetaIn =
+        serde_json::from_slice(r.take(meta_len)?).map_err(|e| format!("snapshot meta does not decode: {e}"))?;
     if meta.last_seq != seq || meta.log_position.is_some_and(|p| p.seq != seq) {
         return Err("snapshot payload disagrees with its header".into());
     }
     let count = r.u64()?;
     // Each allocation takes at least 60 bytes, so a count beyond that is damage.
-    if count > (payload.len() / 60) as u64 {
-        return Err(format!("snapshot claims {count} allocations, more than its {} bytes can hold", payload.len()));
+    if count > (payload_len / 60) as u64 {
+        return Err(format!("snapshot claims {count} allocations, more than its {payload_len} bytes can hold"));
     }
     let data = StateData {
         ledger_id: meta.ledger_id,
@@ -200,13 +210,63 @@ fn decode_v3_payload(payload: &[u8], seq: u64) -> Result<(State, Option<LogPosit
     let inconsistent = |e: String| format!("snapshot state is inconsistent: {e}");
     let mut loader = StateLoader::new(data, count as usize).map_err(inconsistent)?;
     for i in 0..count {
-        let a = get_allocation(&mut r).map_err(|e| format!("allocation {i} at byte {}: {e}", r.at))?;
+        let a = get_allocation(r).map_err(|e| format!("allocation {i} at byte {}: {e}", r.at()))?;
         loader.add(a).map_err(inconsistent)?;
     }
-    if r.at != payload.len() {
-        return Err(format!("{} bytes follow the last allocation", payload.len() - r.at));
-    }
     Ok((loader.finish().map_err(inconsistent)?, meta.log_position))
+}
+
+/// Loads the snapshot at `path` (named for `expected_seq`), reading a v3 file in chunks so
+/// that its bytes and the state built from them are never in memory together. The checksum is
+/// checked before the state is returned; for a damaged file it is the error reported.
+pub fn load(storage: &dyn Storage, path: &Path, expected_seq: u64) -> Result<(State, Option<LogPosition>), String> {
+    load_chunked(storage, path, expected_seq, CHUNK_BYTES)
+}
+
+fn load_chunked(
+    storage: &dyn Storage,
+    path: &Path,
+    expected_seq: u64,
+    chunk_bytes: usize,
+) -> Result<(State, Option<LogPosition>), String> {
+    let file_len = storage.file_len(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let header = storage.read_range(path, 0, HEADER_LEN).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let version = header.get(8..12).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    if header.len() < HEADER_LEN || version != Some(FORMAT_VERSION) || &header[0..8] != MAGIC {
+        // Short, not a snapshot, or an older version: the whole-file path says which.
+        let bytes = storage.read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        return decode_with_position(&bytes, expected_seq);
+    }
+    let seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
+    let len = u64::from_le_bytes(header[24..32].try_into().unwrap());
+    let stored = u32::from_le_bytes(header[36..40].try_into().unwrap());
+    if len != file_len - HEADER_LEN as u64 {
+        return Err(format!("snapshot payload should be {len} bytes, file holds {}", file_len - HEADER_LEN as u64));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[..36]);
+    let mut r = ChunkReader {
+        storage,
+        path,
+        chunk_bytes: chunk_bytes.max(1),
+        file_len,
+        buf_offset: HEADER_LEN as u64,
+        buf: Vec::new(),
+        pos: 0,
+        payload_base: 0,
+        crc,
+    };
+    let decoded = usize::try_from(len)
+        .map_err(|_| "snapshot payload length overflows".to_string())
+        .and_then(|payload_len| decode_v3(&mut r, payload_len, seq))
+        .and_then(|loaded| if r.at_end() { Ok(loaded) } else { Err("bytes follow the last allocation".into()) });
+    if r.finish_crc()? != stored {
+        return Err("snapshot checksum mismatch".into());
+    }
+    if seq != expected_seq {
+        return Err(format!("snapshot header says sequence number {seq}, its name says {expected_seq}"));
+    }
+    decoded
 }
 
 // ----- the binary allocation layout (all integers little-endian) -----
@@ -291,18 +351,13 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
+/// Where the decoder reads from: a whole payload in memory, or a file read in chunks.
+trait Source {
+    /// The next `n` bytes.
+    fn take(&mut self, n: usize) -> Result<&[u8], String>;
+    /// Payload bytes consumed so far.
+    fn at(&self) -> usize;
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or("truncated")?;
-        let out = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(out)
-    }
     fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
         Ok(self.take(N)?.try_into().expect("took N bytes"))
     }
@@ -318,9 +373,10 @@ impl<'a> Reader<'a> {
     fn i64(&mut self) -> Result<i64, String> {
         Ok(i64::from_le_bytes(self.array()?))
     }
-    fn str(&mut self) -> Result<&'a str, String> {
+    fn string(&mut self) -> Result<String, String> {
         let len = self.u32()? as usize;
-        std::str::from_utf8(self.take(len)?).map_err(|e| format!("invalid UTF-8: {e}"))
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes).map(str::to_owned).map_err(|e| format!("invalid UTF-8: {e}"))
     }
     fn count(&mut self, what: &str) -> Result<usize, String> {
         let n = self.u32()?;
@@ -331,9 +387,107 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn get_allocation(r: &mut Reader<'_>) -> Result<Allocation, String> {
-    let id = AllocationId::from_u64(r.u64()?);
-    let job_id = r.str()?.to_owned();
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Source for Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or("truncated")?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn at(&self) -> usize {
+        self.at
+    }
+}
+
+/// Bytes read from a snapshot file at a time.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// A snapshot file's payload read in chunks, checksummed as it goes, so loading never holds
+/// the whole file in memory next to the state it is building.
+struct ChunkReader<'a> {
+    storage: &'a dyn Storage,
+    path: &'a Path,
+    chunk_bytes: usize,
+    file_len: u64,
+    /// File offset of `buf[0]`.
+    buf_offset: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    /// Payload offset of `buf[0]`.
+    payload_base: usize,
+    crc: crc32fast::Hasher,
+}
+
+impl ChunkReader<'_> {
+    /// Reads more of the file so that at least `n` unread bytes are buffered.
+    fn fill(&mut self, n: usize) -> Result<(), String> {
+        let unread = self.buf.len() - self.pos;
+        if unread >= n {
+            return Ok(());
+        }
+        let next = self.buf_offset + self.buf.len() as u64;
+        let want = (n - unread).max(self.chunk_bytes) as u64;
+        let want = want.min(self.file_len.saturating_sub(next));
+        if (unread as u64) + want < n as u64 {
+            return Err("truncated".into());
+        }
+        let chunk = self
+            .storage
+            .read_range(self.path, next, want as usize)
+            .map_err(|e| format!("reading {}: {e}", self.path.display()))?;
+        if chunk.len() as u64 != want {
+            return Err(format!("{} changed while it was read", self.path.display()));
+        }
+        self.crc.update(&chunk);
+        self.buf.drain(..self.pos);
+        self.buf_offset += self.pos as u64;
+        self.payload_base += self.pos;
+        self.pos = 0;
+        self.buf.extend_from_slice(&chunk);
+        Ok(())
+    }
+
+    /// Reads (and checksums) whatever is left of the file.
+    fn finish_crc(mut self) -> Result<u32, String> {
+        loop {
+            let next = self.buf_offset + self.buf.len() as u64;
+            if next >= self.file_len {
+                return Ok(self.crc.finalize());
+            }
+            self.pos = self.buf.len();
+            self.fill(1)?;
+        }
+    }
+
+    fn at_end(&self) -> bool {
+        self.buf_offset + self.pos as u64 == self.file_len
+    }
+}
+
+impl Source for ChunkReader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        self.fill(n)?;
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+    fn at(&self) -> usize {
+        self.payload_base + self.pos
+    }
+}
+
+fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
+    let id = r.u64()?;
+    if id > AllocationId::MAX {
+        return Err(format!("allocation id {id:#x} is beyond 48 bits"));
+    }
+    let id = AllocationId::from_u64(id);
+    let job_id = r.string()?;
     let priority = match r.u8()? {
         0 => Priority::Low,
         1 => Priority::Normal,
@@ -363,8 +517,8 @@ fn get_allocation(r: &mut Reader<'_>) -> Result<Allocation, String> {
     for _ in 0..n {
         workers.push(WorkerGrant {
             slot: r.u32()?,
-            worker_id: r.str()?.to_owned(),
-            endpoint: r.str()?.to_owned(),
+            worker_id: r.string()?,
+            endpoint: r.string()?,
             cpu_millicores: r.u64()?,
             memory_mib: r.u64()?,
         });
@@ -372,8 +526,8 @@ fn get_allocation(r: &mut Reader<'_>) -> Result<Allocation, String> {
     let n = r.count("MCP servers")?;
     let mut mcp_servers = Vec::with_capacity(n.min(1024));
     for _ in 0..n {
-        let name = r.str()?.to_owned();
-        let endpoint = r.str()?.to_owned();
+        let name = r.string()?;
+        let endpoint = r.string()?;
         let (cpu_millicores, memory_mib) = (r.u64()?, r.u64()?);
         let f = r.u8()?;
         if f & !3 != 0 {
@@ -388,11 +542,9 @@ fn get_allocation(r: &mut Reader<'_>) -> Result<Allocation, String> {
             started: f & 2 != 0,
         });
     }
-    let metadata = match r.str()? {
-        "" => Metadata::default(),
-        text => Metadata::from_json_text(text.to_owned())?,
-    };
-    let error = if flags & FLAG_ERROR != 0 { Some(r.str()?.to_owned()) } else { None };
+    let text = r.string()?;
+    let metadata = if text.is_empty() { Metadata::default() } else { Metadata::from_json_text(text)? };
+    let error = if flags & FLAG_ERROR != 0 { Some(r.string()?) } else { None };
     Ok(Allocation {
         id,
         job_id,
@@ -435,6 +587,56 @@ pub fn list(storage: &dyn Storage, dir: &Path) -> std::io::Result<Vec<(u64, Path
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    /// The chunked loader gives what the whole-file decoder gives, whatever the chunk size
+    /// (values and strings straddle chunk boundaries), and refuses damage the same way.
+    #[test]
+    fn chunked_load_matches_whole_file_decode() {
+        use crate::clock::ManualClock;
+        use crate::ledger::{Ledger, OpenOptions};
+        use crate::state::ResourceRequest;
+        use crate::storage::FaultyStorage;
+        use std::sync::Arc;
+
+        let storage = FaultyStorage::new();
+        let clock = ManualClock::at_default_epoch();
+        let config = Config { snapshot_every: 0, worker_slots: 64, terminal_retained: 20, ..Config::default() };
+        let opts =
+            OpenOptions::default().storage(Arc::new(storage.clone())).clock(Arc::new(clock.clone())).config(config);
+        let ledger = Ledger::open_with("/l", opts).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..60u32 {
+            let mut meta = serde_json::Map::new();
+            meta.insert("k".into(), format!("value {i} \u{e9}").into());
+            let req = ResourceRequest::new(format!("job-{i}")).workers(i % 3).mcp_server("github").metadata(meta);
+            ids.push(ledger.request_resources(&req).unwrap().allocation_id());
+            clock.advance_seconds(1);
+            if i % 2 == 1 {
+                ledger.release_resources(&ids[i as usize - 1].to_string()).unwrap();
+            }
+        }
+        let info = ledger.snapshot().unwrap();
+        let expected = ledger.with_state(|s| s.clone());
+        let bytes = storage.files()[&info.path].clone();
+        assert_eq!(decode_with_position(&bytes, info.seq).unwrap().0, expected);
+        for chunk in [1, 3, 7, 64, 1000, 1 << 20] {
+            let (state, position) = load_chunked(&storage, &info.path, info.seq, chunk).unwrap();
+            assert_eq!(state, expected, "chunk {chunk}");
+            assert_eq!(position.map(|p| p.seq), Some(info.seq));
+        }
+        assert!(load(&storage, &info.path, info.seq + 1).is_err(), "a name that disagrees");
+        for at in (0..bytes.len()).step_by(3) {
+            let mut d = bytes.clone();
+            d[at] ^= 0x24;
+            storage.put_file(&info.path, d);
+            let err = load_chunked(&storage, &info.path, info.seq, 97).unwrap_err();
+            if at >= HEADER_LEN {
+                assert_eq!(err, "snapshot checksum mismatch", "byte {at}");
+            }
+        }
+        storage.put_file(&info.path, bytes[..bytes.len() - 5].to_vec());
+        assert!(load(&storage, &info.path, info.seq).is_err());
+    }
 
     #[test]
     fn round_trip_and_damage() {

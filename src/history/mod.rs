@@ -210,7 +210,7 @@ impl Ledger {
         let snaps = snapshot::list(storage, &self.dir().join(SNAPSHOT_DIR)).unwrap_or_default();
         let mut state = None;
         for (snap_seq, path) in snaps.into_iter().filter(|(s, _)| *s <= seq) {
-            let loaded = storage.read(&path).map_err(|e| e.to_string()).and_then(|b| snapshot::decode(&b, snap_seq));
+            let loaded = snapshot::load(storage, &path, snap_seq).map(|(s, _)| s);
             if let Ok(s) = loaded {
                 if s.ledger_id == ledger_id && s.last_ts_us <= t {
                     state = Some(s);
