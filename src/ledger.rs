@@ -165,13 +165,22 @@ const REPLAY_BATCH: usize = 2048;
 
 /// Folds one replayed event after checking it against the log's rules.
 fn fold_checked(state: &mut State, seq: u64, ev: Event) -> std::result::Result<(), String> {
+    fold_checked_collecting(state, seq, ev, None)
+}
+
+fn fold_checked_collecting(
+    state: &mut State,
+    seq: u64,
+    ev: Event,
+    graveyard: Option<&mut Vec<Box<Allocation>>>,
+) -> std::result::Result<(), String> {
     if seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
         return Err("the first event is not ledger_created".into());
     }
     if seq > 1 && ev.ts_us <= state.last_ts_us {
         return Err(format!("timestamp {} is not after the previous event's {}", ev.ts_us, state.last_ts_us));
     }
-    state.evolve_owned(seq, ev.ts_us, ev.body);
+    state.evolve_collecting(seq, ev.ts_us, ev.body, graveyard);
     Ok(())
 }
 
@@ -217,6 +226,9 @@ struct PayloadBatch {
     bytes: Vec<u8>,
     /// (sequence number, start, end) in `bytes`.
     records: Vec<(u64, usize, usize)>,
+    /// Allocations the fold evicted, for the decoder thread to drop (see
+    /// `State::evolve_collecting`).
+    graveyard: Vec<Box<Allocation>>,
 }
 
 /// Bytes of payload per batch before it is handed over.
@@ -239,6 +251,7 @@ fn replay_parallel(
         folded: usize,
         replayed: u64,
         spare: Vec<PayloadBatch>,
+        graveyard: Vec<Box<Allocation>>,
     }
     impl Folder {
         fn take(&mut self, index: usize, decoded: Decoded, mut spare: PayloadBatch) {
@@ -250,7 +263,7 @@ fn replay_parallel(
         fn fold_ready(&mut self, state: &mut State) -> std::result::Result<(), String> {
             while let Some(batch) = self.pending.remove(&self.folded) {
                 for (seq, ev) in batch? {
-                    fold_checked(state, seq, ev)?;
+                    fold_checked_collecting(state, seq, ev, Some(&mut self.graveyard))?;
                     self.replayed += 1;
                 }
                 self.folded += 1;
@@ -266,7 +279,8 @@ fn replay_parallel(
             let (work_rx, done_tx) = (&work_rx, done_tx.clone());
             scope.spawn(move || loop {
                 let job = lock(work_rx).recv();
-                let Ok((index, batch)) = job else { break };
+                let Ok((index, mut batch)) = job else { break };
+                batch.graveyard.clear();
                 let decoded = batch
                     .records
                     .iter()
@@ -279,7 +293,8 @@ fn replay_parallel(
         }
         drop(done_tx);
 
-        let mut folder = Folder { pending: BTreeMap::new(), folded: 0, replayed: 0, spare: Vec::new() };
+        let mut folder =
+            Folder { pending: BTreeMap::new(), folded: 0, replayed: 0, spare: Vec::new(), graveyard: Vec::new() };
         let mut sent = 0usize;
         let mut batch = PayloadBatch::default();
         let scanned = wal::scan_log_from(storage, wal_dir, state.last_seq, hint, &mut |pos, payload| {
@@ -288,6 +303,7 @@ fn replay_parallel(
             batch.records.push((pos.seq, start, batch.bytes.len()));
             if batch.records.len() == REPLAY_BATCH || batch.bytes.len() >= REPLAY_BATCH_BYTES {
                 let next = folder.spare.pop().unwrap_or_default();
+                std::mem::swap(&mut batch.graveyard, &mut folder.graveyard);
                 work_tx.send((sent, std::mem::replace(&mut batch, next))).map_err(|_| "decoder stopped".to_string())?;
                 sent += 1;
                 while let Ok((i, d, spare)) = done_rx.try_recv() {

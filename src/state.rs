@@ -429,6 +429,20 @@ impl State {
     /// [`State::evolve`] taking the event by value, so its strings move into the state instead
     /// of being copied (replay and the write path own their events).
     pub fn evolve_owned(&mut self, seq: u64, ts_us: Micros, body: EventBody) {
+        self.evolve_collecting(seq, ts_us, body, None);
+    }
+
+    /// [`State::evolve_owned`] that hands ended allocations leaving memory to `graveyard`
+    /// instead of dropping them: the parallel replay has them dropped by the decoder thread
+    /// that allocated their strings, which most allocators free much faster than a free from
+    /// another thread.
+    pub(crate) fn evolve_collecting(
+        &mut self,
+        seq: u64,
+        ts_us: Micros,
+        body: EventBody,
+        graveyard: Option<&mut Vec<Box<Allocation>>>,
+    ) {
         debug_assert!(seq > self.last_seq, "sequence numbers increase");
         self.last_seq = seq;
         self.last_ts_us = ts_us;
@@ -448,15 +462,17 @@ impl State {
                 self.apply_end(seq, allocation_id, deadline_us, AllocationState::Expired)
             }
         }
-        self.evict_ended();
+        self.evict_ended(graveyard);
         debug_assert!(self.check_invariants().is_ok(), "{:?}", self.check_invariants());
     }
 
     /// Drops the oldest ended allocations beyond `terminal_retained` (they stay in the log).
-    fn evict_ended(&mut self) {
+    fn evict_ended(&mut self, mut graveyard: Option<&mut Vec<Box<Allocation>>>) {
         while self.ended.len() as u64 > self.config.terminal_retained {
             let Some((_, id)) = self.ended.pop_first() else { break };
-            self.allocations.remove(&id);
+            if let (Some(a), Some(g)) = (self.allocations.remove(&id), graveyard.as_deref_mut()) {
+                g.push(a);
+            }
             self.evicted += 1;
         }
     }
