@@ -172,7 +172,7 @@ fn fold_checked_collecting(
     state: &mut State,
     seq: u64,
     ev: Event,
-    graveyard: Option<&mut Vec<Box<Allocation>>>,
+    graveyard: Option<&mut crate::state::Graveyard>,
 ) -> std::result::Result<(), String> {
     if seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
         return Err("the first event is not ledger_created".into());
@@ -228,7 +228,7 @@ struct PayloadBatch {
     records: Vec<(u64, usize, usize)>,
     /// Allocations the fold evicted, for the decoder thread to drop (see
     /// `State::evolve_collecting`).
-    graveyard: Vec<Box<Allocation>>,
+    graveyard: crate::state::Graveyard,
 }
 
 /// Bytes of payload per batch before it is handed over.
@@ -251,7 +251,7 @@ fn replay_parallel(
         folded: usize,
         replayed: u64,
         spare: Vec<PayloadBatch>,
-        graveyard: Vec<Box<Allocation>>,
+        graveyard: crate::state::Graveyard,
     }
     impl Folder {
         fn take(&mut self, index: usize, decoded: Decoded, mut spare: PayloadBatch) {

@@ -12,6 +12,11 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// Ended allocations evicted from memory, awaiting their drop elsewhere. Boxed as they sit in
+/// the state's table: moving them here moves a pointer, not the allocation.
+#[allow(clippy::vec_box)]
+pub(crate) type Graveyard = Vec<Box<Allocation>>;
+
 /// Whether no slot appears twice among `workers`; without a heap set for the usual handful.
 fn slots_distinct(workers: &[WorkerGrant]) -> bool {
     if workers.len() <= 16 {
@@ -441,7 +446,7 @@ impl State {
         seq: u64,
         ts_us: Micros,
         body: EventBody,
-        graveyard: Option<&mut Vec<Box<Allocation>>>,
+        graveyard: Option<&mut Graveyard>,
     ) {
         debug_assert!(seq > self.last_seq, "sequence numbers increase");
         self.last_seq = seq;
@@ -467,7 +472,7 @@ impl State {
     }
 
     /// Drops the oldest ended allocations beyond `terminal_retained` (they stay in the log).
-    fn evict_ended(&mut self, mut graveyard: Option<&mut Vec<Box<Allocation>>>) {
+    fn evict_ended(&mut self, mut graveyard: Option<&mut Graveyard>) {
         while self.ended.len() as u64 > self.config.terminal_retained {
             let Some((_, id)) = self.ended.pop_first() else { break };
             if let (Some(a), Some(g)) = (self.allocations.remove(&id), graveyard.as_deref_mut()) {
