@@ -962,18 +962,23 @@ impl Ledger {
     }
 
     fn snapshot_holding(&self, _one_at_a_time: MutexGuard<'_, ()>) -> Result<SnapshotInfo> {
-        let (data, position) = {
+        // Under the lock only the references are copied; sorting and encoding happen outside
+        // it while writers go on (an allocation they end is copied then, not shared).
+        let (data, mut shared, position) = {
             let mut core = self.writable_core()?;
             core.since_snapshot = 0;
-            let data = core.state.to_data();
+            let (data, shared) = core.state.snapshot_parts();
             let position = core.wal.as_ref().and_then(|w| w.last_record()).filter(|p| p.seq == data.last_seq);
-            (data, position)
+            (data, shared, position)
         };
+        crate::state::sort_for_snapshot(&mut shared);
+        let bytes = snapshot::encode_parts(&data, &shared, position);
+        drop(shared);
         // A snapshot must never be ahead of the durable log.
         self.wait_durable(data.last_seq)?;
         let dir = self.shared.dir.join(SNAPSHOT_DIR);
         let storage = &*self.shared.storage;
-        let path = snapshot::write(storage, &dir, &data, position)
+        let path = snapshot::write_encoded(storage, &dir, data.last_seq, &bytes)
             .map_err(|e| Error::io(format!("writing snapshot {}", data.last_seq), e))?;
         if let Ok(all) = snapshot::list(storage, &dir) {
             for (_, old) in all.into_iter().skip(SNAPSHOTS_KEPT) {

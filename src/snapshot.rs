@@ -83,6 +83,16 @@ pub fn encode(state: &StateData) -> Vec<u8> {
 /// A v3 snapshot; `position` is where the record `state.last_seq` sits in the log, so opening
 /// can resume reading right after it (a position for another record makes the file invalid).
 pub fn encode_with_position(state: &StateData, position: Option<LogPosition>) -> Vec<u8> {
+    encode_parts(state, &state.allocations, position)
+}
+
+/// Like [`encode_with_position`], with the allocations given apart from the rest of `state`
+/// (whose own `allocations` are ignored): a ledger snapshots shared ones, without copying.
+pub fn encode_parts<A: std::borrow::Borrow<Allocation>>(
+    state: &StateData,
+    allocations: &[A],
+    position: Option<LogPosition>,
+) -> Vec<u8> {
     let meta = serde_json::to_vec(&MetaOut {
         ledger_id: &state.ledger_id,
         created_us: state.created_us,
@@ -95,12 +105,12 @@ pub fn encode_with_position(state: &StateData, position: Option<LogPosition>) ->
         log_position: position,
     })
     .expect("snapshot meta serializes");
-    let mut payload = Vec::with_capacity(64 + meta.len() + state.allocations.len() * 256);
+    let mut payload = Vec::with_capacity(64 + meta.len() + allocations.len() * 256);
     payload.extend_from_slice(&(meta.len() as u64).to_le_bytes());
     payload.extend_from_slice(&meta);
-    payload.extend_from_slice(&(state.allocations.len() as u64).to_le_bytes());
-    for a in &state.allocations {
-        put_allocation(&mut payload, a);
+    payload.extend_from_slice(&(allocations.len() as u64).to_le_bytes());
+    for a in allocations {
+        put_allocation(&mut payload, a.borrow());
     }
     frame(FORMAT_VERSION, state.last_seq, &payload)
 }
@@ -569,9 +579,14 @@ pub fn write(
     state: &StateData,
     position: Option<LogPosition>,
 ) -> std::io::Result<PathBuf> {
+    write_encoded(storage, dir, state.last_seq, &encode_with_position(state, position))
+}
+
+/// Writes an encoded snapshot of the state at `seq` atomically.
+pub fn write_encoded(storage: &dyn Storage, dir: &Path, seq: u64, bytes: &[u8]) -> std::io::Result<PathBuf> {
     storage.create_dir_all(dir)?;
-    let path = dir.join(file_name(state.last_seq));
-    write_atomic(storage, &path, &encode_with_position(state, position))?;
+    let path = dir.join(file_name(seq));
+    write_atomic(storage, &path, bytes)?;
     Ok(path)
 }
 

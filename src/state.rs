@@ -11,11 +11,16 @@ use crate::report::*;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
-/// Ended allocations evicted from memory, awaiting their drop elsewhere. Boxed as they sit in
-/// the state's table: moving them here moves a pointer, not the allocation.
-#[allow(clippy::vec_box)]
-pub(crate) type Graveyard = Vec<Box<Allocation>>;
+/// Ended allocations evicted from memory, awaiting their drop elsewhere (moved as they sit in
+/// the state's table: a pointer each).
+pub(crate) type Graveyard = Vec<Arc<Allocation>>;
+
+/// The order allocations are written in snapshots: oldest first.
+pub fn sort_for_snapshot(allocations: &mut [Arc<Allocation>]) {
+    allocations.sort_unstable_by_key(|a| (a.created_us, a.id));
+}
 
 /// Whether no slot appears twice among `workers`; without a heap set for the usual handful.
 fn slots_distinct(workers: &[WorkerGrant]) -> bool {
@@ -170,9 +175,11 @@ pub struct State {
     /// Sequence number of the last event folded in (0 before the first).
     pub last_seq: u64,
     pub last_ts_us: Micros,
-    /// Boxed: the table stays small (16 bytes a slot) so its probes stay in cache, and a
-    /// resize moves pointers instead of 200-byte entries.
-    allocations: HashMap<AllocationId, Box<Allocation>>,
+    /// Behind pointers: the table stays small (16 bytes a slot) so its probes stay in cache,
+    /// and a resize moves pointers instead of 200-byte entries. Shared (`Arc`) so a snapshot
+    /// takes its copy under the lock by counting references, and encodes it outside; the fold
+    /// copies an allocation only if it changes while a snapshot still holds it.
+    allocations: HashMap<AllocationId, Arc<Allocation>>,
     /// Active allocations by deadline, for expiry.
     by_deadline: BTreeSet<(Micros, AllocationId)>,
     /// Owner of each worker slot.
@@ -555,7 +562,7 @@ impl State {
             self.allocated
         });
         self.by_deadline.insert((g.deadline_us, g.allocation_id));
-        self.allocations.insert(g.allocation_id, Box::new(Allocation::from_grant_owned(ts_us, g)));
+        self.allocations.insert(g.allocation_id, Arc::new(Allocation::from_grant_owned(ts_us, g)));
     }
 
     fn apply_rejection(&mut self, seq: u64, ts_us: Micros, r: &Rejection) {
@@ -564,19 +571,20 @@ impl State {
             return;
         }
         self.ended.insert(seq, r.allocation_id);
-        self.allocations.insert(r.allocation_id, Box::new(Allocation::from_rejection(seq, ts_us, r)));
+        self.allocations.insert(r.allocation_id, Arc::new(Allocation::from_rejection(seq, ts_us, r)));
     }
 
     fn apply_end(&mut self, seq: u64, id: AllocationId, ended_us: Micros, to: AllocationState) {
-        let Some(a) = self.allocations.get_mut(&id) else {
+        let Some(shared) = self.allocations.get_mut(&id) else {
             self.anomalies += 1;
             return;
         };
-        if a.state != AllocationState::Active {
+        if shared.state != AllocationState::Active {
             // Terminal states never change.
             self.anomalies += 1;
             return;
         }
+        let a = Arc::make_mut(shared);
         a.end(seq, ended_us, to);
         self.ended.insert(seq, id);
         self.by_deadline.remove(&(a.deadline_us, id));
@@ -687,19 +695,29 @@ impl State {
     // ----- snapshots -----
 
     pub fn to_data(&self) -> StateData {
-        let mut allocations: Vec<Allocation> = self.allocations.values().map(|a| (**a).clone()).collect();
-        allocations.sort_by_key(|a| (a.created_us, a.id));
-        StateData {
+        let (mut data, mut shared) = self.snapshot_parts();
+        sort_for_snapshot(&mut shared);
+        data.allocations = shared.iter().map(|a| (**a).clone()).collect();
+        data
+    }
+
+    /// What a snapshot needs, cheaply (under the ledger's lock): everything but the
+    /// allocations in `StateData`, and the allocations shared, in no order (see
+    /// [`sort_for_snapshot`]).
+    pub fn snapshot_parts(&self) -> (StateData, Vec<Arc<Allocation>>) {
+        let shared: Vec<Arc<Allocation>> = self.allocations.values().cloned().collect();
+        let data = StateData {
             ledger_id: self.ledger_id.clone(),
             created_us: self.created_us,
             config: self.config.clone(),
             last_seq: self.last_seq,
             last_ts_us: self.last_ts_us,
-            allocations,
+            allocations: Vec::new(),
             evicted: self.evicted,
             assigned_mcp_endpoints: self.assigned_mcp_endpoints.clone(),
             assigned_mcp_count: self.assigned_mcp_count,
-        }
+        };
+        (data, shared)
     }
 
     /// Rebuilds every index from snapshot data and checks the invariants.
@@ -1179,7 +1197,7 @@ impl StateLoader {
                 return Err("more ended allocations than terminal_retained".into());
             }
         }
-        s.allocations.insert(a.id, Box::new(a));
+        s.allocations.insert(a.id, Arc::new(a));
         Ok(())
     }
 

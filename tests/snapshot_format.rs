@@ -161,3 +161,29 @@ fn open_resumes_at_the_snapshot_position_and_ignores_a_wrong_one() {
     assert_eq!(l.with_state(|s| s.clone()), expected);
     assert_eq!(snapshot::parse_file_name(info.path.file_name().unwrap().to_str().unwrap()), Some(info.seq));
 }
+
+/// A snapshot shares the allocations it copies under the lock; what the ledger changes after
+/// that (releases, expiries, new grants) must not reach the encoded snapshot.
+#[test]
+fn a_snapshot_encodes_the_state_it_was_taken_at_while_the_ledger_moves_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at_default_epoch();
+    let ledger = busy_ledger(tmp.path(), &clock);
+    let before = ledger.with_state(|s| s.clone());
+    let (data, mut shared) = ledger.with_state(|s| s.snapshot_parts());
+    let active: Vec<_> = before.allocations().filter(|a| a.state.as_str() == "active").map(|a| a.id).collect();
+    assert!(active.len() >= 3);
+    for id in &active[..active.len() / 2] {
+        ledger.release_resources(&id.to_string()).unwrap();
+    }
+    clock.advance_seconds(3600);
+    ledger.cleanup_expired().unwrap();
+    ledger.request_resources(&ResourceRequest::new("after").workers(2)).unwrap();
+    let after = ledger.with_state(|s| s.clone());
+    assert_ne!(after, before);
+    allocation_ledger::state::sort_for_snapshot(&mut shared);
+    let bytes = snapshot::encode_parts(&data, &shared, None);
+    assert_eq!(decode(&bytes, data.last_seq).unwrap(), before);
+    after.check_invariants().unwrap();
+    assert_eq!(after, common::fold(&all_events(&ledger)));
+}
