@@ -35,6 +35,11 @@ fn pool_config() -> Config {
         worker_base_port: 1024,
         total_cpu_millicores: u64::from(POOL) * 1000,
         total_memory_mib: u64::from(POOL) * 2048,
+        // BENCH_SNAPSHOT_EVERY overrides the default, to see what periodic snapshots cost.
+        snapshot_every: std::env::var("BENCH_SNAPSHOT_EVERY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(Config::default().snapshot_every),
         ..Config::default()
     }
 }
