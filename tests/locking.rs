@@ -276,3 +276,82 @@ fn concurrent_writers_on_one_handle_never_double_book_and_lose_no_acknowledged_g
     common::assert_capacity_accounting(&cap);
     assert_eq!(cap.allocated_workers as usize, owner.len());
 }
+
+/// Group commit under many callers: every caller's operations are acknowledged (none waits
+/// forever for an fsync that no one leads), everything acknowledged is durable, and the log
+/// folds to the live state. With an in-memory storage (fsyncs take no time, so the hand-over
+/// between rounds is exercised as hard as it gets) and with the real file system.
+#[test]
+fn many_callers_share_fsyncs_and_every_one_is_acknowledged() {
+    use allocation_ledger::storage::{FaultyStorage, Storage};
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        // A hang here is the failure this test looks for: fail loudly instead of timing out CI.
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..600 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+            }
+            eprintln!("many_callers_share_fsyncs_and_every_one_is_acknowledged: no progress in 120 s");
+            std::process::abort();
+        });
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let memory = FaultyStorage::new();
+    let storages: [(Arc<dyn Storage>, std::path::PathBuf, usize); 2] = [
+        (Arc::new(memory.clone()), std::path::PathBuf::from("/mem-ledger"), 300),
+        (Arc::new(allocation_ledger::storage::FsStorage::default()), tmp.path().join("fs-ledger"), 40),
+    ];
+    for (storage, dir, ops) in storages {
+        let clock = ManualClock::at_default_epoch();
+        let mut config = common::small_config(500);
+        config.worker_slots = 256;
+        config.total_cpu_millicores = 256_000;
+        config.total_memory_mib = 256 * 2048;
+        let opts = common::opts(config.clone(), &clock).storage(storage.clone());
+        let ledger = Ledger::open_with(&dir, opts).unwrap();
+        const THREADS: usize = 48;
+        let acked: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let ledger = ledger.clone();
+                    s.spawn(move || {
+                        let mut n = 0;
+                        // Each caller holds at most two allocations at a time.
+                        let mut held = None;
+                        for i in 0..ops {
+                            let req = ResourceRequest::new(format!("caller-{t}")).workers(1);
+                            let RequestOutcome::Granted(g) = ledger.request_resources(&req).unwrap() else {
+                                panic!("the pool has room for every caller");
+                            };
+                            n += 1;
+                            if let Some(id) = held.replace(g.allocation_id) {
+                                let r = ledger.release_resources(&id.to_string()).unwrap();
+                                assert_eq!(r.status, "released");
+                                n += 1;
+                            }
+                            if i % 10 == 0 {
+                                common::assert_capacity_accounting(&ledger.get_capacity().unwrap());
+                            }
+                        }
+                        n
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        let status = ledger.status();
+        assert_eq!(status.durable_seq, status.last_seq, "everything acknowledged is durable");
+        let events = common::all_events(&ledger);
+        assert!(events.len() > acked, "{} events for {acked} acknowledged operations", events.len());
+        let live = ledger.with_state(|s| s.clone());
+        drop(ledger);
+        assert_eq!(live, common::fold(&events));
+        let reopened = Ledger::open_with(&dir, common::opts(config, &clock).storage(storage)).unwrap();
+        assert_eq!(reopened.with_state(|s| s.clone()), live);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+}
