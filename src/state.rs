@@ -1181,10 +1181,10 @@ impl StateLoader {
                     memory_mib: m.memory_mib,
                 });
                 if r.refcount == 0 {
-                    charged.cpu_millicores += r.cpu_millicores;
-                    charged.memory_mib += r.memory_mib;
+                    let cost = Resources { cpu_millicores: r.cpu_millicores, memory_mib: r.memory_mib, workers: 0 };
+                    charged = charged.checked_add(cost).ok_or("MCP server costs overflow")?;
                 }
-                r.refcount += 1;
+                r.refcount = r.refcount.checked_add(1).ok_or("MCP server refcount overflows")?;
             }
             s.allocated = s.allocated.checked_add(charged).ok_or("overflow")?;
             s.by_deadline.insert((a.deadline_us, a.id));

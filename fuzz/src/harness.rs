@@ -155,11 +155,12 @@ pub fn segment_scan(data: &[u8]) {
     open_log(seg);
 }
 
-/// A snapshot file around `payload`, with a good checksum, for sequence number `seq`.
-pub fn frame_snapshot(seq: u64, payload: &[u8]) -> Vec<u8> {
+/// A snapshot file of format `version` around `payload`, with a good checksum, for sequence
+/// number `seq`.
+pub fn frame_snapshot(version: u32, seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(snapshot::HEADER_LEN + payload.len());
     out.extend_from_slice(snapshot::MAGIC);
-    out.extend_from_slice(&snapshot::FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -172,15 +173,26 @@ pub fn frame_snapshot(seq: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Snapshot loading: the raw bytes as a snapshot file, and the bytes as the JSON payload of a
-/// well-formed snapshot (so the state rebuild and its checks are reached).
+/// Snapshot loading: the raw bytes as a snapshot file, and the bytes as the payload of a
+/// well-formed snapshot, both the JSON of version 2 and the binary of version 3 (so the state
+/// rebuild and its checks are reached).
 pub fn snapshot_decode(data: &[u8]) {
     let seq = if data.len() >= 24 { u64::from_le_bytes(data[16..24].try_into().unwrap()) } else { 0 };
     if let Ok(state) = snapshot::decode(data, seq) {
         state.check_invariants().expect("a loaded snapshot keeps its invariants");
     }
-    let seq = serde_json::from_slice::<Value>(data).ok().and_then(|v| v.get("last_seq")?.as_u64()).unwrap_or(0);
-    let framed = frame_snapshot(seq, data);
+    let json_seq = serde_json::from_slice::<Value>(data).ok().and_then(|v| v.get("last_seq")?.as_u64());
+    // A v3 payload names its sequence number in the JSON meta part after the 8-byte length.
+    let meta_seq = data.get(8..).and_then(|rest| {
+        let meta_len = usize::try_from(u64::from_le_bytes(data.get(..8)?.try_into().ok()?)).ok()?;
+        serde_json::from_slice::<Value>(rest.get(..meta_len)?).ok()?.get("last_seq")?.as_u64()
+    });
+    snapshot_payload(2, json_seq.unwrap_or(0), data);
+    snapshot_payload(3, meta_seq.unwrap_or(0), data);
+}
+
+fn snapshot_payload(version: u32, seq: u64, data: &[u8]) {
+    let framed = frame_snapshot(version, seq, data);
     if let Ok(state) = snapshot::decode(&framed, seq) {
         state.check_invariants().expect("a loaded snapshot keeps its invariants");
         let again = snapshot::decode(&snapshot::encode(&state.to_data()), seq).expect("a re-encoded snapshot loads");
