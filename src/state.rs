@@ -1131,7 +1131,8 @@ pub fn fold_rebuilt(
 }
 
 pub fn age_seconds(from: Micros, now: Micros) -> f64 {
-    (now - from).max(0) as f64 / 1e6
+    // Saturating: a crafted snapshot can hold any i64 (the fuzzer found one).
+    now.saturating_sub(from).max(0) as f64 / 1e6
 }
 
 /// Rebuilds a state from snapshot data one allocation at a time, so a decoder can hand each
