@@ -658,7 +658,7 @@ fn main() {
     );
     report.note(
         "with the default snapshot_every (10000), a ledger taking writes pays this every 10000 events; the state lock \
-         is held while the state is copied",
+         is held only while references to the allocations are copied (sorting, encoding and writing happen outside it)",
     );
     drop(ledger);
     report.finish();
