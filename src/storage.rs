@@ -34,6 +34,25 @@ impl std::ops::Deref for FileBytes {
     }
 }
 
+impl FileBytes {
+    /// Stops counting `..upto` of a memory-mapped file in this process's resident memory (a
+    /// no-op for bytes read into memory). The bytes stay readable: touched again, they are
+    /// mapped again from the page cache. A scan of a long segment calls this behind itself, so
+    /// opening by full replay does not hold a whole 64 MiB segment resident.
+    pub fn release_before(&self, upto: usize) {
+        #[cfg(unix)]
+        if let FileBytes::Mapped(m) = self {
+            let upto = upto.min(m.len());
+            if upto > 0 {
+                // SAFETY: a read-only shared file mapping that nothing writes through:
+                // MADV_DONTNEED only drops this process's page-table entries for the range,
+                // and a later read of those bytes faults the same file pages in again.
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, upto) };
+            }
+        }
+    }
+}
+
 /// Held while a directory is locked for writing; dropping it releases the lock.
 pub trait LockGuard: Send + Sync + Debug {}
 

@@ -35,6 +35,9 @@ pub struct TornTail {
     pub saved_to: Option<PathBuf>,
 }
 
+/// How far a scan gets in a memory-mapped segment before it releases what it has read.
+const RELEASE_EVERY_BYTES: u64 = 8 << 20;
+
 /// Where one record sits in the log. A snapshot records its last event's position so that
 /// opening resumes reading right after it instead of reading the segment from its start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -142,8 +145,14 @@ pub fn scan_log_from(
             last_record = Some(h);
         }
         let first_seq = seg.first_seq;
+        let mut released = 0u64;
+        let bytes_ref = &bytes;
         let mut on_record = |pos: segment::RecordPos, payload: &[u8]| {
             last_record = Some(LogPosition { segment_first_seq: first_seq, offset: pos.offset, seq: pos.seq });
+            if pos.offset - released >= RELEASE_EVERY_BYTES {
+                bytes_ref.release_before(pos.offset as usize);
+                released = pos.offset;
+            }
             if pos.seq <= after_seq {
                 return Ok(true);
             }
