@@ -300,29 +300,27 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn priority_code(p: Priority) -> u8 {
-    match p {
-        Priority::Low => 0,
-        Priority::Normal => 1,
-        Priority::High => 2,
-        Priority::Critical => 3,
-    }
+/// On-disk codes: the index in these tables. Never reorder them; only append.
+const PRIORITY_CODES: [Priority; 4] = [Priority::Low, Priority::Normal, Priority::High, Priority::Critical];
+const STATE_CODES: [AllocationState; 4] =
+    [AllocationState::Active, AllocationState::Released, AllocationState::Expired, AllocationState::Failed];
+
+fn code_of<T: PartialEq>(table: &[T], value: T) -> u8 {
+    table.iter().position(|v| *v == value).expect("every value has a code") as u8
 }
 
-fn state_code(s: AllocationState) -> u8 {
-    match s {
-        AllocationState::Active => 0,
-        AllocationState::Released => 1,
-        AllocationState::Expired => 2,
-        AllocationState::Failed => 3,
-    }
+fn from_code<T: Copy>(table: &[T], code: u8, what: &str) -> Result<T, String> {
+    table
+        .get(usize::from(code))
+        .copied()
+        .ok_or_else(|| format!("{what} code {code} (allowed: 0 to {})", table.len() - 1))
 }
 
 fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
     out.extend_from_slice(&a.id.as_u64().to_le_bytes());
     put_str(out, &a.job_id);
-    out.push(priority_code(a.priority));
-    out.push(state_code(a.state));
+    out.push(code_of(&PRIORITY_CODES, a.priority));
+    out.push(code_of(&STATE_CODES, a.state));
     let flags = if a.ended_us.is_some() { FLAG_ENDED_US } else { 0 }
         | if a.ended_seq.is_some() { FLAG_ENDED_SEQ } else { 0 }
         | if a.error.is_some() { FLAG_ERROR } else { 0 };
@@ -498,20 +496,8 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     }
     let id = AllocationId::from_u64(id);
     let job_id = r.string()?;
-    let priority = match r.u8()? {
-        0 => Priority::Low,
-        1 => Priority::Normal,
-        2 => Priority::High,
-        3 => Priority::Critical,
-        other => return Err(format!("priority code {other} (allowed: 0 to 3)")),
-    };
-    let state = match r.u8()? {
-        0 => AllocationState::Active,
-        1 => AllocationState::Released,
-        2 => AllocationState::Expired,
-        3 => AllocationState::Failed,
-        other => return Err(format!("state code {other} (allowed: 0 to 3)")),
-    };
+    let priority = from_code(&PRIORITY_CODES, r.u8()?, "priority")?;
+    let state = from_code(&STATE_CODES, r.u8()?, "state")?;
     let flags = r.u8()?;
     if flags & !(FLAG_ENDED_US | FLAG_ENDED_SEQ | FLAG_ERROR) != 0 {
         return Err(format!("unknown flags {flags:#x}"));
@@ -571,15 +557,6 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
         metadata,
         error,
     })
-}
-
-pub fn write(
-    storage: &dyn Storage,
-    dir: &Path,
-    state: &StateData,
-    position: Option<LogPosition>,
-) -> std::io::Result<PathBuf> {
-    write_encoded(storage, dir, state.last_seq, &encode_with_position(state, position))
 }
 
 /// Writes an encoded snapshot of the state at `seq` atomically.

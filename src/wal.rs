@@ -72,6 +72,12 @@ pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut s
     scan_log_from(storage, dir, after_seq, None, visit)
 }
 
+/// `hint` if it names the record `after_seq` in `seg` (the segment where a scan after
+/// `after_seq` starts); whether a valid record is really there is the scan's to check.
+fn hint_in(hint: Option<LogPosition>, after_seq: u64, seg: &SegmentInfo) -> Option<LogPosition> {
+    hint.filter(|h| h.seq == after_seq && h.segment_first_seq == seg.first_seq)
+}
+
 /// Bytes of log a scan after `after_seq` reads, starting at `hint` when it applies.
 pub fn bytes_after(storage: &dyn Storage, dir: &Path, after_seq: u64, hint: Option<LogPosition>) -> Result<u64> {
     let segments = list_segments(storage, dir)?;
@@ -79,7 +85,7 @@ pub fn bytes_after(storage: &dyn Storage, dir: &Path, after_seq: u64, hint: Opti
     let mut total = 0;
     for (i, seg) in segments.iter().enumerate().skip(start) {
         let len = storage.file_len(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
-        let skip = hint.filter(|h| i == start && h.seq == after_seq && h.segment_first_seq == seg.first_seq);
+        let skip = if i == start { hint_in(hint, after_seq, seg) } else { None };
         total += len.saturating_sub(skip.map_or(0, |h| h.offset));
     }
     Ok(total)
@@ -130,16 +136,16 @@ pub fn scan_log_from(
         }
         let bytes = storage.read(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
         let mut stop = false;
-        let resume = hint
-            .filter(|h| i == start && h.seq == after_seq && h.segment_first_seq == seg.first_seq)
-            .and_then(|h| match crate::record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
+        let resume = (if i == start { hint_in(hint, after_seq, seg) } else { None }).and_then(|h| {
+            match crate::record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
                 crate::record::Decoded::Record { seq, frame_len, .. }
                     if seq == h.seq && h.offset >= segment::HEADER_LEN as u64 =>
                 {
                     Some((h, h.offset + frame_len as u64))
                 }
                 _ => None,
-            });
+            }
+        });
         if let Some((h, _)) = resume {
             resumed_from_hint = true;
             last_record = Some(h);
