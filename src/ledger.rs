@@ -14,6 +14,7 @@ use crate::storage::{FsStorage, LockGuard, Storage};
 use crate::wal::{self, AppendError, TornTail, WalWriter};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub const WAL_DIR: &str = "wal";
@@ -125,11 +126,94 @@ struct Core {
     capacity_index: Option<crate::history::CapacityIndex>,
 }
 
-#[derive(Debug, Default)]
+/// A queued write: runs under the core lock, records its result in its `Call`, and returns
+/// whether it appended anything.
+type Command = Box<dyn FnOnce(&Ledger, &mut Core) -> bool + Send>;
+
+/// `Call::target` of a command that has not run yet.
+const PENDING: u64 = u64::MAX;
+
+/// Commands one combiner runs at most before it lets another caller take over.
+const COMBINE_MAX: usize = 512;
+
+/// A queued command's outcome, filled in by whichever caller ran it.
+struct Call<R> {
+    /// The sequence number that must be durable before the result is given out: the last
+    /// record when the command ran (its own, or earlier ones it may have observed).
+    target: Arc<AtomicU64>,
+    result: Mutex<Option<Result<R>>>,
+}
+
+impl<R> Call<R> {
+    fn new() -> Arc<Call<R>> {
+        Arc::new(Call { target: Arc::new(AtomicU64::new(PENDING)), result: Mutex::new(None) })
+    }
+
+    fn target(&self) -> Option<u64> {
+        let t = self.target.load(Ordering::Acquire);
+        (t != PENDING).then_some(t)
+    }
+
+    /// The caller's answer once `settle` (or the future) finished with `settled`.
+    fn finish(&self, settled: Result<()>) -> Result<R> {
+        match (settled, lock(&self.result).take()) {
+            // Not acknowledged: what it appended (or expired on the way) is not durable.
+            (Err(e), Some(Ok(_))) | (Err(e), None) => Err(e),
+            (_, Some(r)) => r,
+            (Ok(()), None) => unreachable!("a settled command has its result"),
+        }
+    }
+
+    /// The boxed command that runs `decide` and records the outcome here.
+    fn command(
+        self: &Arc<Self>,
+        decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)> + Send + 'static,
+    ) -> Command
+    where
+        R: Send + 'static,
+    {
+        let call = self.clone();
+        Box::new(move |ledger: &Ledger, core: &mut Core| {
+            let (result, appended) = ledger.run_command(core, decide);
+            *lock(&call.result) = Some(result);
+            call.target.store(core.state.last_seq, Ordering::Release);
+            appended
+        })
+    }
+}
+
+#[derive(Default)]
 struct SyncState {
     durable_seq: u64,
-    leader: bool,
+    /// An fsync round is in progress (by a caller, or by the flusher thread).
+    flushing: bool,
+    /// The flusher thread has taken over flushing from the callers (see `wait_durable`).
+    thread_owns: bool,
+    /// The last handle is gone: the flusher thread ends.
+    stop: bool,
+    /// Commands waiting for a combiner (see `Ledger::settle`).
+    queue: Vec<Command>,
+    /// A caller is running queued commands.
+    combining: bool,
+    /// Tasks awaiting a `Durable` future, with the target their command recorded (`PENDING`
+    /// until it ran). Woken when a flush covers the target, or when something else changed
+    /// that they must look at (the ledger failed, combining ended with work left).
+    wakers: Vec<(Arc<AtomicU64>, std::task::Waker)>,
     failed: Option<String>,
+}
+
+impl std::fmt::Debug for SyncState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncState")
+            .field("durable_seq", &self.durable_seq)
+            .field("flushing", &self.flushing)
+            .field("thread_owns", &self.thread_owns)
+            .field("queued", &self.queue.len())
+            .field("combining", &self.combining)
+            .field("tasks_waiting", &self.wakers.len())
+            .field("failed", &self.failed)
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -141,6 +225,17 @@ struct Shared {
     core: Mutex<Core>,
     sync: Mutex<SyncState>,
     synced: Condvar,
+    /// Wakes the flusher thread when callers hand flushing over to it.
+    flusher_wake: Condvar,
+    /// Sequence number of the last record appended (durable or not); written under the core
+    /// lock, read without it by a flush deciding whether another round is due.
+    appended_seq: AtomicU64,
+    /// The segment being appended to, for flushes to fsync without taking the core lock (64
+    /// callers queue for that lock; a flush that waits its turn delays all of them).
+    active_file: Mutex<Option<Arc<dyn crate::storage::AppendFile>>>,
+    /// `Core::since_snapshot` reached `snapshot_every`: read after every write without the core
+    /// lock, which a combiner may be holding for a whole batch.
+    snapshot_due: std::sync::atomic::AtomicBool,
     snapshot_lock: Mutex<()>,
     /// One capacity-index build at a time.
     index_build_lock: Mutex<()>,
@@ -152,6 +247,25 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     shared: Arc<Shared>,
+    flusher: Arc<Flusher>,
+}
+
+/// The flusher thread, started the first time callers arrive faster than one fsync at a time
+/// (see `wait_durable`); it ends when the last handle is dropped.
+#[derive(Debug)]
+struct Flusher {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        lock(&self.shared.sync).stop = true;
+        self.shared.flusher_wake.notify_all();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -468,28 +582,32 @@ impl Ledger {
         report.last_seq = state.last_seq;
         let durable = state.last_seq;
         let since_snapshot = state.last_seq - snapshot_seq;
-        Ok(Ledger {
-            shared: Arc::new(Shared {
-                dir,
-                storage,
-                clock: opts.clock,
-                read_only: opts.read_only,
-                core: Mutex::new(Core {
-                    state,
-                    wal,
-                    poisoned: None,
-                    since_snapshot,
-                    last_snapshot_error: None,
-                    capacity_index: None,
-                }),
-                sync: Mutex::new(SyncState { durable_seq: durable, ..Default::default() }),
-                synced: Condvar::new(),
-                snapshot_lock: Mutex::new(()),
-                index_build_lock: Mutex::new(()),
-                recovery: report,
-                _lock: lock_guard,
+        let active_file = wal.as_ref().map(|w: &WalWriter| w.active_file());
+        let shared = Arc::new(Shared {
+            dir,
+            storage,
+            clock: opts.clock,
+            read_only: opts.read_only,
+            core: Mutex::new(Core {
+                state,
+                wal,
+                poisoned: None,
+                since_snapshot,
+                last_snapshot_error: None,
+                capacity_index: None,
             }),
-        })
+            sync: Mutex::new(SyncState { durable_seq: durable, ..Default::default() }),
+            synced: Condvar::new(),
+            flusher_wake: Condvar::new(),
+            appended_seq: AtomicU64::new(durable),
+            active_file: Mutex::new(active_file),
+            snapshot_due: std::sync::atomic::AtomicBool::new(false),
+            snapshot_lock: Mutex::new(()),
+            index_build_lock: Mutex::new(()),
+            recovery: report,
+            _lock: lock_guard,
+        });
+        Ok(Ledger { flusher: Arc::new(Flusher { shared: shared.clone(), thread: Mutex::new(None) }), shared })
     }
 
     pub fn dir(&self) -> &Path {
@@ -567,6 +685,15 @@ impl Ledger {
                 }
                 core.state.evolve_owned(seq, ts, ev.body);
                 core.since_snapshot += 1;
+                let every = core.state.config.snapshot_every;
+                if every > 0 && core.since_snapshot >= every {
+                    self.shared.snapshot_due.store(true, Ordering::Relaxed);
+                }
+                if seq == wal.active_first_seq() {
+                    // The first record of a new segment (the rotation fsynced the one before).
+                    *lock(&self.shared.active_file) = Some(wal.active_file());
+                }
+                self.shared.appended_seq.store(seq, Ordering::Release);
                 Ok(seq)
             }
             Err(AppendError::Failed(e)) => Err(e),
@@ -595,76 +722,211 @@ impl Ledger {
         Ok(ids)
     }
 
-    /// Returns once every event up to `seq` is durable. Concurrent callers share one fsync.
+    /// Returns once every event up to `seq` is durable.
     fn wait_durable(&self, seq: u64) -> Result<()> {
+        self.settle(lock(&self.shared.sync), || Some(seq))
+    }
+
+    /// Waits, helping as it goes, until `target()` names a sequence number (the caller's
+    /// command has run) and everything up to it is durable.
+    ///
+    /// Writers share both halves of a write. *Combining:* commands queue in `SyncState`; a
+    /// caller that finds nobody combining runs the queued commands, its own and others', in one
+    /// hold of the core lock, so 64 callers do not hand that lock to each other 64 times (each
+    /// hand-over a sleep and a wake-up). *Group commit:* a caller whose command has run and
+    /// finds no flush in progress fsyncs everything appended so far itself (a lone caller pays
+    /// no hand-over between threads); if more records arrived during its fsync, it hands
+    /// flushing over to the flusher thread, which flushes back to back while records keep
+    /// arriving, so that callers released by one fsync gather into the next.
+    fn settle<'a>(&'a self, mut s: MutexGuard<'a, SyncState>, target: impl Fn() -> Option<u64>) -> Result<()> {
         let sh = &self.shared;
-        let mut s = lock(&sh.sync);
         loop {
-            if s.durable_seq >= seq {
-                return Ok(());
+            let done = target();
+            if let Some(t) = done {
+                if s.durable_seq >= t {
+                    return Ok(());
+                }
             }
             if let Some(why) = &s.failed {
                 return Err(Error::Poisoned(why.clone()));
             }
-            if s.leader {
-                s = sh.synced.wait(s).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            s.leader = true;
-            drop(s);
-            let (file, upto) = {
-                let core = lock(&sh.core);
-                (core.wal.as_ref().map(|w| w.active_file()), core.state.last_seq)
-            };
-            let result = match file {
-                Some(f) => f.sync_data(),
-                None => Ok(()),
-            };
-            s = lock(&sh.sync);
-            s.leader = false;
-            match result {
-                Ok(()) => s.durable_seq = s.durable_seq.max(upto),
-                Err(e) => {
-                    // Never retried: after a failed fsync the page cache may have dropped the
-                    // data, so a later "successful" fsync would prove nothing.
-                    s.failed = Some(format!("fsync of the log failed: {e}"));
+            match done {
+                None if !s.combining => {
+                    s.combining = true;
+                    let (after, owe_flush) = self.combine(s);
+                    s = after;
+                    // Its own command may be durable already while the ones it ran after it
+                    // are not: whoever appended makes sure a flush follows.
+                    if owe_flush && !s.flushing {
+                        s = self.lead_flush(s);
+                    }
                 }
+                Some(_) if !s.flushing => s = self.lead_flush(s),
+                _ => s = sh.synced.wait(s).unwrap_or_else(|p| p.into_inner()),
             }
-            sh.synced.notify_all();
         }
     }
 
-    /// Expires what is due, runs `decide` on the resulting state, appends the events it returns
-    /// and waits until they are durable.
-    fn write<R>(
-        &self,
-        decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)>,
-    ) -> Result<R> {
-        let (result, target) = {
-            let mut core = self.writable_core()?;
-            let expired = self.expire_due(&mut core)?;
-            let ts = self.next_ts(&core.state);
-            let outcome = decide(&core.state, ts, &expired);
-            let (bodies, r) = match outcome {
-                Ok(x) => x,
-                Err(e) => {
-                    let target = core.state.last_seq;
-                    drop(core);
-                    // Expiries written on the way are still made durable before we answer.
-                    self.wait_durable(target)?;
-                    return Err(e);
+    /// One flush round led by this caller (`flushing` must be clear); if records arrived
+    /// during it, the flusher thread takes over. Wakes the waiters it settled.
+    fn lead_flush<'a>(&'a self, mut s: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
+        let sh = &self.shared;
+        debug_assert!(!s.flushing);
+        s.flushing = true;
+        drop(s);
+        let (mut after, more) = flush_round(sh);
+        if more && self.start_flusher() {
+            after.thread_owns = true;
+            sh.flusher_wake.notify_one();
+        } else {
+            after.flushing = false;
+        }
+        let tasks = settled_wakers(&mut after);
+        drop(after);
+        sh.synced.notify_all();
+        tasks.into_iter().for_each(std::task::Waker::wake);
+        lock(&sh.sync)
+    }
+
+    /// For async callers, which never fsync themselves: hands flushing to the flusher thread
+    /// (`flushing` must be clear), or flushes here if the thread cannot be started.
+    fn hand_flush_to_thread<'a>(&'a self, mut s: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
+        if self.start_flusher() {
+            s.flushing = true;
+            s.thread_owns = true;
+            self.shared.flusher_wake.notify_one();
+            s
+        } else {
+            self.lead_flush(s)
+        }
+    }
+
+    /// Runs queued commands under one hold of the core lock, batch after batch while more
+    /// arrive (a bounded number, so that one caller does not combine for everyone forever).
+    /// Called with `combining` set; returns with it cleared, and whether records it appended
+    /// wait for a flush that nobody has started (the caller must then see to one).
+    fn combine<'a>(&'a self, mut s: MutexGuard<'a, SyncState>) -> (MutexGuard<'a, SyncState>, bool) {
+        let sh = &self.shared;
+        let mut ran = 0;
+        let mut wake = false;
+        while !s.queue.is_empty() && ran < COMBINE_MAX {
+            if s.failed.is_some() {
+                // After a failed fsync nothing more is written; the callers see why.
+                s.queue.clear();
+                wake = true;
+                break;
+            }
+            let mut batch = std::mem::take(&mut s.queue);
+            drop(s);
+            {
+                let mut core = lock(&sh.core);
+                for command in batch.drain(..) {
+                    // A command that appends nothing may be settled already: wake its caller.
+                    wake |= !command(self, &mut core);
+                    ran += 1;
                 }
-            };
+            }
+            s = lock(&sh.sync);
+            if s.queue.is_empty() {
+                // Hand the emptied vector back to the queue (no allocation for the next batch).
+                s.queue = batch;
+            }
+        }
+        s.combining = false;
+        // Commands still queued need a new combiner; commands that appended nothing (or
+        // failed) need their callers to look again.
+        if wake || !s.queue.is_empty() {
+            let tasks = std::mem::take(&mut s.wakers);
+            drop(s);
+            sh.synced.notify_all();
+            tasks.into_iter().for_each(|(_, w)| w.wake());
+            s = lock(&sh.sync);
+        }
+        // If a flush is in progress, its final look at `appended_seq` (under this lock, after
+        // this point) sees these records and goes on; otherwise the caller must start one.
+        let owe_flush = !s.flushing && sh.appended_seq.load(Ordering::Acquire) > s.durable_seq;
+        (s, owe_flush)
+    }
+
+    /// Starts the flusher thread if it is not running; false if it cannot be started (the
+    /// callers then go on flushing themselves).
+    fn start_flusher(&self) -> bool {
+        let mut thread = lock(&self.flusher.thread);
+        if thread.is_some() {
+            return true;
+        }
+        let sh = self.shared.clone();
+        match std::thread::Builder::new().name("ledger-flusher".into()).spawn(move || flusher_loop(&sh)) {
+            Ok(t) => {
+                *thread = Some(t);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Queues a command for the combiner (see `settle`): expire what is due, run `decide` on the
+    /// resulting state, append the events it returns. Returns its result once they are durable.
+    fn write<R: Send + 'static>(
+        &self,
+        decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)> + Send + 'static,
+    ) -> Result<R> {
+        if self.shared.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let call = Call::new();
+        let mut s = lock(&self.shared.sync);
+        if let Some(why) = &s.failed {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        s.queue.push(call.command(decide));
+        let settled = self.settle(s, || call.target());
+        let result = call.finish(settled);
+        if result.is_ok() {
+            self.maybe_snapshot();
+        }
+        result
+    }
+
+    /// The same command as `write`, as a future for async callers: the task that polls it may
+    /// run queued commands (a short hold of the core lock), but never waits for an fsync or a
+    /// lock held across one. The fsyncs are left to the flusher thread, which wakes the task
+    /// when its events are durable. Periodic snapshots are not written by the future (that is
+    /// blocking file I/O); see [`Ledger::snapshot_if_due`].
+    fn write_async<R: Send + 'static>(
+        &self,
+        decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)> + Send + 'static,
+    ) -> Durable<R> {
+        if self.shared.read_only {
+            return Durable::ready(self, Err(Error::ReadOnly));
+        }
+        let call = Call::new();
+        let command = call.command(decide);
+        Durable { ledger: self.clone(), call, command: Some(command), ready: None }
+    }
+
+    /// One queued command, under the core lock. Returns its result and whether it appended.
+    fn run_command<R>(
+        &self,
+        core: &mut Core,
+        decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)>,
+    ) -> (Result<R>, bool) {
+        let before = core.state.last_seq;
+        let result = (|| {
+            if let Some(why) = &core.poisoned {
+                return Err(Error::Poisoned(why.clone()));
+            }
+            let expired = self.expire_due(core)?;
+            let ts = self.next_ts(&core.state);
+            let (bodies, r) = decide(&core.state, ts, &expired)?;
             let mut ts = ts;
             for body in bodies {
-                self.append(&mut core, ts, body)?;
+                self.append(core, ts, body)?;
                 ts = self.next_ts(&core.state);
             }
-            (r, core.state.last_seq)
-        };
-        self.wait_durable(target)?;
-        self.maybe_snapshot();
-        Ok(result)
+            Ok(r)
+        })();
+        (result, core.state.last_seq != before)
     }
 
     fn read<R>(&self, f: impl FnOnce(&State, Micros) -> R) -> Result<R> {
@@ -710,97 +972,59 @@ impl Ledger {
 
     /// `request_resources`: grants the request or records why it cannot be granted.
     pub fn request_resources(&self, req: &ResourceRequest) -> Result<RequestOutcome> {
-        self.write(|state, ts, _| {
-            let mut id = AllocationId::for_seq(AllocationId::ledger_key(&state.ledger_id), state.last_seq + 1);
-            // Only a ledger written by an older build (random ids) can hold this one already.
-            while state.allocation(id).is_some() {
-                id = AllocationId::random();
-            }
-            let body = state.decide_request(req, ts, id)?;
-            let outcome = match &body {
-                EventBody::Granted(g) => RequestOutcome::Granted(GrantReport {
-                    allocation_id: g.allocation_id,
-                    status: AllocationState::Active,
-                    job_id: g.job_id.clone(),
-                    priority: g.priority,
-                    mcp_servers: g
-                        .mcp_servers
-                        .iter()
-                        .map(|m| McpServerInfo {
-                            name: m.name.clone(),
-                            endpoint: m.endpoint.clone(),
-                            status: "running".into(),
-                        })
-                        .collect(),
-                    workers_allocated: g
-                        .workers
-                        .iter()
-                        .map(|w| WorkerInfo {
-                            worker_id: w.worker_id.clone(),
-                            endpoint: w.endpoint.clone(),
-                            cpu: cores(w.cpu_millicores),
-                            memory: w.memory_mib,
-                            cpu_millicores: w.cpu_millicores,
-                            memory_mib: w.memory_mib,
-                        })
-                        .collect(),
-                    resources: GrantedResources {
-                        cpu: cores(g.resources.cpu_millicores),
-                        memory: g.resources.memory_mib,
-                        workers: g.resources.workers,
-                        cpu_millicores: g.resources.cpu_millicores,
-                        memory_mib: g.resources.memory_mib,
-                    },
-                    ttl_seconds: g.ttl_seconds,
-                    created_at: crate::clock::format_micros(ts),
-                    expires_at: crate::clock::format_micros(g.deadline_us),
-                    seq: state.last_seq + 1,
-                }),
-                EventBody::Rejected(r) => RequestOutcome::Failed(FailedReport {
-                    allocation_id: r.allocation_id,
-                    status: AllocationState::Failed,
-                    error: r.error.clone(),
-                    job_id: r.job_id.clone(),
-                    reason: r.reason.as_str().into(),
-                    created_at: crate::clock::format_micros(ts),
-                    seq: state.last_seq + 1,
-                }),
-                _ => unreachable!("decide_request returns a grant or a rejection"),
-            };
-            Ok((vec![body], outcome))
-        })
+        // Owned: the command may run on another caller's thread (see `settle`).
+        let req = req.clone();
+        self.write(move |state, ts, _| decide_request_outcome(state, ts, &req))
+    }
+
+    /// [`Ledger::request_resources`] for async callers: resolves once the outcome is durable.
+    pub fn request_resources_async(&self, req: &ResourceRequest) -> Durable<RequestOutcome> {
+        let req = req.clone();
+        self.write_async(move |state, ts, _| decide_request_outcome(state, ts, &req))
+    }
+
+    /// [`Ledger::release_resources`] for async callers, except for an allocation that ended so
+    /// long ago that it is no longer in memory: that comes back as `NotFound`, and
+    /// [`Ledger::release_not_in_memory`] (which reads the log: blocking) gives the answer the
+    /// blocking call gives.
+    pub fn release_resources_async(&self, allocation_id: &str) -> Durable<ReleaseReport> {
+        match AllocationId::parse("allocation_id", allocation_id) {
+            Ok(id) => self.write_async(move |state, ts, _| decide_release(state, ts, id)),
+            Err(e) => Durable::ready(self, Err(e)),
+        }
+    }
+
+    /// What `release_resources` answers for an id that is not in memory: the allocation's end,
+    /// read from the log, or `NotFound`. Reads the log files (blocking).
+    pub fn release_not_in_memory(&self, allocation_id: AllocationId) -> Result<ReleaseReport> {
+        if self.with_state(|s| s.evicted_count() == 0) {
+            return Err(Error::NotFound(allocation_id.to_string()));
+        }
+        match self.find_in_log(allocation_id)? {
+            Some(a) => Ok(already_ended_report(&a)),
+            None => Err(Error::NotFound(allocation_id.to_string())),
+        }
+    }
+
+    /// Writes the periodic snapshot if `snapshot_every` events have been appended since the
+    /// last one (blocking file I/O). The blocking calls do this themselves; async callers call
+    /// it where blocking is allowed, e.g. after a write when [`Ledger::snapshot_due`] says so.
+    pub fn snapshot_if_due(&self) {
+        self.maybe_snapshot();
+    }
+
+    /// Whether a periodic snapshot is due (cheap; no lock).
+    pub fn snapshot_due(&self) -> bool {
+        self.shared.snapshot_due.load(Ordering::Relaxed)
     }
 
     /// `release_resources`. An unknown id is `NotFound`; an allocation already in a terminal
     /// state is reported as such and nothing is written.
     pub fn release_resources(&self, allocation_id: &str) -> Result<ReleaseReport> {
         let id = AllocationId::parse("allocation_id", allocation_id)?;
-        let result = self.write(|state, ts, _| {
-            let a = state.allocation(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
-            let held_seconds = |end: Micros| (end - a.created_us).max(0) as f64 / 1e6;
-            if a.state == AllocationState::Active {
-                let report = ReleaseReport {
-                    status: "released".into(),
-                    allocation_id: id,
-                    job_id: a.job_id.clone(),
-                    state: AllocationState::Released,
-                    workers_released: a.resources.workers,
-                    cpu_freed: cores(a.resources.cpu_millicores),
-                    memory_freed: a.resources.memory_mib,
-                    released_at: Some(crate::clock::format_micros(ts)),
-                    expired_at: None,
-                    duration_seconds: held_seconds(ts),
-                };
-                return Ok((vec![EventBody::Released { allocation_id: id }], report));
-            }
-            Ok((Vec::new(), already_ended_report(a)))
-        });
-        match result {
+        match self.write(move |state, ts, _| decide_release(state, ts, id)) {
             // An allocation that ended long ago is no longer in memory; the log has it.
-            Err(Error::NotFound(_)) if self.with_state(|s| s.evicted_count() > 0) => match self.find_in_log(id)? {
-                Some(a) => Ok(already_ended_report(&a)),
-                None => Err(Error::NotFound(id.to_string())),
-            },
+            Err(Error::NotFound(_)) => self.release_not_in_memory(id),
             other => other,
         }
     }
@@ -884,7 +1108,7 @@ impl Ledger {
 
     /// Records a new config (validated against what is held now).
     pub fn reconfigure(&self, config: Config) -> Result<u64> {
-        let seq = self.write(|state, _, _| {
+        let seq = self.write(move |state, _, _| {
             let body = state.decide_config_change(config)?;
             Ok((vec![body], state.last_seq + 1))
         })?;
@@ -942,7 +1166,7 @@ impl Ledger {
             let every = core.state.config.snapshot_every;
             every > 0 && core.since_snapshot >= every
         };
-        if !due(&lock(&self.shared.core)) {
+        if !self.shared.snapshot_due.load(Ordering::Relaxed) {
             return;
         }
         // One snapshot at a time, and only if it is still due once we hold the right to write
@@ -975,6 +1199,7 @@ impl Ledger {
         let (data, mut shared, position) = {
             let mut core = self.writable_core()?;
             core.since_snapshot = 0;
+            self.shared.snapshot_due.store(false, Ordering::Relaxed);
             let (data, shared) = core.state.snapshot_parts();
             let position = core.wal.as_ref().and_then(|w| w.last_record()).filter(|p| p.seq == data.last_seq);
             (data, shared, position)
@@ -1031,6 +1256,258 @@ impl Ledger {
         core.state = state;
         Ok(core.state.last_seq - before)
     }
+}
+
+/// A write submitted by an async caller ([`Ledger::request_resources_async`],
+/// [`Ledger::release_resources_async`]): resolves once the command has run and its events are
+/// durable, with the same result the blocking call returns. It does not need a particular
+/// runtime. Dropped before it resolves, the command may still run (like a client that went
+/// away after asking): a grant nobody saw ends at its deadline.
+#[must_use = "a write does nothing until it is awaited"]
+pub struct Durable<R> {
+    ledger: Ledger,
+    call: Arc<Call<R>>,
+    /// Until the first poll queues it.
+    command: Option<Command>,
+    /// Decided before queueing (invalid arguments, a read-only ledger).
+    ready: Option<Result<R>>,
+}
+
+// No field is pinned structurally: `poll` only moves the result out.
+impl<R> Unpin for Durable<R> {}
+
+impl<R> Durable<R> {
+    fn ready(ledger: &Ledger, r: Result<R>) -> Durable<R> {
+        Durable { ledger: ledger.clone(), call: Call::new(), command: None, ready: Some(r) }
+    }
+}
+
+impl<R> std::fmt::Debug for Durable<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable").field("target", &self.call.target()).finish_non_exhaustive()
+    }
+}
+
+impl<R> std::future::Future for Durable<R> {
+    type Output = Result<R>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<R>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(r) = this.ready.take() {
+            return Poll::Ready(r);
+        }
+        let ledger = &this.ledger;
+        let sh = &ledger.shared;
+        let mut s = lock(&sh.sync);
+        if let Some(command) = this.command.take() {
+            if let Some(why) = &s.failed {
+                return Poll::Ready(Err(Error::Poisoned(why.clone())));
+            }
+            s.queue.push(command);
+        }
+        loop {
+            let done = this.call.target();
+            if let Some(t) = done {
+                if s.durable_seq >= t {
+                    drop(s);
+                    return Poll::Ready(this.call.finish(Ok(())));
+                }
+            }
+            if let Some(why) = &s.failed {
+                let e = Error::Poisoned(why.clone());
+                drop(s);
+                return Poll::Ready(this.call.finish(Err(e)));
+            }
+            match done {
+                None if !s.combining => {
+                    s.combining = true;
+                    let (after, owe_flush) = ledger.combine(s);
+                    s = after;
+                    if owe_flush && !s.flushing {
+                        s = ledger.hand_flush_to_thread(s);
+                    }
+                    continue;
+                }
+                Some(_) if !s.flushing => {
+                    s = ledger.hand_flush_to_thread(s);
+                    continue;
+                }
+                _ => {}
+            }
+            s.wakers.push((this.call.target.clone(), cx.waker().clone()));
+            return Poll::Pending;
+        }
+    }
+}
+
+/// One group-commit round: fsyncs the active segment, which covers every record appended so
+/// far (a rotation fsyncs the segment it leaves), and publishes the durable sequence number.
+/// Returns holding the sync lock, and whether records were appended during the fsync; the
+/// caller decides who flushes next and then wakes the waiters, in that order, so that a caller
+/// that saw a flush in progress is never left waiting for one that ended. Called with
+/// `SyncState::flushing` set, by exactly one thread at a time.
+fn flush_round(sh: &Shared) -> (MutexGuard<'_, SyncState>, bool) {
+    let (upto, file) = {
+        let s = lock(&sh.sync);
+        if s.failed.is_some() {
+            // A failed fsync (or rotation) is never followed by another: it could "succeed"
+            // for data the kernel already dropped.
+            return (s, false);
+        }
+        // In this order: a record counted in `upto` was written to the file read after it, or
+        // to a segment that a rotation fsynced before switching files.
+        (sh.appended_seq.load(Ordering::Acquire), lock(&sh.active_file).clone())
+    };
+    let result = match file {
+        Some(f) => f.sync_data(),
+        None => Ok(()),
+    };
+    let mut s = lock(&sh.sync);
+    match result {
+        // A failure latched while this fsync ran (a rotation's fsync) leaves what it covers
+        // unproven: the durable sequence number stays.
+        Ok(()) if s.failed.is_none() => s.durable_seq = s.durable_seq.max(upto),
+        Ok(()) => {}
+        Err(e) => {
+            // Never retried: after a failed fsync the page cache may have dropped the data, so
+            // a later "successful" fsync would prove nothing.
+            s.failed.get_or_insert_with(|| format!("fsync of the log failed: {e}"));
+        }
+    }
+    let more = s.failed.is_none() && sh.appended_seq.load(Ordering::Acquire) > s.durable_seq;
+    (s, more)
+}
+
+/// Takes the waiting tasks this flush settled (all of them if the ledger failed), to be woken
+/// once the lock is released.
+fn settled_wakers(s: &mut SyncState) -> Vec<std::task::Waker> {
+    if s.wakers.is_empty() {
+        return Vec::new();
+    }
+    let (durable, failed) = (s.durable_seq, s.failed.is_some());
+    let mut woken = Vec::new();
+    s.wakers.retain(|(target, waker)| {
+        let t = target.load(Ordering::Acquire);
+        let settled = failed || (t != PENDING && t <= durable);
+        if settled {
+            woken.push(waker.clone());
+        }
+        !settled
+    });
+    woken
+}
+
+/// The flusher thread: once callers hand flushing over, flushes back to back until a round
+/// finds nothing new, then hands flushing back to the callers and sleeps.
+fn flusher_loop(sh: &Shared) {
+    let mut s = lock(&sh.sync);
+    loop {
+        while !s.thread_owns && !s.stop {
+            s = sh.flusher_wake.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.stop {
+            return;
+        }
+        debug_assert!(s.flushing);
+        drop(s);
+        let (mut after, more) = flush_round(sh);
+        if !more {
+            after.thread_owns = false;
+            after.flushing = false;
+        }
+        let tasks = settled_wakers(&mut after);
+        // Unlocked before waking: the woken callers need the lock, and while they queue for it
+        // the next round gathers their new records instead of starting with one.
+        drop(after);
+        sh.synced.notify_all();
+        tasks.into_iter().for_each(std::task::Waker::wake);
+        s = lock(&sh.sync);
+    }
+}
+
+/// `request_resources` decided against `state` at `ts`: the event and the caller's report.
+fn decide_request_outcome(
+    state: &State,
+    ts: Micros,
+    req: &ResourceRequest,
+) -> Result<(Vec<EventBody>, RequestOutcome)> {
+    let mut id = AllocationId::for_seq(AllocationId::ledger_key(&state.ledger_id), state.last_seq + 1);
+    // Only a ledger written by an older build (random ids) can hold this one already.
+    while state.allocation(id).is_some() {
+        id = AllocationId::random();
+    }
+    let body = state.decide_request(req, ts, id)?;
+    let outcome = match &body {
+        EventBody::Granted(g) => RequestOutcome::Granted(GrantReport {
+            allocation_id: g.allocation_id,
+            status: AllocationState::Active,
+            job_id: g.job_id.clone(),
+            priority: g.priority,
+            mcp_servers: g
+                .mcp_servers
+                .iter()
+                .map(|m| McpServerInfo { name: m.name.clone(), endpoint: m.endpoint.clone(), status: "running".into() })
+                .collect(),
+            workers_allocated: g
+                .workers
+                .iter()
+                .map(|w| WorkerInfo {
+                    worker_id: w.worker_id.clone(),
+                    endpoint: w.endpoint.clone(),
+                    cpu: cores(w.cpu_millicores),
+                    memory: w.memory_mib,
+                    cpu_millicores: w.cpu_millicores,
+                    memory_mib: w.memory_mib,
+                })
+                .collect(),
+            resources: GrantedResources {
+                cpu: cores(g.resources.cpu_millicores),
+                memory: g.resources.memory_mib,
+                workers: g.resources.workers,
+                cpu_millicores: g.resources.cpu_millicores,
+                memory_mib: g.resources.memory_mib,
+            },
+            ttl_seconds: g.ttl_seconds,
+            created_at: crate::clock::format_micros(ts),
+            expires_at: crate::clock::format_micros(g.deadline_us),
+            seq: state.last_seq + 1,
+        }),
+        EventBody::Rejected(r) => RequestOutcome::Failed(FailedReport {
+            allocation_id: r.allocation_id,
+            status: AllocationState::Failed,
+            error: r.error.clone(),
+            job_id: r.job_id.clone(),
+            reason: r.reason.as_str().into(),
+            created_at: crate::clock::format_micros(ts),
+            seq: state.last_seq + 1,
+        }),
+        _ => unreachable!("decide_request returns a grant or a rejection"),
+    };
+    Ok((vec![body], outcome))
+}
+
+/// `release_resources` decided against `state` at `ts`. An unknown id (which may have ended
+/// long ago and left memory) is `NotFound`; an ended one is reported and nothing is written.
+fn decide_release(state: &State, ts: Micros, id: AllocationId) -> Result<(Vec<EventBody>, ReleaseReport)> {
+    let a = state.allocation(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
+    let held_seconds = |end: Micros| (end - a.created_us).max(0) as f64 / 1e6;
+    if a.state == AllocationState::Active {
+        let report = ReleaseReport {
+            status: "released".into(),
+            allocation_id: id,
+            job_id: a.job_id.clone(),
+            state: AllocationState::Released,
+            workers_released: a.resources.workers,
+            cpu_freed: cores(a.resources.cpu_millicores),
+            memory_freed: a.resources.memory_mib,
+            released_at: Some(crate::clock::format_micros(ts)),
+            expired_at: None,
+            duration_seconds: held_seconds(ts),
+        };
+        return Ok((vec![EventBody::Released { allocation_id: id }], report));
+    }
+    Ok((Vec::new(), already_ended_report(a)))
 }
 
 /// `release_resources` of an allocation that has already ended: nothing is written.

@@ -38,7 +38,7 @@ pub use config::Config;
 pub use error::{Damage, Error, Result};
 pub use event::{Event, EventBody, LoggedEvent};
 pub use history::{EventRange, GroupBy, History, HistoryEvent, Timeline, UsageReport};
-pub use ledger::{Ledger, OpenOptions, RecoveryReport};
+pub use ledger::{Durable, Ledger, OpenOptions, RecoveryReport};
 pub use model::{AllocationId, AllocationState, Priority, Resources};
 pub use report::*;
 pub use state::{ResourceRequest, State};

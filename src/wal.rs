@@ -294,6 +294,11 @@ impl WalWriter {
         self.last_record
     }
 
+    /// Sequence number of the first record of the segment being appended to.
+    pub fn active_first_seq(&self) -> u64 {
+        self.active_first_seq
+    }
+
     pub fn active_file(&self) -> Arc<dyn AppendFile> {
         self.active.clone()
     }

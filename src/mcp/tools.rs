@@ -50,6 +50,15 @@ impl LedgerTools {
             .await
             .map_err(|e| McpError::internal_error(format!("the ledger call failed: {e}"), None))
     }
+
+    /// After a write awaited on the runtime: the periodic snapshot, if due, on the blocking
+    /// pool (tracked, so shutdown waits for it; the write itself is already durable).
+    fn snapshot_if_due(&self) {
+        if self.ledger.snapshot_due() {
+            let ledger = self.ledger.clone();
+            self.tasks.spawn_blocking(move || ledger.snapshot_if_due());
+        }
+    }
 }
 
 /// A successful result: structuredContent plus its JSON text copy.
@@ -157,7 +166,11 @@ impl LedgerTools {
             Ok(r) => r,
             Err(e) => return tool_error(error_value(&e)),
         };
-        match self.call(move |l| l.request_resources(&req)).await? {
+        // Awaited on the runtime, not on a blocking thread: waiting for the fsync costs a task,
+        // and a flush covers every connected agent's grant at once.
+        let outcome = self.ledger.request_resources_async(&req).await;
+        self.snapshot_if_due();
+        match outcome {
             Ok(RequestOutcome::Granted(g)) => ok(g),
             // The original's `failed` shape, as an error result: nothing was granted.
             Ok(RequestOutcome::Failed(f)) => {
@@ -183,7 +196,16 @@ impl LedgerTools {
             Ok(id) => id,
             Err(e) => return tool_error(error_value(&e)),
         };
-        from_ledger(self.call(move |l| l.release_resources(&id)).await?)
+        let released = match self.ledger.release_resources_async(&id).await {
+            // Ended so long ago that it left memory: the log has it (a blocking read).
+            Err(Error::NotFound(_)) => match crate::AllocationId::parse("allocation_id", &id) {
+                Ok(parsed) => self.call(move |l| l.release_not_in_memory(parsed)).await?,
+                Err(e) => Err(e),
+            },
+            other => other,
+        };
+        self.snapshot_if_due();
+        from_ledger(released)
     }
 
     #[tool(

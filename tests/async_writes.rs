@@ -1,0 +1,426 @@
+//! Writes from async callers (`request_resources_async`, `release_resources_async`) beside
+//! blocking ones: the futures resolve only once their events are durable, with the answer the
+//! blocking call gives; nothing acknowledged is lost at power loss; a failed fsync resolves every
+//! waiting future with the reason; invalid input resolves at once and writes nothing. The
+//! futures need no particular runtime: most of these tests poll them with a ten-line executor
+//! (`block_on` below); one runs them as tokio tasks, the way the MCP server does.
+
+mod common;
+
+use allocation_ledger::storage::{Fault, FaultPlan, FaultyStorage, OpKind, Storage};
+use allocation_ledger::{
+    AllocationId, Config, Error, EventBody, Ledger, ManualClock, OpenOptions, RequestOutcome, ResourceRequest,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+/// Polls `f` on this thread, parking between polls until its waker is called.
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// A waker that counts its wake-ups and does nothing else.
+#[derive(Default)]
+struct CountingWaker(AtomicUsize);
+impl Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+const MEM_DIR: &str = "/mem-async";
+
+fn pool_config(slots: u32) -> Config {
+    let mut config = common::small_config(40);
+    config.worker_slots = slots;
+    config.total_cpu_millicores = u64::from(slots) * 1000;
+    config.total_memory_mib = u64::from(slots) * 2048;
+    config
+}
+
+fn open(storage: &FaultyStorage, clock: &ManualClock, config: Config) -> Ledger {
+    let opts: OpenOptions = common::opts(config, clock).storage(Arc::new(storage.clone()) as Arc<dyn Storage>);
+    Ledger::open_with(MEM_DIR, opts).unwrap()
+}
+
+/// Fails the test instead of hanging it: a lost wake-up is what these tests look for.
+fn watchdog(name: &'static str) -> Arc<AtomicBool> {
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        for _ in 0..600 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if flag.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+        eprintln!("{name}: no progress in 120 s (a waiter was never woken)");
+        std::process::abort();
+    });
+    done
+}
+
+/// One caller's acknowledged operations: grants (id, seq, slots) and released ids.
+type Acked = (Vec<(AllocationId, u64, Vec<u32>)>, BTreeSet<AllocationId>);
+
+/// A caller that alternates grants and releases, through the futures (`use_async`) or the
+/// blocking calls; stops at the first error and returns what was acknowledged before it.
+fn caller(ledger: &Ledger, name: String, ops: usize, use_async: bool) -> (Acked, Option<Error>) {
+    let mut acked: Acked = (Vec::new(), BTreeSet::new());
+    let mut held: Vec<AllocationId> = Vec::new();
+    for i in 0..ops {
+        if i % 3 == 2 && !held.is_empty() {
+            let id = held.remove(0).to_string();
+            let r =
+                if use_async { block_on(ledger.release_resources_async(&id)) } else { ledger.release_resources(&id) };
+            match r {
+                Ok(r) => {
+                    assert_eq!(r.status, "released");
+                    acked.1.insert(r.allocation_id);
+                }
+                Err(e) => return (acked, Some(e)),
+            }
+            continue;
+        }
+        let req = ResourceRequest::new(name.clone()).workers(1 + (i % 2) as u32);
+        let r = if use_async { block_on(ledger.request_resources_async(&req)) } else { ledger.request_resources(&req) };
+        match r {
+            Ok(RequestOutcome::Granted(g)) => {
+                let slots = g.workers_allocated.iter().map(|w| slot_of(&w.worker_id)).collect();
+                acked.0.push((g.allocation_id, g.seq, slots));
+                held.push(g.allocation_id);
+            }
+            Ok(RequestOutcome::Failed(f)) => assert_eq!(f.reason, "insufficient_workers"),
+            Err(e) => return (acked, Some(e)),
+        }
+    }
+    (acked, None)
+}
+
+fn slot_of(worker_id: &str) -> u32 {
+    worker_id.rsplit('-').next().unwrap().parse().unwrap()
+}
+
+/// Every acknowledged grant is in `events` at its sequence number with its slots, released if
+/// its release was acknowledged; no slot is ever granted twice at once.
+fn check_acknowledged(events: &[allocation_ledger::LoggedEvent], results: &[Acked]) {
+    let by_seq: BTreeMap<u64, &EventBody> = events.iter().map(|e| (e.seq, &e.event.body)).collect();
+    let mut released_in_log = BTreeSet::new();
+    let mut owner: BTreeMap<u32, AllocationId> = BTreeMap::new();
+    let mut slots_of: BTreeMap<AllocationId, Vec<u32>> = BTreeMap::new();
+    for e in events {
+        match &e.event.body {
+            EventBody::Granted(g) => {
+                for w in &g.workers {
+                    if let Some(other) = owner.insert(w.slot, g.allocation_id) {
+                        panic!("seq {}: slot {} granted while {other} holds it", e.seq, w.slot);
+                    }
+                }
+                slots_of.insert(g.allocation_id, g.workers.iter().map(|w| w.slot).collect());
+            }
+            EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => {
+                released_in_log.insert(*allocation_id);
+                for slot in slots_of.get(allocation_id).into_iter().flatten() {
+                    assert_eq!(owner.remove(slot), Some(*allocation_id), "seq {}", e.seq);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut seqs = BTreeSet::new();
+    for (grants, released) in results {
+        for (id, seq, slots) in grants {
+            assert!(seqs.insert(*seq), "sequence number {seq} acknowledged twice");
+            match by_seq.get(seq) {
+                Some(EventBody::Granted(g)) => {
+                    assert_eq!(g.allocation_id, *id);
+                    assert_eq!(&g.workers.iter().map(|w| w.slot).collect::<Vec<_>>(), slots);
+                }
+                other => panic!("acknowledged grant {id} at seq {seq}: the log has {other:?}"),
+            }
+        }
+        for id in released {
+            assert!(released_in_log.contains(id), "acknowledged release of {id} is not in the log");
+        }
+    }
+}
+
+#[test]
+fn async_and_blocking_callers_together_lose_nothing_at_power_loss_and_never_double_book() {
+    let done = watchdog("async_and_blocking_callers_together");
+    for seed in 0..3u64 {
+        let storage = FaultyStorage::new();
+        let clock = ManualClock::at_default_epoch();
+        let config = pool_config(64);
+        let ledger = open(&storage, &clock, config.clone());
+        // 24 callers on 64 slots (each holds at most 2 allocations of at most 2 workers).
+        let results: Vec<Acked> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..24)
+                .map(|t| {
+                    let ledger = ledger.clone();
+                    s.spawn(move || {
+                        let (acked, err) = caller(&ledger, format!("caller-{t}"), 60, t % 3 != 0);
+                        assert!(err.is_none(), "{err:?}");
+                        acked
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let status = ledger.status();
+        assert_eq!(status.durable_seq, status.last_seq, "everything acknowledged is durable");
+        let live = ledger.with_state(|s| s.clone());
+        assert_eq!(live, common::fold(&common::all_events(&ledger)));
+        common::assert_capacity_accounting(&ledger.get_capacity().unwrap());
+        drop(ledger);
+        storage.crash(seed);
+        let reopened = open(&storage, &clock, config);
+        let events = common::all_events(&reopened);
+        assert_eq!(events.len() as u64, status.last_seq, "seed {seed}: power loss lost acknowledged events");
+        check_acknowledged(&events, &results);
+        assert_eq!(reopened.with_state(|s| s.clone()), live);
+    }
+    done.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn a_failed_fsync_resolves_every_waiting_future_with_the_reason_and_keeps_what_was_acknowledged() {
+    let done = watchdog("a_failed_fsync_resolves_every_waiting_future");
+    for nth in [3u64, 17, 60] {
+        let storage = FaultyStorage::new();
+        let clock = ManualClock::at_default_epoch();
+        let config = pool_config(64);
+        let ledger = open(&storage, &clock, config.clone());
+        storage.set_plan(Some(FaultPlan { kind: Some(OpKind::Sync), nth, fault: Fault::Fail, sticky: false }));
+        let outcomes: Vec<(Acked, Option<Error>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..12)
+                .map(|t| {
+                    let ledger = ledger.clone();
+                    s.spawn(move || caller(&ledger, format!("caller-{t}"), 400, t % 4 != 0))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (_, err) in &outcomes {
+            let e = err.as_ref().expect("every caller ends with the failure (400 operations outlast it)");
+            assert!(matches!(e, Error::Poisoned(m) if m.contains("fsync")), "nth {nth}: {e}");
+        }
+        // Refused at once from now on, with the reason, and nothing touches storage.
+        let ops = storage.ops();
+        let e = block_on(ledger.request_resources_async(&ResourceRequest::new("later").workers(1))).unwrap_err();
+        assert!(matches!(&e, Error::Poisoned(m) if m.contains("fsync")), "{e}");
+        assert_eq!(storage.ops(), ops);
+        drop(ledger);
+        storage.set_plan(None);
+        storage.crash(nth);
+        let reopened = open(&storage, &clock, config);
+        let results: Vec<Acked> = outcomes.into_iter().map(|(a, _)| a).collect();
+        check_acknowledged(&common::all_events(&reopened), &results);
+    }
+    done.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn invalid_input_and_read_only_ledgers_resolve_at_once_and_write_nothing() {
+    let storage = FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let ledger = open(&storage, &clock, pool_config(8));
+    let before = common::all_events(&ledger);
+    let e = block_on(ledger.release_resources_async("alloc-not-an-id")).unwrap_err();
+    assert!(matches!(&e, Error::InvalidInput { field, .. } if field == "allocation_id"), "{e}");
+    let e = block_on(ledger.request_resources_async(&ResourceRequest::new("too-big").workers(9))).unwrap_err();
+    assert!(e.to_string().contains("workers"), "{e}");
+    let unknown = AllocationId::for_seq(1, 999).to_string();
+    assert!(matches!(block_on(ledger.release_resources_async(&unknown)), Err(Error::NotFound(_))));
+    assert_eq!(common::all_events(&ledger), before, "invalid input wrote events");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ledger");
+    drop(Ledger::open_with(&dir, common::opts(pool_config(8), &clock)).unwrap());
+    let reader = Ledger::open_read_only(&dir).unwrap();
+    let e = block_on(reader.request_resources_async(&ResourceRequest::new("r").workers(1))).unwrap_err();
+    assert!(matches!(e, Error::ReadOnly), "{e}");
+}
+
+#[test]
+fn a_future_does_nothing_until_polled_and_a_polled_one_wakes_its_task_when_durable() {
+    let storage = FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let ledger = open(&storage, &clock, pool_config(8));
+    let before = common::all_events(&ledger);
+    // Created and dropped without a poll: nothing is queued, nothing written.
+    drop(ledger.request_resources_async(&ResourceRequest::new("never").workers(1)));
+    assert_eq!(common::all_events(&ledger), before);
+    assert_eq!(ledger.status().last_seq, before.len() as u64);
+
+    // Polled once by hand: the command runs on this thread, the fsync is handed to the flusher
+    // thread, and the task is woken (once the grant is durable) rather than polled in a loop.
+    let counter = Arc::new(CountingWaker::default());
+    let waker = Waker::from(counter.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(ledger.request_resources_async(&ResourceRequest::new("polled").workers(1)));
+    let first = fut.as_mut().poll(&mut cx);
+    let outcome = match first {
+        Poll::Ready(r) => r.unwrap(),
+        Poll::Pending => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while counter.0.load(Ordering::SeqCst) == 0 {
+                assert!(std::time::Instant::now() < deadline, "the task was never woken");
+                std::thread::yield_now();
+            }
+            match fut.as_mut().poll(&mut cx) {
+                Poll::Ready(r) => r.unwrap(),
+                Poll::Pending => panic!("woken, but the grant is not durable"),
+            }
+        }
+    };
+    let RequestOutcome::Granted(g) = outcome else { panic!("{outcome:?}") };
+    assert!(ledger.status().durable_seq >= g.seq);
+    // The grant is there after power loss.
+    drop(ledger);
+    storage.crash(7);
+    let reopened = open(&storage, &clock, pool_config(8));
+    assert!(reopened.get_allocation(&g.allocation_id.to_string()).unwrap().is_some());
+}
+
+#[test]
+fn an_allocation_that_left_memory_is_answered_from_the_log() {
+    let storage = FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let mut config = pool_config(8);
+    config.terminal_retained = 1;
+    let ledger = open(&storage, &clock, config);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let req = ResourceRequest::new(format!("job-{i}")).workers(1);
+        let RequestOutcome::Granted(g) = block_on(ledger.request_resources_async(&req)).unwrap() else {
+            panic!("the pool has room")
+        };
+        block_on(ledger.release_resources_async(&g.allocation_id.to_string())).unwrap();
+        ids.push(g.allocation_id);
+    }
+    // The first one ended long enough ago to have left memory: the future says NotFound, and
+    // the blocking fallback (what the MCP server calls) reads the log.
+    let first = ids[0];
+    assert!(matches!(block_on(ledger.release_resources_async(&first.to_string())), Err(Error::NotFound(_))));
+    let r = ledger.release_not_in_memory(first).unwrap();
+    assert_eq!(r.status, "already_released");
+    assert_eq!(ledger.release_resources(&first.to_string()).unwrap().status, "already_released");
+}
+
+/// 64 tokio tasks on 2 worker threads alternate grants and releases; returns what each task
+/// saw acknowledged.
+#[cfg(feature = "server")]
+fn tokio_tasks(ledger: &Ledger, tasks: usize, ops: usize) -> Vec<Acked> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let results = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for t in 0..tasks {
+            let ledger = ledger.clone();
+            set.spawn(async move {
+                let mut acked: Acked = (Vec::new(), BTreeSet::new());
+                let mut held = None;
+                for _ in 0..ops {
+                    let req = ResourceRequest::new(format!("task-{t}")).workers(1);
+                    let RequestOutcome::Granted(g) = ledger.request_resources_async(&req).await.unwrap() else {
+                        panic!("the pool has room for every task")
+                    };
+                    let slots = g.workers_allocated.iter().map(|w| slot_of(&w.worker_id)).collect();
+                    acked.0.push((g.allocation_id, g.seq, slots));
+                    if let Some(id) = held.replace(g.allocation_id) {
+                        let r = ledger.release_resources_async(&id.to_string()).await.unwrap();
+                        assert_eq!(r.status, "released");
+                        acked.1.insert(id);
+                    }
+                    if ledger.snapshot_due() {
+                        let l = ledger.clone();
+                        tokio::task::spawn_blocking(move || l.snapshot_if_due()).await.unwrap();
+                    }
+                }
+                if let Some(id) = held {
+                    ledger.release_resources_async(&id.to_string()).await.unwrap();
+                    acked.1.insert(id);
+                }
+                acked
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(r) = set.join_next().await {
+            all.push(r.unwrap());
+        }
+        all
+    });
+    drop(rt);
+    results
+}
+
+/// In memory, fsyncs take no time, so flushes race with the commands being run as hard as they
+/// can: a combiner whose own grant a flush already covered must still see that the grants it ran
+/// after its own get flushed. A task left waiting for a flush nobody starts hangs this test; it
+/// shows when no later command comes to start one, so the tasks stop, many times over.
+#[cfg(feature = "server")]
+#[test]
+fn sixty_four_tokio_tasks_with_instant_fsyncs_all_finish_and_lose_nothing() {
+    let done = watchdog("sixty_four_tokio_tasks_with_instant_fsyncs");
+    for seed in 0..2u64 {
+        let storage = FaultyStorage::new();
+        let clock = ManualClock::at_default_epoch();
+        let config = pool_config(256);
+        let ledger = open(&storage, &clock, config.clone());
+        let mut results = Vec::new();
+        for _ in 0..150 {
+            results.extend(tokio_tasks(&ledger, 64, 2));
+        }
+        let status = ledger.status();
+        assert_eq!(status.durable_seq, status.last_seq);
+        let live = ledger.with_state(|s| s.clone());
+        drop(ledger);
+        storage.crash(seed);
+        let reopened = open(&storage, &clock, config);
+        let events = common::all_events(&reopened);
+        assert_eq!(events.len() as u64, status.last_seq);
+        check_acknowledged(&events, &results);
+        assert_eq!(reopened.with_state(|s| s.clone()), live);
+    }
+    done.store(true, Ordering::Relaxed);
+}
+
+#[cfg(feature = "server")]
+#[test]
+fn sixty_four_tokio_tasks_on_two_threads_share_fsyncs_on_real_files() {
+    let done = watchdog("sixty_four_tokio_tasks");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ledger");
+    let clock = ManualClock::at_default_epoch();
+    let config = pool_config(256);
+    let ledger = Ledger::open_with(&dir, common::opts(config.clone(), &clock)).unwrap();
+    let results = tokio_tasks(&ledger, 64, 20);
+    let status = ledger.status();
+    assert_eq!(status.durable_seq, status.last_seq);
+    let live = ledger.with_state(|s| s.clone());
+    drop(ledger);
+    let reopened = Ledger::open_with(&dir, common::opts(config, &clock)).unwrap();
+    assert!(reopened.recovery_report().snapshot_seq.is_some(), "periodic snapshots were written");
+    let events = common::all_events(&reopened);
+    check_acknowledged(&events, &results);
+    assert_eq!(reopened.with_state(|s| s.clone()), live);
+    assert_eq!(live, common::fold(&events));
+    done.store(true, Ordering::Relaxed);
+}
