@@ -141,7 +141,14 @@ struct Call<R> {
     /// The sequence number that must be durable before the result is given out: the last
     /// record when the command ran (its own, or earlier ones it may have observed).
     target: Arc<AtomicU64>,
-    result: Mutex<Option<Result<R>>>,
+    result: Mutex<Option<Outcome<R>>>,
+}
+
+enum Outcome<R> {
+    Done(Result<R>),
+    /// The command panicked on the thread that ran it (maybe another caller's): the panic is
+    /// resumed on the caller's own thread, as if it had run the command itself.
+    Panicked(Box<dyn std::any::Any + Send>),
 }
 
 impl<R> Call<R> {
@@ -157,9 +164,10 @@ impl<R> Call<R> {
     /// The caller's answer once `settle` (or the future) finished with `settled`.
     fn finish(&self, settled: Result<()>) -> Result<R> {
         match (settled, lock(&self.result).take()) {
+            (_, Some(Outcome::Panicked(payload))) => std::panic::resume_unwind(payload),
             // Not acknowledged: what it appended (or expired on the way) is not durable.
-            (Err(e), Some(Ok(_))) | (Err(e), None) => Err(e),
-            (_, Some(r)) => r,
+            (Err(e), Some(Outcome::Done(Ok(_)))) | (Err(e), None) => Err(e),
+            (_, Some(Outcome::Done(r))) => r,
             (Ok(()), None) => unreachable!("a settled command has its result"),
         }
     }
@@ -174,8 +182,17 @@ impl<R> Call<R> {
     {
         let call = self.clone();
         Box::new(move |ledger: &Ledger, core: &mut Core| {
-            let (result, appended) = ledger.run_command(core, decide);
-            *lock(&call.result) = Some(result);
+            // A panic must not leave the combiner's own caller, and everyone queued behind it,
+            // waiting forever: it is caught here and handed to the caller whose command it was.
+            // (Appends are single calls, so the log is whole; see `lock`.)
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ledger.run_command(core, decide)));
+            let (outcome, appended) = match ran {
+                Ok((result, appended)) => (Outcome::Done(result), appended),
+                // Whether it appended is unknown: report "nothing", which wakes every waiter to
+                // look again.
+                Err(payload) => (Outcome::Panicked(payload), false),
+            };
+            *lock(&call.result) = Some(outcome);
             call.target.store(core.state.last_seq, Ordering::Release);
             appended
         })
@@ -902,7 +919,7 @@ impl Ledger {
         }
         let call = Call::new();
         let command = call.command(decide);
-        Durable { ledger: self.clone(), call, command: Some(command), ready: None }
+        Durable { ledger: self.clone(), call, command: Some(command), ready: None, finished: false }
     }
 
     /// One queued command, under the core lock. Returns its result and whether it appended.
@@ -1271,6 +1288,8 @@ pub struct Durable<R> {
     command: Option<Command>,
     /// Decided before queueing (invalid arguments, a read-only ledger).
     ready: Option<Result<R>>,
+    /// It has resolved; polling it again is a bug in the caller.
+    finished: bool,
 }
 
 // No field is pinned structurally: `poll` only moves the result out.
@@ -1278,7 +1297,7 @@ impl<R> Unpin for Durable<R> {}
 
 impl<R> Durable<R> {
     fn ready(ledger: &Ledger, r: Result<R>) -> Durable<R> {
-        Durable { ledger: ledger.clone(), call: Call::new(), command: None, ready: Some(r) }
+        Durable { ledger: ledger.clone(), call: Call::new(), command: None, ready: Some(r), finished: false }
     }
 }
 
@@ -1294,7 +1313,9 @@ impl<R> std::future::Future for Durable<R> {
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<R>> {
         use std::task::Poll;
         let this = self.get_mut();
+        assert!(!this.finished, "a Durable future was polled after it resolved");
         if let Some(r) = this.ready.take() {
+            this.finished = true;
             return Poll::Ready(r);
         }
         let ledger = &this.ledger;
@@ -1302,6 +1323,7 @@ impl<R> std::future::Future for Durable<R> {
         let mut s = lock(&sh.sync);
         if let Some(command) = this.command.take() {
             if let Some(why) = &s.failed {
+                this.finished = true;
                 return Poll::Ready(Err(Error::Poisoned(why.clone())));
             }
             s.queue.push(command);
@@ -1311,12 +1333,14 @@ impl<R> std::future::Future for Durable<R> {
             if let Some(t) = done {
                 if s.durable_seq >= t {
                     drop(s);
+                    this.finished = true;
                     return Poll::Ready(this.call.finish(Ok(())));
                 }
             }
             if let Some(why) = &s.failed {
                 let e = Error::Poisoned(why.clone());
                 drop(s);
+                this.finished = true;
                 return Poll::Ready(this.call.finish(Err(e)));
             }
             match done {
@@ -1536,4 +1560,76 @@ fn set_aside(storage: &dyn Storage, path: &Path, quarantine: &Path) -> Option<Pa
     let _ = storage.sync_dir(path.parent()?);
     let _ = storage.sync_dir(quarantine);
     Some(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::storage::FaultyStorage;
+    use std::time::{Duration, Instant};
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Another caller's command panics while this caller combines: the panic reaches the caller
+    /// whose command it was (on its own thread), the combiner gets its own result, and the ledger
+    /// goes on. Without the hand-over, the combiner's caller would panic instead, `combining`
+    /// would stay set, and every later write would wait forever.
+    #[test]
+    fn a_command_that_panics_panics_its_own_caller_and_the_ledger_goes_on() {
+        let storage = FaultyStorage::new();
+        let opts = OpenOptions::default()
+            .storage(Arc::new(storage.clone()))
+            .clock(Arc::new(ManualClock::at_default_epoch()))
+            .config(Config::default());
+        let ledger = Ledger::open_with("/mem-panic", opts).unwrap();
+        let req = ResourceRequest::new("combiner").workers(1);
+
+        // Holding the state lock keeps the first caller combining, so the second queues behind it.
+        let held = lock(&ledger.shared.core);
+        let (a, b) = (ledger.clone(), ledger.clone());
+        let combiner = std::thread::spawn(move || a.request_resources(&req));
+        wait_for("the first caller to combine", || lock(&ledger.shared.sync).combining);
+        let panicking = std::thread::spawn(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                b.write(|_, _, _| -> Result<(Vec<EventBody>, ())> { panic!("boom in a command") })
+            }))
+        });
+        wait_for("the second command to queue", || lock(&ledger.shared.sync).queue.len() == 1);
+        drop(held);
+
+        let granted = combiner.join().expect("the combiner's caller does not panic").unwrap();
+        assert!(matches!(granted, RequestOutcome::Granted(_)), "{granted:?}");
+        let payload = panicking.join().unwrap().expect_err("the panicking command's caller panics");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom in a command"));
+
+        // Nothing is stuck: the next write runs and is durable.
+        let s = lock(&ledger.shared.sync);
+        assert!(!s.combining && s.queue.is_empty() && s.failed.is_none(), "{s:?}");
+        drop(s);
+        let again = ledger.request_resources(&ResourceRequest::new("after").workers(1)).unwrap();
+        assert!(matches!(again, RequestOutcome::Granted(_)));
+        assert_eq!(ledger.status().durable_seq, ledger.status().last_seq);
+    }
+
+    #[test]
+    #[should_panic(expected = "polled after it resolved")]
+    fn a_durable_future_polled_after_it_resolved_says_so() {
+        use std::future::Future;
+        let opts = OpenOptions::default()
+            .storage(Arc::new(FaultyStorage::new()))
+            .clock(Arc::new(ManualClock::at_default_epoch()));
+        let ledger = Ledger::open_with("/mem-poll", opts).unwrap();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut fut = std::pin::pin!(ledger.release_resources_async("not-an-id"));
+        assert!(matches!(fut.as_mut().poll(&mut cx), std::task::Poll::Ready(Err(Error::InvalidInput { .. }))));
+        let _ = fut.as_mut().poll(&mut cx);
+    }
 }
