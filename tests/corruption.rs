@@ -17,13 +17,13 @@
 //! magic, version or first sequence number, a truncated segment that is not the last, and a
 //! snapshot ahead of the log.
 
-mod support;
+mod common;
 
 use allocation_ledger::storage::FaultyStorage;
 use allocation_ledger::{Error, Ledger, LoggedEvent, ManualClock, OpenOptions, Priority, ResourceRequest, State};
+use common::{mem_options, small_config, MEM_DIR};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use support::{mem_options, small_config, MEM_DIR};
 
 type Files = BTreeMap<PathBuf, Vec<u8>>;
 
@@ -67,7 +67,7 @@ fn build() -> Base {
             ledger.cleanup_expired().unwrap();
         }
     }
-    let events = support::all_events(&ledger);
+    let events = common::all_events(&ledger);
     let state = ledger.with_state(|s| s.clone());
     drop(ledger);
     let files = storage.files();
@@ -212,7 +212,7 @@ fn check_snapshot_damage(base: &Base, seq: u64, snap: &Path, at: usize, damaged:
         } else {
             assert!(r.snapshots_set_aside.is_empty(), "{ctx}");
         }
-        assert_eq!(support::all_events(&l), base.events, "{ctx}");
+        assert_eq!(common::all_events(&l), base.events, "{ctx}");
     }
 }
 

@@ -392,16 +392,7 @@ fn a_read_only_open_reports_damage_too() {
 // ---------------------------------------------------------------------------------------------
 // Power loss on the fault-injecting double.
 
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
-const MEM_DIR: &str = "/ledger";
+use common::{Lcg, MEM_DIR};
 
 fn mem_open(storage: &FaultyStorage, clock: &ManualClock) -> allocation_ledger::Result<Ledger> {
     Ledger::open_with(

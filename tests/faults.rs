@@ -33,7 +33,7 @@
 //! Disk full gets its own tests: ENOSPC from the first write of an append, and from the header
 //! write of a new segment during rotation.
 
-mod support;
+mod common;
 
 use allocation_ledger::clock::format_micros;
 use allocation_ledger::storage::{Fault, FaultPlan, FaultyStorage, OpKind};
@@ -51,9 +51,9 @@ static MAYBE_LOST: AtomicU64 = AtomicU64::new(0);
 static FAILED_LEFT_NOTHING: AtomicU64 = AtomicU64::new(0);
 static TORN_CUT: AtomicU64 = AtomicU64::new(0);
 static LATCH_PROBED: AtomicU64 = AtomicU64::new(0);
+use common::{fold, mem_options, small_config, MEM_DIR};
 use std::path::Path;
 use std::sync::Arc;
-use support::{fold, mem_options, small_config, MEM_DIR};
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -206,7 +206,7 @@ fn is_fsync_poison(e: &Error) -> bool {
 /// commands that left nothing behind. Returns the log as the process wrote it.
 fn check_run(storage: &FaultyStorage, run: &Run, ctx: &str) -> Vec<LoggedEvent> {
     let Some(ledger) = &run.ledger else { return Vec::new() };
-    let written = support::all_events(ledger);
+    let written = common::all_events(ledger);
     let mut poisoned_at: Option<usize> = None;
     for (i, d) in run.done.iter().enumerate() {
         let ctx = format!("{ctx}, command {i} {:?}", d.op);
@@ -267,7 +267,7 @@ fn check_run(storage: &FaultyStorage, run: &Run, ctx: &str) -> Vec<LoggedEvent> 
         }
         assert_eq!(storage.ops(), before, "{ctx}: a poisoned ledger touched the storage (a retried fsync?)");
         LATCH_PROBED.fetch_add(1, Relaxed);
-        assert_eq!(support::all_events(ledger), written, "{ctx}");
+        assert_eq!(common::all_events(ledger), written, "{ctx}");
     }
     written
 }
@@ -282,7 +282,7 @@ fn check_recovered(
     exact: bool,
     ctx: &str,
 ) {
-    let events = support::all_events(recovered);
+    let events = common::all_events(recovered);
     if !run.opened {
         // The ledger was never created: this open created it (or found its first record).
         assert_eq!(events.len(), 1, "{ctx}: {events:?}");
@@ -367,13 +367,13 @@ fn write_and_crash_again(storage: &FaultyStorage, clock: &ManualClock, recovered
     let o = recovered
         .request_resources(&ResourceRequest::new("after-recovery").mcp_server("github"))
         .unwrap_or_else(|e| panic!("{ctx}: write after recovery: {e}"));
-    let events = support::all_events(&recovered);
+    let events = common::all_events(&recovered);
     assert_eq!(events.last().map(|e| e.seq), Some(seq_of(&o)), "{ctx}");
     drop(recovered);
     storage.crash(seed);
     let again = Ledger::open_with(MEM_DIR, mem_options(storage, clock, config()))
         .unwrap_or_else(|e| panic!("{ctx}: open after the second crash: {e}"));
-    assert_eq!(support::all_events(&again), events, "{ctx}: second crash");
+    assert_eq!(common::all_events(&again), events, "{ctx}: second crash");
 }
 
 /// One cell of the matrix; returns whether the fault fired.
@@ -548,7 +548,7 @@ fn a_failed_fsync_is_latched_until_reopen_and_never_retried() {
     // Reopened, the ledger replays the log: the grant whose fsync failed is there whole (the
     // bytes were still in the page cache) and is made durable now.
     let again = open_mem(&storage, &clock);
-    let events = support::all_events(&again);
+    let events = common::all_events(&again);
     assert_eq!(events.iter().filter(|e| job_of(e) == Some("unknown-outcome")).count(), 1);
     assert!(events.iter().any(|e| job_of(e) == Some("kept")));
     again.release_resources(&kept.allocation_id.to_string()).unwrap();
@@ -560,7 +560,7 @@ fn disk_full_while_appending_a_record_is_an_error_and_the_ledger_goes_on() {
     let clock = ManualClock::at_default_epoch();
     let ledger = open_mem(&storage, &clock);
     let a = grant(&ledger, "a", 2);
-    let before = support::all_events(&ledger);
+    let before = common::all_events(&ledger);
     let files_before = storage.files();
     // The disk fills up: every write from now on gets ENOSPC after putting half its bytes down.
     storage.set_plan(Some(FaultPlan { kind: Some(OpKind::Write), nth: 0, fault: Fault::NoSpace, sticky: true }));
@@ -573,23 +573,23 @@ fn disk_full_while_appending_a_record_is_an_error_and_the_ledger_goes_on() {
     assert!(is_enospc(&e), "{e}");
     // Nothing was left behind: the half-written records were cut back off.
     assert_eq!(storage.files(), files_before);
-    assert_eq!(support::all_events(&ledger), before);
+    assert_eq!(common::all_events(&ledger), before);
     assert_eq!(ledger.status().poisoned, None);
     // Reads go on.
     assert_eq!(ledger.get_capacity().unwrap().allocated_workers, 2);
     // Reopening on the still-full disk works, and shows every acknowledged event.
     drop(ledger);
     let ledger = open_mem(&storage, &clock);
-    assert_eq!(support::all_events(&ledger), before);
+    assert_eq!(common::all_events(&ledger), before);
     // Space is freed: writes work again without a reopen.
     storage.set_plan(None);
     let b = grant(&ledger, "b", 1);
     ledger.release_resources(&a.allocation_id.to_string()).unwrap();
-    let after = support::all_events(&ledger);
+    let after = common::all_events(&ledger);
     drop(ledger);
     storage.crash(3);
     let ledger = open_mem(&storage, &clock);
-    assert_eq!(support::all_events(&ledger), after);
+    assert_eq!(common::all_events(&ledger), after);
     assert_eq!(ledger.get_allocation(&b.allocation_id.to_string()).unwrap().unwrap().state.as_str(), "active");
 }
 
@@ -610,7 +610,7 @@ fn disk_full_while_rotating_a_segment_is_an_error_and_reopen_is_clean() {
             grant(&ledger, &format!("fill-{n}"), 0);
             n += 1;
         }
-        let acked = support::all_events(&ledger);
+        let acked = common::all_events(&ledger);
         let segs = segments(&storage);
         storage.set_plan(Some(FaultPlan { kind: Some(OpKind::Write), nth: 0, fault: Fault::NoSpace, sticky: true }));
         // The next append starts a new segment; its header write hits the full disk.
@@ -637,15 +637,15 @@ fn disk_full_while_rotating_a_segment_is_an_error_and_reopen_is_clean() {
             storage.crash(seed);
         }
         let ledger = open_mem(&storage, &clock);
-        let events = support::all_events(&ledger);
+        let events = common::all_events(&ledger);
         assert_eq!(events, acked, "restart {restart}: every acknowledged event, nothing else");
         assert_eq!(ledger.with_state(|s| s.clone()), fold(&events));
         // The ledger rotates now that there is room, and what it writes survives.
         grant(&ledger, "after", 1);
-        let after = support::all_events(&ledger);
+        let after = common::all_events(&ledger);
         drop(ledger);
         storage.crash(seed + 10);
-        assert_eq!(support::all_events(&open_mem(&storage, &clock)), after);
+        assert_eq!(common::all_events(&open_mem(&storage, &clock)), after);
         let report = allocation_ledger::verify::verify(&storage, Path::new(MEM_DIR), &mut |_, _| {}).unwrap();
         assert!(report.ok, "{:?}", report.problems);
     }
@@ -657,7 +657,7 @@ fn a_failed_append_whose_cut_back_fails_too_stops_writes() {
     let clock = ManualClock::at_default_epoch();
     let ledger = open_mem(&storage, &clock);
     grant(&ledger, "a", 1);
-    let acked = support::all_events(&ledger);
+    let acked = common::all_events(&ledger);
     // From the append's write on, every operation fails: the write leaves half a record and
     // the truncate that should remove it fails as well.
     storage.set_plan(Some(FaultPlan { kind: None, nth: 0, fault: Fault::NoSpace, sticky: true }));
@@ -672,7 +672,7 @@ fn a_failed_append_whose_cut_back_fails_too_stops_writes() {
     let ledger = open_mem(&storage, &clock);
     let torn = ledger.recovery_report().torn_tail.clone().expect("a torn tail");
     assert!(torn.saved_to.is_some());
-    assert_eq!(support::all_events(&ledger), acked);
+    assert_eq!(common::all_events(&ledger), acked);
 }
 
 /// Group commit under fsync failures: several threads append concurrently; the Nth fsync
@@ -702,7 +702,7 @@ fn concurrent_writers_sharing_a_failed_fsync_all_get_poisoned() {
                 .collect();
             hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
         });
-        let written = support::all_events(&ledger);
+        let written = common::all_events(&ledger);
         let first_err = results.iter().any(|(_, r)| r.is_err());
         assert!(first_err, "nth {nth}: the fault never fired");
         for (job, r) in &results {
@@ -717,7 +717,7 @@ fn concurrent_writers_sharing_a_failed_fsync_all_get_poisoned() {
         drop(ledger);
         storage.crash(nth);
         let recovered = Ledger::open_with(MEM_DIR, mem_options(&storage, &clock, small_config(0))).unwrap();
-        let events = support::all_events(&recovered);
+        let events = common::all_events(&recovered);
         assert_eq!(events, written[..events.len()], "nth {nth}");
         for (job, r) in &results {
             let n = events.iter().filter(|e| job_of(e) == Some(job)).count();

@@ -5,15 +5,15 @@
 //! respected. The library's repair is also run with every storage operation failing in turn,
 //! then power loss: the cut bytes are always in quarantine before they leave the log.
 
-mod support;
+mod common;
 
 use allocation_ledger::repair::{self, RepairKind, RepairOptions};
 use allocation_ledger::storage::{Fault, FaultPlan, FaultyStorage, Storage};
 use allocation_ledger::{Error, Ledger, LoggedEvent, ManualClock, ResourceRequest};
+use common::{small_config, MEM_DIR};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::{small_config, MEM_DIR};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_allocation-ledger"));
@@ -32,9 +32,9 @@ fn run_repair(dir: &Path, args: &[&str]) -> (i32, Value) {
 /// A ledger of ~25 events over several segments, with snapshots every 6 events.
 fn build(dir: &Path) -> Vec<LoggedEvent> {
     let clock = ManualClock::at_default_epoch();
-    let ledger = Ledger::open_with(dir, support::fs_options(&clock, small_config(6))).unwrap();
+    let ledger = Ledger::open_with(dir, common::fs_options(&clock, small_config(6))).unwrap();
     fill(&ledger, &clock);
-    support::all_events(&ledger)
+    common::all_events(&ledger)
 }
 
 fn fill(ledger: &Ledger, clock: &ManualClock) {
@@ -56,7 +56,7 @@ fn fill(ledger: &Ledger, clock: &ManualClock) {
 }
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
-    support::list(&dir.join("wal"))
+    common::list(&dir.join("wal"))
 }
 
 fn record_bounds(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
@@ -81,7 +81,7 @@ fn flip(path: &Path, at: u64) {
 fn snapshot_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     for sub in ["wal", "snapshots", "quarantine"] {
-        for p in support::list(&dir.join(sub)) {
+        for p in common::list(&dir.join(sub)) {
             out.push((p.clone(), std::fs::read(&p).unwrap()));
         }
     }
@@ -90,8 +90,8 @@ fn snapshot_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 fn reopen_events(dir: &Path) -> Vec<LoggedEvent> {
     let l = Ledger::open(dir).unwrap_or_else(|e| panic!("open after repair: {e}"));
-    let events = support::all_events(&l);
-    assert_eq!(l.with_state(|s| s.clone()), support::fold(&events));
+    let events = common::all_events(&l);
+    assert_eq!(l.with_state(|s| s.clone()), common::fold(&events));
     // And the repaired ledger takes writes.
     l.request_resources(&ResourceRequest::new("after-repair").mcp_server("github")).unwrap();
     events
@@ -232,7 +232,7 @@ fn damage_in_the_middle_is_refused_listing_the_events_a_cut_would_lose() {
         assert_eq!(&std::fs::read(q.join(format!("{}.after-damage", name(p)))).unwrap(), b);
     }
     // Snapshots past the cut were set aside.
-    for s in support::list(&tmp.path().join("snapshots")) {
+    for s in common::list(&tmp.path().join("snapshots")) {
         let seq_of = allocation_ledger::snapshot::parse_file_name(&name(&s)).unwrap();
         assert!(seq_of < seq, "{s:?} is ahead of the repaired log");
     }
@@ -278,7 +278,7 @@ fn damage_in_the_first_record_is_never_cut() {
 fn damaged_snapshots_are_set_aside() {
     let tmp = tempfile::tempdir().unwrap();
     let events = build(tmp.path());
-    let snaps = support::list(&tmp.path().join("snapshots"));
+    let snaps = common::list(&tmp.path().join("snapshots"));
     let newest = snaps.last().unwrap();
     flip(newest, 50);
     let (code, v) = run_repair(tmp.path(), &[]);
@@ -318,11 +318,11 @@ fn repair_respects_the_writers_lock() {
 fn a_repair_interrupted_at_any_storage_operation_loses_nothing_it_did_not_save() {
     let base = FaultyStorage::new();
     let clock = ManualClock::at_default_epoch();
-    let opts = |s: &FaultyStorage| support::mem_options(s, &clock, small_config(6));
+    let opts = |s: &FaultyStorage| common::mem_options(s, &clock, small_config(6));
     let events = {
         let l = Ledger::open_with(MEM_DIR, opts(&base)).unwrap();
         fill(&l, &clock);
-        support::all_events(&l)
+        common::all_events(&l)
     };
     let dir = Path::new(MEM_DIR);
     let wal = dir.join("wal");
@@ -382,7 +382,7 @@ fn a_repair_interrupted_at_any_storage_operation_loses_nothing_it_did_not_save()
         let again = repair::repair(&s, dir, force).unwrap_or_else(|e| panic!("nth {nth}: {e}"));
         assert!(again.refused.is_none(), "nth {nth}: {again:?}");
         let l = Ledger::open_with(dir, opts(&s)).unwrap_or_else(|e| panic!("nth {nth}: {e}"));
-        assert_eq!(support::all_events(&l), events[..keep], "nth {nth}");
+        assert_eq!(common::all_events(&l), events[..keep], "nth {nth}");
         drop(l);
         if !fired {
             break;

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use allocation_ledger::storage::FaultyStorage;
 use allocation_ledger::{CapacityReport, Config, EventBody, Ledger, LoggedEvent, ManualClock, OpenOptions, State};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +13,39 @@ pub fn small_config(snapshot_every: u64) -> Config {
 
 pub fn opts(config: Config, clock: &ManualClock) -> OpenOptions {
     OpenOptions::default().config(config).clock(Arc::new(clock.clone()))
+}
+
+/// Where in-memory ledgers live.
+pub const MEM_DIR: &str = "/ledger";
+
+/// `opts` on an in-memory storage.
+pub fn mem_options(storage: &FaultyStorage, clock: &ManualClock, config: Config) -> OpenOptions {
+    opts(config, clock).storage(Arc::new(storage.clone()))
+}
+
+/// `opts` on the real file system.
+pub fn fs_options(clock: &ManualClock, config: Config) -> OpenOptions {
+    opts(config, clock)
+}
+
+/// A small deterministic generator (no dependency, same numbers on every machine).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+/// Files of `dir` (one level), sorted.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
 }
 
 /// Folds `events` (which must start with `ledger_created`) into a fresh state, the way a
