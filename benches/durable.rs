@@ -72,6 +72,19 @@ fn grant_record() -> Vec<u8> {
     rec
 }
 
+impl Rate {
+    /// `n` operations in `elapsed`, with their latencies, `syncs` fsyncs and `snapshots`.
+    fn of(n: u64, elapsed: Duration, lat: &[Duration], syncs: u64, snapshots: u64) -> Rate {
+        Rate {
+            per_s: n as f64 / elapsed.as_secs_f64(),
+            lat: Samples::from_durations(lat),
+            syncs_per_op: syncs as f64 / n.max(1) as f64,
+            snapshots,
+            grants: n,
+        }
+    }
+}
+
 struct Rate {
     per_s: f64,
     /// Latency of each call (ledger) or of each fsync (raw loop).
@@ -215,13 +228,7 @@ fn raw_group_commit_threads(callers: usize, record: &[u8], dur: Duration) -> Rat
         work.notify_all();
         r
     });
-    Rate {
-        per_s: n as f64 / elapsed.as_secs_f64(),
-        lat: Samples::from_durations(&lat),
-        syncs_per_op: syncs.load(Ordering::Relaxed) as f64 / n.max(1) as f64,
-        snapshots: 0,
-        grants: n,
-    }
+    Rate::of(n, elapsed, &lat, syncs.load(Ordering::Relaxed), 0)
 }
 
 /// `callers` threads, each with its own clone of one ledger, granting 1 worker per call.
@@ -247,13 +254,7 @@ fn ledger_grants(callers: usize, dur: Duration, storage: Arc<CountingStorage>, c
     let snapshots = storage.renames() - renames_before;
     drop(handles);
     drop(ledger);
-    Rate {
-        per_s: n as f64 / elapsed.as_secs_f64(),
-        lat: Samples::from_durations(&lat),
-        syncs_per_op: syncs as f64 / n.max(1) as f64,
-        snapshots,
-        grants: n,
-    }
+    Rate::of(n, elapsed, &lat, syncs, snapshots)
 }
 
 /// `callers` async tasks on a tokio runtime with 2 worker threads (the MCP server's shape: each
@@ -303,17 +304,10 @@ fn ledger_grants_async(callers: usize, dur: Duration, storage: Arc<CountingStora
     });
     let elapsed = start.elapsed();
     drop(rt);
-    let n = lat.len() as u64;
     let syncs = storage.syncs() - syncs_before;
     let snapshots = storage.renames() - renames_before;
     drop(ledger);
-    Rate {
-        per_s: n as f64 / elapsed.as_secs_f64(),
-        lat: Samples::from_durations(&lat),
-        syncs_per_op: syncs as f64 / n.max(1) as f64,
-        snapshots,
-        grants: n,
-    }
+    Rate::of(lat.len() as u64, elapsed, &lat, syncs, snapshots)
 }
 
 const SQLITE_SCHEMA: &str = "

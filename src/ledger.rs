@@ -768,19 +768,23 @@ impl Ledger {
                 return Err(Error::Poisoned(why.clone()));
             }
             match done {
-                None if !s.combining => {
-                    s.combining = true;
-                    let (after, owe_flush) = self.combine(s);
-                    s = after;
-                    // Its own command may be durable already while the ones it ran after it
-                    // are not: whoever appended makes sure a flush follows.
-                    if owe_flush && !s.flushing {
-                        s = self.lead_flush(s);
-                    }
-                }
+                None if !s.combining => s = self.combine_then_flush(s, true),
                 Some(_) if !s.flushing => s = self.lead_flush(s),
                 _ => s = sh.synced.wait(s).unwrap_or_else(|p| p.into_inner()),
             }
+        }
+    }
+
+    /// Combines (`combining` must be clear), then sees to a flush of what it appended if none is
+    /// in progress: its own command may be durable already while the ones it ran after it are
+    /// not. A blocking caller flushes itself (`lead`); an async one hands the flush over.
+    fn combine_then_flush<'a>(&'a self, mut s: MutexGuard<'a, SyncState>, lead: bool) -> MutexGuard<'a, SyncState> {
+        s.combining = true;
+        let (s, owe_flush) = self.combine(s);
+        match (owe_flush && !s.flushing, lead) {
+            (false, _) => s,
+            (true, true) => self.lead_flush(s),
+            (true, false) => self.hand_flush_to_thread(s),
         }
     }
 
@@ -1345,12 +1349,7 @@ impl<R> std::future::Future for Durable<R> {
             }
             match done {
                 None if !s.combining => {
-                    s.combining = true;
-                    let (after, owe_flush) = ledger.combine(s);
-                    s = after;
-                    if owe_flush && !s.flushing {
-                        s = ledger.hand_flush_to_thread(s);
-                    }
+                    s = ledger.combine_then_flush(s, false);
                     continue;
                 }
                 Some(_) if !s.flushing => {
