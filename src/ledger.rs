@@ -130,6 +130,13 @@ struct Core {
 /// whether it appended anything.
 type Command = Box<dyn FnOnce(&Ledger, &mut Core) -> bool + Send>;
 
+/// Where `Ledger::advance` left a caller.
+enum Step<'a> {
+    Settled(Result<()>),
+    /// Nothing to help with: wait (holding the sync lock) until woken.
+    Wait(MutexGuard<'a, SyncState>),
+}
+
 /// `Call::target` of a command that has not run yet.
 const PENDING: u64 = u64::MAX;
 
@@ -204,7 +211,7 @@ struct SyncState {
     durable_seq: u64,
     /// An fsync round is in progress (by a caller, or by the flusher thread).
     flushing: bool,
-    /// The flusher thread has taken over flushing from the callers (see `wait_durable`).
+    /// The flusher thread has taken over flushing from the callers (see `Ledger::settle`).
     thread_owns: bool,
     /// The last handle is gone: the flusher thread ends.
     stop: bool,
@@ -268,7 +275,7 @@ pub struct Ledger {
 }
 
 /// The flusher thread, started the first time callers arrive faster than one fsync at a time
-/// (see `wait_durable`); it ends when the last handle is dropped.
+/// (see `Ledger::settle`); it ends when the last handle is dropped.
 #[derive(Debug)]
 struct Flusher {
     shared: Arc<Shared>,
@@ -756,23 +763,50 @@ impl Ledger {
     /// flushing over to the flusher thread, which flushes back to back while records keep
     /// arriving, so that callers released by one fsync gather into the next.
     fn settle<'a>(&'a self, mut s: MutexGuard<'a, SyncState>, target: impl Fn() -> Option<u64>) -> Result<()> {
-        let sh = &self.shared;
+        loop {
+            match self.advance(s, &target, true) {
+                Step::Settled(r) => return r,
+                Step::Wait(g) => s = self.shared.synced.wait(g).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+
+    /// The part of `settle` that the blocking calls and the futures share: helps (combines,
+    /// flushes) until the caller's command is durable, the ledger has failed, or there is
+    /// nothing left to do but wait. A blocking caller (`lead`) fsyncs itself; an async one
+    /// hands every fsync to the flusher thread.
+    fn advance<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, SyncState>,
+        target: &impl Fn() -> Option<u64>,
+        lead: bool,
+    ) -> Step<'a> {
         loop {
             let done = target();
             if let Some(t) = done {
                 if s.durable_seq >= t {
-                    return Ok(());
+                    return Step::Settled(Ok(()));
                 }
             }
             if let Some(why) = &s.failed {
-                return Err(Error::Poisoned(why.clone()));
+                return Step::Settled(Err(Error::Poisoned(why.clone())));
             }
-            match done {
-                None if !s.combining => s = self.combine_then_flush(s, true),
-                Some(_) if !s.flushing => s = self.lead_flush(s),
-                _ => s = sh.synced.wait(s).unwrap_or_else(|p| p.into_inner()),
-            }
+            s = match done {
+                None if !s.combining => self.combine_then_flush(s, lead),
+                Some(_) if !s.flushing && lead => self.lead_flush(s),
+                Some(_) if !s.flushing => self.hand_flush_to_thread(s),
+                _ => return Step::Wait(s),
+            };
         }
+    }
+
+    /// Queues `command` unless the ledger has failed.
+    fn enqueue(s: &mut SyncState, command: Command) -> Result<()> {
+        if let Some(why) = &s.failed {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        s.queue.push(command);
+        Ok(())
     }
 
     /// Combines (`combining` must be clear), then sees to a flush of what it appended if none is
@@ -802,10 +836,7 @@ impl Ledger {
         } else {
             after.flushing = false;
         }
-        let tasks = settled_wakers(&mut after);
-        drop(after);
-        sh.synced.notify_all();
-        tasks.into_iter().for_each(std::task::Waker::wake);
+        wake_settled(sh, after);
         lock(&sh.sync)
     }
 
@@ -897,10 +928,7 @@ impl Ledger {
         }
         let call = Call::new();
         let mut s = lock(&self.shared.sync);
-        if let Some(why) = &s.failed {
-            return Err(Error::Poisoned(why.clone()));
-        }
-        s.queue.push(call.command(decide));
+        Self::enqueue(&mut s, call.command(decide))?;
         let settled = self.settle(s, || call.target());
         let result = call.finish(settled);
         if result.is_ok() {
@@ -1322,44 +1350,23 @@ impl<R> std::future::Future for Durable<R> {
             this.finished = true;
             return Poll::Ready(r);
         }
-        let ledger = &this.ledger;
-        let sh = &ledger.shared;
-        let mut s = lock(&sh.sync);
+        let mut s = lock(&this.ledger.shared.sync);
         if let Some(command) = this.command.take() {
-            if let Some(why) = &s.failed {
+            if let Err(e) = Ledger::enqueue(&mut s, command) {
                 this.finished = true;
-                return Poll::Ready(Err(Error::Poisoned(why.clone())));
+                return Poll::Ready(Err(e));
             }
-            s.queue.push(command);
         }
-        loop {
-            let done = this.call.target();
-            if let Some(t) = done {
-                if s.durable_seq >= t {
-                    drop(s);
-                    this.finished = true;
-                    return Poll::Ready(this.call.finish(Ok(())));
-                }
-            }
-            if let Some(why) = &s.failed {
-                let e = Error::Poisoned(why.clone());
-                drop(s);
+        let call = &this.call;
+        match this.ledger.advance(s, &|| call.target(), false) {
+            Step::Settled(settled) => {
                 this.finished = true;
-                return Poll::Ready(this.call.finish(Err(e)));
+                Poll::Ready(call.finish(settled))
             }
-            match done {
-                None if !s.combining => {
-                    s = ledger.combine_then_flush(s, false);
-                    continue;
-                }
-                Some(_) if !s.flushing => {
-                    s = ledger.hand_flush_to_thread(s);
-                    continue;
-                }
-                _ => {}
+            Step::Wait(mut s) => {
+                s.wakers.push((call.target.clone(), cx.waker().clone()));
+                Poll::Pending
             }
-            s.wakers.push((this.call.target.clone(), cx.waker().clone()));
-            return Poll::Pending;
         }
     }
 }
@@ -1402,23 +1409,24 @@ fn flush_round(sh: &Shared) -> (MutexGuard<'_, SyncState>, bool) {
     (s, more)
 }
 
-/// Takes the waiting tasks this flush settled (all of them if the ledger failed), to be woken
-/// once the lock is released.
-fn settled_wakers(s: &mut SyncState) -> Vec<std::task::Waker> {
-    if s.wakers.is_empty() {
-        return Vec::new();
-    }
+/// After a flush: wakes the blocking waiters, and the waiting tasks the flush settled (all of
+/// them if the ledger failed). Unlocked before waking: the woken callers need the lock, and
+/// while they queue for it the next round gathers their new records instead of starting with
+/// one.
+fn wake_settled(sh: &Shared, mut s: MutexGuard<'_, SyncState>) {
     let (durable, failed) = (s.durable_seq, s.failed.is_some());
-    let mut woken = Vec::new();
+    let mut tasks = Vec::new();
     s.wakers.retain(|(target, waker)| {
         let t = target.load(Ordering::Acquire);
         let settled = failed || (t != PENDING && t <= durable);
         if settled {
-            woken.push(waker.clone());
+            tasks.push(waker.clone());
         }
         !settled
     });
-    woken
+    drop(s);
+    sh.synced.notify_all();
+    tasks.into_iter().for_each(std::task::Waker::wake);
 }
 
 /// The flusher thread: once callers hand flushing over, flushes back to back until a round
@@ -1439,12 +1447,7 @@ fn flusher_loop(sh: &Shared) {
             after.thread_owns = false;
             after.flushing = false;
         }
-        let tasks = settled_wakers(&mut after);
-        // Unlocked before waking: the woken callers need the lock, and while they queue for it
-        // the next round gathers their new records instead of starting with one.
-        drop(after);
-        sh.synced.notify_all();
-        tasks.into_iter().for_each(std::task::Waker::wake);
+        wake_settled(sh, after);
         s = lock(&sh.sync);
     }
 }

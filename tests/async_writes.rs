@@ -162,6 +162,31 @@ fn check_acknowledged(events: &[allocation_ledger::LoggedEvent], results: &[Acke
     }
 }
 
+/// After the callers are done: everything acknowledged is durable, the live state is the fold
+/// of the log, and after power loss (`crash(seed)`) the reopened ledger has every event, every
+/// acknowledged operation as it was answered, and the same state.
+fn survives_power_loss(
+    ledger: Ledger,
+    storage: &FaultyStorage,
+    clock: &ManualClock,
+    config: Config,
+    results: &[Acked],
+    seed: u64,
+) {
+    let status = ledger.status();
+    assert_eq!(status.durable_seq, status.last_seq, "everything acknowledged is durable");
+    let live = ledger.with_state(|s| s.clone());
+    assert_eq!(live, common::fold(&common::all_events(&ledger)));
+    common::assert_capacity_accounting(&ledger.get_capacity().unwrap());
+    drop(ledger);
+    storage.crash(seed);
+    let reopened = open(storage, clock, config);
+    let events = common::all_events(&reopened);
+    assert_eq!(events.len() as u64, status.last_seq, "seed {seed}: power loss lost acknowledged events");
+    check_acknowledged(&events, results);
+    assert_eq!(reopened.with_state(|s| s.clone()), live);
+}
+
 #[test]
 fn async_and_blocking_callers_together_lose_nothing_at_power_loss_and_never_double_book() {
     let done = watchdog("async_and_blocking_callers_together");
@@ -184,18 +209,7 @@ fn async_and_blocking_callers_together_lose_nothing_at_power_loss_and_never_doub
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let status = ledger.status();
-        assert_eq!(status.durable_seq, status.last_seq, "everything acknowledged is durable");
-        let live = ledger.with_state(|s| s.clone());
-        assert_eq!(live, common::fold(&common::all_events(&ledger)));
-        common::assert_capacity_accounting(&ledger.get_capacity().unwrap());
-        drop(ledger);
-        storage.crash(seed);
-        let reopened = open(&storage, &clock, config);
-        let events = common::all_events(&reopened);
-        assert_eq!(events.len() as u64, status.last_seq, "seed {seed}: power loss lost acknowledged events");
-        check_acknowledged(&events, &results);
-        assert_eq!(reopened.with_state(|s| s.clone()), live);
+        survives_power_loss(ledger, &storage, &clock, config, &results, seed);
     }
     done.store(true, Ordering::Relaxed);
 }
@@ -388,16 +402,7 @@ fn sixty_four_tokio_tasks_with_instant_fsyncs_all_finish_and_lose_nothing() {
         for _ in 0..150 {
             results.extend(tokio_tasks(&ledger, 64, 2));
         }
-        let status = ledger.status();
-        assert_eq!(status.durable_seq, status.last_seq);
-        let live = ledger.with_state(|s| s.clone());
-        drop(ledger);
-        storage.crash(seed);
-        let reopened = open(&storage, &clock, config);
-        let events = common::all_events(&reopened);
-        assert_eq!(events.len() as u64, status.last_seq);
-        check_acknowledged(&events, &results);
-        assert_eq!(reopened.with_state(|s| s.clone()), live);
+        survives_power_loss(ledger, &storage, &clock, config, &results, seed);
     }
     done.store(true, Ordering::Relaxed);
 }

@@ -196,12 +196,13 @@ impl LedgerTools {
             Ok(id) => id,
             Err(e) => return tool_error(error_value(&e)),
         };
+        let parsed = match crate::AllocationId::parse("allocation_id", &id) {
+            Ok(parsed) => parsed,
+            Err(e) => return tool_error(error_value(&e)),
+        };
         let released = match self.ledger.release_resources_async(&id).await {
             // Ended so long ago that it left memory: the log has it (a blocking read).
-            Err(Error::NotFound(_)) => match crate::AllocationId::parse("allocation_id", &id) {
-                Ok(parsed) => self.call(move |l| l.release_not_in_memory(parsed)).await?,
-                Err(e) => Err(e),
-            },
+            Err(Error::NotFound(_)) => self.call(move |l| l.release_not_in_memory(parsed)).await?,
             other => other,
         };
         self.snapshot_if_due();
