@@ -564,9 +564,7 @@ impl Ledger {
                     // with the segment before it, which was complete.
                     end.segments.pop();
                     end.last_valid_len = match end.segments.last() {
-                        Some(prev) => storage
-                            .file_len(&prev.path)
-                            .map_err(|e| Error::io(format!("reading {}", prev.path.display()), e))?,
+                        Some(prev) => wal::valid_len(&*storage, prev)?,
                         None => 0,
                     };
                 }
@@ -595,8 +593,12 @@ impl Ledger {
             } else {
                 let w = WalWriter::resume(storage.clone(), &wal_dir, &end, seg_size)?;
                 // What we read may have come from the page cache of a process that died before
-                // its fsync; make it durable before building on it.
+                // its fsync; make it durable before building on it. That includes the last
+                // segment's directory entry: a process that died between creating a segment
+                // and syncing its directory leaves a whole, empty segment whose name a power
+                // loss could still take, with every record appended to it since.
                 w.active_file().sync_data().map_err(|e| Error::io("fsync of the log on open", e))?;
+                storage.sync_dir(&wal_dir).map_err(|e| Error::io("fsync of the log directory on open", e))?;
                 wal = Some(w);
             }
         } else if end.last_seq == 0 {

@@ -125,7 +125,10 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
 fn readable_records(path: &Path, bytes: &[u8], from: usize, out: &mut Vec<LostEvent>) -> u64 {
     let mut pos = from;
     let mut unreadable = 0u64;
-    while pos < bytes.len() {
+    // Zeros at the end hold nothing: a pre-filled segment's free space (or, in a version 1
+    // segment, a write that never landed).
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    while pos < end {
         match record::decode(&bytes[pos..]) {
             Decoded::Record { seq, payload, frame_len } => {
                 let ev = Event::decode(payload).ok();
@@ -321,7 +324,8 @@ pub fn repair(storage: &dyn Storage, dir: &Path, opts: RepairOptions) -> Result<
     let mut saved = Vec::new();
     if let Some(cut) = p.cut.clone() {
         if p.kind == RepairKind::TornTail {
-            let len = storage.file_len(&cut.file).map_err(io(format!("reading {}", cut.file.display())))? - cut.offset;
+            // The torn bytes the scan found (in a pre-filled segment, zeros follow them).
+            let len = p.unreadable_bytes;
             let mut torn = TornTail { file: cut.file.clone(), offset: cut.offset, len, saved_to: None };
             wal::cut_torn_tail(storage, &quarantine, &mut torn)?;
             saved.extend(torn.saved_to);

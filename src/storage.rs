@@ -8,10 +8,14 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// An open file that is only ever appended to.
+/// An open file that is written at its end ([`append`](Self::append)) or, by the log writer
+/// that knows where its records end, at a position ([`write_at`](Self::write_at)).
 pub trait AppendFile: Send + Sync + Debug {
     /// Appends all of `buf` or fails; on failure part of `buf` may have been written.
     fn append(&self, buf: &[u8]) -> io::Result<()>;
+    /// Writes all of `buf` at `offset` (growing the file if it ends before `offset + buf.len()`)
+    /// or fails; on failure part of `buf` may have been written.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
     /// `fdatasync`: everything appended so far is durable when this returns Ok.
     fn sync_data(&self) -> io::Result<()>;
     /// Cuts the file back to `len` bytes (used to undo a failed append).
@@ -110,7 +114,21 @@ struct FsFile(std::fs::File);
 
 impl AppendFile for FsFile {
     fn append(&self, buf: &[u8]) -> io::Result<()> {
+        // Not O_APPEND: on Linux that would make `write_at` append too. One writer per file, so
+        // seeking to the end first is enough.
+        io::Seek::seek(&mut &self.0, io::SeekFrom::End(0))?;
         (&self.0).write_all(buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::FileExt::write_all_at(&self.0, buf, offset)
+        }
+        #[cfg(not(unix))]
+        {
+            io::Seek::seek(&mut &self.0, io::SeekFrom::Start(offset))?;
+            (&self.0).write_all(buf)
+        }
     }
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
@@ -154,7 +172,7 @@ impl Storage for FsStorage {
 
     fn open_append(&self, path: &Path, create_new: bool) -> io::Result<Box<dyn AppendFile>> {
         let mut o = std::fs::OpenOptions::new();
-        o.append(true);
+        o.write(true);
         if create_new {
             o.create_new(true);
         }
@@ -166,7 +184,8 @@ impl Storage for FsStorage {
         let len = f.metadata()?.len();
         if self.mmap_min_bytes > 0 && len >= self.mmap_min_bytes {
             // SAFETY: the caller holds the ledger's write lock, so no other process truncates
-            // this file while the map lives; this process only appends to it.
+            // this file while the map lives; this process only writes beyond what it has read
+            // (after the last record) and cuts a file only when opening, before any map of it.
             let map = unsafe { memmap2::Mmap::map(&f)? };
             return Ok(FileBytes::Mapped(map));
         }
@@ -344,6 +363,22 @@ impl AppendFile for MemFile {
         }
     }
 
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let mut fs = self.fs.lock().unwrap();
+        let (len, result) = match fs.check(OpKind::Write) {
+            None => (buf.len(), Ok(())),
+            Some(f @ (Fault::ShortWrite | Fault::NoSpace)) => (buf.len() / 2, Err(injected(f))),
+            Some(f) => return Err(injected(f)),
+        };
+        let data = &mut fs.inodes[self.inode].data;
+        let (start, end) = (offset as usize, offset as usize + len);
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[start..end].copy_from_slice(&buf[..len]);
+        result
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         let mut fs = self.fs.lock().unwrap();
         if let Some(f) = fs.check(OpKind::Sync) {
@@ -407,23 +442,15 @@ impl FaultyStorage {
     }
 
     /// Simulates power loss: names revert to their last directory fsync, each file keeps what
-    /// was fsynced plus, chosen by `seed`, a prefix of what was written after (a torn write),
-    /// and every lock is dropped. Faults are disarmed.
+    /// was fsynced overlaid, chosen by `seed`, with a prefix of what was written after (a torn
+    /// write: the new bytes up to a point, the old ones after it), and every lock is dropped.
+    /// Faults are disarmed.
     pub fn crash(&self, seed: u64) {
         let mut fs = self.fs.lock().unwrap();
         let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         for ino in fs.inodes.iter_mut() {
-            let keep_extra = if ino.data.len() > ino.synced.len() && ino.data.starts_with(&ino.synced) {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let extra = ino.data.len() - ino.synced.len();
-                ((rng >> 33) as usize) % (extra + 1)
-            } else {
-                0
-            };
-            let mut survived = ino.synced.clone();
-            if keep_extra > 0 {
-                survived.extend_from_slice(&ino.data[ino.synced.len()..ino.synced.len() + keep_extra]);
-            }
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let survived = survivor(&ino.data, &ino.synced, rng >> 33);
             ino.data = survived.clone();
             ino.synced = survived;
         }
@@ -454,6 +481,27 @@ impl FaultyStorage {
         fs.inodes[ino].data = bytes.clone();
         fs.inodes[ino].synced = bytes;
     }
+}
+
+/// What a file holds after power loss, given what the process wrote (`data`) and what the last
+/// fsync made durable (`synced`): the written bytes up to a cut chosen by `pick`, at or after
+/// the first byte that differs, then the durable ones. An unsynced cut back (`data` a prefix of
+/// `synced`) either happened or not.
+fn survivor(data: &[u8], synced: &[u8], pick: u64) -> Vec<u8> {
+    if data == synced {
+        return synced.to_vec();
+    }
+    if data.len() < synced.len() && synced.starts_with(data) {
+        return if pick.is_multiple_of(2) { data } else { synced }.to_vec();
+    }
+    let first_change = data.iter().zip(synced).position(|(a, b)| a != b).unwrap_or(data.len().min(synced.len()));
+    let end = data.len().max(synced.len());
+    let cut = first_change + (pick as usize) % (end - first_change + 1);
+    let mut out = data[..cut.min(data.len())].to_vec();
+    if synced.len() > out.len() {
+        out.extend_from_slice(&synced[out.len()..]);
+    }
+    out
 }
 
 impl Storage for FaultyStorage {
@@ -598,6 +646,37 @@ mod tests {
         assert!(files[&dir.join("a")].starts_with(b"hello"));
         assert!(files[&dir.join("a")].len() <= 11);
         assert!(!files.contains_key(&dir.join("b")));
+    }
+
+    #[test]
+    fn crash_tears_overwrites_in_place() {
+        // A pre-filled file: zeros made durable, then records written over them.
+        let synced = vec![0u8; 64];
+        let mut data = synced.clone();
+        data[10..20].copy_from_slice(b"0123456789");
+        let mut seen = std::collections::BTreeSet::new();
+        for pick in 0..200 {
+            let out = survivor(&data, &synced, pick);
+            assert_eq!(out.len(), 64);
+            let cut = out[10..20].iter().position(|&b| b == 0).unwrap_or(10);
+            assert_eq!(&out[10..10 + cut], &b"0123456789"[..cut], "a prefix of the write landed");
+            assert!(out[10 + cut..].iter().all(|&b| b == 0), "nothing after the cut");
+            seen.insert(cut);
+        }
+        assert_eq!(seen.len(), 11, "every cut, from nothing to all of it, happens");
+        // Appending past the durable end: a prefix of the new bytes.
+        let out = survivor(b"hello world", b"hello", 3);
+        assert!(out.starts_with(b"hello") && b"hello world".starts_with(&out[..]));
+    }
+
+    #[test]
+    fn write_at_overwrites_and_grows() {
+        let s = FaultyStorage::new();
+        let f = s.open_append(Path::new("/a"), true).unwrap();
+        f.append(b"abcdef").unwrap();
+        f.write_at(2, b"XY").unwrap();
+        f.write_at(8, b"Z").unwrap();
+        assert_eq!(s.files()[Path::new("/a")], b"abXYef\0\0Z");
     }
 
     #[test]

@@ -114,7 +114,9 @@ fn exit_codes() {
     // Damaged: flip a byte in the middle of the log.
     let seg = std::fs::read_dir(d.join("wal")).unwrap().next().unwrap().unwrap().path();
     let mut bytes = std::fs::read(&seg).unwrap();
-    let mid = bytes.len() / 2;
+    // The middle of the records, not of the zeros pre-filled after them.
+    let records_end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+    let mid = records_end / 2;
     bytes[mid] ^= 0x5a;
     std::fs::write(&seg, bytes).unwrap();
     let (code, v) = json(d, &["verify"]);

@@ -111,6 +111,9 @@ impl AppendFile for NoSyncFile {
     fn append(&self, buf: &[u8]) -> std::io::Result<()> {
         self.0.append(buf)
     }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(offset, buf)
+    }
     fn sync_data(&self) -> std::io::Result<()> {
         Ok(())
     }
@@ -167,9 +170,19 @@ fn file_opts(clock: &ManualClock, fsync: bool) -> OpenOptions {
     }
 }
 
-/// Opens a copy of the log cut at byte `cut` of segment `seg` (later segments gone) and checks
-/// what recovery makes of it.
-fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, clock: &ManualClock, fsync: bool) {
+/// How a crash tears the last write of a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tear {
+    /// The file ends at the cut: a write that grew the file landed in part.
+    Truncated,
+    /// The bytes after the cut are still the zeros the segment was pre-filled with: a write
+    /// over them landed in part.
+    InPlace,
+}
+
+/// Opens a copy of the log torn at byte `cut` of segment `seg` (later segments gone) and
+/// checks what recovery makes of it.
+fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, tear: Tear, clock: &ManualClock, fsync: bool) {
     let wal = work.join("wal");
     std::fs::create_dir_all(&wal).unwrap();
     for (path, bytes) in &log.segments[..seg] {
@@ -177,7 +190,15 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, clock: &ManualClock
     }
     let (orig_path, bytes) = &log.segments[seg];
     let seg_path = wal.join(orig_path.file_name().unwrap());
-    std::fs::write(&seg_path, &bytes[..cut]).unwrap();
+    let torn_bytes = match tear {
+        Tear::Truncated => bytes[..cut].to_vec(),
+        Tear::InPlace => {
+            let mut b = bytes.clone();
+            b[cut..].iter_mut().for_each(|x| *x = 0);
+            b
+        }
+    };
+    std::fs::write(&seg_path, &torn_bytes).unwrap();
 
     let whole_before: usize = log.bounds[..seg].iter().map(Vec::len).sum();
     let whole_here = log.bounds[seg].iter().filter(|b| b.1 as usize <= cut).count();
@@ -188,9 +209,12 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, clock: &ManualClock
     } else {
         log.bounds[seg].iter().map(|b| b.1 as usize).filter(|&e| e <= cut).max().unwrap_or(32)
     };
-    let torn = cut < 32 || boundary != cut;
+    // What of the torn record landed: up to the cut, less the zeros it ends in (a pre-filled
+    // segment's zeros after the records are free space, not part of a torn write).
+    let landed = if cut < 32 { cut } else { common::records_end(&bytes[..cut]).max(boundary) };
+    let torn = cut < 32 || landed != boundary;
 
-    let ctx = format!("segment {seg} cut at {cut} (fsync {fsync})");
+    let ctx = format!("segment {seg} torn at {cut} ({tear:?}, fsync {fsync})");
     let ledger = Ledger::open_with(work, file_opts(clock, fsync)).unwrap_or_else(|e| panic!("{ctx}: open failed: {e}"));
     let report = ledger.recovery_report().clone();
     match (&report.torn_tail, torn) {
@@ -198,10 +222,16 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, clock: &ManualClock
         (Some(t), true) => {
             assert_eq!(t.file, seg_path, "{ctx}");
             assert_eq!(t.offset, boundary as u64, "{ctx}");
-            assert_eq!(t.len, (cut - boundary) as u64, "{ctx}");
             let saved = t.saved_to.as_ref().unwrap_or_else(|| panic!("{ctx}: not saved"));
             assert!(saved.starts_with(work.join("quarantine")), "{ctx}: {saved:?}");
-            assert_eq!(std::fs::read(saved).unwrap(), &bytes[boundary..cut], "{ctx}: the cut bytes are kept");
+            let kept = std::fs::read(saved).unwrap();
+            assert_eq!(t.len, kept.len() as u64, "{ctx}");
+            if cut < 32 {
+                // A torn header: the whole file is set aside.
+                assert_eq!(kept, torn_bytes, "{ctx}: the cut bytes are kept");
+            } else {
+                assert_eq!(kept, &bytes[boundary..landed], "{ctx}: the cut bytes are kept");
+            }
         }
         (t, _) => panic!("{ctx}: torn tail {t:?}, expected one: {torn}"),
     }
@@ -210,7 +240,12 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, clock: &ManualClock
     if expected == 0 {
         // Checked below: the segment now holds the new ledger.
     } else if cut >= 32 {
-        assert_eq!(std::fs::metadata(&seg_path).unwrap().len(), boundary as u64, "{ctx}");
+        let len = std::fs::metadata(&seg_path).unwrap().len();
+        if torn {
+            assert_eq!(len, boundary as u64, "{ctx}");
+        } else {
+            assert_eq!(len, torn_bytes.len() as u64, "{ctx}: a clean end is left alone");
+        }
     } else if seg > 0 {
         assert!(!seg_path.exists(), "{ctx}: the torn segment is removed");
     }
@@ -251,16 +286,16 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, clock: &ManualClock
 }
 
 /// Checks `cuts` on two threads, each cut in a fresh copy of the log.
-fn check_cuts(log: &Log, base: &Path, cuts: &[(usize, usize)], fsync: bool) {
+fn check_cuts(log: &Log, base: &Path, cuts: &[(usize, usize, Tear)], fsync: bool) {
     let clock = ManualClock::at_default_epoch();
     clock.advance_seconds(3_600);
     std::thread::scope(|s| {
         for part in 0..2 {
             let clock = &clock;
             s.spawn(move || {
-                for (n, &(seg, cut)) in cuts.iter().enumerate().filter(|(n, _)| n % 2 == part) {
+                for (n, &(seg, cut, tear)) in cuts.iter().enumerate().filter(|(n, _)| n % 2 == part) {
                     let work = base.join(format!("cut-{fsync}-{n}"));
-                    check_cut(log, &work, seg, cut, clock, fsync);
+                    check_cut(log, &work, seg, cut, tear, clock, fsync);
                     std::fs::remove_dir_all(&work).unwrap();
                 }
             });
@@ -276,11 +311,14 @@ fn every_cut_of_the_log_recovers_exactly_the_whole_records_before_it() {
     let (base, fsync) =
         if shm.is_dir() { (tempfile::tempdir_in(shm).unwrap(), true) } else { (tempfile::tempdir().unwrap(), false) };
     let log = load_log(&base.path().join("ledger"));
-    // Every offset of every segment: a cut in segment i (with the segments after it gone) is a
-    // prefix of the log; the last segment's offsets are the torn writes a crash can leave.
-    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    // Every offset of every segment's records, torn both ways: a tear in segment i (with the
+    // segments after it gone) is a prefix of the log; the last segment's offsets are the torn
+    // writes a crash can leave. In the pre-filled zeros, a few offsets (nothing to tear there).
+    let mut cuts: Vec<(usize, usize, Tear)> = Vec::new();
     for (seg, (_, bytes)) in log.segments.iter().enumerate() {
-        cuts.extend((0..=bytes.len()).map(|cut| (seg, cut)));
+        let end = common::records_end(bytes);
+        let offsets = (0..=end).chain((end + 1..=bytes.len()).step_by(97)).chain([bytes.len()]);
+        cuts.extend(offsets.flat_map(|cut| [(seg, cut, Tear::Truncated), (seg, cut, Tear::InPlace)]));
     }
     check_cuts(&log, base.path(), &cuts, fsync);
 }
@@ -291,7 +329,7 @@ fn cuts_at_record_edges_recover_with_real_fsyncs() {
     let log = load_log(&base.path().join("ledger"));
     // The same checks through the real `FsStorage` (with its fsyncs), at the interesting
     // offsets: inside the segment header, and on and either side of every record boundary.
-    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    let mut cuts: Vec<(usize, usize, Tear)> = Vec::new();
     for (seg, (_, bytes)) in log.segments.iter().enumerate() {
         let mut at: Vec<usize> = vec![0, 1, 31];
         for &(_, end, _) in log.bounds[seg].iter() {
@@ -301,7 +339,12 @@ fn cuts_at_record_edges_recover_with_real_fsyncs() {
         at.push(33);
         at.sort();
         at.dedup();
-        cuts.extend(at.into_iter().filter(|&c| c <= bytes.len()).map(|c| (seg, c)));
+        at.push(common::records_end(bytes) + 1);
+        at.push(bytes.len());
+        at.sort();
+        at.dedup();
+        let at = at.into_iter().filter(|&c| c <= bytes.len());
+        cuts.extend(at.flat_map(|c| [(seg, c, Tear::Truncated), (seg, c, Tear::InPlace)]));
     }
     check_cuts(&log, base.path(), &cuts, true);
 }
@@ -325,7 +368,7 @@ fn every_bit_flip_in_the_log_is_reported_as_damage_at_its_record() {
     for part in 0..2 {
         common::copy_ledger_dir(&src, &base.path().join(format!("flip-{part}")));
     }
-    let total: usize = log.segments.iter().map(|s| s.1.len()).sum();
+    let total: usize = log.segments.iter().map(|s| common::records_end(&s.1)).sum();
     std::thread::scope(|s| {
         for part in 0..2usize {
             let (log, base) = (&log, base.path());
@@ -336,7 +379,7 @@ fn every_bit_flip_in_the_log_is_reported_as_damage_at_its_record() {
                 for (seg, (orig, bytes)) in log.segments.iter().enumerate() {
                     let path = dir.join("wal").join(orig.file_name().unwrap());
                     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-                    for at in (part..bytes.len()).step_by(2) {
+                    for at in (part..common::records_end(bytes)).step_by(2) {
                         let (offset, seq) = owner(&log.bounds[seg], at as u64);
                         for bit in 0..8 {
                             file.write_at(&[bytes[at] ^ (1 << bit)], at as u64).unwrap();
@@ -359,6 +402,32 @@ fn every_bit_flip_in_the_log_is_reported_as_damage_at_its_record() {
             });
         }
     });
+    // A flip in the zeros after the records of a segment: garbage where nothing was
+    // acknowledged. The last segment's is cut as a torn write; any other segment's is damage
+    // at the end of its records.
+    let dir = base.path().join("flip-0");
+    let clock = ManualClock::at_default_epoch();
+    for (seg, (orig, bytes)) in log.segments.iter().enumerate() {
+        let end = common::records_end(bytes);
+        let path = dir.join("wal").join(orig.file_name().unwrap());
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        for at in (end..bytes.len()).step_by(211) {
+            let ctx = format!("segment {seg} free byte {at}");
+            file.write_at(&[0x40], at as u64).unwrap();
+            let opened = Ledger::open_with(&dir, OpenOptions::read_only().clock(Arc::new(clock.clone())));
+            match opened {
+                Ok(l) if seg + 1 == log.segments.len() => {
+                    let torn = l.recovery_report().torn_tail.clone().unwrap_or_else(|| panic!("{ctx}: not torn"));
+                    assert_eq!(torn.offset, end as u64, "{ctx}");
+                    assert_eq!(common::all_events(&l), log.events, "{ctx}");
+                }
+                Err(Error::Damaged(d)) if seg + 1 < log.segments.len() => assert_eq!(d.offset, end as u64, "{ctx}"),
+                Err(e) => panic!("{ctx}: {e}"),
+                Ok(_) => panic!("{ctx}: opened"),
+            }
+            file.write_at(&[0], at as u64).unwrap();
+        }
+    }
     // Undamaged again, the log opens with its whole history.
     for part in 0..2 {
         let l = Ledger::open(base.path().join(format!("flip-{part}"))).unwrap();
@@ -561,7 +630,7 @@ fn a_failed_fsync_at_segment_rotation_is_latched_not_retried() {
     let active_len = || {
         let files = storage.files();
         let last = files.keys().filter(|p| p.extension().is_some_and(|e| e == "wal")).max().unwrap().clone();
-        files[&last].len()
+        common::records_end(&files[&last])
     };
     // Fill the active segment to within 900 bytes of its size, so that the expiries start in
     // it and one of the later ones rotates.

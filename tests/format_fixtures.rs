@@ -6,6 +6,7 @@
 //! - `v1-snap2`: segments v1, snapshots v2 (ended allocations carry `ended_seq`).
 //! - `v1-snap3`: segments v1, snapshots v3 (binary allocations, the log position of the
 //!   snapshot's last event).
+//! - `v2`: segments v2 (pre-filled: zeros after the last record are free space), snapshots v3.
 //!
 //! Add a fixture when a format version is released; never regenerate an old one. The newest is
 //! written by `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`.
@@ -86,12 +87,66 @@ fn v1_snap2_fixture_opens_and_reads_the_same() {
 #[test]
 fn v1_snap3_fixture_opens_and_reads_the_same() {
     let fixture = fixture_dir("v1-snap3");
+    let snap = std::fs::read(fixture.join("snapshots/00000000000000000006.snap")).unwrap();
+    assert_eq!(&snap[8..12], &3u32.to_le_bytes(), "the fixture's snapshot is v3");
+    check_fixture("v1-snap3", true);
+    appends_continue_the_fixture("v1-snap3", 1);
+}
+
+#[test]
+fn v2_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v2");
     if std::env::var_os("REGENERATE_FIXTURES").is_some() {
         regenerate(&fixture);
     }
     let snap = std::fs::read(fixture.join("snapshots/00000000000000000006.snap")).unwrap();
     assert_eq!(&snap[8..12], &3u32.to_le_bytes(), "the fixture's snapshot is v3");
-    check_fixture("v1-snap3", true);
+    for seg in segment_paths(&fixture) {
+        assert_eq!(&std::fs::read(&seg).unwrap()[8..12], &2u32.to_le_bytes(), "{} is v2", seg.display());
+    }
+    check_fixture("v2", true);
+    appends_continue_the_fixture("v2", 2);
+}
+
+fn segment_paths(dir: &Path) -> Vec<PathBuf> {
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir.join("wal")).unwrap().map(|e| e.unwrap().path()).collect();
+    segs.sort();
+    segs
+}
+
+/// A copy of the fixture takes writes: its last segment (of `last_version`) is continued in its
+/// own format, a version 1 one without zeros after its records; the segments it rotates to are
+/// the current version; and everything reads back after a reopen.
+fn appends_continue_the_fixture(name: &str, last_version: u32) {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join(name);
+    copy_dir(&fixture_dir(name), &copy);
+    let last = segment_paths(&copy).pop().unwrap();
+    let rw = Ledger::open(&copy).unwrap();
+    let before = rw.events(1, usize::MAX).unwrap().len();
+    rw.request_resources(&ResourceRequest::new("after-upgrade").workers(1)).unwrap();
+    let bytes = std::fs::read(&last).unwrap();
+    assert_eq!(&bytes[8..12], &last_version.to_le_bytes());
+    if last_version == 1 {
+        assert_ne!(bytes.last(), Some(&0), "a version 1 segment ends with its last record");
+    }
+    // On to the next segments (the fixture's segments are 4 KiB).
+    for i in 0..40 {
+        let o = rw.request_resources(&ResourceRequest::new(format!("rotate-{i}")).workers(1)).unwrap();
+        rw.release_resources(&o.allocation_id().to_string()).unwrap();
+    }
+    let events = rw.events(1, usize::MAX).unwrap();
+    assert_eq!(events.len(), before + 81);
+    drop(rw);
+    let newer: Vec<PathBuf> = segment_paths(&copy).into_iter().filter(|p| *p > last).collect();
+    assert!(newer.len() >= 2, "the writes rotated segments");
+    for seg in &newer {
+        assert_eq!(&std::fs::read(seg).unwrap()[8..12], &2u32.to_le_bytes(), "{} is v2", seg.display());
+    }
+    let again = Ledger::open(&copy).unwrap();
+    assert_eq!(again.events(1, usize::MAX).unwrap(), events);
+    let report = allocation_ledger::verify::verify(&FsStorage::default(), &copy, &mut |_, _| {}).unwrap();
+    assert!(report.ok, "{:?}", report.problems);
 }
 
 fn check_fixture(name: &str, snapshot_readable: bool) {

@@ -59,18 +59,6 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     common::list(&dir.join("wal"))
 }
 
-fn record_bounds(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
-    let mut out = Vec::new();
-    let mut off = 32usize;
-    while off < bytes.len() {
-        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
-        let seq = u64::from_le_bytes(bytes[off + 4..off + 12].try_into().unwrap());
-        out.push((off as u64, (off + 16 + len) as u64, seq));
-        off += 16 + len;
-    }
-    out
-}
-
 fn flip(path: &Path, at: u64) {
     let mut b = std::fs::read(path).unwrap();
     b[at as usize] ^= 0xFF;
@@ -121,14 +109,16 @@ fn a_torn_tail_is_cut_after_its_bytes_are_saved() {
     let tmp = tempfile::tempdir().unwrap();
     let events = build(tmp.path());
     let last = segments(tmp.path()).pop().unwrap();
-    let len = std::fs::metadata(&last).unwrap().len();
-    // Half a record: a plausible header whose payload runs past the end.
+    let mut b = std::fs::read(&last).unwrap();
+    let len = common::records_end(&b);
+    // Half a record, written over the zeros after the records: a plausible header whose
+    // payload ends in zeros (the rest of it never landed).
     let mut tail = Vec::new();
     tail.extend_from_slice(&500u32.to_le_bytes());
     tail.extend_from_slice(&(events.len() as u64 + 1).to_le_bytes());
     tail.extend_from_slice(&[0xAB; 40]);
-    let mut b = std::fs::read(&last).unwrap();
-    b.extend_from_slice(&tail);
+    b.resize(b.len().max(len + 516), 0);
+    b[len..len + tail.len()].copy_from_slice(&tail);
     std::fs::write(&last, &b).unwrap();
     let (code, v) = run_repair(tmp.path(), &[]);
     assert_eq!(code, 0, "{v}");
@@ -139,7 +129,7 @@ fn a_torn_tail_is_cut_after_its_bytes_are_saved() {
         tmp.path().join("quarantine").join(format!("{}.torn-at-{len}", last.file_name().unwrap().to_str().unwrap()))
     );
     assert_eq!(std::fs::read(&saved).unwrap(), tail);
-    assert_eq!(std::fs::metadata(&last).unwrap().len(), len);
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), len as u64);
     assert_eq!(reopen_events(tmp.path()), events);
 }
 
@@ -149,7 +139,7 @@ fn a_damaged_tail_is_cut_without_force_after_its_bytes_are_saved() {
     let events = build(tmp.path());
     let last = segments(tmp.path()).pop().unwrap();
     let bytes = std::fs::read(&last).unwrap();
-    let (start, _, seq) = *record_bounds(&bytes).last().unwrap();
+    let (start, _, seq) = *common::record_bounds(&bytes).last().unwrap();
     flip(&last, start + 20);
     let opened = Ledger::open(tmp.path());
     assert!(matches!(opened, Err(Error::Damaged(_))), "{opened:?}");
@@ -179,7 +169,7 @@ fn damage_in_the_middle_is_refused_listing_the_events_a_cut_would_lose() {
     // Damage in the second record of the second segment: records after it in that segment and
     // every later segment are readable.
     let bytes = std::fs::read(&segs[1]).unwrap();
-    let (start, _, seq) = record_bounds(&bytes)[1];
+    let (start, _, seq) = common::record_bounds(&bytes)[1];
     flip(&segs[1], start + 30);
     let before = snapshot_tree(tmp.path());
 
@@ -328,7 +318,7 @@ fn a_repair_interrupted_at_any_storage_operation_loses_nothing_it_did_not_save()
     let wal = dir.join("wal");
     let files = base.files();
     let segs: Vec<PathBuf> = files.keys().filter(|p| p.parent() == Some(&wal)).cloned().collect();
-    let (start, _, seq) = record_bounds(&files[&segs[1]])[1];
+    let (start, _, seq) = common::record_bounds(&files[&segs[1]])[1];
     let mut damaged = files[&segs[1]].clone();
     damaged[start as usize + 30] ^= 0xFF;
     let keep = seq as usize - 1;

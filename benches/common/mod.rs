@@ -370,6 +370,9 @@ impl AppendFile for CountingFile {
     fn append(&self, buf: &[u8]) -> io::Result<()> {
         self.inner.append(buf)
     }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
     fn sync_data(&self) -> io::Result<()> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         if self.skip {

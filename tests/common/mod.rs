@@ -116,15 +116,21 @@ pub fn copy_ledger_dir(from: &Path, to: &Path) {
 /// then records of `len: u32 LE | seq: u64 LE | crc: u32 LE | payload`): for each record its
 /// start offset, end offset and sequence number.
 pub fn record_bounds(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
+    let end = records_end(bytes);
     let mut out = Vec::new();
     let mut off = 32usize;
-    while off < bytes.len() {
+    while off < end {
         let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
         let seq = u64::from_le_bytes(bytes[off + 4..off + 12].try_into().unwrap());
-        let end = off + 16 + len;
-        assert!(end <= bytes.len(), "a clean segment ends with a whole record");
-        out.push((off as u64, end as u64, seq));
-        off = end;
+        out.push((off as u64, (off + 16 + len) as u64, seq));
+        off += 16 + len;
     }
+    assert!(off == end || end <= 32, "a clean segment's records end where its zeros start");
     out
+}
+
+/// Where the records of a segment end: a pre-filled segment holds zeros after them (and a
+/// record never ends in a zero byte: its payload is a JSON object).
+pub fn records_end(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1).max(32.min(bytes.len()))
 }
