@@ -96,10 +96,15 @@ struct Rate {
     grants: u64,
 }
 
-/// A file appended to like a log segment, for the raw baseline.
+/// A file appended to like a log segment, for the raw baseline; or, pre-filled, written over
+/// zeros the way the ledger writes a version 2 segment (zero-filled 1 MiB ahead, positional
+/// writes): the same trick without the ledger, to show what it buys on this disk.
 struct RawLog {
     _dir: tempfile::TempDir,
     f: std::fs::File,
+    prefilled: bool,
+    len: u64,
+    filled: u64,
 }
 
 impl RawLog {
@@ -108,13 +113,37 @@ impl RawLog {
         let mut f = std::fs::OpenOptions::new().create_new(true).append(true).open(dir.path().join("raw.wal")).unwrap();
         f.write_all(&[0u8; 32]).unwrap();
         f.sync_all().unwrap();
-        RawLog { _dir: dir, f }
+        RawLog { _dir: dir, f, prefilled: false, len: 32, filled: 32 }
     }
 
-    /// Appends `record` `per_sync` times, then `sync_data`; returns the fsync's duration.
+    fn new_prefilled() -> RawLog {
+        let dir = scratch_dir("raw-");
+        let mut f = std::fs::OpenOptions::new().create_new(true).write(true).open(dir.path().join("raw.wal")).unwrap();
+        let chunk = allocation_ledger::wal::PREFILL_CHUNK_BYTES;
+        f.write_all(&vec![0u8; chunk as usize]).unwrap();
+        f.sync_all().unwrap();
+        RawLog { _dir: dir, f, prefilled: true, len: 32, filled: chunk }
+    }
+
+    fn write(&mut self, record: &[u8]) {
+        if !self.prefilled {
+            self.f.write_all(record).unwrap();
+            return;
+        }
+        use std::os::unix::fs::FileExt;
+        self.f.write_all_at(record, self.len).unwrap();
+        self.len += record.len() as u64;
+        if self.len > self.filled {
+            let chunk = allocation_ledger::wal::PREFILL_CHUNK_BYTES;
+            self.f.write_all_at(&vec![0u8; chunk as usize], self.len).unwrap();
+            self.filled = self.len + chunk;
+        }
+    }
+
+    /// Writes `record` `per_sync` times, then `sync_data`; returns the fsync's duration.
     fn append_sync(&mut self, record: &[u8], per_sync: usize) -> Duration {
         for _ in 0..per_sync {
-            self.f.write_all(record).unwrap();
+            self.write(record);
         }
         let t = Instant::now();
         self.f.sync_data().unwrap();
@@ -123,8 +152,8 @@ impl RawLog {
 }
 
 /// Appends `record` and calls `sync_data` after every `per_sync` records, for `dur`.
-fn raw_loop(record: &[u8], per_sync: usize, dur: Duration) -> Rate {
-    let mut raw = RawLog::new();
+fn raw_loop(record: &[u8], per_sync: usize, dur: Duration, prefilled: bool) -> Rate {
+    let mut raw = if prefilled { RawLog::new_prefilled() } else { RawLog::new() };
     let mut lat = Vec::new();
     let mut n = 0u64;
     let start = Instant::now();
@@ -462,6 +491,8 @@ fn main() {
         // the same disk. Rates are 1 / mean latency (what one caller gets).
         let dur = if quick { Duration::from_millis(500) } else { Duration::from_secs(12) };
         let mut raw = RawLog::new();
+        let mut raw_pre = RawLog::new_prefilled();
+        let mut pre_lat = Vec::new();
         let storage = CountingStorage::real();
         let dir = scratch_dir("ledger-");
         let ledger =
@@ -475,12 +506,17 @@ fn main() {
         while start.elapsed() < dur && k < BUDGET {
             // The order rotates, so that whatever one operation leaves behind on the disk (a
             // flush another one can skip) is not always handed to the same one.
-            for step in 0..3 {
-                match (k + step) % 3 {
+            for step in 0..4 {
+                match (k + step) % 4 {
                     0 => {
                         let t = Instant::now();
                         fsync_lat.push(raw.append_sync(&record, 1));
                         raw_lat.push(t.elapsed());
+                    }
+                    3 => {
+                        let t = Instant::now();
+                        raw_pre.append_sync(&record, 1);
+                        pre_lat.push(t.elapsed());
                     }
                     1 => {
                         let t = Instant::now();
@@ -512,7 +548,9 @@ fn main() {
             "s",
             format!("{} / {} / {}", fmt_secs(fsync_p50), fmt_secs(fsync.pct(99.0)), fmt_secs(fsync.mean())),
         );
+        let pre_s = Samples::from_durations(&pre_lat);
         let (raw, led, sql) = (1.0 / raw_s.mean(), 1.0 / led_s.mean(), 1.0 / sql_s.mean());
+        let pre = 1.0 / pre_s.mean();
         led_1 = Some(led);
         report.value(
             "raw_1",
@@ -532,6 +570,17 @@ fn main() {
             target: ">= 0.90x raw".into(),
             met: Some(led / raw >= 0.9),
         });
+        report.value(
+            "raw_prefilled_1",
+            &format!(
+                "raw loop over pre-filled zeros: write {} B + fdatasync (the ledger's way; p50 {}); ledger against it",
+                record.len(),
+                fmt_secs(pre_s.pct(50.0))
+            ),
+            pre,
+            "ops/s",
+            format!("{} ({:.2}x)", fmt_rate(pre), led / pre),
+        );
         report.value(
             "sqlite_1",
             "SQLite WAL synchronous=FULL, 1 transaction per grant",
@@ -580,11 +629,13 @@ fn main() {
     if want("concurrent") {
         report.section("Durable grants: concurrent callers, group commit (issue 6, item 2)");
         let mut raw64 = Vec::new();
+        let mut raw64_pre = Vec::new();
         let mut group64 = Vec::new();
         let (mut led8, mut led64, mut task8, mut task64) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut sql1000 = Vec::new();
         for round in 0..rounds_n {
-            raw64.push(raw_loop(&record, 64, dur_n));
+            raw64.push(raw_loop(&record, 64, dur_n, false));
+            raw64_pre.push(raw_loop(&record, 64, dur_n, true));
             group64.push(raw_group_commit_threads(64, &record, dur_n));
             led8.push(ledger_grants(8, dur_n, CountingStorage::real(), pool_config()));
             led64.push(ledger_grants(64, dur_n, CountingStorage::real(), pool_config()));
@@ -596,11 +647,13 @@ fn main() {
             }
             sql1000.push(sqlite_grants(1000, dur_n));
             eprintln!(
-                "[durable] concurrent, round {}/{rounds_n}: raw/64 {} (fsync p50 {})  group commit alone, 64 threads {}  \
-                 ledger threads 8 {} 64 {}  ledger tasks 8 {} 64 {}  sqlite/1000 {}",
+                "[durable] concurrent, round {}/{rounds_n}: raw/64 {} (fsync p50 {})  pre-filled {} ({})  group commit \
+                 alone, 64 threads {}  ledger threads 8 {} 64 {}  ledger tasks 8 {} 64 {}  sqlite/1000 {}",
                 round + 1,
                 fmt_rate(raw64[round].per_s),
                 fmt_secs(raw64[round].lat.pct(50.0)),
+                fmt_rate(raw64_pre[round].per_s),
+                fmt_secs(raw64_pre[round].lat.pct(50.0)),
                 fmt_rate(group64[round].per_s),
                 fmt_rate(led8[round].per_s),
                 fmt_rate(led64[round].per_s),
@@ -618,6 +671,14 @@ fn main() {
             raw64_rate,
             "ops/s",
             format!("{} ({})", fmt_rate(raw64_rate), fmt_secs(fsync64_p50)),
+        );
+        let pre64 = all_lat(&raw64_pre);
+        report.value(
+            "raw_prefilled_64",
+            "raw loop over pre-filled zeros: 64 writes, then one fdatasync (fsync p50)",
+            med(&raw64_pre),
+            "ops/s",
+            format!("{} ({})", fmt_rate(med(&raw64_pre)), fmt_secs(pre64.pct(50.0))),
         );
         let g64 = med(&group64);
         report.value(
@@ -699,21 +760,24 @@ fn main() {
             "bound: a caller's grant is acknowledged only after an fsync that began after it was appended. 64 callers \
              that each wait for their grant keep at most 64 grants in flight; while one fsync runs, the callers it \
              will release are waiting and the others gather for the next, so back-to-back fsyncs cover about 32 each: \
-             32 / {} (fsync p50 of the 64-record loop) = {} in this run, {} if every fsync covered all 64. 150k/s \
-             needs fsyncs of {} or less with 32 per fsync. SQLite with 1000 grants per transaction is not bound by \
-             callers.",
+             32 / {} (fsync p50 of the 64-record loop over pre-filled zeros, as the ledger writes) = {} in this run, \
+             {} if every fsync covered all 64 (appending: 32 / {} = {}). 150k/s needs fsyncs of {} or less with 32 \
+             per fsync. SQLite with 1000 grants per transaction is not bound by callers.",
+            fmt_secs(pre64.pct(50.0)),
+            fmt_rate(32.0 / pre64.pct(50.0)),
+            fmt_rate(64.0 / pre64.pct(50.0)),
             fmt_secs(fsync64_p50),
             fmt_rate(32.0 / fsync64_p50),
-            fmt_rate(64.0 / fsync64_p50),
             fmt_secs(32.0 / 150_000.0)
         ));
         report.note(format!(
-            "{rounds_n} rounds of {:.1} s per variant, interleaved; medians as above. Spread: raw/64 {}, group commit \
-             alone {}, threads 8 {}, threads 64 {}, tasks 8 {}, tasks 64 {}, SQLite/1000 {}. Fresh ledger per run \
+            "{rounds_n} rounds of {:.1} s per variant, interleaved; medians as above. Spread: raw/64 {}, pre-filled {}, \
+             group commit alone {}, threads 8 {}, threads 64 {}, tasks 8 {}, tasks 64 {}, SQLite/1000 {}. Fresh ledger per run \
              (pool of {POOL} slots, at most {BUDGET} grants), config otherwise default (snapshot_every 10000). \
              SQLite's batches come from one thread (one writer at a time).",
             dur_n.as_secs_f64(),
             spread(&raw64),
+            spread(&raw64_pre),
             spread(&group64),
             spread(&led8),
             spread(&led64),

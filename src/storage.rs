@@ -257,8 +257,9 @@ pub enum Fault {
     Fail,
     /// A write puts only the first half of its bytes in the file, then fails.
     ShortWrite,
-    /// The operation fails with "no space left on device" (a write may have put part of its
-    /// bytes in the file first, as a real disk does).
+    /// The operation fails with "no space left on device". An append may have put part of its
+    /// bytes in the file first, as a real disk does; a positional write puts down the bytes
+    /// that fall within the file (their blocks exist) and fails only if it grows the file.
     NoSpace,
 }
 
@@ -365,9 +366,15 @@ impl AppendFile for MemFile {
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let mut fs = self.fs.lock().unwrap();
+        let len_now = fs.inodes[self.inode].data.len();
         let (len, result) = match fs.check(OpKind::Write) {
             None => (buf.len(), Ok(())),
-            Some(f @ (Fault::ShortWrite | Fault::NoSpace)) => (buf.len() / 2, Err(injected(f))),
+            Some(f @ Fault::ShortWrite) => (buf.len() / 2, Err(injected(f))),
+            // A full disk still takes writes over blocks the file has; it fails the rest.
+            Some(f @ Fault::NoSpace) => match len_now.saturating_sub(offset as usize).min(buf.len()) {
+                all if all == buf.len() => (all, Ok(())),
+                fits => (fits, Err(injected(f))),
+            },
             Some(f) => return Err(injected(f)),
         };
         let data = &mut fs.inodes[self.inode].data;

@@ -359,8 +359,7 @@ impl WalWriter {
             }
         });
         if let Err(e) = written {
-            let undo = self.active.truncate(self.active_len);
-            self.prefilled_len = self.active_len;
+            let undo = self.undo_write(end.max(self.prefill_target(end)));
             let err = Error::io(format!("appending record {seq} to {}", self.active_path.display()), e);
             return Err(match undo {
                 Ok(()) => AppendError::Failed(err),
@@ -379,11 +378,32 @@ impl WalWriter {
     /// part) one chunk on, up to the segment size. The next fsync makes the zeros durable with
     /// the records, and the fsyncs after it overwrite blocks the file system already has.
     fn prefill_from(&mut self, end: u64) -> std::io::Result<()> {
-        let target = (end + PREFILL_CHUNK_BYTES).min(self.segment_size_bytes.max(end));
+        let target = self.prefill_target(end);
         if target > end {
             self.active.write_at(end, &vec![0u8; (target - end) as usize])?;
         }
         self.prefilled_len = target;
+        Ok(())
+    }
+
+    fn prefill_target(&self, end: u64) -> u64 {
+        (end + PREFILL_CHUNK_BYTES).min(self.segment_size_bytes.max(end))
+    }
+
+    /// Takes back a failed write that may have put bytes anywhere from the end of the records
+    /// up to `attempted_end`. Bytes over the pre-filled zeros are zeroed again, not cut off: the
+    /// file never shrinks under a reader that memory-mapped it (touching a page past the end of
+    /// a mapped file kills the process), and overwriting blocks the file has needs no room on a
+    /// full disk. Only what the write added past the zeros is cut.
+    fn undo_write(&mut self, attempted_end: u64) -> std::io::Result<()> {
+        let keep = self.prefilled_len.max(self.active_len);
+        if attempted_end > keep {
+            self.active.truncate(keep)?;
+        }
+        let zero_to = attempted_end.min(keep);
+        if zero_to > self.active_len {
+            self.active.write_at(self.active_len, &vec![0u8; (zero_to - self.active_len) as usize])?;
+        }
         Ok(())
     }
 

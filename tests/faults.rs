@@ -560,33 +560,29 @@ fn disk_full_while_appending_a_record_is_an_error_and_the_ledger_goes_on() {
     let clock = ManualClock::at_default_epoch();
     let ledger = open_mem(&storage, &clock);
     let a = grant(&ledger, "a", 2);
-    let before = common::all_events(&ledger);
-    let files_before = storage.files();
-    // The disk fills up: every write from now on gets ENOSPC after putting half its bytes down.
+    // The disk fills up. Writes over the zeros pre-filled after the records need no room and
+    // go on; the first write that would grow the file gets ENOSPC after putting down what fits.
     storage.set_plan(Some(FaultPlan { kind: Some(OpKind::Write), nth: 0, fault: Fault::NoSpace, sticky: true }));
-    for job in ["b", "c"] {
-        let e = ledger.request_resources(&request_of(job, 1, &[], 3600)).unwrap_err();
-        assert!(is_enospc(&e), "{e}");
-        assert!(e.to_string().contains("appending record"), "{e}");
-    }
-    let e = ledger.release_resources(&a.allocation_id.to_string()).unwrap_err();
-    assert!(is_enospc(&e), "{e}");
-    // Nothing was left behind: the half-written records were cut back off (with the zeros
-    // pre-filled after the records: the undo cuts the file where the records end).
-    let records_only = |files: std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>| {
-        files
-            .into_iter()
-            .map(|(p, mut b)| {
-                if p.extension().is_some_and(|e| e == "wal") {
-                    b.truncate(common::records_end(&b));
-                }
-                (p, b)
-            })
-            .collect::<std::collections::BTreeMap<_, _>>()
+    let mut on_full_disk = 0;
+    let (before, files_before) = loop {
+        let (events, files) = (common::all_events(&ledger), storage.files());
+        match ledger.request_resources(&request_of(&format!("fill-{on_full_disk}"), 0, &["github"], 3600)) {
+            Ok(o) => assert!(o.is_granted(), "{o:?}"),
+            Err(e) => {
+                assert!(is_enospc(&e), "{e}");
+                assert!(e.to_string().contains("appending record"), "{e}");
+                break (events, files);
+            }
+        }
+        on_full_disk += 1;
+        assert!(on_full_disk < 20, "a 4 KiB segment holds a few records, not {on_full_disk}");
     };
-    let files_after = storage.files();
-    assert_eq!(records_only(files_after.clone()), records_only(files_before.clone()));
-    assert!(files_after.iter().all(|(p, b)| b.len() <= files_before[p].len()), "no file grew");
+    assert!(on_full_disk > 0, "writes over the pre-filled zeros went on");
+    let e = ledger.request_resources(&request_of("c", 1, &[], 3600)).unwrap_err();
+    assert!(is_enospc(&e), "{e}");
+    // Nothing was left behind: what the failed writes put over the zeros was zeroed again,
+    // what they put past them was cut off.
+    assert_eq!(storage.files(), files_before);
     assert_eq!(common::all_events(&ledger), before);
     assert_eq!(ledger.status().poisoned, None);
     // Reads go on.
@@ -678,11 +674,23 @@ fn a_failed_append_whose_cut_back_fails_too_stops_writes() {
     let clock = ManualClock::at_default_epoch();
     let ledger = open_mem(&storage, &clock);
     grant(&ledger, "a", 1);
+    // Records up to where the next one (with 2 KiB of metadata) runs past the zeros
+    // pre-filled in the 4 KiB segment.
+    let wal = Path::new(MEM_DIR).join("wal");
+    let records_end = || {
+        let files = storage.files();
+        files.iter().filter(|(p, _)| p.parent() == Some(&wal)).map(|(_, b)| common::records_end(b)).next_back().unwrap()
+    };
+    while records_end() < 2500 {
+        grant(&ledger, "fill", 0);
+    }
     let acked = common::all_events(&ledger);
-    // From the append's write on, every operation fails: the write leaves half a record and
-    // the truncate that should remove it fails as well.
+    // From the append's write on, every operation fails: the write leaves the part of the
+    // record that fits in the file, and the truncate that should remove it fails as well.
     storage.set_plan(Some(FaultPlan { kind: None, nth: 0, fault: Fault::NoSpace, sticky: true }));
-    let e = ledger.request_resources(&request_of("b", 1, &[], 3600)).unwrap_err();
+    let mut meta = serde_json::Map::new();
+    meta.insert("note".into(), "n".repeat(2048).into());
+    let e = ledger.request_resources(&ResourceRequest::new("b").workers(1).metadata(meta)).unwrap_err();
     assert!(matches!(&e, Error::Poisoned(m) if m.contains("cutting the partial record back off also failed")), "{e}");
     let ops = storage.ops();
     assert!(matches!(ledger.request_resources(&request_of("c", 1, &[], 3600)), Err(Error::Poisoned(_))));
