@@ -586,6 +586,7 @@ impl Ledger {
                 let seq = w.append(&payload).map_err(|e| match e {
                     AppendError::Failed(e) | AppendError::Poison(e) => e,
                 })?;
+                w.write_pending()?;
                 w.active_file().sync_data().map_err(|e| Error::io("fsync of the new ledger", e))?;
                 state.evolve(seq, ts, &body);
                 report.created = true;
@@ -715,11 +716,6 @@ impl Ledger {
                 if every > 0 && core.since_snapshot >= every {
                     self.shared.snapshot_due.store(true, Ordering::Relaxed);
                 }
-                if seq == wal.active_first_seq() {
-                    // The first record of a new segment (the rotation fsynced the one before).
-                    *lock(&self.shared.active_file) = Some(wal.active_file());
-                }
-                self.shared.appended_seq.store(seq, Ordering::Release);
                 Ok(seq)
             }
             Err(AppendError::Failed(e)) => Err(e),
@@ -731,6 +727,36 @@ impl Ledger {
                 // retries the fsync and acknowledges them.
                 lock(&self.shared.sync).failed.get_or_insert_with(|| why.clone());
                 Err(Error::Poisoned(why))
+            }
+        }
+    }
+
+    /// Writes the records the commands just run appended (one write for the batch) and only
+    /// then publishes them to the flush (`appended_seq`, and the segment file if a rotation
+    /// started a new one). Called before the core lock is let go, so no one sees an event whose
+    /// record is not in the file. A failed write stops the ledger: the events are folded.
+    fn write_appended(&self, core: &mut Core) {
+        if core.poisoned.is_some() {
+            // Records of commands run before the failure are never written now; their
+            // callers see the latched reason.
+            return;
+        }
+        let Some(wal) = core.wal.as_mut() else { return };
+        match wal.write_pending() {
+            Ok(()) => {
+                let last = wal.next_seq() - 1;
+                if wal.take_rotated() {
+                    // The rotation fsynced the segment before; the flush now syncs this one.
+                    *lock(&self.shared.active_file) = Some(wal.active_file());
+                }
+                if last > self.shared.appended_seq.load(Ordering::Relaxed) {
+                    self.shared.appended_seq.store(last, Ordering::Release);
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                core.poisoned = Some(why.clone());
+                lock(&self.shared.sync).failed.get_or_insert(why);
             }
         }
     }
@@ -879,6 +905,7 @@ impl Ledger {
                     wake |= !command(self, &mut core);
                     ran += 1;
                 }
+                self.write_appended(&mut core);
             }
             s = lock(&sh.sync);
             if s.queue.is_empty() {

@@ -243,8 +243,16 @@ pub struct WalWriter {
     dir: PathBuf,
     active: Arc<dyn AppendFile>,
     active_path: PathBuf,
-    /// Where the records of the active segment end: the next record is written here.
+    /// Where the records of the active segment end (written or pending): the next record goes
+    /// here.
     active_len: u64,
+    /// Where the bytes handed to the file end; records after it are in `pending`.
+    written_len: u64,
+    /// Records framed but not yet written (pre-filled segments only): written together by
+    /// [`WalWriter::write_pending`], one write for a whole batch of commands.
+    pending: Vec<u8>,
+    /// A rotation started a new segment since [`WalWriter::take_rotated`] was last called.
+    rotated: bool,
     /// The active segment is pre-filled (format version 2): zeros were written up to
     /// `prefilled_len`. False for a version 1 segment continued from an older build.
     prefill: bool,
@@ -270,6 +278,9 @@ impl WalWriter {
             active,
             active_path: path,
             active_len: segment::HEADER_LEN as u64,
+            written_len: segment::HEADER_LEN as u64,
+            pending: Vec::new(),
+            rotated: false,
             prefill: true,
             prefilled_len,
             active_first_seq: 1,
@@ -306,6 +317,9 @@ impl WalWriter {
             active,
             active_path: last.path.clone(),
             active_len: len,
+            written_len: len,
+            pending: Vec::new(),
+            rotated: false,
             prefill: header.prefilled(),
             prefilled_len: file_len,
             active_first_seq: last.first_seq,
@@ -338,35 +352,49 @@ impl WalWriter {
         self.segment_size_bytes = bytes;
     }
 
-    /// Appends one record (not yet durable) and returns its sequence number. On error the
-    /// segment is cut back to where it was; `Err(Poison)` means that failed too, or the error
-    /// happened where the log cannot continue, and the caller must stop writing.
+    /// Appends one record (not yet written in a pre-filled segment: see
+    /// [`WalWriter::write_pending`]; never yet durable) and returns its sequence number.
+    /// `Err(Failed)`: nothing was appended and the log can go on (the room for the record could
+    /// not be pre-filled, or a version 1 segment's write failed and was cut back off).
+    /// `Err(Poison)`: the log cannot continue (a rotation failed, or cutting back failed); the
+    /// caller must stop writing.
     pub fn append(&mut self, payload: &[u8]) -> std::result::Result<u64, AppendError> {
         if self.active_len >= self.segment_size_bytes {
+            self.write_pending().map_err(AppendError::Poison)?;
             self.rotate().map_err(AppendError::Poison)?;
         }
         let seq = self.next_seq;
-        self.frame.clear();
-        crate::record::encode(seq, payload, &mut self.frame);
         // The scan of a pre-filled segment tells a torn write by its zeros (see `segment`).
         debug_assert!(payload.last() != Some(&0), "a payload must not end in a zero byte");
-        let end = self.active_len + self.frame.len() as u64;
-        let written = self.active.write_at(self.active_len, &self.frame).and_then(|()| {
-            if self.prefill && end > self.prefilled_len {
-                self.prefill_from(end)
-            } else {
-                Ok(())
+        let end = self.active_len + (crate::record::HEADER_LEN + payload.len()) as u64;
+        let path = self.active_path.display().to_string();
+        let failed = |e, what: &str| Error::io(format!("{what} record {seq} in {path}"), e);
+        if self.prefill {
+            // Room first: zeros up to past the record, before anything is folded. A full disk
+            // fails here, for this record only; the batch write after it then only overwrites
+            // blocks the file already has.
+            if end > self.prefilled_len {
+                let target = self.prefill_target(end);
+                // Zeros that landed before a failure are free space: nothing to take back.
+                write_zeros(&*self.active, self.prefilled_len, target)
+                    .map_err(|e| AppendError::Failed(failed(e, "making room for")))?;
+                self.prefilled_len = target;
             }
-        });
-        if let Err(e) = written {
-            let undo = self.undo_write(end.max(self.prefill_target(end)));
-            let err = Error::io(format!("appending record {seq} to {}", self.active_path.display()), e);
-            return Err(match undo {
-                Ok(()) => AppendError::Failed(err),
-                Err(u) => {
-                    AppendError::Poison(Error::io(format!("{err}; cutting the partial record back off also failed"), u))
-                }
-            });
+            crate::record::encode(seq, payload, &mut self.pending);
+        } else {
+            self.frame.clear();
+            crate::record::encode(seq, payload, &mut self.frame);
+            if let Err(e) = self.active.write_at(self.active_len, &self.frame) {
+                let err = failed(e, "appending");
+                return Err(match self.undo_write(end) {
+                    Ok(()) => AppendError::Failed(err),
+                    Err(u) => AppendError::Poison(Error::io(
+                        format!("{err}; cutting the partial record back off also failed"),
+                        u,
+                    )),
+                });
+            }
+            self.written_len = end;
         }
         self.last_record = Some(LogPosition { segment_first_seq: self.active_first_seq, offset: self.active_len, seq });
         self.active_len = end;
@@ -374,14 +402,35 @@ impl WalWriter {
         Ok(seq)
     }
 
-    /// Zero-fills the active segment from `end` (where the records now end, past the filled
-    /// part) one chunk on, up to the segment size. The next fsync makes the zeros durable with
-    /// the records, and the fsyncs after it overwrite blocks the file system already has.
-    fn prefill_from(&mut self, end: u64) -> std::io::Result<()> {
-        let target = self.prefill_target(end);
-        write_zeros(&*self.active, end, target)?;
-        self.prefilled_len = target;
+    /// Writes the pending records with one write. On failure they are in an unknown state on
+    /// disk while their events are already folded: the caller must stop writing (as after a
+    /// failed fsync). They overwrite pre-filled zeros, so a full disk does not fail this.
+    pub fn write_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        debug_assert_eq!(self.written_len + self.pending.len() as u64, self.active_len);
+        debug_assert!(self.active_len <= self.prefilled_len);
+        if let Err(e) = self.active.write_at(self.written_len, &self.pending) {
+            return Err(Error::io(
+                format!(
+                    "writing records up to {} at offset {} of {}",
+                    self.next_seq - 1,
+                    self.written_len,
+                    self.active_path.display()
+                ),
+                e,
+            ));
+        }
+        self.written_len = self.active_len;
+        self.pending.clear();
         Ok(())
+    }
+
+    /// Whether a rotation started a new segment since the last call (its file is then the one
+    /// to fsync).
+    pub fn take_rotated(&mut self) -> bool {
+        std::mem::take(&mut self.rotated)
     }
 
     fn prefill_target(&self, end: u64) -> u64 {
@@ -408,9 +457,12 @@ impl WalWriter {
             .map_err(|e| Error::io(format!("fsync of {} before rotation", self.active_path.display()), e))?;
         let (file, path, prefilled_len) =
             new_segment(&*self.storage, &self.dir, self.next_seq, self.segment_size_bytes)?;
+        debug_assert!(self.pending.is_empty(), "records are written before the segment is sealed");
         self.active = file;
         self.active_path = path;
         self.active_len = segment::HEADER_LEN as u64;
+        self.written_len = segment::HEADER_LEN as u64;
+        self.rotated = true;
         self.prefill = true;
         self.prefilled_len = prefilled_len;
         self.active_first_seq = self.next_seq;

@@ -570,7 +570,7 @@ fn disk_full_while_appending_a_record_is_an_error_and_the_ledger_goes_on() {
             Ok(o) => assert!(o.is_granted(), "{o:?}"),
             Err(e) => {
                 assert!(is_enospc(&e), "{e}");
-                assert!(e.to_string().contains("appending record"), "{e}");
+                assert!(e.to_string().contains("making room for record"), "{e}");
                 break (events, files);
             }
         }
@@ -670,27 +670,27 @@ fn disk_full_while_rotating_a_segment_is_an_error_and_reopen_is_clean() {
 
 #[test]
 fn a_failed_append_whose_cut_back_fails_too_stops_writes() {
+    // A version 1 segment (left by an older build) is appended to one record at a time, and a
+    // failed append is cut back off; here the cut fails too.
     let storage = FaultyStorage::new();
-    let clock = ManualClock::at_default_epoch();
-    let ledger = open_mem(&storage, &clock);
-    grant(&ledger, "a", 1);
-    // Records up to where the next one (with 2 KiB of metadata) runs past the zeros
-    // pre-filled in the 4 KiB segment.
-    let wal = Path::new(MEM_DIR).join("wal");
-    let records_end = || {
-        let files = storage.files();
-        files.iter().filter(|(p, _)| p.parent() == Some(&wal)).map(|(_, b)| common::records_end(b)).next_back().unwrap()
-    };
-    while records_end() < 2500 {
-        grant(&ledger, "fill", 0);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-snap3");
+    for sub in ["wal", "snapshots"] {
+        for entry in std::fs::read_dir(fixture.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            let to = Path::new(MEM_DIR).join(sub).join(path.file_name().unwrap());
+            storage.put_file(&to, std::fs::read(&path).unwrap());
+        }
     }
+    let clock = ManualClock::at_default_epoch();
+    clock.advance_seconds(7200);
+    let opts =
+        || allocation_ledger::OpenOptions::default().storage(Arc::new(storage.clone())).clock(Arc::new(clock.clone()));
+    let ledger = Ledger::open_with(MEM_DIR, opts()).unwrap();
     let acked = common::all_events(&ledger);
-    // From the append's write on, every operation fails: the write leaves the part of the
-    // record that fits in the file, and the truncate that should remove it fails as well.
-    storage.set_plan(Some(FaultPlan { kind: None, nth: 0, fault: Fault::NoSpace, sticky: true }));
-    let mut meta = serde_json::Map::new();
-    meta.insert("note".into(), "n".repeat(2048).into());
-    let e = ledger.request_resources(&ResourceRequest::new("b").workers(1).metadata(meta)).unwrap_err();
+    // From the append's write on, every operation fails: the write leaves half the record and
+    // the truncate that should remove it fails as well.
+    storage.set_plan(Some(FaultPlan { kind: None, nth: 0, fault: Fault::ShortWrite, sticky: true }));
+    let e = ledger.request_resources(&request_of("b", 1, &[], 3600)).unwrap_err();
     assert!(matches!(&e, Error::Poisoned(m) if m.contains("cutting the partial record back off also failed")), "{e}");
     let ops = storage.ops();
     assert!(matches!(ledger.request_resources(&request_of("c", 1, &[], 3600)), Err(Error::Poisoned(_))));
@@ -698,10 +698,38 @@ fn a_failed_append_whose_cut_back_fails_too_stops_writes() {
     drop(ledger);
     storage.set_plan(None);
     // The half record is a torn tail: reopening saves it aside and cuts it.
+    let ledger = Ledger::open_with(MEM_DIR, opts()).unwrap();
+    let torn = ledger.recovery_report().torn_tail.clone().expect("a torn tail");
+    assert!(torn.saved_to.is_some());
+    assert_eq!(common::all_events(&ledger), acked);
+}
+
+/// In a pre-filled segment the records a batch of commands appended are written with one
+/// write, after their events are folded. If that write fails, the ledger stops writing, like
+/// after a failed fsync: the callers get `Poisoned`, nothing more touches the disk, and a
+/// reopen recovers what the log holds.
+#[test]
+fn a_failed_batch_write_stops_writes() {
+    let storage = FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let ledger = open_mem(&storage, &clock);
+    grant(&ledger, "a", 1);
+    let acked = common::all_events(&ledger);
+    storage.set_plan(Some(FaultPlan { kind: Some(OpKind::Write), nth: 0, fault: Fault::ShortWrite, sticky: false }));
+    let e = ledger.request_resources(&request_of("b", 1, &[], 3600)).unwrap_err();
+    assert!(matches!(&e, Error::Poisoned(m) if m.contains("writing records up to")), "{e}");
+    assert_eq!(storage.faults_fired(), 1);
+    let ops = storage.ops();
+    assert!(matches!(ledger.request_resources(&request_of("c", 1, &[], 3600)), Err(Error::Poisoned(_))));
+    assert!(matches!(ledger.get_capacity(), Err(Error::Poisoned(_))));
+    assert_eq!(storage.ops(), ops, "a stopped ledger touches nothing");
+    drop(ledger);
+    // Half the record landed: reopening cuts it as a torn tail.
     let ledger = open_mem(&storage, &clock);
     let torn = ledger.recovery_report().torn_tail.clone().expect("a torn tail");
     assert!(torn.saved_to.is_some());
     assert_eq!(common::all_events(&ledger), acked);
+    grant(&ledger, "after", 1);
 }
 
 /// Group commit under fsync failures: several threads append concurrently; the Nth fsync
