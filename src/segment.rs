@@ -241,6 +241,15 @@ pub fn scan_from(
                         "record length field is damaged (the written bytes are exactly one valid record)".into(),
                     ));
                 }
+                // A record with a sector that never landed was never covered by an fsync, so
+                // nothing after it was acknowledged either: whole records after it are the rest
+                // of the same interrupted write (a disk may land its sectors in any order), not
+                // history. (A disk that zeroed a whole sector of an acknowledged record would
+                // lose the records after it to the cut, copied to quarantine; etcd makes the
+                // same call.)
+                if sector_missing(rest, offset as u64, written) {
+                    break Tail::Torn { offset: offset as u64, len: written as u64 };
+                }
                 if record::valid_record_follows(&rest[..written]) {
                     break Tail::Corrupt(damage(
                         offset as u64,
@@ -248,7 +257,7 @@ pub fn scan_from(
                         format!("{reason}, but valid records follow"),
                     ));
                 }
-                if incomplete || torn_in_place(rest, offset as u64) {
+                if incomplete || cut_short(rest) {
                     break Tail::Torn { offset: offset as u64, len: written as u64 };
                 }
                 break Tail::Corrupt(damage(offset as u64, next_seq, reason));
@@ -282,35 +291,41 @@ pub fn scan_from(
     Scan { first_seq, version, valid_len: offset as u64, next_seq, tail, stopped }
 }
 
-/// Whether the invalid frame at the start of `rest` (at `offset` in a pre-filled segment, whole
-/// in the file) is a write that did not fully land rather than damage to a written record. A
-/// disk writes a sector whole or not at all, and an unwritten sector still reads as the zeros
-/// the writer put there; a payload (a JSON event) holds no zero bytes. So the frame is torn if
-/// its payload ends in a zero byte (cut short) or one sector's share of the payload is all
-/// zeros; a frame whose length is impossible, if its whole header is zeros. A bit flip leaves
-/// none of these (after etcd's `isTornEntry`).
-fn torn_in_place(rest: &[u8], offset: u64) -> bool {
-    let header = &rest[..record::HEADER_LEN.min(rest.len())];
-    let len = u32::from_le_bytes(header[0..4].try_into().unwrap()) as usize;
-    if len == 0 || len > record::MAX_PAYLOAD_LEN || rest.len() < record::HEADER_LEN + len {
-        return header.iter().all(|&b| b == 0);
+/// Whether the invalid frame at the start of `rest` (at `offset` in a pre-filled segment) has
+/// a sector that never landed. A disk writes a 512-byte sector whole or not at all, and a
+/// sector that did not land still reads as the zeros the writer put there; records never hold
+/// 512 zero bytes in a row (a payload, a JSON event, holds none). So: a whole sector of the
+/// frame, among the bytes written (`..written`), that is all zeros; or, where the frame starts
+/// inside a sector, that sector's share of it if it covers at least the record header. A bit
+/// flip leaves none of these (after etcd's `isTornEntry`).
+fn sector_missing(rest: &[u8], offset: u64, written: usize) -> bool {
+    if rest.len() < record::HEADER_LEN {
+        return false;
     }
-    let payload = &rest[record::HEADER_LEN..record::HEADER_LEN + len];
-    if payload.last() == Some(&0) {
-        return true;
-    }
-    let mut at = offset + record::HEADER_LEN as u64;
-    let mut piece = payload;
-    while !piece.is_empty() {
-        let to_boundary = (SECTOR_BYTES - at % SECTOR_BYTES) as usize;
-        let (this, next) = piece.split_at(to_boundary.min(piece.len()));
-        if this.iter().all(|&b| b == 0) {
+    let len = u32::from_le_bytes(rest[0..4].try_into().unwrap()) as usize;
+    let frame_len = if (1..=record::MAX_PAYLOAD_LEN).contains(&len) { record::HEADER_LEN + len } else { 0 };
+    let end = frame_len.max(record::HEADER_LEN).min(written);
+    let mut at = 0usize;
+    while at < end {
+        let sector_end = at + (SECTOR_BYTES - (offset + at as u64) % SECTOR_BYTES) as usize;
+        let piece = &rest[at..sector_end.min(written)];
+        let whole_sector = (offset + at as u64).is_multiple_of(SECTOR_BYTES);
+        if (whole_sector || piece.len() >= record::HEADER_LEN) && piece.iter().all(|&b| b == 0) {
             return true;
         }
-        at += this.len() as u64;
-        piece = next;
+        at = sector_end;
     }
     false
+}
+
+/// Whether the invalid frame at the start of `rest` (whole in the file) was cut short: its
+/// payload ends in a zero byte, which a JSON event never does. What a write that landed only
+/// up to some byte leaves (only once no whole record follows it).
+fn cut_short(rest: &[u8]) -> bool {
+    let len = u32::from_le_bytes(rest[0..4].try_into().unwrap()) as usize;
+    (1..=record::MAX_PAYLOAD_LEN).contains(&len)
+        && rest.len() >= record::HEADER_LEN + len
+        && rest[record::HEADER_LEN + len - 1] == 0
 }
 
 #[cfg(test)]
@@ -412,6 +427,38 @@ mod tests {
                     matches!(tail, Tail::Torn { offset, .. } if offset as usize == start),
                     "mask {mask:b}: {tail:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_write_torn_by_sectors_out_of_order_is_torn() {
+        // One write of several records (a combined batch) over the zeros; power loss lands any
+        // set of its sectors. Whatever landed, the records before the first one that did not
+        // are read and the rest is a torn tail, even where whole records landed after it.
+        let (full, ends) = prefilled(6, 8192);
+        let (start, end) = (ends[2], ends[6]);
+        let sectors: Vec<usize> = (0..8192).step_by(512).filter(|&s| s + 512 > start && s < end).collect();
+        assert!(sectors.len() >= 4, "the batch spans sectors");
+        for mask in 0..(1u32 << sectors.len()) {
+            let mut b = full.clone();
+            for (i, &sector) in sectors.iter().enumerate() {
+                if mask & (1 << i) == 0 {
+                    for x in &mut b[sector.max(start)..(sector + 512).min(end)] {
+                        *x = 0;
+                    }
+                }
+            }
+            // The records wholly inside landed sectors, up to the first one that is not.
+            let landed =
+                |at: usize| sectors.iter().position(|&s| s <= at && at < s + 512).is_none_or(|i| mask & (1 << i) != 0);
+            let whole = (2..6).take_while(|&r| (ends[r]..ends[r + 1]).all(landed)).count() as u64;
+            let (n, tail) = count(&b);
+            assert_eq!(n, 2 + whole, "mask {mask:b}");
+            match tail {
+                Tail::Clean => assert!(b[ends[n as usize]..].iter().all(|&x| x == 0), "mask {mask:b}"),
+                Tail::Torn { offset, .. } => assert_eq!(offset as usize, ends[n as usize], "mask {mask:b}"),
+                Tail::Corrupt(d) => panic!("mask {mask:b}: {d}"),
             }
         }
     }
