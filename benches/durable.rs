@@ -836,20 +836,30 @@ fn main() {
             );
         }
         #[cfg(feature = "server")]
-        {
-            let r = ledger_grants_async(64, cpu_dur, CountingStorage::no_sync(), no_snapshots.clone());
+        for (snapshots, config) in [(true, pool_config()), (false, no_snapshots.clone())] {
+            // Three runs, the median: one run of a second swings by a third on this machine.
+            let mut runs: Vec<Rate> =
+                (0..3).map(|_| ledger_grants_async(64, cpu_dur, CountingStorage::no_sync(), config.clone())).collect();
+            runs.sort_by(|a, b| a.per_s.total_cmp(&b.per_s));
+            let r = &runs[1];
+            let every = if snapshots { 10_000 } else { 0 };
             report.value(
-                "cpu_tasks_64_nosnap",
-                "ledger, 64 async tasks on 2 runtime threads, no fdatasync, snapshot_every 0: grants/s (µs per grant)",
+                &format!("cpu_tasks_64{}", if snapshots { "" } else { "_nosnap" }),
+                &format!(
+                    "ledger, 64 async tasks on 2 runtime threads, no fdatasync, snapshot_every {every}: grants/s (µs \
+                     per grant), median of 3"
+                ),
                 r.per_s,
                 "grants/s",
-                format!("{} ({:.1} µs)", fmt_rate(r.per_s), 1e6 / r.per_s),
+                format!("{} ({:.1} µs); runs {}", fmt_rate(r.per_s), 1e6 / r.per_s, spread(&runs)),
             );
         }
         report.note(
-            "each grant runs decide, JSON encode, one write(2) and evolve under the state lock (one caller runs the \
-             queued commands of all, see docs/design.md), so this rate is the most any number of callers can reach \
-             even with a free fsync.",
+            "each grant runs decide, JSON encode and evolve under the state lock (one caller runs the queued \
+             commands of all, see docs/design.md; their records go out in one write(2) per batch), so this rate is \
+             the most any number of callers can reach even with a free fsync. The 64-caller rows with fsyncs run \
+             with snapshot_every 10000 over a state that grows to 60000 active allocations: each snapshot encodes \
+             and writes all of them (up to 12 MB) on the same two cores.",
         );
     }
     report.finish();
