@@ -632,6 +632,8 @@ fn main() {
         let mut raw64_pre = Vec::new();
         let mut group64 = Vec::new();
         let (mut led8, mut led64, mut task8, mut task64) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        #[allow(unused_mut)] // filled only with the server feature
+        let mut task64_nosnap: Vec<Rate> = Vec::new();
         let mut sql1000 = Vec::new();
         for round in 0..rounds_n {
             raw64.push(raw_loop(&record, 64, dur_n, false));
@@ -644,6 +646,12 @@ fn main() {
             }
             if let Some(r) = async_grants(64, dur_n) {
                 task64.push(r);
+            }
+            #[cfg(feature = "server")]
+            {
+                // The same without periodic snapshots: what the snapshots of this growing state cost.
+                let config = Config { snapshot_every: 0, ..pool_config() };
+                task64_nosnap.push(ledger_grants_async(64, dur_n, CountingStorage::real(), config));
             }
             sql1000.push(sqlite_grants(1000, dur_n));
             eprintln!(
@@ -727,6 +735,22 @@ fn main() {
                     1.0 / spo.max(1e-9),
                     fmt_secs(1.0 / (rate * spo).max(1e-9)),
                     runs.iter().map(|r| r.snapshots).sum::<u64>()
+                ),
+            );
+        }
+        if !task64_nosnap.is_empty() {
+            let rate = med(&task64_nosnap);
+            report.value(
+                "ledger_tasks_64_nosnap",
+                "ledger, 64 async tasks, snapshot_every 0 (no periodic snapshots): durable grants (spread; grants per \
+                 fsync)",
+                rate,
+                "grants/s",
+                format!(
+                    "{} ({}; {:.1})",
+                    fmt_rate(rate),
+                    spread(&task64_nosnap),
+                    1.0 / mean_syncs_per_op(&task64_nosnap).max(1e-9)
                 ),
             );
         }

@@ -62,7 +62,8 @@ pub struct Config {
     pub min_ttl_seconds: u64,
     pub max_ttl_seconds: u64,
     pub default_ttl_seconds: u64,
-    /// Take a snapshot after this many events (0 turns periodic snapshots off).
+    /// Take a snapshot after this many events (0 turns periodic snapshots off). A state whose
+    /// snapshot exceeds 1 MiB also waits until the log has grown by that snapshot's size.
     pub snapshot_every: u64,
     pub max_metadata_bytes: usize,
     /// A segment file is closed and a new one started once it reaches this size.

@@ -121,9 +121,32 @@ struct Core {
     wal: Option<WalWriter>,
     poisoned: Option<String>,
     since_snapshot: u64,
+    /// Log bytes (record frames) appended since the last snapshot, and that snapshot's size:
+    /// a large state's snapshot waits until the log has grown by as much (`snapshot_is_due`).
+    log_bytes_since_snapshot: u64,
+    last_snapshot_bytes: u64,
     last_snapshot_error: Option<String>,
     /// Derived capacity index (see `history`); built on first use, kept current by `append`.
     capacity_index: Option<crate::history::CapacityIndex>,
+}
+
+/// Snapshots larger than this are spaced by the log they save replaying (see
+/// `Core::snapshot_is_due`); below it a snapshot costs about a millisecond.
+const SNAPSHOT_SPACED_ABOVE_BYTES: u64 = 1 << 20;
+
+impl Core {
+    /// A periodic snapshot is due every `snapshot_every` events; for a state whose snapshot is
+    /// larger than 1 MiB, also only once the log has grown by that snapshot's size since it. So
+    /// snapshots never write more than the log does (a 60000-allocation state is 12 MB, which
+    /// 10000 grants' records are not), and an open replays at most one snapshot's worth of log
+    /// beyond `snapshot_every` events. Redis rewrites its append-only file on the same rule.
+    fn snapshot_is_due(&self) -> bool {
+        let every = self.state.config.snapshot_every;
+        every > 0
+            && self.since_snapshot >= every
+            && (self.last_snapshot_bytes <= SNAPSHOT_SPACED_ABOVE_BYTES
+                || self.log_bytes_since_snapshot >= self.last_snapshot_bytes)
+    }
 }
 
 /// A queued write: runs under the core lock, records its result in its `Call`, and returns
@@ -609,6 +632,22 @@ impl Ledger {
         report.last_seq = state.last_seq;
         let durable = state.last_seq;
         let since_snapshot = state.last_seq - snapshot_seq;
+        // What the rule for large snapshots needs: the log after the snapshot (less the zeros
+        // pre-filled after the last record).
+        let last_snapshot_bytes = match &loaded_from {
+            Some(path) => storage.file_len(path).unwrap_or(0),
+            None => 0,
+        };
+        let log_bytes_since_snapshot = if last_snapshot_bytes > SNAPSHOT_SPACED_ABOVE_BYTES {
+            let zeros = end
+                .segments
+                .last()
+                .and_then(|last| storage.file_len(&last.path).ok())
+                .map_or(0, |len| len.saturating_sub(end.last_valid_len));
+            wal::bytes_after(&*storage, &wal_dir, snapshot_seq, hint).map_or(u64::MAX, |b| b.saturating_sub(zeros))
+        } else {
+            0
+        };
         let active_file = wal.as_ref().map(|w: &WalWriter| w.active_file());
         let shared = Arc::new(Shared {
             dir,
@@ -620,6 +659,8 @@ impl Ledger {
                 wal,
                 poisoned: None,
                 since_snapshot,
+                log_bytes_since_snapshot,
+                last_snapshot_bytes,
                 last_snapshot_error: None,
                 capacity_index: None,
             }),
@@ -712,8 +753,8 @@ impl Ledger {
                 }
                 core.state.evolve_owned(seq, ts, ev.body);
                 core.since_snapshot += 1;
-                let every = core.state.config.snapshot_every;
-                if every > 0 && core.since_snapshot >= every {
+                core.log_bytes_since_snapshot += (crate::record::HEADER_LEN + payload.len()) as u64;
+                if core.snapshot_is_due() {
                     self.shared.snapshot_due.store(true, Ordering::Relaxed);
                 }
                 Ok(seq)
@@ -1240,10 +1281,7 @@ impl Ledger {
     // ----- snapshots -----
 
     fn maybe_snapshot(&self) {
-        let due = |core: &Core| {
-            let every = core.state.config.snapshot_every;
-            every > 0 && core.since_snapshot >= every
-        };
+        let due = |core: &Core| core.snapshot_is_due();
         if !self.shared.snapshot_due.load(Ordering::Relaxed) {
             return;
         }
@@ -1277,6 +1315,7 @@ impl Ledger {
         let (data, mut shared, position) = {
             let mut core = self.writable_core()?;
             core.since_snapshot = 0;
+            core.log_bytes_since_snapshot = 0;
             self.shared.snapshot_due.store(false, Ordering::Relaxed);
             let (data, shared) = core.state.snapshot_parts();
             let position = core.wal.as_ref().and_then(|w| w.last_record()).filter(|p| p.seq == data.last_seq);
@@ -1285,6 +1324,7 @@ impl Ledger {
         crate::state::sort_for_snapshot(&mut shared);
         let bytes = snapshot::encode_parts(&data, &shared, position);
         drop(shared);
+        lock(&self.shared.core).last_snapshot_bytes = bytes.len() as u64;
         // A snapshot must never be ahead of the durable log.
         self.wait_durable(data.last_seq)?;
         let dir = self.shared.dir.join(SNAPSHOT_DIR);

@@ -187,3 +187,63 @@ fn a_snapshot_encodes_the_state_it_was_taken_at_while_the_ledger_moves_on() {
     after.check_invariants().unwrap();
     assert_eq!(after, common::fold(&all_events(&ledger)));
 }
+
+/// Periodic snapshots of a state larger than 1 MiB are spaced by the log they save replaying:
+/// after `snapshot_every` events *and* once the log has grown by the last snapshot's size, so
+/// snapshots never write more than the log. A small state keeps the plain count.
+#[test]
+fn snapshots_of_a_large_state_are_spaced_by_the_log_they_save() {
+    let storage = allocation_ledger::storage::FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let config = Config { snapshot_every: 200, segment_size_bytes: 256 << 10, ..Config::default() };
+    let ledger = Ledger::open_with(MEM_DIR, mem_options(&storage, &clock, config)).unwrap();
+    let snapshots = || -> Vec<(u64, usize)> {
+        let files = storage.files();
+        files
+            .iter()
+            .filter(|(p, _)| p.extension().is_some_and(|e| e == "snap"))
+            .map(|(p, b)| (p.file_stem().unwrap().to_str().unwrap().parse().unwrap(), b.len()))
+            .collect()
+    };
+    let mut meta = serde_json::Map::new();
+    meta.insert("note".into(), "n".repeat(600).into());
+    for i in 0..4000 {
+        let req = ResourceRequest::new(format!("big-{i}")).mcp_server("github").metadata(meta.clone());
+        assert!(ledger.request_resources(&req).unwrap().is_granted());
+        ledger.snapshot_if_due();
+    }
+    // Records of this test are grants of about 1 KB (900 to 1100 bytes). A snapshot of up to
+    // 1 MiB is followed by the next after 200 events; a larger one, only once the log has grown
+    // by its size.
+    let kept = snapshots();
+    assert_eq!(kept.len(), 4, "{kept:?}");
+    let mut spaced = 0;
+    for w in kept.windows(2) {
+        let ((seq_a, size_a), (seq_b, _)) = (w[0], w[1]);
+        if size_a <= 1 << 20 {
+            assert_eq!(seq_b - seq_a, 200, "{kept:?}");
+        } else {
+            let events = seq_b - seq_a;
+            assert!(events * 1100 >= size_a as u64, "{kept:?}: only {events} events after {size_a} bytes");
+            assert!(events * 900 <= size_a as u64 + 1100, "{kept:?}: waited {events} events, too long");
+            spaced += 1;
+        }
+    }
+    assert!(spaced >= 1, "a snapshot above 1 MiB was followed by another: {kept:?}");
+    // Reopened, the rule goes on from what the log and the snapshot say.
+    drop(ledger);
+    let ledger = Ledger::open_with(MEM_DIR, mem_options(&storage, &clock, Config::default())).unwrap();
+    let before = snapshots();
+    for i in 0..200 {
+        let req = ResourceRequest::new(format!("more-{i}")).mcp_server("github").metadata(meta.clone());
+        assert!(ledger.request_resources(&req).unwrap().is_granted());
+        ledger.snapshot_if_due();
+    }
+    let (newest, size) = *before.last().unwrap();
+    let events_after = ledger.status().last_seq - newest;
+    if events_after * 1100 < size as u64 {
+        assert_eq!(snapshots(), before, "{events_after} events are not yet a snapshot's worth of log");
+    } else if events_after * 900 > size as u64 {
+        assert_ne!(snapshots(), before, "{events_after} events are a snapshot's worth of log");
+    }
+}
