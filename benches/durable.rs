@@ -851,7 +851,7 @@ fn main() {
                 r.per_s,
                 "grants/s",
                 format!(
-                    "{} ({:.1} µs); {} (expected {})",
+                    "{} ({:.1} µs); {} (by the count alone: {}; a snapshot over 1 MiB also waits for as much log)",
                     fmt_rate(r.per_s),
                     1e6 / r.per_s,
                     r.snapshots,
