@@ -283,7 +283,8 @@ struct Shared {
     /// `Core::since_snapshot` reached `snapshot_every`: read after every write without the core
     /// lock, which a combiner may be holding for a whole batch.
     snapshot_due: std::sync::atomic::AtomicBool,
-    snapshot_lock: Mutex<()>,
+    /// One snapshot at a time; holds what the next one can reuse of the last one's encoding.
+    snapshot_lock: Mutex<snapshot::EncodingCache>,
     /// One capacity-index build at a time.
     index_build_lock: Mutex<()>,
     recovery: RecoveryReport,
@@ -670,7 +671,7 @@ impl Ledger {
             appended_seq: AtomicU64::new(durable),
             active_file: Mutex::new(active_file),
             snapshot_due: std::sync::atomic::AtomicBool::new(false),
-            snapshot_lock: Mutex::new(()),
+            snapshot_lock: Mutex::new(snapshot::EncodingCache::default()),
             index_build_lock: Mutex::new(()),
             recovery: report,
             _lock: lock_guard,
@@ -1309,7 +1310,7 @@ impl Ledger {
         self.snapshot_holding(lock(&self.shared.snapshot_lock))
     }
 
-    fn snapshot_holding(&self, _one_at_a_time: MutexGuard<'_, ()>) -> Result<SnapshotInfo> {
+    fn snapshot_holding(&self, mut cache: MutexGuard<'_, snapshot::EncodingCache>) -> Result<SnapshotInfo> {
         // Under the lock only the references are copied; sorting and encoding happen outside
         // it while writers go on (an allocation they end is copied then, not shared).
         let (data, mut shared, position) = {
@@ -1322,7 +1323,7 @@ impl Ledger {
             (data, shared, position)
         };
         crate::state::sort_for_snapshot(&mut shared);
-        let bytes = snapshot::encode_parts(&data, &shared, position);
+        let bytes = snapshot::encode_parts_cached(&data, &shared, position, &mut cache);
         drop(shared);
         lock(&self.shared.core).last_snapshot_bytes = bytes.len() as u64;
         // A snapshot must never be ahead of the durable log.
