@@ -222,14 +222,14 @@ pub fn scan_from(
                 offset += frame_len;
                 next_seq += 1;
             }
-            Decoded::Incomplete | Decoded::Corrupt(_) if header.prefilled() && rest.iter().all(|&b| b == 0) => {
-                // Free space the writer zero-filled ahead of its records: the end of the log.
-                break Tail::Clean;
-            }
             invalid if header.prefilled() => {
                 // Only the bytes before the zeros can hold a record (a JSON payload never ends in
                 // a zero byte), so the checks for damage look no further.
                 let written = rest.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+                if written == 0 {
+                    // Free space the writer zero-filled ahead of its records: the end of the log.
+                    break Tail::Clean;
+                }
                 let (incomplete, reason) = match invalid {
                     Decoded::Corrupt(reason) => (false, reason),
                     _ => (true, "record length runs past the end of the file".to_string()),
@@ -363,6 +363,23 @@ mod tests {
         (b, ends)
     }
 
+    /// The sectors of a pre-filled file that overlap `start..end`, by their offsets.
+    fn sectors_of(start: usize, end: usize) -> Vec<usize> {
+        (0..end).step_by(SECTOR_BYTES as usize).filter(|&s| s + SECTOR_BYTES as usize > start).collect()
+    }
+
+    /// `full` with the bytes of `start..end` zeroed in each of `sectors` whose bit in `landed`
+    /// is clear: what power loss leaves of a write of `start..end` over zeros.
+    fn land(full: &[u8], start: usize, end: usize, sectors: &[usize], landed: u32) -> Vec<u8> {
+        let mut b = full.to_vec();
+        for (i, &sector) in sectors.iter().enumerate() {
+            if landed & (1 << i) == 0 {
+                b[sector.max(start)..(sector + SECTOR_BYTES as usize).min(end)].fill(0);
+            }
+        }
+        b
+    }
+
     fn records_before(ends: &[usize], at: usize) -> u64 {
         ends.iter().filter(|&&e| e <= at).count() as u64 - 1
     }
@@ -407,18 +424,10 @@ mod tests {
         // the sectors of the last record, the later ones all missing.
         let (full, ends) = prefilled(6, 8192);
         let (start, end) = (ends[5], ends[6]);
-        let sectors: Vec<usize> = (0..8192).step_by(512).filter(|&s| s + 512 > start && s < end).collect();
+        let sectors = sectors_of(start, end);
         assert!(sectors.len() >= 2, "the last record spans sectors");
         for mask in 0..(1u32 << sectors.len()) - 1 {
-            let mut b = full.clone();
-            for (i, &sector) in sectors.iter().enumerate() {
-                if mask & (1 << i) == 0 {
-                    for x in &mut b[sector.max(start)..(sector + 512).min(end)] {
-                        *x = 0;
-                    }
-                }
-            }
-            let (n, tail) = count(&b);
+            let (n, tail) = count(&land(&full, start, end, &sectors, mask));
             assert_eq!(n, 5, "mask {mask:b}");
             if mask == 0 {
                 assert_eq!(tail, Tail::Clean, "nothing of the write landed");
@@ -438,17 +447,10 @@ mod tests {
         // are read and the rest is a torn tail, even where whole records landed after it.
         let (full, ends) = prefilled(6, 8192);
         let (start, end) = (ends[2], ends[6]);
-        let sectors: Vec<usize> = (0..8192).step_by(512).filter(|&s| s + 512 > start && s < end).collect();
+        let sectors = sectors_of(start, end);
         assert!(sectors.len() >= 4, "the batch spans sectors");
         for mask in 0..(1u32 << sectors.len()) {
-            let mut b = full.clone();
-            for (i, &sector) in sectors.iter().enumerate() {
-                if mask & (1 << i) == 0 {
-                    for x in &mut b[sector.max(start)..(sector + 512).min(end)] {
-                        *x = 0;
-                    }
-                }
-            }
+            let b = land(&full, start, end, &sectors, mask);
             // The records wholly inside landed sectors, up to the first one that is not.
             let landed =
                 |at: usize| sectors.iter().position(|&s| s <= at && at < s + 512).is_none_or(|i| mask & (1 << i) != 0);

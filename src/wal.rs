@@ -386,7 +386,8 @@ impl WalWriter {
             crate::record::encode(seq, payload, &mut self.frame);
             if let Err(e) = self.active.write_at(self.active_len, &self.frame) {
                 let err = failed(e, "appending");
-                return Err(match self.undo_write(end) {
+                // A version 1 segment ends where its records do: cut the partial record off.
+                return Err(match self.active.truncate(self.active_len) {
                     Ok(()) => AppendError::Failed(err),
                     Err(u) => AppendError::Poison(Error::io(
                         format!("{err}; cutting the partial record back off also failed"),
@@ -435,19 +436,6 @@ impl WalWriter {
 
     fn prefill_target(&self, end: u64) -> u64 {
         (end + PREFILL_CHUNK_BYTES).min(self.segment_size_bytes.max(end))
-    }
-
-    /// Takes back a failed write that may have put bytes anywhere from the end of the records
-    /// up to `attempted_end`. Bytes over the pre-filled zeros are zeroed again, not cut off: the
-    /// file never shrinks under a reader that memory-mapped it (touching a page past the end of
-    /// a mapped file kills the process), and overwriting blocks the file has needs no room on a
-    /// full disk. Only what the write added past the zeros is cut.
-    fn undo_write(&mut self, attempted_end: u64) -> std::io::Result<()> {
-        let keep = self.prefilled_len.max(self.active_len);
-        if attempted_end > keep {
-            self.active.truncate(keep)?;
-        }
-        write_zeros(&*self.active, self.active_len, attempted_end.min(keep))
     }
 
     /// Makes the full segment durable, then starts the next one (file and directory fsynced).

@@ -580,8 +580,8 @@ fn disk_full_while_appending_a_record_is_an_error_and_the_ledger_goes_on() {
     assert!(on_full_disk > 0, "writes over the pre-filled zeros went on");
     let e = ledger.request_resources(&request_of("c", 1, &[], 3600)).unwrap_err();
     assert!(is_enospc(&e), "{e}");
-    // Nothing was left behind: what the failed writes put over the zeros was zeroed again,
-    // what they put past them was cut off.
+    // Nothing was left behind: the room the failed commands needed could not be made, so
+    // nothing of their records was written (room comes before the record).
     assert_eq!(storage.files(), files_before);
     assert_eq!(common::all_events(&ledger), before);
     assert_eq!(ledger.status().poisoned, None);
