@@ -818,20 +818,22 @@ fn main() {
             } else {
                 CountingStorage::real()
             };
+            let writes_before = storage.writes();
             let r = if std::env::var("BENCH_ASYNC").is_ok() {
                 #[cfg(feature = "server")]
                 {
-                    ledger_grants_async(64, dur_n, storage, pool_config())
+                    ledger_grants_async(64, dur_n, storage.clone(), pool_config())
                 }
                 #[cfg(not(feature = "server"))]
                 panic!("async callers need the server feature")
             } else {
-                ledger_grants(64, dur_n, storage, pool_config())
+                ledger_grants(64, dur_n, storage.clone(), pool_config())
             };
             eprintln!(
-                "[durable] ledger 64: {} ({:.1} grants per fsync, p50 {})",
+                "[durable] ledger 64: {} ({:.1} grants per fsync, {:.1} per write, p50 {})",
                 fmt_rate(r.per_s),
                 1.0 / r.syncs_per_op.max(1e-9),
+                r.grants as f64 / (storage.writes() - writes_before).max(1) as f64,
                 fmt_secs(r.lat.pct(50.0))
             );
         }

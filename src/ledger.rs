@@ -277,9 +277,10 @@ struct Shared {
     /// Sequence number of the last record appended (durable or not); written under the core
     /// lock, read without it by a flush deciding whether another round is due.
     appended_seq: AtomicU64,
-    /// The segment being appended to, for flushes to fsync without taking the core lock (64
-    /// callers queue for that lock; a flush that waits its turn delays all of them).
-    active_file: Mutex<Option<Arc<dyn crate::storage::AppendFile>>>,
+    /// Appended records for flushes to write and fsync without taking the core lock (64
+    /// callers queue for that lock; a flush that waits its turn delays all of them). `None`
+    /// for a read-only ledger.
+    outbox: Option<Arc<wal::Outbox>>,
     /// `Core::since_snapshot` reached `snapshot_every`: read after every write without the core
     /// lock, which a combiner may be holding for a whole batch.
     snapshot_due: std::sync::atomic::AtomicBool,
@@ -289,6 +290,21 @@ struct Shared {
     index_build_lock: Mutex<()>,
     recovery: RecoveryReport,
     _lock: Option<Box<dyn LockGuard>>,
+}
+
+impl Drop for Shared {
+    /// The last handle is gone: records still queued belong to commands nobody waits for any
+    /// more (a dropped future's); write and fsync them anyway, as a clean close would, unless
+    /// the ledger failed.
+    fn drop(&mut self) {
+        let failed = self.sync.get_mut().map_or(true, |s| s.failed.is_some());
+        let poisoned = self.core.get_mut().map_or(true, |c| c.poisoned.is_some());
+        if let (Some(outbox), false, false) = (&self.outbox, failed, poisoned) {
+            if let Ok((file, _)) = outbox.write_out() {
+                let _ = file.sync_data();
+            }
+        }
+    }
 }
 
 /// A handle to an open ledger; cheap to clone, `Send + Sync`.
@@ -610,8 +626,9 @@ impl Ledger {
                 let seq = w.append(&payload).map_err(|e| match e {
                     AppendError::Failed(e) | AppendError::Poison(e) => e,
                 })?;
-                w.write_pending()?;
-                w.active_file().sync_data().map_err(|e| Error::io("fsync of the new ledger", e))?;
+                w.hand_off();
+                let (file, _) = w.outbox().write_out()?;
+                file.sync_data().map_err(|e| Error::io("fsync of the new ledger", e))?;
                 state.evolve(seq, ts, &body);
                 report.created = true;
                 wal = Some(w);
@@ -649,7 +666,7 @@ impl Ledger {
         } else {
             0
         };
-        let active_file = wal.as_ref().map(|w: &WalWriter| w.active_file());
+        let outbox = wal.as_ref().map(|w: &WalWriter| w.outbox().clone());
         let shared = Arc::new(Shared {
             dir,
             storage,
@@ -669,7 +686,7 @@ impl Ledger {
             synced: Condvar::new(),
             flusher_wake: Condvar::new(),
             appended_seq: AtomicU64::new(durable),
-            active_file: Mutex::new(active_file),
+            outbox,
             snapshot_due: std::sync::atomic::AtomicBool::new(false),
             snapshot_lock: Mutex::new(snapshot::EncodingCache::default()),
             index_build_lock: Mutex::new(()),
@@ -773,10 +790,9 @@ impl Ledger {
         }
     }
 
-    /// Writes the records the commands just run appended (one write for the batch) and only
-    /// then publishes them to the flush (`appended_seq`, and the segment file if a rotation
-    /// started a new one). Called before the core lock is let go, so no one sees an event whose
-    /// record is not in the file. A failed write stops the ledger: the events are folded.
+    /// Hands the records the commands just run appended to the outbox, where the next flush
+    /// writes them, and only then publishes them to the flush (`appended_seq`). Called before
+    /// the core lock is let go, so the flush never sees an event without its record.
     fn write_appended(&self, core: &mut Core) {
         if core.poisoned.is_some() {
             // Records of commands run before the failure are never written now; their
@@ -784,22 +800,10 @@ impl Ledger {
             return;
         }
         let Some(wal) = core.wal.as_mut() else { return };
-        match wal.write_pending() {
-            Ok(()) => {
-                let last = wal.next_seq() - 1;
-                if wal.take_rotated() {
-                    // The rotation fsynced the segment before; the flush now syncs this one.
-                    *lock(&self.shared.active_file) = Some(wal.active_file());
-                }
-                if last > self.shared.appended_seq.load(Ordering::Relaxed) {
-                    self.shared.appended_seq.store(last, Ordering::Release);
-                }
-            }
-            Err(e) => {
-                let why = e.to_string();
-                core.poisoned = Some(why.clone());
-                lock(&self.shared.sync).failed.get_or_insert(why);
-            }
+        wal.hand_off();
+        let last = wal.next_seq() - 1;
+        if last > self.shared.appended_seq.load(Ordering::Relaxed) {
+            self.shared.appended_seq.store(last, Ordering::Release);
         }
     }
 
@@ -1448,31 +1452,32 @@ impl<R> std::future::Future for Durable<R> {
 /// that saw a flush in progress is never left waiting for one that ended. Called with
 /// `SyncState::flushing` set, by exactly one thread at a time.
 fn flush_round(sh: &Shared) -> (MutexGuard<'_, SyncState>, bool) {
-    let (upto, file) = {
+    {
         let s = lock(&sh.sync);
         if s.failed.is_some() {
             // A failed fsync (or rotation) is never followed by another: it could "succeed"
             // for data the kernel already dropped.
             return (s, false);
         }
-        // In this order: a record counted in `upto` was written to the file read after it, or
-        // to a segment that a rotation fsynced before switching files.
-        (sh.appended_seq.load(Ordering::Acquire), lock(&sh.active_file).clone())
-    };
-    let result = match file {
-        Some(f) => f.sync_data(),
-        None => Ok(()),
+    }
+    // The outbox names the last record appended together with the file whose fsync makes it
+    // durable (a rotation fsynced the segment before it), and writes what is still queued.
+    let result = match &sh.outbox {
+        Some(outbox) => outbox.write_out().map_err(|e| e.to_string()).and_then(|(file, upto)| {
+            file.sync_data().map(|()| upto).map_err(|e| format!("fsync of the log failed: {e}"))
+        }),
+        None => Ok(0),
     };
     let mut s = lock(&sh.sync);
     match result {
         // A failure latched while this fsync ran (a rotation's fsync) leaves what it covers
         // unproven: the durable sequence number stays.
-        Ok(()) if s.failed.is_none() => s.durable_seq = s.durable_seq.max(upto),
-        Ok(()) => {}
-        Err(e) => {
-            // Never retried: after a failed fsync the page cache may have dropped the data, so
-            // a later "successful" fsync would prove nothing.
-            s.failed.get_or_insert_with(|| format!("fsync of the log failed: {e}"));
+        Ok(upto) if s.failed.is_none() => s.durable_seq = s.durable_seq.max(upto),
+        Ok(_) => {}
+        Err(why) => {
+            // Never retried: after a failed write or fsync the page cache may have dropped the
+            // data, so a later "successful" fsync would prove nothing.
+            s.failed.get_or_insert(why);
         }
     }
     let more = s.failed.is_none() && sh.appended_seq.load(Ordering::Acquire) > s.durable_seq;

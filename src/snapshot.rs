@@ -114,28 +114,36 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
         log_position: position,
     })
     .expect("snapshot meta serializes");
-    let mut payload = Vec::with_capacity(64 + meta.len() + allocations.len() * 256);
-    payload.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-    payload.extend_from_slice(&meta);
-    payload.extend_from_slice(&(allocations.len() as u64).to_le_bytes());
+    // The payload goes straight after room for the header (filled in last): a large state's
+    // payload is not copied a second time.
+    let mut out = Vec::with_capacity(HEADER_LEN + 64 + meta.len() + allocations.len() * 256);
+    out.resize(HEADER_LEN, 0);
+    out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(&(allocations.len() as u64).to_le_bytes());
     for a in allocations {
-        put(&mut payload, a.borrow());
+        put(&mut out, a.borrow());
     }
-    frame(FORMAT_VERSION, state.last_seq, &payload)
+    seal(FORMAT_VERSION, state.last_seq, out)
 }
 
 /// Each allocation's encoding in the last snapshot, reused by the next while the allocation
 /// is unchanged: an active allocation that never changes would otherwise be encoded again by
 /// every snapshot. An allocation changes only when it ends (its state and `ended_seq`; see
 /// `State::apply_end`), and ids never repeat within a ledger, so id, state and `ended_seq`
-/// name its encoding. Holds the allocations of the last snapshot only.
+/// name its encoding. Holds the allocations of the last snapshot only, in snapshot order
+/// (`state::sort_for_snapshot`), so the next snapshot finds them by walking both lists in
+/// step rather than by hashing every id.
 #[derive(Debug, Default)]
 pub struct EncodingCache {
-    entries: std::collections::HashMap<u64, CachedEncoding>,
+    entries: Vec<CachedEncoding>,
 }
 
 #[derive(Debug)]
 struct CachedEncoding {
+    /// The snapshot order's key.
+    created_us: i64,
+    id: u64,
     state: AllocationState,
     ended_seq: Option<u64>,
     bytes: Box<[u8]>,
@@ -152,17 +160,21 @@ impl EncodingCache {
     }
 }
 
-/// [`encode_parts`], reusing (and then replacing) `cache`: the same bytes.
+/// [`encode_parts`], reusing (and then replacing) `cache`: the same bytes. `allocations` must be
+/// in snapshot order (`state::sort_for_snapshot`); the reuse depends on it, the bytes do not.
 pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
     state: &StateData,
     allocations: &[A],
     position: Option<LogPosition>,
     cache: &mut EncodingCache,
 ) -> Vec<u8> {
-    let mut next = std::collections::HashMap::with_capacity(allocations.len());
+    let mut next = Vec::with_capacity(allocations.len());
+    let mut old = std::mem::take(&mut cache.entries).into_iter().peekable();
     let bytes = encode_with(state, allocations, position, |payload, a| {
-        let id = a.id.as_u64();
-        match cache.entries.remove(&id) {
+        let key = (a.created_us, a.id.as_u64());
+        // Entries before this one belong to allocations that left the state.
+        while old.next_if(|c| (c.created_us, c.id) < key).is_some() {}
+        match old.next_if(|c| (c.created_us, c.id) == key) {
             Some(c) if c.state == a.state && c.ended_seq == a.ended_seq => {
                 debug_assert!(
                     {
@@ -174,38 +186,51 @@ pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
                     a.id
                 );
                 payload.extend_from_slice(&c.bytes);
-                next.insert(id, c);
+                next.push(c);
             }
             _ => {
                 let start = payload.len();
                 put_allocation(payload, a);
                 let bytes = payload[start..].into();
-                next.insert(id, CachedEncoding { state: a.state, ended_seq: a.ended_seq, bytes });
+                next.push(CachedEncoding {
+                    created_us: key.0,
+                    id: key.1,
+                    state: a.state,
+                    ended_seq: a.ended_seq,
+                    bytes,
+                });
             }
         }
     });
+    debug_assert!(next.windows(2).all(|w| (w[0].created_us, w[0].id) < (w[1].created_us, w[1].id)));
     cache.entries = next;
     bytes
 }
 
 /// The v2 (JSON) encoding, kept so tests can write what older builds wrote.
 pub fn encode_v2(state: &StateData) -> Vec<u8> {
-    frame(2, state.last_seq, &serde_json::to_vec(state).expect("state serializes"))
+    let mut out = vec![0; HEADER_LEN];
+    serde_json::to_writer(&mut out, state).expect("state serializes");
+    seal(2, state.last_seq, out)
 }
 
-fn frame(version: u32, seq: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+/// Fills in the header of `out`, whose first `HEADER_LEN` bytes are room for it and the rest
+/// the payload.
+fn seal(version: u32, seq: u64, mut out: Vec<u8>) -> Vec<u8> {
+    let payload_len = (out.len() - HEADER_LEN) as u64;
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&version.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&seq.to_le_bytes());
+    header.extend_from_slice(&payload_len.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
     let mut h = crc32fast::Hasher::new();
-    h.update(&out[..36]);
-    h.update(payload);
-    out.extend_from_slice(&h.finalize().to_le_bytes());
-    out.extend_from_slice(payload);
+    h.update(&header);
+    h.update(&out[HEADER_LEN..]);
+    header.extend_from_slice(&h.finalize().to_le_bytes());
+    debug_assert_eq!(header.len(), HEADER_LEN);
+    out[..HEADER_LEN].copy_from_slice(&header);
     out
 }
 

@@ -6,7 +6,7 @@ use crate::segment::{self, Tail};
 use crate::storage::{AppendFile, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {
@@ -246,13 +246,13 @@ pub struct WalWriter {
     /// Where the records of the active segment end (written or pending): the next record goes
     /// here.
     active_len: u64,
-    /// Where the bytes handed to the file end; records after it are in `pending`.
+    /// Where the bytes handed on (written, or queued in the outbox) end; records after it are
+    /// in `pending`.
     written_len: u64,
-    /// Records framed but not yet written (pre-filled segments only): written together by
-    /// [`WalWriter::write_pending`], one write for a whole batch of commands.
+    /// Records of the current batch framed but not handed on (pre-filled segments only).
     pending: Vec<u8>,
-    /// A rotation started a new segment since [`WalWriter::take_rotated`] was last called.
-    rotated: bool,
+    /// Where batches wait for the flush that writes them (see [`Outbox`]).
+    outbox: Arc<Outbox>,
     /// The active segment is pre-filled (format version 2): zeros were written up to
     /// `prefilled_len`. False for a version 1 segment continued from an older build.
     prefill: bool,
@@ -272,6 +272,7 @@ impl WalWriter {
             storage.sync_dir(parent).map_err(|e| Error::io(format!("syncing {}", parent.display()), e))?;
         }
         let (active, path, prefilled_len) = new_segment(&*storage, dir, 1, segment_size_bytes)?;
+        let outbox = Outbox::new(active.clone(), &path, segment::HEADER_LEN as u64, 0);
         Ok(WalWriter {
             storage,
             dir: dir.to_path_buf(),
@@ -280,7 +281,7 @@ impl WalWriter {
             active_len: segment::HEADER_LEN as u64,
             written_len: segment::HEADER_LEN as u64,
             pending: Vec::new(),
-            rotated: false,
+            outbox,
             prefill: true,
             prefilled_len,
             active_first_seq: 1,
@@ -311,6 +312,7 @@ impl WalWriter {
                 .open_append(&last.path, false)
                 .map_err(|e| Error::io(format!("opening {}", last.path.display()), e))?,
         );
+        let outbox = Outbox::new(active.clone(), &last.path, len, end.last_seq);
         Ok(WalWriter {
             storage,
             dir: dir.to_path_buf(),
@@ -319,7 +321,7 @@ impl WalWriter {
             active_len: len,
             written_len: len,
             pending: Vec::new(),
-            rotated: false,
+            outbox,
             prefill: header.prefilled(),
             prefilled_len: file_len,
             active_first_seq: last.first_seq,
@@ -348,27 +350,32 @@ impl WalWriter {
         self.active.clone()
     }
 
+    /// Where handed-on batches wait to be written; the flush writes them (`Outbox::write_out`).
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
     pub fn set_segment_size(&mut self, bytes: u64) {
         self.segment_size_bytes = bytes;
     }
 
-    /// Appends one record (not yet written in a pre-filled segment: see
-    /// [`WalWriter::write_pending`]; never yet durable) and returns its sequence number.
+    /// Appends one record (in a pre-filled segment not yet written: see
+    /// [`WalWriter::hand_off`]; never yet durable) and returns its sequence number.
     /// `Err(Failed)`: nothing was appended and the log can go on (the room for the record could
     /// not be pre-filled, or a version 1 segment's write failed and was cut back off).
     /// `Err(Poison)`: the log cannot continue (a rotation failed, or cutting back failed); the
     /// caller must stop writing.
     pub fn append(&mut self, payload: &[u8]) -> std::result::Result<u64, AppendError> {
         if self.active_len >= self.segment_size_bytes {
-            self.write_pending().map_err(AppendError::Poison)?;
             self.rotate().map_err(AppendError::Poison)?;
         }
         let seq = self.next_seq;
         // The scan of a pre-filled segment tells a torn write by its zeros (see `segment`).
         debug_assert!(payload.last() != Some(&0), "a payload must not end in a zero byte");
         let end = self.active_len + (crate::record::HEADER_LEN + payload.len()) as u64;
-        let path = self.active_path.display().to_string();
-        let failed = |e, what: &str| Error::io(format!("{what} record {seq} in {path}"), e);
+        let path = &self.active_path;
+        // Formats the path only on failure: this runs for every record.
+        let failed = |e, what: &str| Error::io(format!("{what} record {seq} in {}", path.display()), e);
         if self.prefill {
             // Room first: zeros up to past the record, before anything is folded. A full disk
             // fails here, for this record only; the batch write after it then only overwrites
@@ -403,35 +410,20 @@ impl WalWriter {
         Ok(seq)
     }
 
-    /// Writes the pending records with one write. On failure they are in an unknown state on
-    /// disk while their events are already folded: the caller must stop writing (as after a
-    /// failed fsync). They overwrite pre-filled zeros, so a full disk does not fail this.
-    pub fn write_pending(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
+    /// Hands the records appended since the last call to the outbox, where the next flush
+    /// writes them (one write for every batch since the last flush) before its fsync, and
+    /// marks them as the last appended. A version 1 segment's records are written already.
+    pub fn hand_off(&mut self) {
+        let mut queued = lock(&self.outbox.queued);
+        debug_assert!(std::ptr::addr_eq(Arc::as_ptr(&queued.file), Arc::as_ptr(&self.active)));
+        queued.catch_up(self.written_len);
         debug_assert_eq!(self.written_len + self.pending.len() as u64, self.active_len);
-        debug_assert!(self.active_len <= self.prefilled_len);
-        if let Err(e) = self.active.write_at(self.written_len, &self.pending) {
-            return Err(Error::io(
-                format!(
-                    "writing records up to {} at offset {} of {}",
-                    self.next_seq - 1,
-                    self.written_len,
-                    self.active_path.display()
-                ),
-                e,
-            ));
-        }
+        debug_assert!(self.pending.is_empty() || self.active_len <= self.prefilled_len);
+        queued.bytes.extend_from_slice(&self.pending);
+        queued.last_seq = self.next_seq - 1;
+        drop(queued);
         self.written_len = self.active_len;
         self.pending.clear();
-        Ok(())
-    }
-
-    /// Whether a rotation started a new segment since the last call (its file is then the one
-    /// to fsync).
-    pub fn take_rotated(&mut self) -> bool {
-        std::mem::take(&mut self.rotated)
     }
 
     fn prefill_target(&self, end: u64) -> u64 {
@@ -440,22 +432,141 @@ impl WalWriter {
 
     /// Makes the full segment durable, then starts the next one (file and directory fsynced).
     fn rotate(&mut self) -> Result<()> {
-        self.active
-            .sync_data()
-            .map_err(|e| Error::io(format!("fsync of {} before rotation", self.active_path.display()), e))?;
+        {
+            // The segment's last write, then its last fsync: everything queued for it and this
+            // batch's records, after any write a flush has in flight to it (so that the fsync
+            // covers that one too, and a crash cannot leave a hole before records it made
+            // durable).
+            let _writing = lock(&self.outbox.writing);
+            let mut queued = lock(&self.outbox.queued);
+            queued.catch_up(self.written_len);
+            queued.bytes.extend_from_slice(&self.pending);
+            if !queued.bytes.is_empty() {
+                self.active.write_at(queued.offset, &queued.bytes).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "writing records up to {} at offset {} of {}",
+                            self.next_seq - 1,
+                            queued.offset,
+                            self.active_path.display()
+                        ),
+                        e,
+                    )
+                })?;
+            }
+            self.active
+                .sync_data()
+                .map_err(|e| Error::io(format!("fsync of {} before rotation", self.active_path.display()), e))?;
+            queued.offset += queued.bytes.len() as u64;
+            queued.bytes.clear();
+            queued.last_seq = self.next_seq - 1;
+            self.pending.clear();
+            self.written_len = self.active_len;
+        }
         let (file, path, prefilled_len) =
             new_segment(&*self.storage, &self.dir, self.next_seq, self.segment_size_bytes)?;
-        debug_assert!(self.pending.is_empty(), "records are written before the segment is sealed");
+        {
+            let mut queued = lock(&self.outbox.queued);
+            queued.file = file.clone();
+            queued.path = path.clone();
+            queued.offset = segment::HEADER_LEN as u64;
+        }
         self.active = file;
         self.active_path = path;
         self.active_len = segment::HEADER_LEN as u64;
         self.written_len = segment::HEADER_LEN as u64;
-        self.rotated = true;
         self.prefill = true;
         self.prefilled_len = prefilled_len;
         self.active_first_seq = self.next_seq;
         Ok(())
     }
+}
+
+/// Records handed on by the writer and not yet written: batches of commands add to it under
+/// the ledger's core lock, and the flush writes all of them with one write just before its
+/// fsync. Many batches run per fsync (each caller that finds nobody combining runs one), and a
+/// write per batch was a system call per two or three grants.
+#[derive(Debug)]
+pub struct Outbox {
+    /// Held while queued bytes are written: a rotation waits for a flush's write in flight to
+    /// the segment before fsyncing it for the last time. Taken before `queued`.
+    writing: Mutex<()>,
+    queued: Mutex<Queued>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    /// The active segment.
+    file: Arc<dyn AppendFile>,
+    path: PathBuf,
+    /// Where `bytes` go in `file`.
+    offset: u64,
+    bytes: Vec<u8>,
+    /// The last record appended: in `bytes`, or written already.
+    last_seq: u64,
+    /// The last written buffer, kept for its allocation.
+    spare: Vec<u8>,
+}
+
+impl Queued {
+    /// Checks that the queued bytes end where the writer's handed-on bytes do; with nothing
+    /// queued, starts the queue there (a version 1 segment's records are written directly).
+    fn catch_up(&mut self, written_len: u64) {
+        if self.bytes.is_empty() {
+            self.offset = written_len;
+        }
+        debug_assert_eq!(self.offset + self.bytes.len() as u64, written_len);
+    }
+}
+
+impl Outbox {
+    fn new(file: Arc<dyn AppendFile>, path: &Path, offset: u64, last_seq: u64) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            writing: Mutex::new(()),
+            queued: Mutex::new(Queued {
+                file,
+                path: path.to_path_buf(),
+                offset,
+                bytes: Vec::new(),
+                last_seq,
+                spare: Vec::new(),
+            }),
+        })
+    }
+
+    /// Writes everything queued. Returns the file to fsync and the last sequence number that
+    /// fsync makes durable: every record up to it is in what this call wrote, or was written
+    /// before and fsynced by an earlier flush or by a rotation (flushes run one at a time).
+    /// On failure the records are in an unknown state while their events are folded: the
+    /// caller must stop writing, as after a failed fsync.
+    pub fn write_out(&self) -> Result<(Arc<dyn AppendFile>, u64)> {
+        let _writing = lock(&self.writing);
+        let (file, offset, mut bytes, last_seq) = {
+            let mut q = lock(&self.queued);
+            let spare = std::mem::take(&mut q.spare);
+            let bytes = std::mem::replace(&mut q.bytes, spare);
+            let offset = q.offset;
+            q.offset += bytes.len() as u64;
+            (q.file.clone(), offset, bytes, q.last_seq)
+        };
+        if !bytes.is_empty() {
+            file.write_at(offset, &bytes).map_err(|e| {
+                let path = lock(&self.queued).path.clone();
+                Error::io(format!("writing records up to {last_seq} at offset {offset} of {}", path.display()), e)
+            })?;
+            bytes.clear();
+            let mut q = lock(&self.queued);
+            if q.spare.capacity() < bytes.capacity() {
+                q.spare = bytes;
+            }
+        }
+        Ok((file, last_seq))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every change under these locks is made whole before anything can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Zeros to write from: a static buffer, so that pre-filling allocates and touches no memory

@@ -333,6 +333,8 @@ impl Report {
 pub struct CountingStorage {
     inner: FsStorage,
     pub syncs: Arc<AtomicU64>,
+    /// Positional writes to appended files (the ledger's batch writes and pre-fills).
+    pub writes: Arc<AtomicU64>,
     /// Renames: one per snapshot written (`write_atomic`).
     pub renames: AtomicU64,
     /// Skip `fdatasync` of appended files (NOT durable): only to build large test logs fast and
@@ -357,12 +359,16 @@ impl CountingStorage {
     pub fn renames(&self) -> u64 {
         self.renames.load(Ordering::Relaxed)
     }
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug)]
 struct CountingFile {
     inner: Box<dyn AppendFile>,
     syncs: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
     skip: bool,
 }
 
@@ -371,6 +377,7 @@ impl AppendFile for CountingFile {
         self.inner.append(buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         self.inner.write_at(offset, buf)
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -398,7 +405,12 @@ impl Storage for CountingStorage {
     }
     fn open_append(&self, path: &Path, create_new: bool) -> io::Result<Box<dyn AppendFile>> {
         let inner = self.inner.open_append(path, create_new)?;
-        Ok(Box::new(CountingFile { inner, syncs: self.syncs.clone(), skip: self.skip_sync }))
+        Ok(Box::new(CountingFile {
+            inner,
+            syncs: self.syncs.clone(),
+            writes: self.writes.clone(),
+            skip: self.skip_sync,
+        }))
     }
     fn read(&self, path: &Path) -> io::Result<FileBytes> {
         self.inner.read(path)
