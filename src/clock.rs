@@ -85,26 +85,25 @@ fn format_micros_fast(t: Micros) -> String {
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
     let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
-    let seconds = micros_of_day / 1_000_000;
-    let fields = [
-        (year, 4),
-        (month, 2),
-        (day, 2),
-        (seconds / 3600, 2),
-        (seconds / 60 % 60, 2),
-        (seconds % 60, 2),
-        (micros_of_day % 1_000_000, 6),
-    ];
-    let mut out = Vec::with_capacity(27);
-    for ((value, width), separator) in fields.into_iter().zip([b'-', b'-', b'T', b':', b':', b'.', b'Z']) {
-        let mut divisor = 10i64.pow(width - 1);
-        while divisor > 0 {
-            out.push(b'0' + (value / divisor % 10) as u8);
-            divisor /= 10;
-        }
-        out.push(separator);
-    }
-    String::from_utf8(out).expect("digits and separators are ASCII")
+    let (year, seconds, micros) = (year as u32, (micros_of_day / 1_000_000) as u32, (micros_of_day % 1_000_000) as u32);
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    // Two digits at a time, by constant divisors (multiplications once compiled).
+    let mut put = |at: usize, v: u32| {
+        debug_assert!(v < 100);
+        text[at] = b'0' + (v / 10) as u8;
+        text[at + 1] = b'0' + (v % 10) as u8;
+    };
+    put(0, year / 100);
+    put(2, year % 100);
+    put(5, month as u32);
+    put(8, day as u32);
+    put(11, seconds / 3600);
+    put(14, seconds / 60 % 60);
+    put(17, seconds % 60);
+    put(20, micros / 10_000);
+    put(22, micros / 100 % 100);
+    put(24, micros % 100);
+    String::from_utf8(text.to_vec()).expect("digits and separators are ASCII")
 }
 
 /// Parses RFC 3339 (`2026-11-27T03:12:00Z`) or a relative form against `now`:
