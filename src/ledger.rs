@@ -14,7 +14,7 @@ use crate::storage::{FsStorage, LockGuard, Storage};
 use crate::wal::{self, AppendError, TornTail, WalWriter};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub const WAL_DIR: &str = "wal";
@@ -229,6 +229,23 @@ impl<R> Call<R> {
     }
 }
 
+/// Wakes a thread parked in `Ledger::settle`.
+struct ThreadWake {
+    thread: std::thread::Thread,
+    woken: AtomicBool,
+}
+
+impl std::task::Wake for ThreadWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+}
+
 #[derive(Default)]
 struct SyncState {
     durable_seq: u64,
@@ -271,7 +288,6 @@ struct Shared {
     read_only: bool,
     core: Mutex<Core>,
     sync: Mutex<SyncState>,
-    synced: Condvar,
     /// Wakes the flusher thread when callers hand flushing over to it.
     flusher_wake: Condvar,
     /// Sequence number of the last record appended (durable or not); written under the core
@@ -283,7 +299,7 @@ struct Shared {
     outbox: Option<Arc<wal::Outbox>>,
     /// `Core::since_snapshot` reached `snapshot_every`: read after every write without the core
     /// lock, which a combiner may be holding for a whole batch.
-    snapshot_due: std::sync::atomic::AtomicBool,
+    snapshot_due: AtomicBool,
     /// One snapshot at a time; holds what the next one can reuse of the last one's encoding.
     snapshot_lock: Mutex<snapshot::EncodingCache>,
     /// One capacity-index build at a time.
@@ -686,11 +702,10 @@ impl Ledger {
                 capacity_index: None,
             }),
             sync: Mutex::new(SyncState { durable_seq: durable, ..Default::default() }),
-            synced: Condvar::new(),
             flusher_wake: Condvar::new(),
             appended_seq: AtomicU64::new(durable),
             outbox,
-            snapshot_due: std::sync::atomic::AtomicBool::new(false),
+            snapshot_due: AtomicBool::new(false),
             snapshot_lock: Mutex::new(snapshot::EncodingCache::default()),
             index_build_lock: Mutex::new(()),
             recovery: report,
@@ -825,7 +840,7 @@ impl Ledger {
 
     /// Returns once every event up to `seq` is durable.
     fn wait_durable(&self, seq: u64) -> Result<()> {
-        self.settle(lock(&self.shared.sync), || Some(seq))
+        self.settle(lock(&self.shared.sync), &Arc::new(AtomicU64::new(seq)))
     }
 
     /// Waits, helping as it goes, until `target()` names a sequence number (the caller's
@@ -839,11 +854,29 @@ impl Ledger {
     /// no hand-over between threads); if more records arrived during its fsync, it hands
     /// flushing over to the flusher thread, which flushes back to back while records keep
     /// arriving, so that callers released by one fsync gather into the next.
-    fn settle<'a>(&'a self, mut s: MutexGuard<'a, SyncState>, target: impl Fn() -> Option<u64>) -> Result<()> {
+    ///
+    /// `target` holds the sequence number to wait for (`PENDING` until the caller's command has
+    /// run). A caller with nothing to do registers to be woken like a task (`SyncState::wakers`)
+    /// and parks: a flush wakes only the callers it settled, where a condition variable woke
+    /// every blocked thread on every flush and most of them went back to sleep.
+    fn settle<'a>(&'a self, mut s: MutexGuard<'a, SyncState>, target: &Arc<AtomicU64>) -> Result<()> {
+        let get = || {
+            let t = target.load(Ordering::Acquire);
+            (t != PENDING).then_some(t)
+        };
         loop {
-            match self.advance(s, &target, true) {
+            match self.advance(s, &get, true) {
                 Step::Settled(r) => return r,
-                Step::Wait(g) => s = self.shared.synced.wait(g).unwrap_or_else(|p| p.into_inner()),
+                Step::Wait(mut g) => {
+                    let wake = Arc::new(ThreadWake { thread: std::thread::current(), woken: AtomicBool::new(false) });
+                    g.wakers.push((target.clone(), std::task::Waker::from(wake.clone())));
+                    drop(g);
+                    // `park` may return without an `unpark`; the flag says whether it was woken.
+                    while !wake.woken.load(Ordering::Acquire) {
+                        std::thread::park();
+                    }
+                    s = lock(&self.shared.sync);
+                }
             }
         }
     }
@@ -907,13 +940,17 @@ impl Ledger {
         s.flushing = true;
         drop(s);
         let (mut after, more) = flush_round(sh);
-        if more && self.start_flusher() {
+        let stranded = if more && self.start_flusher() {
             after.thread_owns = true;
             sh.flusher_wake.notify_one();
+            false
         } else {
             after.flushing = false;
-        }
-        wake_settled(sh, after);
+            // No flusher thread could be started: the callers whose records arrived meanwhile
+            // must flush them themselves, so they all look again.
+            more
+        };
+        wake_settled(after, stranded);
         lock(&sh.sync)
     }
 
@@ -968,7 +1005,6 @@ impl Ledger {
         if wake || !s.queue.is_empty() {
             let tasks = std::mem::take(&mut s.wakers);
             drop(s);
-            sh.synced.notify_all();
             tasks.into_iter().for_each(|(_, w)| w.wake());
             s = lock(&sh.sync);
         }
@@ -1007,7 +1043,7 @@ impl Ledger {
         let call = Call::new();
         let mut s = lock(&self.shared.sync);
         Self::enqueue(&mut s, call.command(decide))?;
-        let settled = self.settle(s, || call.target());
+        let settled = self.settle(s, &call.target);
         let result = call.finish(settled);
         if result.is_ok() {
             self.maybe_snapshot();
@@ -1487,23 +1523,22 @@ fn flush_round(sh: &Shared) -> (MutexGuard<'_, SyncState>, bool) {
     (s, more)
 }
 
-/// After a flush: wakes the blocking waiters, and the waiting tasks the flush settled (all of
-/// them if the ledger failed). Unlocked before waking: the woken callers need the lock, and
-/// while they queue for it the next round gathers their new records instead of starting with
-/// one.
-fn wake_settled(sh: &Shared, mut s: MutexGuard<'_, SyncState>) {
+/// After a flush: wakes the waiting callers (tasks and blocked threads) the flush settled, or
+/// all of them if the ledger failed or `everyone` asks for it. Unlocked before waking: the
+/// woken callers need the lock, and while they queue for it the next round gathers their new
+/// records instead of starting with one.
+fn wake_settled(mut s: MutexGuard<'_, SyncState>, everyone: bool) {
     let (durable, failed) = (s.durable_seq, s.failed.is_some());
     let mut tasks = Vec::new();
     s.wakers.retain(|(target, waker)| {
         let t = target.load(Ordering::Acquire);
-        let settled = failed || (t != PENDING && t <= durable);
+        let settled = everyone || failed || (t != PENDING && t <= durable);
         if settled {
             tasks.push(waker.clone());
         }
         !settled
     });
     drop(s);
-    sh.synced.notify_all();
     tasks.into_iter().for_each(std::task::Waker::wake);
 }
 
@@ -1525,7 +1560,7 @@ fn flusher_loop(sh: &Shared) {
             after.thread_owns = false;
             after.flushing = false;
         }
-        wake_settled(sh, after);
+        wake_settled(after, false);
         s = lock(&sh.sync);
     }
 }
