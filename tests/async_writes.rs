@@ -409,6 +409,39 @@ fn sixty_four_tokio_tasks_with_instant_fsyncs_all_finish_and_lose_nothing() {
     done.store(true, Ordering::Relaxed);
 }
 
+/// The blocking callers' half of the test above: 64 threads park until a flush settles them
+/// (or until they must combine or flush themselves); with instant fsyncs the rounds are short
+/// and the hand-overs many, which is where a wake-up would get lost. Rounds end and start 150
+/// times.
+#[test]
+fn sixty_four_threads_with_instant_fsyncs_all_finish_and_lose_nothing() {
+    let done = watchdog("sixty_four_threads_with_instant_fsyncs");
+    for seed in 0..2u64 {
+        let storage = FaultyStorage::new();
+        let clock = ManualClock::at_default_epoch();
+        let config = pool_config(256);
+        let ledger = open(&storage, &clock, config.clone());
+        let mut results = Vec::new();
+        for round in 0..150 {
+            results.extend(std::thread::scope(|s| {
+                let handles: Vec<_> = (0..64)
+                    .map(|t| {
+                        let ledger = &ledger;
+                        s.spawn(move || {
+                            let (acked, err) = caller(ledger, format!("thread-{round}-{t}"), 2, false);
+                            assert!(err.is_none(), "{err:?}");
+                            acked
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<Acked>>()
+            }));
+        }
+        survives_power_loss(ledger, &storage, &clock, config, &results, seed);
+    }
+    done.store(true, Ordering::Relaxed);
+}
+
 #[cfg(feature = "server")]
 #[test]
 fn sixty_four_tokio_tasks_on_two_threads_share_fsyncs_on_real_files() {
