@@ -81,7 +81,15 @@ pub trait Storage: Send + Sync + Debug {
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>>;
 }
 
-/// Writes `bytes` to `path` atomically: temp file, fsync, rename, directory fsync.
+/// How much of a file `write_atomic` writes before it fsyncs what it has written so far.
+/// Every fsync of the log also flushes whatever else is dirty on a disk like this one (a
+/// virtual disk's flush reaches the host's whole image): a 12 MB snapshot written in one go
+/// stalled the log's fsyncs behind it, and 64 async callers made 136-156k grants/s against
+/// 154-187k with the snapshot flushed a megabyte at a time (same runs, interleaved).
+pub const WRITE_ATOMIC_FSYNC_EVERY_BYTES: usize = 1 << 20;
+
+/// Writes `bytes` to `path` atomically: temp file, fsync (every megabyte, see
+/// [`WRITE_ATOMIC_FSYNC_EVERY_BYTES`]), rename, directory fsync.
 pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
@@ -89,7 +97,11 @@ pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Res
         storage.remove(&tmp)?;
     }
     let f = storage.open_append(&tmp, true)?;
-    let result = f.append(bytes).and_then(|_| f.sync_data());
+    let result = if bytes.is_empty() {
+        f.sync_data()
+    } else {
+        bytes.chunks(WRITE_ATOMIC_FSYNC_EVERY_BYTES).try_for_each(|chunk| f.append(chunk).and_then(|_| f.sync_data()))
+    };
     drop(f);
     if let Err(e) = result {
         let _ = storage.remove(&tmp);
@@ -674,6 +686,30 @@ mod tests {
         // Appending past the durable end: a prefix of the new bytes.
         let out = survivor(b"hello world", b"hello", 3);
         assert!(out.starts_with(b"hello") && b"hello world".starts_with(&out[..]));
+    }
+
+    /// A large file is fsynced a megabyte at a time (so the log's fsyncs do not stall behind
+    /// all of it), and a failure at any of those fsyncs leaves neither the file nor its
+    /// temporary; the whole file arrives only after the last one.
+    #[test]
+    fn write_atomic_fsyncs_a_large_file_in_pieces_and_a_failed_piece_leaves_nothing() {
+        let bytes: Vec<u8> = (0..(WRITE_ATOMIC_FSYNC_EVERY_BYTES * 5 / 2)).map(|i| i as u8).collect();
+        let path = Path::new("/d/file");
+        for nth in 0..3 {
+            let s = FaultyStorage::new();
+            s.create_dir_all(Path::new("/d")).unwrap();
+            s.set_plan(Some(FaultPlan { kind: Some(OpKind::Sync), nth, fault: Fault::Fail, sticky: false }));
+            assert!(write_atomic(&s, path, &bytes).is_err(), "fsync #{nth} failed");
+            assert_eq!(s.faults_fired(), 1);
+            assert!(s.files().is_empty(), "fsync #{nth}: {:?}", s.files().keys().collect::<Vec<_>>());
+        }
+        let s = FaultyStorage::new();
+        s.create_dir_all(Path::new("/d")).unwrap();
+        s.set_plan(Some(FaultPlan { kind: Some(OpKind::Sync), nth: 3, fault: Fault::Fail, sticky: false }));
+        write_atomic(&s, path, &bytes).unwrap();
+        assert_eq!(s.faults_fired(), 0, "three fsyncs of the file, then the directory's (not counted as Sync)");
+        s.crash(1);
+        assert_eq!(s.files()[path], bytes);
     }
 
     #[test]
