@@ -313,9 +313,11 @@ impl Drop for Shared {
     /// more (a dropped future's); write and fsync them anyway, as a clean close would, unless
     /// the ledger failed.
     fn drop(&mut self) {
-        let failed = self.sync.get_mut().map_or(true, |s| s.failed.is_some());
+        let appended = *self.appended_seq.get_mut();
+        let (failed, unflushed) =
+            self.sync.get_mut().map_or((true, false), |s| (s.failed.is_some(), appended > s.durable_seq));
         let poisoned = self.core.get_mut().map_or(true, |c| c.poisoned.is_some());
-        if let (Some(outbox), false, false) = (&self.outbox, failed, poisoned) {
+        if let (Some(outbox), true, false, false) = (&self.outbox, unflushed, failed, poisoned) {
             if let Ok((file, _)) = outbox.write_out() {
                 let _ = file.sync_data();
             }
