@@ -882,7 +882,7 @@ fn main() {
         }
         report.note(
             "each grant runs decide, JSON encode and evolve under the state lock (one caller runs the queued \
-             commands of all, see docs/design.md; their records go out in one write(2) per batch), so this rate is \
+             commands of all, see docs/design.md; the flush writes their records with one write(2) per fsync), so this rate is \
              the most any number of callers can reach even with a free fsync. The 64-caller rows with fsyncs run \
              with snapshot_every 10000 over a state that grows to 60000 active allocations: each snapshot encodes \
              and writes all of them (up to 12 MB) on the same two cores.",
