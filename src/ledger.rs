@@ -548,7 +548,15 @@ impl Ledger {
     }
 
     pub fn open_with(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<Ledger> {
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.as_ref();
+        if !opts.read_only {
+            return Self::open_once(dir, opts);
+        }
+        retry_damage_beside_writer(&*opts.storage, &dir.join(WAL_DIR), || Self::open_once(dir, opts.clone()))
+    }
+
+    fn open_once(dir: &Path, opts: OpenOptions) -> Result<Ledger> {
+        let dir = dir.to_path_buf();
         let storage = opts.storage.clone();
         let wal_dir = dir.join(WAL_DIR);
         let snap_dir = dir.join(SNAPSHOT_DIR);
@@ -1115,6 +1123,9 @@ impl Ledger {
     ) -> Result<R> {
         let (r, seq) = {
             let mut core = lock(&self.shared.core);
+            // `f` may read the log files up to the state's last event (the capacity index
+            // catches up that way): those records must be in the files, not only queued.
+            self.write_queued()?;
             let core = &mut *core;
             let now = self.shared.clock.now_micros().max(core.state.last_ts_us);
             (f(&core.state, &mut core.capacity_index, now), core.state.last_seq)
@@ -1123,6 +1134,36 @@ impl Ledger {
             self.wait_durable(seq)?;
         }
         Ok(r)
+    }
+
+    /// Writes the records queued for the next flush now (no fsync), so that a reader of the log
+    /// files finds every event folded so far. Call holding the core lock, under which nothing
+    /// is appended. A failed write stops the ledger, as in a flush.
+    fn write_queued(&self) -> Result<()> {
+        let Some(outbox) = &self.shared.outbox else { return Ok(()) };
+        if let Some(why) = &lock(&self.shared.sync).failed {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        outbox.write_out().map(drop).map_err(|e| {
+            let why = e.to_string();
+            lock(&self.shared.sync).failed.get_or_insert_with(|| why.clone());
+            Error::Poisoned(why)
+        })
+    }
+
+    /// The last sequence number of the state once it is durable (and so in the log files), for
+    /// readers of the files; with what `f` reads of the state at that point. A ledger that has
+    /// stopped (a failed write or fsync) writes nothing more: its files are read as they are,
+    /// for diagnosis, up to where they end.
+    pub(crate) fn with_durable_state<R>(&self, f: impl FnOnce(&State) -> R) -> Result<(R, u64)> {
+        let (r, seq) = self.with_state(|s| (f(s), s.last_seq));
+        match self.shared.read_only {
+            true => Ok((r, seq)),
+            false => match self.wait_durable(seq) {
+                Ok(()) | Err(Error::Poisoned(_)) => Ok((r, seq)),
+                Err(e) => Err(e),
+            },
+        }
     }
 
     pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
@@ -1199,9 +1240,9 @@ impl Ledger {
     pub fn find_in_log(&self, id: AllocationId) -> Result<Option<Allocation>> {
         let needle = format!("\"allocation_id\":\"{id}\"");
         let finder = memchr::memmem::Finder::new(needle.as_bytes());
-        let upto = self.with_state(|s| s.last_seq);
+        let ((), upto) = self.with_durable_state(|_| ())?;
         let mut found: Option<Allocation> = None;
-        wal::scan_log(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, &mut |pos, payload| {
+        wal::scan_log_upto(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, upto, &mut |pos, payload| {
             if pos.seq > upto {
                 return Ok(false);
             }
@@ -1236,12 +1277,12 @@ impl Ledger {
 
     /// Every allocation that is no longer in memory, from the log, filtered by job.
     fn evicted_from_log(&self, job_id: Option<&str>) -> Result<Vec<Allocation>> {
-        let (upto, in_memory): (u64, std::collections::HashSet<AllocationId>) =
-            self.with_state(|s| (s.last_seq, s.allocations().map(|a| a.id).collect()));
+        let (in_memory, upto): (std::collections::HashSet<AllocationId>, u64) =
+            self.with_durable_state(|s| s.allocations().map(|a| a.id).collect())?;
         let job_needle = job_id.map(|j| format!("\"job_id\":{}", serde_json::Value::from(j)));
         let job_finder = job_needle.as_ref().map(|n| memchr::memmem::Finder::new(n.as_bytes()).into_owned());
         let mut found: std::collections::HashMap<AllocationId, Allocation> = std::collections::HashMap::new();
-        wal::scan_log(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, &mut |pos, payload| {
+        wal::scan_log_upto(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, upto, &mut |pos, payload| {
             if pos.seq > upto {
                 return Ok(false);
             }
@@ -1388,17 +1429,19 @@ impl Ledger {
 
     // ----- reading the log -----
 
-    /// Events with `seq >= from_seq`, at most `limit` of them, read from the log files.
+    /// Events with `seq >= from_seq`, at most `limit` of them, read from the log files, up to
+    /// the state's last event once it is durable (a stopped ledger's files as they are).
     pub fn events(&self, from_seq: u64, limit: usize) -> Result<Vec<LoggedEvent>> {
-        let upto = self.with_state(|s| s.last_seq);
+        let ((), upto) = self.with_durable_state(|_| ())?;
         let mut out = Vec::new();
         if limit == 0 {
             return Ok(out);
         }
-        wal::scan_log(
+        wal::scan_log_upto(
             &*self.shared.storage,
             &self.shared.dir.join(WAL_DIR),
             from_seq.saturating_sub(1),
+            upto,
             &mut |pos, payload| {
                 if pos.seq > upto {
                     return Ok(false);
@@ -1414,12 +1457,44 @@ impl Ledger {
     pub fn refresh(&self) -> Result<u64> {
         let mut core = lock(&self.shared.core);
         let before = core.state.last_seq;
-        let mut state = core.state.clone();
-        let reload = || Ok(core.state.clone());
-        replay_into(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), &mut state, None, &reload)?;
+        let wal_dir = self.shared.dir.join(WAL_DIR);
+        let state = retry_damage_beside_writer(&*self.shared.storage, &wal_dir, || {
+            let mut state = core.state.clone();
+            let reload = || Ok(core.state.clone());
+            replay_into(&*self.shared.storage, &wal_dir, &mut state, None, &reload)?;
+            Ok(state)
+        })?;
         core.state = state;
         Ok(core.state.last_seq - before)
     }
+}
+
+/// How long a read-only handle waits before it reads the log again when it found damage: a
+/// reader beside a live writer can catch the writer's newest records being written, bytes that
+/// look like damage until the write is whole. Damage that is still there after these waits is
+/// reported.
+const READ_ONLY_RETRY_WAITS: [std::time::Duration; 3] =
+    [std::time::Duration::from_millis(1), std::time::Duration::from_millis(10), std::time::Duration::from_millis(100)];
+
+/// Runs `read` (a read-only handle's pass over the log) again after each of
+/// `READ_ONLY_RETRY_WAITS` while it reports damage in the last segment, the only one a writer
+/// writes (a rotation finishes a segment before it creates the next).
+fn retry_damage_beside_writer<T>(
+    storage: &dyn Storage,
+    wal_dir: &Path,
+    mut read: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    for wait in READ_ONLY_RETRY_WAITS {
+        match read() {
+            Err(Error::Damaged(d))
+                if wal::list_segments(storage, wal_dir).is_ok_and(|s| s.last().is_some_and(|l| l.path == d.file)) =>
+            {
+                std::thread::sleep(wait)
+            }
+            done => return done,
+        }
+    }
+    read()
 }
 
 /// A write submitted by an async caller ([`Ledger::request_resources_async`],

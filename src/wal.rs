@@ -75,6 +75,27 @@ pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut s
     scan_log_from(storage, dir, after_seq, None, visit)
 }
 
+/// Like [`scan_log`], for the records after `after_seq` up to and including `upto` only: the
+/// scan stops once it has visited `upto` and never decodes what follows. A writer's flush may
+/// be writing the records after the ones a reader waited for, and bytes caught in flight can
+/// look like damage.
+pub fn scan_log_upto(
+    storage: &dyn Storage,
+    dir: &Path,
+    after_seq: u64,
+    upto: u64,
+    visit: &mut segment::Visit<'_>,
+) -> Result<()> {
+    if after_seq >= upto {
+        return Ok(());
+    }
+    scan_log(storage, dir, after_seq, &mut |pos, payload| {
+        debug_assert!(pos.seq <= upto);
+        Ok(visit(pos, payload)? && pos.seq < upto)
+    })
+    .map(drop)
+}
+
 /// `hint` if it names the record `after_seq` in `seg` (the segment where a scan after
 /// `after_seq` starts); whether a valid record is really there is the scan's to check.
 fn hint_in(hint: Option<LogPosition>, after_seq: u64, seg: &SegmentInfo) -> Option<LogPosition> {

@@ -464,3 +464,159 @@ fn sixty_four_tokio_tasks_on_two_threads_share_fsyncs_on_real_files() {
     assert_eq!(live, common::fold(&events));
     done.store(true, Ordering::Relaxed);
 }
+
+/// `FaultyStorage` whose fsyncs of appended files wait while a gate is closed, to hold a flush
+/// in progress while a test arranges what happens meanwhile.
+#[derive(Debug, Clone)]
+struct GatedStorage {
+    inner: FaultyStorage,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    /// fsyncs waiting at the closed gate.
+    waiting: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct GatedFile {
+    inner: Box<dyn allocation_ledger::storage::AppendFile>,
+    storage: GatedStorage,
+}
+
+impl GatedStorage {
+    fn set_open(&self, open: bool) {
+        *self.gate.0.lock().unwrap() = open;
+        self.gate.1.notify_all();
+    }
+}
+
+impl allocation_ledger::storage::AppendFile for GatedFile {
+    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.append(buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        let (open, changed) = &*self.storage.gate;
+        let mut open = open.lock().unwrap();
+        if !*open {
+            self.storage.waiting.fetch_add(1, Ordering::SeqCst);
+            while !*open {
+                open = changed.wait(open).unwrap();
+            }
+            self.storage.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(open);
+        self.inner.sync_data()
+    }
+    fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(len)
+    }
+}
+
+impl Storage for GatedStorage {
+    fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn exists(&self, path: &std::path::Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn open_append(
+        &self,
+        path: &std::path::Path,
+        create_new: bool,
+    ) -> std::io::Result<Box<dyn allocation_ledger::storage::AppendFile>> {
+        Ok(Box::new(GatedFile { inner: self.inner.open_append(path, create_new)?, storage: self.clone() }))
+    }
+    fn read(&self, path: &std::path::Path) -> std::io::Result<allocation_ledger::storage::FileBytes> {
+        self.inner.read(path)
+    }
+    fn read_range(&self, path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.inner.read_range(path, offset, len)
+    }
+    fn file_len(&self, path: &std::path::Path) -> std::io::Result<u64> {
+        self.inner.file_len(path)
+    }
+    fn set_len(&self, path: &std::path::Path, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(path, len)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+    fn try_lock(
+        &self,
+        path: &std::path::Path,
+    ) -> std::io::Result<Option<Box<dyn allocation_ledger::storage::LockGuard>>> {
+        self.inner.try_lock(path)
+    }
+}
+
+/// Records wait in the outbox while a flush is in progress; a reader of the log files that
+/// starts then (the event list, an allocation's history, the capacity index catching up) still
+/// sees every event the state has folded, once it is durable, and never one that is not.
+#[test]
+fn log_readers_see_records_that_were_queued_behind_a_flush() {
+    let done = watchdog("log_readers_see_records_that_were_queued_behind_a_flush");
+    let storage = GatedStorage {
+        inner: FaultyStorage::new(),
+        gate: Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new())),
+        waiting: Arc::new(AtomicUsize::new(0)),
+    };
+    let clock = ManualClock::at_default_epoch();
+    let opts = common::opts(pool_config(16), &clock).storage(Arc::new(storage.clone()));
+    let ledger = Ledger::open_with(common::MEM_DIR, opts).unwrap();
+    ledger.request_resources(&ResourceRequest::new("before").workers(1)).unwrap();
+    ledger.capacity_at(ledger.now_micros()).unwrap();
+    let spin_until = |what: &str, cond: &dyn Fn() -> bool| {
+        for _ in 0..2_000_000 {
+            if cond() {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        panic!("{what} never happened");
+    };
+    storage.set_open(false);
+    std::thread::scope(|s| {
+        // A: its flush is stuck in fsync.
+        let a = s.spawn(|| ledger.request_resources(&ResourceRequest::new("a").workers(1)).unwrap());
+        spin_until("a flush waiting at the gate", &|| storage.waiting.load(Ordering::SeqCst) == 1);
+        // B: runs and queues its record while that flush is in progress.
+        let before = ledger.status().last_seq;
+        let b = s.spawn(|| ledger.request_resources(&ResourceRequest::new("b").workers(1)).unwrap());
+        spin_until("b's command ran", &|| ledger.status().last_seq == before + 1);
+        let b_seq = before + 1;
+        assert!(ledger.status().durable_seq < b_seq);
+        let events = s.spawn(|| ledger.events(0, 1000).unwrap());
+        let history = s.spawn(|| ledger.job_history("b").unwrap());
+        // An instant after every event: the state as of now.
+        let at = s.spawn(|| ledger.capacity_at(ledger.now_micros() + 3_600_000_000).unwrap());
+        // Give the readers the time to answer early, which they must not: they wait for b.
+        for _ in 0..20_000 {
+            if events.is_finished() && history.is_finished() && at.is_finished() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let answered_early = [events.is_finished(), history.is_finished(), at.is_finished()];
+        storage.set_open(true);
+        assert_eq!(answered_early, [false; 3], "a reader answered before b was durable");
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        let events = events.join().unwrap();
+        assert_eq!(events.last().map(|e| e.seq), Some(b_seq), "the event list ends with b's grant");
+        assert_eq!(events.last().and_then(|e| e.event.body.allocation_id()), Some(b.allocation_id()));
+        assert!(events.iter().any(|e| e.event.body.allocation_id() == Some(a.allocation_id())));
+        assert_eq!(history.join().unwrap().allocation_ids, vec![b.allocation_id()]);
+        let at = at.join().unwrap();
+        assert_eq!((at.allocated_workers, at.seq), (3, b_seq), "before, a and b hold a worker each");
+    });
+    done.store(true, Ordering::Relaxed);
+}

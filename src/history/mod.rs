@@ -81,7 +81,7 @@ fn scan_into(ledger: &Ledger, ix: &mut CapacityIndex, upto: u64, progress: Progr
         return Ok(());
     }
     let mut broken = None;
-    wal::scan_log(&**ledger.storage(), &ledger.dir().join(WAL_DIR), ix.last_seq(), &mut |pos, payload| {
+    wal::scan_log_upto(&**ledger.storage(), &ledger.dir().join(WAL_DIR), ix.last_seq(), upto, &mut |pos, payload| {
         if pos.seq > upto {
             return Ok(false);
         }
@@ -220,7 +220,7 @@ impl Ledger {
         }
         let mut state = state.unwrap_or_else(|| State::empty(Config::default()));
         if state.last_seq < seq {
-            wal::scan_log(storage, &self.dir().join(WAL_DIR), state.last_seq, &mut |pos, payload| {
+            wal::scan_log_upto(storage, &self.dir().join(WAL_DIR), state.last_seq, seq, &mut |pos, payload| {
                 if pos.seq > seq {
                     return Ok(false);
                 }
@@ -288,7 +288,7 @@ impl Ledger {
         if upto == 0 {
             return Ok(Vec::new());
         }
-        wal::scan_log(&**self.storage(), &self.dir().join(WAL_DIR), 0, &mut |pos, payload| {
+        wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), 0, upto, &mut |pos, payload| {
             if pos.seq > upto {
                 return Ok(false);
             }
@@ -316,7 +316,7 @@ impl Ledger {
     /// Visits the events in `range` in log order, read from the log files; `visit` returns false
     /// to stop. Only events already folded into this handle's state are visited.
     pub fn for_each_event(&self, range: EventRange, visit: &mut dyn FnMut(&LoggedEvent) -> bool) -> Result<()> {
-        let upto = self.with_state(|s| s.last_seq).min(range.to_seq.unwrap_or(u64::MAX));
+        let upto = self.with_durable_state(|_| ())?.1.min(range.to_seq.unwrap_or(u64::MAX));
         let mut after = range.from_seq.unwrap_or(1).max(1) - 1;
         if let Some(since) = range.since {
             after = after.max(self.seq_hint(since)?);
@@ -324,7 +324,7 @@ impl Ledger {
         if after >= upto {
             return Ok(());
         }
-        wal::scan_log(&**self.storage(), &self.dir().join(WAL_DIR), after, &mut |pos, payload| {
+        wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), after, upto, &mut |pos, payload| {
             if pos.seq > upto {
                 return Ok(false);
             }
@@ -379,7 +379,7 @@ impl Ledger {
         if after >= upto {
             return Ok((out, ids));
         }
-        wal::scan_log(&**self.storage(), &self.dir().join(WAL_DIR), after, &mut |pos, payload| {
+        wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), after, upto, &mut |pos, payload| {
             if pos.seq > upto {
                 return Ok(false);
             }
@@ -419,9 +419,9 @@ impl Ledger {
     /// (no longer in memory) is found in the log.
     pub fn allocation_history(&self, allocation_id: &str) -> Result<History> {
         let id = AllocationId::parse("allocation_id", allocation_id)?;
-        let (known, upto) = self.with_state(|s| {
-            (s.allocation(id).map(|a| (a.job_id.clone(), a.created_us, a.state.is_terminal())), s.last_seq)
-        });
+        let (known, upto) = self.with_durable_state(|s| {
+            s.allocation(id).map(|a| (a.job_id.clone(), a.created_us, a.state.is_terminal()))
+        })?;
         let subject = Subject::Allocation(id);
         let (events, job_id) = match known {
             Some((job_id, created, ended)) => {
@@ -445,15 +445,15 @@ impl Ledger {
     /// the ledger never saw has an empty history.
     pub fn job_history(&self, job_id: &str) -> Result<History> {
         crate::state::validate_job_id("job_id", job_id)?;
-        let (known, evicted, upto) = self.with_state(|s| {
+        let ((known, evicted), upto) = self.with_durable_state(|s| {
             let known: Vec<(AllocationId, Micros, bool)> = s
                 .list(None, Some(job_id), s.last_ts_us)
                 .iter()
                 .filter_map(|row| s.allocation(row.allocation_id))
                 .map(|a| (a.id, a.created_us, a.state.is_terminal()))
                 .collect();
-            (known, s.evicted_count() > 0, s.last_seq)
-        });
+            (known, s.evicted_count() > 0)
+        })?;
         let subject = Subject::Job(job_id);
         let (events, ids) = if evicted {
             // Older allocations of the job may be only in the log: read all of it.
