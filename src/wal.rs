@@ -466,17 +466,9 @@ impl WalWriter {
             queued.catch_up(self.written_len);
             queued.bytes.extend_from_slice(&self.pending);
             if !queued.bytes.is_empty() {
-                self.active.write_at(queued.offset, &queued.bytes).map_err(|e| {
-                    Error::io(
-                        format!(
-                            "writing records up to {} at offset {} of {}",
-                            self.next_seq - 1,
-                            queued.offset,
-                            self.active_path.display()
-                        ),
-                        e,
-                    )
-                })?;
+                self.active
+                    .write_at(queued.offset, &queued.bytes)
+                    .map_err(|e| records_write_failed(e, self.next_seq - 1, queued.offset, &self.active_path))?;
             }
             self.active
                 .sync_data()
@@ -574,10 +566,8 @@ impl Outbox {
             (q.file.clone(), offset, bytes, q.last_seq)
         };
         if !bytes.is_empty() {
-            file.write_at(offset, &bytes).map_err(|e| {
-                let path = lock(&self.queued).path.clone();
-                Error::io(format!("writing records up to {last_seq} at offset {offset} of {}", path.display()), e)
-            })?;
+            file.write_at(offset, &bytes)
+                .map_err(|e| records_write_failed(e, last_seq, offset, &lock(&self.queued).path))?;
             bytes.clear();
             let mut q = lock(&self.queued);
             if q.spare.capacity() < bytes.capacity() {
@@ -586,6 +576,11 @@ impl Outbox {
         }
         Ok((file, last_seq))
     }
+}
+
+/// The error of a failed write of queued records (by a flush, or by a rotation).
+fn records_write_failed(e: std::io::Error, last_seq: u64, offset: u64, path: &Path) -> Error {
+    Error::io(format!("writing records up to {last_seq} at offset {offset} of {}", path.display()), e)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -394,15 +394,21 @@ fn tokio_tasks(ledger: &Ledger, tasks: usize, ops: usize) -> Vec<Acked> {
 #[cfg(feature = "server")]
 #[test]
 fn sixty_four_tokio_tasks_with_instant_fsyncs_all_finish_and_lose_nothing() {
-    let done = watchdog("sixty_four_tokio_tasks_with_instant_fsyncs");
+    rounds_then_power_loss("sixty_four_tokio_tasks_with_instant_fsyncs", &|ledger, _| tokio_tasks(ledger, 64, 2));
+}
+
+/// 150 rounds of callers on a fresh in-memory ledger (instant fsyncs), twice, each followed by
+/// power loss; a hang (a lost wake-up) trips the watchdog.
+fn rounds_then_power_loss(name: &'static str, round: &dyn Fn(&Ledger, usize) -> Vec<Acked>) {
+    let done = watchdog(name);
     for seed in 0..2u64 {
         let storage = FaultyStorage::new();
         let clock = ManualClock::at_default_epoch();
         let config = pool_config(256);
         let ledger = open(&storage, &clock, config.clone());
         let mut results = Vec::new();
-        for _ in 0..150 {
-            results.extend(tokio_tasks(&ledger, 64, 2));
+        for r in 0..150 {
+            results.extend(round(&ledger, r));
         }
         survives_power_loss(ledger, &storage, &clock, config, &results, seed);
     }
@@ -415,31 +421,20 @@ fn sixty_four_tokio_tasks_with_instant_fsyncs_all_finish_and_lose_nothing() {
 /// times.
 #[test]
 fn sixty_four_threads_with_instant_fsyncs_all_finish_and_lose_nothing() {
-    let done = watchdog("sixty_four_threads_with_instant_fsyncs");
-    for seed in 0..2u64 {
-        let storage = FaultyStorage::new();
-        let clock = ManualClock::at_default_epoch();
-        let config = pool_config(256);
-        let ledger = open(&storage, &clock, config.clone());
-        let mut results = Vec::new();
-        for round in 0..150 {
-            results.extend(std::thread::scope(|s| {
-                let handles: Vec<_> = (0..64)
-                    .map(|t| {
-                        let ledger = &ledger;
-                        s.spawn(move || {
-                            let (acked, err) = caller(ledger, format!("thread-{round}-{t}"), 2, false);
-                            assert!(err.is_none(), "{err:?}");
-                            acked
-                        })
+    rounds_then_power_loss("sixty_four_threads_with_instant_fsyncs", &|ledger, round| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..64)
+                .map(|t| {
+                    s.spawn(move || {
+                        let (acked, err) = caller(ledger, format!("thread-{round}-{t}"), 2, false);
+                        assert!(err.is_none(), "{err:?}");
+                        acked
                     })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<Acked>>()
-            }));
-        }
-        survives_power_loss(ledger, &storage, &clock, config, &results, seed);
-    }
-    done.store(true, Ordering::Relaxed);
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    });
 }
 
 #[cfg(feature = "server")]
