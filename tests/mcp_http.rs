@@ -235,3 +235,96 @@ fn concurrent_clients_never_share_a_slot() {
     let o = bin().arg("--data-dir").arg(dir.path()).arg("verify").output().unwrap();
     assert!(o.status.success(), "verify: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }
+
+/// A client may send its request body in a packet of its own, and reuse the connection after a
+/// refusal (ureq does both). The server must read the body of a request it refuses before
+/// answering; hyper closes a connection whose unread body has not arrived yet, and the client's
+/// next request on it fails with "peer disconnected" (a CI failure of this file).
+#[test]
+fn a_refused_request_leaves_the_connection_usable() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let server = HttpServer::start(&dir.path().join("ledger"), &["--token-file", token_file.to_str().unwrap()]);
+    let authority = server.url.trim_start_matches("http://").trim_end_matches("/mcp").to_string();
+    let request_head = |extra: &str| {
+        format!(
+            "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n{extra}\r\n",
+            INIT.len()
+        )
+    };
+    let mut stream = std::net::TcpStream::connect(&authority).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(request_head("").as_bytes()).unwrap();
+    // Holds the body back until the server answers or 300 ms pass, so it cannot share a packet
+    // with the head. Either way is fine here; what counts is the next request.
+    let mut seen = Vec::new();
+    stream.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 4096];
+    if let Ok(n) = stream.read(&mut buf) {
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Write errors are the failure being tested for; the count of answers below reports them.
+    let _ = stream.write_all(INIT.as_bytes());
+    let _ = stream.write_all(format!("{}{INIT}", request_head("Connection: close\r\n")).as_bytes());
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert_eq!(text.matches("HTTP/1.1 401").count(), 2, "both requests answered on one connection:\n{text}");
+    assert!(server.stop().success());
+}
+
+/// A body past the 4 MiB limit is refused with 413 and the limit, before it is read (declared
+/// length) or once the limit is passed (chunked).
+#[test]
+fn an_oversized_request_is_refused_with_the_limit() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(dir.path(), &[]);
+    let authority = server.url.trim_start_matches("http://").trim_end_matches("/mcp").to_string();
+    let mut stream = std::net::TcpStream::connect(&authority).unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
+        5 * 1024 * 1024
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("limit of 4194304 bytes"), "{reply}");
+
+    // Chunked, so the server learns the size only by reading: 64 KiB chunks past the limit.
+    let mut stream = std::net::TcpStream::connect(&authority).unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+    let mut written = 0;
+    // The server stops reading at the limit; a write error after that is expected.
+    while written <= 4 * 1024 * 1024 && stream.write_all(chunk.as_bytes()).is_ok() {
+        written += 0x10000;
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+
+    // The server is still there for well-behaved clients.
+    let mut client = HttpClient::new(&server.url, None);
+    client.initialize();
+    assert_eq!(ok(&client.call("get_capacity", serde_json::json!({})))["total_workers"], 10);
+    assert!(server.stop().success());
+}

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 /// Origins accepted without configuration: pages served from this machine.
 const DEFAULT_ORIGINS: [&str; 3] = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"];
 const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+/// The largest request body accepted (rmcp's own default, set explicitly so both checks agree).
+const MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// A checked HTTP setup: where to bind, the token, the Origin and Host allow-lists.
 #[derive(Debug)]
@@ -148,6 +150,34 @@ async fn require_bearer(token: Arc<String>, req: Request, next: Next) -> Respons
     }
 }
 
+/// Reads the whole request body before anything answers. A refusal (bad token, Origin, Accept)
+/// would otherwise answer with the body unread, and hyper then closes the connection if the body
+/// has not arrived yet: the client's next request on the kept-alive connection fails.
+async fn read_whole_body(req: Request, next: Next) -> Response {
+    let too_large = || {
+        let message = format!("the request body is larger than the limit of {MAX_REQUEST_BODY_BYTES} bytes");
+        (StatusCode::PAYLOAD_TOO_LARGE, [(header::CONNECTION, "close")], message).into_response()
+    };
+    let declared_bytes = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // Refused before reading: nothing of it has been sent to us yet that we would have to drain.
+    if declared_bytes.is_some_and(|n| n > MAX_REQUEST_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, MAX_REQUEST_BODY_BYTES).await {
+        Ok(bytes) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        // A chunked body past the limit, or a client that stopped sending: the rest of the
+        // connection's bytes cannot be trusted to start a request, so it is closed.
+        Err(e) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
+            too_large()
+        }
+        Err(e) => {
+            let message = format!("cannot read the request body: {e}");
+            (StatusCode::BAD_REQUEST, [(header::CONNECTION, "close")], message).into_response()
+        }
+    }
+}
+
 fn unauthorized(param: &str, message: &str) -> Response {
     let challenge = if param.is_empty() {
         "Bearer realm=\"allocation-ledger\"".to_string()
@@ -165,6 +195,7 @@ pub(crate) async fn serve_http(
     let config = StreamableHttpServerConfig::default()
         .with_allowed_origins(plan.allowed_origins.clone())
         .with_allowed_hosts(plan.allowed_hosts.clone())
+        .with_max_request_body_bytes(MAX_REQUEST_BODY_BYTES)
         // Cancelling closes open SSE streams, so the graceful shutdown below can finish.
         .with_cancellation_token(shutdown.child_token());
     let service: StreamableHttpService<LedgerTools, LocalSessionManager> =
@@ -176,6 +207,9 @@ pub(crate) async fn serve_http(
         app = app
             .layer(axum::middleware::from_fn(move |req: Request, next: Next| require_bearer(token.clone(), req, next)));
     }
+
+    // Outermost, so it runs before every check that may refuse the request.
+    app = app.layer(axum::middleware::from_fn(read_whole_body));
 
     let listener =
         tokio::net::TcpListener::bind(plan.addr).await.map_err(|e| format!("cannot listen on {}: {e}", plan.addr))?;
