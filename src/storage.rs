@@ -150,6 +150,9 @@ impl AppendFile for FsFile {
     }
 }
 
+/// Waits between attempts at a held lock (255 ms in all; see `FsStorage::try_lock`).
+const LOCK_RETRY_DELAYS_MS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+
 #[derive(Debug)]
 struct FsLock(#[allow(dead_code)] std::fs::File);
 impl LockGuard for FsLock {}
@@ -237,12 +240,24 @@ impl Storage for FsStorage {
         std::fs::File::open(dir)?.sync_all()
     }
 
+    /// A held lock is tried again after each of [`LOCK_RETRY_DELAYS_MS`] before it counts as
+    /// held: a child that another thread of this process is starting holds a copy of the lock's
+    /// descriptor (the lock belongs to the open file, and the copy keeps it open) until it
+    /// executes its program, which closes it. A handle just dropped may leave its lock held
+    /// that way for a moment (a test that reopened a ledger while another test started the CLI
+    /// saw `Locked`).
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
         let f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
-        match f.try_lock() {
-            Ok(()) => Ok(Some(Box::new(FsLock(f)))),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        let mut delays_ms = LOCK_RETRY_DELAYS_MS.iter();
+        loop {
+            match f.try_lock() {
+                Ok(()) => return Ok(Some(Box::new(FsLock(f)))),
+                Err(std::fs::TryLockError::WouldBlock) => match delays_ms.next() {
+                    Some(&ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+                    None => return Ok(None),
+                },
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
         }
     }
 }
@@ -733,6 +748,30 @@ mod tests {
         f.append(b"9").unwrap();
         assert_eq!(s.files()[Path::new("/d/a")], b"1234569");
         assert_eq!(s.faults_fired(), 1);
+    }
+
+    #[test]
+    fn a_lock_whose_descriptor_a_starting_child_still_holds_is_taken_once_it_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("LOCK");
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).unwrap();
+        f.try_lock().unwrap();
+        // What a child between fork and exec holds: another descriptor of the same open file,
+        // which keeps the lock after the handle's own descriptor is closed.
+        let copy = f.try_clone().unwrap();
+        drop(f);
+        assert!(std::fs::File::open(&path).unwrap().try_lock().is_err(), "the copy holds the lock");
+        // The "exec": the copy is closed a moment later (well within the 255 ms of retries).
+        let exec = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(copy);
+        });
+        assert!(FsStorage::default().try_lock(&path).unwrap().is_some(), "taken once the copy is closed");
+        exec.join().unwrap();
+        // A lock that stays held is reported held.
+        let held = FsStorage::default().try_lock(&path).unwrap().expect("free again");
+        assert!(FsStorage::default().try_lock(&path).unwrap().is_none());
+        drop(held);
     }
 
     #[test]
