@@ -328,3 +328,28 @@ fn an_oversized_request_is_refused_with_the_limit() {
     assert_eq!(ok(&client.call("get_capacity", serde_json::json!({})))["total_workers"], 10);
     assert!(server.stop().success());
 }
+
+/// With a token, an unauthenticated client cannot make the server read a large body: a
+/// declared 5 MiB body is refused with 401 (not read, so not 413) and the connection closed.
+#[test]
+fn an_unauthenticated_large_body_is_refused_unread() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let server = HttpServer::start(&dir.path().join("ledger"), &["--token-file", token_file.to_str().unwrap()]);
+    let authority = server.url.trim_start_matches("http://").trim_end_matches("/mcp").to_string();
+    let mut stream = std::net::TcpStream::connect(&authority).unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
+        5 * 1024 * 1024
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
+    assert!(server.stop().success());
+}

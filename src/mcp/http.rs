@@ -18,6 +18,8 @@ const DEFAULT_ORIGINS: [&str; 3] = ["http://localhost:*", "http://127.0.0.1:*", 
 const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// The largest request body accepted (rmcp's own default, set explicitly so both checks agree).
 const MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// The most of a refused request's body that is read so that its connection stays usable.
+const REFUSED_BODY_DRAIN_BYTES: usize = 64 * 1024;
 
 /// A checked HTTP setup: where to bind, the token, the Origin and Host allow-lists.
 #[derive(Debug)]
@@ -143,16 +145,33 @@ async fn require_bearer(token: Arc<String>, req: Request, next: Next) -> Respons
         let (scheme, rest) = v.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
     });
-    match presented {
-        Some(t) if token_matches(t, &token) => next.run(req).await,
+    let refusal = match presented {
+        Some(t) if token_matches(t, &token) => return next.run(req).await,
         Some(_) => unauthorized("error=\"invalid_token\"", "invalid bearer token"),
         None => unauthorized("", "missing bearer token: send Authorization: Bearer <token>"),
-    }
+    };
+    drain_then(req, refusal).await
 }
 
-/// Reads the whole request body before anything answers. A refusal (bad token, Origin, Accept)
-/// would otherwise answer with the body unread, and hyper then closes the connection if the body
-/// has not arrived yet: the client's next request on the kept-alive connection fails.
+/// Answers a refused request after reading what is left of its body, so that the client may
+/// reuse the connection (hyper closes one whose unread body has not arrived yet, and the
+/// client's next request on it fails). A body past `REFUSED_BODY_DRAIN_BYTES` is not read
+/// (an unauthenticated client must not make the server buffer megabytes); the connection is
+/// closed instead.
+async fn drain_then(req: Request, mut refusal: Response) -> Response {
+    let declared_bytes = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let drained = declared_bytes.is_none_or(|n| n <= REFUSED_BODY_DRAIN_BYTES as u64)
+        && axum::body::to_bytes(req.into_body(), REFUSED_BODY_DRAIN_BYTES).await.is_ok();
+    if !drained {
+        refusal.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    refusal
+}
+
+/// Reads the whole request body before rmcp's service sees it. Its refusals (Origin, Host,
+/// Accept) would otherwise answer with the body unread, and hyper then closes the connection if
+/// the body has not arrived yet: the client's next request on the kept-alive connection fails.
+/// Runs after the bearer check, so only an authenticated (or loopback) client gets this far.
 async fn read_whole_body(req: Request, next: Next) -> Response {
     let too_large = || {
         let message = format!("the request body is larger than the limit of {MAX_REQUEST_BODY_BYTES} bytes");
@@ -202,14 +221,14 @@ pub(crate) async fn serve_http(
         StreamableHttpService::new(move || Ok(factory()), Arc::new(LocalSessionManager::default()), config);
 
     let mut app = axum::Router::new().nest_service("/mcp", service);
+    // Inside the bearer check (a layer added later runs first): a refused client's body is only
+    // drained up to a small limit.
+    app = app.layer(axum::middleware::from_fn(read_whole_body));
     if let Some(token) = plan.token {
         let token = Arc::new(token);
         app = app
             .layer(axum::middleware::from_fn(move |req: Request, next: Next| require_bearer(token.clone(), req, next)));
     }
-
-    // Outermost, so it runs before every check that may refuse the request.
-    app = app.layer(axum::middleware::from_fn(read_whole_body));
 
     let listener =
         tokio::net::TcpListener::bind(plan.addr).await.map_err(|e| format!("cannot listen on {}: {e}", plan.addr))?;
