@@ -20,6 +20,8 @@ const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 const MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// The most of a refused request's body that is read so that its connection stays usable.
 const REFUSED_BODY_DRAIN_BYTES: usize = 64 * 1024;
+/// How long a refused request's body may take to arrive before the refusal is sent anyway.
+const REFUSED_BODY_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A checked HTTP setup: where to bind, the token, the Origin and Host allow-lists.
 #[derive(Debug)]
@@ -156,12 +158,17 @@ async fn require_bearer(token: Arc<String>, req: Request, next: Next) -> Respons
 /// Answers a refused request after reading what is left of its body, so that the client may
 /// reuse the connection (hyper closes one whose unread body has not arrived yet, and the
 /// client's next request on it fails). A body past `REFUSED_BODY_DRAIN_BYTES` is not read
-/// (an unauthenticated client must not make the server buffer megabytes); the connection is
-/// closed instead.
+/// (an unauthenticated client must not make the server buffer megabytes), nor one that does not
+/// arrive within `REFUSED_BODY_DRAIN_TIMEOUT`; the connection is closed instead.
 async fn drain_then(req: Request, mut refusal: Response) -> Response {
     let declared_bytes = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let drained = declared_bytes.is_none_or(|n| n <= REFUSED_BODY_DRAIN_BYTES as u64)
-        && axum::body::to_bytes(req.into_body(), REFUSED_BODY_DRAIN_BYTES).await.is_ok();
+        && tokio::time::timeout(
+            REFUSED_BODY_DRAIN_TIMEOUT,
+            axum::body::to_bytes(req.into_body(), REFUSED_BODY_DRAIN_BYTES),
+        )
+        .await
+        .is_ok_and(|read| read.is_ok());
     if !drained {
         refusal.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
     }
