@@ -1477,24 +1477,37 @@ const READ_ONLY_RETRY_WAITS: [std::time::Duration; 3] =
     [std::time::Duration::from_millis(1), std::time::Duration::from_millis(10), std::time::Duration::from_millis(100)];
 
 /// Runs `read` (a read-only handle's pass over the log) again after each of
-/// `READ_ONLY_RETRY_WAITS` while it reports damage in the last segment, the only one a writer
-/// writes (a rotation finishes a segment before it creates the next).
+/// `READ_ONLY_RETRY_WAITS` while it reports damage that a writer's write in flight can explain
+/// (see [`damage_may_be_a_write_in_flight`]).
 fn retry_damage_beside_writer<T>(
     storage: &dyn Storage,
     wal_dir: &Path,
     mut read: impl FnMut() -> Result<T>,
 ) -> Result<T> {
+    let last_segment = || wal::list_segments(storage, wal_dir).ok().and_then(|s| s.last().map(|l| l.first_seq));
     for wait in READ_ONLY_RETRY_WAITS {
+        let last_before = last_segment();
         match read() {
-            Err(Error::Damaged(d))
-                if wal::list_segments(storage, wal_dir).is_ok_and(|s| s.last().is_some_and(|l| l.path == d.file)) =>
-            {
-                std::thread::sleep(wait)
-            }
+            Err(Error::Damaged(d)) if damage_may_be_a_write_in_flight(&d.file, last_before) => std::thread::sleep(wait),
             done => return done,
         }
     }
     read()
+}
+
+/// Whether damage a reader found in `file` may be a live writer's write caught in flight: only
+/// the last segment is written to (a rotation finishes a segment before it creates the next),
+/// so the file must be the segment that was last when the read began (`last_before`, by its
+/// first sequence number), or one created since. Comparing with the last segment after the read
+/// instead missed a rotation that happened during it.
+fn damage_may_be_a_write_in_flight(file: &Path, last_before: Option<u64>) -> bool {
+    let first_seq = file.file_name().and_then(|n| n.to_str()).and_then(crate::segment::parse_file_name);
+    match (first_seq, last_before) {
+        (Some(first_seq), Some(last)) => first_seq >= last,
+        (Some(_), None) => true,
+        // Not a segment: snapshots are written whole and renamed into place.
+        (None, _) => false,
+    }
 }
 
 /// A write submitted by an async caller ([`Ledger::request_resources_async`],
@@ -1760,6 +1773,18 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::storage::FaultyStorage;
     use std::time::{Duration, Instant};
+
+    /// A locking.rs run under load failed: the reader caught a write in flight in segment 143,
+    /// and the writer rotated to segment 157 before the reader looked at which segment was last.
+    #[test]
+    fn damage_in_the_segment_that_was_last_when_the_read_began_may_be_a_write_in_flight() {
+        let seg = |first_seq| PathBuf::from("/l/wal").join(crate::segment::file_name(first_seq));
+        assert!(damage_may_be_a_write_in_flight(&seg(143), Some(143)), "last when the read began");
+        assert!(damage_may_be_a_write_in_flight(&seg(157), Some(143)), "created during the read");
+        assert!(damage_may_be_a_write_in_flight(&seg(1), None), "the first segment, being created");
+        assert!(!damage_may_be_a_write_in_flight(&seg(120), Some(143)), "finished before the read began");
+        assert!(!damage_may_be_a_write_in_flight(Path::new("/l/snapshots/x.snap"), Some(143)), "not a segment");
+    }
 
     fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
