@@ -234,6 +234,11 @@ pub fn scan_from(
                     Decoded::Corrupt(reason) => (false, reason),
                     _ => (true, "record length runs past the end of the file".to_string()),
                 };
+                // Before the length check: a share of the header that never landed reads as a
+                // zero length, and a record put back together from the rest is whole.
+                if header_share_missing(rest, offset as u64, written, next_seq) {
+                    break Tail::Torn { offset: offset as u64, len: written as u64 };
+                }
                 if record::length_field_damaged(&rest[..written]) {
                     break Tail::Corrupt(damage(
                         offset as u64,
@@ -314,6 +319,55 @@ fn sector_missing(rest: &[u8], offset: u64, written: usize) -> bool {
             return true;
         }
         at = sector_end;
+    }
+    false
+}
+
+/// Whether the invalid frame at the start of `rest` (at `offset` in a pre-filled segment)
+/// starts less than a record header before a sector boundary, and that sector never landed: its
+/// share of the header reads as zeros while the rest of the record did land. Too short for
+/// [`sector_missing`] to tell from damage, so the record is put back together instead: with the
+/// sequence number it must have (`expected_seq`) and each length at which its payload (a JSON
+/// object) could end, one must match what landed of the header, checksum included. And the
+/// share must have held at least two set bits, because one bit flip would otherwise read the
+/// same (a length or sequence number with a single bit set, that bit flipped). Where the share
+/// also holds part of the checksum (13 to 15 bytes), the zero length and sequence number are
+/// enough: every record has both nonzero, so one flip cannot zero them.
+fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: u64) -> bool {
+    const CRC_AT: usize = 12;
+    let share = (SECTOR_BYTES - offset % SECTOR_BYTES) as usize;
+    if share >= record::HEADER_LEN || written <= record::HEADER_LEN || rest[..share].iter().any(|&b| b != 0) {
+        return false;
+    }
+    if share > CRC_AT {
+        return rest[record::HEADER_LEN] == b'{';
+    }
+    let seq_le = expected_seq.to_le_bytes();
+    // What landed of the sequence number must be the expected one's.
+    if (share.max(4)..CRC_AT).any(|i| rest[i] != seq_le[i - 4]) {
+        return false;
+    }
+    let crc = u32::from_le_bytes(rest[CRC_AT..record::HEADER_LEN].try_into().unwrap());
+    let region = &rest[record::HEADER_LEN..written.min(record::HEADER_LEN + record::MAX_PAYLOAD_LEN)];
+    let seq_bits: u32 = seq_le[..share.saturating_sub(4)].iter().map(|b| b.count_ones()).sum();
+    // The payload's checksum grows along the candidates; each candidate's header is combined in.
+    let mut payload_crc = crc32fast::Hasher::new();
+    let mut hashed = 0;
+    for end in memchr::memchr_iter(b'}', region) {
+        payload_crc.update(&region[hashed..=end]);
+        hashed = end + 1;
+        let len_le = (hashed as u32).to_le_bytes();
+        if (share..4).any(|i| rest[i] != len_le[i]) {
+            continue;
+        }
+        let lost_bits: u32 = len_le[..share.min(4)].iter().map(|b| b.count_ones()).sum::<u32>() + seq_bits;
+        let mut whole = crc32fast::Hasher::new();
+        whole.update(&len_le);
+        whole.update(&seq_le);
+        whole.combine(&payload_crc);
+        if whole.finalize() == crc {
+            return lost_bits >= 2;
+        }
     }
     false
 }
@@ -461,6 +515,60 @@ mod tests {
                 Tail::Clean => assert!(b[ends[n as usize]..].iter().all(|&x| x == 0), "mask {mask:b}"),
                 Tail::Torn { offset, .. } => assert_eq!(offset as usize, ends[n as usize], "mask {mask:b}"),
                 Tail::Corrupt(d) => panic!("mask {mask:b}: {d}"),
+            }
+        }
+    }
+
+    /// A segment whose record 2 starts `share` bytes before the end of sector 1, with record 3
+    /// after it (one write of both), zeros to 4096; and where record 2 starts.
+    fn straddling(share: usize, payload2_len: usize) -> (Vec<u8>, usize) {
+        let mut b = encode_header(1).to_vec();
+        let start2 = 2 * SECTOR_BYTES as usize - share;
+        let pad1 = start2 - b.len() - record::HEADER_LEN - r#"{"pad":""}"#.len();
+        record::encode(1, format!(r#"{{"pad":"{}"}}"#, "x".repeat(pad1)).as_bytes(), &mut b);
+        assert_eq!(b.len(), start2);
+        let pad2 = payload2_len - r#"{"event":2,"pad":""}"#.len();
+        record::encode(2, format!(r#"{{"event":2,"pad":"{}"}}"#, "y".repeat(pad2)).as_bytes(), &mut b);
+        record::encode(3, br#"{"event":3}"#, &mut b);
+        b.resize(4096, 0);
+        (b, start2)
+    }
+
+    #[test]
+    fn a_record_whose_header_straddles_a_sector_that_never_landed_is_torn() {
+        for share in 1..record::HEADER_LEN {
+            let (full, start2) = straddling(share, 620);
+            assert_eq!(count(&full), (3, Tail::Clean));
+            // The sector holding the share never landed: it still holds record 1's end (written
+            // and fsynced before) and zeros.
+            let mut b = full.clone();
+            b[start2..2 * SECTOR_BYTES as usize].fill(0);
+            let (n, tail) = count(&b);
+            assert_eq!(n, 1, "share {share}");
+            assert!(matches!(tail, Tail::Torn { offset, .. } if offset as usize == start2), "share {share}: {tail:?}");
+        }
+    }
+
+    #[test]
+    fn one_flip_that_zeroes_a_header_share_is_damage() {
+        // A payload of 512 bytes has a length with one set bit; with a share of 4 bytes (the
+        // length alone) flipping it reads exactly like a lost share, so it stays damage.
+        let (full, start2) = straddling(4, 512);
+        let mut b = full.clone();
+        b[start2 + 1] ^= 0b10;
+        assert!(b[start2..start2 + 4].iter().all(|&x| x == 0));
+        let (n, tail) = count(&b);
+        assert_eq!(n, 1);
+        assert!(matches!(tail, Tail::Corrupt(_)), "{tail:?}");
+        // Every single flip in records 2 and 3 of a straddling layout is damage.
+        for share in [1, 3, 4, 5, 8, 12, 13, 15] {
+            let (full, start2) = straddling(share, 620);
+            let end = full.iter().rposition(|&x| x != 0).unwrap() + 1;
+            for bit in (start2 * 8)..(end * 8) {
+                let mut b = full.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                let (_, tail) = count(&b);
+                assert!(matches!(tail, Tail::Corrupt(_)), "share {share}, bit {bit}: {tail:?}");
             }
         }
     }
