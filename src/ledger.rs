@@ -1243,9 +1243,6 @@ impl Ledger {
         let ((), upto) = self.with_durable_state(|_| ())?;
         let mut found: Option<Allocation> = None;
         wal::scan_log_upto(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, upto, &mut |pos, payload| {
-            if pos.seq > upto {
-                return Ok(false);
-            }
             if finder.find(payload).is_none() {
                 return Ok(true);
             }
@@ -1283,9 +1280,6 @@ impl Ledger {
         let job_finder = job_needle.as_ref().map(|n| memchr::memmem::Finder::new(n.as_bytes()).into_owned());
         let mut found: std::collections::HashMap<AllocationId, Allocation> = std::collections::HashMap::new();
         wal::scan_log_upto(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, upto, &mut |pos, payload| {
-            if pos.seq > upto {
-                return Ok(false);
-            }
             // The envelope (`{"v":..,"ts_us":..,"type":".."`) fits in the first 64 bytes.
             let head = &payload[..payload.len().min(64)];
             let starts = memchr::memmem::find(head, b"\"type\":\"granted\"").is_some()
@@ -1443,9 +1437,6 @@ impl Ledger {
             from_seq.saturating_sub(1),
             upto,
             &mut |pos, payload| {
-                if pos.seq > upto {
-                    return Ok(false);
-                }
                 out.push(LoggedEvent { seq: pos.seq, event: Event::decode(payload)? });
                 Ok(out.len() < limit)
             },

@@ -153,6 +153,27 @@ impl AppendFile for FsFile {
 /// Waits between attempts at a held lock (255 ms in all; see `FsStorage::try_lock`).
 const LOCK_RETRY_DELAYS_MS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
 
+/// Takes the flock on `path`, calling `wait` with each of `delays_ms` while it is held (see
+/// `FsStorage::try_lock`; tests pass a `wait` that releases the holder instead of sleeping).
+fn lock_retrying(
+    path: &Path,
+    delays_ms: &[u64],
+    mut wait: impl FnMut(std::time::Duration),
+) -> io::Result<Option<Box<dyn LockGuard>>> {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
+    let mut delays_ms = delays_ms.iter();
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(Some(Box::new(FsLock(f)))),
+            Err(std::fs::TryLockError::WouldBlock) => match delays_ms.next() {
+                Some(&ms) => wait(std::time::Duration::from_millis(ms)),
+                None => return Ok(None),
+            },
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct FsLock(#[allow(dead_code)] std::fs::File);
 impl LockGuard for FsLock {}
@@ -247,18 +268,7 @@ impl Storage for FsStorage {
     /// that way for a moment (a test that reopened a ledger while another test started the CLI
     /// saw `Locked`).
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
-        let mut delays_ms = LOCK_RETRY_DELAYS_MS.iter();
-        loop {
-            match f.try_lock() {
-                Ok(()) => return Ok(Some(Box::new(FsLock(f)))),
-                Err(std::fs::TryLockError::WouldBlock) => match delays_ms.next() {
-                    Some(&ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
-                    None => return Ok(None),
-                },
-                Err(std::fs::TryLockError::Error(e)) => return Err(e),
-            }
-        }
+        lock_retrying(path, &LOCK_RETRY_DELAYS_MS, std::thread::sleep)
     }
 }
 
@@ -761,16 +771,22 @@ mod tests {
         let copy = f.try_clone().unwrap();
         drop(f);
         assert!(std::fs::File::open(&path).unwrap().try_lock().is_err(), "the copy holds the lock");
-        // The "exec": the copy is closed a moment later (well within the 255 ms of retries).
-        let exec = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            drop(copy);
-        });
-        assert!(FsStorage::default().try_lock(&path).unwrap().is_some(), "taken once the copy is closed");
-        exec.join().unwrap();
+        // The "exec": the copy is closed while the lock is being waited for.
+        let mut copy = Some(copy);
+        let mut waits = 0;
+        let taken = lock_retrying(&path, &LOCK_RETRY_DELAYS_MS, |_| {
+            waits += 1;
+            copy.take();
+        })
+        .unwrap();
+        assert!(taken.is_some(), "taken once the copy is closed");
+        assert_eq!(waits, 1, "held at the first attempt");
+        drop(taken);
         // A lock that stays held is reported held.
         let held = FsStorage::default().try_lock(&path).unwrap().expect("free again");
-        assert!(FsStorage::default().try_lock(&path).unwrap().is_none());
+        let mut waits = 0;
+        assert!(lock_retrying(&path, &LOCK_RETRY_DELAYS_MS, |_| waits += 1).unwrap().is_none());
+        assert_eq!(waits, LOCK_RETRY_DELAYS_MS.len(), "every wait was tried");
         drop(held);
     }
 

@@ -63,9 +63,7 @@ fn both_protocol_eras_over_http() {
 #[test]
 fn a_configured_token_is_required() {
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
-    let server = HttpServer::start(&dir.path().join("ledger"), &["--token-file", token_file.to_str().unwrap()]);
+    let server = token_server(dir.path());
     let agent = agent();
 
     let r = post(&agent, &server.url, &[], &init_body());
@@ -236,6 +234,48 @@ fn concurrent_clients_never_share_a_slot() {
     assert!(o.status.success(), "verify: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }
 
+/// A server that requires the bearer token `s3cret-token`, over a ledger in `dir/ledger`.
+fn token_server(dir: &std::path::Path) -> HttpServer {
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    HttpServer::start(&dir.join("ledger"), &["--token-file", token_file.to_str().unwrap()])
+}
+
+/// `host:port` of the server.
+fn authority(server: &HttpServer) -> String {
+    server.url.trim_start_matches("http://").trim_end_matches("/mcp").to_string()
+}
+
+/// The head of a raw POST to `/mcp`; `framing` is the header lines that frame the body
+/// (`Content-Length: N` or `Transfer-Encoding: chunked`) and any others, each ending in CRLF.
+fn raw_post_head(authority: &str, framing: &str) -> String {
+    format!(
+        "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\n{framing}\r\n"
+    )
+}
+
+/// What the server sends on `stream` until it closes the connection. Errors end the reading:
+/// a reset is how some of the failures tested for show.
+fn read_until_closed(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = stream.read(&mut buf) {
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Sends `bytes` on a new connection; the server's answers until it closes it.
+fn raw_exchange(authority: &str, bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    stream.write_all(bytes).unwrap();
+    read_until_closed(&mut stream)
+}
+
 /// A client may send its request body in a packet of its own, and reuse the connection after a
 /// refusal (ureq does both). The server must read the body of a request it refuses before
 /// answering; hyper closes a connection whose unread body has not arrived yet, and the client's
@@ -244,39 +284,22 @@ fn concurrent_clients_never_share_a_slot() {
 fn a_refused_request_leaves_the_connection_usable() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
-    let server = HttpServer::start(&dir.path().join("ledger"), &["--token-file", token_file.to_str().unwrap()]);
-    let authority = server.url.trim_start_matches("http://").trim_end_matches("/mcp").to_string();
-    let request_head = |extra: &str| {
-        format!(
-            "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-             Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n{extra}\r\n",
-            INIT.len()
-        )
-    };
+    let server = token_server(dir.path());
+    let authority = authority(&server);
+    let length = format!("Content-Length: {}\r\n", INIT.len());
     let mut stream = std::net::TcpStream::connect(&authority).unwrap();
     stream.set_nodelay(true).unwrap();
-    stream.write_all(request_head("").as_bytes()).unwrap();
+    stream.write_all(raw_post_head(&authority, &length).as_bytes()).unwrap();
     // Holds the body back until the server answers or 300 ms pass, so it cannot share a packet
     // with the head. Either way is fine here; what counts is the next request.
-    let mut seen = Vec::new();
+    let mut first = [0u8; 4096];
     stream.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
-    let mut buf = [0u8; 4096];
-    if let Ok(n) = stream.read(&mut buf) {
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let early = stream.read(&mut first).unwrap_or(0);
     // Write errors are the failure being tested for; the count of answers below reports them.
     let _ = stream.write_all(INIT.as_bytes());
-    let _ = stream.write_all(format!("{}{INIT}", request_head("Connection: close\r\n")).as_bytes());
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&seen);
+    let second = raw_post_head(&authority, &format!("{length}Connection: close\r\n"));
+    let _ = stream.write_all(format!("{second}{INIT}").as_bytes());
+    let text = String::from_utf8_lossy(&first[..early]).into_owned() + &read_until_closed(&mut stream);
     assert_eq!(text.matches("HTTP/1.1 401").count(), 2, "both requests answered on one connection:\n{text}");
     assert!(server.stop().success());
 }
@@ -285,30 +308,18 @@ fn a_refused_request_leaves_the_connection_usable() {
 /// length) or once the limit is passed (chunked).
 #[test]
 fn an_oversized_request_is_refused_with_the_limit() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let server = HttpServer::start(dir.path(), &[]);
-    let authority = server.url.trim_start_matches("http://").trim_end_matches("/mcp").to_string();
-    let mut stream = std::net::TcpStream::connect(&authority).unwrap();
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
-        5 * 1024 * 1024
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut reply = String::new();
-    let _ = stream.read_to_string(&mut reply);
+    let authority = authority(&server);
+    let head = raw_post_head(&authority, &format!("Content-Length: {}\r\n", 5 * 1024 * 1024));
+    let reply = raw_exchange(&authority, head.as_bytes());
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(reply.contains("limit of 4194304 bytes"), "{reply}");
 
     // Chunked, so the server learns the size only by reading: 64 KiB chunks past the limit.
     let mut stream = std::net::TcpStream::connect(&authority).unwrap();
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Accept: application/json, text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(raw_post_head(&authority, "Transfer-Encoding: chunked\r\n").as_bytes()).unwrap();
     let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
     let mut written = 0;
     // The server stops reading at the limit; a write error after that is expected.
@@ -316,10 +327,7 @@ fn an_oversized_request_is_refused_with_the_limit() {
         written += 0x10000;
     }
     let _ = stream.write_all(b"0\r\n\r\n");
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply);
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = read_until_closed(&mut stream);
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
 
     // The server is still there for well-behaved clients.
@@ -333,33 +341,15 @@ fn an_oversized_request_is_refused_with_the_limit() {
 /// refusal back by not sending one: both get 401 and the connection closed.
 #[test]
 fn an_unauthenticated_body_is_neither_read_in_full_nor_waited_for() {
-    use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
-    let server = HttpServer::start(&dir.path().join("ledger"), &["--token-file", token_file.to_str().unwrap()]);
-    let authority = server.url.trim_start_matches("http://").trim_end_matches("/mcp").to_string();
-    let mut stream = std::net::TcpStream::connect(&authority).unwrap();
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
-        5 * 1024 * 1024
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut reply = String::new();
-    let _ = stream.read_to_string(&mut reply);
-    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
-    assert!(reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
-
-    // A body that never comes: the refusal is still sent (after 2 s), and the connection closed.
-    let mut stream = std::net::TcpStream::connect(&authority).unwrap();
-    let head = head.replace(&format!("Content-Length: {}", 5 * 1024 * 1024), "Content-Length: 100");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut reply = String::new();
-    let _ = stream.read_to_string(&mut reply);
-    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
-    assert!(reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
+    let server = token_server(dir.path());
+    let authority = authority(&server);
+    // 5 MiB declared; and 100 bytes declared, none sent (the refusal goes out after 2 s).
+    for declared_bytes in [5 * 1024 * 1024, 100] {
+        let head = raw_post_head(&authority, &format!("Content-Length: {declared_bytes}\r\n"));
+        let reply = raw_exchange(&authority, head.as_bytes());
+        assert!(reply.starts_with("HTTP/1.1 401"), "{declared_bytes}: {reply}");
+        assert!(reply.to_ascii_lowercase().contains("connection: close"), "{declared_bytes}: {reply}");
+    }
     assert!(server.stop().success());
 }

@@ -82,9 +82,6 @@ fn scan_into(ledger: &Ledger, ix: &mut CapacityIndex, upto: u64, progress: Progr
     }
     let mut broken = None;
     wal::scan_log_upto(&**ledger.storage(), &ledger.dir().join(WAL_DIR), ix.last_seq(), upto, &mut |pos, payload| {
-        if pos.seq > upto {
-            return Ok(false);
-        }
         let ev = Event::decode(payload)?;
         if !ix.observe(pos.seq, ev.ts_us, &ev.body) {
             broken = Some(pos.seq);
@@ -221,9 +218,6 @@ impl Ledger {
         let mut state = state.unwrap_or_else(|| State::empty(Config::default()));
         if state.last_seq < seq {
             wal::scan_log_upto(storage, &self.dir().join(WAL_DIR), state.last_seq, seq, &mut |pos, payload| {
-                if pos.seq > seq {
-                    return Ok(false);
-                }
                 let ev = Event::decode(payload)?;
                 state.evolve(pos.seq, ev.ts_us, &ev.body);
                 Ok(pos.seq < seq)
@@ -289,9 +283,6 @@ impl Ledger {
             return Ok(Vec::new());
         }
         wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), 0, upto, &mut |pos, payload| {
-            if pos.seq > upto {
-                return Ok(false);
-            }
             let head = &payload[..payload.len().min(80)];
             let is_end = memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
                 || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some();
@@ -325,9 +316,6 @@ impl Ledger {
             return Ok(());
         }
         wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), after, upto, &mut |pos, payload| {
-            if pos.seq > upto {
-                return Ok(false);
-            }
             let event = Event::decode(payload)?;
             if range.until.is_some_and(|u| event.ts_us >= u) {
                 return Ok(false);
@@ -380,9 +368,6 @@ impl Ledger {
             return Ok((out, ids));
         }
         wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), after, upto, &mut |pos, payload| {
-            if pos.seq > upto {
-                return Ok(false);
-            }
             let relevant = match subject {
                 Subject::Allocation(_) => finder.find(payload).is_some(),
                 Subject::Job(_) => {

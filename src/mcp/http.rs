@@ -155,13 +155,18 @@ async fn require_bearer(token: Arc<String>, req: Request, next: Next) -> Respons
     drain_then(req, refusal).await
 }
 
+/// The body length the request's `Content-Length` declares, if any.
+fn declared_body_bytes(req: &Request) -> Option<u64> {
+    req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok())
+}
+
 /// Answers a refused request after reading what is left of its body, so that the client may
 /// reuse the connection (hyper closes one whose unread body has not arrived yet, and the
 /// client's next request on it fails). A body past `REFUSED_BODY_DRAIN_BYTES` is not read
 /// (an unauthenticated client must not make the server buffer megabytes), nor one that does not
 /// arrive within `REFUSED_BODY_DRAIN_TIMEOUT`; the connection is closed instead.
 async fn drain_then(req: Request, mut refusal: Response) -> Response {
-    let declared_bytes = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared_bytes = declared_body_bytes(&req);
     let drained = declared_bytes.is_none_or(|n| n <= REFUSED_BODY_DRAIN_BYTES as u64)
         && tokio::time::timeout(
             REFUSED_BODY_DRAIN_TIMEOUT,
@@ -184,7 +189,7 @@ async fn read_whole_body(req: Request, next: Next) -> Response {
         let message = format!("the request body is larger than the limit of {MAX_REQUEST_BODY_BYTES} bytes");
         (StatusCode::PAYLOAD_TOO_LARGE, [(header::CONNECTION, "close")], message).into_response()
     };
-    let declared_bytes = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared_bytes = declared_body_bytes(&req);
     // Refused before reading: nothing of it has been sent to us yet that we would have to drain.
     if declared_bytes.is_some_and(|n| n > MAX_REQUEST_BODY_BYTES as u64) {
         return too_large();
