@@ -1,5 +1,10 @@
 //! Streamable HTTP at `/mcp`: address and token checks, bearer authentication, the Origin and
-//! Host checks against DNS rebinding (done by rmcp's service), graceful shutdown.
+//! Host checks against DNS rebinding (every header value here, then rmcp's service), the
+//! JSON-RPC envelope, the limits against slow and malformed clients (`conn`), graceful
+//! shutdown.
+
+mod checks;
+mod conn;
 
 use super::tools::LedgerTools;
 use super::{ServeArgs, TOKEN_ENV};
@@ -8,10 +13,27 @@ use axum::http::{header, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::session::SessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// Default `--http-header-timeout-seconds`: how long a request head may take to arrive, from
+/// its first byte.
+pub(crate) const HEADER_TIMEOUT_SECONDS: u64 = 10;
+/// Default `--http-body-timeout-seconds`: how long a request body may take to arrive, from
+/// the end of its head.
+pub(crate) const BODY_TIMEOUT_SECONDS: u64 = 30;
+/// Default `--http-idle-timeout-seconds`: how long a connection may stay open with no request
+/// in progress.
+pub(crate) const IDLE_TIMEOUT_SECONDS: u64 = 60;
+/// Default `--http-max-connections`. Also capped by the open-file limit (less
+/// `RESERVED_FILE_DESCRIPTORS`); the server raises its soft limit to the hard one at start.
+pub(crate) const MAX_CONNECTIONS: u64 = 10_000;
+/// Descriptors kept for the ledger's files, the listener and the runtime.
+const RESERVED_FILE_DESCRIPTORS: u64 = 256;
 
 /// Origins accepted without configuration: pages served from this machine.
 const DEFAULT_ORIGINS: [&str; 3] = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"];
@@ -31,6 +53,10 @@ pub(crate) struct HttpPlan {
     allowed_origins: Vec<String>,
     /// Empty turns the Host check off.
     allowed_hosts: Vec<String>,
+    header_timeout: Duration,
+    body_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections: u64,
 }
 
 impl HttpPlan {
@@ -66,7 +92,16 @@ impl HttpPlan {
             );
             allowed_hosts.clear();
         }
-        Ok(HttpPlan { addr, token, allowed_origins, allowed_hosts })
+        Ok(HttpPlan {
+            addr,
+            token,
+            allowed_origins,
+            allowed_hosts,
+            header_timeout: Duration::from_secs(args.http_header_timeout_seconds),
+            body_timeout: Duration::from_secs(args.http_body_timeout_seconds),
+            idle_timeout: Duration::from_secs(args.http_idle_timeout_seconds),
+            max_connections: args.http_max_connections,
+        })
     }
 }
 
@@ -184,7 +219,9 @@ async fn drain_then(req: Request, mut refusal: Response) -> Response {
 /// Accept) would otherwise answer with the body unread, and hyper then closes the connection if
 /// the body has not arrived yet: the client's next request on the kept-alive connection fails.
 /// Runs after the bearer check, so only an authenticated (or loopback) client gets this far.
-async fn read_whole_body(req: Request, next: Next) -> Response {
+/// Then the checks rmcp does not make: every Host and Origin header, the host of an
+/// absolute-form target, the JSON-RPC envelope, DELETE of an unknown session.
+async fn read_whole_body(shared: Arc<Shared>, req: Request, next: Next) -> Response {
     let too_large = || {
         let message = format!("the request body is larger than the limit of {MAX_REQUEST_BODY_BYTES} bytes");
         (StatusCode::PAYLOAD_TOO_LARGE, [(header::CONNECTION, "close")], message).into_response()
@@ -195,18 +232,49 @@ async fn read_whole_body(req: Request, next: Next) -> Response {
         return too_large();
     }
     let (parts, body) = req.into_parts();
-    match axum::body::to_bytes(body, MAX_REQUEST_BODY_BYTES).await {
-        Ok(bytes) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
-        // A chunked body past the limit, or a client that stopped sending: the rest of the
-        // connection's bytes cannot be trusted to start a request, so it is closed.
-        Err(e) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
-            too_large()
-        }
-        Err(e) => {
-            let message = format!("cannot read the request body: {e}");
-            (StatusCode::BAD_REQUEST, [(header::CONNECTION, "close")], message).into_response()
+    let bytes =
+        match tokio::time::timeout(shared.body_timeout, axum::body::to_bytes(body, MAX_REQUEST_BODY_BYTES)).await {
+            Ok(Ok(bytes)) => bytes,
+            // A chunked body past the limit, or a client that stopped sending: the rest of the
+            // connection's bytes cannot be trusted to start a request, so it is closed.
+            Ok(Err(e)) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
+                return too_large()
+            }
+            Ok(Err(e)) => {
+                let message = format!("cannot read the request body: {e}");
+                return (StatusCode::BAD_REQUEST, [(header::CONNECTION, "close")], message).into_response();
+            }
+            Err(_) => {
+                let message = format!(
+                    "the request body did not arrive within {} s (--http-body-timeout-seconds)",
+                    shared.body_timeout.as_secs()
+                );
+                return (StatusCode::REQUEST_TIMEOUT, [(header::CONNECTION, "close")], message).into_response();
+            }
+        };
+    if let Some(refusal) = shared.checks.check_headers(&parts.uri, &parts.headers) {
+        return refusal;
+    }
+    if parts.method == axum::http::Method::POST && checks::is_json(&parts.headers) {
+        if let Some(refusal) = checks::check_envelope(&bytes) {
+            return refusal;
         }
     }
+    if parts.method == axum::http::Method::DELETE {
+        if let Some(id) = parts.headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+            if !shared.sessions.has_session(&id.into()).await.unwrap_or(true) {
+                return (StatusCode::NOT_FOUND, "Not Found: no session with this Mcp-Session-Id").into_response();
+            }
+        }
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+/// What the body reader and its checks share across requests.
+struct Shared {
+    body_timeout: Duration,
+    checks: checks::Checks,
+    sessions: Arc<LocalSessionManager>,
 }
 
 fn unauthorized(param: &str, message: &str) -> Response {
@@ -229,28 +297,51 @@ pub(crate) async fn serve_http(
         .with_max_request_body_bytes(MAX_REQUEST_BODY_BYTES)
         // Cancelling closes open SSE streams, so the graceful shutdown below can finish.
         .with_cancellation_token(shutdown.child_token());
+    let sessions = Arc::new(LocalSessionManager::default());
     let service: StreamableHttpService<LedgerTools, LocalSessionManager> =
-        StreamableHttpService::new(move || Ok(factory()), Arc::new(LocalSessionManager::default()), config);
+        StreamableHttpService::new(move || Ok(factory()), sessions.clone(), config);
 
+    let shared = Arc::new(Shared {
+        body_timeout: plan.body_timeout,
+        checks: checks::Checks::new(&plan.allowed_hosts, &plan.allowed_origins),
+        sessions,
+    });
     let mut app = axum::Router::new().nest_service("/mcp", service);
     // Inside the bearer check (a layer added later runs first): a refused client's body is only
     // drained up to a small limit.
-    app = app.layer(axum::middleware::from_fn(read_whole_body));
+    app = app
+        .layer(axum::middleware::from_fn(move |req: Request, next: Next| read_whole_body(shared.clone(), req, next)));
     if let Some(token) = plan.token {
         let token = Arc::new(token);
         app = app
             .layer(axum::middleware::from_fn(move |req: Request, next: Next| require_bearer(token.clone(), req, next)));
     }
 
+    // Each connection holds a descriptor: the usual soft limit (1024) would cap the server at
+    // about a thousand connections, and at that point accept fails for everyone.
+    let open_files = conn::raise_open_file_limit();
+    let max_connections = match open_files {
+        Some(n) => plan.max_connections.min(n.saturating_sub(RESERVED_FILE_DESCRIPTORS).max(1)),
+        None => plan.max_connections,
+    };
+    if max_connections < plan.max_connections {
+        tracing::warn!(
+            "at most {max_connections} connections (the open-file limit is {}): raise the hard limit (ulimit -Hn) for more",
+            open_files.unwrap_or(0)
+        );
+    }
+    let limits = conn::ConnLimits {
+        header_timeout: plan.header_timeout,
+        idle_timeout: plan.idle_timeout,
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+    };
+
     let listener =
         tokio::net::TcpListener::bind(plan.addr).await.map_err(|e| format!("cannot listen on {}: {e}", plan.addr))?;
     let bound = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
     // Printed unconditionally (whatever RUST_LOG says): scripts and tests read the port here.
     eprintln!("allocation-ledger: listening on http://{bound}/mcp");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled_owned().await })
-        .await
-        .map_err(|e| format!("the HTTP server failed: {e}"))
+    conn::serve(listener, app, limits, shutdown).await
 }
 
 #[cfg(test)]
@@ -263,6 +354,10 @@ mod tests {
             token_file: None,
             allowed_origins: vec![],
             allowed_hosts: vec![],
+            http_header_timeout_seconds: HEADER_TIMEOUT_SECONDS,
+            http_body_timeout_seconds: BODY_TIMEOUT_SECONDS,
+            http_idle_timeout_seconds: IDLE_TIMEOUT_SECONDS,
+            http_max_connections: MAX_CONNECTIONS,
             expiry_interval_seconds: 1,
         }
     }

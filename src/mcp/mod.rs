@@ -62,6 +62,27 @@ pub struct ServeArgs {
     #[arg(long = "allowed-host", value_name = "HOST")]
     pub allowed_hosts: Vec<String>,
 
+    /// HTTP only: a connection that has not sent a whole request head (request line and
+    /// headers) this many seconds after it started sending one is closed.
+    #[arg(long, value_name = "N", default_value_t = http::HEADER_TIMEOUT_SECONDS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_header_timeout_seconds: u64,
+
+    /// HTTP only: a request whose body has not fully arrived this many seconds after its head
+    /// is answered 408 and its connection closed.
+    #[arg(long, value_name = "N", default_value_t = http::BODY_TIMEOUT_SECONDS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_body_timeout_seconds: u64,
+
+    /// HTTP only: a connection with no request in progress is closed after this many seconds
+    /// (a new connection that sends nothing, or a kept-alive one between requests).
+    #[arg(long, value_name = "N", default_value_t = http::IDLE_TIMEOUT_SECONDS, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub http_idle_timeout_seconds: u64,
+
+    /// HTTP only: the most connections open at once (further capped by the open-file limit).
+    /// At the bound a new connection closes the oldest one that has not completed a request
+    /// head, or is refused with 503 if every open connection has.
+    #[arg(long, value_name = "N", default_value_t = http::MAX_CONNECTIONS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub http_max_connections: u64,
+
     /// How often, in seconds, the server checks for allocations past their deadline and
     /// records their expiry.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3600))]
