@@ -353,3 +353,262 @@ fn an_unauthenticated_body_is_neither_read_in_full_nor_waited_for() {
     }
     assert!(server.stop().success());
 }
+
+/// Raises this process's soft open-file limit to the hard one (the tests below hold thousands
+/// of sockets; the usual soft limit is 1024).
+fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max.min(1 << 20);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+}
+
+/// Reads until the server closes the connection and returns what it sent; panics if it is
+/// still open after [`DEADLINE`] (a reset counts as closed).
+fn wait_closed(stream: &mut std::net::TcpStream) -> String {
+    use std::io::{ErrorKind, Read};
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the connection is still open after {DEADLINE:?}; it sent {:?}", String::from_utf8_lossy(&seen))
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Whether the server still holds `stream` open (nothing to read, no EOF, no reset).
+fn still_open(stream: &std::net::TcpStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1];
+    let open = matches!(stream.peek(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).unwrap();
+    open
+}
+
+/// Opens `n` connections that each send the start of a request head and nothing more.
+fn partial_heads(authority: &str, n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    (0..n)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(authority).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            s.write_all(format!("POST /mcp HTTP/1.1\r\nHost: {authority}\r\nX-Slow: ").as_bytes()).unwrap();
+            s
+        })
+        .collect()
+}
+
+/// 2,000 connections that never finish their request head (the attack that used to starve the
+/// server at ~1,000: the descriptors ran out and accept stopped) are all held open while a
+/// normal client makes 100 calls, each answered within 1 s, and an unauthenticated request
+/// still gets its 401.
+#[test]
+fn two_thousand_slow_connections_do_not_starve_a_normal_client() {
+    const SLOW: usize = 2000;
+    raise_open_file_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    // Timeouts longer than the test, so that every slow connection is really held throughout.
+    let server = HttpServer::start(
+        &dir.path().join("ledger"),
+        &[
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--http-header-timeout-seconds",
+            "600",
+            "--http-idle-timeout-seconds",
+            "600",
+        ],
+    );
+    let authority = authority(&server);
+    let slow = partial_heads(&authority, SLOW);
+
+    let mut client = HttpClient::new(&server.url, Some("s3cret-token"));
+    let t = std::time::Instant::now();
+    client.initialize();
+    assert!(t.elapsed() < std::time::Duration::from_secs(1), "initialize took {:?}", t.elapsed());
+    for i in 0..100 {
+        let t = std::time::Instant::now();
+        let cap = ok(&client.call("get_capacity", json!({})));
+        let took = t.elapsed();
+        assert_eq!(cap["total_workers"], 10);
+        assert!(took < std::time::Duration::from_secs(1), "call {i} took {took:?}");
+    }
+    let r = post(&agent(), &server.url, &[], &init_body());
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    let open = slow.iter().filter(|s| still_open(s)).count();
+    assert_eq!(open, SLOW, "the server closed slow connections it had room for");
+    assert!(server.stop().success(), "shutdown with 2,000 open connections is clean");
+}
+
+/// A connection that stops in the middle of its request head, one that sends 100 bytes of a
+/// declared 1 MB body, and one that sends nothing are each closed after their (shortened)
+/// timeout; the short body is answered 408 first.
+#[test]
+fn slow_heads_short_bodies_and_idle_connections_are_closed() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(
+        dir.path(),
+        &["--http-header-timeout-seconds", "1", "--http-body-timeout-seconds", "1", "--http-idle-timeout-seconds", "1"],
+    );
+    let authority = authority(&server);
+
+    let mut head = partial_heads(&authority, 1).pop().unwrap();
+    let mut body = std::net::TcpStream::connect(&authority).unwrap();
+    body.write_all(raw_post_head(&authority, "Content-Length: 1000000\r\n").as_bytes()).unwrap();
+    body.write_all(&[b' '; 100]).unwrap();
+    let mut idle = std::net::TcpStream::connect(&authority).unwrap();
+
+    let said = wait_closed(&mut head);
+    assert_eq!(said, "", "nothing is answered to half a head");
+    let said = wait_closed(&mut body);
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("--http-body-timeout-seconds"), "{said}");
+    assert_eq!(wait_closed(&mut idle), "");
+
+    // A kept-alive connection is closed once idle too, after its request was answered.
+    let mut kept = std::net::TcpStream::connect(&authority).unwrap();
+    let length = format!("Content-Length: {}\r\n", INIT.len());
+    kept.write_all(format!("{}{INIT}", raw_post_head(&authority, &length)).as_bytes()).unwrap();
+    let said = wait_closed(&mut kept);
+    assert!(said.starts_with("HTTP/1.1 200"), "{said}");
+    assert!(server.stop().success());
+}
+
+/// At --http-max-connections, a new connection closes the oldest one that never completed a
+/// request head; when every open connection has, the new one is refused with 503.
+#[test]
+fn at_the_connection_bound_the_oldest_incomplete_connection_makes_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(dir.path(), &["--http-max-connections", "4"]);
+    let authority = authority(&server);
+    let mut slow = partial_heads(&authority, 4);
+    // Each of the client's connections evicts one slow connection, oldest first.
+    let mut client = HttpClient::new(&server.url, None);
+    client.initialize();
+    assert_eq!(ok(&client.call("get_capacity", json!({})))["total_workers"], 10);
+    assert_eq!(wait_closed(&mut slow[0]), "", "the oldest slow connection was closed");
+    assert!(still_open(&slow[3]), "the newest slow connection is still open");
+
+    // Fill the bound with connections that have each completed a request: the first client's
+    // and three more, which close the remaining slow connections.
+    let clients: Vec<HttpClient> = (0..3)
+        .map(|_| {
+            let mut c = HttpClient::new(&server.url, None);
+            c.initialize();
+            c
+        })
+        .collect();
+    for (i, s) in slow.iter_mut().enumerate().skip(1) {
+        assert_eq!(wait_closed(s), "", "slow connection {i} was closed to make room");
+    }
+    let reply = raw_exchange(&authority, raw_post_head(&authority, "Content-Length: 0\r\n").as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    // The clients' connections were kept: each still works.
+    for mut c in clients {
+        assert_eq!(ok(&c.call("get_capacity", json!({})))["total_workers"], 10);
+    }
+    assert_eq!(ok(&client.call("get_capacity", json!({})))["total_workers"], 10);
+    assert!(server.stop().success());
+}
+
+/// Host and Origin are checked in every header that carries them, and the host of an
+/// absolute-form request target too.
+#[test]
+fn every_host_and_origin_header_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(dir.path(), &[]);
+    let authority = authority(&server);
+    let send = |target: &str, headers: &str| {
+        let request = format!(
+            "POST {target} HTTP/1.1\r\n{headers}Content-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{INIT}",
+            INIT.len()
+        );
+        let reply = raw_exchange(&authority, request.as_bytes());
+        reply.split(' ').nth(1).unwrap_or("").to_string()
+    };
+    let host = format!("Host: {authority}\r\n");
+    assert_eq!(send("/mcp", &host), "200", "control");
+    assert_eq!(send("/mcp", &format!("{host}Host: evil.example\r\n")), "400", "a second Host");
+    assert_eq!(send("/mcp", &format!("Host: evil.example\r\n{host}")), "400", "a second Host, good one last");
+    assert_eq!(send("/mcp", &format!("{host}{host}")), "400", "the same Host twice");
+    let origins = format!("{host}Origin: http://localhost:3000\r\nOrigin: http://evil.example\r\n");
+    assert_eq!(send("/mcp", &origins), "403", "an allowed Origin, then a disallowed one");
+    let origins = format!("{host}Origin: http://localhost:3000\r\nOrigin: http://127.0.0.1:1\r\n");
+    assert_eq!(send("/mcp", &origins), "200", "two allowed Origins");
+    assert_eq!(send("http://evil.example/mcp", &host), "403", "absolute-form target on another host");
+    assert_eq!(send(&format!("http://{authority}/mcp"), &host), "200", "absolute-form target on this server");
+    assert_eq!(
+        send(
+            &format!("http://localhost:{}/mcp", server.url.rsplit(':').next().unwrap().trim_end_matches("/mcp")),
+            &host
+        ),
+        "400",
+        "absolute-form target allowed but not the Host header's"
+    );
+    assert!(server.stop().success());
+}
+
+/// A body that is not JSON is 400 with a JSON-RPC parse error; a batch or a jsonrpc other than
+/// "2.0" is 400 with invalid request; tools/call with arguments that are not an object is
+/// invalid params; DELETE of an unknown session is 404.
+#[test]
+fn malformed_json_rpc_gets_json_rpc_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(dir.path(), &[]);
+    let agent = agent();
+    let cases = [
+        (r#"{"jsonrpc":"2.0","id":1,"method":"#, -32700, json!(null)),
+        ("not json at all", -32700, json!(null)),
+        (r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#, -32600, json!(null)),
+        (r#"{"jsonrpc":"1.0","id":7,"method":"ping"}"#, -32600, json!(7)),
+        (r#"{"id":8,"method":"ping"}"#, -32600, json!(8)),
+        ("42", -32600, json!(null)),
+    ];
+    for (body, code, id) in cases {
+        let r = post_text(&agent, &server.url, &[], body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let m = r.message();
+        assert_eq!((m["jsonrpc"].as_str(), &m["id"]), (Some("2.0"), &id), "{body}: {m}");
+        assert_eq!(m["error"]["code"], code, "{body}: {m}");
+    }
+
+    let mut client = HttpClient::new(&server.url, None);
+    client.initialize();
+    for arguments in [json!([1]), json!("x"), json!(3)] {
+        let r = client.request("tools/call", json!({"name": "get_capacity", "arguments": arguments}));
+        assert_eq!(r["error"]["code"], -32602, "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains("arguments must be an object"), "{r}");
+    }
+    let r = client.request("no/such/method", json!({}));
+    assert_eq!(r["error"]["code"], -32601, "{r}");
+
+    let delete = |session: &str| {
+        agent
+            .delete(&server.url)
+            .header("Mcp-Session-Id", session)
+            .header("MCP-Protocol-Version", V_LEGACY)
+            .call()
+            .expect("the DELETE completes")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(delete("no-such-session"), 404);
+    let session = client.session.clone().unwrap();
+    assert_eq!(delete(&session), 202);
+    assert_eq!(delete(&session), 404, "a session already ended");
+    assert!(server.stop().success());
+}

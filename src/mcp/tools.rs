@@ -6,7 +6,8 @@ use super::schemas;
 use crate::model::AllocationState;
 use crate::{Config, Error, Ledger, RequestOutcome, ResourceRequest};
 use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::model::{CallToolResult, JsonObject};
+use rmcp::model::{CallToolResult, CustomRequest, CustomResult, JsonObject};
+use rmcp::service::{RequestContext, RoleServer};
 use rmcp::{tool, tool_handler, tool_router, ErrorData as McpError, ServerHandler};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -302,7 +303,49 @@ impl LedgerTools {
     name = "allocation-ledger",
     instructions = "A durable ledger of worker slots and MCP servers for AI-agent jobs. Call request_resources to reserve workers and MCP servers for a job (keep the allocation_id), use the endpoints it returns, and call release_resources with the allocation_id when done; unreleased allocations expire after ttl_seconds. get_capacity shows what is free; get_allocation and list_allocations show allocations (get_capacity and list_allocations also as of a past instant, with `at`); allocation_history shows what happened to an allocation or a job, and usage_report what each job or tenant used over a window. Errors are tool results with isError true whose message names the field and the allowed values."
 )]
-impl ServerHandler for LedgerTools {}
+impl ServerHandler for LedgerTools {
+    /// rmcp hands over as a custom request any message whose params do not decode as its
+    /// method's, e.g. `tools/call` with `arguments` that is not an object; for a method MCP
+    /// defines that is invalid params (-32602), not "method not found" (rmcp's default).
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, McpError> {
+        let params = request.params.as_ref();
+        if request.method == "tools/call" {
+            let message = match params.and_then(|p| p.get("arguments")) {
+                Some(a) if !a.is_object() && !a.is_null() => {
+                    format!("tools/call: arguments must be an object, got {}", kind_of(a))
+                }
+                _ => "tools/call: params must be {name: string, arguments: object}".to_string(),
+            };
+            return Err(McpError::invalid_params(message, None));
+        }
+        if KNOWN_METHODS.contains(&request.method.as_str()) {
+            return Err(McpError::invalid_params(format!("{}: invalid params", request.method), None));
+        }
+        Err(McpError::new(rmcp::model::ErrorCode::METHOD_NOT_FOUND, request.method, None))
+    }
+}
+
+/// Client requests MCP defines: params that do not decode for one of these are invalid params.
+const KNOWN_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "server/discover",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+];
 
 #[cfg(test)]
 mod tests {

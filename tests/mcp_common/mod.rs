@@ -313,6 +313,11 @@ pub fn agent() -> ureq::Agent {
 
 /// POSTs a JSON-RPC message with the headers MCP asks for plus `headers`.
 pub fn post(agent: &ureq::Agent, url: &str, headers: &[(&str, &str)], body: &Value) -> HttpReply {
+    post_text(agent, url, headers, &body.to_string())
+}
+
+/// POSTs `body` as it is (which need not be JSON) with the headers MCP asks for plus `headers`.
+pub fn post_text(agent: &ureq::Agent, url: &str, headers: &[(&str, &str)], body: &str) -> HttpReply {
     let mut req = agent
         .post(url)
         .header("Content-Type", "application/json")
@@ -320,7 +325,7 @@ pub fn post(agent: &ureq::Agent, url: &str, headers: &[(&str, &str)], body: &Val
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let mut resp = req.send(body.to_string()).expect("the HTTP request completes");
+    let mut resp = req.send(body).expect("the HTTP request completes");
     let status = resp.status().as_u16();
     let headers = resp
         .headers()
