@@ -329,6 +329,12 @@ fn type_err(field: &str, expected: &str, got: &serde_json::Value) -> Error {
     Error::invalid(field, format!("must be {expected}, got {kind}"))
 }
 
+/// Whether `key` may name a metadata entry: 1 to 128 characters without control characters
+/// (what a grant's metadata keys, and so `usage --by metadata.KEY`, may be).
+pub fn metadata_key_allowed(key: &str) -> bool {
+    !key.is_empty() && !key.chars().any(char::is_control) && key.chars().count() <= 128
+}
+
 /// Checks a job id from outside: 1..=256 characters, no control characters.
 pub fn validate_job_id(field: &str, job_id: &str) -> Result<()> {
     if job_id.trim().is_empty() {
@@ -800,7 +806,7 @@ impl State {
             ));
         }
         for key in req.metadata.keys() {
-            if key.is_empty() || key.chars().any(char::is_control) || key.chars().count() > 128 {
+            if !metadata_key_allowed(key) {
                 return Err(Error::invalid(
                     "metadata",
                     format!(

@@ -244,6 +244,12 @@ fn cli_cases() -> Vec<CliCase> {
         (s(&["usage", "--since", "-2x"]), "usage --since -2x".into(), "since", "RFC 3339"),
         (s(&["usage", "--since", "-1d", "--by", "metadata."]), "usage --by metadata.".into(), "by", "metadata.KEY"),
         (
+            s(&["usage", "--since", "-1d", "--by", "metadata.a\u{7}b"]),
+            "usage --by 'metadata.a\\ab'".into(),
+            "by",
+            "without control characters",
+        ),
+        (
             s(&["timeline", "--since", "-1d", "--bucket", "0s"]),
             "timeline --bucket 0s".into(),
             "bucket",
@@ -492,6 +498,10 @@ fn mcp_cases() -> Vec<McpCase> {
         ("list_allocations", json!({"state": "gone"}), "state", "active, released, expired, failed"),
         ("list_allocations", json!({"state": 1}), "state", "must be a string"),
         ("list_allocations", json!({"job_id": 5}), "job_id", "must be a string"),
+        ("list_allocations", json!({"job_id": ""}), "job_id", "non-empty"),
+        ("list_allocations", json!({"job_id": "x".repeat(1 << 20)}), "job_id", "at most 256"),
+        ("list_allocations", json!({"job_id": "a\u{1}b"}), "job_id", "control characters"),
+        ("usage_report", json!({"since": "-1d", "by": "metadata.a\u{7}b"}), "by", "without control characters"),
         ("list_allocations", json!({"limit": 5}), "limit", "allowed arguments"),
         ("get_capacity", json!({"verbose": true}), "verbose", "allowed arguments"),
         ("get_capacity", json!({"at": "yesterday"}), "at", "RFC 3339"),

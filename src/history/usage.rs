@@ -29,6 +29,14 @@ impl GroupBy {
             return Ok(GroupBy::Job);
         }
         match text.strip_prefix("metadata.") {
+            // A key no grant can have would only ever report the group "(none)".
+            Some(key) if !key.is_empty() && !crate::state::metadata_key_allowed(key) => Err(Error::invalid(
+                field,
+                format!(
+                    "{:?} names a metadata key no allocation can have: keys are 1 to 128 characters without control characters",
+                    text.chars().take(80).collect::<String>()
+                ),
+            )),
             Some(key) if !key.is_empty() => Ok(GroupBy::Metadata(key.to_string())),
             _ => Err(Error::invalid(
                 field,

@@ -257,7 +257,11 @@ impl LedgerTools {
     async fn list_allocations(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
         let parsed = check_known(&args, &["state", "job_id", "at"]).and_then(|()| {
             let state = opt_str(&args, "state")?.map(|s| AllocationState::parse("state", s)).transpose()?;
+            // The CLI's check (`list --job-id`): the same job ids are refused with the same error.
             let job_id = opt_str(&args, "job_id")?.map(str::to_string);
+            if let Some(j) = &job_id {
+                crate::state::validate_job_id("job_id", j)?;
+            }
             let at = opt_str(&args, "at")?.map(str::to_string);
             Ok((state, job_id, at))
         });
