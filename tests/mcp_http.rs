@@ -354,14 +354,14 @@ fn an_unauthenticated_body_is_neither_read_in_full_nor_waited_for() {
     assert!(server.stop().success());
 }
 
-/// Raises this process's soft open-file limit to the hard one (the tests below hold thousands
-/// of sockets; the usual soft limit is 1024).
-fn raise_open_file_limit() {
+/// Sets this process's soft open-file limit (children inherit it); `None` raises it to the
+/// hard limit.
+fn set_open_file_limit(soft: Option<u64>) {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
     unsafe {
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        lim.rlim_cur = lim.rlim_max.min(1 << 20);
+        lim.rlim_cur = soft.map_or(lim.rlim_max.min(1 << 20), |s| s.min(lim.rlim_max));
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
     }
 }
@@ -414,11 +414,13 @@ fn partial_heads(authority: &str, n: usize) -> Vec<std::net::TcpStream> {
 #[test]
 fn two_thousand_slow_connections_do_not_starve_a_normal_client() {
     const SLOW: usize = 2000;
-    raise_open_file_limit();
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
     // Timeouts longer than the test, so that every slow connection is really held throughout.
+    // The server starts with the usual soft limit of 1024 descriptors (whatever this machine's
+    // default is) and must raise its own; this process then raises its own for its sockets.
+    set_open_file_limit(Some(1024));
     let server = HttpServer::start(
         &dir.path().join("ledger"),
         &[
@@ -430,6 +432,7 @@ fn two_thousand_slow_connections_do_not_starve_a_normal_client() {
             "600",
         ],
     );
+    set_open_file_limit(None);
     let authority = authority(&server);
     let slow = partial_heads(&authority, SLOW);
 
