@@ -3,6 +3,10 @@
 //! handshake, then `tools/call`), one call at a time; p50 and p99 of `get_capacity` and of
 //! `request_resources` + `release_resources`, next to the same operations called in-process
 //! through the library (the MCP overhead is the difference).
+//! Then the same `get_capacity` over Streamable HTTP (`serve --http 127.0.0.1:0`) with a small
+//! blocking HTTP/1.1 client: one kept-alive connection (the case Nagle's algorithm stalled by
+//! ~40 ms a call), a new connection per call, and 64 sessions at once on their own threads and
+//! connections (calls/s, and the server's CPU time over the run).
 //! `BENCH_QUICK=1` (or `--quick`) runs a few calls only.
 
 mod common;
@@ -10,7 +14,8 @@ mod common;
 use allocation_ledger::{Ledger, RequestOutcome, ResourceRequest};
 use common::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -83,6 +88,212 @@ impl Server {
         }
         let _ = self.child.wait();
     }
+}
+
+/// A minimal HTTP/1.1 client for one MCP session on one connection (reopened per call when
+/// `reconnect`), as an agent's HTTP library would make the calls.
+struct HttpSession {
+    authority: String,
+    stream: BufReader<TcpStream>,
+    session: Option<String>,
+    reconnect: bool,
+    next_id: u64,
+}
+
+impl HttpSession {
+    fn open(authority: &str, reconnect: bool) -> HttpSession {
+        let stream = BufReader::new(TcpStream::connect(authority).expect("connecting to the server"));
+        let mut s = HttpSession { authority: authority.to_string(), stream, session: None, reconnect, next_id: 1 };
+        let (headers, body) = s.post(
+            &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "allocation-ledger-bench", "version": "0"}}}),
+        );
+        assert!(message(&body)["result"]["serverInfo"].is_object(), "{body}");
+        s.session = Some(header(&headers, "mcp-session-id").expect("a session id").to_string());
+        s.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        s
+    }
+
+    /// POSTs one message; the response head and body.
+    fn post(&mut self, msg: &Value) -> (String, String) {
+        if self.reconnect && self.session.is_some() {
+            self.stream = BufReader::new(TcpStream::connect(&self.authority).expect("connecting to the server"));
+        }
+        let body = msg.to_string();
+        let session = self
+            .session
+            .as_ref()
+            .map_or(String::new(), |s| format!("Mcp-Session-Id: {s}\r\nMCP-Protocol-Version: 2025-11-25\r\n"));
+        let request = format!(
+            "POST /mcp HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\n{session}Content-Length: {}\r\n\r\n{body}",
+            self.authority,
+            body.len()
+        );
+        self.stream.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(self.stream.read_line(&mut line).unwrap() > 0, "the server closed the connection");
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        assert!(head.starts_with("HTTP/1.1 2"), "{head}");
+        let mut body = Vec::new();
+        if header(&head, "transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+            loop {
+                let mut size = String::new();
+                self.stream.read_line(&mut size).unwrap();
+                let n = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+                let mut chunk = vec![0; n + 2];
+                self.stream.read_exact(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else {
+            let n: usize = header(&head, "content-length").map_or(0, |n| n.parse().unwrap());
+            body.resize(n, 0);
+            self.stream.read_exact(&mut body).unwrap();
+        }
+        (head, String::from_utf8(body).unwrap())
+    }
+
+    fn get_capacity(&mut self) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (_, body) = self.post(
+            &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "get_capacity", "arguments": {}}}),
+        );
+        let m = message(&body);
+        assert_eq!(m["result"]["isError"], json!(false), "{body}");
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The JSON-RPC response in a body: JSON, or the `data:` line of an SSE stream that has an id.
+fn message(body: &str) -> Value {
+    if body.starts_with('{') {
+        return serde_json::from_str(body).unwrap();
+    }
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .find(|v| v.get("id").is_some())
+        .unwrap_or_else(|| panic!("no JSON-RPC response in {body:?}"))
+}
+
+/// `serve --http 127.0.0.1:0`; its pid and `host:port`.
+fn start_http(dir: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_allocation-ledger"))
+        .env_remove("ALLOCATION_LEDGER_DIR")
+        .env_remove("ALLOCATION_LEDGER_TOKEN")
+        .env("RUST_LOG", "warn")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["serve", "--http", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting allocation-ledger serve --http");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    for _ in 0..100 {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if let Some(i) = line.find("http://") {
+            let authority = line[i + 7..].trim().trim_end_matches("/mcp").to_string();
+            // Keep draining stderr so the server never blocks on it.
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+            return (child, authority);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the server did not say where it listens");
+}
+
+fn stop_http(mut child: Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+/// User + system CPU seconds of a live process (Linux /proc; 0 elsewhere).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|x| x.parse::<f64>().ok()).sum());
+    ticks / 100.0 // USER_HZ, 100 on Linux
+}
+
+fn http_section(report: &mut Report, quick: bool) {
+    let (n, seconds) = if quick { (50, 0.5) } else { (1000, 5.0) };
+    report.section("MCP tool call over Streamable HTTP: get_capacity by connection pattern");
+    let dir = scratch_dir("mcp-http-");
+    let (child, authority) = start_http(dir.path());
+    for (id, what, reconnect) in [
+        ("mcp_http_kept_alive", "get_capacity on one kept-alive connection: p50 / p99", false),
+        ("mcp_http_new_connection", "get_capacity on a new connection per call: p50 / p99", true),
+    ] {
+        let mut s = HttpSession::open(&authority, reconnect);
+        for _ in 0..20 {
+            s.get_capacity();
+        }
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            s.get_capacity();
+            lat.push(t.elapsed());
+        }
+        let lat = Samples::from_durations(&lat);
+        report.value(id, &format!("{what} ({n} calls)"), lat.pct(50.0), "s", shown(&lat));
+    }
+
+    const SESSIONS: usize = 64;
+    let cpu_before = cpu_seconds(child.id());
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let threads: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let authority = authority.clone();
+            std::thread::spawn(move || {
+                let mut s = HttpSession::open(&authority, false);
+                let mut calls = 0u64;
+                while Instant::now() < deadline {
+                    s.get_capacity();
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let calls: u64 = threads.into_iter().map(|t| t.join().expect("a session thread panicked")).sum();
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(child.id()) - cpu_before;
+    let rate = calls as f64 / wall;
+    report.value(
+        "mcp_http_64_sessions",
+        &format!("{SESSIONS} sessions at once, each one call at a time on its own connection: calls/s"),
+        rate,
+        "/s",
+        format!("{} (server CPU {cpu:.2} s in {wall:.2} s: {:.2} cores)", fmt_rate(rate), cpu / wall),
+    );
+    stop_http(child);
+    report.note(
+        "the client is a small blocking HTTP/1.1 client (one write per request, Nagle left on as most libraries do); \
+         scripts/mcp_latency.py measures the same with Python http.client and Node fetch",
+    );
 }
 
 fn shown(s: &Samples) -> String {
@@ -200,5 +411,6 @@ fn main() {
         "one call in flight at a time, as an agent makes them; request and release each wait for an fsync, so the \
          pair costs at least two fsyncs of this disk",
     );
+    http_section(&mut report, quick);
     report.finish();
 }
