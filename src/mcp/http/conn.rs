@@ -203,6 +203,7 @@ pub(crate) async fn serve(
     let registry = Arc::new(Registry { conns: Mutex::new(BTreeMap::new()), max: limits.max_connections });
     let tasks = TaskTracker::new();
     let mut next_id = 0u64;
+    let mut refused = 0u64;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -229,10 +230,15 @@ pub(crate) async fn serve(
         next_id += 1;
         let state = Arc::new(ConnState::new(next_id));
         if !registry.admit(&state) {
-            tracing::warn!(
-                max_connections = limits.max_connections,
-                "refusing a connection from {peer}: every open connection is serving a request"
-            );
+            // Logged at 1, 2, 4, 8, ... refusals: a flood must not flood the log too.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    refused_so_far = refused,
+                    "refusing a connection from {peer}: every open connection has completed a request"
+                );
+            }
             let _ = stream.try_write(REFUSED_AT_BOUND);
             continue;
         }
