@@ -15,6 +15,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -112,12 +113,26 @@ def measure_python(binary, calls, new_connection):
         server.stop()
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a live process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_node(binary, args):
+    """The Node script's result, plus the CPU seconds the server and the client used."""
     server = Http(binary)
     try:
+        server_cpu = cpu_seconds(server.proc.pid)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(["node", os.path.join(HERE, "mcp_fetch.mjs"), server.url, *map(str, args)],
                              check=True, capture_output=True, text=True, timeout=600)
-        return json.loads(out.stdout)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = json.loads(out.stdout)
+        result["server_cpu"] = cpu_seconds(server.proc.pid) - server_cpu
+        result["client_cpu"] = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+        return result
     finally:
         server.stop()
 
@@ -172,11 +187,18 @@ def main():
     c = measure_node(a.bin, ["concurrent", a.concurrency, a.seconds])
     rows.append(f"| HTTP, {a.concurrency} concurrent sessions (Node fetch, each one call at a time) | | | "
                 f"{c['calls'] / c['seconds']:.0f} calls/s |")
+    # Includes the sessions' setup; the run itself is most of it.
+    cpu_note = (f"{a.concurrency} sessions: {c['calls']} calls in {c['seconds']:.1f} s; CPU used by the server "
+                f"{c['server_cpu']:.1f} s, by the Node client {c['client_cpu']:.1f} s "
+                f"({(c['server_cpu'] + c['client_cpu']) / c['seconds']:.2f} cores of {os.cpu_count()}); "
+                f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"get_capacity, {a.calls} calls one at a time per row (after 20 warm-up calls); binary {a.bin}")
     print()
     print("| transport | p50 | p99 | calls/s |")
     print("|---|---:|---:|---:|")
     print("\n".join(rows))
+    print()
+    print(cpu_note)
 
 
 if __name__ == "__main__":
