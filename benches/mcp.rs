@@ -238,7 +238,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn http_section(report: &mut Report, quick: bool) {
-    let (n, seconds) = if quick { (50, 0.5) } else { (1000, 5.0) };
+    let (n, seconds) = if quick { (50, 0.5) } else { (3000, 5.0) };
     report.section("MCP tool call over Streamable HTTP: get_capacity by connection pattern");
     let dir = scratch_dir("mcp-http-");
     let (child, authority) = start_http(dir.path());
