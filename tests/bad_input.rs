@@ -268,6 +268,18 @@ fn cli_cases() -> Vec<CliCase> {
             "--expiry-interval-seconds",
             "1..=3600",
         ),
+        (
+            s(&["serve", "--http", "127.0.0.1:0", "--http-header-timeout-seconds", "0"]),
+            "serve --http-header-timeout-seconds 0".into(),
+            "--http-header-timeout-seconds",
+            "1..=3600",
+        ),
+        (
+            s(&["serve", "--http", "127.0.0.1:0", "--http-max-connections", "0"]),
+            "serve --http-max-connections 0".into(),
+            "--http-max-connections",
+            "1..=1000000",
+        ),
         (s(&["frobnicate"]), "an unknown subcommand".into(), "frobnicate", "frobnicate"),
     ]
 }
