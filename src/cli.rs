@@ -3,7 +3,7 @@
 use allocation_ledger::clock::format_micros;
 use allocation_ledger::ledger::{OpenOptions, SnapshotInfo};
 use allocation_ledger::report::*;
-use allocation_ledger::storage::FsStorage;
+use allocation_ledger::storage::{FaultyStorage, FsStorage};
 use allocation_ledger::verify::VerifyReport;
 use allocation_ledger::{AllocationState, Config, Error, Ledger, Priority, ResourceRequest};
 use clap::{Parser, Subcommand};
@@ -263,12 +263,34 @@ fn open_writer(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledge
     Ok(ledger)
 }
 
-/// Queries read beside a running writer (read-only, no lock). A directory with no ledger yet
-/// gets one created, so a first `capacity` shows the pool.
+/// Queries read beside a running writer (read-only, no lock) and never write: not even a new
+/// ledger in an empty directory (a write such as `request` creates it). There they answer from
+/// a preview, in memory, of the ledger a first write would create (the pool of `--config` or
+/// the default), and say so on stderr.
 fn open_reader(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledger::Result<Ledger> {
     match Ledger::open_read_only(dir) {
-        Err(Error::NoLedger { .. }) => open_writer(dir, config_file),
-        other => other,
+        Ok(ledger) => {
+            report_recovery(&ledger);
+            Ok(ledger)
+        }
+        Err(Error::NoLedger { .. }) => {
+            let opts = open_options(config_file)?.storage(std::sync::Arc::new(FaultyStorage::new()));
+            let preview = Ledger::open_with(dir, opts)?;
+            eprintln!(
+                "note: no ledger in {} yet; showing the pool a first write (such as `request`) would create. Nothing was written",
+                dir.display()
+            );
+            Ok(preview)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A snapshot written after a write (when one is due) may fail, on a full disk say, while the
+/// write itself succeeded: say so rather than stay silent.
+fn warn_snapshot_error(ledger: &Ledger) {
+    if let Some(e) = ledger.status().last_snapshot_error {
+        eprintln!("warning: writing a snapshot failed (the log is intact; the next open replays more of it): {e}");
     }
 }
 
@@ -277,17 +299,29 @@ fn report_recovery(ledger: &Ledger) {
     if r.created {
         eprintln!("created a new ledger in {}", ledger.dir().display());
     }
-    if let Some(t) = &r.torn_tail {
-        eprintln!(
+    match &r.torn_tail {
+        Some(t) if ledger.is_read_only() => eprintln!(
+            "note: the log ends in an incomplete record ({} bytes at offset {} of {}): a write that was interrupted \
+             (or is in progress by a running writer); it was never acknowledged. This read-only command answered \
+             from the records before it and changed nothing; the next read-write open cuts it",
+            t.len,
+            t.offset,
+            t.file.display()
+        ),
+        Some(t) => eprintln!(
             "recovered: cut an incomplete final record ({} bytes at offset {} of {}); the bytes were saved to {}",
             t.len,
             t.offset,
             t.file.display(),
             t.saved_to.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
-        );
+        ),
+        None => {}
     }
     for s in &r.snapshots_set_aside {
-        eprintln!("set aside damaged snapshot {}: {}", s.file.display(), s.reason);
+        match &s.moved_to {
+            Some(to) => eprintln!("set aside snapshot {} (moved to {}): {}", s.file.display(), to.display(), s.reason),
+            None => eprintln!("ignored snapshot {} (left in place, read-only): {}", s.file.display(), s.reason),
+        }
     }
 }
 
@@ -314,6 +348,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
             };
             let ledger = open_writer(&dir, &cli.config)?;
             let outcome = ledger.request_resources(&req)?;
+            warn_snapshot_error(&ledger);
             out.doc(&outcome, || human_request(&outcome));
             Ok(if outcome.is_granted() { exit::OK } else { exit::NOT_GRANTED })
         }
@@ -321,6 +356,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
             allocation_ledger::AllocationId::parse("allocation_id", &allocation_id)?;
             let ledger = open_writer(&dir, &cli.config)?;
             let r = ledger.release_resources(&allocation_id)?;
+            warn_snapshot_error(&ledger);
             out.doc(&r, || human_release(&r));
             Ok(exit::OK)
         }
@@ -378,7 +414,9 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
         Command::Usage(args) => history::usage(&open_reader(&dir, &cli.config)?, out, args),
         Command::Timeline(args) => history::timeline(&open_reader(&dir, &cli.config)?, out, args),
         Command::Log { from_seq, limit, .. } => {
-            let ledger = open_reader(&dir, &cli.config)?;
+            // No preview here: its one event would be a ledger that does not exist.
+            let ledger = Ledger::open_read_only(&dir)?;
+            report_recovery(&ledger);
             let events = ledger.events(from_seq.max(1), limit.unwrap_or(usize::MAX))?;
             let mut stdout = std::io::stdout().lock();
             for e in events {

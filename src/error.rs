@@ -50,7 +50,7 @@ pub enum Error {
     #[error("ledger stopped accepting writes after a storage failure ({0}); reopen it to recover from the log")]
     Poisoned(String),
 
-    #[error("no ledger at {}: it has no log segments", .path.display())]
+    #[error("no ledger at {}: the directory holds no log and no snapshot (a write such as `request` creates a ledger; queries never do)", .path.display())]
     NoLedger { path: PathBuf },
 
     #[error("{context}: {source}")]

@@ -21,6 +21,9 @@ pub const WAL_DIR: &str = "wal";
 pub const SNAPSHOT_DIR: &str = "snapshots";
 pub const QUARANTINE_DIR: &str = "quarantine";
 pub const LOCK_FILE: &str = "LOCK";
+/// Where a new ledger's first segment is made durable before the directory is renamed to
+/// `wal/` (see `Ledger::create`).
+pub const WAL_STAGING_DIR: &str = "wal.new";
 /// Snapshots kept on disk; older ones are removed (the log keeps everything).
 pub const SNAPSHOTS_KEPT: usize = 4;
 
@@ -318,11 +321,90 @@ impl Drop for Shared {
             self.sync.get_mut().map_or((true, false), |s| (s.failed.is_some(), appended > s.durable_seq));
         let poisoned = self.core.get_mut().map_or(true, |c| c.poisoned.is_some());
         if let (Some(outbox), true, false, false) = (&self.outbox, unflushed, failed, poisoned) {
-            if let Ok((file, _)) = outbox.write_out() {
-                let _ = file.sync_data();
+            if let Ok(written) = outbox.write_out() {
+                let _ = outbox.sync(&written);
             }
         }
     }
+}
+
+/// What an open learned of the log and the snapshot it started from (all zero for a new
+/// ledger), for the snapshot schedule.
+#[derive(Debug, Default)]
+struct OpenedLog {
+    snapshot_seq: u64,
+    last_snapshot_bytes: u64,
+    log_bytes_since_snapshot: u64,
+}
+
+/// A place where a ledger may be created: no log directory and no snapshot. Anything else
+/// holds (or held) a ledger, damaged or not, and is never replaced.
+fn is_empty_place(storage: &dyn Storage, dir: &Path) -> Result<bool> {
+    if storage.exists(&dir.join(WAL_DIR)) {
+        return Ok(false);
+    }
+    let snap_dir = dir.join(SNAPSHOT_DIR);
+    if !storage.exists(&snap_dir) {
+        return Ok(true);
+    }
+    let snaps = snapshot::list(storage, &snap_dir).map_err(|e| Error::io("listing snapshots", e))?;
+    Ok(snaps.is_empty())
+}
+
+/// The `ledger_id` in the log's first record. `None` when the first segment is missing (the
+/// replay reports the gap); damage in the first record is an error: the ledger's identity
+/// cannot be checked, whatever a snapshot would let an open skip.
+fn log_ledger_id(storage: &dyn Storage, wal_dir: &Path) -> Result<Option<String>> {
+    let first = wal::list_segments(storage, wal_dir)?.into_iter().next().filter(|s| s.first_seq == 1);
+    let Some(first) = first else { return Ok(None) };
+    let bytes = storage.read(&first.path).map_err(|e| Error::io(format!("reading {}", first.path.display()), e))?;
+    let mut id = None;
+    let scan = crate::segment::scan(&first.path, &bytes, 1, &mut |_, payload| {
+        match Event::decode(payload)?.body {
+            EventBody::LedgerCreated { ledger_id, .. } => id = Some(ledger_id),
+            other => return Err(format!("the first event is {}, not ledger_created", other.type_name())),
+        }
+        Ok(false)
+    });
+    match (id, scan.tail) {
+        (Some(id), _) => Ok(Some(id)),
+        (None, crate::segment::Tail::Corrupt(d)) => Err(Error::Damaged(d)),
+        // Torn before its first record, or empty: the replay says which.
+        (None, _) => Ok(None),
+    }
+}
+
+/// Why a snapshot that loaded does not belong to the log beside it: another ledger's (its
+/// `ledger_id` differs from the log's first record), or another history's (the record it was
+/// taken after, at its recorded position, is not the one in the log). A log that does not
+/// reach the snapshot's record is left to the replay, which reports the missing records.
+fn snapshot_not_of_log(
+    storage: &dyn Storage,
+    wal_dir: &Path,
+    log_id: Option<&str>,
+    state: &State,
+    position: Option<wal::LogPosition>,
+) -> Option<String> {
+    if let Some(id) = log_id.filter(|id| *id != state.ledger_id) {
+        return Some(format!(
+            "the snapshot belongs to another ledger (ledger_id {}, the log's is {id})",
+            state.ledger_id
+        ));
+    }
+    let (p, crc) = position.and_then(|p| Some((p, p.record_crc?)))?;
+    match wal::read_record_at(storage, wal_dir, p.segment_first_seq, p.offset) {
+        Some((seq, _, found)) if seq == p.seq && found != crc => Some(format!(
+            "the snapshot does not match the log: record {seq} (offset {} of segment {}) has checksum {found:#010x}, \
+             the snapshot was taken after one with {crc:#010x}",
+            p.offset,
+            crate::segment::file_name(p.segment_first_seq)
+        )),
+        _ => None,
+    }
+}
+
+fn segment_header_len() -> u64 {
+    crate::segment::HEADER_LEN as u64
 }
 
 /// A handle to an open ledger; cheap to clone, `Send + Sync`.
@@ -564,7 +646,7 @@ impl Ledger {
         let mut report = RecoveryReport::default();
 
         let lock_guard = if opts.read_only {
-            if !storage.exists(&wal_dir) {
+            if is_empty_place(&*storage, &dir)? {
                 return Err(Error::NoLedger { path: dir });
             }
             None
@@ -582,14 +664,33 @@ impl Ledger {
             }
         };
 
+        if !opts.read_only && is_empty_place(&*storage, &dir)? {
+            if !opts.create {
+                return Err(Error::NoLedger { path: dir });
+            }
+            return Self::create(dir, opts, lock_guard);
+        }
+        if !storage.exists(&wal_dir) {
+            return Err(Error::Inconsistent {
+                path: wal_dir,
+                message: "the log directory is missing while snapshots exist: the log was lost (nothing was created or changed)".into(),
+            });
+        }
+
         // Newest snapshot that loads; damaged ones are set aside (the log is the truth).
         let empty = || State::empty(opts.config.clone().unwrap_or_default());
         let mut state = empty();
         let mut hint = None;
         let mut loaded_from = None;
         let snaps = snapshot::list(&*storage, &snap_dir).map_err(|e| Error::io("listing snapshots", e))?;
+        let log_id = log_ledger_id(&*storage, &wal_dir)?;
         for (seq, path) in snaps {
-            let loaded = snapshot::load(&*storage, &path, seq);
+            let loaded = snapshot::load(&*storage, &path, seq).and_then(|(s, position)| {
+                match snapshot_not_of_log(&*storage, &wal_dir, log_id.as_deref(), &s, position) {
+                    Some(why) => Err(why),
+                    None => Ok((s, position)),
+                }
+            });
             match loaded {
                 Ok((s, position)) => {
                     report.snapshot_seq = Some(seq);
@@ -614,6 +715,25 @@ impl Ledger {
         let (mut end, replayed) = replay_into(&*storage, &wal_dir, &mut state, hint, &reload)?;
         report.resumed_from_snapshot_position = end.resumed_from_hint;
         report.events_replayed = replayed;
+        if end.segments.is_empty() {
+            return Err(Error::Inconsistent {
+                path: wal_dir,
+                message: "the log directory holds no segment: the log was lost (nothing was created or changed)".into(),
+            });
+        }
+        if end.last_seq == 0 {
+            // A ledger is created with its first record durable before its log directory gets
+            // its name, so a log without a whole first record is damaged, not a new ledger.
+            let first = &end.segments[0].path;
+            return Err(Error::Damaged(crate::error::Damage {
+                file: first.clone(),
+                offset: end.torn.as_ref().map_or(segment_header_len(), |t| t.offset),
+                seq: 1,
+                reason: "the first record (ledger_created) is incomplete: the ledger's identity and config are lost; \
+                         nothing was cut or created (move the directory aside to start a new ledger)"
+                    .into(),
+            }));
+        }
         if end.last_seq < snapshot_seq {
             return Err(Error::Inconsistent {
                 path: wal_dir,
@@ -639,29 +759,7 @@ impl Ledger {
                 }
             }
             let seg_size = state.config.segment_size_bytes;
-            if end.last_seq == 0 {
-                // A new ledger (or one whose creation never became durable).
-                let config = opts.config.clone().unwrap_or_default();
-                config.validate()?;
-                state = State::empty(config.clone());
-                let mut w = if end.segments.is_empty() {
-                    WalWriter::create(storage.clone(), &wal_dir, config.segment_size_bytes)?
-                } else {
-                    WalWriter::resume(storage.clone(), &wal_dir, &end, config.segment_size_bytes)?
-                };
-                let ts = opts.clock.now_micros();
-                let body = EventBody::LedgerCreated { ledger_id: uuid::Uuid::new_v4().to_string(), config };
-                let payload = Event::new(ts, body.clone()).encode();
-                let seq = w.append(&payload).map_err(|e| match e {
-                    AppendError::Failed(e) | AppendError::Poison(e) => e,
-                })?;
-                w.hand_off();
-                let (file, _) = w.outbox().write_out()?;
-                file.sync_data().map_err(|e| Error::io("fsync of the new ledger", e))?;
-                state.evolve(seq, ts, &body);
-                report.created = true;
-                wal = Some(w);
-            } else {
+            {
                 let w = WalWriter::resume(storage.clone(), &wal_dir, &end, seg_size)?;
                 // What we read may have come from the page cache of a process that died before
                 // its fsync; make it durable before building on it. That includes the last
@@ -672,13 +770,9 @@ impl Ledger {
                 storage.sync_dir(&wal_dir).map_err(|e| Error::io("fsync of the log directory on open", e))?;
                 wal = Some(w);
             }
-        } else if end.last_seq == 0 {
-            return Err(Error::NoLedger { path: dir });
         }
         report.torn_tail = end.torn.clone();
         report.last_seq = state.last_seq;
-        let durable = state.last_seq;
-        let since_snapshot = state.last_seq - snapshot_seq;
         // What the rule for large snapshots needs: the log after the snapshot (less the zeros
         // pre-filled after the last record).
         let last_snapshot_bytes = match &loaded_from {
@@ -695,10 +789,26 @@ impl Ledger {
         } else {
             0
         };
+        let opened = OpenedLog { snapshot_seq, last_snapshot_bytes, log_bytes_since_snapshot };
+        Ok(Self::assemble(dir, opts, lock_guard, state, wal, report, opened))
+    }
+
+    /// The handle around a state opened (or created) at `dir`.
+    fn assemble(
+        dir: PathBuf,
+        opts: OpenOptions,
+        lock_guard: Option<Box<dyn LockGuard>>,
+        state: State,
+        wal: Option<WalWriter>,
+        recovery: RecoveryReport,
+        opened: OpenedLog,
+    ) -> Ledger {
+        let durable = state.last_seq;
+        let since_snapshot = state.last_seq - opened.snapshot_seq;
         let outbox = wal.as_ref().map(|w: &WalWriter| w.outbox().clone());
         let shared = Arc::new(Shared {
             dir,
-            storage,
+            storage: opts.storage,
             clock: opts.clock,
             read_only: opts.read_only,
             core: Mutex::new(Core {
@@ -706,8 +816,8 @@ impl Ledger {
                 wal,
                 poisoned: None,
                 since_snapshot,
-                log_bytes_since_snapshot,
-                last_snapshot_bytes,
+                log_bytes_since_snapshot: opened.log_bytes_since_snapshot,
+                last_snapshot_bytes: opened.last_snapshot_bytes,
                 last_snapshot_error: None,
                 capacity_index: None,
             }),
@@ -718,10 +828,46 @@ impl Ledger {
             snapshot_due: AtomicBool::new(false),
             snapshot_lock: Mutex::new(snapshot::EncodingCache::default()),
             index_build_lock: Mutex::new(()),
-            recovery: report,
+            recovery,
             _lock: lock_guard,
         });
-        Ok(Ledger { flusher: Arc::new(Flusher { shared: shared.clone(), thread: Mutex::new(None) }), shared })
+        Ledger { flusher: Arc::new(Flusher { shared: shared.clone(), thread: Mutex::new(None) }), shared }
+    }
+
+    /// Creates a new ledger in an empty place. The first segment, with the `ledger_created`
+    /// record fsynced in it, is built in a staging directory that is then renamed to `wal/`: a
+    /// log directory exists only with a durable first record, so one without is damage, never
+    /// a ledger to create again.
+    fn create(dir: PathBuf, opts: OpenOptions, lock_guard: Option<Box<dyn LockGuard>>) -> Result<Ledger> {
+        let storage = opts.storage.clone();
+        let config = opts.config.clone().unwrap_or_default();
+        config.validate()?;
+        let staging = dir.join(WAL_STAGING_DIR);
+        let io = |what: &str, e| Error::io(format!("{what} {}", staging.display()), e);
+        // Left by a creation that was interrupted: nothing in it was ever acknowledged.
+        if storage.exists(&staging) {
+            for name in storage.list(&staging).map_err(|e| io("listing", e))? {
+                storage.remove(&staging.join(name)).map_err(|e| io("clearing", e))?;
+            }
+        }
+        let mut w = WalWriter::create(storage.clone(), &staging, config.segment_size_bytes)?;
+        let ts = opts.clock.now_micros();
+        let body = EventBody::LedgerCreated { ledger_id: uuid::Uuid::new_v4().to_string(), config: config.clone() };
+        let payload = Event::new(ts, body.clone()).encode();
+        let seq = w.append(&payload).map_err(|e| match e {
+            AppendError::Failed(e) | AppendError::Poison(e) => e,
+        })?;
+        w.hand_off();
+        let written = w.outbox().write_out()?;
+        w.outbox().sync(&written).map_err(|e| Error::io("fsync of the new ledger", e))?;
+        let wal_dir = dir.join(WAL_DIR);
+        storage.rename(&staging, &wal_dir).map_err(|e| io("renaming the new log", e))?;
+        storage.sync_dir(&dir).map_err(|e| Error::io(format!("fsync of {}", dir.display()), e))?;
+        w.moved_to(&wal_dir);
+        let mut state = State::empty(config);
+        state.evolve(seq, ts, &body);
+        let report = RecoveryReport { created: true, last_seq: state.last_seq, ..Default::default() };
+        Ok(Self::assemble(dir, opts, lock_guard, state, Some(w), report, OpenedLog::default()))
     }
 
     pub fn dir(&self) -> &Path {
@@ -1583,8 +1729,8 @@ fn flush_round(sh: &Shared) -> (MutexGuard<'_, SyncState>, bool) {
     // The outbox names the last record appended together with the file whose fsync makes it
     // durable (a rotation fsynced the segment before it), and writes what is still queued.
     let result = match &sh.outbox {
-        Some(outbox) => outbox.write_out().map_err(|e| e.to_string()).and_then(|(file, upto)| {
-            file.sync_data().map(|()| upto).map_err(|e| format!("fsync of the log failed: {e}"))
+        Some(outbox) => outbox.write_out().map_err(|e| e.to_string()).and_then(|written| {
+            outbox.sync(&written).map(|()| written.last_seq).map_err(|e| format!("fsync of the log failed: {e}"))
         }),
         None => Ok(0),
     };

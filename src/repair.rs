@@ -130,7 +130,7 @@ fn readable_records(path: &Path, bytes: &[u8], from: usize, out: &mut Vec<LostEv
     let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     while pos < end {
         match record::decode(&bytes[pos..]) {
-            Decoded::Record { seq, payload, frame_len } => {
+            Decoded::Record { seq, payload, frame_len, .. } => {
                 let ev = Event::decode(payload).ok();
                 out.push(LostEvent {
                     seq,

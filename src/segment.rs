@@ -12,6 +12,10 @@
 //! blocks the file system already holds instead of growing the file, which on ext4 takes about
 //! half the time. Zeros after the last record are free space, not damage. Version 1 segments
 //! (records back to back to the end of the file) are still read and appended to.
+//!
+//! Version 3 adds the durable lag to records (see [`crate::record`]): damage followed by a valid
+//! record whose lag proves the damaged one durable is damage, never a torn tail, whatever its
+//! bytes look like; damage that nothing proves durable lies in the last write, which is cut.
 
 use crate::error::Damage;
 use crate::record::{self, Decoded};
@@ -19,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"ALLOCWAL";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version this build reads (and appends to, without pre-filling).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// A sector: the unit a disk writes whole or not at all. A torn write leaves whole sectors of
@@ -68,6 +72,11 @@ impl Header {
     /// Zeros after the last record are free space (version 2 on).
     pub fn prefilled(&self) -> bool {
         self.version >= 2
+    }
+
+    /// The writer records each record's durable lag (version 3 on; see [`crate::record`]).
+    pub fn records_durable_lags(&self) -> bool {
+        self.version >= 3
     }
 }
 
@@ -199,8 +208,17 @@ pub fn scan_from(
             break Tail::Clean;
         }
         let rest = &bytes[offset..];
+        // Version 3 starts each write at a sector (see `WalWriter::hand_off`), but a segment's
+        // first: zeros up to the next sector boundary, then written bytes, are that padding.
+        // Checked before decoding (once per write, on the replay's hot path).
+        if header.records_durable_lags() && offset != HEADER_LEN {
+            if let Some(pad) = write_padding(rest, offset as u64) {
+                offset += pad;
+                continue;
+            }
+        }
         match record::decode(rest) {
-            Decoded::Record { seq, payload, frame_len } => {
+            Decoded::Record { seq, payload, frame_len, .. } => {
                 if seq != next_seq {
                     break Tail::Corrupt(damage(
                         offset as u64,
@@ -234,6 +252,25 @@ pub fn scan_from(
                     Decoded::Corrupt(reason) => (false, reason),
                     _ => (true, "record length runs past the end of the file".to_string()),
                 };
+                // First, before any guess: a later record proves this one was durable.
+                if let Some((at, seq)) = record::durability_proof_follows(&rest[..written], next_seq) {
+                    break Tail::Corrupt(damage(
+                        offset as u64,
+                        next_seq,
+                        format!(
+                            "{reason}; record {seq} at offset {} was written after this record was durable \
+                             (a later flush): damage, not a torn write",
+                            offset + at
+                        ),
+                    ));
+                }
+                if header.records_durable_lags() {
+                    // No later flush proves this record durable, so it belongs to the last
+                    // write, which may not have been: whatever its bytes look like (a sector
+                    // that never landed, a write cut short, garbage a failed write left), that
+                    // write is cut from here, and only that write.
+                    break Tail::Torn { offset: offset as u64, len: written as u64 };
+                }
                 // Before the length check: a share of the header that never landed reads as a
                 // zero length, and a record put back together from the rest is whole.
                 if header_share_missing(rest, offset as u64, written, next_seq) {
@@ -296,6 +333,27 @@ pub fn scan_from(
     Scan { first_seq, version, valid_len: offset as u64, next_seq, tail, stopped }
 }
 
+/// The zero padding at the start of `rest` (at `offset` in a version 3 segment, where a record
+/// is expected) before a write that starts at the next sector boundary: zeros up to it, and
+/// bytes written in the sector there. Whatever is there is read as the next record (and reported
+/// there if it is not one).
+fn write_padding(rest: &[u8], offset: u64) -> Option<usize> {
+    let pad = (offset.next_multiple_of(SECTOR_BYTES) - offset) as usize;
+    // Something was written in the sector at the boundary (a torn write may have left only
+    // some of it, or none of its length field).
+    let sector = pad..rest.len().min(pad + SECTOR_BYTES as usize);
+    let written_there = rest.get(sector).is_some_and(|there| there.iter().any(|&b| b != 0));
+    if pad == 0 || !written_there || rest[..pad].iter().any(|&b| b != 0) {
+        return None;
+    }
+    // With 4 zero bytes or more, `offset` holds a zero length, which no record has. With fewer,
+    // a record there whose length starts with zero bytes reads the same: decode it (rare).
+    if pad < 4 && matches!(record::decode(rest), Decoded::Record { .. }) {
+        return None;
+    }
+    Some(pad)
+}
+
 /// Whether the invalid frame at the start of `rest` (at `offset` in a pre-filled segment) has
 /// a sector that never landed. A disk writes a 512-byte sector whole or not at all, and a
 /// sector that did not land still reads as the zeros the writer put there; records never hold
@@ -307,7 +365,7 @@ fn sector_missing(rest: &[u8], offset: u64, written: usize) -> bool {
     if rest.len() < record::HEADER_LEN {
         return false;
     }
-    let len = u32::from_le_bytes(rest[0..4].try_into().unwrap()) as usize;
+    let len = record::payload_len(u32::from_le_bytes(rest[0..4].try_into().unwrap()));
     let frame_len = if (1..=record::MAX_PAYLOAD_LEN).contains(&len) { record::HEADER_LEN + len } else { 0 };
     let end = frame_len.max(record::HEADER_LEN).min(written);
     let mut at = 0usize;
@@ -356,17 +414,20 @@ fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: 
     for end in memchr::memchr_iter(b'}', region) {
         payload_crc.update(&region[hashed..=end]);
         hashed = end + 1;
-        let len_le = (hashed as u32).to_le_bytes();
-        if (share..4).any(|i| rest[i] != len_le[i]) {
-            continue;
-        }
-        let lost_bits: u32 = len_le[..share.min(4)].iter().map(|b| b.count_ones()).sum::<u32>() + seq_bits;
-        let mut whole = crc32fast::Hasher::new();
-        whole.update(&len_le);
-        whole.update(&seq_le);
-        whole.combine(&payload_crc);
-        if whole.finalize() == crc {
-            return lost_bits >= 2;
+        // Version 2 only (version 3 never guesses), so the length field holds no lag.
+        {
+            let len_le = (hashed as u32).to_le_bytes();
+            if (share..4).any(|i| rest[i] != len_le[i]) {
+                continue;
+            }
+            let lost_bits: u32 = len_le[..share.min(4)].iter().map(|b| b.count_ones()).sum::<u32>() + seq_bits;
+            let mut whole = crc32fast::Hasher::new();
+            whole.update(&len_le);
+            whole.update(&seq_le);
+            whole.combine(&payload_crc);
+            if whole.finalize() == crc {
+                return lost_bits >= 2;
+            }
         }
     }
     false
@@ -376,7 +437,7 @@ fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: 
 /// payload ends in a zero byte, which a JSON event never does. What a write that landed only
 /// up to some byte leaves (only once no whole record follows it).
 fn cut_short(rest: &[u8]) -> bool {
-    let len = u32::from_le_bytes(rest[0..4].try_into().unwrap()) as usize;
+    let len = record::payload_len(u32::from_le_bytes(rest[0..4].try_into().unwrap()));
     (1..=record::MAX_PAYLOAD_LEN).contains(&len)
         && rest.len() >= record::HEADER_LEN + len
         && rest[record::HEADER_LEN + len - 1] == 0
@@ -384,10 +445,12 @@ fn cut_short(rest: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    //! The guesses of version 2 (sectors that never landed, writes cut short) are tested on
+    //! version 2 segments; version 3's proof by flush starts at the end.
     use super::*;
 
     fn segment(n: u64) -> Vec<u8> {
-        let mut b = encode_header(1).to_vec();
+        let mut b = encode_header_version(1, 2).to_vec();
         for seq in 1..=n {
             record::encode(seq, format!("payload {seq}").as_bytes(), &mut b);
         }
@@ -405,7 +468,7 @@ mod tests {
 
     /// A pre-filled segment: `n` records, then zeros up to `len` bytes.
     fn prefilled(n: u64, len: usize) -> (Vec<u8>, Vec<usize>) {
-        let mut b = encode_header(1).to_vec();
+        let mut b = encode_header_version(1, 2).to_vec();
         let mut ends = vec![b.len()];
         for seq in 1..=n {
             let payload = format!("{{\"event\":{seq},\"pad\":\"{}\"}}", "x".repeat((seq as usize * 97) % 700));
@@ -522,7 +585,7 @@ mod tests {
     /// A segment whose record 2 starts `share` bytes before the end of sector 1, with record 3
     /// after it (one write of both), zeros to 4096; and where record 2 starts.
     fn straddling(share: usize, payload2_len: usize) -> (Vec<u8>, usize) {
-        let mut b = encode_header(1).to_vec();
+        let mut b = encode_header_version(1, 2).to_vec();
         let start2 = 2 * SECTOR_BYTES as usize - share;
         let pad1 = start2 - b.len() - record::HEADER_LEN - r#"{"pad":""}"#.len();
         record::encode(1, format!(r#"{{"pad":"{}"}}"#, "x".repeat(pad1)).as_bytes(), &mut b);
@@ -634,5 +697,137 @@ mod tests {
             assert!(n < 5, "bit {bit}: all records still read");
             assert!(matches!(tail, Tail::Corrupt(_)), "bit {bit}: {tail:?}");
         }
+    }
+
+    /// A version 3 segment of `flushes` writes of `per_flush` records each, every write's first
+    /// record flagged; returns the bytes (zeros after the records) and each record's
+    /// (start, end, seq).
+    fn v3_segment(flushes: u64, per_flush: u64) -> (Vec<u8>, Vec<(usize, usize, u64)>) {
+        let mut b = encode_header(1).to_vec();
+        let mut bounds = Vec::new();
+        let mut seq = 1;
+        for _ in 0..flushes {
+            // Each write starts at a sector, as the writer lays them out (but the first, right
+            // after the header).
+            if b.len() > HEADER_LEN {
+                b.resize(b.len().next_multiple_of(SECTOR_BYTES as usize), 0);
+            }
+            for i in 0..per_flush {
+                let start = b.len();
+                let pad = "x".repeat((seq as usize * 37) % 300);
+                record::encode(seq, format!(r#"{{"event":{seq},"pad":"{pad}"}}"#).as_bytes(), &mut b);
+                if i == 0 {
+                    // The first record of each write: everything before it was durable.
+                    record::set_durable_lags(&mut b[start..], seq - 1);
+                } else {
+                    // The others: the same durable point, so a larger lag.
+                    record::set_durable_lags(&mut b[start..], seq - 1 - i);
+                }
+                bounds.push((start, b.len(), seq));
+                seq += 1;
+            }
+        }
+        b.resize(b.len() + 2048, 0);
+        (b, bounds)
+    }
+
+    /// Version 3: damage that a later write's flush start follows is damage whatever it looks
+    /// like; damage in the last write is a torn tail cut at the damaged record, whatever it
+    /// looks like. Every byte of every record, zeroed and flipped.
+    #[test]
+    fn v3_damage_is_torn_only_in_the_last_write() {
+        let (b, bounds) = v3_segment(4, 3);
+        let last_write_start = bounds[bounds.len() - 3].0;
+        for &(start, end, seq) in &bounds {
+            for at in start..end {
+                for edit in [0u8, 0xff] {
+                    let mut d = b.clone();
+                    if edit == 0 {
+                        if d[at] == 0 {
+                            continue;
+                        }
+                        d[at] = 0;
+                    } else {
+                        d[at] ^= 0xff;
+                    }
+                    let (n, tail) = count(&d);
+                    if start >= last_write_start {
+                        assert_eq!(n, seq - 1, "byte {at} of record {seq} ({edit:#x})");
+                        assert!(matches!(tail, Tail::Torn { offset, .. } if offset == start as u64), "{tail:?}");
+                    } else {
+                        assert!(
+                            matches!(&tail, Tail::Corrupt(d) if d.offset == start as u64 && d.seq == seq
+                                && d.reason.contains("later flush")),
+                            "byte {at} of record {seq} ({edit:#x}): {tail:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Version 3: a whole sector zeroed anywhere among the records.
+    #[test]
+    fn v3_a_zeroed_sector_before_the_last_write_is_damage() {
+        let (b, bounds) = v3_segment(6, 2);
+        let records_end = bounds.last().unwrap().1;
+        let last_write_start = bounds[bounds.len() - 2].0;
+        let mut sector = 0;
+        while sector < records_end {
+            let mut d = b.clone();
+            let from = sector.max(HEADER_LEN);
+            d[from..sector + SECTOR_BYTES as usize].fill(0);
+            let Some(hit) = bounds.iter().find(|r| r.1 > from && r.0 < sector + SECTOR_BYTES as usize) else {
+                // Only padding in this sector.
+                assert_eq!(count(&d), count(&b), "padding zeroed at {sector}");
+                sector += SECTOR_BYTES as usize;
+                continue;
+            };
+            let (n, tail) = count(&d);
+            if hit.0 >= last_write_start {
+                // The last write, torn (or, all of it in the sector, never landed).
+                assert!(matches!(tail, Tail::Torn { .. } | Tail::Clean), "sector at {sector}: {tail:?}");
+                assert_eq!(n, hit.2 - 1);
+            } else {
+                assert!(matches!(&tail, Tail::Corrupt(d) if d.seq == hit.2), "sector at {sector}: {tail:?}");
+            }
+            sector += SECTOR_BYTES as usize;
+        }
+    }
+
+    /// A record of exactly `payload_len` bytes with sequence number `seq`, durable lag `lag`.
+    fn record_of(seq: u64, payload_len: usize, lag: u64) -> Vec<u8> {
+        let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(payload_len - 10));
+        let mut b = Vec::new();
+        record::encode(seq, payload.as_bytes(), &mut b);
+        record::set_durable_lags(&mut b, seq - lag);
+        b
+    }
+
+    /// Padding of 1 to 3 bytes (a write that ended just before a sector boundary) is padding;
+    /// a record there whose length starts with a zero byte (a payload of 256 bytes) is a
+    /// record, not padding.
+    #[test]
+    fn v3_padding_shorter_than_a_length_field() {
+        for pad in 1..=4usize {
+            let mut b = encode_header(1).to_vec();
+            b.extend(record_of(1, 100, 1));
+            let first_end = SECTOR_BYTES as usize - pad;
+            b.extend(record_of(2, first_end - b.len() - record::HEADER_LEN, 1));
+            assert_eq!(b.len(), first_end);
+            b.resize(SECTOR_BYTES as usize, 0);
+            b.extend(record_of(3, 200, 1));
+            b.resize(4096, 0);
+            assert_eq!(count(&b), (3, Tail::Clean), "padding of {pad} bytes");
+        }
+        // No padding: record 3 right after record 2, its length field starting with zero bytes.
+        let mut b = encode_header(1).to_vec();
+        b.extend(record_of(1, 100, 1));
+        b.extend(record_of(2, SECTOR_BYTES as usize - 1 - b.len() - record::HEADER_LEN, 1));
+        let r3 = record_of(3, 256, 2);
+        assert_eq!(r3[0], 0, "the length field starts with a zero byte");
+        b.extend(r3);
+        b.resize(4096, 0);
+        assert_eq!(count(&b), (3, Tail::Clean));
     }
 }

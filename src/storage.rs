@@ -357,6 +357,31 @@ impl MemFs {
         }
     }
 
+    /// Renames a directory with everything in it. Modelled as durable at once (a rename is
+    /// atomic, and the crash model does not revert directory renames): the names under it move
+    /// in both the current and the durable view.
+    fn rename_dir(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.dirs.contains(to) || self.names.contains_key(to) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists", to.display())));
+        }
+        let moved = |p: &Path| p.strip_prefix(from).ok().map(|rest| to.join(rest));
+        let rekey = |map: &mut BTreeMap<PathBuf, usize>| {
+            let under: Vec<PathBuf> = map.keys().filter(|p| p.starts_with(from)).cloned().collect();
+            for p in under {
+                let i = map.remove(&p).expect("listed");
+                map.insert(moved(&p).expect("under from"), i);
+            }
+        };
+        rekey(&mut self.names);
+        rekey(&mut self.durable_names);
+        let dirs: Vec<PathBuf> = self.dirs.iter().filter(|p| p.starts_with(from)).cloned().collect();
+        for d in dirs {
+            self.dirs.remove(&d);
+            self.dirs.insert(moved(&d).expect("under from"));
+        }
+        Ok(())
+    }
+
     fn inode(&self, path: &Path) -> io::Result<usize> {
         self.names
             .get(path)
@@ -512,6 +537,9 @@ impl FaultyStorage {
     /// Replaces a file's bytes (durably), for corruption tests.
     pub fn put_file(&self, path: &Path, bytes: Vec<u8>) {
         let mut fs = self.fs.lock().unwrap();
+        for a in path.ancestors().skip(1) {
+            fs.dirs.insert(a.to_path_buf());
+        }
         let ino = match fs.names.get(path) {
             Some(&i) => i,
             None => {
@@ -528,22 +556,43 @@ impl FaultyStorage {
 }
 
 /// What a file holds after power loss, given what the process wrote (`data`) and what the last
-/// fsync made durable (`synced`): the written bytes up to a cut chosen by `pick`, at or after
-/// the first byte that differs, then the durable ones. An unsynced cut back (`data` a prefix of
-/// `synced`) either happened or not.
+/// fsync made durable (`synced`). A disk writes a 512-byte sector whole or not at all, and the
+/// sectors of unsynced writes land in any order: each sector whose written bytes differ from
+/// its durable ones landed or did not, chosen by `pick` (all of them, none, the first few in
+/// file order, or each by chance). The length is the written or the durable one; a sector that
+/// did not land reads as its durable bytes, and as zeros past the durable end. An unsynced cut
+/// back (`data` a prefix of `synced`) either happened or not. Durable bytes are never lost.
 fn survivor(data: &[u8], synced: &[u8], pick: u64) -> Vec<u8> {
+    const SECTOR: usize = 512;
     if data == synced {
         return synced.to_vec();
     }
+    let mut rng = pick.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng >> 33
+    };
     if data.len() < synced.len() && synced.starts_with(data) {
-        return if pick.is_multiple_of(2) { data } else { synced }.to_vec();
+        return if next().is_multiple_of(2) { data } else { synced }.to_vec();
     }
-    let first_change = data.iter().zip(synced).position(|(a, b)| a != b).unwrap_or(data.len().min(synced.len()));
-    let end = data.len().max(synced.len());
-    let cut = first_change + (pick as usize) % (end - first_change + 1);
-    let mut out = data[..cut.min(data.len())].to_vec();
-    if synced.len() > out.len() {
-        out.extend_from_slice(&synced[out.len()..]);
+    let len = if next().is_multiple_of(2) { data.len() } else { synced.len() };
+    let sectors = len.div_ceil(SECTOR);
+    let mode = next() % 4;
+    let first_missing = next() as usize % (sectors + 1);
+    let new = |i: usize| data.get(i).copied().unwrap_or(0);
+    let old = |i: usize| synced.get(i).copied().unwrap_or(0);
+    let mut out = Vec::with_capacity(len);
+    for sector in 0..sectors {
+        let bytes = sector * SECTOR..((sector + 1) * SECTOR).min(len);
+        let changed = bytes.clone().any(|i| new(i) != old(i));
+        let lands = !changed
+            || match mode {
+                0 => true,
+                1 => false,
+                2 => sector < first_missing,
+                _ => next().is_multiple_of(2),
+            };
+        out.extend(bytes.map(|i| if lands { new(i) } else { old(i) }));
     }
     out
 }
@@ -569,7 +618,7 @@ impl Storage for FaultyStorage {
 
     fn exists(&self, path: &Path) -> bool {
         let fs = self.fs.lock().unwrap();
-        fs.names.contains_key(path) || fs.dirs.contains(path)
+        fs.names.contains_key(path) || fs.dirs.contains(path) || fs.names.keys().any(|p| p.starts_with(path))
     }
 
     fn open_append(&self, path: &Path, create_new: bool) -> io::Result<Box<dyn AppendFile>> {
@@ -626,6 +675,9 @@ impl Storage for FaultyStorage {
         let mut fs = self.fs.lock().unwrap();
         if let Some(f) = fs.check(OpKind::Rename) {
             return Err(injected(f));
+        }
+        if fs.dirs.contains(from) && !fs.names.contains_key(from) {
+            return fs.rename_dir(from, to);
         }
         let i = fs.inode(from)?;
         fs.names.remove(from);
@@ -693,24 +745,33 @@ mod tests {
     }
 
     #[test]
-    fn crash_tears_overwrites_in_place() {
-        // A pre-filled file: zeros made durable, then records written over them.
-        let synced = vec![0u8; 64];
+    fn crash_tears_overwrites_in_place_sector_by_sector() {
+        // A pre-filled file: zeros made durable (4 sectors), then records written over them.
+        let synced = vec![0u8; 2048];
         let mut data = synced.clone();
-        data[10..20].copy_from_slice(b"0123456789");
-        let mut seen = std::collections::BTreeSet::new();
-        for pick in 0..200 {
+        data[100..1900].iter_mut().enumerate().for_each(|(i, b)| *b = 1 + (i % 200) as u8);
+        let mut patterns = std::collections::BTreeSet::new();
+        for pick in 0..400 {
             let out = survivor(&data, &synced, pick);
-            assert_eq!(out.len(), 64);
-            let cut = out[10..20].iter().position(|&b| b == 0).unwrap_or(10);
-            assert_eq!(&out[10..10 + cut], &b"0123456789"[..cut], "a prefix of the write landed");
-            assert!(out[10 + cut..].iter().all(|&b| b == 0), "nothing after the cut");
-            seen.insert(cut);
+            assert_eq!(out.len(), 2048);
+            // Each sector is wholly the new bytes or wholly the durable ones.
+            let landed: Vec<bool> = (0..4)
+                .map(|s| {
+                    let sector = &out[s * 512..(s + 1) * 512];
+                    let new = &data[s * 512..(s + 1) * 512];
+                    assert!(sector == new || sector.iter().all(|&b| b == 0), "sector {s} of pick {pick} is mixed");
+                    sector == new
+                })
+                .collect();
+            patterns.insert(landed);
         }
-        assert_eq!(seen.len(), 11, "every cut, from nothing to all of it, happens");
-        // Appending past the durable end: a prefix of the new bytes.
-        let out = survivor(b"hello world", b"hello", 3);
-        assert!(out.starts_with(b"hello") && b"hello world".starts_with(&out[..]));
+        assert_eq!(patterns.len(), 16, "every set of landed sectors happens, in any order");
+        // Appending past the durable end: the durable bytes stay; the rest landed or reads as
+        // zeros, or the file keeps its durable length.
+        for pick in 0..50 {
+            let out = survivor(b"hello world", b"hello", pick);
+            assert!([&b"hello"[..], b"hello world", b"hello\0\0\0\0\0\0"].contains(&&out[..]), "{out:?}");
+        }
     }
 
     /// A large file is fsynced a megabyte at a time (so the log's fsyncs do not stall behind

@@ -64,7 +64,11 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
     for (seq, path) in
         snapshot::list(storage, &dir.join(SNAPSHOT_DIR)).map_err(|e| crate::Error::io("listing snapshots", e))?
     {
-        let loaded = storage.read(&path).map_err(|e| e.to_string()).and_then(|b| snapshot::decode(&b, seq));
+        let loaded = match storage.read(&path) {
+            // A writer beside us pruned it after we listed it: gone, not damaged.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            read => read.map_err(|e| e.to_string()).and_then(|b| snapshot::decode(&b, seq)),
+        };
         snaps.insert(seq, (path, loaded));
     }
     let mut snap_status: BTreeMap<u64, String> = BTreeMap::new();
@@ -130,10 +134,16 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
                 t
             }
             Tail::Torn { offset, len } => {
-                let d = format!("incomplete record at offset {offset} ({len} bytes) in a segment that is not the last");
-                problems.push(format!("{}: {d} (expected sequence number {})", seg.path.display(), scan.next_seq));
+                // A later segment was started only once this one was durable.
+                let d = crate::error::Damage {
+                    file: seg.path.clone(),
+                    offset: *offset,
+                    seq: scan.next_seq,
+                    reason: format!("incomplete record ({len} bytes) in a segment that is not the last"),
+                };
+                problems.push(d.to_string());
                 folding = false;
-                d
+                format!("damaged: {}", d.reason)
             }
             Tail::Corrupt(d) => {
                 problems.push(d.to_string());
@@ -152,6 +162,12 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
     }
     if segments.is_empty() {
         problems.push(format!("{}: no log segments", wal_dir.display()));
+    } else if state.last_seq == 0 && folding {
+        // A new ledger's log directory is named only once its first record is durable.
+        problems.push(format!(
+            "{}: the first record (ledger_created) is not whole: the ledger's identity and config are lost",
+            segments[0].path.display()
+        ));
     }
     if folding {
         if let Err(e) = state.check_invariants() {

@@ -50,6 +50,41 @@ pub struct LogPosition {
     /// Byte offset of the record's frame in the segment.
     pub offset: u64,
     pub seq: u64,
+    /// CRC-32 of the record framed without the flush-start flag (what [`crate::record::encode`]
+    /// wrote), when known: a snapshot records it to prove it belongs to this log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_crc: Option<u32>,
+}
+
+/// The record at `offset` of the segment named for `segment_first_seq`, as (sequence number,
+/// payload, CRC-32 of the record framed without the flush-start flag), if a whole valid record
+/// is there.
+pub fn read_record_at(
+    storage: &dyn Storage,
+    dir: &Path,
+    segment_first_seq: u64,
+    offset: u64,
+) -> Option<(u64, Vec<u8>, u32)> {
+    let path = dir.join(segment::file_name(segment_first_seq));
+    if offset < segment::HEADER_LEN as u64 {
+        return None;
+    }
+    let header = storage.read_range(&path, offset, crate::record::HEADER_LEN).ok()?;
+    if header.len() < crate::record::HEADER_LEN {
+        return None;
+    }
+    let len = crate::record::payload_len(u32::from_le_bytes(header[0..4].try_into().ok()?));
+    if len == 0 || len > crate::record::MAX_PAYLOAD_LEN {
+        return None;
+    }
+    let frame = storage.read_range(&path, offset, crate::record::HEADER_LEN + len).ok()?;
+    match crate::record::decode(&frame) {
+        crate::record::Decoded::Record { seq, payload, .. } => {
+            let crc = crate::record::checksum(len as u32, seq, payload);
+            Some((seq, payload.to_vec(), crc))
+        }
+        _ => None,
+    }
 }
 
 /// Where a scan of the log ended.
@@ -178,7 +213,8 @@ pub fn scan_log_from(
         let mut released = 0u64;
         let bytes_ref = &bytes;
         let mut on_record = |pos: segment::RecordPos, payload: &[u8]| {
-            last_record = Some(LogPosition { segment_first_seq: first_seq, offset: pos.offset, seq: pos.seq });
+            last_record =
+                Some(LogPosition { segment_first_seq: first_seq, offset: pos.offset, seq: pos.seq, record_crc: None });
             if pos.offset - released >= RELEASE_EVERY_BYTES {
                 bytes_ref.release_before(pos.offset as usize);
                 released = pos.offset;
@@ -286,6 +322,10 @@ pub struct WalWriter {
     last_record: Option<LogPosition>,
     segment_size_bytes: u64,
     frame: Vec<u8>,
+    /// The active segment was left by an older build (format version 1 or 2, no flush-start
+    /// flags) and holds records: the first append starts a new segment, so that every record
+    /// this build writes can be proven durable or torn.
+    rotate_first: bool,
 }
 
 impl WalWriter {
@@ -296,7 +336,7 @@ impl WalWriter {
             storage.sync_dir(parent).map_err(|e| Error::io(format!("syncing {}", parent.display()), e))?;
         }
         let (active, path, prefilled_len) = new_segment(&*storage, dir, 1, segment_size_bytes)?;
-        let outbox = Outbox::new(active.clone(), &path, segment::HEADER_LEN as u64, 0);
+        let outbox = Outbox::new(active.clone(), &path, segment::HEADER_LEN as u64, 0, true);
         Ok(WalWriter {
             storage,
             dir: dir.to_path_buf(),
@@ -313,6 +353,7 @@ impl WalWriter {
             last_record: None,
             segment_size_bytes,
             frame: Vec::new(),
+            rotate_first: false,
         })
     }
 
@@ -336,7 +377,13 @@ impl WalWriter {
                 .open_append(&last.path, false)
                 .map_err(|e| Error::io(format!("opening {}", last.path.display()), e))?,
         );
-        let outbox = Outbox::new(active.clone(), &last.path, len, end.last_seq);
+        let outbox = Outbox::new(active.clone(), &last.path, len, end.last_seq, header.records_durable_lags());
+        let last_record = end.last_record.filter(|r| r.seq == end.last_seq).map(|r| LogPosition {
+            record_crc: read_record_at(&*storage, dir, r.segment_first_seq, r.offset)
+                .filter(|(seq, ..)| *seq == r.seq)
+                .map(|(.., crc)| crc),
+            ..r
+        });
         Ok(WalWriter {
             storage,
             dir: dir.to_path_buf(),
@@ -350,10 +397,20 @@ impl WalWriter {
             prefilled_len: file_len,
             active_first_seq: last.first_seq,
             next_seq: end.last_seq + 1,
-            last_record: end.last_record.filter(|r| r.seq == end.last_seq),
+            last_record,
             segment_size_bytes,
             frame: Vec::new(),
+            rotate_first: !header.records_durable_lags() && end.last_seq >= last.first_seq,
         })
+    }
+
+    /// The log directory was renamed to `dir` (a new ledger's staging directory becoming
+    /// `wal/`); the open file handles stay valid.
+    pub fn moved_to(&mut self, dir: &Path) {
+        let name = self.active_path.file_name().expect("a segment file name").to_owned();
+        self.dir = dir.to_path_buf();
+        self.active_path = dir.join(name);
+        lock(&self.outbox.queued).path = self.active_path.clone();
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -390,8 +447,13 @@ impl WalWriter {
     /// `Err(Poison)`: the log cannot continue (a rotation failed, or cutting back failed); the
     /// caller must stop writing.
     pub fn append(&mut self, payload: &[u8]) -> std::result::Result<u64, AppendError> {
-        if self.active_len >= self.segment_size_bytes {
-            self.rotate().map_err(AppendError::Poison)?;
+        if self.active_len >= self.segment_size_bytes || self.rotate_first {
+            let was_first = std::mem::take(&mut self.rotate_first);
+            if let Err(e) = self.rotate() {
+                // A segment that could not be created is tried again by the next append.
+                self.rotate_first = was_first && matches!(e, AppendError::Failed(_));
+                return Err(e);
+            }
         }
         let seq = self.next_seq;
         // The scan of a pre-filled segment tells a torn write by its zeros (see `segment`).
@@ -404,8 +466,10 @@ impl WalWriter {
             // Room first: zeros up to past the record, before anything is folded. A full disk
             // fails here, for this record only; the batch write after it then only overwrites
             // blocks the file already has.
-            if end > self.prefilled_len {
-                let target = self.prefill_target(end);
+            // A sector more: this record may start a write, moved to the next sector.
+            let room = end + segment::SECTOR_BYTES;
+            if room > self.prefilled_len {
+                let target = self.prefill_target(room);
                 // Zeros that landed before a failure are free space: nothing to take back.
                 write_zeros(&*self.active, self.prefilled_len, target)
                     .map_err(|e| AppendError::Failed(failed(e, "making room for")))?;
@@ -428,7 +492,11 @@ impl WalWriter {
             }
             self.written_len = end;
         }
-        self.last_record = Some(LogPosition { segment_first_seq: self.active_first_seq, offset: self.active_len, seq });
+        let framed = if self.prefill { &self.pending } else { &self.frame };
+        let crc_at = framed.len() - payload.len() - 4;
+        let record_crc = Some(u32::from_le_bytes(framed[crc_at..crc_at + 4].try_into().expect("4 bytes")));
+        self.last_record =
+            Some(LogPosition { segment_first_seq: self.active_first_seq, offset: self.active_len, seq, record_crc });
         self.active_len = end;
         self.next_seq += 1;
         Ok(seq)
@@ -438,8 +506,12 @@ impl WalWriter {
     /// writes them (one write for every batch since the last flush) before its fsync, and
     /// marks them as the last appended. A version 1 segment's records are written already.
     pub fn hand_off(&mut self) {
-        let mut queued = lock(&self.outbox.queued);
+        let outbox = self.outbox.clone();
+        let mut queued = lock(&outbox.queued);
         debug_assert!(std::ptr::addr_eq(Arc::as_ptr(&queued.file), Arc::as_ptr(&self.active)));
+        if queued.bytes.is_empty() && queued.records_durable_lags {
+            self.start_write_at_a_sector();
+        }
         queued.catch_up(self.written_len);
         debug_assert_eq!(self.written_len + self.pending.len() as u64, self.active_len);
         debug_assert!(self.pending.is_empty() || self.active_len <= self.prefilled_len);
@@ -450,42 +522,62 @@ impl WalWriter {
         self.pending.clear();
     }
 
+    /// The pending records will start a write of their own: move them to the next sector
+    /// boundary (over zeros the segment already has), so that no sector holds both records of
+    /// an earlier write, which may be durable, and of this one, which a crash may tear. A torn
+    /// write then never reaches an earlier write's sector, and damage there stays provable
+    /// (by the durable lags of this write's records). Each append makes room for this.
+    fn start_write_at_a_sector(&mut self) {
+        let pad = self.written_len.next_multiple_of(segment::SECTOR_BYTES) - self.written_len;
+        // A segment's first write shares its sector only with the header, fsynced when the
+        // segment was created; a torn write leaves that as it was.
+        let first_write = self.written_len == segment::HEADER_LEN as u64;
+        if pad == 0 || first_write || self.pending.is_empty() {
+            return;
+        }
+        debug_assert!(self.active_len + pad <= self.prefilled_len, "appends make room for the padding");
+        self.written_len += pad;
+        self.active_len += pad;
+        if let Some(last) = self.last_record.as_mut() {
+            // Pending records are the newest: the last one moves with them.
+            debug_assert!(last.offset >= self.written_len - pad);
+            last.offset += pad;
+        }
+    }
+
     fn prefill_target(&self, end: u64) -> u64 {
         (end + PREFILL_CHUNK_BYTES).min(self.segment_size_bytes.max(end))
     }
 
     /// Makes the full segment durable, then starts the next one (file and directory fsynced).
-    fn rotate(&mut self) -> Result<()> {
-        {
-            // The segment's last write, then its last fsync: everything queued for it and this
-            // batch's records, after any write a flush has in flight to it (so that the fsync
-            // covers that one too, and a crash cannot leave a hole before records it made
-            // durable).
-            let _writing = lock(&self.outbox.writing);
-            let mut queued = lock(&self.outbox.queued);
-            queued.catch_up(self.written_len);
-            queued.bytes.extend_from_slice(&self.pending);
-            if !queued.bytes.is_empty() {
-                self.active
-                    .write_at(queued.offset, &queued.bytes)
-                    .map_err(|e| records_write_failed(e, self.next_seq - 1, queued.offset, &self.active_path))?;
-            }
-            self.active
-                .sync_data()
-                .map_err(|e| Error::io(format!("fsync of {} before rotation", self.active_path.display()), e))?;
-            queued.offset += queued.bytes.len() as u64;
-            queued.bytes.clear();
-            queued.last_seq = self.next_seq - 1;
-            self.pending.clear();
-            self.written_len = self.active_len;
-        }
+    /// `Poison` if the full segment could not be made durable, or an fsync of the new one
+    /// failed; `Failed` if the next one could not be created or written (a full disk) and what
+    /// was made of it was removed again, which leaves the log exactly as it was: the next
+    /// append tries again.
+    fn rotate(&mut self) -> std::result::Result<(), AppendError> {
+        self.seal_active().map_err(AppendError::Poison)?;
         let (file, path, prefilled_len) =
-            new_segment(&*self.storage, &self.dir, self.next_seq, self.segment_size_bytes)?;
+            new_segment_or_why(&*self.storage, &self.dir, self.next_seq, self.segment_size_bytes).map_err(
+                |(e, fsync_failed)| {
+                    if fsync_failed {
+                        // Latched like every failed fsync: no storage operation after it.
+                        return AppendError::Poison(e);
+                    }
+                    match remove_failed_segment(&*self.storage, &self.dir, self.next_seq) {
+                        Ok(()) => AppendError::Failed(e),
+                        Err(undo) => AppendError::Poison(Error::io(
+                            format!("{e}; removing the new segment again also failed"),
+                            undo,
+                        )),
+                    }
+                },
+            )?;
         {
             let mut queued = lock(&self.outbox.queued);
             queued.file = file.clone();
             queued.path = path.clone();
             queued.offset = segment::HEADER_LEN as u64;
+            queued.records_durable_lags = true;
         }
         self.active = file;
         self.active_path = path;
@@ -494,6 +586,40 @@ impl WalWriter {
         self.prefill = true;
         self.prefilled_len = prefilled_len;
         self.active_first_seq = self.next_seq;
+        Ok(())
+    }
+
+    /// The active segment's last write, then its last fsync.
+    fn seal_active(&mut self) -> Result<()> {
+        {
+            // The segment's last write, then its last fsync: everything queued for it and this
+            // batch's records, after any write a flush has in flight to it (so that the fsync
+            // covers that one too, and a crash cannot leave a hole before records it made
+            // durable).
+            let outbox = self.outbox.clone();
+            let _writing = lock(&outbox.writing);
+            let mut queued = lock(&outbox.queued);
+            if queued.bytes.is_empty() && queued.records_durable_lags {
+                self.start_write_at_a_sector();
+            }
+            queued.catch_up(self.written_len);
+            queued.bytes.extend_from_slice(&self.pending);
+            queued.last_seq = self.next_seq - 1;
+            let taken = queued.take();
+            if !taken.bytes.is_empty() {
+                self.active
+                    .write_at(taken.offset, &taken.bytes)
+                    .map_err(|e| records_write_failed(e, taken.last_seq, taken.offset, &self.active_path))?;
+            }
+            self.active
+                .sync_data()
+                .map_err(|e| Error::io(format!("fsync of {} before rotation", self.active_path.display()), e))?;
+            // Every write so far went to this segment (or to older ones, fsynced when they
+            // filled): all durable now.
+            queued.durable_seq = queued.last_seq;
+            self.pending.clear();
+            self.written_len = self.active_len;
+        }
         Ok(())
     }
 }
@@ -522,9 +648,42 @@ struct Queued {
     last_seq: u64,
     /// The last written buffer, kept for its allocation.
     spare: Vec<u8>,
+    /// The active segment's records carry durable lags (format version 3).
+    records_durable_lags: bool,
+    /// The last record an fsync that returned success covered: each record written gets its
+    /// lag from it.
+    durable_seq: u64,
+}
+
+/// Queued bytes taken for one write.
+struct Taken {
+    file: Arc<dyn AppendFile>,
+    offset: u64,
+    bytes: Vec<u8>,
+    last_seq: u64,
+}
+
+/// What [`Outbox::write_out`] wrote: the file to fsync and the last sequence number that fsync
+/// makes durable. Pass it to [`Outbox::sync`], which records what the fsync proved.
+#[derive(Debug)]
+pub struct WriteOut {
+    pub file: Arc<dyn AppendFile>,
+    pub last_seq: u64,
 }
 
 impl Queued {
+    /// Takes the queued bytes for one write, each record stamped with its durable lag.
+    fn take(&mut self) -> Taken {
+        let spare = std::mem::take(&mut self.spare);
+        let mut bytes = std::mem::replace(&mut self.bytes, spare);
+        let offset = self.offset;
+        self.offset += bytes.len() as u64;
+        if self.records_durable_lags {
+            crate::record::set_durable_lags(&mut bytes, self.durable_seq);
+        }
+        Taken { file: self.file.clone(), offset, bytes, last_seq: self.last_seq }
+    }
+
     /// Checks that the queued bytes end where the writer's handed-on bytes do; with nothing
     /// queued, starts the queue there (a version 1 segment's records are written directly).
     fn catch_up(&mut self, written_len: u64) {
@@ -536,7 +695,13 @@ impl Queued {
 }
 
 impl Outbox {
-    fn new(file: Arc<dyn AppendFile>, path: &Path, offset: u64, last_seq: u64) -> Arc<Outbox> {
+    fn new(
+        file: Arc<dyn AppendFile>,
+        path: &Path,
+        offset: u64,
+        last_seq: u64,
+        records_durable_lags: bool,
+    ) -> Arc<Outbox> {
         Arc::new(Outbox {
             writing: Mutex::new(()),
             queued: Mutex::new(Queued {
@@ -546,8 +711,22 @@ impl Outbox {
                 bytes: Vec::new(),
                 last_seq,
                 spare: Vec::new(),
+                records_durable_lags,
+                // A new log has nothing durable; a resumed one is fsynced by the open before
+                // anything is written.
+                durable_seq: last_seq,
             }),
         })
+    }
+
+    /// Fsyncs what `written` wrote (and everything written before it to the same file; older
+    /// segments were fsynced when they filled). On success the records up to it are durable,
+    /// which the lags of the records written next say.
+    pub fn sync(&self, written: &WriteOut) -> std::io::Result<()> {
+        written.file.sync_data()?;
+        let mut q = lock(&self.queued);
+        q.durable_seq = q.durable_seq.max(written.last_seq);
+        Ok(())
     }
 
     /// Writes everything queued. Returns the file to fsync and the last sequence number that
@@ -555,16 +734,9 @@ impl Outbox {
     /// before and fsynced by an earlier flush or by a rotation (flushes run one at a time).
     /// On failure the records are in an unknown state while their events are folded: the
     /// caller must stop writing, as after a failed fsync.
-    pub fn write_out(&self) -> Result<(Arc<dyn AppendFile>, u64)> {
+    pub fn write_out(&self) -> Result<WriteOut> {
         let _writing = lock(&self.writing);
-        let (file, offset, mut bytes, last_seq) = {
-            let mut q = lock(&self.queued);
-            let spare = std::mem::take(&mut q.spare);
-            let bytes = std::mem::replace(&mut q.bytes, spare);
-            let offset = q.offset;
-            q.offset += bytes.len() as u64;
-            (q.file.clone(), offset, bytes, q.last_seq)
-        };
+        let Taken { file, offset, mut bytes, last_seq } = lock(&self.queued).take();
         if !bytes.is_empty() {
             file.write_at(offset, &bytes)
                 .map_err(|e| records_write_failed(e, last_seq, offset, &lock(&self.queued).path))?;
@@ -574,7 +746,7 @@ impl Outbox {
                 q.spare = bytes;
             }
         }
-        Ok((file, last_seq))
+        Ok(WriteOut { file, last_seq })
     }
 }
 
@@ -611,23 +783,43 @@ pub enum AppendError {
     Poison(Error),
 }
 
+/// Removes what a failed [`new_segment`] left of the segment starting at `first_seq`, so that
+/// the log ends with the full segment before it again (and no process after this one finds a
+/// torn header to set aside).
+fn remove_failed_segment(storage: &dyn Storage, dir: &Path, first_seq: u64) -> std::io::Result<()> {
+    let path = dir.join(segment::file_name(first_seq));
+    if storage.exists(&path) {
+        storage.remove(&path)?;
+    }
+    storage.sync_dir(dir)
+}
+
 /// Creates a segment: its header and its first pre-filled chunk, fsynced, and its directory
 /// entry, fsynced. Returns the file, its path and its length.
-fn new_segment(
+fn new_segment(storage: &dyn Storage, dir: &Path, first_seq: u64, segment_size_bytes: u64) -> Result<NewSegment> {
+    new_segment_or_why(storage, dir, first_seq, segment_size_bytes).map_err(|(e, _)| e)
+}
+
+/// A new segment: its file, path and length (its header and first pre-filled chunk).
+type NewSegment = (Arc<dyn AppendFile>, PathBuf, u64);
+
+/// [`new_segment`], telling a failed fsync (`true`: never to be followed by another storage
+/// operation) from a failure to create or write the file.
+fn new_segment_or_why(
     storage: &dyn Storage,
     dir: &Path,
     first_seq: u64,
     segment_size_bytes: u64,
-) -> Result<(Arc<dyn AppendFile>, PathBuf, u64)> {
+) -> std::result::Result<NewSegment, (Error, bool)> {
     let path = dir.join(segment::file_name(first_seq));
     let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
-    let file = storage.open_append(&path, true).map_err(|e| io("creating segment", e))?;
+    let file = storage.open_append(&path, true).map_err(|e| (io("creating segment", e), false))?;
     let header = segment::encode_header(first_seq);
     let len = PREFILL_CHUNK_BYTES.min(segment_size_bytes).max(segment::HEADER_LEN as u64);
     let mut first = vec![0u8; len as usize];
     first[..segment::HEADER_LEN].copy_from_slice(&header);
-    file.append(&first).map_err(|e| io("writing header of", e))?;
-    file.sync_data().map_err(|e| io("fsync of", e))?;
-    storage.sync_dir(dir).map_err(|e| io("fsync of the directory of", e))?;
+    file.append(&first).map_err(|e| (io("writing header of", e), false))?;
+    file.sync_data().map_err(|e| (io("fsync of", e), true))?;
+    storage.sync_dir(dir).map_err(|e| (io("fsync of the directory of", e), true))?;
     Ok((Arc::from(file), path, len))
 }

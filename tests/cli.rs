@@ -136,7 +136,10 @@ fn exit_codes() {
 fn bad_request_input_names_the_field_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
+    // Queries never create a ledger; a write does.
     json(d, &["capacity"]);
+    assert!(!d.join("wal").exists(), "a query created a ledger");
+    json(d, &["request", "--job-id", "setup", "--workers", "1"]);
     let before = event_count(d);
     let long = "x".repeat(300);
     let cases: Vec<(Vec<&str>, &str)> = vec![

@@ -33,6 +33,8 @@ struct Base {
     state: State,
     segments: Vec<PathBuf>,
     snapshots: Vec<(u64, PathBuf)>,
+    /// The first record of the last write.
+    last_write_first: u64,
 }
 
 fn dir() -> &'static Path {
@@ -80,7 +82,8 @@ fn build() -> Base {
     assert!(segments.len() >= 3, "{} segments", segments.len());
     assert!(snapshots.len() >= 3, "{} snapshots", snapshots.len());
     assert!(events.len() >= 20, "{} events", events.len());
-    Base { files, events, state, segments, snapshots }
+    let last_write_first = common::last_write_first_seq(&files[segments.last().unwrap()]);
+    Base { files, events, state, segments, snapshots, last_write_first }
 }
 
 fn storage_with(files: &Files) -> FaultyStorage {
@@ -102,12 +105,26 @@ fn open(storage: &FaultyStorage, read_only: bool) -> allocation_ledger::Result<L
     Ledger::open_with(dir(), opts)
 }
 
-/// Offset of the record (or header: 0) that byte `at` of a segment belongs to.
+/// Offset of the record (or header: 0) that byte `at` of a segment belongs to. Damage in the
+/// zeros that pad a write out to its sector is reported where the next record was expected,
+/// right after the one before.
 fn owner(bounds: &[(u64, u64, u64)], at: u64) -> u64 {
     if at < 32 {
         return 0;
     }
-    bounds.iter().find(|b| b.0 <= at && at < b.1).unwrap().0
+    match bounds.iter().find(|b| b.0 <= at && at < b.1) {
+        Some(b) => b.0,
+        None => bounds.iter().filter(|b| b.1 <= at).map(|b| b.1).max().unwrap_or(32),
+    }
+}
+
+/// The sequence number of the record that byte `at` belongs to, or of the record after the
+/// padding it is in.
+fn seq_at(bounds: &[(u64, u64, u64)], at: u64) -> u64 {
+    match bounds.iter().find(|b| b.0 <= at && at < b.1) {
+        Some(b) => b.2,
+        None => bounds.iter().find(|b| b.0 > at).map_or(u64::MAX, |b| b.2),
+    }
 }
 
 fn first_seq_of(path: &Path) -> u64 {
@@ -122,6 +139,14 @@ fn check_segment_damage(base: &Base, seg: &Path, bounds: &[(u64, u64, u64)], at:
     let mut files = base.files.clone();
     files.insert(seg.to_path_buf(), damaged);
     let storage = storage_with(&files);
+    // Damage in the last write (or the zeros padding the write before it), which nothing later
+    // proves durable (no later record, and no snapshot past it): a torn tail, cut there.
+    let newest = base.snapshots.last().unwrap().0;
+    let last_seg = seg == base.segments.last().unwrap().as_path();
+    let torn_seq = seq_at(bounds, at as u64);
+    if last_seg && at >= 32 && torn_seq >= base.last_write_first && torn_seq > newest {
+        return check_torn(base, &storage, seg, offset, torn_seq, modes, at, ctx);
+    }
     // verify replays everything and loads every snapshot: every other byte, every record.
     if at % 4 < 2 {
         let report = allocation_ledger::verify::verify(&storage, dir(), &mut |_, _| {}).unwrap();
@@ -137,7 +162,18 @@ fn check_segment_damage(base: &Base, seg: &Path, bounds: &[(u64, u64, u64)], at:
     // records before it are covered too; the segment header is still read.
     let owner_seq = bounds.iter().find(|b| b.0 <= at as u64 && (at as u64) < b.1).map(|b| b.2);
     let wholly_covered = next_first.is_some_and(|n| n <= newest + 1);
-    let covered = wholly_covered || (first_seq_of(seg) <= newest && owner_seq.is_some_and(|s| s < newest));
+    // Zeros padding the write of the snapshot's last event (or an earlier one) lie before where
+    // open resumes, too.
+    let read_from_here = match owner_seq {
+        Some(s) => s >= newest,
+        None => at < 32 || seq_at(bounds, at as u64) > newest,
+    };
+    let covered = wholly_covered || (first_seq_of(seg) <= newest && !read_from_here);
+    // Except the first segment's header and first record: every open reads the ledger's
+    // identity there, to check the snapshot against it.
+    let first_record_end = bounds[0].1;
+    let covered = covered && !(first_seq_of(seg) == 1 && (at as u64) < first_record_end);
+
     for &read_only in modes {
         let ctx = format!("{ctx}, read_only {read_only}");
         match open(&storage, read_only) {
@@ -162,6 +198,35 @@ fn check_segment_damage(base: &Base, seg: &Path, bounds: &[(u64, u64, u64)], at:
                 }
             }
         }
+    }
+}
+
+/// Damage in the last write: read-only and read-write opens read the records before it, the
+/// read-write one cuts it (bytes kept in quarantine), and verify calls it a torn tail.
+#[allow(clippy::too_many_arguments)]
+fn check_torn(
+    base: &Base,
+    storage: &FaultyStorage,
+    seg: &Path,
+    offset: u64,
+    seq: u64,
+    modes: &[bool],
+    at: usize,
+    ctx: &str,
+) {
+    if at % 4 < 2 {
+        let report = allocation_ledger::verify::verify(storage, dir(), &mut |_, _| {}).unwrap();
+        assert!(report.ok, "{ctx}: {:?}", report.problems);
+        assert!(report.torn_tail.is_some(), "{ctx}: verify saw no torn tail");
+    }
+    for &read_only in modes {
+        let ctx = format!("{ctx}, read_only {read_only}");
+        let l = open(storage, read_only).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        let t = l.recovery_report().torn_tail.clone().unwrap_or_else(|| panic!("{ctx}: not torn"));
+        assert_eq!((t.file.as_path(), t.offset), (seg, offset), "{ctx}");
+        assert_eq!(t.saved_to.is_some(), !read_only, "{ctx}");
+        let events = common::all_events(&l);
+        assert_eq!(events, base.events[..seq as usize - 1], "{ctx}");
     }
 }
 
@@ -385,12 +450,12 @@ fn a_segment_header_with_a_wrong_magic_version_or_first_seq_is_damage_at_offset_
     let cases: [(&str, HeaderEdit, bool, &str); 6] = [
         ("magic", Box::new(|h: &mut [u8]| h[0..8].copy_from_slice(b"NOTAWAL!")), false, "bad magic"),
         ("magic, checksum fixed", Box::new(|h: &mut [u8]| h[0] = b'X'), true, "bad magic"),
-        ("version", Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&3u32.to_le_bytes())), false, "checksum"),
+        ("version", Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&4u32.to_le_bytes())), false, "checksum"),
         (
             "version, checksum fixed",
-            Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&3u32.to_le_bytes())),
+            Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&4u32.to_le_bytes())),
             true,
-            "segment format version 3 is not supported (this build reads versions 1 to 2)",
+            "segment format version 4 is not supported (this build reads versions 1 to 3)",
         ),
         ("flags, checksum fixed", Box::new(|h: &mut [u8]| h[12] = 1), true, "segment header flags are 0x1, expected 0"),
         (
@@ -450,10 +515,15 @@ fn a_snapshot_ahead_of_the_log_is_reported() {
     let base = build();
     // The log lost its last segment (say, restored from an old backup) but the snapshots were
     // not: the newest snapshot is ahead of the log.
-    let last = base.segments.last().unwrap();
     let newest = base.snapshots.last().unwrap().0;
-    assert!(first_seq_of(last) <= newest, "the newest snapshot should be inside the last segment");
-    match open_err(&without(&base, last)) {
+    // Every segment from the one holding the newest snapshot's last event on.
+    let from = base.segments.iter().rposition(|p| first_seq_of(p) <= newest).unwrap();
+    assert!(from > 0, "the newest snapshot should be past the first segment");
+    let mut files = base.files.clone();
+    for seg in &base.segments[from..] {
+        files.remove(seg);
+    }
+    match open_err(&files) {
         Error::Inconsistent { message, .. } => {
             assert!(message.contains("records are missing from the log"), "{message}")
         }

@@ -7,6 +7,8 @@
 //! - `v1-snap3`: segments v1, snapshots v3 (binary allocations, the log position of the
 //!   snapshot's last event).
 //! - `v2`: segments v2 (pre-filled: zeros after the last record are free space), snapshots v3.
+//! - `v3`: segments v3 (records carry the flush-start flag), snapshots v3 whose log position
+//!   holds the checksum of the record they were taken after.
 //!
 //! Add a fixture when a format version is released; never regenerate an old one. The newest is
 //! written by `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`.
@@ -17,6 +19,8 @@ use allocation_ledger::{
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+mod common;
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -94,11 +98,34 @@ fn v1_snap3_fixture_opens_and_reads_the_same() {
 }
 
 #[test]
-fn v2_fixture_opens_and_reads_the_same() {
-    let fixture = fixture_dir("v2");
+fn v3_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v3");
     if std::env::var_os("REGENERATE_FIXTURES").is_some() {
         regenerate(&fixture);
     }
+    for seg in segment_paths(&fixture) {
+        let bytes = std::fs::read(&seg).unwrap();
+        assert_eq!(&bytes[8..12], &3u32.to_le_bytes(), "{} is v3", seg.display());
+        // Every command of the fixture was written after the one before was durable, so the
+        // first record of each carries the flush-start flag; the final cleanup writes its
+        // expiries together, and only the first of them is a flush start.
+        let mut previous_type = String::new();
+        for (start, end, seq) in common::record_bounds(&bytes) {
+            let event: serde_json::Value = serde_json::from_slice(&bytes[start as usize + 16..end as usize]).unwrap();
+            let kind = event["type"].as_str().unwrap().to_string();
+            let flagged = bytes[start as usize + 3] & 0x80 != 0;
+            let expect = !(kind == "expired" && previous_type == "expired");
+            assert_eq!(flagged, expect, "record {seq} ({kind}) of {}", seg.display());
+            previous_type = kind;
+        }
+    }
+    check_fixture("v3", true);
+    appends_continue_the_fixture("v3", 3);
+}
+
+#[test]
+fn v2_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v2");
     let snap = std::fs::read(fixture.join("snapshots/00000000000000000006.snap")).unwrap();
     assert_eq!(&snap[8..12], &3u32.to_le_bytes(), "the fixture's snapshot is v3");
     for seg in segment_paths(&fixture) {
@@ -114,8 +141,9 @@ fn segment_paths(dir: &Path) -> Vec<PathBuf> {
     segs
 }
 
-/// A copy of the fixture takes writes: its last segment (of `last_version`) is continued in its
-/// own format, a version 1 one without zeros after its records; the segments it rotates to are
+/// A copy of the fixture takes writes: its last segment (of `last_version`) is left as it is
+/// when it is older than version 3 (the first write starts a version 3 segment, whose records
+/// carry flush-start flags) and continued when it is version 3; the segments it rotates to are
 /// the current version; and everything reads back after a reopen.
 fn appends_continue_the_fixture(name: &str, last_version: u32) {
     let tmp = tempfile::tempdir().unwrap();
@@ -124,11 +152,15 @@ fn appends_continue_the_fixture(name: &str, last_version: u32) {
     let last = segment_paths(&copy).pop().unwrap();
     let rw = Ledger::open(&copy).unwrap();
     let before = rw.events(1, usize::MAX).unwrap().len();
+    let last_before = std::fs::read(&last).unwrap();
     rw.request_resources(&ResourceRequest::new("after-upgrade").workers(1)).unwrap();
     let bytes = std::fs::read(&last).unwrap();
     assert_eq!(&bytes[8..12], &last_version.to_le_bytes());
-    if last_version == 1 {
-        assert_ne!(bytes.last(), Some(&0), "a version 1 segment ends with its last record");
+    if last_version < 3 {
+        assert_eq!(bytes, last_before, "an older segment is not appended to");
+        assert!(segment_paths(&copy).last().unwrap() > &last, "the first write started a new segment");
+    } else {
+        assert_ne!(bytes, last_before, "a version 3 segment is continued");
     }
     // On to the next segments (the fixture's segments are 4 KiB).
     for i in 0..40 {
@@ -141,7 +173,7 @@ fn appends_continue_the_fixture(name: &str, last_version: u32) {
     let newer: Vec<PathBuf> = segment_paths(&copy).into_iter().filter(|p| *p > last).collect();
     assert!(newer.len() >= 2, "the writes rotated segments");
     for seg in &newer {
-        assert_eq!(&std::fs::read(seg).unwrap()[8..12], &2u32.to_le_bytes(), "{} is v2", seg.display());
+        assert_eq!(&std::fs::read(seg).unwrap()[8..12], &3u32.to_le_bytes(), "{} is v3", seg.display());
     }
     let again = Ledger::open(&copy).unwrap();
     assert_eq!(again.events(1, usize::MAX).unwrap(), events);

@@ -73,7 +73,7 @@ fn every_kind_of_allocation_round_trips_in_v3_and_v2() {
     assert!(state.allocations().any(|a| a.mcp_servers.iter().any(|m| m.assigned)));
 
     let data = state.to_data();
-    let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq };
+    let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq, record_crc: None };
     let v3 = encode_with_position(&data, Some(position));
     assert_eq!(&v3[8..12], &3u32.to_le_bytes());
     let (back, pos) = decode_with_position(&v3, data.last_seq).unwrap();

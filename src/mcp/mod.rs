@@ -235,10 +235,22 @@ async fn expiry_loop(ledger: Ledger, tasks: TaskTracker, period: Duration, stop:
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
+    let mut last_snapshot_error: Option<String> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // Snapshots are written in the background of writes, which succeed without them.
+        let snapshot_error = ledger.status().last_snapshot_error;
+        if snapshot_error != last_snapshot_error {
+            match &snapshot_error {
+                Some(e) => {
+                    tracing::error!("writing a snapshot failed (the log is intact; opens replay more of it): {e}")
+                }
+                None => tracing::info!("snapshots are written again"),
+            }
+            last_snapshot_error = snapshot_error;
         }
         let due = ledger.next_deadline().is_some_and(|d| d <= ledger.now_micros());
         if !due {

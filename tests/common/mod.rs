@@ -113,20 +113,35 @@ pub fn copy_ledger_dir(from: &Path, to: &Path) {
 }
 
 /// Record boundaries of a segment, read with the documented framing (32-byte segment header,
-/// then records of `len: u32 LE | seq: u64 LE | crc: u32 LE | payload`): for each record its
-/// start offset, end offset and sequence number.
+/// then records of `len: u32 LE | seq: u64 LE | crc: u32 LE | payload`, version 3 writes
+/// starting at a 512-byte boundary): for each record its start offset, end offset and sequence
+/// number.
 pub fn record_bounds(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
     let end = records_end(bytes);
     let mut out = Vec::new();
     let mut off = 32usize;
     while off < end {
-        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        // Version 3 starts each write at a sector: zeros pad the end of the one before.
+        if bytes[off..off + 4] == [0; 4] {
+            off = off.next_multiple_of(512);
+            continue;
+        }
+        // The top 11 bits of the length are the durable lag (format version 3).
+        let len = (u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) & 0x1f_ffff) as usize;
         let seq = u64::from_le_bytes(bytes[off + 4..off + 12].try_into().unwrap());
         out.push((off as u64, (off + 16 + len) as u64, seq));
         off += 16 + len;
     }
     assert!(off == end || end <= 32, "a clean segment's records end where its zeros start");
     out
+}
+
+/// The sequence number of the first record of the last write in a version 3 segment: the last
+/// record whose durable lag (the top 11 bits of its length field) is 1, written when every
+/// record before it was durable.
+pub fn last_write_first_seq(bytes: &[u8]) -> u64 {
+    let lag = |start: u64| u32::from_le_bytes(bytes[start as usize..start as usize + 4].try_into().unwrap()) >> 21;
+    record_bounds(bytes).iter().rev().find(|b| lag(b.0) == 1).map(|b| b.2).expect("a record that starts a write")
 }
 
 /// Where the records of a segment end: a pre-filled segment holds zeros after them (and a
