@@ -403,10 +403,6 @@ fn snapshot_not_of_log(
     }
 }
 
-fn segment_header_len() -> u64 {
-    crate::segment::HEADER_LEN as u64
-}
-
 /// A handle to an open ledger; cheap to clone, `Send + Sync`.
 #[derive(Debug, Clone)]
 pub struct Ledger {
@@ -646,9 +642,6 @@ impl Ledger {
         let mut report = RecoveryReport::default();
 
         let lock_guard = if opts.read_only {
-            if is_empty_place(&*storage, &dir)? {
-                return Err(Error::NoLedger { path: dir });
-            }
             None
         } else {
             if !storage.exists(&dir) && !opts.create {
@@ -664,8 +657,8 @@ impl Ledger {
             }
         };
 
-        if !opts.read_only && is_empty_place(&*storage, &dir)? {
-            if !opts.create {
+        if is_empty_place(&*storage, &dir)? {
+            if opts.read_only || !opts.create {
                 return Err(Error::NoLedger { path: dir });
             }
             return Self::create(dir, opts, lock_guard);
@@ -727,7 +720,7 @@ impl Ledger {
             let first = &end.segments[0].path;
             return Err(Error::Damaged(crate::error::Damage {
                 file: first.clone(),
-                offset: end.torn.as_ref().map_or(segment_header_len(), |t| t.offset),
+                offset: end.torn.as_ref().map_or(crate::segment::HEADER_LEN as u64, |t| t.offset),
                 seq: 1,
                 reason: "the first record (ledger_created) is incomplete: the ledger's identity and config are lost; \
                          nothing was cut or created (move the directory aside to start a new ledger)"
@@ -758,18 +751,15 @@ impl Ledger {
                     };
                 }
             }
-            let seg_size = state.config.segment_size_bytes;
-            {
-                let w = WalWriter::resume(storage.clone(), &wal_dir, &end, seg_size)?;
-                // What we read may have come from the page cache of a process that died before
-                // its fsync; make it durable before building on it. That includes the last
-                // segment's directory entry: a process that died between creating a segment
-                // and syncing its directory leaves a whole, empty segment whose name a power
-                // loss could still take, with every record appended to it since.
-                w.active_file().sync_data().map_err(|e| Error::io("fsync of the log on open", e))?;
-                storage.sync_dir(&wal_dir).map_err(|e| Error::io("fsync of the log directory on open", e))?;
-                wal = Some(w);
-            }
+            let w = WalWriter::resume(storage.clone(), &wal_dir, &end, state.config.segment_size_bytes)?;
+            // What we read may have come from the page cache of a process that died before its
+            // fsync; make it durable before building on it. That includes the last segment's
+            // directory entry: a process that died between creating a segment and syncing its
+            // directory leaves a whole, empty segment whose name a power loss could still take,
+            // with every record appended to it since.
+            w.active_file().sync_data().map_err(|e| Error::io("fsync of the log on open", e))?;
+            storage.sync_dir(&wal_dir).map_err(|e| Error::io("fsync of the log directory on open", e))?;
+            wal = Some(w);
         }
         report.torn_tail = end.torn.clone();
         report.last_seq = state.last_seq;

@@ -446,7 +446,7 @@ fn cut_short(rest: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     //! The guesses of version 2 (sectors that never landed, writes cut short) are tested on
-    //! version 2 segments; version 3's proof by flush starts at the end.
+    //! version 2 segments; version 3's proof by durable lags at the end.
     use super::*;
 
     fn segment(n: u64) -> Vec<u8> {
@@ -731,7 +731,7 @@ mod tests {
         (b, bounds)
     }
 
-    /// Version 3: damage that a later write's flush start follows is damage whatever it looks
+    /// Version 3: damage that a later write's durable lag proves durable is damage whatever it looks
     /// like; damage in the last write is a torn tail cut at the damaged record, whatever it
     /// looks like. Every byte of every record, zeroed and flipped.
     #[test]

@@ -50,14 +50,14 @@ pub struct LogPosition {
     /// Byte offset of the record's frame in the segment.
     pub offset: u64,
     pub seq: u64,
-    /// CRC-32 of the record framed without the flush-start flag (what [`crate::record::encode`]
+    /// CRC-32 of the record framed with a durable lag of 0 (what [`crate::record::encode`]
     /// wrote), when known: a snapshot records it to prove it belongs to this log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_crc: Option<u32>,
 }
 
 /// The record at `offset` of the segment named for `segment_first_seq`, as (sequence number,
-/// payload, CRC-32 of the record framed without the flush-start flag), if a whole valid record
+/// payload, CRC-32 of the record framed with a durable lag of 0), if a whole valid record
 /// is there.
 pub fn read_record_at(
     storage: &dyn Storage,
@@ -322,8 +322,8 @@ pub struct WalWriter {
     last_record: Option<LogPosition>,
     segment_size_bytes: u64,
     frame: Vec<u8>,
-    /// The active segment was left by an older build (format version 1 or 2, no flush-start
-    /// flags) and holds records: the first append starts a new segment, so that every record
+    /// The active segment was left by an older build (format version 1 or 2, no durable
+    /// lags) and holds records: the first append starts a new segment, so that every record
     /// this build writes can be proven durable or torn.
     rotate_first: bool,
 }

@@ -7,7 +7,7 @@
 //! - `v1-snap3`: segments v1, snapshots v3 (binary allocations, the log position of the
 //!   snapshot's last event).
 //! - `v2`: segments v2 (pre-filled: zeros after the last record are free space), snapshots v3.
-//! - `v3`: segments v3 (records carry the flush-start flag), snapshots v3 whose log position
+//! - `v3`: segments v3 (records carry durable lags, writes start at sectors), snapshots v3 whose log position
 //!   holds the checksum of the record they were taken after.
 //!
 //! Add a fixture when a format version is released; never regenerate an old one. The newest is
@@ -107,16 +107,26 @@ fn v3_fixture_opens_and_reads_the_same() {
         let bytes = std::fs::read(&seg).unwrap();
         assert_eq!(&bytes[8..12], &3u32.to_le_bytes(), "{} is v3", seg.display());
         // Every command of the fixture was written after the one before was durable, so the
-        // first record of each carries the flush-start flag; the final cleanup writes its
-        // expiries together, and only the first of them is a flush start.
-        let mut previous_type = String::new();
+        // first record of each has a durable lag of 1; the final cleanup writes its
+        // expiries together, and the later ones have lags of 2, 3, ...
+        let mut previous: Option<(String, u32, u64)> = None;
         for (start, end, seq) in common::record_bounds(&bytes) {
             let event: serde_json::Value = serde_json::from_slice(&bytes[start as usize + 16..end as usize]).unwrap();
             let kind = event["type"].as_str().unwrap().to_string();
-            let flagged = bytes[start as usize + 3] & 0x80 != 0;
-            let expect = !(kind == "expired" && previous_type == "expired");
-            assert_eq!(flagged, expect, "record {seq} ({kind}) of {}", seg.display());
-            previous_type = kind;
+            let lag = u32::from_le_bytes(bytes[start as usize..start as usize + 4].try_into().unwrap()) >> 21;
+            let ctx = format!("record {seq} ({kind}) of {}", seg.display());
+            match &previous {
+                Some((prev_kind, prev_lag, prev_end)) if kind == "expired" && prev_kind == "expired" => {
+                    assert_eq!(lag, prev_lag + 1, "{ctx}: in the write of the one before");
+                    assert_eq!(start, *prev_end, "{ctx}: right after the one before");
+                }
+                _ => {
+                    assert_eq!(lag, 1, "{ctx}: starts a write");
+                    // A write starts at a sector, but a segment's first, right after the header.
+                    assert!(start == 32 || start % 512 == 0, "{ctx}: starts at {start}");
+                }
+            }
+            previous = Some((kind, lag, end));
         }
     }
     check_fixture("v3", true);
@@ -143,7 +153,7 @@ fn segment_paths(dir: &Path) -> Vec<PathBuf> {
 
 /// A copy of the fixture takes writes: its last segment (of `last_version`) is left as it is
 /// when it is older than version 3 (the first write starts a version 3 segment, whose records
-/// carry flush-start flags) and continued when it is version 3; the segments it rotates to are
+/// carry durable lags) and continued when it is version 3; the segments it rotates to are
 /// the current version; and everything reads back after a reopen.
 fn appends_continue_the_fixture(name: &str, last_version: u32) {
     let tmp = tempfile::tempdir().unwrap();
