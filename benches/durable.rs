@@ -13,10 +13,10 @@
 
 mod common;
 
-use allocation_ledger::clock::{Clock, SystemClock};
 use allocation_ledger::{
     AllocationId, Config, Event, EventBody, Ledger, OpenOptions, RequestOutcome, ResourceRequest, State,
 };
+use allocation_ledger::{Clock, SystemClock};
 use common::*;
 use std::io::Write;
 use std::path::Path;
@@ -68,7 +68,7 @@ fn grant_record() -> Vec<u8> {
     assert!(matches!(body, EventBody::Granted(_)));
     let payload = Event::new(ts, body).encode();
     let mut rec = Vec::new();
-    allocation_ledger::record::encode(2, &payload, &mut rec);
+    allocation_ledger::testing::record::encode(2, &payload, &mut rec);
     rec
 }
 
@@ -119,7 +119,7 @@ impl RawLog {
     fn new_prefilled() -> RawLog {
         let dir = scratch_dir("raw-");
         let mut f = std::fs::OpenOptions::new().create_new(true).write(true).open(dir.path().join("raw.wal")).unwrap();
-        let chunk = allocation_ledger::wal::PREFILL_CHUNK_BYTES;
+        let chunk = allocation_ledger::testing::wal::PREFILL_CHUNK_BYTES;
         f.write_all(&vec![0u8; chunk as usize]).unwrap();
         f.sync_all().unwrap();
         RawLog { _dir: dir, f, prefilled: true, len: 32, filled: chunk }
@@ -134,7 +134,7 @@ impl RawLog {
         self.f.write_all_at(record, self.len).unwrap();
         self.len += record.len() as u64;
         if self.len > self.filled {
-            let chunk = allocation_ledger::wal::PREFILL_CHUNK_BYTES;
+            let chunk = allocation_ledger::testing::wal::PREFILL_CHUNK_BYTES;
             self.f.write_all_at(&vec![0u8; chunk as usize], self.len).unwrap();
             self.filled = self.len + chunk;
         }

@@ -17,8 +17,8 @@
 
 mod common;
 
-use allocation_ledger::history::EventRange;
 use allocation_ledger::storage::FsStorage;
+use allocation_ledger::EventRange;
 use allocation_ledger::{
     Clock, Config, Event, EventBody, Ledger, ManualClock, OpenOptions, RequestOutcome, ResourceRequest, State,
 };
@@ -101,7 +101,7 @@ fn build(target: u64, active: usize) -> Built {
     // The timeline ends about an hour before now, so the long allocations (7 days) are still
     // active when the benchmark opens the ledger with the system clock.
     let iterations = target as i64 * 100 / 214;
-    let start = allocation_ledger::clock::SystemClock.now_micros() - iterations * step_us - 3_600_000_000;
+    let start = allocation_ledger::SystemClock.now_micros() - iterations * step_us - 3_600_000_000;
     let clock = ManualClock::new(start);
     let storage = CountingStorage::no_sync();
     let ledger = Ledger::open_with(
@@ -165,7 +165,7 @@ fn build(target: u64, active: usize) -> Built {
     sync_tree(dir.path());
     let wal = dir.path().join("wal");
     let mut payload_bytes = 0u64;
-    allocation_ledger::wal::scan_log(&FsStorage::default(), &wal, 0, &mut |_, p| {
+    allocation_ledger::testing::wal::scan_log(&FsStorage::default(), &wal, 0, &mut |_, p| {
         payload_bytes += p.len() as u64;
         Ok(true)
     })
@@ -368,7 +368,7 @@ fn main() {
     let wal = dir.join("wal");
     let mut buf: Vec<u8> = Vec::with_capacity(b.payload_bytes as usize);
     let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(b.events as usize);
-    allocation_ledger::wal::scan_log(&storage, &wal, 0, &mut |_, p| {
+    allocation_ledger::testing::wal::scan_log(&storage, &wal, 0, &mut |_, p| {
         ranges.push((buf.len(), p.len()));
         buf.extend_from_slice(p);
         Ok(true)
@@ -379,7 +379,7 @@ fn main() {
     let reps = if quick { 1 } else { 3 };
     let scan_s = Timed::of(reps, || {
         let mut n = 0u64;
-        allocation_ledger::wal::scan_log(&storage, &wal, 0, &mut |_, p| {
+        allocation_ledger::testing::wal::scan_log(&storage, &wal, 0, &mut |_, p| {
             n += std::hint::black_box(p.len()) as u64 & 1;
             Ok(true)
         })

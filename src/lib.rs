@@ -14,31 +14,52 @@
 //! }
 //! ```
 
-pub mod clock;
-pub mod config;
-pub mod error;
-pub mod event;
-pub mod history;
-pub mod ledger;
+// The rooms (docs/design.md). Private: the public surface is the `pub use` list below.
+mod domain;
+mod error;
+mod history;
+mod ledger;
+mod log;
+mod maintenance;
+mod report;
+
+/// The MCP server (stdio and Streamable HTTP); feature `server`.
 #[cfg(feature = "server")]
 pub mod mcp;
-pub mod model;
-pub mod record;
-pub mod repair;
-pub mod report;
-pub mod segment;
-pub mod snapshot;
-pub mod state;
-pub mod storage;
-pub mod verify;
-pub mod wal;
 
-pub use clock::{Clock, ManualClock, Micros, SystemClock};
-pub use config::Config;
+pub use domain::clock::{format_micros, parse_duration_micros, parse_time, Clock, ManualClock, Micros, SystemClock};
+pub use domain::config::{Config, McpCatalogEntry, PriorityReservePercent};
+pub use domain::event::{Event, EventBody, Grant, LoggedEvent, McpGrant, RejectReason, Rejection, WorkerGrant};
+pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
+pub use domain::state::{Allocation, ResourceRequest, State};
 pub use error::{Damage, Error, Result};
-pub use event::{Event, EventBody, LoggedEvent};
-pub use history::{EventRange, GroupBy, History, HistoryEvent, Timeline, UsageReport};
-pub use ledger::{Durable, Ledger, OpenOptions, RecoveryReport};
-pub use model::{AllocationId, AllocationState, Priority, Resources};
+pub use history::{
+    EventRange, GroupBy, History, HistoryEvent, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup,
+    UsageReport,
+};
+pub use ledger::{Durable, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
+pub use maintenance::repair::{
+    plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
+};
+pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyReport};
 pub use report::*;
-pub use state::{ResourceRequest, State};
+
+/// The layout of a ledger directory.
+pub mod layout {
+    pub use crate::log::layout::*;
+}
+
+/// Where the ledger keeps its bytes: the [`Storage`](storage::Storage) trait every file
+/// operation goes through, and its implementation on real files.
+pub mod storage {
+    pub use crate::log::storage::*;
+}
+
+/// The on-disk format's building blocks (record framing, segments, snapshots, log scans) and
+/// other internals, for format tests, fixtures, fuzzing and benchmarks. Feature `test-util`;
+/// not a stable API.
+#[cfg(feature = "test-util")]
+pub mod testing {
+    pub use crate::domain::state::{sort_for_snapshot, validate_job_id};
+    pub use crate::log::{record, segment, snapshot, wal};
+}

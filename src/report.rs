@@ -1,7 +1,7 @@
 //! Results of the operations, serialising to the original system's JSON shapes (with extra
 //! fields: integer units beside the original's floats, deadlines, priorities).
 
-use crate::model::{AllocationId, AllocationState, Priority};
+use crate::domain::model::{AllocationId, AllocationState, Priority};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,15 +131,15 @@ impl CapacityReport {
     /// The report for `allocated` out of `total` at `as_of_us`; available is what is left
     /// (saturating: a config change may shrink the pool below what is held).
     pub fn new(
-        total: crate::model::Resources,
-        allocated: crate::model::Resources,
+        total: crate::domain::model::Resources,
+        allocated: crate::domain::model::Resources,
         running_mcp_servers: Vec<String>,
         active_allocations: u64,
-        as_of_us: crate::clock::Micros,
+        as_of_us: crate::domain::clock::Micros,
         seq: u64,
     ) -> Self {
-        use crate::model::cores;
-        let available = crate::model::Resources {
+        use crate::domain::model::cores;
+        let available = crate::domain::model::Resources {
             cpu_millicores: total.cpu_millicores.saturating_sub(allocated.cpu_millicores),
             memory_mib: total.memory_mib.saturating_sub(allocated.memory_mib),
             workers: total.workers.saturating_sub(allocated.workers),
@@ -159,7 +159,7 @@ impl CapacityReport {
             total_cpu_millicores: total.cpu_millicores,
             allocated_cpu_millicores: allocated.cpu_millicores,
             available_cpu_millicores: available.cpu_millicores,
-            as_of: crate::clock::format_micros(as_of_us),
+            as_of: crate::domain::clock::format_micros(as_of_us),
             seq,
         }
     }

@@ -1,7 +1,7 @@
 //! End-to-end tests of the time-travel subcommands through the real binary: `capacity --at`,
 //! `list --at`, `history`, `log --since/--until`, `usage` and `timeline --svg`.
 
-use allocation_ledger::clock::format_micros;
+use allocation_ledger::format_micros;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};

@@ -76,7 +76,9 @@ fn build() -> Base {
     let segments: Vec<PathBuf> = files.keys().filter(|p| p.extension().is_some_and(|e| e == "wal")).cloned().collect();
     let mut snapshots: Vec<(u64, PathBuf)> = files
         .keys()
-        .filter_map(|p| allocation_ledger::snapshot::parse_file_name(p.file_name()?.to_str()?).map(|s| (s, p.clone())))
+        .filter_map(|p| {
+            allocation_ledger::testing::snapshot::parse_file_name(p.file_name()?.to_str()?).map(|s| (s, p.clone()))
+        })
         .collect();
     snapshots.sort();
     assert!(segments.len() >= 3, "{} segments", segments.len());
@@ -128,7 +130,7 @@ fn seq_at(bounds: &[(u64, u64, u64)], at: u64) -> u64 {
 }
 
 fn first_seq_of(path: &Path) -> u64 {
-    allocation_ledger::segment::parse_file_name(path.file_name().unwrap().to_str().unwrap()).unwrap()
+    allocation_ledger::testing::segment::parse_file_name(path.file_name().unwrap().to_str().unwrap()).unwrap()
 }
 
 /// Checks one damaged copy of a segment: `at` was changed in `seg`.
@@ -149,7 +151,7 @@ fn check_segment_damage(base: &Base, seg: &Path, bounds: &[(u64, u64, u64)], at:
     }
     // verify replays everything and loads every snapshot: every other byte, every record.
     if at % 4 < 2 {
-        let report = allocation_ledger::verify::verify(&storage, dir(), &mut |_, _| {}).unwrap();
+        let report = allocation_ledger::verify(&storage, dir(), &mut |_, _| {}).unwrap();
         assert!(!report.ok, "{ctx}: verify missed it");
         let needle = format!("{} at offset {offset} ", seg.display());
         assert!(report.problems.iter().any(|p| p.contains(&needle)), "{ctx}: {:?}", report.problems);
@@ -215,7 +217,7 @@ fn check_torn(
     ctx: &str,
 ) {
     if at % 4 < 2 {
-        let report = allocation_ledger::verify::verify(storage, dir(), &mut |_, _| {}).unwrap();
+        let report = allocation_ledger::verify(storage, dir(), &mut |_, _| {}).unwrap();
         assert!(report.ok, "{ctx}: {:?}", report.problems);
         assert!(report.torn_tail.is_some(), "{ctx}: verify saw no torn tail");
     }
@@ -237,7 +239,7 @@ fn check_snapshot_damage(base: &Base, seq: u64, snap: &Path, at: usize, damaged:
     // verify (a full replay) and read-only opens on every fourth case, to keep the test short.
     let modes: &[bool] = if at.is_multiple_of(4) { &[true, false] } else { &[false] };
     if at.is_multiple_of(4) {
-        let report = allocation_ledger::verify::verify(&storage, dir(), &mut |_, _| {}).unwrap();
+        let report = allocation_ledger::verify(&storage, dir(), &mut |_, _| {}).unwrap();
         assert!(!report.ok, "{ctx}: verify missed it");
         let name = snap.display().to_string();
         assert!(
@@ -353,7 +355,7 @@ fn open_err(files: &Files) -> Error {
             // A read-only open refuses the same way, and verify reports it.
             let ro = open(&storage, true).expect_err("read-only open refuses too");
             assert_eq!(ro.to_string(), e.to_string());
-            let report = allocation_ledger::verify::verify(&storage, dir(), &mut |_, _| {}).unwrap();
+            let report = allocation_ledger::verify(&storage, dir(), &mut |_, _| {}).unwrap();
             assert!(!report.ok);
             e
         }
@@ -410,7 +412,7 @@ fn a_missing_middle_segment_is_a_gap_naming_the_segment_after_it() {
     // With the snapshots in place, open starts past the gap; verify and reading the history
     // from the start still report it.
     let storage = storage_with(&without(&base, &base.segments[1]));
-    let report = allocation_ledger::verify::verify(&storage, dir(), &mut |_, _| {}).unwrap();
+    let report = allocation_ledger::verify(&storage, dir(), &mut |_, _| {}).unwrap();
     assert!(report.problems.iter().any(|p| p.contains("a segment is missing")), "{:?}", report.problems);
     if let Ok(l) = open(&storage, false) {
         assert_eq!(l.with_state(|s| s.clone()), base.state);
@@ -537,12 +539,12 @@ fn a_snapshot_from_another_history_is_caught_by_verify() {
     // A well-formed snapshot whose state differs from the fold of the log at its sequence
     // number (a checksum cannot catch this): verify compares each snapshot with the replay.
     let (seq, snap) = base.snapshots[0].clone();
-    let mut state = allocation_ledger::snapshot::decode(&base.files[&snap], seq).unwrap().to_data();
+    let mut state = allocation_ledger::testing::snapshot::decode(&base.files[&snap], seq).unwrap().to_data();
     state.assigned_mcp_count += 1;
     let mut files = base.files.clone();
-    files.insert(snap.clone(), allocation_ledger::snapshot::encode(&state));
+    files.insert(snap.clone(), allocation_ledger::testing::snapshot::encode(&state));
     let storage = storage_with(&files);
-    let report = allocation_ledger::verify::verify(&storage, dir(), &mut |_, _| {}).unwrap();
+    let report = allocation_ledger::verify(&storage, dir(), &mut |_, _| {}).unwrap();
     assert!(!report.ok);
     assert!(
         report

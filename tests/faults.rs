@@ -35,7 +35,7 @@
 
 mod common;
 
-use allocation_ledger::clock::format_micros;
+use allocation_ledger::format_micros;
 use allocation_ledger::storage::{Fault, FaultPlan, FaultyStorage, OpKind};
 use allocation_ledger::{
     AllocationId, CleanupReport, Error, EventBody, Ledger, LoggedEvent, ManualClock, ReleaseReport, RequestOutcome,
@@ -357,7 +357,7 @@ fn check_recovered(
         let saved = t.saved_to.as_ref().unwrap_or_else(|| panic!("{ctx}: torn tail not saved"));
         assert_eq!(storage.files()[saved].len() as u64, t.len, "{ctx}: the torn bytes were not kept whole");
     }
-    let report = allocation_ledger::verify::verify(storage, Path::new(MEM_DIR), &mut |_, _| {}).unwrap();
+    let report = allocation_ledger::verify(storage, Path::new(MEM_DIR), &mut |_, _| {}).unwrap();
     assert!(report.ok, "{ctx}: verify after recovery: {:?}", report.problems);
 }
 
@@ -682,7 +682,7 @@ fn disk_full_while_rotating_a_segment_is_an_error_and_reopen_is_clean() {
         drop(ledger);
         storage.crash(seed + 10);
         assert_eq!(common::all_events(&open_mem(&storage, &clock)), after);
-        let report = allocation_ledger::verify::verify(&storage, Path::new(MEM_DIR), &mut |_, _| {}).unwrap();
+        let report = allocation_ledger::verify(&storage, Path::new(MEM_DIR), &mut |_, _| {}).unwrap();
         assert!(report.ok, "{:?}", report.problems);
     }
 }
@@ -707,8 +707,8 @@ fn a_failed_append_whose_cut_back_fails_too_stops_writes() {
     // A version 1 segment with records is left as it is (the first write starts a version 3
     // one); an empty one, just started by an older build, is continued in its own format.
     let next = Ledger::open_with(MEM_DIR, opts()).unwrap().with_state(|s| s.last_seq) + 1;
-    let empty_v1 = Path::new(MEM_DIR).join("wal").join(allocation_ledger::segment::file_name(next));
-    storage.put_file(&empty_v1, allocation_ledger::segment::encode_header_version(next, 1).to_vec());
+    let empty_v1 = Path::new(MEM_DIR).join("wal").join(allocation_ledger::testing::segment::file_name(next));
+    storage.put_file(&empty_v1, allocation_ledger::testing::segment::encode_header_version(next, 1).to_vec());
     let ledger = Ledger::open_with(MEM_DIR, opts()).unwrap();
     let acked = common::all_events(&ledger);
     // From the append's write on, every operation fails: the write leaves half the record and

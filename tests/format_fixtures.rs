@@ -187,7 +187,7 @@ fn appends_continue_the_fixture(name: &str, last_version: u32) {
     }
     let again = Ledger::open(&copy).unwrap();
     assert_eq!(again.events(1, usize::MAX).unwrap(), events);
-    let report = allocation_ledger::verify::verify(&FsStorage::default(), &copy, &mut |_, _| {}).unwrap();
+    let report = allocation_ledger::verify(&FsStorage::default(), &copy, &mut |_, _| {}).unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }
 

@@ -183,7 +183,7 @@ fn an_invalid_config_in_the_log_is_not_applied() {
 
     let mut data = s.to_data();
     data.config.worker_slots = 4_000_000_000;
-    let snap = allocation_ledger::snapshot::encode(&data);
-    let err = allocation_ledger::snapshot::decode(&snap, data.last_seq).unwrap_err();
+    let snap = allocation_ledger::testing::snapshot::encode(&data);
+    let err = allocation_ledger::testing::snapshot::decode(&snap, data.last_seq).unwrap_err();
     assert!(err.contains("worker_slots"), "{err}");
 }

@@ -3,15 +3,15 @@
 //! usage over the whole history against the integral of the capacity timeline, and the same
 //! answers after close-and-reopen and after deleting the snapshots (derived data).
 
-use allocation_ledger::config::McpCatalogEntry;
-use allocation_ledger::history::{EventRange, GroupBy};
-use allocation_ledger::model::AllocationState;
-use allocation_ledger::state::Allocation;
 use allocation_ledger::storage::{FaultyStorage, Storage};
+use allocation_ledger::Allocation;
+use allocation_ledger::AllocationState;
+use allocation_ledger::McpCatalogEntry;
 use allocation_ledger::{
     AllocationDetails, AllocationSummary, CapacityReport, Clock, Config, EventBody, Ledger, LoggedEvent, ManualClock,
     Micros, OpenOptions, RequestOutcome, ResourceRequest, State,
 };
+use allocation_ledger::{EventRange, GroupBy};
 use proptest::prelude::*;
 use std::path::PathBuf;
 use std::sync::Arc;

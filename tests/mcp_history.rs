@@ -5,7 +5,7 @@
 
 mod mcp_common;
 
-use allocation_ledger::clock::format_micros;
+use allocation_ledger::format_micros;
 use allocation_ledger::{Ledger, ManualClock, OpenOptions, RequestOutcome, ResourceRequest};
 use mcp_common::*;
 use serde_json::{json, Value};

@@ -5,9 +5,9 @@
 
 mod common;
 
-use allocation_ledger::clock::format_micros;
-use allocation_ledger::config::McpCatalogEntry;
+use allocation_ledger::format_micros;
 use allocation_ledger::storage::{FaultyStorage, Storage};
+use allocation_ledger::McpCatalogEntry;
 use allocation_ledger::{
     AllocationDetails, AllocationId, AllocationState, AllocationSummary, CapacityReport, Clock, Config, Error, Ledger,
     ManualClock, OpenOptions, Priority, RequestOutcome, ResourceRequest, State,

@@ -20,7 +20,7 @@
 mod common;
 mod mcp_common;
 
-use allocation_ledger::clock::format_micros;
+use allocation_ledger::format_micros;
 use allocation_ledger::{Config, Ledger, LoggedEvent, ManualClock, OpenOptions, Priority, ResourceRequest};
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -7,8 +7,8 @@
 
 mod common;
 
-use allocation_ledger::repair::{self, RepairKind, RepairOptions};
 use allocation_ledger::storage::{Fault, FaultPlan, FaultyStorage, Storage};
+use allocation_ledger::{plan_repair, repair, RepairKind, RepairOptions};
 use allocation_ledger::{Error, Ledger, LoggedEvent, ManualClock, ResourceRequest};
 use common::{small_config, MEM_DIR};
 use serde_json::Value;
@@ -228,7 +228,7 @@ fn damage_in_the_middle_is_refused_listing_the_events_a_cut_would_lose() {
     }
     // Snapshots past the cut were set aside.
     for s in common::list(&tmp.path().join("snapshots")) {
-        let seq_of = allocation_ledger::snapshot::parse_file_name(&name(&s)).unwrap();
+        let seq_of = allocation_ledger::testing::snapshot::parse_file_name(&name(&s)).unwrap();
         assert!(seq_of < seq, "{s:?} is ahead of the repaired log");
     }
     assert_eq!(reopen_events(tmp.path()), events[..seq as usize - 1]);
@@ -241,9 +241,9 @@ fn a_missing_segment_is_damage_in_the_middle() {
     let segs = segments(tmp.path());
     std::fs::remove_file(&segs[1]).unwrap();
     let first_after_gap =
-        allocation_ledger::segment::parse_file_name(segs[2].file_name().unwrap().to_str().unwrap()).unwrap();
+        allocation_ledger::testing::segment::parse_file_name(segs[2].file_name().unwrap().to_str().unwrap()).unwrap();
     let gap_starts =
-        allocation_ledger::segment::parse_file_name(segs[1].file_name().unwrap().to_str().unwrap()).unwrap();
+        allocation_ledger::testing::segment::parse_file_name(segs[1].file_name().unwrap().to_str().unwrap()).unwrap();
     let (code, v) = run_repair(tmp.path(), &[]);
     assert_eq!(code, 6, "{v}");
     assert_eq!(v["repair"]["plan"]["kind"], "damage_in_the_middle");
@@ -340,7 +340,7 @@ fn a_repair_interrupted_at_any_storage_operation_loses_nothing_it_did_not_save()
     loop {
         let s = fresh();
         s.set_plan(Some(FaultPlan { kind: None, nth, fault: Fault::Fail, sticky: false }));
-        let result = repair::repair(&s, dir, force);
+        let result = repair(&s, dir, force);
         let fired = s.faults_fired() > 0;
         s.crash(nth);
         // Every byte that left the log is in quarantine.
@@ -374,7 +374,7 @@ fn a_repair_interrupted_at_any_storage_operation_loses_nothing_it_did_not_save()
             Err(e) => panic!("nth {nth}: {e} (repair said {result:?})"),
         }
         // Repair again, without faults, finishes it.
-        let again = repair::repair(&s, dir, force).unwrap_or_else(|e| panic!("nth {nth}: {e}"));
+        let again = repair(&s, dir, force).unwrap_or_else(|e| panic!("nth {nth}: {e}"));
         assert!(again.refused.is_none(), "nth {nth}: {again:?}");
         let l = Ledger::open_with(dir, opts(&s)).unwrap_or_else(|e| panic!("nth {nth}: {e}"));
         assert_eq!(common::all_events(&l), events[..keep], "nth {nth}");
@@ -385,5 +385,5 @@ fn a_repair_interrupted_at_any_storage_operation_loses_nothing_it_did_not_save()
         nth += 1;
     }
     assert!(nth >= 6, "the repair made only {nth} storage operations");
-    assert_eq!(repair::plan(&fresh(), dir).unwrap().kind, RepairKind::DamageInTheMiddle);
+    assert_eq!(plan_repair(&fresh(), dir).unwrap().kind, RepairKind::DamageInTheMiddle);
 }

@@ -5,8 +5,8 @@
 
 mod common;
 
-use allocation_ledger::snapshot::{self, decode, decode_with_position, encode_v2, encode_with_position};
-use allocation_ledger::wal::LogPosition;
+use allocation_ledger::testing::snapshot::{self, decode, decode_with_position, encode_v2, encode_with_position};
+use allocation_ledger::testing::wal::LogPosition;
 use allocation_ledger::{Config, Ledger, ManualClock, Priority, ResourceRequest, State};
 use common::*;
 use std::path::Path;
@@ -181,7 +181,7 @@ fn a_snapshot_encodes_the_state_it_was_taken_at_while_the_ledger_moves_on() {
     ledger.request_resources(&ResourceRequest::new("after").workers(2)).unwrap();
     let after = ledger.with_state(|s| s.clone());
     assert_ne!(after, before);
-    allocation_ledger::state::sort_for_snapshot(&mut shared);
+    allocation_ledger::testing::sort_for_snapshot(&mut shared);
     let bytes = snapshot::encode_parts(&data, &shared, None);
     assert_eq!(decode(&bytes, data.last_seq).unwrap(), before);
     after.check_invariants().unwrap();

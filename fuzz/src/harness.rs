@@ -7,15 +7,15 @@
 //! `tests/fuzz_regressions.rs` includes this file and replays every kept crasher and seed
 //! through the same functions in the normal test run.
 
-use allocation_ledger::event::{Event, EventBody};
-use allocation_ledger::ledger::{Ledger, OpenOptions};
-use allocation_ledger::model::{AllocationId, AllocationState, Priority};
-use allocation_ledger::record::{self, Decoded};
-use allocation_ledger::segment::{self, Tail};
-use allocation_ledger::snapshot;
-use allocation_ledger::state::{validate_job_id, ResourceRequest, State};
 use allocation_ledger::storage::FaultyStorage;
+use allocation_ledger::testing::record::{self, Decoded};
+use allocation_ledger::testing::segment::{self, Tail};
+use allocation_ledger::testing::snapshot;
+use allocation_ledger::{testing::validate_job_id, ResourceRequest, State};
+use allocation_ledger::{AllocationId, AllocationState, Priority};
 use allocation_ledger::{Config, Error, ManualClock};
+use allocation_ledger::{Event, EventBody};
+use allocation_ledger::{Ledger, OpenOptions};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -154,7 +154,7 @@ fn open_log(segment_bytes: Vec<u8>) {
     let _ = ledger.cleanup_expired();
     ledger.with_state(|s| s.check_invariants()).expect("invariants hold after a write");
     drop(ledger);
-    let report = allocation_ledger::verify::verify(&storage, dir, &mut |_, _| {}).expect("verify runs");
+    let report = allocation_ledger::verify(&storage, dir, &mut |_, _| {}).expect("verify runs");
     let _ = report.ok;
 }
 

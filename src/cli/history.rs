@@ -2,10 +2,10 @@
 //! `usage` and `timeline`, and the progress bar for long scans.
 
 use super::{exit, table, Out};
-use allocation_ledger::clock::{format_micros, parse_duration_micros, parse_time};
-use allocation_ledger::history::{svg, EventRange, GroupBy, History, Timeline, UsageReport};
-use allocation_ledger::report::{AllocationSummary, CapacityReport};
+use allocation_ledger::{format_micros, parse_duration_micros, parse_time};
 use allocation_ledger::{AllocationId, AllocationState, Error, Ledger, Result};
+use allocation_ledger::{AllocationSummary, CapacityReport};
+use allocation_ledger::{EventRange, GroupBy, History, Timeline, UsageReport};
 use clap::Args;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -215,7 +215,7 @@ pub fn usage(ledger: &Ledger, out: &Out, args: UsageArgs) -> Result<i32> {
 }
 
 fn human_usage(r: &UsageReport) -> String {
-    let row = |name: &str, u: &allocation_ledger::history::UsageAmounts| {
+    let row = |name: &str, u: &allocation_ledger::UsageAmounts| {
         vec![
             name.to_string(),
             format!("{:.1}", u.cpu_seconds),
@@ -270,7 +270,7 @@ pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<i32> {
     prepare(ledger)?;
     let tl = ledger.timeline(since, until, bucket)?;
     if let Some(path) = &args.svg {
-        std::fs::write(path, svg::render(&tl)).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        std::fs::write(path, tl.to_svg()).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         if !out.json {
             eprintln!("wrote a chart to {}", path.display());
         }

@@ -10,20 +10,21 @@
 //! - [`Ledger::usage`] and [`Ledger::timeline`] integrate holding intervals and the step
 //!   function in integer units; floats appear only in the reports.
 
-mod index;
-pub mod svg;
+mod svg;
 mod usage;
 
-pub use index::CapacityIndex;
+use crate::ledger::index::CapacityIndex;
 pub use usage::{GroupBy, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup, UsageReport};
 
-use crate::clock::{format_micros, Micros};
-use crate::event::{Event, EventBody, LoggedEvent};
-use crate::ledger::{Ledger, SNAPSHOT_DIR, WAL_DIR};
-use crate::model::{AllocationId, AllocationState};
+use crate::domain::clock::{format_micros, Micros};
+use crate::domain::event::{Event, EventBody, LoggedEvent};
+use crate::domain::model::{AllocationId, AllocationState};
+use crate::domain::state::{Allocation, State};
+use crate::ledger::Ledger;
+use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
+use crate::log::{snapshot, wal};
 use crate::report::{AllocationDetails, AllocationSummary, CapacityReport};
-use crate::state::{Allocation, State};
-use crate::{snapshot, wal, Config, Error, Result};
+use crate::{Config, Error, Result};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 
@@ -289,7 +290,13 @@ impl Ledger {
             if !is_end && job_finder.as_ref().is_some_and(|f| f.find(payload).is_none()) {
                 return Ok(pos.seq < upto);
             }
-            crate::state::fold_rebuilt(&mut found, |id| known.contains(id), job_id, pos.seq, Event::decode(payload)?);
+            crate::domain::state::fold_rebuilt(
+                &mut found,
+                |id| known.contains(id),
+                job_id,
+                pos.seq,
+                Event::decode(payload)?,
+            );
             Ok(pos.seq < upto)
         })?;
         Ok(found.into_values().collect())
@@ -429,7 +436,7 @@ impl Ledger {
     /// Every event about every allocation of one job (granted or rejected), in log order. A job
     /// the ledger never saw has an empty history.
     pub fn job_history(&self, job_id: &str) -> Result<History> {
-        crate::state::validate_job_id("job_id", job_id)?;
+        crate::domain::state::validate_job_id("job_id", job_id)?;
         let ((known, evicted), upto) = self.with_durable_state(|s| {
             let known: Vec<(AllocationId, Micros, bool)> = s
                 .list(None, Some(job_id), s.last_ts_us)

@@ -3,7 +3,7 @@
 //! any browser; no scripts, no external resources.
 
 use super::Timeline;
-use crate::clock::Micros;
+use crate::domain::clock::Micros;
 use chrono::{DateTime, Utc};
 use std::fmt::Write;
 
@@ -64,7 +64,7 @@ fn fmt_num(v: f64) -> String {
 type Panel = (&'static str, &'static str, Vec<(f64, f64)>);
 
 /// Renders `tl` as an SVG document.
-pub fn render(tl: &Timeline) -> String {
+fn render(tl: &Timeline) -> String {
     let panels: [Panel; 3] = [
         ("CPU", "cores", tl.buckets.iter().map(|b| (b.allocated_cpu, b.total_cpu)).collect()),
         ("Memory", "MiB", tl.buckets.iter().map(|b| (b.allocated_memory, b.total_memory)).collect()),
@@ -190,4 +190,11 @@ pub fn render(tl: &Timeline) -> String {
     }
     let _ = writeln!(s, "</svg>");
     s
+}
+
+impl Timeline {
+    /// The timeline as a standalone SVG chart: one panel per resource, allocated against total.
+    pub fn to_svg(&self) -> String {
+        render(self)
+    }
 }

@@ -2,11 +2,11 @@
 //! (millicore-microseconds, MiB-microseconds, worker-microseconds, in `u128`); the reports
 //! carry floats (seconds) converted once at the end.
 
-use super::index::{CapacityIndex, Step};
-use crate::clock::{format_micros, Micros};
-use crate::event::{EventBody, McpGrant};
-use crate::model::{AllocationId, AllocationState, Resources};
-use crate::state::Allocation;
+use crate::domain::clock::{format_micros, Micros};
+use crate::domain::event::{EventBody, McpGrant};
+use crate::domain::model::{AllocationId, AllocationState, Resources};
+use crate::domain::state::Allocation;
+use crate::ledger::index::{CapacityIndex, Step};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +30,7 @@ impl GroupBy {
         }
         match text.strip_prefix("metadata.") {
             // A key no grant can have would only ever report the group "(none)".
-            Some(key) if !key.is_empty() && !crate::state::metadata_key_allowed(key) => Err(Error::invalid(
+            Some(key) if !key.is_empty() && !crate::domain::state::metadata_key_allowed(key) => Err(Error::invalid(
                 field,
                 format!(
                     "{:?} names a metadata key no allocation can have: keys are 1 to 128 characters without control characters",
@@ -52,7 +52,7 @@ impl GroupBy {
         }
     }
 
-    fn key_of(&self, job_id: &str, metadata: &crate::model::Metadata) -> String {
+    fn key_of(&self, job_id: &str, metadata: &crate::domain::model::Metadata) -> String {
         match self {
             GroupBy::Job => job_id.to_string(),
             GroupBy::Metadata(k) => match metadata.get(k) {

@@ -6,7 +6,7 @@
 //! admits the tool's error shape too (the TypeScript SDK validates `structuredContent` against
 //! `outputSchema` even when `isError` is true).
 
-use crate::config::{MAX_JOB_ID_CHARS, MAX_MCP_NAME_CHARS, MAX_MCP_SERVERS_PER_REQUEST};
+use crate::domain::config::{MAX_JOB_ID_CHARS, MAX_MCP_NAME_CHARS, MAX_MCP_SERVERS_PER_REQUEST};
 use crate::Config;
 use rmcp::model::JsonObject;
 use serde_json::{json, Value};
@@ -67,7 +67,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
                     "minimum": 0,
                     "maximum": config.worker_slots,
                     "default": 0,
-                    "description": format!("Number of worker slots to reserve, 0 to {} (the pool's size); each holds {} CPU cores and {} MB of memory. get_capacity shows how many are available.", config.worker_slots, crate::model::cores(config.worker_cpu_millicores), config.worker_memory_mib),
+                    "description": format!("Number of worker slots to reserve, 0 to {} (the pool's size); each holds {} CPU cores and {} MB of memory. get_capacity shows how many are available.", config.worker_slots, crate::domain::model::cores(config.worker_cpu_millicores), config.worker_memory_mib),
                 },
                 "priority": {
                     "type": "string",

@@ -3,7 +3,7 @@
 //! tools: raw JSON arguments checked here, each error naming the field.
 
 use super::{check_known, error_value, from_ledger, kind_of, ok, opt_str, tool_error, LedgerTools};
-use crate::clock::{parse_time, Micros};
+use crate::domain::clock::{parse_time, Micros};
 use crate::history::GroupBy;
 use crate::{Error, Ledger};
 use rmcp::model::{CallToolResult, JsonObject};
@@ -52,7 +52,7 @@ fn subject_arg(args: &JsonObject) -> Result<Subject, Error> {
             Ok(Subject::Allocation(id.to_string()))
         }
         (None, Some(job)) => {
-            crate::state::validate_job_id("job_id", job)?;
+            crate::domain::state::validate_job_id("job_id", job)?;
             Ok(Subject::Job(job.to_string()))
         }
         (None, None) => Err(Error::invalid(

@@ -14,13 +14,13 @@
 //!
 //! Damage in the very first record (nothing would be left) is never cut.
 
-use crate::clock::format_micros;
-use crate::event::{Event, EventBody};
-use crate::ledger::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOT_DIR, WAL_DIR};
-use crate::record::{self, Decoded};
-use crate::snapshot;
-use crate::storage::{write_atomic, Storage};
-use crate::wal::{self, TornTail};
+use crate::domain::clock::format_micros;
+use crate::domain::event::{Event, EventBody};
+use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOT_DIR, WAL_DIR};
+use crate::log::record::{self, Decoded};
+use crate::log::snapshot;
+use crate::log::storage::{write_atomic, Storage};
+use crate::log::wal::{self, TornTail};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -157,7 +157,7 @@ fn readable_records(path: &Path, bytes: &[u8], from: usize, out: &mut Vec<LostEv
 }
 
 /// Computes the repair plan for the ledger in `dir`. Reads everything; changes nothing.
-pub fn plan(storage: &dyn Storage, dir: &Path) -> Result<RepairPlan> {
+pub fn plan_repair(storage: &dyn Storage, dir: &Path) -> Result<RepairPlan> {
     let wal_dir = dir.join(WAL_DIR);
     let segments = wal::list_segments(storage, &wal_dir)?;
     if segments.is_empty() {
@@ -229,7 +229,7 @@ pub fn plan(storage: &dyn Storage, dir: &Path) -> Result<RepairPlan> {
         let mut unreadable = readable_records(&file, &bytes, offset as usize, &mut lost);
         for seg in &segments[idx + 1..] {
             let b = storage.read(&seg.path).map_err(io(format!("reading {}", seg.path.display())))?;
-            let hdr = crate::segment::HEADER_LEN.min(b.len());
+            let hdr = crate::log::segment::HEADER_LEN.min(b.len());
             unreadable += readable_records(&seg.path, &b, hdr, &mut lost) + hdr as u64;
             p.segments_set_aside.push(seg.path.clone());
         }
@@ -293,7 +293,7 @@ pub fn repair(storage: &dyn Storage, dir: &Path, opts: RepairOptions) -> Result<
         Some(g) => g,
         None => return Err(Error::Locked { path: dir.to_path_buf() }),
     };
-    let plan = plan(storage, dir)?;
+    let plan = plan_repair(storage, dir)?;
     let mut report = RepairReport { plan, applied: false, refused: None, saved: Vec::new() };
     let p = &report.plan;
     if let Some(why) = &p.impossible {

@@ -5,7 +5,7 @@
 //! | magic "ALLOCWAL" | version: u32 LE | flags: u32 LE (0) | first_seq: u64 LE | reserved: u32 (0) | crc: u32 LE |
 //! ```
 //!
-//! `crc` covers the 28 bytes before it. Records follow back to back (see [`crate::record`]).
+//! `crc` covers the 28 bytes before it. Records follow back to back (see [`crate::log::record`]).
 //!
 //! Version 2 segments are *pre-filled*: the writer zero-fills the file ahead of its records (and
 //! makes the zeros durable with the records' own fsyncs), so an fsync after an append overwrites
@@ -13,12 +13,12 @@
 //! half the time. Zeros after the last record are free space, not damage. Version 1 segments
 //! (records back to back to the end of the file) are still read and appended to.
 //!
-//! Version 3 adds the durable lag to records (see [`crate::record`]): damage followed by a valid
+//! Version 3 adds the durable lag to records (see [`crate::log::record`]): damage followed by a valid
 //! record whose lag proves the damaged one durable is damage, never a torn tail, whatever its
 //! bytes look like; damage that nothing proves durable lies in the last write, which is cut.
 
 use crate::error::Damage;
-use crate::record::{self, Decoded};
+use crate::log::record::{self, Decoded};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"ALLOCWAL";
@@ -74,7 +74,7 @@ impl Header {
         self.version >= 2
     }
 
-    /// The writer records each record's durable lag (version 3 on; see [`crate::record`]).
+    /// The writer records each record's durable lag (version 3 on; see [`crate::log::record`]).
     pub fn records_durable_lags(&self) -> bool {
         self.version >= 3
     }

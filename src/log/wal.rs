@@ -2,8 +2,8 @@
 //! bytes and sequence numbers, not events.
 
 use crate::error::Damage;
-use crate::segment::{self, Tail};
-use crate::storage::{AppendFile, Storage};
+use crate::log::segment::{self, Tail};
+use crate::log::storage::{AppendFile, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -50,7 +50,7 @@ pub struct LogPosition {
     /// Byte offset of the record's frame in the segment.
     pub offset: u64,
     pub seq: u64,
-    /// CRC-32 of the record framed with a durable lag of 0 (what [`crate::record::encode`]
+    /// CRC-32 of the record framed with a durable lag of 0 (what [`crate::log::record::encode`]
     /// wrote), when known: a snapshot records it to prove it belongs to this log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_crc: Option<u32>,
@@ -69,18 +69,18 @@ pub fn read_record_at(
     if offset < segment::HEADER_LEN as u64 {
         return None;
     }
-    let header = storage.read_range(&path, offset, crate::record::HEADER_LEN).ok()?;
-    if header.len() < crate::record::HEADER_LEN {
+    let header = storage.read_range(&path, offset, crate::log::record::HEADER_LEN).ok()?;
+    if header.len() < crate::log::record::HEADER_LEN {
         return None;
     }
-    let len = crate::record::payload_len(u32::from_le_bytes(header[0..4].try_into().ok()?));
-    if len == 0 || len > crate::record::MAX_PAYLOAD_LEN {
+    let len = crate::log::record::payload_len(u32::from_le_bytes(header[0..4].try_into().ok()?));
+    if len == 0 || len > crate::log::record::MAX_PAYLOAD_LEN {
         return None;
     }
-    let frame = storage.read_range(&path, offset, crate::record::HEADER_LEN + len).ok()?;
-    match crate::record::decode(&frame) {
-        crate::record::Decoded::Record { seq, payload, .. } => {
-            let crc = crate::record::checksum(len as u32, seq, payload);
+    let frame = storage.read_range(&path, offset, crate::log::record::HEADER_LEN + len).ok()?;
+    match crate::log::record::decode(&frame) {
+        crate::log::record::Decoded::Record { seq, payload, .. } => {
+            let crc = crate::log::record::checksum(len as u32, seq, payload);
             Some((seq, payload.to_vec(), crc))
         }
         _ => None,
@@ -196,8 +196,8 @@ pub fn scan_log_from(
         let bytes = storage.read(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
         let mut stop = false;
         let resume = (if i == start { hint_in(hint, after_seq, seg) } else { None }).and_then(|h| {
-            match crate::record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
-                crate::record::Decoded::Record { seq, frame_len, .. }
+            match crate::log::record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
+                crate::log::record::Decoded::Record { seq, frame_len, .. }
                     if seq == h.seq && h.offset >= segment::HEADER_LEN as u64 =>
                 {
                     Some((h, h.offset + frame_len as u64))
@@ -272,7 +272,7 @@ pub fn cut_torn_tail(storage: &dyn Storage, quarantine_dir: &Path, torn: &mut To
     }
     let name = torn.file.file_name().and_then(|n| n.to_str()).unwrap_or("segment");
     let saved = quarantine_dir.join(format!("{name}.torn-at-{}", torn.offset));
-    crate::storage::write_atomic(storage, &saved, &bytes).map_err(|e| io("saving torn tail of", e))?;
+    crate::log::storage::write_atomic(storage, &saved, &bytes).map_err(|e| io("saving torn tail of", e))?;
     let dir = torn.file.parent().unwrap_or(Path::new("."));
     if torn.offset == 0 {
         storage.remove(&torn.file).map_err(|e| io("removing torn segment", e))?;
@@ -458,7 +458,7 @@ impl WalWriter {
         let seq = self.next_seq;
         // The scan of a pre-filled segment tells a torn write by its zeros (see `segment`).
         debug_assert!(payload.last() != Some(&0), "a payload must not end in a zero byte");
-        let end = self.active_len + (crate::record::HEADER_LEN + payload.len()) as u64;
+        let end = self.active_len + (crate::log::record::HEADER_LEN + payload.len()) as u64;
         let path = &self.active_path;
         // Formats the path only on failure: this runs for every record.
         let failed = |e, what: &str| Error::io(format!("{what} record {seq} in {}", path.display()), e);
@@ -475,10 +475,10 @@ impl WalWriter {
                     .map_err(|e| AppendError::Failed(failed(e, "making room for")))?;
                 self.prefilled_len = target;
             }
-            crate::record::encode(seq, payload, &mut self.pending);
+            crate::log::record::encode(seq, payload, &mut self.pending);
         } else {
             self.frame.clear();
-            crate::record::encode(seq, payload, &mut self.frame);
+            crate::log::record::encode(seq, payload, &mut self.frame);
             if let Err(e) = self.active.write_at(self.active_len, &self.frame) {
                 let err = failed(e, "appending");
                 // A version 1 segment ends where its records do: cut the partial record off.
@@ -679,7 +679,7 @@ impl Queued {
         let offset = self.offset;
         self.offset += bytes.len() as u64;
         if self.records_durable_lags {
-            crate::record::set_durable_lags(&mut bytes, self.durable_seq);
+            crate::log::record::set_durable_lags(&mut bytes, self.durable_seq);
         }
         Taken { file: self.file.clone(), offset, bytes, last_seq: self.last_seq }
     }

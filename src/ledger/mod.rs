@@ -3,29 +3,22 @@
 //! writers share fsyncs: whoever finds no fsync in flight becomes the leader and syncs
 //! everything appended so far; the others wait for it (group commit).
 
-use crate::clock::{Clock, Micros, SystemClock};
-use crate::config::Config;
-use crate::event::{Event, EventBody, LoggedEvent};
-use crate::model::{cores, AllocationId, AllocationState};
+pub(crate) mod index;
+
+use crate::domain::clock::{Clock, Micros, SystemClock};
+use crate::domain::config::Config;
+use crate::domain::event::{Event, EventBody, LoggedEvent};
+use crate::domain::model::{cores, AllocationId, AllocationState};
+use crate::domain::state::{Allocation, ResourceRequest, State};
+use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOTS_KEPT, SNAPSHOT_DIR, WAL_DIR, WAL_STAGING_DIR};
+use crate::log::snapshot;
+use crate::log::storage::{FsStorage, LockGuard, Storage};
+use crate::log::wal::{self, AppendError, TornTail, WalWriter};
 use crate::report::*;
-use crate::snapshot;
-use crate::state::{Allocation, ResourceRequest, State};
-use crate::storage::{FsStorage, LockGuard, Storage};
-use crate::wal::{self, AppendError, TornTail, WalWriter};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-
-pub const WAL_DIR: &str = "wal";
-pub const SNAPSHOT_DIR: &str = "snapshots";
-pub const QUARANTINE_DIR: &str = "quarantine";
-pub const LOCK_FILE: &str = "LOCK";
-/// Where a new ledger's first segment is made durable before the directory is renamed to
-/// `wal/` (see `Ledger::create`).
-pub const WAL_STAGING_DIR: &str = "wal.new";
-/// Snapshots kept on disk; older ones are removed (the log keeps everything).
-pub const SNAPSHOTS_KEPT: usize = 4;
 
 /// How to open a ledger.
 #[derive(Debug, Clone)]
@@ -130,7 +123,7 @@ struct Core {
     last_snapshot_bytes: u64,
     last_snapshot_error: Option<String>,
     /// Derived capacity index (see `history`); built on first use, kept current by `append`.
-    capacity_index: Option<crate::history::CapacityIndex>,
+    capacity_index: Option<crate::ledger::index::CapacityIndex>,
 }
 
 /// Snapshots larger than this are spaced by the log they save replaying (see
@@ -359,7 +352,7 @@ fn log_ledger_id(storage: &dyn Storage, wal_dir: &Path) -> Result<Option<String>
     let Some(first) = first else { return Ok(None) };
     let bytes = storage.read(&first.path).map_err(|e| Error::io(format!("reading {}", first.path.display()), e))?;
     let mut id = None;
-    let scan = crate::segment::scan(&first.path, &bytes, 1, &mut |_, payload| {
+    let scan = crate::log::segment::scan(&first.path, &bytes, 1, &mut |_, payload| {
         match Event::decode(payload)?.body {
             EventBody::LedgerCreated { ledger_id, .. } => id = Some(ledger_id),
             other => return Err(format!("the first event is {}, not ledger_created", other.type_name())),
@@ -368,7 +361,7 @@ fn log_ledger_id(storage: &dyn Storage, wal_dir: &Path) -> Result<Option<String>
     });
     match (id, scan.tail) {
         (Some(id), _) => Ok(Some(id)),
-        (None, crate::segment::Tail::Corrupt(d)) => Err(Error::Damaged(d)),
+        (None, crate::log::segment::Tail::Corrupt(d)) => Err(Error::Damaged(d)),
         // Torn before its first record, or empty: the replay says which.
         (None, _) => Ok(None),
     }
@@ -397,7 +390,7 @@ fn snapshot_not_of_log(
             "the snapshot does not match the log: record {seq} (offset {} of segment {}) has checksum {found:#010x}, \
              the snapshot was taken after one with {crc:#010x}",
             p.offset,
-            crate::segment::file_name(p.segment_first_seq)
+            crate::log::segment::file_name(p.segment_first_seq)
         )),
         _ => None,
     }
@@ -449,7 +442,7 @@ fn fold_checked_collecting(
     state: &mut State,
     seq: u64,
     ev: Event,
-    graveyard: Option<&mut crate::state::Graveyard>,
+    graveyard: Option<&mut crate::domain::state::Graveyard>,
 ) -> std::result::Result<(), String> {
     if seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
         return Err("the first event is not ledger_created".into());
@@ -505,7 +498,7 @@ struct PayloadBatch {
     records: Vec<(u64, usize, usize)>,
     /// Allocations the fold evicted, for the decoder thread to drop (see
     /// `State::evolve_collecting`).
-    graveyard: crate::state::Graveyard,
+    graveyard: crate::domain::state::Graveyard,
 }
 
 /// Whether the parallel replay hands evicted allocations back to a decoder thread to drop.
@@ -535,7 +528,7 @@ fn replay_parallel(
         folded: usize,
         replayed: u64,
         spare: Vec<PayloadBatch>,
-        graveyard: crate::state::Graveyard,
+        graveyard: crate::domain::state::Graveyard,
     }
     impl Folder {
         fn take(&mut self, index: usize, decoded: Decoded, mut spare: PayloadBatch) {
@@ -720,7 +713,7 @@ impl Ledger {
             let first = &end.segments[0].path;
             return Err(Error::Damaged(crate::error::Damage {
                 file: first.clone(),
-                offset: end.torn.as_ref().map_or(crate::segment::HEADER_LEN as u64, |t| t.offset),
+                offset: end.torn.as_ref().map_or(crate::log::segment::HEADER_LEN as u64, |t| t.offset),
                 seq: 1,
                 reason: "the first record (ledger_created) is incomplete: the ledger's identity and config are lost; \
                          nothing was cut or created (move the directory aside to start a new ledger)"
@@ -920,7 +913,7 @@ impl Ledger {
         debug_assert!(ts > core.state.last_ts_us);
         let ev = Event::new(ts, body);
         let payload = ev.encode();
-        if payload.len() > crate::record::MAX_PAYLOAD_LEN {
+        if payload.len() > crate::log::record::MAX_PAYLOAD_LEN {
             return Err(Error::invalid("request", "the event would exceed the record size limit"));
         }
         // Evolve sees exactly what replay will see (checked in debug builds; the property tests
@@ -935,7 +928,7 @@ impl Ledger {
                 }
                 core.state.evolve_owned(seq, ts, ev.body);
                 core.since_snapshot += 1;
-                core.log_bytes_since_snapshot += (crate::record::HEADER_LEN + payload.len()) as u64;
+                core.log_bytes_since_snapshot += (crate::log::record::HEADER_LEN + payload.len()) as u64;
                 if core.snapshot_is_due() {
                     self.shared.snapshot_due.store(true, Ordering::Relaxed);
                 }
@@ -1255,7 +1248,7 @@ impl Ledger {
     /// instant under the core lock, then (like every read) waits until what it saw is durable.
     pub(crate) fn read_history<R>(
         &self,
-        f: impl FnOnce(&State, &mut Option<crate::history::CapacityIndex>, Micros) -> R,
+        f: impl FnOnce(&State, &mut Option<crate::ledger::index::CapacityIndex>, Micros) -> R,
     ) -> Result<R> {
         let (r, seq) = {
             let mut core = lock(&self.shared.core);
@@ -1423,7 +1416,7 @@ impl Ledger {
             if starts && job_finder.as_ref().is_some_and(|f| f.find(payload).is_none()) {
                 return Ok(true);
             }
-            crate::state::fold_rebuilt(
+            crate::domain::state::fold_rebuilt(
                 &mut found,
                 |id| in_memory.contains(id),
                 job_id,
@@ -1538,7 +1531,7 @@ impl Ledger {
             let position = core.wal.as_ref().and_then(|w| w.last_record()).filter(|p| p.seq == data.last_seq);
             (data, shared, position)
         };
-        crate::state::sort_for_snapshot(&mut shared);
+        crate::domain::state::sort_for_snapshot(&mut shared);
         let bytes = snapshot::encode_parts_cached(&data, &shared, position, &mut cache);
         drop(shared);
         lock(&self.shared.core).last_snapshot_bytes = bytes.len() as u64;
@@ -1628,7 +1621,7 @@ fn retry_damage_beside_writer<T>(
 /// first sequence number), or one created since. Comparing with the last segment after the read
 /// instead missed a rotation that happened during it.
 fn damage_may_be_a_write_in_flight(file: &Path, last_before: Option<u64>) -> bool {
-    let first_seq = file.file_name().and_then(|n| n.to_str()).and_then(crate::segment::parse_file_name);
+    let first_seq = file.file_name().and_then(|n| n.to_str()).and_then(crate::log::segment::parse_file_name);
     match (first_seq, last_before) {
         (Some(first_seq), Some(last)) => first_seq >= last,
         (Some(_), None) => true,
@@ -1825,8 +1818,8 @@ fn decide_request_outcome(
                 memory_mib: g.resources.memory_mib,
             },
             ttl_seconds: g.ttl_seconds,
-            created_at: crate::clock::format_micros(ts),
-            expires_at: crate::clock::format_micros(g.deadline_us),
+            created_at: crate::domain::clock::format_micros(ts),
+            expires_at: crate::domain::clock::format_micros(g.deadline_us),
             seq: state.last_seq + 1,
         }),
         EventBody::Rejected(r) => RequestOutcome::Failed(FailedReport {
@@ -1835,7 +1828,7 @@ fn decide_request_outcome(
             error: r.error.clone(),
             job_id: r.job_id.clone(),
             reason: r.reason.as_str().into(),
-            created_at: crate::clock::format_micros(ts),
+            created_at: crate::domain::clock::format_micros(ts),
             seq: state.last_seq + 1,
         }),
         _ => unreachable!("decide_request returns a grant or a rejection"),
@@ -1857,7 +1850,7 @@ fn decide_release(state: &State, ts: Micros, id: AllocationId) -> Result<(Vec<Ev
             workers_released: a.resources.workers,
             cpu_freed: cores(a.resources.cpu_millicores),
             memory_freed: a.resources.memory_mib,
-            released_at: Some(crate::clock::format_micros(ts)),
+            released_at: Some(crate::domain::clock::format_micros(ts)),
             expired_at: None,
             duration_seconds: held_seconds(ts),
         };
@@ -1877,8 +1870,8 @@ fn already_ended_report(a: &Allocation) -> ReleaseReport {
         workers_released: 0,
         cpu_freed: 0.0,
         memory_freed: 0,
-        released_at: (a.state == AllocationState::Released).then(|| crate::clock::format_micros(ended)),
-        expired_at: (a.state == AllocationState::Expired).then(|| crate::clock::format_micros(ended)),
+        released_at: (a.state == AllocationState::Released).then(|| crate::domain::clock::format_micros(ended)),
+        expired_at: (a.state == AllocationState::Expired).then(|| crate::domain::clock::format_micros(ended)),
         duration_seconds: (a.held_until() - a.created_us).max(0) as f64 / 1e6,
     }
 }
@@ -1897,15 +1890,15 @@ fn set_aside(storage: &dyn Storage, path: &Path, quarantine: &Path) -> Option<Pa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
-    use crate::storage::FaultyStorage;
+    use crate::domain::clock::ManualClock;
+    use crate::log::storage::FaultyStorage;
     use std::time::{Duration, Instant};
 
     /// A locking.rs run under load failed: the reader caught a write in flight in segment 143,
     /// and the writer rotated to segment 157 before the reader looked at which segment was last.
     #[test]
     fn damage_in_the_segment_that_was_last_when_the_read_began_may_be_a_write_in_flight() {
-        let seg = |first_seq| PathBuf::from("/l/wal").join(crate::segment::file_name(first_seq));
+        let seg = |first_seq| PathBuf::from("/l/wal").join(crate::log::segment::file_name(first_seq));
         assert!(damage_may_be_a_write_in_flight(&seg(143), Some(143)), "last when the read began");
         assert!(damage_may_be_a_write_in_flight(&seg(157), Some(143)), "created during the read");
         assert!(damage_may_be_a_write_in_flight(&seg(1), None), "the first segment, being created");

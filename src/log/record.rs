@@ -12,7 +12,7 @@
 //! number the log was known durable (every earlier record covered by an fsync that returned
 //! success). A valid record with sequence number `s` and lag `l > 0` is proof that every record
 //! up to `s - l` was durable before it was written, so damage there cannot be a torn write (see
-//! [`crate::segment`]). A lag of 1 marks the first record of a write made when everything
+//! [`crate::log::segment`]). A lag of 1 marks the first record of a write made when everything
 //! before it was durable. 0 means unknown (a lag too large to hold). The checksum covers it.
 
 pub const HEADER_LEN: usize = 16;

@@ -15,11 +15,11 @@
 //! Version 2 (still read) has the JSON of [`StateData`] as its payload. `docs/format.md`
 //! describes both.
 
-use crate::event::{McpGrant, WorkerGrant};
-use crate::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
-use crate::state::{Allocation, State, StateData, StateLoader};
-use crate::storage::{write_atomic, Storage};
-use crate::wal::LogPosition;
+use crate::domain::event::{McpGrant, WorkerGrant};
+use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
+use crate::domain::state::{Allocation, State, StateData, StateLoader};
+use crate::log::storage::{write_atomic, Storage};
+use crate::log::wal::LogPosition;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,7 +53,7 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
 struct MetaOut<'a> {
     ledger_id: &'a str,
     created_us: i64,
-    config: &'a crate::config::Config,
+    config: &'a crate::domain::config::Config,
     last_seq: u64,
     last_ts_us: i64,
     evicted: u64,
@@ -66,7 +66,7 @@ struct MetaOut<'a> {
 struct MetaIn {
     ledger_id: String,
     created_us: i64,
-    config: crate::config::Config,
+    config: crate::domain::config::Config,
     last_seq: u64,
     last_ts_us: i64,
     evicted: u64,
@@ -676,17 +676,17 @@ pub fn list(storage: &dyn Storage, dir: &Path) -> std::io::Result<Vec<(u64, Path
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::domain::config::Config;
 
     /// Snapshots encoded with the cache are byte for byte the ones encoded without it, while
     /// allocations are granted, released, expire and leave memory between snapshots; the cache
     /// keeps only the last snapshot's allocations.
     #[test]
     fn cached_encoding_matches_a_fresh_one() {
-        use crate::clock::ManualClock;
+        use crate::domain::clock::ManualClock;
+        use crate::domain::state::ResourceRequest;
         use crate::ledger::{Ledger, OpenOptions};
-        use crate::state::ResourceRequest;
-        use crate::storage::FaultyStorage;
+        use crate::log::storage::FaultyStorage;
         use std::sync::Arc;
 
         let clock = ManualClock::at_default_epoch();
@@ -715,7 +715,7 @@ mod tests {
             ledger.cleanup_expired().unwrap();
             let before = cache.len();
             let (data, mut shared) = ledger.with_state(|s| s.snapshot_parts());
-            crate::state::sort_for_snapshot(&mut shared);
+            crate::domain::state::sort_for_snapshot(&mut shared);
             let fresh = encode_parts(&data, &shared, None);
             assert_eq!(encode_parts_cached(&data, &shared, None, &mut cache), fresh, "round {round}");
             assert_eq!(cache.len(), shared.len(), "round {round}");
@@ -728,10 +728,10 @@ mod tests {
     /// (values and strings straddle chunk boundaries), and refuses damage the same way.
     #[test]
     fn chunked_load_matches_whole_file_decode() {
-        use crate::clock::ManualClock;
+        use crate::domain::clock::ManualClock;
+        use crate::domain::state::ResourceRequest;
         use crate::ledger::{Ledger, OpenOptions};
-        use crate::state::ResourceRequest;
-        use crate::storage::FaultyStorage;
+        use crate::log::storage::FaultyStorage;
         use std::sync::Arc;
 
         let storage = FaultyStorage::new();

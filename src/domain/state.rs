@@ -3,10 +3,10 @@
 //! the projection as of an instant (allocations past their deadline read as expired before
 //! their expiry event is written).
 
-use crate::clock::{format_micros, Micros};
-use crate::config::{validate_mcp_name, Config, MAX_JOB_ID_CHARS, MAX_MCP_SERVERS_PER_REQUEST};
-use crate::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, WorkerGrant};
-use crate::model::{cores, truncate, AllocationId, AllocationState, Metadata, Priority, Resources};
+use crate::domain::clock::{format_micros, Micros};
+use crate::domain::config::{validate_mcp_name, Config, MAX_JOB_ID_CHARS, MAX_MCP_SERVERS_PER_REQUEST};
+use crate::domain::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, WorkerGrant};
+use crate::domain::model::{cores, truncate, AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::report::*;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -1115,7 +1115,7 @@ pub fn fold_rebuilt(
     skip: impl Fn(&AllocationId) -> bool,
     job_id: Option<&str>,
     seq: u64,
-    ev: crate::event::Event,
+    ev: crate::domain::event::Event,
 ) {
     match ev.body {
         EventBody::Granted(g) if !skip(&g.allocation_id) && job_id.is_none_or(|j| g.job_id == j) => {

@@ -11,9 +11,9 @@
 //! plus small tables of distinct totals and distinct sets of running MCP servers, plus the
 //! allocations active at the end of the log.
 
-use crate::clock::Micros;
-use crate::event::{EventBody, Grant};
-use crate::model::{AllocationId, Resources};
+use crate::domain::clock::Micros;
+use crate::domain::event::{EventBody, Grant};
+use crate::domain::model::{AllocationId, Resources};
 use crate::report::CapacityReport;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -1,14 +1,14 @@
 //! `verify`: reads every record of every segment and every snapshot without changing anything,
 //! folds the whole log, and checks each snapshot against the fold at its sequence number.
 
-use crate::clock::{format_micros, Micros};
-use crate::event::Event;
-use crate::ledger::{SNAPSHOT_DIR, WAL_DIR};
-use crate::segment::{self, Tail};
-use crate::snapshot;
-use crate::state::State;
-use crate::storage::Storage;
-use crate::wal;
+use crate::domain::clock::{format_micros, Micros};
+use crate::domain::event::Event;
+use crate::domain::state::State;
+use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
+use crate::log::segment::{self, Tail};
+use crate::log::snapshot;
+use crate::log::storage::Storage;
+use crate::log::wal;
 use crate::{Config, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -1,9 +1,9 @@
 //! Events: the log's payloads. Each records an *outcome* (which slots, which endpoints, which
 //! deadline), so replay never re-runs allocation logic.
 
-use crate::clock::Micros;
-use crate::config::Config;
-use crate::model::{AllocationId, Metadata, Priority, Resources};
+use crate::domain::clock::Micros;
+use crate::domain::config::Config;
+use crate::domain::model::{AllocationId, Metadata, Priority, Resources};
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the event schema changes; old versions stay readable.

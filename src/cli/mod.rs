@@ -1,11 +1,11 @@
 //! Command-line interface: one subcommand per ledger operation, human tables or `--json`.
 
-use allocation_ledger::clock::format_micros;
-use allocation_ledger::ledger::{OpenOptions, SnapshotInfo};
-use allocation_ledger::report::*;
+use allocation_ledger::format_micros;
 use allocation_ledger::storage::{FaultyStorage, FsStorage};
-use allocation_ledger::verify::VerifyReport;
+use allocation_ledger::VerifyReport;
+use allocation_ledger::*;
 use allocation_ledger::{AllocationState, Config, Error, Ledger, Priority, ResourceRequest};
+use allocation_ledger::{OpenOptions, SnapshotInfo};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use std::io::Write;
@@ -383,7 +383,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
         Command::List { state, job_id, at } => {
             let state = state.as_deref().map(|s| AllocationState::parse("state", s)).transpose()?;
             if let Some(j) = &job_id {
-                allocation_ledger::state::validate_job_id("job_id", j)?;
+                allocation_ledger::testing::validate_job_id("job_id", j)?;
             }
             let ledger = open_reader(&dir, &cli.config)?;
             let rows = match at {
@@ -425,22 +425,22 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
             Ok(exit::OK)
         }
         Command::Verify => {
-            if !dir.join(allocation_ledger::ledger::WAL_DIR).exists() {
+            if !dir.join(allocation_ledger::layout::WAL_DIR).exists() {
                 return Err(Error::NoLedger { path: dir });
             }
             let storage = FsStorage::default();
             let mut bar = history::ProgressBar::new("verifying");
-            let report = allocation_ledger::verify::verify(&storage, &dir, &mut |done, total| bar.update(done, total))?;
+            let report = allocation_ledger::verify(&storage, &dir, &mut |done, total| bar.update(done, total))?;
             bar.finish();
             out.doc(&report, || human_verify(&report));
             Ok(if report.ok { exit::OK } else { exit::DAMAGED })
         }
         Command::Repair { force_truncate, dry_run } => {
-            use allocation_ledger::repair::{repair, RepairOptions};
+            use allocation_ledger::{repair, RepairOptions};
             let storage = FsStorage { mmap_min_bytes: 0 };
             let report = repair(&storage, &dir, RepairOptions { force_truncate, dry_run })?;
             let verified = if report.applied || !report.plan.has_work() {
-                Some(allocation_ledger::verify::verify(&storage, &dir, &mut |_, _| {})?)
+                Some(allocation_ledger::verify(&storage, &dir, &mut |_, _| {})?)
             } else {
                 None
             };
@@ -639,7 +639,7 @@ fn human_list(rows: &[AllocationSummary]) -> String {
     table(&["ALLOCATION", "JOB", "STATE", "PRIORITY", "WORKERS", "AGE"], &r)
 }
 
-fn human_repair(r: &allocation_ledger::repair::RepairReport, v: Option<&VerifyReport>, dry_run: bool) -> String {
+fn human_repair(r: &allocation_ledger::RepairReport, v: Option<&VerifyReport>, dry_run: bool) -> String {
     let p = &r.plan;
     let mut s = String::new();
     if let Some(problem) = &p.problem {
