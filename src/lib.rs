@@ -30,8 +30,9 @@ pub mod mcp;
 pub use domain::clock::{format_micros, parse_duration_micros, parse_time, Clock, ManualClock, Micros, SystemClock};
 pub use domain::config::{Config, McpCatalogEntry, PriorityReservePercent};
 pub use domain::event::{Event, EventBody, Grant, LoggedEvent, McpGrant, RejectReason, Rejection, WorkerGrant};
+pub use domain::input::ResourceRequest;
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
-pub use domain::state::{Allocation, ResourceRequest, State};
+pub use domain::state::{Allocation, State};
 pub use error::{Damage, Error, Result};
 pub use history::{
     EventRange, GroupBy, History, HistoryEvent, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup,
@@ -60,6 +61,7 @@ pub mod storage {
 /// not a stable API.
 #[cfg(feature = "test-util")]
 pub mod testing {
-    pub use crate::domain::state::{sort_for_snapshot, validate_job_id};
+    pub use crate::domain::input::validate_job_id;
+    pub use crate::domain::state::sort_for_snapshot;
     pub use crate::log::{record, segment, snapshot, wal};
 }

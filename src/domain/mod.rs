@@ -3,6 +3,8 @@
 
 pub mod clock;
 pub mod config;
+pub mod decide;
 pub mod event;
+pub mod input;
 pub mod model;
 pub mod state;

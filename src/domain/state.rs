@@ -4,11 +4,10 @@
 //! their expiry event is written).
 
 use crate::domain::clock::{format_micros, Micros};
-use crate::domain::config::{validate_mcp_name, Config, MAX_JOB_ID_CHARS, MAX_MCP_SERVERS_PER_REQUEST};
-use crate::domain::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, WorkerGrant};
-use crate::domain::model::{cores, truncate, AllocationId, AllocationState, Metadata, Priority, Resources};
+use crate::domain::config::Config;
+use crate::domain::event::{EventBody, Grant, McpGrant, Rejection, WorkerGrant};
+use crate::domain::model::{cores, AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::report::*;
-use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -185,171 +184,20 @@ pub struct State {
     /// Active allocations by deadline, for expiry.
     by_deadline: BTreeSet<(Micros, AllocationId)>,
     /// Owner of each worker slot.
-    slots: Vec<Option<AllocationId>>,
+    pub(super) slots: Vec<Option<AllocationId>>,
     /// Free slots below `config.worker_slots`, so a decision takes the lowest ones in O(log n).
-    free_slots: BTreeSet<u32>,
-    assigned_mcp_endpoints: BTreeMap<String, String>,
-    assigned_mcp_count: u64,
-    running: BTreeMap<String, RunningServer>,
+    pub(super) free_slots: BTreeSet<u32>,
+    pub(super) assigned_mcp_endpoints: BTreeMap<String, String>,
+    pub(super) assigned_mcp_count: u64,
+    pub(super) running: BTreeMap<String, RunningServer>,
     /// What active allocations and running MCP servers hold.
-    allocated: Resources,
+    pub(super) allocated: Resources,
     /// Ended allocations still in memory, by the sequence number that ended them.
     ended: BTreeMap<u64, AllocationId>,
     /// Ended allocations dropped from memory (beyond `config.terminal_retained`).
     evicted: u64,
     /// Events that did not apply cleanly (an anomaly counter; evolve never panics).
     pub anomalies: u64,
-}
-
-/// A request as validated input. Build it from CLI flags or MCP arguments.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ResourceRequest {
-    pub job_id: String,
-    pub mcp_servers: Vec<String>,
-    pub workers: u32,
-    pub priority: Priority,
-    /// `None` takes the config's `default_ttl_seconds`.
-    pub ttl_seconds: Option<u64>,
-    pub metadata: serde_json::Map<String, serde_json::Value>,
-}
-
-impl ResourceRequest {
-    pub fn new(job_id: impl Into<String>) -> Self {
-        ResourceRequest { job_id: job_id.into(), ..Default::default() }
-    }
-
-    pub fn workers(mut self, n: u32) -> Self {
-        self.workers = n;
-        self
-    }
-
-    pub fn mcp_server(mut self, name: impl Into<String>) -> Self {
-        self.mcp_servers.push(name.into());
-        self
-    }
-
-    pub fn priority(mut self, p: Priority) -> Self {
-        self.priority = p;
-        self
-    }
-
-    pub fn ttl_seconds(mut self, ttl: u64) -> Self {
-        self.ttl_seconds = Some(ttl);
-        self
-    }
-
-    pub fn metadata(mut self, m: serde_json::Map<String, serde_json::Value>) -> Self {
-        self.metadata = m;
-        self
-    }
-
-    /// Builds a request from JSON arguments (the MCP tool's), checking each field's type.
-    /// Unknown fields are rejected so that a typo does not silently fall back to a default.
-    pub fn from_json(args: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
-        use serde_json::Value;
-        const KNOWN: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata";
-        for key in args.keys() {
-            if !KNOWN.split(", ").any(|k| k == key) {
-                // An empty name or one with control characters is shown quoted, so the field
-                // is never blank or garbled.
-                let shown = if key.is_empty() || key.chars().any(char::is_control) {
-                    format!("{:?}", truncate(key))
-                } else {
-                    truncate(key)
-                };
-                return Err(Error::invalid(shown, format!("unknown argument; allowed arguments: {KNOWN}")));
-            }
-        }
-        let job_id = match args.get("job_id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => return Err(type_err("job_id", "a string", other)),
-            None => return Err(Error::invalid("job_id", "is required (a non-empty string)")),
-        };
-        let mcp_servers = match args.get("mcp_servers") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v {
-                    Value::String(s) => Ok(s.clone()),
-                    other => Err(type_err(&format!("mcp_servers[{i}]"), "a string", other)),
-                })
-                .collect::<Result<Vec<_>>>()?,
-            Some(other) => return Err(type_err("mcp_servers", "an array of strings", other)),
-        };
-        let workers = match args.get("workers") {
-            None | Some(Value::Null) => 0,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(w) if w <= u32::MAX as u64 => w as u32,
-                _ => {
-                    return Err(Error::invalid(
-                        "workers",
-                        format!("{n} is not allowed: use a whole number from 0 up to the pool's worker count"),
-                    ))
-                }
-            },
-            Some(other) => return Err(type_err("workers", "a whole number >= 0", other)),
-        };
-        let priority = match args.get("priority") {
-            None | Some(Value::Null) => Priority::Normal,
-            Some(Value::String(s)) => Priority::parse("priority", s)?,
-            Some(other) => return Err(type_err("priority", "one of low, normal, high, critical", other)),
-        };
-        let ttl_seconds = match args.get("ttl_seconds") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(t) => Some(t),
-                None => {
-                    return Err(Error::invalid(
-                        "ttl_seconds",
-                        format!("{n} is not allowed: use a whole number of seconds"),
-                    ))
-                }
-            },
-            Some(other) => return Err(type_err("ttl_seconds", "a whole number of seconds", other)),
-        };
-        let metadata = match args.get("metadata") {
-            None | Some(Value::Null) => serde_json::Map::new(),
-            Some(Value::Object(m)) => m.clone(),
-            Some(other) => return Err(type_err("metadata", "a JSON object", other)),
-        };
-        Ok(ResourceRequest { job_id, mcp_servers, workers, priority, ttl_seconds, metadata })
-    }
-}
-
-fn type_err(field: &str, expected: &str, got: &serde_json::Value) -> Error {
-    let kind = match got {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    };
-    Error::invalid(field, format!("must be {expected}, got {kind}"))
-}
-
-/// Whether `key` may name a metadata entry: 1 to 128 characters without control characters
-/// (what a grant's metadata keys, and so `usage --by metadata.KEY`, may be).
-pub fn metadata_key_allowed(key: &str) -> bool {
-    !key.is_empty() && !key.chars().any(char::is_control) && key.chars().count() <= 128
-}
-
-/// Checks a job id from outside: 1..=256 characters, no control characters.
-pub fn validate_job_id(field: &str, job_id: &str) -> Result<()> {
-    if job_id.trim().is_empty() {
-        return Err(Error::invalid(field, "must be a non-empty string"));
-    }
-    if job_id.chars().count() > MAX_JOB_ID_CHARS {
-        return Err(Error::invalid(
-            field,
-            format!("is {} characters long; at most {MAX_JOB_ID_CHARS} are allowed", job_id.chars().count()),
-        ));
-    }
-    if job_id.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "must not contain control characters"));
-    }
-    Ok(())
 }
 
 impl State {
@@ -738,240 +586,6 @@ impl State {
         loader.finish()
     }
 
-    // ----- decide -----
-
-    /// Validates a request and decides it against this state at `now` (the event's timestamp).
-    /// Invalid input is an error and no event; a request the pool cannot hold is a `Rejected`
-    /// event. The caller must have written pending expiries first.
-    pub fn decide_request(&self, req: &ResourceRequest, now: Micros, id: AllocationId) -> Result<EventBody> {
-        let cfg = &self.config;
-        validate_job_id("job_id", &req.job_id)?;
-        if req.mcp_servers.len() > MAX_MCP_SERVERS_PER_REQUEST {
-            return Err(Error::invalid(
-                "mcp_servers",
-                format!("{} names given; at most {MAX_MCP_SERVERS_PER_REQUEST} are allowed", req.mcp_servers.len()),
-            ));
-        }
-        let mut seen = BTreeSet::new();
-        for (i, name) in req.mcp_servers.iter().enumerate() {
-            validate_mcp_name(&format!("mcp_servers[{i}]"), name)?;
-            if !seen.insert(name.as_str()) {
-                return Err(Error::invalid(
-                    format!("mcp_servers[{i}]"),
-                    format!("{name:?} is listed twice; name each MCP server once"),
-                ));
-            }
-            if cfg.strict_mcp_catalog && !cfg.mcp_catalog.contains_key(name) {
-                let known: Vec<&str> = cfg.mcp_catalog.keys().map(String::as_str).collect();
-                return Err(Error::invalid(
-                    format!("mcp_servers[{i}]"),
-                    format!(
-                        "{name:?} is not in the MCP catalog; known servers: {}",
-                        if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
-                    ),
-                ));
-            }
-        }
-        if req.workers > cfg.worker_slots {
-            return Err(Error::invalid(
-                "workers",
-                format!(
-                    "{} exceeds the pool of {} workers; allowed values: 0 to {}",
-                    req.workers, cfg.worker_slots, cfg.worker_slots
-                ),
-            ));
-        }
-        if req.workers == 0 && req.mcp_servers.is_empty() {
-            return Err(Error::invalid(
-                "workers",
-                "the request asks for nothing: ask for at least 1 worker or name at least one MCP server in mcp_servers",
-            ));
-        }
-        let ttl_seconds = req.ttl_seconds.unwrap_or(cfg.default_ttl_seconds);
-        if ttl_seconds < cfg.min_ttl_seconds || ttl_seconds > cfg.max_ttl_seconds {
-            return Err(Error::invalid(
-                "ttl_seconds",
-                format!(
-                    "{ttl_seconds} is out of range; allowed values: {} to {} seconds",
-                    cfg.min_ttl_seconds, cfg.max_ttl_seconds
-                ),
-            ));
-        }
-        let metadata = Metadata::from_map(&req.metadata);
-        let metadata_bytes = metadata.as_json().len();
-        if metadata_bytes > cfg.max_metadata_bytes {
-            return Err(Error::invalid(
-                "metadata",
-                format!("is {metadata_bytes} bytes as JSON; at most {} bytes are allowed", cfg.max_metadata_bytes),
-            ));
-        }
-        for key in req.metadata.keys() {
-            if !metadata_key_allowed(key) {
-                return Err(Error::invalid(
-                    "metadata",
-                    format!(
-                        "key {:?} is not allowed: keys are 1 to 128 characters without control characters",
-                        truncate(key)
-                    ),
-                ));
-            }
-        }
-
-        // Which MCP servers this grant would start, and at what endpoint and cost.
-        let mut mcp = Vec::with_capacity(req.mcp_servers.len());
-        let mut next_assigned = self.assigned_mcp_count;
-        let mut server_cost = Resources::default();
-        for name in &req.mcp_servers {
-            let (endpoint, cpu, mem, assigned) = if let Some(r) = self.running.get(name) {
-                (r.endpoint.clone(), r.cpu_millicores, r.memory_mib, false)
-            } else if let Some(e) = cfg.mcp_catalog.get(name) {
-                (e.endpoint.clone(), e.cpu_millicores, e.memory_mib, false)
-            } else if let Some(e) = self.assigned_mcp_endpoints.get(name) {
-                (e.clone(), 0, 0, false)
-            } else {
-                let port = u64::from(cfg.mcp_base_port) + next_assigned;
-                next_assigned += 1;
-                (format!("http://localhost:{port}"), 0, 0, true)
-            };
-            let started = !self.running.contains_key(name);
-            if started {
-                server_cost.cpu_millicores += cpu;
-                server_cost.memory_mib += mem;
-            }
-            mcp.push(McpGrant {
-                name: name.clone(),
-                endpoint,
-                cpu_millicores: cpu,
-                memory_mib: mem,
-                assigned,
-                started,
-            });
-        }
-
-        let worker_res = Resources {
-            cpu_millicores: cfg.worker_cpu_millicores * u64::from(req.workers),
-            memory_mib: cfg.worker_memory_mib * u64::from(req.workers),
-            workers: req.workers,
-        };
-        let needed = worker_res.checked_add(server_cost).expect("bounded by config limits");
-        let avail = self.available();
-        let total = self.total();
-        let pct = match req.priority {
-            Priority::Low => cfg.priority_reserve_percent.low,
-            Priority::Normal => cfg.priority_reserve_percent.normal,
-            Priority::High => cfg.priority_reserve_percent.high,
-            Priority::Critical => cfg.priority_reserve_percent.critical,
-        } as u64;
-        let reserve = |t: u64| (t * pct).div_ceil(100);
-        let usable = |a: u64, t: u64| a.saturating_sub(reserve(t));
-        let note = |t: u64| {
-            if pct > 0 {
-                format!(" ({} of {t} kept free from {} priority requests)", reserve(t), req.priority)
-            } else {
-                String::new()
-            }
-        };
-        let workers_usable = usable(u64::from(avail.workers), u64::from(total.workers));
-        let cpu_usable = usable(avail.cpu_millicores, total.cpu_millicores);
-        let mem_usable = usable(avail.memory_mib, total.memory_mib);
-        let rejection = if u64::from(needed.workers) > workers_usable {
-            Some((
-                RejectReason::InsufficientWorkers,
-                u64::from(needed.workers),
-                workers_usable,
-                format!(
-                    "Insufficient workers: requested {}, available {workers_usable}{}",
-                    needed.workers,
-                    note(u64::from(total.workers))
-                ),
-            ))
-        } else if needed.cpu_millicores > cpu_usable {
-            Some((
-                RejectReason::InsufficientCpu,
-                needed.cpu_millicores,
-                cpu_usable,
-                format!(
-                    "Insufficient CPU: needed {:?}, available {:?}{}",
-                    cores(needed.cpu_millicores),
-                    cores(cpu_usable),
-                    note(total.cpu_millicores)
-                ),
-            ))
-        } else if needed.memory_mib > mem_usable {
-            Some((
-                RejectReason::InsufficientMemory,
-                needed.memory_mib,
-                mem_usable,
-                format!(
-                    "Insufficient memory: needed {}MB, available {mem_usable}MB{}",
-                    needed.memory_mib,
-                    note(total.memory_mib)
-                ),
-            ))
-        } else {
-            None
-        };
-        if let Some((reason, needed, available, error)) = rejection {
-            return Ok(EventBody::Rejected(Rejection {
-                allocation_id: id,
-                job_id: req.job_id.clone(),
-                priority: req.priority,
-                ttl_seconds,
-                workers: req.workers,
-                mcp_servers: req.mcp_servers.clone(),
-                reason,
-                needed,
-                available,
-                error,
-                metadata,
-            }));
-        }
-
-        let workers = self
-            .free_slots
-            .iter()
-            .take(req.workers as usize)
-            .map(|&slot| WorkerGrant {
-                slot,
-                worker_id: cfg.worker_id(slot),
-                endpoint: cfg.worker_endpoint(slot),
-                cpu_millicores: cfg.worker_cpu_millicores,
-                memory_mib: cfg.worker_memory_mib,
-            })
-            .collect::<Vec<_>>();
-        debug_assert_eq!(workers.len(), req.workers as usize);
-        Ok(EventBody::Granted(Grant {
-            allocation_id: id,
-            job_id: req.job_id.clone(),
-            priority: req.priority,
-            ttl_seconds,
-            deadline_us: now + (ttl_seconds as i64) * 1_000_000,
-            workers,
-            mcp_servers: mcp,
-            resources: worker_res,
-            metadata,
-        }))
-    }
-
-    /// Validates a config change against what is held now.
-    pub fn decide_config_change(&self, config: Config) -> Result<EventBody> {
-        config.validate()?;
-        if let Some(slot) = self.slots.iter().rposition(Option::is_some) {
-            if slot as u32 >= config.worker_slots {
-                return Err(Error::invalid(
-                    "config.worker_slots",
-                    format!("worker slot {slot} is held by an active allocation; worker_slots must stay above it"),
-                ));
-            }
-        }
-        if config.total_cpu_millicores < self.allocated.cpu_millicores
-            || config.total_memory_mib < self.allocated.memory_mib
-        {
-            return Err(Error::invalid("config", "the new totals are below what active allocations hold now"));
-        }
-        Ok(EventBody::ConfigChanged { config })
-    }
-
     // ----- queries -----
 
     /// Resources and servers that allocations past their deadline at `now` still hold in the
@@ -1219,6 +833,8 @@ impl StateLoader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::input::ResourceRequest;
+    use crate::{Error, Result};
 
     const T0: Micros = 1_767_225_600_000_000;
 

@@ -436,7 +436,7 @@ impl Ledger {
     /// Every event about every allocation of one job (granted or rejected), in log order. A job
     /// the ledger never saw has an empty history.
     pub fn job_history(&self, job_id: &str) -> Result<History> {
-        crate::domain::state::validate_job_id("job_id", job_id)?;
+        crate::domain::input::validate_job_id("job_id", job_id)?;
         let ((known, evicted), upto) = self.with_durable_state(|s| {
             let known: Vec<(AllocationId, Micros, bool)> = s
                 .list(None, Some(job_id), s.last_ts_us)

@@ -30,7 +30,7 @@ impl GroupBy {
         }
         match text.strip_prefix("metadata.") {
             // A key no grant can have would only ever report the group "(none)".
-            Some(key) if !key.is_empty() && !crate::domain::state::metadata_key_allowed(key) => Err(Error::invalid(
+            Some(key) if !key.is_empty() && !crate::domain::input::metadata_key_allowed(key) => Err(Error::invalid(
                 field,
                 format!(
                     "{:?} names a metadata key no allocation can have: keys are 1 to 128 characters without control characters",

@@ -7,9 +7,11 @@ pub(crate) mod index;
 
 use crate::domain::clock::{Clock, Micros, SystemClock};
 use crate::domain::config::Config;
+use crate::domain::decide::{already_ended_report, decide_release, decide_request_outcome};
 use crate::domain::event::{Event, EventBody, LoggedEvent};
-use crate::domain::model::{cores, AllocationId, AllocationState};
-use crate::domain::state::{Allocation, ResourceRequest, State};
+use crate::domain::input::ResourceRequest;
+use crate::domain::model::{AllocationId, AllocationState};
+use crate::domain::state::{Allocation, State};
 use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOTS_KEPT, SNAPSHOT_DIR, WAL_DIR, WAL_STAGING_DIR};
 use crate::log::snapshot;
 use crate::log::storage::{FsStorage, LockGuard, Storage};
@@ -1772,107 +1774,6 @@ fn flusher_loop(sh: &Shared) {
         }
         wake_settled(after, false);
         s = lock(&sh.sync);
-    }
-}
-
-/// `request_resources` decided against `state` at `ts`: the event and the caller's report.
-fn decide_request_outcome(
-    state: &State,
-    ts: Micros,
-    req: &ResourceRequest,
-) -> Result<(Vec<EventBody>, RequestOutcome)> {
-    let mut id = AllocationId::for_seq(AllocationId::ledger_key(&state.ledger_id), state.last_seq + 1);
-    // Only a ledger written by an older build (random ids) can hold this one already.
-    while state.allocation(id).is_some() {
-        id = AllocationId::random();
-    }
-    let body = state.decide_request(req, ts, id)?;
-    let outcome = match &body {
-        EventBody::Granted(g) => RequestOutcome::Granted(GrantReport {
-            allocation_id: g.allocation_id,
-            status: AllocationState::Active,
-            job_id: g.job_id.clone(),
-            priority: g.priority,
-            mcp_servers: g
-                .mcp_servers
-                .iter()
-                .map(|m| McpServerInfo { name: m.name.clone(), endpoint: m.endpoint.clone(), status: "running".into() })
-                .collect(),
-            workers_allocated: g
-                .workers
-                .iter()
-                .map(|w| WorkerInfo {
-                    worker_id: w.worker_id.clone(),
-                    endpoint: w.endpoint.clone(),
-                    cpu: cores(w.cpu_millicores),
-                    memory: w.memory_mib,
-                    cpu_millicores: w.cpu_millicores,
-                    memory_mib: w.memory_mib,
-                })
-                .collect(),
-            resources: GrantedResources {
-                cpu: cores(g.resources.cpu_millicores),
-                memory: g.resources.memory_mib,
-                workers: g.resources.workers,
-                cpu_millicores: g.resources.cpu_millicores,
-                memory_mib: g.resources.memory_mib,
-            },
-            ttl_seconds: g.ttl_seconds,
-            created_at: crate::domain::clock::format_micros(ts),
-            expires_at: crate::domain::clock::format_micros(g.deadline_us),
-            seq: state.last_seq + 1,
-        }),
-        EventBody::Rejected(r) => RequestOutcome::Failed(FailedReport {
-            allocation_id: r.allocation_id,
-            status: AllocationState::Failed,
-            error: r.error.clone(),
-            job_id: r.job_id.clone(),
-            reason: r.reason.as_str().into(),
-            created_at: crate::domain::clock::format_micros(ts),
-            seq: state.last_seq + 1,
-        }),
-        _ => unreachable!("decide_request returns a grant or a rejection"),
-    };
-    Ok((vec![body], outcome))
-}
-
-/// `release_resources` decided against `state` at `ts`. An unknown id (which may have ended
-/// long ago and left memory) is `NotFound`; an ended one is reported and nothing is written.
-fn decide_release(state: &State, ts: Micros, id: AllocationId) -> Result<(Vec<EventBody>, ReleaseReport)> {
-    let a = state.allocation(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
-    let held_seconds = |end: Micros| (end - a.created_us).max(0) as f64 / 1e6;
-    if a.state == AllocationState::Active {
-        let report = ReleaseReport {
-            status: "released".into(),
-            allocation_id: id,
-            job_id: a.job_id.clone(),
-            state: AllocationState::Released,
-            workers_released: a.resources.workers,
-            cpu_freed: cores(a.resources.cpu_millicores),
-            memory_freed: a.resources.memory_mib,
-            released_at: Some(crate::domain::clock::format_micros(ts)),
-            expired_at: None,
-            duration_seconds: held_seconds(ts),
-        };
-        return Ok((vec![EventBody::Released { allocation_id: id }], report));
-    }
-    Ok((Vec::new(), already_ended_report(a)))
-}
-
-/// `release_resources` of an allocation that has already ended: nothing is written.
-fn already_ended_report(a: &Allocation) -> ReleaseReport {
-    let ended = a.ended_us.unwrap_or(a.created_us);
-    ReleaseReport {
-        status: format!("already_{}", a.state.as_str()),
-        allocation_id: a.id,
-        job_id: a.job_id.clone(),
-        state: a.state,
-        workers_released: 0,
-        cpu_freed: 0.0,
-        memory_freed: 0,
-        released_at: (a.state == AllocationState::Released).then(|| crate::domain::clock::format_micros(ended)),
-        expired_at: (a.state == AllocationState::Expired).then(|| crate::domain::clock::format_micros(ended)),
-        duration_seconds: (a.held_until() - a.created_us).max(0) as f64 / 1e6,
     }
 }
 

@@ -684,7 +684,7 @@ mod tests {
     #[test]
     fn cached_encoding_matches_a_fresh_one() {
         use crate::domain::clock::ManualClock;
-        use crate::domain::state::ResourceRequest;
+        use crate::domain::input::ResourceRequest;
         use crate::ledger::{Ledger, OpenOptions};
         use crate::log::storage::FaultyStorage;
         use std::sync::Arc;
@@ -729,7 +729,7 @@ mod tests {
     #[test]
     fn chunked_load_matches_whole_file_decode() {
         use crate::domain::clock::ManualClock;
-        use crate::domain::state::ResourceRequest;
+        use crate::domain::input::ResourceRequest;
         use crate::ledger::{Ledger, OpenOptions};
         use crate::log::storage::FaultyStorage;
         use std::sync::Arc;

@@ -260,7 +260,7 @@ impl LedgerTools {
             // The CLI's check (`list --job-id`): the same job ids are refused with the same error.
             let job_id = opt_str(&args, "job_id")?.map(str::to_string);
             if let Some(j) = &job_id {
-                crate::domain::state::validate_job_id("job_id", j)?;
+                crate::domain::input::validate_job_id("job_id", j)?;
             }
             let at = opt_str(&args, "at")?.map(str::to_string);
             Ok((state, job_id, at))

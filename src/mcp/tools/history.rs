@@ -52,7 +52,7 @@ fn subject_arg(args: &JsonObject) -> Result<Subject, Error> {
             Ok(Subject::Allocation(id.to_string()))
         }
         (None, Some(job)) => {
-            crate::domain::state::validate_job_id("job_id", job)?;
+            crate::domain::input::validate_job_id("job_id", job)?;
             Ok(Subject::Job(job.to_string()))
         }
         (None, None) => Err(Error::invalid(
