@@ -47,13 +47,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 #[derive(Debug)]
 struct Core {
     state: State,
+    /// The log's writer; `None` for a read-only handle.
     wal: Option<WalWriter>,
+    /// Why appending failed for good (the ledger then refuses writes).
     poisoned: Option<String>,
+    /// Events appended since the last snapshot.
     since_snapshot: u64,
     /// Log bytes (record frames) appended since the last snapshot, and that snapshot's size:
     /// a large state's snapshot waits until the log has grown by as much (`snapshot_is_due`).
     log_bytes_since_snapshot: u64,
     last_snapshot_bytes: u64,
+    /// Why the last periodic snapshot failed, for `status`.
     last_snapshot_error: Option<String>,
     /// Derived capacity index (see `history`); built on first use, kept current by `append`.
     capacity_index: Option<index::CapacityIndex>,
@@ -93,6 +97,7 @@ pub struct Ledger {
     flusher: Arc<commit::Flusher>,
 }
 
+/// Locks `m`, carrying on past a panic of a former holder.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the log half-written (appends are single
     // calls), so keep going with the data as it is.
@@ -314,10 +319,12 @@ impl Ledger {
 
     // ----- for the history room -----
 
+    /// The storage the log files are read through (the capacity index catches up from them).
     pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
         &self.shared.storage
     }
 
+    /// Held while the capacity index is built from the log, so that only one caller builds it.
     pub(crate) fn index_build_lock(&self) -> MutexGuard<'_, ()> {
         lock(&self.shared.index_build_lock)
     }

@@ -106,6 +106,7 @@ struct PayloadBatch {
 }
 
 impl PayloadBatch {
+    /// Time to hand the batch to a decoder.
     fn is_full(&self) -> bool {
         self.records.len() == REPLAY_BATCH || self.bytes.len() >= REPLAY_BATCH_BYTES
     }
@@ -129,6 +130,7 @@ struct Folder {
 }
 
 impl Folder {
+    /// Keeps a decoded batch until its turn, and its buffers for reuse.
     fn take(&mut self, index: usize, decoded: Decoded, mut spare: PayloadBatch) {
         spare.bytes.clear();
         spare.records.clear();
@@ -136,6 +138,7 @@ impl Folder {
         self.pending.insert(index, decoded);
     }
 
+    /// Folds every batch whose turn has come, in order.
     fn fold_ready(&mut self, state: &mut State) -> std::result::Result<(), String> {
         while let Some(batch) = self.pending.remove(&self.folded) {
             for (seq, ev) in batch? {
