@@ -3,6 +3,7 @@
 //! tail repair) and snapshot files. Nothing here knows what an allocation is beyond the types
 //! it encodes.
 
+pub mod fields;
 pub mod layout;
 pub mod record;
 pub mod segment;
