@@ -482,6 +482,8 @@ fn sector_missing(rest: &[u8], offset: u64, written: usize) -> bool {
 /// also holds part of the checksum (13 to 15 bytes), the zero length and sequence number are
 /// enough: every record has both nonzero, so one flip cannot zero them.
 fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: u64) -> bool {
+    /// Set bits a lost share must have held: one could be a single flipped bit.
+    const MIN_LOST_SET_BITS: u32 = 2;
     const SEQ_AT: usize = RecordHeader::SEQ_OFFSET;
     const CRC_AT: usize = RecordHeader::CRC_OFFSET;
     let share = (SECTOR_BYTES - offset % SECTOR_BYTES) as usize;
@@ -519,7 +521,7 @@ fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: 
             whole.update(&seq_le);
             whole.combine(&payload_crc);
             if whole.finalize() == crc {
-                return lost_bits >= 2;
+                return lost_bits >= MIN_LOST_SET_BITS;
             }
         }
     }

@@ -71,7 +71,7 @@ pub struct FaultPlan {
 /// `ENOSPC`: no space left on device.
 const ENOSPC: i32 = 28;
 /// A sector: a disk writes it whole or not at all (what a crash can tear).
-const SECTOR_BYTES: usize = 512;
+const SECTOR_BYTES: usize = crate::log::segment::SECTOR_BYTES as usize;
 /// The multiplier and increment of the crash model's generator (Knuth's MMIX LCG).
 const LCG_MULTIPLIER: u64 = 6364136223846793005;
 const LCG_INCREMENT: u64 = 1442695040888963407;
