@@ -169,9 +169,10 @@ pub enum Tail {
     Clean,
     /// The segment ends in an incomplete record (or zeros) starting at `offset`: a torn write.
     Torn {
-        /// Where the torn bytes start (a record boundary).
+        /// Where the torn bytes start (a record boundary; 0 for a torn header).
         offset: u64,
-        /// How many bytes are torn (zeros after them are free space, not counted).
+        /// How many bytes from `offset` are torn: in a pre-filled segment up to the last
+        /// written byte (the zeros after it are free space), else to the end of the file.
         len: u64,
     },
     /// Damage that is not a torn write.

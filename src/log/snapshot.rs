@@ -12,7 +12,7 @@
 //! | count: u64 LE | count allocations, each in the binary layout of `put_allocation` |
 //! ```
 //!
-//! Version 2 (still read) has the JSON of [`StateData`] as its payload. `docs/format.md`
+//! Version 2 (still read) has the JSON of the state (`StateData`) as its payload. `docs/format.md`
 //! describes both.
 
 use crate::domain::event::{McpGrant, WorkerGrant};
@@ -354,6 +354,7 @@ pub fn encode_v2(state: &StateData) -> Vec<u8> {
 /// Fills in the header of `out`, whose first `HEADER_LEN` bytes are room for it and the rest
 /// the payload.
 fn seal(version: u32, seq: u64, mut out: Vec<u8>) -> Vec<u8> {
+    debug_assert!(out.len() >= HEADER_LEN, "room for the header");
     if let Some((room, payload)) = out.split_first_chunk_mut::<HEADER_LEN>() {
         *room = SnapshotHeader::sealed(version, seq, payload).encode();
     }

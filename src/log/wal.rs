@@ -34,9 +34,9 @@ pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<SegmentInf
 pub struct TornTail {
     /// The segment (always the last one).
     pub file: PathBuf,
-    /// Where the torn bytes start: the end of the last whole record.
+    /// Where the torn bytes start: the end of the last whole record (0: the header was torn).
     pub offset: u64,
-    /// How many bytes are torn (zeros after them are free space and stay).
+    /// How many bytes from `offset` are torn (see [`segment::Tail::Torn`]).
     pub len: u64,
     /// Where the cut bytes were copied (set once they were cut).
     pub saved_to: Option<PathBuf>,

@@ -268,7 +268,7 @@ fn survivor(data: &[u8], synced: &[u8], pick: u64) -> Vec<u8> {
     out
 }
 
-/// Every operation goes to the in-memory file system, which asks [`Faults`] first.
+/// Every operation goes to the in-memory file system, which asks the fault plan first.
 impl Storage for FaultyStorage {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         self.mem.create_dir_all(dir)

@@ -152,7 +152,7 @@ impl Storage for FsStorage {
         std::fs::File::open(dir)?.sync_all()
     }
 
-    /// A held lock is tried again after each of [`LOCK_RETRY_DELAYS_MS`] before it counts as
+    /// A held lock is tried again after each of `LOCK_RETRY_DELAYS_MS` (255 ms in all) before it counts as
     /// held: a child that another thread of this process is starting holds a copy of the lock's
     /// descriptor (the lock belongs to the open file, and the copy keeps it open) until it
     /// executes its program, which closes it. A handle just dropped may leave its lock held
