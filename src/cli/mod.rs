@@ -1,7 +1,7 @@
 //! Command-line interface: one subcommand per ledger operation, human tables or `--json`.
 
 use allocation_ledger::format_micros;
-use allocation_ledger::storage::{FaultyStorage, FsStorage};
+use allocation_ledger::storage::{FsStorage, MemoryStorage};
 use allocation_ledger::VerifyReport;
 use allocation_ledger::*;
 use allocation_ledger::{AllocationState, Config, Error, Ledger, Priority, ResourceRequest};
@@ -274,7 +274,7 @@ fn open_reader(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledge
             Ok(ledger)
         }
         Err(Error::NoLedger { .. }) => {
-            let opts = open_options(config_file)?.storage(std::sync::Arc::new(FaultyStorage::new()));
+            let opts = open_options(config_file)?.storage(std::sync::Arc::new(MemoryStorage::new()));
             let preview = Ledger::open_with(dir, opts)?;
             eprintln!(
                 "note: no ledger in {} yet; showing the pool a first write (such as `request`) would create. Nothing was written",

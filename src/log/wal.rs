@@ -2,15 +2,19 @@
 //! bytes and sequence numbers, not events.
 
 use crate::error::Damage;
+use crate::log::record::{self, RecordHeader};
 use crate::log::segment::{self, Tail};
-use crate::log::storage::{AppendFile, Storage};
+use crate::log::storage::{AppendFile, FileBytes, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// A segment file of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {
+    /// Sequence number of its first record, from its name.
     pub first_seq: u64,
+    /// Where it is.
     pub path: PathBuf,
 }
 
@@ -28,8 +32,11 @@ pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<SegmentInf
 /// An incomplete final record found at the end of the last segment.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TornTail {
+    /// The segment (always the last one).
     pub file: PathBuf,
+    /// Where the torn bytes start: the end of the last whole record (0: the header was torn).
     pub offset: u64,
+    /// How many bytes from `offset` are torn (see [`segment::Tail::Torn`]).
     pub len: u64,
     /// Where the cut bytes were copied (set once they were cut).
     pub saved_to: Option<PathBuf>,
@@ -49,6 +56,7 @@ pub struct LogPosition {
     pub segment_first_seq: u64,
     /// Byte offset of the record's frame in the segment.
     pub offset: u64,
+    /// The record's sequence number.
     pub seq: u64,
     /// CRC-32 of the record framed with a durable lag of 0 (what [`crate::log::record::encode`]
     /// wrote), when known: a snapshot records it to prove it belongs to this log.
@@ -69,18 +77,15 @@ pub fn read_record_at(
     if offset < segment::HEADER_LEN as u64 {
         return None;
     }
-    let header = storage.read_range(&path, offset, crate::log::record::HEADER_LEN).ok()?;
-    if header.len() < crate::log::record::HEADER_LEN {
+    let header = storage.read_range(&path, offset, record::HEADER_LEN).ok()?;
+    let len = RecordHeader::decode(&header).ok()?.payload_len();
+    if len == 0 || len > record::MAX_PAYLOAD_LEN {
         return None;
     }
-    let len = crate::log::record::payload_len(u32::from_le_bytes(header[0..4].try_into().ok()?));
-    if len == 0 || len > crate::log::record::MAX_PAYLOAD_LEN {
-        return None;
-    }
-    let frame = storage.read_range(&path, offset, crate::log::record::HEADER_LEN + len).ok()?;
-    match crate::log::record::decode(&frame) {
-        crate::log::record::Decoded::Record { seq, payload, .. } => {
-            let crc = crate::log::record::checksum(len as u32, seq, payload);
+    let frame = storage.read_range(&path, offset, record::HEADER_LEN + len).ok()?;
+    match record::decode(&frame) {
+        record::Decoded::Record { seq, payload, .. } => {
+            let crc = record::checksum(len as u32, seq, payload);
             Some((seq, payload.to_vec(), crc))
         }
         _ => None,
@@ -90,6 +95,7 @@ pub fn read_record_at(
 /// Where a scan of the log ended.
 #[derive(Debug, Clone)]
 pub struct LogEnd {
+    /// Every segment of the log, oldest first (also those the scan skipped).
     pub segments: Vec<SegmentInfo>,
     /// Sequence number of the last valid record (0 if none).
     pub last_seq: u64,
@@ -99,6 +105,7 @@ pub struct LogEnd {
     pub resumed_from_hint: bool,
     /// Length of the valid part of the last segment.
     pub last_valid_len: u64,
+    /// A torn tail found at the end of the last segment (not cut by the scan).
     pub torn: Option<TornTail>,
 }
 
@@ -161,88 +168,29 @@ pub fn scan_log_from(
     visit: &mut segment::Visit<'_>,
 ) -> Result<LogEnd> {
     let segments = list_segments(storage, dir)?;
-    let mut last_record = None;
-    let mut resumed_from_hint = false;
-    let mut last_seq = 0;
-    let mut last_valid_len = 0;
-    let mut torn = None;
-    let mut expected_next: Option<u64> = None;
     // First segment that can hold `after_seq + 1`.
     let start = segments.iter().rposition(|s| s.first_seq <= after_seq + 1).unwrap_or(0);
-    if start > 0 {
-        last_seq = segments[start].first_seq - 1;
-    }
+    let mut end = LogEnd {
+        segments: Vec::new(),
+        last_seq: segments.get(start).filter(|_| start > 0).map_or(0, |s| s.first_seq - 1),
+        last_record: None,
+        resumed_from_hint: false,
+        last_valid_len: 0,
+        torn: None,
+    };
+    let mut expected_next: Option<u64> = None;
     for (i, seg) in segments.iter().enumerate().skip(start) {
-        let is_last = i + 1 == segments.len();
-        if let Some(exp) = expected_next {
-            if seg.first_seq != exp {
-                return Err(Error::Inconsistent {
-                    path: seg.path.clone(),
-                    message: format!(
-                        "the log has a gap: the previous segment ends before sequence number {exp}, this segment starts at {} (a segment is missing)",
-                        seg.first_seq
-                    ),
-                });
-            }
-        } else if i == 0 && seg.first_seq != 1 {
-            return Err(Error::Inconsistent {
-                path: seg.path.clone(),
-                message: format!(
-                    "the first segment starts at sequence number {}, not 1 (segments are missing)",
-                    seg.first_seq
-                ),
-            });
-        }
+        check_continuity(seg, i == 0, expected_next)?;
         let bytes = storage.read(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
-        let mut stop = false;
-        let resume = (if i == start { hint_in(hint, after_seq, seg) } else { None }).and_then(|h| {
-            match crate::log::record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
-                crate::log::record::Decoded::Record { seq, frame_len, .. }
-                    if seq == h.seq && h.offset >= segment::HEADER_LEN as u64 =>
-                {
-                    Some((h, h.offset + frame_len as u64))
-                }
-                _ => None,
-            }
-        });
-        if let Some((h, _)) = resume {
-            resumed_from_hint = true;
-            last_record = Some(h);
-        }
-        let first_seq = seg.first_seq;
-        let mut released = 0u64;
-        let bytes_ref = &bytes;
-        let mut on_record = |pos: segment::RecordPos, payload: &[u8]| {
-            last_record =
-                Some(LogPosition { segment_first_seq: first_seq, offset: pos.offset, seq: pos.seq, record_crc: None });
-            if pos.offset - released >= RELEASE_EVERY_BYTES {
-                bytes_ref.release_before(pos.offset as usize);
-                released = pos.offset;
-            }
-            if pos.seq <= after_seq {
-                return Ok(true);
-            }
-            let go_on = visit(pos, payload)?;
-            stop = !go_on;
-            Ok(go_on)
-        };
-        let scan = match resume {
-            Some((h, next_offset)) => {
-                segment::scan_from(&seg.path, &bytes, seg.first_seq, next_offset, h.seq + 1, &mut on_record)
-            }
-            None => segment::scan(&seg.path, &bytes, seg.first_seq, &mut on_record),
-        };
-        if scan.next_seq > seg.first_seq {
-            last_seq = scan.next_seq - 1;
-        }
-        last_valid_len = scan.valid_len;
+        let resume = if i == start { resume_after_hint(hint, after_seq, seg, &bytes) } else { None };
+        let (scan, stop) = scan_segment(seg, &bytes, resume, after_seq, &mut end, visit);
         if stop || scan.stopped {
             break;
         }
         match scan.tail {
             Tail::Clean => {}
-            Tail::Torn { offset, len } if is_last => {
-                torn = Some(TornTail { file: seg.path.clone(), offset, len, saved_to: None });
+            Tail::Torn { offset, len } if i + 1 == segments.len() => {
+                end.torn = Some(TornTail { file: seg.path.clone(), offset, len, saved_to: None });
             }
             Tail::Torn { offset, .. } => {
                 return Err(Error::Damaged(Damage {
@@ -256,7 +204,88 @@ pub fn scan_log_from(
         }
         expected_next = Some(scan.next_seq);
     }
-    Ok(LogEnd { segments, last_seq, last_record, resumed_from_hint, last_valid_len, torn })
+    end.segments = segments;
+    Ok(end)
+}
+
+/// Checks that `seg` starts where the segment before it ended (`expected_next`), or at 1 if it
+/// is the log's first.
+fn check_continuity(seg: &SegmentInfo, first: bool, expected_next: Option<u64>) -> Result<()> {
+    let message = match expected_next {
+        Some(exp) if seg.first_seq != exp => format!(
+            "the log has a gap: the previous segment ends before sequence number {exp}, this segment starts at {} (a segment is missing)",
+            seg.first_seq
+        ),
+        None if first && seg.first_seq != 1 => format!(
+            "the first segment starts at sequence number {}, not 1 (segments are missing)",
+            seg.first_seq
+        ),
+        _ => return Ok(()),
+    };
+    Err(Error::Inconsistent { path: seg.path.clone(), message })
+}
+
+/// The hint and the offset right after its record, if `hint` names the record `after_seq` in
+/// `seg` and a valid record with that sequence number is at its offset in `bytes`.
+fn resume_after_hint(
+    hint: Option<LogPosition>,
+    after_seq: u64,
+    seg: &SegmentInfo,
+    bytes: &[u8],
+) -> Option<(LogPosition, u64)> {
+    let h = hint_in(hint, after_seq, seg)?;
+    match record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
+        record::Decoded::Record { seq, frame_len, .. } if seq == h.seq && h.offset >= segment::HEADER_LEN as u64 => {
+            Some((h, h.offset + frame_len as u64))
+        }
+        _ => None,
+    }
+}
+
+/// Scans one segment of the log for [`scan_log_from`] (from `resume` when given), handing the
+/// records after `after_seq` to `visit` and keeping `end` up to date. Also says whether the
+/// visitor asked to stop.
+fn scan_segment(
+    seg: &SegmentInfo,
+    bytes: &FileBytes,
+    resume: Option<(LogPosition, u64)>,
+    after_seq: u64,
+    end: &mut LogEnd,
+    visit: &mut segment::Visit<'_>,
+) -> (segment::Scan, bool) {
+    if let Some((h, _)) = resume {
+        end.resumed_from_hint = true;
+        end.last_record = Some(h);
+    }
+    let first_seq = seg.first_seq;
+    let last_record = &mut end.last_record;
+    let mut released = 0u64;
+    let mut stop = false;
+    let mut on_record = |pos: segment::RecordPos, payload: &[u8]| {
+        *last_record =
+            Some(LogPosition { segment_first_seq: first_seq, offset: pos.offset, seq: pos.seq, record_crc: None });
+        if pos.offset - released >= RELEASE_EVERY_BYTES {
+            bytes.release_before(pos.offset as usize);
+            released = pos.offset;
+        }
+        if pos.seq <= after_seq {
+            return Ok(true);
+        }
+        let go_on = visit(pos, payload)?;
+        stop = !go_on;
+        Ok(go_on)
+    };
+    let scan = match resume {
+        Some((h, next_offset)) => {
+            segment::scan_from(&seg.path, bytes, seg.first_seq, next_offset, h.seq + 1, &mut on_record)
+        }
+        None => segment::scan(&seg.path, bytes, seg.first_seq, &mut on_record),
+    };
+    if scan.next_seq > seg.first_seq {
+        end.last_seq = scan.next_seq - 1;
+    }
+    end.last_valid_len = scan.valid_len;
+    (scan, stop)
 }
 
 /// Copies a torn tail's bytes to `quarantine_dir`, then cuts them off (or removes a segment
@@ -359,7 +388,10 @@ impl WalWriter {
 
     /// Continues an existing log whose scan ended at `end` (torn tail already cut).
     pub fn resume(storage: Arc<dyn Storage>, dir: &Path, end: &LogEnd, segment_size_bytes: u64) -> Result<WalWriter> {
-        let last = end.segments.last().expect("resume needs a segment");
+        let last = end.segments.last().ok_or_else(|| Error::Inconsistent {
+            path: dir.to_path_buf(),
+            message: "the log has no segment to continue".into(),
+        })?;
         let io = |what: &str, e| Error::io(format!("{what} {}", last.path.display()), e);
         let file_len = storage.file_len(&last.path).map_err(|e| io("reading", e))?;
         let header = storage.read_range(&last.path, 0, segment::HEADER_LEN).map_err(|e| io("reading", e))?;
@@ -407,12 +439,17 @@ impl WalWriter {
     /// The log directory was renamed to `dir` (a new ledger's staging directory becoming
     /// `wal/`); the open file handles stay valid.
     pub fn moved_to(&mut self, dir: &Path) {
-        let name = self.active_path.file_name().expect("a segment file name").to_owned();
+        // The active segment is named for its first record (see `create`, `resume`, `rotate`).
+        debug_assert_eq!(
+            self.active_path.file_name().and_then(|n| n.to_str()),
+            Some(segment::file_name(self.active_first_seq).as_str())
+        );
         self.dir = dir.to_path_buf();
-        self.active_path = dir.join(name);
+        self.active_path = dir.join(segment::file_name(self.active_first_seq));
         lock(&self.outbox.queued).path = self.active_path.clone();
     }
 
+    /// The sequence number the next record appended gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -423,10 +460,12 @@ impl WalWriter {
     }
 
     /// Sequence number of the first record of the segment being appended to.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn active_first_seq(&self) -> u64 {
         self.active_first_seq
     }
 
+    /// The segment being appended to, for its fsync.
     pub fn active_file(&self) -> Arc<dyn AppendFile> {
         self.active.clone()
     }
@@ -436,6 +475,8 @@ impl WalWriter {
         &self.outbox
     }
 
+    /// Changes the size at which a segment is full (a config change); the active segment
+    /// rotates once its records reach it.
     pub fn set_segment_size(&mut self, bytes: u64) {
         self.segment_size_bytes = bytes;
     }
@@ -458,48 +499,57 @@ impl WalWriter {
         let seq = self.next_seq;
         // The scan of a pre-filled segment tells a torn write by its zeros (see `segment`).
         debug_assert!(payload.last() != Some(&0), "a payload must not end in a zero byte");
-        let end = self.active_len + (crate::log::record::HEADER_LEN + payload.len()) as u64;
-        let path = &self.active_path;
-        // Formats the path only on failure: this runs for every record.
-        let failed = |e, what: &str| Error::io(format!("{what} record {seq} in {}", path.display()), e);
-        if self.prefill {
-            // Room first: zeros up to past the record, before anything is folded. A full disk
-            // fails here, for this record only; the batch write after it then only overwrites
-            // blocks the file already has.
-            // A sector more: this record may start a write, moved to the next sector.
-            let room = end + segment::SECTOR_BYTES;
-            if room > self.prefilled_len {
-                let target = self.prefill_target(room);
-                // Zeros that landed before a failure are free space: nothing to take back.
-                write_zeros(&*self.active, self.prefilled_len, target)
-                    .map_err(|e| AppendError::Failed(failed(e, "making room for")))?;
-                self.prefilled_len = target;
-            }
-            crate::log::record::encode(seq, payload, &mut self.pending);
+        let end = self.active_len + (record::HEADER_LEN + payload.len()) as u64;
+        let framed = if self.prefill {
+            self.make_room(end, seq)?;
+            let start = self.pending.len();
+            record::encode(seq, payload, &mut self.pending);
+            &self.pending[start..]
         } else {
-            self.frame.clear();
-            crate::log::record::encode(seq, payload, &mut self.frame);
-            if let Err(e) = self.active.write_at(self.active_len, &self.frame) {
-                let err = failed(e, "appending");
-                // A version 1 segment ends where its records do: cut the partial record off.
-                return Err(match self.active.truncate(self.active_len) {
-                    Ok(()) => AppendError::Failed(err),
-                    Err(u) => AppendError::Poison(Error::io(
-                        format!("{err}; cutting the partial record back off also failed"),
-                        u,
-                    )),
-                });
-            }
-            self.written_len = end;
-        }
-        let framed = if self.prefill { &self.pending } else { &self.frame };
-        let crc_at = framed.len() - payload.len() - 4;
-        let record_crc = Some(u32::from_le_bytes(framed[crc_at..crc_at + 4].try_into().expect("4 bytes")));
+            self.write_unfilled(seq, payload, end)?;
+            &self.frame[..]
+        };
+        let record_crc = RecordHeader::decode(framed).ok().map(|h| h.crc);
+        debug_assert!(record_crc.is_some());
         self.last_record =
             Some(LogPosition { segment_first_seq: self.active_first_seq, offset: self.active_len, seq, record_crc });
         self.active_len = end;
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// Pre-fills the active segment up to past a record of `seq` that ends at `end`, before
+    /// anything is folded. A full disk fails here, for this record only; the batch write after
+    /// it then only overwrites blocks the file already has.
+    fn make_room(&mut self, end: u64, seq: u64) -> std::result::Result<(), AppendError> {
+        // A sector more: this record may start a write, moved to the next sector.
+        let room = end + segment::SECTOR_BYTES;
+        if room > self.prefilled_len {
+            let target = self.prefill_target(room);
+            // Zeros that landed before a failure are free space: nothing to take back.
+            write_zeros(&*self.active, self.prefilled_len, target)
+                .map_err(|e| AppendError::Failed(record_failed(e, "making room for", seq, &self.active_path)))?;
+            self.prefilled_len = target;
+        }
+        Ok(())
+    }
+
+    /// Writes the record `seq` at once to a version 1 segment (not pre-filled), which ends
+    /// where its records do: a failed write is cut back off.
+    fn write_unfilled(&mut self, seq: u64, payload: &[u8], end: u64) -> std::result::Result<(), AppendError> {
+        self.frame.clear();
+        record::encode(seq, payload, &mut self.frame);
+        if let Err(e) = self.active.write_at(self.active_len, &self.frame) {
+            let err = record_failed(e, "appending", seq, &self.active_path);
+            return Err(match self.active.truncate(self.active_len) {
+                Ok(()) => AppendError::Failed(err),
+                Err(u) => {
+                    AppendError::Poison(Error::io(format!("{err}; cutting the partial record back off also failed"), u))
+                }
+            });
+        }
+        self.written_len = end;
+        Ok(())
     }
 
     /// Hands the records appended since the last call to the outbox, where the next flush
@@ -667,7 +717,9 @@ struct Taken {
 /// makes durable. Pass it to [`Outbox::sync`], which records what the fsync proved.
 #[derive(Debug)]
 pub struct WriteOut {
+    /// The segment written to.
     pub file: Arc<dyn AppendFile>,
+    /// The last record the fsync of `file` makes durable.
     pub last_seq: u64,
 }
 
@@ -679,7 +731,7 @@ impl Queued {
         let offset = self.offset;
         self.offset += bytes.len() as u64;
         if self.records_durable_lags {
-            crate::log::record::set_durable_lags(&mut bytes, self.durable_seq);
+            record::set_durable_lags(&mut bytes, self.durable_seq);
         }
         Taken { file: self.file.clone(), offset, bytes, last_seq: self.last_seq }
     }
@@ -750,6 +802,12 @@ impl Outbox {
     }
 }
 
+/// The error of a failed append of record `seq` to the segment at `path`. Formats the path only
+/// on failure: appends run for every record.
+fn record_failed(e: std::io::Error, what: &str, seq: u64, path: &Path) -> Error {
+    Error::io(format!("{what} record {seq} in {}", path.display()), e)
+}
+
 /// The error of a failed write of queued records (by a flush, or by a rotation).
 fn records_write_failed(e: std::io::Error, last_seq: u64, offset: u64, path: &Path) -> Error {
     Error::io(format!("writing records up to {last_seq} at offset {offset} of {}", path.display()), e)
@@ -762,7 +820,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Zeros to write from: a static buffer, so that pre-filling allocates and touches no memory
 /// (a fresh zeroed megabyte per chunk cost page faults on every grant path that hit it).
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+static ZEROS: [u8; ZERO_BUFFER_BYTES] = [0; ZERO_BUFFER_BYTES];
+/// The most zeros one write puts down while pre-filling.
+const ZERO_BUFFER_BYTES: usize = 64 << 10;
 
 /// Writes zeros over `[from, to)` of `file`.
 fn write_zeros(file: &dyn AppendFile, from: u64, to: u64) -> std::io::Result<()> {
@@ -775,6 +835,7 @@ fn write_zeros(file: &dyn AppendFile, from: u64, to: u64) -> std::io::Result<()>
     Ok(())
 }
 
+/// Why an append did not happen, and whether the log can go on.
 #[derive(Debug)]
 pub enum AppendError {
     /// Nothing was appended; the log can go on.
