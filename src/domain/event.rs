@@ -85,21 +85,53 @@ pub struct Grant {
     pub metadata: Metadata,
 }
 
+/// Which resource a rejected request needed more of than its priority may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum RejectReason {
+    /// Not enough free worker slots.
     InsufficientWorkers,
+    /// Not enough free CPU.
     InsufficientCpu,
+    /// Not enough free memory.
     InsufficientMemory,
 }
 
 impl RejectReason {
+    /// The reason as events, JSON and the CLI write it.
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::InsufficientWorkers => "insufficient_workers",
             RejectReason::InsufficientCpu => "insufficient_cpu",
             RejectReason::InsufficientMemory => "insufficient_memory",
         }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Compares as the JSON text, so `report.reason == "insufficient_workers"` reads as it did
+/// when the report's field was a string.
+impl PartialEq<str> for RejectReason {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for RejectReason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for RejectReason {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
     }
 }
 

@@ -1,13 +1,12 @@
-//! The state fold: `evolve(state, event)` is pure and total, `decide_*` validates a command
-//! against the state and returns the event recording its outcome, and the query functions read
-//! the projection as of an instant (allocations past their deadline read as expired before
-//! their expiry event is written).
+//! The state fold: `evolve(state, event)` is pure and total, and the queries read the
+//! projection as of an instant (allocations past their deadline read as expired before their
+//! expiry event is written). Decisions are in `decide.rs`; the report views of the state
+//! (capacity, details, lists) in `report.rs`.
 
-use crate::domain::clock::{format_micros, Micros};
+use crate::domain::clock::Micros;
 use crate::domain::config::Config;
 use crate::domain::event::{EventBody, Grant, McpGrant, Rejection, WorkerGrant};
-use crate::domain::model::{cores, AllocationId, AllocationState, Metadata, Priority, Resources};
-use crate::report::*;
+use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -590,7 +589,7 @@ impl State {
 
     /// Resources and servers that allocations past their deadline at `now` still hold in the
     /// fold but no longer hold in truth.
-    fn pending_expiry_effect(&self, now: Micros) -> (Resources, BTreeMap<&str, u32>, usize) {
+    pub(crate) fn pending_expiry_effect(&self, now: Micros) -> (Resources, BTreeMap<&str, u32>, usize) {
         let mut freed = Resources::default();
         let mut stopped: BTreeMap<&str, u32> = BTreeMap::new();
         let mut count = 0;
@@ -603,121 +602,6 @@ impl State {
             }
         }
         (freed, stopped, count)
-    }
-
-    pub fn capacity(&self, now: Micros) -> CapacityReport {
-        let (mut freed, stopped, expired_count) = self.pending_expiry_effect(now);
-        let mut running = Vec::new();
-        for (name, r) in &self.running {
-            let gone = stopped.get(name.as_str()).copied().unwrap_or(0);
-            if gone >= r.refcount {
-                freed.cpu_millicores += r.cpu_millicores;
-                freed.memory_mib += r.memory_mib;
-            } else {
-                running.push(name.clone());
-            }
-        }
-        let allocated = self.allocated.checked_sub(freed).unwrap_or_default();
-        let active = (self.by_deadline.len() - expired_count) as u64;
-        CapacityReport::new(self.total(), allocated, running, active, now, self.last_seq)
-    }
-
-    pub fn details(&self, id: AllocationId, now: Micros) -> Option<AllocationDetails> {
-        self.allocations.get(&id).map(|a| a.details(now))
-    }
-}
-
-impl Allocation {
-    /// `get_allocation`'s view of this allocation at `now`.
-    pub fn details(&self, now: Micros) -> AllocationDetails {
-        let a = self;
-        let state = a.state_at(now);
-        let mcp_status = if state == AllocationState::Active { "running" } else { "stopped" };
-        let worker_status = if state == AllocationState::Active { "allocated" } else { state.as_str() };
-        let (released_at, expired_at) = match (a.state, state) {
-            (AllocationState::Released, _) => (a.ended_us.map(format_micros), None),
-            (AllocationState::Expired, _) => (None, a.ended_us.map(format_micros)),
-            (AllocationState::Active, AllocationState::Expired) => (None, Some(format_micros(a.deadline_us))),
-            _ => (None, None),
-        };
-        let failed = a.state == AllocationState::Failed;
-        AllocationDetails {
-            allocation_id: a.id,
-            job_id: a.job_id.clone(),
-            state,
-            priority: a.priority,
-            resources: AllocationResources {
-                cpu_allocated: cores(a.resources.cpu_millicores),
-                memory_allocated: a.resources.memory_mib,
-                workers: a.resources.workers,
-                cpu_millicores: a.resources.cpu_millicores,
-                memory_mib: a.resources.memory_mib,
-            },
-            mcp_servers: a
-                .mcp_servers
-                .iter()
-                .map(|m| McpServerInfo {
-                    name: m.name.clone(),
-                    endpoint: m.endpoint.clone(),
-                    status: if failed { "not_started".into() } else { mcp_status.into() },
-                })
-                .collect(),
-            workers: a
-                .workers
-                .iter()
-                .map(|w| WorkerStatus {
-                    worker_id: w.worker_id.clone(),
-                    endpoint: w.endpoint.clone(),
-                    status: worker_status.into(),
-                    cpu: cores(w.cpu_millicores),
-                    memory: w.memory_mib,
-                })
-                .collect(),
-            timestamps: Timestamps {
-                created_at: format_micros(a.created_us),
-                activated_at: if failed { None } else { Some(format_micros(a.created_us)) },
-                released_at,
-                expired_at,
-                expires_at: if failed { None } else { Some(format_micros(a.deadline_us)) },
-                age_seconds: age_seconds(a.created_us, now),
-            },
-            ttl_seconds: a.ttl_seconds,
-            is_expired: state == AllocationState::Expired,
-            metadata: a.metadata.to_map(),
-            error: a.error.clone(),
-        }
-    }
-
-    /// `list_allocations`' row for this allocation at `now`.
-    pub fn summary(&self, now: Micros) -> AllocationSummary {
-        let a = self;
-        let state = a.state_at(now);
-        AllocationSummary {
-            allocation_id: a.id,
-            job_id: a.job_id.clone(),
-            state,
-            priority: a.priority,
-            workers: a.resources.workers,
-            age_seconds: age_seconds(a.created_us, now),
-            is_expired: state == AllocationState::Expired,
-            created_at: format_micros(a.created_us),
-        }
-    }
-}
-
-impl State {
-    /// Allocations filtered by state (as seen at `now`) and job, oldest first.
-    pub fn list(&self, state: Option<AllocationState>, job_id: Option<&str>, now: Micros) -> Vec<AllocationSummary> {
-        // A scan: memory holds the active allocations and at most `terminal_retained` ended
-        // ones, and a per-job index cost two heap blocks per grant on the fold's hot path.
-        let mut out: Vec<&Allocation> = self
-            .allocations
-            .values()
-            .filter(|a| job_id.is_none_or(|j| a.job_id == j) && state.is_none_or(|s| a.state_at(now) == s))
-            .map(|a| &**a)
-            .collect();
-        out.sort_by_key(|a| (a.created_us, a.id));
-        out.into_iter().map(|a| a.summary(now)).collect()
     }
 }
 
@@ -750,11 +634,6 @@ pub fn fold_rebuilt(
         }
         _ => {}
     }
-}
-
-pub fn age_seconds(from: Micros, now: Micros) -> f64 {
-    // Saturating: a crafted snapshot can hold any i64 (the fuzzer found one).
-    now.saturating_sub(from).max(0) as f64 / 1e6
 }
 
 /// Rebuilds a state from snapshot data one allocation at a time, so a decoder can hand each
@@ -827,156 +706,5 @@ impl StateLoader {
     pub fn finish(self) -> std::result::Result<State, String> {
         self.s.check_invariants()?;
         Ok(self.s)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::input::ResourceRequest;
-    use crate::{Error, Result};
-
-    const T0: Micros = 1_767_225_600_000_000;
-
-    fn created() -> State {
-        let mut s = State::empty(Config::default());
-        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "test".into(), config: Config::default() });
-        s
-    }
-
-    fn apply(s: &mut State, req: &ResourceRequest, t: Micros, id: u64) -> EventBody {
-        let ev = s.decide_request(req, t, AllocationId::from_u64(id)).unwrap();
-        s.evolve(s.last_seq + 1, t, &ev);
-        ev
-    }
-
-    #[test]
-    fn grant_release_and_messages() {
-        let mut s = created();
-        let ev = apply(&mut s, &ResourceRequest::new("j").workers(7), T0 + 1, 1);
-        assert!(matches!(ev, EventBody::Granted(_)));
-        let ev = apply(&mut s, &ResourceRequest::new("j").workers(5), T0 + 2, 2);
-        match ev {
-            EventBody::Rejected(r) => assert_eq!(r.error, "Insufficient workers: requested 5, available 3"),
-            other => panic!("{other:?}"),
-        }
-        let cap = s.capacity(T0 + 3);
-        assert_eq!((cap.allocated_workers, cap.available_workers), (7, 3));
-        assert_eq!(cap.allocated_cpu, 7.0);
-        s.evolve(s.last_seq + 1, T0 + 4, &EventBody::Released { allocation_id: AllocationId::from_u64(1) });
-        assert_eq!(s.capacity(T0 + 5).available_workers, 10);
-        s.check_invariants().unwrap();
-    }
-
-    #[test]
-    fn cpu_and_memory_messages_use_original_units() {
-        let cfg = Config {
-            total_cpu_millicores: 2_000,
-            total_memory_mib: 4096,
-            worker_cpu_millicores: 1_000,
-            worker_memory_mib: 1024,
-            ..Config::default()
-        };
-        let mut s = State::empty(cfg.clone());
-        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "x".into(), config: cfg });
-        match s.decide_request(&ResourceRequest::new("j").workers(4), T0, AllocationId::from_u64(1)).unwrap() {
-            EventBody::Rejected(r) => assert_eq!(r.error, "Insufficient CPU: needed 4.0, available 2.0"),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn low_priority_keeps_a_reserve_free() {
-        let s = created();
-        match s
-            .decide_request(
-                &ResourceRequest::new("j").workers(8).priority(Priority::Low),
-                T0,
-                AllocationId::from_u64(1),
-            )
-            .unwrap()
-        {
-            EventBody::Rejected(r) => {
-                assert!(r.error.starts_with("Insufficient workers: requested 8, available 7"), "{}", r.error)
-            }
-            other => panic!("{other:?}"),
-        }
-        let ev = s.decide_request(&ResourceRequest::new("j").workers(8), T0, AllocationId::from_u64(1)).unwrap();
-        assert!(matches!(ev, EventBody::Granted(_)));
-    }
-
-    #[test]
-    fn mcp_endpoints_are_shared_and_stop_with_the_last_user() {
-        let mut s = created();
-        let ev1 = apply(&mut s, &ResourceRequest::new("a").mcp_server("github"), T0 + 1, 1);
-        let ev2 = apply(&mut s, &ResourceRequest::new("b").mcp_server("github").mcp_server("slack"), T0 + 2, 2);
-        let (EventBody::Granted(g1), EventBody::Granted(g2)) = (ev1, ev2) else { panic!() };
-        assert_eq!(g1.mcp_servers[0].endpoint, "http://localhost:9000");
-        assert_eq!(g2.mcp_servers[0].endpoint, "http://localhost:9000");
-        assert_eq!(g2.mcp_servers[1].endpoint, "http://localhost:9001");
-        assert_eq!(s.capacity(T0 + 3).running_mcp_servers, vec!["github", "slack"]);
-        s.evolve(s.last_seq + 1, T0 + 4, &EventBody::Released { allocation_id: AllocationId::from_u64(2) });
-        assert_eq!(s.capacity(T0 + 5).running_mcp_servers, vec!["github"]);
-        s.evolve(s.last_seq + 1, T0 + 6, &EventBody::Released { allocation_id: AllocationId::from_u64(1) });
-        assert!(s.capacity(T0 + 7).running_mcp_servers.is_empty());
-        // The endpoint stays the name's.
-        let ev = apply(&mut s, &ResourceRequest::new("c").mcp_server("slack"), T0 + 8, 3);
-        let EventBody::Granted(g) = ev else { panic!() };
-        assert_eq!(g.mcp_servers[0].endpoint, "http://localhost:9001");
-    }
-
-    #[test]
-    fn past_deadline_reads_as_expired_before_the_event() {
-        let mut s = created();
-        apply(&mut s, &ResourceRequest::new("a").workers(2).ttl_seconds(60), T0 + 1, 1);
-        let later = T0 + 1 + 61_000_000;
-        let d = s.details(AllocationId::from_u64(1), later).unwrap();
-        assert_eq!(d.state, AllocationState::Expired);
-        assert!(d.is_expired);
-        assert_eq!(s.capacity(later).available_workers, 10);
-        assert_eq!(s.capacity(later).active_allocations, 0);
-        assert_eq!(s.due_for_expiry(later).len(), 1);
-    }
-
-    #[test]
-    fn invalid_requests_name_the_field() {
-        let s = created();
-        let cases: Vec<(ResourceRequest, &str)> = vec![
-            (ResourceRequest::new("").workers(1), "job_id"),
-            (ResourceRequest::new("a\u{7}b").workers(1), "job_id"),
-            (ResourceRequest::new("x".repeat(300)).workers(1), "job_id"),
-            (ResourceRequest::new("j").workers(11), "workers"),
-            (ResourceRequest::new("j"), "workers"),
-            (ResourceRequest::new("j").workers(1).ttl_seconds(59), "ttl_seconds"),
-            (ResourceRequest::new("j").workers(1).ttl_seconds(604_801), "ttl_seconds"),
-            (ResourceRequest::new("j").mcp_server("bad name"), "mcp_servers[0]"),
-            (ResourceRequest::new("j").mcp_server("a").mcp_server("a"), "mcp_servers[1]"),
-        ];
-        for (req, field) in cases {
-            match s.decide_request(&req, T0, AllocationId::from_u64(1)) {
-                Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field, "{req:?}"),
-                other => panic!("{req:?}: {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn from_json_checks_types() {
-        let parse = |v: serde_json::Value| ResourceRequest::from_json(v.as_object().unwrap());
-        let field = |r: Result<ResourceRequest>| match r {
-            Err(Error::InvalidInput { field, .. }) => field,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(field(parse(serde_json::json!({"mcp_servers": []}))), "job_id");
-        assert_eq!(field(parse(serde_json::json!({"job_id": 3}))), "job_id");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "workers": -1}))), "workers");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "workers": 1.5}))), "workers");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "priority": "urgent"}))), "priority");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "metadata": [1]}))), "metadata");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "mcp_servers": [1]}))), "mcp_servers[0]");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "wrokers": 1}))), "wrokers");
-        let ok =
-            parse(serde_json::json!({"job_id": "j", "workers": 2, "priority": "high", "ttl_seconds": 120})).unwrap();
-        assert_eq!((ok.workers, ok.priority, ok.ttl_seconds), (2, Priority::High, Some(120)));
     }
 }
