@@ -20,10 +20,12 @@ mod rfc3339_micros {
     use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Writes `t` as `format_micros` does.
     pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&MicrosText(t.timestamp_micros()))
     }
 
+    /// Reads RFC 3339.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         // chrono's own parser also reads the five-digit years of instants past 9999.
@@ -38,6 +40,7 @@ mod rfc3339_micros {
         use chrono::{DateTime, Utc};
         use serde::{Deserialize, Deserializer, Serializer};
 
+        /// Writes `t` as `format_micros` does, or `null`.
         pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
             match t {
                 Some(t) => super::serialize(t, s),
@@ -45,6 +48,7 @@ mod rfc3339_micros {
             }
         }
 
+        /// Reads RFC 3339 or `null`.
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
             #[derive(Deserialize)]
             struct Wrapped(#[serde(with = "super")] DateTime<Utc>);

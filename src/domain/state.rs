@@ -35,12 +35,19 @@ fn slots_distinct(workers: &[WorkerGrant]) -> bool {
 /// One allocation as the fold knows it. Failed requests are kept too (state `failed`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Allocation {
+    /// Its id.
     pub id: AllocationId,
+    /// The job it is for.
     pub job_id: String,
+    /// The request's priority.
     pub priority: Priority,
+    /// Its state as of the last event folded in (see [`Allocation::state_at`]).
     pub state: AllocationState,
+    /// The granted (or, if it failed, requested) lifetime.
     pub ttl_seconds: u64,
+    /// When it was granted or rejected.
     pub created_us: Micros,
+    /// When it expires unless released first (its creation time if it failed).
     pub deadline_us: Micros,
     /// When it was released, or the deadline it expired at.
     #[serde(default)]
@@ -48,13 +55,18 @@ pub struct Allocation {
     /// Sequence number of the event that ended it (its rejection, release or expiry).
     #[serde(default)]
     pub ended_seq: Option<u64>,
+    /// The slots it holds (none if it failed).
     #[serde(default)]
     pub workers: Vec<WorkerGrant>,
+    /// Its MCP servers (with no endpoint if it failed).
     #[serde(default)]
     pub mcp_servers: Vec<McpGrant>,
+    /// What its workers hold (a failed one: the workers it asked for).
     pub resources: Resources,
+    /// The request's metadata.
     #[serde(default)]
     pub metadata: Metadata,
+    /// Why the request failed (failed allocations only).
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -65,6 +77,7 @@ impl Allocation {
         Self::from_grant_owned(ts_us, g.clone())
     }
 
+    /// [`Allocation::from_grant`] taking the grant by value (replay owns its events).
     pub fn from_grant_owned(ts_us: Micros, g: Grant) -> Allocation {
         Allocation {
             id: g.allocation_id,
@@ -141,39 +154,55 @@ impl Allocation {
     }
 }
 
+/// An MCP server some active allocation uses: started by the first, stopped with the last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunningServer {
+    /// How many active allocations use it.
     pub refcount: u32,
+    /// Where it listens.
     pub endpoint: String,
+    /// CPU charged while it runs.
     pub cpu_millicores: u64,
+    /// Memory charged while it runs.
     pub memory_mib: u64,
 }
 
 /// The part of the state written to snapshots; every index is rebuilt from it on load.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateData {
+    /// The ledger's identity.
     pub ledger_id: String,
+    /// When the ledger was created.
     pub created_us: Micros,
+    /// The config in force.
     pub config: Config,
+    /// Sequence number of the last event the state holds.
     pub last_seq: u64,
+    /// Timestamp of that event.
     pub last_ts_us: Micros,
+    /// Every allocation in memory, oldest first.
     pub allocations: Vec<Allocation>,
     /// Ended allocations no longer kept in memory (they are in the log).
     #[serde(default)]
     pub evicted: u64,
     /// Endpoints given to MCP names outside the catalog, in the order they were assigned.
     pub assigned_mcp_endpoints: BTreeMap<String, String>,
+    /// How many endpoints have been assigned (the next one takes the next port).
     pub assigned_mcp_count: u64,
 }
 
 /// The in-memory projection of the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct State {
+    /// The ledger's identity, from its first event.
     pub ledger_id: String,
+    /// When the ledger was created.
     pub created_us: Micros,
+    /// The config in force.
     pub config: Config,
     /// Sequence number of the last event folded in (0 before the first).
     pub last_seq: u64,
+    /// Timestamp of the last event folded in.
     pub last_ts_us: Micros,
     /// Behind pointers: the table stays small (16 bytes a slot) so its probes stay in cache,
     /// and a resize moves pointers instead of 200-byte entries. Shared (`Arc`) so a snapshot
@@ -224,6 +253,7 @@ impl State {
         }
     }
 
+    /// The pool: the config's totals and worker slots.
     pub fn total(&self) -> Resources {
         Resources {
             cpu_millicores: self.config.total_cpu_millicores,
@@ -232,10 +262,12 @@ impl State {
         }
     }
 
+    /// What active allocations and running MCP servers hold, as folded (allocations past their deadline included until their expiry is written).
     pub fn allocated(&self) -> Resources {
         self.allocated
     }
 
+    /// What is free, as folded.
     pub fn available(&self) -> Resources {
         // Saturating: a config change may shrink the pool below what is held.
         let t = self.total();
@@ -250,10 +282,12 @@ impl State {
         self.free_slots.len() as u32
     }
 
+    /// The allocation `id`, if memory holds it.
     pub fn allocation(&self, id: AllocationId) -> Option<&Allocation> {
         self.allocations.get(&id).map(|a| &**a)
     }
 
+    /// Every allocation memory holds, in no order.
     pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
         self.allocations.values().map(|a| &**a)
     }
@@ -264,14 +298,17 @@ impl State {
         self.evicted
     }
 
+    /// How many allocations are active, as folded.
     pub fn active_count(&self) -> usize {
         self.by_deadline.len()
     }
 
+    /// The allocation holding worker slot `slot`, if any.
     pub fn slot_owner(&self, slot: u32) -> Option<AllocationId> {
         self.slots.get(slot as usize).copied().flatten()
     }
 
+    /// The MCP servers active allocations use, by name.
     pub fn running_servers(&self) -> &BTreeMap<String, RunningServer> {
         &self.running
     }
@@ -281,6 +318,7 @@ impl State {
         self.by_deadline.range(..=(now, AllocationId::from_u64(AllocationId::MAX))).map(|&(d, id)| (id, d)).collect()
     }
 
+    /// The earliest deadline of an active allocation.
     pub fn next_deadline(&self) -> Option<Micros> {
         self.by_deadline.iter().next().map(|&(d, _)| d)
     }
@@ -405,7 +443,10 @@ impl State {
                 };
                 self.running.insert(m.name.clone(), server);
             }
-            let entry = self.running.get_mut(&m.name).expect("inserted above");
+            let Some(entry) = self.running.get_mut(&m.name) else {
+                debug_assert!(false, "inserted above");
+                continue;
+            };
             if entry.refcount == 0 {
                 charged.cpu_millicores += entry.cpu_millicores;
                 charged.memory_mib += entry.memory_mib;
@@ -549,6 +590,7 @@ impl State {
 
     // ----- snapshots -----
 
+    /// The state as snapshot data, allocations oldest first.
     pub fn to_data(&self) -> StateData {
         let (mut data, mut shared) = self.snapshot_parts();
         sort_for_snapshot(&mut shared);
