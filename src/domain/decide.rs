@@ -31,6 +31,9 @@ pub struct Cost {
     pub usable: Usable,
 }
 
+/// A whole, in percent.
+const PERCENT: u64 = 100;
+
 /// The reserve policy applied to what is free: what a request of one priority may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usable {
@@ -49,7 +52,7 @@ pub struct Usable {
 impl Usable {
     /// What is kept free of `total` (rounded up, so a reserve is never zero by rounding).
     fn reserve(&self, total: u64) -> u64 {
-        (total * self.reserve_percent).div_ceil(100)
+        (total * self.reserve_percent).div_ceil(PERCENT)
     }
 }
 

@@ -8,7 +8,7 @@ use crate::domain::model::{truncate, Metadata, Priority};
 use crate::{Error, Result};
 
 /// A request for resources, as given: build it from CLI flags, MCP arguments
-/// ([`ResourceRequest::from_json`]) or in code; [`validate`] checks it against the config.
+/// ([`ResourceRequest::from_json`]) or in code; validation (`domain::input::validate`) checks it against the config.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ResourceRequest {
     /// The job the resources are for (1 to 256 characters, no control characters).

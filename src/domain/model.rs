@@ -30,12 +30,12 @@ impl AllocationId {
     /// history and whether or not old allocations are still in memory.
     pub fn for_seq(ledger_key: u64, seq: u64) -> Self {
         assert!(seq <= Self::MAX, "sequence number {seq} beyond 48 bits");
-        let (mut left, mut right) = ((seq >> 24) as u32, (seq & 0xFF_FFFF) as u32);
+        let (mut left, mut right) = ((seq >> HALF_BITS) as u32, (seq & HALF_MASK) as u32);
         for round in 0..4u32 {
             let mixed = feistel_round(right, ledger_key, round);
             (left, right) = (right, left ^ mixed);
         }
-        AllocationId((u64::from(left) << 24) | u64::from(right))
+        AllocationId((u64::from(left) << HALF_BITS) | u64::from(right))
     }
 
     /// The key for [`AllocationId::for_seq`], from the ledger's id (FNV-1a: stable across
@@ -53,7 +53,7 @@ impl AllocationId {
     /// Parses an id given by a caller; the error names `field`.
     pub fn parse(field: &str, text: &str) -> Result<Self> {
         text.parse().map_err(|_| {
-            let shown: String = text.chars().take(64).collect();
+            let shown: String = text.chars().take(SHOWN_CHARS).collect();
             Error::invalid(
                 field,
                 format!("{shown:?} is not an allocation id: expected `alloc-` followed by 12 lowercase hex digits, e.g. alloc-1a2b3c4d5e6f"),
@@ -62,13 +62,18 @@ impl AllocationId {
     }
 }
 
+/// Bits in each half of the 48-bit id the Feistel network permutes.
+const HALF_BITS: u32 = 24;
+/// The low half's bits.
+const HALF_MASK: u64 = (1 << HALF_BITS) - 1;
+
 /// A 24-bit round function (splitmix64's finaliser over the half-block, key and round).
 fn feistel_round(half: u32, key: u64, round: u32) -> u32 {
     let mut h =
         u64::from(half) ^ key.rotate_left(round * 16) ^ (u64::from(round) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    ((h ^ (h >> 31)) & 0xFF_FFFF) as u32
+    ((h ^ (h >> 31)) & HALF_MASK) as u32
 }
 
 impl fmt::Display for AllocationId {
@@ -351,12 +356,15 @@ pub fn cores(millicores: u64) -> f64 {
     millicores as f64 / 1000.0
 }
 
+/// Most characters of a caller's text an error message repeats.
+const SHOWN_CHARS: usize = 64;
+
+/// `s` for an error message: at most [`SHOWN_CHARS`] characters, then `…`.
 pub(crate) fn truncate(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.chars().count() <= MAX {
+    if s.chars().count() <= SHOWN_CHARS {
         s.to_string()
     } else {
-        let mut t: String = s.chars().take(MAX).collect();
+        let mut t: String = s.chars().take(SHOWN_CHARS).collect();
         t.push('…');
         t
     }

@@ -22,9 +22,12 @@ pub fn sort_for_snapshot(allocations: &mut [Arc<Allocation>]) {
     allocations.sort_by_cached_key(|a| (a.created_us, a.id));
 }
 
+/// Up to this many workers, [`slots_distinct`] compares pairs instead of building a set.
+const PAIRWISE_SLOT_CHECK_MAX: usize = 16;
+
 /// Whether no slot appears twice among `workers`; without a heap set for the usual handful.
 fn slots_distinct(workers: &[WorkerGrant]) -> bool {
-    if workers.len() <= 16 {
+    if workers.len() <= PAIRWISE_SLOT_CHECK_MAX {
         workers.iter().enumerate().all(|(i, w)| workers[..i].iter().all(|v| v.slot != w.slot))
     } else {
         let mut seen = BTreeSet::new();
