@@ -504,7 +504,11 @@ fn human_request(o: &RequestOutcome) -> String {
         RequestOutcome::Granted(g) => {
             let mut s = format!(
                 "granted {} to job {} (priority {}, ttl {} s, expires {})\n",
-                g.allocation_id, g.job_id, g.priority, g.ttl_seconds, g.expires_at
+                g.allocation_id,
+                g.job_id,
+                g.priority,
+                g.ttl_seconds,
+                format_micros(g.expires_at.timestamp_micros())
             );
             if !g.workers_allocated.is_empty() {
                 let rows: Vec<Vec<String>> = g
@@ -570,7 +574,11 @@ fn human_capacity(c: &CapacityReport) -> String {
         "running MCP servers: {}\n",
         if c.running_mcp_servers.is_empty() { "(none)".to_string() } else { c.running_mcp_servers.join(", ") }
     ));
-    s.push_str(&format!("as of:               {} (sequence number {})\n", c.as_of, c.seq));
+    s.push_str(&format!(
+        "as of:               {} (sequence number {})\n",
+        format_micros(c.as_of.timestamp_micros()),
+        c.seq
+    ));
     s
 }
 
@@ -588,11 +596,11 @@ fn human_details(d: &AllocationDetails) -> String {
                 d.resources.workers, d.resources.cpu_allocated, d.resources.memory_allocated
             ),
         ],
-        vec!["created".into(), t.created_at.clone()],
+        vec!["created".into(), format_micros(t.created_at.timestamp_micros())],
     ];
     for (k, v) in [("expires", &t.expires_at), ("released", &t.released_at), ("expired", &t.expired_at)] {
         if let Some(v) = v {
-            rows.push(vec![k.into(), v.clone()]);
+            rows.push(vec![k.into(), format_micros(v.timestamp_micros())]);
         }
     }
     rows.push(vec!["ttl".into(), format!("{} s", d.ttl_seconds)]);
