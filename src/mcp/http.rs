@@ -58,7 +58,7 @@ pub struct HttpOptions {
     /// matches any port). Requests without an Origin header are accepted.
     pub allowed_origins: Vec<String>,
     /// Host header values accepted besides the loopback names and the bound address. Left
-    /// empty on an unspecified address (0.0.0.0, [::]) it turns the Host check off.
+    /// empty on an unspecified address (`0.0.0.0`, `[::]`) it turns the Host check off.
     pub allowed_hosts: Vec<String>,
     /// How long a request head may take to arrive, from its first byte.
     pub header_timeout: Duration,

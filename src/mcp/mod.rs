@@ -1,6 +1,6 @@
-//! The MCP server: the ledger's tools over stdio ([`serve_stdio`], `allocation-ledger serve`)
-//! and Streamable HTTP ([`serve_http`], `allocation-ledger serve --http ADDR`, path `/mcp`),
-//! built on rmcp.
+//! The MCP server: the ledger's tools over stdio ([`serve_stdio`](crate::mcp::serve_stdio),
+//! `allocation-ledger serve`) and Streamable HTTP ([`serve_http`](crate::mcp::serve_http),
+//! `allocation-ledger serve --http ADDR`, path `/mcp`), built on rmcp.
 //!
 //! Both protocol eras rmcp speaks are served: the `2025-11-25` handshake (`initialize`, then
 //! `notifications/initialized`) and the stateless `2026-07-28` style (`server/discover`, the
