@@ -393,7 +393,12 @@ impl SqliteBook {
             let payload = Event::new(ts, body.clone()).encode();
             let seq = state.last_seq + 1;
             ins_event
-                .execute(rusqlite::params![seq as i64, ts, "granted", std::str::from_utf8(&payload).unwrap()])
+                .execute(rusqlite::params![
+                    seq as i64,
+                    ts.as_micros(),
+                    "granted",
+                    std::str::from_utf8(&payload).unwrap()
+                ])
                 .unwrap();
             let slots: Vec<String> = g.workers.iter().map(|w| w.slot.to_string()).collect();
             ins_alloc
@@ -404,8 +409,8 @@ impl SqliteBook {
                     g.resources.workers,
                     g.resources.cpu_millicores as i64,
                     g.resources.memory_mib as i64,
-                    ts,
-                    g.deadline_us,
+                    ts.as_micros(),
+                    g.deadline_us.as_micros(),
                     slots.join(","),
                 ])
                 .unwrap();

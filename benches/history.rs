@@ -205,7 +205,7 @@ fn memory_child(dir: &Path) {
     trim_heap();
     let anon_trim = proc_status_bytes("RssAnon");
     let cap = ledger.get_capacity().unwrap();
-    let mid = (ledger.ledger_start() + ledger.now_micros()) / 2;
+    let mid = ledger.ledger_start() + (ledger.now_micros() - ledger.ledger_start()) / 2;
     ledger.capacity_at(mid).unwrap();
     let hwm_ix = proc_status_bytes("VmHWM");
     let anon_ix = proc_status_bytes("RssAnon");
@@ -270,17 +270,17 @@ fn intervals(ledger: &Ledger) -> Vec<Interval> {
                         workers: g.resources.workers,
                         cpu: g.resources.cpu_millicores,
                         mem: g.resources.memory_mib,
-                        start: e.event.ts_us,
-                        end: g.deadline_us,
+                        start: e.event.ts_us.as_micros(),
+                        end: g.deadline_us.as_micros(),
                     });
                 }
                 EventBody::Released { allocation_id } => {
                     let iv = &mut out[by_id[allocation_id]];
-                    iv.end = iv.end.min(e.event.ts_us);
+                    iv.end = iv.end.min(e.event.ts_us.as_micros());
                 }
                 EventBody::Expired { allocation_id, deadline_us } => {
                     let iv = &mut out[by_id[allocation_id]];
-                    iv.end = iv.end.min(*deadline_us);
+                    iv.end = iv.end.min(deadline_us.as_micros());
                 }
                 _ => {}
             }
@@ -529,7 +529,8 @@ fn main() {
     for k in 0..sql_queries {
         let t_at = at();
         let t = Instant::now();
-        let (w, c, m): (i64, i64, i64) = stmt.query_row([t_at], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        let (w, c, m): (i64, i64, i64) =
+            stmt.query_row([t_at.as_micros()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
         sql_lat.push(t.elapsed());
         if k % 10 == 0 {
             // Same question, same answer.
@@ -537,7 +538,7 @@ fn main() {
             assert_eq!(
                 (cap.allocated_workers as i64, cap.allocated_cpu_millicores as i64, cap.allocated_memory as i64),
                 (w, c, m),
-                "SQLite and the ledger disagree at {t_at}"
+                "SQLite and the ledger disagree at {t_at:?}"
             );
             checked += 1;
         }

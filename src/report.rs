@@ -16,13 +16,13 @@ use serde::{Deserialize, Serialize};
 /// Serde `with` module for report timestamps: the text [`format_micros`](crate::format_micros)
 /// writes, byte for byte, written straight into the output without an intermediate string.
 mod rfc3339_micros {
-    use crate::domain::clock::MicrosText;
+    use crate::domain::clock::{Micros, MicrosText};
     use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 
     /// Writes `t` as `format_micros` does.
     pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&MicrosText(t.timestamp_micros()))
+        s.collect_str(&MicrosText(Micros::from_micros(t.timestamp_micros())))
     }
 
     /// Reads RFC 3339.
@@ -371,7 +371,7 @@ impl ReleaseReport {
 /// Seconds from `from` to `to`, never negative. Saturating: a crafted snapshot can hold any
 /// `i64` (the fuzzer found one).
 fn seconds_between(from: Micros, to: Micros) -> f64 {
-    to.saturating_sub(from).max(0) as f64 / 1e6
+    to.saturating_since(from).max(0) as f64 / 1e6
 }
 
 /// `get_capacity`: the pool, what is held and what is free, at an instant.
@@ -734,6 +734,7 @@ pub struct CleanupReport {
 
 #[cfg(test)]
 mod tests {
+    use crate::domain::clock::Micros;
     use crate::domain::config::Config;
     use crate::domain::decide::{already_ended_report, decide_release, decide_request_outcome};
     use crate::domain::event::EventBody;
@@ -741,7 +742,7 @@ mod tests {
     use crate::domain::model::Priority;
     use crate::domain::state::State;
 
-    const T0: i64 = 1_767_225_600_000_000;
+    const T0: Micros = Micros::from_micros(1_767_225_600_000_000);
 
     /// Every report type's JSON for a fixed clock, byte for byte what the string-typed
     /// reports produced before their fields were typed.
@@ -801,9 +802,18 @@ mod tests {
     fn timestamps_serialise_as_format_micros() {
         #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
         struct T(#[serde(with = "super::rfc3339_micros")] chrono::DateTime<chrono::Utc>);
-        for t in [0, 1, -1, -62_135_596_800_000_000, T0 + 123_456, 253_402_300_799_999_999, 253_402_300_800_000_000] {
-            let json = serde_json::to_string(&T(crate::domain::clock::datetime(t))).unwrap();
-            assert_eq!(json, format!("\"{}\"", crate::format_micros(t)), "{t}");
+        for t in [
+            0,
+            1,
+            -1,
+            -62_135_596_800_000_000,
+            T0.as_micros() + 123_456,
+            253_402_300_799_999_999,
+            253_402_300_800_000_000,
+        ] {
+            let at = Micros::from_micros(t);
+            let json = serde_json::to_string(&T(crate::domain::clock::datetime(at))).unwrap();
+            assert_eq!(json, format!("\"{}\"", crate::format_micros(at)), "{t}");
             let back: T = serde_json::from_str(&json).unwrap();
             assert_eq!(back.0.timestamp_micros(), t);
         }

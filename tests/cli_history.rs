@@ -1,7 +1,7 @@
 //! End-to-end tests of the time-travel subcommands through the real binary: `capacity --at`,
 //! `list --at`, `history`, `log --since/--until`, `usage` and `timeline --svg`.
 
-use allocation_ledger::format_micros;
+use allocation_ledger::{format_micros, Micros};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -35,7 +35,7 @@ fn events(dir: &Path, args: &[&str]) -> Vec<Value> {
 }
 
 fn at(e: &Value) -> String {
-    format_micros(e["ts_us"].as_i64().unwrap())
+    format_micros(Micros::from_micros(e["ts_us"].as_i64().unwrap()))
 }
 
 /// A ledger with: job-a (3 workers, tenant red) granted then released, job-b (2 workers,

@@ -5,7 +5,7 @@
 
 mod mcp_common;
 
-use allocation_ledger::format_micros;
+use allocation_ledger::{format_micros, Micros};
 use allocation_ledger::{Ledger, ManualClock, OpenOptions, RequestOutcome, ResourceRequest};
 use mcp_common::*;
 use serde_json::{json, Value};
@@ -17,15 +17,15 @@ struct Past {
     a: String,
     b: String,
     /// When b was granted (a and b both held then).
-    both_at: i64,
+    both_at: Micros,
     /// When a was released.
-    released_at: i64,
+    released_at: Micros,
 }
 
 /// Two hours ago: job-a (2 workers, github, tenant red) granted; 10 minutes later job-b
 /// (3 workers, tenant blue); 10 minutes later job-a released; a minute later job-c rejected.
 fn write_past(dir: &std::path::Path) -> Past {
-    let clock = ManualClock::new(chrono::Utc::now().timestamp_micros() - 120 * MINUTE);
+    let clock = ManualClock::new(Micros::from_micros(chrono::Utc::now().timestamp_micros()) - 120 * MINUTE);
     let l = Ledger::open_with(dir, OpenOptions::default().clock(Arc::new(clock.clone()))).unwrap();
     let tenant = |t: &str| {
         let mut m = serde_json::Map::new();

@@ -4,7 +4,7 @@
 
 mod mcp_common;
 
-use allocation_ledger::{EventBody, Ledger, ManualClock, OpenOptions, RequestOutcome, ResourceRequest};
+use allocation_ledger::{EventBody, Ledger, ManualClock, Micros, OpenOptions, RequestOutcome, ResourceRequest};
 use mcp_common::*;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -242,7 +242,7 @@ fn http_only_flags_are_refused_over_stdio() {
 #[test]
 fn the_timer_records_expiries() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(chrono::Utc::now().timestamp_micros() - 3_600_000_000);
+    let clock = ManualClock::new(Micros::from_micros(chrono::Utc::now().timestamp_micros()) - 3_600_000_000);
     let id = {
         let l = Ledger::open_with(dir.path(), OpenOptions::default().clock(Arc::new(clock.clone()))).unwrap();
         match l.request_resources(&ResourceRequest::new("old").workers(2).ttl_seconds(60)).unwrap() {

@@ -5,9 +5,9 @@
 
 mod common;
 
-use allocation_ledger::format_micros;
 use allocation_ledger::storage::{FaultyStorage, Storage};
 use allocation_ledger::McpCatalogEntry;
+use allocation_ledger::{format_micros, Micros};
 use allocation_ledger::{
     AllocationDetails, AllocationId, AllocationState, AllocationSummary, CapacityReport, Clock, Config, Error, Ledger,
     ManualClock, OpenOptions, Priority, RequestOutcome, ResourceRequest, State,
@@ -211,11 +211,11 @@ struct MAlloc {
     worker_ids: Vec<String>,
     mcp: Vec<String>,
     state: MState,
-    deadline: i64,
+    deadline: Micros,
 }
 
 impl MAlloc {
-    fn state_at(&self, now: i64) -> MState {
+    fn state_at(&self, now: Micros) -> MState {
         if self.state == MState::Active && now >= self.deadline {
             MState::Expired
         } else {
@@ -235,7 +235,7 @@ struct Model {
     cfg: Config,
     /// Events written so far.
     seq: u64,
-    last_ts: i64,
+    last_ts: Micros,
     allocs: Vec<MAlloc>,
     /// Endpoint each MCP name got (stable forever).
     endpoints: BTreeMap<String, String>,
@@ -250,15 +250,15 @@ fn valid_mcp_name(n: &str) -> bool {
 }
 
 impl Model {
-    fn new(cfg: Config, created_ts: i64) -> Self {
+    fn new(cfg: Config, created_ts: Micros) -> Self {
         Model { cfg, seq: 1, last_ts: created_ts, allocs: Vec::new(), endpoints: BTreeMap::new(), assigned: 0 }
     }
 
-    fn next_ts(&self, clock: i64) -> i64 {
+    fn next_ts(&self, clock: Micros) -> Micros {
         clock.max(self.last_ts + 1)
     }
 
-    fn write_event(&mut self, clock: i64) -> i64 {
+    fn write_event(&mut self, clock: Micros) -> Micros {
         let ts = self.next_ts(clock);
         self.last_ts = ts;
         self.seq += 1;
@@ -271,9 +271,9 @@ impl Model {
 
     /// Every write first records the expiry of each active allocation whose deadline has
     /// come, earliest deadline first.
-    fn expire_due(&mut self, clock: i64) -> Vec<AllocationId> {
+    fn expire_due(&mut self, clock: Micros) -> Vec<AllocationId> {
         let now = self.next_ts(clock);
-        let mut due: Vec<(i64, AllocationId, usize)> = self
+        let mut due: Vec<(Micros, AllocationId, usize)> = self
             .allocs
             .iter()
             .enumerate()
@@ -475,7 +475,7 @@ impl Harness {
         self.check()
     }
 
-    fn request(&mut self, req: &ResourceRequest, clock: i64) -> Result<(), TestCaseError> {
+    fn request(&mut self, req: &ResourceRequest, clock: Micros) -> Result<(), TestCaseError> {
         self.model.expire_due(clock);
         let result = self.ledger().request_resources(req);
         if let Some(field) = self.model.invalid_field(req) {
@@ -495,9 +495,12 @@ impl Harness {
                 prop_assert_eq!(&g.job_id, &req.job_id);
                 prop_assert_eq!(g.priority, req.priority);
                 prop_assert_eq!(g.ttl_seconds, ttl);
-                prop_assert_eq!(format_micros(g.created_at.timestamp_micros()), format_micros(ts));
+                prop_assert_eq!(format_micros(Micros::from_micros(g.created_at.timestamp_micros())), format_micros(ts));
                 let deadline = ts + ttl as i64 * 1_000_000;
-                prop_assert_eq!(format_micros(g.expires_at.timestamp_micros()), format_micros(deadline));
+                prop_assert_eq!(
+                    format_micros(Micros::from_micros(g.expires_at.timestamp_micros())),
+                    format_micros(deadline)
+                );
                 let cfg = &self.model.cfg;
                 prop_assert_eq!(g.resources.workers, req.workers);
                 prop_assert_eq!(g.resources.cpu_millicores, u64::from(req.workers) * cfg.worker_cpu_millicores);
@@ -562,7 +565,7 @@ impl Harness {
                 prop_assert_eq!(f.status, AllocationState::Failed);
                 prop_assert_eq!(&f.reason, reason);
                 prop_assert_eq!(&f.job_id, &req.job_id);
-                prop_assert_eq!(format_micros(f.created_at.timestamp_micros()), format_micros(ts));
+                prop_assert_eq!(format_micros(Micros::from_micros(f.created_at.timestamp_micros())), format_micros(ts));
                 if req.priority == Priority::Low {
                     prop_assert!(f.error.starts_with(&message), "{:?} does not start with {:?}", f.error, message);
                 } else {
@@ -587,7 +590,7 @@ impl Harness {
         Ok(())
     }
 
-    fn release(&mut self, id: AllocationId, clock: i64) -> Result<(), TestCaseError> {
+    fn release(&mut self, id: AllocationId, clock: Micros) -> Result<(), TestCaseError> {
         self.model.expire_due(clock);
         let result = self.ledger().release_resources(&id.to_string());
         let Some(i) = self.model.find(id) else {
@@ -609,7 +612,10 @@ impl Harness {
                 report.cpu_freed,
                 f64::from(a.workers) * self.model.cfg.worker_cpu_millicores as f64 / 1000.0
             );
-            prop_assert_eq!(report.released_at.map(|t| format_micros(t.timestamp_micros())), Some(format_micros(ts)));
+            prop_assert_eq!(
+                report.released_at.map(|t| format_micros(Micros::from_micros(t.timestamp_micros()))),
+                Some(format_micros(ts))
+            );
         } else {
             prop_assert_eq!(report.status, format!("already_{}", a.state.name()));
             prop_assert_eq!(report.state, a.state.public());

@@ -20,7 +20,7 @@
 mod common;
 mod mcp_common;
 
-use allocation_ledger::format_micros;
+use allocation_ledger::{format_micros, Micros};
 use allocation_ledger::{Config, Ledger, LoggedEvent, ManualClock, OpenOptions, Priority, ResourceRequest};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -366,7 +366,7 @@ struct Built {
 }
 
 impl Built {
-    fn ts(&self, seq: u64) -> i64 {
+    fn ts(&self, seq: u64) -> Micros {
         self.events[seq as usize - 1].event.ts_us
     }
 
@@ -412,7 +412,7 @@ fn meta(tenant: &str) -> serde_json::Map<String, Value> {
 /// the live grants have a day to run, so nothing is past its deadline when the binary reads.
 fn build(dir: &Path, segment_size_bytes: u64) -> Built {
     let start = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_micros() as i64 - 3_600_000_000;
-    let clock = ManualClock::new(start);
+    let clock = ManualClock::new(Micros::from_micros(start));
     let config = Config { segment_size_bytes, snapshot_every: 1_000_000, ..Default::default() };
     let ledger = Ledger::open_with(dir, OpenOptions::default().config(config).clock(Arc::new(clock.clone()))).unwrap();
     let mut ids = BTreeMap::new();
@@ -903,7 +903,7 @@ fn another_ledgers_snapshot_under_our_snapshots_name_is_ignored_and_left_in_plac
 // 6. No ledger at all.
 
 fn check_no_ledger(case: &str, d: &Path, svg_dir: &Path) {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let now = Micros::from_micros(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_micros() as i64);
     let s = Subject {
         id: "alloc-000000000001".into(),
         job: "job-a".into(),

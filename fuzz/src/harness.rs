@@ -13,7 +13,7 @@ use allocation_ledger::testing::segment::{self, Tail};
 use allocation_ledger::testing::snapshot;
 use allocation_ledger::{testing::validate_job_id, ResourceRequest, State};
 use allocation_ledger::{AllocationId, AllocationState, Priority};
-use allocation_ledger::{Config, Error, ManualClock};
+use allocation_ledger::{Config, Error, ManualClock, Micros};
 use allocation_ledger::{Event, EventBody};
 use allocation_ledger::{Ledger, OpenOptions};
 use serde_json::Value;
@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// 2026-01-01T00:00:00Z, the instant the in-memory ledgers are created at.
-const EPOCH_US: i64 = 1_767_225_600_000_000;
+const EPOCH_US: Micros = Micros::from_micros(1_767_225_600_000_000);
 
 fn check_invalid_input(e: &Error, what: &str) {
     match e {

@@ -3,7 +3,7 @@
 
 use super::{table, to_json, Out};
 use allocation_ledger::ExitCode;
-use allocation_ledger::{format_micros, parse_duration_micros, parse_time};
+use allocation_ledger::{format_micros, parse_duration_micros, parse_time, Micros};
 use allocation_ledger::{AllocationId, AllocationState, Error, Ledger, Result};
 use allocation_ledger::{AllocationSummary, CapacityReport};
 use allocation_ledger::{EventRange, GroupBy, History, Timeline, UsageReport};
@@ -98,7 +98,7 @@ fn prepare(ledger: &Ledger) -> Result<()> {
     r
 }
 
-fn time(ledger: &Ledger, field: &str, text: &str) -> Result<i64> {
+fn time(ledger: &Ledger, field: &str, text: &str) -> Result<Micros> {
     parse_time(field, text, ledger.now_micros())
 }
 

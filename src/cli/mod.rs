@@ -533,7 +533,7 @@ fn human_request(o: &RequestOutcome) -> String {
                 g.job_id,
                 g.priority,
                 g.ttl_seconds,
-                format_micros(g.expires_at.timestamp_micros())
+                format_micros(Micros::from_micros(g.expires_at.timestamp_micros()))
             );
             if !g.workers_allocated.is_empty() {
                 let rows: Vec<Vec<String>> = g
@@ -601,7 +601,7 @@ fn human_capacity(c: &CapacityReport) -> String {
     ));
     s.push_str(&format!(
         "as of:               {} (sequence number {})\n",
-        format_micros(c.as_of.timestamp_micros()),
+        format_micros(Micros::from_micros(c.as_of.timestamp_micros())),
         c.seq
     ));
     s
@@ -621,11 +621,11 @@ fn human_details(d: &AllocationDetails) -> String {
                 d.resources.workers, d.resources.cpu_allocated, d.resources.memory_allocated
             ),
         ],
-        vec!["created".into(), format_micros(t.created_at.timestamp_micros())],
+        vec!["created".into(), format_micros(Micros::from_micros(t.created_at.timestamp_micros()))],
     ];
     for (k, v) in [("expires", &t.expires_at), ("released", &t.released_at), ("expired", &t.expired_at)] {
         if let Some(v) = v {
-            rows.push(vec![k.into(), format_micros(v.timestamp_micros())]);
+            rows.push(vec![k.into(), format_micros(Micros::from_micros(v.timestamp_micros()))]);
         }
     }
     rows.push(vec!["ttl".into(), format!("{} s", d.ttl_seconds)]);

@@ -1,11 +1,138 @@
 //! Time sources. The ledger stamps events itself; tests inject a [`ManualClock`].
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-/// Microseconds since the Unix epoch; the unit of every timestamp in the log.
-pub type Micros = i64;
+/// An instant: microseconds since the Unix epoch, the unit of every timestamp in the log.
+///
+/// A zero-cost wrapper over the `i64` the log stores (serialised transparently, so the bytes on
+/// disk and in JSON are unchanged). It keeps instants apart from durations: a duration stays a
+/// plain `i64` of microseconds (`*_us`), `instant ± duration` is an instant and
+/// `instant - instant` is a duration.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Micros(i64);
+
+impl Micros {
+    /// The earliest representable instant: an "unbounded below" sentinel for windows.
+    pub const MIN: Micros = Micros(i64::MIN);
+    /// The latest representable instant: an "unbounded above" or "never" sentinel.
+    pub const MAX: Micros = Micros(i64::MAX);
+    /// The Unix epoch, 1970-01-01T00:00:00Z.
+    pub const EPOCH: Micros = Micros(0);
+
+    /// The instant `micros` microseconds after the Unix epoch (before it if negative).
+    #[inline]
+    #[must_use]
+    pub const fn from_micros(micros: i64) -> Micros {
+        Micros(micros)
+    }
+
+    /// Microseconds since the Unix epoch: the number the log stores.
+    #[inline]
+    #[must_use]
+    pub const fn as_micros(self) -> i64 {
+        self.0
+    }
+
+    /// The instant `duration_us` later (earlier if negative), or None past the representable range.
+    #[inline]
+    #[must_use]
+    pub const fn checked_add(self, duration_us: i64) -> Option<Micros> {
+        match self.0.checked_add(duration_us) {
+            Some(t) => Some(Micros(t)),
+            None => None,
+        }
+    }
+
+    /// The instant `duration_us` earlier (later if negative), or None past the representable range.
+    #[inline]
+    #[must_use]
+    pub const fn checked_sub(self, duration_us: i64) -> Option<Micros> {
+        match self.0.checked_sub(duration_us) {
+            Some(t) => Some(Micros(t)),
+            None => None,
+        }
+    }
+
+    /// The instant `duration_us` later, clamped to [`Micros::MIN`]..=[`Micros::MAX`].
+    #[inline]
+    #[must_use]
+    pub const fn saturating_add(self, duration_us: i64) -> Micros {
+        Micros(self.0.saturating_add(duration_us))
+    }
+
+    /// The instant `duration_us` earlier, clamped to [`Micros::MIN`]..=[`Micros::MAX`].
+    #[inline]
+    #[must_use]
+    pub const fn saturating_sub(self, duration_us: i64) -> Micros {
+        Micros(self.0.saturating_sub(duration_us))
+    }
+
+    /// The duration from `earlier` to `self` in microseconds, clamped to the `i64` range.
+    #[inline]
+    #[must_use]
+    pub const fn saturating_since(self, earlier: Micros) -> i64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// Prints the bare number, as `i64` did, so debug output (assertion messages, logs) is unchanged.
+impl std::fmt::Debug for Micros {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl From<Micros> for i64 {
+    #[inline]
+    fn from(t: Micros) -> i64 {
+        t.0
+    }
+}
+
+impl std::ops::Add<i64> for Micros {
+    type Output = Micros;
+    /// The instant `duration_us` later.
+    #[inline]
+    fn add(self, duration_us: i64) -> Micros {
+        Micros(self.0 + duration_us)
+    }
+}
+
+impl std::ops::AddAssign<i64> for Micros {
+    #[inline]
+    fn add_assign(&mut self, duration_us: i64) {
+        self.0 += duration_us;
+    }
+}
+
+impl std::ops::Sub<i64> for Micros {
+    type Output = Micros;
+    /// The instant `duration_us` earlier.
+    #[inline]
+    fn sub(self, duration_us: i64) -> Micros {
+        Micros(self.0 - duration_us)
+    }
+}
+
+impl std::ops::SubAssign<i64> for Micros {
+    #[inline]
+    fn sub_assign(&mut self, duration_us: i64) {
+        self.0 -= duration_us;
+    }
+}
+
+impl std::ops::Sub<Micros> for Micros {
+    type Output = i64;
+    /// The duration from `earlier` to `self`, in microseconds.
+    #[inline]
+    fn sub(self, earlier: Micros) -> i64 {
+        self.0 - earlier.0
+    }
+}
 
 /// Microseconds in a second: what a `ttl_seconds` is multiplied by to give a deadline.
 pub const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -25,12 +152,12 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_micros(&self) -> Micros {
-        Utc::now().timestamp_micros()
+        Micros::from_micros(Utc::now().timestamp_micros())
     }
 }
 
 /// 2026-01-01T00:00:00Z, where [`ManualClock::at_default_epoch`] starts.
-const DEFAULT_EPOCH_US: Micros = 1_767_225_600_000_000;
+const DEFAULT_EPOCH_US: Micros = Micros::from_micros(1_767_225_600_000_000);
 
 /// A clock that moves only when told to; cheap to clone, clones share the time.
 #[derive(Debug, Clone)]
@@ -41,7 +168,7 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock standing at `start`.
     pub fn new(start: Micros) -> Self {
-        ManualClock { now: Arc::new(AtomicI64::new(start)) }
+        ManualClock { now: Arc::new(AtomicI64::new(start.as_micros())) }
     }
 
     /// Starts at 2026-01-01T00:00:00Z, a fixed instant so tests are reproducible.
@@ -51,7 +178,7 @@ impl ManualClock {
 
     /// Moves the clock to `t` (backwards too: the ledger must cope with a clock that jumps back).
     pub fn set(&self, t: Micros) {
-        self.now.store(t, Ordering::SeqCst);
+        self.now.store(t.as_micros(), Ordering::SeqCst);
     }
 
     /// Moves the clock forward by whole seconds.
@@ -67,12 +194,13 @@ impl ManualClock {
 
 impl Clock for ManualClock {
     fn now_micros(&self) -> Micros {
-        self.now.load(Ordering::SeqCst)
+        Micros::from_micros(self.now.load(Ordering::SeqCst))
     }
 }
 
 /// RFC 3339 with microseconds and a `Z`, the form every timestamp takes in JSON output.
 pub fn format_micros(t: Micros) -> String {
+    let t = t.as_micros();
     // Every grant's report formats two timestamps under the ledger's lock; chrono's general
     // formatter took 2% of a grant. Years 1970..=9999 are written by hand, the rest by chrono.
     if (0..FORMAT_FAST_END_US).contains(&t) {
@@ -85,11 +213,11 @@ pub fn format_micros(t: Micros) -> String {
 }
 
 /// 10000-01-01T00:00:00Z: from here on a year has five digits.
-const FORMAT_FAST_END_US: Micros = 253_402_300_800_000_000;
+const FORMAT_FAST_END_US: i64 = 253_402_300_800_000_000;
 
 /// `format_micros` for `0 <= t < FORMAT_FAST_END_US`.
 #[allow(clippy::expect_used, reason = "the text is built from ASCII digits and separators only")]
-fn format_micros_fast(t: Micros) -> String {
+fn format_micros_fast(t: i64) -> String {
     String::from_utf8(fast_text(t).to_vec()).expect("digits and separators are ASCII")
 }
 
@@ -99,8 +227,9 @@ pub(crate) struct MicrosText(pub(crate) Micros);
 
 impl std::fmt::Display for MicrosText {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if (0..FORMAT_FAST_END_US).contains(&self.0) {
-            let text = fast_text(self.0);
+        let t = self.0.as_micros();
+        if (0..FORMAT_FAST_END_US).contains(&t) {
+            let text = fast_text(t);
             return f.write_str(std::str::from_utf8(&text).map_err(|_| std::fmt::Error)?);
         }
         f.write_str(&format_micros(self.0))
@@ -110,6 +239,7 @@ impl std::fmt::Display for MicrosText {
 /// The instant `t` as a date-time, for typed report fields. Clamped to chrono's range (about
 /// 262,000 years either side of year 0), which only a crafted snapshot can exceed.
 pub(crate) fn datetime(t: Micros) -> DateTime<Utc> {
+    let t = t.as_micros();
     DateTime::<Utc>::from_timestamp_micros(t).unwrap_or(if t < 0 {
         DateTime::<Utc>::MIN_UTC
     } else {
@@ -118,7 +248,7 @@ pub(crate) fn datetime(t: Micros) -> DateTime<Utc> {
 }
 
 /// The bytes of `format_micros` for `0 <= t < FORMAT_FAST_END_US`.
-fn fast_text(t: Micros) -> [u8; 27] {
+fn fast_text(t: i64) -> [u8; 27] {
     debug_assert!((0..FORMAT_FAST_END_US).contains(&t));
     let (days, micros_of_day) = (t / MICROS_PER_DAY, t % MICROS_PER_DAY);
     // Days to a civil date (Howard Hinnant's `civil_from_days`), with eras of 400 years.
@@ -171,7 +301,7 @@ pub fn parse_time(field: &str, text: &str, now: Micros) -> crate::Result<Micros>
         return Ok(now + sign * micros);
     }
     DateTime::parse_from_rfc3339(t)
-        .map(|dt| dt.with_timezone(&Utc).timestamp_micros())
+        .map(|dt| Micros::from_micros(dt.with_timezone(&Utc).timestamp_micros()))
         .map_err(|e| {
             crate::Error::invalid(
                 field,
@@ -203,11 +333,52 @@ pub fn parse_duration_micros(text: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
+    /// Instants and durations: `±` a duration moves an instant, `-` of two instants is a
+    /// duration, the checked and saturating forms stop at the ends of the range.
+    #[test]
+    fn micros_arithmetic() {
+        let t = Micros::from_micros(1_000);
+        assert_eq!((t + 500).as_micros(), 1_500);
+        assert_eq!((t - 1_500).as_micros(), -500);
+        assert_eq!(t + 500 - t, 500);
+        assert_eq!(Micros::EPOCH - t, -1_000);
+        let mut u = t;
+        u += 7;
+        u -= 2;
+        assert_eq!(u, Micros::from_micros(1_005));
+        assert_eq!(t.checked_add(1), Some(Micros::from_micros(1_001)));
+        assert_eq!(Micros::MAX.checked_add(1), None);
+        assert_eq!(Micros::MIN.checked_sub(1), None);
+        assert_eq!(t.checked_sub(1_000), Some(Micros::EPOCH));
+        assert_eq!(Micros::MAX.saturating_add(1), Micros::MAX);
+        assert_eq!(Micros::MIN.saturating_sub(1), Micros::MIN);
+        assert_eq!(Micros::MIN.saturating_add(-1), Micros::MIN);
+        assert_eq!(Micros::MAX.saturating_since(Micros::MIN), i64::MAX);
+        assert_eq!(Micros::MIN.saturating_since(Micros::MAX), i64::MIN);
+        assert!(Micros::MIN < t && t < Micros::MAX);
+        assert_eq!(Micros::default(), Micros::EPOCH);
+        assert_eq!(i64::from(t), 1_000);
+    }
+
+    /// The wrapper is invisible in every output: JSON is the bare number both ways, debug
+    /// output is the bare number, and it is as big as an `i64`.
+    #[test]
+    fn micros_is_transparent() {
+        let t = Micros::from_micros(-1_767_225_600_000_123);
+        assert_eq!(serde_json::to_string(&t).unwrap(), "-1767225600000123");
+        assert_eq!(serde_json::from_str::<Micros>("-1767225600000123").unwrap(), t);
+        assert_eq!(serde_json::to_string(&Some(Micros::MAX)).unwrap(), i64::MAX.to_string());
+        assert_eq!(format!("{t:?}"), "-1767225600000123");
+        assert_eq!(format!("{:?}", Some(t)), "Some(-1767225600000123)");
+        assert_eq!(std::mem::size_of::<Micros>(), std::mem::size_of::<i64>());
+        assert_eq!(MicrosText(Micros::from_micros(0)).to_string(), "1970-01-01T00:00:00.000000Z");
+    }
+
     /// The hand-written formatter agrees with chrono's across its whole range, at the edges
     /// of days, months, leap years and centuries.
     #[test]
     fn fast_formatting_matches_chrono() {
-        let chrono_format = |t: Micros| {
+        let chrono_format = |t: i64| {
             DateTime::<Utc>::from_timestamp_micros(t).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
         };
         let day_us = 86_400_000_000i64;
@@ -225,22 +396,22 @@ mod tests {
             times.push((x % FORMAT_FAST_END_US as u64) as i64);
         }
         for t in times {
-            assert_eq!(format_micros(t), chrono_format(t), "{t}");
+            assert_eq!(format_micros(Micros::from_micros(t)), chrono_format(t), "{t}");
         }
-        assert_eq!(format_micros(FORMAT_FAST_END_US), chrono_format(FORMAT_FAST_END_US));
-        assert_eq!(format_micros(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(format_micros(Micros::from_micros(FORMAT_FAST_END_US)), chrono_format(FORMAT_FAST_END_US));
+        assert_eq!(format_micros(Micros::from_micros(-1)), "1969-12-31T23:59:59.999999Z");
     }
 
     #[test]
     fn relative_and_absolute_times() {
-        let now = 1_000_000_000_000;
+        let now = Micros::from_micros(1_000_000_000_000);
         assert_eq!(parse_time("at", "-15m", now).unwrap(), now - 900_000_000);
         assert_eq!(parse_time("at", "+1h", now).unwrap(), now + 3_600_000_000);
         assert_eq!(parse_time("at", "now", now).unwrap(), now);
-        assert_eq!(parse_time("at", "2026-01-01T00:00:00Z", now).unwrap(), 1_767_225_600_000_000);
+        assert_eq!(parse_time("at", "2026-01-01T00:00:00Z", now).unwrap(), Micros::from_micros(1_767_225_600_000_000));
         let err = parse_time("at", "yesterday", now).unwrap_err().to_string();
         assert!(err.contains("at") && err.contains("RFC 3339"), "{err}");
         assert!(parse_duration_micros("15x").is_none());
-        assert_eq!(format_micros(1_767_225_600_000_000), "2026-01-01T00:00:00.000000Z");
+        assert_eq!(format_micros(Micros::from_micros(1_767_225_600_000_000)), "2026-01-01T00:00:00.000000Z");
     }
 }

@@ -347,7 +347,7 @@ mod tests {
     use crate::domain::event::EventBody;
     use crate::Error;
 
-    const T0: Micros = 1_767_225_600_000_000;
+    const T0: Micros = Micros::from_micros(1_767_225_600_000_000);
 
     fn created() -> State {
         let mut s = State::empty(Config::default());

@@ -395,7 +395,7 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
         }
         _ => return None,
     };
-    Some(Event { v: u32::try_from(v).ok()?, ts_us, body })
+    Some(Event { v: u32::try_from(v).ok()?, ts_us: Micros::from_micros(ts_us), body })
 }
 
 #[derive(Serialize)]
@@ -436,15 +436,18 @@ mod tests {
         let mut metadata = serde_json::Map::new();
         metadata.insert("tenant".into(), "acme \"quoted\" \u{e9}".into());
         vec![
-            Event::new(1, EventBody::LedgerCreated { ledger_id: "x".into(), config: Config::default() }),
             Event::new(
-                -5,
+                Micros::from_micros(1),
+                EventBody::LedgerCreated { ledger_id: "x".into(), config: Config::default() },
+            ),
+            Event::new(
+                Micros::from_micros(-5),
                 EventBody::Granted(Grant {
                     allocation_id: id,
                     job_id: "job \"1\"".into(),
                     priority: Priority::High,
                     ttl_seconds: 60,
-                    deadline_us: 60_000_005,
+                    deadline_us: Micros::from_micros(60_000_005),
                     workers: vec![WorkerGrant {
                         slot: 3,
                         worker_id: "worker-03".into(),
@@ -465,7 +468,7 @@ mod tests {
                 }),
             ),
             Event::new(
-                7,
+                Micros::from_micros(7),
                 EventBody::Rejected(Rejection {
                     allocation_id: id,
                     job_id: "j".into(),
@@ -480,8 +483,11 @@ mod tests {
                     metadata: Default::default(),
                 }),
             ),
-            Event::new(8, EventBody::Released { allocation_id: id }),
-            Event::new(9, EventBody::Expired { allocation_id: id, deadline_us: 8 }),
+            Event::new(Micros::from_micros(8), EventBody::Released { allocation_id: id }),
+            Event::new(
+                Micros::from_micros(9),
+                EventBody::Expired { allocation_id: id, deadline_us: Micros::from_micros(8) },
+            ),
         ]
     }
 
@@ -504,7 +510,7 @@ mod tests {
     #[test]
     fn lean_encoding_equals_serde_encoding() {
         let mut events = samples();
-        for (ts_us, ttl_seconds) in [(i64::MIN, 0), (i64::MAX, u64::MAX), (0, 1)] {
+        for (ts_us, ttl_seconds) in [(Micros::MIN, 0), (Micros::MAX, u64::MAX), (Micros::EPOCH, 1)] {
             for ev in samples() {
                 let mut ev = Event { ts_us, ..ev };
                 if let EventBody::Granted(g) = &mut ev.body {

@@ -238,10 +238,10 @@ impl State {
         let free_slots = (0..config.worker_slots).collect();
         State {
             ledger_id: String::new(),
-            created_us: 0,
+            created_us: Micros::EPOCH,
             config,
             last_seq: 0,
-            last_ts_us: 0,
+            last_ts_us: Micros::EPOCH,
             allocations: HashMap::new(),
             by_deadline: BTreeSet::new(),
             slots,

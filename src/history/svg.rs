@@ -21,7 +21,7 @@ fn esc(s: &str) -> String {
 }
 
 fn time_label(t: Micros, span_us: i64) -> String {
-    let Some(dt) = DateTime::<Utc>::from_timestamp_micros(t) else { return t.to_string() };
+    let Some(dt) = DateTime::<Utc>::from_timestamp_micros(t.as_micros()) else { return t.as_micros().to_string() };
     if span_us <= 2 * 3_600_000_000 {
         dt.format("%H:%M:%S").to_string()
     } else if span_us <= 3 * 86_400_000_000 {
@@ -32,8 +32,8 @@ fn time_label(t: Micros, span_us: i64) -> String {
 }
 
 fn full_time(t: Micros) -> String {
-    DateTime::<Utc>::from_timestamp_micros(t)
-        .map_or_else(|| t.to_string(), |dt| dt.format("%Y-%m-%d %H:%M:%S").to_string())
+    DateTime::<Utc>::from_timestamp_micros(t.as_micros())
+        .map_or_else(|| t.as_micros().to_string(), |dt| dt.format("%Y-%m-%d %H:%M:%S").to_string())
 }
 
 /// A round upper bound for an axis whose data reach `max`.

@@ -52,7 +52,11 @@ fn fold_checked_collecting(
         return Err("the first event is not ledger_created".into());
     }
     if seq > 1 && ev.ts_us <= state.last_ts_us {
-        return Err(format!("timestamp {} is not after the previous event's {}", ev.ts_us, state.last_ts_us));
+        return Err(format!(
+            "timestamp {} is not after the previous event's {}",
+            ev.ts_us.as_micros(),
+            state.last_ts_us.as_micros()
+        ));
     }
     state.evolve_collecting(seq, ev.ts_us, ev.body, graveyard);
     Ok(())

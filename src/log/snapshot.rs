@@ -15,6 +15,7 @@
 //! Version 2 (still read) has the JSON of the state (`StateData`) as its payload. `docs/format.md`
 //! describes both.
 
+use crate::domain::clock::Micros;
 use crate::domain::event::{McpGrant, WorkerGrant};
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::domain::state::{Allocation, State, StateData, StateLoader};
@@ -171,10 +172,10 @@ const _: () = assert!(SnapshotHeader::CRC_OFFSET == 36 && SnapshotHeader::PAYLOA
 #[derive(Serialize)]
 struct MetaOut<'a> {
     ledger_id: &'a str,
-    created_us: i64,
+    created_us: Micros,
     config: &'a crate::domain::config::Config,
     last_seq: u64,
-    last_ts_us: i64,
+    last_ts_us: Micros,
     evicted: u64,
     assigned_mcp_endpoints: &'a BTreeMap<String, String>,
     assigned_mcp_count: u64,
@@ -184,10 +185,10 @@ struct MetaOut<'a> {
 #[derive(Deserialize)]
 struct MetaIn {
     ledger_id: String,
-    created_us: i64,
+    created_us: Micros,
     config: crate::domain::config::Config,
     last_seq: u64,
-    last_ts_us: i64,
+    last_ts_us: Micros,
     evicted: u64,
     assigned_mcp_endpoints: BTreeMap<String, String>,
     assigned_mcp_count: u64,
@@ -275,7 +276,7 @@ pub struct EncodingCache {
 #[derive(Debug)]
 struct CachedEncoding {
     /// The snapshot order's key.
-    created_us: i64,
+    created_us: Micros,
     id: u64,
     state: AllocationState,
     ended_seq: Option<u64>,
@@ -569,10 +570,10 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
         | if a.error.is_some() { FLAG_ERROR } else { 0 };
     out.push(flags);
     out.extend_from_slice(&a.ttl_seconds.to_le_bytes());
-    out.extend_from_slice(&a.created_us.to_le_bytes());
-    out.extend_from_slice(&a.deadline_us.to_le_bytes());
+    out.extend_from_slice(&a.created_us.as_micros().to_le_bytes());
+    out.extend_from_slice(&a.deadline_us.as_micros().to_le_bytes());
     if let Some(t) = a.ended_us {
-        out.extend_from_slice(&t.to_le_bytes());
+        out.extend_from_slice(&t.as_micros().to_le_bytes());
     }
     if let Some(s) = a.ended_seq {
         out.extend_from_slice(&s.to_le_bytes());
@@ -746,9 +747,9 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
         return Err(format!("unknown flags {flags:#x}"));
     }
     let ttl_seconds = r.u64()?;
-    let created_us = r.i64()?;
-    let deadline_us = r.i64()?;
-    let ended_us = if flags & FLAG_ENDED_US != 0 { Some(r.i64()?) } else { None };
+    let created_us = Micros::from_micros(r.i64()?);
+    let deadline_us = Micros::from_micros(r.i64()?);
+    let ended_us = if flags & FLAG_ENDED_US != 0 { Some(Micros::from_micros(r.i64()?)) } else { None };
     let ended_seq = if flags & FLAG_ENDED_SEQ != 0 { Some(r.u64()?) } else { None };
     let resources = Resources { cpu_millicores: r.u64()?, memory_mib: r.u64()?, workers: r.u32()? };
     let n = r.count("workers")?;

@@ -14,7 +14,7 @@
 //!
 //! Damage in the very first record (nothing would be left) is never cut.
 
-use crate::domain::clock::format_micros;
+use crate::domain::clock::{format_micros, Micros};
 use crate::domain::event::{Event, EventBody};
 use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOT_DIR, WAL_DIR};
 use crate::log::record::{self, Decoded};
@@ -165,14 +165,14 @@ pub fn plan_repair(storage: &dyn Storage, dir: &Path) -> Result<RepairPlan> {
     }
     // Scan with the checks replay makes, remembering the last record that passed them.
     let mut last_good = 0u64;
-    let mut last_ts = i64::MIN;
+    let mut last_ts = Micros::MIN;
     let scanned = wal::scan_log(storage, &wal_dir, 0, &mut |pos, payload| {
         let ev = Event::decode(payload)?;
         if pos.seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
             return Err("the first event is not ledger_created".into());
         }
         if pos.seq > 1 && ev.ts_us <= last_ts {
-            return Err(format!("timestamp {} is not after the previous event's", ev.ts_us));
+            return Err(format!("timestamp {} is not after the previous event's", ev.ts_us.as_micros()));
         }
         last_ts = ev.ts_us;
         last_good = pos.seq;
