@@ -4,6 +4,7 @@
 //! it encodes.
 
 pub mod layout;
+pub mod reader;
 pub mod record;
 pub mod segment;
 pub mod snapshot;

@@ -1,8 +1,8 @@
 //! The write-ahead log: an ordered set of segment files in `<data-dir>/wal/`. This room knows
 //! bytes and sequence numbers, not events.
 
-use crate::error::Damage;
-use crate::log::segment::{self, Tail};
+use crate::log::reader::LogReader;
+use crate::log::segment;
 use crate::log::storage::{AppendFile, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -34,12 +34,6 @@ pub struct TornTail {
     /// Where the cut bytes were copied (set once they were cut).
     pub saved_to: Option<PathBuf>,
 }
-
-/// How far a scan gets in a memory-mapped segment before it releases what it has read. The
-/// pages read since the last release count in the peak RSS of an open by full replay: 8 MiB
-/// made it 3.4 KiB per active allocation on the 1M-event benchmark ledger, 2 MiB 2.6 KiB (one
-/// `madvise` per 2 MiB read costs nothing measurable).
-const RELEASE_EVERY_BYTES: u64 = 2 << 20;
 
 /// Where one record sits in the log. A snapshot records its last event's position so that
 /// opening resumes reading right after it instead of reading the segment from its start.
@@ -103,11 +97,9 @@ pub struct LogEnd {
 }
 
 /// Reads the log from the first record after `after_seq`, handing each record to `visit`
-/// (which returns false to stop early). Segments wholly at or before `after_seq` are skipped
-/// without reading. A torn tail in the last segment ends the scan and is reported; any other
-/// damage is an error naming file, offset and sequence number.
+/// (which returns false to stop early); see [`LogReader::records`], which this is.
 pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut segment::Visit<'_>) -> Result<LogEnd> {
-    scan_log_from(storage, dir, after_seq, None, visit)
+    LogReader::new(storage, dir).after(after_seq).records(visit)
 }
 
 /// Like [`scan_log`], for the records after `after_seq` up to and including `upto` only: the
@@ -121,14 +113,7 @@ pub fn scan_log_upto(
     upto: u64,
     visit: &mut segment::Visit<'_>,
 ) -> Result<()> {
-    if after_seq >= upto {
-        return Ok(());
-    }
-    scan_log(storage, dir, after_seq, &mut |pos, payload| {
-        debug_assert!(pos.seq <= upto);
-        Ok(visit(pos, payload)? && pos.seq < upto)
-    })
-    .map(drop)
+    LogReader::new(storage, dir).after(after_seq).upto(upto).records(visit).map(drop)
 }
 
 /// `hint` if it names the record `after_seq` in `seg` (the segment where a scan after
@@ -150,9 +135,8 @@ pub fn bytes_after(storage: &dyn Storage, dir: &Path, after_seq: u64, hint: Opti
     Ok(total)
 }
 
-/// Like [`scan_log`], but when `hint` names the record `after_seq` in the segment where the
-/// scan starts, and a valid record with that sequence number is there, reading starts right
-/// after it. A hint that does not check out is ignored (the segment is read from its start).
+/// Like [`scan_log`], but starting at `hint` when it names the record `after_seq` (see
+/// [`LogReader::hint`]).
 pub fn scan_log_from(
     storage: &dyn Storage,
     dir: &Path,
@@ -160,103 +144,7 @@ pub fn scan_log_from(
     hint: Option<LogPosition>,
     visit: &mut segment::Visit<'_>,
 ) -> Result<LogEnd> {
-    let segments = list_segments(storage, dir)?;
-    let mut last_record = None;
-    let mut resumed_from_hint = false;
-    let mut last_seq = 0;
-    let mut last_valid_len = 0;
-    let mut torn = None;
-    let mut expected_next: Option<u64> = None;
-    // First segment that can hold `after_seq + 1`.
-    let start = segments.iter().rposition(|s| s.first_seq <= after_seq + 1).unwrap_or(0);
-    if start > 0 {
-        last_seq = segments[start].first_seq - 1;
-    }
-    for (i, seg) in segments.iter().enumerate().skip(start) {
-        let is_last = i + 1 == segments.len();
-        if let Some(exp) = expected_next {
-            if seg.first_seq != exp {
-                return Err(Error::Inconsistent {
-                    path: seg.path.clone(),
-                    message: format!(
-                        "the log has a gap: the previous segment ends before sequence number {exp}, this segment starts at {} (a segment is missing)",
-                        seg.first_seq
-                    ),
-                });
-            }
-        } else if i == 0 && seg.first_seq != 1 {
-            return Err(Error::Inconsistent {
-                path: seg.path.clone(),
-                message: format!(
-                    "the first segment starts at sequence number {}, not 1 (segments are missing)",
-                    seg.first_seq
-                ),
-            });
-        }
-        let bytes = storage.read(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
-        let mut stop = false;
-        let resume = (if i == start { hint_in(hint, after_seq, seg) } else { None }).and_then(|h| {
-            match crate::log::record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
-                crate::log::record::Decoded::Record { seq, frame_len, .. }
-                    if seq == h.seq && h.offset >= segment::HEADER_LEN as u64 =>
-                {
-                    Some((h, h.offset + frame_len as u64))
-                }
-                _ => None,
-            }
-        });
-        if let Some((h, _)) = resume {
-            resumed_from_hint = true;
-            last_record = Some(h);
-        }
-        let first_seq = seg.first_seq;
-        let mut released = 0u64;
-        let bytes_ref = &bytes;
-        let mut on_record = |pos: segment::RecordPos, payload: &[u8]| {
-            last_record =
-                Some(LogPosition { segment_first_seq: first_seq, offset: pos.offset, seq: pos.seq, record_crc: None });
-            if pos.offset - released >= RELEASE_EVERY_BYTES {
-                bytes_ref.release_before(pos.offset as usize);
-                released = pos.offset;
-            }
-            if pos.seq <= after_seq {
-                return Ok(true);
-            }
-            let go_on = visit(pos, payload)?;
-            stop = !go_on;
-            Ok(go_on)
-        };
-        let scan = match resume {
-            Some((h, next_offset)) => {
-                segment::scan_from(&seg.path, &bytes, seg.first_seq, next_offset, h.seq + 1, &mut on_record)
-            }
-            None => segment::scan(&seg.path, &bytes, seg.first_seq, &mut on_record),
-        };
-        if scan.next_seq > seg.first_seq {
-            last_seq = scan.next_seq - 1;
-        }
-        last_valid_len = scan.valid_len;
-        if stop || scan.stopped {
-            break;
-        }
-        match scan.tail {
-            Tail::Clean => {}
-            Tail::Torn { offset, len } if is_last => {
-                torn = Some(TornTail { file: seg.path.clone(), offset, len, saved_to: None });
-            }
-            Tail::Torn { offset, .. } => {
-                return Err(Error::Damaged(Damage {
-                    file: seg.path.clone(),
-                    offset,
-                    seq: scan.next_seq,
-                    reason: "incomplete record in a segment that is not the last".into(),
-                }))
-            }
-            Tail::Corrupt(d) => return Err(Error::Damaged(d)),
-        }
-        expected_next = Some(scan.next_seq);
-    }
-    Ok(LogEnd { segments, last_seq, last_record, resumed_from_hint, last_valid_len, torn })
+    LogReader::new(storage, dir).after(after_seq).hint(hint).records(visit)
 }
 
 /// Copies a torn tail's bytes to `quarantine_dir`, then cuts them off (or removes a segment
