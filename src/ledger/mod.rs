@@ -13,6 +13,9 @@ use crate::domain::input::ResourceRequest;
 use crate::domain::model::{AllocationId, AllocationState};
 use crate::domain::state::{Allocation, State};
 use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOTS_KEPT, SNAPSHOT_DIR, WAL_DIR, WAL_STAGING_DIR};
+use crate::log::reader::{
+    newest_loadable, rebuild_allocations, retry_beside_writer, AllocationFilter, LogReader, LogRules, Wording,
+};
 use crate::log::snapshot;
 use crate::log::storage::{FsStorage, LockGuard, Storage};
 use crate::log::wal::{self, AppendError, TornTail, WalWriter};
@@ -351,22 +354,18 @@ fn is_empty_place(storage: &dyn Storage, dir: &Path) -> Result<bool> {
 /// cannot be checked, whatever a snapshot would let an open skip.
 fn log_ledger_id(storage: &dyn Storage, wal_dir: &Path) -> Result<Option<String>> {
     let first = wal::list_segments(storage, wal_dir)?.into_iter().next().filter(|s| s.first_seq == 1);
-    let Some(first) = first else { return Ok(None) };
-    let bytes = storage.read(&first.path).map_err(|e| Error::io(format!("reading {}", first.path.display()), e))?;
+    if first.is_none() {
+        return Ok(None);
+    }
     let mut id = None;
-    let scan = crate::log::segment::scan(&first.path, &bytes, 1, &mut |_, payload| {
-        match Event::decode(payload)?.body {
-            EventBody::LedgerCreated { ledger_id, .. } => id = Some(ledger_id),
-            other => return Err(format!("the first event is {}, not ledger_created", other.type_name())),
+    // Torn before its first record, or empty: no id, and the replay says which.
+    LogReader::new(storage, wal_dir).upto(1).events(&mut LogRules::from_start(), Wording::Open, &mut |_, ev| {
+        if let EventBody::LedgerCreated { ledger_id, .. } = ev.body {
+            id = Some(ledger_id);
         }
         Ok(false)
-    });
-    match (id, scan.tail) {
-        (Some(id), _) => Ok(Some(id)),
-        (None, crate::log::segment::Tail::Corrupt(d)) => Err(Error::Damaged(d)),
-        // Torn before its first record, or empty: the replay says which.
-        (None, _) => Ok(None),
-    }
+    })?;
+    Ok(id)
 }
 
 /// Why a snapshot that loaded does not belong to the log beside it: another ledger's (its
@@ -435,27 +434,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// ledger was 2.6 KiB per active allocation, with 256 (and 128 KiB) 1.8 KiB, at the same rate.
 const REPLAY_BATCH: usize = 256;
 
-/// Folds one replayed event after checking it against the log's rules.
-fn fold_checked(state: &mut State, seq: u64, ev: Event) -> std::result::Result<(), String> {
-    fold_checked_collecting(state, seq, ev, None)
-}
-
-fn fold_checked_collecting(
-    state: &mut State,
-    seq: u64,
-    ev: Event,
-    graveyard: Option<&mut crate::domain::state::Graveyard>,
-) -> std::result::Result<(), String> {
-    if seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
-        return Err("the first event is not ledger_created".into());
-    }
-    if seq > 1 && ev.ts_us <= state.last_ts_us {
-        return Err(format!("timestamp {} is not after the previous event's {}", ev.ts_us, state.last_ts_us));
-    }
-    state.evolve_collecting(seq, ev.ts_us, ev.body, graveyard);
-    Ok(())
-}
-
 /// Replays the log after `state.last_seq` into `state`, checking each event. Decoding runs on
 /// several threads while the fold stays sequential; if anything is wrong the sequential path
 /// runs instead, so damage is reported with its exact file, offset and sequence number.
@@ -481,8 +459,10 @@ fn replay_into(
         *state = reload()?;
     }
     let mut replayed = 0u64;
-    let end = wal::scan_log_from(storage, wal_dir, state.last_seq, hint, &mut |pos, payload| {
-        fold_checked(state, pos.seq, Event::decode(payload)?)?;
+    let mut rules = LogRules::after(state.last_seq, state.last_ts_us);
+    let reader = LogReader::new(storage, wal_dir).after(state.last_seq).hint(hint);
+    let end = reader.events(&mut rules, Wording::Open, &mut |pos, ev| {
+        state.evolve_owned(pos.seq, ev.ts_us, ev.body);
         replayed += 1;
         Ok(true)
     })?;
@@ -531,6 +511,7 @@ fn replay_parallel(
         replayed: u64,
         spare: Vec<PayloadBatch>,
         graveyard: crate::domain::state::Graveyard,
+        rules: LogRules,
     }
     impl Folder {
         fn take(&mut self, index: usize, decoded: Decoded, mut spare: PayloadBatch) {
@@ -543,7 +524,8 @@ fn replay_parallel(
             while let Some(batch) = self.pending.remove(&self.folded) {
                 for (seq, ev) in batch? {
                     let graveyard = if HAND_BACK_EVICTED { Some(&mut self.graveyard) } else { None };
-                    fold_checked_collecting(state, seq, ev, graveyard)?;
+                    self.rules.check(seq, ev.ts_us, &ev.body).map_err(|b| b.message(Wording::Open))?;
+                    state.evolve_collecting(seq, ev.ts_us, ev.body, graveyard);
                     self.replayed += 1;
                 }
                 self.folded += 1;
@@ -573,11 +555,19 @@ fn replay_parallel(
         }
         drop(done_tx);
 
-        let mut folder =
-            Folder { pending: BTreeMap::new(), folded: 0, replayed: 0, spare: Vec::new(), graveyard: Vec::new() };
+        let rules = LogRules::after(state.last_seq, state.last_ts_us);
+        let mut folder = Folder {
+            pending: BTreeMap::new(),
+            folded: 0,
+            replayed: 0,
+            spare: Vec::new(),
+            graveyard: Vec::new(),
+            rules,
+        };
         let mut sent = 0usize;
         let mut batch = PayloadBatch::default();
-        let scanned = wal::scan_log_from(storage, wal_dir, state.last_seq, hint, &mut |pos, payload| {
+        let reader = LogReader::new(storage, wal_dir).after(state.last_seq).hint(hint);
+        let scanned = reader.records(&mut |pos, payload| {
             let start = batch.bytes.len();
             batch.bytes.extend_from_slice(payload);
             batch.records.push((pos.seq, start, batch.bytes.len()));
@@ -625,7 +615,7 @@ impl Ledger {
         if !opts.read_only {
             return Self::open_once(dir, opts);
         }
-        retry_damage_beside_writer(&*opts.storage, &dir.join(WAL_DIR), || Self::open_once(dir, opts.clone()))
+        retry_beside_writer(&*opts.storage, &dir.join(WAL_DIR), || Self::open_once(dir, opts.clone()))
     }
 
     fn open_once(dir: &Path, opts: OpenOptions) -> Result<Ledger> {
@@ -670,28 +660,20 @@ impl Ledger {
         let mut state = empty();
         let mut hint = None;
         let mut loaded_from = None;
-        let snaps = snapshot::list(&*storage, &snap_dir).map_err(|e| Error::io("listing snapshots", e))?;
         let log_id = log_ledger_id(&*storage, &wal_dir)?;
-        for (seq, path) in snaps {
-            let loaded = snapshot::load(&*storage, &path, seq).and_then(|(s, position)| {
-                match snapshot_not_of_log(&*storage, &wal_dir, log_id.as_deref(), &s, position) {
-                    Some(why) => Err(why),
-                    None => Ok((s, position)),
-                }
-            });
-            match loaded {
-                Ok((s, position)) => {
-                    report.snapshot_seq = Some(seq);
-                    state = s;
-                    hint = position;
-                    loaded_from = Some(path);
-                    break;
-                }
-                Err(reason) => {
-                    let moved_to = if opts.read_only { None } else { set_aside(&*storage, &path, &quarantine) };
-                    report.snapshots_set_aside.push(SetAside { file: path, reason, moved_to });
-                }
-            }
+        let pick = newest_loadable(&*storage, &snap_dir, None, &mut |s, position| {
+            snapshot_not_of_log(&*storage, &wal_dir, log_id.as_deref(), s, position).map_or(Ok(()), Err)
+        })?;
+        for passed in pick.passed {
+            let path = passed.file.path;
+            let moved_to = if opts.read_only { None } else { set_aside(&*storage, &path, &quarantine) };
+            report.snapshots_set_aside.push(SetAside { file: path, reason: passed.reason, moved_to });
+        }
+        if let Some(picked) = pick.loaded {
+            report.snapshot_seq = Some(picked.file.seq);
+            state = picked.state;
+            hint = picked.position;
+            loaded_from = Some(picked.file.path);
         }
         let snapshot_seq = state.last_seq;
         let reload = || match &loaded_from {
@@ -1369,64 +1351,19 @@ impl Ledger {
     /// Rebuilds an allocation that is no longer in memory from its events in the log. Only
     /// records that mention the id are decoded.
     pub fn find_in_log(&self, id: AllocationId) -> Result<Option<Allocation>> {
-        let needle = format!("\"allocation_id\":\"{id}\"");
-        let finder = memchr::memmem::Finder::new(needle.as_bytes());
         let ((), upto) = self.with_durable_state(|_| ())?;
-        let mut found: Option<Allocation> = None;
-        wal::scan_log_upto(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, upto, &mut |pos, payload| {
-            if finder.find(payload).is_none() {
-                return Ok(true);
-            }
-            let ev = Event::decode(payload)?;
-            match ev.body {
-                EventBody::Granted(g) if g.allocation_id == id => found = Some(Allocation::from_grant(ev.ts_us, &g)),
-                EventBody::Rejected(r) if r.allocation_id == id => {
-                    found = Some(Allocation::from_rejection(pos.seq, ev.ts_us, &r));
-                    return Ok(false);
-                }
-                EventBody::Released { allocation_id } if allocation_id == id => {
-                    if let Some(a) = found.as_mut().filter(|a| a.state == AllocationState::Active) {
-                        a.end(pos.seq, ev.ts_us, AllocationState::Released);
-                    }
-                    return Ok(false);
-                }
-                EventBody::Expired { allocation_id, deadline_us } if allocation_id == id => {
-                    if let Some(a) = found.as_mut().filter(|a| a.state == AllocationState::Active) {
-                        a.end(pos.seq, deadline_us, AllocationState::Expired);
-                    }
-                    return Ok(false);
-                }
-                _ => {}
-            }
-            Ok(true)
-        })?;
-        Ok(found)
+        let wal_dir = self.shared.dir.join(WAL_DIR);
+        let reader = LogReader::new(&*self.shared.storage, &wal_dir).upto(upto);
+        Ok(rebuild_allocations(&reader, &AllocationFilter::one(id))?.remove(&id))
     }
 
     /// Every allocation that is no longer in memory, from the log, filtered by job.
     fn evicted_from_log(&self, job_id: Option<&str>) -> Result<Vec<Allocation>> {
         let (in_memory, upto): (std::collections::HashSet<AllocationId>, u64) =
             self.with_durable_state(|s| s.allocations().map(|a| a.id).collect())?;
-        let job_needle = job_id.map(|j| format!("\"job_id\":{}", serde_json::Value::from(j)));
-        let job_finder = job_needle.as_ref().map(|n| memchr::memmem::Finder::new(n.as_bytes()).into_owned());
-        let mut found: std::collections::HashMap<AllocationId, Allocation> = std::collections::HashMap::new();
-        wal::scan_log_upto(&*self.shared.storage, &self.shared.dir.join(WAL_DIR), 0, upto, &mut |pos, payload| {
-            // The envelope (`{"v":..,"ts_us":..,"type":".."`) fits in the first 64 bytes.
-            let head = &payload[..payload.len().min(64)];
-            let starts = memchr::memmem::find(head, b"\"type\":\"granted\"").is_some()
-                || memchr::memmem::find(head, b"\"type\":\"rejected\"").is_some();
-            if starts && job_finder.as_ref().is_some_and(|f| f.find(payload).is_none()) {
-                return Ok(true);
-            }
-            crate::domain::state::fold_rebuilt(
-                &mut found,
-                |id| in_memory.contains(id),
-                job_id,
-                pos.seq,
-                Event::decode(payload)?,
-            );
-            Ok(true)
-        })?;
+        let wal_dir = self.shared.dir.join(WAL_DIR);
+        let reader = LogReader::new(&*self.shared.storage, &wal_dir).upto(upto);
+        let found = rebuild_allocations(&reader, &AllocationFilter::all_but(job_id, &|id| in_memory.contains(id)))?;
         Ok(found.into_values().collect())
     }
 
@@ -1562,16 +1499,13 @@ impl Ledger {
         if limit == 0 {
             return Ok(out);
         }
-        wal::scan_log_upto(
-            &*self.shared.storage,
-            &self.shared.dir.join(WAL_DIR),
-            from_seq.saturating_sub(1),
-            upto,
-            &mut |pos, payload| {
-                out.push(LoggedEvent { seq: pos.seq, event: Event::decode(payload)? });
-                Ok(out.len() < limit)
-            },
-        )?;
+        let after = from_seq.saturating_sub(1);
+        let wal_dir = self.shared.dir.join(WAL_DIR);
+        let reader = LogReader::new(&*self.shared.storage, &wal_dir).after(after).upto(upto);
+        reader.events(&mut LogRules::resuming(after), Wording::Open, &mut |pos, event| {
+            out.push(LoggedEvent { seq: pos.seq, event });
+            Ok(out.len() < limit)
+        })?;
         Ok(out)
     }
 
@@ -1580,7 +1514,7 @@ impl Ledger {
         let mut core = lock(&self.shared.core);
         let before = core.state.last_seq;
         let wal_dir = self.shared.dir.join(WAL_DIR);
-        let state = retry_damage_beside_writer(&*self.shared.storage, &wal_dir, || {
+        let state = retry_beside_writer(&*self.shared.storage, &wal_dir, || {
             let mut state = core.state.clone();
             let reload = || Ok(core.state.clone());
             replay_into(&*self.shared.storage, &wal_dir, &mut state, None, &reload)?;
@@ -1588,47 +1522,6 @@ impl Ledger {
         })?;
         core.state = state;
         Ok(core.state.last_seq - before)
-    }
-}
-
-/// How long a read-only handle waits before it reads the log again when it found damage: a
-/// reader beside a live writer can catch the writer's newest records being written, bytes that
-/// look like damage until the write is whole. Damage that is still there after these waits is
-/// reported.
-const READ_ONLY_RETRY_WAITS: [std::time::Duration; 3] =
-    [std::time::Duration::from_millis(1), std::time::Duration::from_millis(10), std::time::Duration::from_millis(100)];
-
-/// Runs `read` (a read-only handle's pass over the log) again after each of
-/// `READ_ONLY_RETRY_WAITS` while it reports damage that a writer's write in flight can explain
-/// (see [`damage_may_be_a_write_in_flight`]).
-fn retry_damage_beside_writer<T>(
-    storage: &dyn Storage,
-    wal_dir: &Path,
-    mut read: impl FnMut() -> Result<T>,
-) -> Result<T> {
-    let last_segment = || wal::list_segments(storage, wal_dir).ok().and_then(|s| s.last().map(|l| l.first_seq));
-    for wait in READ_ONLY_RETRY_WAITS {
-        let last_before = last_segment();
-        match read() {
-            Err(Error::Damaged(d)) if damage_may_be_a_write_in_flight(&d.file, last_before) => std::thread::sleep(wait),
-            done => return done,
-        }
-    }
-    read()
-}
-
-/// Whether damage a reader found in `file` may be a live writer's write caught in flight: only
-/// the last segment is written to (a rotation finishes a segment before it creates the next),
-/// so the file must be the segment that was last when the read began (`last_before`, by its
-/// first sequence number), or one created since. Comparing with the last segment after the read
-/// instead missed a rotation that happened during it.
-fn damage_may_be_a_write_in_flight(file: &Path, last_before: Option<u64>) -> bool {
-    let first_seq = file.file_name().and_then(|n| n.to_str()).and_then(crate::log::segment::parse_file_name);
-    match (first_seq, last_before) {
-        (Some(first_seq), Some(last)) => first_seq >= last,
-        (Some(_), None) => true,
-        // Not a segment: snapshots are written whole and renamed into place.
-        (None, _) => false,
     }
 }
 
@@ -1794,18 +1687,6 @@ mod tests {
     use crate::domain::clock::ManualClock;
     use crate::log::storage::FaultyStorage;
     use std::time::{Duration, Instant};
-
-    /// A locking.rs run under load failed: the reader caught a write in flight in segment 143,
-    /// and the writer rotated to segment 157 before the reader looked at which segment was last.
-    #[test]
-    fn damage_in_the_segment_that_was_last_when_the_read_began_may_be_a_write_in_flight() {
-        let seg = |first_seq| PathBuf::from("/l/wal").join(crate::log::segment::file_name(first_seq));
-        assert!(damage_may_be_a_write_in_flight(&seg(143), Some(143)), "last when the read began");
-        assert!(damage_may_be_a_write_in_flight(&seg(157), Some(143)), "created during the read");
-        assert!(damage_may_be_a_write_in_flight(&seg(1), None), "the first segment, being created");
-        assert!(!damage_may_be_a_write_in_flight(&seg(120), Some(143)), "finished before the read began");
-        assert!(!damage_may_be_a_write_in_flight(Path::new("/l/snapshots/x.snap"), Some(143)), "not a segment");
-    }
 
     fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);

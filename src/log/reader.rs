@@ -16,8 +16,8 @@
 mod rebuild;
 mod snapshots;
 
-pub use rebuild::{fold_rebuilt, rebuild_allocations, AllocationFilter};
-pub use snapshots::{list_snapshots, newest_loadable, Passed, Pick, Picked, SnapshotFile};
+pub use rebuild::{rebuild_allocations, AllocationFilter};
+pub use snapshots::{list_snapshots, newest_loadable};
 
 use crate::domain::clock::{format_micros, Micros};
 use crate::domain::event::{Event, EventBody};
@@ -563,9 +563,7 @@ mod tests {
     }
 
     fn released() -> EventBody {
-        EventBody::Released {
-            allocation_id: crate::AllocationId::parse("id", "00000000-0000-4000-8000-000000000001").unwrap(),
-        }
+        EventBody::Released { allocation_id: crate::AllocationId::parse("id", "alloc-1a2b3c4d5e6f").unwrap() }
     }
 
     #[test]

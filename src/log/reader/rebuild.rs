@@ -109,7 +109,7 @@ pub fn rebuild_allocations(
 
 /// Folds one logged event into allocations being rebuilt from the log: grants and rejections
 /// of `job_id` (any job if `None`) not in `skip` start one, releases and expiries end one.
-pub fn fold_rebuilt(
+fn fold_rebuilt(
     found: &mut HashMap<AllocationId, Allocation>,
     skip: impl Fn(&AllocationId) -> bool,
     job_id: Option<&str>,
