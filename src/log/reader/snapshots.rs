@@ -64,6 +64,10 @@ pub struct Pick {
     pub passed: Vec<Passed>,
 }
 
+/// Whether a snapshot that loaded may be used (given its state and recorded log position), or
+/// why not.
+pub type Accept<'a> = dyn FnMut(&State, Option<LogPosition>) -> std::result::Result<(), String> + 'a;
+
 /// The newest snapshot in `dir` (at most `at_most_seq`, when given) that loads and that
 /// `accept` accepts (it returns why not); the log is the truth, so a damaged or foreign
 /// snapshot is passed over for an older one, and the caller decides whether to set it aside.
@@ -71,7 +75,7 @@ pub fn newest_loadable(
     storage: &dyn Storage,
     dir: &Path,
     at_most_seq: Option<u64>,
-    accept: &mut dyn FnMut(&State, Option<LogPosition>) -> std::result::Result<(), String>,
+    accept: &mut Accept<'_>,
 ) -> Result<Pick> {
     let mut pick = Pick::default();
     for file in list_snapshots(storage, dir)? {
