@@ -30,10 +30,10 @@ pub mod mcp;
 pub use domain::clock::{format_micros, parse_duration_micros, parse_time, Clock, ManualClock, Micros, SystemClock};
 pub use domain::config::{Config, McpCatalogEntry, PriorityReservePercent};
 pub use domain::event::{Event, EventBody, Grant, LoggedEvent, McpGrant, RejectReason, Rejection, WorkerGrant};
-pub use domain::input::ResourceRequest;
+pub use domain::input::{validate_job_id, ResourceRequest};
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 pub use domain::state::{Allocation, State};
-pub use error::{Damage, Error, Result};
+pub use error::{Damage, Error, ErrorKind, ExitCode, Result};
 pub use history::{
     EventRange, GroupBy, History, HistoryEvent, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup,
     UsageReport,

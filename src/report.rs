@@ -1,81 +1,232 @@
 //! Results of the operations, serialising to the original system's JSON shapes (with extra
 //! fields: integer units beside the original's floats, deadlines, priorities).
+//!
+//! Report shaping lives here and only here: each report is a conversion from what the domain
+//! decided (an event, an allocation, the state at an instant). Timestamps are typed
+//! (`DateTime<Utc>`) and serialise as [`format_micros`](crate::format_micros) writes them:
+//! RFC 3339 with microseconds and a `Z`.
 
-use crate::domain::model::{AllocationId, AllocationState, Priority};
+use crate::domain::clock::{datetime, Micros};
+use crate::domain::event::{Grant, RejectReason, Rejection};
+use crate::domain::model::{cores, AllocationId, AllocationState, Priority, Resources};
+use crate::domain::state::{Allocation, State};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// Serde `with` module for report timestamps: the text [`format_micros`](crate::format_micros)
+/// writes, byte for byte, written straight into the output without an intermediate string.
+mod rfc3339_micros {
+    use crate::domain::clock::MicrosText;
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `t` as `format_micros` does.
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&MicrosText(t.timestamp_micros()))
+    }
+
+    /// Reads RFC 3339.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        // chrono's own parser also reads the five-digit years of instants past 9999.
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .or_else(|_| text.parse::<DateTime<Utc>>())
+            .map_err(serde::de::Error::custom)
+    }
+
+    /// The same for optional timestamps (`null` when absent).
+    pub mod option {
+        use chrono::{DateTime, Utc};
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Writes `t` as `format_micros` does, or `null`.
+        pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => super::serialize(t, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads RFC 3339 or `null`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrapped(#[serde(with = "super")] DateTime<Utc>);
+            Ok(Option::<Wrapped>::deserialize(d)?.map(|Wrapped(t)| t))
+        }
+    }
+}
+
+/// An MCP server as a report shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct McpServerInfo {
+    /// The server's name, as requested.
     pub name: String,
+    /// Where the job reaches it.
     pub endpoint: String,
-    /// `running` while the allocation is active, `stopped` afterwards.
+    /// `running` while the allocation is active, `stopped` afterwards (`not_started` for a
+    /// failed request).
     pub status: String,
 }
 
+/// A granted worker as the grant's report shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct WorkerInfo {
+    /// The worker's id (`worker-NN`).
     pub worker_id: String,
+    /// Where the job reaches it.
     pub endpoint: String,
     /// Cores, as the original reported them.
     pub cpu: f64,
     /// MiB (the original called them MB).
     pub memory: u64,
+    /// CPU in the ledger's integer unit.
     pub cpu_millicores: u64,
+    /// Memory in the ledger's integer unit.
     pub memory_mib: u64,
 }
 
+/// What a grant holds, in the original's units and in integer units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct GrantedResources {
+    /// Cores.
     pub cpu: f64,
+    /// MiB.
     pub memory: u64,
+    /// Worker slots.
     pub workers: u32,
+    /// CPU in the ledger's integer unit.
     pub cpu_millicores: u64,
+    /// Memory in the ledger's integer unit.
     pub memory_mib: u64,
 }
 
 /// `request_resources` when granted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct GrantReport {
+    /// The new allocation; keep it to release the resources.
     pub allocation_id: AllocationId,
     /// Always `active`.
     pub status: AllocationState,
+    /// The job the resources are for.
     pub job_id: String,
+    /// The request's priority.
     pub priority: Priority,
+    /// The MCP servers, with their endpoints.
     pub mcp_servers: Vec<McpServerInfo>,
+    /// The workers, with their endpoints.
     pub workers_allocated: Vec<WorkerInfo>,
+    /// What the workers hold.
     pub resources: GrantedResources,
+    /// The granted lifetime.
     pub ttl_seconds: u64,
-    pub created_at: String,
-    pub expires_at: String,
+    /// When the grant was recorded.
+    #[serde(with = "rfc3339_micros")]
+    pub created_at: DateTime<Utc>,
+    /// When the allocation expires unless released first.
+    #[serde(with = "rfc3339_micros")]
+    pub expires_at: DateTime<Utc>,
+    /// Sequence number of the grant's event.
     pub seq: u64,
+}
+
+impl GrantReport {
+    /// The report of grant `g`, recorded at `ts` as event `seq`.
+    pub(crate) fn from_grant(g: &Grant, ts: Micros, seq: u64) -> GrantReport {
+        GrantReport {
+            allocation_id: g.allocation_id,
+            status: AllocationState::Active,
+            job_id: g.job_id.clone(),
+            priority: g.priority,
+            mcp_servers: g
+                .mcp_servers
+                .iter()
+                .map(|m| McpServerInfo { name: m.name.clone(), endpoint: m.endpoint.clone(), status: "running".into() })
+                .collect(),
+            workers_allocated: g
+                .workers
+                .iter()
+                .map(|w| WorkerInfo {
+                    worker_id: w.worker_id.clone(),
+                    endpoint: w.endpoint.clone(),
+                    cpu: cores(w.cpu_millicores),
+                    memory: w.memory_mib,
+                    cpu_millicores: w.cpu_millicores,
+                    memory_mib: w.memory_mib,
+                })
+                .collect(),
+            resources: GrantedResources {
+                cpu: cores(g.resources.cpu_millicores),
+                memory: g.resources.memory_mib,
+                workers: g.resources.workers,
+                cpu_millicores: g.resources.cpu_millicores,
+                memory_mib: g.resources.memory_mib,
+            },
+            ttl_seconds: g.ttl_seconds,
+            created_at: datetime(ts),
+            expires_at: datetime(g.deadline_us),
+            seq,
+        }
+    }
 }
 
 /// `request_resources` when the pool cannot grant it (recorded as a `rejected` event).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FailedReport {
+    /// The failed allocation's id (it is kept, in state `failed`).
     pub allocation_id: AllocationId,
     /// Always `failed`.
     pub status: AllocationState,
+    /// The original's message, e.g. `Insufficient workers: requested 5, available 3`.
     pub error: String,
+    /// The job the request was for.
     pub job_id: String,
-    /// `insufficient_workers`, `insufficient_cpu` or `insufficient_memory`.
-    pub reason: String,
-    pub created_at: String,
+    /// Which resource was short.
+    pub reason: RejectReason,
+    /// When the rejection was recorded.
+    #[serde(with = "rfc3339_micros")]
+    pub created_at: DateTime<Utc>,
+    /// Sequence number of the rejection's event.
     pub seq: u64,
 }
 
+impl FailedReport {
+    /// The report of rejection `r`, recorded at `ts` as event `seq`.
+    pub(crate) fn from_rejection(r: &Rejection, ts: Micros, seq: u64) -> FailedReport {
+        FailedReport {
+            allocation_id: r.allocation_id,
+            status: AllocationState::Failed,
+            error: r.error.clone(),
+            job_id: r.job_id.clone(),
+            reason: r.reason,
+            created_at: datetime(ts),
+            seq,
+        }
+    }
+}
+
+/// `request_resources`' answer: a grant, or a recorded failure (invalid input is an error).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RequestOutcome {
+    /// The pool granted the request.
     Granted(GrantReport),
+    /// The pool could not hold the request.
     Failed(FailedReport),
 }
 
 impl RequestOutcome {
+    /// Whether the request was granted.
     pub fn is_granted(&self) -> bool {
         matches!(self, RequestOutcome::Granted(_))
     }
 
+    /// The allocation the request created (granted or failed).
     pub fn allocation_id(&self) -> AllocationId {
         match self {
             RequestOutcome::Granted(g) => g.allocation_id,
@@ -84,45 +235,180 @@ impl RequestOutcome {
     }
 }
 
+/// What a `release_resources` call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ReleaseStatus {
+    /// This call released the allocation.
+    Released,
+    /// It had been released already; nothing was written.
+    AlreadyReleased,
+    /// It had expired already; nothing was written.
+    AlreadyExpired,
+    /// The request had failed; nothing was held, nothing was written.
+    AlreadyFailed,
+    /// Never seen in practice: the log answered for an allocation that is still active (the
+    /// release raced with the grant of that very id). Kept so the answer is what it always was.
+    AlreadyActive,
+}
+
+impl ReleaseStatus {
+    /// The status as JSON and the CLI write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseStatus::Released => "released",
+            ReleaseStatus::AlreadyReleased => "already_released",
+            ReleaseStatus::AlreadyExpired => "already_expired",
+            ReleaseStatus::AlreadyFailed => "already_failed",
+            ReleaseStatus::AlreadyActive => "already_active",
+        }
+    }
+
+    /// The status of a release that found the allocation in `state` already.
+    fn already(state: AllocationState) -> ReleaseStatus {
+        match state {
+            AllocationState::Released => ReleaseStatus::AlreadyReleased,
+            AllocationState::Expired => ReleaseStatus::AlreadyExpired,
+            AllocationState::Failed => ReleaseStatus::AlreadyFailed,
+            AllocationState::Active => ReleaseStatus::AlreadyActive,
+        }
+    }
+}
+
+impl std::fmt::Display for ReleaseStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Compares as the JSON text, so `report.status == "released"` reads as it did when the field
+/// was a string.
+impl PartialEq<str> for ReleaseStatus {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ReleaseStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for ReleaseStatus {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
 /// `release_resources` result. `status` is `released` for a release that this call recorded, and
 /// `already_released`, `already_expired` or `already_failed` when the allocation had already
 /// reached that terminal state (nothing is written then).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ReleaseReport {
-    pub status: String,
+    /// What this call did.
+    pub status: ReleaseStatus,
+    /// The allocation released.
     pub allocation_id: AllocationId,
+    /// Its job.
     pub job_id: String,
     /// The allocation's state after the call.
     pub state: AllocationState,
+    /// Worker slots this call freed (0 unless it released).
     pub workers_released: u32,
+    /// Cores this call freed.
     pub cpu_freed: f64,
+    /// MiB this call freed.
     pub memory_freed: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub released_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expired_at: Option<String>,
+    /// When it was released (absent unless released).
+    #[serde(default, with = "rfc3339_micros::option", skip_serializing_if = "Option::is_none")]
+    pub released_at: Option<DateTime<Utc>>,
+    /// When it expired (already_expired only).
+    #[serde(default, with = "rfc3339_micros::option", skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<DateTime<Utc>>,
+    /// How long it held its resources.
     pub duration_seconds: f64,
 }
 
+impl ReleaseReport {
+    /// The report of releasing active allocation `a` at `ts`.
+    pub(crate) fn released(a: &Allocation, ts: Micros) -> ReleaseReport {
+        debug_assert_eq!(a.state, AllocationState::Active);
+        ReleaseReport {
+            status: ReleaseStatus::Released,
+            allocation_id: a.id,
+            job_id: a.job_id.clone(),
+            state: AllocationState::Released,
+            workers_released: a.resources.workers,
+            cpu_freed: cores(a.resources.cpu_millicores),
+            memory_freed: a.resources.memory_mib,
+            released_at: Some(datetime(ts)),
+            expired_at: None,
+            duration_seconds: seconds_between(a.created_us, ts),
+        }
+    }
+
+    /// The report of a release of `a`, which has ended already: nothing is written.
+    pub(crate) fn already_ended(a: &Allocation) -> ReleaseReport {
+        let ended = a.ended_us.unwrap_or(a.created_us);
+        ReleaseReport {
+            status: ReleaseStatus::already(a.state),
+            allocation_id: a.id,
+            job_id: a.job_id.clone(),
+            state: a.state,
+            workers_released: 0,
+            cpu_freed: 0.0,
+            memory_freed: 0,
+            released_at: (a.state == AllocationState::Released).then(|| datetime(ended)),
+            expired_at: (a.state == AllocationState::Expired).then(|| datetime(ended)),
+            duration_seconds: seconds_between(a.created_us, a.held_until()),
+        }
+    }
+}
+
+/// Seconds from `from` to `to`, never negative. Saturating: a crafted snapshot can hold any
+/// `i64` (the fuzzer found one).
+fn seconds_between(from: Micros, to: Micros) -> f64 {
+    to.saturating_sub(from).max(0) as f64 / 1e6
+}
+
+/// `get_capacity`: the pool, what is held and what is free, at an instant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct CapacityReport {
+    /// The pool's cores.
     pub total_cpu: f64,
+    /// The pool's MiB.
     pub total_memory: u64,
+    /// The pool's worker slots.
     pub total_workers: u32,
+    /// Cores held by active allocations and running MCP servers.
     pub allocated_cpu: f64,
+    /// MiB held by active allocations and running MCP servers.
     pub allocated_memory: u64,
+    /// Worker slots held.
     pub allocated_workers: u32,
+    /// Cores free.
     pub available_cpu: f64,
+    /// MiB free.
     pub available_memory: u64,
+    /// Worker slots free.
     pub available_workers: u32,
     /// Names of the MCP servers used by at least one active allocation.
     pub running_mcp_servers: Vec<String>,
+    /// Allocations active at the instant.
     pub active_allocations: u64,
+    /// The pool's CPU in the ledger's integer unit.
     pub total_cpu_millicores: u64,
+    /// Held CPU in the ledger's integer unit.
     pub allocated_cpu_millicores: u64,
+    /// Free CPU in the ledger's integer unit.
     pub available_cpu_millicores: u64,
     /// The instant this report describes.
-    pub as_of: String,
+    #[serde(with = "rfc3339_micros")]
+    pub as_of: DateTime<Utc>,
     /// Sequence number of the last event folded into this report.
     pub seq: u64,
 }
@@ -130,16 +416,15 @@ pub struct CapacityReport {
 impl CapacityReport {
     /// The report for `allocated` out of `total` at `as_of_us`; available is what is left
     /// (saturating: a config change may shrink the pool below what is held).
-    pub fn new(
-        total: crate::domain::model::Resources,
-        allocated: crate::domain::model::Resources,
+    pub(crate) fn new(
+        total: Resources,
+        allocated: Resources,
         running_mcp_servers: Vec<String>,
         active_allocations: u64,
-        as_of_us: crate::domain::clock::Micros,
+        as_of_us: Micros,
         seq: u64,
     ) -> Self {
-        use crate::domain::model::cores;
-        let available = crate::domain::model::Resources {
+        let available = Resources {
             cpu_millicores: total.cpu_millicores.saturating_sub(allocated.cpu_millicores),
             memory_mib: total.memory_mib.saturating_sub(allocated.memory_mib),
             workers: total.workers.saturating_sub(allocated.workers),
@@ -159,75 +444,393 @@ impl CapacityReport {
             total_cpu_millicores: total.cpu_millicores,
             allocated_cpu_millicores: allocated.cpu_millicores,
             available_cpu_millicores: available.cpu_millicores,
-            as_of: crate::domain::clock::format_micros(as_of_us),
+            as_of: datetime(as_of_us),
             seq,
         }
     }
+
+    /// The capacity `state` shows at `now`: allocations past their deadline count as expired
+    /// (and their MCP servers as stopped once no one else uses them) before their expiry
+    /// event is written.
+    pub(crate) fn of(state: &State, now: Micros) -> CapacityReport {
+        let (mut freed, stopped, expired_count) = state.pending_expiry_effect(now);
+        let mut running = Vec::new();
+        for (name, r) in state.running_servers() {
+            let gone = stopped.get(name.as_str()).copied().unwrap_or(0);
+            if gone >= r.refcount {
+                freed.cpu_millicores += r.cpu_millicores;
+                freed.memory_mib += r.memory_mib;
+            } else {
+                running.push(name.clone());
+            }
+        }
+        let allocated = state.allocated().checked_sub(freed).unwrap_or_default();
+        let active = (state.active_count() - expired_count) as u64;
+        CapacityReport::new(state.total(), allocated, running, active, now, state.last_seq)
+    }
 }
 
+/// What an allocation holds, in the original's units and in integer units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct AllocationResources {
+    /// Cores.
     pub cpu_allocated: f64,
+    /// MiB.
     pub memory_allocated: u64,
+    /// Worker slots.
     pub workers: u32,
+    /// CPU in the ledger's integer unit.
     pub cpu_millicores: u64,
+    /// Memory in the ledger's integer unit.
     pub memory_mib: u64,
 }
 
+/// A worker of an allocation as `get_allocation` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct WorkerStatus {
+    /// The worker's id.
     pub worker_id: String,
+    /// Where the job reaches it.
     pub endpoint: String,
     /// `allocated` while active, else the allocation's terminal state.
     pub status: String,
+    /// Cores.
     pub cpu: f64,
+    /// MiB.
     pub memory: u64,
 }
 
+/// An allocation's moments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Timestamps {
-    pub created_at: String,
+    /// When it was requested.
+    #[serde(with = "rfc3339_micros")]
+    pub created_at: DateTime<Utc>,
     /// When the resources were granted (same as created_at; a failed request was never active).
-    pub activated_at: Option<String>,
-    pub released_at: Option<String>,
-    pub expired_at: Option<String>,
-    pub expires_at: Option<String>,
+    #[serde(with = "rfc3339_micros::option")]
+    pub activated_at: Option<DateTime<Utc>>,
+    /// When it was released, if it was.
+    #[serde(with = "rfc3339_micros::option")]
+    pub released_at: Option<DateTime<Utc>>,
+    /// When it expired, if it did (its deadline, whenever the expiry was written).
+    #[serde(with = "rfc3339_micros::option")]
+    pub expired_at: Option<DateTime<Utc>>,
+    /// Its deadline; `None` for a failed request.
+    #[serde(with = "rfc3339_micros::option")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Seconds since it was requested.
     pub age_seconds: f64,
 }
 
 /// `get_allocation`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct AllocationDetails {
+    /// The allocation.
     pub allocation_id: AllocationId,
+    /// Its job.
     pub job_id: String,
+    /// Its state at the instant asked about.
     pub state: AllocationState,
+    /// The request's priority.
     pub priority: Priority,
+    /// What it holds (or held).
     pub resources: AllocationResources,
+    /// Its MCP servers.
     pub mcp_servers: Vec<McpServerInfo>,
+    /// Its workers.
     pub workers: Vec<WorkerStatus>,
+    /// Its moments.
     pub timestamps: Timestamps,
+    /// The granted (or requested) lifetime.
     pub ttl_seconds: u64,
+    /// Whether it has expired by the instant asked about.
     pub is_expired: bool,
+    /// The request's metadata.
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Why the request failed (failed allocations only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
-/// One row of `list_allocations`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AllocationSummary {
-    pub allocation_id: AllocationId,
-    pub job_id: String,
-    pub state: AllocationState,
-    pub priority: Priority,
-    pub workers: u32,
-    pub age_seconds: f64,
-    pub is_expired: bool,
-    pub created_at: String,
+impl AllocationDetails {
+    /// `get_allocation`'s view of `a` at `now`.
+    pub(crate) fn of(a: &Allocation, now: Micros) -> AllocationDetails {
+        let state = a.state_at(now);
+        let active = state == AllocationState::Active;
+        let failed = a.state == AllocationState::Failed;
+        let mcp_status = if failed {
+            "not_started"
+        } else if active {
+            "running"
+        } else {
+            "stopped"
+        };
+        let worker_status = if active { "allocated" } else { state.as_str() };
+        AllocationDetails {
+            allocation_id: a.id,
+            job_id: a.job_id.clone(),
+            state,
+            priority: a.priority,
+            resources: AllocationResources {
+                cpu_allocated: cores(a.resources.cpu_millicores),
+                memory_allocated: a.resources.memory_mib,
+                workers: a.resources.workers,
+                cpu_millicores: a.resources.cpu_millicores,
+                memory_mib: a.resources.memory_mib,
+            },
+            mcp_servers: a
+                .mcp_servers
+                .iter()
+                .map(|m| McpServerInfo {
+                    name: m.name.clone(),
+                    endpoint: m.endpoint.clone(),
+                    status: mcp_status.into(),
+                })
+                .collect(),
+            workers: a
+                .workers
+                .iter()
+                .map(|w| WorkerStatus {
+                    worker_id: w.worker_id.clone(),
+                    endpoint: w.endpoint.clone(),
+                    status: worker_status.into(),
+                    cpu: cores(w.cpu_millicores),
+                    memory: w.memory_mib,
+                })
+                .collect(),
+            timestamps: Timestamps::of(a, state, now),
+            ttl_seconds: a.ttl_seconds,
+            is_expired: state == AllocationState::Expired,
+            metadata: a.metadata.to_map(),
+            error: a.error.clone(),
+        }
+    }
 }
 
+impl Timestamps {
+    /// The moments of `a`, which reads as `state` at `now`.
+    fn of(a: &Allocation, state: AllocationState, now: Micros) -> Timestamps {
+        let (released_at, expired_at) = match (a.state, state) {
+            (AllocationState::Released, _) => (a.ended_us.map(datetime), None),
+            (AllocationState::Expired, _) => (None, a.ended_us.map(datetime)),
+            (AllocationState::Active, AllocationState::Expired) => (None, Some(datetime(a.deadline_us))),
+            _ => (None, None),
+        };
+        let failed = a.state == AllocationState::Failed;
+        Timestamps {
+            created_at: datetime(a.created_us),
+            activated_at: if failed { None } else { Some(datetime(a.created_us)) },
+            released_at,
+            expired_at,
+            expires_at: if failed { None } else { Some(datetime(a.deadline_us)) },
+            age_seconds: seconds_between(a.created_us, now),
+        }
+    }
+}
+
+/// One row of `list_allocations`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct AllocationSummary {
+    /// The allocation.
+    pub allocation_id: AllocationId,
+    /// Its job.
+    pub job_id: String,
+    /// Its state at the instant asked about.
+    pub state: AllocationState,
+    /// The request's priority.
+    pub priority: Priority,
+    /// Worker slots it holds (or held, or asked for).
+    pub workers: u32,
+    /// Seconds since it was requested.
+    pub age_seconds: f64,
+    /// Whether it has expired by the instant asked about.
+    pub is_expired: bool,
+    /// When it was requested.
+    #[serde(with = "rfc3339_micros")]
+    pub created_at: DateTime<Utc>,
+}
+
+impl AllocationSummary {
+    /// `list_allocations`' row for `a` at `now`.
+    pub(crate) fn of(a: &Allocation, now: Micros) -> AllocationSummary {
+        let state = a.state_at(now);
+        AllocationSummary {
+            allocation_id: a.id,
+            job_id: a.job_id.clone(),
+            state,
+            priority: a.priority,
+            workers: a.resources.workers,
+            age_seconds: seconds_between(a.created_us, now),
+            is_expired: state == AllocationState::Expired,
+            created_at: datetime(a.created_us),
+        }
+    }
+
+    /// The rows of `state`'s allocations in `filter` (as seen at `now`) and of `job_id`,
+    /// oldest first.
+    pub(crate) fn list(
+        state: &State,
+        filter: Option<AllocationState>,
+        job_id: Option<&str>,
+        now: Micros,
+    ) -> Vec<AllocationSummary> {
+        // A scan: memory holds the active allocations and at most `terminal_retained` ended
+        // ones, and a per-job index cost two heap blocks per grant on the fold's hot path.
+        let mut out: Vec<&Allocation> = state
+            .allocations()
+            .filter(|a| job_id.is_none_or(|j| a.job_id == j) && filter.is_none_or(|s| a.state_at(now) == s))
+            .collect();
+        out.sort_by_key(|a| (a.created_us, a.id));
+        out.into_iter().map(|a| AllocationSummary::of(a, now)).collect()
+    }
+}
+
+// The views by the names their callers use (`state.capacity(now)`, `a.details(now)`): the
+// shaping is above; the state only answers queries.
+
+impl State {
+    /// `get_capacity` at `now`; see [`CapacityReport`].
+    pub fn capacity(&self, now: Micros) -> CapacityReport {
+        CapacityReport::of(self, now)
+    }
+
+    /// `get_allocation` of `id` at `now`, if memory holds it.
+    pub fn details(&self, id: AllocationId, now: Micros) -> Option<AllocationDetails> {
+        self.allocation(id).map(|a| AllocationDetails::of(a, now))
+    }
+
+    /// Allocations filtered by state (as seen at `now`) and job, oldest first.
+    pub fn list(&self, state: Option<AllocationState>, job_id: Option<&str>, now: Micros) -> Vec<AllocationSummary> {
+        AllocationSummary::list(self, state, job_id, now)
+    }
+}
+
+impl Allocation {
+    /// `get_allocation`'s view of this allocation at `now`.
+    pub fn details(&self, now: Micros) -> AllocationDetails {
+        AllocationDetails::of(self, now)
+    }
+
+    /// `list_allocations`' row for this allocation at `now`.
+    pub fn summary(&self, now: Micros) -> AllocationSummary {
+        AllocationSummary::of(self, now)
+    }
+}
+
+/// `cleanup_expired`: the allocations whose expiry this call recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct CleanupReport {
+    /// Their ids, earliest deadline first.
     pub cleaned_up: Vec<AllocationId>,
+    /// How many.
     pub count: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::domain::config::Config;
+    use crate::domain::decide::{already_ended_report, decide_release, decide_request_outcome};
+    use crate::domain::event::EventBody;
+    use crate::domain::input::ResourceRequest;
+    use crate::domain::model::Priority;
+    use crate::domain::state::State;
+
+    const T0: i64 = 1_767_225_600_000_000;
+
+    /// Every report type's JSON for a fixed clock, byte for byte what the string-typed
+    /// reports produced before their fields were typed.
+    #[test]
+    fn report_json_is_unchanged() {
+        let mut s = State::empty(Config::default());
+        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "fixed".into(), config: Config::default() });
+        let mut out = Vec::new();
+        let mut meta = serde_json::Map::new();
+        meta.insert("team".into(), "a".into());
+        let requests = [
+            (ResourceRequest::new("a").workers(2).mcp_server("github").ttl_seconds(60).metadata(meta), T0 + 1_234_567),
+            (ResourceRequest::new("b").workers(9).priority(Priority::High), T0 + 2_000_001),
+            (ResourceRequest::new("c").workers(1), T0 + 3_000_000),
+            (ResourceRequest::new("d").workers(1).ttl_seconds(120), T0 + 4_000_000),
+        ];
+        let mut ids = Vec::new();
+        for (req, ts) in requests {
+            let (events, outcome) = decide_request_outcome(&s, ts, &req).unwrap();
+            out.push(serde_json::to_string(&outcome).unwrap());
+            ids.push(outcome.allocation_id());
+            for e in events {
+                s.evolve(s.last_seq + 1, ts, &e);
+            }
+        }
+        let (events, report) = decide_release(&s, T0 + 5_500_000, ids[2]).unwrap();
+        out.push(serde_json::to_string(&report).unwrap());
+        for e in events {
+            s.evolve(s.last_seq + 1, T0 + 5_500_000, &e);
+        }
+        let expired_at = T0 + 1_234_567 + 60_000_000;
+        s.evolve(
+            s.last_seq + 1,
+            expired_at + 5,
+            &EventBody::Expired { allocation_id: ids[0], deadline_us: expired_at },
+        );
+        for id in &ids[..3] {
+            out.push(serde_json::to_string(&already_ended_report(s.allocation(*id).unwrap())).unwrap());
+            out.push(serde_json::to_string(&decide_release(&s, T0 + 90_000_000, *id).unwrap().1).unwrap());
+        }
+        let now = T0 + 100_000_000;
+        out.push(serde_json::to_string(&s.capacity(now)).unwrap());
+        out.push(serde_json::to_string(&s.capacity(T0 + 200_000_000_000)).unwrap());
+        for id in &ids {
+            out.push(serde_json::to_string(&s.details(*id, now).unwrap()).unwrap());
+            out.push(serde_json::to_string(&s.details(*id, T0 + 200_000_000_000).unwrap()).unwrap());
+        }
+        out.push(serde_json::to_string(&s.list(None, None, now)).unwrap());
+        out.push(serde_json::to_string(&s.allocation(ids[3]).unwrap().summary(now)).unwrap());
+        let got = out.join("\n");
+        assert_eq!(got, EXPECTED);
+    }
+
+    /// The timestamp fields write what `format_micros` writes, across its fast and general
+    /// paths, and read it back.
+    #[test]
+    fn timestamps_serialise_as_format_micros() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct T(#[serde(with = "super::rfc3339_micros")] chrono::DateTime<chrono::Utc>);
+        for t in [0, 1, -1, -62_135_596_800_000_000, T0 + 123_456, 253_402_300_799_999_999, 253_402_300_800_000_000] {
+            let json = serde_json::to_string(&T(crate::domain::clock::datetime(t))).unwrap();
+            assert_eq!(json, format!("\"{}\"", crate::format_micros(t)), "{t}");
+            let back: T = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.0.timestamp_micros(), t);
+        }
+    }
+
+    // Recorded from the string-typed reports (before this module typed them).
+    const EXPECTED: &str = r#"{"allocation_id":"alloc-295fe91bc34f","status":"active","job_id":"a","priority":"normal","mcp_servers":[{"name":"github","endpoint":"http://localhost:9000","status":"running"}],"workers_allocated":[{"worker_id":"worker-00","endpoint":"http://localhost:8000","cpu":1.0,"memory":2048,"cpu_millicores":1000,"memory_mib":2048},{"worker_id":"worker-01","endpoint":"http://localhost:8001","cpu":1.0,"memory":2048,"cpu_millicores":1000,"memory_mib":2048}],"resources":{"cpu":2.0,"memory":4096,"workers":2,"cpu_millicores":2000,"memory_mib":4096},"ttl_seconds":60,"created_at":"2026-01-01T00:00:01.234567Z","expires_at":"2026-01-01T00:01:01.234567Z","seq":2}
+{"allocation_id":"alloc-6083052e8ee5","status":"failed","error":"Insufficient workers: requested 9, available 8","job_id":"b","reason":"insufficient_workers","created_at":"2026-01-01T00:00:02.000001Z","seq":3}
+{"allocation_id":"alloc-a29f5d43d397","status":"active","job_id":"c","priority":"normal","mcp_servers":[],"workers_allocated":[{"worker_id":"worker-02","endpoint":"http://localhost:8002","cpu":1.0,"memory":2048,"cpu_millicores":1000,"memory_mib":2048}],"resources":{"cpu":1.0,"memory":2048,"workers":1,"cpu_millicores":1000,"memory_mib":2048},"ttl_seconds":3600,"created_at":"2026-01-01T00:00:03.000000Z","expires_at":"2026-01-01T01:00:03.000000Z","seq":4}
+{"allocation_id":"alloc-8c1ea5df8b24","status":"active","job_id":"d","priority":"normal","mcp_servers":[],"workers_allocated":[{"worker_id":"worker-03","endpoint":"http://localhost:8003","cpu":1.0,"memory":2048,"cpu_millicores":1000,"memory_mib":2048}],"resources":{"cpu":1.0,"memory":2048,"workers":1,"cpu_millicores":1000,"memory_mib":2048},"ttl_seconds":120,"created_at":"2026-01-01T00:00:04.000000Z","expires_at":"2026-01-01T00:02:04.000000Z","seq":5}
+{"status":"released","allocation_id":"alloc-a29f5d43d397","job_id":"c","state":"released","workers_released":1,"cpu_freed":1.0,"memory_freed":2048,"released_at":"2026-01-01T00:00:05.500000Z","duration_seconds":2.5}
+{"status":"already_expired","allocation_id":"alloc-295fe91bc34f","job_id":"a","state":"expired","workers_released":0,"cpu_freed":0.0,"memory_freed":0,"expired_at":"2026-01-01T00:01:01.234567Z","duration_seconds":60.0}
+{"status":"already_expired","allocation_id":"alloc-295fe91bc34f","job_id":"a","state":"expired","workers_released":0,"cpu_freed":0.0,"memory_freed":0,"expired_at":"2026-01-01T00:01:01.234567Z","duration_seconds":60.0}
+{"status":"already_failed","allocation_id":"alloc-6083052e8ee5","job_id":"b","state":"failed","workers_released":0,"cpu_freed":0.0,"memory_freed":0,"duration_seconds":0.0}
+{"status":"already_failed","allocation_id":"alloc-6083052e8ee5","job_id":"b","state":"failed","workers_released":0,"cpu_freed":0.0,"memory_freed":0,"duration_seconds":0.0}
+{"status":"already_released","allocation_id":"alloc-a29f5d43d397","job_id":"c","state":"released","workers_released":0,"cpu_freed":0.0,"memory_freed":0,"released_at":"2026-01-01T00:00:05.500000Z","duration_seconds":2.5}
+{"status":"already_released","allocation_id":"alloc-a29f5d43d397","job_id":"c","state":"released","workers_released":0,"cpu_freed":0.0,"memory_freed":0,"released_at":"2026-01-01T00:00:05.500000Z","duration_seconds":2.5}
+{"total_cpu":16.0,"total_memory":32768,"total_workers":10,"allocated_cpu":1.0,"allocated_memory":2048,"allocated_workers":1,"available_cpu":15.0,"available_memory":30720,"available_workers":9,"running_mcp_servers":[],"active_allocations":1,"total_cpu_millicores":16000,"allocated_cpu_millicores":1000,"available_cpu_millicores":15000,"as_of":"2026-01-01T00:01:40.000000Z","seq":7}
+{"total_cpu":16.0,"total_memory":32768,"total_workers":10,"allocated_cpu":0.0,"allocated_memory":0,"allocated_workers":0,"available_cpu":16.0,"available_memory":32768,"available_workers":10,"running_mcp_servers":[],"active_allocations":0,"total_cpu_millicores":16000,"allocated_cpu_millicores":0,"available_cpu_millicores":16000,"as_of":"2026-01-03T07:33:20.000000Z","seq":7}
+{"allocation_id":"alloc-295fe91bc34f","job_id":"a","state":"expired","priority":"normal","resources":{"cpu_allocated":2.0,"memory_allocated":4096,"workers":2,"cpu_millicores":2000,"memory_mib":4096},"mcp_servers":[{"name":"github","endpoint":"http://localhost:9000","status":"stopped"}],"workers":[{"worker_id":"worker-00","endpoint":"http://localhost:8000","status":"expired","cpu":1.0,"memory":2048},{"worker_id":"worker-01","endpoint":"http://localhost:8001","status":"expired","cpu":1.0,"memory":2048}],"timestamps":{"created_at":"2026-01-01T00:00:01.234567Z","activated_at":"2026-01-01T00:00:01.234567Z","released_at":null,"expired_at":"2026-01-01T00:01:01.234567Z","expires_at":"2026-01-01T00:01:01.234567Z","age_seconds":98.765433},"ttl_seconds":60,"is_expired":true,"metadata":{"team":"a"}}
+{"allocation_id":"alloc-295fe91bc34f","job_id":"a","state":"expired","priority":"normal","resources":{"cpu_allocated":2.0,"memory_allocated":4096,"workers":2,"cpu_millicores":2000,"memory_mib":4096},"mcp_servers":[{"name":"github","endpoint":"http://localhost:9000","status":"stopped"}],"workers":[{"worker_id":"worker-00","endpoint":"http://localhost:8000","status":"expired","cpu":1.0,"memory":2048},{"worker_id":"worker-01","endpoint":"http://localhost:8001","status":"expired","cpu":1.0,"memory":2048}],"timestamps":{"created_at":"2026-01-01T00:00:01.234567Z","activated_at":"2026-01-01T00:00:01.234567Z","released_at":null,"expired_at":"2026-01-01T00:01:01.234567Z","expires_at":"2026-01-01T00:01:01.234567Z","age_seconds":199998.765433},"ttl_seconds":60,"is_expired":true,"metadata":{"team":"a"}}
+{"allocation_id":"alloc-6083052e8ee5","job_id":"b","state":"failed","priority":"high","resources":{"cpu_allocated":0.0,"memory_allocated":0,"workers":9,"cpu_millicores":0,"memory_mib":0},"mcp_servers":[],"workers":[],"timestamps":{"created_at":"2026-01-01T00:00:02.000001Z","activated_at":null,"released_at":null,"expired_at":null,"expires_at":null,"age_seconds":97.999999},"ttl_seconds":3600,"is_expired":false,"metadata":{},"error":"Insufficient workers: requested 9, available 8"}
+{"allocation_id":"alloc-6083052e8ee5","job_id":"b","state":"failed","priority":"high","resources":{"cpu_allocated":0.0,"memory_allocated":0,"workers":9,"cpu_millicores":0,"memory_mib":0},"mcp_servers":[],"workers":[],"timestamps":{"created_at":"2026-01-01T00:00:02.000001Z","activated_at":null,"released_at":null,"expired_at":null,"expires_at":null,"age_seconds":199997.999999},"ttl_seconds":3600,"is_expired":false,"metadata":{},"error":"Insufficient workers: requested 9, available 8"}
+{"allocation_id":"alloc-a29f5d43d397","job_id":"c","state":"released","priority":"normal","resources":{"cpu_allocated":1.0,"memory_allocated":2048,"workers":1,"cpu_millicores":1000,"memory_mib":2048},"mcp_servers":[],"workers":[{"worker_id":"worker-02","endpoint":"http://localhost:8002","status":"released","cpu":1.0,"memory":2048}],"timestamps":{"created_at":"2026-01-01T00:00:03.000000Z","activated_at":"2026-01-01T00:00:03.000000Z","released_at":"2026-01-01T00:00:05.500000Z","expired_at":null,"expires_at":"2026-01-01T01:00:03.000000Z","age_seconds":97.0},"ttl_seconds":3600,"is_expired":false,"metadata":{}}
+{"allocation_id":"alloc-a29f5d43d397","job_id":"c","state":"released","priority":"normal","resources":{"cpu_allocated":1.0,"memory_allocated":2048,"workers":1,"cpu_millicores":1000,"memory_mib":2048},"mcp_servers":[],"workers":[{"worker_id":"worker-02","endpoint":"http://localhost:8002","status":"released","cpu":1.0,"memory":2048}],"timestamps":{"created_at":"2026-01-01T00:00:03.000000Z","activated_at":"2026-01-01T00:00:03.000000Z","released_at":"2026-01-01T00:00:05.500000Z","expired_at":null,"expires_at":"2026-01-01T01:00:03.000000Z","age_seconds":199997.0},"ttl_seconds":3600,"is_expired":false,"metadata":{}}
+{"allocation_id":"alloc-8c1ea5df8b24","job_id":"d","state":"active","priority":"normal","resources":{"cpu_allocated":1.0,"memory_allocated":2048,"workers":1,"cpu_millicores":1000,"memory_mib":2048},"mcp_servers":[],"workers":[{"worker_id":"worker-03","endpoint":"http://localhost:8003","status":"allocated","cpu":1.0,"memory":2048}],"timestamps":{"created_at":"2026-01-01T00:00:04.000000Z","activated_at":"2026-01-01T00:00:04.000000Z","released_at":null,"expired_at":null,"expires_at":"2026-01-01T00:02:04.000000Z","age_seconds":96.0},"ttl_seconds":120,"is_expired":false,"metadata":{}}
+{"allocation_id":"alloc-8c1ea5df8b24","job_id":"d","state":"expired","priority":"normal","resources":{"cpu_allocated":1.0,"memory_allocated":2048,"workers":1,"cpu_millicores":1000,"memory_mib":2048},"mcp_servers":[],"workers":[{"worker_id":"worker-03","endpoint":"http://localhost:8003","status":"expired","cpu":1.0,"memory":2048}],"timestamps":{"created_at":"2026-01-01T00:00:04.000000Z","activated_at":"2026-01-01T00:00:04.000000Z","released_at":null,"expired_at":"2026-01-01T00:02:04.000000Z","expires_at":"2026-01-01T00:02:04.000000Z","age_seconds":199996.0},"ttl_seconds":120,"is_expired":true,"metadata":{}}
+[{"allocation_id":"alloc-295fe91bc34f","job_id":"a","state":"expired","priority":"normal","workers":2,"age_seconds":98.765433,"is_expired":true,"created_at":"2026-01-01T00:00:01.234567Z"},{"allocation_id":"alloc-6083052e8ee5","job_id":"b","state":"failed","priority":"high","workers":9,"age_seconds":97.999999,"is_expired":false,"created_at":"2026-01-01T00:00:02.000001Z"},{"allocation_id":"alloc-a29f5d43d397","job_id":"c","state":"released","priority":"normal","workers":1,"age_seconds":97.0,"is_expired":false,"created_at":"2026-01-01T00:00:03.000000Z"},{"allocation_id":"alloc-8c1ea5df8b24","job_id":"d","state":"active","priority":"normal","workers":1,"age_seconds":96.0,"is_expired":false,"created_at":"2026-01-01T00:00:04.000000Z"}]
+{"allocation_id":"alloc-8c1ea5df8b24","job_id":"d","state":"active","priority":"normal","workers":1,"age_seconds":96.0,"is_expired":false,"created_at":"2026-01-01T00:00:04.000000Z"}"#;
 }

@@ -56,7 +56,7 @@ fn evicted_allocations_are_answered_from_the_log() {
         assert_eq!(strip(serde_json::to_value(&dw).unwrap()), strip(serde_json::to_value(&de).unwrap()));
         let rw = window.release_resources(w).unwrap();
         let re = everything.release_resources(e).unwrap();
-        assert!(rw.status.starts_with("already_"), "{rw:?}");
+        assert!(rw.status.as_str().starts_with("already_"), "{rw:?}");
         assert_eq!(strip(serde_json::to_value(&rw).unwrap()), strip(serde_json::to_value(&re).unwrap()));
     }
     for state in [None, Some(AllocationState::Released), Some(AllocationState::Expired), Some(AllocationState::Failed)]

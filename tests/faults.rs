@@ -317,7 +317,7 @@ fn check_recovered(
                 let mcp: Vec<(&str, &str)> = e.mcp_servers.iter().map(|m| (&*m.name, &*m.endpoint)).collect();
                 let told: Vec<(&str, &str)> = g.mcp_servers.iter().map(|m| (&*m.name, &*m.endpoint)).collect();
                 assert_eq!(mcp, told, "{ctx}");
-                assert_eq!(format_micros(e.deadline_us), g.expires_at, "{ctx}");
+                assert_eq!(format_micros(e.deadline_us), format_micros(g.expires_at.timestamp_micros()), "{ctx}");
             }
             Ok(Acked::Request(RequestOutcome::Failed(f))) => {
                 let ev = events.get(f.seq as usize - 1).unwrap_or_else(|| panic!("{ctx}: acknowledged rejection lost"));
@@ -327,7 +327,8 @@ fn check_recovered(
             Ok(Acked::Release(r)) if r.status == "released" => {
                 let found = events.iter().any(|ev| {
                     matches!(ev.event.body, EventBody::Released { allocation_id } if allocation_id == r.allocation_id)
-                        && r.released_at.as_deref() == Some(format_micros(ev.event.ts_us).as_str())
+                        && r.released_at.map(|t| format_micros(t.timestamp_micros()))
+                            == Some(format_micros(ev.event.ts_us))
                 });
                 assert!(found, "{ctx}: acknowledged release lost");
             }

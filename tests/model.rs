@@ -495,9 +495,9 @@ impl Harness {
                 prop_assert_eq!(&g.job_id, &req.job_id);
                 prop_assert_eq!(g.priority, req.priority);
                 prop_assert_eq!(g.ttl_seconds, ttl);
-                prop_assert_eq!(&g.created_at, &format_micros(ts));
+                prop_assert_eq!(format_micros(g.created_at.timestamp_micros()), format_micros(ts));
                 let deadline = ts + ttl as i64 * 1_000_000;
-                prop_assert_eq!(&g.expires_at, &format_micros(deadline));
+                prop_assert_eq!(format_micros(g.expires_at.timestamp_micros()), format_micros(deadline));
                 let cfg = &self.model.cfg;
                 prop_assert_eq!(g.resources.workers, req.workers);
                 prop_assert_eq!(g.resources.cpu_millicores, u64::from(req.workers) * cfg.worker_cpu_millicores);
@@ -562,7 +562,7 @@ impl Harness {
                 prop_assert_eq!(f.status, AllocationState::Failed);
                 prop_assert_eq!(&f.reason, reason);
                 prop_assert_eq!(&f.job_id, &req.job_id);
-                prop_assert_eq!(&f.created_at, &format_micros(ts));
+                prop_assert_eq!(format_micros(f.created_at.timestamp_micros()), format_micros(ts));
                 if req.priority == Priority::Low {
                     prop_assert!(f.error.starts_with(&message), "{:?} does not start with {:?}", f.error, message);
                 } else {
@@ -609,7 +609,7 @@ impl Harness {
                 report.cpu_freed,
                 f64::from(a.workers) * self.model.cfg.worker_cpu_millicores as f64 / 1000.0
             );
-            prop_assert_eq!(report.released_at, Some(format_micros(ts)));
+            prop_assert_eq!(report.released_at.map(|t| format_micros(t.timestamp_micros())), Some(format_micros(ts)));
         } else {
             prop_assert_eq!(report.status, format!("already_{}", a.state.name()));
             prop_assert_eq!(report.state, a.state.public());

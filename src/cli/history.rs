@@ -1,7 +1,8 @@
 //! The time-travel subcommands: `capacity --at`, `list --at`, `history`, `log --since/--until`,
 //! `usage` and `timeline`, and the progress bar for long scans.
 
-use super::{exit, table, Out};
+use super::{table, to_json, Out};
+use allocation_ledger::ExitCode;
 use allocation_ledger::{format_micros, parse_duration_micros, parse_time};
 use allocation_ledger::{AllocationId, AllocationState, Error, Ledger, Result};
 use allocation_ledger::{AllocationSummary, CapacityReport};
@@ -58,10 +59,12 @@ pub struct ProgressBar {
 }
 
 impl ProgressBar {
+    /// A bar labelled `label`, not drawn yet.
     pub fn new(label: &'static str) -> Self {
         ProgressBar { label, enabled: std::io::stderr().is_terminal(), drawn: None }
     }
 
+    /// Redraws the bar at `done` of `total` (bytes or records, whatever the scan counts).
     pub fn update(&mut self, done: u64, total: u64) {
         if !self.enabled || total == 0 {
             return;
@@ -77,6 +80,7 @@ impl ProgressBar {
         let _ = err.flush();
     }
 
+    /// Clears the bar, so that the output that follows starts on a clean line.
     pub fn finish(&mut self) {
         if self.enabled && self.drawn.is_some() {
             let mut err = std::io::stderr().lock();
@@ -98,12 +102,14 @@ fn time(ledger: &Ledger, field: &str, text: &str) -> Result<i64> {
     parse_time(field, text, ledger.now_micros())
 }
 
+/// `capacity --at TIME`.
 pub fn capacity_at(ledger: &Ledger, at: &str) -> Result<CapacityReport> {
     let t = time(ledger, "at", at)?;
     prepare(ledger)?;
     ledger.capacity_at(t)
 }
 
+/// `list --at TIME`.
 pub fn list_at(
     ledger: &Ledger,
     at: &str,
@@ -115,13 +121,14 @@ pub fn list_at(
     ledger.list_allocations_at(t, state, job_id)
 }
 
+/// `log --since/--until`: the events of a time window as NDJSON.
 pub fn log(
     ledger: &Ledger,
     from_seq: u64,
     limit: Option<usize>,
     since: Option<&str>,
     until: Option<&str>,
-) -> Result<i32> {
+) -> Result<ExitCode> {
     let range = EventRange {
         since: since.map(|s| time(ledger, "since", s)).transpose()?,
         until: until.map(|u| time(ledger, "until", u)).transpose()?,
@@ -130,26 +137,37 @@ pub fn log(
     };
     let mut left = limit.unwrap_or(usize::MAX);
     if left == 0 {
-        return Ok(exit::OK);
+        return Ok(ExitCode::Ok);
     }
     let mut stdout = std::io::stdout().lock();
     let mut failed = None;
     ledger.for_each_event(range, &mut |e| {
-        if let Err(err) = writeln!(stdout, "{}", serde_json::to_string(e).expect("serializable")) {
-            failed = Some(err);
-            return false;
+        let written = to_json(e).and_then(|line| match writeln!(stdout, "{line}") {
+            // A closed pipe (`| head`) is not an error of ours; it ends the output all the same.
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+            Err(err) => Err(Error::io("writing to stdout", err)),
+            Ok(()) => Ok(true),
+        });
+        match written {
+            Ok(true) => {
+                left -= 1;
+                left > 0
+            }
+            Ok(false) => false,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
         }
-        left -= 1;
-        left > 0
     })?;
     match failed {
-        // A closed pipe (`| head`) is not an error of ours.
-        Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("writing to stdout", e)),
-        _ => Ok(exit::OK),
+        Some(e) => Err(e),
+        None => Ok(ExitCode::Ok),
     }
 }
 
-pub fn history(ledger: &Ledger, out: &Out, args: HistoryArgs) -> Result<i32> {
+/// `history --allocation ID | --job-id JOB`.
+pub fn history(ledger: &Ledger, out: &Out, args: HistoryArgs) -> Result<ExitCode> {
     let h = match (&args.allocation, &args.job_id) {
         (Some(id), _) => {
             AllocationId::parse("allocation", id)?;
@@ -158,8 +176,8 @@ pub fn history(ledger: &Ledger, out: &Out, args: HistoryArgs) -> Result<i32> {
         (None, Some(job)) => ledger.job_history(job)?,
         (None, None) => unreachable!("clap requires one"),
     };
-    out.doc(&h, || human_history(&h));
-    Ok(exit::OK)
+    out.doc(&h, || human_history(&h))?;
+    Ok(ExitCode::Ok)
 }
 
 fn human_history(h: &History) -> String {
@@ -201,7 +219,8 @@ fn human_history(h: &History) -> String {
     format!("history of {subject}\n{}", table(&["SEQ", "AT", "EVENT", "ALLOCATION", "DETAIL"], &rows))
 }
 
-pub fn usage(ledger: &Ledger, out: &Out, args: UsageArgs) -> Result<i32> {
+/// `usage`: resource-seconds over a window, by job or metadata key.
+pub fn usage(ledger: &Ledger, out: &Out, args: UsageArgs) -> Result<ExitCode> {
     let since = time(ledger, "since", &args.since)?;
     let until = time(ledger, "until", &args.until)?;
     let by = GroupBy::parse("by", &args.by)?;
@@ -210,8 +229,8 @@ pub fn usage(ledger: &Ledger, out: &Out, args: UsageArgs) -> Result<i32> {
     let r = ledger.usage_with_progress(since, until, &by, &mut |done, total| bar.update(done, total));
     bar.finish();
     let r = r?;
-    out.doc(&r, || human_usage(&r));
-    Ok(exit::OK)
+    out.doc(&r, || human_usage(&r))?;
+    Ok(ExitCode::Ok)
 }
 
 fn human_usage(r: &UsageReport) -> String {
@@ -261,7 +280,8 @@ fn human_usage(r: &UsageReport) -> String {
     )
 }
 
-pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<i32> {
+/// `timeline`: utilisation per bucket, optionally drawn as SVG.
+pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<ExitCode> {
     let since = time(ledger, "since", &args.since)?;
     let until = time(ledger, "until", &args.until)?;
     let bucket = parse_duration_micros(&args.bucket).filter(|b| *b > 0).ok_or_else(|| {
@@ -275,12 +295,12 @@ pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<i32> {
             eprintln!("wrote a chart to {}", path.display());
         }
     }
-    let mut doc = serde_json::to_value(&tl).expect("serializable");
+    let mut doc = to_json(&tl)?;
     if let Some(path) = &args.svg {
         doc["svg"] = path.display().to_string().into();
     }
-    out.doc(&doc, || human_timeline(&tl));
-    Ok(exit::OK)
+    out.doc(&doc, || human_timeline(&tl))?;
+    Ok(ExitCode::Ok)
 }
 
 fn human_timeline(tl: &Timeline) -> String {

@@ -1,7 +1,7 @@
 //! Command-line interface: one subcommand per ledger operation, human tables or `--json`.
 
 use allocation_ledger::format_micros;
-use allocation_ledger::storage::{FaultyStorage, FsStorage};
+use allocation_ledger::storage::{FsStorage, MemoryStorage};
 use allocation_ledger::VerifyReport;
 use allocation_ledger::*;
 use allocation_ledger::{AllocationState, Config, Error, Ledger, Priority, ResourceRequest};
@@ -9,20 +9,11 @@ use allocation_ledger::{OpenOptions, SnapshotInfo};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 mod history;
-
-/// Exit codes (documented in README.md).
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const OTHER: i32 = 1;
-    pub const INVALID_INPUT: i32 = 2;
-    pub const NOT_GRANTED: i32 = 3;
-    pub const NOT_FOUND: i32 = 4;
-    pub const LOCKED: i32 = 5;
-    pub const DAMAGED: i32 = 6;
-}
+#[cfg(feature = "server")]
+mod serve;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,7 +22,7 @@ pub mod exit {
     about = "An event-sourced, durable ledger of worker slots and MCP servers for AI-agent jobs",
     after_help = "Exit codes: 0 success, 1 other error, 2 invalid input, 3 not granted, 4 not found, 5 ledger locked, 6 ledger damaged."
 )]
-pub struct Cli {
+struct Cli {
     /// Ledger directory [default: $XDG_DATA_HOME/allocation-ledger, else ~/.local/share/allocation-ledger]
     #[arg(long, global = true, env = "ALLOCATION_LEDGER_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -140,7 +131,7 @@ enum Command {
     Demo,
     /// Run the MCP server (stdio, or Streamable HTTP with --http)
     #[cfg(feature = "server")]
-    Serve(allocation_ledger::mcp::ServeArgs),
+    Serve(serve::ServeArgs),
 }
 
 fn default_data_dir() -> PathBuf {
@@ -151,16 +142,6 @@ fn default_data_dir() -> PathBuf {
         return PathBuf::from(h).join(".local/share/allocation-ledger");
     }
     PathBuf::from("allocation-ledger-data")
-}
-
-fn exit_code(e: &Error) -> i32 {
-    match e {
-        Error::InvalidInput { .. } => exit::INVALID_INPUT,
-        Error::NotFound(_) => exit::NOT_FOUND,
-        Error::Locked { .. } => exit::LOCKED,
-        Error::Damaged(_) | Error::Inconsistent { .. } => exit::DAMAGED,
-        _ => exit::OTHER,
-    }
 }
 
 /// Flag spelling of a library field name, for messages.
@@ -190,14 +171,15 @@ struct Out {
 }
 
 impl Out {
-    fn doc<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
-        let mut stdout = std::io::stdout().lock();
-        let text = if self.json { serde_json::to_string(value).expect("serializable") } else { human() };
-        let _ = writeln!(stdout, "{}", text.trim_end());
+    /// Prints one document: `value` as JSON with `--json`, else the human text.
+    fn doc<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) -> allocation_ledger::Result<()> {
+        let text = if self.json { to_json(value)?.to_string() } else { human() };
+        let _ = writeln!(std::io::stdout().lock(), "{}", text.trim_end());
+        Ok(())
     }
 
-    fn error(&self, e: &Error) -> i32 {
-        let code = exit_code(e);
+    fn error(&self, e: &Error) -> ExitCode {
+        let code = e.exit_code();
         let mut message = e.to_string();
         if let Error::InvalidInput { field, .. } = e {
             if let Some(flag) = flag_for(field) {
@@ -205,7 +187,8 @@ impl Out {
             }
         }
         if self.json {
-            let mut obj = serde_json::json!({"error": {"kind": e.kind(), "message": message, "exit_code": code}});
+            let mut obj =
+                serde_json::json!({"error": {"kind": e.kind(), "message": message, "exit_code": code.code()}});
             if let Error::InvalidInput { field, .. } = e {
                 obj["error"]["field"] = field.clone().into();
             }
@@ -221,25 +204,32 @@ impl Out {
     }
 }
 
-pub fn main() -> i32 {
+/// Serialises a report. Report types serialise without fail (plain data, string keys); should
+/// one ever fail, that is an error to report, not a reason to panic.
+fn to_json<T: Serialize>(value: &T) -> allocation_ledger::Result<serde_json::Value> {
+    serde_json::to_value(value).map_err(|e| Error::io("cannot serialise the output as JSON", e.into()))
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
-                return exit::OK;
+                return ExitCode::Ok;
             }
             if std::env::args().any(|a| a == "--json") {
                 let msg = e.render().to_string();
                 println!(
                     "{}",
-                    serde_json::json!({"error": {"kind": "invalid_input", "message": msg.trim(), "exit_code": exit::INVALID_INPUT}})
+                    serde_json::json!({"error": {"kind": "invalid_input", "message": msg.trim(), "exit_code": ExitCode::InvalidInput.code()}})
                 );
             } else {
                 let _ = e.print();
             }
-            return exit::INVALID_INPUT;
+            return ExitCode::InvalidInput;
         }
     };
     let out = Out { json: cli.json };
@@ -274,7 +264,7 @@ fn open_reader(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledge
             Ok(ledger)
         }
         Err(Error::NoLedger { .. }) => {
-            let opts = open_options(config_file)?.storage(std::sync::Arc::new(FaultyStorage::new()));
+            let opts = open_options(config_file)?.storage(std::sync::Arc::new(MemoryStorage::new()));
             let preview = Ledger::open_with(dir, opts)?;
             eprintln!(
                 "note: no ledger in {} yet; showing the pool a first write (such as `request`) would create. Nothing was written",
@@ -325,8 +315,9 @@ fn report_recovery(ledger: &Ledger) {
     }
 }
 
-fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
+fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
     let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    let config = &cli.config;
     match cli.command {
         Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata } => {
             let req = ResourceRequest {
@@ -335,133 +326,167 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<i32> {
                 workers: parse_number("workers", &workers, u32::MAX as u64)? as u32,
                 priority: Priority::parse("priority", &priority)?,
                 ttl_seconds: ttl_seconds.as_deref().map(|t| parse_number("ttl_seconds", t, u64::MAX)).transpose()?,
-                metadata: match metadata {
-                    None => Default::default(),
-                    Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
-                        Ok(serde_json::Value::Object(m)) => m,
-                        Ok(_) => {
-                            return Err(Error::invalid("metadata", "must be a JSON object, e.g. {\"team\":\"infra\"}"))
-                        }
-                        Err(e) => return Err(Error::invalid("metadata", format!("is not valid JSON: {e}"))),
-                    },
-                },
+                metadata: parse_metadata(metadata)?,
             };
-            let ledger = open_writer(&dir, &cli.config)?;
-            let outcome = ledger.request_resources(&req)?;
-            warn_snapshot_error(&ledger);
-            out.doc(&outcome, || human_request(&outcome));
-            Ok(if outcome.is_granted() { exit::OK } else { exit::NOT_GRANTED })
+            request(out, &open_writer(&dir, config)?, &req)
         }
-        Command::Release { allocation_id } => {
-            allocation_ledger::AllocationId::parse("allocation_id", &allocation_id)?;
-            let ledger = open_writer(&dir, &cli.config)?;
-            let r = ledger.release_resources(&allocation_id)?;
-            warn_snapshot_error(&ledger);
-            out.doc(&r, || human_release(&r));
-            Ok(exit::OK)
-        }
+        Command::Release { allocation_id } => release(out, &dir, config, &allocation_id),
         Command::Capacity { at } => {
-            let ledger = open_reader(&dir, &cli.config)?;
+            let ledger = open_reader(&dir, config)?;
             let c = match at {
                 None => ledger.get_capacity()?,
                 Some(at) => history::capacity_at(&ledger, &at)?,
             };
-            out.doc(&c, || human_capacity(&c));
-            Ok(exit::OK)
+            out.doc(&c, || human_capacity(&c))?;
+            Ok(ExitCode::Ok)
         }
-        Command::Get { allocation_id } => {
-            allocation_ledger::AllocationId::parse("allocation_id", &allocation_id)?;
-            let ledger = open_reader(&dir, &cli.config)?;
-            match ledger.get_allocation(&allocation_id)? {
-                Some(d) => {
-                    out.doc(&d, || human_details(&d));
-                    Ok(exit::OK)
-                }
-                None => Err(Error::NotFound(allocation_id)),
-            }
-        }
-        Command::List { state, job_id, at } => {
-            let state = state.as_deref().map(|s| AllocationState::parse("state", s)).transpose()?;
-            if let Some(j) = &job_id {
-                allocation_ledger::testing::validate_job_id("job_id", j)?;
-            }
-            let ledger = open_reader(&dir, &cli.config)?;
-            let rows = match at {
-                None => ledger.list_allocations(state, job_id.as_deref())?,
-                Some(at) => history::list_at(&ledger, &at, state, job_id.as_deref())?,
-            };
-            out.doc(&rows, || human_list(&rows));
-            Ok(exit::OK)
-        }
-        Command::CleanupExpired => {
-            let ledger = open_writer(&dir, &cli.config)?;
-            let r = ledger.cleanup_expired()?;
-            out.doc(&r, || {
-                if r.count == 0 {
-                    "no allocations past their deadline".into()
-                } else {
-                    let ids: Vec<String> = r.cleaned_up.iter().map(|i| i.to_string()).collect();
-                    format!("expired {} allocation(s): {}", r.count, ids.join(", "))
-                }
-            });
-            Ok(exit::OK)
-        }
+        Command::Get { allocation_id } => get(out, &dir, config, allocation_id),
+        Command::List { state, job_id, at } => list(out, &dir, config, state, job_id, at),
+        Command::CleanupExpired => cleanup_expired(out, &open_writer(&dir, config)?),
         Command::Log { from_seq, limit, since, until } if since.is_some() || until.is_some() => {
-            let ledger = open_reader(&dir, &cli.config)?;
+            let ledger = open_reader(&dir, config)?;
             history::log(&ledger, from_seq, limit, since.as_deref(), until.as_deref())
         }
-        Command::History(args) => history::history(&open_reader(&dir, &cli.config)?, out, args),
-        Command::Usage(args) => history::usage(&open_reader(&dir, &cli.config)?, out, args),
-        Command::Timeline(args) => history::timeline(&open_reader(&dir, &cli.config)?, out, args),
-        Command::Log { from_seq, limit, .. } => {
-            // No preview here: its one event would be a ledger that does not exist.
-            let ledger = Ledger::open_read_only(&dir)?;
-            report_recovery(&ledger);
-            let events = ledger.events(from_seq.max(1), limit.unwrap_or(usize::MAX))?;
-            let mut stdout = std::io::stdout().lock();
-            for e in events {
-                let _ = writeln!(stdout, "{}", serde_json::to_string(&e).expect("serializable"));
-            }
-            Ok(exit::OK)
-        }
-        Command::Verify => {
-            if !dir.join(allocation_ledger::layout::WAL_DIR).exists() {
-                return Err(Error::NoLedger { path: dir });
-            }
-            let storage = FsStorage::default();
-            let mut bar = history::ProgressBar::new("verifying");
-            let report = allocation_ledger::verify(&storage, &dir, &mut |done, total| bar.update(done, total))?;
-            bar.finish();
-            out.doc(&report, || human_verify(&report));
-            Ok(if report.ok { exit::OK } else { exit::DAMAGED })
-        }
-        Command::Repair { force_truncate, dry_run } => {
-            use allocation_ledger::{repair, RepairOptions};
-            let storage = FsStorage { mmap_min_bytes: 0 };
-            let report = repair(&storage, &dir, RepairOptions { force_truncate, dry_run })?;
-            let verified = if report.applied || !report.plan.has_work() {
-                Some(allocation_ledger::verify(&storage, &dir, &mut |_, _| {})?)
-            } else {
-                None
-            };
-            let ok = verified.as_ref().is_some_and(|v| v.ok);
-            let doc = serde_json::json!({"repair": &report, "verify": &verified});
-            out.doc(&doc, || human_repair(&report, verified.as_ref(), dry_run));
-            Ok(if ok || (dry_run && report.refused.is_none()) { exit::OK } else { exit::DAMAGED })
-        }
+        Command::History(args) => history::history(&open_reader(&dir, config)?, out, args),
+        Command::Usage(args) => history::usage(&open_reader(&dir, config)?, out, args),
+        Command::Timeline(args) => history::timeline(&open_reader(&dir, config)?, out, args),
+        Command::Log { from_seq, limit, .. } => log(&dir, from_seq, limit),
+        Command::Verify => verify(out, dir),
+        Command::Repair { force_truncate, dry_run } => repair(out, &dir, force_truncate, dry_run),
         Command::Snapshot => {
-            let ledger = open_writer(&dir, &cli.config)?;
+            let ledger = open_writer(&dir, config)?;
             let s: SnapshotInfo = ledger.snapshot()?;
-            out.doc(&s, || format!("snapshot at sequence number {} written to {}", s.seq, s.path.display()));
-            Ok(exit::OK)
+            out.doc(&s, || format!("snapshot at sequence number {} written to {}", s.seq, s.path.display()))?;
+            Ok(ExitCode::Ok)
         }
-        Command::Demo => demo(out, &cli.config),
+        Command::Demo => demo(out, config),
         #[cfg(feature = "server")]
-        Command::Serve(args) => Ok(allocation_ledger::mcp::serve(
-            allocation_ledger::mcp::ServeContext { data_dir: dir, config_file: cli.config.clone() },
-            args,
-        )),
+        Command::Serve(args) => Ok(serve::serve(dir, cli.config.clone(), args)),
     }
+}
+
+/// `--metadata`: a JSON object, or nothing.
+fn parse_metadata(metadata: Option<String>) -> allocation_ledger::Result<serde_json::Map<String, serde_json::Value>> {
+    match metadata {
+        None => Ok(Default::default()),
+        Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            Ok(_) => Err(Error::invalid("metadata", "must be a JSON object, e.g. {\"team\":\"infra\"}")),
+            Err(e) => Err(Error::invalid("metadata", format!("is not valid JSON: {e}"))),
+        },
+    }
+}
+
+fn request(out: &Out, ledger: &Ledger, req: &ResourceRequest) -> allocation_ledger::Result<ExitCode> {
+    let outcome = ledger.request_resources(req)?;
+    warn_snapshot_error(ledger);
+    out.doc(&outcome, || human_request(&outcome))?;
+    Ok(if outcome.is_granted() { ExitCode::Ok } else { ExitCode::NotGranted })
+}
+
+fn release(
+    out: &Out,
+    dir: &PathBuf,
+    config: &Option<PathBuf>,
+    allocation_id: &str,
+) -> allocation_ledger::Result<ExitCode> {
+    allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
+    let ledger = open_writer(dir, config)?;
+    let r = ledger.release_resources(allocation_id)?;
+    warn_snapshot_error(&ledger);
+    out.doc(&r, || human_release(&r))?;
+    Ok(ExitCode::Ok)
+}
+
+fn get(
+    out: &Out,
+    dir: &PathBuf,
+    config: &Option<PathBuf>,
+    allocation_id: String,
+) -> allocation_ledger::Result<ExitCode> {
+    allocation_ledger::AllocationId::parse("allocation_id", &allocation_id)?;
+    let ledger = open_reader(dir, config)?;
+    match ledger.get_allocation(&allocation_id)? {
+        Some(d) => {
+            out.doc(&d, || human_details(&d))?;
+            Ok(ExitCode::Ok)
+        }
+        None => Err(Error::NotFound(allocation_id)),
+    }
+}
+
+fn list(
+    out: &Out,
+    dir: &PathBuf,
+    config: &Option<PathBuf>,
+    state: Option<String>,
+    job_id: Option<String>,
+    at: Option<String>,
+) -> allocation_ledger::Result<ExitCode> {
+    let state = state.as_deref().map(|s| AllocationState::parse("state", s)).transpose()?;
+    if let Some(j) = &job_id {
+        allocation_ledger::validate_job_id("job_id", j)?;
+    }
+    let ledger = open_reader(dir, config)?;
+    let rows = match at {
+        None => ledger.list_allocations(state, job_id.as_deref())?,
+        Some(at) => history::list_at(&ledger, &at, state, job_id.as_deref())?,
+    };
+    out.doc(&rows, || human_list(&rows))?;
+    Ok(ExitCode::Ok)
+}
+
+fn cleanup_expired(out: &Out, ledger: &Ledger) -> allocation_ledger::Result<ExitCode> {
+    let r = ledger.cleanup_expired()?;
+    out.doc(&r, || {
+        if r.count == 0 {
+            "no allocations past their deadline".into()
+        } else {
+            let ids: Vec<String> = r.cleaned_up.iter().map(|i| i.to_string()).collect();
+            format!("expired {} allocation(s): {}", r.count, ids.join(", "))
+        }
+    })?;
+    Ok(ExitCode::Ok)
+}
+
+/// `log` without a time window: events by sequence number, as NDJSON.
+fn log(dir: &Path, from_seq: u64, limit: Option<usize>) -> allocation_ledger::Result<ExitCode> {
+    // No preview here: its one event would be a ledger that does not exist.
+    let ledger = Ledger::open_read_only(dir)?;
+    report_recovery(&ledger);
+    let events = ledger.events(from_seq.max(1), limit.unwrap_or(usize::MAX))?;
+    let mut stdout = std::io::stdout().lock();
+    for e in events {
+        let _ = writeln!(stdout, "{}", to_json(&e)?);
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn verify(out: &Out, dir: PathBuf) -> allocation_ledger::Result<ExitCode> {
+    if !dir.join(allocation_ledger::layout::WAL_DIR).exists() {
+        return Err(Error::NoLedger { path: dir });
+    }
+    let storage = FsStorage::default();
+    let mut bar = history::ProgressBar::new("verifying");
+    let report = allocation_ledger::verify(&storage, &dir, &mut |done, total| bar.update(done, total))?;
+    bar.finish();
+    out.doc(&report, || human_verify(&report))?;
+    Ok(if report.ok { ExitCode::Ok } else { ExitCode::Damaged })
+}
+
+fn repair(out: &Out, dir: &Path, force_truncate: bool, dry_run: bool) -> allocation_ledger::Result<ExitCode> {
+    use allocation_ledger::{repair, RepairOptions};
+    let storage = FsStorage { mmap_min_bytes: 0 };
+    let report = repair(&storage, dir, RepairOptions { force_truncate, dry_run })?;
+    let verified = if report.applied || !report.plan.has_work() {
+        Some(allocation_ledger::verify(&storage, dir, &mut |_, _| {})?)
+    } else {
+        None
+    };
+    let ok = verified.as_ref().is_some_and(|v| v.ok);
+    let doc = serde_json::json!({"repair": &report, "verify": &verified});
+    out.doc(&doc, || human_repair(&report, verified.as_ref(), dry_run))?;
+    Ok(if ok || (dry_run && report.refused.is_none()) { ExitCode::Ok } else { ExitCode::Damaged })
 }
 
 fn parse_number(field: &str, text: &str, max: u64) -> allocation_ledger::Result<u64> {
@@ -504,7 +529,11 @@ fn human_request(o: &RequestOutcome) -> String {
         RequestOutcome::Granted(g) => {
             let mut s = format!(
                 "granted {} to job {} (priority {}, ttl {} s, expires {})\n",
-                g.allocation_id, g.job_id, g.priority, g.ttl_seconds, g.expires_at
+                g.allocation_id,
+                g.job_id,
+                g.priority,
+                g.ttl_seconds,
+                format_micros(g.expires_at.timestamp_micros())
             );
             if !g.workers_allocated.is_empty() {
                 let rows: Vec<Vec<String>> = g
@@ -570,7 +599,11 @@ fn human_capacity(c: &CapacityReport) -> String {
         "running MCP servers: {}\n",
         if c.running_mcp_servers.is_empty() { "(none)".to_string() } else { c.running_mcp_servers.join(", ") }
     ));
-    s.push_str(&format!("as of:               {} (sequence number {})\n", c.as_of, c.seq));
+    s.push_str(&format!(
+        "as of:               {} (sequence number {})\n",
+        format_micros(c.as_of.timestamp_micros()),
+        c.seq
+    ));
     s
 }
 
@@ -588,11 +621,11 @@ fn human_details(d: &AllocationDetails) -> String {
                 d.resources.workers, d.resources.cpu_allocated, d.resources.memory_allocated
             ),
         ],
-        vec!["created".into(), t.created_at.clone()],
+        vec!["created".into(), format_micros(t.created_at.timestamp_micros())],
     ];
     for (k, v) in [("expires", &t.expires_at), ("released", &t.released_at), ("expired", &t.expired_at)] {
         if let Some(v) = v {
-            rows.push(vec![k.into(), v.clone()]);
+            rows.push(vec![k.into(), format_micros(v.timestamp_micros())]);
         }
     }
     rows.push(vec!["ttl".into(), format!("{} s", d.ttl_seconds)]);
@@ -759,7 +792,7 @@ fn human_verify(r: &VerifyReport) -> String {
 }
 
 /// The original system's acceptance scenario, on a scratch ledger, step by step.
-fn demo(out: &Out, config_file: &Option<PathBuf>) -> allocation_ledger::Result<i32> {
+fn demo(out: &Out, config_file: &Option<PathBuf>) -> allocation_ledger::Result<ExitCode> {
     let scratch = std::env::temp_dir().join(format!("allocation-ledger-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     let result = (|| {
@@ -772,38 +805,34 @@ fn demo(out: &Out, config_file: &Option<PathBuf>) -> allocation_ledger::Result<i
             steps.push(serde_json::json!({"step": title, "result": value}));
         };
         let c = ledger.get_capacity()?;
-        say("1. a fresh ledger", serde_json::to_value(&c).unwrap(), human_capacity(&c));
+        say("1. a fresh ledger", to_json(&c)?, human_capacity(&c));
         let g = ledger.request_resources(&ResourceRequest::new("demo-job").workers(4).mcp_server("github"))?;
-        say("2. request 4 workers and the github MCP server", serde_json::to_value(&g).unwrap(), human_request(&g));
+        say("2. request 4 workers and the github MCP server", to_json(&g)?, human_request(&g));
         let c = ledger.get_capacity()?;
-        say("3. capacity now", serde_json::to_value(&c).unwrap(), human_capacity(&c));
+        say("3. capacity now", to_json(&c)?, human_capacity(&c));
         let id = g.allocation_id().to_string();
-        let d = ledger.get_allocation(&id)?.expect("just granted");
-        say("4. the allocation", serde_json::to_value(&d).unwrap(), human_details(&d));
+        let d = ledger.get_allocation(&id)?.ok_or_else(|| Error::NotFound(id.clone()))?;
+        say("4. the allocation", to_json(&d)?, human_details(&d));
         let l = ledger.list_allocations(None, None)?;
-        say("5. all allocations", serde_json::to_value(&l).unwrap(), human_list(&l));
+        say("5. all allocations", to_json(&l)?, human_list(&l));
         let big = ledger.request_resources(&ResourceRequest::new("greedy-job").workers(7))?;
-        say(
-            "6. a request the pool cannot hold (recorded as failed)",
-            serde_json::to_value(&big).unwrap(),
-            human_request(&big),
-        );
+        say("6. a request the pool cannot hold (recorded as failed)", to_json(&big)?, human_request(&big));
         let r = ledger.release_resources(&id)?;
-        say("7. release", serde_json::to_value(&r).unwrap(), human_release(&r));
+        say("7. release", to_json(&r)?, human_release(&r));
         let c = ledger.get_capacity()?;
-        say("8. capacity is back", serde_json::to_value(&c).unwrap(), human_capacity(&c));
+        say("8. capacity is back", to_json(&c)?, human_capacity(&c));
         let events = ledger.events(1, usize::MAX)?;
         let lines: Vec<String> = events
             .iter()
             .map(|e| format!("{:>3}  {}  {}", e.seq, format_micros(e.event.ts_us), e.event.body.type_name()))
             .collect();
-        say("9. the log: every step is an event", serde_json::to_value(&events).unwrap(), lines.join("\n"));
+        say("9. the log: every step is an event", to_json(&events)?, lines.join("\n"));
         if out.json {
             println!("{}", serde_json::json!({"data_dir": scratch, "steps": steps}));
         } else {
             println!("(scratch ledger in {}; removed on exit)", scratch.display());
         }
-        Ok(exit::OK)
+        Ok(ExitCode::Ok)
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result

@@ -7,10 +7,19 @@ use std::sync::Arc;
 /// Microseconds since the Unix epoch; the unit of every timestamp in the log.
 pub type Micros = i64;
 
+/// Microseconds in a second: what a `ttl_seconds` is multiplied by to give a deadline.
+pub const MICROS_PER_SECOND: i64 = 1_000_000;
+
+/// Microseconds in a day.
+const MICROS_PER_DAY: i64 = 86_400 * MICROS_PER_SECOND;
+
+/// Where the ledger reads the time that stamps its events; injectable so tests control it.
 pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// The current time, in microseconds since the Unix epoch.
     fn now_micros(&self) -> Micros;
 }
 
+/// The operating system's wall clock: what a real ledger runs on.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
@@ -20,6 +29,9 @@ impl Clock for SystemClock {
     }
 }
 
+/// 2026-01-01T00:00:00Z, where [`ManualClock::at_default_epoch`] starts.
+const DEFAULT_EPOCH_US: Micros = 1_767_225_600_000_000;
+
 /// A clock that moves only when told to; cheap to clone, clones share the time.
 #[derive(Debug, Clone)]
 pub struct ManualClock {
@@ -27,23 +39,27 @@ pub struct ManualClock {
 }
 
 impl ManualClock {
+    /// A clock standing at `start`.
     pub fn new(start: Micros) -> Self {
         ManualClock { now: Arc::new(AtomicI64::new(start)) }
     }
 
     /// Starts at 2026-01-01T00:00:00Z, a fixed instant so tests are reproducible.
     pub fn at_default_epoch() -> Self {
-        Self::new(1_767_225_600_000_000)
+        Self::new(DEFAULT_EPOCH_US)
     }
 
+    /// Moves the clock to `t` (backwards too: the ledger must cope with a clock that jumps back).
     pub fn set(&self, t: Micros) {
         self.now.store(t, Ordering::SeqCst);
     }
 
+    /// Moves the clock forward by whole seconds.
     pub fn advance_seconds(&self, seconds: i64) {
-        self.now.fetch_add(seconds * 1_000_000, Ordering::SeqCst);
+        self.now.fetch_add(seconds * MICROS_PER_SECOND, Ordering::SeqCst);
     }
 
+    /// Moves the clock forward by `micros`.
     pub fn advance_micros(&self, micros: i64) {
         self.now.fetch_add(micros, Ordering::SeqCst);
     }
@@ -72,9 +88,39 @@ pub fn format_micros(t: Micros) -> String {
 const FORMAT_FAST_END_US: Micros = 253_402_300_800_000_000;
 
 /// `format_micros` for `0 <= t < FORMAT_FAST_END_US`.
+#[allow(clippy::expect_used, reason = "the text is built from ASCII digits and separators only")]
 fn format_micros_fast(t: Micros) -> String {
+    String::from_utf8(fast_text(t).to_vec()).expect("digits and separators are ASCII")
+}
+
+/// The instant `t` as [`format_micros`] writes it, without allocating: what report
+/// serialisation writes straight into its output.
+pub(crate) struct MicrosText(pub(crate) Micros);
+
+impl std::fmt::Display for MicrosText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if (0..FORMAT_FAST_END_US).contains(&self.0) {
+            let text = fast_text(self.0);
+            return f.write_str(std::str::from_utf8(&text).map_err(|_| std::fmt::Error)?);
+        }
+        f.write_str(&format_micros(self.0))
+    }
+}
+
+/// The instant `t` as a date-time, for typed report fields. Clamped to chrono's range (about
+/// 262,000 years either side of year 0), which only a crafted snapshot can exceed.
+pub(crate) fn datetime(t: Micros) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_micros(t).unwrap_or(if t < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
+}
+
+/// The bytes of `format_micros` for `0 <= t < FORMAT_FAST_END_US`.
+fn fast_text(t: Micros) -> [u8; 27] {
     debug_assert!((0..FORMAT_FAST_END_US).contains(&t));
-    let (days, micros_of_day) = (t / 86_400_000_000, t % 86_400_000_000);
+    let (days, micros_of_day) = (t / MICROS_PER_DAY, t % MICROS_PER_DAY);
     // Days to a civil date (Howard Hinnant's `civil_from_days`), with eras of 400 years.
     let z = days + 719_468;
     let era = z / 146_097;
@@ -85,7 +131,8 @@ fn format_micros_fast(t: Micros) -> String {
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
     let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
-    let (year, seconds, micros) = (year as u32, (micros_of_day / 1_000_000) as u32, (micros_of_day % 1_000_000) as u32);
+    let (year, seconds, micros) =
+        (year as u32, (micros_of_day / MICROS_PER_SECOND) as u32, (micros_of_day % MICROS_PER_SECOND) as u32);
     let mut text = *b"0000-00-00T00:00:00.000000Z";
     // Two digits at a time, by constant divisors (multiplications once compiled).
     let mut put = |at: usize, v: u32| {
@@ -103,7 +150,7 @@ fn format_micros_fast(t: Micros) -> String {
     put(20, micros / 10_000);
     put(22, micros / 100 % 100);
     put(24, micros % 100);
-    String::from_utf8(text.to_vec()).expect("digits and separators are ASCII")
+    text
 }
 
 /// Parses RFC 3339 (`2026-11-27T03:12:00Z`) or a relative form against `now`:
@@ -142,11 +189,11 @@ pub fn parse_duration_micros(text: &str) -> Option<i64> {
     let unit_micros: i64 = match unit {
         "us" => 1,
         "ms" => 1_000,
-        "s" => 1_000_000,
-        "m" => 60_000_000,
-        "h" => 3_600_000_000,
-        "d" => 86_400_000_000,
-        "w" => 7 * 86_400_000_000,
+        "s" => MICROS_PER_SECOND,
+        "m" => 60 * MICROS_PER_SECOND,
+        "h" => 3_600 * MICROS_PER_SECOND,
+        "d" => MICROS_PER_DAY,
+        "w" => 7 * MICROS_PER_DAY,
         _ => return None,
     };
     n.checked_mul(unit_micros)

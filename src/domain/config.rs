@@ -5,19 +5,46 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Limits on everything that comes from outside.
-pub const MAX_JOB_ID_CHARS: usize = 256;
-pub const MAX_MCP_NAME_CHARS: usize = 64;
-pub const MAX_MCP_SERVERS_PER_REQUEST: usize = 64;
-pub const MAX_WORKER_SLOTS: u32 = 100_000;
-pub const MAX_ENDPOINT_CHARS: usize = 512;
+// Limits on everything that comes from outside: each bounds what one request or one config
+// can make the ledger hold, so no input can exhaust memory or overflow the integer units.
 
+/// Longest job id, in characters.
+pub const MAX_JOB_ID_CHARS: usize = 256;
+/// Longest MCP server name, in characters.
+pub const MAX_MCP_NAME_CHARS: usize = 64;
+/// Most MCP servers one request may name.
+pub const MAX_MCP_SERVERS_PER_REQUEST: usize = 64;
+/// Longest metadata key, in characters (keys also name `usage --by metadata.KEY` groups).
+pub const MAX_METADATA_KEY_CHARS: usize = 128;
+/// Most worker slots a pool may have.
+pub const MAX_WORKER_SLOTS: u32 = 100_000;
+/// Longest worker or MCP endpoint, in bytes.
+pub const MAX_ENDPOINT_CHARS: usize = 512;
+/// Bound on the pool's totals (millicores, MiB): sums of them cannot overflow a `u64`.
+const MAX_TOTAL_UNITS: u64 = 1 << 40;
+/// Longest allowed `max_ttl_seconds`: ten years.
+const MAX_TTL_LIMIT_SECONDS: u64 = 10 * 365 * 86_400;
+/// Most `max_metadata_bytes` may allow: 256 KiB.
+const MAX_METADATA_BYTES_LIMIT: usize = 256 * 1024;
+/// Smallest segment size: one page.
+const MIN_SEGMENT_SIZE_BYTES: u64 = 4096;
+/// Largest segment size: 4 GiB (record offsets within a segment are 32-bit).
+const MAX_SEGMENT_SIZE_BYTES: u64 = 1 << 32;
+/// Most ended allocations memory may keep.
+const MAX_TERMINAL_RETAINED: u64 = 10_000_000;
+/// Highest TCP port; a pool's worker ports must stay at or below it.
+const MAX_PORT: u32 = 65_535;
+
+/// An MCP server the pool knows in advance: its fixed endpoint and what it costs while it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct McpCatalogEntry {
+    /// Where the server listens; every grant naming it gets this endpoint.
     pub endpoint: String,
+    /// CPU charged to the pool while any active allocation uses the server.
     #[serde(default)]
     pub cpu_millicores: u64,
+    /// Memory charged to the pool while any active allocation uses the server.
     #[serde(default)]
     pub memory_mib: u64,
 }
@@ -28,10 +55,27 @@ pub struct McpCatalogEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriorityReservePercent {
+    /// Kept free from `low` requests (25 by default).
     pub low: u8,
+    /// Kept free from `normal` requests.
     pub normal: u8,
+    /// Kept free from `high` requests.
     pub high: u8,
+    /// Kept free from `critical` requests.
     pub critical: u8,
+}
+
+impl PriorityReservePercent {
+    /// The percent kept free from requests of `priority`.
+    pub fn for_priority(self, priority: crate::domain::model::Priority) -> u8 {
+        use crate::domain::model::Priority;
+        match priority {
+            Priority::Low => self.low,
+            Priority::Normal => self.normal,
+            Priority::High => self.high,
+            Priority::Critical => self.critical,
+        }
+    }
 }
 
 impl Default for PriorityReservePercent {
@@ -40,17 +84,23 @@ impl Default for PriorityReservePercent {
     }
 }
 
+/// The pool and the ledger's limits; recorded in the log, changed only by a logged event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// The pool's CPU, shared by workers and running MCP servers.
     pub total_cpu_millicores: u64,
+    /// The pool's memory, shared by workers and running MCP servers.
     pub total_memory_mib: u64,
     /// Number of worker slots; slot `i` has id `worker-i` (zero-padded).
     pub worker_slots: u32,
+    /// CPU one worker holds.
     pub worker_cpu_millicores: u64,
+    /// Memory one worker holds.
     pub worker_memory_mib: u64,
     /// Endpoint of each slot; empty means `http://localhost:<worker_base_port + slot>`.
     pub worker_endpoints: Vec<String>,
+    /// Port of slot 0 when `worker_endpoints` is empty.
     pub worker_base_port: u16,
     /// MCP servers with fixed endpoints and an optional cost, charged once while any active
     /// allocation uses the server.
@@ -59,12 +109,16 @@ pub struct Config {
     pub mcp_base_port: u16,
     /// When set, a name not in the catalog is invalid input.
     pub strict_mcp_catalog: bool,
+    /// Shortest lifetime a request may ask for.
     pub min_ttl_seconds: u64,
+    /// Longest lifetime a request may ask for.
     pub max_ttl_seconds: u64,
+    /// Lifetime of a request that names none.
     pub default_ttl_seconds: u64,
     /// Take a snapshot after this many events (0 turns periodic snapshots off). A state whose
     /// snapshot exceeds 1 MiB also waits until the log has grown by that snapshot's size.
     pub snapshot_every: u64,
+    /// Largest metadata a request may carry, as compact JSON.
     pub max_metadata_bytes: usize,
     /// A segment file is closed and a new one started once it reaches this size.
     pub segment_size_bytes: u64,
@@ -73,6 +127,7 @@ pub struct Config {
     /// (1000) keeps memory at about 1 KiB per active allocation; a lookup of an allocation
     /// that ended earlier searches the log.
     pub terminal_retained: u64,
+    /// How much of the pool each priority must leave free.
     pub priority_reserve_percent: PriorityReservePercent,
 }
 
@@ -145,13 +200,23 @@ impl Config {
         Ok(config)
     }
 
+    /// Reads and parses a JSON config file.
     pub fn from_file(path: &std::path::Path) -> Result<Config> {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
         Self::from_json(&text)
     }
 
+    /// Checks every field and their relations; the error names the first field that is wrong.
     pub fn validate(&self) -> Result<()> {
+        self.validate_pool()?;
+        self.validate_endpoints()?;
+        self.validate_ttls()?;
+        self.validate_limits()
+    }
+
+    /// The pool's totals and what one worker takes of them.
+    fn validate_pool(&self) -> Result<()> {
         if self.worker_slots > MAX_WORKER_SLOTS {
             return Err(cfg_err(
                 "worker_slots",
@@ -164,7 +229,7 @@ impl Config {
         if self.total_memory_mib == 0 {
             return Err(cfg_err("total_memory_mib", "must be greater than 0"));
         }
-        if self.total_cpu_millicores > 1 << 40 || self.total_memory_mib > 1 << 40 {
+        if self.total_cpu_millicores > MAX_TOTAL_UNITS || self.total_memory_mib > MAX_TOTAL_UNITS {
             return Err(cfg_err("total_cpu_millicores", "totals must be below 2^40"));
         }
         if self.worker_cpu_millicores > self.total_cpu_millicores {
@@ -179,6 +244,11 @@ impl Config {
                 format!("{} exceeds total_memory_mib {}", self.worker_memory_mib, self.total_memory_mib),
             ));
         }
+        Ok(())
+    }
+
+    /// Worker endpoints and ports, and the MCP catalog.
+    fn validate_endpoints(&self) -> Result<()> {
         if !self.worker_endpoints.is_empty() && self.worker_endpoints.len() != self.worker_slots as usize {
             return Err(cfg_err(
                 "worker_endpoints",
@@ -192,7 +262,7 @@ impl Config {
         for (i, e) in self.worker_endpoints.iter().enumerate() {
             check_endpoint(&format!("worker_endpoints[{i}]"), e)?;
         }
-        if u32::from(self.worker_base_port) + self.worker_slots > 65_536 {
+        if u32::from(self.worker_base_port) + self.worker_slots > MAX_PORT + 1 {
             return Err(cfg_err("worker_base_port", "worker_base_port + worker_slots must stay within port 65535"));
         }
         for (name, entry) in &self.mcp_catalog {
@@ -202,6 +272,11 @@ impl Config {
                 return Err(cfg_err(&format!("mcp_catalog.{name}"), "costs more than the whole pool"));
             }
         }
+        Ok(())
+    }
+
+    /// The lifetimes a request may ask for.
+    fn validate_ttls(&self) -> Result<()> {
         if self.min_ttl_seconds == 0 {
             return Err(cfg_err("min_ttl_seconds", "must be at least 1"));
         }
@@ -211,8 +286,8 @@ impl Config {
                 format!("{} is below min_ttl_seconds {}", self.max_ttl_seconds, self.min_ttl_seconds),
             ));
         }
-        if self.max_ttl_seconds > 10 * 365 * 86_400 {
-            return Err(cfg_err("max_ttl_seconds", "must be at most ten years (315360000)"));
+        if self.max_ttl_seconds > MAX_TTL_LIMIT_SECONDS {
+            return Err(cfg_err("max_ttl_seconds", format!("must be at most ten years ({MAX_TTL_LIMIT_SECONDS})")));
         }
         if self.default_ttl_seconds < self.min_ttl_seconds || self.default_ttl_seconds > self.max_ttl_seconds {
             return Err(cfg_err(
@@ -223,14 +298,22 @@ impl Config {
                 ),
             ));
         }
-        if self.max_metadata_bytes > 256 * 1024 {
-            return Err(cfg_err("max_metadata_bytes", "must be at most 262144"));
+        Ok(())
+    }
+
+    /// Sizes of metadata, segments and memory, and the priority reserves.
+    fn validate_limits(&self) -> Result<()> {
+        if self.max_metadata_bytes > MAX_METADATA_BYTES_LIMIT {
+            return Err(cfg_err("max_metadata_bytes", format!("must be at most {MAX_METADATA_BYTES_LIMIT}")));
         }
-        if self.segment_size_bytes < 4096 || self.segment_size_bytes > 1 << 32 {
-            return Err(cfg_err("segment_size_bytes", "must lie between 4096 and 4294967296"));
+        if !(MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES).contains(&self.segment_size_bytes) {
+            return Err(cfg_err(
+                "segment_size_bytes",
+                format!("must lie between {MIN_SEGMENT_SIZE_BYTES} and {MAX_SEGMENT_SIZE_BYTES}"),
+            ));
         }
-        if self.terminal_retained > 10_000_000 {
-            return Err(cfg_err("terminal_retained", "must be at most 10000000"));
+        if self.terminal_retained > MAX_TERMINAL_RETAINED {
+            return Err(cfg_err("terminal_retained", format!("must be at most {MAX_TERMINAL_RETAINED}")));
         }
         let r = self.priority_reserve_percent;
         for (name, v) in [("low", r.low), ("normal", r.normal), ("high", r.high), ("critical", r.critical)] {
@@ -244,10 +327,12 @@ impl Config {
         Ok(())
     }
 
+    /// The id a grant gives the worker in `slot`.
     pub fn worker_id(&self, slot: u32) -> String {
         format!("worker-{slot:02}")
     }
 
+    /// The endpoint a grant gives the worker in `slot`.
     pub fn worker_endpoint(&self, slot: u32) -> String {
         match self.worker_endpoints.get(slot as usize) {
             Some(e) => e.clone(),
@@ -268,16 +353,27 @@ fn check_endpoint(field: &str, e: &str) -> Result<()> {
 
 /// MCP server names: 1..=64 characters from `A-Z a-z 0-9 . _ -`.
 pub fn validate_mcp_name(field: &str, name: &str) -> Result<()> {
-    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if name.is_empty() || name.chars().count() > MAX_MCP_NAME_CHARS || !ok_chars {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "{name:?} is not a valid MCP server name: use 1 to {MAX_MCP_NAME_CHARS} characters from A-Z a-z 0-9 . _ -"
-            ),
-        ));
+    if !mcp_name_allowed(name) {
+        return Err(mcp_name_error(field, name));
     }
     Ok(())
+}
+
+/// Whether `name` may name an MCP server (see [`validate_mcp_name`]); allocates nothing, so a
+/// request's names are checked without building field names.
+pub fn mcp_name_allowed(name: &str) -> bool {
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    !name.is_empty() && name.chars().count() <= MAX_MCP_NAME_CHARS && ok_chars
+}
+
+/// The error for an MCP server name that [`mcp_name_allowed`] refuses.
+pub fn mcp_name_error(field: &str, name: &str) -> Error {
+    Error::invalid(
+        field,
+        format!(
+            "{name:?} is not a valid MCP server name: use 1 to {MAX_MCP_NAME_CHARS} characters from A-Z a-z 0-9 . _ -"
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -1,229 +1,278 @@
-//! Every decision: a command is validated and decided against the current state, and the
-//! result is the event that records its outcome (which slots, which endpoints, which deadline).
-//! Replay never runs these; it folds the events they returned.
+//! Every decision: a command is decided against the current state, and the result is the
+//! event that records its outcome (which slots, which endpoints, which deadline). Pure: no I/O,
+//! no clock (the caller passes the event's timestamp), no report shaping. Replay never runs
+//! these; it folds the events they returned.
+//!
+//! A request goes through three steps: [`validate`] (input checks, `input.rs`), [`price`]
+//! (what it would cost the pool now, and what its priority may take of it) and [`place`]
+//! (which slots and endpoints, the deadline; or the rejection and its message).
 
-use crate::domain::clock::Micros;
-use crate::domain::config::{validate_mcp_name, Config, MAX_MCP_SERVERS_PER_REQUEST};
+use crate::domain::clock::{Micros, MICROS_PER_SECOND};
+use crate::domain::config::Config;
 use crate::domain::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, WorkerGrant};
-use crate::domain::input::{metadata_key_allowed, validate_job_id, ResourceRequest};
-use crate::domain::model::{cores, truncate, AllocationId, AllocationState, Metadata, Priority, Resources};
+use crate::domain::input::{validate, ResourceRequest, ValidRequest};
+use crate::domain::model::{cores, AllocationId, AllocationState, Priority, Resources};
 use crate::domain::state::{Allocation, State};
-use crate::report::*;
+use crate::report::{FailedReport, GrantReport, ReleaseReport, RequestOutcome};
 use crate::{Error, Result};
-use std::collections::BTreeSet;
+
+/// What a valid request would take from the pool as it stands, and how much of the pool its
+/// priority may take.
+#[derive(Debug)]
+pub struct Cost {
+    /// What the workers hold (a grant's `resources`).
+    pub workers: Resources,
+    /// The workers plus the MCP servers this request would start (saturating: a sum beyond
+    /// `u64` is rejected, never wrapped).
+    pub needed: Resources,
+    /// Each named server with its endpoint and cost, in the request's order.
+    pub mcp_servers: Vec<McpGrant>,
+    /// What is free, less what the reserve policy keeps from this priority.
+    pub usable: Usable,
+}
+
+/// A whole, in percent.
+const PERCENT: u64 = 100;
+
+/// The reserve policy applied to what is free: what a request of one priority may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usable {
+    /// Free worker slots this priority may take.
+    pub workers: u64,
+    /// Free CPU this priority may take.
+    pub cpu_millicores: u64,
+    /// Free memory this priority may take.
+    pub memory_mib: u64,
+    /// The pool's totals the reserve is a share of.
+    pub total: Resources,
+    /// Percent of each total kept free from this priority.
+    pub reserve_percent: u64,
+}
+
+impl Usable {
+    /// What is kept free of `total` (rounded up, so a reserve is never zero by rounding).
+    fn reserve(&self, total: u64) -> u64 {
+        (total * self.reserve_percent).div_ceil(PERCENT)
+    }
+}
+
+/// The first resource a request needs more of than it may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortfall {
+    /// Which resource.
+    pub reason: RejectReason,
+    /// What the request needs of it, in its unit (workers, millicores or MiB).
+    pub needed: u64,
+    /// What the request's priority may take of it.
+    pub available: u64,
+    /// The pool's total of it.
+    pub total: u64,
+}
+
+/// Prices a valid request against `state`: the MCP servers it names (each one's endpoint and
+/// what starting it costs), its workers, and what its priority may take.
+pub fn price(valid: &ValidRequest<'_>, state: &State) -> Cost {
+    let req = valid.request;
+    let cfg = &state.config;
+    let (mcp_servers, servers) = price_mcp_servers(&req.mcp_servers, state);
+    let workers = Resources {
+        cpu_millicores: cfg.worker_cpu_millicores * u64::from(req.workers),
+        memory_mib: cfg.worker_memory_mib * u64::from(req.workers),
+        workers: req.workers,
+    };
+    let needed = Resources {
+        cpu_millicores: workers.cpu_millicores.saturating_add(servers.cpu_millicores),
+        memory_mib: workers.memory_mib.saturating_add(servers.memory_mib),
+        workers: workers.workers,
+    };
+    Cost { workers, needed, mcp_servers, usable: usable(state, req.priority) }
+}
+
+/// Each named server's endpoint and cost, and the cost of those this grant would start: a
+/// running server keeps its endpoint and is charged already; a catalog server has its own;
+/// a name seen before keeps the endpoint it was given; a new name gets the next port.
+fn price_mcp_servers(names: &[String], state: &State) -> (Vec<McpGrant>, Resources) {
+    let cfg = &state.config;
+    let mut grants = Vec::with_capacity(names.len());
+    let mut next_assigned = state.assigned_mcp_count;
+    let mut starting = Resources::default();
+    for name in names {
+        let (endpoint, cpu_millicores, memory_mib, assigned) = if let Some(r) = state.running.get(name) {
+            (r.endpoint.clone(), r.cpu_millicores, r.memory_mib, false)
+        } else if let Some(e) = cfg.mcp_catalog.get(name) {
+            (e.endpoint.clone(), e.cpu_millicores, e.memory_mib, false)
+        } else if let Some(e) = state.assigned_mcp_endpoints.get(name) {
+            (e.clone(), 0, 0, false)
+        } else {
+            let port = u64::from(cfg.mcp_base_port) + next_assigned;
+            next_assigned += 1;
+            (format!("http://localhost:{port}"), 0, 0, true)
+        };
+        let started = !state.running.contains_key(name);
+        if started {
+            starting.cpu_millicores += cpu_millicores;
+            starting.memory_mib += memory_mib;
+        }
+        grants.push(McpGrant { name: name.clone(), endpoint, cpu_millicores, memory_mib, assigned, started });
+    }
+    (grants, starting)
+}
+
+/// The reserve policy: a request of `priority` may take what is free less the config's
+/// reserve percent of each total.
+fn usable(state: &State, priority: Priority) -> Usable {
+    let avail = state.available();
+    let total = state.total();
+    let reserve_percent = u64::from(state.config.priority_reserve_percent.for_priority(priority));
+    let mut u = Usable { workers: 0, cpu_millicores: 0, memory_mib: 0, total, reserve_percent };
+    u.workers = u64::from(avail.workers).saturating_sub(u.reserve(u64::from(total.workers)));
+    u.cpu_millicores = avail.cpu_millicores.saturating_sub(u.reserve(total.cpu_millicores));
+    u.memory_mib = avail.memory_mib.saturating_sub(u.reserve(total.memory_mib));
+    u
+}
+
+/// The first of workers, CPU and memory that `cost` needs more of than it may take.
+pub fn shortfall(cost: &Cost) -> Option<Shortfall> {
+    let (needed, usable, total) = (cost.needed, cost.usable, cost.usable.total);
+    if u64::from(needed.workers) > usable.workers {
+        Some(Shortfall {
+            reason: RejectReason::InsufficientWorkers,
+            needed: u64::from(needed.workers),
+            available: usable.workers,
+            total: u64::from(total.workers),
+        })
+    } else if needed.cpu_millicores > usable.cpu_millicores {
+        Some(Shortfall {
+            reason: RejectReason::InsufficientCpu,
+            needed: needed.cpu_millicores,
+            available: usable.cpu_millicores,
+            total: total.cpu_millicores,
+        })
+    } else if needed.memory_mib > usable.memory_mib {
+        Some(Shortfall {
+            reason: RejectReason::InsufficientMemory,
+            needed: needed.memory_mib,
+            available: usable.memory_mib,
+            total: total.memory_mib,
+        })
+    } else {
+        None
+    }
+}
+
+/// The rejection's message, in the original system's words and units (CPU in cores, memory
+/// in MB), with a note on the reserve when the priority has one. Every rejection message is
+/// built here.
+pub fn rejection_message(s: &Shortfall, usable: &Usable, priority: Priority) -> String {
+    let note = if usable.reserve_percent > 0 {
+        format!(" ({} of {} kept free from {priority} priority requests)", usable.reserve(s.total), s.total)
+    } else {
+        String::new()
+    };
+    match s.reason {
+        RejectReason::InsufficientWorkers => {
+            format!("Insufficient workers: requested {}, available {}{note}", s.needed, s.available)
+        }
+        RejectReason::InsufficientCpu => {
+            format!("Insufficient CPU: needed {:?}, available {:?}{note}", cores(s.needed), cores(s.available))
+        }
+        RejectReason::InsufficientMemory => {
+            format!("Insufficient memory: needed {}MB, available {}MB{note}", s.needed, s.available)
+        }
+    }
+}
+
+/// Places a priced request at `now` as allocation `id`: the lowest free slots, the priced
+/// endpoints and the deadline; or, if the pool cannot hold it, the rejection that says why.
+#[allow(
+    clippy::result_large_err,
+    reason = "both outcomes are events of about the same size; boxing one costs a heap block"
+)]
+pub fn place(
+    state: &State,
+    valid: ValidRequest<'_>,
+    cost: Cost,
+    now: Micros,
+    id: AllocationId,
+) -> std::result::Result<Grant, Rejection> {
+    let req = valid.request;
+    if let Some(s) = shortfall(&cost) {
+        return Err(Rejection {
+            allocation_id: id,
+            job_id: req.job_id.clone(),
+            priority: req.priority,
+            ttl_seconds: valid.ttl_seconds,
+            workers: req.workers,
+            mcp_servers: req.mcp_servers.clone(),
+            reason: s.reason,
+            needed: s.needed,
+            available: s.available,
+            error: rejection_message(&s, &cost.usable, req.priority),
+            metadata: valid.metadata,
+        });
+    }
+    let workers = take_slots(state, req.workers);
+    Ok(Grant {
+        allocation_id: id,
+        job_id: req.job_id.clone(),
+        priority: req.priority,
+        ttl_seconds: valid.ttl_seconds,
+        deadline_us: now + (valid.ttl_seconds as i64) * MICROS_PER_SECOND,
+        workers,
+        mcp_servers: cost.mcp_servers,
+        resources: cost.workers,
+        metadata: valid.metadata,
+    })
+}
+
+/// The lowest `count` free slots as worker grants (the caller checked there are enough).
+fn take_slots(state: &State, count: u32) -> Vec<WorkerGrant> {
+    let cfg = &state.config;
+    let workers = state
+        .free_slots
+        .iter()
+        .take(count as usize)
+        .map(|&slot| WorkerGrant {
+            slot,
+            worker_id: cfg.worker_id(slot),
+            endpoint: cfg.worker_endpoint(slot),
+            cpu_millicores: cfg.worker_cpu_millicores,
+            memory_mib: cfg.worker_memory_mib,
+        })
+        .collect::<Vec<_>>();
+    debug_assert_eq!(workers.len(), count as usize);
+    workers
+}
 
 impl State {
     /// Validates a request and decides it against this state at `now` (the event's timestamp).
     /// Invalid input is an error and no event; a request the pool cannot hold is a `Rejected`
     /// event. The caller must have written pending expiries first.
     pub fn decide_request(&self, req: &ResourceRequest, now: Micros, id: AllocationId) -> Result<EventBody> {
-        let cfg = &self.config;
-        validate_job_id("job_id", &req.job_id)?;
-        if req.mcp_servers.len() > MAX_MCP_SERVERS_PER_REQUEST {
-            return Err(Error::invalid(
-                "mcp_servers",
-                format!("{} names given; at most {MAX_MCP_SERVERS_PER_REQUEST} are allowed", req.mcp_servers.len()),
-            ));
-        }
-        let mut seen = BTreeSet::new();
-        for (i, name) in req.mcp_servers.iter().enumerate() {
-            validate_mcp_name(&format!("mcp_servers[{i}]"), name)?;
-            if !seen.insert(name.as_str()) {
-                return Err(Error::invalid(
-                    format!("mcp_servers[{i}]"),
-                    format!("{name:?} is listed twice; name each MCP server once"),
-                ));
-            }
-            if cfg.strict_mcp_catalog && !cfg.mcp_catalog.contains_key(name) {
-                let known: Vec<&str> = cfg.mcp_catalog.keys().map(String::as_str).collect();
-                return Err(Error::invalid(
-                    format!("mcp_servers[{i}]"),
-                    format!(
-                        "{name:?} is not in the MCP catalog; known servers: {}",
-                        if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
-                    ),
-                ));
-            }
-        }
-        if req.workers > cfg.worker_slots {
-            return Err(Error::invalid(
-                "workers",
-                format!(
-                    "{} exceeds the pool of {} workers; allowed values: 0 to {}",
-                    req.workers, cfg.worker_slots, cfg.worker_slots
-                ),
-            ));
-        }
-        if req.workers == 0 && req.mcp_servers.is_empty() {
-            return Err(Error::invalid(
-                "workers",
-                "the request asks for nothing: ask for at least 1 worker or name at least one MCP server in mcp_servers",
-            ));
-        }
-        let ttl_seconds = req.ttl_seconds.unwrap_or(cfg.default_ttl_seconds);
-        if ttl_seconds < cfg.min_ttl_seconds || ttl_seconds > cfg.max_ttl_seconds {
-            return Err(Error::invalid(
-                "ttl_seconds",
-                format!(
-                    "{ttl_seconds} is out of range; allowed values: {} to {} seconds",
-                    cfg.min_ttl_seconds, cfg.max_ttl_seconds
-                ),
-            ));
-        }
-        let metadata = Metadata::from_map(&req.metadata);
-        let metadata_bytes = metadata.as_json().len();
-        if metadata_bytes > cfg.max_metadata_bytes {
-            return Err(Error::invalid(
-                "metadata",
-                format!("is {metadata_bytes} bytes as JSON; at most {} bytes are allowed", cfg.max_metadata_bytes),
-            ));
-        }
-        for key in req.metadata.keys() {
-            if !metadata_key_allowed(key) {
-                return Err(Error::invalid(
-                    "metadata",
-                    format!(
-                        "key {:?} is not allowed: keys are 1 to 128 characters without control characters",
-                        truncate(key)
-                    ),
-                ));
-            }
-        }
+        Ok(match self.decide_grant(req, now, id)? {
+            Ok(grant) => EventBody::Granted(grant),
+            Err(rejection) => EventBody::Rejected(rejection),
+        })
+    }
 
-        // Which MCP servers this grant would start, and at what endpoint and cost.
-        let mut mcp = Vec::with_capacity(req.mcp_servers.len());
-        let mut next_assigned = self.assigned_mcp_count;
-        let mut server_cost = Resources::default();
-        for name in &req.mcp_servers {
-            let (endpoint, cpu, mem, assigned) = if let Some(r) = self.running.get(name) {
-                (r.endpoint.clone(), r.cpu_millicores, r.memory_mib, false)
-            } else if let Some(e) = cfg.mcp_catalog.get(name) {
-                (e.endpoint.clone(), e.cpu_millicores, e.memory_mib, false)
-            } else if let Some(e) = self.assigned_mcp_endpoints.get(name) {
-                (e.clone(), 0, 0, false)
-            } else {
-                let port = u64::from(cfg.mcp_base_port) + next_assigned;
-                next_assigned += 1;
-                (format!("http://localhost:{port}"), 0, 0, true)
-            };
-            let started = !self.running.contains_key(name);
-            if started {
-                server_cost.cpu_millicores += cpu;
-                server_cost.memory_mib += mem;
-            }
-            mcp.push(McpGrant {
-                name: name.clone(),
-                endpoint,
-                cpu_millicores: cpu,
-                memory_mib: mem,
-                assigned,
-                started,
-            });
-        }
+    /// [`State::decide_request`] as validate → price → place, with the outcome typed.
+    pub fn decide_grant(
+        &self,
+        req: &ResourceRequest,
+        now: Micros,
+        id: AllocationId,
+    ) -> Result<std::result::Result<Grant, Rejection>> {
+        let valid = validate(req, &self.config)?;
+        let cost = price(&valid, self);
+        Ok(place(self, valid, cost, now, id))
+    }
 
-        let worker_res = Resources {
-            cpu_millicores: cfg.worker_cpu_millicores * u64::from(req.workers),
-            memory_mib: cfg.worker_memory_mib * u64::from(req.workers),
-            workers: req.workers,
-        };
-        let needed = worker_res.checked_add(server_cost).expect("bounded by config limits");
-        let avail = self.available();
-        let total = self.total();
-        let pct = match req.priority {
-            Priority::Low => cfg.priority_reserve_percent.low,
-            Priority::Normal => cfg.priority_reserve_percent.normal,
-            Priority::High => cfg.priority_reserve_percent.high,
-            Priority::Critical => cfg.priority_reserve_percent.critical,
-        } as u64;
-        let reserve = |t: u64| (t * pct).div_ceil(100);
-        let usable = |a: u64, t: u64| a.saturating_sub(reserve(t));
-        let note = |t: u64| {
-            if pct > 0 {
-                format!(" ({} of {t} kept free from {} priority requests)", reserve(t), req.priority)
-            } else {
-                String::new()
-            }
-        };
-        let workers_usable = usable(u64::from(avail.workers), u64::from(total.workers));
-        let cpu_usable = usable(avail.cpu_millicores, total.cpu_millicores);
-        let mem_usable = usable(avail.memory_mib, total.memory_mib);
-        let rejection = if u64::from(needed.workers) > workers_usable {
-            Some((
-                RejectReason::InsufficientWorkers,
-                u64::from(needed.workers),
-                workers_usable,
-                format!(
-                    "Insufficient workers: requested {}, available {workers_usable}{}",
-                    needed.workers,
-                    note(u64::from(total.workers))
-                ),
-            ))
-        } else if needed.cpu_millicores > cpu_usable {
-            Some((
-                RejectReason::InsufficientCpu,
-                needed.cpu_millicores,
-                cpu_usable,
-                format!(
-                    "Insufficient CPU: needed {:?}, available {:?}{}",
-                    cores(needed.cpu_millicores),
-                    cores(cpu_usable),
-                    note(total.cpu_millicores)
-                ),
-            ))
-        } else if needed.memory_mib > mem_usable {
-            Some((
-                RejectReason::InsufficientMemory,
-                needed.memory_mib,
-                mem_usable,
-                format!(
-                    "Insufficient memory: needed {}MB, available {mem_usable}MB{}",
-                    needed.memory_mib,
-                    note(total.memory_mib)
-                ),
-            ))
-        } else {
-            None
-        };
-        if let Some((reason, needed, available, error)) = rejection {
-            return Ok(EventBody::Rejected(Rejection {
-                allocation_id: id,
-                job_id: req.job_id.clone(),
-                priority: req.priority,
-                ttl_seconds,
-                workers: req.workers,
-                mcp_servers: req.mcp_servers.clone(),
-                reason,
-                needed,
-                available,
-                error,
-                metadata,
-            }));
-        }
-
-        let workers = self
-            .free_slots
-            .iter()
-            .take(req.workers as usize)
-            .map(|&slot| WorkerGrant {
-                slot,
-                worker_id: cfg.worker_id(slot),
-                endpoint: cfg.worker_endpoint(slot),
-                cpu_millicores: cfg.worker_cpu_millicores,
-                memory_mib: cfg.worker_memory_mib,
-            })
-            .collect::<Vec<_>>();
-        debug_assert_eq!(workers.len(), req.workers as usize);
-        Ok(EventBody::Granted(Grant {
-            allocation_id: id,
-            job_id: req.job_id.clone(),
-            priority: req.priority,
-            ttl_seconds,
-            deadline_us: now + (ttl_seconds as i64) * 1_000_000,
-            workers,
-            mcp_servers: mcp,
-            resources: worker_res,
-            metadata,
-        }))
+    /// Decides a release of `id`: the allocation, and the `Released` event if it is still
+    /// active (`None`: it has ended, nothing is written). An id not in memory is `NotFound`.
+    pub fn decide_release(&self, id: AllocationId) -> Result<(&Allocation, Option<EventBody>)> {
+        let a = self.allocation(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let event = (a.state == AllocationState::Active).then_some(EventBody::Released { allocation_id: id });
+        Ok((a, event))
     }
 
     /// Validates a config change against what is held now.
@@ -244,7 +293,20 @@ impl State {
         }
         Ok(EventBody::ConfigChanged { config })
     }
+
+    /// The id of the allocation the next event would decide (derived from its sequence number).
+    pub fn next_allocation_id(&self) -> AllocationId {
+        let mut id = AllocationId::for_seq(AllocationId::ledger_key(&self.ledger_id), self.last_seq + 1);
+        // Only a ledger written by an older build (random ids) can hold this one already.
+        while self.allocation(id).is_some() {
+            id = AllocationId::random();
+        }
+        id
+    }
 }
+
+// The ledger's calls: a decision composed with the report it answers with (the reports are
+// built in `report.rs`).
 
 /// `request_resources` decided against `state` at `ts`: the event and the caller's report.
 pub(crate) fn decide_request_outcome(
@@ -252,97 +314,177 @@ pub(crate) fn decide_request_outcome(
     ts: Micros,
     req: &ResourceRequest,
 ) -> Result<(Vec<EventBody>, RequestOutcome)> {
-    let mut id = AllocationId::for_seq(AllocationId::ledger_key(&state.ledger_id), state.last_seq + 1);
-    // Only a ledger written by an older build (random ids) can hold this one already.
-    while state.allocation(id).is_some() {
-        id = AllocationId::random();
-    }
-    let body = state.decide_request(req, ts, id)?;
-    let outcome = match &body {
-        EventBody::Granted(g) => RequestOutcome::Granted(GrantReport {
-            allocation_id: g.allocation_id,
-            status: AllocationState::Active,
-            job_id: g.job_id.clone(),
-            priority: g.priority,
-            mcp_servers: g
-                .mcp_servers
-                .iter()
-                .map(|m| McpServerInfo { name: m.name.clone(), endpoint: m.endpoint.clone(), status: "running".into() })
-                .collect(),
-            workers_allocated: g
-                .workers
-                .iter()
-                .map(|w| WorkerInfo {
-                    worker_id: w.worker_id.clone(),
-                    endpoint: w.endpoint.clone(),
-                    cpu: cores(w.cpu_millicores),
-                    memory: w.memory_mib,
-                    cpu_millicores: w.cpu_millicores,
-                    memory_mib: w.memory_mib,
-                })
-                .collect(),
-            resources: GrantedResources {
-                cpu: cores(g.resources.cpu_millicores),
-                memory: g.resources.memory_mib,
-                workers: g.resources.workers,
-                cpu_millicores: g.resources.cpu_millicores,
-                memory_mib: g.resources.memory_mib,
-            },
-            ttl_seconds: g.ttl_seconds,
-            created_at: crate::domain::clock::format_micros(ts),
-            expires_at: crate::domain::clock::format_micros(g.deadline_us),
-            seq: state.last_seq + 1,
-        }),
-        EventBody::Rejected(r) => RequestOutcome::Failed(FailedReport {
-            allocation_id: r.allocation_id,
-            status: AllocationState::Failed,
-            error: r.error.clone(),
-            job_id: r.job_id.clone(),
-            reason: r.reason.as_str().into(),
-            created_at: crate::domain::clock::format_micros(ts),
-            seq: state.last_seq + 1,
-        }),
-        _ => unreachable!("decide_request returns a grant or a rejection"),
-    };
-    Ok((vec![body], outcome))
+    let seq = state.last_seq + 1;
+    Ok(match state.decide_grant(req, ts, state.next_allocation_id())? {
+        Ok(g) => {
+            let report = RequestOutcome::Granted(GrantReport::from_grant(&g, ts, seq));
+            (vec![EventBody::Granted(g)], report)
+        }
+        Err(r) => {
+            let report = RequestOutcome::Failed(FailedReport::from_rejection(&r, ts, seq));
+            (vec![EventBody::Rejected(r)], report)
+        }
+    })
 }
 
 /// `release_resources` decided against `state` at `ts`. An unknown id (which may have ended
 /// long ago and left memory) is `NotFound`; an ended one is reported and nothing is written.
 pub(crate) fn decide_release(state: &State, ts: Micros, id: AllocationId) -> Result<(Vec<EventBody>, ReleaseReport)> {
-    let a = state.allocation(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
-    let held_seconds = |end: Micros| (end - a.created_us).max(0) as f64 / 1e6;
-    if a.state == AllocationState::Active {
-        let report = ReleaseReport {
-            status: "released".into(),
-            allocation_id: id,
-            job_id: a.job_id.clone(),
-            state: AllocationState::Released,
-            workers_released: a.resources.workers,
-            cpu_freed: cores(a.resources.cpu_millicores),
-            memory_freed: a.resources.memory_mib,
-            released_at: Some(crate::domain::clock::format_micros(ts)),
-            expired_at: None,
-            duration_seconds: held_seconds(ts),
-        };
-        return Ok((vec![EventBody::Released { allocation_id: id }], report));
-    }
-    Ok((Vec::new(), already_ended_report(a)))
+    Ok(match state.decide_release(id)? {
+        (a, Some(event)) => (vec![event], ReleaseReport::released(a, ts)),
+        (a, None) => (Vec::new(), ReleaseReport::already_ended(a)),
+    })
 }
 
 /// `release_resources` of an allocation that has already ended: nothing is written.
 pub(crate) fn already_ended_report(a: &Allocation) -> ReleaseReport {
-    let ended = a.ended_us.unwrap_or(a.created_us);
-    ReleaseReport {
-        status: format!("already_{}", a.state.as_str()),
-        allocation_id: a.id,
-        job_id: a.job_id.clone(),
-        state: a.state,
-        workers_released: 0,
-        cpu_freed: 0.0,
-        memory_freed: 0,
-        released_at: (a.state == AllocationState::Released).then(|| crate::domain::clock::format_micros(ended)),
-        expired_at: (a.state == AllocationState::Expired).then(|| crate::domain::clock::format_micros(ended)),
-        duration_seconds: (a.held_until() - a.created_us).max(0) as f64 / 1e6,
+    ReleaseReport::already_ended(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::EventBody;
+    use crate::Error;
+
+    const T0: Micros = 1_767_225_600_000_000;
+
+    fn created() -> State {
+        let mut s = State::empty(Config::default());
+        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "test".into(), config: Config::default() });
+        s
+    }
+
+    fn apply(s: &mut State, req: &ResourceRequest, t: Micros, id: u64) -> EventBody {
+        let ev = s.decide_request(req, t, AllocationId::from_u64(id)).unwrap();
+        s.evolve(s.last_seq + 1, t, &ev);
+        ev
+    }
+
+    #[test]
+    fn grant_release_and_messages() {
+        let mut s = created();
+        let ev = apply(&mut s, &ResourceRequest::new("j").workers(7), T0 + 1, 1);
+        assert!(matches!(ev, EventBody::Granted(_)));
+        let ev = apply(&mut s, &ResourceRequest::new("j").workers(5), T0 + 2, 2);
+        match ev {
+            EventBody::Rejected(r) => assert_eq!(r.error, "Insufficient workers: requested 5, available 3"),
+            other => panic!("{other:?}"),
+        }
+        let cap = s.capacity(T0 + 3);
+        assert_eq!((cap.allocated_workers, cap.available_workers), (7, 3));
+        assert_eq!(cap.allocated_cpu, 7.0);
+        s.evolve(s.last_seq + 1, T0 + 4, &EventBody::Released { allocation_id: AllocationId::from_u64(1) });
+        assert_eq!(s.capacity(T0 + 5).available_workers, 10);
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn cpu_and_memory_messages_use_original_units() {
+        let cfg = Config {
+            total_cpu_millicores: 2_000,
+            total_memory_mib: 4096,
+            worker_cpu_millicores: 1_000,
+            worker_memory_mib: 1024,
+            ..Config::default()
+        };
+        let mut s = State::empty(cfg.clone());
+        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "x".into(), config: cfg });
+        match s.decide_request(&ResourceRequest::new("j").workers(4), T0, AllocationId::from_u64(1)).unwrap() {
+            EventBody::Rejected(r) => assert_eq!(r.error, "Insufficient CPU: needed 4.0, available 2.0"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn low_priority_keeps_a_reserve_free() {
+        let s = created();
+        match s
+            .decide_request(
+                &ResourceRequest::new("j").workers(8).priority(Priority::Low),
+                T0,
+                AllocationId::from_u64(1),
+            )
+            .unwrap()
+        {
+            EventBody::Rejected(r) => {
+                assert!(r.error.starts_with("Insufficient workers: requested 8, available 7"), "{}", r.error)
+            }
+            other => panic!("{other:?}"),
+        }
+        let ev = s.decide_request(&ResourceRequest::new("j").workers(8), T0, AllocationId::from_u64(1)).unwrap();
+        assert!(matches!(ev, EventBody::Granted(_)));
+    }
+
+    #[test]
+    fn mcp_endpoints_are_shared_and_stop_with_the_last_user() {
+        let mut s = created();
+        let ev1 = apply(&mut s, &ResourceRequest::new("a").mcp_server("github"), T0 + 1, 1);
+        let ev2 = apply(&mut s, &ResourceRequest::new("b").mcp_server("github").mcp_server("slack"), T0 + 2, 2);
+        let (EventBody::Granted(g1), EventBody::Granted(g2)) = (ev1, ev2) else { panic!() };
+        assert_eq!(g1.mcp_servers[0].endpoint, "http://localhost:9000");
+        assert_eq!(g2.mcp_servers[0].endpoint, "http://localhost:9000");
+        assert_eq!(g2.mcp_servers[1].endpoint, "http://localhost:9001");
+        assert_eq!(s.capacity(T0 + 3).running_mcp_servers, vec!["github", "slack"]);
+        s.evolve(s.last_seq + 1, T0 + 4, &EventBody::Released { allocation_id: AllocationId::from_u64(2) });
+        assert_eq!(s.capacity(T0 + 5).running_mcp_servers, vec!["github"]);
+        s.evolve(s.last_seq + 1, T0 + 6, &EventBody::Released { allocation_id: AllocationId::from_u64(1) });
+        assert!(s.capacity(T0 + 7).running_mcp_servers.is_empty());
+        // The endpoint stays the name's.
+        let ev = apply(&mut s, &ResourceRequest::new("c").mcp_server("slack"), T0 + 8, 3);
+        let EventBody::Granted(g) = ev else { panic!() };
+        assert_eq!(g.mcp_servers[0].endpoint, "http://localhost:9001");
+    }
+
+    #[test]
+    fn past_deadline_reads_as_expired_before_the_event() {
+        let mut s = created();
+        apply(&mut s, &ResourceRequest::new("a").workers(2).ttl_seconds(60), T0 + 1, 1);
+        let later = T0 + 1 + 61_000_000;
+        let d = s.details(AllocationId::from_u64(1), later).unwrap();
+        assert_eq!(d.state, AllocationState::Expired);
+        assert!(d.is_expired);
+        assert_eq!(s.capacity(later).available_workers, 10);
+        assert_eq!(s.capacity(later).active_allocations, 0);
+        assert_eq!(s.due_for_expiry(later).len(), 1);
+    }
+
+    #[test]
+    fn invalid_requests_name_the_field() {
+        let s = created();
+        let cases: Vec<(ResourceRequest, &str)> = vec![
+            (ResourceRequest::new("").workers(1), "job_id"),
+            (ResourceRequest::new("a\u{7}b").workers(1), "job_id"),
+            (ResourceRequest::new("x".repeat(300)).workers(1), "job_id"),
+            (ResourceRequest::new("j").workers(11), "workers"),
+            (ResourceRequest::new("j"), "workers"),
+            (ResourceRequest::new("j").workers(1).ttl_seconds(59), "ttl_seconds"),
+            (ResourceRequest::new("j").workers(1).ttl_seconds(604_801), "ttl_seconds"),
+            (ResourceRequest::new("j").mcp_server("bad name"), "mcp_servers[0]"),
+            (ResourceRequest::new("j").mcp_server("a").mcp_server("a"), "mcp_servers[1]"),
+        ];
+        for (req, field) in cases {
+            match s.decide_request(&req, T0, AllocationId::from_u64(1)) {
+                Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field, "{req:?}"),
+                other => panic!("{req:?}: {other:?}"),
+            }
+        }
+    }
+
+    /// The reserve's note, as docs/mcp.md shows it.
+    #[test]
+    fn reserve_note_names_what_is_kept_free() {
+        let s = created();
+        let req = ResourceRequest::new("j").workers(8).priority(Priority::Low);
+        match s.decide_request(&req, T0, AllocationId::from_u64(1)).unwrap() {
+            EventBody::Rejected(r) => {
+                assert_eq!(
+                    r.error,
+                    "Insufficient workers: requested 8, available 7 (3 of 10 kept free from low priority requests)"
+                );
+                assert_eq!((r.needed, r.available), (8, 7));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -9,57 +9,79 @@ use serde::{Deserialize, Serialize};
 /// Bumped whenever the event schema changes; old versions stay readable.
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
 
+/// One logged fact: what happened, when, in which schema version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Schema version of this event.
     pub v: u32,
     /// When the ledger recorded the event; strictly increasing along the log.
     pub ts_us: Micros,
+    /// What happened.
     #[serde(flatten)]
     pub body: EventBody,
 }
 
+/// The kinds of event; serialised with a `type` tag (`granted`, `released`, ...).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
     /// Always the first event: the ledger's identity and the config in force.
     LedgerCreated {
+        /// The ledger's identity (it keys the allocation ids).
         ledger_id: String,
+        /// The config the ledger was created with.
         config: Config,
     },
     /// The config in force from this event on.
     ConfigChanged {
+        /// The new config.
         config: Config,
     },
+    /// A request was granted: the slots, endpoints and deadline it got.
     Granted(Grant),
+    /// A request was valid but the pool could not hold it.
     Rejected(Rejection),
+    /// An active allocation was released by its holder.
     Released {
+        /// The allocation released.
         allocation_id: AllocationId,
     },
     /// The allocation's deadline passed; it held resources until `deadline_us`, whenever this
     /// event was written.
     Expired {
+        /// The allocation that expired.
         allocation_id: AllocationId,
+        /// Its deadline: when it stopped holding resources.
         deadline_us: Micros,
     },
 }
 
+/// One worker slot as a grant hands it out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerGrant {
+    /// The slot's index in the pool.
     pub slot: u32,
+    /// The worker's id (`worker-NN`).
     pub worker_id: String,
+    /// Where the job reaches the worker.
     pub endpoint: String,
+    /// CPU the worker holds.
     pub cpu_millicores: u64,
+    /// Memory the worker holds.
     pub memory_mib: u64,
 }
 
+/// One MCP server as a grant hands it out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct McpGrant {
+    /// The server's name, as requested.
     pub name: String,
+    /// Where the job reaches the server.
     pub endpoint: String,
     /// Cost charged to the pool while the server runs (once, however many allocations share it).
     #[serde(default)]
     pub cpu_millicores: u64,
+    /// Memory charged while the server runs (see `cpu_millicores`).
     #[serde(default)]
     pub memory_mib: u64,
     /// This grant gave the name its endpoint (it was neither in the catalog nor seen before).
@@ -70,30 +92,45 @@ pub struct McpGrant {
     pub started: bool,
 }
 
+/// What a grant decided: recorded whole, so replay never decides again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Grant {
+    /// The new allocation.
     pub allocation_id: AllocationId,
+    /// The job it is for.
     pub job_id: String,
+    /// The request's priority.
     pub priority: Priority,
+    /// The granted lifetime.
     pub ttl_seconds: u64,
+    /// When it expires unless released first.
     pub deadline_us: Micros,
+    /// The slots taken, lowest first.
     pub workers: Vec<WorkerGrant>,
+    /// The MCP servers, in the request's order.
     pub mcp_servers: Vec<McpGrant>,
     /// What the workers hold (MCP server costs are charged separately, per running server).
     pub resources: Resources,
+    /// The request's metadata.
     #[serde(default, skip_serializing_if = "Metadata::is_empty")]
     pub metadata: Metadata,
 }
 
+/// Which resource a rejected request needed more of than its priority may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum RejectReason {
+    /// Not enough free worker slots.
     InsufficientWorkers,
+    /// Not enough free CPU.
     InsufficientCpu,
+    /// Not enough free memory.
     InsufficientMemory,
 }
 
 impl RejectReason {
+    /// The reason as events, JSON and the CLI write it.
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::InsufficientWorkers => "insufficient_workers",
@@ -103,25 +140,62 @@ impl RejectReason {
     }
 }
 
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Compares as the JSON text, so `report.reason == "insufficient_workers"` reads as it did
+/// when the report's field was a string.
+impl PartialEq<str> for RejectReason {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for RejectReason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for RejectReason {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+/// What a rejection decided: the request as asked, and why it could not be held.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rejection {
+    /// The failed allocation (kept, in state `failed`).
     pub allocation_id: AllocationId,
+    /// The job it was for.
     pub job_id: String,
+    /// The request's priority.
     pub priority: Priority,
+    /// The lifetime asked for (or the default).
     pub ttl_seconds: u64,
+    /// Workers asked for.
     pub workers: u32,
+    /// MCP servers asked for.
     pub mcp_servers: Vec<String>,
+    /// Which resource was short.
     pub reason: RejectReason,
     /// In the reason's unit: workers, millicores or MiB.
     pub needed: u64,
+    /// What the request's priority could take of it, in the same unit.
     pub available: u64,
     /// The original's message, e.g. `Insufficient workers: requested 5, available 3`.
     pub error: String,
+    /// The request's metadata.
     #[serde(default, skip_serializing_if = "Metadata::is_empty")]
     pub metadata: Metadata,
 }
 
 impl EventBody {
+    /// The `type` tag the event is written with.
     pub fn type_name(&self) -> &'static str {
         match self {
             EventBody::LedgerCreated { .. } => "ledger_created",
@@ -145,6 +219,7 @@ impl EventBody {
 }
 
 impl Event {
+    /// An event of this build's schema version.
     pub fn new(ts_us: Micros, body: EventBody) -> Self {
         Event { v: EVENT_SCHEMA_VERSION, ts_us, body }
     }
@@ -164,7 +239,7 @@ impl Event {
             }
             EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => put_json(&mut out, self),
         }
-        debug_assert_eq!(out, serde_json::to_vec(self).expect("events always serialize"), "lean encoding differs");
+        debug_assert!(serde_json::to_vec(self).is_ok_and(|general| general == out), "lean encoding differs");
         out
     }
 
@@ -334,6 +409,10 @@ struct ExpiredOut<'a> {
     deadline_us: &'a Micros,
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "events are structs of strings, numbers and string-keyed maps: writing them to memory cannot fail"
+)]
 fn put_json(out: &mut Vec<u8>, value: &impl Serialize) {
     serde_json::to_writer(out, value).expect("events always serialize");
 }
@@ -341,7 +420,9 @@ fn put_json(out: &mut Vec<u8>, value: &impl Serialize) {
 /// An event with its position in the log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LoggedEvent {
+    /// Its sequence number: its place in the log, from 1.
     pub seq: u64,
+    /// The event.
     #[serde(flatten)]
     pub event: Event,
 }

@@ -1,47 +1,61 @@
 //! Request input: the one place where a request from the CLI, an MCP call or the library is
 //! parsed and checked field by field (an error names the field and the allowed values).
 
-use crate::domain::config::MAX_JOB_ID_CHARS;
-use crate::domain::model::{truncate, Priority};
+use crate::domain::config::{
+    mcp_name_allowed, mcp_name_error, Config, MAX_JOB_ID_CHARS, MAX_MCP_SERVERS_PER_REQUEST, MAX_METADATA_KEY_CHARS,
+};
+use crate::domain::model::{truncate, Metadata, Priority};
 use crate::{Error, Result};
 
-/// A request as validated input. Build it from CLI flags or MCP arguments.
+/// A request for resources, as given: build it from CLI flags, MCP arguments
+/// ([`ResourceRequest::from_json`]) or in code; validation (`domain::input::validate`) checks it against the config.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ResourceRequest {
+    /// The job the resources are for (1 to 256 characters, no control characters).
     pub job_id: String,
+    /// MCP servers to run for the job, each named once.
     pub mcp_servers: Vec<String>,
+    /// Worker slots wanted (0 if only MCP servers are wanted).
     pub workers: u32,
+    /// Decides how much of the pool must stay free after the grant.
     pub priority: Priority,
     /// `None` takes the config's `default_ttl_seconds`.
     pub ttl_seconds: Option<u64>,
+    /// Free-form JSON stored with the allocation and shown back.
     pub metadata: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ResourceRequest {
+    /// A request for nothing yet, for `job_id`; add workers or MCP servers.
     pub fn new(job_id: impl Into<String>) -> Self {
         ResourceRequest { job_id: job_id.into(), ..Default::default() }
     }
 
+    /// Asks for `n` workers.
     pub fn workers(mut self, n: u32) -> Self {
         self.workers = n;
         self
     }
 
+    /// Adds an MCP server by name.
     pub fn mcp_server(mut self, name: impl Into<String>) -> Self {
         self.mcp_servers.push(name.into());
         self
     }
 
+    /// Sets the priority.
     pub fn priority(mut self, p: Priority) -> Self {
         self.priority = p;
         self
     }
 
+    /// Sets the lifetime.
     pub fn ttl_seconds(mut self, ttl: u64) -> Self {
         self.ttl_seconds = Some(ttl);
         self
     }
 
+    /// Sets the metadata.
     pub fn metadata(mut self, m: serde_json::Map<String, serde_json::Value>) -> Self {
         self.metadata = m;
         self
@@ -50,75 +64,220 @@ impl ResourceRequest {
     /// Builds a request from JSON arguments (the MCP tool's), checking each field's type.
     /// Unknown fields are rejected so that a typo does not silently fall back to a default.
     pub fn from_json(args: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
-        use serde_json::Value;
-        const KNOWN: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata";
-        for key in args.keys() {
-            if !KNOWN.split(", ").any(|k| k == key) {
-                // An empty name or one with control characters is shown quoted, so the field
-                // is never blank or garbled.
-                let shown = if key.is_empty() || key.chars().any(char::is_control) {
-                    format!("{:?}", truncate(key))
-                } else {
-                    truncate(key)
-                };
-                return Err(Error::invalid(shown, format!("unknown argument; allowed arguments: {KNOWN}")));
-            }
-        }
-        let job_id = match args.get("job_id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => return Err(type_err("job_id", "a string", other)),
-            None => return Err(Error::invalid("job_id", "is required (a non-empty string)")),
-        };
-        let mcp_servers = match args.get("mcp_servers") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v {
-                    Value::String(s) => Ok(s.clone()),
-                    other => Err(type_err(&format!("mcp_servers[{i}]"), "a string", other)),
-                })
-                .collect::<Result<Vec<_>>>()?,
-            Some(other) => return Err(type_err("mcp_servers", "an array of strings", other)),
-        };
-        let workers = match args.get("workers") {
-            None | Some(Value::Null) => 0,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(w) if w <= u32::MAX as u64 => w as u32,
-                _ => {
-                    return Err(Error::invalid(
-                        "workers",
-                        format!("{n} is not allowed: use a whole number from 0 up to the pool's worker count"),
-                    ))
-                }
-            },
-            Some(other) => return Err(type_err("workers", "a whole number >= 0", other)),
-        };
-        let priority = match args.get("priority") {
-            None | Some(Value::Null) => Priority::Normal,
-            Some(Value::String(s)) => Priority::parse("priority", s)?,
-            Some(other) => return Err(type_err("priority", "one of low, normal, high, critical", other)),
-        };
-        let ttl_seconds = match args.get("ttl_seconds") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(t) => Some(t),
-                None => {
-                    return Err(Error::invalid(
-                        "ttl_seconds",
-                        format!("{n} is not allowed: use a whole number of seconds"),
-                    ))
-                }
-            },
-            Some(other) => return Err(type_err("ttl_seconds", "a whole number of seconds", other)),
-        };
-        let metadata = match args.get("metadata") {
-            None | Some(Value::Null) => serde_json::Map::new(),
-            Some(Value::Object(m)) => m.clone(),
-            Some(other) => return Err(type_err("metadata", "a JSON object", other)),
-        };
-        Ok(ResourceRequest { job_id, mcp_servers, workers, priority, ttl_seconds, metadata })
+        reject_unknown_arguments(args)?;
+        Ok(ResourceRequest {
+            job_id: json_job_id(args.get("job_id"))?,
+            mcp_servers: json_mcp_servers(args.get("mcp_servers"))?,
+            workers: json_workers(args.get("workers"))?,
+            priority: json_priority(args.get("priority"))?,
+            ttl_seconds: json_ttl_seconds(args.get("ttl_seconds"))?,
+            metadata: json_metadata(args.get("metadata"))?,
+        })
     }
+}
+
+/// The arguments `request_resources` takes, as its errors list them.
+const KNOWN_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata";
+
+fn reject_unknown_arguments(args: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    for key in args.keys() {
+        if !KNOWN_ARGUMENTS.split(", ").any(|k| k == key) {
+            // An empty name or one with control characters is shown quoted, so the field
+            // is never blank or garbled.
+            let shown = if key.is_empty() || key.chars().any(char::is_control) {
+                format!("{:?}", truncate(key))
+            } else {
+                truncate(key)
+            };
+            return Err(Error::invalid(shown, format!("unknown argument; allowed arguments: {KNOWN_ARGUMENTS}")));
+        }
+    }
+    Ok(())
+}
+
+fn json_job_id(v: Option<&serde_json::Value>) -> Result<String> {
+    use serde_json::Value;
+    match v {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(type_err("job_id", "a string", other)),
+        None => Err(Error::invalid("job_id", "is required (a non-empty string)")),
+    }
+}
+
+fn json_mcp_servers(v: Option<&serde_json::Value>) -> Result<Vec<String>> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(type_err(&format!("mcp_servers[{i}]"), "a string", other)),
+            })
+            .collect(),
+        Some(other) => Err(type_err("mcp_servers", "an array of strings", other)),
+    }
+}
+
+fn json_workers(v: Option<&serde_json::Value>) -> Result<u32> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::Number(n)) => match n.as_u64().and_then(|w| u32::try_from(w).ok()) {
+            Some(w) => Ok(w),
+            None => Err(Error::invalid(
+                "workers",
+                format!("{n} is not allowed: use a whole number from 0 up to the pool's worker count"),
+            )),
+        },
+        Some(other) => Err(type_err("workers", "a whole number >= 0", other)),
+    }
+}
+
+fn json_priority(v: Option<&serde_json::Value>) -> Result<Priority> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(Priority::Normal),
+        Some(Value::String(s)) => Priority::parse("priority", s),
+        Some(other) => Err(type_err("priority", "one of low, normal, high, critical", other)),
+    }
+}
+
+fn json_ttl_seconds(v: Option<&serde_json::Value>) -> Result<Option<u64>> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(t) => Ok(Some(t)),
+            None => Err(Error::invalid("ttl_seconds", format!("{n} is not allowed: use a whole number of seconds"))),
+        },
+        Some(other) => Err(type_err("ttl_seconds", "a whole number of seconds", other)),
+    }
+}
+
+fn json_metadata(v: Option<&serde_json::Value>) -> Result<serde_json::Map<String, serde_json::Value>> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(serde_json::Map::new()),
+        Some(Value::Object(m)) => Ok(m.clone()),
+        Some(other) => Err(type_err("metadata", "a JSON object", other)),
+    }
+}
+
+/// A request whose every field passed [`validate`] against the config in force: what pricing
+/// and placement take, so neither checks input again.
+#[derive(Debug)]
+pub struct ValidRequest<'a> {
+    /// The request as given.
+    pub request: &'a ResourceRequest,
+    /// The lifetime to grant: the request's, or the config's default.
+    pub ttl_seconds: u64,
+    /// The metadata as events store it (compact JSON text).
+    pub metadata: Metadata,
+}
+
+/// Checks a request against `config`, field by field in a fixed order (job id, MCP servers,
+/// workers, lifetime, metadata); the error names the first field that is wrong and says what
+/// is allowed. Nothing here depends on what the pool holds: that is pricing and placement.
+pub fn validate<'a>(req: &'a ResourceRequest, config: &Config) -> Result<ValidRequest<'a>> {
+    validate_job_id("job_id", &req.job_id)?;
+    validate_mcp_servers(&req.mcp_servers, config)?;
+    validate_workers(req, config)?;
+    let ttl_seconds = validate_ttl(req.ttl_seconds, config)?;
+    let metadata = validate_metadata(&req.metadata, config)?;
+    Ok(ValidRequest { request: req, ttl_seconds, metadata })
+}
+
+/// At most [`MAX_MCP_SERVERS_PER_REQUEST`] names, each valid, each once, each in the catalog
+/// when the catalog is strict.
+fn validate_mcp_servers(names: &[String], cfg: &Config) -> Result<()> {
+    if names.len() > MAX_MCP_SERVERS_PER_REQUEST {
+        return Err(Error::invalid(
+            "mcp_servers",
+            format!("{} names given; at most {MAX_MCP_SERVERS_PER_REQUEST} are allowed", names.len()),
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if !mcp_name_allowed(name) {
+            return Err(mcp_name_error(&format!("mcp_servers[{i}]"), name));
+        }
+        // A scan, not a set: at most 64 names, and no heap block per request.
+        if names[..i].contains(name) {
+            return Err(Error::invalid(
+                format!("mcp_servers[{i}]"),
+                format!("{name:?} is listed twice; name each MCP server once"),
+            ));
+        }
+        if cfg.strict_mcp_catalog && !cfg.mcp_catalog.contains_key(name) {
+            let known: Vec<&str> = cfg.mcp_catalog.keys().map(String::as_str).collect();
+            return Err(Error::invalid(
+                format!("mcp_servers[{i}]"),
+                format!(
+                    "{name:?} is not in the MCP catalog; known servers: {}",
+                    if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// No more workers than the pool has, and something asked for.
+fn validate_workers(req: &ResourceRequest, cfg: &Config) -> Result<()> {
+    if req.workers > cfg.worker_slots {
+        return Err(Error::invalid(
+            "workers",
+            format!(
+                "{} exceeds the pool of {} workers; allowed values: 0 to {}",
+                req.workers, cfg.worker_slots, cfg.worker_slots
+            ),
+        ));
+    }
+    if req.workers == 0 && req.mcp_servers.is_empty() {
+        return Err(Error::invalid(
+            "workers",
+            "the request asks for nothing: ask for at least 1 worker or name at least one MCP server in mcp_servers",
+        ));
+    }
+    Ok(())
+}
+
+/// The lifetime to grant, within the config's bounds.
+fn validate_ttl(ttl_seconds: Option<u64>, cfg: &Config) -> Result<u64> {
+    let ttl_seconds = ttl_seconds.unwrap_or(cfg.default_ttl_seconds);
+    if ttl_seconds < cfg.min_ttl_seconds || ttl_seconds > cfg.max_ttl_seconds {
+        return Err(Error::invalid(
+            "ttl_seconds",
+            format!(
+                "{ttl_seconds} is out of range; allowed values: {} to {} seconds",
+                cfg.min_ttl_seconds, cfg.max_ttl_seconds
+            ),
+        ));
+    }
+    Ok(ttl_seconds)
+}
+
+/// The metadata as stored, within the config's size and with allowed keys.
+fn validate_metadata(map: &serde_json::Map<String, serde_json::Value>, cfg: &Config) -> Result<Metadata> {
+    let metadata = Metadata::from_map(map);
+    let metadata_bytes = metadata.as_json().len();
+    if metadata_bytes > cfg.max_metadata_bytes {
+        return Err(Error::invalid(
+            "metadata",
+            format!("is {metadata_bytes} bytes as JSON; at most {} bytes are allowed", cfg.max_metadata_bytes),
+        ));
+    }
+    if let Some(key) = map.keys().find(|key| !metadata_key_allowed(key)) {
+        return Err(Error::invalid(
+            "metadata",
+            format!(
+                "key {:?} is not allowed: keys are 1 to {MAX_METADATA_KEY_CHARS} characters without control characters",
+                truncate(key)
+            ),
+        ));
+    }
+    Ok(metadata)
 }
 
 fn type_err(field: &str, expected: &str, got: &serde_json::Value) -> Error {
@@ -136,7 +295,7 @@ fn type_err(field: &str, expected: &str, got: &serde_json::Value) -> Error {
 /// Whether `key` may name a metadata entry: 1 to 128 characters without control characters
 /// (what a grant's metadata keys, and so `usage --by metadata.KEY`, may be).
 pub fn metadata_key_allowed(key: &str) -> bool {
-    !key.is_empty() && !key.chars().any(char::is_control) && key.chars().count() <= 128
+    !key.is_empty() && !key.chars().any(char::is_control) && key.chars().count() <= MAX_METADATA_KEY_CHARS
 }
 
 /// Checks a job id from outside: 1..=256 characters, no control characters.
@@ -154,4 +313,29 @@ pub fn validate_job_id(field: &str, job_id: &str) -> Result<()> {
         return Err(Error::invalid(field, "must not contain control characters"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_json_checks_types() {
+        let parse = |v: serde_json::Value| ResourceRequest::from_json(v.as_object().unwrap());
+        let field = |r: Result<ResourceRequest>| match r {
+            Err(Error::InvalidInput { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(parse(serde_json::json!({"mcp_servers": []}))), "job_id");
+        assert_eq!(field(parse(serde_json::json!({"job_id": 3}))), "job_id");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "workers": -1}))), "workers");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "workers": 1.5}))), "workers");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "priority": "urgent"}))), "priority");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "metadata": [1]}))), "metadata");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "mcp_servers": [1]}))), "mcp_servers[0]");
+        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "wrokers": 1}))), "wrokers");
+        let ok =
+            parse(serde_json::json!({"job_id": "j", "workers": 2, "priority": "high", "ttl_seconds": 120})).unwrap();
+        assert_eq!((ok.workers, ok.priority, ok.ttl_seconds), (2, Priority::High, Some(120)));
+    }
 }

@@ -1,10 +1,17 @@
 //! The domain room: the pure core. The model, the event schema, the configuration, the state
 //! fold (`evolve`) and every decision (`decide`). No I/O and no report formatting here.
 
+/// Time: the clock the ledger reads, and the text timestamps take.
 pub mod clock;
+/// The configuration and the limits on input.
 pub mod config;
+/// Every decision: command + state -> event.
 pub mod decide;
+/// The event schema.
 pub mod event;
+/// Request input: parsing and validation shared by CLI, MCP and library.
 pub mod input;
+/// Ids, priorities, states, resource amounts, metadata.
 pub mod model;
+/// The fold (`evolve`) and its queries.
 pub mod state;

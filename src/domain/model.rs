@@ -10,13 +10,16 @@ use std::str::FromStr;
 pub struct AllocationId(u64);
 
 impl AllocationId {
+    /// The largest id: ids are 48 bits.
     pub const MAX: u64 = (1 << 48) - 1;
 
+    /// The id with these 48 bits.
     pub fn from_u64(v: u64) -> Self {
         debug_assert!(v <= Self::MAX);
         AllocationId(v & Self::MAX)
     }
 
+    /// The id's 48 bits.
     pub fn as_u64(self) -> u64 {
         self.0
     }
@@ -27,12 +30,12 @@ impl AllocationId {
     /// history and whether or not old allocations are still in memory.
     pub fn for_seq(ledger_key: u64, seq: u64) -> Self {
         assert!(seq <= Self::MAX, "sequence number {seq} beyond 48 bits");
-        let (mut left, mut right) = ((seq >> 24) as u32, (seq & 0xFF_FFFF) as u32);
+        let (mut left, mut right) = ((seq >> HALF_BITS) as u32, (seq & HALF_MASK) as u32);
         for round in 0..4u32 {
             let mixed = feistel_round(right, ledger_key, round);
             (left, right) = (right, left ^ mixed);
         }
-        AllocationId((u64::from(left) << 24) | u64::from(right))
+        AllocationId((u64::from(left) << HALF_BITS) | u64::from(right))
     }
 
     /// The key for [`AllocationId::for_seq`], from the ledger's id (FNV-1a: stable across
@@ -41,6 +44,7 @@ impl AllocationId {
         ledger_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
     }
 
+    /// A random id (what builds before sequence-derived ids gave).
     pub fn random() -> Self {
         let bits = uuid::Uuid::new_v4().as_u128();
         AllocationId((bits as u64) & Self::MAX)
@@ -49,7 +53,7 @@ impl AllocationId {
     /// Parses an id given by a caller; the error names `field`.
     pub fn parse(field: &str, text: &str) -> Result<Self> {
         text.parse().map_err(|_| {
-            let shown: String = text.chars().take(64).collect();
+            let shown: String = text.chars().take(SHOWN_CHARS).collect();
             Error::invalid(
                 field,
                 format!("{shown:?} is not an allocation id: expected `alloc-` followed by 12 lowercase hex digits, e.g. alloc-1a2b3c4d5e6f"),
@@ -58,13 +62,18 @@ impl AllocationId {
     }
 }
 
+/// Bits in each half of the 48-bit id the Feistel network permutes.
+const HALF_BITS: u32 = 24;
+/// The low half's bits.
+const HALF_MASK: u64 = (1 << HALF_BITS) - 1;
+
 /// A 24-bit round function (splitmix64's finaliser over the half-block, key and round).
 fn feistel_round(half: u32, key: u64, round: u32) -> u32 {
     let mut h =
         u64::from(half) ^ key.rotate_left(round * 16) ^ (u64::from(round) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    ((h ^ (h >> 31)) & 0xFF_FFFF) as u32
+    ((h ^ (h >> 31)) & HALF_MASK) as u32
 }
 
 impl fmt::Display for AllocationId {
@@ -97,19 +106,26 @@ impl<'de> Deserialize<'de> for AllocationId {
     }
 }
 
+/// How much of the pool a request may take: lower priorities leave a reserve free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
+    /// Leaves the configured reserve (25% by default) free.
     Low,
+    /// The default.
     #[default]
     Normal,
+    /// Above normal.
     High,
+    /// The highest.
     Critical,
 }
 
 impl Priority {
+    /// The accepted spellings, for error messages.
     pub const ALLOWED: &'static str = "low, normal, high, critical";
 
+    /// The priority as JSON and the CLI write it.
     pub fn as_str(self) -> &'static str {
         match self {
             Priority::Low => "low",
@@ -119,6 +135,7 @@ impl Priority {
         }
     }
 
+    /// Parses a priority given by a caller; the error names `field` and lists the allowed values.
     pub fn parse(field: &str, text: &str) -> Result<Self> {
         match text {
             "low" => Ok(Priority::Low),
@@ -143,15 +160,21 @@ impl fmt::Display for Priority {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AllocationState {
+    /// Holds its resources until released or past its deadline.
     Active,
+    /// Released by its holder.
     Released,
+    /// Its deadline passed.
     Expired,
+    /// The request was valid but the pool could not hold it; it never held anything.
     Failed,
 }
 
 impl AllocationState {
+    /// The accepted spellings, for error messages.
     pub const ALLOWED: &'static str = "active, released, expired, failed";
 
+    /// The state as JSON and the CLI write it.
     pub fn as_str(self) -> &'static str {
         match self {
             AllocationState::Active => "active",
@@ -161,10 +184,12 @@ impl AllocationState {
         }
     }
 
+    /// Whether the state is final (every state but `active`).
     pub fn is_terminal(self) -> bool {
         self != AllocationState::Active
     }
 
+    /// Parses a state given by a caller; the error names `field` and lists the allowed values.
     pub fn parse(field: &str, text: &str) -> Result<Self> {
         match text {
             "active" => Ok(AllocationState::Active),
@@ -188,12 +213,16 @@ impl fmt::Display for AllocationState {
 /// An amount of the pool, in integer units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Resources {
+    /// CPU, in thousandths of a core.
     pub cpu_millicores: u64,
+    /// Memory, in MiB.
     pub memory_mib: u64,
+    /// Worker slots.
     pub workers: u32,
 }
 
 impl Resources {
+    /// The sum, or `None` on overflow.
     pub fn checked_add(self, o: Resources) -> Option<Resources> {
         Some(Resources {
             cpu_millicores: self.cpu_millicores.checked_add(o.cpu_millicores)?,
@@ -202,6 +231,7 @@ impl Resources {
         })
     }
 
+    /// The difference, or `None` if any part would go below zero.
     pub fn checked_sub(self, o: Resources) -> Option<Resources> {
         Some(Resources {
             cpu_millicores: self.cpu_millicores.checked_sub(o.cpu_millicores)?,
@@ -210,6 +240,7 @@ impl Resources {
         })
     }
 
+    /// Whether every part is at most `o`'s.
     pub fn fits_within(self, o: Resources) -> bool {
         self.cpu_millicores <= o.cpu_millicores && self.memory_mib <= o.memory_mib && self.workers <= o.workers
     }
@@ -222,6 +253,8 @@ impl Resources {
 pub struct Metadata(Option<Box<serde_json::value::RawValue>>);
 
 impl Metadata {
+    /// The metadata of a JSON object (nothing for an empty one).
+    #[allow(clippy::expect_used, reason = "a map of JSON values always serialises")]
     pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> Metadata {
         if map.is_empty() {
             return Metadata(None);
@@ -248,6 +281,7 @@ impl Metadata {
         Metadata::from_raw(&raw).ok_or_else(|| "metadata is not a JSON object".to_string())
     }
 
+    /// Whether there is no metadata (an empty object).
     pub fn is_empty(&self) -> bool {
         self.0.is_none()
     }
@@ -257,6 +291,7 @@ impl Metadata {
         self.0.as_deref().map_or("{}", |r| r.get())
     }
 
+    /// The metadata as a JSON object.
     pub fn to_map(&self) -> serde_json::Map<String, serde_json::Value> {
         match &self.0 {
             None => serde_json::Map::new(),
@@ -265,6 +300,7 @@ impl Metadata {
         }
     }
 
+    /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<serde_json::Value> {
         self.0.as_ref()?;
         self.to_map().remove(key)
@@ -320,12 +356,15 @@ pub fn cores(millicores: u64) -> f64 {
     millicores as f64 / 1000.0
 }
 
+/// Most characters of a caller's text an error message repeats.
+const SHOWN_CHARS: usize = 64;
+
+/// `s` for an error message: at most [`SHOWN_CHARS`] characters, then `…`.
 pub(crate) fn truncate(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.chars().count() <= MAX {
+    if s.chars().count() <= SHOWN_CHARS {
         s.to_string()
     } else {
-        let mut t: String = s.chars().take(MAX).collect();
+        let mut t: String = s.chars().take(SHOWN_CHARS).collect();
         t.push('…');
         t
     }

@@ -1,13 +1,12 @@
-//! The state fold: `evolve(state, event)` is pure and total, `decide_*` validates a command
-//! against the state and returns the event recording its outcome, and the query functions read
-//! the projection as of an instant (allocations past their deadline read as expired before
-//! their expiry event is written).
+//! The state fold: `evolve(state, event)` is pure and total, and the queries read the
+//! projection as of an instant (allocations past their deadline read as expired before their
+//! expiry event is written). Decisions are in `decide.rs`; the report views of the state
+//! (capacity, details, lists) in `report.rs`.
 
-use crate::domain::clock::{format_micros, Micros};
+use crate::domain::clock::Micros;
 use crate::domain::config::Config;
 use crate::domain::event::{EventBody, Grant, McpGrant, Rejection, WorkerGrant};
-use crate::domain::model::{cores, AllocationId, AllocationState, Metadata, Priority, Resources};
-use crate::report::*;
+use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -23,9 +22,12 @@ pub fn sort_for_snapshot(allocations: &mut [Arc<Allocation>]) {
     allocations.sort_by_cached_key(|a| (a.created_us, a.id));
 }
 
+/// Up to this many workers, [`slots_distinct`] compares pairs instead of building a set.
+const PAIRWISE_SLOT_CHECK_MAX: usize = 16;
+
 /// Whether no slot appears twice among `workers`; without a heap set for the usual handful.
 fn slots_distinct(workers: &[WorkerGrant]) -> bool {
-    if workers.len() <= 16 {
+    if workers.len() <= PAIRWISE_SLOT_CHECK_MAX {
         workers.iter().enumerate().all(|(i, w)| workers[..i].iter().all(|v| v.slot != w.slot))
     } else {
         let mut seen = BTreeSet::new();
@@ -36,12 +38,19 @@ fn slots_distinct(workers: &[WorkerGrant]) -> bool {
 /// One allocation as the fold knows it. Failed requests are kept too (state `failed`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Allocation {
+    /// Its id.
     pub id: AllocationId,
+    /// The job it is for.
     pub job_id: String,
+    /// The request's priority.
     pub priority: Priority,
+    /// Its state as of the last event folded in (see [`Allocation::state_at`]).
     pub state: AllocationState,
+    /// The granted (or, if it failed, requested) lifetime.
     pub ttl_seconds: u64,
+    /// When it was granted or rejected.
     pub created_us: Micros,
+    /// When it expires unless released first (its creation time if it failed).
     pub deadline_us: Micros,
     /// When it was released, or the deadline it expired at.
     #[serde(default)]
@@ -49,13 +58,18 @@ pub struct Allocation {
     /// Sequence number of the event that ended it (its rejection, release or expiry).
     #[serde(default)]
     pub ended_seq: Option<u64>,
+    /// The slots it holds (none if it failed).
     #[serde(default)]
     pub workers: Vec<WorkerGrant>,
+    /// Its MCP servers (with no endpoint if it failed).
     #[serde(default)]
     pub mcp_servers: Vec<McpGrant>,
+    /// What its workers hold (a failed one: the workers it asked for).
     pub resources: Resources,
+    /// The request's metadata.
     #[serde(default)]
     pub metadata: Metadata,
+    /// Why the request failed (failed allocations only).
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -66,6 +80,7 @@ impl Allocation {
         Self::from_grant_owned(ts_us, g.clone())
     }
 
+    /// [`Allocation::from_grant`] taking the grant by value (replay owns its events).
     pub fn from_grant_owned(ts_us: Micros, g: Grant) -> Allocation {
         Allocation {
             id: g.allocation_id,
@@ -142,39 +157,55 @@ impl Allocation {
     }
 }
 
+/// An MCP server some active allocation uses: started by the first, stopped with the last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunningServer {
+    /// How many active allocations use it.
     pub refcount: u32,
+    /// Where it listens.
     pub endpoint: String,
+    /// CPU charged while it runs.
     pub cpu_millicores: u64,
+    /// Memory charged while it runs.
     pub memory_mib: u64,
 }
 
 /// The part of the state written to snapshots; every index is rebuilt from it on load.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateData {
+    /// The ledger's identity.
     pub ledger_id: String,
+    /// When the ledger was created.
     pub created_us: Micros,
+    /// The config in force.
     pub config: Config,
+    /// Sequence number of the last event the state holds.
     pub last_seq: u64,
+    /// Timestamp of that event.
     pub last_ts_us: Micros,
+    /// Every allocation in memory, oldest first.
     pub allocations: Vec<Allocation>,
     /// Ended allocations no longer kept in memory (they are in the log).
     #[serde(default)]
     pub evicted: u64,
     /// Endpoints given to MCP names outside the catalog, in the order they were assigned.
     pub assigned_mcp_endpoints: BTreeMap<String, String>,
+    /// How many endpoints have been assigned (the next one takes the next port).
     pub assigned_mcp_count: u64,
 }
 
 /// The in-memory projection of the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct State {
+    /// The ledger's identity, from its first event.
     pub ledger_id: String,
+    /// When the ledger was created.
     pub created_us: Micros,
+    /// The config in force.
     pub config: Config,
     /// Sequence number of the last event folded in (0 before the first).
     pub last_seq: u64,
+    /// Timestamp of the last event folded in.
     pub last_ts_us: Micros,
     /// Behind pointers: the table stays small (16 bytes a slot) so its probes stay in cache,
     /// and a resize moves pointers instead of 200-byte entries. Shared (`Arc`) so a snapshot
@@ -225,6 +256,7 @@ impl State {
         }
     }
 
+    /// The pool: the config's totals and worker slots.
     pub fn total(&self) -> Resources {
         Resources {
             cpu_millicores: self.config.total_cpu_millicores,
@@ -233,10 +265,12 @@ impl State {
         }
     }
 
+    /// What active allocations and running MCP servers hold, as folded (allocations past their deadline included until their expiry is written).
     pub fn allocated(&self) -> Resources {
         self.allocated
     }
 
+    /// What is free, as folded.
     pub fn available(&self) -> Resources {
         // Saturating: a config change may shrink the pool below what is held.
         let t = self.total();
@@ -251,10 +285,12 @@ impl State {
         self.free_slots.len() as u32
     }
 
+    /// The allocation `id`, if memory holds it.
     pub fn allocation(&self, id: AllocationId) -> Option<&Allocation> {
         self.allocations.get(&id).map(|a| &**a)
     }
 
+    /// Every allocation memory holds, in no order.
     pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
         self.allocations.values().map(|a| &**a)
     }
@@ -265,14 +301,17 @@ impl State {
         self.evicted
     }
 
+    /// How many allocations are active, as folded.
     pub fn active_count(&self) -> usize {
         self.by_deadline.len()
     }
 
+    /// The allocation holding worker slot `slot`, if any.
     pub fn slot_owner(&self, slot: u32) -> Option<AllocationId> {
         self.slots.get(slot as usize).copied().flatten()
     }
 
+    /// The MCP servers active allocations use, by name.
     pub fn running_servers(&self) -> &BTreeMap<String, RunningServer> {
         &self.running
     }
@@ -282,6 +321,7 @@ impl State {
         self.by_deadline.range(..=(now, AllocationId::from_u64(AllocationId::MAX))).map(|&(d, id)| (id, d)).collect()
     }
 
+    /// The earliest deadline of an active allocation.
     pub fn next_deadline(&self) -> Option<Micros> {
         self.by_deadline.iter().next().map(|&(d, _)| d)
     }
@@ -406,7 +446,10 @@ impl State {
                 };
                 self.running.insert(m.name.clone(), server);
             }
-            let entry = self.running.get_mut(&m.name).expect("inserted above");
+            let Some(entry) = self.running.get_mut(&m.name) else {
+                debug_assert!(false, "inserted above");
+                continue;
+            };
             if entry.refcount == 0 {
                 charged.cpu_millicores += entry.cpu_millicores;
                 charged.memory_mib += entry.memory_mib;
@@ -550,6 +593,7 @@ impl State {
 
     // ----- snapshots -----
 
+    /// The state as snapshot data, allocations oldest first.
     pub fn to_data(&self) -> StateData {
         let (mut data, mut shared) = self.snapshot_parts();
         sort_for_snapshot(&mut shared);
@@ -590,7 +634,7 @@ impl State {
 
     /// Resources and servers that allocations past their deadline at `now` still hold in the
     /// fold but no longer hold in truth.
-    fn pending_expiry_effect(&self, now: Micros) -> (Resources, BTreeMap<&str, u32>, usize) {
+    pub(crate) fn pending_expiry_effect(&self, now: Micros) -> (Resources, BTreeMap<&str, u32>, usize) {
         let mut freed = Resources::default();
         let mut stopped: BTreeMap<&str, u32> = BTreeMap::new();
         let mut count = 0;
@@ -604,126 +648,6 @@ impl State {
         }
         (freed, stopped, count)
     }
-
-    pub fn capacity(&self, now: Micros) -> CapacityReport {
-        let (mut freed, stopped, expired_count) = self.pending_expiry_effect(now);
-        let mut running = Vec::new();
-        for (name, r) in &self.running {
-            let gone = stopped.get(name.as_str()).copied().unwrap_or(0);
-            if gone >= r.refcount {
-                freed.cpu_millicores += r.cpu_millicores;
-                freed.memory_mib += r.memory_mib;
-            } else {
-                running.push(name.clone());
-            }
-        }
-        let allocated = self.allocated.checked_sub(freed).unwrap_or_default();
-        let active = (self.by_deadline.len() - expired_count) as u64;
-        CapacityReport::new(self.total(), allocated, running, active, now, self.last_seq)
-    }
-
-    pub fn details(&self, id: AllocationId, now: Micros) -> Option<AllocationDetails> {
-        self.allocations.get(&id).map(|a| a.details(now))
-    }
-}
-
-impl Allocation {
-    /// `get_allocation`'s view of this allocation at `now`.
-    pub fn details(&self, now: Micros) -> AllocationDetails {
-        let a = self;
-        let state = a.state_at(now);
-        let mcp_status = if state == AllocationState::Active { "running" } else { "stopped" };
-        let worker_status = if state == AllocationState::Active { "allocated" } else { state.as_str() };
-        let (released_at, expired_at) = match (a.state, state) {
-            (AllocationState::Released, _) => (a.ended_us.map(format_micros), None),
-            (AllocationState::Expired, _) => (None, a.ended_us.map(format_micros)),
-            (AllocationState::Active, AllocationState::Expired) => (None, Some(format_micros(a.deadline_us))),
-            _ => (None, None),
-        };
-        let failed = a.state == AllocationState::Failed;
-        AllocationDetails {
-            allocation_id: a.id,
-            job_id: a.job_id.clone(),
-            state,
-            priority: a.priority,
-            resources: AllocationResources {
-                cpu_allocated: cores(a.resources.cpu_millicores),
-                memory_allocated: a.resources.memory_mib,
-                workers: a.resources.workers,
-                cpu_millicores: a.resources.cpu_millicores,
-                memory_mib: a.resources.memory_mib,
-            },
-            mcp_servers: a
-                .mcp_servers
-                .iter()
-                .map(|m| McpServerInfo {
-                    name: m.name.clone(),
-                    endpoint: m.endpoint.clone(),
-                    status: if failed { "not_started".into() } else { mcp_status.into() },
-                })
-                .collect(),
-            workers: a
-                .workers
-                .iter()
-                .map(|w| WorkerStatus {
-                    worker_id: w.worker_id.clone(),
-                    endpoint: w.endpoint.clone(),
-                    status: worker_status.into(),
-                    cpu: cores(w.cpu_millicores),
-                    memory: w.memory_mib,
-                })
-                .collect(),
-            timestamps: Timestamps {
-                created_at: format_micros(a.created_us),
-                activated_at: if failed { None } else { Some(format_micros(a.created_us)) },
-                released_at,
-                expired_at,
-                expires_at: if failed { None } else { Some(format_micros(a.deadline_us)) },
-                age_seconds: age_seconds(a.created_us, now),
-            },
-            ttl_seconds: a.ttl_seconds,
-            is_expired: state == AllocationState::Expired,
-            metadata: a.metadata.to_map(),
-            error: a.error.clone(),
-        }
-    }
-
-    /// `list_allocations`' row for this allocation at `now`.
-    pub fn summary(&self, now: Micros) -> AllocationSummary {
-        let a = self;
-        let state = a.state_at(now);
-        AllocationSummary {
-            allocation_id: a.id,
-            job_id: a.job_id.clone(),
-            state,
-            priority: a.priority,
-            workers: a.resources.workers,
-            age_seconds: age_seconds(a.created_us, now),
-            is_expired: state == AllocationState::Expired,
-            created_at: format_micros(a.created_us),
-        }
-    }
-}
-
-impl State {
-    /// Allocations filtered by state (as seen at `now`) and job, oldest first.
-    pub fn list(&self, state: Option<AllocationState>, job_id: Option<&str>, now: Micros) -> Vec<AllocationSummary> {
-        // A scan: memory holds the active allocations and at most `terminal_retained` ended
-        // ones, and a per-job index cost two heap blocks per grant on the fold's hot path.
-        let mut out: Vec<&Allocation> = self
-            .allocations
-            .values()
-            .filter(|a| job_id.is_none_or(|j| a.job_id == j) && state.is_none_or(|s| a.state_at(now) == s))
-            .map(|a| &**a)
-            .collect();
-        out.sort_by_key(|a| (a.created_us, a.id));
-        out.into_iter().map(|a| a.summary(now)).collect()
-    }
-}
-
-pub fn age_seconds(from: Micros, now: Micros) -> f64 {
-    // Saturating: a crafted snapshot can hold any i64 (the fuzzer found one).
-    now.saturating_sub(from).max(0) as f64 / 1e6
 }
 
 /// Rebuilds a state from snapshot data one allocation at a time, so a decoder can hand each
@@ -796,156 +720,5 @@ impl StateLoader {
     pub fn finish(self) -> std::result::Result<State, String> {
         self.s.check_invariants()?;
         Ok(self.s)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::input::ResourceRequest;
-    use crate::{Error, Result};
-
-    const T0: Micros = 1_767_225_600_000_000;
-
-    fn created() -> State {
-        let mut s = State::empty(Config::default());
-        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "test".into(), config: Config::default() });
-        s
-    }
-
-    fn apply(s: &mut State, req: &ResourceRequest, t: Micros, id: u64) -> EventBody {
-        let ev = s.decide_request(req, t, AllocationId::from_u64(id)).unwrap();
-        s.evolve(s.last_seq + 1, t, &ev);
-        ev
-    }
-
-    #[test]
-    fn grant_release_and_messages() {
-        let mut s = created();
-        let ev = apply(&mut s, &ResourceRequest::new("j").workers(7), T0 + 1, 1);
-        assert!(matches!(ev, EventBody::Granted(_)));
-        let ev = apply(&mut s, &ResourceRequest::new("j").workers(5), T0 + 2, 2);
-        match ev {
-            EventBody::Rejected(r) => assert_eq!(r.error, "Insufficient workers: requested 5, available 3"),
-            other => panic!("{other:?}"),
-        }
-        let cap = s.capacity(T0 + 3);
-        assert_eq!((cap.allocated_workers, cap.available_workers), (7, 3));
-        assert_eq!(cap.allocated_cpu, 7.0);
-        s.evolve(s.last_seq + 1, T0 + 4, &EventBody::Released { allocation_id: AllocationId::from_u64(1) });
-        assert_eq!(s.capacity(T0 + 5).available_workers, 10);
-        s.check_invariants().unwrap();
-    }
-
-    #[test]
-    fn cpu_and_memory_messages_use_original_units() {
-        let cfg = Config {
-            total_cpu_millicores: 2_000,
-            total_memory_mib: 4096,
-            worker_cpu_millicores: 1_000,
-            worker_memory_mib: 1024,
-            ..Config::default()
-        };
-        let mut s = State::empty(cfg.clone());
-        s.evolve(1, T0, &EventBody::LedgerCreated { ledger_id: "x".into(), config: cfg });
-        match s.decide_request(&ResourceRequest::new("j").workers(4), T0, AllocationId::from_u64(1)).unwrap() {
-            EventBody::Rejected(r) => assert_eq!(r.error, "Insufficient CPU: needed 4.0, available 2.0"),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn low_priority_keeps_a_reserve_free() {
-        let s = created();
-        match s
-            .decide_request(
-                &ResourceRequest::new("j").workers(8).priority(Priority::Low),
-                T0,
-                AllocationId::from_u64(1),
-            )
-            .unwrap()
-        {
-            EventBody::Rejected(r) => {
-                assert!(r.error.starts_with("Insufficient workers: requested 8, available 7"), "{}", r.error)
-            }
-            other => panic!("{other:?}"),
-        }
-        let ev = s.decide_request(&ResourceRequest::new("j").workers(8), T0, AllocationId::from_u64(1)).unwrap();
-        assert!(matches!(ev, EventBody::Granted(_)));
-    }
-
-    #[test]
-    fn mcp_endpoints_are_shared_and_stop_with_the_last_user() {
-        let mut s = created();
-        let ev1 = apply(&mut s, &ResourceRequest::new("a").mcp_server("github"), T0 + 1, 1);
-        let ev2 = apply(&mut s, &ResourceRequest::new("b").mcp_server("github").mcp_server("slack"), T0 + 2, 2);
-        let (EventBody::Granted(g1), EventBody::Granted(g2)) = (ev1, ev2) else { panic!() };
-        assert_eq!(g1.mcp_servers[0].endpoint, "http://localhost:9000");
-        assert_eq!(g2.mcp_servers[0].endpoint, "http://localhost:9000");
-        assert_eq!(g2.mcp_servers[1].endpoint, "http://localhost:9001");
-        assert_eq!(s.capacity(T0 + 3).running_mcp_servers, vec!["github", "slack"]);
-        s.evolve(s.last_seq + 1, T0 + 4, &EventBody::Released { allocation_id: AllocationId::from_u64(2) });
-        assert_eq!(s.capacity(T0 + 5).running_mcp_servers, vec!["github"]);
-        s.evolve(s.last_seq + 1, T0 + 6, &EventBody::Released { allocation_id: AllocationId::from_u64(1) });
-        assert!(s.capacity(T0 + 7).running_mcp_servers.is_empty());
-        // The endpoint stays the name's.
-        let ev = apply(&mut s, &ResourceRequest::new("c").mcp_server("slack"), T0 + 8, 3);
-        let EventBody::Granted(g) = ev else { panic!() };
-        assert_eq!(g.mcp_servers[0].endpoint, "http://localhost:9001");
-    }
-
-    #[test]
-    fn past_deadline_reads_as_expired_before_the_event() {
-        let mut s = created();
-        apply(&mut s, &ResourceRequest::new("a").workers(2).ttl_seconds(60), T0 + 1, 1);
-        let later = T0 + 1 + 61_000_000;
-        let d = s.details(AllocationId::from_u64(1), later).unwrap();
-        assert_eq!(d.state, AllocationState::Expired);
-        assert!(d.is_expired);
-        assert_eq!(s.capacity(later).available_workers, 10);
-        assert_eq!(s.capacity(later).active_allocations, 0);
-        assert_eq!(s.due_for_expiry(later).len(), 1);
-    }
-
-    #[test]
-    fn invalid_requests_name_the_field() {
-        let s = created();
-        let cases: Vec<(ResourceRequest, &str)> = vec![
-            (ResourceRequest::new("").workers(1), "job_id"),
-            (ResourceRequest::new("a\u{7}b").workers(1), "job_id"),
-            (ResourceRequest::new("x".repeat(300)).workers(1), "job_id"),
-            (ResourceRequest::new("j").workers(11), "workers"),
-            (ResourceRequest::new("j"), "workers"),
-            (ResourceRequest::new("j").workers(1).ttl_seconds(59), "ttl_seconds"),
-            (ResourceRequest::new("j").workers(1).ttl_seconds(604_801), "ttl_seconds"),
-            (ResourceRequest::new("j").mcp_server("bad name"), "mcp_servers[0]"),
-            (ResourceRequest::new("j").mcp_server("a").mcp_server("a"), "mcp_servers[1]"),
-        ];
-        for (req, field) in cases {
-            match s.decide_request(&req, T0, AllocationId::from_u64(1)) {
-                Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field, "{req:?}"),
-                other => panic!("{req:?}: {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn from_json_checks_types() {
-        let parse = |v: serde_json::Value| ResourceRequest::from_json(v.as_object().unwrap());
-        let field = |r: Result<ResourceRequest>| match r {
-            Err(Error::InvalidInput { field, .. }) => field,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(field(parse(serde_json::json!({"mcp_servers": []}))), "job_id");
-        assert_eq!(field(parse(serde_json::json!({"job_id": 3}))), "job_id");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "workers": -1}))), "workers");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "workers": 1.5}))), "workers");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "priority": "urgent"}))), "priority");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "metadata": [1]}))), "metadata");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "mcp_servers": [1]}))), "mcp_servers[0]");
-        assert_eq!(field(parse(serde_json::json!({"job_id": "j", "wrokers": 1}))), "wrokers");
-        let ok =
-            parse(serde_json::json!({"job_id": "j", "workers": 2, "priority": "high", "ttl_seconds": 120})).unwrap();
-        assert_eq!((ok.workers, ok.priority, ok.ttl_seconds), (2, Priority::High, Some(120)));
     }
 }

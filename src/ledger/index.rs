@@ -20,10 +20,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// What the pool held from `t` until the next step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Step {
+    /// When this step begins.
     pub t: Micros,
-    /// Allocated, MCP server costs included.
+    /// Allocated CPU, MCP server costs included.
     pub cpu_millicores: u64,
+    /// Allocated memory, MCP server costs included.
     pub memory_mib: u64,
+    /// Worker slots held.
     pub workers: u32,
     /// Active allocations.
     pub active: u32,
@@ -68,6 +71,8 @@ struct Sweep {
     servers_changed: bool,
 }
 
+/// What the pool held over the whole log, for capacity-at-an-instant and usage queries
+/// without replaying the log (see the module's docs).
 #[derive(Debug, Clone, Default)]
 pub struct CapacityIndex {
     /// `ts[i]` is the timestamp of the event with sequence number `i + 1`.
@@ -82,6 +87,7 @@ pub struct CapacityIndex {
 }
 
 impl CapacityIndex {
+    /// An index of no events, ready to fold the log from its first event.
     pub(crate) fn new() -> Self {
         let mut ix = CapacityIndex::default();
         ix.server_sets.push(Box::new([]));
@@ -109,10 +115,12 @@ impl CapacityIndex {
         self.ts.partition_point(|&x| x < t) as u64
     }
 
+    /// Every change of what the pool held, in time order.
     pub(crate) fn steps(&self) -> &[Step] {
         &self.steps
     }
 
+    /// The pool's totals (its config) during `step`.
     pub(crate) fn totals_of(&self, step: &Step) -> Resources {
         self.totals[step.totals as usize]
     }
@@ -125,6 +133,7 @@ impl CapacityIndex {
             + self.names.iter().map(|n| n.len() + 48).sum::<usize>()
     }
 
+    /// How many steps the index holds (for its size in reports and benchmarks).
     pub(crate) fn step_count(&self) -> usize {
         self.steps.len()
     }

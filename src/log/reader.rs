@@ -106,6 +106,12 @@ impl RuleBroken {
     }
 }
 
+impl Default for LogRules {
+    fn default() -> LogRules {
+        LogRules::from_start()
+    }
+}
+
 impl LogRules {
     /// For a read from the log's first record.
     pub fn from_start() -> LogRules {

@@ -15,23 +15,104 @@
 //! [`crate::log::segment`]). A lag of 1 marks the first record of a write made when everything
 //! before it was durable. 0 means unknown (a lag too large to hold). The checksum covers it.
 
-pub const HEADER_LEN: usize = 16;
+use crate::log::fields::{self, ShortInput};
+
+/// The header in front of every record's payload (`docs/format.md`, "Record framing").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// The length field as stored: the payload length in its low bits, the durable lag in the
+    /// top ones (see [`payload_len`] and [`durable_lag`]).
+    pub len_field: u32,
+    /// The record's sequence number: 1 for the ledger's first record, +1 for each.
+    pub seq: u64,
+    /// CRC-32 over the length field and sequence number as stored, then the payload.
+    pub crc: u32,
+}
+
+impl RecordHeader {
+    /// Where the length field sits.
+    pub const LEN_FIELD_OFFSET: usize = 0;
+    /// Where the sequence number sits.
+    pub const SEQ_OFFSET: usize = Self::LEN_FIELD_OFFSET + size_of::<u32>();
+    /// Where the checksum sits; it covers the bytes before it.
+    pub const CRC_OFFSET: usize = Self::SEQ_OFFSET + size_of::<u64>();
+    /// Bytes of the header; the payload follows.
+    pub const LEN: usize = Self::CRC_OFFSET + size_of::<u32>();
+
+    /// The header at the start of `bytes`, unchecked (the checksum needs the payload).
+    #[inline]
+    pub fn decode(bytes: &[u8]) -> Result<Self, ShortInput> {
+        fields::prefix::<{ Self::LEN }>(bytes).map(Self::from_array)
+    }
+
+    #[inline]
+    fn from_array(raw: &[u8; Self::LEN]) -> Self {
+        RecordHeader {
+            len_field: fields::u32_at(raw, Self::LEN_FIELD_OFFSET),
+            seq: fields::u64_at(raw, Self::SEQ_OFFSET),
+            crc: fields::u32_at(raw, Self::CRC_OFFSET),
+        }
+    }
+
+    /// The header's bytes.
+    #[inline]
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut raw = [0; Self::LEN];
+        fields::put(&mut raw, Self::LEN_FIELD_OFFSET, self.len_field.to_le_bytes());
+        fields::put(&mut raw, Self::SEQ_OFFSET, self.seq.to_le_bytes());
+        fields::put(&mut raw, Self::CRC_OFFSET, self.crc.to_le_bytes());
+        raw
+    }
+
+    /// The payload length the length field holds.
+    #[inline]
+    pub fn payload_len(&self) -> usize {
+        payload_len(self.len_field)
+    }
+
+    /// The checksum a record with this length field and sequence number and `payload` has.
+    #[inline]
+    pub fn checksum_of(&self, payload: &[u8]) -> u32 {
+        checksum(self.len_field, self.seq, payload)
+    }
+}
+
+/// Bytes of a record header (`RecordHeader::LEN`).
+pub const HEADER_LEN: usize = RecordHeader::LEN;
+const _: () = assert!(HEADER_LEN == 16, "docs/format.md: a record header is 16 bytes");
+const _: () = assert!(RecordHeader::CRC_OFFSET == 12, "the checksum follows len and seq");
+
 /// Upper bound on a payload; a length above it is damage, never a torn write.
 pub const MAX_PAYLOAD_LEN: usize = 1 << 20;
 /// The low bits of the length field that hold the payload length (`MAX_PAYLOAD_LEN` needs 21).
 const LEN_BITS: u32 = 21;
 const LEN_MASK: u32 = (1 << LEN_BITS) - 1;
 /// The largest durable lag the length field holds; a larger one is written as 0 (unknown).
-pub const MAX_DURABLE_LAG: u64 = (1 << (32 - LEN_BITS)) - 1;
+pub const MAX_DURABLE_LAG: u64 = (1 << (u32::BITS - LEN_BITS)) - 1;
+const _: () = assert!(MAX_PAYLOAD_LEN as u64 <= LEN_MASK as u64, "the length bits hold every payload length");
 
 /// The payload length a length field holds (the durable lag masked off).
+#[inline]
 pub fn payload_len(len_field: u32) -> usize {
     (len_field & LEN_MASK) as usize
 }
 
 /// The durable lag a length field holds (0: none recorded).
+#[inline]
 pub fn durable_lag(len_field: u32) -> u64 {
     u64::from(len_field >> LEN_BITS)
+}
+
+/// The length field of a record of `payload_len` bytes written `lag` records after the last
+/// one known durable; a lag the field cannot hold is written as 0 (unknown).
+#[inline]
+fn len_field(payload_len: usize, lag: u64) -> u32 {
+    debug_assert!(payload_len <= MAX_PAYLOAD_LEN);
+    let lag_bits = match u32::try_from(lag) {
+        Ok(lag) if (1..=MAX_DURABLE_LAG).contains(&u64::from(lag)) => lag << LEN_BITS,
+        _ => 0,
+    };
+    payload_len as u32 | lag_bits
 }
 
 /// Sets the durable lag of every record framed in `frames` (whole records back to back, as
@@ -39,23 +120,27 @@ pub fn durable_lag(len_field: u32) -> u64 {
 /// checksums each again. Done when the records are written, so the lag is as small as it can be
 /// proven.
 pub fn set_durable_lags(frames: &mut [u8], durable_seq: u64) {
-    let mut at = 0;
-    while at < frames.len() {
-        let frame = &mut frames[at..];
-        let len = payload_len(u32::from_le_bytes(frame[0..4].try_into().expect("4 bytes")));
-        let seq = u64::from_le_bytes(frame[4..12].try_into().expect("8 bytes"));
-        debug_assert!(seq > durable_seq, "record {seq} written again after {durable_seq} was durable");
-        let lag = seq.saturating_sub(durable_seq);
-        let lag_bits = if (1..=MAX_DURABLE_LAG).contains(&lag) { (lag as u32) << LEN_BITS } else { 0 };
-        let field = len as u32 | lag_bits;
-        let end = HEADER_LEN + len;
-        let crc = checksum(field, seq, &frame[HEADER_LEN..end]);
-        frame[0..4].copy_from_slice(&field.to_le_bytes());
-        frame[12..16].copy_from_slice(&crc.to_le_bytes());
-        at += end;
+    let mut rest = frames;
+    while !rest.is_empty() {
+        let Some((raw, after)) = std::mem::take(&mut rest).split_first_chunk_mut::<HEADER_LEN>() else {
+            debug_assert!(false, "frames end inside a record header");
+            return;
+        };
+        let mut header = RecordHeader::from_array(raw);
+        let Some((payload, next)) = after.split_at_mut_checked(header.payload_len()) else {
+            debug_assert!(false, "frames end inside record {}", header.seq);
+            return;
+        };
+        debug_assert!(header.seq > durable_seq, "record {} written again after {durable_seq} was durable", header.seq);
+        header.len_field = len_field(payload.len(), header.seq.saturating_sub(durable_seq));
+        header.crc = header.checksum_of(payload);
+        *raw = header.encode();
+        rest = next;
     }
 }
 
+/// CRC-32 of a record: its length field and sequence number as stored, then its payload.
+#[inline]
 pub fn checksum(len: u32, seq: u64, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&len.to_le_bytes());
@@ -65,20 +150,29 @@ pub fn checksum(len: u32, seq: u64, payload: &[u8]) -> u32 {
 }
 
 /// Appends one framed record to `out`.
+#[inline]
 pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     assert!(!payload.is_empty() && payload.len() <= MAX_PAYLOAD_LEN, "payload of {} bytes", payload.len());
-    let len = payload.len() as u32;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&checksum(len, seq, payload).to_le_bytes());
+    let len_field = len_field(payload.len(), 0);
+    let header = RecordHeader { len_field, seq, crc: checksum(len_field, seq, payload) };
+    out.extend_from_slice(&header.encode());
     out.extend_from_slice(payload);
 }
 
+/// What the bytes at some offset of a segment are.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded<'a> {
-    /// A whole record with a good checksum; `frame_len` is header plus payload; `durable_lag`
-    /// as written in its length field (0: none).
-    Record { seq: u64, payload: &'a [u8], frame_len: usize, durable_lag: u64 },
+    /// A whole record with a good checksum.
+    Record {
+        /// Its sequence number.
+        seq: u64,
+        /// Its payload (one event's JSON).
+        payload: &'a [u8],
+        /// Header plus payload.
+        frame_len: usize,
+        /// As written in its length field (0: none).
+        durable_lag: u64,
+    },
     /// The buffer ends inside a record whose header is plausible: what a torn write leaves.
     Incomplete,
     /// The bytes cannot be the start of a valid record.
@@ -86,42 +180,40 @@ pub enum Decoded<'a> {
 }
 
 /// Decodes the record at the start of `buf` (which must not be empty).
+#[inline]
 pub fn decode(buf: &[u8]) -> Decoded<'_> {
     debug_assert!(!buf.is_empty());
-    if buf.len() < HEADER_LEN {
+    let Ok(header) = RecordHeader::decode(buf) else {
         return Decoded::Incomplete;
-    }
-    let len = u32::from_le_bytes(buf[0..4].try_into().unwrap());
-    let seq = u64::from_le_bytes(buf[4..12].try_into().unwrap());
-    let crc = u32::from_le_bytes(buf[12..16].try_into().unwrap());
-    let payload_bytes = payload_len(len);
+    };
+    let payload_bytes = header.payload_len();
     if payload_bytes == 0 || payload_bytes > MAX_PAYLOAD_LEN {
         return Decoded::Corrupt(format!("record length {payload_bytes} is outside 1..={MAX_PAYLOAD_LEN}"));
     }
     let end = HEADER_LEN + payload_bytes;
-    if buf.len() < end {
+    let Some(payload) = buf.get(HEADER_LEN..end) else {
         return Decoded::Incomplete;
+    };
+    let actual = header.checksum_of(payload);
+    if actual != header.crc {
+        let stored = header.crc;
+        return Decoded::Corrupt(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
     }
-    let payload = &buf[HEADER_LEN..end];
-    let actual = checksum(len, seq, payload);
-    if actual != crc {
-        return Decoded::Corrupt(format!("checksum mismatch (stored {crc:#010x}, computed {actual:#010x})"));
-    }
-    Decoded::Record { seq, payload, frame_len: end, durable_lag: durable_lag(len) }
+    Decoded::Record { seq: header.seq, payload, frame_len: end, durable_lag: durable_lag(header.len_field) }
 }
 
 /// True if `buf` (which [`decode`] called incomplete) is exactly one valid record whose length
 /// field alone was damaged: a bit flip, not a torn write.
 pub fn length_field_damaged(buf: &[u8]) -> bool {
-    if buf.len() <= HEADER_LEN || buf.len() - HEADER_LEN > MAX_PAYLOAD_LEN {
+    let Some(payload) = buf.get(HEADER_LEN..).filter(|p| !p.is_empty() && p.len() <= MAX_PAYLOAD_LEN) else {
         return false;
-    }
-    let seq = u64::from_le_bytes(buf[4..12].try_into().unwrap());
-    let crc = u32::from_le_bytes(buf[12..16].try_into().unwrap());
-    let len = (buf.len() - HEADER_LEN) as u32;
+    };
+    let Ok(header) = RecordHeader::decode(buf) else {
+        return false;
+    };
     // The lag bits as they stand: a flip in the length bits alone is what this looks for.
-    let field = len | (u32::from_le_bytes(buf[0..4].try_into().unwrap()) & !LEN_MASK);
-    checksum(field, seq, &buf[HEADER_LEN..]) == crc
+    let field = payload.len() as u32 | (header.len_field & !LEN_MASK);
+    checksum(field, header.seq, payload) == header.crc
 }
 
 /// True if a whole valid record (any sequence number) starts anywhere in `buf[1..]`: evidence
@@ -145,6 +237,19 @@ pub fn durability_proof_follows(buf: &[u8], seq: u64) -> Option<(usize, u64)> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn header_round_trips_and_refuses_short_input() {
+        let h = RecordHeader { len_field: len_field(300, 7), seq: 0x0102_0304_0506_0708, crc: 0xdead_beef };
+        let raw = h.encode();
+        assert_eq!(RecordHeader::decode(&raw), Ok(h));
+        assert_eq!((h.payload_len(), durable_lag(h.len_field)), (300, 7));
+        assert_eq!(raw[RecordHeader::SEQ_OFFSET], 0x08, "little-endian, at its offset");
+        for cut in 0..HEADER_LEN {
+            assert_eq!(RecordHeader::decode(&raw[..cut]), Err(ShortInput { needed: HEADER_LEN, got: cut }));
+        }
+        assert_eq!(len_field(1, MAX_DURABLE_LAG + 1), 1, "a lag too large is written as unknown");
+    }
 
     proptest! {
         #[test]

@@ -18,99 +18,147 @@
 //! bytes look like; damage that nothing proves durable lies in the last write, which is cut.
 
 use crate::error::Damage;
-use crate::log::record::{self, Decoded};
+use crate::log::record::{self, Decoded, RecordHeader};
 use std::path::{Path, PathBuf};
 
+use crate::log::fields;
+
+/// The first bytes of every segment file.
 pub const MAGIC: &[u8; 8] = b"ALLOCWAL";
 /// The version this build writes.
 pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version this build reads (and appends to, without pre-filling).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
+/// The first version whose segments are pre-filled with zeros (free space after the records).
+const PREFILLED_SINCE_VERSION: u32 = 2;
+/// The first version whose records carry durable lags, each write starting at a sector.
+const DURABLE_LAGS_SINCE_VERSION: u32 = 3;
 /// A sector: the unit a disk writes whole or not at all. A torn write leaves whole sectors of
 /// a pre-filled segment still zero.
 pub const SECTOR_BYTES: u64 = 512;
-pub const HEADER_LEN: usize = 32;
+/// Bytes of a segment header (`Header::LEN`); records follow.
+pub const HEADER_LEN: usize = Header::LEN;
+/// The file name extension of segments.
 pub const EXTENSION: &str = "wal";
+/// Digits of the sequence number in a segment's file name (zero-padded).
+const FILE_NAME_DIGITS: usize = 20;
 
+/// The file name of the segment whose first record is `first_seq`.
 pub fn file_name(first_seq: u64) -> String {
-    format!("{first_seq:020}.{EXTENSION}")
+    format!("{first_seq:0FILE_NAME_DIGITS$}.{EXTENSION}")
 }
 
 /// The first sequence number a segment file name stands for.
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(".wal")?;
-    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+    let stem = name.strip_suffix(EXTENSION)?.strip_suffix('.')?;
+    if stem.len() != FILE_NAME_DIGITS || !stem.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     stem.parse().ok()
 }
 
+/// The header of a segment written now: [`Header::encode`] of [`FORMAT_VERSION`].
 pub fn encode_header(first_seq: u64) -> [u8; HEADER_LEN] {
-    encode_header_version(first_seq, FORMAT_VERSION)
+    Header { first_seq, version: FORMAT_VERSION }.encode()
 }
 
 /// A header of an older readable `version` (for tests and fixtures).
+#[cfg(any(test, feature = "test-util"))]
 pub fn encode_header_version(first_seq: u64, version: u32) -> [u8; HEADER_LEN] {
     debug_assert!((OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version));
-    let mut h = [0u8; HEADER_LEN];
-    h[0..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&version.to_le_bytes());
-    h[16..24].copy_from_slice(&first_seq.to_le_bytes());
-    let crc = crc32fast::hash(&h[..28]);
-    h[28..32].copy_from_slice(&crc.to_le_bytes());
-    h
+    Header { first_seq, version }.encode()
 }
 
-/// What a segment header says.
+/// A segment header (`docs/format.md`, "Segment files"): what it says, and its layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// Sequence number of the segment's first record; equals the number in its file name.
     pub first_seq: u64,
+    /// Format version, [`OLDEST_READABLE_VERSION`] to [`FORMAT_VERSION`].
     pub version: u32,
 }
 
 impl Header {
+    /// Where [`MAGIC`] sits.
+    pub const MAGIC_OFFSET: usize = 0;
+    /// Where the format version sits.
+    pub const VERSION_OFFSET: usize = Self::MAGIC_OFFSET + MAGIC.len();
+    /// Where the flags sit (reserved: 0).
+    pub const FLAGS_OFFSET: usize = Self::VERSION_OFFSET + size_of::<u32>();
+    /// Where the first sequence number sits.
+    pub const FIRST_SEQ_OFFSET: usize = Self::FLAGS_OFFSET + size_of::<u32>();
+    /// Where the reserved field sits (0).
+    pub const RESERVED_OFFSET: usize = Self::FIRST_SEQ_OFFSET + size_of::<u64>();
+    /// Where the checksum sits; it covers the bytes before it.
+    pub const CRC_OFFSET: usize = Self::RESERVED_OFFSET + size_of::<u32>();
+    /// Bytes of the header.
+    pub const LEN: usize = Self::CRC_OFFSET + size_of::<u32>();
+
     /// Zeros after the last record are free space (version 2 on).
     pub fn prefilled(&self) -> bool {
-        self.version >= 2
+        self.version >= PREFILLED_SINCE_VERSION
     }
 
     /// The writer records each record's durable lag (version 3 on; see [`crate::log::record`]).
     pub fn records_durable_lags(&self) -> bool {
-        self.version >= 3
+        self.version >= DURABLE_LAGS_SINCE_VERSION
+    }
+
+    /// The header's bytes, checksummed (flags and reserved field 0).
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut raw = [0; Self::LEN];
+        fields::put(&mut raw, Self::MAGIC_OFFSET, *MAGIC);
+        fields::put(&mut raw, Self::VERSION_OFFSET, self.version.to_le_bytes());
+        fields::put(&mut raw, Self::FIRST_SEQ_OFFSET, self.first_seq.to_le_bytes());
+        let crc = crc32fast::hash(&raw[..Self::CRC_OFFSET]);
+        fields::put(&mut raw, Self::CRC_OFFSET, crc.to_le_bytes());
+        raw
+    }
+
+    /// Checks and reads the header at the start of `bytes`: magic, checksum, a readable
+    /// version and flags of 0, in that order.
+    pub fn decode(bytes: &[u8]) -> Result<Header, String> {
+        let raw = fields::prefix::<{ Self::LEN }>(bytes).map_err(|e| format!("segment header is {e}"))?;
+        if fields::get(raw, Self::MAGIC_OFFSET) != *MAGIC {
+            return Err("not a segment file (bad magic)".into());
+        }
+        if crc32fast::hash(&raw[..Self::CRC_OFFSET]) != fields::u32_at(raw, Self::CRC_OFFSET) {
+            return Err("segment header checksum mismatch".into());
+        }
+        let version = fields::u32_at(raw, Self::VERSION_OFFSET);
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(format!(
+                "segment format version {version} is not supported (this build reads versions \
+                 {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
+            ));
+        }
+        let flags = fields::u32_at(raw, Self::FLAGS_OFFSET);
+        if flags != 0 {
+            return Err(format!("segment header flags are {flags:#x}, expected 0"));
+        }
+        Ok(Header { first_seq: fields::u64_at(raw, Self::FIRST_SEQ_OFFSET), version })
     }
 }
 
-/// Checks a header.
+const _: () = assert!(Header::LEN == 32, "docs/format.md: a segment header is 32 bytes");
+const _: () = assert!(Header::CRC_OFFSET == 28 && Header::FIRST_SEQ_OFFSET == 16);
+const _: () = assert!(Header::LEN as u64 <= SECTOR_BYTES, "a segment's first write shares the header's sector");
+const _: () =
+    assert!(FORMAT_VERSION >= DURABLE_LAGS_SINCE_VERSION && DURABLE_LAGS_SINCE_VERSION > PREFILLED_SINCE_VERSION);
+
+/// Checks a header ([`Header::decode`]).
 pub fn decode_header(bytes: &[u8]) -> Result<Header, String> {
-    if bytes.len() < HEADER_LEN {
-        return Err(format!("segment header is {} bytes, expected {HEADER_LEN}", bytes.len()));
-    }
-    if &bytes[0..8] != MAGIC {
-        return Err("not a segment file (bad magic)".into());
-    }
-    let stored = u32::from_le_bytes(bytes[28..32].try_into().unwrap());
-    if crc32fast::hash(&bytes[..28]) != stored {
-        return Err("segment header checksum mismatch".into());
-    }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
-        return Err(format!(
-            "segment format version {version} is not supported (this build reads versions \
-             {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
-        ));
-    }
-    let flags = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
-    if flags != 0 {
-        return Err(format!("segment header flags are {flags:#x}, expected 0"));
-    }
-    Ok(Header { first_seq: u64::from_le_bytes(bytes[16..24].try_into().unwrap()), version })
+    Header::decode(bytes)
 }
 
 /// Where a record sits in a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordPos {
+    /// The record's sequence number.
     pub seq: u64,
+    /// Byte offset of its frame (header) in the segment.
     pub offset: u64,
+    /// Header plus payload.
     pub frame_len: u32,
 }
 
@@ -120,24 +168,53 @@ pub enum Tail {
     /// Every byte belongs to a valid record.
     Clean,
     /// The segment ends in an incomplete record (or zeros) starting at `offset`: a torn write.
-    Torn { offset: u64, len: u64 },
+    Torn {
+        /// Where the torn bytes start (a record boundary; 0 for a torn header).
+        offset: u64,
+        /// How many bytes from `offset` are torn: in a pre-filled segment up to the last
+        /// written byte (the zeros after it are free space), else to the end of the file.
+        len: u64,
+    },
     /// Damage that is not a torn write.
     Corrupt(Damage),
 }
 
+/// What a scan of one segment found.
 #[derive(Debug)]
 pub struct Scan {
+    /// The first sequence number the header says (the expected one if it could not be read).
+    #[cfg(any(test, feature = "test-util"))]
     pub first_seq: u64,
     /// The header's format version (0 if the header could not be read).
+    #[cfg(any(test, feature = "test-util"))]
     pub version: u32,
     /// Bytes up to the end of the last valid record visited. In a pre-filled segment that ends
     /// cleanly, only zeros follow.
     pub valid_len: u64,
     /// Sequence number the next record would have.
     pub next_seq: u64,
+    /// How the segment ended.
     pub tail: Tail,
     /// The visitor asked to stop early; `tail` is `Clean` and says nothing of the rest.
     pub stopped: bool,
+}
+
+impl Scan {
+    /// A scan that read no record: it stopped at the header.
+    fn at_header(header: Option<Header>, expected_first: u64, tail: Tail) -> Scan {
+        #[cfg(not(any(test, feature = "test-util")))]
+        let _ = header;
+        Scan {
+            #[cfg(any(test, feature = "test-util"))]
+            first_seq: header.map_or(expected_first, |h| h.first_seq),
+            #[cfg(any(test, feature = "test-util"))]
+            version: header.map_or(0, |h| h.version),
+            valid_len: 0,
+            next_seq: expected_first,
+            tail,
+            stopped: false,
+        }
+    }
 }
 
 /// What a visitor wants after seeing a record.
@@ -160,7 +237,7 @@ pub fn scan_from(
     start_seq: u64,
     visit: &mut Visit<'_>,
 ) -> Scan {
-    let damage = |offset: u64, seq: u64, reason: String| Damage { file: PathBuf::from(path), offset, seq, reason };
+    let damage = |seq: u64, reason: String| Damage { file: PathBuf::from(path), offset: 0, seq, reason };
     let header = match decode_header(bytes) {
         Ok(h) => h,
         Err(reason) => {
@@ -171,166 +248,180 @@ pub fn scan_from(
             let tail = if landed < HEADER_LEN && bytes[landed..].iter().all(|&b| b == 0) {
                 Tail::Torn { offset: 0, len: bytes.len() as u64 }
             } else {
-                Tail::Corrupt(damage(0, expected_first, reason))
+                Tail::Corrupt(damage(expected_first, reason))
             };
-            return Scan {
-                first_seq: expected_first,
-                version: 0,
-                valid_len: 0,
-                next_seq: expected_first,
-                tail,
-                stopped: false,
-            };
+            return Scan::at_header(None, expected_first, tail);
         }
     };
-    let Header { first_seq, version } = header;
-    if first_seq != expected_first {
-        return Scan {
-            first_seq,
-            version,
-            valid_len: 0,
-            next_seq: expected_first,
-            stopped: false,
-            tail: Tail::Corrupt(damage(
-                0,
-                expected_first,
-                format!(
-                    "header says the segment starts at sequence number {first_seq}, its name says {expected_first}"
-                ),
-            )),
-        };
+    if header.first_seq != expected_first {
+        let first_seq = header.first_seq;
+        let reason =
+            format!("header says the segment starts at sequence number {first_seq}, its name says {expected_first}");
+        return Scan::at_header(Some(header), expected_first, Tail::Corrupt(damage(expected_first, reason)));
     }
-    let (mut offset, mut next_seq) =
-        if start_offset == 0 { (HEADER_LEN, first_seq) } else { (start_offset as usize, start_seq) };
-    let mut stopped = false;
-    let tail = loop {
-        if offset == bytes.len() {
-            break Tail::Clean;
-        }
-        let rest = &bytes[offset..];
-        // Version 3 starts each write at a sector (see `WalWriter::hand_off`), but a segment's
-        // first: zeros up to the next sector boundary, then written bytes, are that padding.
-        // Checked before decoding (once per write, on the replay's hot path).
-        if header.records_durable_lags() && offset != HEADER_LEN {
-            if let Some(pad) = write_padding(rest, offset as u64) {
-                offset += pad;
-                continue;
-            }
-        }
-        match record::decode(rest) {
-            Decoded::Record { seq, payload, frame_len, .. } => {
-                if seq != next_seq {
-                    break Tail::Corrupt(damage(
-                        offset as u64,
-                        next_seq,
-                        format!("record has sequence number {seq}, expected {next_seq}"),
-                    ));
+    let (offset, next_seq) =
+        if start_offset == 0 { (HEADER_LEN, header.first_seq) } else { (start_offset as usize, start_seq) };
+    let mut walk = Walk { path, bytes, header, offset, next_seq, stopped: false };
+    let tail = walk.run(visit);
+    Scan {
+        #[cfg(any(test, feature = "test-util"))]
+        first_seq: header.first_seq,
+        #[cfg(any(test, feature = "test-util"))]
+        version: header.version,
+        valid_len: walk.offset as u64,
+        next_seq: walk.next_seq,
+        tail,
+        stopped: walk.stopped,
+    }
+}
+
+/// A scan of one segment in progress: where it is and what it expects there.
+struct Walk<'a> {
+    path: &'a Path,
+    bytes: &'a [u8],
+    header: Header,
+    /// Where the next record is expected.
+    offset: usize,
+    /// The sequence number it must have.
+    next_seq: u64,
+    stopped: bool,
+}
+
+impl Walk<'_> {
+    /// Reads records until the end of the segment's records, damage, or the visitor's stop.
+    fn run(&mut self, visit: &mut Visit<'_>) -> Tail {
+        let bytes = self.bytes;
+        loop {
+            let Some(rest) = bytes.get(self.offset..).filter(|r| !r.is_empty()) else {
+                return Tail::Clean;
+            };
+            // Version 3 starts each write at a sector (see `WalWriter::hand_off`), but a
+            // segment's first: zeros up to the next sector boundary, then written bytes, are
+            // that padding. Checked before decoding (once per write, on the replay's hot path).
+            if self.header.records_durable_lags() && self.offset != HEADER_LEN {
+                if let Some(pad) = write_padding(rest, self.offset as u64) {
+                    self.offset += pad;
+                    continue;
                 }
-                let pos = RecordPos { seq, offset: offset as u64, frame_len: frame_len as u32 };
-                match visit(pos, payload) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        offset += frame_len;
-                        next_seq += 1;
-                        stopped = true;
-                        break Tail::Clean;
+            }
+            match record::decode(rest) {
+                Decoded::Record { seq, payload, frame_len, .. } => {
+                    if let Some(tail) = self.visit_record(seq, payload, frame_len, visit) {
+                        return tail;
                     }
-                    Err(reason) => break Tail::Corrupt(damage(offset as u64, seq, reason)),
                 }
-                offset += frame_len;
-                next_seq += 1;
-            }
-            invalid if header.prefilled() => {
-                // Only the bytes before the zeros can hold a record (a JSON payload never ends in
-                // a zero byte), so the checks for damage look no further.
-                let written = rest.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-                if written == 0 {
-                    // Free space the writer zero-filled ahead of its records: the end of the log.
-                    break Tail::Clean;
+                invalid if self.header.prefilled() => return self.invalid_prefilled(rest, invalid),
+                Decoded::Incomplete => return self.incomplete_unfilled(rest),
+                Decoded::Corrupt(reason) => {
+                    if rest.iter().all(|&b| b == 0) {
+                        // A file system may leave zeros where a write never landed.
+                        return self.torn(rest.len());
+                    }
+                    return self.corrupt(reason);
                 }
-                let (incomplete, reason) = match invalid {
-                    Decoded::Corrupt(reason) => (false, reason),
-                    _ => (true, "record length runs past the end of the file".to_string()),
-                };
-                // First, before any guess: a later record proves this one was durable.
-                if let Some((at, seq)) = record::durability_proof_follows(&rest[..written], next_seq) {
-                    break Tail::Corrupt(damage(
-                        offset as u64,
-                        next_seq,
-                        format!(
-                            "{reason}; record {seq} at offset {} was written after this record was durable \
-                             (a later flush): damage, not a torn write",
-                            offset + at
-                        ),
-                    ));
-                }
-                if header.records_durable_lags() {
-                    // No later flush proves this record durable, so it belongs to the last
-                    // write, which may not have been: whatever its bytes look like (a sector
-                    // that never landed, a write cut short, garbage a failed write left), that
-                    // write is cut from here, and only that write.
-                    break Tail::Torn { offset: offset as u64, len: written as u64 };
-                }
-                // Before the length check: a share of the header that never landed reads as a
-                // zero length, and a record put back together from the rest is whole.
-                if header_share_missing(rest, offset as u64, written, next_seq) {
-                    break Tail::Torn { offset: offset as u64, len: written as u64 };
-                }
-                if record::length_field_damaged(&rest[..written]) {
-                    break Tail::Corrupt(damage(
-                        offset as u64,
-                        next_seq,
-                        "record length field is damaged (the written bytes are exactly one valid record)".into(),
-                    ));
-                }
-                // A record with a sector that never landed was never covered by an fsync, so
-                // nothing after it was acknowledged either: whole records after it are the rest
-                // of the same interrupted write (a disk may land its sectors in any order), not
-                // history. (A disk that zeroed a whole sector of an acknowledged record would
-                // lose the records after it to the cut, copied to quarantine; etcd makes the
-                // same call.)
-                if sector_missing(rest, offset as u64, written) {
-                    break Tail::Torn { offset: offset as u64, len: written as u64 };
-                }
-                if record::valid_record_follows(&rest[..written]) {
-                    break Tail::Corrupt(damage(
-                        offset as u64,
-                        next_seq,
-                        format!("{reason}, but valid records follow"),
-                    ));
-                }
-                if incomplete || cut_short(rest) {
-                    break Tail::Torn { offset: offset as u64, len: written as u64 };
-                }
-                break Tail::Corrupt(damage(offset as u64, next_seq, reason));
-            }
-            Decoded::Incomplete => {
-                if record::length_field_damaged(rest) {
-                    break Tail::Corrupt(damage(
-                        offset as u64,
-                        next_seq,
-                        "record length field is damaged (the rest of the file is exactly one valid record)".into(),
-                    ));
-                }
-                if record::valid_record_follows(rest) {
-                    break Tail::Corrupt(damage(
-                        offset as u64,
-                        next_seq,
-                        "record length runs past the end of the file, but valid records follow".into(),
-                    ));
-                }
-                break Tail::Torn { offset: offset as u64, len: rest.len() as u64 };
-            }
-            Decoded::Corrupt(reason) => {
-                if rest.iter().all(|&b| b == 0) {
-                    // A file system may leave zeros where a write never landed.
-                    break Tail::Torn { offset: offset as u64, len: rest.len() as u64 };
-                }
-                break Tail::Corrupt(damage(offset as u64, next_seq, reason));
             }
         }
-    };
-    Scan { first_seq, version, valid_len: offset as u64, next_seq, tail, stopped }
+    }
+
+    /// Hands a valid record to the visitor and moves past it; the tail if the scan ends here.
+    #[inline]
+    fn visit_record(&mut self, seq: u64, payload: &[u8], frame_len: usize, visit: &mut Visit<'_>) -> Option<Tail> {
+        if seq != self.next_seq {
+            return Some(self.corrupt(format!("record has sequence number {seq}, expected {}", self.next_seq)));
+        }
+        let pos = RecordPos { seq, offset: self.offset as u64, frame_len: frame_len as u32 };
+        match visit(pos, payload) {
+            Ok(go_on) => self.stopped = !go_on,
+            Err(reason) => return Some(self.corrupt(reason)),
+        }
+        self.offset += frame_len;
+        self.next_seq += 1;
+        self.stopped.then_some(Tail::Clean)
+    }
+
+    /// Damage at the record expected here.
+    fn corrupt(&self, reason: String) -> Tail {
+        let file = PathBuf::from(self.path);
+        Tail::Corrupt(Damage { file, offset: self.offset as u64, seq: self.next_seq, reason })
+    }
+
+    /// A torn tail of `len` bytes from here.
+    fn torn(&self, len: usize) -> Tail {
+        Tail::Torn { offset: self.offset as u64, len: len as u64 }
+    }
+
+    /// No valid record at the start of `rest` in a pre-filled segment (version 2 or 3).
+    fn invalid_prefilled(&self, rest: &[u8], invalid: Decoded<'_>) -> Tail {
+        // Only the bytes before the zeros can hold a record (a JSON payload never ends in a
+        // zero byte), so the checks for damage look no further.
+        let written = rest.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        if written == 0 {
+            // Free space the writer zero-filled ahead of its records: the end of the log.
+            return Tail::Clean;
+        }
+        let (incomplete, reason) = match invalid {
+            Decoded::Corrupt(reason) => (false, reason),
+            _ => (true, "record length runs past the end of the file".to_string()),
+        };
+        // First, before any guess: a later record proves this one was durable.
+        if let Some((at, seq)) = record::durability_proof_follows(&rest[..written], self.next_seq) {
+            return self.corrupt(format!(
+                "{reason}; record {seq} at offset {} was written after this record was durable \
+                 (a later flush): damage, not a torn write",
+                self.offset + at
+            ));
+        }
+        if self.header.records_durable_lags() {
+            // No later flush proves this record durable, so it belongs to the last write,
+            // which may not have been: whatever its bytes look like (a sector that never
+            // landed, a write cut short, garbage a failed write left), that write is cut from
+            // here, and only that write.
+            return self.torn(written);
+        }
+        self.guess_torn_v2(rest, written, incomplete, reason)
+    }
+
+    /// Version 2 carries no proof: whether the invalid bytes at the start of `rest` (the
+    /// written ones end at `written`) are a torn write is read from their shape.
+    fn guess_torn_v2(&self, rest: &[u8], written: usize, incomplete: bool, reason: String) -> Tail {
+        let offset = self.offset as u64;
+        // Before the length check: a share of the header that never landed reads as a zero
+        // length, and a record put back together from the rest is whole.
+        if header_share_missing(rest, offset, written, self.next_seq) {
+            return self.torn(written);
+        }
+        if record::length_field_damaged(&rest[..written]) {
+            return self
+                .corrupt("record length field is damaged (the written bytes are exactly one valid record)".into());
+        }
+        // A record with a sector that never landed was never covered by an fsync, so nothing
+        // after it was acknowledged either: whole records after it are the rest of the same
+        // interrupted write (a disk may land its sectors in any order), not history. (A disk
+        // that zeroed a whole sector of an acknowledged record would lose the records after it
+        // to the cut, copied to quarantine; etcd makes the same call.)
+        if sector_missing(rest, offset, written) {
+            return self.torn(written);
+        }
+        if record::valid_record_follows(&rest[..written]) {
+            return self.corrupt(format!("{reason}, but valid records follow"));
+        }
+        if incomplete || cut_short(rest) {
+            return self.torn(written);
+        }
+        self.corrupt(reason)
+    }
+
+    /// A version 1 segment (not pre-filled) ends inside a record.
+    fn incomplete_unfilled(&self, rest: &[u8]) -> Tail {
+        if record::length_field_damaged(rest) {
+            return self
+                .corrupt("record length field is damaged (the rest of the file is exactly one valid record)".into());
+        }
+        if record::valid_record_follows(rest) {
+            return self.corrupt("record length runs past the end of the file, but valid records follow".into());
+        }
+        self.torn(rest.len())
+    }
 }
 
 /// The zero padding at the start of `rest` (at `offset` in a version 3 segment, where a record
@@ -348,7 +439,7 @@ fn write_padding(rest: &[u8], offset: u64) -> Option<usize> {
     }
     // With 4 zero bytes or more, `offset` holds a zero length, which no record has. With fewer,
     // a record there whose length starts with zero bytes reads the same: decode it (rare).
-    if pad < 4 && matches!(record::decode(rest), Decoded::Record { .. }) {
+    if pad < size_of::<u32>() && matches!(record::decode(rest), Decoded::Record { .. }) {
         return None;
     }
     Some(pad)
@@ -362,10 +453,10 @@ fn write_padding(rest: &[u8], offset: u64) -> Option<usize> {
 /// inside a sector, that sector's share of it if it covers at least the record header. A bit
 /// flip leaves none of these (after etcd's `isTornEntry`).
 fn sector_missing(rest: &[u8], offset: u64, written: usize) -> bool {
-    if rest.len() < record::HEADER_LEN {
+    let Ok(header) = RecordHeader::decode(rest) else {
         return false;
-    }
-    let len = record::payload_len(u32::from_le_bytes(rest[0..4].try_into().unwrap()));
+    };
+    let len = header.payload_len();
     let frame_len = if (1..=record::MAX_PAYLOAD_LEN).contains(&len) { record::HEADER_LEN + len } else { 0 };
     let end = frame_len.max(record::HEADER_LEN).min(written);
     let mut at = 0usize;
@@ -392,7 +483,10 @@ fn sector_missing(rest: &[u8], offset: u64, written: usize) -> bool {
 /// also holds part of the checksum (13 to 15 bytes), the zero length and sequence number are
 /// enough: every record has both nonzero, so one flip cannot zero them.
 fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: u64) -> bool {
-    const CRC_AT: usize = 12;
+    /// Set bits a lost share must have held: one could be a single flipped bit.
+    const MIN_LOST_SET_BITS: u32 = 2;
+    const SEQ_AT: usize = RecordHeader::SEQ_OFFSET;
+    const CRC_AT: usize = RecordHeader::CRC_OFFSET;
     let share = (SECTOR_BYTES - offset % SECTOR_BYTES) as usize;
     if share >= record::HEADER_LEN || written <= record::HEADER_LEN || rest[..share].iter().any(|&b| b != 0) {
         return false;
@@ -402,12 +496,14 @@ fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: 
     }
     let seq_le = expected_seq.to_le_bytes();
     // What landed of the sequence number must be the expected one's.
-    if (share.max(4)..CRC_AT).any(|i| rest[i] != seq_le[i - 4]) {
+    if (share.max(SEQ_AT)..CRC_AT).any(|i| rest[i] != seq_le[i - SEQ_AT]) {
         return false;
     }
-    let crc = u32::from_le_bytes(rest[CRC_AT..record::HEADER_LEN].try_into().unwrap());
+    let Ok(RecordHeader { crc, .. }) = RecordHeader::decode(rest) else {
+        return false;
+    };
     let region = &rest[record::HEADER_LEN..written.min(record::HEADER_LEN + record::MAX_PAYLOAD_LEN)];
-    let seq_bits: u32 = seq_le[..share.saturating_sub(4)].iter().map(|b| b.count_ones()).sum();
+    let seq_bits: u32 = seq_le[..share.saturating_sub(SEQ_AT)].iter().map(|b| b.count_ones()).sum();
     // The payload's checksum grows along the candidates; each candidate's header is combined in.
     let mut payload_crc = crc32fast::Hasher::new();
     let mut hashed = 0;
@@ -417,16 +513,16 @@ fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: 
         // Version 2 only (version 3 never guesses), so the length field holds no lag.
         {
             let len_le = (hashed as u32).to_le_bytes();
-            if (share..4).any(|i| rest[i] != len_le[i]) {
+            if (share..SEQ_AT).any(|i| rest[i] != len_le[i]) {
                 continue;
             }
-            let lost_bits: u32 = len_le[..share.min(4)].iter().map(|b| b.count_ones()).sum::<u32>() + seq_bits;
+            let lost_bits: u32 = len_le[..share.min(SEQ_AT)].iter().map(|b| b.count_ones()).sum::<u32>() + seq_bits;
             let mut whole = crc32fast::Hasher::new();
             whole.update(&len_le);
             whole.update(&seq_le);
             whole.combine(&payload_crc);
             if whole.finalize() == crc {
-                return lost_bits >= 2;
+                return lost_bits >= MIN_LOST_SET_BITS;
             }
         }
     }
@@ -437,7 +533,10 @@ fn header_share_missing(rest: &[u8], offset: u64, written: usize, expected_seq: 
 /// payload ends in a zero byte, which a JSON event never does. What a write that landed only
 /// up to some byte leaves (only once no whole record follows it).
 fn cut_short(rest: &[u8]) -> bool {
-    let len = record::payload_len(u32::from_le_bytes(rest[0..4].try_into().unwrap()));
+    let Ok(header) = RecordHeader::decode(rest) else {
+        return false;
+    };
+    let len = header.payload_len();
     (1..=record::MAX_PAYLOAD_LEN).contains(&len)
         && rest.len() >= record::HEADER_LEN + len
         && rest[record::HEADER_LEN + len - 1] == 0
@@ -448,6 +547,19 @@ mod tests {
     //! The guesses of version 2 (sectors that never landed, writes cut short) are tested on
     //! version 2 segments; version 3's proof by durable lags at the end.
     use super::*;
+
+    #[test]
+    fn header_round_trips_and_refuses_short_input() {
+        for version in OLDEST_READABLE_VERSION..=FORMAT_VERSION {
+            let h = Header { first_seq: 41877, version };
+            assert_eq!(Header::decode(&h.encode()), Ok(h));
+            assert_eq!(&h.encode()[..MAGIC.len()], MAGIC);
+        }
+        let raw = encode_header(7);
+        for cut in 0..HEADER_LEN {
+            assert_eq!(Header::decode(&raw[..cut]), Err(format!("segment header is {cut} bytes, expected 32")));
+        }
+    }
 
     fn segment(n: u64) -> Vec<u8> {
         let mut b = encode_header_version(1, 2).to_vec();
@@ -668,9 +780,9 @@ mod tests {
         }
         let mut b = vec![0u8; 4096];
         b[..HEADER_LEN].copy_from_slice(&header);
-        b[8] = 9; // a version from the future, with the checksum to match
-        let crc = crc32fast::hash(&b[..28]);
-        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b[Header::VERSION_OFFSET] = 9; // a version from the future, with the checksum to match
+        let crc = crc32fast::hash(&b[..Header::CRC_OFFSET]);
+        b[Header::CRC_OFFSET..Header::LEN].copy_from_slice(&crc.to_le_bytes());
         let s = scan(Path::new("x.wal"), &b, 1, &mut |_, _| Ok(true));
         assert!(matches!(&s.tail, Tail::Corrupt(d) if d.reason.contains("version 9")), "{:?}", s.tail);
     }

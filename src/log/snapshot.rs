@@ -12,41 +12,160 @@
 //! | count: u64 LE | count allocations, each in the binary layout of `put_allocation` |
 //! ```
 //!
-//! Version 2 (still read) has the JSON of [`StateData`] as its payload. `docs/format.md`
+//! Version 2 (still read) has the JSON of the state (`StateData`) as its payload. `docs/format.md`
 //! describes both.
 
 use crate::domain::event::{McpGrant, WorkerGrant};
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::domain::state::{Allocation, State, StateData, StateLoader};
+use crate::log::fields;
 use crate::log::storage::{write_atomic, Storage};
 use crate::log::wal::LogPosition;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The first bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"ALLOCSNP";
 /// 2: allocations carry `ended_seq` and the state records how many ended ones were evicted.
 /// 3: binary allocations after a JSON meta part that also records the log position.
 pub const FORMAT_VERSION: u32 = 3;
 /// Oldest version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 2;
-pub const HEADER_LEN: usize = 40;
+/// The last version whose payload is the state's JSON.
+const JSON_PAYLOAD_VERSION: u32 = 2;
+/// Bytes of a snapshot header (`SnapshotHeader::LEN`); the payload follows.
+pub const HEADER_LEN: usize = SnapshotHeader::LEN;
+/// The file name extension of snapshots.
 pub const EXTENSION: &str = "snap";
+/// Digits of the sequence number in a snapshot's file name (zero-padded).
+const FILE_NAME_DIGITS: usize = 20;
 /// Limits on what one decoded allocation may claim, so damaged counts fail fast instead of
 /// allocating wildly (CRC makes this nearly impossible; a crafted file is the remaining case).
 const MAX_LIST_ITEMS: u32 = 1 << 20;
+/// At most this many items of a decoded list are allocated for before they are read: a count
+/// is only believed as far as the bytes that follow bear it out.
+const MAX_PREALLOCATED_ITEMS: usize = 1024;
 
+/// The file name of the snapshot of the state at `seq`.
 pub fn file_name(seq: u64) -> String {
-    format!("{seq:020}.{EXTENSION}")
+    format!("{seq:0FILE_NAME_DIGITS$}.{EXTENSION}")
 }
 
+/// The sequence number a snapshot file name stands for.
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(".snap")?;
-    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+    let stem = name.strip_suffix(EXTENSION)?.strip_suffix('.')?;
+    if stem.len() != FILE_NAME_DIGITS || !stem.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     stem.parse().ok()
 }
+
+/// A snapshot header (`docs/format.md`, "Snapshots"); the same layout in every version read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    /// Format version of the payload.
+    pub version: u32,
+    /// Written 0; not checked on reading (the checksum covers it).
+    pub flags: u32,
+    /// The last event folded in; equals the number in the file name.
+    pub seq: u64,
+    /// Bytes of payload after the header.
+    pub payload_len: u64,
+    /// Written 0; not checked on reading (the checksum covers it).
+    pub reserved: u32,
+    /// CRC-32 over the header's bytes before it, then the payload.
+    pub crc: u32,
+}
+
+impl SnapshotHeader {
+    /// Where [`MAGIC`] sits.
+    pub const MAGIC_OFFSET: usize = 0;
+    /// Where the format version sits.
+    pub const VERSION_OFFSET: usize = Self::MAGIC_OFFSET + MAGIC.len();
+    /// Where the flags sit.
+    pub const FLAGS_OFFSET: usize = Self::VERSION_OFFSET + size_of::<u32>();
+    /// Where the sequence number sits.
+    pub const SEQ_OFFSET: usize = Self::FLAGS_OFFSET + size_of::<u32>();
+    /// Where the payload length sits.
+    pub const PAYLOAD_LEN_OFFSET: usize = Self::SEQ_OFFSET + size_of::<u64>();
+    /// Where the reserved field sits.
+    pub const RESERVED_OFFSET: usize = Self::PAYLOAD_LEN_OFFSET + size_of::<u64>();
+    /// Where the checksum sits; it covers the bytes before it and the payload.
+    pub const CRC_OFFSET: usize = Self::RESERVED_OFFSET + size_of::<u32>();
+    /// Bytes of the header.
+    pub const LEN: usize = Self::CRC_OFFSET + size_of::<u32>();
+
+    /// The header of a snapshot of `version` at `seq` around `payload`, checksummed.
+    pub fn sealed(version: u32, seq: u64, payload: &[u8]) -> Self {
+        let mut header =
+            SnapshotHeader { version, flags: 0, seq, payload_len: payload.len() as u64, reserved: 0, crc: 0 };
+        let mut crc = header.checksum_start();
+        crc.update(payload);
+        header.crc = crc.finalize();
+        header
+    }
+
+    /// The checksum over the header's covered bytes, to be continued with the payload.
+    pub fn checksum_start(&self) -> crc32fast::Hasher {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.encode()[..Self::CRC_OFFSET]);
+        crc
+    }
+
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut raw = [0; Self::LEN];
+        fields::put(&mut raw, Self::MAGIC_OFFSET, *MAGIC);
+        fields::put(&mut raw, Self::VERSION_OFFSET, self.version.to_le_bytes());
+        fields::put(&mut raw, Self::FLAGS_OFFSET, self.flags.to_le_bytes());
+        fields::put(&mut raw, Self::SEQ_OFFSET, self.seq.to_le_bytes());
+        fields::put(&mut raw, Self::PAYLOAD_LEN_OFFSET, self.payload_len.to_le_bytes());
+        fields::put(&mut raw, Self::RESERVED_OFFSET, self.reserved.to_le_bytes());
+        fields::put(&mut raw, Self::CRC_OFFSET, self.crc.to_le_bytes());
+        raw
+    }
+
+    /// The header at the start of `bytes`, if they are long enough and start with [`MAGIC`];
+    /// the rest is the caller's to check (it needs the payload and the file name).
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let raw = fields::prefix::<{ Self::LEN }>(bytes)
+            .map_err(|e| format!("snapshot is {} bytes, shorter than its header", e.got))?;
+        if fields::get(raw, Self::MAGIC_OFFSET) != *MAGIC {
+            return Err("not a snapshot file (bad magic)".into());
+        }
+        Ok(SnapshotHeader {
+            version: fields::u32_at(raw, Self::VERSION_OFFSET),
+            flags: fields::u32_at(raw, Self::FLAGS_OFFSET),
+            seq: fields::u64_at(raw, Self::SEQ_OFFSET),
+            payload_len: fields::u64_at(raw, Self::PAYLOAD_LEN_OFFSET),
+            reserved: fields::u32_at(raw, Self::RESERVED_OFFSET),
+            crc: fields::u32_at(raw, Self::CRC_OFFSET),
+        })
+    }
+
+    /// The version, checked against what this build reads.
+    fn readable_version(&self) -> Result<u32, String> {
+        let version = self.version;
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(format!(
+                "snapshot format version {version} is not supported (this build reads {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
+            ));
+        }
+        Ok(version)
+    }
+
+    /// The sequence number, checked against the file name's.
+    fn named_seq(&self, expected_seq: u64) -> Result<u64, String> {
+        if self.seq != expected_seq {
+            return Err(format!("snapshot header says sequence number {}, its name says {expected_seq}", self.seq));
+        }
+        Ok(self.seq)
+    }
+}
+
+const _: () = assert!(SnapshotHeader::LEN == 40, "docs/format.md: a snapshot header is 40 bytes");
+const _: () = assert!(SnapshotHeader::CRC_OFFSET == 36 && SnapshotHeader::PAYLOAD_LEN_OFFSET == 24);
 
 /// The JSON part of a v3 snapshot.
 #[derive(Serialize)]
@@ -76,18 +195,22 @@ struct MetaIn {
     log_position: Option<LogPosition>,
 }
 
+/// A v3 snapshot of `state` without a log position.
+#[cfg(any(test, feature = "test-util"))]
 pub fn encode(state: &StateData) -> Vec<u8> {
     encode_with_position(state, None)
 }
 
 /// A v3 snapshot; `position` is where the record `state.last_seq` sits in the log, so opening
 /// can resume reading right after it (a position for another record makes the file invalid).
+#[cfg(any(test, feature = "test-util"))]
 pub fn encode_with_position(state: &StateData, position: Option<LogPosition>) -> Vec<u8> {
     encode_parts(state, &state.allocations, position)
 }
 
 /// Like [`encode_with_position`], with the allocations given apart from the rest of `state`
 /// (whose own `allocations` are ignored): a ledger snapshots shared ones, without copying.
+#[cfg(any(test, feature = "test-util"))]
 pub fn encode_parts<A: std::borrow::Borrow<Allocation>>(
     state: &StateData,
     allocations: &[A],
@@ -102,6 +225,7 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
     position: Option<LogPosition>,
     mut put: impl FnMut(&mut Vec<u8>, &Allocation),
 ) -> Vec<u8> {
+    #[allow(clippy::expect_used, reason = "plain fields and a map with string keys always serialize")]
     let meta = serde_json::to_vec(&MetaOut {
         ledger_id: &state.ledger_id,
         created_us: state.created_us,
@@ -116,7 +240,9 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
     .expect("snapshot meta serializes");
     // The payload goes straight after room for the header (filled in last): a large state's
     // payload is not copied a second time.
-    let mut out = Vec::with_capacity(HEADER_LEN + 64 + meta.len() + allocations.len() * 256);
+    let mut out = Vec::with_capacity(
+        HEADER_LEN + PAYLOAD_COUNTS_BYTES + meta.len() + allocations.len() * TYPICAL_ALLOCATION_BYTES,
+    );
     out.resize(HEADER_LEN, 0);
     out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
     out.extend_from_slice(&meta);
@@ -126,6 +252,13 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
     }
     seal(FORMAT_VERSION, state.last_seq, out)
 }
+
+/// Room reserved in an encoding buffer for the payload's meta length and count (16 bytes),
+/// rounded up.
+const PAYLOAD_COUNTS_BYTES: usize = 64;
+/// Room reserved in an encoding buffer per allocation: a guess that covers most without
+/// reallocating (one with a few workers and MCP servers and no metadata).
+const TYPICAL_ALLOCATION_BYTES: usize = 256;
 
 /// Each allocation's encoding in the last snapshot, reused by the next while the allocation
 /// is unchanged: an active allocation that never changes would otherwise be encoded again by
@@ -149,12 +282,14 @@ struct CachedEncoding {
     bytes: Box<[u8]>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl EncodingCache {
     /// Allocations whose encoding is kept.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// No encoding is kept (no snapshot yet, or the last one had no allocations).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -208,29 +343,21 @@ pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
 }
 
 /// The v2 (JSON) encoding, kept so tests can write what older builds wrote.
+#[cfg(any(test, feature = "test-util"))]
 pub fn encode_v2(state: &StateData) -> Vec<u8> {
     let mut out = vec![0; HEADER_LEN];
+    #[allow(clippy::expect_used, reason = "the state's fields always serialize")]
     serde_json::to_writer(&mut out, state).expect("state serializes");
-    seal(2, state.last_seq, out)
+    seal(JSON_PAYLOAD_VERSION, state.last_seq, out)
 }
 
 /// Fills in the header of `out`, whose first `HEADER_LEN` bytes are room for it and the rest
 /// the payload.
 fn seal(version: u32, seq: u64, mut out: Vec<u8>) -> Vec<u8> {
-    let payload_len = (out.len() - HEADER_LEN) as u64;
-    let mut header = Vec::with_capacity(HEADER_LEN);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&version.to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
-    header.extend_from_slice(&seq.to_le_bytes());
-    header.extend_from_slice(&payload_len.to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
-    let mut h = crc32fast::Hasher::new();
-    h.update(&header);
-    h.update(&out[HEADER_LEN..]);
-    header.extend_from_slice(&h.finalize().to_le_bytes());
-    debug_assert_eq!(header.len(), HEADER_LEN);
-    out[..HEADER_LEN].copy_from_slice(&header);
+    debug_assert!(out.len() >= HEADER_LEN, "room for the header");
+    if let Some((room, payload)) = out.split_first_chunk_mut::<HEADER_LEN>() {
+        *room = SnapshotHeader::sealed(version, seq, payload).encode();
+    }
     out
 }
 
@@ -241,35 +368,20 @@ pub fn decode(bytes: &[u8], expected_seq: u64) -> Result<State, String> {
 
 /// Like [`decode`], also returning the log position the snapshot recorded (v3 only).
 pub fn decode_with_position(bytes: &[u8], expected_seq: u64) -> Result<(State, Option<LogPosition>), String> {
-    if bytes.len() < HEADER_LEN {
-        return Err(format!("snapshot is {} bytes, shorter than its header", bytes.len()));
-    }
-    if &bytes[0..8] != MAGIC {
-        return Err("not a snapshot file (bad magic)".into());
-    }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    let seq = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
-    let len = u64::from_le_bytes(bytes[24..32].try_into().unwrap());
-    let stored = u32::from_le_bytes(bytes[36..40].try_into().unwrap());
-    if len != (bytes.len() - HEADER_LEN) as u64 {
-        return Err(format!("snapshot payload should be {len} bytes, file holds {}", bytes.len() - HEADER_LEN));
-    }
+    let header = SnapshotHeader::decode(bytes)?;
     let payload = &bytes[HEADER_LEN..];
-    let mut h = crc32fast::Hasher::new();
-    h.update(&bytes[..36]);
-    h.update(payload);
-    if h.finalize() != stored {
+    let len = header.payload_len;
+    if len != payload.len() as u64 {
+        return Err(format!("snapshot payload should be {len} bytes, file holds {}", payload.len()));
+    }
+    let mut crc = header.checksum_start();
+    crc.update(payload);
+    if crc.finalize() != header.crc {
         return Err("snapshot checksum mismatch".into());
     }
-    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
-        return Err(format!(
-            "snapshot format version {version} is not supported (this build reads {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
-        ));
-    }
-    if seq != expected_seq {
-        return Err(format!("snapshot header says sequence number {seq}, its name says {expected_seq}"));
-    }
-    if version == 2 {
+    let version = header.readable_version()?;
+    let seq = header.named_seq(expected_seq)?;
+    if version == JSON_PAYLOAD_VERSION {
         let data: StateData =
             serde_json::from_slice(payload).map_err(|e| format!("snapshot payload does not decode: {e}"))?;
         if data.last_seq != seq {
@@ -300,8 +412,7 @@ fn decode_v3(r: &mut impl Source, payload_len: usize, seq: u64) -> Result<(State
         return Err("snapshot payload disagrees with its header".into());
     }
     let count = r.u64()?;
-    // Each allocation takes at least 60 bytes, so a count beyond that is damage.
-    if count > (payload_len / 60) as u64 {
+    if count > (payload_len / MIN_ALLOCATION_BOUND_BYTES) as u64 {
         return Err(format!("snapshot claims {count} allocations, more than its {payload_len} bytes can hold"));
     }
     let data = StateData {
@@ -338,21 +449,21 @@ fn load_chunked(
     chunk_bytes: usize,
 ) -> Result<(State, Option<LogPosition>), String> {
     let file_len = storage.file_len(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let header = storage.read_range(path, 0, HEADER_LEN).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let version = header.get(8..12).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    if header.len() < HEADER_LEN || version != Some(FORMAT_VERSION) || &header[0..8] != MAGIC {
-        // Short, not a snapshot, or an older version: the whole-file path says which.
-        let bytes = storage.read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        return decode_with_position(&bytes, expected_seq);
+    let raw = storage.read_range(path, 0, HEADER_LEN).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let header = match SnapshotHeader::decode(&raw) {
+        Ok(header) if header.version == FORMAT_VERSION => header,
+        _ => {
+            // Short, not a snapshot, or an older version: the whole-file path says which.
+            let bytes = storage.read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            return decode_with_position(&bytes, expected_seq);
+        }
+    };
+    let (seq, len) = (header.seq, header.payload_len);
+    let held = file_len.saturating_sub(HEADER_LEN as u64);
+    if len != held {
+        return Err(format!("snapshot payload should be {len} bytes, file holds {held}"));
     }
-    let seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
-    let len = u64::from_le_bytes(header[24..32].try_into().unwrap());
-    let stored = u32::from_le_bytes(header[36..40].try_into().unwrap());
-    if len != file_len - HEADER_LEN as u64 {
-        return Err(format!("snapshot payload should be {len} bytes, file holds {}", file_len - HEADER_LEN as u64));
-    }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&header[..36]);
+    let crc = header.checksum_start();
     let mut r = ChunkReader {
         storage,
         path,
@@ -368,12 +479,10 @@ fn load_chunked(
         .map_err(|_| "snapshot payload length overflows".to_string())
         .and_then(|payload_len| decode_v3(&mut r, payload_len, seq))
         .and_then(|loaded| if r.at_end() { Ok(loaded) } else { Err("bytes follow the last allocation".into()) });
-    if r.finish_crc()? != stored {
+    if r.finish_crc()? != header.crc {
         return Err("snapshot checksum mismatch".into());
     }
-    if seq != expected_seq {
-        return Err(format!("snapshot header says sequence number {seq}, its name says {expected_seq}"));
-    }
+    header.named_seq(expected_seq)?;
     decoded
 }
 
@@ -392,8 +501,28 @@ fn load_chunked(
 const FLAG_ENDED_US: u8 = 1;
 const FLAG_ENDED_SEQ: u8 = 2;
 const FLAG_ERROR: u8 = 4;
+/// MCP server flags: this grant gave the name its endpoint; no other allocation was using it.
+const MCP_FLAG_ASSIGNED: u8 = 1;
+const MCP_FLAG_STARTED: u8 = 2;
+
+/// The fewest bytes an allocation takes: every fixed field, and each string and list empty.
+const MIN_ALLOCATION_BYTES: usize = size_of::<u64>() // id
+    + STR_LEN_BYTES // job_id
+    + 3 * size_of::<u8>() // priority, state, flags
+    + size_of::<u64>() + 2 * size_of::<i64>() // ttl_seconds, created_us, deadline_us
+    + 2 * size_of::<u64>() + size_of::<u32>() // resources
+    + 2 * size_of::<u32>() // worker and MCP server counts
+    + STR_LEN_BYTES; // metadata
+/// Bytes of a string's length prefix.
+const STR_LEN_BYTES: usize = size_of::<u32>();
+/// The bound on a payload's allocation count: each allocation takes at least this many
+/// bytes, so a count beyond `payload_len / this` is damage. Below the true minimum, so it
+/// never refuses a real snapshot.
+const MIN_ALLOCATION_BOUND_BYTES: usize = 60;
+const _: () = assert!(MIN_ALLOCATION_BOUND_BYTES <= MIN_ALLOCATION_BYTES);
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(u32::try_from(s.len()).is_ok(), "a string of {} bytes", s.len());
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
@@ -403,8 +532,24 @@ const PRIORITY_CODES: [Priority; 4] = [Priority::Low, Priority::Normal, Priority
 const STATE_CODES: [AllocationState; 4] =
     [AllocationState::Active, AllocationState::Released, AllocationState::Expired, AllocationState::Failed];
 
-fn code_of<T: PartialEq>(table: &[T], value: T) -> u8 {
-    table.iter().position(|v| *v == value).expect("every value has a code") as u8
+/// A priority's on-disk code: its index in [`PRIORITY_CODES`] (a test holds the two together).
+fn priority_code(priority: Priority) -> u8 {
+    match priority {
+        Priority::Low => 0,
+        Priority::Normal => 1,
+        Priority::High => 2,
+        Priority::Critical => 3,
+    }
+}
+
+/// A state's on-disk code: its index in [`STATE_CODES`] (a test holds the two together).
+fn state_code(state: AllocationState) -> u8 {
+    match state {
+        AllocationState::Active => 0,
+        AllocationState::Released => 1,
+        AllocationState::Expired => 2,
+        AllocationState::Failed => 3,
+    }
 }
 
 fn from_code<T: Copy>(table: &[T], code: u8, what: &str) -> Result<T, String> {
@@ -417,8 +562,8 @@ fn from_code<T: Copy>(table: &[T], code: u8, what: &str) -> Result<T, String> {
 fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
     out.extend_from_slice(&a.id.as_u64().to_le_bytes());
     put_str(out, &a.job_id);
-    out.push(code_of(&PRIORITY_CODES, a.priority));
-    out.push(code_of(&STATE_CODES, a.state));
+    out.push(priority_code(a.priority));
+    out.push(state_code(a.state));
     let flags = if a.ended_us.is_some() { FLAG_ENDED_US } else { 0 }
         | if a.ended_seq.is_some() { FLAG_ENDED_SEQ } else { 0 }
         | if a.error.is_some() { FLAG_ERROR } else { 0 };
@@ -449,7 +594,7 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
         put_str(out, &m.endpoint);
         out.extend_from_slice(&m.cpu_millicores.to_le_bytes());
         out.extend_from_slice(&m.memory_mib.to_le_bytes());
-        out.push(u8::from(m.assigned) | (u8::from(m.started) << 1));
+        out.push(if m.assigned { MCP_FLAG_ASSIGNED } else { 0 } | if m.started { MCP_FLAG_STARTED } else { 0 });
     }
     put_str(out, if a.metadata.is_empty() { "" } else { a.metadata.as_json() });
     if let Some(e) = &a.error {
@@ -465,7 +610,7 @@ trait Source {
     fn at(&self) -> usize;
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        Ok(self.take(N)?.try_into().expect("took N bytes"))
+        self.take(N)?.first_chunk::<N>().copied().ok_or_else(|| "truncated".to_string())
     }
     fn u8(&mut self) -> Result<u8, String> {
         Ok(self.take(1)?[0])
@@ -607,7 +752,7 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     let ended_seq = if flags & FLAG_ENDED_SEQ != 0 { Some(r.u64()?) } else { None };
     let resources = Resources { cpu_millicores: r.u64()?, memory_mib: r.u64()?, workers: r.u32()? };
     let n = r.count("workers")?;
-    let mut workers = Vec::with_capacity(n.min(1024));
+    let mut workers = Vec::with_capacity(n.min(MAX_PREALLOCATED_ITEMS));
     for _ in 0..n {
         workers.push(WorkerGrant {
             slot: r.u32()?,
@@ -618,13 +763,13 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
         });
     }
     let n = r.count("MCP servers")?;
-    let mut mcp_servers = Vec::with_capacity(n.min(1024));
+    let mut mcp_servers = Vec::with_capacity(n.min(MAX_PREALLOCATED_ITEMS));
     for _ in 0..n {
         let name = r.string()?;
         let endpoint = r.string()?;
         let (cpu_millicores, memory_mib) = (r.u64()?, r.u64()?);
         let f = r.u8()?;
-        if f & !3 != 0 {
+        if f & !(MCP_FLAG_ASSIGNED | MCP_FLAG_STARTED) != 0 {
             return Err(format!("unknown MCP server flags {f:#x}"));
         }
         mcp_servers.push(McpGrant {
@@ -632,8 +777,8 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
             endpoint,
             cpu_millicores,
             memory_mib,
-            assigned: f & 1 != 0,
-            started: f & 2 != 0,
+            assigned: f & MCP_FLAG_ASSIGNED != 0,
+            started: f & MCP_FLAG_STARTED != 0,
         });
     }
     let text = r.string()?;
@@ -677,6 +822,30 @@ pub fn list(storage: &dyn Storage, dir: &Path) -> std::io::Result<Vec<(u64, Path
 mod tests {
     use super::*;
     use crate::domain::config::Config;
+
+    #[test]
+    fn header_round_trips_and_refuses_short_input() {
+        let h = SnapshotHeader::sealed(FORMAT_VERSION, 40000, b"payload");
+        let raw = h.encode();
+        assert_eq!(SnapshotHeader::decode(&raw), Ok(h));
+        let mut crc = h.checksum_start();
+        crc.update(b"payload");
+        assert_eq!(crc.finalize(), h.crc);
+        assert_eq!(
+            SnapshotHeader::decode(&raw[..HEADER_LEN - 1]),
+            Err("snapshot is 39 bytes, shorter than its header".into())
+        );
+    }
+
+    #[test]
+    fn codes_are_the_table_indexes() {
+        for (code, p) in PRIORITY_CODES.into_iter().enumerate() {
+            assert_eq!(usize::from(priority_code(p)), code);
+        }
+        for (code, s) in STATE_CODES.into_iter().enumerate() {
+            assert_eq!(usize::from(state_code(s)), code);
+        }
+    }
 
     /// Snapshots encoded with the cache are byte for byte the ones encoded without it, while
     /// allocations are granted, released, expire and leave memory between snapshots; the cache

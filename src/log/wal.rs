@@ -2,15 +2,19 @@
 //! bytes and sequence numbers, not events.
 
 use crate::log::reader::LogReader;
+use crate::log::record::{self, RecordHeader};
 use crate::log::segment;
 use crate::log::storage::{AppendFile, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// A segment file of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {
+    /// Sequence number of its first record, from its name.
     pub first_seq: u64,
+    /// Where it is.
     pub path: PathBuf,
 }
 
@@ -28,8 +32,11 @@ pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<SegmentInf
 /// An incomplete final record found at the end of the last segment.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TornTail {
+    /// The segment (always the last one).
     pub file: PathBuf,
+    /// Where the torn bytes start: the end of the last whole record (0: the header was torn).
     pub offset: u64,
+    /// How many bytes from `offset` are torn (see [`segment::Tail::Torn`]).
     pub len: u64,
     /// Where the cut bytes were copied (set once they were cut).
     pub saved_to: Option<PathBuf>,
@@ -43,6 +50,7 @@ pub struct LogPosition {
     pub segment_first_seq: u64,
     /// Byte offset of the record's frame in the segment.
     pub offset: u64,
+    /// The record's sequence number.
     pub seq: u64,
     /// CRC-32 of the record framed with a durable lag of 0 (what [`crate::log::record::encode`]
     /// wrote), when known: a snapshot records it to prove it belongs to this log.
@@ -63,18 +71,15 @@ pub fn read_record_at(
     if offset < segment::HEADER_LEN as u64 {
         return None;
     }
-    let header = storage.read_range(&path, offset, crate::log::record::HEADER_LEN).ok()?;
-    if header.len() < crate::log::record::HEADER_LEN {
+    let header = storage.read_range(&path, offset, record::HEADER_LEN).ok()?;
+    let len = RecordHeader::decode(&header).ok()?.payload_len();
+    if len == 0 || len > record::MAX_PAYLOAD_LEN {
         return None;
     }
-    let len = crate::log::record::payload_len(u32::from_le_bytes(header[0..4].try_into().ok()?));
-    if len == 0 || len > crate::log::record::MAX_PAYLOAD_LEN {
-        return None;
-    }
-    let frame = storage.read_range(&path, offset, crate::log::record::HEADER_LEN + len).ok()?;
-    match crate::log::record::decode(&frame) {
-        crate::log::record::Decoded::Record { seq, payload, .. } => {
-            let crc = crate::log::record::checksum(len as u32, seq, payload);
+    let frame = storage.read_range(&path, offset, record::HEADER_LEN + len).ok()?;
+    match record::decode(&frame) {
+        record::Decoded::Record { seq, payload, .. } => {
+            let crc = record::checksum(len as u32, seq, payload);
             Some((seq, payload.to_vec(), crc))
         }
         _ => None,
@@ -84,6 +89,7 @@ pub fn read_record_at(
 /// Where a scan of the log ended.
 #[derive(Debug, Clone)]
 pub struct LogEnd {
+    /// Every segment of the log, oldest first (also those the scan skipped).
     pub segments: Vec<SegmentInfo>,
     /// Sequence number of the last valid record (0 if none).
     pub last_seq: u64,
@@ -93,6 +99,7 @@ pub struct LogEnd {
     pub resumed_from_hint: bool,
     /// Length of the valid part of the last segment.
     pub last_valid_len: u64,
+    /// A torn tail found at the end of the last segment (not cut by the scan).
     pub torn: Option<TornTail>,
 }
 
@@ -102,10 +109,8 @@ pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut s
     LogReader::new(storage, dir).after(after_seq).records(visit)
 }
 
-/// Like [`scan_log`], for the records after `after_seq` up to and including `upto` only: the
-/// scan stops once it has visited `upto` and never decodes what follows. A writer's flush may
-/// be writing the records after the ones a reader waited for, and bytes caught in flight can
-/// look like damage.
+/// Like [`scan_log`], for the records after `after_seq` up to and including `upto` only (see
+/// [`LogReader::upto`]).
 pub fn scan_log_upto(
     storage: &dyn Storage,
     dir: &Path,
@@ -114,6 +119,18 @@ pub fn scan_log_upto(
     visit: &mut segment::Visit<'_>,
 ) -> Result<()> {
     LogReader::new(storage, dir).after(after_seq).upto(upto).records(visit).map(drop)
+}
+
+/// Like [`scan_log`], but starting at `hint` when it names the record `after_seq` (see
+/// [`LogReader::hint`]).
+pub fn scan_log_from(
+    storage: &dyn Storage,
+    dir: &Path,
+    after_seq: u64,
+    hint: Option<LogPosition>,
+    visit: &mut segment::Visit<'_>,
+) -> Result<LogEnd> {
+    LogReader::new(storage, dir).after(after_seq).hint(hint).records(visit)
 }
 
 /// `hint` if it names the record `after_seq` in `seg` (the segment where a scan after
@@ -133,18 +150,6 @@ pub fn bytes_after(storage: &dyn Storage, dir: &Path, after_seq: u64, hint: Opti
         total += len.saturating_sub(skip.map_or(0, |h| h.offset));
     }
     Ok(total)
-}
-
-/// Like [`scan_log`], but starting at `hint` when it names the record `after_seq` (see
-/// [`LogReader::hint`]).
-pub fn scan_log_from(
-    storage: &dyn Storage,
-    dir: &Path,
-    after_seq: u64,
-    hint: Option<LogPosition>,
-    visit: &mut segment::Visit<'_>,
-) -> Result<LogEnd> {
-    LogReader::new(storage, dir).after(after_seq).hint(hint).records(visit)
 }
 
 /// Copies a torn tail's bytes to `quarantine_dir`, then cuts them off (or removes a segment
@@ -247,7 +252,10 @@ impl WalWriter {
 
     /// Continues an existing log whose scan ended at `end` (torn tail already cut).
     pub fn resume(storage: Arc<dyn Storage>, dir: &Path, end: &LogEnd, segment_size_bytes: u64) -> Result<WalWriter> {
-        let last = end.segments.last().expect("resume needs a segment");
+        let last = end.segments.last().ok_or_else(|| Error::Inconsistent {
+            path: dir.to_path_buf(),
+            message: "the log has no segment to continue".into(),
+        })?;
         let io = |what: &str, e| Error::io(format!("{what} {}", last.path.display()), e);
         let file_len = storage.file_len(&last.path).map_err(|e| io("reading", e))?;
         let header = storage.read_range(&last.path, 0, segment::HEADER_LEN).map_err(|e| io("reading", e))?;
@@ -295,12 +303,17 @@ impl WalWriter {
     /// The log directory was renamed to `dir` (a new ledger's staging directory becoming
     /// `wal/`); the open file handles stay valid.
     pub fn moved_to(&mut self, dir: &Path) {
-        let name = self.active_path.file_name().expect("a segment file name").to_owned();
+        // The active segment is named for its first record (see `create`, `resume`, `rotate`).
+        debug_assert_eq!(
+            self.active_path.file_name().and_then(|n| n.to_str()),
+            Some(segment::file_name(self.active_first_seq).as_str())
+        );
         self.dir = dir.to_path_buf();
-        self.active_path = dir.join(name);
+        self.active_path = dir.join(segment::file_name(self.active_first_seq));
         lock(&self.outbox.queued).path = self.active_path.clone();
     }
 
+    /// The sequence number the next record appended gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -311,10 +324,12 @@ impl WalWriter {
     }
 
     /// Sequence number of the first record of the segment being appended to.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn active_first_seq(&self) -> u64 {
         self.active_first_seq
     }
 
+    /// The segment being appended to, for its fsync.
     pub fn active_file(&self) -> Arc<dyn AppendFile> {
         self.active.clone()
     }
@@ -324,6 +339,8 @@ impl WalWriter {
         &self.outbox
     }
 
+    /// Changes the size at which a segment is full (a config change); the active segment
+    /// rotates once its records reach it.
     pub fn set_segment_size(&mut self, bytes: u64) {
         self.segment_size_bytes = bytes;
     }
@@ -346,48 +363,57 @@ impl WalWriter {
         let seq = self.next_seq;
         // The scan of a pre-filled segment tells a torn write by its zeros (see `segment`).
         debug_assert!(payload.last() != Some(&0), "a payload must not end in a zero byte");
-        let end = self.active_len + (crate::log::record::HEADER_LEN + payload.len()) as u64;
-        let path = &self.active_path;
-        // Formats the path only on failure: this runs for every record.
-        let failed = |e, what: &str| Error::io(format!("{what} record {seq} in {}", path.display()), e);
-        if self.prefill {
-            // Room first: zeros up to past the record, before anything is folded. A full disk
-            // fails here, for this record only; the batch write after it then only overwrites
-            // blocks the file already has.
-            // A sector more: this record may start a write, moved to the next sector.
-            let room = end + segment::SECTOR_BYTES;
-            if room > self.prefilled_len {
-                let target = self.prefill_target(room);
-                // Zeros that landed before a failure are free space: nothing to take back.
-                write_zeros(&*self.active, self.prefilled_len, target)
-                    .map_err(|e| AppendError::Failed(failed(e, "making room for")))?;
-                self.prefilled_len = target;
-            }
-            crate::log::record::encode(seq, payload, &mut self.pending);
+        let end = self.active_len + (record::HEADER_LEN + payload.len()) as u64;
+        let framed = if self.prefill {
+            self.make_room(end, seq)?;
+            let start = self.pending.len();
+            record::encode(seq, payload, &mut self.pending);
+            &self.pending[start..]
         } else {
-            self.frame.clear();
-            crate::log::record::encode(seq, payload, &mut self.frame);
-            if let Err(e) = self.active.write_at(self.active_len, &self.frame) {
-                let err = failed(e, "appending");
-                // A version 1 segment ends where its records do: cut the partial record off.
-                return Err(match self.active.truncate(self.active_len) {
-                    Ok(()) => AppendError::Failed(err),
-                    Err(u) => AppendError::Poison(Error::io(
-                        format!("{err}; cutting the partial record back off also failed"),
-                        u,
-                    )),
-                });
-            }
-            self.written_len = end;
-        }
-        let framed = if self.prefill { &self.pending } else { &self.frame };
-        let crc_at = framed.len() - payload.len() - 4;
-        let record_crc = Some(u32::from_le_bytes(framed[crc_at..crc_at + 4].try_into().expect("4 bytes")));
+            self.write_unfilled(seq, payload, end)?;
+            &self.frame[..]
+        };
+        let record_crc = RecordHeader::decode(framed).ok().map(|h| h.crc);
+        debug_assert!(record_crc.is_some());
         self.last_record =
             Some(LogPosition { segment_first_seq: self.active_first_seq, offset: self.active_len, seq, record_crc });
         self.active_len = end;
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// Pre-fills the active segment up to past a record of `seq` that ends at `end`, before
+    /// anything is folded. A full disk fails here, for this record only; the batch write after
+    /// it then only overwrites blocks the file already has.
+    fn make_room(&mut self, end: u64, seq: u64) -> std::result::Result<(), AppendError> {
+        // A sector more: this record may start a write, moved to the next sector.
+        let room = end + segment::SECTOR_BYTES;
+        if room > self.prefilled_len {
+            let target = self.prefill_target(room);
+            // Zeros that landed before a failure are free space: nothing to take back.
+            write_zeros(&*self.active, self.prefilled_len, target)
+                .map_err(|e| AppendError::Failed(record_failed(e, "making room for", seq, &self.active_path)))?;
+            self.prefilled_len = target;
+        }
+        Ok(())
+    }
+
+    /// Writes the record `seq` at once to a version 1 segment (not pre-filled), which ends
+    /// where its records do: a failed write is cut back off.
+    fn write_unfilled(&mut self, seq: u64, payload: &[u8], end: u64) -> std::result::Result<(), AppendError> {
+        self.frame.clear();
+        record::encode(seq, payload, &mut self.frame);
+        if let Err(e) = self.active.write_at(self.active_len, &self.frame) {
+            let err = record_failed(e, "appending", seq, &self.active_path);
+            return Err(match self.active.truncate(self.active_len) {
+                Ok(()) => AppendError::Failed(err),
+                Err(u) => {
+                    AppendError::Poison(Error::io(format!("{err}; cutting the partial record back off also failed"), u))
+                }
+            });
+        }
+        self.written_len = end;
+        Ok(())
     }
 
     /// Hands the records appended since the last call to the outbox, where the next flush
@@ -555,7 +581,9 @@ struct Taken {
 /// makes durable. Pass it to [`Outbox::sync`], which records what the fsync proved.
 #[derive(Debug)]
 pub struct WriteOut {
+    /// The segment written to.
     pub file: Arc<dyn AppendFile>,
+    /// The last record the fsync of `file` makes durable.
     pub last_seq: u64,
 }
 
@@ -567,7 +595,7 @@ impl Queued {
         let offset = self.offset;
         self.offset += bytes.len() as u64;
         if self.records_durable_lags {
-            crate::log::record::set_durable_lags(&mut bytes, self.durable_seq);
+            record::set_durable_lags(&mut bytes, self.durable_seq);
         }
         Taken { file: self.file.clone(), offset, bytes, last_seq: self.last_seq }
     }
@@ -638,6 +666,12 @@ impl Outbox {
     }
 }
 
+/// The error of a failed append of record `seq` to the segment at `path`. Formats the path only
+/// on failure: appends run for every record.
+fn record_failed(e: std::io::Error, what: &str, seq: u64, path: &Path) -> Error {
+    Error::io(format!("{what} record {seq} in {}", path.display()), e)
+}
+
 /// The error of a failed write of queued records (by a flush, or by a rotation).
 fn records_write_failed(e: std::io::Error, last_seq: u64, offset: u64, path: &Path) -> Error {
     Error::io(format!("writing records up to {last_seq} at offset {offset} of {}", path.display()), e)
@@ -650,7 +684,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Zeros to write from: a static buffer, so that pre-filling allocates and touches no memory
 /// (a fresh zeroed megabyte per chunk cost page faults on every grant path that hit it).
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+static ZEROS: [u8; ZERO_BUFFER_BYTES] = [0; ZERO_BUFFER_BYTES];
+/// The most zeros one write puts down while pre-filling.
+const ZERO_BUFFER_BYTES: usize = 64 << 10;
 
 /// Writes zeros over `[from, to)` of `file`.
 fn write_zeros(file: &dyn AppendFile, from: u64, to: u64) -> std::io::Result<()> {
@@ -663,6 +699,7 @@ fn write_zeros(file: &dyn AppendFile, from: u64, to: u64) -> std::io::Result<()>
     Ok(())
 }
 
+/// Why an append did not happen, and whether the log can go on.
 #[derive(Debug)]
 pub enum AppendError {
     /// Nothing was appended; the log can go on.

@@ -7,31 +7,31 @@ mod checks;
 mod conn;
 
 use super::tools::LedgerTools;
-use super::{ServeArgs, TOKEN_ENV};
+use super::ServeError;
 use axum::extract::Request;
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::SessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Default `--http-header-timeout-seconds`: how long a request head may take to arrive, from
 /// its first byte.
-pub(crate) const HEADER_TIMEOUT_SECONDS: u64 = 10;
+pub const HEADER_TIMEOUT_SECONDS: u64 = 10;
 /// Default `--http-body-timeout-seconds`: how long a request body may take to arrive, from
 /// the end of its head.
-pub(crate) const BODY_TIMEOUT_SECONDS: u64 = 30;
+pub const BODY_TIMEOUT_SECONDS: u64 = 30;
 /// Default `--http-idle-timeout-seconds`: how long a connection may stay open with no request
 /// in progress.
-pub(crate) const IDLE_TIMEOUT_SECONDS: u64 = 60;
+pub const IDLE_TIMEOUT_SECONDS: u64 = 60;
 /// Default `--http-max-connections`. Also capped by the open-file limit (less
 /// `RESERVED_FILE_DESCRIPTORS`); the server raises its soft limit to the hard one at start.
-pub(crate) const MAX_CONNECTIONS: u64 = 10_000;
+pub const MAX_CONNECTIONS: u64 = 10_000;
 /// Descriptors kept for the ledger's files, the listener and the runtime.
 const RESERVED_FILE_DESCRIPTORS: u64 = 256;
 
@@ -45,7 +45,48 @@ const REFUSED_BODY_DRAIN_BYTES: usize = 64 * 1024;
 /// How long a refused request's body may take to arrive before the refusal is sent anyway.
 const REFUSED_BODY_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// A checked HTTP setup: where to bind, the token, the Origin and Host allow-lists.
+/// Where and how [`serve_http`](super::serve_http) listens. The CLI's `serve --http` flags
+/// fill it in after checking their syntax.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HttpOptions {
+    /// The address to bind; port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// The bearer token every request must present; required unless `addr` is loopback.
+    pub token: Option<String>,
+    /// Origins accepted besides the loopback ones (`scheme://host[:port]`, a port of `*`
+    /// matches any port). Requests without an Origin header are accepted.
+    pub allowed_origins: Vec<String>,
+    /// Host header values accepted besides the loopback names and the bound address. Left
+    /// empty on an unspecified address (`0.0.0.0`, `[::]`) it turns the Host check off.
+    pub allowed_hosts: Vec<String>,
+    /// How long a request head may take to arrive, from its first byte.
+    pub header_timeout: Duration,
+    /// How long a request body may take to arrive, from the end of its head (then 408).
+    pub body_timeout: Duration,
+    /// How long a connection may stay open with no request in progress.
+    pub idle_timeout: Duration,
+    /// The most connections open at once (further capped by the open-file limit).
+    pub max_connections: u64,
+}
+
+impl HttpOptions {
+    /// Options for `addr` with no token, no extra origins or hosts and the default limits.
+    pub fn new(addr: SocketAddr) -> Self {
+        HttpOptions {
+            addr,
+            token: None,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            header_timeout: Duration::from_secs(HEADER_TIMEOUT_SECONDS),
+            body_timeout: Duration::from_secs(BODY_TIMEOUT_SECONDS),
+            idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECONDS),
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// A checked HTTP setup: the options with the complete Origin and Host allow-lists.
 #[derive(Debug)]
 pub(crate) struct HttpPlan {
     addr: SocketAddr,
@@ -60,33 +101,22 @@ pub(crate) struct HttpPlan {
 }
 
 impl HttpPlan {
-    pub(crate) fn from_args(addr: &str, args: &ServeArgs) -> Result<HttpPlan, String> {
-        let addr = parse_addr(addr)?;
-        let token = read_token(args)?;
-        let loopback = addr.ip().is_loopback();
-        if !loopback && token.is_none() {
-            return Err(format!(
-                "refusing to serve on {addr}, which is not a loopback address, without a bearer token: \
-                 put a token in a file and pass --token-file FILE, or set {TOKEN_ENV} (or bind 127.0.0.1)"
-            ));
+    pub(crate) fn new(opts: HttpOptions) -> Result<HttpPlan, ServeError> {
+        let addr = opts.addr;
+        // The CLI refuses this earlier with advice on its flags; a library caller gets it here.
+        if !addr.ip().is_loopback() && opts.token.is_none() {
+            return Err(ServeError(format!(
+                "refusing to serve on {addr}, which is not a loopback address, without a bearer token"
+            )));
         }
         let mut allowed_origins: Vec<String> = DEFAULT_ORIGINS.iter().map(|s| s.to_string()).collect();
-        for o in &args.allowed_origins {
-            check_origin(o)?;
-            allowed_origins.push(o.trim().to_string());
-        }
+        allowed_origins.extend(opts.allowed_origins.iter().map(|o| o.trim().to_string()));
         let mut allowed_hosts: Vec<String> = LOOPBACK_HOSTS.iter().map(|s| s.to_string()).collect();
         if !addr.ip().is_unspecified() {
             allowed_hosts.push(addr.ip().to_string());
         }
-        for h in &args.allowed_hosts {
-            let h = h.trim();
-            if h.is_empty() || h.contains('/') || h.chars().any(char::is_whitespace) {
-                return Err(format!("--allowed-host {h:?} is not a host name or host:port"));
-            }
-            allowed_hosts.push(h.to_string());
-        }
-        if addr.ip().is_unspecified() && args.allowed_hosts.is_empty() {
+        allowed_hosts.extend(opts.allowed_hosts.iter().map(|h| h.trim().to_string()));
+        if addr.ip().is_unspecified() && opts.allowed_hosts.is_empty() {
             tracing::warn!(
                 "bound to {addr} without --allowed-host: accepting any Host header (the bearer token is still required)"
             );
@@ -94,77 +124,14 @@ impl HttpPlan {
         }
         Ok(HttpPlan {
             addr,
-            token,
+            token: opts.token,
             allowed_origins,
             allowed_hosts,
-            header_timeout: Duration::from_secs(args.http_header_timeout_seconds),
-            body_timeout: Duration::from_secs(args.http_body_timeout_seconds),
-            idle_timeout: Duration::from_secs(args.http_idle_timeout_seconds),
-            max_connections: args.http_max_connections,
+            header_timeout: opts.header_timeout,
+            body_timeout: opts.body_timeout,
+            idle_timeout: opts.idle_timeout,
+            max_connections: opts.max_connections,
         })
-    }
-}
-
-/// `HOST:PORT`, `[V6]:PORT`, or a bare `PORT` (bound on 127.0.0.1).
-fn parse_addr(text: &str) -> Result<SocketAddr, String> {
-    let text = text.trim();
-    if let Ok(port) = text.parse::<u16>() {
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-    }
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let bad = || format!("--http {text:?} is not an address: use HOST:PORT (e.g. 127.0.0.1:8765) or a port");
-    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if host.eq_ignore_ascii_case("localhost") {
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-    }
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("--http {text:?}: cannot resolve {host:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("--http {text:?}: {host:?} resolves to no address"))
-}
-
-fn read_token(args: &ServeArgs) -> Result<Option<String>, String> {
-    let token = match &args.token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?;
-            let t = text.trim().to_string();
-            if t.is_empty() {
-                return Err(format!("--token-file {} is empty", path.display()));
-            }
-            Some(t)
-        }
-        None => match std::env::var(TOKEN_ENV) {
-            Ok(v) if !v.trim().is_empty() => Some(v.trim().to_string()),
-            _ => None,
-        },
-    };
-    if let Some(t) = &token {
-        if t.chars().any(|c| c.is_control() || c == ' ') || !t.is_ascii() {
-            return Err("the bearer token must be printable ASCII without spaces".into());
-        }
-    }
-    Ok(token)
-}
-
-fn check_origin(o: &str) -> Result<(), String> {
-    let o = o.trim();
-    let base = o.strip_suffix(":*").unwrap_or(o);
-    let ok = o == "null"
-        || base
-            .parse::<Uri>()
-            .ok()
-            .is_some_and(|u| u.scheme().is_some() && u.host().is_some() && matches!(u.path(), "" | "/"));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "--allowed-origin {o:?} is not an origin: use scheme://host[:port], with port * for any port (e.g. https://app.example.com, http://localhost:*)"
-        ))
     }
 }
 
@@ -348,39 +315,6 @@ pub(crate) async fn serve_http(
 mod tests {
     use super::*;
 
-    fn args() -> ServeArgs {
-        ServeArgs {
-            http: None,
-            token_file: None,
-            allowed_origins: vec![],
-            allowed_hosts: vec![],
-            http_header_timeout_seconds: HEADER_TIMEOUT_SECONDS,
-            http_body_timeout_seconds: BODY_TIMEOUT_SECONDS,
-            http_idle_timeout_seconds: IDLE_TIMEOUT_SECONDS,
-            http_max_connections: MAX_CONNECTIONS,
-            expiry_interval_seconds: 1,
-        }
-    }
-
-    #[test]
-    fn addresses() {
-        assert_eq!(parse_addr("8765").unwrap(), "127.0.0.1:8765".parse().unwrap());
-        assert_eq!(parse_addr("localhost:0").unwrap(), "127.0.0.1:0".parse().unwrap());
-        assert_eq!(parse_addr("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
-        assert!(parse_addr("nonsense").is_err());
-        assert!(parse_addr("127.0.0.1:99999").is_err());
-    }
-
-    #[test]
-    fn origins_are_checked() {
-        for ok in ["https://app.example.com", "http://localhost:*", "http://[::1]:8080", "null"] {
-            check_origin(ok).unwrap();
-        }
-        for bad in ["app.example.com", "https://x.com/path", ""] {
-            assert!(check_origin(bad).is_err(), "{bad}");
-        }
-    }
-
     #[test]
     fn tokens_compare_exactly() {
         assert!(token_matches("abc", "abc"));
@@ -390,11 +324,12 @@ mod tests {
 
     #[test]
     fn loopback_needs_no_token_but_other_addresses_do() {
-        // The token env var is not set in unit tests; if it is, the first assertion still holds.
-        assert!(HttpPlan::from_args("127.0.0.1:0", &args()).is_ok());
-        if std::env::var(TOKEN_ENV).is_err() {
-            let err = HttpPlan::from_args("0.0.0.0:0", &args()).unwrap_err();
-            assert!(err.contains("--token-file") && err.contains(TOKEN_ENV), "{err}");
-        }
+        assert!(HttpPlan::new(HttpOptions::new("127.0.0.1:0".parse().unwrap())).is_ok());
+        let err = HttpPlan::new(HttpOptions::new("0.0.0.0:0".parse().unwrap())).unwrap_err();
+        assert!(err.to_string().contains("not a loopback address"), "{err}");
+        let mut with_token = HttpOptions::new("0.0.0.0:0".parse().unwrap());
+        with_token.token = Some("t".into());
+        let plan = HttpPlan::new(with_token).unwrap();
+        assert!(plan.allowed_hosts.is_empty(), "no --allowed-host on 0.0.0.0 turns the Host check off");
     }
 }

@@ -40,56 +40,62 @@ fn priority_description(config: &Config) -> String {
     d
 }
 
+/// The input schema of `request_resources`: the limits of `config` (pool size, TTL range,
+/// metadata size) stated where an agent reads them.
+fn request_input(config: &Config) -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "job_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_JOB_ID_CHARS,
+                "description": format!("Identifier of the job that will use the resources (1 to {MAX_JOB_ID_CHARS} characters, no control characters). Several allocations may carry the same job_id; list_allocations can filter by it."),
+            },
+            "mcp_servers": {
+                "type": "array",
+                "items": {
+                    "type": "string",
+                    "pattern": format!("^[A-Za-z0-9._-]{{1,{MAX_MCP_NAME_CHARS}}}$"),
+                },
+                "maxItems": MAX_MCP_SERVERS_PER_REQUEST,
+                "uniqueItems": true,
+                "description": format!("Names of the MCP servers the job needs, e.g. [\"github\", \"jira\"] (each 1 to {MAX_MCP_NAME_CHARS} characters from A-Z a-z 0-9 . _ -, each named once, at most {MAX_MCP_SERVERS_PER_REQUEST}). A server is shared by name: every allocation naming it gets the same endpoint. May be empty when workers is at least 1."),
+            },
+            "workers": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": config.worker_slots,
+                "default": 0,
+                "description": format!("Number of worker slots to reserve, 0 to {} (the pool's size); each holds {} CPU cores and {} MB of memory. get_capacity shows how many are available.", config.worker_slots, crate::domain::model::cores(config.worker_cpu_millicores), config.worker_memory_mib),
+            },
+            "priority": {
+                "type": "string",
+                "enum": ["low", "normal", "high", "critical"],
+                "default": "normal",
+                "description": priority_description(config),
+            },
+            "ttl_seconds": {
+                "type": "integer",
+                "minimum": config.min_ttl_seconds,
+                "maximum": config.max_ttl_seconds,
+                "default": config.default_ttl_seconds,
+                "description": format!("Lifetime of the allocation in seconds, {} to {} (default {}). After it the allocation expires and its resources return to the pool; release it earlier with release_resources.", config.min_ttl_seconds, config.max_ttl_seconds, config.default_ttl_seconds),
+            },
+            "metadata": {
+                "type": "object",
+                "description": format!("Free-form JSON object stored with the allocation and shown by get_allocation (at most {} bytes as JSON), e.g. {{\"team\": \"infra\"}}.", config.max_metadata_bytes),
+            },
+        },
+        "required": ["job_id", "mcp_servers"],
+        "additionalProperties": false,
+    })
+}
+
 /// The input schema of tool `name` under `config`.
 pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
     let v = match name {
-        "request_resources" => json!({
-            "type": "object",
-            "properties": {
-                "job_id": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": MAX_JOB_ID_CHARS,
-                    "description": format!("Identifier of the job that will use the resources (1 to {MAX_JOB_ID_CHARS} characters, no control characters). Several allocations may carry the same job_id; list_allocations can filter by it."),
-                },
-                "mcp_servers": {
-                    "type": "array",
-                    "items": {
-                        "type": "string",
-                        "pattern": format!("^[A-Za-z0-9._-]{{1,{MAX_MCP_NAME_CHARS}}}$"),
-                    },
-                    "maxItems": MAX_MCP_SERVERS_PER_REQUEST,
-                    "uniqueItems": true,
-                    "description": format!("Names of the MCP servers the job needs, e.g. [\"github\", \"jira\"] (each 1 to {MAX_MCP_NAME_CHARS} characters from A-Z a-z 0-9 . _ -, each named once, at most {MAX_MCP_SERVERS_PER_REQUEST}). A server is shared by name: every allocation naming it gets the same endpoint. May be empty when workers is at least 1."),
-                },
-                "workers": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "maximum": config.worker_slots,
-                    "default": 0,
-                    "description": format!("Number of worker slots to reserve, 0 to {} (the pool's size); each holds {} CPU cores and {} MB of memory. get_capacity shows how many are available.", config.worker_slots, crate::domain::model::cores(config.worker_cpu_millicores), config.worker_memory_mib),
-                },
-                "priority": {
-                    "type": "string",
-                    "enum": ["low", "normal", "high", "critical"],
-                    "default": "normal",
-                    "description": priority_description(config),
-                },
-                "ttl_seconds": {
-                    "type": "integer",
-                    "minimum": config.min_ttl_seconds,
-                    "maximum": config.max_ttl_seconds,
-                    "default": config.default_ttl_seconds,
-                    "description": format!("Lifetime of the allocation in seconds, {} to {} (default {}). After it the allocation expires and its resources return to the pool; release it earlier with release_resources.", config.min_ttl_seconds, config.max_ttl_seconds, config.default_ttl_seconds),
-                },
-                "metadata": {
-                    "type": "object",
-                    "description": format!("Free-form JSON object stored with the allocation and shown by get_allocation (at most {} bytes as JSON), e.g. {{\"team\": \"infra\"}}.", config.max_metadata_bytes),
-                },
-            },
-            "required": ["job_id", "mcp_servers"],
-            "additionalProperties": false,
-        }),
+        "request_resources" => request_input(config),
         "release_resources" => json!({
             "type": "object",
             "properties": { "allocation_id": allocation_id_arg("release") },

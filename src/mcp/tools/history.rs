@@ -123,7 +123,9 @@ impl LedgerTools {
         };
         from_ledger(
             self.call(move |l| {
-                let since = parse_at(l, "since", Some(&since))?.expect("given");
+                // `parse_at` answers `Some` for any text it accepts.
+                let since = parse_at(l, "since", Some(&since))?
+                    .ok_or_else(|| Error::invalid("since", "is required: the start of the window"))?;
                 let until = parse_at(l, "until", until.as_deref())?.unwrap_or_else(|| l.now_micros());
                 l.usage(since, until, &by)
             })
