@@ -7,9 +7,11 @@
 //! RFC 3339 with microseconds and a `Z`.
 
 use crate::domain::clock::{datetime, Micros};
-use crate::domain::event::{Grant, RejectReason, Rejection};
+use crate::domain::event::{EventBody, Grant, RejectReason, Rejection};
+use crate::domain::input::ResourceRequest;
 use crate::domain::model::{cores, AllocationId, AllocationState, Priority, Resources};
 use crate::domain::state::{Allocation, State};
+use crate::Result;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -732,11 +734,47 @@ pub struct CleanupReport {
     pub count: usize,
 }
 
+// The ledger's commands: a decision (domain/decide.rs) composed with the report it answers
+// with. Here, not in the domain, so the pure core never imports the report room.
+
+/// `request_resources` decided against `state` at `ts`: the event and the caller's report.
+pub(crate) fn decide_request_outcome(
+    state: &State,
+    ts: Micros,
+    req: &ResourceRequest,
+) -> Result<(Vec<EventBody>, RequestOutcome)> {
+    let seq = state.last_seq + 1;
+    Ok(match state.decide_grant(req, ts, state.next_allocation_id())? {
+        Ok(g) => {
+            let report = RequestOutcome::Granted(GrantReport::from_grant(&g, ts, seq));
+            (vec![EventBody::Granted(g)], report)
+        }
+        Err(r) => {
+            let report = RequestOutcome::Failed(FailedReport::from_rejection(&r, ts, seq));
+            (vec![EventBody::Rejected(r)], report)
+        }
+    })
+}
+
+/// `release_resources` decided against `state` at `ts`. An unknown id (which may have ended
+/// long ago and left memory) is `NotFound`; an ended one is reported and nothing is written.
+pub(crate) fn decide_release(state: &State, ts: Micros, id: AllocationId) -> Result<(Vec<EventBody>, ReleaseReport)> {
+    Ok(match state.decide_release(id)? {
+        (a, Some(event)) => (vec![event], ReleaseReport::released(a, ts)),
+        (a, None) => (Vec::new(), ReleaseReport::already_ended(a)),
+    })
+}
+
+/// `release_resources` of an allocation that has already ended: nothing is written.
+pub(crate) fn already_ended_report(a: &Allocation) -> ReleaseReport {
+    ReleaseReport::already_ended(a)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::{already_ended_report, decide_release, decide_request_outcome};
     use crate::domain::clock::Micros;
     use crate::domain::config::Config;
-    use crate::domain::decide::{already_ended_report, decide_release, decide_request_outcome};
     use crate::domain::event::EventBody;
     use crate::domain::input::ResourceRequest;
     use crate::domain::model::Priority;

@@ -13,7 +13,6 @@ use crate::domain::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, 
 use crate::domain::input::{validate, ResourceRequest, ValidRequest};
 use crate::domain::model::{cores, AllocationId, AllocationState, Priority, Resources};
 use crate::domain::state::{Allocation, State};
-use crate::report::{FailedReport, GrantReport, ReleaseReport, RequestOutcome};
 use crate::{Error, Result};
 
 /// What a valid request would take from the pool as it stands, and how much of the pool its
@@ -303,42 +302,6 @@ impl State {
         }
         id
     }
-}
-
-// The ledger's calls: a decision composed with the report it answers with (the reports are
-// built in `report.rs`).
-
-/// `request_resources` decided against `state` at `ts`: the event and the caller's report.
-pub(crate) fn decide_request_outcome(
-    state: &State,
-    ts: Micros,
-    req: &ResourceRequest,
-) -> Result<(Vec<EventBody>, RequestOutcome)> {
-    let seq = state.last_seq + 1;
-    Ok(match state.decide_grant(req, ts, state.next_allocation_id())? {
-        Ok(g) => {
-            let report = RequestOutcome::Granted(GrantReport::from_grant(&g, ts, seq));
-            (vec![EventBody::Granted(g)], report)
-        }
-        Err(r) => {
-            let report = RequestOutcome::Failed(FailedReport::from_rejection(&r, ts, seq));
-            (vec![EventBody::Rejected(r)], report)
-        }
-    })
-}
-
-/// `release_resources` decided against `state` at `ts`. An unknown id (which may have ended
-/// long ago and left memory) is `NotFound`; an ended one is reported and nothing is written.
-pub(crate) fn decide_release(state: &State, ts: Micros, id: AllocationId) -> Result<(Vec<EventBody>, ReleaseReport)> {
-    Ok(match state.decide_release(id)? {
-        (a, Some(event)) => (vec![event], ReleaseReport::released(a, ts)),
-        (a, None) => (Vec::new(), ReleaseReport::already_ended(a)),
-    })
-}
-
-/// `release_resources` of an allocation that has already ended: nothing is written.
-pub(crate) fn already_ended_report(a: &Allocation) -> ReleaseReport {
-    ReleaseReport::already_ended(a)
 }
 
 #[cfg(test)]

@@ -650,37 +650,6 @@ impl State {
     }
 }
 
-/// Folds one logged event into allocations being rebuilt from the log: grants and rejections
-/// of `job_id` (any job if `None`) not in `skip` start one, releases and expiries end one.
-/// Shared by the readers that answer about allocations no longer in memory.
-pub fn fold_rebuilt(
-    found: &mut HashMap<AllocationId, Allocation>,
-    skip: impl Fn(&AllocationId) -> bool,
-    job_id: Option<&str>,
-    seq: u64,
-    ev: crate::domain::event::Event,
-) {
-    match ev.body {
-        EventBody::Granted(g) if !skip(&g.allocation_id) && job_id.is_none_or(|j| g.job_id == j) => {
-            found.insert(g.allocation_id, Allocation::from_grant_owned(ev.ts_us, g));
-        }
-        EventBody::Rejected(r) if !skip(&r.allocation_id) && job_id.is_none_or(|j| r.job_id == j) => {
-            found.insert(r.allocation_id, Allocation::from_rejection(seq, ev.ts_us, &r));
-        }
-        EventBody::Released { allocation_id } => {
-            if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
-                a.end(seq, ev.ts_us, AllocationState::Released);
-            }
-        }
-        EventBody::Expired { allocation_id, deadline_us } => {
-            if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
-                a.end(seq, deadline_us, AllocationState::Expired);
-            }
-        }
-        _ => {}
-    }
-}
-
 /// Rebuilds a state from snapshot data one allocation at a time, so a decoder can hand each
 /// over as it reads it instead of holding them all in a list first (that list would double
 /// the memory a large state takes while it loads). Every index is rebuilt and checked.

@@ -22,11 +22,11 @@ use crate::domain::model::{AllocationId, AllocationState};
 use crate::domain::state::{Allocation, State};
 use crate::ledger::Ledger;
 use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
-use crate::log::{snapshot, wal};
+use crate::log::reader::{newest_loadable, rebuild_allocations, AllocationFilter, LogReader, LogRules, Wording};
 use crate::report::{AllocationDetails, AllocationSummary, CapacityReport};
 use crate::{Config, Error, Result};
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 /// Progress of a long scan: (done, total), in events.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
@@ -37,9 +37,11 @@ pub const MAX_TIMELINE_BUCKETS: u64 = 10_000;
 /// One event of an allocation's or a job's history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HistoryEvent {
+    /// The event's sequence number.
     pub seq: u64,
     /// The event's timestamp in RFC 3339.
     pub at: String,
+    /// The event itself.
     #[serde(flatten)]
     pub event: Event,
 }
@@ -48,10 +50,13 @@ pub struct HistoryEvent {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct History {
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The allocation asked about (none for a job's history).
     pub allocation_id: Option<AllocationId>,
+    /// The job asked about, or the allocation's job.
     pub job_id: String,
     /// The allocations the events are about, oldest first.
     pub allocation_ids: Vec<AllocationId>,
+    /// The events, in log order.
     pub events: Vec<HistoryEvent>,
 }
 
@@ -59,9 +64,13 @@ pub struct History {
 /// `[since, until)` and a sequence-number range `[from_seq, to_seq]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EventRange {
+    /// Events at or after this instant.
     pub since: Option<Micros>,
+    /// Events before this instant.
     pub until: Option<Micros>,
+    /// Events with this sequence number or a later one.
     pub from_seq: Option<u64>,
+    /// Events with this sequence number or an earlier one.
     pub to_seq: Option<u64>,
 }
 
@@ -82,8 +91,10 @@ fn scan_into(ledger: &Ledger, ix: &mut CapacityIndex, upto: u64, progress: Progr
         return Ok(());
     }
     let mut broken = None;
-    wal::scan_log_upto(&**ledger.storage(), &ledger.dir().join(WAL_DIR), ix.last_seq(), upto, &mut |pos, payload| {
-        let ev = Event::decode(payload)?;
+    let wal_dir = ledger.dir().join(WAL_DIR);
+    let reader = LogReader::new(&**ledger.storage(), &wal_dir).after(ix.last_seq()).upto(upto);
+    let mut rules = LogRules::resuming(ix.last_seq());
+    reader.events(&mut rules, Wording::Open, &mut |pos, ev| {
         if !ix.observe(pos.seq, ev.ts_us, &ev.body) {
             broken = Some(pos.seq);
             return Ok(false);
@@ -107,9 +118,11 @@ enum Subject<'a> {
     Job(&'a str),
 }
 
-enum AtPlan<R> {
+/// How [`Ledger::with_state_at`] answers: from the live state, or by replaying to `seq` (and
+/// then calling `f`).
+enum AtPlan<R, F> {
     Done(R),
-    Replay { t: Micros, seq: u64, ledger_id: String },
+    Replay { t: Micros, seq: u64, ledger_id: String, f: F },
 }
 
 impl Ledger {
@@ -147,7 +160,8 @@ impl Ledger {
                 scan_into(self, &mut ix, s.last_seq, &mut |_, _| {})?;
                 *slot = Some(ix);
             }
-            let ix = slot.as_mut().expect("just built");
+            // Present: there was one, or it was just built.
+            let ix = slot.get_or_insert_with(CapacityIndex::new);
             // A read-only handle's state moves on with `refresh`; fold in what it folded.
             scan_into(self, ix, s.last_seq, &mut |_, _| {})?;
             f(s, ix, now)
@@ -180,50 +194,50 @@ impl Ledger {
     /// when no event came after `at`, else the nearest snapshot at or before `at` plus the
     /// events after it up to `at`.
     pub fn with_state_at<R>(&self, field: &str, at: Micros, f: impl FnOnce(&State, Micros) -> R) -> Result<R> {
-        let mut f = Some(f);
         let plan = self.with_index(|s, ix, now| {
             if at < s.created_us {
                 return Err(before_start(field, at, s.created_us));
             }
             let t = at.min(now);
             if t >= s.last_ts_us {
-                let f = f.take().expect("called once");
                 return Ok(AtPlan::Done(f(s, t)));
             }
-            Ok(AtPlan::Replay { t, seq: ix.seq_at(t), ledger_id: s.ledger_id.clone() })
+            Ok(AtPlan::Replay { t, seq: ix.seq_at(t), ledger_id: s.ledger_id.clone(), f })
         })?;
-        let (t, seq, ledger_id) = match plan {
-            AtPlan::Done(r) => return Ok(r),
-            AtPlan::Replay { t, seq, ledger_id } => (t, seq, ledger_id),
-        };
-        let state = self.state_at_seq(seq, t, &ledger_id)?;
-        let f = f.take().expect("called once");
-        Ok(f(&state, t))
+        match plan {
+            AtPlan::Done(r) => Ok(r),
+            AtPlan::Replay { t, seq, ledger_id, f } => Ok(f(&self.state_at_seq(seq, t, &ledger_id)?, t)),
+        }
     }
 
     /// The fold of the log up to `seq` (whose event is at or before `t`): the newest snapshot at
     /// or before it that loads and belongs to this ledger, then the events after it.
     fn state_at_seq(&self, seq: u64, t: Micros, ledger_id: &str) -> Result<State> {
         let storage = &**self.storage();
-        let snaps = snapshot::list(storage, &self.dir().join(SNAPSHOT_DIR)).unwrap_or_default();
-        let mut state = None;
-        for (snap_seq, path) in snaps.into_iter().filter(|(s, _)| *s <= seq) {
-            let loaded = snapshot::load(storage, &path, snap_seq).map(|(s, _)| s);
-            if let Ok(s) = loaded {
-                if s.ledger_id == ledger_id && s.last_ts_us <= t {
-                    state = Some(s);
-                    break;
-                }
+        let mut accept = |s: &State, _| {
+            // Not a reason anybody reads: such a snapshot is passed over in silence.
+            if s.ledger_id == ledger_id && s.last_ts_us <= t {
+                Ok(())
+            } else {
+                Err(String::new())
             }
-        }
-        let mut state = state.unwrap_or_else(|| State::empty(Config::default()));
-        if state.last_seq < seq {
-            wal::scan_log_upto(storage, &self.dir().join(WAL_DIR), state.last_seq, seq, &mut |pos, payload| {
-                let ev = Event::decode(payload)?;
+        };
+        // Snapshots are a shortcut: none that can be listed, the log is read from its start.
+        let pick = newest_loadable(storage, &self.dir().join(SNAPSHOT_DIR), Some(seq), &mut accept);
+        let mut state = match pick.ok().and_then(|p| p.loaded) {
+            Some(picked) => picked.state,
+            None => State::empty(Config::default()),
+        };
+        let wal_dir = self.dir().join(WAL_DIR);
+        let mut rules = LogRules::after(state.last_seq, state.last_ts_us);
+        LogReader::new(storage, &wal_dir).after(state.last_seq).upto(seq).events(
+            &mut rules,
+            Wording::Open,
+            &mut |pos, ev| {
                 state.evolve(pos.seq, ev.ts_us, &ev.body);
-                Ok(pos.seq < seq)
-            })?;
-        }
+                Ok(true)
+            },
+        )?;
         if state.last_seq != seq {
             return Err(Error::Inconsistent {
                 path: self.dir().join(WAL_DIR),
@@ -277,28 +291,9 @@ impl Ledger {
         job_id: Option<&str>,
         known: &BTreeSet<AllocationId>,
     ) -> Result<Vec<Allocation>> {
-        let job_needle = job_id.map(|j| format!("\"job_id\":{}", serde_json::Value::from(j)));
-        let job_finder = job_needle.as_ref().map(|n| memchr::memmem::Finder::new(n.as_bytes()));
-        let mut found: HashMap<AllocationId, Allocation> = HashMap::new();
-        if upto == 0 {
-            return Ok(Vec::new());
-        }
-        wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), 0, upto, &mut |pos, payload| {
-            let head = &payload[..payload.len().min(80)];
-            let is_end = memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
-                || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some();
-            if !is_end && job_finder.as_ref().is_some_and(|f| f.find(payload).is_none()) {
-                return Ok(pos.seq < upto);
-            }
-            crate::domain::state::fold_rebuilt(
-                &mut found,
-                |id| known.contains(id),
-                job_id,
-                pos.seq,
-                Event::decode(payload)?,
-            );
-            Ok(pos.seq < upto)
-        })?;
+        let wal_dir = self.dir().join(WAL_DIR);
+        let reader = LogReader::new(&**self.storage(), &wal_dir).upto(upto);
+        let found = rebuild_allocations(&reader, &AllocationFilter::all_but(job_id, &|id| known.contains(id)))?;
         Ok(found.into_values().collect())
     }
 
@@ -322,15 +317,16 @@ impl Ledger {
         if after >= upto {
             return Ok(());
         }
-        wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), after, upto, &mut |pos, payload| {
-            let event = Event::decode(payload)?;
+        let wal_dir = self.dir().join(WAL_DIR);
+        let reader = LogReader::new(&**self.storage(), &wal_dir).after(after).upto(upto);
+        reader.events(&mut LogRules::resuming(after), Wording::Open, &mut |pos, event| {
             if range.until.is_some_and(|u| event.ts_us >= u) {
                 return Ok(false);
             }
             if range.since.is_some_and(|s| event.ts_us < s) {
                 return Ok(true);
             }
-            Ok(visit(&LoggedEvent { seq: pos.seq, event }) && pos.seq < upto)
+            Ok(visit(&LoggedEvent { seq: pos.seq, event }))
         })?;
         Ok(())
     }
@@ -374,7 +370,8 @@ impl Ledger {
         if after >= upto {
             return Ok((out, ids));
         }
-        wal::scan_log_upto(&**self.storage(), &self.dir().join(WAL_DIR), after, upto, &mut |pos, payload| {
+        let wal_dir = self.dir().join(WAL_DIR);
+        LogReader::new(&**self.storage(), &wal_dir).after(after).upto(upto).records(&mut |pos, payload| {
             let relevant = match subject {
                 Subject::Allocation(_) => finder.find(payload).is_some(),
                 Subject::Job(_) => {

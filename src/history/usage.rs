@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 /// How usage is grouped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupBy {
+    /// By job id.
     Job,
     /// By the value of this metadata key; allocations without it go to the group `(none)`.
     Metadata(String),
@@ -45,6 +46,7 @@ impl GroupBy {
         }
     }
 
+    /// The grouping as [`GroupBy::parse`] reads it.
     pub fn as_string(&self) -> String {
         match self {
             GroupBy::Job => "job".into(),
@@ -69,7 +71,9 @@ impl GroupBy {
 pub struct UsageAmounts {
     /// CPU-seconds (cores × seconds).
     pub cpu_seconds: f64,
+    /// MiB-seconds.
     pub memory_mib_seconds: f64,
+    /// Worker-seconds.
     pub worker_seconds: f64,
     /// Allocations that held resources at some point in the window.
     pub allocations: u64,
@@ -82,12 +86,15 @@ pub struct UsageAmounts {
     /// Requests rejected in the window, by reason (`insufficient_workers`, `insufficient_cpu`,
     /// `insufficient_memory`).
     pub rejected: u64,
+    /// The rejections counted by reason.
     pub rejections: BTreeMap<String, u64>,
-    /// Exact integrals: millicore-µs, MiB-µs, worker-µs.
+    /// Exact integral of CPU held, in millicore-µs (the seconds above are derived from it).
     #[serde(skip)]
     pub cpu_millicore_us: u128,
+    /// Exact integral of memory held, in MiB-µs.
     #[serde(skip)]
     pub memory_mib_us: u128,
+    /// Exact integral of workers held, in worker-µs.
     #[serde(skip)]
     pub worker_us: u128,
 }
@@ -121,9 +128,12 @@ impl UsageAmounts {
     }
 }
 
+/// What one group (a job, or a metadata value) used.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UsageGroup {
+    /// The job id or metadata value (`(none)` without the key).
     pub group: String,
+    /// What it used.
     #[serde(flatten)]
     pub usage: UsageAmounts,
 }
@@ -131,24 +141,35 @@ pub struct UsageGroup {
 /// What a shared MCP server cost while it ran (charged once, however many allocations used it).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct McpServerUsage {
+    /// The server's catalog name.
     pub name: String,
+    /// How long it ran within the window.
     pub running_seconds: f64,
+    /// CPU-seconds it cost.
     pub cpu_seconds: f64,
+    /// MiB-seconds it cost.
     pub memory_mib_seconds: f64,
+    /// Exact integral of its CPU, in millicore-µs.
     #[serde(skip)]
     pub cpu_millicore_us: u128,
+    /// Exact integral of its memory, in MiB-µs.
     #[serde(skip)]
     pub memory_mib_us: u128,
 }
 
+/// Usage over a window, grouped, with MCP server costs and totals.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UsageReport {
     /// The window, clamped to the ledger's life (`since` no earlier than its first event,
     /// `until` no later than now).
     pub since: String,
+    /// The window's end, in RFC 3339.
     pub until: String,
+    /// The window's start, in µs since the epoch.
     pub since_us: Micros,
+    /// The window's end, in µs since the epoch.
     pub until_us: Micros,
+    /// The window's length.
     pub window_seconds: f64,
     /// `job` or `metadata.KEY`.
     pub group_by: String,
@@ -263,41 +284,7 @@ impl<'a> UsageBuilder<'a> {
                 servers.entry(name).or_default().push((h.start, end, cpu, mem));
             }
         }
-        // A server runs while any holding that uses it lasts; each run costs what the grant
-        // that started it recorded (every grant during a run records the run's cost).
-        let mut mcp_servers = Vec::new();
-        for (name, mut holdings) in servers {
-            holdings.sort_by_key(|h| h.0);
-            let mut u = McpServerUsage {
-                name,
-                running_seconds: 0.0,
-                cpu_seconds: 0.0,
-                memory_mib_seconds: 0.0,
-                cpu_millicore_us: 0,
-                memory_mib_us: 0,
-            };
-            let mut running_us = 0i64;
-            let mut i = 0;
-            while i < holdings.len() {
-                let (run_start, mut run_end, cpu, mem) = holdings[i];
-                let mut j = i + 1;
-                while j < holdings.len() && holdings[j].0 < run_end {
-                    run_end = run_end.max(holdings[j].1);
-                    j += 1;
-                }
-                let d = clip(run_start, run_end, since, until);
-                running_us += d;
-                u.cpu_millicore_us += u128::from(cpu) * d as u128;
-                u.memory_mib_us += u128::from(mem) * d as u128;
-                i = j;
-            }
-            if running_us > 0 {
-                u.running_seconds = running_us as f64 / 1e6;
-                u.cpu_seconds = u.cpu_millicore_us as f64 / 1e9;
-                u.memory_mib_seconds = u.memory_mib_us as f64 / 1e6;
-                mcp_servers.push(u);
-            }
-        }
+        let mcp_servers = mcp_server_usage(servers, since, until);
         let mut total = UsageAmounts::default();
         let mut groups: Vec<UsageGroup> = groups
             .into_iter()
@@ -327,27 +314,85 @@ impl<'a> UsageBuilder<'a> {
     }
 }
 
+/// What each MCP server cost over `[since, until)`, from the holdings that used it (per
+/// server: start, end, cpu and memory of each).
+fn mcp_server_usage(
+    servers: BTreeMap<String, Vec<(Micros, Micros, u64, u64)>>,
+    since: Micros,
+    until: Micros,
+) -> Vec<McpServerUsage> {
+    // A server runs while any holding that uses it lasts; each run costs what the grant
+    // that started it recorded (every grant during a run records the run's cost).
+    let mut mcp_servers = Vec::new();
+    for (name, mut holdings) in servers {
+        holdings.sort_by_key(|h| h.0);
+        let mut u = McpServerUsage {
+            name,
+            running_seconds: 0.0,
+            cpu_seconds: 0.0,
+            memory_mib_seconds: 0.0,
+            cpu_millicore_us: 0,
+            memory_mib_us: 0,
+        };
+        let mut running_us = 0i64;
+        let mut i = 0;
+        while i < holdings.len() {
+            let (run_start, mut run_end, cpu, mem) = holdings[i];
+            let mut j = i + 1;
+            while j < holdings.len() && holdings[j].0 < run_end {
+                run_end = run_end.max(holdings[j].1);
+                j += 1;
+            }
+            let d = clip(run_start, run_end, since, until);
+            running_us += d;
+            u.cpu_millicore_us += u128::from(cpu) * d as u128;
+            u.memory_mib_us += u128::from(mem) * d as u128;
+            i = j;
+        }
+        if running_us > 0 {
+            u.running_seconds = running_us as f64 / 1e6;
+            u.cpu_seconds = u.cpu_millicore_us as f64 / 1e9;
+            u.memory_mib_seconds = u.memory_mib_us as f64 / 1e6;
+            mcp_servers.push(u);
+        }
+    }
+    mcp_servers
+}
+
 /// One bucket of the utilisation series.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TimelineBucket {
+    /// The bucket's start, in RFC 3339.
     pub start: String,
+    /// Its end, in RFC 3339.
     pub end: String,
+    /// Its start, in µs since the epoch.
     pub start_us: Micros,
+    /// Its end, in µs since the epoch.
     pub end_us: Micros,
     /// Time-weighted means over the bucket: cores, MiB, workers.
     pub allocated_cpu: f64,
+    /// Mean total CPU, in cores.
     pub total_cpu: f64,
     /// allocated / total (null when the total is 0).
     pub cpu_utilisation: Option<f64>,
+    /// Mean memory allocated, in MiB.
     pub allocated_memory: f64,
+    /// Mean total memory, in MiB.
     pub total_memory: f64,
+    /// Memory allocated / total (null when the total is 0).
     pub memory_utilisation: Option<f64>,
+    /// Mean workers allocated.
     pub allocated_workers: f64,
+    /// Mean total workers.
     pub total_workers: f64,
+    /// Workers allocated / total (null when the total is 0).
     pub worker_utilisation: Option<f64>,
     /// Highest values within the bucket.
     pub peak_allocated_cpu: f64,
+    /// Highest memory allocated within the bucket, in MiB.
     pub peak_allocated_memory: u64,
+    /// Highest workers allocated within the bucket.
     pub peak_allocated_workers: u32,
     /// Exact integrals over the bucket: [allocated cpu, memory, workers, total cpu, memory,
     /// workers] in unit-µs.
@@ -355,13 +400,20 @@ pub struct TimelineBucket {
     pub integrals: [u128; 6],
 }
 
+/// Utilisation over a window, bucket by bucket.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Timeline {
+    /// The window's start, in RFC 3339.
     pub since: String,
+    /// Its end, in RFC 3339.
     pub until: String,
+    /// Its start, in µs since the epoch.
     pub since_us: Micros,
+    /// Its end, in µs since the epoch.
     pub until_us: Micros,
+    /// Each bucket's length (the last may be shorter).
     pub bucket_seconds: f64,
+    /// The buckets, oldest first.
     pub buckets: Vec<TimelineBucket>,
 }
 

@@ -31,7 +31,6 @@ pub use options::{LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotI
 
 use crate::domain::clock::{Clock, Micros};
 use crate::domain::config::Config;
-use crate::domain::decide::{already_ended_report, decide_release, decide_request_outcome};
 use crate::domain::event::LoggedEvent;
 use crate::domain::input::ResourceRequest;
 use crate::domain::model::{AllocationId, AllocationState};
@@ -39,6 +38,7 @@ use crate::domain::state::{Allocation, State};
 use crate::log::storage::{LockGuard, Storage};
 use crate::log::wal::WalWriter;
 use crate::report::*;
+use crate::report::{already_ended_report, decide_release, decide_request_outcome};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -10,20 +10,13 @@ use super::{Core, Ledger, OpenOptions, RecoveryReport, SetAside, Shared};
 use crate::domain::event::{Event, EventBody};
 use crate::domain::state::State;
 use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOT_DIR, WAL_DIR, WAL_STAGING_DIR};
+use crate::log::reader::{newest_loadable, retry_beside_writer, LogReader, LogRules, Wording};
 use crate::log::snapshot;
 use crate::log::storage::{LockGuard, Storage};
 use crate::log::wal::{self, AppendError, WalWriter};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-/// How long a read-only handle waits before it reads the log again when it found damage: a
-/// reader beside a live writer can catch the writer's newest records being written, bytes that
-/// look like damage until the write is whole. Damage that is still there after these waits is
-/// reported.
-const READ_ONLY_RETRY_WAITS: [Duration; 3] =
-    [Duration::from_millis(1), Duration::from_millis(10), Duration::from_millis(100)];
 
 /// What an open learned of the log and the snapshot it started from (all zero for a new
 /// ledger), for the snapshot schedule.
@@ -68,7 +61,7 @@ impl Ledger {
         if !opts.read_only {
             return Self::open_once(dir, opts);
         }
-        retry_damage_beside_writer(&*opts.storage, &dir.join(WAL_DIR), || Self::open_once(dir, opts.clone()))
+        retry_beside_writer(&*opts.storage, &dir.join(WAL_DIR), || Self::open_once(dir, opts.clone()))
     }
 
     /// One attempt at opening (or creating) the ledger in `dir`.
@@ -215,27 +208,22 @@ fn load_newest_snapshot(
     opts: &OpenOptions,
     report: &mut RecoveryReport,
 ) -> Result<Start> {
-    let snaps = snapshot::list(storage, &paths.snapshots).map_err(|e| Error::io("listing snapshots", e))?;
     let log_id = log_ledger_id(storage, &paths.wal)?;
-    for (seq, path) in snaps {
-        let loaded = snapshot::load(storage, &path, seq).and_then(|(s, position)| {
-            match snapshot_not_of_log(storage, &paths.wal, log_id.as_deref(), &s, position) {
-                Some(why) => Err(why),
-                None => Ok((s, position)),
-            }
-        });
-        match loaded {
-            Ok((state, hint)) => {
-                report.snapshot_seq = Some(seq);
-                return Ok(Start { state, hint, loaded_from: Some(path) });
-            }
-            Err(reason) => {
-                let moved_to = if opts.read_only { None } else { set_aside(storage, &path, &paths.quarantine) };
-                report.snapshots_set_aside.push(SetAside { file: path, reason, moved_to });
-            }
-        }
+    let pick = newest_loadable(storage, &paths.snapshots, None, &mut |s, position| {
+        snapshot_not_of_log(storage, &paths.wal, log_id.as_deref(), s, position).map_or(Ok(()), Err)
+    })?;
+    for passed in pick.passed {
+        let path = passed.file.path;
+        let moved_to = if opts.read_only { None } else { set_aside(storage, &path, &paths.quarantine) };
+        report.snapshots_set_aside.push(SetAside { file: path, reason: passed.reason, moved_to });
     }
-    Ok(Start { state: empty_state(opts), hint: None, loaded_from: None })
+    match pick.loaded {
+        Some(picked) => {
+            report.snapshot_seq = Some(picked.file.seq);
+            Ok(Start { state: picked.state, hint: picked.position, loaded_from: Some(picked.file.path) })
+        }
+        None => Ok(Start { state: empty_state(opts), hint: None, loaded_from: None }),
+    }
 }
 
 /// The state before the log's first event.
@@ -361,22 +349,18 @@ fn snapshot_schedule(
 /// cannot be checked, whatever a snapshot would let an open skip.
 fn log_ledger_id(storage: &dyn Storage, wal_dir: &Path) -> Result<Option<String>> {
     let first = wal::list_segments(storage, wal_dir)?.into_iter().next().filter(|s| s.first_seq == 1);
-    let Some(first) = first else { return Ok(None) };
-    let bytes = storage.read(&first.path).map_err(|e| Error::io(format!("reading {}", first.path.display()), e))?;
+    if first.is_none() {
+        return Ok(None);
+    }
     let mut id = None;
-    let scan = crate::log::segment::scan(&first.path, &bytes, 1, &mut |_, payload| {
-        match Event::decode(payload)?.body {
-            EventBody::LedgerCreated { ledger_id, .. } => id = Some(ledger_id),
-            other => return Err(format!("the first event is {}, not ledger_created", other.type_name())),
+    // Torn before its first record, or empty: no id, and the replay says which.
+    LogReader::new(storage, wal_dir).upto(1).events(&mut LogRules::from_start(), Wording::Open, &mut |_, ev| {
+        if let EventBody::LedgerCreated { ledger_id, .. } = ev.body {
+            id = Some(ledger_id);
         }
         Ok(false)
-    });
-    match (id, scan.tail) {
-        (Some(id), _) => Ok(Some(id)),
-        (None, crate::log::segment::Tail::Corrupt(d)) => Err(Error::Damaged(d)),
-        // Torn before its first record, or empty: the replay says which.
-        (None, _) => Ok(None),
-    }
+    })?;
+    Ok(id)
 }
 
 /// Why a snapshot that loaded does not belong to the log beside it: another ledger's (its
@@ -408,40 +392,6 @@ fn snapshot_not_of_log(
     }
 }
 
-/// Runs `read` (a read-only handle's pass over the log) again after each of
-/// `READ_ONLY_RETRY_WAITS` while it reports damage that a writer's write in flight can explain
-/// (see [`damage_may_be_a_write_in_flight`]).
-pub(super) fn retry_damage_beside_writer<T>(
-    storage: &dyn Storage,
-    wal_dir: &Path,
-    mut read: impl FnMut() -> Result<T>,
-) -> Result<T> {
-    let last_segment = || wal::list_segments(storage, wal_dir).ok().and_then(|s| s.last().map(|l| l.first_seq));
-    for wait in READ_ONLY_RETRY_WAITS {
-        let last_before = last_segment();
-        match read() {
-            Err(Error::Damaged(d)) if damage_may_be_a_write_in_flight(&d.file, last_before) => std::thread::sleep(wait),
-            done => return done,
-        }
-    }
-    read()
-}
-
-/// Whether damage a reader found in `file` may be a live writer's write caught in flight: only
-/// the last segment is written to (a rotation finishes a segment before it creates the next),
-/// so the file must be the segment that was last when the read began (`last_before`, by its
-/// first sequence number), or one created since. Comparing with the last segment after the read
-/// instead missed a rotation that happened during it.
-fn damage_may_be_a_write_in_flight(file: &Path, last_before: Option<u64>) -> bool {
-    let first_seq = file.file_name().and_then(|n| n.to_str()).and_then(crate::log::segment::parse_file_name);
-    match (first_seq, last_before) {
-        (Some(first_seq), Some(last)) => first_seq >= last,
-        (Some(_), None) => true,
-        // Not a segment: snapshots are written whole and renamed into place.
-        (None, _) => false,
-    }
-}
-
 /// Moves a snapshot that was not used into the quarantine directory; where it went, or
 /// `None` if it could not be moved (it is then left where it is, and reported).
 fn set_aside(storage: &dyn Storage, path: &Path, quarantine: &Path) -> Option<PathBuf> {
@@ -453,21 +403,4 @@ fn set_aside(storage: &dyn Storage, path: &Path, quarantine: &Path) -> Option<Pa
     let _ = storage.sync_dir(path.parent()?);
     let _ = storage.sync_dir(quarantine);
     Some(to)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A locking.rs run under load failed: the reader caught a write in flight in segment 143,
-    /// and the writer rotated to segment 157 before the reader looked at which segment was last.
-    #[test]
-    fn damage_in_the_segment_that_was_last_when_the_read_began_may_be_a_write_in_flight() {
-        let seg = |first_seq| PathBuf::from("/l/wal").join(crate::log::segment::file_name(first_seq));
-        assert!(damage_may_be_a_write_in_flight(&seg(143), Some(143)), "last when the read began");
-        assert!(damage_may_be_a_write_in_flight(&seg(157), Some(143)), "created during the read");
-        assert!(damage_may_be_a_write_in_flight(&seg(1), None), "the first segment, being created");
-        assert!(!damage_may_be_a_write_in_flight(&seg(120), Some(143)), "finished before the read began");
-        assert!(!damage_may_be_a_write_in_flight(Path::new("/l/snapshots/x.snap"), Some(143)), "not a segment");
-    }
 }

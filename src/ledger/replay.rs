@@ -2,8 +2,9 @@
 //! tails are decoded on several threads while the fold stays sequential.
 
 use super::lock;
-use crate::domain::event::{Event, EventBody};
+use crate::domain::event::Event;
 use crate::domain::state::{Graveyard, State};
+use crate::log::reader::{LogReader, LogRules, Wording};
 use crate::log::storage::Storage;
 use crate::log::wal;
 use crate::Result;
@@ -35,33 +36,6 @@ const MAX_DECODERS: usize = 3;
 /// and the hand-back costs more than it saves (1.0-1.1M without, 0.78-0.95M with).
 const HAND_BACK_EVICTED: bool = !cfg!(feature = "mimalloc");
 
-/// Folds one replayed event after checking it against the log's rules.
-fn fold_checked(state: &mut State, seq: u64, ev: Event) -> std::result::Result<(), String> {
-    fold_checked_collecting(state, seq, ev, None)
-}
-
-/// [`fold_checked`], handing allocations the fold evicts to `graveyard` (to be dropped
-/// elsewhere) when one is given.
-fn fold_checked_collecting(
-    state: &mut State,
-    seq: u64,
-    ev: Event,
-    graveyard: Option<&mut Graveyard>,
-) -> std::result::Result<(), String> {
-    if seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
-        return Err("the first event is not ledger_created".into());
-    }
-    if seq > 1 && ev.ts_us <= state.last_ts_us {
-        return Err(format!(
-            "timestamp {} is not after the previous event's {}",
-            ev.ts_us.as_micros(),
-            state.last_ts_us.as_micros()
-        ));
-    }
-    state.evolve_collecting(seq, ev.ts_us, ev.body, graveyard);
-    Ok(())
-}
-
 /// Replays the log after `state.last_seq` into `state`, checking each event. Decoding runs on
 /// several threads while the fold stays sequential; if anything is wrong the sequential path
 /// runs instead, so damage is reported with its exact file, offset and sequence number.
@@ -86,8 +60,10 @@ pub(super) fn replay_into(
         *state = reload()?;
     }
     let mut replayed = 0u64;
-    let end = wal::scan_log_from(storage, wal_dir, state.last_seq, hint, &mut |pos, payload| {
-        fold_checked(state, pos.seq, Event::decode(payload)?)?;
+    let mut rules = LogRules::after(state.last_seq, state.last_ts_us);
+    let reader = LogReader::new(storage, wal_dir).after(state.last_seq).hint(hint);
+    let end = reader.events(&mut rules, Wording::Open, &mut |pos, ev| {
+        state.evolve_owned(pos.seq, ev.ts_us, ev.body);
         replayed += 1;
         Ok(true)
     })?;
@@ -131,6 +107,8 @@ struct Folder {
     /// Emptied batches, to be filled again.
     spare: Vec<PayloadBatch>,
     graveyard: Graveyard,
+    /// The log's rules, checked per event in fold order.
+    rules: LogRules,
 }
 
 impl Folder {
@@ -147,7 +125,8 @@ impl Folder {
         while let Some(batch) = self.pending.remove(&self.folded) {
             for (seq, ev) in batch? {
                 let graveyard = if HAND_BACK_EVICTED { Some(&mut self.graveyard) } else { None };
-                fold_checked_collecting(state, seq, ev, graveyard)?;
+                self.rules.check(seq, ev.ts_us, &ev.body).map_err(|b| b.message(Wording::Open))?;
+                state.evolve_collecting(seq, ev.ts_us, ev.body, graveyard);
                 self.replayed += 1;
             }
             self.folded += 1;
@@ -191,10 +170,11 @@ fn replay_parallel(
             scope.spawn(move || decode_batches(work_rx, &done_tx));
         }
         drop(done_tx);
-        let mut folder = Folder::default();
+        let mut folder = Folder { rules: LogRules::after(state.last_seq, state.last_ts_us), ..Folder::default() };
         let mut sent = 0usize;
         let mut batch = PayloadBatch::default();
-        let scanned = wal::scan_log_from(storage, wal_dir, state.last_seq, hint, &mut |pos, payload| {
+        let reader = LogReader::new(storage, wal_dir).after(state.last_seq).hint(hint);
+        let scanned = reader.records(&mut |pos, payload| {
             let start = batch.bytes.len();
             batch.bytes.extend_from_slice(payload);
             batch.records.push((pos.seq, start, batch.bytes.len()));

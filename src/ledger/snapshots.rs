@@ -105,3 +105,108 @@ impl Ledger {
         Ok(SnapshotInfo { seq: data.last_seq, path })
     }
 }
+
+/// The snapshot encoding of states the ledger builds (here, not in `log/`, because they need a
+/// ledger to build them and `log/` never imports the ledger).
+#[cfg(test)]
+mod tests {
+    /// Snapshots encoded with the cache are byte for byte the ones encoded without it, while
+    /// allocations are granted, released, expire and leave memory between snapshots; the cache
+    /// keeps only the last snapshot's allocations.
+    #[test]
+    fn cached_encoding_matches_a_fresh_one() {
+        use crate::domain::clock::ManualClock;
+        use crate::domain::config::Config;
+        use crate::domain::input::ResourceRequest;
+        use crate::ledger::{Ledger, OpenOptions};
+        use crate::log::snapshot::*;
+        use crate::log::storage::FaultyStorage;
+        use std::sync::Arc;
+
+        let clock = ManualClock::at_default_epoch();
+        let config = Config { snapshot_every: 0, worker_slots: 64, terminal_retained: 5, ..Config::default() };
+        let opts = OpenOptions::default()
+            .storage(Arc::new(FaultyStorage::new()))
+            .clock(Arc::new(clock.clone()))
+            .config(config);
+        let ledger = Ledger::open_with("/l", opts).unwrap();
+        let mut cache = EncodingCache::default();
+        let mut held = Vec::new();
+        let mut reused_some = false;
+        for round in 0..12u32 {
+            for i in 0..7u32 {
+                let req = ResourceRequest::new(format!("job-{round}-{i}"))
+                    .workers(i % 3)
+                    .mcp_server("github")
+                    .ttl_seconds(60 + 30 * u64::from(i));
+                held.push(ledger.request_resources(&req).unwrap().allocation_id());
+            }
+            for _ in 0..3 {
+                let id = held.remove((round as usize * 5) % held.len());
+                let _ = ledger.release_resources(&id.to_string());
+            }
+            clock.advance_seconds(45);
+            ledger.cleanup_expired().unwrap();
+            let before = cache.len();
+            let (data, mut shared) = ledger.with_state(|s| s.snapshot_parts());
+            crate::domain::state::sort_for_snapshot(&mut shared);
+            let fresh = encode_parts(&data, &shared, None);
+            assert_eq!(encode_parts_cached(&data, &shared, None, &mut cache), fresh, "round {round}");
+            assert_eq!(cache.len(), shared.len(), "round {round}");
+            reused_some |= before > 0;
+        }
+        assert!(reused_some);
+    }
+
+    /// The chunked loader gives what the whole-file decoder gives, whatever the chunk size
+    /// (values and strings straddle chunk boundaries), and refuses damage the same way.
+    #[test]
+    fn chunked_load_matches_whole_file_decode() {
+        use crate::domain::clock::ManualClock;
+        use crate::domain::config::Config;
+        use crate::domain::input::ResourceRequest;
+        use crate::ledger::{Ledger, OpenOptions};
+        use crate::log::snapshot::*;
+        use crate::log::storage::FaultyStorage;
+        use std::sync::Arc;
+
+        let storage = FaultyStorage::new();
+        let clock = ManualClock::at_default_epoch();
+        let config = Config { snapshot_every: 0, worker_slots: 64, terminal_retained: 20, ..Config::default() };
+        let opts =
+            OpenOptions::default().storage(Arc::new(storage.clone())).clock(Arc::new(clock.clone())).config(config);
+        let ledger = Ledger::open_with("/l", opts).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..60u32 {
+            let mut meta = serde_json::Map::new();
+            meta.insert("k".into(), format!("value {i} \u{e9}").into());
+            let req = ResourceRequest::new(format!("job-{i}")).workers(i % 3).mcp_server("github").metadata(meta);
+            ids.push(ledger.request_resources(&req).unwrap().allocation_id());
+            clock.advance_seconds(1);
+            if i % 2 == 1 {
+                ledger.release_resources(&ids[i as usize - 1].to_string()).unwrap();
+            }
+        }
+        let info = ledger.snapshot().unwrap();
+        let expected = ledger.with_state(|s| s.clone());
+        let bytes = storage.files()[&info.path].clone();
+        assert_eq!(decode_with_position(&bytes, info.seq).unwrap().0, expected);
+        for chunk in [1, 3, 7, 64, 1000, 1 << 20] {
+            let (state, position) = load_chunked(&storage, &info.path, info.seq, chunk).unwrap();
+            assert_eq!(state, expected, "chunk {chunk}");
+            assert_eq!(position.map(|p| p.seq), Some(info.seq));
+        }
+        assert!(load(&storage, &info.path, info.seq + 1).is_err(), "a name that disagrees");
+        for at in (0..bytes.len()).step_by(3) {
+            let mut d = bytes.clone();
+            d[at] ^= 0x24;
+            storage.put_file(&info.path, d);
+            let err = load_chunked(&storage, &info.path, info.seq, 97).unwrap_err();
+            if at >= HEADER_LEN {
+                assert_eq!(err, "snapshot checksum mismatch", "byte {at}");
+            }
+        }
+        storage.put_file(&info.path, bytes[..bytes.len() - 5].to_vec());
+        assert!(load(&storage, &info.path, info.seq).is_err());
+    }
+}

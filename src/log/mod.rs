@@ -8,6 +8,7 @@
 
 pub mod fields;
 pub mod layout;
+pub mod reader;
 pub mod record;
 pub mod segment;
 pub mod snapshot;

@@ -1,10 +1,10 @@
 //! The write-ahead log: an ordered set of segment files in `<data-dir>/wal/`. This room knows
 //! bytes and sequence numbers, not events.
 
-use crate::error::Damage;
+use crate::log::reader::LogReader;
 use crate::log::record::{self, RecordHeader};
-use crate::log::segment::{self, Tail};
-use crate::log::storage::{AppendFile, FileBytes, Storage};
+use crate::log::segment;
+use crate::log::storage::{AppendFile, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -41,12 +41,6 @@ pub struct TornTail {
     /// Where the cut bytes were copied (set once they were cut).
     pub saved_to: Option<PathBuf>,
 }
-
-/// How far a scan gets in a memory-mapped segment before it releases what it has read. The
-/// pages read since the last release count in the peak RSS of an open by full replay: 8 MiB
-/// made it 3.4 KiB per active allocation on the 1M-event benchmark ledger, 2 MiB 2.6 KiB (one
-/// `madvise` per 2 MiB read costs nothing measurable).
-const RELEASE_EVERY_BYTES: u64 = 2 << 20;
 
 /// Where one record sits in the log. A snapshot records its last event's position so that
 /// opening resumes reading right after it instead of reading the segment from its start.
@@ -110,17 +104,13 @@ pub struct LogEnd {
 }
 
 /// Reads the log from the first record after `after_seq`, handing each record to `visit`
-/// (which returns false to stop early). Segments wholly at or before `after_seq` are skipped
-/// without reading. A torn tail in the last segment ends the scan and is reported; any other
-/// damage is an error naming file, offset and sequence number.
+/// (which returns false to stop early); see [`LogReader::records`], which this is.
 pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut segment::Visit<'_>) -> Result<LogEnd> {
-    scan_log_from(storage, dir, after_seq, None, visit)
+    LogReader::new(storage, dir).after(after_seq).records(visit)
 }
 
-/// Like [`scan_log`], for the records after `after_seq` up to and including `upto` only: the
-/// scan stops once it has visited `upto` and never decodes what follows. A writer's flush may
-/// be writing the records after the ones a reader waited for, and bytes caught in flight can
-/// look like damage.
+/// Like [`scan_log`], for the records after `after_seq` up to and including `upto` only (see
+/// [`LogReader::upto`]).
 pub fn scan_log_upto(
     storage: &dyn Storage,
     dir: &Path,
@@ -128,14 +118,19 @@ pub fn scan_log_upto(
     upto: u64,
     visit: &mut segment::Visit<'_>,
 ) -> Result<()> {
-    if after_seq >= upto {
-        return Ok(());
-    }
-    scan_log(storage, dir, after_seq, &mut |pos, payload| {
-        debug_assert!(pos.seq <= upto);
-        Ok(visit(pos, payload)? && pos.seq < upto)
-    })
-    .map(drop)
+    LogReader::new(storage, dir).after(after_seq).upto(upto).records(visit).map(drop)
+}
+
+/// Like [`scan_log`], but starting at `hint` when it names the record `after_seq` (see
+/// [`LogReader::hint`]).
+pub fn scan_log_from(
+    storage: &dyn Storage,
+    dir: &Path,
+    after_seq: u64,
+    hint: Option<LogPosition>,
+    visit: &mut segment::Visit<'_>,
+) -> Result<LogEnd> {
+    LogReader::new(storage, dir).after(after_seq).hint(hint).records(visit)
 }
 
 /// `hint` if it names the record `after_seq` in `seg` (the segment where a scan after
@@ -155,137 +150,6 @@ pub fn bytes_after(storage: &dyn Storage, dir: &Path, after_seq: u64, hint: Opti
         total += len.saturating_sub(skip.map_or(0, |h| h.offset));
     }
     Ok(total)
-}
-
-/// Like [`scan_log`], but when `hint` names the record `after_seq` in the segment where the
-/// scan starts, and a valid record with that sequence number is there, reading starts right
-/// after it. A hint that does not check out is ignored (the segment is read from its start).
-pub fn scan_log_from(
-    storage: &dyn Storage,
-    dir: &Path,
-    after_seq: u64,
-    hint: Option<LogPosition>,
-    visit: &mut segment::Visit<'_>,
-) -> Result<LogEnd> {
-    let segments = list_segments(storage, dir)?;
-    // First segment that can hold `after_seq + 1`.
-    let start = segments.iter().rposition(|s| s.first_seq <= after_seq + 1).unwrap_or(0);
-    let mut end = LogEnd {
-        segments: Vec::new(),
-        last_seq: segments.get(start).filter(|_| start > 0).map_or(0, |s| s.first_seq - 1),
-        last_record: None,
-        resumed_from_hint: false,
-        last_valid_len: 0,
-        torn: None,
-    };
-    let mut expected_next: Option<u64> = None;
-    for (i, seg) in segments.iter().enumerate().skip(start) {
-        check_continuity(seg, i == 0, expected_next)?;
-        let bytes = storage.read(&seg.path).map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
-        let resume = if i == start { resume_after_hint(hint, after_seq, seg, &bytes) } else { None };
-        let (scan, stop) = scan_segment(seg, &bytes, resume, after_seq, &mut end, visit);
-        if stop || scan.stopped {
-            break;
-        }
-        match scan.tail {
-            Tail::Clean => {}
-            Tail::Torn { offset, len } if i + 1 == segments.len() => {
-                end.torn = Some(TornTail { file: seg.path.clone(), offset, len, saved_to: None });
-            }
-            Tail::Torn { offset, .. } => {
-                return Err(Error::Damaged(Damage {
-                    file: seg.path.clone(),
-                    offset,
-                    seq: scan.next_seq,
-                    reason: "incomplete record in a segment that is not the last".into(),
-                }))
-            }
-            Tail::Corrupt(d) => return Err(Error::Damaged(d)),
-        }
-        expected_next = Some(scan.next_seq);
-    }
-    end.segments = segments;
-    Ok(end)
-}
-
-/// Checks that `seg` starts where the segment before it ended (`expected_next`), or at 1 if it
-/// is the log's first.
-fn check_continuity(seg: &SegmentInfo, first: bool, expected_next: Option<u64>) -> Result<()> {
-    let message = match expected_next {
-        Some(exp) if seg.first_seq != exp => format!(
-            "the log has a gap: the previous segment ends before sequence number {exp}, this segment starts at {} (a segment is missing)",
-            seg.first_seq
-        ),
-        None if first && seg.first_seq != 1 => format!(
-            "the first segment starts at sequence number {}, not 1 (segments are missing)",
-            seg.first_seq
-        ),
-        _ => return Ok(()),
-    };
-    Err(Error::Inconsistent { path: seg.path.clone(), message })
-}
-
-/// The hint and the offset right after its record, if `hint` names the record `after_seq` in
-/// `seg` and a valid record with that sequence number is at its offset in `bytes`.
-fn resume_after_hint(
-    hint: Option<LogPosition>,
-    after_seq: u64,
-    seg: &SegmentInfo,
-    bytes: &[u8],
-) -> Option<(LogPosition, u64)> {
-    let h = hint_in(hint, after_seq, seg)?;
-    match record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
-        record::Decoded::Record { seq, frame_len, .. } if seq == h.seq && h.offset >= segment::HEADER_LEN as u64 => {
-            Some((h, h.offset + frame_len as u64))
-        }
-        _ => None,
-    }
-}
-
-/// Scans one segment of the log for [`scan_log_from`] (from `resume` when given), handing the
-/// records after `after_seq` to `visit` and keeping `end` up to date. Also says whether the
-/// visitor asked to stop.
-fn scan_segment(
-    seg: &SegmentInfo,
-    bytes: &FileBytes,
-    resume: Option<(LogPosition, u64)>,
-    after_seq: u64,
-    end: &mut LogEnd,
-    visit: &mut segment::Visit<'_>,
-) -> (segment::Scan, bool) {
-    if let Some((h, _)) = resume {
-        end.resumed_from_hint = true;
-        end.last_record = Some(h);
-    }
-    let first_seq = seg.first_seq;
-    let last_record = &mut end.last_record;
-    let mut released = 0u64;
-    let mut stop = false;
-    let mut on_record = |pos: segment::RecordPos, payload: &[u8]| {
-        *last_record =
-            Some(LogPosition { segment_first_seq: first_seq, offset: pos.offset, seq: pos.seq, record_crc: None });
-        if pos.offset - released >= RELEASE_EVERY_BYTES {
-            bytes.release_before(pos.offset as usize);
-            released = pos.offset;
-        }
-        if pos.seq <= after_seq {
-            return Ok(true);
-        }
-        let go_on = visit(pos, payload)?;
-        stop = !go_on;
-        Ok(go_on)
-    };
-    let scan = match resume {
-        Some((h, next_offset)) => {
-            segment::scan_from(&seg.path, bytes, seg.first_seq, next_offset, h.seq + 1, &mut on_record)
-        }
-        None => segment::scan(&seg.path, bytes, seg.first_seq, &mut on_record),
-    };
-    if scan.next_seq > seg.first_seq {
-        end.last_seq = scan.next_seq - 1;
-    }
-    end.last_valid_len = scan.valid_len;
-    (scan, stop)
 }
 
 /// Copies a torn tail's bytes to `quarantine_dir`, then cuts them off (or removes a segment

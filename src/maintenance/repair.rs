@@ -14,13 +14,13 @@
 //!
 //! Damage in the very first record (nothing would be left) is never cut.
 
-use crate::domain::clock::{format_micros, Micros};
+use crate::domain::clock::format_micros;
 use crate::domain::event::{Event, EventBody};
 use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOT_DIR, WAL_DIR};
+use crate::log::reader::{list_snapshots, LogReader, LogRules, Wording};
 use crate::log::record::{self, Decoded};
-use crate::log::snapshot;
 use crate::log::storage::{write_atomic, Storage};
-use crate::log::wal::{self, TornTail};
+use crate::log::wal::{self, SegmentInfo, TornTail};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -42,39 +42,53 @@ pub enum RepairKind {
 /// A readable record after the cut: an event the cut would lose.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LostEvent {
+    /// Its sequence number.
     pub seq: u64,
+    /// The segment it is in.
     pub file: PathBuf,
+    /// Where its record starts in that segment.
     pub offset: u64,
     /// The event's type, or `undecodable` if the record is whole but its payload is not an event.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The allocation it is about, if any.
     pub allocation_id: Option<String>,
+    /// The job, for a grant or a rejection.
     pub job_id: Option<String>,
+    /// When it happened, in RFC 3339 (if it decodes).
     pub at: Option<String>,
 }
 
 /// Where the log is cut.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Cut {
+    /// The segment cut.
     pub file: PathBuf,
+    /// Where: the bytes from here on go (the whole file at 0).
     pub offset: u64,
     /// Sequence number of the first record that does not survive the cut.
     pub first_lost_seq: u64,
 }
 
+/// A snapshot repair moves to `quarantine/`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SnapshotAside {
+    /// The snapshot file.
     pub file: PathBuf,
+    /// `damaged: ...` or `ahead of the repaired log ...`.
     pub reason: String,
 }
 
 /// What repair would do, computed without changing anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RepairPlan {
+    /// The ledger directory.
     pub data_dir: PathBuf,
+    /// What is wrong with the log.
     pub kind: RepairKind,
     /// The damage found, with file, offset and sequence number.
     pub problem: Option<String>,
+    /// Where the log is cut, if it is.
     pub cut: Option<Cut>,
     /// The log keeps the records up to this sequence number.
     pub keeps_through_seq: u64,
@@ -84,6 +98,7 @@ pub struct RepairPlan {
     pub unreadable_bytes: u64,
     /// Segments after the damaged one, moved aside whole.
     pub segments_set_aside: Vec<PathBuf>,
+    /// Snapshots moved aside: damaged, or ahead of the repaired log.
     pub snapshots_set_aside: Vec<SnapshotAside>,
     /// True when the cut loses readable events: `force_truncate` is needed.
     pub needs_force: bool,
@@ -91,6 +106,7 @@ pub struct RepairPlan {
     pub impossible: Option<String>,
 }
 
+/// How far `repair` may go.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RepairOptions {
     /// Cut damage in the middle of the log too (losing the events the plan lists).
@@ -99,8 +115,10 @@ pub struct RepairOptions {
     pub dry_run: bool,
 }
 
+/// What `repair` planned and did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RepairReport {
+    /// The plan, computed before anything changed.
     pub plan: RepairPlan,
     /// True if the plan was carried out.
     pub applied: bool,
@@ -111,6 +129,7 @@ pub struct RepairReport {
 }
 
 impl RepairPlan {
+    /// Whether carrying the plan out changes anything.
     pub fn has_work(&self) -> bool {
         self.cut.is_some() || !self.snapshots_set_aside.is_empty()
     }
@@ -163,21 +182,13 @@ pub fn plan_repair(storage: &dyn Storage, dir: &Path) -> Result<RepairPlan> {
     if segments.is_empty() {
         return Err(Error::NoLedger { path: dir.to_path_buf() });
     }
-    // Scan with the checks replay makes, remembering the last record that passed them.
+    // Read with the rules replay enforces, remembering the last record that passed them.
     let mut last_good = 0u64;
-    let mut last_ts = Micros::MIN;
-    let scanned = wal::scan_log(storage, &wal_dir, 0, &mut |pos, payload| {
-        let ev = Event::decode(payload)?;
-        if pos.seq == 1 && !matches!(ev.body, EventBody::LedgerCreated { .. }) {
-            return Err("the first event is not ledger_created".into());
-        }
-        if pos.seq > 1 && ev.ts_us <= last_ts {
-            return Err(format!("timestamp {} is not after the previous event's", ev.ts_us.as_micros()));
-        }
-        last_ts = ev.ts_us;
-        last_good = pos.seq;
-        Ok(true)
-    });
+    let scanned =
+        LogReader::new(storage, &wal_dir).events(&mut LogRules::from_start(), Wording::Repair, &mut |pos, _| {
+            last_good = pos.seq;
+            Ok(true)
+        });
     let mut p = RepairPlan {
         data_dir: dir.to_path_buf(),
         kind: RepairKind::Clean,
@@ -217,58 +228,70 @@ pub fn plan_repair(storage: &dyn Storage, dir: &Path) -> Result<RepairPlan> {
         Err(e) => return Err(e),
     };
     if let Some((file, offset)) = cut_at {
-        let idx = segments.iter().position(|s| s.path == file);
-        let Some(idx) = idx else {
-            return Err(Error::Inconsistent {
-                path: file,
-                message: "repair cannot place this damage in the log".into(),
-            });
-        };
-        let bytes = storage.read(&file).map_err(io(format!("reading {}", file.display())))?;
-        let mut lost = Vec::new();
-        let mut unreadable = readable_records(&file, &bytes, offset as usize, &mut lost);
-        for seg in &segments[idx + 1..] {
-            let b = storage.read(&seg.path).map_err(io(format!("reading {}", seg.path.display())))?;
-            let hdr = crate::log::segment::HEADER_LEN.min(b.len());
-            unreadable += readable_records(&seg.path, &b, hdr, &mut lost) + hdr as u64;
-            p.segments_set_aside.push(seg.path.clone());
-        }
-        // A whole record at the cut whose event failed the checks is lost too, but it is not
-        // "readable history after the damage".
-        let after_damage = lost.iter().filter(|l| !(l.file == file && l.offset == offset)).count();
-        p.kind = if after_damage > 0 || !p.segments_set_aside.is_empty() {
-            RepairKind::DamageInTheMiddle
-        } else {
-            RepairKind::DamagedTail
-        };
-        p.needs_force = p.kind == RepairKind::DamageInTheMiddle;
-        p.unreadable_bytes = unreadable;
-        p.events_lost = lost;
-        p.cut = Some(Cut { file, offset, first_lost_seq: last_good + 1 });
-        if last_good == 0 {
-            p.impossible = Some(
-                "the damage is in the first record of the log: nothing would be left. Move the directory aside \
-                 and start a new ledger, or restore it from a backup"
-                    .into(),
-            );
-        }
+        plan_cut(storage, &segments, file, offset, &mut p)?;
     }
-    // Snapshots: damaged ones, and any ahead of what the log keeps.
-    let snaps = snapshot::list(storage, &dir.join(SNAPSHOT_DIR)).map_err(|e| Error::io("listing snapshots", e))?;
-    for (seq, path) in snaps {
-        let reason = if seq > p.keeps_through_seq {
+    plan_snapshots(storage, dir, &mut p)?;
+    Ok(p)
+}
+
+/// Plans the cut at `offset` of `file`, where the read found damage: what it loses, and
+/// whether that needs force.
+fn plan_cut(
+    storage: &dyn Storage,
+    segments: &[SegmentInfo],
+    file: PathBuf,
+    offset: u64,
+    p: &mut RepairPlan,
+) -> Result<()> {
+    let last_good = p.keeps_through_seq;
+    let Some(idx) = segments.iter().position(|s| s.path == file) else {
+        return Err(Error::Inconsistent { path: file, message: "repair cannot place this damage in the log".into() });
+    };
+    let bytes = storage.read(&file).map_err(io(format!("reading {}", file.display())))?;
+    let mut lost = Vec::new();
+    let mut unreadable = readable_records(&file, &bytes, offset as usize, &mut lost);
+    for seg in &segments[idx + 1..] {
+        let b = storage.read(&seg.path).map_err(io(format!("reading {}", seg.path.display())))?;
+        let hdr = crate::log::segment::HEADER_LEN.min(b.len());
+        unreadable += readable_records(&seg.path, &b, hdr, &mut lost) + hdr as u64;
+        p.segments_set_aside.push(seg.path.clone());
+    }
+    // A whole record at the cut whose event failed the checks is lost too, but it is not
+    // "readable history after the damage".
+    let after_damage = lost.iter().filter(|l| !(l.file == file && l.offset == offset)).count();
+    p.kind = if after_damage > 0 || !p.segments_set_aside.is_empty() {
+        RepairKind::DamageInTheMiddle
+    } else {
+        RepairKind::DamagedTail
+    };
+    p.needs_force = p.kind == RepairKind::DamageInTheMiddle;
+    p.unreadable_bytes = unreadable;
+    p.events_lost = lost;
+    p.cut = Some(Cut { file, offset, first_lost_seq: last_good + 1 });
+    if last_good == 0 {
+        p.impossible = Some(
+            "the damage is in the first record of the log: nothing would be left. Move the directory aside \
+             and start a new ledger, or restore it from a backup"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Snapshots to set aside: damaged ones, and any ahead of what the log keeps.
+fn plan_snapshots(storage: &dyn Storage, dir: &Path, p: &mut RepairPlan) -> Result<()> {
+    for snap in list_snapshots(storage, &dir.join(SNAPSHOT_DIR))? {
+        let reason = if snap.seq > p.keeps_through_seq {
             Some(format!("ahead of the repaired log (which ends at sequence number {})", p.keeps_through_seq))
         } else {
-            match storage.read(&path).map_err(|e| e.to_string()).and_then(|b| snapshot::decode(&b, seq)) {
-                Ok(_) => None,
-                Err(e) => Some(format!("damaged: {e}")),
-            }
+            // Gone since it was listed (repair holds the lock, so nobody prunes): nothing to move.
+            snap.decode(storage).and_then(|d| d.err()).map(|e| format!("damaged: {e}"))
         };
         if let Some(reason) = reason {
-            p.snapshots_set_aside.push(SnapshotAside { file: path, reason });
+            p.snapshots_set_aside.push(SnapshotAside { file: snap.path, reason });
         }
     }
-    Ok(p)
+    Ok(())
 }
 
 /// Moves `path` into `quarantine` as `<name>.<suffix>`; returns the new path.
@@ -320,52 +343,75 @@ pub fn repair(storage: &dyn Storage, dir: &Path, opts: RepairOptions) -> Result<
     let quarantine = dir.join(QUARANTINE_DIR);
     storage.create_dir_all(&quarantine).map_err(io(format!("creating {}", quarantine.display())))?;
     sync_dir(storage, dir)?;
-    let wal_dir = dir.join(WAL_DIR);
     let mut saved = Vec::new();
-    if let Some(cut) = p.cut.clone() {
-        if p.kind == RepairKind::TornTail {
-            // The torn bytes the scan found (in a pre-filled segment, zeros follow them).
-            let len = p.unreadable_bytes;
-            let mut torn = TornTail { file: cut.file.clone(), offset: cut.offset, len, saved_to: None };
-            wal::cut_torn_tail(storage, &quarantine, &mut torn)?;
-            saved.extend(torn.saved_to);
-        } else {
-            // 1. Copy the damaged segment's bytes from the cut on (durably).
-            let len = storage.file_len(&cut.file).map_err(io(format!("reading {}", cut.file.display())))?;
-            let bytes = storage
-                .read_range(&cut.file, cut.offset, (len - cut.offset) as usize)
-                .map_err(io(format!("reading {}", cut.file.display())))?;
-            let name = cut.file.file_name().and_then(|n| n.to_str()).unwrap_or("segment");
-            let copy = quarantine.join(format!("{name}.damaged-at-{}", cut.offset));
-            write_atomic(storage, &copy, &bytes).map_err(io(format!("saving {}", copy.display())))?;
-            saved.push(copy);
-            // 2. Move later segments aside whole, newest first, so that a crash in between
-            //    leaves a log that ends in a contiguous run of segments.
-            for seg in p.segments_set_aside.iter().rev() {
-                saved.push(move_aside(storage, seg, &quarantine, "after-damage")?);
-            }
-            sync_dir(storage, &quarantine)?;
-            sync_dir(storage, &wal_dir)?;
-            // 3. Cut (a damaged header: the whole file goes; its bytes were copied in 1).
-            if cut.offset == 0 {
-                storage.remove(&cut.file).map_err(io(format!("removing {}", cut.file.display())))?;
-            } else {
-                storage.set_len(&cut.file, cut.offset).map_err(io(format!("truncating {}", cut.file.display())))?;
-            }
-            sync_dir(storage, &wal_dir)?;
-        }
+    if let Some(cut) = &p.cut {
+        apply_cut(storage, &dir.join(WAL_DIR), &quarantine, p, cut, &mut saved)?;
     }
-    for s in &p.snapshots_set_aside {
-        if storage.exists(&s.file) {
-            let suffix = if s.reason.starts_with("damaged") { "damaged" } else { "ahead-of-log" };
-            saved.push(move_aside(storage, &s.file, &quarantine, suffix)?);
-        }
-    }
-    if !p.snapshots_set_aside.is_empty() {
-        sync_dir(storage, &quarantine)?;
-        sync_dir(storage, &dir.join(SNAPSHOT_DIR))?;
-    }
+    set_snapshots_aside(storage, dir, &quarantine, &p.snapshots_set_aside, &mut saved)?;
     report.saved = saved;
     report.applied = true;
     Ok(report)
+}
+
+/// Carries out the plan's cut of the log, copying what it removes to `quarantine` first.
+fn apply_cut(
+    storage: &dyn Storage,
+    wal_dir: &Path,
+    quarantine: &Path,
+    p: &RepairPlan,
+    cut: &Cut,
+    saved: &mut Vec<PathBuf>,
+) -> Result<()> {
+    if p.kind == RepairKind::TornTail {
+        // The torn bytes the scan found (in a pre-filled segment, zeros follow them).
+        let len = p.unreadable_bytes;
+        let mut torn = TornTail { file: cut.file.clone(), offset: cut.offset, len, saved_to: None };
+        wal::cut_torn_tail(storage, quarantine, &mut torn)?;
+        saved.extend(torn.saved_to);
+        return Ok(());
+    }
+    // 1. Copy the damaged segment's bytes from the cut on (durably).
+    let len = storage.file_len(&cut.file).map_err(io(format!("reading {}", cut.file.display())))?;
+    let bytes = storage
+        .read_range(&cut.file, cut.offset, (len - cut.offset) as usize)
+        .map_err(io(format!("reading {}", cut.file.display())))?;
+    let name = cut.file.file_name().and_then(|n| n.to_str()).unwrap_or("segment");
+    let copy = quarantine.join(format!("{name}.damaged-at-{}", cut.offset));
+    write_atomic(storage, &copy, &bytes).map_err(io(format!("saving {}", copy.display())))?;
+    saved.push(copy);
+    // 2. Move later segments aside whole, newest first, so that a crash in between leaves a
+    //    log that ends in a contiguous run of segments.
+    for seg in p.segments_set_aside.iter().rev() {
+        saved.push(move_aside(storage, seg, quarantine, "after-damage")?);
+    }
+    sync_dir(storage, quarantine)?;
+    sync_dir(storage, wal_dir)?;
+    // 3. Cut (a damaged header: the whole file goes; its bytes were copied in 1).
+    if cut.offset == 0 {
+        storage.remove(&cut.file).map_err(io(format!("removing {}", cut.file.display())))?;
+    } else {
+        storage.set_len(&cut.file, cut.offset).map_err(io(format!("truncating {}", cut.file.display())))?;
+    }
+    sync_dir(storage, wal_dir)
+}
+
+/// Moves the plan's snapshots into `quarantine`.
+fn set_snapshots_aside(
+    storage: &dyn Storage,
+    dir: &Path,
+    quarantine: &Path,
+    aside: &[SnapshotAside],
+    saved: &mut Vec<PathBuf>,
+) -> Result<()> {
+    for s in aside {
+        if storage.exists(&s.file) {
+            let suffix = if s.reason.starts_with("damaged") { "damaged" } else { "ahead-of-log" };
+            saved.push(move_aside(storage, &s.file, quarantine, suffix)?);
+        }
+    }
+    if !aside.is_empty() {
+        sync_dir(storage, quarantine)?;
+        sync_dir(storage, &dir.join(SNAPSHOT_DIR))?;
+    }
+    Ok(())
 }

@@ -5,171 +5,216 @@ use crate::domain::clock::{format_micros, Micros};
 use crate::domain::event::Event;
 use crate::domain::state::State;
 use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
-use crate::log::segment::{self, Tail};
-use crate::log::snapshot;
+use crate::log::reader::{list_snapshots, LogProblem, LogReader, LogRules, SegmentRead, Survey};
+use crate::log::segment::Tail;
 use crate::log::storage::Storage;
-use crate::log::wal;
+use crate::log::wal::{self, SegmentInfo};
 use crate::{Config, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// What `verify` found in one log segment.
 #[derive(Debug, Clone, Serialize)]
 pub struct SegmentReport {
+    /// The segment file.
     pub file: PathBuf,
+    /// The sequence number in its name: its first record's.
     pub first_seq: u64,
+    /// Valid records in it.
     pub records: u64,
+    /// Its size.
     pub bytes: u64,
     /// `ok`, `torn tail at offset N (M bytes)` or a description of the damage.
     pub status: String,
 }
 
+/// What `verify` found of one snapshot file.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotReport {
+    /// The snapshot file.
     pub file: PathBuf,
+    /// The sequence number in its name: the last event it holds.
     pub seq: u64,
+    /// `ok`, `damaged: ...`, `differs from the replayed log`, `ahead of the log` or `not
+    /// checked (...)`.
     pub status: String,
 }
 
+/// Everything `verify` found in a ledger directory.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     /// True when nothing is damaged (a torn tail alone is not damage: the next read-write open
     /// cuts it).
     pub ok: bool,
+    /// The ledger directory.
     pub data_dir: PathBuf,
+    /// From the log's first record (empty if it could not be read).
     pub ledger_id: String,
+    /// Valid records in all segments.
     pub records: u64,
+    /// Sequence number of the last event folded.
     pub last_seq: u64,
+    /// When the first event happened, in RFC 3339.
     pub first_event_at: Option<String>,
+    /// When the last event folded happened, in RFC 3339.
     pub last_event_at: Option<String>,
+    /// Each segment, oldest first.
     pub segments: Vec<SegmentReport>,
+    /// Each snapshot, oldest first.
     pub snapshots: Vec<SnapshotReport>,
+    /// Where an interrupted final append left an incomplete record, if one did.
     pub torn_tail: Option<String>,
     /// Every problem found, each naming file, offset and sequence number where it can.
     pub problems: Vec<String>,
+    /// Active allocations in the state the log folds to.
     pub active_allocations: usize,
 }
 
 /// Progress callback: (bytes done, bytes total).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
+/// Snapshots to compare against the fold, by sequence number, each decoded or why not.
+type Snapshots = BTreeMap<u64, (PathBuf, std::result::Result<State, String>)>;
+
+/// Reads every segment and every snapshot of the ledger in `dir` and reports what is wrong,
+/// changing nothing. `progress` hears of each segment read, in bytes.
 pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Result<VerifyReport> {
     let wal_dir = dir.join(WAL_DIR);
-    let segments = wal::list_segments(storage, &wal_dir)?;
-    let mut problems = Vec::new();
-    let mut seg_reports = Vec::new();
-
-    // Snapshots to compare against the fold, by sequence number.
-    let mut snaps: BTreeMap<u64, (PathBuf, std::result::Result<State, String>)> = BTreeMap::new();
-    for (seq, path) in
-        snapshot::list(storage, &dir.join(SNAPSHOT_DIR)).map_err(|e| crate::Error::io("listing snapshots", e))?
-    {
-        let loaded = match storage.read(&path) {
-            // A writer beside us pruned it after we listed it: gone, not damaged.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            read => read.map_err(|e| e.to_string()).and_then(|b| snapshot::decode(&b, seq)),
-        };
-        snaps.insert(seq, (path, loaded));
-    }
-    let mut snap_status: BTreeMap<u64, String> = BTreeMap::new();
-    for (seq, (_, loaded)) in &snaps {
-        if let Err(e) = loaded {
-            snap_status.insert(*seq, format!("damaged: {e}"));
-        }
-    }
-
-    let total_bytes: u64 = segments.iter().map(|s| storage.file_len(&s.path).unwrap_or(0)).sum();
-    let mut done_bytes = 0;
-    let mut state = State::empty(Config::default());
-    let mut folding = true;
-    let mut expected_next = 1u64;
-    let mut first_ts: Option<Micros> = None;
-    let mut records = 0u64;
-    let mut torn_tail = None;
-    for (i, seg) in segments.iter().enumerate() {
-        let is_last = i + 1 == segments.len();
-        if seg.first_seq != expected_next && folding {
-            problems.push(format!(
-                "{}: segment starts at sequence number {}, expected {expected_next} (a segment is missing or out of place)",
-                seg.path.display(),
-                seg.first_seq
-            ));
-            folding = false;
-        }
-        let bytes = match storage.read(&seg.path) {
-            Ok(b) => b,
-            Err(e) => {
-                problems.push(format!("{}: cannot read: {e}", seg.path.display()));
-                folding = false;
-                continue;
-            }
-        };
-        let mut seg_records = 0u64;
-        let scan = segment::scan(&seg.path, &bytes, seg.first_seq, &mut |pos, payload| {
-            seg_records += 1;
-            if !folding {
-                return Ok(true);
-            }
-            let ev = Event::decode(payload)?;
-            if pos.seq > 1 && ev.ts_us <= state.last_ts_us {
-                return Err(format!("timestamp {} is not after the previous event's", format_micros(ev.ts_us)));
-            }
-            first_ts.get_or_insert(ev.ts_us);
-            state.evolve(pos.seq, ev.ts_us, &ev.body);
-            if let Some((_, Ok(snap))) = snaps.get(&pos.seq) {
-                let status =
-                    if *snap == state { "ok".to_string() } else { "differs from the replayed log".to_string() };
-                snap_status.insert(pos.seq, status);
-            }
+    let snaps = decode_snapshots(storage, dir)?;
+    let mut fold = Fold {
+        state: State::empty(Config::default()),
+        first_ts: None,
+        snap_status: snaps
+            .iter()
+            .filter_map(|(seq, (_, s))| Some((*seq, format!("damaged: {}", s.as_ref().err()?))))
+            .collect(),
+        snaps: &snaps,
+    };
+    let total_bytes: u64 =
+        wal::list_segments(storage, &wal_dir)?.iter().map(|s| storage.file_len(&s.path).unwrap_or(0)).sum();
+    let mut tally = Tally {
+        problems: Vec::new(),
+        segments: Vec::new(),
+        records: 0,
+        torn_tail: None,
+        done_bytes: 0,
+        total_bytes,
+        progress,
+    };
+    let end = LogReader::new(storage, &wal_dir).survey(
+        &mut LogRules::from_start(),
+        &mut |pos, ev| {
+            fold.event(pos.seq, ev);
             Ok(true)
-        });
-        done_bytes += bytes.len() as u64;
-        progress(done_bytes, total_bytes);
-        records += seg_records;
-        let status = match &scan.tail {
-            Tail::Clean => "ok".to_string(),
-            Tail::Torn { offset, len } if is_last => {
+        },
+        &mut tally,
+    )?;
+    // Every problem so far is the survey's: it folded the whole log only if there was none.
+    let folded = tally.problems.is_empty();
+    let mut problems = std::mem::take(&mut tally.problems);
+    check_fold(&wal_dir, &end.segments, &fold.state, folded, &mut problems);
+    let snapshots = snapshot_reports(&snaps, &fold.snap_status, fold.state.last_seq, &mut problems);
+    let state = &fold.state;
+    Ok(VerifyReport {
+        ok: problems.is_empty(),
+        data_dir: dir.to_path_buf(),
+        ledger_id: state.ledger_id.clone(),
+        records: tally.records,
+        last_seq: state.last_seq,
+        first_event_at: fold.first_ts.map(format_micros),
+        last_event_at: (state.last_seq > 0).then(|| format_micros(state.last_ts_us)),
+        segments: tally.segments,
+        snapshots,
+        torn_tail: tally.torn_tail,
+        problems,
+        active_allocations: state.active_count(),
+    })
+}
+
+/// Every snapshot, decoded (one a writer beside us pruned after we listed it is gone, not
+/// damaged).
+fn decode_snapshots(storage: &dyn Storage, dir: &Path) -> Result<Snapshots> {
+    let mut snaps = Snapshots::new();
+    for file in list_snapshots(storage, &dir.join(SNAPSHOT_DIR))? {
+        if let Some(decoded) = file.decode(storage) {
+            snaps.insert(file.seq, (file.path, decoded));
+        }
+    }
+    Ok(snaps)
+}
+
+/// The fold of the log, checking each snapshot against it at the snapshot's sequence number.
+struct Fold<'a> {
+    state: State,
+    first_ts: Option<Micros>,
+    /// What was found of each snapshot so far.
+    snap_status: BTreeMap<u64, String>,
+    snaps: &'a Snapshots,
+}
+
+impl Fold<'_> {
+    fn event(&mut self, seq: u64, ev: Event) {
+        self.first_ts.get_or_insert(ev.ts_us);
+        self.state.evolve(seq, ev.ts_us, &ev.body);
+        if let Some((_, Ok(snap))) = self.snaps.get(&seq) {
+            let status = if *snap == self.state { "ok" } else { "differs from the replayed log" };
+            self.snap_status.insert(seq, status.to_string());
+        }
+    }
+}
+
+/// What the survey of the segments found.
+struct Tally<'p> {
+    problems: Vec<String>,
+    segments: Vec<SegmentReport>,
+    records: u64,
+    torn_tail: Option<String>,
+    done_bytes: u64,
+    total_bytes: u64,
+    progress: Progress<'p>,
+}
+
+impl Survey for Tally<'_> {
+    fn problem(&mut self, problem: &LogProblem) {
+        self.problems.push(problem.verify_text());
+    }
+
+    fn segment(&mut self, read: &SegmentRead<'_>) {
+        self.done_bytes += read.bytes;
+        (self.progress)(self.done_bytes, self.total_bytes);
+        self.records += read.records;
+        let status = match (read.problem, read.tail) {
+            (Some(p), _) => format!("damaged: {}", p.verify_reason()),
+            (None, Tail::Torn { offset, len }) => {
                 let t = format!("torn tail at offset {offset} ({len} bytes; cut on the next read-write open)");
-                torn_tail = Some(format!("{}: {t}", seg.path.display()));
+                self.torn_tail = Some(format!("{}: {t}", read.info.path.display()));
                 t
             }
-            Tail::Torn { offset, len } => {
-                // A later segment was started only once this one was durable.
-                let d = crate::error::Damage {
-                    file: seg.path.clone(),
-                    offset: *offset,
-                    seq: scan.next_seq,
-                    reason: format!("incomplete record ({len} bytes) in a segment that is not the last"),
-                };
-                problems.push(d.to_string());
-                folding = false;
-                format!("damaged: {}", d.reason)
-            }
-            Tail::Corrupt(d) => {
-                problems.push(d.to_string());
-                folding = false;
-                format!("damaged: {}", d.reason)
-            }
+            (None, _) => "ok".to_string(),
         };
-        expected_next = scan.next_seq;
-        seg_reports.push(SegmentReport {
-            file: seg.path.clone(),
-            first_seq: seg.first_seq,
-            records: seg_records,
-            bytes: bytes.len() as u64,
+        self.segments.push(SegmentReport {
+            file: read.info.path.clone(),
+            first_seq: read.info.first_seq,
+            records: read.records,
+            bytes: read.bytes,
             status,
         });
     }
+}
+
+/// The checks of the log as a whole and of the state its fold ends in.
+fn check_fold(wal_dir: &Path, segments: &[SegmentInfo], state: &State, folded: bool, problems: &mut Vec<String>) {
     if segments.is_empty() {
         problems.push(format!("{}: no log segments", wal_dir.display()));
-    } else if state.last_seq == 0 && folding {
+    } else if state.last_seq == 0 && folded {
         // A new ledger's log directory is named only once its first record is durable.
         problems.push(format!(
             "{}: the first record (ledger_created) is not whole: the ledger's identity and config are lost",
             segments[0].path.display()
         ));
     }
-    if folding {
+    if folded {
         if let Err(e) = state.check_invariants() {
             problems.push(format!("state invariants do not hold after replay: {e}"));
         }
@@ -177,10 +222,20 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
             problems.push(format!("{} events did not apply cleanly to the state", state.anomalies));
         }
     }
-    let mut snapshot_reports = Vec::new();
-    for (seq, (path, _)) in &snaps {
+}
+
+/// Each snapshot's report; a snapshot that is damaged, differs from the log or is ahead of it
+/// is a problem.
+fn snapshot_reports(
+    snaps: &Snapshots,
+    snap_status: &BTreeMap<u64, String>,
+    last_seq: u64,
+    problems: &mut Vec<String>,
+) -> Vec<SnapshotReport> {
+    let mut reports = Vec::new();
+    for (seq, (path, _)) in snaps {
         let status = snap_status.get(seq).cloned().unwrap_or_else(|| {
-            if *seq > state.last_seq {
+            if *seq > last_seq {
                 "ahead of the log".to_string()
             } else {
                 "not checked (the log could not be replayed up to it)".to_string()
@@ -189,20 +244,7 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
         if status != "ok" && !status.starts_with("not checked") {
             problems.push(format!("{}: snapshot {status}", path.display()));
         }
-        snapshot_reports.push(SnapshotReport { file: path.clone(), seq: *seq, status });
+        reports.push(SnapshotReport { file: path.clone(), seq: *seq, status });
     }
-    Ok(VerifyReport {
-        ok: problems.is_empty(),
-        data_dir: dir.to_path_buf(),
-        ledger_id: state.ledger_id.clone(),
-        records,
-        last_seq: state.last_seq,
-        first_event_at: first_ts.map(format_micros),
-        last_event_at: (state.last_seq > 0).then(|| format_micros(state.last_ts_us)),
-        segments: seg_reports,
-        snapshots: snapshot_reports,
-        torn_tail,
-        problems,
-        active_allocations: state.active_count(),
-    })
+    reports
 }
