@@ -37,8 +37,10 @@ use crate::domain::model::{AllocationId, AllocationState};
 use crate::domain::state::{Allocation, State};
 use crate::log::storage::{LockGuard, Storage};
 use crate::log::wal::WalWriter;
-use crate::report::*;
 use crate::report::{already_ended_report, decide_release, decide_request_outcome};
+use crate::report::{
+    AllocationDetails, AllocationSummary, CapacityReport, CleanupReport, ReleaseReport, RequestOutcome,
+};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -101,7 +103,7 @@ pub struct Ledger {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the log half-written (appends are single
     // calls), so keep going with the data as it is.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Ledger {
@@ -240,7 +242,7 @@ impl Ledger {
 
     /// `get_capacity`: the pools' totals, what is in use and what is free, now.
     pub fn get_capacity(&self) -> Result<CapacityReport> {
-        self.read(|s, now| s.capacity(now))
+        self.read(super::domain::state::State::capacity)
     }
 
     /// `get_allocation`: `Ok(None)` for a well-formed id the ledger does not know.
