@@ -603,7 +603,7 @@ impl State {
 
     /// What a snapshot needs, cheaply (under the ledger's lock): everything but the
     /// allocations in `StateData`, and the allocations shared, in no order (see
-    /// [`sort_for_snapshot`]).
+    /// `sort_for_snapshot`).
     pub fn snapshot_parts(&self) -> (StateData, Vec<Arc<Allocation>>) {
         let shared: Vec<Arc<Allocation>> = self.allocations.values().cloned().collect();
         let data = StateData {
