@@ -110,6 +110,20 @@ impl Ledger {
     // ----- opening (open.rs) -----
 
     /// Opens (or creates) the ledger in `dir` with the default options.
+    ///
+    /// ```
+    /// use allocation_ledger::Ledger;
+    /// let dir = std::env::temp_dir().join(format!("ledger-doc-open-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let ledger = Ledger::open(&dir)?;
+    /// assert_eq!(ledger.get_capacity()?.available_workers, 10); // the built-in pool
+    /// drop(ledger);
+    /// // Everything acknowledged is in the log: a second open finds it.
+    /// let again = Ledger::open(&dir)?;
+    /// assert!(again.status().last_seq >= 1);
+    /// # drop(again); std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), allocation_ledger::Error>(())
+    /// ```
     pub fn open(dir: impl AsRef<Path>) -> Result<Ledger> {
         Self::open_with(dir, OpenOptions::default())
     }
@@ -170,7 +184,26 @@ impl Ledger {
 
     // ----- writes (decided in domain/decide.rs, run by apply.rs, made durable by commit.rs) -----
 
-    /// `request_resources`: grants the request or records why it cannot be granted.
+    /// `request_resources`: grants the request or records why it cannot be granted. Returns
+    /// once the event is durable (fdatasync); invalid input is an error and writes nothing.
+    ///
+    /// ```
+    /// use allocation_ledger::storage::MemoryStorage;
+    /// use allocation_ledger::{Ledger, OpenOptions, RequestOutcome, ResourceRequest};
+    /// use std::sync::Arc;
+    /// let opts = OpenOptions::default().storage(Arc::new(MemoryStorage::new()));
+    /// let ledger = Ledger::open_with("/ledger", opts)?;
+    /// match ledger.request_resources(&ResourceRequest::new("build-42").workers(4).mcp_server("github"))? {
+    ///     RequestOutcome::Granted(g) => assert_eq!(g.workers_allocated.len(), 4),
+    ///     RequestOutcome::Failed(f) => panic!("not granted: {}", f.error),
+    /// }
+    /// // Eight more do not fit in a pool of ten: a rejection, recorded in the log too.
+    /// let outcome = ledger.request_resources(&ResourceRequest::new("too-big").workers(8))?;
+    /// assert!(!outcome.is_granted());
+    /// // More than the pool could ever hold is invalid input: an error, and nothing written.
+    /// assert!(ledger.request_resources(&ResourceRequest::new("never").workers(11)).is_err());
+    /// # Ok::<(), allocation_ledger::Error>(())
+    /// ```
     pub fn request_resources(&self, req: &ResourceRequest) -> Result<RequestOutcome> {
         // Owned: the command may run on another caller's thread (see `commit.rs`).
         let req = req.clone();
