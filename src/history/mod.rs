@@ -22,7 +22,9 @@ use crate::domain::model::{AllocationId, AllocationState};
 use crate::domain::state::{Allocation, State};
 use crate::ledger::Ledger;
 use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
-use crate::log::reader::{newest_loadable, rebuild_allocations, AllocationFilter, LogReader, LogRules, Wording};
+use crate::log::reader::{
+    newest_loadable, rebuild_allocations, AllocationFilter, LogReader, LogRules, Wording, ENVELOPE_BYTES,
+};
 use crate::report::{AllocationDetails, AllocationSummary, CapacityReport};
 use crate::{Config, Error, Result};
 use serde::Serialize;
@@ -395,7 +397,7 @@ impl Ledger {
             let relevant = match subject {
                 Subject::Allocation(_) => finder.find(payload).is_some(),
                 Subject::Job(_) => {
-                    let head = &payload[..payload.len().min(80)];
+                    let head = &payload[..payload.len().min(ENVELOPE_BYTES)];
                     finder.find(payload).is_some()
                         || memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
                         || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some()
