@@ -10,6 +10,7 @@
 //!
 //! Variants run interleaved in rounds (median reported) so that background load hits them alike.
 //! `BENCH_QUICK=1` (or `--quick`) runs tiny sizes. Scratch files live under `target/tmp/bench`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -17,7 +18,9 @@ use allocation_ledger::{
     AllocationId, Config, Event, EventBody, Ledger, OpenOptions, RequestOutcome, ResourceRequest, State,
 };
 use allocation_ledger::{Clock, SystemClock};
-use common::*;
+use common::{
+    fmt_rate, fmt_secs, machine_note, median, quick, run_threads, scratch_dir, CountingStorage, Report, Row, Samples,
+};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -348,7 +351,7 @@ const SQLITE_SCHEMA: &str = "
         start_us INTEGER NOT NULL, end_us INTEGER, deadline_us INTEGER NOT NULL, slots TEXT NOT NULL);
 ";
 
-pub fn sqlite_open(path: &Path) -> rusqlite::Connection {
+fn sqlite_open(path: &Path) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(path).unwrap();
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");

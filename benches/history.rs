@@ -14,6 +14,7 @@
 //! skips fsyncs while building; everything is fsynced once at the end, and every measurement
 //! uses the real `FsStorage`. The log's pages are in the page cache (warm) when measured.
 //! `BENCH_QUICK=1` (or `--quick`) builds 20k events instead.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -22,7 +23,10 @@ use allocation_ledger::EventRange;
 use allocation_ledger::{
     Clock, Config, Event, EventBody, Ledger, ManualClock, OpenOptions, RequestOutcome, ResourceRequest, State,
 };
-use common::*;
+use common::{
+    fmt_bytes, fmt_rate, fmt_secs, machine_note, nproc, proc_status_bytes, quick, scratch_dir, sync_tree,
+    CountingStorage, Report, Row, Samples, Timed,
+};
 use serde_json::json;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -89,7 +93,7 @@ struct Built {
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).sum()).unwrap_or(0)
+    std::fs::read_dir(dir).map_or(0, |rd| rd.flatten().map(|e| e.metadata().map_or(0, |m| m.len())).sum())
 }
 
 /// Builds a ledger of about `target` events ending with `ACTIVE` active allocations, and a
@@ -160,7 +164,7 @@ fn build(target: u64, active: usize) -> Built {
             true
         })
         .unwrap();
-    assert_eq!(ledger.with_state(|s| s.active_count()), active);
+    assert_eq!(ledger.with_state(allocation_ledger::State::active_count), active);
     drop(ledger);
     sync_tree(dir.path());
     let wal = dir.path().join("wal");
@@ -536,7 +540,7 @@ fn main() {
             // Same question, same answer.
             let cap = ledger.capacity_at(t_at).unwrap();
             assert_eq!(
-                (cap.allocated_workers as i64, cap.allocated_cpu_millicores as i64, cap.allocated_memory as i64),
+                (i64::from(cap.allocated_workers), cap.allocated_cpu_millicores as i64, cap.allocated_memory as i64),
                 (w, c, m),
                 "SQLite and the ledger disagree at {t_at:?}"
             );
@@ -649,7 +653,7 @@ fn main() {
     let t = Instant::now();
     let info = ledger.snapshot().unwrap();
     let snap_s = t.elapsed().as_secs_f64();
-    let snap_size = std::fs::metadata(&info.path).map(|m| m.len()).unwrap_or(0);
+    let snap_size = std::fs::metadata(&info.path).map_or(0, |m| m.len());
     report.value(
         "snapshot_write_s",
         "Ledger::snapshot() of the whole state (encode, write, fsync, rename)",

@@ -8,11 +8,12 @@
 //! ~40 ms a call), a new connection per call, and 64 sessions at once on their own threads and
 //! connections (calls/s, and the server's CPU time over the run).
 //! `BENCH_QUICK=1` (or `--quick`) runs a few calls only.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
 use allocation_ledger::{Ledger, RequestOutcome, ResourceRequest};
-use common::*;
+use common::{fmt_rate, fmt_secs, machine_note, quick, scratch_dir, Report, Row, Samples};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

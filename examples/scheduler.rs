@@ -10,6 +10,7 @@
 //! a second however long the simulated jobs are. Swap in `SystemClock` (the default) for real time.
 //!
 //!     cargo run --example scheduler
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use allocation_ledger::{Ledger, ManualClock, OpenOptions, Priority, RequestOutcome, ResourceRequest};
 use std::collections::VecDeque;

@@ -43,7 +43,11 @@ pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };
 pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyReport};
-pub use report::*;
+pub use report::{
+    AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
+    GrantReport, GrantedResources, McpServerInfo, ReleaseReport, ReleaseStatus, RequestOutcome, Timestamps, WorkerInfo,
+    WorkerStatus,
+};
 
 /// The layout of a ledger directory.
 pub mod layout {

@@ -1,5 +1,6 @@
 //! The original system's acceptance script and the checks its tests made, through the library,
 //! plus the defects we must not repeat and the JSON field names its clients rely on.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 

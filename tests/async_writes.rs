@@ -4,6 +4,7 @@
 //! waiting future with the reason; invalid input resolves at once and writes nothing. The
 //! futures need no particular runtime: most of these tests poll them with a ten-line executor
 //! (`block_on` below); one runs them as tokio tasks, the way the MCP server does.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -175,7 +176,7 @@ fn survives_power_loss(
 ) {
     let status = ledger.status();
     assert_eq!(status.durable_seq, status.last_seq, "everything acknowledged is durable");
-    let live = ledger.with_state(|s| s.clone());
+    let live = ledger.with_state(std::clone::Clone::clone);
     assert_eq!(live, common::fold(&common::all_events(&ledger)));
     common::assert_capacity_accounting(&ledger.get_capacity().unwrap());
     drop(ledger);
@@ -184,7 +185,7 @@ fn survives_power_loss(
     let events = common::all_events(&reopened);
     assert_eq!(events.len() as u64, status.last_seq, "seed {seed}: power loss lost acknowledged events");
     check_acknowledged(&events, results);
-    assert_eq!(reopened.with_state(|s| s.clone()), live);
+    assert_eq!(reopened.with_state(std::clone::Clone::clone), live);
 }
 
 #[test]
@@ -456,13 +457,13 @@ fn sixty_four_tokio_tasks_on_two_threads_share_fsyncs_on_real_files() {
     let results = tokio_tasks(&ledger, 64, 20);
     let status = ledger.status();
     assert_eq!(status.durable_seq, status.last_seq);
-    let live = ledger.with_state(|s| s.clone());
+    let live = ledger.with_state(std::clone::Clone::clone);
     drop(ledger);
     let reopened = Ledger::open_with(&dir, common::opts(config, &clock)).unwrap();
     assert!(reopened.recovery_report().snapshot_seq.is_some(), "periodic snapshots were written");
     let events = common::all_events(&reopened);
     check_acknowledged(&events, &results);
-    assert_eq!(reopened.with_state(|s| s.clone()), live);
+    assert_eq!(reopened.with_state(std::clone::Clone::clone), live);
     assert_eq!(live, common::fold(&events));
     done.store(true, Ordering::Relaxed);
 }

@@ -7,6 +7,7 @@
 //! The table in `docs/reliability.md` is generated from the cases below and what they
 //! returned; the test fails if it is stale. Regenerate it with
 //! `UPDATE_RELIABILITY_DOC=1 cargo test --test bad_input`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 #![cfg(feature = "server")]
 
 #[path = "mcp_common/mod.rs"]
@@ -74,7 +75,7 @@ fn clip(s: &str) -> String {
 type CliCase = (Vec<String>, String, &'static str, &'static str);
 
 fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
+    v.iter().map(std::string::ToString::to_string).collect()
 }
 
 fn cli_cases() -> Vec<CliCase> {
@@ -88,7 +89,7 @@ fn cli_cases() -> Vec<CliCase> {
     }
     let req = |extra: &[&str]| {
         let mut v = s(&["request", "--job-id", "j", "--workers", "1"]);
-        v.extend(extra.iter().map(|x| x.to_string()));
+        v.extend(extra.iter().map(std::string::ToString::to_string));
         v
     };
     vec![
@@ -399,12 +400,9 @@ fn config_rows(dir: &Path) -> Vec<Row> {
     let mut rows = Vec::new();
     for (text, field, allowed) in config_cases() {
         let ctx = format!("config {text}");
-        let e = match Config::from_json(text) {
-            Err(e) => e,
-            Ok(_) => {
-                check!(false, "{ctx}: accepted");
-                continue;
-            }
+        let Err(e) = Config::from_json(text) else {
+            check!(false, "{ctx}: accepted");
+            continue;
         };
         let Error::InvalidInput { field: got, message } = &e else {
             check!(false, "{ctx}: {e}");

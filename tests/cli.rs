@@ -1,5 +1,6 @@
 //! End-to-end tests of the real binary: the acceptance scenario, exit codes, `--json` shapes,
 //! and bad input that must write no event.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use serde_json::Value;
 use std::path::Path;

@@ -1,5 +1,6 @@
 //! End-to-end tests of the time-travel subcommands through the real binary: `capacity --at`,
 //! `list --at`, `history`, `log --since/--until`, `usage` and `timeline --svg`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use allocation_ledger::{format_micros, Micros};
 use serde_json::Value;

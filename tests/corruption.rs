@@ -16,6 +16,7 @@
 //! while the log rebuilds the state, a missing middle or first segment, a segment with a wrong
 //! magic, version or first sequence number, a truncated segment that is not the last, and a
 //! snapshot ahead of the log.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -70,7 +71,7 @@ fn build() -> Base {
         }
     }
     let events = common::all_events(&ledger);
-    let state = ledger.with_state(|s| s.clone());
+    let state = ledger.with_state(std::clone::Clone::clone);
     drop(ledger);
     let files = storage.files();
     let segments: Vec<PathBuf> = files.keys().filter(|p| p.extension().is_some_and(|e| e == "wal")).cloned().collect();
@@ -186,7 +187,7 @@ fn check_segment_damage(base: &Base, seg: &Path, bounds: &[(u64, u64, u64)], at:
             Err(e) => panic!("{ctx}: {e}"),
             Ok(l) => {
                 assert!(covered, "{ctx}: damage in a segment that open reads went unnoticed");
-                assert_eq!(l.with_state(|s| s.clone()), base.state, "{ctx}: a different state");
+                assert_eq!(l.with_state(std::clone::Clone::clone), base.state, "{ctx}: a different state");
                 match l.events(1, usize::MAX) {
                     Err(Error::Damaged(d)) => assert_eq!((d.file.as_path(), d.offset), (seg, offset), "{ctx}: {d}"),
                     other => panic!("{ctx}: reading the history: {other:?}"),
@@ -252,7 +253,7 @@ fn check_snapshot_damage(base: &Base, seq: u64, snap: &Path, at: usize, damaged:
     for &read_only in modes {
         let ctx = format!("{ctx}, read_only {read_only}");
         let l = open(&storage, read_only).unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        assert_eq!(l.with_state(|s| s.clone()), base.state, "{ctx}: a different state");
+        assert_eq!(l.with_state(std::clone::Clone::clone), base.state, "{ctx}: a different state");
         let r = l.recovery_report();
         if newest {
             assert_eq!(r.snapshots_set_aside.len(), 1, "{ctx}");
@@ -387,7 +388,7 @@ fn a_damaged_snapshot_is_set_aside_and_the_log_rebuilds_the_state() {
         assert_eq!(storage.files()[moved], files[&s.file], "the damaged bytes are kept as they were");
     }
     assert_eq!(r.events_replayed, base.events.len() as u64);
-    assert_eq!(l.with_state(|s| s.clone()), base.state);
+    assert_eq!(l.with_state(std::clone::Clone::clone), base.state);
     // And the next snapshot is written fresh.
     let info = l.snapshot().unwrap();
     assert_eq!(info.seq, base.events.len() as u64);
@@ -415,7 +416,7 @@ fn a_missing_middle_segment_is_a_gap_naming_the_segment_after_it() {
     let report = allocation_ledger::verify(&storage, dir(), &mut |_, _| {}).unwrap();
     assert!(report.problems.iter().any(|p| p.contains("a segment is missing")), "{:?}", report.problems);
     if let Ok(l) = open(&storage, false) {
-        assert_eq!(l.with_state(|s| s.clone()), base.state);
+        assert_eq!(l.with_state(std::clone::Clone::clone), base.state);
         assert!(matches!(l.events(1, usize::MAX), Err(Error::Inconsistent { .. })));
     }
 }
@@ -527,7 +528,7 @@ fn a_snapshot_ahead_of_the_log_is_reported() {
     }
     match open_err(&files) {
         Error::Inconsistent { message, .. } => {
-            assert!(message.contains("records are missing from the log"), "{message}")
+            assert!(message.contains("records are missing from the log"), "{message}");
         }
         e => panic!("{e}"),
     }

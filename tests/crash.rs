@@ -1,5 +1,6 @@
 //! Crash recovery: every possible torn end of the log on real files, every single-bit flip in
 //! every segment, and power loss (with and without storage faults) on `FaultyStorage`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -42,7 +43,7 @@ fn build_history(dir: &Path) -> Vec<LoggedEvent> {
     let c = grant(&ledger, ResourceRequest::new("job-c").workers(4));
     match ledger.request_resources(&ResourceRequest::new("job-d").workers(5)).unwrap() {
         RequestOutcome::Failed(f) => {
-            assert_eq!(f.error, "Insufficient workers: requested 5, available 1")
+            assert_eq!(f.error, "Insufficient workers: requested 5, available 1");
         }
         other => panic!("{other:?}"),
     }
@@ -271,7 +272,7 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, tear: Tear, clock: 
     assert!(!report.created, "{ctx}");
     assert_eq!(report.last_seq, expected as u64, "{ctx}");
     assert_eq!(events, log.events[..expected], "{ctx}");
-    let state = ledger.with_state(|s| s.clone());
+    let state = ledger.with_state(std::clone::Clone::clone);
     assert_eq!(state, common::fold(&events), "{ctx}");
 
     // The recovered ledger takes writes, and they survive a reopen.
@@ -279,13 +280,13 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, tear: Tear, clock: 
         ledger.cleanup_expired().unwrap();
         ledger.request_resources(&ResourceRequest::new("after-recovery").mcp_server("github")).unwrap();
         let events = common::all_events(&ledger);
-        let state = ledger.with_state(|s| s.clone());
+        let state = ledger.with_state(std::clone::Clone::clone);
         drop(ledger);
         let again = Ledger::open_with(work, file_opts(clock, fsync))
             .unwrap_or_else(|e| panic!("{ctx}: reopen after recovery failed: {e}"));
         assert_eq!(again.recovery_report().torn_tail, None, "{ctx}");
         assert_eq!(common::all_events(&again), events, "{ctx}");
-        assert_eq!(again.with_state(|s| s.clone()), state, "{ctx}");
+        assert_eq!(again.with_state(std::clone::Clone::clone), state, "{ctx}");
     }
 }
 
@@ -336,7 +337,7 @@ fn cuts_at_record_edges_recover_with_real_fsyncs() {
     let mut cuts: Vec<(usize, usize, Tear)> = Vec::new();
     for (seg, (_, bytes)) in log.segments.iter().enumerate() {
         let mut at: Vec<usize> = vec![0, 1, 31];
-        for &(_, end, _) in log.bounds[seg].iter() {
+        for &(_, end, _) in &log.bounds[seg] {
             at.extend([end as usize - 1, end as usize, end as usize + 1]);
         }
         at.push(32);
@@ -454,7 +455,7 @@ fn every_bit_flip_in_the_log_is_reported_as_damage_at_its_record() {
                     assert_eq!(common::all_events(&l), log.events, "{ctx}");
                 }
                 Err(Error::Damaged(d)) if seg + 1 < log.segments.len() => {
-                    assert_eq!(d.offset, at_record as u64, "{ctx}")
+                    assert_eq!(d.offset, at_record as u64, "{ctx}");
                 }
                 Err(e) => panic!("{ctx}: {e}"),
                 Ok(_) => panic!("{ctx}: opened"),
@@ -540,10 +541,10 @@ fn drive(ledger: &Ledger, clock: &ManualClock, rng: &mut Lcg, steps: usize) -> u
         };
         match result {
             // Answers (including refusals) come only after the log is durable up to here.
-            Ok(()) | Err(Error::InvalidInput { .. }) | Err(Error::NotFound(_)) => {
+            Ok(()) | Err(Error::InvalidInput { .. } | Error::NotFound(_)) => {
                 acked = ledger.status().last_seq;
             }
-            Err(Error::Poisoned(_)) | Err(Error::Io { .. }) => {}
+            Err(Error::Poisoned(_) | Error::Io { .. }) => {}
             Err(e) => panic!("unexpected error {e}"),
         }
     }
@@ -560,7 +561,7 @@ fn crash_and_check(storage: &FaultyStorage, clock: &ManualClock, ledger: Ledger,
     let events = common::all_events(&recovered);
     assert!(events.len() as u64 >= acked, "{ctx}: {} events recovered, {acked} were acknowledged", events.len());
     assert_eq!(events, written[..events.len()], "{ctx}: not a prefix of what was written");
-    assert_eq!(recovered.with_state(|s| s.clone()), common::fold(&events), "{ctx}");
+    assert_eq!(recovered.with_state(std::clone::Clone::clone), common::fold(&events), "{ctx}");
     if let Some(t) = &recovered.recovery_report().torn_tail {
         let saved = t.saved_to.as_ref().expect("torn tail saved");
         assert_eq!(storage.files()[saved].len() as u64, t.len, "{ctx}");
@@ -586,7 +587,7 @@ fn power_loss_after_acknowledged_operations_loses_none_of_them() {
         let acked = drive(&ledger, &clock, &mut rng, 60);
         assert_eq!(acked, ledger.status().last_seq, "seed {seed}");
         assert!(acked > 10, "seed {seed}: only {acked} events");
-        let state = ledger.with_state(|s| s.clone());
+        let state = ledger.with_state(std::clone::Clone::clone);
         let written = common::all_events(&ledger);
         crash_and_check(&storage, &clock, ledger, acked, seed, &format!("seed {seed}"));
         // Nothing at all was lost: the state is exactly the one before the crash.

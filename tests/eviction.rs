@@ -1,5 +1,6 @@
 //! Ended allocations beyond `terminal_retained` leave memory; every query about them is still
 //! answered, from the log, exactly as it was while they were in memory.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use allocation_ledger::storage::FaultyStorage;
 use allocation_ledger::{
@@ -39,9 +40,9 @@ fn evicted_allocations_are_answered_from_the_log() {
     clock.advance_seconds(100); // the rest expire
     window.cleanup_expired().unwrap();
     everything.cleanup_expired().unwrap();
-    assert!(window.with_state(|s| s.evicted_count()) >= 9, "most ended allocations left memory");
+    assert!(window.with_state(allocation_ledger::State::evicted_count) >= 9, "most ended allocations left memory");
     assert!(window.with_state(|s| s.allocations().count()) <= 2);
-    assert_eq!(everything.with_state(|s| s.evicted_count()), 0);
+    assert_eq!(everything.with_state(allocation_ledger::State::evicted_count), 0);
 
     // Ids differ between the two ledgers (they are derived from the ledger's id), so compare
     // everything but the id.
@@ -76,11 +77,11 @@ fn evicted_allocations_are_answered_from_the_log() {
     assert_eq!(window.get_allocation("alloc-000000000000").unwrap(), None);
 
     // Reopen (snapshot + tail) and full replay agree, eviction included.
-    let before = window.with_state(|s| s.clone());
+    let before = window.with_state(std::clone::Clone::clone);
     drop(window);
     let reopened = open(&storage, &clock, 2);
     assert!(reopened.recovery_report().snapshot_seq.is_some());
-    assert_eq!(reopened.with_state(|s| s.clone()), before);
+    assert_eq!(reopened.with_state(std::clone::Clone::clone), before);
 }
 
 #[test]

@@ -32,6 +32,7 @@
 //!
 //! Disk full gets its own tests: ENOSPC from the first write of an append, and from the header
 //! write of a new segment during rotation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -345,12 +346,12 @@ fn check_recovered(
                 }
             }
             Ok(Acked::Snapshot(seq)) => {
-                assert!(events.len() as u64 >= *seq, "{ctx}: a snapshot at {seq} is ahead of the log")
+                assert!(events.len() as u64 >= *seq, "{ctx}: a snapshot at {seq} is ahead of the log");
             }
             _ => {}
         }
     }
-    let state = recovered.with_state(|s| s.clone());
+    let state = recovered.with_state(std::clone::Clone::clone);
     assert_eq!(state, fold(&events), "{ctx}: the recovered state is not the fold of the recovered log");
     state.check_invariants().unwrap_or_else(|e| panic!("{ctx}: {e}"));
     let c = recovered.get_capacity().unwrap();
@@ -434,7 +435,7 @@ const KINDS: [Option<OpKind>; 8] = [
 fn sweep(kind: Option<OpKind>, fault: Fault, sticky: bool) -> u64 {
     let mut nth = 0;
     loop {
-        let seed = nth * 7 + sticky as u64 * 1_000 + fault as u64 * 10_000;
+        let seed = nth * 7 + u64::from(sticky) * 1_000 + fault as u64 * 10_000;
         if !check_cell(FaultPlan { kind, nth, fault, sticky }, seed) {
             return nth;
         }
@@ -680,7 +681,7 @@ fn disk_full_while_rotating_a_segment_is_an_error_and_reopen_is_clean() {
         let ledger = open_mem(&storage, &clock);
         let events = common::all_events(&ledger);
         assert_eq!(events, acked, "restart {restart}: every acknowledged event, nothing else");
-        assert_eq!(ledger.with_state(|s| s.clone()), fold(&events));
+        assert_eq!(ledger.with_state(std::clone::Clone::clone), fold(&events));
         // The ledger rotates now that there is room, and what it writes survives.
         grant(&ledger, "after", 1);
         let after = common::all_events(&ledger);
@@ -815,7 +816,7 @@ fn concurrent_writers_sharing_a_failed_fsync_all_get_poisoned() {
                 Err(_) => assert!(n <= 1, "nth {nth}: {job}"),
             }
         }
-        assert_eq!(recovered.with_state(|s| s.clone()), fold(&events));
+        assert_eq!(recovered.with_state(std::clone::Clone::clone), fold(&events));
     }
 }
 

@@ -12,6 +12,7 @@
 //!
 //! Add a fixture when a format version is released; never regenerate an old one. The newest is
 //! written by `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use allocation_ledger::storage::FsStorage;
 use allocation_ledger::{
@@ -244,11 +245,11 @@ fn check_fixture(name: &str, snapshot_readable: bool) {
         assert_eq!(report.snapshots_set_aside.len(), 1, "{report:?}");
         assert!(report.snapshots_set_aside[0].reason.contains("version 1"), "{report:?}");
     }
-    let with_snapshot = rw.with_state(|s| s.clone());
+    let with_snapshot = rw.with_state(std::clone::Clone::clone);
     drop(rw);
     std::fs::remove_dir_all(copy.join("snapshots")).unwrap();
     let rw = Ledger::open(&copy).unwrap();
     assert_eq!(rw.recovery_report().snapshot_seq, None);
-    assert_eq!(rw.with_state(|s| s.clone()), with_snapshot);
-    assert_eq!(ro.with_state(|s| s.clone()), with_snapshot);
+    assert_eq!(rw.with_state(std::clone::Clone::clone), with_snapshot);
+    assert_eq!(ro.with_state(std::clone::Clone::clone), with_snapshot);
 }

@@ -2,6 +2,7 @@
 //! fuzzer found a bug with (`tests/fuzz_regressions/<target>/`), every seed
 //! (`fuzz/seeds/<target>/`), and a fixed set of pseudo-random mutations of the seeds, so the
 //! harness and its checks are exercised in CI while the long runs stay in `scripts/fuzz.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 #[path = "../fuzz/src/harness.rs"]
 #[allow(dead_code)]

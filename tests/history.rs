@@ -2,6 +2,7 @@
 //! `capacity_at` at every event and between events, `allocations_at` against a full replay,
 //! usage over the whole history against the integral of the capacity timeline, and the same
 //! answers after close-and-reopen and after deleting the snapshots (derived data).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use allocation_ledger::storage::{FaultyStorage, Storage};
 use allocation_ledger::Allocation;

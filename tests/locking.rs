@@ -1,5 +1,6 @@
 //! One writer per directory; readers beside it see consistent prefixes; many threads writing
 //! through one handle never double-book a slot and lose no acknowledged grant.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -56,7 +57,7 @@ fn a_read_only_open_works_beside_a_writer_and_refuses_writes() {
     let g = writer.request_resources(&ResourceRequest::new("j").workers(2)).unwrap();
     let reader = Ledger::open_with(&dir, OpenOptions::read_only().clock(Arc::new(clock.clone()))).unwrap();
     assert!(reader.is_read_only());
-    assert_eq!(reader.with_state(|s| s.clone()), writer.with_state(|s| s.clone()));
+    assert_eq!(reader.with_state(std::clone::Clone::clone), writer.with_state(std::clone::Clone::clone));
     assert!(matches!(reader.request_resources(&ResourceRequest::new("r").workers(1)), Err(Error::ReadOnly)));
     assert!(matches!(reader.release_resources(&g.allocation_id().to_string()), Err(Error::ReadOnly)));
     assert!(matches!(reader.cleanup_expired(), Err(Error::ReadOnly)));
@@ -67,7 +68,7 @@ fn a_read_only_open_works_beside_a_writer_and_refuses_writes() {
     // The writer was not disturbed.
     writer.release_resources(&g.allocation_id().to_string()).unwrap();
     assert_eq!(reader.refresh().unwrap(), 1);
-    assert_eq!(reader.with_state(|s| s.clone()), writer.with_state(|s| s.clone()));
+    assert_eq!(reader.with_state(std::clone::Clone::clone), writer.with_state(std::clone::Clone::clone));
 }
 
 /// What the reader checks on every refresh.
@@ -124,7 +125,7 @@ fn a_reader_refreshing_beside_a_busy_writer_always_sees_a_consistent_prefix() {
                     }
                 }
                 if i % 40 == 39 {
-                    to_reader.send(writer.with_state(|s| s.clone())).unwrap();
+                    to_reader.send(writer.with_state(std::clone::Clone::clone)).unwrap();
                     acks.recv().unwrap();
                 }
             }
@@ -140,10 +141,10 @@ fn a_reader_refreshing_beside_a_busy_writer_always_sees_a_consistent_prefix() {
                 reader.refresh().unwrap();
                 check_reader(&reader, &mut last);
                 // The writer is paused: the reader sees exactly its state.
-                assert_eq!(reader.with_state(|s| s.clone()), expected);
+                assert_eq!(reader.with_state(std::clone::Clone::clone), expected);
                 // So does a reader opened now (snapshot plus tail of a live ledger).
                 let fresh = Ledger::open_with(&dir, OpenOptions::read_only().clock(Arc::new(clock.clone()))).unwrap();
-                assert_eq!(fresh.with_state(|s| s.clone()), expected);
+                assert_eq!(fresh.with_state(std::clone::Clone::clone), expected);
                 checkpoints_seen += 1;
                 ack.send(()).unwrap();
             }
@@ -165,7 +166,7 @@ fn a_reader_refreshing_beside_a_busy_writer_always_sees_a_consistent_prefix() {
     writer_thread.join().unwrap();
     assert_eq!(checkpoints_seen, OPS / 40);
     reader.refresh().unwrap();
-    assert_eq!(reader.with_state(|s| s.clone()), writer.with_state(|s| s.clone()));
+    assert_eq!(reader.with_state(std::clone::Clone::clone), writer.with_state(std::clone::Clone::clone));
     assert!(common::segment_files(&dir).len() >= 5, "the writer rotated segments");
 }
 
@@ -225,7 +226,7 @@ fn concurrent_writers_on_one_handle_never_double_book_and_lose_no_acknowledged_g
     let reopened = Ledger::open_with(&dir, common::opts(config, &clock)).unwrap();
     let events = common::all_events(&reopened);
     assert_eq!(events.len() as u64, status.last_seq);
-    assert_eq!(reopened.with_state(|s| s.clone()), common::fold(&events));
+    assert_eq!(reopened.with_state(std::clone::Clone::clone), common::fold(&events));
 
     // Replaying the log by hand: no grant takes a slot that is held.
     let mut owner: BTreeMap<u32, AllocationId> = BTreeMap::new();
@@ -347,11 +348,11 @@ fn many_callers_share_fsyncs_and_every_one_is_acknowledged() {
         assert_eq!(status.durable_seq, status.last_seq, "everything acknowledged is durable");
         let events = common::all_events(&ledger);
         assert!(events.len() > acked, "{} events for {acked} acknowledged operations", events.len());
-        let live = ledger.with_state(|s| s.clone());
+        let live = ledger.with_state(std::clone::Clone::clone);
         drop(ledger);
         assert_eq!(live, common::fold(&events));
         let reopened = Ledger::open_with(&dir, common::opts(config, &clock).storage(storage)).unwrap();
-        assert_eq!(reopened.with_state(|s| s.clone()), live);
+        assert_eq!(reopened.with_state(std::clone::Clone::clone), live);
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
 }

@@ -1,6 +1,7 @@
 //! The history tools over MCP (stdio, the real binary): `get_capacity` and `list_allocations`
 //! with `at`, `allocation_history` by allocation and by job, `usage_report`, their schemas and
 //! their errors. The ledger's past is written beforehand through the library on a ManualClock.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 #![cfg(feature = "server")]
 
 mod mcp_common;

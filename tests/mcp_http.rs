@@ -1,5 +1,6 @@
 //! The MCP server over Streamable HTTP: both protocol eras, the bearer token, the Origin check,
 //! the refusal to serve a non-loopback address without a token, and many concurrent clients.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 #![cfg(feature = "server")]
 
 mod mcp_common;

@@ -1,5 +1,6 @@
 //! The MCP server over stdio, spoken to with raw JSON-RPC lines: the 2025-11-25 handshake, the
 //! stateless 2026-07-28 style, errors, persistence across restarts, the expiry timer, shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 #![cfg(feature = "server")]
 
 mod mcp_common;

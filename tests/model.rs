@@ -2,6 +2,7 @@
 //! in-memory `FaultyStorage` and against a plain reference model; after every step the ledger
 //! must agree with the model, keep its accounting, never double-book a worker slot, and read
 //! back the same after a close and reopen.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -413,7 +414,7 @@ struct Observed {
 
 fn observe(ledger: &Ledger, ids: &[AllocationId]) -> Observed {
     Observed {
-        state: ledger.with_state(|s| s.clone()),
+        state: ledger.with_state(std::clone::Clone::clone),
         capacity: ledger.get_capacity().unwrap(),
         list: ledger.list_allocations(None, None).unwrap(),
         details: ids.iter().map(|id| ledger.get_allocation(&id.to_string()).unwrap()).collect(),
@@ -754,7 +755,7 @@ proptest! {
         for op in &after {
             apply_blind(&ledger, &clock, op, &mut known);
         }
-        let live = ledger.with_state(|s| s.clone());
+        let live = ledger.with_state(std::clone::Clone::clone);
         let events = common::all_events(&ledger);
         prop_assert_eq!(events.len() as u64, live.last_seq);
         drop(ledger);
@@ -767,7 +768,7 @@ proptest! {
             prop_assert_eq!(snap_seq, mid.seq);
         }
         prop_assert_eq!(report.events_replayed, live.last_seq - snap_seq);
-        let a = from_snapshot.with_state(|s| s.clone());
+        let a = from_snapshot.with_state(std::clone::Clone::clone);
         drop(from_snapshot);
         prop_assert_eq!(&a, &live);
 
@@ -779,7 +780,7 @@ proptest! {
         let report = replayed.recovery_report().clone();
         prop_assert_eq!(report.snapshot_seq, None);
         prop_assert_eq!(report.events_replayed, live.last_seq);
-        let b = replayed.with_state(|s| s.clone());
+        let b = replayed.with_state(std::clone::Clone::clone);
         prop_assert_eq!(&b, &a);
         prop_assert_eq!(&common::fold(&events), &b);
     }
@@ -789,7 +790,7 @@ proptest! {
 /// refusal happen.
 fn apply_blind(ledger: &Ledger, clock: &ManualClock, op: &Op, known: &mut Vec<AllocationId>) {
     let fine = |r: allocation_ledger::Result<()>| match r {
-        Ok(()) | Err(Error::InvalidInput { .. }) | Err(Error::NotFound(_)) => {}
+        Ok(()) | Err(Error::InvalidInput { .. } | Error::NotFound(_)) => {}
         Err(e) => panic!("{op:?}: {e}"),
     };
     match op {
@@ -797,7 +798,7 @@ fn apply_blind(ledger: &Ledger, clock: &ManualClock, op: &Op, known: &mut Vec<Al
             known.push(o.allocation_id());
         })),
         Op::ReleaseKnown(i) if !known.is_empty() => {
-            fine(ledger.release_resources(&known[i % known.len()].to_string()).map(drop))
+            fine(ledger.release_resources(&known[i % known.len()].to_string()).map(drop));
         }
         Op::ReleaseKnown(_) => {}
         Op::ReleaseUnknown(v) => fine(ledger.release_resources(&AllocationId::from_u64(*v).to_string()).map(drop)),

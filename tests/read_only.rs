@@ -16,6 +16,7 @@
 //!
 //! Each case also shows that the comparison would have seen a write: a writer run at the end
 //! changes the tree (or, where the ledger refuses writers too, refuses without writing).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 mod mcp_common;
@@ -61,7 +62,7 @@ impl Tree {
     /// A digest of the contents (for messages): relative path, kind, length and bytes of all.
     fn digest(&self) -> String {
         let mut h = crc32fast::Hasher::new();
-        h.update(&[self.exists as u8]);
+        h.update(&[u8::from(self.exists)]);
         for (p, n) in &self.nodes {
             h.update(p.to_string_lossy().as_bytes());
             h.update(&[0]);
@@ -252,7 +253,7 @@ fn run(dir: &Path, args: &[String]) -> Run {
 }
 
 fn strs(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
+    a.iter().map(std::string::ToString::to_string).collect()
 }
 
 /// What the query commands are asked about.
@@ -541,7 +542,7 @@ fn check_answer(r: &Run, b: &Built, last_seq: u64, problems: &mut Vec<String>) {
         }
         ("list", Some("--at")) if json => {
             // job-a, job-b and job-c, all active then (with or without --state active).
-            let n = r.doc().as_array().map_or(0, |a| a.len());
+            let n = r.doc().as_array().map_or(0, std::vec::Vec::len);
             want!(problems, n == 3, "list --at: {n} rows, expected 3");
         }
         ("log", None) => {
@@ -918,10 +919,10 @@ fn check_no_ledger(case: &str, d: &Path, svg_dir: &Path) {
         match c[0].as_str() {
             // No preview for these: they report that there is no ledger.
             "verify" | "repair" => {
-                want!(p, r.code == 1 && r.error_text().contains("no ledger"), "expected exit 1, no ledger")
+                want!(p, r.code == 1 && r.error_text().contains("no ledger"), "expected exit 1, no ledger");
             }
             "log" if !c.iter().any(|a| a == "--since") => {
-                want!(p, r.code == 1 && r.error_text().contains("no ledger"), "expected exit 1, no ledger")
+                want!(p, r.code == 1 && r.error_text().contains("no ledger"), "expected exit 1, no ledger");
             }
             // The preview holds no allocation.
             "get" => want!(p, r.code == 4, "expected exit 4 (not found)"),

@@ -7,6 +7,7 @@
 //!   history, and never a cut of a durable record;
 //! - 10,000 seeded crash points on `FaultyStorage` (power loss at any storage operation, the
 //!   unsynced sectors landing in any order): no acknowledged record is ever lost.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -271,8 +272,8 @@ fn drive(ledger: &Ledger, clock: &ManualClock, rng: &mut Lcg, steps: usize) -> u
             _ => ledger.get_capacity().map(drop),
         };
         match result {
-            Ok(()) | Err(Error::InvalidInput { .. }) | Err(Error::NotFound(_)) => acked = ledger.status().last_seq,
-            Err(Error::Poisoned(_)) | Err(Error::Io { .. }) => {}
+            Ok(()) | Err(Error::InvalidInput { .. } | Error::NotFound(_)) => acked = ledger.status().last_seq,
+            Err(Error::Poisoned(_) | Error::Io { .. }) => {}
             Err(e) => panic!("unexpected error {e}"),
         }
     }
@@ -321,7 +322,7 @@ fn ten_thousand_seeded_crash_points_lose_no_acknowledged_record() {
             if !written.is_empty() {
                 assert_eq!(events, written[..events.len()], "{ctx}: not a prefix of what was written");
             }
-            assert_eq!(recovered.with_state(|s| s.clone()), common::fold(&events), "{ctx}");
+            assert_eq!(recovered.with_state(std::clone::Clone::clone), common::fold(&events), "{ctx}");
         }
     }
     assert!(points >= 10_000, "{points} crash points");

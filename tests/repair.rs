@@ -4,6 +4,7 @@
 //! damaged snapshots and snapshots ahead of the cut log are set aside; a writer's lock is
 //! respected. The library's repair is also run with every storage operation failing in turn,
 //! then power loss: the cut bytes are always in quarantine before they leave the log.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -79,7 +80,7 @@ fn snapshot_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 fn reopen_events(dir: &Path) -> Vec<LoggedEvent> {
     let l = Ledger::open(dir).unwrap_or_else(|e| panic!("open after repair: {e}"));
     let events = common::all_events(&l);
-    assert_eq!(l.with_state(|s| s.clone()), common::fold(&events));
+    assert_eq!(l.with_state(std::clone::Clone::clone), common::fold(&events));
     // And the repaired ledger takes writes.
     l.request_resources(&ResourceRequest::new("after-repair").mcp_server("github")).unwrap();
     events
@@ -367,10 +368,10 @@ fn a_repair_interrupted_at_any_storage_operation_loses_nothing_it_did_not_save()
             // the history from the start does.)
             Ok(l) => match l.events(1, usize::MAX) {
                 Ok(got) => assert_eq!(got, events[..keep], "nth {nth}"),
-                Err(Error::Damaged(_)) | Err(Error::Inconsistent { .. }) => {}
+                Err(Error::Damaged(_) | Error::Inconsistent { .. }) => {}
                 Err(e) => panic!("nth {nth}: {e}"),
             },
-            Err(Error::Damaged(_)) | Err(Error::Inconsistent { .. }) => {}
+            Err(Error::Damaged(_) | Error::Inconsistent { .. }) => {}
             Err(e) => panic!("nth {nth}: {e} (repair said {result:?})"),
         }
         // Repair again, without faults, finishes it.

@@ -1,5 +1,6 @@
 //! Replay of a long log (decoded on several threads, folded in order) gives exactly the state
 //! the live ledger had, and damage in a long log is still reported precisely.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use allocation_ledger::storage::FaultyStorage;
 use allocation_ledger::{Config, Error, Ledger, ManualClock, OpenOptions, ResourceRequest};
@@ -39,13 +40,13 @@ fn parallel_replay_equals_the_live_state() {
     let storage = FaultyStorage::new();
     let clock = ManualClock::at_default_epoch();
     let ledger = long_history(&storage, &clock);
-    let live = ledger.with_state(|s| s.clone());
+    let live = ledger.with_state(std::clone::Clone::clone);
     let bytes: usize = storage.files().values().map(Vec::len).sum();
     assert!(bytes > 4 << 20, "the log ({bytes} bytes) must be long enough for the threaded path");
     drop(ledger);
     let reopened = open(&storage, &clock).unwrap();
     assert_eq!(reopened.recovery_report().events_replayed, live.last_seq);
-    assert_eq!(reopened.with_state(|s| s.clone()), live);
+    assert_eq!(reopened.with_state(std::clone::Clone::clone), live);
 }
 
 #[test]

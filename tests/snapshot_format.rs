@@ -2,6 +2,7 @@
 //! every kind of allocation round-trips through v3 and v2, every damaged byte of a v3 file is
 //! refused, opening resumes at the recorded log position, and a position that does not check
 //! out is ignored (the segment is read from its start) without changing what is loaded.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
 
@@ -65,7 +66,7 @@ fn every_kind_of_allocation_round_trips_in_v3_and_v2() {
     let tmp = tempfile::tempdir().unwrap();
     let clock = ManualClock::at_default_epoch();
     let ledger = busy_ledger(tmp.path(), &clock);
-    let state: State = ledger.with_state(|s| s.clone());
+    let state: State = ledger.with_state(std::clone::Clone::clone);
     let kinds: std::collections::BTreeSet<&str> = state.allocations().map(|a| a.state.as_str()).collect();
     assert_eq!(kinds.len(), 4, "active, released, expired and failed: {kinds:?}");
     assert!(state.evicted_count() > 0, "some ended allocations were evicted");
@@ -118,7 +119,7 @@ fn open_resumes_at_the_snapshot_position_and_ignores_a_wrong_one() {
         clock.advance_seconds(1);
         ledger.request_resources(&ResourceRequest::new(format!("tail-{i}")).workers(1).ttl_seconds(60)).unwrap();
     }
-    let expected = ledger.with_state(|s| s.clone());
+    let expected = ledger.with_state(std::clone::Clone::clone);
     drop(ledger);
     assert_eq!(only_snapshot(tmp.path()), info.path);
 
@@ -132,7 +133,7 @@ fn open_resumes_at_the_snapshot_position_and_ignores_a_wrong_one() {
     assert_eq!(report.snapshot_seq, Some(info.seq));
     assert!(report.resumed_from_snapshot_position, "{report:?}");
     assert_eq!(report.events_replayed, 30);
-    assert_eq!(reopened.with_state(|s| s.clone()), expected);
+    assert_eq!(reopened.with_state(std::clone::Clone::clone), expected);
     drop(reopened);
 
     // Positions that do not check out: a different offset (not the record), a different
@@ -150,7 +151,7 @@ fn open_resumes_at_the_snapshot_position_and_ignores_a_wrong_one() {
         let report = l.recovery_report().clone();
         assert_eq!(report.snapshot_seq, Some(info.seq), "{wrong:?}");
         assert!(!report.resumed_from_snapshot_position, "{wrong:?}: {report:?}");
-        assert_eq!(l.with_state(|s| s.clone()), expected, "{wrong:?}");
+        assert_eq!(l.with_state(std::clone::Clone::clone), expected, "{wrong:?}");
     }
 
     // A v2 snapshot (no position) still opens, from the start of the segment.
@@ -158,7 +159,7 @@ fn open_resumes_at_the_snapshot_position_and_ignores_a_wrong_one() {
     let l = Ledger::open(tmp.path()).unwrap();
     assert_eq!(l.recovery_report().snapshot_seq, Some(info.seq));
     assert!(!l.recovery_report().resumed_from_snapshot_position);
-    assert_eq!(l.with_state(|s| s.clone()), expected);
+    assert_eq!(l.with_state(std::clone::Clone::clone), expected);
     assert_eq!(snapshot::parse_file_name(info.path.file_name().unwrap().to_str().unwrap()), Some(info.seq));
 }
 
@@ -169,8 +170,8 @@ fn a_snapshot_encodes_the_state_it_was_taken_at_while_the_ledger_moves_on() {
     let tmp = tempfile::tempdir().unwrap();
     let clock = ManualClock::at_default_epoch();
     let ledger = busy_ledger(tmp.path(), &clock);
-    let before = ledger.with_state(|s| s.clone());
-    let (data, mut shared) = ledger.with_state(|s| s.snapshot_parts());
+    let before = ledger.with_state(std::clone::Clone::clone);
+    let (data, mut shared) = ledger.with_state(allocation_ledger::State::snapshot_parts);
     let active: Vec<_> = before.allocations().filter(|a| a.state.as_str() == "active").map(|a| a.id).collect();
     assert!(active.len() >= 3);
     for id in &active[..active.len() / 2] {
@@ -179,7 +180,7 @@ fn a_snapshot_encodes_the_state_it_was_taken_at_while_the_ledger_moves_on() {
     clock.advance_seconds(3600);
     ledger.cleanup_expired().unwrap();
     ledger.request_resources(&ResourceRequest::new("after").workers(2)).unwrap();
-    let after = ledger.with_state(|s| s.clone());
+    let after = ledger.with_state(std::clone::Clone::clone);
     assert_ne!(after, before);
     allocation_ledger::testing::sort_for_snapshot(&mut shared);
     let bytes = snapshot::encode_parts(&data, &shared, None);

@@ -481,7 +481,7 @@ pub fn cpu_model() -> String {
 }
 
 pub fn nproc() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// Device and file-system type that `path` lives on (from `/proc/mounts`, longest prefix).
@@ -498,7 +498,7 @@ pub fn filesystem_of(path: &Path) -> String {
             best = Some((f[1].len(), format!("{} on {} ({})", f[0], f[1], f[2])));
         }
     }
-    best.map(|b| b.1).unwrap_or_else(|| "unknown".into())
+    best.map_or_else(|| "unknown".into(), |b| b.1)
 }
 
 pub fn loadavg() -> String {

@@ -137,13 +137,13 @@ fn open_log(segment_bytes: Vec<u8>) {
     let opts = OpenOptions::default().storage(Arc::new(storage.clone())).clock(Arc::new(clock.clone()));
     let read_only = Ledger::open_with(dir, OpenOptions { read_only: true, create: false, ..opts.clone() });
     if let Ok(l) = &read_only {
-        l.with_state(|s| s.check_invariants()).expect("a replayed state keeps its invariants");
+        l.with_state(allocation_ledger::State::check_invariants).expect("a replayed state keeps its invariants");
         let _ = l.get_capacity();
         let _ = l.list_allocations(None, None);
     }
     drop(read_only);
     let Ok(ledger) = Ledger::open_with(dir, opts) else { return };
-    ledger.with_state(|s| s.check_invariants()).expect("a replayed state keeps its invariants");
+    ledger.with_state(allocation_ledger::State::check_invariants).expect("a replayed state keeps its invariants");
     let _ = ledger.get_capacity();
     let _ = ledger.list_allocations(None, None);
     clock.advance_seconds(1);
@@ -152,7 +152,7 @@ fn open_log(segment_bytes: Vec<u8>) {
         Err(e) => panic!("a write to a replayed ledger failed: {e}"),
     }
     let _ = ledger.cleanup_expired();
-    ledger.with_state(|s| s.check_invariants()).expect("invariants hold after a write");
+    ledger.with_state(allocation_ledger::State::check_invariants).expect("invariants hold after a write");
     drop(ledger);
     let report = allocation_ledger::verify(&storage, dir, &mut |_, _| {}).expect("verify runs");
     let _ = report.ok;

@@ -3,7 +3,9 @@
 use allocation_ledger::format_micros;
 use allocation_ledger::storage::{FsStorage, MemoryStorage};
 use allocation_ledger::VerifyReport;
-use allocation_ledger::*;
+use allocation_ledger::{
+    AllocationDetails, AllocationSummary, CapacityReport, ExitCode, ReleaseReport, RequestOutcome,
+};
 use allocation_ledger::{AllocationState, Config, Error, Ledger, Priority, ResourceRequest};
 use allocation_ledger::{OpenOptions, SnapshotInfo};
 use clap::{Parser, Subcommand};
@@ -323,7 +325,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
             let req = ResourceRequest {
                 job_id,
                 mcp_servers,
-                workers: parse_number("workers", &workers, u32::MAX as u64)? as u32,
+                workers: parse_number("workers", &workers, u64::from(u32::MAX))? as u32,
                 priority: Priority::parse("priority", &priority)?,
                 ttl_seconds: ttl_seconds.as_deref().map(|t| parse_number("ttl_seconds", t, u64::MAX)).transpose()?,
                 metadata: parse_metadata(metadata)?,
@@ -442,7 +444,7 @@ fn cleanup_expired(out: &Out, ledger: &Ledger) -> allocation_ledger::Result<Exit
         if r.count == 0 {
             "no allocations past their deadline".into()
         } else {
-            let ids: Vec<String> = r.cleaned_up.iter().map(|i| i.to_string()).collect();
+            let ids: Vec<String> = r.cleaned_up.iter().map(std::string::ToString::to_string).collect();
             format!("expired {} allocation(s): {}", r.count, ids.join(", "))
         }
     })?;
@@ -517,7 +519,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         }
         s.trim_end().to_string() + "\n"
     };
-    let mut s = line(header.iter().map(|h| h.to_string()).collect());
+    let mut s = line(header.iter().map(std::string::ToString::to_string).collect());
     for r in rows {
         s.push_str(&line(r.clone()));
     }

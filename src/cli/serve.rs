@@ -158,15 +158,15 @@ async fn signalled() {
             }
             Err(e) => {
                 tracing::warn!("cannot watch SIGTERM: {e}");
-                std::future::pending::<()>().await
+                std::future::pending::<()>().await;
             }
         }
     };
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => tracing::info!("interrupted; shutting down"),
-        _ = term => tracing::info!("SIGTERM received; shutting down"),
+        () = ctrl_c => tracing::info!("interrupted; shutting down"),
+        () = term => tracing::info!("SIGTERM received; shutting down"),
     }
 }
 

@@ -371,7 +371,7 @@ mod tests {
             .unwrap()
         {
             EventBody::Rejected(r) => {
-                assert!(r.error.starts_with("Insufficient workers: requested 8, available 7"), "{}", r.error)
+                assert!(r.error.starts_with("Insufficient workers: requested 8, available 7"), "{}", r.error);
             }
             other => panic!("{other:?}"),
         }

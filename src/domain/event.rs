@@ -235,7 +235,7 @@ impl Event {
             EventBody::Rejected(r) => self.encode_lean(&mut out, r),
             EventBody::Released { allocation_id } => self.encode_lean(&mut out, &ReleasedOut { allocation_id }),
             EventBody::Expired { allocation_id, deadline_us } => {
-                self.encode_lean(&mut out, &ExpiredOut { allocation_id, deadline_us })
+                self.encode_lean(&mut out, &ExpiredOut { allocation_id, deadline_us });
             }
             EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => put_json(&mut out, self),
         }

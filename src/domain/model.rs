@@ -52,7 +52,7 @@ impl AllocationId {
 
     /// Parses an id given by a caller; the error names `field`.
     pub fn parse(field: &str, text: &str) -> Result<Self> {
-        text.parse().map_err(|_| {
+        text.parse().map_err(|()| {
             let shown: String = text.chars().take(SHOWN_CHARS).collect();
             Error::invalid(
                 field,
@@ -102,7 +102,7 @@ impl Serialize for AllocationId {
 impl<'de> Deserialize<'de> for AllocationId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(|_| serde::de::Error::custom(format!("invalid allocation id {s:?}")))
+        s.parse().map_err(|()| serde::de::Error::custom(format!("invalid allocation id {s:?}")))
     }
 }
 

@@ -331,7 +331,7 @@ impl State {
     /// Folds one event into the state. Total: an event that does not fit (which a valid log
     /// never holds) is counted as an anomaly and otherwise ignored, never a panic.
     pub fn evolve(&mut self, seq: u64, ts_us: Micros, body: &EventBody) {
-        self.evolve_owned(seq, ts_us, body.clone())
+        self.evolve_owned(seq, ts_us, body.clone());
     }
 
     /// [`State::evolve`] taking the event by value, so its strings move into the state instead
@@ -364,10 +364,10 @@ impl State {
             EventBody::Granted(g) => self.apply_grant(ts_us, g),
             EventBody::Rejected(r) => self.apply_rejection(seq, ts_us, &r),
             EventBody::Released { allocation_id } => {
-                self.apply_end(seq, allocation_id, ts_us, AllocationState::Released)
+                self.apply_end(seq, allocation_id, ts_us, AllocationState::Released);
             }
             EventBody::Expired { allocation_id, deadline_us } => {
-                self.apply_end(seq, allocation_id, deadline_us, AllocationState::Expired)
+                self.apply_end(seq, allocation_id, deadline_us, AllocationState::Expired);
             }
         }
         self.evict_ended(graveyard);
@@ -603,7 +603,7 @@ impl State {
 
     /// What a snapshot needs, cheaply (under the ledger's lock): everything but the
     /// allocations in `StateData`, and the allocations shared, in no order (see
-    /// [`sort_for_snapshot`]).
+    /// `sort_for_snapshot`).
     pub fn snapshot_parts(&self) -> (StateData, Vec<Arc<Allocation>>) {
         let shared: Vec<Arc<Allocation>> = self.allocations.values().cloned().collect();
         let data = StateData {

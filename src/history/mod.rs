@@ -22,7 +22,9 @@ use crate::domain::model::{AllocationId, AllocationState};
 use crate::domain::state::{Allocation, State};
 use crate::ledger::Ledger;
 use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
-use crate::log::reader::{newest_loadable, rebuild_allocations, AllocationFilter, LogReader, LogRules, Wording};
+use crate::log::reader::{
+    newest_loadable, rebuild_allocations, AllocationFilter, LogReader, LogRules, Wording, ENVELOPE_BYTES,
+};
 use crate::report::{AllocationDetails, AllocationSummary, CapacityReport};
 use crate::{Config, Error, Result};
 use serde::Serialize;
@@ -177,6 +179,26 @@ impl Ledger {
     /// then, what active allocations and running MCP servers held, the allocations past their
     /// deadline by then counted as expired. An instant before the ledger's first event is an
     /// error that says when it begins; an instant in the future answers with the current state.
+    ///
+    /// ```
+    /// use allocation_ledger::storage::MemoryStorage;
+    /// use allocation_ledger::{Ledger, ManualClock, OpenOptions, ResourceRequest};
+    /// use std::sync::Arc;
+    /// let clock = ManualClock::at_default_epoch();
+    /// let opts = OpenOptions::default().storage(Arc::new(MemoryStorage::new())).clock(Arc::new(clock.clone()));
+    /// let ledger = Ledger::open_with("/ledger", opts)?;
+    /// clock.advance_seconds(10);
+    /// let before = ledger.now_micros();
+    /// clock.advance_seconds(10);
+    /// let id = ledger.request_resources(&ResourceRequest::new("job").workers(3))?.allocation_id();
+    /// clock.advance_seconds(10);
+    /// ledger.release_resources(&id.to_string())?;
+    /// // Time travel: the pool as it was before, during and after the allocation.
+    /// assert_eq!(ledger.capacity_at(before)?.allocated_workers, 0);
+    /// assert_eq!(ledger.capacity_at(ledger.now_micros() - 5_000_000)?.allocated_workers, 3);
+    /// assert_eq!(ledger.capacity_at(ledger.now_micros())?.allocated_workers, 0);
+    /// # Ok::<(), allocation_ledger::Error>(())
+    /// ```
     pub fn capacity_at(&self, at: Micros) -> Result<CapacityReport> {
         self.with_index(|s, ix, now| {
             if at < s.created_us {
@@ -375,7 +397,7 @@ impl Ledger {
             let relevant = match subject {
                 Subject::Allocation(_) => finder.find(payload).is_some(),
                 Subject::Job(_) => {
-                    let head = &payload[..payload.len().min(80)];
+                    let head = &payload[..payload.len().min(ENVELOPE_BYTES)];
                     finder.find(payload).is_some()
                         || memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
                         || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some()
@@ -432,6 +454,20 @@ impl Ledger {
 
     /// Every event about every allocation of one job (granted or rejected), in log order. A job
     /// the ledger never saw has an empty history.
+    ///
+    /// ```
+    /// use allocation_ledger::storage::MemoryStorage;
+    /// use allocation_ledger::{EventBody, Ledger, OpenOptions, ResourceRequest};
+    /// use std::sync::Arc;
+    /// let ledger = Ledger::open_with("/ledger", OpenOptions::default().storage(Arc::new(MemoryStorage::new())))?;
+    /// let id = ledger.request_resources(&ResourceRequest::new("nightly").workers(2))?.allocation_id();
+    /// ledger.release_resources(&id.to_string())?;
+    /// let history = ledger.job_history("nightly")?;
+    /// assert_eq!(history.allocation_ids, vec![id]);
+    /// assert!(matches!(history.events[0].event.body, EventBody::Granted(_)));
+    /// assert!(matches!(history.events[1].event.body, EventBody::Released { .. }));
+    /// # Ok::<(), allocation_ledger::Error>(())
+    /// ```
     pub fn job_history(&self, job_id: &str) -> Result<History> {
         crate::domain::input::validate_job_id("job_id", job_id)?;
         let ((known, evicted), upto) = self.with_durable_state(|s| {

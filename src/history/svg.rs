@@ -102,7 +102,7 @@ fn render_header(s: &mut String, tl: &Timeline, height: f64) {
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
     );
-    let _ = writeln!(s, r#"<title>allocation-ledger utilisation {} to {}</title>"#, esc(&tl.since), esc(&tl.until));
+    let _ = writeln!(s, r"<title>allocation-ledger utilisation {} to {}</title>", esc(&tl.since), esc(&tl.until));
     let _ = writeln!(s, r#"<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="white"/>"#);
     let _ =
         writeln!(s, r#"<text x="{LEFT}" y="28" font-size="18" font-weight="bold">Allocated vs total capacity</text>"#);
@@ -143,7 +143,7 @@ fn render_panel(s: &mut String, tl: &Timeline, frame: &Frame, i: usize, (name, u
     let _ = writeln!(s, r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">{name}</text>"#, top - 8.0);
     // Grid and y ticks.
     for k in 0..=4 {
-        let v = ymax * k as f64 / 4.0;
+        let v = ymax * f64::from(k) / 4.0;
         let y = y_of(v);
         let _ =
             writeln!(s, r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e3e3e3"/>"##, LEFT + plot_w);

@@ -69,7 +69,7 @@ impl<R> Call<R> {
         match (settled, lock(&self.result).take()) {
             (_, Some(Outcome::Panicked(payload))) => std::panic::resume_unwind(payload),
             // Not acknowledged: what it appended (or expired on the way) is not durable.
-            (Err(e), Some(Outcome::Done(Ok(_)))) | (Err(e), None) => Err(e),
+            (Err(e), Some(Outcome::Done(Ok(_))) | None) => Err(e),
             (_, Some(Outcome::Done(r))) => r,
             (Ok(()), None) => unreachable!("a settled command has its result"),
         }
@@ -364,7 +364,7 @@ impl Commit {
         let mut s = lock(&self.sync);
         loop {
             while !s.thread_owns && !s.stop {
-                s = self.flusher_wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                s = self.flusher_wake.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             if s.stop {
                 return;

@@ -165,7 +165,7 @@ impl CapacityIndex {
             EventBody::Rejected(_) => {}
             // An expiry ended the holding at its deadline, which `advance_to` has passed.
             EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => {
-                self.end(*allocation_id)
+                self.end(*allocation_id);
             }
         }
         self.push_step(ts_us);

@@ -37,8 +37,10 @@ use crate::domain::model::{AllocationId, AllocationState};
 use crate::domain::state::{Allocation, State};
 use crate::log::storage::{LockGuard, Storage};
 use crate::log::wal::WalWriter;
-use crate::report::*;
 use crate::report::{already_ended_report, decide_release, decide_request_outcome};
+use crate::report::{
+    AllocationDetails, AllocationSummary, CapacityReport, CleanupReport, ReleaseReport, RequestOutcome,
+};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -101,13 +103,27 @@ pub struct Ledger {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the log half-written (appends are single
     // calls), so keep going with the data as it is.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Ledger {
     // ----- opening (open.rs) -----
 
     /// Opens (or creates) the ledger in `dir` with the default options.
+    ///
+    /// ```
+    /// use allocation_ledger::Ledger;
+    /// let dir = std::env::temp_dir().join(format!("ledger-doc-open-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let ledger = Ledger::open(&dir)?;
+    /// assert_eq!(ledger.get_capacity()?.available_workers, 10); // the built-in pool
+    /// drop(ledger);
+    /// // Everything acknowledged is in the log: a second open finds it.
+    /// let again = Ledger::open(&dir)?;
+    /// assert!(again.status().last_seq >= 1);
+    /// # drop(again); std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), allocation_ledger::Error>(())
+    /// ```
     pub fn open(dir: impl AsRef<Path>) -> Result<Ledger> {
         Self::open_with(dir, OpenOptions::default())
     }
@@ -168,7 +184,26 @@ impl Ledger {
 
     // ----- writes (decided in domain/decide.rs, run by apply.rs, made durable by commit.rs) -----
 
-    /// `request_resources`: grants the request or records why it cannot be granted.
+    /// `request_resources`: grants the request or records why it cannot be granted. Returns
+    /// once the event is durable (fdatasync); invalid input is an error and writes nothing.
+    ///
+    /// ```
+    /// use allocation_ledger::storage::MemoryStorage;
+    /// use allocation_ledger::{Ledger, OpenOptions, RequestOutcome, ResourceRequest};
+    /// use std::sync::Arc;
+    /// let opts = OpenOptions::default().storage(Arc::new(MemoryStorage::new()));
+    /// let ledger = Ledger::open_with("/ledger", opts)?;
+    /// match ledger.request_resources(&ResourceRequest::new("build-42").workers(4).mcp_server("github"))? {
+    ///     RequestOutcome::Granted(g) => assert_eq!(g.workers_allocated.len(), 4),
+    ///     RequestOutcome::Failed(f) => panic!("not granted: {}", f.error),
+    /// }
+    /// // Eight more do not fit in a pool of ten: a rejection, recorded in the log too.
+    /// let outcome = ledger.request_resources(&ResourceRequest::new("too-big").workers(8))?;
+    /// assert!(!outcome.is_granted());
+    /// // More than the pool could ever hold is invalid input: an error, and nothing written.
+    /// assert!(ledger.request_resources(&ResourceRequest::new("never").workers(11)).is_err());
+    /// # Ok::<(), allocation_ledger::Error>(())
+    /// ```
     pub fn request_resources(&self, req: &ResourceRequest) -> Result<RequestOutcome> {
         // Owned: the command may run on another caller's thread (see `commit.rs`).
         let req = req.clone();
@@ -240,7 +275,7 @@ impl Ledger {
 
     /// `get_capacity`: the pools' totals, what is in use and what is free, now.
     pub fn get_capacity(&self) -> Result<CapacityReport> {
-        self.read(|s, now| s.capacity(now))
+        self.read(super::domain::state::State::capacity)
     }
 
     /// `get_allocation`: `Ok(None)` for a well-formed id the ledger does not know.

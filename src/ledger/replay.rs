@@ -51,7 +51,7 @@ pub(super) fn replay_into(
     reload: &dyn Fn() -> Result<State>,
 ) -> Result<(wal::LogEnd, u64)> {
     // The fold keeps one core; the others decode.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let decoders = (cores - 1).clamp(1, MAX_DECODERS);
     if cores > 1 && wal::bytes_after(storage, wal_dir, state.last_seq, hint)? >= PARALLEL_REPLAY_MIN_BYTES {
         if let Some(done) = replay_parallel(storage, wal_dir, state, hint, decoders) {

@@ -83,7 +83,11 @@ impl Ledger {
             core.log_bytes_since_snapshot = 0;
             self.shared.snapshots.due.store(false, Ordering::Relaxed);
             let (data, shared) = core.state.snapshot_parts();
-            let position = core.wal.as_ref().and_then(|w| w.last_record()).filter(|p| p.seq == data.last_seq);
+            let position = core
+                .wal
+                .as_ref()
+                .and_then(super::super::log::wal::WalWriter::last_record)
+                .filter(|p| p.seq == data.last_seq);
             (data, shared, position)
         };
         crate::domain::state::sort_for_snapshot(&mut shared);
@@ -148,7 +152,7 @@ mod tests {
             clock.advance_seconds(45);
             ledger.cleanup_expired().unwrap();
             let before = cache.len();
-            let (data, mut shared) = ledger.with_state(|s| s.snapshot_parts());
+            let (data, mut shared) = ledger.with_state(crate::domain::state::State::snapshot_parts);
             crate::domain::state::sort_for_snapshot(&mut shared);
             let fresh = encode_parts(&data, &shared, None);
             assert_eq!(encode_parts_cached(&data, &shared, None, &mut cache), fresh, "round {round}");
@@ -188,7 +192,7 @@ mod tests {
             }
         }
         let info = ledger.snapshot().unwrap();
-        let expected = ledger.with_state(|s| s.clone());
+        let expected = ledger.with_state(std::clone::Clone::clone);
         let bytes = storage.files()[&info.path].clone();
         assert_eq!(decode_with_position(&bytes, info.seq).unwrap().0, expected);
         for chunk in [1, 3, 7, 64, 1000, 1 << 20] {

@@ -16,7 +16,7 @@
 mod rebuild;
 mod snapshots;
 
-pub use rebuild::{rebuild_allocations, AllocationFilter};
+pub use rebuild::{rebuild_allocations, AllocationFilter, ENVELOPE_BYTES};
 pub use snapshots::{list_snapshots, newest_loadable};
 
 use crate::domain::clock::{format_micros, Micros};

@@ -104,13 +104,13 @@ pub struct LogEnd {
 }
 
 /// Reads the log from the first record after `after_seq`, handing each record to `visit`
-/// (which returns false to stop early); see [`LogReader::records`], which this is.
+/// (which returns false to stop early); see `LogReader::records`, which this is.
 pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut segment::Visit<'_>) -> Result<LogEnd> {
     LogReader::new(storage, dir).after(after_seq).records(visit)
 }
 
 /// Like [`scan_log`], for the records after `after_seq` up to and including `upto` only (see
-/// [`LogReader::upto`]).
+/// `LogReader::upto`).
 pub fn scan_log_upto(
     storage: &dyn Storage,
     dir: &Path,
@@ -122,7 +122,7 @@ pub fn scan_log_upto(
 }
 
 /// Like [`scan_log`], but starting at `hint` when it names the record `after_seq` (see
-/// [`LogReader::hint`]).
+/// `LogReader::hint`).
 pub fn scan_log_from(
     storage: &dyn Storage,
     dir: &Path,
@@ -679,7 +679,7 @@ fn records_write_failed(e: std::io::Error, last_seq: u64, offset: u64, path: &Pa
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every change under these locks is made whole before anything can panic.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Zeros to write from: a static buffer, so that pre-filling allocates and touches no memory

@@ -285,7 +285,7 @@ fn plan_snapshots(storage: &dyn Storage, dir: &Path, p: &mut RepairPlan) -> Resu
             Some(format!("ahead of the repaired log (which ends at sequence number {})", p.keeps_through_seq))
         } else {
             // Gone since it was listed (repair holds the lock, so nobody prunes): nothing to move.
-            snap.decode(storage).and_then(|d| d.err()).map(|e| format!("damaged: {e}"))
+            snap.decode(storage).and_then(std::result::Result::err).map(|e| format!("damaged: {e}"))
         };
         if let Some(reason) = reason {
             p.snapshots_set_aside.push(SnapshotAside { file: snap.path, reason });
@@ -312,9 +312,8 @@ pub fn repair(storage: &dyn Storage, dir: &Path, opts: RepairOptions) -> Result<
     if !storage.exists(&dir.join(WAL_DIR)) {
         return Err(Error::NoLedger { path: dir.to_path_buf() });
     }
-    let _lock = match storage.try_lock(&dir.join(LOCK_FILE)).map_err(io(format!("locking {}", dir.display())))? {
-        Some(g) => g,
-        None => return Err(Error::Locked { path: dir.to_path_buf() }),
+    let Some(_lock) = storage.try_lock(&dir.join(LOCK_FILE)).map_err(io(format!("locking {}", dir.display())))? else {
+        return Err(Error::Locked { path: dir.to_path_buf() });
     };
     let plan = plan_repair(storage, dir)?;
     let mut report = RepairReport { plan, applied: false, refused: None, saved: Vec::new() };

@@ -109,9 +109,9 @@ impl HttpPlan {
                 "refusing to serve on {addr}, which is not a loopback address, without a bearer token"
             )));
         }
-        let mut allowed_origins: Vec<String> = DEFAULT_ORIGINS.iter().map(|s| s.to_string()).collect();
+        let mut allowed_origins: Vec<String> = DEFAULT_ORIGINS.iter().map(std::string::ToString::to_string).collect();
         allowed_origins.extend(opts.allowed_origins.iter().map(|o| o.trim().to_string()));
-        let mut allowed_hosts: Vec<String> = LOOPBACK_HOSTS.iter().map(|s| s.to_string()).collect();
+        let mut allowed_hosts: Vec<String> = LOOPBACK_HOSTS.iter().map(std::string::ToString::to_string).collect();
         if !addr.ip().is_unspecified() {
             allowed_hosts.push(addr.ip().to_string());
         }
@@ -204,7 +204,10 @@ async fn read_whole_body(shared: Arc<Shared>, req: Request, next: Next) -> Respo
             Ok(Ok(bytes)) => bytes,
             // A chunked body past the limit, or a client that stopped sending: the rest of the
             // connection's bytes cannot be trusted to start a request, so it is closed.
-            Ok(Err(e)) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
+            Ok(Err(e))
+                if std::error::Error::source(&e)
+                    .is_some_and(<dyn std::error::Error + 'static>::is::<http_body_util::LengthLimitError>) =>
+            {
                 return too_large()
             }
             Ok(Err(e)) => {

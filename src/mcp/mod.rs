@@ -109,8 +109,8 @@ async fn run(
 /// itself (stdin closed).
 async fn cancel_when(shutdown: impl Future<Output = ()>, token: CancellationToken) {
     tokio::select! {
-        _ = shutdown => token.cancel(),
-        _ = token.cancelled() => {}
+        () = shutdown => token.cancel(),
+        () = token.cancelled() => {}
     }
 }
 
@@ -128,7 +128,7 @@ async fn stdio(handler: tools::LedgerTools, shutdown: CancellationToken) -> Resu
                 return Ok(());
             }
         },
-        _ = shutdown.cancelled() => return Ok(()),
+        () = shutdown.cancelled() => return Ok(()),
     };
     let service_token = running.cancellation_token();
     tokio::select! {
@@ -136,7 +136,7 @@ async fn stdio(handler: tools::LedgerTools, shutdown: CancellationToken) -> Resu
             let reason = r.map_err(|e| format!("the MCP service failed: {e}"))?;
             tracing::info!(?reason, "stdio session ended");
         }
-        _ = shutdown.cancelled() => service_token.cancel(),
+        () = shutdown.cancelled() => service_token.cancel(),
     }
     Ok(())
 }
@@ -150,7 +150,7 @@ async fn expiry_loop(ledger: Ledger, tasks: TaskTracker, period: Duration, stop:
     let mut last_snapshot_error: Option<String> = None;
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         // Snapshots are written in the background of writes, which succeed without them.
@@ -158,7 +158,7 @@ async fn expiry_loop(ledger: Ledger, tasks: TaskTracker, period: Duration, stop:
         if snapshot_error != last_snapshot_error {
             match &snapshot_error {
                 Some(e) => {
-                    tracing::error!("writing a snapshot failed (the log is intact; opens replay more of it): {e}")
+                    tracing::error!("writing a snapshot failed (the log is intact; opens replay more of it): {e}");
                 }
                 None => tracing::info!("snapshots are written again"),
             }

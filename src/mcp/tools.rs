@@ -33,7 +33,7 @@ impl LedgerTools {
     /// count) and output schemas that admit each tool's error shape too.
     pub(crate) fn router(config: &Config) -> ToolRouter<Self> {
         let mut router = Self::tool_router() + Self::history_router();
-        for (name, route) in router.map.iter_mut() {
+        for (name, route) in &mut router.map {
             route.attr.input_schema = schemas::input(name, config);
             route.attr.output_schema = Some(schemas::output(name));
         }
@@ -298,7 +298,7 @@ impl LedgerTools {
         if let Err(e) = check_known(&args, &[]) {
             return tool_error(error_value(&e));
         }
-        from_ledger(self.call(|l| l.cleanup_expired()).await?)
+        from_ledger(self.call(super::super::ledger::Ledger::cleanup_expired).await?)
     }
 }
 

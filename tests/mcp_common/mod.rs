@@ -142,7 +142,7 @@ impl StdioServer {
                 .lines
                 .recv_timeout(left)
                 .unwrap_or_else(|e| panic!("no response with id {key} ({e}); stderr:\n{}", self.stderr.text()));
-            let got = v.get("id").map(Value::to_string).unwrap_or_else(|| "null".into());
+            let got = v.get("id").map_or_else(|| "null".into(), Value::to_string);
             if got == key {
                 return v;
             }

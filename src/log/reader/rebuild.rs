@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 /// How many bytes of a payload hold its envelope (`{"v":..,"ts_us":..,"type":".."`), where a
 /// record's event type can be read without decoding it.
-const ENVELOPE_BYTES: usize = 80;
+pub const ENVELOPE_BYTES: usize = 80;
 
 /// Which allocations [`rebuild_allocations`] rebuilds.
 #[derive(Clone, Copy)]

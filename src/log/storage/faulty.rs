@@ -202,7 +202,7 @@ impl FaultyStorage {
     pub fn crash(&self, seed: u64) {
         self.mem.with_fs(|fs| {
             let mut rng = seed.wrapping_mul(LCG_MULTIPLIER).wrapping_add(LCG_INCREMENT);
-            for ino in fs.inodes.iter_mut() {
+            for ino in &mut fs.inodes {
                 rng = rng.wrapping_mul(LCG_MULTIPLIER).wrapping_add(LCG_INCREMENT);
                 let survived = survivor(&ino.data, &ino.synced, rng >> LCG_OUTPUT_SHIFT);
                 ino.data = survived.clone();

@@ -118,7 +118,7 @@ pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Res
     let result = if bytes.is_empty() {
         f.sync_data()
     } else {
-        bytes.chunks(WRITE_ATOMIC_FSYNC_EVERY_BYTES).try_for_each(|chunk| f.append(chunk).and_then(|_| f.sync_data()))
+        bytes.chunks(WRITE_ATOMIC_FSYNC_EVERY_BYTES).try_for_each(|chunk| f.append(chunk).and_then(|()| f.sync_data()))
     };
     drop(f);
     if let Err(e) = result {

@@ -166,7 +166,7 @@ impl Registry {
     /// Registers a new connection, closing the oldest evictable one at the bound; false if the
     /// bound is reached and no connection may be closed.
     fn admit(&self, state: &Arc<ConnState>) -> bool {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conns = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if conns.len() >= self.max {
             let victim = conns.values().find(|c| c.evictable()).map(|c| c.id);
             match victim.and_then(|id| conns.remove(&id)) {
@@ -182,7 +182,7 @@ impl Registry {
     }
 
     fn remove(&self, id: u64) {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
     }
 }
 
@@ -206,7 +206,7 @@ pub(crate) async fn serve(
     let mut refused = 0u64;
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -298,8 +298,8 @@ async fn serve_connection(
                 }
                 break;
             }
-            _ = state.changed.notified() => {}
-            _ = sleep => {
+            () = state.changed.notified() => {}
+            () = sleep => {
                 // Closed only if nothing changed meanwhile.
                 if let Some((at, header)) = state.deadline(&limits) {
                     if at <= Instant::now() {
@@ -310,8 +310,8 @@ async fn serve_connection(
                     }
                 }
             }
-            _ = state.evicted.cancelled() => break,
-            _ = shutdown.cancelled(), if !graceful => {
+            () = state.evicted.cancelled() => break,
+            () = shutdown.cancelled(), if !graceful => {
                 // Nothing to finish: close now. Otherwise hyper closes once the response is out.
                 if state.in_flight.load(Ordering::Acquire) == 0 {
                     break;
