@@ -1,8 +1,8 @@
 //! Command-line interface: one subcommand per ledger operation, human tables or `--json`.
 
-use allocation_ledger::format_micros;
 use allocation_ledger::storage::{FsStorage, MemoryStorage};
 use allocation_ledger::VerifyReport;
+use allocation_ledger::{format_micros, Micros};
 use allocation_ledger::{
     AllocationDetails, AllocationSummary, CapacityReport, ExitCode, ReleaseReport, RequestOutcome,
 };
