@@ -1,6 +1,7 @@
 //! The write-ahead log: an ordered set of segment files in `<data-dir>/wal/`. This room knows
 //! bytes and sequence numbers, not events.
 
+#[cfg(any(test, feature = "test-util"))]
 use crate::log::reader::LogReader;
 use crate::log::record::{self, RecordHeader};
 use crate::log::segment;
@@ -103,12 +104,16 @@ pub struct LogEnd {
     pub torn: Option<TornTail>,
 }
 
+// Kept for benchmarks, fuzzing and tests; the library reads through `LogReader`.
+#[cfg(any(test, feature = "test-util"))]
 /// Reads the log from the first record after `after_seq`, handing each record to `visit`
 /// (which returns false to stop early); see `LogReader::records`, which this is.
 pub fn scan_log(storage: &dyn Storage, dir: &Path, after_seq: u64, visit: &mut segment::Visit<'_>) -> Result<LogEnd> {
     LogReader::new(storage, dir).after(after_seq).records(visit)
 }
 
+// Kept for benchmarks, fuzzing and tests; the library reads through `LogReader`.
+#[cfg(any(test, feature = "test-util"))]
 /// Like [`scan_log`], for the records after `after_seq` up to and including `upto` only (see
 /// `LogReader::upto`).
 pub fn scan_log_upto(
@@ -121,6 +126,8 @@ pub fn scan_log_upto(
     LogReader::new(storage, dir).after(after_seq).upto(upto).records(visit).map(drop)
 }
 
+// Kept for benchmarks, fuzzing and tests; the library reads through `LogReader`.
+#[cfg(any(test, feature = "test-util"))]
 /// Like [`scan_log`], but starting at `hint` when it names the record `after_seq` (see
 /// `LogReader::hint`).
 pub fn scan_log_from(
