@@ -81,6 +81,25 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// A write's `expected_seq` precondition failed: the ledger moved on since the caller read
+    /// it. Nothing was written; read again (or plan again) and retry with the current seq.
+    #[error("conflict: expected_seq {expected_seq} but the ledger is at seq {current_seq}; nothing was written (read again and retry with expected_seq {current_seq})")]
+    Conflict {
+        /// The sequence number the caller expected.
+        expected_seq: u64,
+        /// The ledger's last sequence number now.
+        current_seq: u64,
+    },
+
+    /// The allocation exists but is no longer active (renewing it is not possible).
+    #[error("allocation {allocation_id} is {state}, not active; only an active allocation can be renewed (request a new one)")]
+    NotActive {
+        /// The allocation.
+        allocation_id: String,
+        /// Its state (`released`, `expired` or `failed`).
+        state: String,
+    },
+
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -114,6 +133,8 @@ impl Error {
             Error::ReadOnly => ErrorKind::ReadOnly,
             Error::Poisoned(_) => ErrorKind::Poisoned,
             Error::NoLedger { .. } => ErrorKind::NoLedger,
+            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::NotActive { .. } => ErrorKind::NotActive,
             Error::Io { .. } => ErrorKind::Io,
         }
     }
@@ -125,6 +146,8 @@ impl Error {
             Error::NotFound(_) => ExitCode::NotFound,
             Error::Locked { .. } => ExitCode::Locked,
             Error::Damaged(_) | Error::Inconsistent { .. } => ExitCode::Damaged,
+            Error::Conflict { .. } => ExitCode::Conflict,
+            Error::NotActive { .. } => ExitCode::NotActive,
             Error::ReadOnly | Error::Poisoned(_) | Error::NoLedger { .. } | Error::Io { .. } => ExitCode::Other,
         }
     }
@@ -150,6 +173,10 @@ pub enum ErrorKind {
     Poisoned,
     /// [`Error::NoLedger`].
     NoLedger,
+    /// [`Error::Conflict`].
+    Conflict,
+    /// [`Error::NotActive`].
+    NotActive,
     /// [`Error::Io`].
     Io,
 }
@@ -165,6 +192,8 @@ impl ErrorKind {
             ErrorKind::ReadOnly => "read_only",
             ErrorKind::Poisoned => "poisoned",
             ErrorKind::NoLedger => "no_ledger",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::NotActive => "not_active",
             ErrorKind::Io => "io",
         }
     }
@@ -204,6 +233,11 @@ pub enum ExitCode {
     Locked = 5,
     /// The ledger is damaged (or `verify`/`repair` found or left damage).
     Damaged = 6,
+    /// A write's `expected_seq` did not match the ledger's last sequence number; nothing was
+    /// written.
+    Conflict = 7,
+    /// The allocation is no longer active (e.g. `renew` of an expired one); nothing was written.
+    NotActive = 8,
 }
 
 impl ExitCode {
@@ -236,6 +270,8 @@ mod tests {
             ErrorKind::ReadOnly,
             ErrorKind::Poisoned,
             ErrorKind::NoLedger,
+            ErrorKind::Conflict,
+            ErrorKind::NotActive,
             ErrorKind::Io,
         ] {
             assert_eq!(serde_json::to_value(kind).unwrap(), serde_json::Value::from(kind.as_str()));
@@ -250,5 +286,7 @@ mod tests {
         assert_eq!(Error::Inconsistent { path: "d".into(), message: "m".into() }.exit_code().code(), 6);
         assert_eq!(Error::ReadOnly.exit_code().code(), 1);
         assert_eq!(ExitCode::NotGranted.code(), 3);
+        assert_eq!(Error::Conflict { expected_seq: 1, current_seq: 2 }.exit_code().code(), 7);
+        assert_eq!(Error::NotActive { allocation_id: "a".into(), state: "expired".into() }.exit_code().code(), 8);
     }
 }

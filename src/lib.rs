@@ -29,7 +29,10 @@ pub mod mcp;
 
 pub use domain::clock::{format_micros, parse_duration_micros, parse_time, Clock, ManualClock, Micros, SystemClock};
 pub use domain::config::{Config, McpCatalogEntry, PriorityReservePercent};
-pub use domain::event::{Event, EventBody, Grant, LoggedEvent, McpGrant, RejectReason, Rejection, WorkerGrant};
+pub use domain::event::{
+    Event, EventBody, Grant, LoggedEvent, McpGrant, RejectReason, Rejection, Renewal, WorkerGrant,
+};
+pub use domain::idempotency::{KeyRecord, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use domain::input::{validate_job_id, ResourceRequest};
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 pub use domain::state::{Allocation, State};
@@ -38,15 +41,15 @@ pub use history::{
     EventRange, GroupBy, History, HistoryEvent, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup,
     UsageReport,
 };
-pub use ledger::{Durable, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
+pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };
 pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyReport};
 pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
-    GrantReport, GrantedResources, McpServerInfo, ReleaseReport, ReleaseStatus, RequestOutcome, Timestamps, WorkerInfo,
-    WorkerStatus,
+    GrantReport, GrantedResources, McpServerInfo, PlanReport, ReleaseReport, ReleaseStatus, RenewReport,
+    RequestOutcome, Timestamps, WorkerInfo, WorkerStatus,
 };
 
 /// The layout of a ledger directory.

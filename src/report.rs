@@ -8,6 +8,7 @@
 
 use crate::domain::clock::{datetime, Micros};
 use crate::domain::event::{EventBody, Grant, RejectReason, Rejection};
+use crate::domain::idempotency::KeyRecord;
 use crate::domain::input::ResourceRequest;
 use crate::domain::model::{cores, AllocationId, AllocationState, Priority, Resources};
 use crate::domain::state::{Allocation, State};
@@ -134,6 +135,10 @@ pub struct GrantReport {
     pub expires_at: DateTime<Utc>,
     /// Sequence number of the grant's event.
     pub seq: u64,
+    /// This answer repeats an earlier decision: the request's idempotency key was decided
+    /// before (nothing was written now; `status` is the allocation's state now).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
 
 impl GrantReport {
@@ -149,29 +154,66 @@ impl GrantReport {
                 .iter()
                 .map(|m| McpServerInfo { name: m.name.clone(), endpoint: m.endpoint.clone(), status: "running".into() })
                 .collect(),
-            workers_allocated: g
-                .workers
-                .iter()
-                .map(|w| WorkerInfo {
-                    worker_id: w.worker_id.clone(),
-                    endpoint: w.endpoint.clone(),
-                    cpu: cores(w.cpu_millicores),
-                    memory: w.memory_mib,
-                    cpu_millicores: w.cpu_millicores,
-                    memory_mib: w.memory_mib,
-                })
-                .collect(),
-            resources: GrantedResources {
-                cpu: cores(g.resources.cpu_millicores),
-                memory: g.resources.memory_mib,
-                workers: g.resources.workers,
-                cpu_millicores: g.resources.cpu_millicores,
-                memory_mib: g.resources.memory_mib,
-            },
+            workers_allocated: g.workers.iter().map(WorkerInfo::of).collect(),
+            resources: GrantedResources::of(g.resources),
             ttl_seconds: g.ttl_seconds,
             created_at: datetime(ts),
             expires_at: datetime(g.deadline_us),
             seq,
+            replayed: false,
+        }
+    }
+
+    /// The answer to a retry of the grant that created `a` (event `seq`), as `a` is at `now`.
+    pub(crate) fn replayed(a: &Allocation, seq: u64, now: Micros) -> GrantReport {
+        let state = a.state_at(now);
+        let mcp_status = if state == AllocationState::Active { "running" } else { "stopped" };
+        GrantReport {
+            allocation_id: a.id,
+            status: state,
+            job_id: a.job_id.clone(),
+            priority: a.priority,
+            mcp_servers: a
+                .mcp_servers
+                .iter()
+                .map(|m| McpServerInfo {
+                    name: m.name.clone(),
+                    endpoint: m.endpoint.clone(),
+                    status: mcp_status.into(),
+                })
+                .collect(),
+            workers_allocated: a.workers.iter().map(WorkerInfo::of).collect(),
+            resources: GrantedResources::of(a.resources),
+            ttl_seconds: a.ttl_seconds,
+            created_at: datetime(a.created_us),
+            expires_at: datetime(a.deadline_us),
+            seq,
+            replayed: true,
+        }
+    }
+}
+
+impl WorkerInfo {
+    fn of(w: &crate::domain::event::WorkerGrant) -> WorkerInfo {
+        WorkerInfo {
+            worker_id: w.worker_id.clone(),
+            endpoint: w.endpoint.clone(),
+            cpu: cores(w.cpu_millicores),
+            memory: w.memory_mib,
+            cpu_millicores: w.cpu_millicores,
+            memory_mib: w.memory_mib,
+        }
+    }
+}
+
+impl GrantedResources {
+    fn of(r: Resources) -> GrantedResources {
+        GrantedResources {
+            cpu: cores(r.cpu_millicores),
+            memory: r.memory_mib,
+            workers: r.workers,
+            cpu_millicores: r.cpu_millicores,
+            memory_mib: r.memory_mib,
         }
     }
 }
@@ -195,6 +237,9 @@ pub struct FailedReport {
     pub created_at: DateTime<Utc>,
     /// Sequence number of the rejection's event.
     pub seq: u64,
+    /// This answer repeats an earlier decision (see [`GrantReport::replayed`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
 
 impl FailedReport {
@@ -208,6 +253,21 @@ impl FailedReport {
             reason: r.reason,
             created_at: datetime(ts),
             seq,
+            replayed: false,
+        }
+    }
+
+    /// The answer to a retry of the rejection that created `a` (event `seq`, for `reason`).
+    pub(crate) fn replayed(a: &Allocation, reason: RejectReason, seq: u64) -> FailedReport {
+        FailedReport {
+            allocation_id: a.id,
+            status: AllocationState::Failed,
+            error: a.error.clone().unwrap_or_default(),
+            job_id: a.job_id.clone(),
+            reason,
+            created_at: datetime(a.created_us),
+            seq,
+            replayed: true,
         }
     }
 }
@@ -556,6 +616,16 @@ pub struct AllocationDetails {
     /// Why the request failed (failed allocations only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How many times the lease was renewed (absent if never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub renewals: u32,
+    /// The bound on renewals: the deadline never passes creation + this (absent if unbounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_seconds: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl AllocationDetails {
@@ -609,6 +679,8 @@ impl AllocationDetails {
             is_expired: state == AllocationState::Expired,
             metadata: a.metadata.to_map(),
             error: a.error.clone(),
+            renewals: a.renewals,
+            max_lifetime_seconds: a.max_lifetime_seconds,
         }
     }
 }
@@ -734,6 +806,46 @@ pub struct CleanupReport {
     pub count: usize,
 }
 
+/// `renew_allocation`: the lease's new deadline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RenewReport {
+    /// The allocation renewed.
+    pub allocation_id: AllocationId,
+    /// Its job.
+    pub job_id: String,
+    /// Always `active`.
+    pub status: AllocationState,
+    /// The deadline before this renewal.
+    #[serde(with = "rfc3339_micros")]
+    pub previous_expires_at: DateTime<Utc>,
+    /// The deadline from now on.
+    #[serde(with = "rfc3339_micros")]
+    pub expires_at: DateTime<Utc>,
+    /// The lifetime this renewal counted from now.
+    pub ttl_seconds: u64,
+    /// Whether `max_lifetime_seconds` cut the deadline short of now + `ttl_seconds`.
+    pub capped_by_max_lifetime: bool,
+    /// Renewals so far, this one included.
+    pub renewals: u32,
+    /// Sequence number of the `renewed` event.
+    pub seq: u64,
+}
+
+/// `plan_request`: what `request_resources` would answer now, with nothing written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PlanReport {
+    /// Whether the request would be granted.
+    pub would_grant: bool,
+    /// The ledger's last sequence number: pass it as `expected_seq` to act only if nothing
+    /// changed in between.
+    pub current_seq: u64,
+    /// The answer a request would get now (`allocation_id` and `seq` are the ones it would
+    /// take if nothing else is written first; `replayed` if its idempotency key was decided).
+    pub outcome: RequestOutcome,
+}
+
 // The ledger's commands: a decision (domain/decide.rs) composed with the report it answers
 // with. Here, not in the domain, so the pure core never imports the report room.
 
@@ -754,6 +866,63 @@ pub(crate) fn decide_request_outcome(
             (vec![EventBody::Rejected(r)], report)
         }
     })
+}
+
+/// The answer to a request whose idempotency key `record` already decided, from its
+/// allocation `a` as it is at `now`.
+pub(crate) fn replayed_outcome(a: &Allocation, record: &KeyRecord, now: Micros) -> RequestOutcome {
+    debug_assert_eq!(a.id, record.allocation_id);
+    match record.rejected {
+        None => RequestOutcome::Granted(GrantReport::replayed(a, record.seq, now)),
+        Some(reason) => RequestOutcome::Failed(FailedReport::replayed(a, reason, record.seq)),
+    }
+}
+
+/// `plan_request` decided against `state` with the clock at `clock`: the report a request
+/// would get, nothing written; or the key's record when its allocation must be read from the
+/// log.
+pub(crate) fn plan_report(
+    state: &State,
+    clock: Micros,
+    req: &ResourceRequest,
+) -> Result<std::result::Result<PlanReport, KeyRecord>> {
+    let now = crate::domain::decide::next_event_ts(state, clock);
+    let current_seq = state.last_seq;
+    if let Some(record) = state.decide_replay(req, now)? {
+        let Some(a) = state.allocation(record.allocation_id) else { return Ok(Err(record)) };
+        let outcome = replayed_outcome(a, &record, now);
+        return Ok(Ok(PlanReport { would_grant: outcome.is_granted(), current_seq, outcome }));
+    }
+    let planned = state.plan_request(req, clock)?;
+    let outcome = match &planned.outcome {
+        Ok(g) => RequestOutcome::Granted(GrantReport::from_grant(g, planned.ts_us, planned.seq)),
+        Err(r) => RequestOutcome::Failed(FailedReport::from_rejection(r, planned.ts_us, planned.seq)),
+    };
+    Ok(Ok(PlanReport { would_grant: outcome.is_granted(), current_seq, outcome }))
+}
+
+/// A renewal decided against `state` at `ts`: the event and its report.
+pub(crate) fn decide_renewal(
+    state: &State,
+    ts: Micros,
+    id: AllocationId,
+    ttl_seconds: Option<u64>,
+) -> Result<(Vec<EventBody>, RenewReport)> {
+    let renewal = state.decide_renewal(id, ttl_seconds, ts)?;
+    let Some(a) = state.allocation(id) else { return Err(crate::Error::NotFound(id.to_string())) };
+    let wanted = ts + (renewal.ttl_seconds as i64) * crate::domain::clock::MICROS_PER_SECOND;
+    let report = RenewReport {
+        allocation_id: id,
+        job_id: a.job_id.clone(),
+        status: AllocationState::Active,
+        previous_expires_at: datetime(renewal.previous_deadline_us),
+        expires_at: datetime(renewal.deadline_us),
+        ttl_seconds: renewal.ttl_seconds,
+        capped_by_max_lifetime: renewal.deadline_us < wanted,
+        renewals: a.renewals.saturating_add(1),
+        seq: state.last_seq + 1,
+    };
+    Ok((vec![EventBody::Renewed(renewal)], report))
 }
 
 /// `release_resources` decided against `state` at `ts`. An unknown id (which may have ended

@@ -13,6 +13,7 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod contract;
 mod history;
 #[cfg(feature = "server")]
 mod serve;
@@ -22,7 +23,7 @@ mod serve;
     name = "allocation-ledger",
     version,
     about = "An event-sourced, durable ledger of worker slots and MCP servers for AI-agent jobs",
-    after_help = "Exit codes: 0 success, 1 other error, 2 invalid input, 3 not granted, 4 not found, 5 ledger locked, 6 ledger damaged."
+    after_help = "Exit codes: 0 success, 1 other error, 2 invalid input, 3 not granted, 4 not found, 5 ledger locked, 6 ledger damaged, 7 conflict (expected_seq), 8 not active."
 )]
 struct Cli {
     /// Ledger directory [default: $XDG_DATA_HOME/allocation-ledger, else ~/.local/share/allocation-ledger]
@@ -63,12 +64,18 @@ enum Command {
         /// A JSON object stored with the allocation
         #[arg(long, value_name = "JSON", allow_hyphen_values = true)]
         metadata: Option<String>,
+        #[command(flatten)]
+        contract: contract::RequestContract,
     },
-    /// Release an allocation
+    /// Release an allocation (safe to retry: an ended allocation is reported, nothing written)
     Release {
         /// alloc-xxxxxxxxxxxx
         allocation_id: String,
+        #[command(flatten)]
+        expect: contract::ExpectSeq,
     },
+    /// Renew an active allocation's lease: its deadline moves to now + the TTL
+    Renew(contract::RenewArgs),
     /// Show total, allocated and available capacity (now, or as of --at)
     Capacity {
         /// Show it as of this instant: RFC 3339 (2026-11-27T03:12:00Z) or relative (-15m, -2h, -1d)
@@ -92,7 +99,10 @@ enum Command {
         at: Option<String>,
     },
     /// Record the expiry of every allocation past its deadline
-    CleanupExpired,
+    CleanupExpired {
+        #[command(flatten)]
+        expect: contract::ExpectSeq,
+    },
     /// Print events as NDJSON
     Log {
         /// First sequence number
@@ -153,6 +163,9 @@ fn flag_for(field: &str) -> Option<&'static str> {
         "workers" => "--workers",
         "priority" => "--priority",
         "ttl_seconds" => "--ttl-seconds",
+        "idempotency_key" => "--idempotency-key",
+        "max_lifetime_seconds" => "--max-lifetime-seconds",
+        "expected_seq" => "--expected-seq",
         "metadata" => "--metadata",
         "mcp_servers" => "--mcp-server",
         "state" => "--state",
@@ -198,6 +211,7 @@ impl Out {
                 obj["status"] = "error".into();
                 obj["error"]["allocation_id"] = id.clone().into();
             }
+            contract::error_fields(e, &mut obj["error"]);
             println!("{obj}");
         } else {
             eprintln!("error: {message}");
@@ -280,7 +294,7 @@ fn open_reader(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledge
 
 /// A snapshot written after a write (when one is due) may fail, on a full disk say, while the
 /// write itself succeeded: say so rather than stay silent.
-fn warn_snapshot_error(ledger: &Ledger) {
+pub(super) fn warn_snapshot_error(ledger: &Ledger) {
     if let Some(e) = ledger.status().last_snapshot_error {
         eprintln!("warning: writing a snapshot failed (the log is intact; the next open replays more of it): {e}");
     }
@@ -321,7 +335,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
     let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let config = &cli.config;
     match cli.command {
-        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata } => {
+        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, contract } => {
             let req = ResourceRequest {
                 job_id,
                 mcp_servers,
@@ -329,10 +343,16 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
                 priority: Priority::parse("priority", &priority)?,
                 ttl_seconds: ttl_seconds.as_deref().map(|t| parse_number("ttl_seconds", t, u64::MAX)).transpose()?,
                 metadata: parse_metadata(metadata)?,
+                idempotency_key: contract.idempotency_key.clone(),
+                max_lifetime_seconds: contract.max_lifetime_seconds()?,
             };
-            request(out, &open_writer(&dir, config)?, &req)
+            if contract.dry_run {
+                return contract::plan(out, &open_writer(&dir, config)?, &req);
+            }
+            request(out, &open_writer(&dir, config)?, &req, contract.expect.seq()?)
         }
-        Command::Release { allocation_id } => release(out, &dir, config, &allocation_id),
+        Command::Release { allocation_id, expect } => release(out, &dir, config, &allocation_id, expect.seq()?),
+        Command::Renew(args) => contract::renew(out, &open_writer(&dir, config)?, &args),
         Command::Capacity { at } => {
             let ledger = open_reader(&dir, config)?;
             let c = match at {
@@ -344,7 +364,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         }
         Command::Get { allocation_id } => get(out, &dir, config, allocation_id),
         Command::List { state, job_id, at } => list(out, &dir, config, state, job_id, at),
-        Command::CleanupExpired => cleanup_expired(out, &open_writer(&dir, config)?),
+        Command::CleanupExpired { expect } => cleanup_expired(out, &open_writer(&dir, config)?, expect.seq()?),
         Command::Log { from_seq, limit, since, until } if since.is_some() || until.is_some() => {
             let ledger = open_reader(&dir, config)?;
             history::log(&ledger, from_seq, limit, since.as_deref(), until.as_deref())
@@ -379,10 +399,18 @@ fn parse_metadata(metadata: Option<String>) -> allocation_ledger::Result<serde_j
     }
 }
 
-fn request(out: &Out, ledger: &Ledger, req: &ResourceRequest) -> allocation_ledger::Result<ExitCode> {
-    let outcome = ledger.request_resources(req)?;
+fn request(
+    out: &Out,
+    ledger: &Ledger,
+    req: &ResourceRequest,
+    expected_seq: Option<u64>,
+) -> allocation_ledger::Result<ExitCode> {
+    let outcome = match expected_seq {
+        Some(seq) => ledger.if_seq(seq).request_resources(req)?,
+        None => ledger.request_resources(req)?,
+    };
     warn_snapshot_error(ledger);
-    out.doc(&outcome, || human_request(&outcome))?;
+    out.doc(&outcome, || human_outcome(&outcome))?;
     Ok(if outcome.is_granted() { ExitCode::Ok } else { ExitCode::NotGranted })
 }
 
@@ -391,10 +419,14 @@ fn release(
     dir: &PathBuf,
     config: &Option<PathBuf>,
     allocation_id: &str,
+    expected_seq: Option<u64>,
 ) -> allocation_ledger::Result<ExitCode> {
     allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
     let ledger = open_writer(dir, config)?;
-    let r = ledger.release_resources(allocation_id)?;
+    let r = match expected_seq {
+        Some(seq) => ledger.if_seq(seq).release_resources(allocation_id)?,
+        None => ledger.release_resources(allocation_id)?,
+    };
     warn_snapshot_error(&ledger);
     out.doc(&r, || human_release(&r))?;
     Ok(ExitCode::Ok)
@@ -438,8 +470,11 @@ fn list(
     Ok(ExitCode::Ok)
 }
 
-fn cleanup_expired(out: &Out, ledger: &Ledger) -> allocation_ledger::Result<ExitCode> {
-    let r = ledger.cleanup_expired()?;
+fn cleanup_expired(out: &Out, ledger: &Ledger, expected_seq: Option<u64>) -> allocation_ledger::Result<ExitCode> {
+    let r = match expected_seq {
+        Some(seq) => ledger.if_seq(seq).cleanup_expired()?,
+        None => ledger.cleanup_expired()?,
+    };
     out.doc(&r, || {
         if r.count == 0 {
             "no allocations past their deadline".into()
@@ -491,7 +526,7 @@ fn repair(out: &Out, dir: &Path, force_truncate: bool, dry_run: bool) -> allocat
     Ok(if ok || (dry_run && report.refused.is_none()) { ExitCode::Ok } else { ExitCode::Damaged })
 }
 
-fn parse_number(field: &str, text: &str, max: u64) -> allocation_ledger::Result<u64> {
+pub(super) fn parse_number(field: &str, text: &str, max: u64) -> allocation_ledger::Result<u64> {
     text.trim()
         .parse::<u64>()
         .ok()
@@ -561,6 +596,22 @@ fn human_request(o: &RequestOutcome) -> String {
         }
         RequestOutcome::Failed(f) => format!("not granted ({} for job {}): {}", f.allocation_id, f.job_id, f.error),
     }
+}
+
+/// [`human_request`], saying so when the answer repeats an earlier decision.
+pub(super) fn human_outcome(o: &RequestOutcome) -> String {
+    let replayed = match o {
+        RequestOutcome::Granted(g) => g.replayed.then_some(g.seq),
+        RequestOutcome::Failed(f) => f.replayed.then_some(f.seq),
+    };
+    let mut s = human_request(o);
+    if let Some(seq) = replayed {
+        s = format!(
+            "{}\n(replayed: this idempotency key was decided by event {seq}; nothing was written)\n",
+            s.trim_end()
+        );
+    }
+    s
 }
 
 fn human_release(r: &ReleaseReport) -> String {

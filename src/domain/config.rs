@@ -32,6 +32,8 @@ const MIN_SEGMENT_SIZE_BYTES: u64 = 4096;
 const MAX_SEGMENT_SIZE_BYTES: u64 = 1 << 32;
 /// Most ended allocations memory may keep.
 const MAX_TERMINAL_RETAINED: u64 = 10_000_000;
+/// Longest idempotency window: 30 days (the key table's memory grows with it).
+const MAX_IDEMPOTENCY_WINDOW_SECONDS: u64 = 30 * 86_400;
 /// Highest TCP port; a pool's worker ports must stay at or below it.
 const MAX_PORT: u32 = 65_535;
 
@@ -129,6 +131,9 @@ pub struct Config {
     pub terminal_retained: u64,
     /// How much of the pool each priority must leave free.
     pub priority_reserve_percent: PriorityReservePercent,
+    /// How long a request's idempotency key is remembered: a retry within this window gets the
+    /// original outcome; after it, the key is new again.
+    pub idempotency_window_seconds: u64,
 }
 
 impl Default for Config {
@@ -154,6 +159,7 @@ impl Default for Config {
             segment_size_bytes: 64 * 1024 * 1024,
             terminal_retained: 1_000,
             priority_reserve_percent: PriorityReservePercent::default(),
+            idempotency_window_seconds: 86_400,
         }
     }
 }
@@ -310,6 +316,12 @@ impl Config {
             return Err(cfg_err(
                 "segment_size_bytes",
                 format!("must lie between {MIN_SEGMENT_SIZE_BYTES} and {MAX_SEGMENT_SIZE_BYTES}"),
+            ));
+        }
+        if !(1..=MAX_IDEMPOTENCY_WINDOW_SECONDS).contains(&self.idempotency_window_seconds) {
+            return Err(cfg_err(
+                "idempotency_window_seconds",
+                format!("must lie between 1 and {MAX_IDEMPOTENCY_WINDOW_SECONDS} (30 days)"),
             ));
         }
         if self.terminal_retained > MAX_TERMINAL_RETAINED {

@@ -9,7 +9,8 @@
 
 use crate::domain::clock::{Micros, MICROS_PER_SECOND};
 use crate::domain::config::Config;
-use crate::domain::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, WorkerGrant};
+use crate::domain::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, Renewal, WorkerGrant};
+use crate::domain::idempotency::{validate_idempotency_key, KeyRecord, RequestShape};
 use crate::domain::input::{validate, ResourceRequest, ValidRequest};
 use crate::domain::model::{cores, AllocationId, AllocationState, Priority, Resources};
 use crate::domain::state::{Allocation, State};
@@ -208,6 +209,8 @@ pub fn place(
             available: s.available,
             error: rejection_message(&s, &cost.usable, req.priority),
             metadata: valid.metadata,
+            idempotency_key: req.idempotency_key.clone(),
+            max_lifetime_seconds: req.max_lifetime_seconds,
         });
     }
     let workers = take_slots(state, req.workers);
@@ -221,6 +224,8 @@ pub fn place(
         mcp_servers: cost.mcp_servers,
         resources: cost.workers,
         metadata: valid.metadata,
+        idempotency_key: req.idempotency_key.clone(),
+        max_lifetime_seconds: req.max_lifetime_seconds,
     })
 }
 
@@ -243,7 +248,46 @@ fn take_slots(state: &State, count: u32) -> Vec<WorkerGrant> {
     workers
 }
 
+/// The timestamp the ledger gives its next event when its clock reads `clock`: strictly after
+/// the last event, even if the clock stepped back.
+pub fn next_event_ts(state: &State, clock: Micros) -> Micros {
+    clock.max(state.last_ts_us + 1)
+}
+
+/// A request decided without writing: what the ledger would record if it ran now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// The timestamp the event would get.
+    pub ts_us: Micros,
+    /// The sequence number it would get (after the expiries due now).
+    pub seq: u64,
+    /// The grant, or the rejection and why.
+    pub outcome: std::result::Result<Grant, Rejection>,
+}
+
 impl State {
+    /// What `request_resources` would decide with the clock at `clock`, writing nothing: the
+    /// expiries due then are folded into a copy first (as the real write records them first),
+    /// then the request is decided exactly as a write decides it.
+    pub fn plan_request(&self, req: &ResourceRequest, clock: Micros) -> Result<Planned> {
+        let due = self.due_for_expiry(next_event_ts(self, clock));
+        let expired;
+        let state = if due.is_empty() {
+            self
+        } else {
+            let mut copy = self.clone();
+            for (allocation_id, deadline_us) in due {
+                let ts = next_event_ts(&copy, clock);
+                copy.evolve_owned(copy.last_seq + 1, ts, EventBody::Expired { allocation_id, deadline_us });
+            }
+            expired = copy;
+            &expired
+        };
+        let ts_us = next_event_ts(state, clock);
+        let outcome = state.decide_grant(req, ts_us, state.next_allocation_id())?;
+        Ok(Planned { ts_us, seq: state.last_seq + 1, outcome })
+    }
+
     /// Validates a request and decides it against this state at `now` (the event's timestamp).
     /// Invalid input is an error and no event; a request the pool cannot hold is a `Rejected`
     /// event. The caller must have written pending expiries first.
@@ -291,6 +335,78 @@ impl State {
             return Err(Error::invalid("config", "the new totals are below what active allocations hold now"));
         }
         Ok(EventBody::ConfigChanged { config })
+    }
+
+    /// The idempotency rule, checked before anything else (a retry is answered even when its
+    /// `expected_seq` is stale): `Some` is the decision the request's key already has, to be
+    /// answered again with nothing written; `None`, the request is new (no key, or one not seen
+    /// within the window). The same key with a different request is invalid input.
+    pub fn decide_replay(&self, req: &ResourceRequest, now: Micros) -> Result<Option<KeyRecord>> {
+        let Some(key) = &req.idempotency_key else { return Ok(None) };
+        validate_idempotency_key("idempotency_key", key)?;
+        let Some(record) = self.keys.get(key, now, self.config.idempotency_window_seconds) else { return Ok(None) };
+        // Fingerprinted as decided (the lifetime resolved), without the rest of validation: a
+        // retry is answered even if the config has changed since.
+        let names: Vec<&str> = req.mcp_servers.iter().map(String::as_str).collect();
+        let metadata = crate::domain::model::Metadata::from_map(&req.metadata);
+        let shape = RequestShape {
+            job_id: &req.job_id,
+            workers: req.workers,
+            mcp_servers: &names,
+            priority: req.priority,
+            ttl_seconds: req.ttl_seconds.unwrap_or(self.config.default_ttl_seconds),
+            metadata: &metadata,
+            max_lifetime_seconds: req.max_lifetime_seconds,
+        };
+        if shape.fingerprint() != record.fingerprint {
+            return Err(Error::invalid(
+                "idempotency_key",
+                format!(
+                    "{key:?} was already used for a different request (allocation {}, event {}); a retry must repeat the request exactly, and a new request needs a new key",
+                    record.allocation_id, record.seq
+                ),
+            ));
+        }
+        Ok(Some(record))
+    }
+
+    /// The write precondition: `expected_seq`, if given, must be the last sequence number.
+    pub fn check_expected_seq(&self, expected_seq: Option<u64>) -> Result<()> {
+        match expected_seq {
+            Some(expected_seq) if expected_seq != self.last_seq => {
+                Err(Error::Conflict { expected_seq, current_seq: self.last_seq })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Decides a lease renewal of `id` at `now`: the deadline moves to `now + ttl` (the
+    /// allocation's own lifetime when `ttl_seconds` is `None`), within the config's TTL bounds
+    /// and never past creation + `max_lifetime_seconds`. The caller must have written pending
+    /// expiries first, so an allocation whose deadline is `now` has expired (log order decides).
+    pub fn decide_renewal(&self, id: AllocationId, ttl_seconds: Option<u64>, now: Micros) -> Result<Renewal> {
+        let a = self.allocation(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let state = a.state_at(now);
+        if state != AllocationState::Active {
+            return Err(Error::NotActive { allocation_id: id.to_string(), state: state.as_str().to_string() });
+        }
+        let cfg = &self.config;
+        let ttl = ttl_seconds.unwrap_or(a.ttl_seconds);
+        if ttl < cfg.min_ttl_seconds || ttl > cfg.max_ttl_seconds {
+            return Err(Error::invalid(
+                "ttl_seconds",
+                format!(
+                    "{ttl} is out of range; allowed values: {} to {} seconds",
+                    cfg.min_ttl_seconds, cfg.max_ttl_seconds
+                ),
+            ));
+        }
+        let mut deadline_us = now + (ttl as i64) * MICROS_PER_SECOND;
+        if let Some(end) = a.lifetime_end() {
+            deadline_us = deadline_us.min(end);
+        }
+        debug_assert!(deadline_us > now, "an active allocation's lifetime end is after now");
+        Ok(Renewal { allocation_id: id, previous_deadline_us: a.deadline_us, deadline_us, ttl_seconds: ttl })
     }
 
     /// The id of the allocation the next event would decide (derived from its sequence number).

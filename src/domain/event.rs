@@ -7,7 +7,9 @@ use crate::domain::model::{AllocationId, Metadata, Priority, Resources};
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the event schema changes; old versions stay readable.
-pub const EVENT_SCHEMA_VERSION: u32 = 1;
+/// 2: `granted`/`rejected` carry `idempotency_key` and `max_lifetime_seconds` (both optional),
+/// and the `renewed` event exists.
+pub const EVENT_SCHEMA_VERSION: u32 = 2;
 
 /// One logged fact: what happened, when, in which schema version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +56,21 @@ pub enum EventBody {
         /// Its deadline: when it stopped holding resources.
         deadline_us: Micros,
     },
+    /// An active allocation's lease was renewed: its deadline moved.
+    Renewed(Renewal),
+}
+
+/// What a renewal decided: the deadline before and after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewal {
+    /// The allocation renewed.
+    pub allocation_id: AllocationId,
+    /// Its deadline before this renewal.
+    pub previous_deadline_us: Micros,
+    /// Its deadline from now on.
+    pub deadline_us: Micros,
+    /// The lifetime asked for, counted from the renewal.
+    pub ttl_seconds: u64,
 }
 
 /// One worker slot as a grant hands it out.
@@ -114,6 +131,12 @@ pub struct Grant {
     /// The request's metadata.
     #[serde(default, skip_serializing_if = "Metadata::is_empty")]
     pub metadata: Metadata,
+    /// The caller's retry key: the same key with the same request returns this outcome again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Renewals never move the deadline past creation + this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_seconds: Option<u64>,
 }
 
 /// Which resource a rejected request needed more of than its priority may take.
@@ -192,6 +215,12 @@ pub struct Rejection {
     /// The request's metadata.
     #[serde(default, skip_serializing_if = "Metadata::is_empty")]
     pub metadata: Metadata,
+    /// The caller's retry key (see [`Grant::idempotency_key`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The lifetime bound the request asked for (see [`Grant::max_lifetime_seconds`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_seconds: Option<u64>,
 }
 
 impl EventBody {
@@ -204,6 +233,7 @@ impl EventBody {
             EventBody::Rejected(_) => "rejected",
             EventBody::Released { .. } => "released",
             EventBody::Expired { .. } => "expired",
+            EventBody::Renewed(_) => "renewed",
         }
     }
 
@@ -213,6 +243,7 @@ impl EventBody {
             EventBody::Granted(g) => Some(g.allocation_id),
             EventBody::Rejected(r) => Some(r.allocation_id),
             EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => Some(*allocation_id),
+            EventBody::Renewed(r) => Some(r.allocation_id),
             _ => None,
         }
     }
@@ -237,6 +268,7 @@ impl Event {
             EventBody::Expired { allocation_id, deadline_us } => {
                 self.encode_lean(&mut out, &ExpiredOut { allocation_id, deadline_us });
             }
+            EventBody::Renewed(r) => self.encode_lean(&mut out, r),
             EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => put_json(&mut out, self),
         }
         debug_assert!(serde_json::to_vec(self).is_ok_and(|general| general == out), "lean encoding differs");
@@ -309,6 +341,10 @@ struct GrantedWire<'a> {
     resources: Resources,
     #[serde(default, borrow)]
     metadata: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    max_lifetime_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -325,6 +361,10 @@ struct RejectedWire<'a> {
     error: String,
     #[serde(default, borrow)]
     metadata: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    max_lifetime_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -367,6 +407,8 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
                 mcp_servers: w.mcp_servers,
                 resources: w.resources,
                 metadata: lean_metadata(w.metadata)?,
+                idempotency_key: w.idempotency_key,
+                max_lifetime_seconds: w.max_lifetime_seconds,
             })
         }
         b"rejected" => {
@@ -383,6 +425,8 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
                 available: w.available,
                 error: w.error,
                 metadata: lean_metadata(w.metadata)?,
+                idempotency_key: w.idempotency_key,
+                max_lifetime_seconds: w.max_lifetime_seconds,
             })
         }
         b"released" => {
@@ -393,6 +437,7 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
             let b: ExpiredWire = serde_json::from_slice(bytes).ok()?;
             EventBody::Expired { allocation_id: b.allocation_id, deadline_us: b.deadline_us }
         }
+        b"renewed" => EventBody::Renewed(serde_json::from_slice(bytes).ok()?),
         _ => return None,
     };
     Some(Event { v: u32::try_from(v).ok()?, ts_us: Micros::from_micros(ts_us), body })
@@ -465,6 +510,8 @@ mod tests {
                     }],
                     resources: Resources { cpu_millicores: 1000, memory_mib: 2048, workers: 1 },
                     metadata: metadata.into(),
+                    idempotency_key: Some("retry-\"7\"".into()),
+                    max_lifetime_seconds: Some(86_400),
                 }),
             ),
             Event::new(
@@ -481,12 +528,23 @@ mod tests {
                     available: 3,
                     error: "Insufficient workers: requested 5, available 3".into(),
                     metadata: Default::default(),
+                    idempotency_key: None,
+                    max_lifetime_seconds: None,
                 }),
             ),
             Event::new(Micros::from_micros(8), EventBody::Released { allocation_id: id }),
             Event::new(
                 Micros::from_micros(9),
                 EventBody::Expired { allocation_id: id, deadline_us: Micros::from_micros(8) },
+            ),
+            Event::new(
+                Micros::from_micros(10),
+                EventBody::Renewed(Renewal {
+                    allocation_id: id,
+                    previous_deadline_us: Micros::from_micros(60_000_005),
+                    deadline_us: Micros::from_micros(120_000_010),
+                    ttl_seconds: 120,
+                }),
             ),
         ]
     }

@@ -23,6 +23,12 @@ pub struct ResourceRequest {
     pub ttl_seconds: Option<u64>,
     /// Free-form JSON stored with the allocation and shown back.
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The caller's retry key (1 to 128 printable bytes, e.g. a UUID): a retry with the same key
+    /// and the same request gets the original outcome and writes nothing.
+    pub idempotency_key: Option<String>,
+    /// Renewals never move the deadline past the grant's time plus this; `None`: no bound
+    /// beyond `max_ttl_seconds` per renewal.
+    pub max_lifetime_seconds: Option<u64>,
 }
 
 impl ResourceRequest {
@@ -61,27 +67,56 @@ impl ResourceRequest {
         self
     }
 
+    /// Sets the idempotency key.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Bounds the allocation's lifetime across renewals.
+    pub fn max_lifetime_seconds(mut self, seconds: u64) -> Self {
+        self.max_lifetime_seconds = Some(seconds);
+        self
+    }
+
     /// Builds a request from JSON arguments (the MCP tool's), checking each field's type.
     /// Unknown fields are rejected so that a typo does not silently fall back to a default.
     pub fn from_json(args: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
-        reject_unknown_arguments(args)?;
+        reject_unknown_arguments(args, REQUEST_ARGUMENTS)?;
+        Self::from_known_json(args)
+    }
+
+    /// [`ResourceRequest::from_json`] for a tool call that may also carry the write's
+    /// precondition `expected_seq` (see `Ledger::if_seq`).
+    pub fn from_tool_arguments(args: &serde_json::Map<String, serde_json::Value>) -> Result<(Self, Option<u64>)> {
+        reject_unknown_arguments(args, TOOL_ARGUMENTS)?;
+        Ok((Self::from_known_json(args)?, json_expected_seq(args.get("expected_seq"))?))
+    }
+
+    fn from_known_json(args: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
         Ok(ResourceRequest {
             job_id: json_job_id(args.get("job_id"))?,
             mcp_servers: json_mcp_servers(args.get("mcp_servers"))?,
             workers: json_workers(args.get("workers"))?,
             priority: json_priority(args.get("priority"))?,
-            ttl_seconds: json_ttl_seconds(args.get("ttl_seconds"))?,
+            ttl_seconds: json_seconds("ttl_seconds", args.get("ttl_seconds"))?,
             metadata: json_metadata(args.get("metadata"))?,
+            idempotency_key: json_idempotency_key(args.get("idempotency_key"))?,
+            max_lifetime_seconds: json_seconds("max_lifetime_seconds", args.get("max_lifetime_seconds"))?,
         })
     }
 }
 
-/// The arguments `request_resources` takes, as its errors list them.
-const KNOWN_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata";
+/// The fields of a request, as its errors list them.
+const REQUEST_ARGUMENTS: &str =
+    "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds";
+/// The arguments the `request_resources` tool takes.
+const TOOL_ARGUMENTS: &str =
+    "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, expected_seq";
 
-fn reject_unknown_arguments(args: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+fn reject_unknown_arguments(args: &serde_json::Map<String, serde_json::Value>, known: &str) -> Result<()> {
     for key in args.keys() {
-        if !KNOWN_ARGUMENTS.split(", ").any(|k| k == key) {
+        if !known.split(", ").any(|k| k == key) {
             // An empty name or one with control characters is shown quoted, so the field
             // is never blank or garbled.
             let shown = if key.is_empty() || key.chars().any(char::is_control) {
@@ -89,7 +124,7 @@ fn reject_unknown_arguments(args: &serde_json::Map<String, serde_json::Value>) -
             } else {
                 truncate(key)
             };
-            return Err(Error::invalid(shown, format!("unknown argument; allowed arguments: {KNOWN_ARGUMENTS}")));
+            return Err(Error::invalid(shown, format!("unknown argument; allowed arguments: {known}")));
         }
     }
     Ok(())
@@ -144,15 +179,40 @@ fn json_priority(v: Option<&serde_json::Value>) -> Result<Priority> {
     }
 }
 
-fn json_ttl_seconds(v: Option<&serde_json::Value>) -> Result<Option<u64>> {
+fn json_seconds(field: &str, v: Option<&serde_json::Value>) -> Result<Option<u64>> {
     use serde_json::Value;
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(t) => Ok(Some(t)),
-            None => Err(Error::invalid("ttl_seconds", format!("{n} is not allowed: use a whole number of seconds"))),
+            None => Err(Error::invalid(field, format!("{n} is not allowed: use a whole number of seconds"))),
         },
-        Some(other) => Err(type_err("ttl_seconds", "a whole number of seconds", other)),
+        Some(other) => Err(type_err(field, "a whole number of seconds", other)),
+    }
+}
+
+fn json_idempotency_key(v: Option<&serde_json::Value>) -> Result<Option<String>> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(type_err("idempotency_key", "a string of 1 to 128 printable bytes", other)),
+    }
+}
+
+/// An optional `expected_seq`: the write's precondition (see `Ledger::if_seq`).
+pub fn json_expected_seq(v: Option<&serde_json::Value>) -> Result<Option<u64>> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(seq) => Ok(Some(seq)),
+            None => Err(Error::invalid(
+                "expected_seq",
+                format!("{n} is not allowed: use the whole sequence number a read returned (current_seq)"),
+            )),
+        },
+        Some(other) => Err(type_err("expected_seq", "a whole number (a sequence number)", other)),
     }
 }
 
@@ -186,7 +246,27 @@ pub fn validate<'a>(req: &'a ResourceRequest, config: &Config) -> Result<ValidRe
     validate_workers(req, config)?;
     let ttl_seconds = validate_ttl(req.ttl_seconds, config)?;
     let metadata = validate_metadata(&req.metadata, config)?;
+    if let Some(key) = &req.idempotency_key {
+        crate::domain::idempotency::validate_idempotency_key("idempotency_key", key)?;
+    }
+    validate_max_lifetime(req.max_lifetime_seconds, ttl_seconds)?;
     Ok(ValidRequest { request: req, ttl_seconds, metadata })
+}
+
+/// Longest `max_lifetime_seconds`: ten years, as for `max_ttl_seconds`.
+const MAX_LIFETIME_LIMIT_SECONDS: u64 = 10 * 365 * 86_400;
+
+/// A lifetime bound at least as long as the first lease.
+fn validate_max_lifetime(max_lifetime_seconds: Option<u64>, ttl_seconds: u64) -> Result<()> {
+    match max_lifetime_seconds {
+        Some(m) if m < ttl_seconds || m > MAX_LIFETIME_LIMIT_SECONDS => Err(Error::invalid(
+            "max_lifetime_seconds",
+            format!(
+                "{m} is out of range; allowed values: the request's ttl_seconds ({ttl_seconds}) to {MAX_LIFETIME_LIMIT_SECONDS} seconds"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// At most [`MAX_MCP_SERVERS_PER_REQUEST`] names, each valid, each once, each in the catalog

@@ -9,6 +9,8 @@ pub mod config;
 pub mod decide;
 /// The event schema.
 pub mod event;
+/// Idempotency keys: the table of recent keys and the request fingerprint.
+pub mod idempotency;
 /// Request input: parsing and validation shared by CLI, MCP and library.
 pub mod input;
 /// Ids, priorities, states, resource amounts, metadata.

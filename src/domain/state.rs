@@ -5,7 +5,8 @@
 
 use crate::domain::clock::Micros;
 use crate::domain::config::Config;
-use crate::domain::event::{EventBody, Grant, McpGrant, Rejection, WorkerGrant};
+use crate::domain::event::{EventBody, Grant, McpGrant, Rejection, Renewal, WorkerGrant};
+use crate::domain::idempotency::{grant_fingerprint, rejection_fingerprint, KeyRecord, KeyTable};
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -72,6 +73,16 @@ pub struct Allocation {
     /// Why the request failed (failed allocations only).
     #[serde(default)]
     pub error: Option<String>,
+    /// Renewals never move the deadline past `created_us` + this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_seconds: Option<u64>,
+    /// How many times the lease was renewed (each a `renewed` event).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub renewals: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Allocation {
@@ -97,6 +108,8 @@ impl Allocation {
             resources: g.resources,
             metadata: g.metadata,
             error: None,
+            max_lifetime_seconds: g.max_lifetime_seconds,
+            renewals: 0,
         }
     }
 
@@ -128,7 +141,23 @@ impl Allocation {
             resources: Resources { workers: r.workers, ..Resources::default() },
             metadata: r.metadata.clone(),
             error: Some(r.error.clone()),
+            max_lifetime_seconds: r.max_lifetime_seconds,
+            renewals: 0,
         }
+    }
+
+    /// The latest deadline a renewal may give it (`None`: only `max_ttl_seconds` bounds each
+    /// renewal).
+    pub fn lifetime_end(&self) -> Option<Micros> {
+        let seconds = i64::try_from(self.max_lifetime_seconds?).unwrap_or(i64::MAX);
+        Some(self.created_us + seconds.saturating_mul(crate::domain::clock::MICROS_PER_SECOND))
+    }
+
+    /// Moves an active allocation's deadline (a renewal).
+    pub fn renew(&mut self, deadline_us: Micros) {
+        debug_assert_eq!(self.state, AllocationState::Active);
+        self.deadline_us = deadline_us;
+        self.renewals = self.renewals.saturating_add(1);
     }
 
     /// Moves an active allocation to a terminal state (a release, or an expiry at its deadline).
@@ -192,6 +221,9 @@ pub struct StateData {
     pub assigned_mcp_endpoints: BTreeMap<String, String>,
     /// How many endpoints have been assigned (the next one takes the next port).
     pub assigned_mcp_count: u64,
+    /// The idempotency keys within the window, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idempotency_keys: Vec<KeyRecord>,
 }
 
 /// The in-memory projection of the log.
@@ -227,6 +259,8 @@ pub struct State {
     ended: BTreeMap<u64, AllocationId>,
     /// Ended allocations dropped from memory (beyond `config.terminal_retained`).
     evicted: u64,
+    /// Idempotency keys decided within the config's window.
+    pub(super) keys: KeyTable,
     /// Events that did not apply cleanly (an anomaly counter; evolve never panics).
     pub anomalies: u64,
 }
@@ -252,6 +286,7 @@ impl State {
             allocated: Resources::default(),
             ended: BTreeMap::new(),
             evicted: 0,
+            keys: KeyTable::default(),
             anomalies: 0,
         }
     }
@@ -361,8 +396,20 @@ impl State {
                 self.apply_config(config);
             }
             EventBody::ConfigChanged { config } => self.apply_config(config),
-            EventBody::Granted(g) => self.apply_grant(ts_us, g),
-            EventBody::Rejected(r) => self.apply_rejection(seq, ts_us, &r),
+            EventBody::Granted(g) => {
+                let key = g.idempotency_key.as_ref().map(|k| (k.clone(), g.allocation_id, grant_fingerprint(&g)));
+                if self.apply_grant(ts_us, g) {
+                    self.remember_key(key, seq, ts_us, None);
+                }
+            }
+            EventBody::Rejected(r) => {
+                if self.apply_rejection(seq, ts_us, &r) {
+                    let key =
+                        r.idempotency_key.as_ref().map(|k| (k.clone(), r.allocation_id, rejection_fingerprint(&r)));
+                    self.remember_key(key, seq, ts_us, Some(r.reason));
+                }
+            }
+            EventBody::Renewed(r) => self.apply_renewal(&r),
             EventBody::Released { allocation_id } => {
                 self.apply_end(seq, allocation_id, ts_us, AllocationState::Released);
             }
@@ -371,7 +418,31 @@ impl State {
             }
         }
         self.evict_ended(graveyard);
+        self.keys.forget_older(ts_us, self.config.idempotency_window_seconds);
         debug_assert!(self.check_invariants().is_ok(), "{:?}", self.check_invariants());
+    }
+
+    /// Records the idempotency key of the request event `seq` decided, if it had one.
+    fn remember_key(
+        &mut self,
+        key: Option<(String, AllocationId, u64)>,
+        seq: u64,
+        ts_us: Micros,
+        rejected: Option<crate::domain::event::RejectReason>,
+    ) {
+        if let Some((key, allocation_id, fingerprint)) = key {
+            self.keys.insert(KeyRecord { key, ts_us, seq, allocation_id, rejected, fingerprint });
+        }
+    }
+
+    /// The idempotency keys remembered now.
+    pub fn idempotency_key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The record of an idempotency key decided within the window before `now`.
+    pub fn idempotency_key(&self, key: &str, now: Micros) -> Option<KeyRecord> {
+        self.keys.get(key, now, self.config.idempotency_window_seconds)
     }
 
     /// Drops the oldest ended allocations beyond `terminal_retained` (they stay in the log).
@@ -403,7 +474,7 @@ impl State {
         self.config = config;
     }
 
-    fn apply_grant(&mut self, ts_us: Micros, g: Grant) {
+    fn apply_grant(&mut self, ts_us: Micros, g: Grant) -> bool {
         // A grant must agree with itself (one entry per slot, as many slots as it says it holds)
         // and with the state (every slot free, the pool big enough for what it charges); one
         // that does not is an anomaly, not applied.
@@ -425,7 +496,7 @@ impl State {
             || g.workers.iter().any(|w| self.slots.get(w.slot as usize) != Some(&None))
         {
             self.anomalies += 1;
-            return;
+            return false;
         }
         for w in &g.workers {
             self.slots[w.slot as usize] = Some(g.allocation_id);
@@ -462,15 +533,35 @@ impl State {
         });
         self.by_deadline.insert((g.deadline_us, g.allocation_id));
         self.allocations.insert(g.allocation_id, Arc::new(Allocation::from_grant_owned(ts_us, g)));
+        true
     }
 
-    fn apply_rejection(&mut self, seq: u64, ts_us: Micros, r: &Rejection) {
+    fn apply_rejection(&mut self, seq: u64, ts_us: Micros, r: &Rejection) -> bool {
         if self.allocations.contains_key(&r.allocation_id) {
             self.anomalies += 1;
-            return;
+            return false;
         }
         self.ended.insert(seq, r.allocation_id);
         self.allocations.insert(r.allocation_id, Arc::new(Allocation::from_rejection(seq, ts_us, r)));
+        true
+    }
+
+    /// A renewal moves an active allocation's deadline (and its place in the expiry order);
+    /// one of an allocation that is not active, or that does not say the deadline it moves
+    /// from, is an anomaly.
+    fn apply_renewal(&mut self, r: &Renewal) {
+        let Some(shared) = self.allocations.get_mut(&r.allocation_id) else {
+            self.anomalies += 1;
+            return;
+        };
+        if shared.state != AllocationState::Active || shared.deadline_us != r.previous_deadline_us {
+            self.anomalies += 1;
+            return;
+        }
+        let a = Arc::make_mut(shared);
+        self.by_deadline.remove(&(a.deadline_us, a.id));
+        a.renew(r.deadline_us);
+        self.by_deadline.insert((a.deadline_us, a.id));
     }
 
     fn apply_end(&mut self, seq: u64, id: AllocationId, ended_us: Micros, to: AllocationState) {
@@ -616,6 +707,7 @@ impl State {
             evicted: self.evicted,
             assigned_mcp_endpoints: self.assigned_mcp_endpoints.clone(),
             assigned_mcp_count: self.assigned_mcp_count,
+            idempotency_keys: self.keys.records(),
         };
         (data, shared)
     }
@@ -669,6 +761,7 @@ impl StateLoader {
         s.assigned_mcp_endpoints = data.assigned_mcp_endpoints;
         s.assigned_mcp_count = data.assigned_mcp_count;
         s.evicted = data.evicted;
+        s.keys = KeyTable::from_records(data.idempotency_keys)?;
         s.allocations.reserve(expected.min(1 << 24));
         Ok(StateLoader { s })
     }

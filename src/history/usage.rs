@@ -257,7 +257,16 @@ impl<'a> UsageBuilder<'a> {
                 g.rejected += 1;
                 *g.rejections.entry(r.reason.as_str().to_string()).or_default() += 1;
             }
-            // An expiry ends the holding at the deadline, known from the grant.
+            // A renewal moves the end of the same holding: one allocation, one interval.
+            EventBody::Renewed(r) => {
+                if let Some(h) = self.holdings.get_mut(&r.allocation_id) {
+                    if h.released_at.is_none() {
+                        h.deadline = r.deadline_us;
+                    }
+                }
+            }
+            // An expiry ends the holding at the deadline, known from the grant or the last
+            // renewal.
             EventBody::Expired { .. } | EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => {}
         }
     }

@@ -14,46 +14,55 @@ use std::sync::MutexGuard;
 
 impl Ledger {
     /// Runs `decide` as a command (see `commit.rs`) and returns its result once its events are
-    /// durable; then writes the periodic snapshot if one is due.
-    pub(super) fn write<R: Send + 'static>(
+    /// durable; then writes the periodic snapshot if one is due. A first step, `check`, runs on
+    /// the state before anything is written (before the expiries that are due): it may answer
+    /// the command itself (an idempotent retry, an already-ended release) or refuse it (an
+    /// `expected_seq` conflict).
+    pub(super) fn write_checked<R: Send + 'static>(
         &self,
+        check: impl FnOnce(&State, Micros) -> Result<Option<R>> + Send + 'static,
         decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)> + Send + 'static,
     ) -> Result<R> {
         if self.shared.read_only {
             return Err(Error::ReadOnly);
         }
-        let result = self.submit_and_wait(move |ledger, core| ledger.run_command(core, decide));
+        let result = self.submit_and_wait(move |ledger, core| ledger.run_command(core, check, decide));
         if result.is_ok() {
             self.maybe_snapshot();
         }
         result
     }
 
-    /// The same command as `write`, as a future for async callers: the task that polls it may
+    /// The same command as `write_checked`, as a future for async callers: the task that polls it may
     /// run queued commands (a short hold of the core lock), but never waits for an fsync or a
     /// lock held across one. The fsyncs are left to the flusher thread, which wakes the task
     /// when its events are durable. Periodic snapshots are not written by the future (that is
     /// blocking file I/O); see [`Ledger::snapshot_if_due`].
-    pub(super) fn write_async<R: Send + 'static>(
+    pub(super) fn write_async_checked<R: Send + 'static>(
         &self,
+        check: impl FnOnce(&State, Micros) -> Result<Option<R>> + Send + 'static,
         decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)> + Send + 'static,
     ) -> Durable<R> {
         if self.shared.read_only {
             return Durable::ready(self, Err(Error::ReadOnly));
         }
-        self.submit(move |ledger, core| ledger.run_command(core, decide))
+        self.submit(move |ledger, core| ledger.run_command(core, check, decide))
     }
 
     /// One queued command, under the core lock. Returns its result and whether it appended.
     fn run_command<R>(
         &self,
         core: &mut Core,
+        check: impl FnOnce(&State, Micros) -> Result<Option<R>>,
         decide: impl FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)>,
     ) -> (Result<R>, bool) {
         let before = core.state.last_seq;
         let result = (|| {
             if let Some(why) = &core.poisoned {
                 return Err(Error::Poisoned(why.clone()));
+            }
+            if let Some(answer) = check(&core.state, self.next_ts(&core.state))? {
+                return Ok(answer);
             }
             let expired = self.expire_due(core)?;
             let ts = self.next_ts(&core.state);
@@ -83,7 +92,7 @@ impl Ledger {
 
     /// The timestamp the next event gets: the clock, but strictly after the last event.
     fn next_ts(&self, state: &State) -> Micros {
-        self.shared.clock.now_micros().max(state.last_ts_us + 1)
+        crate::domain::decide::next_event_ts(state, self.shared.clock.now_micros())
     }
 
     /// Appends one event and folds it into the state (and the capacity index, if built).

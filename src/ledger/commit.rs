@@ -738,7 +738,10 @@ mod tests {
         wait_for("the first caller to combine", || lock(&ledger.shared.commit.sync).combining);
         let panicking = std::thread::spawn(move || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                b.write(|_, _, _| -> Result<(Vec<EventBody>, ())> { panic!("boom in a command") })
+                b.write_checked(
+                    |_, _| Ok(None),
+                    |_, _, _| -> Result<(Vec<EventBody>, ())> { panic!("boom in a command") },
+                )
             }))
         });
         wait_for("the second command to queue", || lock(&ledger.shared.commit.sync).queue.len() == 1);

@@ -167,6 +167,8 @@ impl CapacityIndex {
             EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => {
                 self.end(*allocation_id);
             }
+            // Nothing changes hands at a renewal; the holding now ends at the new deadline.
+            EventBody::Renewed(r) => self.renew(r.allocation_id, r.deadline_us),
         }
         self.push_step(ts_us);
         true
@@ -208,6 +210,13 @@ impl CapacityIndex {
 
     fn end(&mut self, id: AllocationId) {
         end_in(&mut self.sweep, id);
+    }
+
+    fn renew(&mut self, id: AllocationId, deadline_us: Micros) {
+        let Some(held) = self.sweep.active.get_mut(&id) else { return };
+        self.sweep.deadlines.remove(&(held.deadline_us, id));
+        held.deadline_us = deadline_us;
+        self.sweep.deadlines.insert((deadline_us, id));
     }
 
     /// Ends every holding whose deadline is at or before `t`, with a step at each deadline.

@@ -13,12 +13,14 @@
 //! | `replay.rs` | folding the log's tail into a state (decoded on several threads when long) |
 //! | `apply.rs` | one write under the core lock: expire, decide, append |
 //! | `commit.rs` | the commit pipeline: combining, group commit, the flusher thread, [`Durable`] |
+//! | `contract.rs` | idempotent requests, lease renewal, plan and `expected_seq` ([`IfSeq`]) |
 //! | `snapshots.rs` | when a snapshot is due, and writing one |
 //! | `queries.rs` | reads of the state and of the log files |
 //! | `index.rs` | the capacity index (derived data the history room asks for) |
 
 mod apply;
 mod commit;
+mod contract;
 pub(crate) mod index;
 mod open;
 mod options;
@@ -27,6 +29,7 @@ mod replay;
 mod snapshots;
 
 pub use commit::Durable;
+pub use contract::IfSeq;
 pub use options::{LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 
 use crate::domain::clock::{Clock, Micros};
@@ -37,9 +40,10 @@ use crate::domain::model::{AllocationId, AllocationState};
 use crate::domain::state::{Allocation, State};
 use crate::log::storage::{LockGuard, Storage};
 use crate::log::wal::WalWriter;
-use crate::report::{already_ended_report, decide_release, decide_request_outcome};
+use crate::report::already_ended_report;
 use crate::report::{
-    AllocationDetails, AllocationSummary, CapacityReport, CleanupReport, ReleaseReport, RequestOutcome,
+    AllocationDetails, AllocationSummary, CapacityReport, CleanupReport, PlanReport, ReleaseReport, RenewReport,
+    RequestOutcome,
 };
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -205,26 +209,20 @@ impl Ledger {
     /// # Ok::<(), allocation_ledger::Error>(())
     /// ```
     pub fn request_resources(&self, req: &ResourceRequest) -> Result<RequestOutcome> {
-        // Owned: the command may run on another caller's thread (see `commit.rs`).
-        let req = req.clone();
-        self.write(move |state, ts, _| decide_request_outcome(state, ts, &req))
+        self.request_checked(req, None)
     }
 
     /// [`Ledger::request_resources`] for async callers: resolves once the outcome is durable.
+    /// A retry (same idempotency key) whose allocation has left memory resolves to `NotFound`:
+    /// reading the log is blocking, and [`Ledger::request_resources`] answers it.
     pub fn request_resources_async(&self, req: &ResourceRequest) -> Durable<RequestOutcome> {
-        let req = req.clone();
-        self.write_async(move |state, ts, _| decide_request_outcome(state, ts, &req))
+        self.request_checked_async(req, None)
     }
 
     /// `release_resources`. An unknown id is `NotFound`; an allocation already in a terminal
-    /// state is reported as such and nothing is written.
+    /// state is reported as such and nothing is written, so a release is safe to retry.
     pub fn release_resources(&self, allocation_id: &str) -> Result<ReleaseReport> {
-        let id = AllocationId::parse("allocation_id", allocation_id)?;
-        match self.write(move |state, ts, _| decide_release(state, ts, id)) {
-            // An allocation that ended long ago is no longer in memory; the log has it.
-            Err(Error::NotFound(_)) => self.release_not_in_memory(id),
-            other => other,
-        }
+        self.release_checked(allocation_id, None)
     }
 
     /// [`Ledger::release_resources`] for async callers, except for an allocation that ended so
@@ -232,10 +230,7 @@ impl Ledger {
     /// [`Ledger::release_not_in_memory`] (which reads the log: blocking) gives the answer the
     /// blocking call gives.
     pub fn release_resources_async(&self, allocation_id: &str) -> Durable<ReleaseReport> {
-        match AllocationId::parse("allocation_id", allocation_id) {
-            Ok(id) => self.write_async(move |state, ts, _| decide_release(state, ts, id)),
-            Err(e) => Durable::ready(self, Err(e)),
-        }
+        self.release_checked_async(allocation_id, None)
     }
 
     /// What `release_resources` answers for an id that is not in memory: the allocation's end,
@@ -250,25 +245,50 @@ impl Ledger {
         }
     }
 
+    /// `renew_allocation`: moves an active allocation's deadline to now + `ttl_seconds` (its
+    /// own lifetime if `None`), within the config's TTL bounds and its `max_lifetime_seconds`;
+    /// recorded as a `renewed` event. An allocation that has ended is [`Error::NotActive`]
+    /// (naming its state) and nothing is written; an allocation whose deadline is now has
+    /// expired (the expiry is written first).
+    ///
+    /// ```
+    /// use allocation_ledger::storage::MemoryStorage;
+    /// use allocation_ledger::{Ledger, OpenOptions, ResourceRequest};
+    /// use std::sync::Arc;
+    /// let ledger = Ledger::open_with("/l", OpenOptions::default().storage(Arc::new(MemoryStorage::new())))?;
+    /// let id = ledger.request_resources(&ResourceRequest::new("train").workers(1).ttl_seconds(600))?.allocation_id();
+    /// let renewed = ledger.renew_allocation(&id.to_string(), Some(1200))?;
+    /// assert!(renewed.expires_at > renewed.previous_expires_at);
+    /// ledger.release_resources(&id.to_string())?;
+    /// assert!(ledger.renew_allocation(&id.to_string(), None).is_err()); // released: not active
+    /// # Ok::<(), allocation_ledger::Error>(())
+    /// ```
+    pub fn renew_allocation(&self, allocation_id: &str, ttl_seconds: Option<u64>) -> Result<RenewReport> {
+        self.renew_checked(allocation_id, ttl_seconds, None)
+    }
+
+    /// `plan_request`: what [`Ledger::request_resources`] would answer now (grant with its
+    /// slots and endpoints, or the rejection's reason and message), and the ledger's
+    /// `current_seq`; nothing is written. Pass `current_seq` to [`Ledger::if_seq`] to act only
+    /// if nothing changed in between.
+    pub fn plan_request(&self, req: &ResourceRequest) -> Result<PlanReport> {
+        self.plan(req)
+    }
+
+    /// Writes that apply only while the ledger's last sequence number is `expected_seq` (the
+    /// `current_seq` a plan or a read returned); see [`IfSeq`].
+    pub fn if_seq(&self, expected_seq: u64) -> IfSeq<'_> {
+        IfSeq { ledger: self, expected_seq }
+    }
+
     /// `cleanup_expired`: writes the pending expiries and returns their ids.
     pub fn cleanup_expired(&self) -> Result<CleanupReport> {
-        self.write(|_, _, expired| {
-            Ok((Vec::new(), CleanupReport { cleaned_up: expired.to_vec(), count: expired.len() }))
-        })
+        self.cleanup_checked(None)
     }
 
     /// Records a new config (validated against what is held now).
     pub fn reconfigure(&self, config: Config) -> Result<u64> {
-        let seq = self.write(move |state, _, _| {
-            let body = state.decide_config_change(config)?;
-            Ok((vec![body], state.last_seq + 1))
-        })?;
-        let mut core = lock(&self.shared.core);
-        let size = core.state.config.segment_size_bytes;
-        if let Some(w) = core.wal.as_mut() {
-            w.set_segment_size(size);
-        }
-        Ok(seq)
+        self.reconfigure_checked(config, None)
     }
 
     // ----- reads (queries.rs) -----

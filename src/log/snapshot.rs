@@ -17,6 +17,7 @@
 
 use crate::domain::clock::Micros;
 use crate::domain::event::{McpGrant, WorkerGrant};
+use crate::domain::idempotency::KeyRecord;
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::domain::state::{Allocation, State, StateData, StateLoader};
 use crate::log::fields;
@@ -30,7 +31,11 @@ use std::path::{Path, PathBuf};
 pub const MAGIC: &[u8; 8] = b"ALLOCSNP";
 /// 2: allocations carry `ended_seq` and the state records how many ended ones were evicted.
 /// 3: binary allocations after a JSON meta part that also records the log position.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: allocations may carry `max_lifetime_seconds` and `renewals` (two new flags), and the meta
+/// part the idempotency keys.
+pub const FORMAT_VERSION: u32 = 4;
+/// The first version with the binary payload (3 and 4 share the decoder: 4 adds flags).
+const BINARY_PAYLOAD_VERSION: u32 = 3;
 /// Oldest version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 2;
 /// The last version whose payload is the state's JSON.
@@ -180,6 +185,8 @@ struct MetaOut<'a> {
     assigned_mcp_endpoints: &'a BTreeMap<String, String>,
     assigned_mcp_count: u64,
     log_position: Option<LogPosition>,
+    #[serde(skip_serializing_if = "<[KeyRecord]>::is_empty")]
+    idempotency_keys: &'a [KeyRecord],
 }
 
 #[derive(Deserialize)]
@@ -194,6 +201,8 @@ struct MetaIn {
     assigned_mcp_count: u64,
     #[serde(default)]
     log_position: Option<LogPosition>,
+    #[serde(default)]
+    idempotency_keys: Vec<KeyRecord>,
 }
 
 /// A v3 snapshot of `state` without a log position.
@@ -237,6 +246,7 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
         assigned_mcp_endpoints: &state.assigned_mcp_endpoints,
         assigned_mcp_count: state.assigned_mcp_count,
         log_position: position,
+        idempotency_keys: &state.idempotency_keys,
     })
     .expect("snapshot meta serializes");
     // The payload goes straight after room for the header (filled in last): a large state's
@@ -280,6 +290,7 @@ struct CachedEncoding {
     id: u64,
     state: AllocationState,
     ended_seq: Option<u64>,
+    renewals: u32,
     bytes: Box<[u8]>,
 }
 
@@ -311,7 +322,7 @@ pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
         // Entries before this one belong to allocations that left the state.
         while old.next_if(|c| (c.created_us, c.id) < key).is_some() {}
         match old.next_if(|c| (c.created_us, c.id) == key) {
-            Some(c) if c.state == a.state && c.ended_seq == a.ended_seq => {
+            Some(c) if c.state == a.state && c.ended_seq == a.ended_seq && c.renewals == a.renewals => {
                 debug_assert!(
                     {
                         let mut fresh = Vec::new();
@@ -333,6 +344,7 @@ pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
                     id: key.1,
                     state: a.state,
                     ended_seq: a.ended_seq,
+                    renewals: a.renewals,
                     bytes,
                 });
             }
@@ -426,6 +438,7 @@ fn decode_v3(r: &mut impl Source, payload_len: usize, seq: u64) -> Result<(State
         evicted: meta.evicted,
         assigned_mcp_endpoints: meta.assigned_mcp_endpoints,
         assigned_mcp_count: meta.assigned_mcp_count,
+        idempotency_keys: meta.idempotency_keys,
     };
     let inconsistent = |e: String| format!("snapshot state is inconsistent: {e}");
     let mut loader = StateLoader::new(data, count as usize).map_err(inconsistent)?;
@@ -452,7 +465,7 @@ pub(crate) fn load_chunked(
     let file_len = storage.file_len(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let raw = storage.read_range(path, 0, HEADER_LEN).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let header = match SnapshotHeader::decode(&raw) {
-        Ok(header) if header.version == FORMAT_VERSION => header,
+        Ok(header) if (BINARY_PAYLOAD_VERSION..=FORMAT_VERSION).contains(&header.version) => header,
         _ => {
             // Short, not a snapshot, or an older version: the whole-file path says which.
             let bytes = storage.read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
@@ -496,12 +509,16 @@ pub(crate) fn load_chunked(
 // | mcp_servers: count u32, each: name str, endpoint str, cpu_millicores u64, memory_mib u64,
 //   flags u8 (1: assigned, 2: started)
 // | metadata str (compact JSON object, empty for none) | [error str]
+// | [max_lifetime_seconds u64 (flag 8, v4)] | [renewals u32 (flag 16, v4)]
 //
 // str = len u32 + UTF-8 bytes.
 
 const FLAG_ENDED_US: u8 = 1;
 const FLAG_ENDED_SEQ: u8 = 2;
 const FLAG_ERROR: u8 = 4;
+/// Version 4 only: the allocation has a lifetime bound; it was renewed.
+const FLAG_MAX_LIFETIME: u8 = 8;
+const FLAG_RENEWALS: u8 = 16;
 /// MCP server flags: this grant gave the name its endpoint; no other allocation was using it.
 const MCP_FLAG_ASSIGNED: u8 = 1;
 const MCP_FLAG_STARTED: u8 = 2;
@@ -567,7 +584,9 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
     out.push(state_code(a.state));
     let flags = if a.ended_us.is_some() { FLAG_ENDED_US } else { 0 }
         | if a.ended_seq.is_some() { FLAG_ENDED_SEQ } else { 0 }
-        | if a.error.is_some() { FLAG_ERROR } else { 0 };
+        | if a.error.is_some() { FLAG_ERROR } else { 0 }
+        | if a.max_lifetime_seconds.is_some() { FLAG_MAX_LIFETIME } else { 0 }
+        | if a.renewals > 0 { FLAG_RENEWALS } else { 0 };
     out.push(flags);
     out.extend_from_slice(&a.ttl_seconds.to_le_bytes());
     out.extend_from_slice(&a.created_us.as_micros().to_le_bytes());
@@ -600,6 +619,12 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
     put_str(out, if a.metadata.is_empty() { "" } else { a.metadata.as_json() });
     if let Some(e) = &a.error {
         put_str(out, e);
+    }
+    if let Some(m) = a.max_lifetime_seconds {
+        out.extend_from_slice(&m.to_le_bytes());
+    }
+    if a.renewals > 0 {
+        out.extend_from_slice(&a.renewals.to_le_bytes());
     }
 }
 
@@ -743,7 +768,7 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     let priority = from_code(&PRIORITY_CODES, r.u8()?, "priority")?;
     let state = from_code(&STATE_CODES, r.u8()?, "state")?;
     let flags = r.u8()?;
-    if flags & !(FLAG_ENDED_US | FLAG_ENDED_SEQ | FLAG_ERROR) != 0 {
+    if flags & !(FLAG_ENDED_US | FLAG_ENDED_SEQ | FLAG_ERROR | FLAG_MAX_LIFETIME | FLAG_RENEWALS) != 0 {
         return Err(format!("unknown flags {flags:#x}"));
     }
     let ttl_seconds = r.u64()?;
@@ -785,6 +810,8 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     let text = r.string()?;
     let metadata = if text.is_empty() { Metadata::default() } else { Metadata::from_json_text(text)? };
     let error = if flags & FLAG_ERROR != 0 { Some(r.string()?) } else { None };
+    let max_lifetime_seconds = if flags & FLAG_MAX_LIFETIME != 0 { Some(r.u64()?) } else { None };
+    let renewals = if flags & FLAG_RENEWALS != 0 { r.u32()? } else { 0 };
     Ok(Allocation {
         id,
         job_id,
@@ -800,6 +827,8 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
         resources,
         metadata,
         error,
+        max_lifetime_seconds,
+        renewals,
     })
 }
 

@@ -42,7 +42,7 @@ fn priority_description(config: &Config) -> String {
 
 /// The input schema of `request_resources`: the limits of `config` (pool size, TTL range,
 /// metadata size) stated where an agent reads them.
-fn request_input(config: &Config) -> Value {
+pub(crate) fn request_input(config: &Config) -> Value {
     json!({
         "type": "object",
         "properties": {
@@ -86,6 +86,18 @@ fn request_input(config: &Config) -> Value {
                 "type": "object",
                 "description": format!("Free-form JSON object stored with the allocation and shown by get_allocation (at most {} bytes as JSON), e.g. {{\"team\": \"infra\"}}.", config.max_metadata_bytes),
             },
+            "idempotency_key": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": crate::MAX_IDEMPOTENCY_KEY_BYTES,
+                "description": format!("Makes the call safe to retry: a fresh key (e.g. a UUID, 1 to {} printable bytes) per request. Calling again with the same key and the same arguments returns the original result (the same allocation_id, workers and endpoints, with replayed: true) and grants nothing new; the same key with different arguments is an error. Keys are remembered for {} seconds.", crate::MAX_IDEMPOTENCY_KEY_BYTES, config.idempotency_window_seconds),
+            },
+            "max_lifetime_seconds": {
+                "type": "integer",
+                "minimum": config.min_ttl_seconds,
+                "description": "Optional bound for renew_allocation: the allocation's deadline never moves past its creation plus this many seconds (at least ttl_seconds).",
+            },
+            "expected_seq": super::tools::contract::expected_seq_schema(),
         },
         "required": ["job_id", "mcp_servers"],
         "additionalProperties": false,
@@ -98,10 +110,15 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         "request_resources" => request_input(config),
         "release_resources" => json!({
             "type": "object",
-            "properties": { "allocation_id": allocation_id_arg("release") },
+            "properties": {
+                "allocation_id": allocation_id_arg("release"),
+                "expected_seq": super::tools::contract::expected_seq_schema(),
+            },
             "required": ["allocation_id"],
             "additionalProperties": false,
         }),
+        "renew_allocation" => super::tools::contract::renew_input(config),
+        "plan_request" => super::tools::contract::plan_input(config),
         "get_allocation" => json!({
             "type": "object",
             "properties": { "allocation_id": allocation_id_arg("show") },
@@ -134,7 +151,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         // cleanup_expired
         _ => json!({
             "type": "object",
-            "properties": {},
+            "properties": { "expected_seq": super::tools::contract::expected_seq_schema() },
             "additionalProperties": false,
         }),
     };
@@ -150,9 +167,12 @@ fn error_shape() -> Value {
         "properties": {
             "status": { "const": "error" },
             "error": { "type": "string", "description": "What went wrong; for invalid arguments it names the field and the allowed values. Unknown allocations: \"Allocation <id> not found\"." },
-            "kind": { "type": "string", "enum": ["invalid_input", "not_found", "locked", "damaged", "read_only", "poisoned", "no_ledger", "io"] },
+            "kind": { "type": "string", "enum": ["invalid_input", "not_found", "locked", "damaged", "read_only", "poisoned", "no_ledger", "conflict", "not_active", "io"] },
             "field": { "type": "string", "description": "The argument that was rejected (kind invalid_input)." },
-            "allocation_id": { "type": "string", "description": "The id that was not found (kind not_found)." },
+            "allocation_id": { "type": "string", "description": "The id that was not found (kind not_found) or is not active (kind not_active)." },
+            "state": { "type": "string", "description": "The allocation's state (kind not_active): released, expired or failed." },
+            "expected_seq": { "type": "integer", "description": "The expected_seq given (kind conflict)." },
+            "current_seq": { "type": "integer", "description": "The ledger's last sequence number now (kind conflict): read or plan again and retry with it." },
         },
         "required": ["status", "error"],
     })
@@ -213,7 +233,7 @@ fn granted() -> Value {
         "description": "The request was granted.",
         "properties": {
             "allocation_id": allocation_id_out(),
-            "status": { "const": "active" },
+            "status": { "type": "string", "enum": ["active", "released", "expired"], "description": "active for a grant made now; a replayed answer shows the allocation's state now." },
             "job_id": s("The job the allocation belongs to."),
             "priority": priority_out(),
             "mcp_servers": mcp_servers_out(),
@@ -247,6 +267,7 @@ fn granted() -> Value {
             "created_at": s("When the grant was recorded (RFC 3339, UTC)."),
             "expires_at": s("When the allocation expires unless released first (RFC 3339, UTC)."),
             "seq": int("Sequence number of the ledger event that recorded the grant."),
+            "replayed": { "type": "boolean", "description": "Present (true) when idempotency_key was decided before: this is the original grant, nothing new was granted." },
         },
         "required": ["allocation_id", "status", "job_id", "mcp_servers", "workers_allocated", "resources", "ttl_seconds", "created_at"],
     })
@@ -264,6 +285,7 @@ fn failed() -> Value {
             "reason": { "type": "string", "enum": ["insufficient_workers", "insufficient_cpu", "insufficient_memory"] },
             "created_at": s("When the rejection was recorded (RFC 3339, UTC)."),
             "seq": int("Sequence number of the ledger event that recorded the rejection."),
+            "replayed": { "type": "boolean", "description": "Present (true) when idempotency_key was decided before: this is the original rejection." },
         },
         "required": ["allocation_id", "status", "error"],
     })
@@ -420,6 +442,8 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "list_allocations" => with_error(vec![list()]),
         "cleanup_expired" => with_error(vec![cleanup()]),
         "allocation_history" => with_error(vec![super::tools::history::history_output()]),
+        "renew_allocation" => with_error(vec![super::tools::contract::renew_output()]),
+        "plan_request" => with_error(vec![super::tools::contract::plan_output(granted(), failed())]),
         "usage_report" => with_error(vec![super::tools::history::usage_output()]),
         other => unreachable!("no output schema for tool {other}"),
     }

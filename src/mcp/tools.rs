@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_util::task::TaskTracker;
 
+pub(super) mod contract;
 pub(super) mod history;
 
 /// One MCP handler instance (one per stdio session, HTTP session or stateless HTTP request);
@@ -32,7 +33,7 @@ impl LedgerTools {
     /// The tool list with input schemas that state the limits of `config` (TTL range, worker
     /// count) and output schemas that admit each tool's error shape too.
     pub(crate) fn router(config: &Config) -> ToolRouter<Self> {
-        let mut router = Self::tool_router() + Self::history_router();
+        let mut router = Self::tool_router() + Self::history_router() + Self::contract_router();
         for (name, route) in &mut router.map {
             route.attr.input_schema = schemas::input(name, config);
             route.attr.output_schema = Some(schemas::output(name));
@@ -89,6 +90,20 @@ fn error_value(e: &Error) -> Value {
             "kind": e.kind(),
             "allocation_id": id,
         }),
+        Error::Conflict { expected_seq, current_seq } => json!({
+            "status": "error",
+            "error": e.to_string(),
+            "kind": e.kind(),
+            "expected_seq": expected_seq,
+            "current_seq": current_seq,
+        }),
+        Error::NotActive { allocation_id, state } => json!({
+            "status": "error",
+            "error": e.to_string(),
+            "kind": e.kind(),
+            "allocation_id": allocation_id,
+            "state": state,
+        }),
         _ => json!({"status": "error", "error": e.to_string(), "kind": e.kind()}),
     }
 }
@@ -129,7 +144,12 @@ fn opt_str<'a>(args: &'a JsonObject, field: &str) -> Result<Option<&'a str>, Err
 }
 
 fn allocation_id_arg(args: &JsonObject) -> Result<String, Error> {
-    check_known(args, &["allocation_id"])?;
+    allocation_id_arg_and(args, &["allocation_id"])
+}
+
+/// `allocation_id` from a tool that takes `known` arguments.
+fn allocation_id_arg_and(args: &JsonObject, known: &[&str]) -> Result<String, Error> {
+    check_known(args, known)?;
     match opt_str(args, "allocation_id")? {
         Some(id) => Ok(id.to_string()),
         None => Err(Error::invalid(
@@ -153,7 +173,7 @@ fn kind_of(v: &Value) -> &'static str {
 #[tool_router]
 impl LedgerTools {
     #[tool(
-        description = "Reserve worker slots and MCP servers for a job. On success the result has status \"active\", an allocation_id (keep it to release the resources later), the granted workers with their endpoints, the MCP server endpoints, and the deadline (expires_at) after which the allocation expires by itself. If the pool cannot hold the request the result is an error with status \"failed\" and a message such as \"Insufficient workers: requested 5, available 3\" — call get_capacity, then retry with fewer workers or later. Invalid arguments give an error naming the field and the allowed values.",
+        description = "Reserve worker slots and MCP servers for a job. On success the result has status \"active\", an allocation_id (keep it to release the resources later), the granted workers with their endpoints, the MCP server endpoints, and the deadline (expires_at) after which the allocation expires by itself. If the pool cannot hold the request the result is an error with status \"failed\" and a message such as \"Insufficient workers: requested 5, available 3\" — call get_capacity, then retry with fewer workers or later. Invalid arguments give an error naming the field and the allowed values. Pass an idempotency_key (e.g. a UUID) to make retries safe: a retry with the same key returns the original result with replayed: true instead of granting twice. plan_request shows the outcome without reserving; expected_seq makes the request apply only if the ledger has not changed since.",
         annotations(
             title = "Request resources",
             read_only_hint = false,
@@ -163,13 +183,23 @@ impl LedgerTools {
         )
     )]
     async fn request_resources(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        let req = match ResourceRequest::from_json(&args) {
+        let (req, expected_seq) = match ResourceRequest::from_tool_arguments(&args) {
             Ok(r) => r,
             Err(e) => return tool_error(error_value(&e)),
         };
         // Awaited on the runtime, not on a blocking thread: waiting for the fsync costs a task,
         // and a flush covers every connected agent's grant at once.
-        let outcome = self.ledger.request_resources_async(&req).await;
+        let outcome = match expected_seq {
+            Some(seq) => self.ledger.if_seq(seq).request_resources_async(&req).await,
+            None => self.ledger.request_resources_async(&req).await,
+        };
+        let outcome = match outcome {
+            // A retry whose allocation left memory: the log has it (a blocking read).
+            Err(Error::NotFound(_)) if req.idempotency_key.is_some() => {
+                self.call(move |l| l.request_resources(&req)).await?
+            }
+            other => other,
+        };
         self.snapshot_if_due();
         match outcome {
             Ok(RequestOutcome::Granted(g)) => ok(g),
@@ -183,7 +213,7 @@ impl LedgerTools {
     }
 
     #[tool(
-        description = "Release an allocation: its workers and MCP servers return to the pool. Returns status \"released\" with workers_released, cpu_freed, memory_freed and duration_seconds. Releasing an allocation that already ended is not an error: status is then \"already_released\", \"already_expired\" or \"already_failed\" and nothing changes. An unknown allocation_id is an error: \"Allocation <id> not found\".",
+        description = "Release an allocation: its workers and MCP servers return to the pool. Returns status \"released\" with workers_released, cpu_freed, memory_freed and duration_seconds. Safe to retry: releasing an allocation that already ended is not an error: status is then \"already_released\", \"already_expired\" or \"already_failed\" and nothing changes. An unknown allocation_id is an error: \"Allocation <id> not found\".",
         annotations(
             title = "Release resources",
             read_only_hint = false,
@@ -193,15 +223,19 @@ impl LedgerTools {
         )
     )]
     async fn release_resources(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        let id = match allocation_id_arg(&args) {
-            Ok(id) => id,
+        let parsed = allocation_id_arg_and(&args, &["allocation_id", "expected_seq"]).and_then(|id| {
+            let parsed = crate::AllocationId::parse("allocation_id", &id)?;
+            Ok((id, parsed, contract::expected_seq_arg(&args)?))
+        });
+        let (id, parsed, expected_seq) = match parsed {
+            Ok(x) => x,
             Err(e) => return tool_error(error_value(&e)),
         };
-        let parsed = match crate::AllocationId::parse("allocation_id", &id) {
-            Ok(parsed) => parsed,
-            Err(e) => return tool_error(error_value(&e)),
+        let released = match expected_seq {
+            Some(seq) => self.ledger.if_seq(seq).release_resources_async(&id).await,
+            None => self.ledger.release_resources_async(&id).await,
         };
-        let released = match self.ledger.release_resources_async(&id).await {
+        let released = match released {
             // Ended so long ago that it left memory: the log has it (a blocking read).
             Err(Error::NotFound(_)) => self.call(move |l| l.release_not_in_memory(parsed)).await?,
             other => other,
@@ -295,10 +329,18 @@ impl LedgerTools {
         )
     )]
     async fn cleanup_expired(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        if let Err(e) = check_known(&args, &[]) {
-            return tool_error(error_value(&e));
-        }
-        from_ledger(self.call(super::super::ledger::Ledger::cleanup_expired).await?)
+        let expected_seq = match check_known(&args, &["expected_seq"]).and_then(|()| contract::expected_seq_arg(&args))
+        {
+            Ok(seq) => seq,
+            Err(e) => return tool_error(error_value(&e)),
+        };
+        from_ledger(
+            self.call(move |l| match expected_seq {
+                Some(seq) => l.if_seq(seq).cleanup_expired(),
+                None => l.cleanup_expired(),
+            })
+            .await?,
+        )
     }
 }
 

@@ -98,13 +98,17 @@ pub fn rebuild_allocations(
         }
         let ev = Event::decode(payload)?;
         // The only allocation wanted has ended: nothing later is about it.
-        let done = filter
-            .allocation_id
-            .is_some_and(|id| !matches!(ev.body, EventBody::Granted(_)) && ev.body.allocation_id() == Some(id));
+        let done =
+            filter.allocation_id.is_some_and(|id| ends_allocation(&ev.body) && ev.body.allocation_id() == Some(id));
         fold_rebuilt(&mut found, |id| filter.skips(id), filter.job_id, pos.seq, ev);
         Ok(!done)
     })?;
     Ok(found)
+}
+
+/// Whether `body` leaves its allocation in a terminal state (nothing later is about it).
+fn ends_allocation(body: &EventBody) -> bool {
+    matches!(body, EventBody::Rejected(_) | EventBody::Released { .. } | EventBody::Expired { .. })
 }
 
 /// Folds one logged event into allocations being rebuilt from the log: grants and rejections
@@ -131,6 +135,11 @@ fn fold_rebuilt(
         EventBody::Expired { allocation_id, deadline_us } => {
             if let Some(a) = found.get_mut(&allocation_id).filter(|a| a.state == AllocationState::Active) {
                 a.end(seq, deadline_us, AllocationState::Expired);
+            }
+        }
+        EventBody::Renewed(r) => {
+            if let Some(a) = found.get_mut(&r.allocation_id).filter(|a| a.state == AllocationState::Active) {
+                a.renew(r.deadline_us);
             }
         }
         _ => {}
