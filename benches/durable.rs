@@ -263,8 +263,27 @@ fn raw_group_commit_threads(callers: usize, record: &[u8], dur: Duration) -> Rat
     Rate::of(n, elapsed, &lat, syncs.load(Ordering::Relaxed), 0)
 }
 
+/// A grant request with an idempotency key, as a retrying scheduler sends it (a UUID-sized key).
+fn keyed_grant_request(i: u64) -> ResourceRequest {
+    grant_request(i).idempotency_key(format!(
+        "{:032x}-retry",
+        u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+    ))
+}
+
 /// `callers` threads, each with its own clone of one ledger, granting 1 worker per call.
 fn ledger_grants(callers: usize, dur: Duration, storage: Arc<CountingStorage>, config: Config) -> Rate {
+    ledger_grants_of(callers, dur, storage, config, grant_request)
+}
+
+/// [`ledger_grants`] with the requests `make` builds.
+fn ledger_grants_of(
+    callers: usize,
+    dur: Duration,
+    storage: Arc<CountingStorage>,
+    config: Config,
+    make: fn(u64) -> ResourceRequest,
+) -> Rate {
     let dir = scratch_dir("ledger-");
     let ledger = Ledger::open_with(dir.path(), OpenOptions::default().config(config).storage(storage.clone()))
         .expect("opening the benchmark ledger");
@@ -277,7 +296,7 @@ fn ledger_grants(callers: usize, dur: Duration, storage: Arc<CountingStorage>, c
         if k >= BUDGET {
             return false;
         }
-        match handles[t].request_resources(&grant_request(k)).expect("a durable grant") {
+        match handles[t].request_resources(&make(k)).expect("a durable grant") {
             RequestOutcome::Granted(_) => true,
             RequestOutcome::Failed(f) => panic!("the benchmark pool rejected a grant: {}", f.error),
         }
@@ -479,6 +498,103 @@ fn spread(rates: &[Rate]) -> String {
 
 fn all_lat(rates: &[Rate]) -> Samples {
     Samples::new(rates.iter().flat_map(|r| r.lat.values().iter().copied()).collect())
+}
+
+/// Issue 15: 64-caller durable grants with an idempotency key on every request against the same
+/// without keys (same run, interleaved rounds), and what the key table costs in memory.
+fn keys_section(report: &mut Report, rounds_n: usize, dur_n: Duration, quick: bool) {
+    report.section("Durable grants with idempotency keys (issue 15)");
+    let (mut plain, mut keyed) = (Vec::new(), Vec::new());
+    for round in 0..rounds_n {
+        // Alternating which goes first, so neither always meets the disk the other left.
+        let run = |make: fn(u64) -> ResourceRequest| {
+            ledger_grants_of(64, dur_n, CountingStorage::real(), pool_config(), make)
+        };
+        if round % 2 == 0 {
+            plain.push(run(grant_request));
+            keyed.push(run(keyed_grant_request));
+        } else {
+            keyed.push(run(keyed_grant_request));
+            plain.push(run(grant_request));
+        }
+        eprintln!(
+            "[durable] keys, round {}/{rounds_n}: without {}  with {}",
+            round + 1,
+            fmt_rate(plain[round].per_s),
+            fmt_rate(keyed[round].per_s)
+        );
+    }
+    let r = ratio(&keyed, &plain);
+    report.row(Row {
+        id: "ledger_64_keyed".into(),
+        what: "ledger, 64 threads, an idempotency key on every request".into(),
+        value: med(&keyed),
+        unit: "grants/s".into(),
+        shown: fmt_rate(med(&keyed)),
+        against: format!("without keys {}", fmt_rate(med(&plain))),
+        ratio: Some(r),
+        target: ">= 0.90x without keys".into(),
+        met: Some(r >= 0.9),
+    });
+    report.note(format!(
+        "{rounds_n} rounds of {:.1} s each, the two variants back to back in alternating order; the ratio is the median          of the per-round ratios. Spread: without {}, with {}.",
+        dur_n.as_secs_f64(),
+        spread(&plain),
+        spread(&keyed)
+    ));
+    // The CPU the keys add, without the fsync that dominates the rate above.
+    let cpu_dur = if quick { Duration::from_millis(200) } else { Duration::from_secs(1) };
+    let (mut plain_cpu, mut keyed_cpu) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        plain_cpu.push(ledger_grants_of(64, cpu_dur, CountingStorage::no_sync(), pool_config(), grant_request));
+        keyed_cpu.push(ledger_grants_of(64, cpu_dur, CountingStorage::no_sync(), pool_config(), keyed_grant_request));
+    }
+    let (p, k) = (med(&plain_cpu), med(&keyed_cpu));
+    report.value(
+        "cpu_64_keyed",
+        "ledger, 64 threads, no fdatasync: grants/s with keys vs without (µs per grant), median of 3",
+        k,
+        "grants/s",
+        format!(
+            "{} ({:.1} µs) vs {} ({:.1} µs): {:.2}x",
+            fmt_rate(k),
+            1e6 / k,
+            fmt_rate(p),
+            1e6 / p,
+            ratio(&keyed_cpu, &plain_cpu)
+        ),
+    );
+    let n = if quick { 10_000 } else { 100_000 };
+    let (keys, table_bytes) = key_table_cost(n);
+    report.value(
+        "key_table_bytes_per_100k",
+        &format!("memory of the idempotency key table per 100,000 keys (measured with {n} keys of 38 bytes)"),
+        table_bytes as f64 * 100_000.0 / keys as f64,
+        "bytes",
+        format!(
+            "{:.1} MiB ({:.0} bytes per key; the table holds only keys within idempotency_window_seconds)",
+            table_bytes as f64 * 100_000.0 / keys as f64 / 1_048_576.0,
+            table_bytes as f64 / keys as f64
+        ),
+    );
+}
+
+/// Folds `n` keyed grants, each released right away, into a state: how many keys it then
+/// remembers and the heap its key table holds.
+fn key_table_cost(n: u64) -> (usize, usize) {
+    let mut state = created_state();
+    let mut ts = state.last_ts_us;
+    for i in 0..n {
+        let seq = state.last_seq + 1;
+        ts = allocation_ledger::Micros::from_micros(ts.as_micros() + 1000);
+        let id = state.next_allocation_id();
+        let outcome = state.decide_grant(&keyed_grant_request(i), ts, id).expect("a valid request");
+        let grant = outcome.expect("the pool holds one worker");
+        state.evolve_owned(seq, ts, EventBody::Granted(grant));
+        ts = allocation_ledger::Micros::from_micros(ts.as_micros() + 1000);
+        state.evolve_owned(seq + 1, ts, EventBody::Released { allocation_id: id });
+    }
+    (state.idempotency_key_count(), state.idempotency_heap_bytes())
 }
 
 fn main() {
@@ -817,6 +933,9 @@ fn main() {
             spread(&task64),
             spread(&sql1000)
         ));
+    }
+    if want("keys") {
+        keys_section(&mut report, rounds_n, dur_n, quick);
     }
     if want("profile64") {
         // Only the 64-caller ledger run, for profiling (`perf record`, `perf stat`).

@@ -165,7 +165,7 @@ impl GrantReport {
     }
 
     /// The answer to a retry of the grant that created `a` (event `seq`), as `a` is at `now`.
-    pub(crate) fn replayed(a: &Allocation, seq: u64, now: Micros) -> GrantReport {
+    pub(crate) fn replay_of(a: &Allocation, seq: u64, now: Micros) -> GrantReport {
         let state = a.state_at(now);
         let mcp_status = if state == AllocationState::Active { "running" } else { "stopped" };
         GrantReport {
@@ -258,7 +258,7 @@ impl FailedReport {
     }
 
     /// The answer to a retry of the rejection that created `a` (event `seq`, for `reason`).
-    pub(crate) fn replayed(a: &Allocation, reason: RejectReason, seq: u64) -> FailedReport {
+    pub(crate) fn replay_of(a: &Allocation, reason: RejectReason, seq: u64) -> FailedReport {
         FailedReport {
             allocation_id: a.id,
             status: AllocationState::Failed,
@@ -873,8 +873,8 @@ pub(crate) fn decide_request_outcome(
 pub(crate) fn replayed_outcome(a: &Allocation, record: &KeyRecord, now: Micros) -> RequestOutcome {
     debug_assert_eq!(a.id, record.allocation_id);
     match record.rejected {
-        None => RequestOutcome::Granted(GrantReport::replayed(a, record.seq, now)),
-        Some(reason) => RequestOutcome::Failed(FailedReport::replayed(a, reason, record.seq)),
+        None => RequestOutcome::Granted(GrantReport::replay_of(a, record.seq, now)),
+        Some(reason) => RequestOutcome::Failed(FailedReport::replay_of(a, reason, record.seq)),
     }
 }
 

@@ -198,9 +198,8 @@ fn v4_fixture_opens_and_reads_the_same() {
         }
         other => panic!("{other:?}"),
     }
-    let keyed_failure = ledger
-        .request_resources(&ResourceRequest::new("fixture-keyed").workers(9).idempotency_key("k-2"))
-        .unwrap();
+    let keyed_failure =
+        ledger.request_resources(&ResourceRequest::new("fixture-keyed").workers(9).idempotency_key("k-2")).unwrap();
     assert!(!keyed_failure.is_granted());
     assert_eq!(ledger.events(1, usize::MAX).unwrap().len(), last, "retries write nothing");
     let details = ledger.get_allocation(&retry.allocation_id().to_string()).unwrap().unwrap();

@@ -205,6 +205,12 @@ fn human_history(h: &History) -> String {
                 allocation_ledger::EventBody::Expired { deadline_us, .. } => {
                     format!("deadline {}", format_micros(*deadline_us))
                 }
+                allocation_ledger::EventBody::Renewed(r) => format!(
+                    "lease renewed for {} s: expires {} (was {})",
+                    r.ttl_seconds,
+                    format_micros(r.deadline_us),
+                    format_micros(r.previous_deadline_us)
+                ),
                 _ => String::new(),
             };
             vec![

@@ -401,9 +401,16 @@ impl State {
                 ),
             ));
         }
-        let mut deadline_us = now + (ttl as i64) * MICROS_PER_SECOND;
-        if let Some(end) = a.lifetime_end() {
-            deadline_us = deadline_us.min(end);
+        let wanted_us = now + (ttl as i64) * MICROS_PER_SECOND;
+        let deadline_us = a.lifetime_end().map_or(wanted_us, |end| wanted_us.min(end));
+        if deadline_us < wanted_us && deadline_us <= a.deadline_us {
+            return Err(Error::invalid(
+                "ttl_seconds",
+                format!(
+                    "allocation {id} has reached its max_lifetime_seconds ({}): its deadline cannot move later; release it when done, or request a new allocation",
+                    a.max_lifetime_seconds.unwrap_or_default()
+                ),
+            ));
         }
         debug_assert!(deadline_us > now, "an active allocation's lifetime end is after now");
         Ok(Renewal { allocation_id: id, previous_deadline_us: a.deadline_us, deadline_us, ttl_seconds: ttl })

@@ -146,7 +146,7 @@ pub struct KeyRecord {
     /// Why it was rejected; `None`: it was granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected: Option<RejectReason>,
-    /// The request's fingerprint ([`RequestShape::fingerprint`]).
+    /// The request's fingerprint (64-bit FNV-1a of its fields as decided; see `docs/format.md`).
     pub fingerprint: u64,
 }
 
@@ -173,6 +173,16 @@ impl KeyTable {
     /// How many keys are remembered.
     pub fn len(&self) -> usize {
         self.by_key.len()
+    }
+
+    /// Heap bytes the table holds: both indexes at their capacity (a hash table slot also has
+    /// a control byte) and each key's shared string (two counters and the bytes, rounded up
+    /// to 8 as allocators do).
+    pub fn heap_bytes(&self) -> usize {
+        let map = self.by_key.capacity() * (size_of::<(Arc<str>, Entry)>() + 1);
+        let queue = self.by_age.capacity() * size_of::<(Micros, Arc<str>)>();
+        let keys: usize = self.by_key.keys().map(|k| (2 * size_of::<usize>() + k.len()).next_multiple_of(8)).sum();
+        map + queue + keys
     }
 
     /// Whether no key is remembered.

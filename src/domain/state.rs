@@ -440,6 +440,11 @@ impl State {
         self.keys.len()
     }
 
+    /// Heap bytes the idempotency key table holds (for the memory bound in docs/benchmarks.md).
+    pub fn idempotency_heap_bytes(&self) -> usize {
+        self.keys.heap_bytes()
+    }
+
     /// The record of an idempotency key decided within the window before `now`.
     pub fn idempotency_key(&self, key: &str, now: Micros) -> Option<KeyRecord> {
         self.keys.get(key, now, self.config.idempotency_window_seconds)

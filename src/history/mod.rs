@@ -401,6 +401,7 @@ impl Ledger {
                     finder.find(payload).is_some()
                         || memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
                         || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some()
+                        || memchr::memmem::find(head, b"\"type\":\"renewed\"").is_some()
                 }
             };
             if !relevant {
@@ -416,7 +417,7 @@ impl Ledger {
             if wanted.insert(id) {
                 ids.push(id);
             }
-            let terminal = !matches!(event.body, EventBody::Granted(_));
+            let terminal = !matches!(event.body, EventBody::Granted(_) | EventBody::Renewed(_));
             out.push(HistoryEvent { seq: pos.seq, at: format_micros(event.ts_us), event });
             if stop_when_done.is_some() && terminal && pending.remove(&id) && !any_active && pending.is_empty() {
                 return Ok(false);

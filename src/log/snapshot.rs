@@ -777,36 +777,8 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     let ended_us = if flags & FLAG_ENDED_US != 0 { Some(Micros::from_micros(r.i64()?)) } else { None };
     let ended_seq = if flags & FLAG_ENDED_SEQ != 0 { Some(r.u64()?) } else { None };
     let resources = Resources { cpu_millicores: r.u64()?, memory_mib: r.u64()?, workers: r.u32()? };
-    let n = r.count("workers")?;
-    let mut workers = Vec::with_capacity(n.min(MAX_PREALLOCATED_ITEMS));
-    for _ in 0..n {
-        workers.push(WorkerGrant {
-            slot: r.u32()?,
-            worker_id: r.string()?,
-            endpoint: r.string()?,
-            cpu_millicores: r.u64()?,
-            memory_mib: r.u64()?,
-        });
-    }
-    let n = r.count("MCP servers")?;
-    let mut mcp_servers = Vec::with_capacity(n.min(MAX_PREALLOCATED_ITEMS));
-    for _ in 0..n {
-        let name = r.string()?;
-        let endpoint = r.string()?;
-        let (cpu_millicores, memory_mib) = (r.u64()?, r.u64()?);
-        let f = r.u8()?;
-        if f & !(MCP_FLAG_ASSIGNED | MCP_FLAG_STARTED) != 0 {
-            return Err(format!("unknown MCP server flags {f:#x}"));
-        }
-        mcp_servers.push(McpGrant {
-            name,
-            endpoint,
-            cpu_millicores,
-            memory_mib,
-            assigned: f & MCP_FLAG_ASSIGNED != 0,
-            started: f & MCP_FLAG_STARTED != 0,
-        });
-    }
+    let workers = get_workers(r)?;
+    let mcp_servers = get_mcp_servers(r)?;
     let text = r.string()?;
     let metadata = if text.is_empty() { Metadata::default() } else { Metadata::from_json_text(text)? };
     let error = if flags & FLAG_ERROR != 0 { Some(r.string()?) } else { None };
@@ -830,6 +802,46 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
         max_lifetime_seconds,
         renewals,
     })
+}
+
+/// An allocation's worker list (`put_allocation`'s layout).
+fn get_workers(r: &mut impl Source) -> Result<Vec<WorkerGrant>, String> {
+    let n = r.count("workers")?;
+    let mut workers = Vec::with_capacity(n.min(MAX_PREALLOCATED_ITEMS));
+    for _ in 0..n {
+        workers.push(WorkerGrant {
+            slot: r.u32()?,
+            worker_id: r.string()?,
+            endpoint: r.string()?,
+            cpu_millicores: r.u64()?,
+            memory_mib: r.u64()?,
+        });
+    }
+    Ok(workers)
+}
+
+/// An allocation's MCP server list (`put_allocation`'s layout).
+fn get_mcp_servers(r: &mut impl Source) -> Result<Vec<McpGrant>, String> {
+    let n = r.count("MCP servers")?;
+    let mut mcp_servers = Vec::with_capacity(n.min(MAX_PREALLOCATED_ITEMS));
+    for _ in 0..n {
+        let name = r.string()?;
+        let endpoint = r.string()?;
+        let (cpu_millicores, memory_mib) = (r.u64()?, r.u64()?);
+        let f = r.u8()?;
+        if f & !(MCP_FLAG_ASSIGNED | MCP_FLAG_STARTED) != 0 {
+            return Err(format!("unknown MCP server flags {f:#x}"));
+        }
+        mcp_servers.push(McpGrant {
+            name,
+            endpoint,
+            cpu_millicores,
+            memory_mib,
+            assigned: f & MCP_FLAG_ASSIGNED != 0,
+            started: f & MCP_FLAG_STARTED != 0,
+        });
+    }
+    Ok(mcp_servers)
 }
 
 /// Writes an encoded snapshot of the state at `seq` atomically.

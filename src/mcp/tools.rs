@@ -196,7 +196,11 @@ impl LedgerTools {
         let outcome = match outcome {
             // A retry whose allocation left memory: the log has it (a blocking read).
             Err(Error::NotFound(_)) if req.idempotency_key.is_some() => {
-                self.call(move |l| l.request_resources(&req)).await?
+                self.call(move |l| match expected_seq {
+                    Some(seq) => l.if_seq(seq).request_resources(&req),
+                    None => l.request_resources(&req),
+                })
+                .await?
             }
             other => other,
         };
