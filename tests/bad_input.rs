@@ -108,6 +108,33 @@ fn cli_cases() -> Vec<CliCase> {
             "control characters",
         ),
         (s(&["request", "--workers", "1"]), "request without --job-id".into(), "--job-id", "--job-id"),
+        (req(&["--idempotency-key", ""]), "request --idempotency-key ''".into(), "idempotency_key", "1 to 128 bytes"),
+        (
+            req(&["--idempotency-key", &"k".repeat(129)]),
+            "request --idempotency-key <129 bytes>".into(),
+            "idempotency_key",
+            "1 to 128 bytes",
+        ),
+        (
+            req(&["--idempotency-key", "a\tb"]),
+            "request --idempotency-key 'a\\tb'".into(),
+            "idempotency_key",
+            "printable",
+        ),
+        (
+            req(&["--max-lifetime-seconds", "10"]),
+            "request --max-lifetime-seconds 10".into(),
+            "max_lifetime_seconds",
+            "the request's ttl_seconds",
+        ),
+        (req(&["--expected-seq", "-3"]), "request --expected-seq -3".into(), "expected_seq", "whole number"),
+        (s(&["renew", "alloc-zz"]), "renew alloc-zz".into(), "allocation_id", "12 lowercase hex digits"),
+        (
+            s(&["renew", "alloc-000000000001", "--ttl-seconds", "x"]),
+            "renew ID --ttl-seconds x".into(),
+            "ttl_seconds",
+            "whole number",
+        ),
         (s(&["request", "--job-id", "j", "--workers", "-1"]), "request --workers -1".into(), "workers", "whole number"),
         (
             s(&["request", "--job-id", "j", "--workers", "1.5"]),
@@ -515,7 +542,41 @@ fn mcp_cases() -> Vec<McpCase> {
         ("list_allocations", json!({"limit": 5}), "limit", "allowed arguments"),
         ("get_capacity", json!({"verbose": true}), "verbose", "allowed arguments"),
         ("get_capacity", json!({"at": "yesterday"}), "at", "RFC 3339"),
-        ("cleanup_expired", json!({"now": 1}), "now", "this tool takes no arguments"),
+        ("cleanup_expired", json!({"now": 1}), "now", "allowed arguments: expected_seq"),
+        ("cleanup_expired", json!({"expected_seq": "3"}), "expected_seq", "a whole number"),
+        (
+            "request_resources",
+            json!({"job_id": "j", "workers": 1, "idempotency_key": 7}),
+            "idempotency_key",
+            "a string",
+        ),
+        (
+            "request_resources",
+            json!({"job_id": "j", "workers": 1, "idempotency_key": ""}),
+            "idempotency_key",
+            "1 to 128",
+        ),
+        (
+            "request_resources",
+            json!({"job_id": "j", "workers": 1, "expected_seq": -1}),
+            "expected_seq",
+            "whole sequence number",
+        ),
+        (
+            "release_resources",
+            json!({"allocation_id": "alloc-000000000001", "expected_seq": 1.5}),
+            "expected_seq",
+            "whole sequence number",
+        ),
+        ("renew_allocation", json!({}), "allocation_id", "is required"),
+        (
+            "renew_allocation",
+            json!({"allocation_id": "alloc-000000000001", "ttl_seconds": "x"}),
+            "ttl_seconds",
+            "whole number of seconds",
+        ),
+        ("renew_allocation", json!({"allocation_id": "alloc-000000000001", "until": 5}), "until", "allowed arguments"),
+        ("plan_request", json!({"job_id": "j", "workers": 1, "expected_seq": 3}), "expected_seq", "allowed arguments"),
     ]
 }
 

@@ -11,13 +11,15 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 8] = [
+const TOOLS: [&str; 10] = [
     "allocation_history",
     "cleanup_expired",
     "get_allocation",
     "get_capacity",
     "list_allocations",
+    "plan_request",
     "release_resources",
+    "renew_allocation",
     "request_resources",
     "usage_report",
 ];

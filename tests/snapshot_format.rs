@@ -43,8 +43,16 @@ fn busy_ledger(dir: &Path, clock: &ManualClock) -> Ledger {
         if i % 2 == 0 {
             req = req.metadata(meta);
         }
+        if i % 7 == 0 {
+            // Version 4: idempotency keys and lifetime bounds.
+            req = req.idempotency_key(format!("key-{i}")).max_lifetime_seconds(3600);
+        }
         let o = ledger.request_resources(&req).unwrap();
         held.push(o.allocation_id());
+        if i % 7 == 3 {
+            // Version 4: renewals.
+            ledger.renew_allocation(&o.allocation_id().to_string(), Some(90)).unwrap();
+        }
         clock.advance_seconds(7);
         if i % 4 == 1 {
             ledger.release_resources(&held[i as usize - 1].to_string()).unwrap();
@@ -62,7 +70,7 @@ fn busy_ledger(dir: &Path, clock: &ManualClock) -> Ledger {
 }
 
 #[test]
-fn every_kind_of_allocation_round_trips_in_v3_and_v2() {
+fn every_kind_of_allocation_round_trips_in_the_current_version_and_v2() {
     let tmp = tempfile::tempdir().unwrap();
     let clock = ManualClock::at_default_epoch();
     let ledger = busy_ledger(tmp.path(), &clock);
@@ -72,11 +80,16 @@ fn every_kind_of_allocation_round_trips_in_v3_and_v2() {
     assert!(state.evicted_count() > 0, "some ended allocations were evicted");
     assert!(state.allocations().any(|a| !a.metadata.is_empty() && a.error.is_none()));
     assert!(state.allocations().any(|a| a.mcp_servers.iter().any(|m| m.assigned)));
+    assert!(
+        state.allocations().any(|a| a.renewals > 0) && state.allocations().any(|a| a.max_lifetime_seconds.is_some())
+    );
+    assert!(state.idempotency_key_count() > 0);
 
     let data = state.to_data();
     let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq, record_crc: None };
+    // The binary form (v4 now; v3 files share its decoder and are read by the fixtures' test).
     let v3 = encode_with_position(&data, Some(position));
-    assert_eq!(&v3[8..12], &3u32.to_le_bytes());
+    assert_eq!(&v3[8..12], &4u32.to_le_bytes());
     let (back, pos) = decode_with_position(&v3, data.last_seq).unwrap();
     assert_eq!(back, state);
     assert_eq!(pos, Some(position));

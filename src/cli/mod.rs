@@ -13,6 +13,7 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod config;
 mod contract;
 mod history;
 #[cfg(feature = "server")]
@@ -30,7 +31,8 @@ struct Cli {
     #[arg(long, global = true, env = "ALLOCATION_LEDGER_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
 
-    /// JSON config file, used when the ledger is created (an existing ledger keeps its own)
+    /// JSON config file, used when the ledger is created; for an existing ledger it must match
+    /// the recorded config (change that with `config apply FILE`)
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -141,6 +143,12 @@ enum Command {
     },
     /// Walk through the original system's acceptance scenario on a scratch ledger
     Demo,
+    /// Create the ledger (with --config, or the built-in pool); an existing one is reported
+    Init,
+    /// Show the recorded config, or change it (a recorded event, refused if it would take away
+    /// what active allocations hold)
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Run the MCP server (stdio, or Streamable HTTP with --http)
     #[cfg(feature = "server")]
     Serve(serve::ServeArgs),
@@ -255,7 +263,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn open_options(config_file: &Option<PathBuf>) -> allocation_ledger::Result<OpenOptions> {
+pub(super) fn open_options(config_file: &Option<PathBuf>) -> allocation_ledger::Result<OpenOptions> {
     let mut opts = OpenOptions::default();
     if let Some(path) = config_file {
         opts.config = Some(Config::from_file(path)?);
@@ -266,6 +274,7 @@ fn open_options(config_file: &Option<PathBuf>) -> allocation_ledger::Result<Open
 fn open_writer(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledger::Result<Ledger> {
     let ledger = Ledger::open_with(dir, open_options(config_file)?)?;
     report_recovery(&ledger);
+    config::check_recorded(&ledger, config_file)?;
     Ok(ledger)
 }
 
@@ -277,6 +286,7 @@ fn open_reader(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledge
     match Ledger::open_read_only(dir) {
         Ok(ledger) => {
             report_recovery(&ledger);
+            config::check_recorded(&ledger, config_file)?;
             Ok(ledger)
         }
         Err(Error::NoLedger { .. }) => {
@@ -300,7 +310,7 @@ pub(super) fn warn_snapshot_error(ledger: &Ledger) {
     }
 }
 
-fn report_recovery(ledger: &Ledger) {
+pub(super) fn report_recovery(ledger: &Ledger) {
     let r = ledger.recovery_report();
     if r.created {
         eprintln!("created a new ledger in {}", ledger.dir().display());
@@ -382,6 +392,14 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
             Ok(ExitCode::Ok)
         }
         Command::Demo => demo(out, config),
+        Command::Init => config::init(out, &dir, config),
+        Command::Config(cmd) => {
+            let ledger = match &cmd {
+                config::ConfigCommand::Show => open_reader(&dir, config)?,
+                config::ConfigCommand::Apply { .. } => open_writer(&dir, &None)?,
+            };
+            config::run(out, &ledger, &cmd)
+        }
         #[cfg(feature = "server")]
         Command::Serve(args) => Ok(serve::serve(dir, cli.config.clone(), args)),
     }

@@ -100,6 +100,10 @@ pub fn serve(data_dir: PathBuf, config_file: Option<PathBuf>, args: ServeArgs) -
             return e.exit_code();
         }
     };
+    if let Err(e) = super::config::check_recorded(&ledger, &config_file) {
+        eprintln!("allocation-ledger serve: {e}");
+        return e.exit_code();
+    }
     let report = ledger.recovery_report();
     tracing::info!(
         data_dir = %data_dir.display(),

@@ -318,23 +318,54 @@ impl State {
         Ok((a, event))
     }
 
-    /// Validates a config change against what is held now.
+    /// Validates a config change against what is held now: a change that takes away a slot,
+    /// CPU or memory an active allocation holds is refused, naming that allocation (what is
+    /// held is never revoked).
     pub fn decide_config_change(&self, config: Config) -> Result<EventBody> {
         config.validate()?;
         if let Some(slot) = self.slots.iter().rposition(Option::is_some) {
             if slot as u32 >= config.worker_slots {
+                let holder = self.slot_owner(slot as u32).map(|id| self.holder_text(id)).unwrap_or_default();
                 return Err(Error::invalid(
                     "config.worker_slots",
-                    format!("worker slot {slot} is held by an active allocation; worker_slots must stay above it"),
+                    format!(
+                        "{} would remove worker slot {slot}, which {holder} holds; worker_slots must be at least {} until it is released or expires",
+                        config.worker_slots,
+                        slot + 1
+                    ),
                 ));
             }
         }
-        if config.total_cpu_millicores < self.allocated.cpu_millicores
-            || config.total_memory_mib < self.allocated.memory_mib
-        {
-            return Err(Error::invalid("config", "the new totals are below what active allocations hold now"));
+        for (field, asked, held) in [
+            ("config.total_cpu_millicores", config.total_cpu_millicores, self.allocated.cpu_millicores),
+            ("config.total_memory_mib", config.total_memory_mib, self.allocated.memory_mib),
+        ] {
+            if asked < held {
+                let newest = self
+                    .allocations()
+                    .filter(|a| a.state == AllocationState::Active)
+                    .max_by_key(|a| (a.created_us, a.id));
+                let blocker =
+                    newest.map(|a| format!(" (the newest is {})", self.holder_text(a.id))).unwrap_or_default();
+                return Err(Error::invalid(
+                    field,
+                    format!("{asked} is below the {held} that active allocations hold now{blocker}; what is held is never revoked: lower it once they end"),
+                ));
+            }
         }
         Ok(EventBody::ConfigChanged { config })
+    }
+
+    /// "allocation alloc-… (job j, expires …)" for messages.
+    fn holder_text(&self, id: AllocationId) -> String {
+        match self.allocation(id) {
+            Some(a) => format!(
+                "allocation {id} (job {}, deadline {})",
+                a.job_id,
+                crate::domain::clock::format_micros(a.deadline_us)
+            ),
+            None => format!("allocation {id}"),
+        }
     }
 
     /// The idempotency rule, checked before anything else (a retry is answered even when its

@@ -68,8 +68,11 @@ impl<R> Call<R> {
     fn finish(&self, settled: Result<()>) -> Result<R> {
         match (settled, lock(&self.result).take()) {
             (_, Some(Outcome::Panicked(payload))) => std::panic::resume_unwind(payload),
-            // Not acknowledged: what it appended (or expired on the way) is not durable.
-            (Err(e), Some(Outcome::Done(Ok(_))) | None) => Err(e),
+            // Not acknowledged: what it appended (or expired on the way) is not durable. A
+            // refusal (invalid input, say) is no answer either: expiries written before it
+            // was decided failed to become durable, and the caller must hear that the ledger
+            // stopped, not a verdict on a state that is not durable.
+            (Err(e), Some(Outcome::Done(_)) | None) => Err(e),
             (_, Some(Outcome::Done(r))) => r,
             (Ok(()), None) => unreachable!("a settled command has its result"),
         }

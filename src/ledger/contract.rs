@@ -41,11 +41,12 @@ fn check_request(
     Ok(None)
 }
 
-/// The first step of a release: one that would write nothing (the allocation has ended) is
-/// answered whatever `expected_seq` says; otherwise the precondition.
+/// The first step of a release: one of an allocation that has ended writes nothing of its own
+/// (it is answered `already_*` by the decision, after the expiries due), so it needs no
+/// precondition; otherwise the precondition.
 fn check_release(state: &State, id: AllocationId, expected_seq: Option<u64>) -> Result<Option<ReleaseReport>> {
-    if let Some(a) = state.allocation(id).filter(|a| a.state != AllocationState::Active) {
-        return Ok(Some(crate::report::already_ended_report(a)));
+    if state.allocation(id).is_some_and(|a| a.state != AllocationState::Active) {
+        return Ok(None);
     }
     state.check_expected_seq(expected_seq)?;
     Ok(None)
