@@ -142,7 +142,7 @@ pub fn log(
     let mut stdout = std::io::stdout().lock();
     let mut failed = None;
     ledger.for_each_event(range, &mut |e| {
-        let written = to_json(e).and_then(|line| match writeln!(stdout, "{line}") {
+        let written = super::event_json(e).and_then(|line| match writeln!(stdout, "{line}") {
             // A closed pipe (`| head`) is not an error of ours; it ends the output all the same.
             Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
             Err(err) => Err(Error::io("writing to stdout", err)),

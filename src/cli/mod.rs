@@ -228,6 +228,16 @@ impl Out {
     }
 }
 
+/// One event of `log`'s NDJSON: the logged event with `at`, its timestamp as RFC 3339, beside
+/// `ts_us` (for people and log pipelines; `ts_us` stays the exact value).
+pub(super) fn event_json(e: &allocation_ledger::LoggedEvent) -> allocation_ledger::Result<serde_json::Value> {
+    let mut v = to_json(e)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("at".into(), format_micros(e.event.ts_us).into());
+    }
+    Ok(v)
+}
+
 /// Serialises a report. Report types serialise without fail (plain data, string keys); should
 /// one ever fail, that is an error to report, not a reason to panic.
 fn to_json<T: Serialize>(value: &T) -> allocation_ledger::Result<serde_json::Value> {
@@ -512,7 +522,7 @@ fn log(dir: &Path, from_seq: u64, limit: Option<usize>) -> allocation_ledger::Re
     let events = ledger.events(from_seq.max(1), limit.unwrap_or(usize::MAX))?;
     let mut stdout = std::io::stdout().lock();
     for e in events {
-        let _ = writeln!(stdout, "{}", to_json(&e)?);
+        let _ = writeln!(stdout, "{}", event_json(&e)?);
     }
     Ok(ExitCode::Ok)
 }
