@@ -75,7 +75,7 @@ pub enum Error {
     Poisoned(String),
 
     /// A read-only open found an empty directory (queries never create a ledger).
-    #[error("no ledger at {}: the directory holds no log and no snapshot (a write such as `request` creates a ledger; queries never do)", .path.display())]
+    #[error("no ledger at {}: the directory holds no log and no snapshot (check --data-dir; `init` or a write such as `request` creates a ledger, queries never do)", .path.display())]
     NoLedger {
         /// The directory looked in.
         path: PathBuf,
@@ -143,12 +143,12 @@ impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Error::InvalidInput { .. } => ExitCode::InvalidInput,
-            Error::NotFound(_) => ExitCode::NotFound,
+            Error::NotFound(_) | Error::NoLedger { .. } => ExitCode::NotFound,
             Error::Locked { .. } => ExitCode::Locked,
             Error::Damaged(_) | Error::Inconsistent { .. } => ExitCode::Damaged,
             Error::Conflict { .. } => ExitCode::Conflict,
             Error::NotActive { .. } => ExitCode::NotActive,
-            Error::ReadOnly | Error::Poisoned(_) | Error::NoLedger { .. } | Error::Io { .. } => ExitCode::Other,
+            Error::ReadOnly | Error::Poisoned(_) | Error::Io { .. } => ExitCode::Other,
         }
     }
 }
@@ -227,7 +227,8 @@ pub enum ExitCode {
     InvalidInput = 2,
     /// `request` was decided and recorded, but not granted.
     NotGranted = 3,
-    /// No allocation has the id given.
+    /// No allocation has the id given, or there is no ledger in the directory (a read never
+    /// creates one).
     NotFound = 4,
     /// Another process holds the ledger's write lock.
     Locked = 5,

@@ -40,7 +40,12 @@ fn event_count(dir: &Path) -> usize {
 fn acceptance_scenario_through_the_binary() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    // 1. a fresh ledger reports 10 total and 10 available workers
+    // 1. a fresh ledger reports 10 total and 10 available workers (reads never create a
+    //    ledger: before `init` there is none, exit 4 naming the directory)
+    let (code, none) = json(d, &["capacity"]);
+    assert_eq!((code, none["error"]["kind"].as_str()), (4, Some("no_ledger")), "{none}");
+    let (code, _) = json(d, &["init"]);
+    assert_eq!(code, 0);
     let (code, cap) = json(d, &["capacity"]);
     assert_eq!(code, 0);
     assert_eq!((cap["total_workers"].as_u64(), cap["available_workers"].as_u64()), (Some(10), Some(10)));
@@ -220,6 +225,8 @@ fn config_file_is_used_at_creation_and_errors_name_the_field() {
     let d = tmp.path().join("ledger");
     let cfg = tmp.path().join("config.json");
     std::fs::write(&cfg, r#"{"worker_slots": 3, "total_cpu_millicores": 4000, "total_memory_mib": 8192}"#).unwrap();
+    let o = bin().arg("--data-dir").arg(&d).arg("--config").arg(&cfg).args(["--json", "init"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
     let o = bin().arg("--data-dir").arg(&d).arg("--config").arg(&cfg).args(["--json", "capacity"]).output().unwrap();
     let cap: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(cap["total_workers"], 3);

@@ -12,7 +12,8 @@
 //!    so every open reads it; and, separately, before it, where only full reads meet it);
 //! 4. a ledger whose first record is zeroed (one segment, and several): exit 6, no new ledger;
 //! 5. a ledger with another ledger's snapshot in `snapshots/` (a newer name, and the same name);
-//! 6. an empty directory and a missing one: an in-memory preview, nothing created.
+//! 6. an empty directory and a missing one: every read fails with exit 4 naming the directory,
+//!    nothing created.
 //!
 //! Each case also shows that the comparison would have seen a write: a writer run at the end
 //! changes the tree (or, where the ledger refuses writers too, refuses without writing).
@@ -918,36 +919,17 @@ fn check_no_ledger(case: &str, d: &Path, svg_dir: &Path) {
     };
     check_all(case, d, &read_only_commands(&s), |r| {
         let mut p = Vec::new();
-        let c = r.command();
-        match c[0].as_str() {
-            // No preview for these: they report that there is no ledger.
-            "verify" | "repair" => {
-                want!(p, r.code == 1 && r.error_text().contains("no ledger"), "expected exit 1, no ledger");
-            }
-            "log" if !c.iter().any(|a| a == "--since") => {
-                want!(p, r.code == 1 && r.error_text().contains("no ledger"), "expected exit 1, no ledger");
-            }
-            // The preview holds no allocation.
-            "get" => want!(p, r.code == 4, "expected exit 4 (not found)"),
-            "history" if c[1] == "--allocation" => want!(p, r.code == 4, "expected exit 4 (not found)"),
-            _ => {
-                want!(p, r.code == 0, "expected exit 0");
-                want!(p, r.stderr.contains("note: no ledger in"), "no note on stderr that this is a preview");
-            }
-        }
-        if r.name() == "capacity" && r.command().len() == 1 {
-            want!(p, r.code == 0, "expected exit 0");
-            want!(
-                p,
-                r.stderr.contains("note: no ledger in") && r.stderr.contains("Nothing was written"),
-                "no note on stderr that this is a preview"
-            );
-            if r.json() && r.code == 0 {
-                let v = r.doc();
-                want!(p, v["total_workers"] == 10 && v["available_workers"] == 10, "not the default pool: {v}");
-            } else {
-                want!(p, r.stdout.contains("workers") && r.stdout.contains("10"), "no table of the default pool");
-            }
+        // Every read says there is no ledger, naming the directory (exit 4), and creates nothing:
+        // a mistyped --data-dir must not look like an empty pool.
+        want!(p, r.code == 4, "expected exit 4 (no ledger)");
+        want!(
+            p,
+            r.error_text().contains("no ledger") && r.error_text().contains(&d.display().to_string()),
+            "the error does not say there is no ledger in {}",
+            d.display()
+        );
+        if r.json() {
+            want!(p, r.doc()["error"]["kind"] == "no_ledger", "kind is not no_ledger: {}", r.doc());
         }
         p
     });
@@ -958,7 +940,7 @@ fn check_no_ledger(case: &str, d: &Path, svg_dir: &Path) {
 }
 
 #[test]
-fn an_empty_or_missing_directory_gets_a_preview_and_stays_as_it_was() {
+fn an_empty_or_missing_directory_is_no_ledger_and_stays_as_it_was() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let empty = tmp.path().join("empty");

@@ -1,6 +1,6 @@
 //! Command-line interface: one subcommand per ledger operation, human tables or `--json`.
 
-use allocation_ledger::storage::{FsStorage, MemoryStorage};
+use allocation_ledger::storage::FsStorage;
 use allocation_ledger::VerifyReport;
 use allocation_ledger::{format_micros, Micros};
 use allocation_ledger::{
@@ -293,23 +293,14 @@ fn open_writer(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledge
 /// a preview, in memory, of the ledger a first write would create (the pool of `--config` or
 /// the default), and say so on stderr.
 fn open_reader(dir: &PathBuf, config_file: &Option<PathBuf>) -> allocation_ledger::Result<Ledger> {
-    match Ledger::open_read_only(dir) {
-        Ok(ledger) => {
-            report_recovery(&ledger);
-            config::check_recorded(&ledger, config_file)?;
-            Ok(ledger)
-        }
-        Err(Error::NoLedger { .. }) => {
-            let opts = open_options(config_file)?.storage(std::sync::Arc::new(MemoryStorage::new()));
-            let preview = Ledger::open_with(dir, opts)?;
-            eprintln!(
-                "note: no ledger in {} yet; showing the pool a first write (such as `request`) would create. Nothing was written",
-                dir.display()
-            );
-            Ok(preview)
-        }
-        Err(e) => Err(e),
-    }
+    // A read never creates a ledger: a mistyped --data-dir must not look like an empty pool.
+    // `NoLedger` names the directory (exit 4); `init` or a first write creates one.
+    // A bad --config is reported as such, ledger or not.
+    open_options(config_file)?;
+    let ledger = Ledger::open_read_only(dir)?;
+    report_recovery(&ledger);
+    config::check_recorded(&ledger, config_file)?;
+    Ok(ledger)
 }
 
 /// A snapshot written after a write (when one is due) may fail, on a full disk say, while the
