@@ -35,6 +35,7 @@ pub use domain::event::{
 pub use domain::idempotency::{KeyRecord, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use domain::input::{validate_job_id, ResourceRequest};
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
+pub use domain::quota::{Quota, QuotaExceeded, TenantUse, NO_TENANT};
 pub use domain::state::{Allocation, State};
 pub use error::{Damage, Error, ErrorKind, ExitCode, Result};
 pub use history::{
@@ -49,7 +50,7 @@ pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyRepor
 pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
     GrantReport, GrantedResources, McpServerInfo, PlanReport, ReleaseReport, ReleaseStatus, RenewReport,
-    RequestOutcome, Timestamps, WorkerInfo, WorkerStatus,
+    RequestOutcome, TenantCapacity, Timestamps, WorkerInfo, WorkerStatus,
 };
 
 /// The layout of a ledger directory.

@@ -806,6 +806,52 @@ pub struct CleanupReport {
     pub count: usize,
 }
 
+/// One tenant's use against its quota (`capacity --by-tenant`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TenantCapacity {
+    /// The tenant (`(none)` for allocations without one).
+    pub tenant: String,
+    /// What its active allocations hold: workers, and their CPU and memory.
+    pub used: crate::domain::model::Resources,
+    /// Its active allocations per MCP server name.
+    pub mcp_servers: std::collections::BTreeMap<String, u32>,
+    /// Its quota (`None`: unlimited); named in `quotas`, or the `default_quota`.
+    pub quota: Option<crate::domain::quota::Quota>,
+}
+
+impl State {
+    /// Every tenant that holds something or has a quota of its own, by name, with its use at
+    /// `now` against its quota (allocations past their deadline hold nothing, as in
+    /// `capacity`).
+    pub fn tenant_capacity(&self, now: Micros) -> Vec<TenantCapacity> {
+        let mut uses = self.tenants_in_use().clone();
+        for (id, _) in self.due_for_expiry(now) {
+            let Some(a) = self.allocation(id) else { continue };
+            let key = a.tenant.as_deref().unwrap_or(crate::domain::quota::NO_TENANT);
+            if let Some(u) = uses.get_mut(key) {
+                u.remove(a.resources, a.mcp_servers.iter().map(|m| m.name.as_str()));
+            }
+        }
+        let mut names: std::collections::BTreeSet<&str> = uses.keys().map(String::as_str).collect();
+        names.extend(self.config.quotas.keys().map(String::as_str));
+        names
+            .into_iter()
+            .filter(|name| self.config.quotas.contains_key(*name) || uses.get(*name).is_some_and(|u| !u.is_empty()))
+            .map(|name| {
+                let tenant = (name != crate::domain::quota::NO_TENANT).then_some(name);
+                let used = uses.get(name).cloned().unwrap_or_default();
+                TenantCapacity {
+                    tenant: name.to_string(),
+                    used: used.resources,
+                    mcp_servers: used.mcp_servers,
+                    quota: self.config.quota_of(tenant).cloned(),
+                }
+            })
+            .collect()
+    }
+}
+
 /// `renew_allocation`: the lease's new deadline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]

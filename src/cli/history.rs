@@ -30,7 +30,7 @@ pub struct UsageArgs {
     /// End of the window (exclusive)
     #[arg(long, value_name = "TIME", allow_hyphen_values = true, default_value = "now")]
     until: String,
-    /// Group by `job` or by a metadata key, `metadata.KEY` (e.g. metadata.tenant)
+    /// Group by `job`, by `tenant` (the quota tenant recorded with each grant) or by a metadata key, `metadata.KEY` (e.g. metadata.team)
     #[arg(long, value_name = "GROUPING", default_value = "job")]
     by: String,
 }

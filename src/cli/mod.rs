@@ -66,6 +66,9 @@ enum Command {
         /// A JSON object stored with the allocation
         #[arg(long, value_name = "JSON", allow_hyphen_values = true)]
         metadata: Option<String>,
+        /// The tenant whose quota the request counts against [default: the metadata's tenant key]
+        #[arg(long, value_name = "TENANT", allow_hyphen_values = true)]
+        tenant: Option<String>,
         #[command(flatten)]
         contract: contract::RequestContract,
     },
@@ -83,6 +86,9 @@ enum Command {
         /// Show it as of this instant: RFC 3339 (2026-11-27T03:12:00Z) or relative (-15m, -2h, -1d)
         #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         at: Option<String>,
+        /// Show each tenant's use against its quota instead
+        #[arg(long, conflicts_with = "at")]
+        by_tenant: bool,
     },
     /// Show one allocation
     Get {
@@ -174,6 +180,7 @@ fn flag_for(field: &str) -> Option<&'static str> {
         "idempotency_key" => "--idempotency-key",
         "max_lifetime_seconds" => "--max-lifetime-seconds",
         "expected_seq" => "--expected-seq",
+        "tenant" => "--tenant",
         "metadata" => "--metadata",
         "mcp_servers" => "--mcp-server",
         "state" => "--state",
@@ -346,7 +353,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
     let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let config = &cli.config;
     match cli.command {
-        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, contract } => {
+        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, tenant, contract } => {
             let req = ResourceRequest {
                 job_id,
                 mcp_servers,
@@ -356,6 +363,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
                 metadata: parse_metadata(metadata)?,
                 idempotency_key: contract.idempotency_key.clone(),
                 max_lifetime_seconds: contract.max_lifetime_seconds()?,
+                tenant,
             };
             if contract.dry_run {
                 return contract::plan(out, &open_writer(&dir, config)?, &req);
@@ -364,7 +372,12 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         }
         Command::Release { allocation_id, expect } => release(out, &dir, config, &allocation_id, expect.seq()?),
         Command::Renew(args) => contract::renew(out, &open_writer(&dir, config)?, &args),
-        Command::Capacity { at } => {
+        Command::Capacity { by_tenant: true, .. } => {
+            let rows = open_reader(&dir, config)?.tenant_capacity()?;
+            out.doc(&rows, || human_tenants(&rows))?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Capacity { at, .. } => {
             let ledger = open_reader(&dir, config)?;
             let c = match at {
                 None => ledger.get_capacity()?,
@@ -642,6 +655,37 @@ fn human_release(r: &ReleaseReport) -> String {
     } else {
         format!("{} is already {}; nothing changed", r.allocation_id, r.state)
     }
+}
+
+fn human_tenants(rows: &[allocation_ledger::TenantCapacity]) -> String {
+    let of = |used: u64, limit: Option<u64>| match limit {
+        Some(l) => format!("{used} / {l}"),
+        None => format!("{used} / -"),
+    };
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|t| {
+            let q = t.quota.clone().unwrap_or_default();
+            let servers: Vec<String> = t
+                .mcp_servers
+                .iter()
+                .map(|(n, c)| format!("{n} {}", of(u64::from(*c), q.mcp_servers.get(n).map(|l| u64::from(*l)))))
+                .collect();
+            vec![
+                t.tenant.clone(),
+                of(u64::from(t.used.workers), q.workers.map(u64::from)),
+                of(t.used.cpu_millicores, q.cpu_millicores),
+                of(t.used.memory_mib, q.memory_mib),
+                servers.join(", "),
+            ]
+        })
+        .collect();
+    if table_rows.is_empty() {
+        return "no tenant holds anything and no quota is configured".into();
+    }
+    let mut s = table(&["TENANT", "WORKERS", "CPU_MILLICORES", "MEMORY_MIB", "MCP SERVERS"], &table_rows);
+    s.push_str("(used / limit; - is unlimited)\n");
+    s
 }
 
 fn human_capacity(c: &CapacityReport) -> String {

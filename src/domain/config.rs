@@ -134,6 +134,15 @@ pub struct Config {
     /// How long a request's idempotency key is remembered: a retry within this window gets the
     /// original outcome; after it, the key is new again.
     pub idempotency_window_seconds: u64,
+    /// Per-tenant hard limits on what a tenant's active allocations hold at once.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub quotas: BTreeMap<String, crate::domain::quota::Quota>,
+    /// The quota of every tenant not named in `quotas`, and of requests without a tenant
+    /// (`None`: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_quota: Option<crate::domain::quota::Quota>,
+    /// The metadata key that names a request's tenant when the request has no `tenant` field.
+    pub tenant_metadata_key: String,
 }
 
 impl Default for Config {
@@ -160,6 +169,9 @@ impl Default for Config {
             terminal_retained: 1_000,
             priority_reserve_percent: PriorityReservePercent::default(),
             idempotency_window_seconds: 86_400,
+            quotas: BTreeMap::new(),
+            default_quota: None,
+            tenant_metadata_key: "tenant".to_string(),
         }
     }
 }
@@ -218,7 +230,17 @@ impl Config {
         self.validate_pool()?;
         self.validate_endpoints()?;
         self.validate_ttls()?;
-        self.validate_limits()
+        self.validate_limits()?;
+        crate::domain::quota::validate_quotas(&self.quotas, self.default_quota.as_ref())?;
+        if !crate::domain::input::metadata_key_allowed(&self.tenant_metadata_key) {
+            return Err(cfg_err("tenant_metadata_key", "must be 1 to 128 characters without control characters"));
+        }
+        Ok(())
+    }
+
+    /// The quota of `tenant` (`None`: unlimited).
+    pub fn quota_of(&self, tenant: Option<&str>) -> Option<&crate::domain::quota::Quota> {
+        tenant.and_then(|t| self.quotas.get(t)).or(self.default_quota.as_ref())
     }
 
     /// The pool's totals and what one worker takes of them.

@@ -179,6 +179,8 @@ pub fn rejection_message(s: &Shortfall, usable: &Usable, priority: Priority) -> 
         RejectReason::InsufficientMemory => {
             format!("Insufficient memory: needed {}MB, available {}MB{note}", s.needed, s.available)
         }
+        // Quota rejections are worded by `quota::QuotaExceeded::message`; no shortfall has it.
+        RejectReason::Quota => format!("exceeded quota: requested {}, available {}", s.needed, s.available),
     }
 }
 
@@ -211,6 +213,8 @@ pub fn place(
             metadata: valid.metadata,
             idempotency_key: req.idempotency_key.clone(),
             max_lifetime_seconds: req.max_lifetime_seconds,
+            tenant: valid.tenant,
+            quota: None,
         });
     }
     let workers = take_slots(state, req.workers);
@@ -226,6 +230,40 @@ pub fn place(
         metadata: valid.metadata,
         idempotency_key: req.idempotency_key.clone(),
         max_lifetime_seconds: req.max_lifetime_seconds,
+        tenant: valid.tenant,
+    })
+}
+
+/// The quota rule, before pricing: a request that would take its tenant past a limit of its
+/// quota is rejected with reason `quota` (whatever the pool has free), naming the limit.
+pub fn quota_rejection(state: &State, valid: &ValidRequest<'_>, id: AllocationId) -> Option<Rejection> {
+    let cfg = &state.config;
+    let quota = cfg.quota_of(valid.tenant.as_deref())?;
+    let req = valid.request;
+    let asked = Resources {
+        cpu_millicores: cfg.worker_cpu_millicores * u64::from(req.workers),
+        memory_mib: cfg.worker_memory_mib * u64::from(req.workers),
+        workers: req.workers,
+    };
+    let tenant = valid.tenant.as_deref().unwrap_or(crate::domain::quota::NO_TENANT);
+    let used = state.tenant_use(valid.tenant.as_deref());
+    let exceeded = crate::domain::quota::first_exceeded(tenant, quota, &used, asked, &req.mcp_servers)?;
+    Some(Rejection {
+        allocation_id: id,
+        job_id: req.job_id.clone(),
+        priority: req.priority,
+        ttl_seconds: valid.ttl_seconds,
+        workers: req.workers,
+        mcp_servers: req.mcp_servers.clone(),
+        reason: RejectReason::Quota,
+        needed: exceeded.requested,
+        available: exceeded.limited.saturating_sub(exceeded.used),
+        error: exceeded.message(),
+        metadata: valid.metadata.clone(),
+        idempotency_key: req.idempotency_key.clone(),
+        max_lifetime_seconds: req.max_lifetime_seconds,
+        tenant: valid.tenant.clone(),
+        quota: Some(exceeded),
     })
 }
 
@@ -306,6 +344,9 @@ impl State {
         id: AllocationId,
     ) -> Result<std::result::Result<Grant, Rejection>> {
         let valid = validate(req, &self.config)?;
+        if let Some(rejection) = quota_rejection(self, &valid, id) {
+            return Ok(Err(rejection));
+        }
         let cost = price(&valid, self);
         Ok(place(self, valid, cost, now, id))
     }
@@ -380,6 +421,7 @@ impl State {
         // retry is answered even if the config has changed since.
         let names: Vec<&str> = req.mcp_servers.iter().map(String::as_str).collect();
         let metadata = crate::domain::model::Metadata::from_map(&req.metadata);
+        let tenant = crate::domain::input::resolve_tenant(req, &self.config).ok().flatten();
         let shape = RequestShape {
             job_id: &req.job_id,
             workers: req.workers,
@@ -388,6 +430,7 @@ impl State {
             ttl_seconds: req.ttl_seconds.unwrap_or(self.config.default_ttl_seconds),
             metadata: &metadata,
             max_lifetime_seconds: req.max_lifetime_seconds,
+            tenant: tenant.as_deref(),
         };
         if shape.fingerprint() != record.fingerprint {
             return Err(Error::invalid(

@@ -137,6 +137,9 @@ pub struct Grant {
     /// Renewals never move the deadline past creation + this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_seconds: Option<u64>,
+    /// The tenant whose quota it counts against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// Which resource a rejected request needed more of than its priority may take.
@@ -150,6 +153,8 @@ pub enum RejectReason {
     InsufficientCpu,
     /// Not enough free memory.
     InsufficientMemory,
+    /// The request would take its tenant past a quota.
+    Quota,
 }
 
 impl RejectReason {
@@ -159,6 +164,7 @@ impl RejectReason {
             RejectReason::InsufficientWorkers => "insufficient_workers",
             RejectReason::InsufficientCpu => "insufficient_cpu",
             RejectReason::InsufficientMemory => "insufficient_memory",
+            RejectReason::Quota => "quota",
         }
     }
 }
@@ -221,6 +227,12 @@ pub struct Rejection {
     /// The lifetime bound the request asked for (see [`Grant::max_lifetime_seconds`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_seconds: Option<u64>,
+    /// The tenant the request counted against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// For reason `quota`: which limit, and by how much.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<crate::domain::quota::QuotaExceeded>,
 }
 
 impl EventBody {
@@ -345,6 +357,8 @@ struct GrantedWire<'a> {
     idempotency_key: Option<String>,
     #[serde(default)]
     max_lifetime_seconds: Option<u64>,
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +379,10 @@ struct RejectedWire<'a> {
     idempotency_key: Option<String>,
     #[serde(default)]
     max_lifetime_seconds: Option<u64>,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    quota: Option<crate::domain::quota::QuotaExceeded>,
 }
 
 #[derive(Deserialize)]
@@ -409,6 +427,7 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
                 metadata: lean_metadata(w.metadata)?,
                 idempotency_key: w.idempotency_key,
                 max_lifetime_seconds: w.max_lifetime_seconds,
+                tenant: w.tenant,
             })
         }
         b"rejected" => {
@@ -427,6 +446,8 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
                 metadata: lean_metadata(w.metadata)?,
                 idempotency_key: w.idempotency_key,
                 max_lifetime_seconds: w.max_lifetime_seconds,
+                tenant: w.tenant,
+                quota: w.quota,
             })
         }
         b"released" => {
@@ -476,6 +497,7 @@ pub struct LoggedEvent {
 mod tests {
     use super::*;
 
+    #[allow(clippy::too_many_lines, reason = "a table of sample events, one of each kind")]
     fn samples() -> Vec<Event> {
         let id = AllocationId::from_u64(0xabcdef012345);
         let mut metadata = serde_json::Map::new();
@@ -512,6 +534,7 @@ mod tests {
                     metadata: metadata.into(),
                     idempotency_key: Some("retry-\"7\"".into()),
                     max_lifetime_seconds: Some(86_400),
+                    tenant: Some("team \"a\"".into()),
                 }),
             ),
             Event::new(
@@ -530,6 +553,34 @@ mod tests {
                     metadata: Default::default(),
                     idempotency_key: None,
                     max_lifetime_seconds: None,
+                    tenant: None,
+                    quota: None,
+                }),
+            ),
+            Event::new(
+                Micros::from_micros(7),
+                EventBody::Rejected(Rejection {
+                    allocation_id: id,
+                    job_id: "q".into(),
+                    priority: Priority::Normal,
+                    ttl_seconds: 60,
+                    workers: 4,
+                    mcp_servers: vec![],
+                    reason: RejectReason::Quota,
+                    needed: 4,
+                    available: 2,
+                    error: "exceeded quota for tenant t1: requested workers=4, used=8, limited=10".into(),
+                    metadata: Default::default(),
+                    idempotency_key: None,
+                    max_lifetime_seconds: None,
+                    tenant: Some("t1".into()),
+                    quota: Some(crate::domain::quota::QuotaExceeded {
+                        tenant: "t1".into(),
+                        resource: "workers".into(),
+                        requested: 4,
+                        used: 8,
+                        limited: 10,
+                    }),
                 }),
             ),
             Event::new(Micros::from_micros(8), EventBody::Released { allocation_id: id }),

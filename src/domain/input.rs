@@ -29,6 +29,9 @@ pub struct ResourceRequest {
     /// Renewals never move the deadline past the grant's time plus this; `None`: no bound
     /// beyond `max_ttl_seconds` per renewal.
     pub max_lifetime_seconds: Option<u64>,
+    /// The tenant whose quota the request counts against; `None` takes the value of the
+    /// config's `tenant_metadata_key` in the metadata, if any.
+    pub tenant: Option<String>,
 }
 
 impl ResourceRequest {
@@ -73,6 +76,12 @@ impl ResourceRequest {
         self
     }
 
+    /// Sets the tenant.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
     /// Bounds the allocation's lifetime across renewals.
     pub fn max_lifetime_seconds(mut self, seconds: u64) -> Self {
         self.max_lifetime_seconds = Some(seconds);
@@ -103,16 +112,16 @@ impl ResourceRequest {
             metadata: json_metadata(args.get("metadata"))?,
             idempotency_key: json_idempotency_key(args.get("idempotency_key"))?,
             max_lifetime_seconds: json_seconds("max_lifetime_seconds", args.get("max_lifetime_seconds"))?,
+            tenant: json_tenant(args.get("tenant"))?,
         })
     }
 }
 
 /// The fields of a request, as its errors list them.
 const REQUEST_ARGUMENTS: &str =
-    "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds";
+    "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant";
 /// The arguments the `request_resources` tool takes.
-const TOOL_ARGUMENTS: &str =
-    "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, expected_seq";
+const TOOL_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant, expected_seq";
 
 fn reject_unknown_arguments(args: &serde_json::Map<String, serde_json::Value>, known: &str) -> Result<()> {
     for key in args.keys() {
@@ -191,6 +200,15 @@ fn json_seconds(field: &str, v: Option<&serde_json::Value>) -> Result<Option<u64
     }
 }
 
+fn json_tenant(v: Option<&serde_json::Value>) -> Result<Option<String>> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(type_err("tenant", "a string (1 to 128 characters)", other)),
+    }
+}
+
 fn json_idempotency_key(v: Option<&serde_json::Value>) -> Result<Option<String>> {
     use serde_json::Value;
     match v {
@@ -235,6 +253,8 @@ pub struct ValidRequest<'a> {
     pub ttl_seconds: u64,
     /// The metadata as events store it (compact JSON text).
     pub metadata: Metadata,
+    /// The tenant the request counts against (its `tenant`, or the metadata's tenant key).
+    pub tenant: Option<String>,
 }
 
 /// Checks a request against `config`, field by field in a fixed order (job id, MCP servers,
@@ -250,7 +270,24 @@ pub fn validate<'a>(req: &'a ResourceRequest, config: &Config) -> Result<ValidRe
         crate::domain::idempotency::validate_idempotency_key("idempotency_key", key)?;
     }
     validate_max_lifetime(req.max_lifetime_seconds, ttl_seconds)?;
-    Ok(ValidRequest { request: req, ttl_seconds, metadata })
+    let tenant = resolve_tenant(req, config)?;
+    Ok(ValidRequest { request: req, ttl_seconds, metadata, tenant })
+}
+
+/// The request's tenant: its `tenant` field (checked as a tenant name), else a string under the
+/// config's `tenant_metadata_key` in its metadata that is a valid tenant name (metadata written
+/// before quotas existed is free-form: anything else there names no tenant).
+pub fn resolve_tenant(req: &ResourceRequest, config: &Config) -> Result<Option<String>> {
+    if let Some(t) = &req.tenant {
+        crate::domain::quota::validate_tenant("tenant", t)?;
+        return Ok(Some(t.clone()));
+    }
+    Ok(match req.metadata.get(&config.tenant_metadata_key) {
+        Some(serde_json::Value::String(t)) if crate::domain::quota::validate_tenant("tenant", t).is_ok() => {
+            Some(t.clone())
+        }
+        _ => None,
+    })
 }
 
 /// Longest `max_lifetime_seconds`: ten years, as for `max_ttl_seconds`.

@@ -15,5 +15,7 @@ pub mod idempotency;
 pub mod input;
 /// Ids, priorities, states, resource amounts, metadata.
 pub mod model;
+/// Per-tenant quotas.
+pub mod quota;
 /// The fold (`evolve`) and its queries.
 pub mod state;

@@ -8,6 +8,7 @@ use crate::domain::config::Config;
 use crate::domain::event::{EventBody, Grant, McpGrant, Rejection, Renewal, WorkerGrant};
 use crate::domain::idempotency::{grant_fingerprint, rejection_fingerprint, KeyRecord, KeyTable};
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
+use crate::domain::quota::{TenantUse, NO_TENANT};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -79,6 +80,9 @@ pub struct Allocation {
     /// How many times the lease was renewed (each a `renewed` event).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub renewals: u32,
+    /// The tenant whose quota it counts against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -110,6 +114,7 @@ impl Allocation {
             error: None,
             max_lifetime_seconds: g.max_lifetime_seconds,
             renewals: 0,
+            tenant: g.tenant,
         }
     }
 
@@ -143,6 +148,7 @@ impl Allocation {
             error: Some(r.error.clone()),
             max_lifetime_seconds: r.max_lifetime_seconds,
             renewals: 0,
+            tenant: r.tenant.clone(),
         }
     }
 
@@ -261,6 +267,8 @@ pub struct State {
     evicted: u64,
     /// Idempotency keys decided within the config's window.
     pub(super) keys: KeyTable,
+    /// What each tenant's active allocations hold (`quota::NO_TENANT` for those without one).
+    tenants: BTreeMap<String, TenantUse>,
     /// Events that did not apply cleanly (an anomaly counter; evolve never panics).
     pub anomalies: u64,
 }
@@ -287,6 +295,7 @@ impl State {
             ended: BTreeMap::new(),
             evicted: 0,
             keys: KeyTable::default(),
+            tenants: BTreeMap::new(),
             anomalies: 0,
         }
     }
@@ -440,6 +449,22 @@ impl State {
         self.keys.len()
     }
 
+    /// What `tenant`'s active allocations hold now.
+    pub fn tenant_use(&self, tenant: Option<&str>) -> TenantUse {
+        self.tenants.get(tenant.unwrap_or(NO_TENANT)).cloned().unwrap_or_default()
+    }
+
+    /// Every tenant holding something now, by name.
+    pub fn tenants_in_use(&self) -> &BTreeMap<String, TenantUse> {
+        &self.tenants
+    }
+
+    /// Counts `a` (active) toward its tenant's use.
+    fn charge_tenant(tenants: &mut BTreeMap<String, TenantUse>, a: &Allocation) {
+        let names = a.mcp_servers.iter().map(|m| m.name.as_str());
+        tenants.entry(a.tenant.clone().unwrap_or_else(|| NO_TENANT.to_string())).or_default().add(a.resources, names);
+    }
+
     /// Heap bytes the idempotency key table holds (for the memory bound in docs/benchmarks.md).
     pub fn idempotency_heap_bytes(&self) -> usize {
         self.keys.heap_bytes()
@@ -537,7 +562,9 @@ impl State {
             self.allocated
         });
         self.by_deadline.insert((g.deadline_us, g.allocation_id));
-        self.allocations.insert(g.allocation_id, Arc::new(Allocation::from_grant_owned(ts_us, g)));
+        let a = Allocation::from_grant_owned(ts_us, g);
+        Self::charge_tenant(&mut self.tenants, &a);
+        self.allocations.insert(a.id, Arc::new(a));
         true
     }
 
@@ -591,6 +618,13 @@ impl State {
                         self.free_slots.insert(w.slot);
                     }
                 }
+            }
+        }
+        let key = a.tenant.as_deref().unwrap_or(NO_TENANT);
+        if let Some(t) = self.tenants.get_mut(key) {
+            t.remove(a.resources, a.mcp_servers.iter().map(|m| m.name.as_str()));
+            if t.is_empty() {
+                self.tenants.remove(key);
             }
         }
         let mut freed = a.resources;
@@ -669,6 +703,7 @@ impl State {
         if running.len() != self.running.len() {
             return Err("running MCP servers disagree with the allocations".into());
         }
+        self.check_tenants()?;
         held.workers = self.slots.iter().filter(|s| s.is_some()).count() as u32;
         if held != self.allocated {
             return Err(format!("allocated {:?} but allocations hold {:?}", self.allocated, held));
@@ -683,6 +718,18 @@ impl State {
                 || a.memory_mib + v.memory_mib != self.config.total_memory_mib)
         {
             return Err("allocated + available != total".into());
+        }
+        Ok(())
+    }
+
+    /// The per-tenant use equals what the active allocations hold, tenant by tenant.
+    fn check_tenants(&self) -> std::result::Result<(), String> {
+        let mut tenants = BTreeMap::new();
+        for a in self.allocations.values().filter(|a| a.state == AllocationState::Active) {
+            Self::charge_tenant(&mut tenants, a);
+        }
+        if tenants != self.tenants {
+            return Err("per-tenant use disagrees with the active allocations".into());
         }
         Ok(())
     }
@@ -802,6 +849,7 @@ impl StateLoader {
             }
             s.allocated = s.allocated.checked_add(charged).ok_or("overflow")?;
             s.by_deadline.insert((a.deadline_us, a.id));
+            State::charge_tenant(&mut s.tenants, &a);
         } else {
             let seq = a.ended_seq.ok_or_else(|| format!("ended allocation {} has no ended_seq", a.id))?;
             if s.ended.insert(seq, a.id).is_some() {

@@ -18,6 +18,9 @@ pub enum GroupBy {
     Job,
     /// By the value of this metadata key; allocations without it go to the group `(none)`.
     Metadata(String),
+    /// By the tenant recorded with each grant (its quota's tenant); `(none)` for allocations
+    /// without one.
+    Tenant,
 }
 
 /// The group of allocations that lack the metadata key grouped by.
@@ -28,6 +31,9 @@ impl GroupBy {
     pub fn parse(field: &str, text: &str) -> Result<GroupBy> {
         if text == "job" {
             return Ok(GroupBy::Job);
+        }
+        if text == "tenant" {
+            return Ok(GroupBy::Tenant);
         }
         match text.strip_prefix("metadata.") {
             // A key no grant can have would only ever report the group "(none)".
@@ -41,7 +47,7 @@ impl GroupBy {
             Some(key) if !key.is_empty() => Ok(GroupBy::Metadata(key.to_string())),
             _ => Err(Error::invalid(
                 field,
-                format!("{text:?} is not a grouping; use `job` or `metadata.KEY` (e.g. metadata.tenant)"),
+                format!("{text:?} is not a grouping; use `job`, `tenant` or `metadata.KEY` (e.g. metadata.team)"),
             )),
         }
     }
@@ -51,12 +57,14 @@ impl GroupBy {
         match self {
             GroupBy::Job => "job".into(),
             GroupBy::Metadata(k) => format!("metadata.{k}"),
+            GroupBy::Tenant => "tenant".into(),
         }
     }
 
-    fn key_of(&self, job_id: &str, metadata: &crate::domain::model::Metadata) -> String {
+    fn key_of(&self, job_id: &str, metadata: &crate::domain::model::Metadata, tenant: Option<&str>) -> String {
         match self {
             GroupBy::Job => job_id.to_string(),
+            GroupBy::Tenant => tenant.unwrap_or(NO_GROUP).to_string(),
             GroupBy::Metadata(k) => match metadata.get(k) {
                 None => NO_GROUP.into(),
                 Some(serde_json::Value::String(s)) => s,
@@ -232,7 +240,7 @@ impl<'a> UsageBuilder<'a> {
     /// (or its deadline is `since` itself, which ends it in the window).
     pub(super) fn add_before(&mut self, a: &Allocation) {
         if a.state == AllocationState::Active && a.deadline_us >= self.since {
-            let group = self.by.key_of(&a.job_id, &a.metadata);
+            let group = self.by.key_of(&a.job_id, &a.metadata, a.tenant.as_deref());
             self.hold(a.id, group, a.created_us, a.deadline_us, a.resources, &a.mcp_servers);
         }
     }
@@ -241,7 +249,7 @@ impl<'a> UsageBuilder<'a> {
     pub(super) fn observe(&mut self, ts: Micros, body: &EventBody) {
         match body {
             EventBody::Granted(g) => {
-                let group = self.by.key_of(&g.job_id, &g.metadata);
+                let group = self.by.key_of(&g.job_id, &g.metadata, g.tenant.as_deref());
                 self.groups.entry(group.clone()).or_default().granted += 1;
                 self.hold(g.allocation_id, group, ts, g.deadline_us, g.resources, &g.mcp_servers);
             }
@@ -253,7 +261,7 @@ impl<'a> UsageBuilder<'a> {
                 }
             }
             EventBody::Rejected(r) => {
-                let g = self.groups.entry(self.by.key_of(&r.job_id, &r.metadata)).or_default();
+                let g = self.groups.entry(self.by.key_of(&r.job_id, &r.metadata, r.tenant.as_deref())).or_default();
                 g.rejected += 1;
                 *g.rejections.entry(r.reason.as_str().to_string()).or_default() += 1;
             }

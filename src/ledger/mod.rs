@@ -293,6 +293,11 @@ impl Ledger {
 
     // ----- reads (queries.rs) -----
 
+    /// Each tenant's use now against its quota (`capacity --by-tenant`).
+    pub fn tenant_capacity(&self) -> Result<Vec<crate::report::TenantCapacity>> {
+        self.read(State::tenant_capacity)
+    }
+
     /// `get_capacity`: the pools' totals, what is in use and what is free, now.
     pub fn get_capacity(&self) -> Result<CapacityReport> {
         self.read(super::domain::state::State::capacity)

@@ -509,7 +509,7 @@ pub(crate) fn load_chunked(
 // | mcp_servers: count u32, each: name str, endpoint str, cpu_millicores u64, memory_mib u64,
 //   flags u8 (1: assigned, 2: started)
 // | metadata str (compact JSON object, empty for none) | [error str]
-// | [max_lifetime_seconds u64 (flag 8, v4)] | [renewals u32 (flag 16, v4)]
+// | [max_lifetime_seconds u64 (flag 8, v4)] | [renewals u32 (flag 16, v4)] | [tenant str (flag 32, v4)]
 //
 // str = len u32 + UTF-8 bytes.
 
@@ -519,6 +519,8 @@ const FLAG_ERROR: u8 = 4;
 /// Version 4 only: the allocation has a lifetime bound; it was renewed.
 const FLAG_MAX_LIFETIME: u8 = 8;
 const FLAG_RENEWALS: u8 = 16;
+/// Version 4 only: the allocation counts against a tenant's quota.
+const FLAG_TENANT: u8 = 32;
 /// MCP server flags: this grant gave the name its endpoint; no other allocation was using it.
 const MCP_FLAG_ASSIGNED: u8 = 1;
 const MCP_FLAG_STARTED: u8 = 2;
@@ -586,7 +588,8 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
         | if a.ended_seq.is_some() { FLAG_ENDED_SEQ } else { 0 }
         | if a.error.is_some() { FLAG_ERROR } else { 0 }
         | if a.max_lifetime_seconds.is_some() { FLAG_MAX_LIFETIME } else { 0 }
-        | if a.renewals > 0 { FLAG_RENEWALS } else { 0 };
+        | if a.renewals > 0 { FLAG_RENEWALS } else { 0 }
+        | if a.tenant.is_some() { FLAG_TENANT } else { 0 };
     out.push(flags);
     out.extend_from_slice(&a.ttl_seconds.to_le_bytes());
     out.extend_from_slice(&a.created_us.as_micros().to_le_bytes());
@@ -625,6 +628,9 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
     }
     if a.renewals > 0 {
         out.extend_from_slice(&a.renewals.to_le_bytes());
+    }
+    if let Some(t) = &a.tenant {
+        put_str(out, t);
     }
 }
 
@@ -768,7 +774,7 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     let priority = from_code(&PRIORITY_CODES, r.u8()?, "priority")?;
     let state = from_code(&STATE_CODES, r.u8()?, "state")?;
     let flags = r.u8()?;
-    if flags & !(FLAG_ENDED_US | FLAG_ENDED_SEQ | FLAG_ERROR | FLAG_MAX_LIFETIME | FLAG_RENEWALS) != 0 {
+    if flags & !(FLAG_ENDED_US | FLAG_ENDED_SEQ | FLAG_ERROR | FLAG_MAX_LIFETIME | FLAG_RENEWALS | FLAG_TENANT) != 0 {
         return Err(format!("unknown flags {flags:#x}"));
     }
     let ttl_seconds = r.u64()?;
@@ -784,6 +790,7 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     let error = if flags & FLAG_ERROR != 0 { Some(r.string()?) } else { None };
     let max_lifetime_seconds = if flags & FLAG_MAX_LIFETIME != 0 { Some(r.u64()?) } else { None };
     let renewals = if flags & FLAG_RENEWALS != 0 { r.u32()? } else { 0 };
+    let tenant = if flags & FLAG_TENANT != 0 { Some(r.string()?) } else { None };
     Ok(Allocation {
         id,
         job_id,
@@ -801,6 +808,7 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
         error,
         max_lifetime_seconds,
         renewals,
+        tenant,
     })
 }
 

@@ -97,6 +97,12 @@ pub(crate) fn request_input(config: &Config) -> Value {
                 "minimum": config.min_ttl_seconds,
                 "description": "Optional bound for renew_allocation: the allocation's deadline never moves past its creation plus this many seconds (at least ttl_seconds).",
             },
+            "tenant": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": crate::domain::quota::MAX_TENANT_CHARS,
+                "description": format!("The tenant whose quota the request counts against (default: metadata.{}). A request past its tenant's quota is refused with reason quota, e.g. \"exceeded quota for tenant t1: requested workers=4, used=8, limited=10\".", config.tenant_metadata_key),
+            },
             "expected_seq": super::tools::contract::expected_seq_schema(),
         },
         "required": ["job_id", "mcp_servers"],
@@ -143,7 +149,13 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         }),
         "get_capacity" => json!({
             "type": "object",
-            "properties": { "at": super::tools::history::at_schema() },
+            "properties": {
+                "at": super::tools::history::at_schema(),
+                "by_tenant": {
+                    "type": "boolean",
+                    "description": "Also list each tenant's use now against its quota as `tenants` (not with `at`).",
+                },
+            },
             "additionalProperties": false,
         }),
         "allocation_history" => super::tools::history::history_input(),
@@ -282,7 +294,7 @@ fn failed() -> Value {
             "status": { "const": "failed" },
             "error": s("e.g. \"Insufficient workers: requested 5, available 3\", \"Insufficient CPU: needed 4.0, available 2.0\", \"Insufficient memory: needed 8192MB, available 4096MB\"."),
             "job_id": s("The job that asked."),
-            "reason": { "type": "string", "enum": ["insufficient_workers", "insufficient_cpu", "insufficient_memory"] },
+            "reason": { "type": "string", "enum": ["insufficient_workers", "insufficient_cpu", "insufficient_memory", "quota"] },
             "created_at": s("When the rejection was recorded (RFC 3339, UTC)."),
             "seq": int("Sequence number of the ledger event that recorded the rejection."),
             "replayed": { "type": "boolean", "description": "Present (true) when idempotency_key was decided before: this is the original rejection." },

@@ -249,21 +249,43 @@ impl LedgerTools {
     }
 
     #[tool(
-        description = "Show the pool: total, allocated and available CPU (cores), memory (MB) and workers, the MCP servers in use (running_mcp_servers) and the number of active allocations. Call it before a large request to see what fits. With `at` (RFC 3339 or relative such as -15m) it shows the pool as it was at that instant.",
+        description = "Show the pool: total, allocated and available CPU (cores), memory (MB) and workers, the MCP servers in use (running_mcp_servers) and the number of active allocations. Call it before a large request to see what fits. With `at` (RFC 3339 or relative such as -15m) it shows the pool as it was at that instant. With by_tenant: true it also lists each tenant's use against its quota (tenants).",
         annotations(title = "Get capacity", read_only_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn get_capacity(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        let at = match check_known(&args, &["at"]).and_then(|()| Ok(opt_str(&args, "at")?.map(str::to_string))) {
-            Ok(at) => at,
+        let parsed = check_known(&args, &["at", "by_tenant"]).and_then(|()| {
+            let at = opt_str(&args, "at")?.map(str::to_string);
+            let by_tenant = match args.get("by_tenant") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(Error::invalid("by_tenant", format!("must be true or false, got {}", kind_of(other))))
+                }
+            };
+            if by_tenant && at.is_some() {
+                return Err(Error::invalid("by_tenant", "shows use now: it cannot be combined with at"));
+            }
+            Ok((at, by_tenant))
+        });
+        let (at, by_tenant) = match parsed {
+            Ok(x) => x,
             Err(e) => return tool_error(error_value(&e)),
         };
-        from_ledger(
-            self.call(move |l| match history::parse_at(l, "at", at.as_deref())? {
-                None => l.get_capacity(),
-                Some(t) => l.capacity_at(t),
+        let report = self
+            .call(move |l| {
+                let capacity = match history::parse_at(l, "at", at.as_deref())? {
+                    None => l.get_capacity()?,
+                    Some(t) => l.capacity_at(t)?,
+                };
+                let mut v = serde_json::to_value(capacity).map_err(|e| Error::io("serialising", e.into()))?;
+                if by_tenant {
+                    v["tenants"] =
+                        serde_json::to_value(l.tenant_capacity()?).map_err(|e| Error::io("serialising", e.into()))?;
+                }
+                Ok(v)
             })
-            .await?,
-        )
+            .await?;
+        from_ledger(report)
     }
 
     #[tool(

@@ -182,9 +182,9 @@ pub(crate) fn usage_input() -> Value {
             },
             "by": {
                 "type": "string",
-                "pattern": "^(job|metadata\\..+)$",
+                "pattern": "^(job|tenant|metadata\\..+)$",
                 "default": "job",
-                "description": "Grouping: \"job\" (default) or \"metadata.KEY\" to group by the value of that key in the request's metadata, e.g. metadata.tenant.",
+                "description": "Grouping: \"job\" (default), \"tenant\" (the quota tenant recorded with each grant) or \"metadata.KEY\" to group by the value of that key in the request's metadata, e.g. metadata.team.",
             },
         },
         "required": ["since"],
