@@ -22,6 +22,7 @@ mod ledger;
 mod log;
 mod maintenance;
 mod report;
+mod whatif;
 
 /// The MCP server (stdio and Streamable HTTP); feature `server`.
 #[cfg(feature = "server")]
@@ -43,6 +44,10 @@ pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };
 pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyReport};
+pub use whatif::{
+    BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WhatIfOptions,
+    WhatIfReport,
+};
 pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
     GrantReport, GrantedResources, McpServerInfo, ReleaseReport, ReleaseStatus, RequestOutcome, Timestamps, WorkerInfo,
