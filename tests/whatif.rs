@@ -178,7 +178,7 @@ fn a_what_if_only_grant_held_for_its_ttl_can_take_what_a_later_request_needed() 
         Op::Advance(1_000_000),
         Op::Release(0),
         Op::Advance(1_000_000),
-        Op::Request { job: 2, workers: 9, mcp: vec![], priority: 1, ttl: 600, tenant: 0 },
+        Op::Request { job: 2, workers: 8, mcp: vec![], priority: 1, ttl: 600, tenant: 0 },
     ];
     let ledger = run(&ops);
     let mut patch = serde_json::Map::new();
