@@ -39,6 +39,7 @@ pub use history::{
     EventRange, GroupBy, History, HistoryEvent, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup,
     UsageReport,
 };
+pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use ledger::{Durable, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
