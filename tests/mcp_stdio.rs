@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 8] = [
+const TOOLS: [&str; 9] = [
     "allocation_history",
     "cleanup_expired",
     "get_allocation",
@@ -20,6 +20,7 @@ const TOOLS: [&str; 8] = [
     "release_resources",
     "request_resources",
     "usage_report",
+    "what_if",
 ];
 
 fn tool_names(list: &Value) -> Vec<String> {

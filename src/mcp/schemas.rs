@@ -131,6 +131,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         }),
         "allocation_history" => super::tools::history::history_input(),
         "usage_report" => super::tools::history::usage_input(),
+        "what_if" => super::tools::whatif::whatif_input(),
         // cleanup_expired
         _ => json!({
             "type": "object",
@@ -421,6 +422,7 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "cleanup_expired" => with_error(vec![cleanup()]),
         "allocation_history" => with_error(vec![super::tools::history::history_output()]),
         "usage_report" => with_error(vec![super::tools::history::usage_output()]),
+        "what_if" => with_error(vec![super::tools::whatif::whatif_output()]),
         other => unreachable!("no output schema for tool {other}"),
     }
 }
