@@ -51,7 +51,8 @@ fn build(target: u64) -> (tempfile::TempDir, u64, f64) {
     let dir = scratch_dir("whatif-");
     let start = allocation_ledger::SystemClock.now_micros() - (target as i64) * 25_000 - 3_600_000_000;
     let clock = ManualClock::new(start);
-    let opts = OpenOptions::default().config(config()).clock(Arc::new(clock.clone())).storage(CountingStorage::no_sync());
+    let opts =
+        OpenOptions::default().config(config()).clock(Arc::new(clock.clone())).storage(CountingStorage::no_sync());
     let ledger = Ledger::open_with(dir.path(), opts).unwrap();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut held: VecDeque<String> = VecDeque::new();
@@ -81,7 +82,9 @@ fn build(target: u64) -> (tempfile::TempDir, u64, f64) {
             ledger.request_resources(&short).unwrap();
         }
         if i.is_multiple_of(500) {
-            ledger.request_resources(&ResourceRequest::new(format!("big-{}", i % 50)).workers(40).ttl_seconds(60)).unwrap();
+            ledger
+                .request_resources(&ResourceRequest::new(format!("big-{}", i % 50)).workers(40).ttl_seconds(60))
+                .unwrap();
         }
     }
     let events = ledger.status().last_seq;
@@ -129,7 +132,13 @@ fn main() {
         larger.comparison.what_if.granted,
         larger.comparison.what_if.rejected
     ));
-    report.value("replay_s", "full replay: Ledger::open_read_only, no snapshot", replay_t.best(), "s", replay_t.secs_shown());
+    report.value(
+        "replay_s",
+        "full replay: Ledger::open_read_only, no snapshot",
+        replay_t.best(),
+        "s",
+        replay_t.secs_shown(),
+    );
     for (id, what, t) in [
         ("whatif_recorded_s", "what-if, recorded config (reproduces every decision)", &same_t),
         ("whatif_larger_s", "what-if, 10% more workers, CPU, memory; hold median-of-job", &larger_t),

@@ -45,14 +45,14 @@ pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };
 pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyReport};
-pub use whatif::{
-    BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WhatIfOptions,
-    WhatIfReport,
-};
 pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
     GrantReport, GrantedResources, McpServerInfo, ReleaseReport, ReleaseStatus, RequestOutcome, Timestamps, WorkerInfo,
     WorkerStatus,
+};
+pub use whatif::{
+    BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WhatIfOptions,
+    WhatIfReport,
 };
 
 /// The layout of a ledger directory.

@@ -75,7 +75,10 @@ fn what_if_with_two_more_workers_rejects_fewer() {
     assert_eq!(r["changes"]["granted_only_in_reality"], 0, "{r}");
     let jobs = r["jobs"].as_array().unwrap();
     let row = |name: &str| jobs.iter().find(|j| j["name"] == name).unwrap_or_else(|| panic!("{name}: {r}"));
-    assert_eq!((row("build-c")["reality_granted"].as_u64(), row("build-c")["what_if_granted"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (row("build-c")["reality_granted"].as_u64(), row("build-c")["what_if_granted"].as_u64()),
+        (Some(1), Some(2))
+    );
     assert_eq!(jobs.len(), 1, "only build-c's outcomes differ: {r}");
     let tenants = r["tenants"].as_array().unwrap();
     assert_eq!(tenants.len(), 1);
@@ -127,9 +130,17 @@ fn replay_steps_through_history() {
     let text = stdout(&o);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 8, "{text}");
-    assert!(lines[1].contains("granted") && lines[1].contains("workers 0/10 -> 5/10") && lines[1].contains("took slots 0,1,2,3,4"));
+    assert!(
+        lines[1].contains("granted")
+            && lines[1].contains("workers 0/10 -> 5/10")
+            && lines[1].contains("took slots 0,1,2,3,4")
+    );
     assert!(lines[3].contains("rejected") && lines[3].contains("Insufficient workers: requested 2, available 0"));
-    assert!(lines[5].contains("released") && lines[5].contains("workers 10/10 -> 5/10") && lines[5].contains("freed slots 0,1,2,3,4"));
+    assert!(
+        lines[5].contains("released")
+            && lines[5].contains("workers 10/10 -> 5/10")
+            && lines[5].contains("freed slots 0,1,2,3,4")
+    );
 
     // NDJSON: {event, before, after} per line, from --from to --to.
     let o = run(&d, &["--json", "replay", "--from", "2", "--to", "4"]);

@@ -37,7 +37,10 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn config(workers: u32) -> Config {
     let mut catalog = BTreeMap::new();
-    catalog.insert("github".to_string(), McpCatalogEntry { endpoint: "http://gh".into(), cpu_millicores: 500, memory_mib: 256 });
+    catalog.insert(
+        "github".to_string(),
+        McpCatalogEntry { endpoint: "http://gh".into(), cpu_millicores: 500, memory_mib: 256 },
+    );
     Config {
         worker_slots: workers,
         total_cpu_millicores: 9_000,
@@ -67,7 +70,9 @@ fn run(ops: &[Op]) -> Ledger {
                         req = req.mcp_server(name);
                     }
                 }
-                req = req.priority([Priority::Low, Priority::Normal, Priority::High, Priority::Critical][*priority as usize]);
+                req = req.priority(
+                    [Priority::Low, Priority::Normal, Priority::High, Priority::Critical][*priority as usize],
+                );
                 let mut meta = serde_json::Map::new();
                 meta.insert("tenant".into(), format!("tenant-{tenant}").into());
                 if let Ok(o) = ledger.request_resources(&req.metadata(meta)) {

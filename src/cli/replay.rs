@@ -87,7 +87,7 @@ fn human_step(s: &Step) -> String {
         s.seq,
         s.at,
         s.event.body.type_name(),
-        s.event.body.allocation_id().map(|i| i.to_string()).unwrap_or_else(|| "-".repeat(18)),
+        s.event.body.allocation_id().map_or_else(|| "-".repeat(18), |i| i.to_string()),
         b.allocated_workers,
         b.total_workers,
         a.allocated_workers,
@@ -127,7 +127,10 @@ fn human_state(s: &StateAt) -> String {
                 a.job_id.clone(),
                 a.workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>().join(","),
                 a.mcp_servers.iter().map(|m| m.name.clone()).collect::<Vec<_>>().join(","),
-                a.timestamps.expires_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)).unwrap_or_default(),
+                a.timestamps
+                    .expires_at
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                    .unwrap_or_default(),
             ]
         })
         .collect();
@@ -194,7 +197,8 @@ fn signed(v: i64) -> String {
 }
 
 fn side_rows(r: &SideReport, w: &SideReport) -> Vec<Vec<String>> {
-    let count = |name: &str, a: u64, b: u64| vec![name.to_string(), a.to_string(), b.to_string(), signed(b as i64 - a as i64)];
+    let count =
+        |name: &str, a: u64, b: u64| vec![name.to_string(), a.to_string(), b.to_string(), signed(b as i64 - a as i64)];
     let mut rows = vec![count("granted", r.granted, w.granted), count("rejected", r.rejected, w.rejected)];
     let reasons: std::collections::BTreeSet<&String> = r.rejections.keys().chain(w.rejections.keys()).collect();
     for reason in reasons {
@@ -204,12 +208,36 @@ fn side_rows(r: &SideReport, w: &SideReport) -> Vec<Vec<String>> {
     rows.push(count("invalid under the config", r.invalid, w.invalid));
     rows.push(count("released", r.released, w.released));
     rows.push(count("expired", r.expired, w.expired));
-    for (name, a, b, unit) in [("workers", &r.workers, &w.workers, ""), ("cpu", &r.cpu, &w.cpu, " cores"), ("memory", &r.memory, &w.memory, " MiB")] {
+    for (name, a, b, unit) in [
+        ("workers", &r.workers, &w.workers, ""),
+        ("cpu", &r.cpu, &w.cpu, " cores"),
+        ("memory", &r.memory, &w.memory, " MiB"),
+    ] {
         let pct = |v: f64| format!("{:.1}%", v * 100.0);
-        rows.push(vec![format!("{name}: pool (mean)"), format!("{:.1}{unit}", a.mean_total), format!("{:.1}{unit}", b.mean_total), String::new()]);
-        rows.push(vec![format!("{name}: peak held"), format!("{:.1}{unit}", a.peak_allocated), format!("{:.1}{unit}", b.peak_allocated), String::new()]);
-        rows.push(vec![format!("{name}: mean utilisation"), pct(a.mean_utilisation), pct(b.mean_utilisation), String::new()]);
-        rows.push(vec![format!("{name}: peak utilisation"), pct(a.peak_utilisation), pct(b.peak_utilisation), String::new()]);
+        rows.push(vec![
+            format!("{name}: pool (mean)"),
+            format!("{:.1}{unit}", a.mean_total),
+            format!("{:.1}{unit}", b.mean_total),
+            String::new(),
+        ]);
+        rows.push(vec![
+            format!("{name}: peak held"),
+            format!("{:.1}{unit}", a.peak_allocated),
+            format!("{:.1}{unit}", b.peak_allocated),
+            String::new(),
+        ]);
+        rows.push(vec![
+            format!("{name}: mean utilisation"),
+            pct(a.mean_utilisation),
+            pct(b.mean_utilisation),
+            String::new(),
+        ]);
+        rows.push(vec![
+            format!("{name}: peak utilisation"),
+            pct(a.peak_utilisation),
+            pct(b.peak_utilisation),
+            String::new(),
+        ]);
     }
     rows
 }
@@ -238,7 +266,10 @@ fn group_table(title: &str, column: &str, differing: u64, rows: &[GroupRow]) -> 
 
 fn human_what_if(r: &WhatIfReport) -> String {
     let c = &r.comparison;
-    let mut s = format!("what-if from {} to {}: {} requests; hold for what-if-only grants: {}\n", c.since, c.until, c.requests, r.hold);
+    let mut s = format!(
+        "what-if from {} to {}: {} requests; hold for what-if-only grants: {}\n",
+        c.since, c.until, c.requests, r.hold
+    );
     match r.reproduced {
         Some(true) => s += "config: the recorded one; every decision came out as recorded (deterministic)\n",
         Some(false) => {
@@ -260,7 +291,10 @@ fn human_what_if(r: &WhatIfReport) -> String {
         }
     }
     if r.config_changes_ignored > 0 {
-        s += &format!("{} recorded config change(s) in the window were not applied to the what-if\n", r.config_changes_ignored);
+        s += &format!(
+            "{} recorded config change(s) in the window were not applied to the what-if\n",
+            r.config_changes_ignored
+        );
     }
     s += &table(&["", "REALITY", "WHAT-IF", "CHANGE"], &side_rows(&c.reality, &c.what_if));
     let ch = &c.changes;

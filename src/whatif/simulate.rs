@@ -221,9 +221,8 @@ impl<'o> Simulator<'o> {
     /// The recorded config with the alternative's fields over it.
     fn overlay(&self, recorded: &Config) -> Result<Option<Config>> {
         let Some(patch) = &self.alternative else { return Ok(None) };
-        let mut base = match serde_json::to_value(recorded) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => return Err(Error::invalid("config", "the recorded config does not serialise")),
+        let Ok(serde_json::Value::Object(mut base)) = serde_json::to_value(recorded) else {
+            return Err(Error::invalid("config", "the recorded config does not serialise"));
         };
         for (k, v) in patch {
             base.insert(k.clone(), v.clone());
@@ -247,7 +246,10 @@ impl<'o> Simulator<'o> {
         self.config = Some(recorded.clone());
         if let Some(alt) = self.overlay(&recorded)? {
             let change = self.state.decide_config_change(alt.clone()).map_err(|e| {
-                Error::invalid("config", format!("the what-if's pool cannot hold what was active at the window's start: {e}"))
+                Error::invalid(
+                    "config",
+                    format!("the what-if's pool cannot hold what was active at the window's start: {e}"),
+                )
             })?;
             let ts = self.since.max(self.state.last_ts_us);
             self.fold(ts, change);
@@ -306,9 +308,9 @@ impl<'o> Simulator<'o> {
                     self.compare.ended(Side::Reality, expired);
                 }
                 // An event about an allocation the what-if does not hold is passed over.
-                let held = other.allocation_id().is_none_or(|id| {
-                    self.state.allocation(id).is_some_and(|a| a.state == AllocationState::Active)
-                });
+                let held = other
+                    .allocation_id()
+                    .is_none_or(|id| self.state.allocation(id).is_some_and(|a| a.state == AllocationState::Active));
                 if held {
                     if let Some(expired) = ended {
                         self.compare.ended(Side::WhatIf, expired);

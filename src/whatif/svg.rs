@@ -28,7 +28,11 @@ fn nice_max(max: f64) -> f64 {
         return 1.0;
     }
     let mag = 10f64.powf(max.log10().floor());
-    [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0].iter().map(|m| m * mag).find(|v| *v >= max * 1.05).unwrap_or(10.0 * mag)
+    [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|v| *v >= max * 1.05)
+        .unwrap_or(10.0 * mag)
 }
 
 /// The chart.
@@ -56,7 +60,11 @@ pub fn render(r: &WhatIfReport) -> String {
     for (k, (name, colour, dashed)) in SERIES.iter().enumerate() {
         let x = LEFT + k as f64 * 200.0;
         let dash = if *dashed { r#" stroke-dasharray="6 3""# } else { "" };
-        let _ = writeln!(s, r#"<line x1="{x}" y1="65" x2="{}" y2="65" stroke="{colour}" stroke-width="2"{dash}/>"#, x + 24.0);
+        let _ = writeln!(
+            s,
+            r#"<line x1="{x}" y1="65" x2="{}" y2="65" stroke="{colour}" stroke-width="2"{dash}/>"#,
+            x + 24.0
+        );
         let _ = writeln!(s, r#"<text x="{}" y="70">{name}</text>"#, x + 30.0);
     }
     for (i, (name, unit)) in [("Workers", "workers"), ("CPU", "cores"), ("Memory", "MiB")].iter().enumerate() {
@@ -83,11 +91,13 @@ fn panel(s: &mut String, r: &WhatIfReport, i: usize, name: &str, unit: &str) {
     let x_of = |t: Micros| LEFT + (t - c.since_us) as f64 / span * plot_w;
     let y_of = |v: f64| bottom - v / ymax * PANEL_H;
     let _ = writeln!(s, r#"<g class="panel" id="{}">"#, name.to_lowercase());
-    let _ = writeln!(s, r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">{name} ({unit})</text>"#, top - 8.0);
+    let _ =
+        writeln!(s, r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">{name} ({unit})</text>"#, top - 8.0);
     for k in 0..=4 {
         let v = ymax * f64::from(k) / 4.0;
         let y = y_of(v);
-        let _ = writeln!(s, r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e3e3e3"/>"##, LEFT + plot_w);
+        let _ =
+            writeln!(s, r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e3e3e3"/>"##, LEFT + plot_w);
         let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{v:.1}</text>"#, LEFT - 6.0, y + 4.0);
     }
     for (k, values) in series.iter().enumerate() {

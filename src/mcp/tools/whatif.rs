@@ -14,10 +14,9 @@ fn config_arg(args: &JsonObject) -> Result<Option<JsonObject>, Error> {
     match args.get("config") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => Ok(Some(m.clone())),
-        Some(_) => Err(Error::invalid(
-            "config",
-            "must be an object of config fields to change, e.g. {\"worker_slots\": 12}",
-        )),
+        Some(_) => {
+            Err(Error::invalid("config", "must be an object of config fields to change, e.g. {\"worker_slots\": 12}"))
+        }
     }
 }
 
