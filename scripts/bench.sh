@@ -27,7 +27,7 @@ if [ "$quick" = 1 ]; then
   export BENCH_QUICK=1
 fi
 
-benches=(durable history mcp)
+benches=(durable history whatif mcp)
 bench_args=()
 for b in "${benches[@]}"; do bench_args+=(--bench "$b"); done
 

@@ -22,6 +22,7 @@ mod ledger;
 mod log;
 mod maintenance;
 mod report;
+mod whatif;
 
 /// The MCP server (stdio and Streamable HTTP); feature `server`.
 #[cfg(feature = "server")]
@@ -42,6 +43,7 @@ pub use history::{
     EventRange, GroupBy, History, HistoryEvent, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup,
     UsageReport,
 };
+pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
@@ -51,6 +53,10 @@ pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
     GrantReport, GrantedResources, McpServerInfo, PlanReport, ReleaseReport, ReleaseStatus, RenewReport,
     RequestOutcome, TenantCapacity, Timestamps, WorkerInfo, WorkerStatus,
+};
+pub use whatif::{
+    BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WhatIfOptions,
+    WhatIfReport,
 };
 
 /// The layout of a ledger directory.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 10] = [
+const TOOLS: [&str; 11] = [
     "allocation_history",
     "cleanup_expired",
     "get_allocation",
@@ -22,6 +22,7 @@ const TOOLS: [&str; 10] = [
     "renew_allocation",
     "request_resources",
     "usage_report",
+    "what_if",
 ];
 
 fn tool_names(list: &Value) -> Vec<String> {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 mod config;
 mod contract;
 mod history;
+mod replay;
 #[cfg(feature = "server")]
 mod serve;
 
@@ -132,6 +133,10 @@ enum Command {
     Usage(history::UsageArgs),
     /// Utilisation (allocated over total) per bucket over a window; --svg draws a chart
     Timeline(history::TimelineArgs),
+    /// Step through history event by event (what each changed), or print the state at a point
+    Replay(replay::ReplayArgs),
+    /// Re-decide the recorded demand under another config (--config FILE: fields over the recorded one); writes nothing
+    WhatIf(replay::WhatIfArgs),
     /// Check every record and snapshot; non-zero exit on damage
     Verify,
     /// Write a snapshot now
@@ -192,6 +197,9 @@ fn flag_for(field: &str) -> Option<&'static str> {
         "by" => "--by",
         "bucket" => "--bucket",
         "svg" => "--svg",
+        "from" => "--from",
+        "to" => "--to",
+        "hold" => "--hold",
         _ => return None,
     })
 }
@@ -397,6 +405,8 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         Command::Usage(args) => history::usage(&open_reader(&dir, config)?, out, args),
         Command::Timeline(args) => history::timeline(&open_reader(&dir, config)?, out, args),
         Command::Log { from_seq, limit, .. } => log(&dir, from_seq, limit),
+        Command::Replay(args) => replay::replay(&open_existing(&dir)?, out, args),
+        Command::WhatIf(args) => replay::what_if(&open_existing(&dir)?, out, config.as_deref(), args),
         Command::Verify => verify(out, dir),
         Command::Repair { force_truncate, dry_run } => repair(out, &dir, force_truncate, dry_run),
         Command::Snapshot => {
@@ -516,6 +526,14 @@ fn cleanup_expired(out: &Out, ledger: &Ledger, expected_seq: Option<u64>) -> all
         }
     })?;
     Ok(ExitCode::Ok)
+}
+
+/// A read-only handle on a ledger that must exist (replay and what-if have nothing to show
+/// of a preview).
+fn open_existing(dir: &Path) -> allocation_ledger::Result<Ledger> {
+    let ledger = Ledger::open_read_only(dir)?;
+    report_recovery(&ledger);
+    Ok(ledger)
 }
 
 /// `log` without a time window: events by sequence number, as NDJSON.

@@ -10,10 +10,12 @@
 //! - [`Ledger::usage`] and [`Ledger::timeline`] integrate holding intervals and the step
 //!   function in integer units; floats appear only in the reports.
 
+mod step;
 mod svg;
 mod usage;
 
 use crate::ledger::index::CapacityIndex;
+pub use step::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use usage::{GroupBy, McpServerUsage, Timeline, TimelineBucket, UsageAmounts, UsageGroup, UsageReport};
 
 use crate::domain::clock::{format_micros, Micros};

@@ -160,6 +160,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         }),
         "allocation_history" => super::tools::history::history_input(),
         "usage_report" => super::tools::history::usage_input(),
+        "what_if" => super::tools::whatif::whatif_input(),
         // cleanup_expired
         _ => json!({
             "type": "object",
@@ -457,6 +458,7 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "renew_allocation" => with_error(vec![super::tools::contract::renew_output()]),
         "plan_request" => with_error(vec![super::tools::contract::plan_output(granted(), failed())]),
         "usage_report" => with_error(vec![super::tools::history::usage_output()]),
+        "what_if" => with_error(vec![super::tools::whatif::whatif_output()]),
         other => unreachable!("no output schema for tool {other}"),
     }
 }

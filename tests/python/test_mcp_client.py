@@ -63,7 +63,7 @@ async def scenario(client, mode):
     assert set(tools) == {
         "request_resources", "release_resources", "get_capacity",
         "get_allocation", "list_allocations", "cleanup_expired",
-        "allocation_history", "usage_report",
+        "allocation_history", "usage_report", "what_if",
     }, set(tools)
     req = tools["request_resources"].input_schema
     assert set(req["required"]) == {"job_id", "mcp_servers"}
