@@ -15,12 +15,23 @@ use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Request { job: u8, workers: u32, mcp: Vec<usize>, priority: u8, ttl: u64, tenant: u8 },
+    Request {
+        job: u8,
+        workers: u32,
+        mcp: Vec<usize>,
+        priority: u8,
+        ttl: u64,
+        tenant: u8,
+    },
     Release(usize),
     Advance(u64),
     Cleanup,
     Reconfigure(u32),
     Invalid,
+    /// Renews the known allocation at this index (modulo), which may have ended.
+    Renew(usize, u64),
+    /// Sends the last keyed request again (a retry: answered as decided, nothing written).
+    Retry,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -32,6 +43,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Cleanup),
         1 => (8u32..14).prop_map(Op::Reconfigure),
         1 => Just(Op::Invalid),
+        2 => (any::<usize>(), 60u64..600).prop_map(|(i, ttl)| Op::Renew(i, ttl)),
+        1 => Just(Op::Retry),
     ]
 }
 
@@ -48,6 +61,8 @@ fn config(workers: u32) -> Config {
         mcp_catalog: catalog,
         terminal_retained: 20,
         snapshot_every: 0,
+        // A quota, so that the what-if re-decides quota rejections too.
+        quotas: [("tenant-2".to_string(), allocation_ledger::Quota { workers: Some(4), ..Default::default() })].into(),
         ..Config::default()
     }
 }
@@ -60,7 +75,8 @@ fn run(ops: &[Op]) -> Ledger {
         .clock(Arc::new(clock.clone()));
     let ledger = Ledger::open_with("/ledger", opts).unwrap();
     let mut ids = Vec::new();
-    for op in ops {
+    let mut last_keyed: Option<ResourceRequest> = None;
+    for (n, op) in ops.iter().enumerate() {
         match op {
             Op::Request { job, workers, mcp, priority, ttl, tenant } => {
                 let mut req = ResourceRequest::new(format!("job-{job}")).workers(*workers).ttl_seconds(*ttl);
@@ -75,9 +91,11 @@ fn run(ops: &[Op]) -> Ledger {
                 );
                 let mut meta = serde_json::Map::new();
                 meta.insert("tenant".into(), format!("tenant-{tenant}").into());
-                if let Ok(o) = ledger.request_resources(&req.metadata(meta)) {
+                let req = req.metadata(meta).idempotency_key(format!("key-{n}"));
+                if let Ok(o) = ledger.request_resources(&req) {
                     ids.push(o.allocation_id().to_string());
                 }
+                last_keyed = Some(req);
             }
             Op::Release(i) if !ids.is_empty() => {
                 let _ = ledger.release_resources(&ids[i % ids.len()]);
@@ -92,6 +110,15 @@ fn run(ops: &[Op]) -> Ledger {
             }
             Op::Invalid => {
                 let _ = ledger.request_resources(&ResourceRequest::new("bad").workers(99));
+            }
+            Op::Renew(i, ttl) if !ids.is_empty() => {
+                let _ = ledger.renew_allocation(&ids[i % ids.len()], Some(*ttl));
+            }
+            Op::Renew(..) => {}
+            Op::Retry => {
+                if let Some(req) = &last_keyed {
+                    let _ = ledger.request_resources(req);
+                }
             }
         }
     }
