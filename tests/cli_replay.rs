@@ -80,6 +80,12 @@ fn what_if_with_two_more_workers_rejects_fewer() {
         (Some(1), Some(2))
     );
     assert_eq!(jobs.len(), 1, "only build-c's outcomes differ: {r}");
+    // Its first request, granted in the what-if, holds 2 workers from its arrival on.
+    let (real_ws, what_if_ws) = (
+        row("build-c")["reality_worker_seconds"].as_f64().unwrap(),
+        row("build-c")["what_if_worker_seconds"].as_f64().unwrap(),
+    );
+    assert!(what_if_ws > real_ws && real_ws >= 0.0, "{real_ws} -> {what_if_ws}");
     let tenants = r["tenants"].as_array().unwrap();
     assert_eq!(tenants.len(), 1);
     assert_eq!((tenants[0]["name"].as_str(), tenants[0]["what_if_granted"].as_u64()), (Some("blue"), Some(3)));

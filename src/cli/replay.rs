@@ -256,10 +256,11 @@ fn group_table(title: &str, column: &str, differing: u64, rows: &[GroupRow]) -> 
                 format!("{} -> {}", g.reality_granted, g.what_if_granted),
                 format!("{} -> {}", g.reality_rejected, g.what_if_rejected + g.what_if_invalid),
                 signed(g.granted_difference()),
+                format!("{:.0} -> {:.0}", g.reality_worker_seconds, g.what_if_worker_seconds),
             ]
         })
         .collect();
-    let head = [column, "REQUESTS", "GRANTED", "REJECTED", "CHANGE"];
+    let head = [column, "REQUESTS", "GRANTED", "REJECTED", "CHANGE", "WORKER-SECONDS"];
     let shown = if differing > 20 { format!(" (first 20 of {differing})") } else { String::new() };
     format!("{title} whose outcomes differ{shown}:\n{}", table(&head, &body))
 }

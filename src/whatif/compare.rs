@@ -92,6 +92,11 @@ pub struct GroupRow {
     pub what_if_rejected: u64,
     /// Not valid under the what-if's config.
     pub what_if_invalid: u64,
+    /// Worker-seconds its allocations held within the window in reality (CPU and memory of
+    /// workers are multiples of it: each worker holds the pool's per-worker amounts).
+    pub reality_worker_seconds: f64,
+    /// The same in the what-if.
+    pub what_if_worker_seconds: f64,
 }
 
 impl GroupRow {
@@ -209,14 +214,19 @@ struct Groups {
 }
 
 impl Groups {
-    fn record(&mut self, name: &str, reality: Outcome, what_if: Outcome) {
+    /// The row of `name`, or `(other)` once the table is full.
+    fn row(&mut self, name: &str) -> &mut GroupRow {
         if self.rows.len() < MAX_GROUPS && !self.rows.contains_key(name) {
             self.rows.insert(name.to_string(), GroupRow { name: name.to_string(), ..GroupRow::default() });
         }
-        let row = match self.rows.get_mut(name) {
+        match self.rows.get_mut(name) {
             Some(row) => row,
             None => &mut self.other,
-        };
+        }
+    }
+
+    fn record(&mut self, name: &str, reality: Outcome, what_if: Outcome) {
+        let row = self.row(name);
         row.requests += 1;
         count(row, Side::Reality, reality);
         count(row, Side::WhatIf, what_if);
@@ -252,6 +262,17 @@ pub struct Compare {
     requests: u64,
     jobs: Groups,
     tenants: Groups,
+    /// Each side's allocations held now: whose, how many workers, since when.
+    holdings: [HashMap<crate::domain::model::AllocationId, Holding>; 2],
+}
+
+/// An allocation being held on one side, for the per-job and per-tenant worker-seconds.
+#[derive(Debug, Clone)]
+struct Holding {
+    job: String,
+    tenant: Option<String>,
+    workers: u32,
+    start: Micros,
 }
 
 impl Compare {
@@ -271,6 +292,41 @@ impl Compare {
             requests: 0,
             jobs: Groups::default(),
             tenants: Groups::default(),
+            holdings: [HashMap::new(), HashMap::new()],
+        }
+    }
+
+    /// An allocation granted on `side` at `start` begins to hold `workers` for its job and
+    /// tenant.
+    pub fn hold(
+        &mut self,
+        side: Side,
+        id: crate::domain::model::AllocationId,
+        job: &str,
+        tenant: Option<&str>,
+        workers: u32,
+        start: Micros,
+    ) {
+        let h = Holding { job: job.to_string(), tenant: tenant.map(str::to_string), workers, start };
+        self.holdings[side as usize].insert(id, h);
+    }
+
+    /// The allocation stops holding at `end`: its worker-seconds within the window go to its
+    /// job's and tenant's rows.
+    pub fn unhold(&mut self, side: Side, id: crate::domain::model::AllocationId, end: Micros) {
+        let Some(h) = self.holdings[side as usize].remove(&id) else { return };
+        let (from, to) = (h.start.max(self.since), end.min(self.until));
+        if to <= from || h.workers == 0 {
+            return;
+        }
+        let worker_seconds = f64::from(h.workers) * (to - from) as f64 / 1e6;
+        let add = |row: &mut GroupRow| match side {
+            Side::Reality => row.reality_worker_seconds += worker_seconds,
+            Side::WhatIf => row.what_if_worker_seconds += worker_seconds,
+        };
+        add(self.jobs.row(&h.job));
+        if let Some(t) = &h.tenant {
+            add(self.tenants.row(t));
         }
     }
 
@@ -377,6 +433,12 @@ impl Compare {
 
     /// The finished account, integrated up to the window's end.
     pub fn finish(mut self) -> Comparison {
+        for side in [Side::Reality, Side::WhatIf] {
+            let ids: Vec<_> = self.holdings[side as usize].keys().copied().collect();
+            for id in ids {
+                self.unhold(side, id, self.until);
+            }
+        }
         self.advance(self.until);
         let reality = self.side_report(Side::Reality);
         let what_if = self.side_report(Side::WhatIf);

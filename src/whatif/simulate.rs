@@ -307,6 +307,9 @@ impl<'o> Simulator<'o> {
                 if let Some(expired) = ended {
                     self.compare.ended(Side::Reality, expired);
                 }
+                if let Some((id, end)) = end_of(&other, ts) {
+                    self.compare.unhold(Side::Reality, id, end);
+                }
                 // An event about an allocation the what-if does not hold is passed over.
                 let held = other
                     .allocation_id()
@@ -315,10 +318,23 @@ impl<'o> Simulator<'o> {
                     if let Some(expired) = ended {
                         self.compare.ended(Side::WhatIf, expired);
                     }
+                    if let Some((id, end)) = end_of(&other, ts) {
+                        self.compare.unhold(Side::WhatIf, id, end);
+                    }
                     self.fold(ts, other);
                 }
             }
         }
+    }
+}
+
+/// The allocation an event ends and when it stopped holding: a release at its time, an expiry
+/// at its deadline.
+fn end_of(body: &EventBody, ts: Micros) -> Option<(crate::domain::model::AllocationId, Micros)> {
+    match body {
+        EventBody::Released { allocation_id } => Some((*allocation_id, ts)),
+        EventBody::Expired { allocation_id, deadline_us } => Some((*allocation_id, *deadline_us)),
+        _ => None,
     }
 }
 
@@ -343,6 +359,12 @@ impl Simulator<'_> {
             self.first_difference_seq.get_or_insert(seq);
         }
         self.compare.request(&req.job_id, tenant_of(&req), reality, what_if);
+        if let EventBody::Granted(g) = &recorded {
+            self.compare.hold(Side::Reality, id, &req.job_id, tenant_of(&req), g.resources.workers, ts);
+        }
+        if let Some(EventBody::Granted(g)) = &body {
+            self.compare.hold(Side::WhatIf, id, &req.job_id, tenant_of(&req), g.resources.workers, ts);
+        }
         if let Some(body) = body {
             self.fold(ts, body);
         }
@@ -382,6 +404,7 @@ impl Simulator<'_> {
                 EventBody::Released { allocation_id: id }
             };
             self.compare.ended(Side::WhatIf, expired);
+            self.compare.unhold(Side::WhatIf, id, end.min(deadline_us));
             self.fold(end.max(self.state.last_ts_us + 1), body);
             self.compare.set(Side::WhatIf, self.state.allocated(), self.state.total());
         }

@@ -71,7 +71,7 @@ pub(crate) fn whatif_input() -> Value {
 
 pub(crate) fn whatif_output() -> Value {
     let side = json!({ "type": "object", "description": "granted, rejected, rejections by reason, invalid, released, expired, and workers/cpu/memory use: peak_allocated, mean_allocated, mean_total, peak_utilisation, mean_utilisation." });
-    let groups = json!({ "type": "array", "items": { "type": "object", "properties": { "name": { "type": "string" }, "requests": { "type": "integer" }, "reality_granted": { "type": "integer" }, "reality_rejected": { "type": "integer" }, "what_if_granted": { "type": "integer" }, "what_if_rejected": { "type": "integer" }, "what_if_invalid": { "type": "integer" } } } });
+    let groups = json!({ "type": "array", "items": { "type": "object", "properties": { "name": { "type": "string" }, "requests": { "type": "integer" }, "reality_granted": { "type": "integer" }, "reality_rejected": { "type": "integer" }, "what_if_granted": { "type": "integer" }, "what_if_rejected": { "type": "integer" }, "what_if_invalid": { "type": "integer" }, "reality_worker_seconds": { "type": "number" }, "what_if_worker_seconds": { "type": "number" } } } });
     json!({
         "type": "object",
         "properties": {
