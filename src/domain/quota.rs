@@ -51,7 +51,12 @@ impl TenantUse {
     pub fn add(&mut self, r: Resources, servers: impl Iterator<Item = impl AsRef<str>>) {
         self.resources = self.resources.checked_add(r).unwrap_or(self.resources);
         for s in servers {
-            *self.mcp_servers.entry(s.as_ref().to_string()).or_default() += 1;
+            match self.mcp_servers.get_mut(s.as_ref()) {
+                Some(n) => *n += 1,
+                None => {
+                    self.mcp_servers.insert(s.as_ref().to_string(), 1);
+                }
+            }
         }
     }
 

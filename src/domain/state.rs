@@ -462,7 +462,17 @@ impl State {
     /// Counts `a` (active) toward its tenant's use.
     fn charge_tenant(tenants: &mut BTreeMap<String, TenantUse>, a: &Allocation) {
         let names = a.mcp_servers.iter().map(|m| m.name.as_str());
-        tenants.entry(a.tenant.clone().unwrap_or_else(|| NO_TENANT.to_string())).or_default().add(a.resources, names);
+        let key = a.tenant.as_deref().unwrap_or(NO_TENANT);
+        // Looked up before inserting: the hot path (a tenant that holds something already)
+        // allocates no key.
+        match tenants.get_mut(key) {
+            Some(u) => u.add(a.resources, names),
+            None => {
+                let mut u = TenantUse::default();
+                u.add(a.resources, names);
+                tenants.insert(key.to_string(), u);
+            }
+        }
     }
 
     /// Heap bytes the idempotency key table holds (for the memory bound in docs/benchmarks.md).
