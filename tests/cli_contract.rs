@@ -186,6 +186,71 @@ fn the_same_key_for_another_request_is_invalid_input() {
 }
 
 #[test]
+fn the_same_request_is_the_request_as_decided() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let req = ["request", "--job-id", "m", "--workers", "1", "--mcp-server", "a", "--mcp-server", "b"];
+    let (code, g) = json(d, &with(&req, &["--metadata", r#"{"x":1,"y":2}"#, "--idempotency-key", "same"]));
+    assert_eq!(code, 0, "{g}");
+    // Defaults spelled out, and metadata with its keys in another order: the same request.
+    for extra in [
+        &["--metadata", r#"{"y":2,"x":1}"#][..],
+        &["--metadata", r#"{"x":1,"y":2}"#, "--ttl-seconds", "3600", "--priority", "normal"],
+    ] {
+        let (code, r) = json(d, &with(&with(&req, extra), &["--idempotency-key", "same"]));
+        assert_eq!(code, 0, "{extra:?}: {r}");
+        assert_eq!((&r["replayed"], &r["allocation_id"]), (&Value::Bool(true), &g["allocation_id"]), "{r}");
+    }
+    // MCP servers in another order: another request.
+    let (code, e) = json(
+        d,
+        &[
+            "request",
+            "--job-id",
+            "m",
+            "--workers",
+            "1",
+            "--mcp-server",
+            "b",
+            "--mcp-server",
+            "a",
+            "--metadata",
+            r#"{"x":1,"y":2}"#,
+            "--idempotency-key",
+            "same",
+        ],
+    );
+    assert_error(code, &e, 2, "invalid_input");
+    assert_eq!(e["error"]["field"], "idempotency_key");
+}
+
+#[test]
+fn a_key_is_new_again_after_its_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let config = d.join("config.json");
+    std::fs::write(&config, r#"{"idempotency_window_seconds": 1}"#).unwrap();
+    let ledger = d.join("ledger");
+    let args = |workers: &str| -> Vec<String> {
+        let mut v: Vec<String> = vec!["--config".into(), config.display().to_string()];
+        v.extend(["request", "--job-id", "w", "--workers", workers, "--idempotency-key", "wk"].map(String::from));
+        v
+    };
+    let (code, first) = json(&ledger, &args("1"));
+    assert_eq!(code, 0, "{first}");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let (code, second) = json(&ledger, &args("1"));
+    assert_eq!(code, 0, "{second}");
+    assert!(second.get("replayed").is_none(), "past the window the key is new: {second}");
+    assert_ne!(second["allocation_id"], first["allocation_id"]);
+    // Another request under the old key is fine too, once the window has passed.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let (code, third) = json(&ledger, &args("2"));
+    assert_eq!(code, 0, "{third}");
+    assert_ne!(third["allocation_id"], second["allocation_id"]);
+}
+
+#[test]
 fn a_bad_key_is_invalid_input_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
@@ -399,6 +464,11 @@ fn expected_seq_guards_every_write() {
     let (code, r) = json(d, &["release", &id, "--expected-seq", &cur()]);
     assert_eq!((code, &r["status"]), (0, &Value::from("released")), "{r}");
     assert_eq!(event_count(d), events + 3, "renewed, granted, released (the cleanup had nothing to do)");
+    // A release that would write nothing (the allocation has ended) is answered whatever
+    // expected_seq says: a retried release never conflicts.
+    let (code, r) = json(d, &["release", &id, "--expected-seq", &stale]);
+    assert_eq!((code, &r["status"]), (0, &Value::from("already_released")), "{r}");
+    assert_eq!(event_count(d), events + 3);
 }
 
 #[test]
