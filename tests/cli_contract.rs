@@ -510,3 +510,54 @@ fn a_retry_is_answered_before_its_expected_seq_is_checked() {
     assert_error(code, &e, 7, "conflict");
     assert_eq!(event_count(d), events);
 }
+
+/// A ledger whose leases may be as short as one second.
+fn short_lease_ledger(tmp: &Path) -> (std::path::PathBuf, impl Fn(&[&str]) -> Vec<String>) {
+    let config = tmp.join("config.json");
+    std::fs::write(&config, r#"{"min_ttl_seconds": 1}"#).unwrap();
+    let args = move |a: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec!["--config".into(), config.display().to_string()];
+        v.extend(a.iter().map(|s| (*s).to_string()));
+        v
+    };
+    (tmp.join("ledger"), args)
+}
+
+#[test]
+fn a_renewal_after_the_deadline_finds_the_allocation_expired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, args) = short_lease_ledger(tmp.path());
+    let (code, g) = json(&d, &args(&["request", "--job-id", "e", "--workers", "1", "--ttl-seconds", "1"]));
+    assert_eq!(code, 0, "{g}");
+    let id = g["allocation_id"].as_str().unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // The deadline is inclusive: the expiry is recorded first, then the renewal is refused.
+    let (code, e) = json(&d, &["renew", &id]);
+    assert_error(code, &e, 8, "not_active");
+    assert_eq!(e["error"]["state"], "expired", "{e}");
+    let o = run(&d, &["log"]);
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!((&last["type"], &last["allocation_id"]), (&"expired".into(), &id.as_str().into()), "{last}");
+    assert!(!stdout.contains("\"renewed\""), "{stdout}");
+}
+
+#[test]
+fn an_expiry_between_plan_and_act_is_not_a_conflict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, args) = short_lease_ledger(tmp.path());
+    let (code, _) = json(&d, &args(&["request", "--job-id", "short", "--workers", "8", "--ttl-seconds", "1"]));
+    assert_eq!(code, 0);
+    let (code, p) = json(&d, &["request", "--job-id", "next", "--workers", "4", "--dry-run"]);
+    assert_eq!(code, 3, "only 2 free now: {p}");
+    let seq = p["current_seq"].as_u64().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // The deadline passed after the plan; nothing recorded it yet. The write records the expiry
+    // first and is then decided: no conflict, and (unlike the plan) a grant.
+    let (code, g) = json(&d, &["request", "--job-id", "next", "--workers", "4", "--expected-seq", &seq.to_string()]);
+    assert_eq!(code, 0, "{g}");
+    assert_eq!(g["seq"], seq + 2, "the expiry, then the grant: {g}");
+    // Once an expiry is recorded, though, it is an event like any other: a conflict.
+    let (code, e) = json(&d, &["cleanup-expired", "--expected-seq", &seq.to_string()]);
+    assert_error(code, &e, 7, "conflict");
+}
