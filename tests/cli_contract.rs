@@ -356,9 +356,23 @@ fn max_lifetime_caps_a_renewal() {
     assert_eq!(code, 0, "{r}");
     assert_eq!(r["capped_by_max_lifetime"], true, "{r}");
     assert_eq!(time(&r["expires_at"]), created + chrono::Duration::seconds(900), "{r}");
-    let o = run(d, &["renew", &id, "--ttl-seconds", "3600"]);
+    // At the bound, a renewal that cannot move the deadline later is refused; nothing written.
+    let events = event_count(d);
+    let (code, e) = json(d, &["renew", &id, "--ttl-seconds", "3600"]);
+    assert_error(code, &e, 2, "invalid_input");
+    assert_eq!(e["error"]["field"], "ttl_seconds", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("max_lifetime_seconds"), "{e}");
+    assert_eq!(event_count(d), events);
+
+    // The human form says a renewal was cut short.
+    let (code, g) = json(
+        d,
+        &["request", "--job-id", "bounded", "--workers", "1", "--ttl-seconds", "600", "--max-lifetime-seconds", "900"],
+    );
+    assert_eq!(code, 0, "{g}");
+    let o = run(d, &["renew", g["allocation_id"].as_str().unwrap(), "--ttl-seconds", "3600"]);
     assert_eq!(o.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("max_lifetime_seconds"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("max_lifetime_seconds"), "{o:?}");
 
     // A lifetime below the ttl is refused at the request.
     let (code, e) = json(

@@ -199,6 +199,10 @@ async def keys_and_renewals():
             assert r["capped_by_max_lifetime"] is True and r["renewals"] == 2, r
             assert when(r["expires_at"]) == when(g["created_at"]) + datetime.timedelta(seconds=900), r
             err, _ = await error_of(client, tools, "renew_allocation",
+                                    {"allocation_id": g["allocation_id"], "ttl_seconds": 3600})
+            assert err["kind"] == "invalid_input" and err["field"] == "ttl_seconds", err
+            assert "max_lifetime_seconds" in err["error"], err
+            err, _ = await error_of(client, tools, "renew_allocation",
                                     {"allocation_id": g["allocation_id"], "ttl_seconds": 59})
             assert err["kind"] == "invalid_input" and err["field"] == "ttl_seconds", err
             err, _ = await error_of(client, tools, "renew_allocation", {"allocation_id": "alloc-000000000000"})
