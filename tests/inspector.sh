@@ -52,8 +52,8 @@ sys.exit(0 if eval(sys.argv[1]) else 1)' "$expr"; then
 field() { JSON="$1" python3 -c 'import json, os, sys; print(json.loads(os.environ["JSON"])["structuredContent"][sys.argv[1]])' "$2"; }
 
 out=$(inspect --method tools/list)
-check "tools/list: six tools, each with an output schema" "$out" \
-  'sorted(t["name"] for t in r["tools"]) == ["allocation_history", "cleanup_expired", "get_allocation", "get_capacity", "list_allocations", "release_resources", "request_resources", "usage_report", "what_if"] and all("outputSchema" in t for t in r["tools"])'
+check "tools/list: every tool, each with an output schema" "$out" \
+  'sorted(t["name"] for t in r["tools"]) == ["allocation_history", "cleanup_expired", "get_allocation", "get_capacity", "list_allocations", "plan_request", "release_resources", "renew_allocation", "request_resources", "usage_report", "what_if"] and all("outputSchema" in t for t in r["tools"])'
 
 out=$(call get_capacity)
 check "1. a fresh ledger has 10 total and 10 available workers" "$out" \
@@ -96,6 +96,24 @@ check "7 of 10 workers held" "$out" 'not r["isError"] and s["status"] == "active
 out=$(call request_resources job_id=late 'mcp_servers=[]' workers=5)
 check "then a request for 5: isError with the failed shape" "$out" \
   'r["isError"] and s["status"] == "failed" and s["error"] == "Insufficient workers: requested 5, available 3"'
+
+# The scheduler's contract (docs/policy.md): plan, act with expected_seq and a retry key, renew.
+out=$(call plan_request job_id=planned 'mcp_servers=[]' workers=2)
+check "plan_request: would grant 2 of the 3 free, with current_seq" "$out" \
+  'not r["isError"] and s["would_grant"] and s["outcome"]["status"] == "active" and s["current_seq"] > 0'
+seq=$(field "$out" current_seq)
+out=$(call request_resources job_id=planned 'mcp_servers=[]' workers=2 "expected_seq=$seq" idempotency_key=inspector-1)
+check "request_resources with expected_seq = current_seq is granted" "$out" 'not r["isError"] and s["status"] == "active"'
+planned=$(field "$out" allocation_id)
+out=$(call request_resources job_id=planned 'mcp_servers=[]' workers=2 "expected_seq=$seq" idempotency_key=inspector-1)
+check "its retry (same key, stale expected_seq) is replayed" "$out" \
+  "not r[\"isError\"] and s[\"replayed\"] and s[\"allocation_id\"] == \"$planned\""
+out=$(call renew_allocation "allocation_id=$planned" ttl_seconds=7200)
+check "renew_allocation moves expires_at" "$out" \
+  'not r["isError"] and s["renewals"] == 1 and s["expires_at"] > s["previous_expires_at"]'
+out=$(call cleanup_expired "expected_seq=$seq")
+check "a stale expected_seq: isError, kind conflict, with current_seq" "$out" \
+  'r["isError"] and s["kind"] == "conflict" and s["current_seq"] > s["expected_seq"]'
 
 out=$(call release_resources allocation_id=alloc-000000000000)
 check "unknown allocation: isError, not found" "$out" \
