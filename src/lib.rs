@@ -39,6 +39,7 @@ pub use history::{
     UsageReport,
 };
 pub use ledger::{Durable, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
+pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };
