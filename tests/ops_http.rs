@@ -45,7 +45,9 @@ fn scrape(base: &str, headers: &[(&str, &str)]) -> BTreeMap<String, f64> {
         let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
         let value = match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
             prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
             prometheus_parse::Value::Summary(_) => continue,
         };
