@@ -234,7 +234,8 @@ pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<ExitCo
     prepare(ledger)?;
     let tl = ledger.timeline(since, until, bucket)?;
     if let Some(path) = &args.svg {
-        std::fs::write(path, tl.to_svg()).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        let svg = tl.to_svg_with_events(&marked_events(ledger, &tl)?);
+        std::fs::write(path, svg).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         if !out.json {
             eprintln!("wrote a chart to {}", path.display());
         }
@@ -245,6 +246,22 @@ pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<ExitCo
     }
     out.tabular(&doc, || human_timeline(&tl), || output::timeline_table(&tl), || output::timeline_csv(&tl))?;
     Ok(ExitCode::Ok)
+}
+
+/// The rejections and expiries of the timeline's window, for the chart's marks.
+fn marked_events(ledger: &Ledger, tl: &Timeline) -> Result<Vec<allocation_ledger::LoggedEvent>> {
+    let range = EventRange { since: Some(tl.since_us), until: Some(tl.until_us), from_seq: None, to_seq: None };
+    let mut events = Vec::new();
+    ledger.for_each_event(range, &mut |e| {
+        if matches!(
+            e.event.body,
+            allocation_ledger::EventBody::Rejected(_) | allocation_ledger::EventBody::Expired { .. }
+        ) {
+            events.push(e.clone());
+        }
+        true
+    })?;
+    Ok(events)
 }
 
 fn human_timeline(tl: &Timeline) -> String {
