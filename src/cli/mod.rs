@@ -257,23 +257,9 @@ pub fn main() -> ExitCode {
             return ExitCode::InvalidInput;
         }
     };
-    let json = cli.json || cli.output == Some(output::Format::Json);
-    let out = Out { json, format: cli.output, no_headers: cli.no_headers };
-    if cli.json && cli.output.is_some_and(|f| f != output::Format::Json) {
-        return out.error(&Error::invalid("output", "--json is -o json: give one format"));
-    }
-    // Refused before anything runs: a write must not happen and then fail to print.
-    let tabular = matches!(
-        cli.command,
-        Command::List { .. }
-            | Command::Log { .. }
-            | Command::History(_)
-            | Command::Usage(_)
-            | Command::Timeline(_)
-            | Command::Capacity { .. }
-    );
-    if out.csv() && !tabular {
-        return out.error(&Out::no_csv());
+    let out = Out::new(&cli);
+    if let Err(e) = output::check(&cli) {
+        return out.error(&e);
     }
     match run(cli, &out) {
         Ok(code) => code,

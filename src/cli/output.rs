@@ -4,7 +4,7 @@
 //! column order, documented in docs/operations.md ("CSV columns"), so that a spreadsheet or
 //! a billing import does not break when the table's layout changes. `-o json` is `--json`.
 
-use super::{table, to_json, Out};
+use super::{table, to_json, Cli, Command, Out};
 use allocation_ledger::{format_micros, Error, LoggedEvent, Result};
 use allocation_ledger::{AllocationSummary, CapacityReport, EventBody, History, Timeline, UsageReport};
 use serde::Serialize;
@@ -65,7 +65,34 @@ fn print(text: &str) {
     let _ = stdout.write_all(text.as_bytes());
 }
 
+/// Refuses a format the command cannot print, before anything runs (a write must not happen
+/// and then fail to print): `--json` with another `-o`, and `-o csv` without a table.
+pub(super) fn check(cli: &Cli) -> Result<()> {
+    if cli.json && cli.output.is_some_and(|f| f != Format::Json) {
+        return Err(Error::invalid("output", "--json is -o json: give one format"));
+    }
+    let tabular = matches!(
+        cli.command,
+        Command::List { .. }
+            | Command::Log { .. }
+            | Command::History(_)
+            | Command::Usage(_)
+            | Command::Timeline(_)
+            | Command::Capacity { .. }
+    );
+    if cli.output == Some(Format::Csv) && !tabular {
+        return Err(Out::no_csv());
+    }
+    Ok(())
+}
+
 impl Out {
+    /// The output settings of the command line.
+    pub(super) fn new(cli: &Cli) -> Out {
+        let json = cli.json || cli.output == Some(Format::Json);
+        Out { json, format: cli.output, no_headers: cli.no_headers }
+    }
+
     /// Whether `-o csv` was asked for.
     pub(super) fn csv(&self) -> bool {
         self.format == Some(Format::Csv)
