@@ -98,8 +98,8 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-/// A panel: its name, the axis label, and (allocated, total) per bucket.
-type Panel = (&'static str, String, Vec<(f64, f64)>);
+/// A panel: its id, title, axis label, and (allocated, total) per bucket.
+type Panel = (&'static str, String, String, Vec<(f64, f64)>);
 
 /// A mark on the time axis: a rejection (at its event) or an expiry (at its deadline, when it
 /// stopped holding resources).
@@ -120,37 +120,49 @@ fn marks_of(events: &[LoggedEvent]) -> Vec<Mark> {
         .collect()
 }
 
-/// CPU and memory per worker when, in every bucket, allocated and total CPU and memory are
-/// that multiple of the workers (no MCP server costs, one worker size): then the three panels
-/// would draw the same picture, and one is drawn.
+/// CPU and memory per worker when, in every bucket, the CPU and memory allocated are that
+/// multiple of the workers allocated (one worker size, no MCP server costs): then the three
+/// panels' allocated areas are the same picture, and one panel is drawn. `None` when nothing
+/// was allocated.
 fn per_worker(tl: &Timeline) -> Option<(f64, f64)> {
-    let total_workers: f64 = tl.buckets.iter().map(|b| b.total_workers).sum();
-    if total_workers <= 0.0 {
+    let workers: f64 = tl.buckets.iter().map(|b| b.allocated_workers).sum();
+    if workers <= 0.0 {
         return None;
     }
-    let cpu = tl.buckets.iter().map(|b| b.total_cpu).sum::<f64>() / total_workers;
-    let memory = tl.buckets.iter().map(|b| b.total_memory).sum::<f64>() / total_workers;
+    let cpu = tl.buckets.iter().map(|b| b.allocated_cpu).sum::<f64>() / workers;
+    let memory = tl.buckets.iter().map(|b| b.allocated_memory).sum::<f64>() / workers;
     let same = |v: f64, workers: f64, per: f64| (v - workers * per).abs() <= 1e-9 * v.abs().max(1.0);
     let proportional = tl.buckets.iter().all(|b| {
-        same(b.allocated_cpu, b.allocated_workers, cpu)
-            && same(b.total_cpu, b.total_workers, cpu)
-            && same(b.allocated_memory, b.allocated_workers, memory)
-            && same(b.total_memory, b.total_workers, memory)
+        same(b.allocated_cpu, b.allocated_workers, cpu) && same(b.allocated_memory, b.allocated_workers, memory)
     });
     proportional.then_some((cpu, memory))
+}
+
+/// A number with at most two decimals, without trailing zeros.
+fn exact(v: f64) -> String {
+    format!("{v:.2}").trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 fn panels(tl: &Timeline) -> Vec<Panel> {
     let workers = tl.buckets.iter().map(|b| (b.allocated_workers, b.total_workers)).collect();
     if let Some((cpu, memory)) = per_worker(tl) {
-        let exact = |v: f64| format!("{v:.2}").trim_end_matches('0').trim_end_matches('.').to_string();
-        let label = format!("Workers (each {} cores, {} MiB)", exact(cpu), exact(memory));
-        return vec![("Workers", label, workers)];
+        // The pools may hold more than the workers (room for MCP servers): say how much.
+        let pool_cpu = tl.buckets.iter().map(|b| b.total_cpu).fold(0.0, f64::max);
+        let pool_memory = tl.buckets.iter().map(|b| b.total_memory).fold(0.0, f64::max);
+        let title = format!(
+            "Workers: CPU and memory follow them (pools of {} CPU, {} MiB)",
+            exact(pool_cpu),
+            exact(pool_memory)
+        );
+        let label = format!("Workers (each {} CPU, {} MiB)", exact(cpu), exact(memory));
+        return vec![("workers", title, label, workers)];
     }
+    let cpu = tl.buckets.iter().map(|b| (b.allocated_cpu, b.total_cpu)).collect();
+    let memory = tl.buckets.iter().map(|b| (b.allocated_memory, b.total_memory)).collect();
     vec![
-        ("CPU", "CPU (cores)".into(), tl.buckets.iter().map(|b| (b.allocated_cpu, b.total_cpu)).collect()),
-        ("Memory", "Memory (MiB)".into(), tl.buckets.iter().map(|b| (b.allocated_memory, b.total_memory)).collect()),
-        ("Workers", "Workers".into(), workers),
+        ("cpu", "CPU".into(), "CPU (cores)".into(), cpu),
+        ("memory", "Memory".into(), "Memory (MiB)".into(), memory),
+        ("workers", "Workers".into(), "Workers".into(), workers),
     ]
 }
 
@@ -261,30 +273,32 @@ fn render_header(s: &mut String, tl: &Timeline, height: f64, marks: &[Mark]) {
     let rejections = marks.iter().filter(|m| matches!(m, Mark::Rejected(_))).count();
     let expiries = marks.len() - rejections;
     if !marks.is_empty() {
+        // On the legend's row, left of it.
         let _ = writeln!(
             s,
-            r#"<path d="M{:.1},58 L{:.1},58 L{:.1},66 Z" fill="{REJECTED_COLOR}"/>"#,
-            lx - 196.0,
-            lx - 188.0,
-            lx - 192.0
+            r#"<path d="M{:.1},61 L{:.1},61 L{:.1},68 Z" fill="{REJECTED_COLOR}"/>"#,
+            lx - 254.0,
+            lx - 246.0,
+            lx - 250.0
         );
-        let _ = writeln!(s, r#"<text x="{}" y="66">rejections ({rejections})</text>"#, lx - 182.0);
-        let _ = writeln!(s, r#"<circle cx="{}" cy="74" r="3.5" fill="{EXPIRED_COLOR}"/>"#, lx - 192.0);
-        let _ = writeln!(s, r#"<text x="{}" y="78">expiries ({expiries})</text>"#, lx - 182.0);
+        let _ = writeln!(s, r#"<text x="{}" y="70">rejections ({rejections})</text>"#, lx - 240.0);
+        let _ = writeln!(s, r#"<circle cx="{}" cy="65" r="3.5" fill="{EXPIRED_COLOR}"/>"#, lx - 120.0);
+        let _ = writeln!(s, r#"<text x="{}" y="70">expiries ({expiries})</text>"#, lx - 112.0);
     }
     let _ = writeln!(s, "</g>");
 }
 
 /// One resource's panel: grid, ticks, the allocated area, the total line and the axes.
-fn render_panel(s: &mut String, tl: &Timeline, frame: &Frame, i: usize, (name, label, values): &Panel) {
+fn render_panel(s: &mut String, tl: &Timeline, frame: &Frame, i: usize, (id, title, label, values): &Panel) {
     let (plot_w, t0, span) = (frame.plot_w, frame.t0, frame.span);
     let x_of = |t: Micros| frame.x_of(t);
     let top = TOP + i as f64 * (PANEL_H + PANEL_GAP);
     let bottom = top + PANEL_H;
     let ymax = nice_max(values.iter().map(|v| v.0.max(v.1)).fold(0.0, f64::max));
     let y_of = |v: f64| bottom - v / ymax * PANEL_H;
-    let _ = writeln!(s, r#"<g class="panel" id="{}">"#, name.to_lowercase());
-    let _ = writeln!(s, r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">{name}</text>"#, top - 8.0);
+    let _ = writeln!(s, r#"<g class="panel" id="{id}">"#);
+    let _ =
+        writeln!(s, r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">{}</text>"#, top - 8.0, esc(title));
     // Grid and y ticks.
     for k in 0..=4 {
         let v = ymax * f64::from(k) / 4.0;
@@ -431,10 +445,20 @@ mod tests {
     fn one_panel_when_cpu_and_memory_follow_workers() {
         let h = HOUR_US;
         let prop = timeline(vec![bucket(0, h, 2.0, 3.2, 6553.6), bucket(h, 2 * h, 5.0, 8.0, 16384.0)]);
-        assert_eq!(per_worker(&prop), Some((1.6, 3276.8)));
+        let (cpu, memory) = per_worker(&prop).unwrap();
+        assert!((cpu - 1.6).abs() < 1e-9 && (memory - 3276.8).abs() < 1e-9);
         let svg = prop.to_svg();
         assert_eq!(svg.matches(r#"class="panel""#).count(), 1);
-        assert!(svg.contains("Workers (each 1.6 cores, 3276.8 MiB)"), "{svg}");
+        assert!(svg.contains("Workers (each 1.6 CPU, 3276.8 MiB)"), "{svg}");
+        assert!(svg.contains("pools of 16 CPU, 32768 MiB"), "{svg}");
+        // The built-in pool: workers of 1 CPU and 2048 MiB in pools of 16 CPU and 32768 MiB
+        // (room for MCP servers): the allocated areas still coincide.
+        let builtin = timeline(vec![bucket(0, h, 2.0, 2.0, 4096.0), bucket(h, 2 * h, 7.5, 7.5, 15360.0)]);
+        assert_eq!(per_worker(&builtin), Some((1.0, 2048.0)));
+        assert_eq!(builtin.to_svg().matches(r#"class="panel""#).count(), 1);
+        // Nothing allocated: the three panels.
+        let idle = timeline(vec![bucket(0, h, 0.0, 0.0, 0.0)]);
+        assert_eq!(per_worker(&idle), None);
         assert!(!svg.contains("Workers (workers)"));
         // An MCP server's cost: CPU no longer follows workers.
         let mixed = timeline(vec![bucket(0, h, 2.0, 3.7, 6553.6), bucket(h, 2 * h, 5.0, 8.0, 16384.0)]);
