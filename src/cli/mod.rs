@@ -245,7 +245,7 @@ pub fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::Ok;
             }
-            if std::env::args().any(|a| a == "--json") {
+            if output::json_requested(std::env::args()) {
                 let msg = e.render().to_string();
                 println!(
                     "{}",

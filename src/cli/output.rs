@@ -65,6 +65,20 @@ fn print(text: &str) {
     let _ = stdout.write_all(text.as_bytes());
 }
 
+/// Whether the raw arguments ask for JSON (`--json`, `-o json`, `--output json`, `-ojson`,
+/// `--output=json`): a command line that does not parse still answers in JSON then.
+pub(super) fn json_requested(args: impl Iterator<Item = String>) -> bool {
+    let mut previous_is_flag = false;
+    for a in args {
+        let json = a == "--json" || a == "-ojson" || a == "--output=json" || (previous_is_flag && a == "json");
+        if json {
+            return true;
+        }
+        previous_is_flag = a == "-o" || a == "--output";
+    }
+    false
+}
+
 /// Refuses a format the command cannot print, before anything runs (a write must not happen
 /// and then fail to print): `--json` with another `-o`, and `-o csv` without a table.
 pub(super) fn check(cli: &Cli) -> Result<()> {
@@ -479,6 +493,19 @@ pub fn capacity_csv(c: &CapacityReport) -> Rows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_recognised_in_every_spelling() {
+        let asks = |args: &[&str]| json_requested(args.iter().map(|a| (*a).to_string()));
+        for yes in
+            [&["list", "--json"][..], &["-o", "json", "list"], &["--output", "json"], &["-ojson"], &["--output=json"]]
+        {
+            assert!(asks(yes), "{yes:?}");
+        }
+        for no in [&["list"][..], &["-o", "csv"], &["--job-id", "json"], &["json"]] {
+            assert!(!asks(no), "{no:?}");
+        }
+    }
 
     #[test]
     fn csv_quotes_only_what_needs_it() {
