@@ -1,9 +1,9 @@
 //! The time-travel subcommands: `capacity --at`, `list --at`, `history`, `log --since/--until`,
 //! `usage` and `timeline`, and the progress bar for long scans.
 
-use super::{table, to_json, Out};
+use super::{output, table, to_json, Out};
 use allocation_ledger::ExitCode;
-use allocation_ledger::{format_micros, parse_duration_micros, parse_time, Micros};
+use allocation_ledger::{parse_duration_micros, parse_time, Micros};
 use allocation_ledger::{AllocationId, AllocationState, Error, Ledger, Result};
 use allocation_ledger::{AllocationSummary, CapacityReport};
 use allocation_ledger::{EventRange, GroupBy, History, Timeline, UsageReport};
@@ -124,6 +124,7 @@ pub fn list_at(
 /// `log --since/--until`: the events of a time window as NDJSON.
 pub fn log(
     ledger: &Ledger,
+    out: &Out,
     from_seq: u64,
     limit: Option<usize>,
     since: Option<&str>,
@@ -141,13 +142,14 @@ pub fn log(
     }
     let mut stdout = std::io::stdout().lock();
     let mut failed = None;
+    let mut sink = super::output::EventSink::new(out);
     ledger.for_each_event(range, &mut |e| {
-        let written = super::event_json(e).and_then(|line| match writeln!(stdout, "{line}") {
+        let written = match sink.push(&mut stdout, e) {
             // A closed pipe (`| head`) is not an error of ours; it ends the output all the same.
             Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
             Err(err) => Err(Error::io("writing to stdout", err)),
             Ok(()) => Ok(true),
-        });
+        };
         match written {
             Ok(true) => {
                 left -= 1;
@@ -160,6 +162,7 @@ pub fn log(
             }
         }
     })?;
+    let _ = sink.finish(&mut stdout);
     match failed {
         Some(e) => Err(e),
         None => Ok(ExitCode::Ok),
@@ -176,7 +179,7 @@ pub fn history(ledger: &Ledger, out: &Out, args: HistoryArgs) -> Result<ExitCode
         (None, Some(job)) => ledger.job_history(job)?,
         (None, None) => unreachable!("clap requires one"),
     };
-    out.doc(&h, || human_history(&h))?;
+    out.tabular(&h, || human_history(&h), || output::history_table(&h), || output::history_csv(&h))?;
     Ok(ExitCode::Ok)
 }
 
@@ -188,41 +191,8 @@ fn human_history(h: &History) -> String {
     if h.events.is_empty() {
         return format!("no events for {subject}");
     }
-    let rows: Vec<Vec<String>> = h
-        .events
-        .iter()
-        .map(|e| {
-            let body = serde_json::to_value(&e.event.body).unwrap_or_default();
-            let detail = match &e.event.body {
-                allocation_ledger::EventBody::Granted(g) => format!(
-                    "{} workers, mcp [{}], ttl {} s, expires {}",
-                    g.resources.workers,
-                    g.mcp_servers.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
-                    g.ttl_seconds,
-                    format_micros(g.deadline_us)
-                ),
-                allocation_ledger::EventBody::Rejected(r) => r.error.clone(),
-                allocation_ledger::EventBody::Expired { deadline_us, .. } => {
-                    format!("deadline {}", format_micros(*deadline_us))
-                }
-                allocation_ledger::EventBody::Renewed(r) => format!(
-                    "lease renewed for {} s: expires {} (was {})",
-                    r.ttl_seconds,
-                    format_micros(r.deadline_us),
-                    format_micros(r.previous_deadline_us)
-                ),
-                _ => String::new(),
-            };
-            vec![
-                e.seq.to_string(),
-                e.at.clone(),
-                body["type"].as_str().unwrap_or("").to_string(),
-                e.event.body.allocation_id().map(|i| i.to_string()).unwrap_or_default(),
-                detail,
-            ]
-        })
-        .collect();
-    format!("history of {subject}\n{}", table(&["SEQ", "AT", "EVENT", "ALLOCATION", "DETAIL"], &rows))
+    let t = output::history_table(h);
+    format!("history of {subject}\n{}", table(&t.header, &t.rows))
 }
 
 /// `usage`: resource-seconds over a window, by job or metadata key.
@@ -235,54 +205,22 @@ pub fn usage(ledger: &Ledger, out: &Out, args: UsageArgs) -> Result<ExitCode> {
     let r = ledger.usage_with_progress(since, until, &by, &mut |done, total| bar.update(done, total));
     bar.finish();
     let r = r?;
-    out.doc(&r, || human_usage(&r))?;
+    out.tabular(&r, || human_usage(&r), || output::usage_table(&r), || output::usage_csv(&r))?;
     Ok(ExitCode::Ok)
 }
 
 fn human_usage(r: &UsageReport) -> String {
-    let row = |name: &str, u: &allocation_ledger::UsageAmounts| {
-        vec![
-            name.to_string(),
-            format!("{:.1}", u.cpu_seconds),
-            format!("{:.0}", u.memory_mib_seconds),
-            format!("{:.1}", u.worker_seconds),
-            u.allocations.to_string(),
-            u.granted.to_string(),
-            u.released.to_string(),
-            u.expired.to_string(),
-            if u.rejections.is_empty() {
-                "0".into()
-            } else {
-                u.rejections.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" ")
-            },
-        ]
-    };
-    let mut rows: Vec<Vec<String>> = r.groups.iter().map(|g| row(&g.group, &g.usage)).collect();
-    for m in &r.mcp_servers {
-        rows.push(vec![
-            format!("mcp:{}", m.name),
-            format!("{:.1}", m.cpu_seconds),
-            format!("{:.0}", m.memory_mib_seconds),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-        ]);
-    }
-    rows.push(row("TOTAL", &r.total));
+    let t = output::usage_table(r);
     let group = if r.group_by == "job" { "JOB".to_string() } else { r.group_by.to_uppercase() };
+    let mut header = t.header.clone();
+    header[0] = &group;
     format!(
         "usage from {} to {} ({:.0} s), by {}\n{}",
         r.since,
         r.until,
         r.window_seconds,
         r.group_by,
-        table(
-            &[&group, "CPU-S", "MEM-MIB-S", "WORKER-S", "ALLOCS", "GRANTED", "RELEASED", "EXPIRED", "REJECTED"],
-            &rows
-        )
+        table(&header, &t.rows)
     )
 }
 
@@ -296,7 +234,8 @@ pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<ExitCo
     prepare(ledger)?;
     let tl = ledger.timeline(since, until, bucket)?;
     if let Some(path) = &args.svg {
-        std::fs::write(path, tl.to_svg()).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        let svg = tl.to_svg_with_events(&marked_events(ledger, &tl)?);
+        std::fs::write(path, svg).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         if !out.json {
             eprintln!("wrote a chart to {}", path.display());
         }
@@ -305,31 +244,33 @@ pub fn timeline(ledger: &Ledger, out: &Out, args: TimelineArgs) -> Result<ExitCo
     if let Some(path) = &args.svg {
         doc["svg"] = path.display().to_string().into();
     }
-    out.doc(&doc, || human_timeline(&tl))?;
+    out.tabular(&doc, || human_timeline(&tl), || output::timeline_table(&tl), || output::timeline_csv(&tl))?;
     Ok(ExitCode::Ok)
 }
 
+/// The rejections and expiries of the timeline's window, for the chart's marks.
+fn marked_events(ledger: &Ledger, tl: &Timeline) -> Result<Vec<allocation_ledger::LoggedEvent>> {
+    let range = EventRange { since: Some(tl.since_us), until: Some(tl.until_us), from_seq: None, to_seq: None };
+    let mut events = Vec::new();
+    ledger.for_each_event(range, &mut |e| {
+        if matches!(
+            e.event.body,
+            allocation_ledger::EventBody::Rejected(_) | allocation_ledger::EventBody::Expired { .. }
+        ) {
+            events.push(e.clone());
+        }
+        true
+    })?;
+    Ok(events)
+}
+
 fn human_timeline(tl: &Timeline) -> String {
-    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
-    let rows: Vec<Vec<String>> = tl
-        .buckets
-        .iter()
-        .map(|b| {
-            vec![
-                b.start.clone(),
-                pct(b.cpu_utilisation),
-                pct(b.memory_utilisation),
-                pct(b.worker_utilisation),
-                format!("{:.2}/{:.0}", b.allocated_workers, b.total_workers),
-                b.peak_allocated_workers.to_string(),
-            ]
-        })
-        .collect();
+    let t = output::timeline_table(tl);
     format!(
         "utilisation from {} to {}, buckets of {} s\n{}",
         tl.since,
         tl.until,
         tl.bucket_seconds,
-        table(&["BUCKET START", "CPU", "MEMORY", "WORKERS", "MEAN WORKERS", "PEAK WORKERS"], &rows)
+        table(&t.header, &t.rows)
     )
 }

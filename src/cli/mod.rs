@@ -8,7 +8,7 @@ use allocation_ledger::{
 };
 use allocation_ledger::{AllocationState, Config, Error, Ledger, Priority, ResourceRequest};
 use allocation_ledger::{OpenOptions, SnapshotInfo};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 mod config;
 mod contract;
 mod history;
+mod output;
 mod replay;
 #[cfg(feature = "server")]
 mod serve;
@@ -37,9 +38,18 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Print exactly one JSON document on stdout (NDJSON for event streams)
+    /// Print exactly one JSON document on stdout (NDJSON for event streams); the same as -o json
     #[arg(long, global = true)]
     json: bool,
+
+    /// Output format: table (for people; the default), json (as --json) or csv (where a table
+    /// is printed: list, log, history, usage, timeline, capacity; raw values, stable columns)
+    #[arg(short = 'o', long = "output", global = true, value_enum, value_name = "FORMAT")]
+    output: Option<output::Format>,
+
+    /// Leave out the header row (and title lines) of tables and CSV
+    #[arg(long, global = true)]
+    no_headers: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -163,6 +173,13 @@ enum Command {
     /// Run the MCP server (stdio, or Streamable HTTP with --http)
     #[cfg(feature = "server")]
     Serve(serve::ServeArgs),
+    /// Print a shell completion script (e.g. `allocation-ledger completions bash > /etc/bash_completion.d/allocation-ledger`)
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout, e.g. `allocation-ledger man | man -l -`
+    Man,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -206,11 +223,17 @@ fn flag_for(field: &str) -> Option<&'static str> {
 
 struct Out {
     json: bool,
+    /// `-o`, if given (`--json` sets `json` alone).
+    format: Option<output::Format>,
+    no_headers: bool,
 }
 
 impl Out {
     /// Prints one document: `value` as JSON with `--json`, else the human text.
     fn doc<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) -> allocation_ledger::Result<()> {
+        if self.csv() {
+            return Err(Self::no_csv());
+        }
         let text = if self.json { to_json(value)?.to_string() } else { human() };
         let _ = writeln!(std::io::stdout().lock(), "{}", text.trim_end());
         Ok(())
@@ -269,7 +292,7 @@ pub fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::Ok;
             }
-            if std::env::args().any(|a| a == "--json") {
+            if output::json_requested(std::env::args()) {
                 let msg = e.render().to_string();
                 println!(
                     "{}",
@@ -281,7 +304,10 @@ pub fn main() -> ExitCode {
             return ExitCode::InvalidInput;
         }
     };
-    let out = Out { json: cli.json };
+    let out = Out::new(&cli);
+    if let Err(e) = output::check(&cli) {
+        return out.error(&e);
+    }
     match run(cli, &out) {
         Ok(code) => code,
         Err(e) => out.error(&e),
@@ -391,7 +417,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
                 None => ledger.get_capacity()?,
                 Some(at) => history::capacity_at(&ledger, &at)?,
             };
-            out.doc(&c, || human_capacity(&c))?;
+            out.tabular(&c, || human_capacity(&c), || output::capacity_table(&c), || output::capacity_csv(&c))?;
             Ok(ExitCode::Ok)
         }
         Command::Get { allocation_id } => get(out, &dir, config, allocation_id),
@@ -399,12 +425,12 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         Command::CleanupExpired { expect } => cleanup_expired(out, &open_writer(&dir, config)?, expect.seq()?),
         Command::Log { from_seq, limit, since, until } if since.is_some() || until.is_some() => {
             let ledger = open_reader(&dir, config)?;
-            history::log(&ledger, from_seq, limit, since.as_deref(), until.as_deref())
+            history::log(&ledger, out, from_seq, limit, since.as_deref(), until.as_deref())
         }
         Command::History(args) => history::history(&open_reader(&dir, config)?, out, args),
         Command::Usage(args) => history::usage(&open_reader(&dir, config)?, out, args),
         Command::Timeline(args) => history::timeline(&open_reader(&dir, config)?, out, args),
-        Command::Log { from_seq, limit, .. } => log(&dir, from_seq, limit),
+        Command::Log { from_seq, limit, .. } => log(out, &dir, from_seq, limit),
         Command::Replay(args) => replay::replay(&open_existing(&dir)?, out, args),
         Command::WhatIf(args) => replay::what_if(&open_existing(&dir)?, out, config.as_deref(), args),
         Command::Verify => verify(out, dir),
@@ -426,6 +452,21 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         }
         #[cfg(feature = "server")]
         Command::Serve(args) => Ok(serve::serve(dir, cli.config.clone(), args)),
+        Command::Completions { shell } => {
+            // Into a buffer: clap_complete panics on a failed write (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "allocation-ledger", &mut script);
+            let _ = std::io::stdout().write_all(&script);
+            Ok(ExitCode::Ok)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .map_err(|e| Error::io("writing the man page", e))?;
+            let _ = std::io::stdout().write_all(&page);
+            Ok(ExitCode::Ok)
+        }
     }
 }
 
@@ -508,7 +549,7 @@ fn list(
         None => ledger.list_allocations(state, job_id.as_deref())?,
         Some(at) => history::list_at(&ledger, &at, state, job_id.as_deref())?,
     };
-    out.doc(&rows, || human_list(&rows))?;
+    out.tabular(&rows, || human_list(&rows), || output::list_table(&rows), || output::list_csv(&rows))?;
     Ok(ExitCode::Ok)
 }
 
@@ -537,15 +578,20 @@ fn open_existing(dir: &Path) -> allocation_ledger::Result<Ledger> {
 }
 
 /// `log` without a time window: events by sequence number, as NDJSON.
-fn log(dir: &Path, from_seq: u64, limit: Option<usize>) -> allocation_ledger::Result<ExitCode> {
+fn log(out: &Out, dir: &Path, from_seq: u64, limit: Option<usize>) -> allocation_ledger::Result<ExitCode> {
     // No preview here: its one event would be a ledger that does not exist.
     let ledger = Ledger::open_read_only(dir)?;
     report_recovery(&ledger);
     let events = ledger.events(from_seq.max(1), limit.unwrap_or(usize::MAX))?;
     let mut stdout = std::io::stdout().lock();
+    let mut sink = output::EventSink::new(out);
     for e in events {
-        let _ = writeln!(stdout, "{}", event_json(&e)?);
+        if sink.push(&mut stdout, &e).is_err() {
+            // A closed pipe (`| head`) ends the output.
+            return Ok(ExitCode::Ok);
+        }
     }
+    let _ = sink.finish(&mut stdout);
     Ok(ExitCode::Ok)
 }
 
@@ -707,27 +753,8 @@ fn human_tenants(rows: &[allocation_ledger::TenantCapacity]) -> String {
 }
 
 fn human_capacity(c: &CapacityReport) -> String {
-    let rows = vec![
-        vec![
-            "workers".into(),
-            c.total_workers.to_string(),
-            c.allocated_workers.to_string(),
-            c.available_workers.to_string(),
-        ],
-        vec![
-            "cpu".into(),
-            format!("{:.1}", c.total_cpu),
-            format!("{:.1}", c.allocated_cpu),
-            format!("{:.1}", c.available_cpu),
-        ],
-        vec![
-            "memory_mib".into(),
-            c.total_memory.to_string(),
-            c.allocated_memory.to_string(),
-            c.available_memory.to_string(),
-        ],
-    ];
-    let mut s = table(&["RESOURCE", "TOTAL", "ALLOCATED", "AVAILABLE"], &rows);
+    let rows = output::capacity_table(c);
+    let mut s = table(&rows.header, &rows.rows);
     s.push_str(&format!("active allocations:  {}\n", c.active_allocations));
     s.push_str(&format!(
         "running MCP servers: {}\n",
@@ -790,20 +817,8 @@ fn human_list(rows: &[AllocationSummary]) -> String {
     if rows.is_empty() {
         return "no allocations".into();
     }
-    let r: Vec<Vec<String>> = rows
-        .iter()
-        .map(|a| {
-            vec![
-                a.allocation_id.to_string(),
-                a.job_id.clone(),
-                a.state.to_string(),
-                a.priority.to_string(),
-                a.workers.to_string(),
-                format!("{:.0}s", a.age_seconds),
-            ]
-        })
-        .collect();
-    table(&["ALLOCATION", "JOB", "STATE", "PRIORITY", "WORKERS", "AGE"], &r)
+    let t = output::list_table(rows);
+    table(&t.header, &t.rows)
 }
 
 fn human_repair(r: &allocation_ledger::RepairReport, v: Option<&VerifyReport>, dry_run: bool) -> String {

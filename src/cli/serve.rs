@@ -68,13 +68,28 @@ pub struct ServeArgs {
     /// records their expiry.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3600))]
     expiry_interval_seconds: u64,
+
+    /// How the server's logs (on stderr) are written: `text`, one human-readable line per
+    /// event, or `json`, one JSON object per line (for journald, Loki, Elasticsearch...).
+    /// RUST_LOG sets what is logged (default `warn,allocation_ledger=info`).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `serve --log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`.
+    Json,
 }
 
 /// Runs the server until shutdown; returns the process exit code: 0 after a clean shutdown,
 /// 2 for invalid arguments or config, 5 if another process holds the ledger's write lock,
 /// 6 if the ledger is damaged, 1 for anything else.
 pub fn serve(data_dir: PathBuf, config_file: Option<PathBuf>, args: ServeArgs) -> ExitCode {
-    init_logging();
+    init_logging(args.log_format);
     // Everything about the HTTP setup is checked before the ledger is touched.
     let http = match http_options(&args) {
         Ok(http) => http,
@@ -277,17 +292,32 @@ fn check_origin(o: &str) -> Result<(), String> {
     }
 }
 
-/// Logs go to stderr (stdout is the stdio transport). `RUST_LOG` sets the filter, e.g.
-/// `RUST_LOG=debug` or `RUST_LOG=warn,allocation_ledger=debug`; by default
-/// `warn,allocation_ledger=info`.
-fn init_logging() {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
+/// The filter when RUST_LOG is unset (or cannot be parsed).
+const DEFAULT_LOG_FILTER: &str = "warn,allocation_ledger=info";
+
+/// Logs go to stderr (stdout is the stdio transport). `RUST_LOG` sets the filter with
+/// `EnvFilter`'s syntax, e.g. `RUST_LOG=debug` or `RUST_LOG=warn,allocation_ledger=debug`; by
+/// default `warn,allocation_ledger=info`. A RUST_LOG that does not parse is reported and the
+/// default used.
+fn init_logging(format: LogFormat) {
     use tracing_subscriber::prelude::*;
-    let filter: Targets = std::env::var("RUST_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        Targets::new().with_default(LevelFilter::WARN).with_target("allocation_ledger", LevelFilter::INFO)
-    });
+    use tracing_subscriber::EnvFilter;
+    let (filter, bad) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => match EnvFilter::try_new(&v) {
+            Ok(f) => (f, None),
+            Err(e) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(format!("ignoring RUST_LOG={v:?}: {e}"))),
+        },
+        _ => (EnvFilter::new(DEFAULT_LOG_FILTER), None),
+    };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
     let _ = tracing_subscriber::registry().with(fmt).with(filter).try_init();
+    if let Some(why) = bad {
+        tracing::warn!("{why}");
+    }
 }
 
 #[cfg(test)]

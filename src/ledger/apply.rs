@@ -114,6 +114,7 @@ impl Ledger {
                 if indexed == Some(false) {
                     core.capacity_index = None;
                 }
+                self.shared.commit.metrics.on_event(&ev.body, crate::log::record::HEADER_LEN + payload.len());
                 core.state.evolve_owned(seq, ts, ev.body);
                 core.since_snapshot += 1;
                 core.log_bytes_since_snapshot += (crate::log::record::HEADER_LEN + payload.len()) as u64;

@@ -240,6 +240,8 @@ pub(super) struct Commit {
     outbox: Option<Arc<wal::Outbox>>,
     /// A flush round is running (checked in debug builds only: two at once is a bug).
     flush_in_flight: AtomicBool,
+    /// The ledger's counters (`Ledger::metrics`); here because flush rounds feed them.
+    pub(super) metrics: super::metrics::LedgerMetrics,
 }
 
 impl Commit {
@@ -251,6 +253,7 @@ impl Commit {
             appended_seq: AtomicU64::new(durable_seq),
             outbox,
             flush_in_flight: AtomicBool::new(false),
+            metrics: super::metrics::LedgerMetrics::default(),
         }
     }
 
@@ -333,13 +336,17 @@ impl Commit {
             }
         }
         debug_assert!(!self.flush_in_flight.swap(true, Ordering::AcqRel), "two flush rounds at once");
+        let started = std::time::Instant::now();
         let result = self.write_and_sync();
         debug_assert!(self.flush_in_flight.swap(false, Ordering::AcqRel), "a flush round ended twice");
         let mut s = lock(&self.sync);
         match result {
             // A failure latched while this fsync ran (a rotation's fsync) leaves what it covers
             // unproven: the durable sequence number stays.
-            Ok(upto) if s.failed.is_none() => s.raise_durable(upto),
+            Ok(upto) if s.failed.is_none() => {
+                self.metrics.on_fsync(started.elapsed(), upto.saturating_sub(s.durable_seq));
+                s.raise_durable(upto);
+            }
             Ok(_) => {}
             // Never retried: after a failed write or fsync the page cache may have dropped the
             // data, so a later "successful" fsync would prove nothing.
@@ -586,6 +593,7 @@ impl Ledger {
                 break;
             }
             let mut batch = std::mem::take(&mut s.queue);
+            sh.commit.metrics.on_combine(batch.len());
             drop(s);
             {
                 let mut core = lock(&sh.core);

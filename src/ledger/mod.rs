@@ -22,6 +22,7 @@ mod apply;
 mod commit;
 mod contract;
 pub(crate) mod index;
+mod metrics;
 mod open;
 mod options;
 mod queries;
@@ -30,6 +31,7 @@ mod snapshots;
 
 pub use commit::Durable;
 pub use contract::IfSeq;
+pub use metrics::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
 pub use options::{LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 
 use crate::domain::clock::{Clock, Micros};
@@ -179,6 +181,12 @@ impl Ledger {
             poisoned: core.poisoned.clone().or(failed),
             last_snapshot_error: core.last_snapshot_error.clone(),
         }
+    }
+
+    /// What this handle counted since open (grants, rejections, fsyncs, snapshots...), for
+    /// an exporter such as the server's `/metrics`.
+    pub fn metrics(&self) -> &LedgerMetrics {
+        &self.shared.commit.metrics
     }
 
     /// Runs `f` on the current state (a consistent point: nothing is half-applied).

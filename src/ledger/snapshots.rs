@@ -75,6 +75,7 @@ impl Ledger {
     /// Writes a snapshot of the current state (atomically) and prunes old ones, holding the
     /// right to (`cache`).
     fn snapshot_holding(&self, mut cache: MutexGuard<'_, snapshot::EncodingCache>) -> Result<SnapshotInfo> {
+        let started = std::time::Instant::now();
         // Under the lock only the references are copied; sorting and encoding happen outside
         // it while writers go on (an allocation they end is copied then, not shared).
         let (data, mut shared, position) = {
@@ -106,6 +107,7 @@ impl Ledger {
             }
         }
         lock(&self.shared.core).last_snapshot_error = None;
+        self.shared.commit.metrics.on_snapshot(started.elapsed(), bytes.len());
         Ok(SnapshotInfo { seq: data.last_seq, path })
     }
 }

@@ -5,6 +5,7 @@
 
 mod checks;
 mod conn;
+mod ops;
 
 use super::tools::LedgerTools;
 use super::ServeError;
@@ -144,7 +145,13 @@ fn token_matches(presented: &str, expected: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_bearer(token: Arc<String>, req: Request, next: Next) -> Response {
+/// `/healthz` and `/readyz` answer without the token when the server listens on a loopback
+/// address (a local supervisor or probe need not hold it; they reveal no data), and need it
+/// like everything else on any other address.
+async fn require_bearer(token: Arc<String>, open_health: bool, req: Request, next: Next) -> Response {
+    if open_health && matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return next.run(req).await;
+    }
     let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
         let (scheme, rest) = v.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
@@ -258,6 +265,7 @@ fn unauthorized(param: &str, message: &str) -> Response {
 
 pub(crate) async fn serve_http(
     plan: HttpPlan,
+    ledger: crate::Ledger,
     factory: impl Fn() -> LedgerTools + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -276,15 +284,17 @@ pub(crate) async fn serve_http(
         checks: checks::Checks::new(&plan.allowed_hosts, &plan.allowed_origins),
         sessions,
     });
-    let mut app = axum::Router::new().nest_service("/mcp", service);
+    let ops_checks = checks::Checks::new(&plan.allowed_hosts, &plan.allowed_origins);
+    let mut app = axum::Router::new().nest_service("/mcp", service).merge(ops::routes(ledger, ops_checks));
     // Inside the bearer check (a layer added later runs first): a refused client's body is only
     // drained up to a small limit.
     app = app
         .layer(axum::middleware::from_fn(move |req: Request, next: Next| read_whole_body(shared.clone(), req, next)));
     if let Some(token) = plan.token {
-        let token = Arc::new(token);
-        app = app
-            .layer(axum::middleware::from_fn(move |req: Request, next: Next| require_bearer(token.clone(), req, next)));
+        let (token, open_health) = (Arc::new(token), plan.addr.ip().is_loopback());
+        app = app.layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+            require_bearer(token.clone(), open_health, req, next)
+        }));
     }
 
     // Each connection holds a descriptor: the usual soft limit (1024) would cap the server at

@@ -92,7 +92,7 @@ async fn run(
         move || tools::LedgerTools::new(ledger.clone(), tasks.clone(), router.clone())
     };
     let result = match http_plan {
-        Some(plan) => http::serve_http(plan, factory, shutdown.clone()).await,
+        Some(plan) => http::serve_http(plan, ledger.clone(), factory, shutdown.clone()).await,
         None => stdio(factory(), shutdown.clone()).await,
     };
 

@@ -95,6 +95,12 @@ impl Checks {
         }
     }
 
+    /// The Host header check rmcp makes for `/mcp`, for the routes beside it (`ops.rs`).
+    pub(super) fn host_header_allowed(&self, headers: &HeaderMap) -> bool {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).and_then(authority_of);
+        host.map_or(self.hosts.is_empty(), |a| self.host_allowed(&a))
+    }
+
     fn host_allowed(&self, a: &Authority) -> bool {
         self.hosts.is_empty() || self.hosts.iter().any(|h| h.host == a.host && h.port.is_none_or(|p| a.port == Some(p)))
     }
