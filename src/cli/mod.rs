@@ -399,10 +399,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
                 max_lifetime_seconds: contract.max_lifetime_seconds()?,
                 tenant,
             };
-            if contract.dry_run {
-                return contract::plan(out, &open_writer(&dir, config)?, &req);
-            }
-            request(out, &open_writer(&dir, config)?, &req, contract.expect.seq()?)
+            request_or_plan(out, &open_writer(&dir, config)?, &req, &contract)
         }
         Command::Release { allocation_id, expect } => release(out, &dir, config, &allocation_id, expect.seq()?),
         Command::Renew(args) => contract::renew(out, &open_writer(&dir, config)?, &args),
@@ -452,22 +449,39 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         }
         #[cfg(feature = "server")]
         Command::Serve(args) => Ok(serve::serve(dir, cli.config.clone(), args)),
-        Command::Completions { shell } => {
-            // Into a buffer: clap_complete panics on a failed write (`| head`).
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "allocation-ledger", &mut script);
-            let _ = std::io::stdout().write_all(&script);
-            Ok(ExitCode::Ok)
-        }
-        Command::Man => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut page)
-                .map_err(|e| Error::io("writing the man page", e))?;
-            let _ = std::io::stdout().write_all(&page);
-            Ok(ExitCode::Ok)
-        }
+        Command::Completions { shell } => Ok(completions(shell)),
+        Command::Man => man(),
     }
+}
+
+/// `completions SHELL`: the script, written in one piece (clap_complete panics on a failed
+/// write, e.g. `| head`).
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "allocation-ledger", &mut script);
+    let _ = std::io::stdout().write_all(&script);
+    ExitCode::Ok
+}
+
+/// `man`: the man page (roff).
+fn man() -> allocation_ledger::Result<ExitCode> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page).map_err(|e| Error::io("writing the man page", e))?;
+    let _ = std::io::stdout().write_all(&page);
+    Ok(ExitCode::Ok)
+}
+
+/// `request`, or with `--dry-run` its plan.
+fn request_or_plan(
+    out: &Out,
+    ledger: &Ledger,
+    req: &ResourceRequest,
+    contract: &contract::RequestContract,
+) -> allocation_ledger::Result<ExitCode> {
+    if contract.dry_run {
+        return contract::plan(out, ledger, req);
+    }
+    request(out, ledger, req, contract.expect.seq()?)
 }
 
 /// `--metadata`: a JSON object, or nothing.
