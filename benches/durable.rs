@@ -271,6 +271,27 @@ fn keyed_grant_request(i: u64) -> ResourceRequest {
     ))
 }
 
+/// A grant request of one of 8 tenants (its metadata's `tenant`), for the quota benchmark.
+fn tenant_grant_request(i: u64) -> ResourceRequest {
+    grant_request(i).tenant(format!("team-{}", i % 8))
+}
+
+/// The benchmark pool with a quota on each of the 8 tenants (and a default) that the
+/// benchmark's grants never reach: the rule runs on every grant, and none is refused.
+fn quota_config() -> Config {
+    let quota = allocation_ledger::Quota {
+        workers: Some(POOL),
+        cpu_millicores: Some(u64::from(POOL) * 1000),
+        memory_mib: Some(u64::from(POOL) * 2048),
+        ..Default::default()
+    };
+    Config {
+        quotas: (0..8).map(|t| (format!("team-{t}"), quota.clone())).collect(),
+        default_quota: Some(quota),
+        ..pool_config()
+    }
+}
+
 /// `callers` threads, each with its own clone of one ledger, granting 1 worker per call.
 fn ledger_grants(callers: usize, dur: Duration, storage: Arc<CountingStorage>, config: Config) -> Rate {
     ledger_grants_of(callers, dur, storage, config, grant_request)
@@ -577,6 +598,48 @@ fn keys_section(report: &mut Report, rounds_n: usize, dur_n: Duration, quick: bo
             table_bytes as f64 / keys as f64
         ),
     );
+}
+
+/// Issue 17: 64-caller durable grants with per-tenant quotas on (every request of a tenant with a
+/// quota) against the same without quotas, same run, interleaved.
+fn quotas_section(report: &mut Report, rounds_n: usize, dur_n: Duration) {
+    report.section("Durable grants with per-tenant quotas (issue 17)");
+    let (mut plain, mut quota) = (Vec::new(), Vec::new());
+    for round in 0..rounds_n {
+        let off = || ledger_grants_of(64, dur_n, CountingStorage::real(), pool_config(), grant_request);
+        let on = || ledger_grants_of(64, dur_n, CountingStorage::real(), quota_config(), tenant_grant_request);
+        if round % 2 == 0 {
+            plain.push(off());
+            quota.push(on());
+        } else {
+            quota.push(on());
+            plain.push(off());
+        }
+        eprintln!(
+            "[durable] quotas, round {}/{rounds_n}: without {}  with {}",
+            round + 1,
+            fmt_rate(plain[round].per_s),
+            fmt_rate(quota[round].per_s)
+        );
+    }
+    let r = ratio(&quota, &plain);
+    report.row(Row {
+        id: "ledger_64_quotas".into(),
+        what: "ledger, 64 threads, 8 tenants each with a quota (the rule runs on every grant)".into(),
+        value: med(&quota),
+        unit: "grants/s".into(),
+        shown: fmt_rate(med(&quota)),
+        against: format!("without quotas {}", fmt_rate(med(&plain))),
+        ratio: Some(r),
+        target: ">= 0.90x without quotas".into(),
+        met: Some(r >= 0.9),
+    });
+    report.note(format!(
+        "{rounds_n} rounds of {:.1} s each, alternating order; median of per-round ratios. Spread: without {}, with {}.",
+        dur_n.as_secs_f64(),
+        spread(&plain),
+        spread(&quota)
+    ));
 }
 
 /// Folds `n` keyed grants, each released right away, into a state: how many keys it then
@@ -936,6 +999,9 @@ fn main() {
     }
     if want("keys") {
         keys_section(&mut report, rounds_n, dur_n, quick);
+    }
+    if want("quotas") {
+        quotas_section(&mut report, rounds_n, dur_n);
     }
     if want("profile64") {
         // Only the 64-caller ledger run, for profiling (`perf record`, `perf stat`).

@@ -166,7 +166,13 @@ fn history_log_usage_and_timeline() {
     assert_eq!(code, 0);
     assert_eq!(u["group_by"], "job");
     assert_eq!(u["groups"].as_array().unwrap().len(), 3);
-    let (code, err) = json(d, &["usage", "--since", "-1h", "--by", "tenant"]);
+    // By the tenant recorded with each grant (here taken from metadata.tenant): the same groups.
+    let (code, by_tenant) = json(d, &["usage", "--since", &at(&log[0]), "--by", "tenant"]);
+    assert_eq!(code, 0, "{by_tenant}");
+    let tenant_groups: Vec<&str> =
+        by_tenant["groups"].as_array().unwrap().iter().map(|g| g["group"].as_str().unwrap()).collect();
+    assert_eq!(tenant_groups, ["(none)", "blue", "red"]);
+    let (code, err) = json(d, &["usage", "--since", "-1h", "--by", "tenants"]);
     assert_eq!(code, 2);
     assert_eq!(err["error"]["field"], "by");
     let o = run(d, &["usage", "--since", "-1h"]);

@@ -428,7 +428,8 @@ fn history_of_a_job_and_errors() {
     assert!(matches!(err, allocation_ledger::Error::InvalidInput { ref field, .. } if field == "until"), "{err}");
     let err = ledger.timeline(start, start + 1_000_000_000_000, 1).unwrap_err();
     assert!(matches!(err, allocation_ledger::Error::InvalidInput { ref field, .. } if field == "bucket"), "{err}");
-    assert!(GroupBy::parse("by", "tenant").is_err());
+    assert_eq!(GroupBy::parse("by", "tenant").unwrap(), GroupBy::Tenant);
+    assert!(GroupBy::parse("by", "tenants").is_err());
     assert_eq!(GroupBy::parse("by", "metadata.tenant").unwrap(), GroupBy::Metadata("tenant".into()));
     // The rejection is counted by reason; the expiry at its deadline.
     let u = ledger.usage(start, clock.now_micros(), &GroupBy::Job).unwrap();

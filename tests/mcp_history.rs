@@ -151,7 +151,10 @@ fn history_tools_over_stdio() {
     assert_eq!(u["group_by"], "job");
     assert_eq!(u["total"]["worker_seconds"], 5.0 * 600.0);
     assert_eq!(err(&s.call("usage_report", json!({})))["field"], "since");
-    assert_eq!(err(&s.call("usage_report", json!({"since": "-1h", "by": "tenant"})))["field"], "by");
+    assert_eq!(err(&s.call("usage_report", json!({"since": "-1h", "by": "tenants"})))["field"], "by");
+    // `tenant` groups by the tenant recorded with each grant (here from metadata.tenant).
+    let by_tenant = ok(&s.call("usage_report", json!({"since": "-1h", "by": "tenant"})));
+    assert_eq!(by_tenant["group_by"], "tenant");
     assert_eq!(err(&s.call("usage_report", json!({"since": "soon"})))["field"], "since");
     assert_eq!(err(&s.call("usage_report", json!({"since": "-1h", "until": "-2h"})))["field"], "until");
     assert!(s.close().success());

@@ -143,8 +143,8 @@ pub fn rejection_fingerprint(r: &Rejection) -> u64 {
 /// One remembered key: which event decided it, and what it was asked with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
-    /// The key.
-    pub key: String,
+    /// The key (shared with the table, so a snapshot copies pointers, not strings).
+    pub key: Arc<str>,
     /// When the deciding event was recorded.
     pub ts_us: Micros,
     /// Its sequence number.
@@ -200,9 +200,9 @@ impl KeyTable {
 
     /// The record of `key` if it was decided within `window_seconds` before `now`.
     pub fn get(&self, key: &str, now: Micros, window_seconds: u64) -> Option<KeyRecord> {
-        let e = self.by_key.get(key)?;
+        let (shared, e) = self.by_key.get_key_value(key)?;
         (!outside_window(e.ts_us, now, window_seconds)).then(|| KeyRecord {
-            key: key.to_string(),
+            key: shared.clone(),
             ts_us: e.ts_us,
             seq: e.seq,
             allocation_id: e.allocation_id,
@@ -214,7 +214,7 @@ impl KeyTable {
     /// Records a key's deciding event (a later one replaces an older entry of the same key,
     /// which only happens once the older one left the window).
     pub fn insert(&mut self, r: KeyRecord) {
-        let key: Arc<str> = Arc::from(r.key);
+        let key = r.key;
         let entry = Entry {
             ts_us: r.ts_us,
             seq: r.seq,
@@ -250,7 +250,7 @@ impl KeyTable {
             .filter_map(|(ts_us, key)| {
                 let e = self.by_key.get(key).filter(|e| e.ts_us == *ts_us)?;
                 Some(KeyRecord {
-                    key: key.to_string(),
+                    key: key.clone(),
                     ts_us: e.ts_us,
                     seq: e.seq,
                     allocation_id: e.allocation_id,
@@ -268,7 +268,7 @@ impl KeyTable {
             if t.by_age.back().is_some_and(|(ts, _)| *ts > r.ts_us) {
                 return Err(format!("idempotency key {:?} is out of order", r.key));
             }
-            if t.by_key.contains_key(r.key.as_str()) {
+            if t.by_key.contains_key(&*r.key) {
                 return Err(format!("idempotency key {:?} appears twice", r.key));
             }
             t.insert(r);
@@ -290,7 +290,7 @@ mod tests {
 
     fn record(key: &str, ts: i64, seq: u64) -> KeyRecord {
         KeyRecord {
-            key: key.into(),
+            key: Arc::from(key),
             ts_us: Micros::from_micros(ts),
             seq,
             allocation_id: AllocationId::from_u64(seq),

@@ -227,7 +227,8 @@ pub struct StateData {
     pub assigned_mcp_endpoints: BTreeMap<String, String>,
     /// How many endpoints have been assigned (the next one takes the next port).
     pub assigned_mcp_count: u64,
-    /// The idempotency keys within the window, oldest first.
+    /// The idempotency keys within the window, oldest first (snapshot v4 stores them in its
+    /// binary part).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub idempotency_keys: Vec<KeyRecord>,
 }
@@ -440,7 +441,7 @@ impl State {
         rejected: Option<crate::domain::event::RejectReason>,
     ) {
         if let Some((key, allocation_id, fingerprint)) = key {
-            self.keys.insert(KeyRecord { key, ts_us, seq, allocation_id, rejected, fingerprint });
+            self.keys.insert(KeyRecord { key: key.into(), ts_us, seq, allocation_id, rejected, fingerprint });
         }
     }
 
@@ -870,6 +871,12 @@ impl StateLoader {
             }
         }
         s.allocations.insert(a.id, Arc::new(a));
+        Ok(())
+    }
+
+    /// The idempotency keys (oldest first), when they are read after the allocations.
+    pub fn set_idempotency_keys(&mut self, records: Vec<KeyRecord>) -> std::result::Result<(), String> {
+        self.s.keys = KeyTable::from_records(records)?;
         Ok(())
     }
 

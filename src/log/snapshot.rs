@@ -16,7 +16,7 @@
 //! describes both.
 
 use crate::domain::clock::Micros;
-use crate::domain::event::{McpGrant, WorkerGrant};
+use crate::domain::event::{McpGrant, RejectReason, WorkerGrant};
 use crate::domain::idempotency::KeyRecord;
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::domain::state::{Allocation, State, StateData, StateLoader};
@@ -185,8 +185,6 @@ struct MetaOut<'a> {
     assigned_mcp_endpoints: &'a BTreeMap<String, String>,
     assigned_mcp_count: u64,
     log_position: Option<LogPosition>,
-    #[serde(skip_serializing_if = "<[KeyRecord]>::is_empty")]
-    idempotency_keys: &'a [KeyRecord],
 }
 
 #[derive(Deserialize)]
@@ -201,8 +199,6 @@ struct MetaIn {
     assigned_mcp_count: u64,
     #[serde(default)]
     log_position: Option<LogPosition>,
-    #[serde(default)]
-    idempotency_keys: Vec<KeyRecord>,
 }
 
 /// A v3 snapshot of `state` without a log position.
@@ -246,7 +242,6 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
         assigned_mcp_endpoints: &state.assigned_mcp_endpoints,
         assigned_mcp_count: state.assigned_mcp_count,
         log_position: position,
-        idempotency_keys: &state.idempotency_keys,
     })
     .expect("snapshot meta serializes");
     // The payload goes straight after room for the header (filled in last): a large state's
@@ -261,6 +256,7 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
     for a in allocations {
         put(&mut out, a.borrow());
     }
+    put_keys(&mut out, &state.idempotency_keys);
     seal(FORMAT_VERSION, state.last_seq, out)
 }
 
@@ -403,20 +399,25 @@ pub fn decode_with_position(bytes: &[u8], expected_seq: u64) -> Result<(State, O
         let state = State::from_data(data).map_err(|e| format!("snapshot state is inconsistent: {e}"))?;
         return Ok((state, None));
     }
-    decode_v3_payload(payload, seq)
+    decode_v3_payload(payload, seq, version)
 }
 
-fn decode_v3_payload(payload: &[u8], seq: u64) -> Result<(State, Option<LogPosition>), String> {
+fn decode_v3_payload(payload: &[u8], seq: u64, version: u32) -> Result<(State, Option<LogPosition>), String> {
     let mut r = Reader { bytes: payload, at: 0 };
-    let loaded = decode_v3(&mut r, payload.len(), seq)?;
+    let loaded = decode_v3(&mut r, payload.len(), seq, version)?;
     if r.at != payload.len() {
         return Err(format!("{} bytes follow the last allocation", payload.len() - r.at));
     }
     Ok(loaded)
 }
 
-/// The v3 payload from `r`, which holds `payload_len` bytes.
-fn decode_v3(r: &mut impl Source, payload_len: usize, seq: u64) -> Result<(State, Option<LogPosition>), String> {
+/// The v3 or v4 payload from `r`, which holds `payload_len` bytes.
+fn decode_v3(
+    r: &mut impl Source,
+    payload_len: usize,
+    seq: u64,
+    version: u32,
+) -> Result<(State, Option<LogPosition>), String> {
     let meta_len = r.u64()?;
     let meta_len = usize::try_from(meta_len).ok().filter(|&l| l <= payload_len).ok_or("meta length overflows")?;
     let meta: MetaIn =
@@ -438,7 +439,7 @@ fn decode_v3(r: &mut impl Source, payload_len: usize, seq: u64) -> Result<(State
         evicted: meta.evicted,
         assigned_mcp_endpoints: meta.assigned_mcp_endpoints,
         assigned_mcp_count: meta.assigned_mcp_count,
-        idempotency_keys: meta.idempotency_keys,
+        idempotency_keys: Vec::new(),
     };
     let inconsistent = |e: String| format!("snapshot state is inconsistent: {e}");
     let mut loader = StateLoader::new(data, count as usize).map_err(inconsistent)?;
@@ -446,7 +447,60 @@ fn decode_v3(r: &mut impl Source, payload_len: usize, seq: u64) -> Result<(State
         let a = get_allocation(r).map_err(|e| format!("allocation {i} at byte {}: {e}", r.at()))?;
         loader.add(a).map_err(inconsistent)?;
     }
+    if version >= KEYS_VERSION {
+        let keys = get_keys(r, payload_len).map_err(|e| format!("idempotency keys at byte {}: {e}", r.at()))?;
+        loader.set_idempotency_keys(keys).map_err(inconsistent)?;
+    }
     Ok((loader.finish().map_err(inconsistent)?, meta.log_position))
+}
+
+/// The first version whose payload ends with the idempotency keys.
+const KEYS_VERSION: u32 = 4;
+/// On-disk codes of a key's rejection reason: 0 granted, else 1 + the index here. Never
+/// reorder; only append.
+const REJECT_CODES: [RejectReason; 4] = [
+    RejectReason::InsufficientWorkers,
+    RejectReason::InsufficientCpu,
+    RejectReason::InsufficientMemory,
+    RejectReason::Quota,
+];
+/// The fewest bytes a key record takes (an empty key).
+const MIN_KEY_BYTES: usize = STR_LEN_BYTES + 8 + 8 + 8 + 1 + 8;
+
+/// The idempotency keys, oldest first: `count u64`, then each `key str | ts_us i64 | seq u64 |
+/// allocation_id u64 | rejected u8 (0 granted, else 1 + reason code) | fingerprint u64`.
+/// Binary, not in the JSON meta: a busy window holds hundreds of thousands of keys.
+fn put_keys(out: &mut Vec<u8>, keys: &[KeyRecord]) {
+    out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    for k in keys {
+        put_str(out, &k.key);
+        out.extend_from_slice(&k.ts_us.as_micros().to_le_bytes());
+        out.extend_from_slice(&k.seq.to_le_bytes());
+        out.extend_from_slice(&k.allocation_id.as_u64().to_le_bytes());
+        let code = k.rejected.and_then(|r| REJECT_CODES.iter().position(|c| *c == r)).map_or(0, |i| i as u8 + 1);
+        out.push(code);
+        out.extend_from_slice(&k.fingerprint.to_le_bytes());
+    }
+}
+
+fn get_keys(r: &mut impl Source, payload_len: usize) -> Result<Vec<KeyRecord>, String> {
+    let count = r.u64()?;
+    if count > (payload_len / MIN_KEY_BYTES) as u64 {
+        return Err(format!("{count} keys claimed, more than the payload can hold"));
+    }
+    let mut keys = Vec::with_capacity((count as usize).min(MAX_PREALLOCATED_ITEMS));
+    for _ in 0..count {
+        let key: std::sync::Arc<str> = r.string()?.into();
+        let ts_us = Micros::from_micros(r.i64()?);
+        let seq = r.u64()?;
+        let allocation_id = AllocationId::from_u64(r.u64()?);
+        let rejected = match r.u8()? {
+            0 => None,
+            code => Some(from_code(&REJECT_CODES, code - 1, "rejection reason")?),
+        };
+        keys.push(KeyRecord { key, ts_us, seq, allocation_id, rejected, fingerprint: r.u64()? });
+    }
+    Ok(keys)
 }
 
 /// Loads the snapshot at `path` (named for `expected_seq`), reading a v3 file in chunks so
@@ -491,7 +545,7 @@ pub(crate) fn load_chunked(
     };
     let decoded = usize::try_from(len)
         .map_err(|_| "snapshot payload length overflows".to_string())
-        .and_then(|payload_len| decode_v3(&mut r, payload_len, seq))
+        .and_then(|payload_len| decode_v3(&mut r, payload_len, seq, header.version))
         .and_then(|loaded| if r.at_end() { Ok(loaded) } else { Err("bytes follow the last allocation".into()) });
     if r.finish_crc()? != header.crc {
         return Err("snapshot checksum mismatch".into());
