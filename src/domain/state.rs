@@ -406,8 +406,10 @@ impl State {
                 self.apply_config(config);
             }
             EventBody::ConfigChanged { config } => self.apply_config(config),
-            EventBody::Granted(g) => {
-                let key = g.idempotency_key.as_ref().map(|k| (k.clone(), g.allocation_id, grant_fingerprint(&g)));
+            EventBody::Granted(mut g) => {
+                // The allocation keeps no key: the table takes it (no copy of the string).
+                let fingerprint = g.idempotency_key.is_some().then(|| grant_fingerprint(&g));
+                let key = g.idempotency_key.take().zip(fingerprint).map(|(k, f)| (k, g.allocation_id, f));
                 if self.apply_grant(ts_us, g) {
                     self.remember_key(key, seq, ts_us, None);
                 }
