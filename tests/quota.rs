@@ -198,3 +198,34 @@ proptest! {
         prop_assert_eq!(fold(&all_events(&ledger)), live);
     }
 }
+
+#[test]
+fn quotas_through_the_binary_with_capacity_by_tenant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("quotas.json");
+    std::fs::write(&cfg, r#"{"quotas": {"team-a": {"workers": 4}}, "default_quota": {"workers": 2}}"#).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_allocation-ledger"))
+            .env_remove("ALLOCATION_LEDGER_DIR")
+            .arg("--data-dir")
+            .arg(tmp.path().join("ledger"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["request", "--job-id", "a", "--workers", "3", "--tenant", "team-a"]).status.success());
+    let refused = run(&["--json", "request", "--job-id", "b", "--workers", "2", "--tenant", "team-a"]);
+    assert_eq!(refused.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(v["reason"], "quota");
+    assert_eq!(v["error"], "exceeded quota for tenant team-a: requested workers=2, used=3, limited=4");
+    let csv = String::from_utf8(run(&["capacity", "--by-tenant", "-o", "csv"]).stdout).unwrap();
+    assert_eq!(
+        csv,
+        "tenant,workers_used,workers_limit,cpu_millicores_used,cpu_millicores_limit,memory_mib_used,memory_mib_limit,mcp_servers\nteam-a,3,4,3000,,6144,,\n"
+    );
+    let table = String::from_utf8(run(&["capacity", "--by-tenant"]).stdout).unwrap();
+    assert!(table.contains("team-a  3 / 4"), "{table}");
+}

@@ -405,7 +405,12 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         Command::Renew(args) => contract::renew(out, &open_writer(&dir, config)?, &args),
         Command::Capacity { by_tenant: true, .. } => {
             let rows = open_reader(&dir, config)?.tenant_capacity()?;
-            out.doc(&rows, || human_tenants(&rows))?;
+            out.tabular(
+                &rows,
+                || human_tenants(&rows),
+                || output::tenants_table(&rows),
+                || output::tenants_csv(&rows),
+            )?;
             Ok(ExitCode::Ok)
         }
         Command::Capacity { at, .. } => {
@@ -736,34 +741,11 @@ fn human_release(r: &ReleaseReport) -> String {
 }
 
 fn human_tenants(rows: &[allocation_ledger::TenantCapacity]) -> String {
-    let of = |used: u64, limit: Option<u64>| match limit {
-        Some(l) => format!("{used} / {l}"),
-        None => format!("{used} / -"),
-    };
-    let table_rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|t| {
-            let q = t.quota.clone().unwrap_or_default();
-            let servers: Vec<String> = t
-                .mcp_servers
-                .iter()
-                .map(|(n, c)| format!("{n} {}", of(u64::from(*c), q.mcp_servers.get(n).map(|l| u64::from(*l)))))
-                .collect();
-            vec![
-                t.tenant.clone(),
-                of(u64::from(t.used.workers), q.workers.map(u64::from)),
-                of(t.used.cpu_millicores, q.cpu_millicores),
-                of(t.used.memory_mib, q.memory_mib),
-                servers.join(", "),
-            ]
-        })
-        .collect();
-    if table_rows.is_empty() {
+    if rows.is_empty() {
         return "no tenant holds anything and no quota is configured".into();
     }
-    let mut s = table(&["TENANT", "WORKERS", "CPU_MILLICORES", "MEMORY_MIB", "MCP SERVERS"], &table_rows);
-    s.push_str("(used / limit; - is unlimited)\n");
-    s
+    let t = output::tenants_table(rows);
+    format!("{}(used / limit; - is unlimited)\n", table(&t.header, &t.rows))
 }
 
 fn human_capacity(c: &CapacityReport) -> String {

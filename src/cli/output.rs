@@ -523,3 +523,67 @@ mod tests {
         assert_eq!(csv(&rows, false).lines().count(), 2);
     }
 }
+
+/// `capacity --by-tenant`'s table: use / limit per tenant (`-` for unlimited).
+pub fn tenants_table(rows: &[allocation_ledger::TenantCapacity]) -> Rows {
+    let of = |used: u64, limit: Option<u64>| format!("{used} / {}", limit.map_or("-".to_string(), |l| l.to_string()));
+    let rows = rows
+        .iter()
+        .map(|t| {
+            let q = t.quota.clone().unwrap_or_default();
+            let servers: Vec<String> = t
+                .mcp_servers
+                .iter()
+                .map(|(n, c)| format!("{n} {}", of(u64::from(*c), q.mcp_servers.get(n).map(|l| u64::from(*l)))))
+                .collect();
+            vec![
+                t.tenant.clone(),
+                of(u64::from(t.used.workers), q.workers.map(u64::from)),
+                of(t.used.cpu_millicores, q.cpu_millicores),
+                of(t.used.memory_mib, q.memory_mib),
+                servers.join(", "),
+            ]
+        })
+        .collect();
+    Rows { header: vec!["TENANT", "WORKERS", "CPU_MILLICORES", "MEMORY_MIB", "MCP SERVERS"], rows }
+}
+
+/// `capacity --by-tenant -o csv`: one row per tenant, used and limit apart (an empty limit is
+/// unlimited); MCP servers as `name=used/limit` joined by `;`.
+pub fn tenants_csv(rows: &[allocation_ledger::TenantCapacity]) -> Rows {
+    let limit = |l: Option<u64>| l.map(|l| l.to_string()).unwrap_or_default();
+    let rows = rows
+        .iter()
+        .map(|t| {
+            let q = t.quota.clone().unwrap_or_default();
+            let servers: Vec<String> = t
+                .mcp_servers
+                .iter()
+                .map(|(n, c)| format!("{n}={c}/{}", limit(q.mcp_servers.get(n).map(|l| u64::from(*l)))))
+                .collect();
+            vec![
+                t.tenant.clone(),
+                t.used.workers.to_string(),
+                limit(q.workers.map(u64::from)),
+                t.used.cpu_millicores.to_string(),
+                limit(q.cpu_millicores),
+                t.used.memory_mib.to_string(),
+                limit(q.memory_mib),
+                servers.join(";"),
+            ]
+        })
+        .collect();
+    Rows {
+        header: vec![
+            "tenant",
+            "workers_used",
+            "workers_limit",
+            "cpu_millicores_used",
+            "cpu_millicores_limit",
+            "memory_mib_used",
+            "memory_mib_limit",
+            "mcp_servers",
+        ],
+        rows,
+    }
+}
