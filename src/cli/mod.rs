@@ -403,16 +403,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         }
         Command::Release { allocation_id, expect } => release(out, &dir, config, &allocation_id, expect.seq()?),
         Command::Renew(args) => contract::renew(out, &open_writer(&dir, config)?, &args),
-        Command::Capacity { by_tenant: true, .. } => {
-            let rows = open_reader(&dir, config)?.tenant_capacity()?;
-            out.tabular(
-                &rows,
-                || human_tenants(&rows),
-                || output::tenants_table(&rows),
-                || output::tenants_csv(&rows),
-            )?;
-            Ok(ExitCode::Ok)
-        }
+        Command::Capacity { by_tenant: true, .. } => tenant_capacity(out, &open_reader(&dir, config)?),
         Command::Capacity { at, .. } => {
             let ledger = open_reader(&dir, config)?;
             let c = match at {
@@ -738,6 +729,13 @@ fn human_release(r: &ReleaseReport) -> String {
     } else {
         format!("{} is already {}; nothing changed", r.allocation_id, r.state)
     }
+}
+
+/// `capacity --by-tenant`.
+fn tenant_capacity(out: &Out, ledger: &Ledger) -> allocation_ledger::Result<ExitCode> {
+    let rows = ledger.tenant_capacity()?;
+    out.tabular(&rows, || human_tenants(&rows), || output::tenants_table(&rows), || output::tenants_csv(&rows))?;
+    Ok(ExitCode::Ok)
 }
 
 fn human_tenants(rows: &[allocation_ledger::TenantCapacity]) -> String {

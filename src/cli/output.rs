@@ -496,34 +496,6 @@ pub fn capacity_csv(c: &CapacityReport) -> Rows {
     Rows { header: vec!["resource", "total", "allocated", "available"], rows }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_is_recognised_in_every_spelling() {
-        let asks = |args: &[&str]| json_requested(args.iter().map(|a| (*a).to_string()));
-        for yes in
-            [&["list", "--json"][..], &["-o", "json", "list"], &["--output", "json"], &["-ojson"], &["--output=json"]]
-        {
-            assert!(asks(yes), "{yes:?}");
-        }
-        for no in [&["list"][..], &["-o", "csv"], &["--job-id", "json"], &["json"]] {
-            assert!(!asks(no), "{no:?}");
-        }
-    }
-
-    #[test]
-    fn csv_quotes_only_what_needs_it() {
-        let rows = Rows {
-            header: vec!["a", "b"],
-            rows: vec![vec!["plain".into(), "with,comma".into()], vec!["say \"hi\"".into(), " edge".into()]],
-        };
-        assert_eq!(csv(&rows, true), "a,b\nplain,\"with,comma\"\n\"say \"\"hi\"\"\",\" edge\"\n");
-        assert_eq!(csv(&rows, false).lines().count(), 2);
-    }
-}
-
 /// `capacity --by-tenant`'s table: use / limit per tenant (`-` for unlimited).
 pub fn tenants_table(rows: &[allocation_ledger::TenantCapacity]) -> Rows {
     let of = |used: u64, limit: Option<u64>| format!("{used} / {}", limit.map_or("-".to_string(), |l| l.to_string()));
@@ -585,5 +557,33 @@ pub fn tenants_csv(rows: &[allocation_ledger::TenantCapacity]) -> Rows {
             "mcp_servers",
         ],
         rows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_recognised_in_every_spelling() {
+        let asks = |args: &[&str]| json_requested(args.iter().map(|a| (*a).to_string()));
+        for yes in
+            [&["list", "--json"][..], &["-o", "json", "list"], &["--output", "json"], &["-ojson"], &["--output=json"]]
+        {
+            assert!(asks(yes), "{yes:?}");
+        }
+        for no in [&["list"][..], &["-o", "csv"], &["--job-id", "json"], &["json"]] {
+            assert!(!asks(no), "{no:?}");
+        }
+    }
+
+    #[test]
+    fn csv_quotes_only_what_needs_it() {
+        let rows = Rows {
+            header: vec!["a", "b"],
+            rows: vec![vec!["plain".into(), "with,comma".into()], vec!["say \"hi\"".into(), " edge".into()]],
+        };
+        assert_eq!(csv(&rows, true), "a,b\nplain,\"with,comma\"\n\"say \"\"hi\"\"\",\" edge\"\n");
+        assert_eq!(csv(&rows, false).lines().count(), 2);
     }
 }

@@ -484,7 +484,7 @@ pub struct Comparison {
     pub changes: OutcomeChanges,
     /// Jobs whose outcomes differ.
     pub jobs_differing: u64,
-    /// Those jobs (at most [`MAX_GROUPS_LISTED`]), the largest differences first.
+    /// Those jobs (at most 100), the largest differences first.
     pub jobs: Vec<GroupRow>,
     /// Tenants (`metadata.tenant`) whose outcomes differ.
     pub tenants_differing: u64,
