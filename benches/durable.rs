@@ -1004,7 +1004,8 @@ fn main() {
         quotas_section(&mut report, rounds_n, dur_n);
     }
     if want("profile64") {
-        // Only the 64-caller ledger run, for profiling (`perf record`, `perf stat`).
+        // Only the 64-caller ledger run, for profiling (`perf record`, `perf stat`); BENCH_KEYED puts
+        // an idempotency key on every request.
         for _ in 0..3 {
             let storage = if std::env::var("BENCH_NO_SYNC").is_ok() {
                 CountingStorage::no_sync()
@@ -1019,6 +1020,8 @@ fn main() {
                 }
                 #[cfg(not(feature = "server"))]
                 panic!("async callers need the server feature")
+            } else if std::env::var("BENCH_KEYED").is_ok() {
+                ledger_grants_of(64, dur_n, storage.clone(), pool_config(), keyed_grant_request)
             } else {
                 ledger_grants(64, dur_n, storage.clone(), pool_config())
             };

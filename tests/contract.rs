@@ -33,7 +33,7 @@ fn grants_by_key(ledger: &Ledger) -> BTreeMap<String, Vec<allocation_ledger::Mic
     for e in all_events(ledger) {
         if let EventBody::Granted(g) = &e.event.body {
             if let Some(k) = &g.idempotency_key {
-                out.entry(k.clone()).or_default().push(e.event.ts_us);
+                out.entry(k.to_string()).or_default().push(e.event.ts_us);
             }
         }
     }

@@ -133,7 +133,7 @@ pub struct Grant {
     pub metadata: Metadata,
     /// The caller's retry key: the same key with the same request returns this outcome again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<std::sync::Arc<str>>,
     /// Renewals never move the deadline past creation + this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_seconds: Option<u64>,
@@ -223,7 +223,7 @@ pub struct Rejection {
     pub metadata: Metadata,
     /// The caller's retry key (see [`Grant::idempotency_key`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<std::sync::Arc<str>>,
     /// The lifetime bound the request asked for (see [`Grant::max_lifetime_seconds`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_seconds: Option<u64>,
@@ -354,7 +354,7 @@ struct GrantedWire<'a> {
     #[serde(default, borrow)]
     metadata: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
-    idempotency_key: Option<String>,
+    idempotency_key: Option<std::sync::Arc<str>>,
     #[serde(default)]
     max_lifetime_seconds: Option<u64>,
     #[serde(default)]
@@ -376,7 +376,7 @@ struct RejectedWire<'a> {
     #[serde(default, borrow)]
     metadata: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
-    idempotency_key: Option<String>,
+    idempotency_key: Option<std::sync::Arc<str>>,
     #[serde(default)]
     max_lifetime_seconds: Option<u64>,
     #[serde(default)]

@@ -27,13 +27,27 @@ pub fn validate_idempotency_key(field: &str, key: &str) -> Result<()> {
             format!("is {} bytes long; allowed: 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes", key.len()),
         ));
     }
-    if key.chars().any(char::is_control) || key.trim() != key {
+    if has_control_character(key) || key.starts_with(char::is_whitespace) || key.ends_with(char::is_whitespace) {
         return Err(Error::invalid(
             field,
             "must be printable: no control characters and no leading or trailing whitespace (e.g. a UUID)",
         ));
     }
     Ok(())
+}
+
+/// Whether `s` holds a control character (Unicode `Cc`: U+0000..=U+001F, U+007F..=U+009F), by
+/// bytes: a key is checked twice per keyed request under the state lock, and decoding chars was
+/// a visible part of it. In UTF-8 the C1 controls are 0xC2 followed by 0x80..=0x9F.
+fn has_control_character(s: &str) -> bool {
+    let b = s.as_bytes();
+    // Printable ASCII, the usual key (a UUID), in one vectorised pass.
+    if b.iter().all(|c| (0x20..0x7f).contains(c)) {
+        return false;
+    }
+    b.iter()
+        .enumerate()
+        .any(|(i, &c)| c < 0x20 || c == 0x7f || (c == 0xc2 && b.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n))))
 }
 
 /// What identifies a request for the key rule, as decided (the lifetime resolved).
@@ -178,24 +192,58 @@ pub struct KeyRecord {
     pub fingerprint: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
+/// One decided key, in the age queue.
+#[derive(Debug, Clone)]
+struct Slot {
+    key: Arc<str>,
     ts_us: Micros,
     seq: u64,
     allocation_id: AllocationId,
     rejected: Option<RejectReason>,
     fingerprint: u64,
+    /// False once the key was decided again (after this entry left the window): the newer
+    /// slot answers for it, and this one only waits to leave the queue.
+    current: bool,
 }
 
-/// The keys decided within the window, oldest first. About 130 bytes a key plus its length
-/// (docs/benchmarks.md measures it).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct KeyTable {
-    by_key: HashMap<Arc<str>, Entry>,
-    /// In log order, so the oldest leave first; a key decided again after leaving the window
-    /// is in here twice, and only the entry with its current timestamp removes it.
-    by_age: VecDeque<(Micros, Arc<str>)>,
+impl Slot {
+    fn record(&self) -> KeyRecord {
+        KeyRecord {
+            key: self.key.clone(),
+            ts_us: self.ts_us,
+            seq: self.seq,
+            allocation_id: self.allocation_id,
+            rejected: self.rejected,
+            fingerprint: self.fingerprint,
+        }
+    }
 }
+
+/// The keys decided within the window, oldest first: the entries live in a queue in log order
+/// (so a snapshot copies them with one linear pass, no hashing) and a hash index maps each key
+/// to its entry's position. About 150 bytes a key plus its length (docs/benchmarks.md measures
+/// it).
+#[derive(Debug, Clone, Default)]
+pub struct KeyTable {
+    /// Key to the absolute position of its current slot (`first_position` + index in `by_age`).
+    /// foldhash, seeded per process: keys come from outside, and SipHash was a tenth of a
+    /// keyed grant's cost under the state lock.
+    by_key: HashMap<Arc<str>, u64, foldhash::quality::RandomState>,
+    /// In log order, so the oldest leave first.
+    by_age: VecDeque<Slot>,
+    /// The absolute position of `by_age[0]`.
+    first_position: u64,
+}
+
+impl PartialEq for KeyTable {
+    /// The same keys with the same records: how the queue got there (superseded slots still
+    /// waiting to leave, the positions) does not matter.
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.records() == other.records()
+    }
+}
+
+impl Eq for KeyTable {}
 
 impl KeyTable {
     /// How many keys are remembered.
@@ -207,85 +255,74 @@ impl KeyTable {
     /// a control byte) and each key's shared string (two counters and the bytes, rounded up
     /// to 8 as allocators do).
     pub fn heap_bytes(&self) -> usize {
-        let map = self.by_key.capacity() * (size_of::<(Arc<str>, Entry)>() + 1);
-        let queue = self.by_age.capacity() * size_of::<(Micros, Arc<str>)>();
+        let map = self.by_key.capacity() * (size_of::<(Arc<str>, u64)>() + 1);
+        let queue = self.by_age.capacity() * size_of::<Slot>();
         let keys: usize = self.by_key.keys().map(|k| (2 * size_of::<usize>() + k.len()).next_multiple_of(8)).sum();
         map + queue + keys
     }
 
-    /// Whether no key is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+    /// The current slot of `key`.
+    fn slot(&self, key: &str) -> Option<&Slot> {
+        let position = *self.by_key.get(key)?;
+        let slot = self.by_age.get(usize::try_from(position - self.first_position).ok()?);
+        debug_assert!(slot.is_some_and(|s| s.current && *s.key == *key), "the index points at the key's slot");
+        slot
     }
 
     /// The record of `key` if it was decided within `window_seconds` before `now`.
     pub fn get(&self, key: &str, now: Micros, window_seconds: u64) -> Option<KeyRecord> {
-        let (shared, e) = self.by_key.get_key_value(key)?;
-        (!outside_window(e.ts_us, now, window_seconds)).then(|| KeyRecord {
-            key: shared.clone(),
-            ts_us: e.ts_us,
-            seq: e.seq,
-            allocation_id: e.allocation_id,
-            rejected: e.rejected,
-            fingerprint: e.fingerprint,
-        })
+        let slot = self.slot(key)?;
+        (!outside_window(slot.ts_us, now, window_seconds)).then(|| slot.record())
     }
 
     /// Records a key's deciding event (a later one replaces an older entry of the same key,
     /// which only happens once the older one left the window).
     pub fn insert(&mut self, r: KeyRecord) {
-        let key = r.key;
-        let entry = Entry {
+        debug_assert!(self.by_age.back().is_none_or(|s| s.ts_us <= r.ts_us), "keys arrive in log order");
+        let position = self.first_position + self.by_age.len() as u64;
+        if let Some(old) = self.by_key.insert(r.key.clone(), position) {
+            let index = usize::try_from(old - self.first_position).unwrap_or(usize::MAX);
+            if let Some(slot) = self.by_age.get_mut(index) {
+                slot.current = false;
+            }
+        }
+        self.by_age.push_back(Slot {
+            key: r.key,
             ts_us: r.ts_us,
             seq: r.seq,
             allocation_id: r.allocation_id,
             rejected: r.rejected,
             fingerprint: r.fingerprint,
-        };
-        debug_assert!(self.by_age.back().is_none_or(|(t, _)| *t <= r.ts_us), "keys arrive in log order");
-        self.by_age.push_back((r.ts_us, key.clone()));
-        self.by_key.insert(key, entry);
+            current: true,
+        });
     }
 
     /// Forgets the keys decided more than `window_seconds` before `now`.
     pub fn forget_older(&mut self, now: Micros, window_seconds: u64) {
-        while let Some((ts_us, _)) = self.by_age.front() {
-            if !outside_window(*ts_us, now, window_seconds) {
-                break;
-            }
-            let Some((ts_us, key)) = self.by_age.pop_front() else { break };
-            if self.by_key.get(&key).is_some_and(|e| e.ts_us == ts_us) {
-                self.by_key.remove(&key);
+        while self.by_age.front().is_some_and(|s| outside_window(s.ts_us, now, window_seconds)) {
+            let Some(slot) = self.by_age.pop_front() else { break };
+            self.first_position += 1;
+            if slot.current {
+                self.by_key.remove(&slot.key);
             }
         }
     }
 
-    /// Every remembered key, oldest first (for snapshots).
+    /// Every remembered key, oldest first (for snapshots): one pass over the queue.
     pub fn records(&self) -> Vec<KeyRecord> {
-        if self.is_empty() {
-            return Vec::new();
-        }
-        self.by_age
-            .iter()
-            .filter_map(|(ts_us, key)| {
-                let e = self.by_key.get(key).filter(|e| e.ts_us == *ts_us)?;
-                Some(KeyRecord {
-                    key: key.clone(),
-                    ts_us: e.ts_us,
-                    seq: e.seq,
-                    allocation_id: e.allocation_id,
-                    rejected: e.rejected,
-                    fingerprint: e.fingerprint,
-                })
-            })
-            .collect()
+        let mut out = Vec::with_capacity(self.len());
+        out.extend(self.by_age.iter().filter(|s| s.current).map(Slot::record));
+        debug_assert_eq!(out.len(), self.len());
+        out
     }
 
     /// The table of `records` (oldest first, as [`KeyTable::records`] gives them).
     pub fn from_records(records: Vec<KeyRecord>) -> std::result::Result<KeyTable, String> {
         let mut t = KeyTable::default();
+        t.by_key.reserve(records.len());
+        t.by_age.reserve(records.len());
         for r in records {
-            if t.by_age.back().is_some_and(|(ts, _)| *ts > r.ts_us) {
+            if t.by_age.back().is_some_and(|s| s.ts_us > r.ts_us) {
                 return Err(format!("idempotency key {:?} is out of order", r.key));
             }
             if t.by_key.contains_key(&*r.key) {
@@ -364,8 +401,37 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_check_for_control_characters_is_char_is_control() {
+        for c in (0u32..0x3000).filter_map(char::from_u32) {
+            for s in [c.to_string(), format!("a{c}b"), format!("{c}\u{85}")] {
+                assert_eq!(has_control_character(&s), s.chars().any(char::is_control), "{c:?} in {s:?}");
+            }
+        }
+        assert!(!has_control_character("é\u{a0}ĉ"), "0xC2 followed by a byte past 0x9F is not a control");
+    }
+
+    #[test]
+    fn records_skip_superseded_slots_and_tables_compare_by_content() {
+        let mut t = KeyTable::default();
+        t.insert(record("a", 0, 1));
+        t.insert(record("b", 1, 2));
+        // "a" decided again once outside the window, before the fold forgot it.
+        t.insert(record("a", 20_000_000, 3));
+        assert_eq!(t.len(), 2);
+        let seqs: Vec<u64> = t.records().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        assert_eq!(t.get("a", Micros::from_micros(20_000_000), 10).map(|r| r.seq), Some(3));
+        let reloaded = KeyTable::from_records(t.records()).unwrap();
+        assert_eq!(reloaded, t, "the superseded slot still queued makes no difference");
+        t.forget_older(Micros::from_micros(20_000_000), 10);
+        assert_eq!(t.len(), 1, "b left; the stale slot of a left without removing the current a");
+        assert_eq!(t.get("a", Micros::from_micros(20_000_000), 10).map(|r| r.seq), Some(3));
+        assert_ne!(reloaded, t);
+    }
+
+    #[test]
     fn bad_keys_name_the_field() {
-        for bad in ["", " a", "a\n", &"k".repeat(129)] {
+        for bad in ["", " a", "a\n", "a ", "a\u{85}b", "\u{3000}a", &"k".repeat(129)] {
             let e = validate_idempotency_key("idempotency_key", bad).unwrap_err();
             assert!(e.to_string().contains("idempotency_key"), "{e}");
         }

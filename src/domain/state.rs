@@ -437,13 +437,13 @@ impl State {
     /// Records the idempotency key of the request event `seq` decided, if it had one.
     fn remember_key(
         &mut self,
-        key: Option<(String, AllocationId, u64)>,
+        key: Option<(Arc<str>, AllocationId, u64)>,
         seq: u64,
         ts_us: Micros,
         rejected: Option<crate::domain::event::RejectReason>,
     ) {
         if let Some((key, allocation_id, fingerprint)) = key {
-            self.keys.insert(KeyRecord { key: key.into(), ts_us, seq, allocation_id, rejected, fingerprint });
+            self.keys.insert(KeyRecord { key, ts_us, seq, allocation_id, rejected, fingerprint });
         }
     }
 
