@@ -162,14 +162,27 @@ impl HttpSession {
         (head, String::from_utf8(body).unwrap())
     }
 
-    fn get_capacity(&mut self) {
+    /// `tools/call`; returns structuredContent, panicking on an error result.
+    fn call(&mut self, tool: &str, args: Value) -> Value {
         let id = self.next_id;
         self.next_id += 1;
         let (_, body) = self.post(
-            &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "get_capacity", "arguments": {}}}),
+            &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}}),
         );
-        let m = message(&body);
-        assert_eq!(m["result"]["isError"], json!(false), "{body}");
+        let mut m = message(&body);
+        assert_eq!(m["result"]["isError"], json!(false), "{tool} failed: {body}");
+        m["result"]["structuredContent"].take()
+    }
+
+    fn get_capacity(&mut self) {
+        self.call("get_capacity", json!({}));
+    }
+
+    /// A durable grant of one worker, then its durable release.
+    fn request_release(&mut self, job_id: &str) {
+        let g = self.call("request_resources", json!({"job_id": job_id, "mcp_servers": [], "workers": 1}));
+        let id = g["allocation_id"].as_str().unwrap_or_else(|| panic!("not granted: {g}")).to_string();
+        self.call("release_resources", json!({"allocation_id": id}));
     }
 }
 
@@ -194,12 +207,18 @@ fn message(body: &str) -> Value {
 
 /// `serve --http 127.0.0.1:0`; its pid and `host:port`.
 fn start_http(dir: &std::path::Path) -> (Child, String) {
+    start_http_with(dir, &[])
+}
+
+/// [`start_http`] with more global arguments (e.g. `--config FILE`).
+fn start_http_with(dir: &std::path::Path, global: &[&std::ffi::OsStr]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_allocation-ledger"))
         .env_remove("ALLOCATION_LEDGER_DIR")
         .env_remove("ALLOCATION_LEDGER_TOKEN")
         .env("RUST_LOG", "warn")
         .arg("--data-dir")
         .arg(dir)
+        .args(global)
         .args(["serve", "--http", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -261,39 +280,141 @@ fn http_section(report: &mut Report, quick: bool) {
         report.value(id, &format!("{what} ({n} calls)"), lat.pct(50.0), "s", shown(&lat));
     }
 
-    const SESSIONS: usize = 64;
-    let cpu_before = cpu_seconds(child.id());
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(seconds);
-    let threads: Vec<_> = (0..SESSIONS)
-        .map(|_| {
-            let authority = authority.clone();
-            std::thread::spawn(move || {
-                let mut s = HttpSession::open(&authority, false);
-                let mut calls = 0u64;
-                while Instant::now() < deadline {
-                    s.get_capacity();
-                    calls += 1;
-                }
-                calls
-            })
-        })
-        .collect();
-    let calls: u64 = threads.into_iter().map(|t| t.join().expect("a session thread panicked")).sum();
-    let wall = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(child.id()) - cpu_before;
-    let rate = calls as f64 / wall;
+    let run = sessions_run(child.id(), &authority, seconds, |s, _| s.get_capacity());
     report.value(
         "mcp_http_64_sessions",
         &format!("{SESSIONS} sessions at once, each one call at a time on its own connection: calls/s"),
-        rate,
+        run.rate(),
         "/s",
-        format!("{} (server CPU {cpu:.2} s in {wall:.2} s: {:.2} cores)", fmt_rate(rate), cpu / wall),
+        run.shown(),
     );
     stop_http(child);
     report.note(
         "the client is a small blocking HTTP/1.1 client (one write per request, Nagle left on as most libraries do); \
          scripts/mcp_latency.py measures the same with Python http.client and Node fetch",
+    );
+}
+
+/// Concurrent sessions in the 64-session runs.
+const SESSIONS: usize = 64;
+
+/// What [`sessions_run`] measured.
+struct SessionsRun {
+    ops: u64,
+    wall_seconds: f64,
+    server_cpu_seconds: f64,
+    lat: Samples,
+}
+
+impl SessionsRun {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.wall_seconds
+    }
+
+    fn shown(&self) -> String {
+        format!(
+            "{} (p50 / p99 {}; server CPU {:.2} s in {:.2} s: {:.2} cores)",
+            fmt_rate(self.rate()),
+            shown(&self.lat),
+            self.server_cpu_seconds,
+            self.wall_seconds,
+            self.server_cpu_seconds / self.wall_seconds
+        )
+    }
+}
+
+/// [`SESSIONS`] sessions at once, a thread and a kept-alive connection each, each running `op`
+/// one at a time until `seconds` have passed; `op` gets its session and a number unique in the
+/// run.
+fn sessions_run(server_pid: u32, authority: &str, seconds: f64, op: fn(&mut HttpSession, u64)) -> SessionsRun {
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut sessions: Vec<HttpSession> = (0..SESSIONS).map(|_| HttpSession::open(authority, false)).collect();
+    for s in &mut sessions {
+        s.get_capacity();
+    }
+    let cpu_before = cpu_seconds(server_pid);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let threads: Vec<_> = sessions
+        .into_iter()
+        .map(|mut s| {
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    op(&mut s, counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let lat: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().expect("a session thread panicked")).collect();
+    let wall_seconds = start.elapsed().as_secs_f64();
+    SessionsRun {
+        ops: lat.len() as u64,
+        wall_seconds,
+        server_cpu_seconds: cpu_seconds(server_pid) - cpu_before,
+        lat: Samples::from_durations(&lat),
+    }
+}
+
+/// Issue 16: 64 sessions over Streamable HTTP, reads (`get_capacity`) and durable writes
+/// (`request_resources` + `release_resources` pairs), beside one session over HTTP and over
+/// stdio (the stdio section above) for the same operations.
+fn http_sessions_section(report: &mut Report, quick: bool, stdio: (&Samples, &Samples)) {
+    let (seconds, n) = if quick { (0.5, 20) } else { (5.0, 400) };
+    report.section("MCP over Streamable HTTP: 64 sessions, reads and durable writes (issue 16)");
+    let dir = scratch_dir("mcp-http64-");
+    let config_dir = scratch_dir("mcp-http64-config-");
+    // A pool where 64 sessions each holding one worker never meet a full pool.
+    let config = config_dir.path().join("config.json");
+    std::fs::write(&config, r#"{"worker_slots": 256, "total_cpu_millicores": 256000, "total_memory_mib": 524288}"#)
+        .unwrap();
+    let (child, authority) = start_http_with(dir.path(), &["--config".as_ref(), config.as_os_str()]);
+    let mut one = HttpSession::open(&authority, false);
+    let mut pairs = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        one.request_release(&format!("one-{i}"));
+        pairs.push(t.elapsed());
+    }
+    let one_pair = Samples::from_durations(&pairs);
+    let reads = sessions_run(child.id(), &authority, seconds, |s, _| s.get_capacity());
+    let writes = sessions_run(child.id(), &authority, seconds, |s, i| s.request_release(&format!("job-{i}")));
+    stop_http(child);
+    let (stdio_cap, stdio_pair) = stdio;
+    let per_s = |s: &Samples| 1.0 / s.mean().max(1e-12);
+    report.value(
+        "mcp_http64_get_capacity",
+        "get_capacity, 64 HTTP sessions: calls/s",
+        reads.rate(),
+        "/s",
+        format!(
+            "{}; stdio, one session: {} (p50 / p99 {})",
+            reads.shown(),
+            fmt_rate(per_s(stdio_cap)),
+            shown(stdio_cap)
+        ),
+    );
+    report.value(
+        "mcp_http64_request_release",
+        "request_resources + release_resources, 64 HTTP sessions: pairs/s (each pair two durable writes)",
+        writes.rate(),
+        "/s",
+        format!(
+            "{}; one HTTP session: {} (p50 / p99 {}); stdio, one session: {} (p50 / p99 {})",
+            writes.shown(),
+            fmt_rate(per_s(&one_pair)),
+            shown(&one_pair),
+            fmt_rate(per_s(stdio_pair)),
+            shown(stdio_pair)
+        ),
+    );
+    report.note(
+        "each session is a thread with its own kept-alive connection making one call at a time; the durable pairs \
+         share fsyncs through group commit, so 64 sessions write far more pairs per second than one",
     );
 }
 
@@ -413,5 +534,6 @@ fn main() {
          pair costs at least two fsyncs of this disk",
     );
     http_section(&mut report, quick);
+    http_sessions_section(&mut report, quick, (&cap, &pair));
     report.finish();
 }
