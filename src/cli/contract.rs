@@ -50,12 +50,12 @@ impl RequestContract {
 #[derive(Debug, Args)]
 pub(super) struct RenewArgs {
     /// alloc-xxxxxxxxxxxx
-    allocation_id: String,
+    pub(super) allocation_id: String,
     /// The new lifetime, counted from now [default: the allocation's own ttl]
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
-    ttl_seconds: Option<String>,
+    pub(super) ttl_seconds: Option<String>,
     #[command(flatten)]
-    expect: ExpectSeq,
+    pub(super) expect: ExpectSeq,
 }
 
 /// `renew ID [--ttl-seconds S] [--expected-seq N]`.
@@ -70,7 +70,7 @@ pub(super) fn renew(out: &Out, ledger: &Ledger, args: &RenewArgs) -> allocation_
     Ok(ExitCode::Ok)
 }
 
-fn human_renew(r: &RenewReport) -> String {
+pub(super) fn human_renew(r: &RenewReport) -> String {
     let at = |t: &chrono::DateTime<chrono::Utc>| format_micros(Micros::from_micros(t.timestamp_micros()));
     let capped = if r.capped_by_max_lifetime { " (cut short by its max_lifetime_seconds)" } else { "" };
     format!(
@@ -91,7 +91,7 @@ pub(super) fn plan(out: &Out, ledger: &Ledger, req: &ResourceRequest) -> allocat
     Ok(if p.would_grant { ExitCode::Ok } else { ExitCode::NotGranted })
 }
 
-fn human_plan(p: &PlanReport) -> String {
+pub(super) fn human_plan(p: &PlanReport) -> String {
     let verdict = if p.would_grant { "would be granted" } else { "would not be granted" };
     format!(
         "dry run: {verdict} now (nothing written; the ledger is at seq {seq}: act with --expected-seq {seq})\n{}",

@@ -13,6 +13,8 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "server")]
+mod client;
 mod config;
 mod contract;
 mod history;
@@ -50,6 +52,17 @@ struct Cli {
     /// Leave out the header row (and title lines) of tables and CSV
     #[arg(long, global = true)]
     no_headers: bool,
+
+    /// Send the command to this running `serve --http` (e.g. http://127.0.0.1:8765/mcp) instead
+    /// of opening the data dir: request, release, renew, cleanup-expired, capacity, get, list.
+    /// Without it, writes go by themselves to the local server that holds the data dir
+    #[arg(long, global = true, env = "ALLOCATION_LEDGER_SERVER", value_name = "URL")]
+    server: Option<String>,
+
+    /// File holding the bearer token (else env ALLOCATION_LEDGER_TOKEN): `serve --http`
+    /// requires it of clients; a command sent to a server presents it
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -308,9 +321,19 @@ pub fn main() -> ExitCode {
     if let Err(e) = output::check(&cli) {
         return out.error(&e);
     }
+    #[cfg(feature = "server")]
+    if let Some(code) = client::dispatch(&cli, &out) {
+        return code;
+    }
+    #[cfg(feature = "server")]
+    let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     match run(cli, &out) {
         Ok(code) => code,
-        Err(e) => out.error(&e),
+        Err(e) => {
+            #[cfg(feature = "server")]
+            client::explain_locked(&e, &dir);
+            out.error(&e)
+        }
     }
 }
 
@@ -444,7 +467,10 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
             config::run(out, &ledger, &cmd)
         }
         #[cfg(feature = "server")]
-        Command::Serve(args) => Ok(serve::serve(dir, cli.config.clone(), args)),
+        Command::Serve(mut args) => {
+            args.token_file = cli.token_file.clone();
+            Ok(serve::serve(dir, cli.config.clone(), args))
+        }
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Man => man(),
     }

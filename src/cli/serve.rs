@@ -24,11 +24,12 @@ pub struct ServeArgs {
     http: Option<String>,
 
     /// HTTP only: file holding the bearer token clients must send as `Authorization: Bearer
-    /// TOKEN` (surrounding whitespace is ignored). The token may instead come from the
-    /// environment variable ALLOCATION_LEDGER_TOKEN. Required when ADDR is not a loopback
-    /// address; when given on loopback it is enforced there too.
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
+    /// TOKEN` (surrounding whitespace is ignored): the global `--token-file`, which the client
+    /// commands send too. The token may instead come from the environment variable
+    /// ALLOCATION_LEDGER_TOKEN. Required when ADDR is not a loopback address; when given on
+    /// loopback it is enforced there too.
+    #[arg(skip)]
+    pub(super) token_file: Option<PathBuf>,
 
     /// HTTP only: also accept requests whose Origin header is ORIGIN (scheme://host[:port], a
     /// port of `*` matches any port; repeatable). Always accepted: http://localhost:*,
@@ -145,12 +146,18 @@ fn run(ledger: Ledger, expiry_interval_seconds: u64, http: Option<HttpOptions>) 
         };
     let mut opts = ServeOptions::default();
     opts.expiry_interval = Duration::from_secs(expiry_interval_seconds);
+    let dir = ledger.dir().to_path_buf();
     let result = runtime.block_on(async {
         match http {
-            Some(http) => mcp::serve_http(ledger.clone(), opts, http, signalled()).await,
+            Some(mut http) => {
+                http.listening = Some(record_listening(&dir, http.token.is_some()));
+                mcp::serve_http(ledger.clone(), opts, http, signalled()).await
+            }
             None => mcp::serve_stdio(ledger.clone(), opts, signalled()).await,
         }
     });
+    // Clients stop finding this server before it lets go of the lock.
+    super::client::server_file::remove_own(&dir);
     // Whatever is still pending (a blocking stdin read that cannot be cancelled) is abandoned;
     // the ledger calls in flight have already finished.
     runtime.shutdown_background();
@@ -162,6 +169,30 @@ fn run(ledger: Ledger, expiry_interval_seconds: u64, http: Option<HttpOptions>) 
             ExitCode::Other
         }
     }
+}
+
+/// The sender the HTTP server tells its bound address: `server.json` in `dir` records it, so
+/// that CLI writes finding the ledger locked come here (src/cli/client.rs). Must be called on
+/// the runtime.
+fn record_listening(dir: &std::path::Path, token_required: bool) -> tokio::sync::mpsc::UnboundedSender<SocketAddr> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SocketAddr>();
+    let dir = dir.to_path_buf();
+    tokio::spawn(async move {
+        if let Some(bound) = rx.recv().await {
+            let written = tokio::task::spawn_blocking(move || {
+                super::client::server_file::write(&dir, bound, token_required).map_err(|e| (dir, e))
+            })
+            .await;
+            if let Ok(Err((dir, e))) = written {
+                tracing::warn!(
+                    "cannot write {}/{}: {e}; CLI writes will not find this server by themselves (use --server)",
+                    dir.display(),
+                    super::client::server_file::FILE_NAME
+                );
+            }
+        }
+    });
+    tx
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM: the server then shuts down gracefully.

@@ -69,6 +69,9 @@ pub struct HttpOptions {
     pub idle_timeout: Duration,
     /// The most connections open at once (further capped by the open-file limit).
     pub max_connections: u64,
+    /// Told the bound address once the server listens (port 0 picks one): the CLI records it
+    /// in the data dir's `server.json` for the commands that find the ledger locked.
+    pub listening: Option<tokio::sync::mpsc::UnboundedSender<SocketAddr>>,
 }
 
 impl HttpOptions {
@@ -83,6 +86,7 @@ impl HttpOptions {
             body_timeout: Duration::from_secs(BODY_TIMEOUT_SECONDS),
             idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECONDS),
             max_connections: MAX_CONNECTIONS,
+            listening: None,
         }
     }
 }
@@ -99,6 +103,7 @@ pub(crate) struct HttpPlan {
     body_timeout: Duration,
     idle_timeout: Duration,
     max_connections: u64,
+    listening: Option<tokio::sync::mpsc::UnboundedSender<SocketAddr>>,
 }
 
 impl HttpPlan {
@@ -132,6 +137,7 @@ impl HttpPlan {
             body_timeout: opts.body_timeout,
             idle_timeout: opts.idle_timeout,
             max_connections: opts.max_connections,
+            listening: opts.listening,
         })
     }
 }
@@ -321,6 +327,9 @@ pub(crate) async fn serve_http(
     let bound = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
     // Printed unconditionally (whatever RUST_LOG says): scripts and tests read the port here.
     eprintln!("allocation-ledger: listening on http://{bound}/mcp");
+    if let Some(tx) = &plan.listening {
+        let _ = tx.send(bound);
+    }
     conn::serve(listener, app, limits, shutdown).await
 }
 

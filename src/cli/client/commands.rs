@@ -1,0 +1,181 @@
+//! Each remote command: its arguments checked as the local mode checks them, the tool call,
+//! and the answer printed with the local mode's printers.
+
+use super::{Failure, Server};
+use crate::cli::{contract, human_capacity, human_details, human_list, human_outcome, human_release, human_tenants};
+use crate::cli::{output, parse_metadata, parse_number, Cli, Command, Out};
+use allocation_ledger::{AllocationDetails, AllocationState, AllocationSummary, CapacityReport, CleanupReport};
+use allocation_ledger::{Error, ExitCode, PlanReport, Priority, ReleaseReport, RenewReport, RequestOutcome};
+use allocation_ledger::{ResourceRequest, TenantCapacity};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+type Result<T> = std::result::Result<T, Failure>;
+
+/// Runs `cli`'s command through `server` (only the commands `route` sends there).
+pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, tenant, contract } => {
+            let req = ResourceRequest {
+                job_id: job_id.clone(),
+                mcp_servers: mcp_servers.clone(),
+                workers: parse_number("workers", workers, u64::from(u32::MAX))? as u32,
+                priority: Priority::parse("priority", priority)?,
+                ttl_seconds: ttl_seconds.as_deref().map(|t| parse_number("ttl_seconds", t, u64::MAX)).transpose()?,
+                metadata: parse_metadata(metadata.clone())?,
+                idempotency_key: contract.idempotency_key.clone(),
+                max_lifetime_seconds: contract.max_lifetime_seconds()?,
+                tenant: tenant.clone(),
+            };
+            if contract.dry_run {
+                plan(server, out, &req)
+            } else {
+                request(server, out, &req, contract.expect.seq()?)
+            }
+        }
+        Command::Release { allocation_id, expect } => {
+            allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
+            let mut args = args_with("allocation_id", allocation_id.as_str().into());
+            put(&mut args, "expected_seq", expect.seq()?);
+            let r: ReleaseReport = decode(server.call("release_resources", args)?)?;
+            out.doc(&r, || human_release(&r))?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Renew(a) => renew(server, out, a),
+        Command::Capacity { by_tenant: true, .. } => {
+            let v = server.call("get_capacity", args_with("by_tenant", true.into()))?;
+            let rows: Vec<TenantCapacity> = decode(v["tenants"].clone())?;
+            out.tabular(
+                &rows,
+                || human_tenants(&rows),
+                || output::tenants_table(&rows),
+                || output::tenants_csv(&rows),
+            )?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Capacity { at, .. } => {
+            let mut args = Map::new();
+            put(&mut args, "at", at.clone());
+            let c: CapacityReport = decode(server.call("get_capacity", args)?)?;
+            out.tabular(&c, || human_capacity(&c), || output::capacity_table(&c), || output::capacity_csv(&c))?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Get { allocation_id } => {
+            allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
+            let d: AllocationDetails =
+                decode(server.call("get_allocation", args_with("allocation_id", allocation_id.as_str().into()))?)?;
+            out.doc(&d, || human_details(&d))?;
+            Ok(ExitCode::Ok)
+        }
+        Command::List { state, job_id, at } => list(server, out, state.as_deref(), job_id.as_deref(), at.as_deref()),
+        Command::CleanupExpired { expect } => cleanup(server, out, expect.seq()?),
+        _ => Err(Failure::Ledger(Error::invalid("server", "this command has no server equivalent"))),
+    }
+}
+
+fn request_args(req: &ResourceRequest) -> Result<Map<String, Value>> {
+    let mut args = Map::new();
+    args.insert("job_id".into(), req.job_id.clone().into());
+    args.insert("mcp_servers".into(), req.mcp_servers.clone().into());
+    args.insert("workers".into(), req.workers.into());
+    args.insert("priority".into(), to_value(req.priority)?);
+    put(&mut args, "ttl_seconds", req.ttl_seconds);
+    if !req.metadata.is_empty() {
+        args.insert("metadata".into(), Value::Object(req.metadata.clone()));
+    }
+    put(&mut args, "idempotency_key", req.idempotency_key.clone());
+    put(&mut args, "max_lifetime_seconds", req.max_lifetime_seconds);
+    put(&mut args, "tenant", req.tenant.clone());
+    Ok(args)
+}
+
+fn request(server: &Server, out: &Out, req: &ResourceRequest, expected_seq: Option<u64>) -> Result<ExitCode> {
+    let mut args = request_args(req)?;
+    put(&mut args, "expected_seq", expected_seq);
+    let outcome: RequestOutcome = match server.call("request_resources", args) {
+        Ok(v) => decode(v)?,
+        // Not granted: the tool's error result is the recorded failure itself.
+        Err(Failure::Tool(v)) if v["status"] == "failed" => decode(v)?,
+        Err(e) => return Err(e),
+    };
+    out.doc(&outcome, || human_outcome(&outcome))?;
+    Ok(if outcome.is_granted() { ExitCode::Ok } else { ExitCode::NotGranted })
+}
+
+fn plan(server: &Server, out: &Out, req: &ResourceRequest) -> Result<ExitCode> {
+    let p: PlanReport = decode(server.call("plan_request", request_args(req)?)?)?;
+    out.doc(&p, || contract::human_plan(&p))?;
+    Ok(if p.would_grant { ExitCode::Ok } else { ExitCode::NotGranted })
+}
+
+fn renew(server: &Server, out: &Out, a: &contract::RenewArgs) -> Result<ExitCode> {
+    let ttl_seconds = a.ttl_seconds.as_deref().map(|t| parse_number("ttl_seconds", t, u64::MAX)).transpose()?;
+    let mut args = args_with("allocation_id", a.allocation_id.as_str().into());
+    put(&mut args, "ttl_seconds", ttl_seconds);
+    put(&mut args, "expected_seq", a.expect.seq()?);
+    let r: RenewReport = decode(server.call("renew_allocation", args)?)?;
+    out.doc(&r, || contract::human_renew(&r))?;
+    Ok(ExitCode::Ok)
+}
+
+fn list(server: &Server, out: &Out, state: Option<&str>, job_id: Option<&str>, at: Option<&str>) -> Result<ExitCode> {
+    if let Some(s) = state {
+        AllocationState::parse("state", s)?;
+    }
+    if let Some(j) = job_id {
+        allocation_ledger::validate_job_id("job_id", j)?;
+    }
+    let mut args = Map::new();
+    put(&mut args, "state", state);
+    put(&mut args, "job_id", job_id);
+    put(&mut args, "at", at);
+    let v = server.call("list_allocations", args)?;
+    let rows: Vec<AllocationSummary> = decode(v["allocations"].clone())?;
+    out.tabular(&rows, || human_list(&rows), || output::list_table(&rows), || output::list_csv(&rows))?;
+    Ok(ExitCode::Ok)
+}
+
+fn cleanup(server: &Server, out: &Out, expected_seq: Option<u64>) -> Result<ExitCode> {
+    let mut args = Map::new();
+    put(&mut args, "expected_seq", expected_seq);
+    let r: CleanupReport = decode(server.call("cleanup_expired", args)?)?;
+    out.doc(&r, || human_cleanup(&r))?;
+    Ok(ExitCode::Ok)
+}
+
+/// `cleanup-expired`'s text (as the local mode's).
+fn human_cleanup(r: &CleanupReport) -> String {
+    if r.count == 0 {
+        "no allocations past their deadline".into()
+    } else {
+        let ids: Vec<String> = r.cleaned_up.iter().map(std::string::ToString::to_string).collect();
+        format!("expired {} allocation(s): {}", r.count, ids.join(", "))
+    }
+}
+
+fn args_with(key: &str, value: Value) -> Map<String, Value> {
+    let mut args = Map::new();
+    args.insert(key.into(), value);
+    args
+}
+
+/// Adds an optional argument (absent when `None`).
+fn put<T: Into<Value>>(args: &mut Map<String, Value>, key: &str, value: Option<T>) {
+    if let Some(v) = value {
+        args.insert(key.into(), v.into());
+    }
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Failure::Ledger(Error::io("cannot serialise the arguments", e.into())))
+}
+
+/// A tool's result as the report type the local mode prints.
+fn decode<T: DeserializeOwned>(v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| {
+        Failure::Ledger(Error::io(
+            "the server's answer does not read as this version's report (is it another version of allocation-ledger?)",
+            e.into(),
+        ))
+    })
+}
