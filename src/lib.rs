@@ -36,6 +36,7 @@ pub use domain::event::{
 pub use domain::idempotency::{KeyRecord, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use domain::input::{validate_job_id, ResourceRequest};
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
+pub use domain::pool::{describe_change, parse_worker, pool_summary, ConfigFieldChange, PoolChange, POOL_ACTIONS};
 pub use domain::quota::{Quota, QuotaExceeded, TenantUse, NO_TENANT};
 pub use domain::state::{Allocation, State};
 pub use error::{Damage, Error, ErrorKind, ExitCode, Result};
@@ -46,6 +47,7 @@ pub use history::{
 pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
+pub use ledger::{PoolChangeReport, PoolReport, PoolSlot};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };

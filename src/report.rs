@@ -473,9 +473,27 @@ pub struct CapacityReport {
     pub as_of: DateTime<Utc>,
     /// Sequence number of the last event folded into this report.
     pub seq: u64,
+    /// Drained workers an active allocation still holds: counted in the total until freed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<String>,
+    /// Drained workers nobody holds: out of the total, never granted until undrained.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drained: Vec<String>,
 }
 
 impl CapacityReport {
+    /// The report with the drained slots named (ids from `config`).
+    pub(crate) fn with_drains(
+        mut self,
+        config: &crate::domain::config::Config,
+        draining: &[u32],
+        drained: &[u32],
+    ) -> Self {
+        self.draining = draining.iter().map(|&i| config.worker_id(i)).collect();
+        self.drained = drained.iter().map(|&i| config.worker_id(i)).collect();
+        self
+    }
+
     /// The report for `allocated` out of `total` at `as_of_us`; available is what is left
     /// (saturating: a config change may shrink the pool below what is held).
     pub(crate) fn new(
@@ -508,6 +526,8 @@ impl CapacityReport {
             available_cpu_millicores: available.cpu_millicores,
             as_of: datetime(as_of_us),
             seq,
+            draining: Vec::new(),
+            drained: Vec::new(),
         }
     }
 
@@ -528,7 +548,15 @@ impl CapacityReport {
         }
         let allocated = state.allocated().checked_sub(freed).unwrap_or_default();
         let active = (state.active_count() - expired_count) as u64;
-        CapacityReport::new(state.total(), allocated, running, active, now, state.last_seq)
+        // A drained slot whose holder is past its deadline is free in truth: out of the total.
+        let (draining, drained) = state.drained_slots_at(now);
+        let mut total = state.total();
+        total.workers = state.config.pool_workers(draining.len());
+        CapacityReport::new(total, allocated, running, active, now, state.last_seq).with_drains(
+            &state.config,
+            &draining,
+            &drained,
+        )
     }
 }
 

@@ -11,11 +11,13 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 11] = [
+const TOOLS: [&str; 13] = [
     "allocation_history",
+    "change_pool",
     "cleanup_expired",
     "get_allocation",
     "get_capacity",
+    "get_pool",
     "list_allocations",
     "plan_request",
     "release_resources",

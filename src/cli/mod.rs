@@ -19,6 +19,7 @@ mod config;
 mod contract;
 mod history;
 mod output;
+mod pool;
 mod replay;
 #[cfg(feature = "server")]
 mod serve;
@@ -183,6 +184,10 @@ enum Command {
     /// what active allocations hold)
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Show the pool's workers, or change the pool: add, drain, undrain or remove workers, set
+    /// or remove MCP catalog entries (each a recorded config change)
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
     /// Run the MCP server (stdio, or Streamable HTTP with --http)
     #[cfg(feature = "server")]
     Serve(serve::ServeArgs),
@@ -465,6 +470,10 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
                 config::ConfigCommand::Apply { .. } => open_writer(&dir, &None)?,
             };
             config::run(out, &ledger, &cmd)
+        }
+        Command::Pool(cmd) => {
+            let ledger = if cmd.writes() { open_writer(&dir, &None)? } else { open_reader(&dir, config)? };
+            pool::run(out, &ledger, &cmd)
         }
         #[cfg(feature = "server")]
         Command::Serve(mut args) => {
@@ -776,6 +785,10 @@ fn human_capacity(c: &CapacityReport) -> String {
     let rows = output::capacity_table(c);
     let mut s = table(&rows.header, &rows.rows);
     s.push_str(&format!("active allocations:  {}\n", c.active_allocations));
+    if !c.draining.is_empty() || !c.drained.is_empty() {
+        s.push_str(&format!("draining (held):     {}\n", c.draining.join(", ")));
+        s.push_str(&format!("drained (idle):      {}\n", c.drained.join(", ")));
+    }
     s.push_str(&format!(
         "running MCP servers: {}\n",
         if c.running_mcp_servers.is_empty() { "(none)".to_string() } else { c.running_mcp_servers.join(", ") }

@@ -214,6 +214,7 @@ pub fn event_detail(body: &EventBody) -> String {
             format_micros(r.deadline_us),
             format_micros(r.previous_deadline_us)
         ),
+        EventBody::ConfigChanged { config } => allocation_ledger::pool_summary(config),
         _ => String::new(),
     }
 }

@@ -113,6 +113,9 @@ fn human_step(s: &Step) -> String {
     if let allocation_ledger::EventBody::Rejected(r) = &s.event.body {
         line += &format!("  ({})", r.error);
     }
+    if !s.config_change.is_empty() {
+        line += &format!("  pool: {}", s.config_change.join("; "));
+    }
     line
 }
 
@@ -284,7 +287,7 @@ fn human_what_if(r: &WhatIfReport) -> String {
             if let Some(cfg) = &r.config {
                 s += &format!(
                     "config: what-if pool of {} workers, {:.1} cores, {} MiB\n",
-                    cfg.worker_slots,
+                    cfg.in_pool_slots(),
                     cfg.total_cpu_millicores as f64 / 1000.0,
                     cfg.total_memory_mib
                 );

@@ -3,7 +3,7 @@
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 // Limits on everything that comes from outside: each bounds what one request or one config
 // can make the ledger hold, so no input can exhaust memory or overflow the integer units.
@@ -143,6 +143,14 @@ pub struct Config {
     pub default_quota: Option<crate::domain::quota::Quota>,
     /// The metadata key that names a request's tenant when the request has no `tenant` field.
     pub tenant_metadata_key: String,
+    /// Slots that take no new grants; an allocation holding one keeps it until it ends, and
+    /// the slot leaves the pool's worker total when it is freed (`pool drain`).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub drained_workers: BTreeSet<u32>,
+    /// Slots gone from the pool: never granted, not counted, their ids never reused (`pool
+    /// remove-worker`).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub removed_workers: BTreeSet<u32>,
 }
 
 impl Default for Config {
@@ -172,6 +180,8 @@ impl Default for Config {
             quotas: BTreeMap::new(),
             default_quota: None,
             tenant_metadata_key: "tenant".to_string(),
+            drained_workers: BTreeSet::new(),
+            removed_workers: BTreeSet::new(),
         }
     }
 }
@@ -210,7 +220,7 @@ impl Config {
             Error::invalid(
                 "config",
                 format!(
-                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent)"
+                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers)"
                 ),
             )
         })?;
@@ -229,6 +239,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.validate_pool()?;
         self.validate_endpoints()?;
+        self.validate_pool_sets()?;
         self.validate_ttls()?;
         self.validate_limits()?;
         crate::domain::quota::validate_quotas(&self.quotas, self.default_quota.as_ref())?;
@@ -303,6 +314,45 @@ impl Config {
         Ok(())
     }
 
+    /// Drained and removed slots exist and are in one set at most.
+    fn validate_pool_sets(&self) -> Result<()> {
+        for (field, set) in [("drained_workers", &self.drained_workers), ("removed_workers", &self.removed_workers)] {
+            if let Some(&slot) = set.iter().next_back().filter(|&&s| s >= self.worker_slots) {
+                return Err(cfg_err(
+                    field,
+                    format!(
+                        "slot {slot} is not in the pool: slots are 0 to {} (worker_slots - 1)",
+                        i64::from(self.worker_slots) - 1
+                    ),
+                ));
+            }
+        }
+        if let Some(slot) = self.drained_workers.intersection(&self.removed_workers).next() {
+            return Err(cfg_err(
+                "drained_workers",
+                format!("slot {slot} is also in removed_workers; a slot is drained or removed, not both"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Slots that are part of the pool (all but the removed ones), drained ones included.
+    pub fn in_pool_slots(&self) -> u32 {
+        self.worker_slots - self.removed_workers.len() as u32
+    }
+
+    /// Whether a grant may take `slot`: in range, neither drained nor removed.
+    pub fn grantable(&self, slot: u32) -> bool {
+        slot < self.worker_slots && !self.drained_workers.contains(&slot) && !self.removed_workers.contains(&slot)
+    }
+
+    /// The pool's worker total when `held_drained` of the drained slots are still held: every
+    /// slot not removed, less the drained ones already freed.
+    pub fn pool_workers(&self, held_drained: usize) -> u32 {
+        let idle_drained = self.drained_workers.len().saturating_sub(held_drained) as u32;
+        self.in_pool_slots().saturating_sub(idle_drained)
+    }
+
     /// The lifetimes a request may ask for.
     fn validate_ttls(&self) -> Result<()> {
         if self.min_ttl_seconds == 0 {
@@ -363,7 +413,7 @@ impl Config {
 
     /// The id a grant gives the worker in `slot`.
     pub fn worker_id(&self, slot: u32) -> String {
-        format!("worker-{slot:02}")
+        worker_id_of(slot)
     }
 
     /// The endpoint a grant gives the worker in `slot`.
@@ -373,6 +423,11 @@ impl Config {
             None => format!("http://localhost:{}", u32::from(self.worker_base_port) + slot),
         }
     }
+}
+
+/// The id of the worker in `slot` (`worker-07`); the same in every config.
+pub fn worker_id_of(slot: u32) -> String {
+    format!("worker-{slot:02}")
 }
 
 fn check_endpoint(field: &str, e: &str) -> Result<()> {

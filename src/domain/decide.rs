@@ -377,6 +377,7 @@ impl State {
                 ));
             }
         }
+        self.check_removals(&config)?;
         for (field, asked, held) in [
             ("config.total_cpu_millicores", config.total_cpu_millicores, self.allocated.cpu_millicores),
             ("config.total_memory_mib", config.total_memory_mib, self.allocated.memory_mib),
@@ -395,6 +396,37 @@ impl State {
             }
         }
         Ok(EventBody::ConfigChanged { config })
+    }
+
+    /// A slot leaves the pool only drained and idle, and once removed it stays removed (its
+    /// id is never reused).
+    fn check_removals(&self, config: &Config) -> Result<()> {
+        let old = &self.config;
+        if let Some(&slot) = old.removed_workers.iter().find(|s| !config.removed_workers.contains(s)) {
+            return Err(Error::invalid(
+                "config.removed_workers",
+                format!(
+                    "{} was removed from the pool; a removed worker id is never reused: keep it in removed_workers",
+                    old.worker_id(slot)
+                ),
+            ));
+        }
+        for &slot in config.removed_workers.difference(&old.removed_workers) {
+            let id = old.worker_id(slot);
+            if let Some(holder) = self.slot_owner(slot) {
+                return Err(Error::invalid(
+                    "config.removed_workers",
+                    format!("{id} is held by {}; a worker is removed only once nothing holds it: wait until it is released or expires", self.holder_text(holder)),
+                ));
+            }
+            if !old.drained_workers.contains(&slot) {
+                return Err(Error::invalid(
+                    "config.removed_workers",
+                    format!("{id} is not drained: drain it first (pool drain {id}), then remove it once it is idle"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// "allocation alloc-… (job j, expires …)" for messages.

@@ -342,13 +342,11 @@ fn validate_mcp_servers(names: &[String], cfg: &Config) -> Result<()> {
 
 /// No more workers than the pool has, and something asked for.
 fn validate_workers(req: &ResourceRequest, cfg: &Config) -> Result<()> {
-    if req.workers > cfg.worker_slots {
+    let pool = cfg.in_pool_slots();
+    if req.workers > pool {
         return Err(Error::invalid(
             "workers",
-            format!(
-                "{} exceeds the pool of {} workers; allowed values: 0 to {}",
-                req.workers, cfg.worker_slots, cfg.worker_slots
-            ),
+            format!("{} exceeds the pool of {pool} workers; allowed values: 0 to {pool}", req.workers),
         ));
     }
     if req.workers == 0 && req.mcp_servers.is_empty() {

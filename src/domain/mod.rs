@@ -15,6 +15,8 @@ pub mod idempotency;
 pub mod input;
 /// Ids, priorities, states, resource amounts, metadata.
 pub mod model;
+/// Pool changes (add, drain, remove workers; the MCP catalog) and their words.
+pub mod pool;
 /// Per-tenant quotas.
 pub mod quota;
 /// The fold (`evolve`) and its queries.

@@ -278,7 +278,7 @@ impl State {
     /// The state before the first event: nothing but a config.
     pub fn empty(config: Config) -> Self {
         let slots = vec![None; config.worker_slots as usize];
-        let free_slots = (0..config.worker_slots).collect();
+        let free_slots = (0..config.worker_slots).filter(|&i| config.grantable(i)).collect();
         State {
             ledger_id: String::new(),
             created_us: Micros::EPOCH,
@@ -301,13 +301,32 @@ impl State {
         }
     }
 
-    /// The pool: the config's totals and worker slots.
+    /// The pool: the config's totals, and the slots in it: every slot not removed, less the
+    /// drained ones nobody holds (a drained slot still held counts until it is freed).
     pub fn total(&self) -> Resources {
+        // Held slots plus grantable free ones is exactly that count (`check_invariants`
+        // verifies it against the config), without walking the drained set.
         Resources {
             cpu_millicores: self.config.total_cpu_millicores,
             memory_mib: self.config.total_memory_mib,
-            workers: self.config.worker_slots,
+            workers: self.allocated.workers + self.free_slot_count(),
         }
+    }
+
+    /// The drained slots as of `now`: those an allocation active at `now` still holds
+    /// (draining), and the idle ones (drained), each in slot order.
+    pub fn drained_slots_at(&self, now: Micros) -> (Vec<u32>, Vec<u32>) {
+        let mut held = Vec::new();
+        let mut idle = Vec::new();
+        for &slot in &self.config.drained_workers {
+            let holder = self.slot_owner(slot).and_then(|id| self.allocation(id));
+            if holder.is_some_and(|a| a.state_at(now) == AllocationState::Active) {
+                held.push(slot);
+            } else {
+                idle.push(slot);
+            }
+        }
+        (held, idle)
     }
 
     /// What active allocations and running MCP servers hold, as folded (allocations past their deadline included until their expiry is written).
@@ -506,6 +525,7 @@ impl State {
         let n = config.worker_slots as usize;
         if config.validate().is_err()
             || (n < self.slots.len() && self.slots[n..].iter().any(Option::is_some))
+            || config.removed_workers.iter().any(|&i| self.slot_owner(i).is_some())
             || config.total_cpu_millicores < self.allocated.cpu_millicores
             || config.total_memory_mib < self.allocated.memory_mib
         {
@@ -513,7 +533,7 @@ impl State {
             return;
         }
         self.slots.resize(n.max(self.slots.iter().rposition(Option::is_some).map_or(0, |p| p + 1)), None);
-        self.free_slots = (0..n as u32).filter(|&i| self.slots[i as usize].is_none()).collect();
+        self.free_slots = (0..n as u32).filter(|&i| self.slots[i as usize].is_none() && config.grantable(i)).collect();
         self.config = config;
     }
 
@@ -536,7 +556,9 @@ impl State {
             || !fits
             || g.resources.workers as usize != g.workers.len()
             || !slots_distinct(&g.workers)
-            || g.workers.iter().any(|w| self.slots.get(w.slot as usize) != Some(&None))
+            || g.workers
+                .iter()
+                .any(|w| self.slots.get(w.slot as usize) != Some(&None) || !self.config.grantable(w.slot))
         {
             self.anomalies += 1;
             return false;
@@ -627,7 +649,8 @@ impl State {
             if let Some(s) = self.slots.get_mut(w.slot as usize) {
                 if *s == Some(id) {
                     *s = None;
-                    if w.slot < self.config.worker_slots {
+                    // A drained slot leaves the pool here: it is not free again.
+                    if self.config.grantable(w.slot) {
                         self.free_slots.insert(w.slot);
                     }
                 }
@@ -700,12 +723,7 @@ impl State {
         if slot_seen != self.slots {
             return Err("slot table disagrees with the allocations".into());
         }
-        let free: BTreeSet<u32> = (0..self.config.worker_slots.min(self.slots.len() as u32))
-            .filter(|&i| self.slots[i as usize].is_none())
-            .collect();
-        if free != self.free_slots {
-            return Err("free-slot set disagrees with the slot table".into());
-        }
+        self.check_pool_slots()?;
         for (name, r) in &self.running {
             if running.get(name.as_str()) != Some(&r.refcount) {
                 return Err(format!("MCP server {name} refcount {} is wrong", r.refcount));
@@ -723,14 +741,31 @@ impl State {
         }
         let a = self.allocated;
         let v = self.available();
-        if a.workers + v.workers != self.slots.len() as u32 {
-            return Err("allocated + available workers != total".into());
-        }
         if self.anomalies == 0
             && (a.cpu_millicores + v.cpu_millicores != self.config.total_cpu_millicores
                 || a.memory_mib + v.memory_mib != self.config.total_memory_mib)
         {
             return Err("allocated + available != total".into());
+        }
+        Ok(())
+    }
+
+    /// The free-slot set, the removed slots (never held) and the pool's worker count agree
+    /// with the slot table and the config.
+    fn check_pool_slots(&self) -> std::result::Result<(), String> {
+        let free: BTreeSet<u32> = (0..self.config.worker_slots.min(self.slots.len() as u32))
+            .filter(|&i| self.slots[i as usize].is_none() && self.config.grantable(i))
+            .collect();
+        if free != self.free_slots {
+            return Err("free-slot set disagrees with the slot table".into());
+        }
+        if let Some(slot) = self.config.removed_workers.iter().find(|&&i| self.slot_owner(i).is_some()) {
+            return Err(format!("removed slot {slot} is held"));
+        }
+        let held_drained = self.config.drained_workers.iter().filter(|&&i| self.slot_owner(i).is_some()).count();
+        let pool = self.config.pool_workers(held_drained);
+        if self.allocated.workers + self.available().workers != pool || self.total().workers != pool {
+            return Err(format!("allocated + available workers != the pool's {pool}"));
         }
         Ok(())
     }
@@ -840,7 +875,7 @@ impl StateLoader {
             let mut charged = a.resources;
             for w in &a.workers {
                 match s.slots.get_mut(w.slot as usize) {
-                    Some(slot @ None) => {
+                    Some(slot @ None) if !s.config.removed_workers.contains(&w.slot) => {
                         *slot = Some(a.id);
                         s.free_slots.remove(&w.slot);
                     }

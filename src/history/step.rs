@@ -95,6 +95,9 @@ pub struct Step {
     /// MCP servers it stopped (their last user ended), as `name endpoint`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub endpoints_stopped: Vec<String>,
+    /// A config change in words, against the config before it ("drained worker-03").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub config_change: Vec<String>,
 }
 
 /// Which events [`Ledger::replay_steps`] shows (all of them are folded).
@@ -213,6 +216,10 @@ impl Ledger {
             }
             let before = PoolView::of(&state);
             let (slots_taken, slots_freed, endpoints_started, endpoints_stopped) = moves(&state, &event.body);
+            let config_change = match &event.body {
+                EventBody::ConfigChanged { config } => crate::domain::pool::describe_change(&state.config, config),
+                _ => Vec::new(),
+            };
             state.evolve(pos.seq, event.ts_us, &event.body);
             let step = Step {
                 seq: pos.seq,
@@ -224,6 +231,7 @@ impl Ledger {
                 slots_freed,
                 endpoints_started,
                 endpoints_stopped,
+                config_change,
             };
             Ok(visit(&step) && pos.seq < last)
         })?;

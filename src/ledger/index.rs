@@ -35,12 +35,18 @@ pub(crate) struct Step {
     /// Index into `server_sets` (`u32::MAX` in steps computed past the end of the log, which
     /// only ever feed integrals).
     pub servers: u32,
+    /// The pool's worker total: it steps when a drained slot is freed, not only at config
+    /// changes.
+    pub total_workers: u32,
+    /// Index into `drain_sets` (`u32::MAX` past the end of the log, like `servers`).
+    pub drains: u32,
 }
 
 impl Step {
     fn same_value(&self, o: &Step) -> bool {
         (self.cpu_millicores, self.memory_mib, self.workers, self.active, self.totals, self.servers)
             == (o.cpu_millicores, o.memory_mib, o.workers, o.active, o.totals, o.servers)
+            && (self.total_workers, self.drains) == (o.total_workers, o.drains)
     }
 }
 
@@ -50,6 +56,8 @@ struct Held {
     resources: Resources,
     /// Name ids of the MCP servers it uses.
     servers: Vec<u32>,
+    /// The worker slots it holds (a drained one leaves the pool when it ends).
+    slots: Box<[u32]>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +77,13 @@ struct Sweep {
     totals: u32,
     servers: u32,
     servers_changed: bool,
+    /// The config's drained slots, and those of them an active allocation holds.
+    drained: BTreeSet<u32>,
+    draining: BTreeSet<u32>,
+    /// Slots not removed from the pool.
+    in_pool: u32,
+    drains: u32,
+    drains_changed: bool,
 }
 
 /// What the pool held over the whole log, for capacity-at-an-instant and usage queries
@@ -83,8 +98,14 @@ pub struct CapacityIndex {
     name_ids: HashMap<String, u32>,
     server_sets: Vec<Box<[u32]>>,
     server_set_ids: HashMap<Box<[u32]>, u32>,
+    /// Distinct (draining, drained) slot lists.
+    drain_sets: Vec<DrainSet>,
+    drain_set_ids: HashMap<DrainSet, u32>,
     sweep: Sweep,
 }
+
+/// The drained slots still held, and the idle ones, in slot order.
+type DrainSet = (Box<[u32]>, Box<[u32]>);
 
 impl CapacityIndex {
     /// An index of no events, ready to fold the log from its first event.
@@ -92,6 +113,9 @@ impl CapacityIndex {
         let mut ix = CapacityIndex::default();
         ix.server_sets.push(Box::new([]));
         ix.server_set_ids.insert(Box::new([]), 0);
+        let none: DrainSet = (Box::new([]), Box::new([]));
+        ix.drain_sets.push(none.clone());
+        ix.drain_set_ids.insert(none, 0);
         ix
     }
 
@@ -120,9 +144,9 @@ impl CapacityIndex {
         &self.steps
     }
 
-    /// The pool's totals (its config) during `step`.
+    /// The pool's totals (its config, and the workers in the pool then) during `step`.
     pub(crate) fn totals_of(&self, step: &Step) -> Resources {
-        self.totals[step.totals as usize]
+        Resources { workers: step.total_workers, ..self.totals[step.totals as usize] }
     }
 
     /// Approximate heap footprint, for the docs' numbers.
@@ -151,8 +175,9 @@ impl CapacityIndex {
                 let t = Resources {
                     cpu_millicores: config.total_cpu_millicores,
                     memory_mib: config.total_memory_mib,
-                    workers: config.worker_slots,
+                    workers: config.in_pool_slots(),
                 };
+                self.set_drained(config);
                 self.sweep.totals = match self.totals.iter().position(|&x| x == t) {
                     Some(i) => i as u32,
                     None => {
@@ -205,7 +230,36 @@ impl CapacityIndex {
         }
         self.sweep.allocated = self.sweep.allocated.checked_add(charged).unwrap_or(self.sweep.allocated);
         self.sweep.deadlines.insert((g.deadline_us, g.allocation_id));
-        self.sweep.active.insert(g.allocation_id, Held { deadline_us: g.deadline_us, resources: g.resources, servers });
+        let slots = g.workers.iter().map(|w| w.slot).collect();
+        self.sweep
+            .active
+            .insert(g.allocation_id, Held { deadline_us: g.deadline_us, resources: g.resources, servers, slots });
+    }
+
+    /// A config's pool: its drained slots, and which of them are held now.
+    fn set_drained(&mut self, config: &crate::domain::config::Config) {
+        let sweep = &mut self.sweep;
+        sweep.in_pool = config.in_pool_slots();
+        if sweep.drained.is_empty() && config.drained_workers.is_empty() {
+            return;
+        }
+        sweep.drained.clone_from(&config.drained_workers);
+        sweep.draining =
+            sweep.active.values().flat_map(|h| h.slots.iter().copied()).filter(|s| sweep.drained.contains(s)).collect();
+        sweep.drains_changed = true;
+    }
+
+    fn intern_drains(&mut self) -> u32 {
+        let sweep = &self.sweep;
+        let set: DrainSet =
+            (sweep.draining.iter().copied().collect(), sweep.drained.difference(&sweep.draining).copied().collect());
+        if let Some(&id) = self.drain_set_ids.get(&set) {
+            return id;
+        }
+        let id = self.drain_sets.len() as u32;
+        self.drain_sets.push(set.clone());
+        self.drain_set_ids.insert(set, id);
+        id
     }
 
     fn end(&mut self, id: AllocationId) {
@@ -248,6 +302,10 @@ impl CapacityIndex {
             self.sweep.servers = self.intern_servers();
             self.sweep.servers_changed = false;
         }
+        if self.sweep.drains_changed {
+            self.sweep.drains = self.intern_drains();
+            self.sweep.drains_changed = false;
+        }
         let step = step_of(&self.sweep, t);
         push(&mut self.steps, step);
     }
@@ -265,6 +323,7 @@ impl CapacityIndex {
             end_in(&mut sweep, id);
             let mut s = step_of(&sweep, d);
             s.servers = u32::MAX;
+            s.drains = u32::MAX;
             push(&mut out, s);
         }
         out
@@ -275,17 +334,25 @@ impl CapacityIndex {
     pub(crate) fn capacity_at(&self, t: Micros) -> Option<CapacityReport> {
         let i = self.steps.partition_point(|s| s.t <= t).checked_sub(1)?;
         let step = &self.steps[i];
-        let total = self.totals[step.totals as usize];
+        let total = self.totals_of(step);
         let allocated =
             Resources { cpu_millicores: step.cpu_millicores, memory_mib: step.memory_mib, workers: step.workers };
         let running = self.server_sets[step.servers as usize].iter().map(|&n| self.names[n as usize].clone()).collect();
-        Some(CapacityReport::new(total, allocated, running, u64::from(step.active), t, self.seq_at(t)))
+        let report = CapacityReport::new(total, allocated, running, u64::from(step.active), t, self.seq_at(t));
+        let (draining, drained) = self.drain_sets.get(step.drains as usize).cloned().unwrap_or_default();
+        let ids = |slots: &[u32]| slots.iter().map(|&s| crate::domain::config::worker_id_of(s)).collect();
+        Some(CapacityReport { draining: ids(&draining), drained: ids(&drained), ..report })
     }
 }
 
 fn end_in(sweep: &mut Sweep, id: AllocationId) {
     let Some(held) = sweep.active.remove(&id) else { return };
     sweep.deadlines.remove(&(held.deadline_us, id));
+    if !sweep.draining.is_empty() {
+        for s in &held.slots {
+            sweep.drains_changed |= sweep.draining.remove(s);
+        }
+    }
     let mut freed = held.resources;
     for n in &held.servers {
         if let Some(r) = sweep.running.get_mut(n) {
@@ -310,6 +377,8 @@ fn step_of(sweep: &Sweep, t: Micros) -> Step {
         active: sweep.active.len() as u32,
         totals: sweep.totals,
         servers: sweep.servers,
+        total_workers: sweep.in_pool.saturating_sub((sweep.drained.len() - sweep.draining.len()) as u32),
+        drains: sweep.drains,
     }
 }
 

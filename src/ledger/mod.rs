@@ -25,6 +25,7 @@ pub(crate) mod index;
 mod metrics;
 mod open;
 mod options;
+mod pool;
 mod queries;
 mod replay;
 mod snapshots;
@@ -33,6 +34,7 @@ pub use commit::Durable;
 pub use contract::IfSeq;
 pub use metrics::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
 pub use options::{LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
+pub use pool::{PoolChangeReport, PoolReport, PoolSlot};
 
 use crate::domain::clock::{Clock, Micros};
 use crate::domain::config::Config;

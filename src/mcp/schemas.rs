@@ -65,9 +65,9 @@ pub(crate) fn request_input(config: &Config) -> Value {
             "workers": {
                 "type": "integer",
                 "minimum": 0,
-                "maximum": config.worker_slots,
+                "maximum": config.in_pool_slots(),
                 "default": 0,
-                "description": format!("Number of worker slots to reserve, 0 to {} (the pool's size); each holds {} CPU cores and {} MB of memory. get_capacity shows how many are available.", config.worker_slots, crate::domain::model::cores(config.worker_cpu_millicores), config.worker_memory_mib),
+                "description": format!("Number of worker slots to reserve, 0 to {} (the pool's size); each holds {} CPU cores and {} MB of memory. get_capacity shows how many are available.", config.in_pool_slots(), crate::domain::model::cores(config.worker_cpu_millicores), config.worker_memory_mib),
             },
             "priority": {
                 "type": "string",
@@ -161,6 +161,8 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         "allocation_history" => super::tools::history::history_input(),
         "usage_report" => super::tools::history::usage_input(),
         "what_if" => super::tools::whatif::whatif_input(),
+        "get_pool" => super::tools::pool::get_pool_input(),
+        "change_pool" => super::tools::pool::change_pool_input(),
         // cleanup_expired
         _ => json!({
             "type": "object",
@@ -459,6 +461,8 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "plan_request" => with_error(vec![super::tools::contract::plan_output(granted(), failed())]),
         "usage_report" => with_error(vec![super::tools::history::usage_output()]),
         "what_if" => with_error(vec![super::tools::whatif::whatif_output()]),
+        "get_pool" => with_error(vec![super::tools::pool::get_pool_output()]),
+        "change_pool" => with_error(vec![super::tools::pool::change_pool_output()]),
         other => unreachable!("no output schema for tool {other}"),
     }
 }

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 pub(super) mod contract;
 pub(super) mod history;
+pub(super) mod pool;
 pub(super) mod whatif;
 
 /// One MCP handler instance (one per stdio session, HTTP session or stateless HTTP request);
@@ -34,7 +35,11 @@ impl LedgerTools {
     /// The tool list with input schemas that state the limits of `config` (TTL range, worker
     /// count) and output schemas that admit each tool's error shape too.
     pub(crate) fn router(config: &Config) -> ToolRouter<Self> {
-        let mut router = Self::tool_router() + Self::history_router() + Self::contract_router() + Self::whatif_router();
+        let mut router = Self::tool_router()
+            + Self::history_router()
+            + Self::contract_router()
+            + Self::whatif_router()
+            + Self::pool_router();
         for (name, route) in &mut router.map {
             route.attr.input_schema = schemas::input(name, config);
             route.attr.output_schema = Some(schemas::output(name));

@@ -24,7 +24,7 @@ use crate::domain::model::{AllocationId, AllocationState, Resources};
 use crate::domain::state::State;
 use crate::{Error, Result};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 
 /// Sees both runs event by event (tests compare them; the report needs neither).
 pub trait SimObserver {
@@ -47,11 +47,16 @@ struct Reality {
     running: HashMap<String, (u32, Resources)>,
     allocated: Resources,
     total: Resources,
+    /// The config's drained slots, and those of them held (the worker total counts a drained
+    /// slot until it is freed).
+    drained: BTreeSet<u32>,
+    draining: BTreeSet<u32>,
 }
 
 #[derive(Debug)]
 struct Held {
     resources: Resources,
+    slots: Box<[u32]>,
     mcp: Vec<String>,
     created_us: Micros,
     job: Option<String>,
@@ -61,9 +66,12 @@ impl Reality {
     /// What `state` (reality's fold at the window's start) holds.
     fn from_state(state: &State, keep_jobs: bool) -> Reality {
         let mut r = Reality { allocated: state.allocated(), total: state.total(), ..Reality::default() };
+        r.drained.clone_from(&state.config.drained_workers);
         for a in state.allocations().filter(|a| a.state == AllocationState::Active) {
+            r.draining.extend(a.workers.iter().map(|w| w.slot).filter(|s| r.drained.contains(s)));
             let held = Held {
                 resources: a.resources,
+                slots: a.workers.iter().map(|w| w.slot).collect(),
                 mcp: a.mcp_servers.iter().map(|m| m.name.clone()).collect(),
                 created_us: a.created_us,
                 job: keep_jobs.then(|| a.job_id.clone()),
@@ -82,7 +90,15 @@ impl Reality {
     fn observe(&mut self, ts_us: Micros, body: &EventBody, keep_jobs: bool) -> Option<(Option<String>, i64)> {
         match body {
             EventBody::ConfigChanged { config } | EventBody::LedgerCreated { config, .. } => {
-                self.total = total_of(config);
+                self.drained.clone_from(&config.drained_workers);
+                let drained = &self.drained;
+                self.draining = self
+                    .active
+                    .values()
+                    .flat_map(|h| h.slots.iter().copied())
+                    .filter(|s| drained.contains(s))
+                    .collect();
+                self.total = total_of(config, self.draining.len());
                 None
             }
             EventBody::Granted(g) => {
@@ -98,7 +114,9 @@ impl Reality {
                 self.allocated = plus(self.allocated, charge);
                 let mcp = g.mcp_servers.iter().map(|m| m.name.clone()).collect();
                 let job = keep_jobs.then(|| g.job_id.clone());
-                self.active.insert(g.allocation_id, Held { resources: g.resources, mcp, created_us: ts_us, job });
+                let slots = g.workers.iter().map(|w| w.slot).collect();
+                self.active
+                    .insert(g.allocation_id, Held { resources: g.resources, slots, mcp, created_us: ts_us, job });
                 None
             }
             EventBody::Released { allocation_id } => self.end(*allocation_id, ts_us),
@@ -109,6 +127,9 @@ impl Reality {
 
     fn end(&mut self, id: AllocationId, ended_us: Micros) -> Option<(Option<String>, i64)> {
         let held = self.active.remove(&id)?;
+        // A drained slot leaves the pool's worker total when it is freed.
+        let freed_drained = held.slots.iter().filter(|s| self.draining.remove(s)).count() as u32;
+        self.total.workers = self.total.workers.saturating_sub(freed_drained);
         let mut freed = held.resources;
         for name in &held.mcp {
             if let Some(entry) = self.running.get_mut(name) {
@@ -140,11 +161,11 @@ fn minus(a: Resources, b: Resources) -> Resources {
     }
 }
 
-fn total_of(config: &Config) -> Resources {
+fn total_of(config: &Config, held_drained: usize) -> Resources {
     Resources {
         cpu_millicores: config.total_cpu_millicores,
         memory_mib: config.total_memory_mib,
-        workers: config.worker_slots,
+        workers: config.pool_workers(held_drained),
     }
 }
 
