@@ -66,6 +66,7 @@ fn route(command: &Command) -> Route {
         Command::Repair { .. } => Route::NoServer("repair"),
         Command::Init => Route::NoServer("init"),
         Command::Config(_) => Route::NoServer("config"),
+        Command::Pool(_) => Route::NoServer("pool"),
     }
 }
 
