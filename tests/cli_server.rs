@@ -165,6 +165,9 @@ fn writes_find_their_server_and_answer_as_the_local_mode() {
     let bare = url.trim_end_matches("/mcp");
     let r = cli(Path::new("/nonexistent"), &["--json", "capacity"], &[("ALLOCATION_LEDGER_SERVER", bare)]);
     assert_eq!(r.code, 0, "{r:?}");
+    // An empty one names none: the local mode.
+    let r = cli(local.path(), &["--json", "capacity"], &[("ALLOCATION_LEDGER_SERVER", "")]);
+    assert_eq!((r.code, r.json()["allocated_workers"].as_u64()), (0, Some(3)), "{r:?}");
 
     // Release with --server and by auto-discovery.
     let r = cli(Path::new("/nonexistent"), &["--server", url, "--json", "release", id], &[]);

@@ -82,7 +82,8 @@ fn writes(command: &Command) -> bool {
 /// Sends the command to a server when `--server` names one, or when it writes and the data
 /// dir's writer is a live local `serve --http`. `None`: run it locally.
 pub(super) fn dispatch(cli: &Cli, out: &Out) -> Option<ExitCode> {
-    if let Some(url) = cli.server.as_deref().map(str::trim) {
+    // An empty ALLOCATION_LEDGER_SERVER (or --server "") names no server.
+    if let Some(url) = cli.server.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
         return match route(&cli.command) {
             Route::Remote => Some(match Server::connect_explicit(url, cli.token_file.as_deref()) {
                 Ok(server) => server.run(cli, out),
@@ -374,7 +375,7 @@ fn connect_error(url: &str, token_sent: bool, e: ConnectError) -> Error {
 fn is_auth(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(err) = next {
-        if err.downcast_ref::<AuthRequiredError>().is_some() || err.to_string().contains("Auth required") {
+        if err.downcast_ref::<AuthRequiredError>().is_some() {
             return true;
         }
         next = err.source();
