@@ -8,7 +8,7 @@
 use allocation_ledger::storage::FaultyStorage;
 use allocation_ledger::{
     Clock, Config, EventBody, Ledger, LoggedEvent, ManualClock, OpenOptions, PoolChange, RequestOutcome,
-    ResourceRequest, State,
+    ResourceRequest, State, WhatIfOptions,
 };
 use proptest::prelude::*;
 use serde_json::Value;
@@ -94,6 +94,13 @@ fn a_drained_worker_is_kept_by_its_holder_and_leaves_the_pool_when_freed() {
     assert_eq!((at.total_workers, at.draining.len()), (6, 0));
     let at = ledger.capacity_at(during).unwrap();
     assert_eq!((at.total_workers, at.draining.clone()), (6, vec!["worker-01".to_string()]));
+    // The timeline's total steps down when the drained slot is freed.
+    clock.advance_seconds(10);
+    let released = during + 1_000_000;
+    let before = ledger.timeline(during, released, 500_000).unwrap();
+    let after = ledger.timeline(released + 1_000_000, ledger.now_micros(), 1_000_000).unwrap();
+    assert!(before.buckets.iter().all(|b| (b.total_workers - 6.0).abs() < 1e-9), "{before:?}");
+    assert!(after.buckets.iter().all(|b| (b.total_workers - 5.0).abs() < 1e-9), "{after:?}");
     // Undrain: it counts and is granted again.
     clock.advance_seconds(1);
     change(&ledger, PoolChange::Undrain { slot: 1 }).unwrap();
@@ -356,9 +363,12 @@ fn check_pool(ops: &[Op], index_first: bool) -> Result<(), TestCaseError> {
         }
         prop_assert_eq!(ledger.capacity_at(e.event.ts_us).unwrap(), s.capacity(e.event.ts_us));
     }
-    // The timeline's worker integral matches a walk of the capacity steps.
-    let t = ledger.timeline(start, now, now - start).unwrap();
-    prop_assert!(t.buckets[0].total_workers >= 0.0);
+    // What-if with the recorded config re-decides every request as recorded, and its pool
+    // (the fold's) agrees with reality's (followed from the events) over time.
+    let w = ledger.what_if(&WhatIfOptions::default()).unwrap();
+    prop_assert_eq!(w.reproduced, Some(true));
+    let (r, f) = (&w.comparison.reality.workers, &w.comparison.what_if.workers);
+    prop_assert!((r.mean_total - f.mean_total).abs() < 1e-6, "reality {:?} what-if {:?}", r, f);
     drop(ledger);
     let reopened = open(&storage, &clock);
     prop_assert_eq!(reopened.with_state(Clone::clone), live);

@@ -786,8 +786,9 @@ fn human_capacity(c: &CapacityReport) -> String {
     let mut s = table(&rows.header, &rows.rows);
     s.push_str(&format!("active allocations:  {}\n", c.active_allocations));
     if !c.draining.is_empty() || !c.drained.is_empty() {
-        s.push_str(&format!("draining (held):     {}\n", c.draining.join(", ")));
-        s.push_str(&format!("drained (idle):      {}\n", c.drained.join(", ")));
+        let ids = |v: &[String]| if v.is_empty() { "(none)".to_string() } else { v.join(", ") };
+        s.push_str(&format!("draining (held):     {}\n", ids(&c.draining)));
+        s.push_str(&format!("drained (idle):      {}\n", ids(&c.drained)));
     }
     s.push_str(&format!(
         "running MCP servers: {}\n",

@@ -222,7 +222,7 @@ pub fn config_diff(from: &Config, to: &Config) -> Vec<ConfigFieldChange> {
         .filter(|(k, v)| a.get(*k) != Some(v))
         .map(|(field, to)| ConfigFieldChange {
             field: field.clone(),
-            from: a.get(field).cloned().unwrap_or_default(),
+            from: a.get(field).cloned().unwrap_or_else(|| empty_like(to)),
             to: to.clone(),
         })
         .collect();
@@ -230,9 +230,18 @@ pub fn config_diff(from: &Config, to: &Config) -> Vec<ConfigFieldChange> {
     out.extend(a.iter().filter(|(k, _)| !b.contains_key(*k)).map(|(field, from)| ConfigFieldChange {
         field: field.clone(),
         from: from.clone(),
-        to: serde_json::Value::Null,
+        to: empty_like(from),
     }));
     out
+}
+
+/// How a field left out of a config's JSON (because it is empty) reads: `[]`, `{}` or `null`.
+fn empty_like(present: &serde_json::Value) -> serde_json::Value {
+    match present {
+        serde_json::Value::Array(_) => serde_json::Value::Array(Vec::new()),
+        serde_json::Value::Object(_) => serde_json::Value::Object(serde_json::Map::new()),
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// The difference between two configs in words, pool first: "added worker-10, worker-11",

@@ -5,8 +5,8 @@
 
 use super::contract::expected_seq_arg;
 use super::{check_known, error_value, from_ledger, kind_of, opt_str, tool_error, LedgerTools};
-use crate::domain::pool::{parse_worker, PoolChange, POOL_ACTIONS};
 use crate::Error;
+use crate::{parse_worker, PoolChange, POOL_ACTIONS};
 use rmcp::model::{CallToolResult, JsonObject};
 use rmcp::{tool, tool_router, ErrorData as McpError};
 use serde_json::{json, Value};
