@@ -269,3 +269,37 @@ fn a_stale_server_file_does_not_break_the_local_mode() {
     assert_eq!(server_file(dir.path())["pid"], server.child.id());
     assert!(server.stop().success());
 }
+
+/// `pool` changes are writes: on a served data dir they go to the server (`change_pool`) and
+/// answer as the local mode does; `pool show` reads it back through `--server` (`get_pool`).
+#[test]
+fn pool_changes_go_to_the_server_and_answer_as_the_local_mode() {
+    let served = tempfile::tempdir().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(served.path(), &[]);
+    let both = |args: &[&str]| (cli(served.path(), args, &[]), cli(local.path(), args, &[]));
+    let (r, l) = both(&["--json", "request", "--job-id", "a", "--workers", "1"]);
+    assert_eq!((r.code, l.code), (0, 0), "{r:?}\n{l:?}");
+
+    // Draining the held slot 0: the same report both ways (the seq included: both ledgers
+    // wrote the same events).
+    let (r, l) = both(&["--json", "pool", "drain", "worker-00"]);
+    assert_eq!((r.code, l.code), (0, 0), "{r:?}\n{l:?}");
+    assert_eq!(r.json(), l.json());
+    assert_eq!(r.json()["applied"], true, "{r:?}");
+    // A refused change: the same exit code and error kind.
+    let (r, l) = both(&["--json", "pool", "remove-worker", "worker-01"]);
+    assert_eq!((r.code, l.code), (2, 2), "{r:?}\n{l:?}");
+    assert_eq!(r.json()["error"]["kind"], l.json()["error"]["kind"]);
+    // A dry run writes nothing on the server either.
+    let r = cli(served.path(), &["--json", "pool", "add-workers", "--count", "2", "--dry-run"], &[]);
+    assert_eq!((r.code, r.json()["applied"].as_bool()), (0, Some(false)), "{r:?}");
+
+    let r = cli(served.path(), &["--server", &server.url, "--json", "pool", "show"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let shown = r.json();
+    assert_eq!(shown["workers"][0]["state"], "draining", "{shown}");
+    assert_eq!(shown["workers"][1]["state"], "free", "{shown}");
+    assert_eq!(shown["seq"], 3, "created, granted, drained: {shown}");
+    assert!(server.stop().success());
+}

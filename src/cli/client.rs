@@ -66,7 +66,7 @@ fn route(command: &Command) -> Route {
         Command::Repair { .. } => Route::NoServer("repair"),
         Command::Init => Route::NoServer("init"),
         Command::Config(_) => Route::NoServer("config"),
-        Command::Pool(_) => Route::NoServer("pool"),
+        Command::Pool(_) => Route::Remote,
     }
 }
 
@@ -76,7 +76,7 @@ fn writes(command: &Command) -> bool {
     matches!(
         command,
         Command::Request { .. } | Command::Release { .. } | Command::Renew(_) | Command::CleanupExpired { .. }
-    )
+    ) || matches!(command, Command::Pool(p) if p.writes())
 }
 
 /// Sends the command to a server when `--server` names one, or when it writes and the data

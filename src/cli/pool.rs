@@ -79,9 +79,9 @@ pub(super) enum PoolCommand {
 pub(super) struct ChangeOpts {
     /// Only show the change and whether it would be accepted; write nothing
     #[arg(long)]
-    dry_run: bool,
+    pub(super) dry_run: bool,
     #[command(flatten)]
-    expect: ExpectSeq,
+    pub(super) expect: ExpectSeq,
 }
 
 impl PoolCommand {
@@ -90,7 +90,8 @@ impl PoolCommand {
         !matches!(self, PoolCommand::Show)
     }
 
-    fn change(&self) -> allocation_ledger::Result<Option<(PoolChange, &ChangeOpts)>> {
+    /// The change asked for and its flags (`None`: `show`).
+    pub(super) fn change(&self) -> allocation_ledger::Result<Option<(PoolChange, &ChangeOpts)>> {
         let worker = |w: &str| parse_worker("worker", w);
         let number = |field: &str, t: &str| parse_number(field, t, u64::MAX);
         Ok(Some(match self {
@@ -129,7 +130,7 @@ pub(super) fn run(out: &Out, ledger: &Ledger, cmd: &PoolCommand) -> allocation_l
     Ok(ExitCode::Ok)
 }
 
-fn human_change(r: &PoolChangeReport) -> String {
+pub(super) fn human_change(r: &PoolChangeReport) -> String {
     let words = if r.summary.is_empty() { "nothing to change".to_string() } else { r.summary.join("; ") };
     let mut s = if r.applied {
         format!("pool: {words} (recorded as event {})\n", r.seq)
@@ -144,7 +145,7 @@ fn human_change(r: &PoolChangeReport) -> String {
     s
 }
 
-fn human_pool(p: &PoolReport) -> String {
+pub(super) fn human_pool(p: &PoolReport) -> String {
     let rows: Vec<Vec<String>> = p
         .workers
         .iter()

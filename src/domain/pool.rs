@@ -200,7 +200,7 @@ fn mcp_remove(state: &State, c: &mut Config, name: &str) -> Result<()> {
 }
 
 /// One field that differs between two configs (JSON values).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ConfigFieldChange {
     /// The field's name.
     pub field: String,

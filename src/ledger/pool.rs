@@ -10,11 +10,11 @@ use crate::domain::pool::{config_diff, describe_change, ConfigFieldChange, PoolC
 use crate::domain::state::State;
 use crate::report::CapacityReport;
 use crate::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One worker slot and what it is doing.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolSlot {
     /// Its id (`worker-07`).
     pub worker_id: String,
@@ -22,7 +22,7 @@ pub struct PoolSlot {
     pub slot: u32,
     /// `free`, `held`, `draining` (drained, still held), `drained` (idle, out of the pool) or
     /// `removed`.
-    pub state: &'static str,
+    pub state: String,
     /// The allocation holding it, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocation_id: Option<String>,
@@ -31,7 +31,7 @@ pub struct PoolSlot {
 }
 
 /// `pool show` / `get_pool`: every slot with its state, the MCP catalog and the capacity.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolReport {
     /// Every slot ever in the pool, removed ones included.
     pub workers: Vec<PoolSlot>,
@@ -48,10 +48,10 @@ pub struct PoolReport {
 }
 
 /// What a pool change did (or, dry run, would do).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolChangeReport {
     /// The action (`add_workers`, `drain`, ...).
-    pub action: &'static str,
+    pub action: String,
     /// The change in words ("drained worker-03").
     pub summary: Vec<String>,
     /// The config fields that change.
@@ -83,7 +83,7 @@ impl PoolReport {
                 PoolSlot {
                     worker_id: worker_id_of(slot),
                     slot,
-                    state: what,
+                    state: what.to_string(),
                     allocation_id: holder.map(|id| id.to_string()),
                     endpoint: c.worker_endpoint(slot),
                 }
@@ -116,7 +116,7 @@ impl Ledger {
         expected_seq: Option<u64>,
         dry_run: bool,
     ) -> Result<PoolChangeReport> {
-        let action = change.action();
+        let action = change.action().to_string();
         if dry_run {
             return self.read(|s, _| {
                 s.check_expected_seq(expected_seq)?;

@@ -69,8 +69,46 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
         }
         Command::List { state, job_id, at } => list(server, out, state.as_deref(), job_id.as_deref(), at.as_deref()),
         Command::CleanupExpired { expect } => cleanup(server, out, expect.seq()?),
+        Command::Pool(cmd) => pool(server, out, cmd),
         _ => Err(Failure::Ledger(Error::invalid("server", "this command has no server equivalent"))),
     }
+}
+
+/// `pool ...` through `get_pool` and `change_pool`.
+fn pool(server: &Server, out: &Out, cmd: &crate::cli::pool::PoolCommand) -> Result<ExitCode> {
+    use crate::cli::pool::{human_change, human_pool};
+    use allocation_ledger::{PoolChange, PoolChangeReport, PoolReport};
+    let Some((change, opts)) = cmd.change()? else {
+        let p: PoolReport = decode(server.call("get_pool", Map::new())?)?;
+        out.doc(&p, || human_pool(&p))?;
+        return Ok(ExitCode::Ok);
+    };
+    let mut args = args_with("action", change.action().into());
+    match change {
+        PoolChange::AddWorkers { count, endpoints } => {
+            args.insert("count".into(), count.into());
+            args.insert("endpoints".into(), endpoints.into());
+        }
+        PoolChange::Drain { slot } | PoolChange::Undrain { slot } | PoolChange::RemoveWorker { slot } => {
+            args.insert("worker".into(), slot.into());
+        }
+        PoolChange::McpSet { name, endpoint, cpu_millicores, memory_mib } => {
+            args.insert("name".into(), name.into());
+            args.insert("endpoint".into(), endpoint.into());
+            put(&mut args, "cpu_millicores", cpu_millicores);
+            put(&mut args, "memory_mib", memory_mib);
+        }
+        PoolChange::McpRemove { name } => {
+            args.insert("name".into(), name.into());
+        }
+    }
+    put(&mut args, "expected_seq", opts.expect.seq()?);
+    if opts.dry_run {
+        args.insert("dry_run".into(), true.into());
+    }
+    let r: PoolChangeReport = decode(server.call("change_pool", args)?)?;
+    out.doc(&r, || human_change(&r))?;
+    Ok(ExitCode::Ok)
 }
 
 fn request_args(req: &ResourceRequest) -> Result<Map<String, Value>> {
