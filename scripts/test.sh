@@ -16,3 +16,4 @@ fi
 export ALLOCATION_LEDGER_BIN="$PWD/target/debug/allocation-ledger"
 .venv/bin/python -m pytest -q tests/python
 bash tests/inspector.sh
+bash tests/conformance.sh

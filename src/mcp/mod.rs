@@ -17,6 +17,7 @@
 //! signals belong to the caller (the CLI's `serve` subcommand).
 
 mod http;
+mod resources;
 mod schemas;
 mod tools;
 
@@ -86,10 +87,15 @@ async fn run(
     tokio::spawn(cancel_when(shutdown_when, shutdown.clone()));
     let expiry = tokio::spawn(expiry_loop(ledger.clone(), tasks.clone(), opts.expiry_interval, shutdown.child_token()));
 
+    let hub = resources::Hub::new(shutdown.child_token());
+    let watcher = tokio::spawn(resources::watch(ledger.clone(), hub.clone(), tasks.clone(), shutdown.child_token()));
     let router = tools::LedgerTools::router(&ledger.with_state(|s| s.config.clone()));
     let factory = {
         let (ledger, tasks) = (ledger.clone(), tasks.clone());
-        move || tools::LedgerTools::new(ledger.clone(), tasks.clone(), router.clone())
+        move || {
+            let watch = resources::Session::new(hub.clone());
+            tools::LedgerTools::new(ledger.clone(), tasks.clone(), router.clone(), watch)
+        }
     };
     let result = match http_plan {
         Some(plan) => http::serve_http(plan, ledger.clone(), factory, shutdown.clone()).await,
@@ -98,6 +104,7 @@ async fn run(
 
     shutdown.cancel();
     let _ = expiry.await;
+    let _ = watcher.await;
     // Let the ledger calls in flight finish: each was acknowledged only once durable, and
     // their callers may still be waiting for the answer.
     tasks.close();

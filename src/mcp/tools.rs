@@ -25,11 +25,18 @@ pub(crate) struct LedgerTools {
     ledger: Ledger,
     tasks: TaskTracker,
     tool_router: ToolRouter<Self>,
+    /// This session's resource subscriptions and log level.
+    watch: super::resources::Session,
 }
 
 impl LedgerTools {
-    pub(crate) fn new(ledger: Ledger, tasks: TaskTracker, tool_router: ToolRouter<Self>) -> Self {
-        LedgerTools { ledger, tasks, tool_router }
+    pub(crate) fn new(
+        ledger: Ledger,
+        tasks: TaskTracker,
+        tool_router: ToolRouter<Self>,
+        watch: super::resources::Session,
+    ) -> Self {
+        LedgerTools { ledger, tasks, tool_router, watch }
     }
 
     /// The tool list with input schemas that state the limits of `config` (TTL range, worker
@@ -376,12 +383,68 @@ impl LedgerTools {
     }
 }
 
-#[tool_handler(
-    router = self.tool_router,
-    name = "allocation-ledger",
-    instructions = "A durable ledger of worker slots and MCP servers for AI-agent jobs. Call request_resources to reserve workers and MCP servers for a job (keep the allocation_id), use the endpoints it returns, and call release_resources with the allocation_id when done; unreleased allocations expire after ttl_seconds. get_capacity shows what is free; get_allocation and list_allocations show allocations (get_capacity and list_allocations also as of a past instant, with `at`); allocation_history shows what happened to an allocation or a job, and usage_report what each job or tenant used over a window. Errors are tool results with isError true whose message names the field and the allowed values."
-)]
+/// What `initialize` tells the client about using the server.
+const INSTRUCTIONS: &str = "A durable ledger of worker slots and MCP servers for AI-agent jobs. Call request_resources to reserve workers and MCP servers for a job (keep the allocation_id), use the endpoints it returns, and call release_resources with the allocation_id when done; unreleased allocations expire after ttl_seconds. get_capacity shows what is free; get_allocation and list_allocations show allocations (get_capacity and list_allocations also as of a past instant, with `at`); allocation_history shows what happened to an allocation or a job, and usage_report what each job or tenant used over a window. Errors are tool results with isError true whose message names the field and the allowed values.";
+
+#[tool_handler(router = self.tool_router)]
 impl ServerHandler for LedgerTools {
+    fn get_info(&self) -> rmcp::model::ServerConfig {
+        rmcp::model::ServerConfig::new(super::resources::capabilities())
+            .with_server_info(rmcp::model::Implementation::new("allocation-ledger", env!("CARGO_PKG_VERSION")))
+            .with_instructions(INSTRUCTIONS)
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourcesResult, McpError> {
+        Ok(super::resources::list())
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourceTemplatesResult, McpError> {
+        Ok(super::resources::templates())
+    }
+
+    async fn read_resource(
+        &self,
+        request: rmcp::model::ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ReadResourceResponse, McpError> {
+        super::resources::read(&self.ledger, &self.tasks, request.uri).await.map(Into::into)
+    }
+
+    async fn subscribe(
+        &self,
+        request: rmcp::model::SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.watch.subscribe(request.uri, &context)
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: rmcp::model::UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.watch.unsubscribe(&request.uri);
+        Ok(())
+    }
+
+    #[allow(deprecated, reason = "logging is deprecated by SEP-2577 (2026-07-28), not in 2025-11-25")]
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.watch.set_level(request.level, &context);
+        Ok(())
+    }
+
     /// rmcp hands over as a custom request any message whose params do not decode as its
     /// method's, e.g. `tools/call` with `arguments` that is not an object; for a method MCP
     /// defines that is invalid params (-32602), not "method not found" (rmcp's default).
