@@ -76,17 +76,14 @@ fn refuse(status: StatusCode, kind: &str, message: &str, extra: Option<(&str, u6
 }
 
 /// The first sequence number to send: after `Last-Event-ID`, else `from_seq`, else 1.
-fn start_seq(req: &Request) -> Result<u64, Response> {
-    let bad = |what: &str| refuse(StatusCode::BAD_REQUEST, "invalid_input", what, None);
+fn start_seq(req: &Request) -> Result<u64, &'static str> {
     if let Some(last) = req.headers().get("last-event-id") {
         let last = last.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
-        return last.map(|k| k.saturating_add(1)).ok_or_else(|| bad("Last-Event-ID must be a sequence number"));
+        return last.map(|k| k.saturating_add(1)).ok_or("Last-Event-ID must be a sequence number");
     }
     let query = req.uri().query().unwrap_or("");
     match query.split('&').find_map(|kv| kv.strip_prefix("from_seq=")) {
-        Some(v) => {
-            v.parse::<u64>().map(|n| n.max(1)).map_err(|_| bad("from_seq must be a sequence number (1 or more)"))
-        }
+        Some(v) => v.parse::<u64>().map(|n| n.max(1)).map_err(|_| "from_seq must be a sequence number (1 or more)"),
         None => Ok(1),
     }
 }
@@ -94,7 +91,7 @@ fn start_seq(req: &Request) -> Result<u64, Response> {
 async fn events(streams: Arc<Streams>, req: Request) -> Response {
     let from_seq = match start_seq(&req) {
         Ok(n) => n,
-        Err(refusal) => return refusal,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, "invalid_input", why, None),
     };
     let Ok(permit) = streams.slots.clone().try_acquire_owned() else {
         let message = format!("at most {MAX_EVENT_STREAMS} event streams at once; try again later");
