@@ -3,7 +3,7 @@
 //! `data` is the event as `log --json` prints it, so a client that reconnects with
 //! `Last-Event-ID: K` resumes at `K + 1` (the header wins over `from_seq`). Only durable events
 //! are sent: the stream reads the segment files through a [`LogFollower`] up to the ledger's
-//! durable sequence number, which it polls every [`POLL_INTERVAL`] (an atomic read; the files
+//! durable sequence number, which it looks at every [`POLL_INTERVAL`] (a brief lock; the files
 //! are read only when it moved), so the core library needs no hook and no tokio.
 //!
 //! A `from_seq` the log no longer holds is 410 Gone with a JSON body naming the oldest
