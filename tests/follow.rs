@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 #![cfg(feature = "server")]
 
+mod common;
 mod mcp_common;
 
 use mcp_common::*;
@@ -311,4 +312,40 @@ fn events_refuses_a_start_the_log_no_longer_holds_and_wants_the_token() {
     assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![oldest, oldest + 1]);
     drop(rx);
     assert!(server.stop().success());
+}
+
+/// A record caught half-written (as a writer in another process leaves it for a moment) is
+/// "not yet": the follower hands over what is before it, reports nothing, and hands it over
+/// once it is whole.
+#[test]
+fn a_half_written_record_is_not_yet_and_is_read_once_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ledger");
+    let config = small_segments(tmp.path());
+    for i in 0..3 {
+        cli_request(&data, &config, i);
+    }
+    let last = common::segment_files(&data).pop().unwrap();
+    let whole = std::fs::read(&last).unwrap();
+    let &(start, end, seq) = common::record_bounds(&whole).last().unwrap();
+    let mut torn = whole.clone();
+    let half = (start + (end - start) / 2) as usize;
+    torn[half..end as usize].fill(0);
+    std::fs::write(&last, &torn).unwrap();
+
+    let mut follower = allocation_ledger::LogFollower::new(&data, 1).unwrap();
+    let before: Vec<u64> = follower.poll(None, usize::MAX).unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(before, (1..seq).collect::<Vec<_>>());
+    assert!(follower.poll(None, usize::MAX).unwrap().is_empty(), "the torn record is not yet");
+    std::fs::write(&last, &whole).unwrap();
+    let start = Instant::now();
+    let rest = loop {
+        let got = follower.poll(None, usize::MAX).unwrap();
+        if !got.is_empty() || start.elapsed() > DEADLINE {
+            break got;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(rest.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![seq]);
+    assert_eq!(follower.next_seq(), seq + 1);
 }
