@@ -48,6 +48,7 @@ pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
 pub use ledger::{PoolChangeReport, PoolReport, PoolSlot};
+pub use log::follow::{gone_error, oldest_servable_seq, LogFollower, DAMAGE_GRACE};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };

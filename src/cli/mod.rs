@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 mod client;
 mod config;
 mod contract;
+mod follow;
 mod history;
 mod output;
 mod pool;
@@ -150,6 +151,10 @@ enum Command {
         /// Only events before this instant
         #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         until: Option<String>,
+        /// Keep going: print each event as it is appended (NDJSON), beside a running writer,
+        /// until interrupted or stdout closes
+        #[arg(long, conflicts_with_all = ["since", "until"])]
+        follow: bool,
     },
     /// Every event of one allocation, or of every allocation of one job, in order
     History(history::HistoryArgs),
@@ -444,7 +449,8 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         Command::Get { allocation_id } => get(out, &dir, config, allocation_id),
         Command::List { state, job_id, at } => list(out, &dir, config, state, job_id, at),
         Command::CleanupExpired { expect } => cleanup_expired(out, &open_writer(&dir, config)?, expect.seq()?),
-        Command::Log { from_seq, limit, since, until } if since.is_some() || until.is_some() => {
+        Command::Log { from_seq, limit, follow: true, .. } => follow::follow(out, &dir, from_seq, limit),
+        Command::Log { from_seq, limit, since, until, .. } if since.is_some() || until.is_some() => {
             let ledger = open_reader(&dir, config)?;
             history::log(&ledger, out, from_seq, limit, since.as_deref(), until.as_deref())
         }

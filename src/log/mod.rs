@@ -7,6 +7,7 @@
 //! is beyond the types it encodes.
 
 pub mod fields;
+pub mod follow;
 pub mod layout;
 pub mod reader;
 pub mod record;

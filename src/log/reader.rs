@@ -274,6 +274,9 @@ pub struct LogReader<'a> {
     after_seq: u64,
     upto: Option<u64>,
     hint: Option<LogPosition>,
+    /// The log may start after 1 (its first segments were archived): a follower reads what
+    /// is left instead of reporting the missing start as a gap.
+    retained: bool,
 }
 
 impl std::fmt::Debug for LogReader<'_> {
@@ -304,7 +307,7 @@ struct Progress {
 impl<'a> LogReader<'a> {
     /// A read of the whole log in `wal_dir`.
     pub fn new(storage: &'a dyn Storage, wal_dir: &'a Path) -> LogReader<'a> {
-        LogReader { storage, wal_dir, after_seq: 0, upto: None, hint: None }
+        LogReader { storage, wal_dir, after_seq: 0, upto: None, hint: None, retained: false }
     }
 
     /// Reads the records after `seq` only; segments wholly at or before it are not read.
@@ -317,6 +320,12 @@ impl<'a> LogReader<'a> {
     /// look like damage.
     pub fn upto(self, seq: u64) -> LogReader<'a> {
         LogReader { upto: Some(seq), ..self }
+    }
+
+    /// Reads the log from its oldest segment on without requiring that it starts at 1 (for a
+    /// follower, which checks the oldest sequence number it can serve itself).
+    pub fn retained(self) -> LogReader<'a> {
+        LogReader { retained: true, ..self }
     }
 
     /// Where the record `after` sits (from a snapshot): when a valid record with that sequence
@@ -355,7 +364,7 @@ impl<'a> LogReader<'a> {
         }
         // First segment that can hold `after_seq + 1`.
         let start = segments.iter().rposition(|s| s.first_seq <= self.after_seq + 1).unwrap_or(0);
-        let mut at = Progress { expected_next: (start == 0).then_some(1), ..Progress::default() };
+        let mut at = Progress { expected_next: (start == 0 && !self.retained).then_some(1), ..Progress::default() };
         if start > 0 {
             at.last_seq = segments[start].first_seq - 1;
         }

@@ -5,6 +5,7 @@
 
 mod checks;
 mod conn;
+mod events;
 mod ops;
 
 use super::tools::LedgerTools;
@@ -291,7 +292,10 @@ pub(crate) async fn serve_http(
         sessions,
     });
     let ops_checks = checks::Checks::new(&plan.allowed_hosts, &plan.allowed_origins);
-    let mut app = axum::Router::new().nest_service("/mcp", service).merge(ops::routes(ledger, ops_checks));
+    let events_checks = checks::Checks::new(&plan.allowed_hosts, &plan.allowed_origins);
+    let events = events::routes(ledger.clone(), events_checks, shutdown.child_token());
+    let mut app =
+        axum::Router::new().nest_service("/mcp", service).merge(ops::routes(ledger, ops_checks)).merge(events);
     // Inside the bearer check (a layer added later runs first): a refused client's body is only
     // drained up to a small limit.
     app = app
