@@ -64,7 +64,7 @@ async def scenario(client, mode):
         "request_resources", "release_resources", "get_capacity",
         "get_allocation", "list_allocations", "cleanup_expired",
         "allocation_history", "usage_report", "what_if",
-        "renew_allocation", "plan_request",
+        "renew_allocation", "plan_request", "get_pool", "change_pool",
     }, set(tools)
     req = tools["request_resources"].input_schema
     assert set(req["required"]) == {"job_id", "mcp_servers"}
