@@ -45,6 +45,9 @@ pub use history::{
     UsageReport,
 };
 pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
+pub use ledger::{
+    log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
+};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
 pub use ledger::{PoolChangeReport, PoolReport, PoolSlot};

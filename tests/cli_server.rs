@@ -303,3 +303,37 @@ fn pool_changes_go_to_the_server_and_answer_as_the_local_mode() {
     assert_eq!(shown["seq"], 3, "created, granted, drained: {shown}");
     assert!(server.stop().success());
 }
+
+/// `list` through the server: a page with `--limit`, the next one with `--cursor`, filters,
+/// and every row without `--limit` (as the local mode prints them).
+#[test]
+fn list_pages_through_the_server_as_the_local_mode() {
+    let served = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(served.path(), &[]);
+    for job in ["a", "b", "c"] {
+        let r = cli(served.path(), &["--json", "request", "--job-id", job, "--workers", "1"], &[]);
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+    let remote = |args: &[&str]| {
+        let mut all = vec!["--server", server.url.as_str(), "--json", "list"];
+        all.extend_from_slice(args);
+        cli(served.path(), &all, &[])
+    };
+    let first = remote(&["--limit", "2"]);
+    assert_eq!(first.code, 0, "{first:?}");
+    let page = first.json();
+    assert_eq!(page["count"], 2, "{page}");
+    let cursor = page["next_cursor"].as_str().expect("more follow").to_string();
+    let second = remote(&["--limit", "2", "--cursor", &cursor]).json();
+    assert_eq!((second["count"].as_u64(), second["next_cursor"].is_null()), (Some(1), true), "{second}");
+    assert_eq!(second["allocations"][0]["job_id"], "c", "{second}");
+    // Without --limit: every row, as an array.
+    let all = remote(&[]).json();
+    assert_eq!(all.as_array().map(Vec::len), Some(3), "{all}");
+    let only_b = remote(&["--job-id", "b"]).json();
+    assert_eq!(only_b.as_array().map(Vec::len), Some(1), "{only_b}");
+    // A cursor used with other filters: refused as locally (exit 2).
+    let r = remote(&["--limit", "2", "--cursor", &cursor, "--job-id", "a"]);
+    assert_eq!((r.code, r.json()["error"]["kind"].as_str()), (2, Some("invalid_input")), "{r:?}");
+    assert!(server.stop().success());
+}

@@ -2,10 +2,10 @@
 //! `usage` and `timeline`, and the progress bar for long scans.
 
 use super::{output, table, to_json, Out};
+use allocation_ledger::CapacityReport;
 use allocation_ledger::ExitCode;
 use allocation_ledger::{parse_duration_micros, parse_time, Micros};
-use allocation_ledger::{AllocationId, AllocationState, Error, Ledger, Result};
-use allocation_ledger::{AllocationSummary, CapacityReport};
+use allocation_ledger::{AllocationId, Error, Ledger, Result};
 use allocation_ledger::{EventRange, GroupBy, History, Timeline, UsageReport};
 use clap::Args;
 use std::io::{IsTerminal, Write};
@@ -20,6 +20,13 @@ pub struct HistoryArgs {
     /// The job whose allocations' events to show
     #[arg(long, value_name = "JOB")]
     job_id: Option<String>,
+    /// Only the most recent N events; the cursor to the older ones is printed on stderr (with
+    /// --json: the object's next_cursor)
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// The events before the page that printed this cursor (same --allocation or --job-id)
+    #[arg(long, value_name = "CURSOR")]
+    cursor: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -91,7 +98,7 @@ impl ProgressBar {
 }
 
 /// Builds the capacity index (one pass over the log) with a progress bar.
-fn prepare(ledger: &Ledger) -> Result<()> {
+pub(super) fn prepare(ledger: &Ledger) -> Result<()> {
     let mut bar = ProgressBar::new("reading the log");
     let r = ledger.prepare_history(&mut |done, total| bar.update(done, total));
     bar.finish();
@@ -107,18 +114,6 @@ pub fn capacity_at(ledger: &Ledger, at: &str) -> Result<CapacityReport> {
     let t = time(ledger, "at", at)?;
     prepare(ledger)?;
     ledger.capacity_at(t)
-}
-
-/// `list --at TIME`.
-pub fn list_at(
-    ledger: &Ledger,
-    at: &str,
-    state: Option<AllocationState>,
-    job_id: Option<&str>,
-) -> Result<Vec<AllocationSummary>> {
-    let t = time(ledger, "at", at)?;
-    prepare(ledger)?;
-    ledger.list_allocations_at(t, state, job_id)
 }
 
 /// `log --since/--until`: the events of a time window as NDJSON.
@@ -142,8 +137,14 @@ pub fn log(
     }
     let mut stdout = std::io::stdout().lock();
     let mut failed = None;
+    let mut next = None;
     let mut sink = super::output::EventSink::new(out);
     ledger.for_each_event(range, &mut |e| {
+        if left == 0 {
+            // One more than asked for: more follow.
+            next = Some(e.seq);
+            return false;
+        }
         let written = match sink.push(&mut stdout, e) {
             // A closed pipe (`| head`) is not an error of ours; it ends the output all the same.
             Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
@@ -153,7 +154,7 @@ pub fn log(
         match written {
             Ok(true) => {
                 left -= 1;
-                left > 0
+                true
             }
             Ok(false) => false,
             Err(e) => {
@@ -163,6 +164,9 @@ pub fn log(
         }
     })?;
     let _ = sink.finish(&mut stdout);
+    if let Some(seq) = next {
+        super::list::print_log_cursor(seq, since, until);
+    }
     match failed {
         Some(e) => Err(e),
         None => Ok(ExitCode::Ok),
@@ -179,11 +183,14 @@ pub fn history(ledger: &Ledger, out: &Out, args: HistoryArgs) -> Result<ExitCode
         (None, Some(job)) => ledger.job_history(job)?,
         (None, None) => unreachable!("clap requires one"),
     };
+    if args.limit.is_some() || args.cursor.is_some() {
+        return super::list::history_page(out, h, &args.allocation, args.limit, args.cursor.as_deref());
+    }
     out.tabular(&h, || human_history(&h), || output::history_table(&h), || output::history_csv(&h))?;
     Ok(ExitCode::Ok)
 }
 
-fn human_history(h: &History) -> String {
+pub(super) fn human_history(h: &History) -> String {
     let subject = match h.allocation_id {
         Some(id) => format!("allocation {id} (job {})", h.job_id),
         None => format!("job {} ({} allocations)", h.job_id, h.allocation_ids.len()),

@@ -6,7 +6,7 @@ use allocation_ledger::{format_micros, Micros};
 use allocation_ledger::{
     AllocationDetails, AllocationSummary, CapacityReport, ExitCode, ReleaseReport, RequestOutcome,
 };
-use allocation_ledger::{AllocationState, Config, Error, Ledger, Priority, ResourceRequest};
+use allocation_ledger::{Config, Error, Ledger, Priority, ResourceRequest};
 use allocation_ledger::{OpenOptions, SnapshotInfo};
 use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
@@ -19,6 +19,7 @@ mod config;
 mod contract;
 mod follow;
 mod history;
+mod list;
 mod output;
 mod pool;
 mod replay;
@@ -121,17 +122,8 @@ enum Command {
         /// alloc-xxxxxxxxxxxx
         allocation_id: String,
     },
-    /// List allocations
-    List {
-        /// active, released, expired or failed
-        #[arg(long)]
-        state: Option<String>,
-        #[arg(long)]
-        job_id: Option<String>,
-        /// List them as they were at this instant: RFC 3339 or relative (-15m, -2h, -1d)
-        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
-        at: Option<String>,
-    },
+    /// List allocations (filtered; by pages with --limit and --cursor)
+    List(list::ListArgs),
     /// Record the expiry of every allocation past its deadline
     CleanupExpired {
         #[command(flatten)]
@@ -153,8 +145,11 @@ enum Command {
         until: Option<String>,
         /// Keep going: print each event as it is appended (NDJSON), beside a running writer,
         /// until interrupted or stdout closes
-        #[arg(long, conflicts_with_all = ["since", "until"])]
+        #[arg(long, conflicts_with_all = ["since", "until", "cursor"])]
         follow: bool,
+        /// Go on where a `log --limit` stopped (the cursor it printed on stderr; same --since/--until)
+        #[arg(long, value_name = "CURSOR", conflicts_with = "from_seq")]
+        cursor: Option<String>,
     },
     /// Every event of one allocation, or of every allocation of one job, in order
     History(history::HistoryArgs),
@@ -416,6 +411,16 @@ pub(super) fn report_recovery(ledger: &Ledger) {
     }
 }
 
+/// `capacity [--at TIME]`.
+fn capacity(out: &Out, ledger: &Ledger, at: Option<&str>) -> allocation_ledger::Result<ExitCode> {
+    let c = match at {
+        None => ledger.get_capacity()?,
+        Some(at) => history::capacity_at(ledger, at)?,
+    };
+    out.tabular(&c, || human_capacity(&c), || output::capacity_table(&c), || output::capacity_csv(&c))?;
+    Ok(ExitCode::Ok)
+}
+
 fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
     let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let config = &cli.config;
@@ -437,27 +442,22 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         Command::Release { allocation_id, expect } => release(out, &dir, config, &allocation_id, expect.seq()?),
         Command::Renew(args) => contract::renew(out, &open_writer(&dir, config)?, &args),
         Command::Capacity { by_tenant: true, .. } => tenant_capacity(out, &open_reader(&dir, config)?),
-        Command::Capacity { at, .. } => {
-            let ledger = open_reader(&dir, config)?;
-            let c = match at {
-                None => ledger.get_capacity()?,
-                Some(at) => history::capacity_at(&ledger, &at)?,
-            };
-            out.tabular(&c, || human_capacity(&c), || output::capacity_table(&c), || output::capacity_csv(&c))?;
-            Ok(ExitCode::Ok)
-        }
+        Command::Capacity { at, .. } => capacity(out, &open_reader(&dir, config)?, at.as_deref()),
         Command::Get { allocation_id } => get(out, &dir, config, allocation_id),
-        Command::List { state, job_id, at } => list(out, &dir, config, state, job_id, at),
+        Command::List(args) => list::list(out, || open_reader(&dir, config), &args),
         Command::CleanupExpired { expect } => cleanup_expired(out, &open_writer(&dir, config)?, expect.seq()?),
         Command::Log { from_seq, limit, follow: true, .. } => follow::follow(out, &dir, from_seq, limit),
-        Command::Log { from_seq, limit, since, until, .. } if since.is_some() || until.is_some() => {
+        Command::Log { from_seq, limit, since, until, cursor, .. } if since.is_some() || until.is_some() => {
+            let from_seq = list::log_start(cursor.as_deref(), from_seq, since.as_deref(), until.as_deref())?;
             let ledger = open_reader(&dir, config)?;
             history::log(&ledger, out, from_seq, limit, since.as_deref(), until.as_deref())
         }
         Command::History(args) => history::history(&open_reader(&dir, config)?, out, args),
         Command::Usage(args) => history::usage(&open_reader(&dir, config)?, out, args),
         Command::Timeline(args) => history::timeline(&open_reader(&dir, config)?, out, args),
-        Command::Log { from_seq, limit, .. } => log(out, &dir, from_seq, limit),
+        Command::Log { from_seq, limit, cursor, .. } => {
+            log(out, &dir, list::log_start(cursor.as_deref(), from_seq, None, None)?, limit)
+        }
         Command::Replay(args) => replay::replay(&open_existing(&dir)?, out, args),
         Command::WhatIf(args) => replay::what_if(&open_existing(&dir)?, out, config.as_deref(), args),
         Command::Verify => verify(out, dir),
@@ -583,27 +583,6 @@ fn get(
     }
 }
 
-fn list(
-    out: &Out,
-    dir: &PathBuf,
-    config: &Option<PathBuf>,
-    state: Option<String>,
-    job_id: Option<String>,
-    at: Option<String>,
-) -> allocation_ledger::Result<ExitCode> {
-    let state = state.as_deref().map(|s| AllocationState::parse("state", s)).transpose()?;
-    if let Some(j) = &job_id {
-        allocation_ledger::validate_job_id("job_id", j)?;
-    }
-    let ledger = open_reader(dir, config)?;
-    let rows = match at {
-        None => ledger.list_allocations(state, job_id.as_deref())?,
-        Some(at) => history::list_at(&ledger, &at, state, job_id.as_deref())?,
-    };
-    out.tabular(&rows, || human_list(&rows), || output::list_table(&rows), || output::list_csv(&rows))?;
-    Ok(ExitCode::Ok)
-}
-
 fn cleanup_expired(out: &Out, ledger: &Ledger, expected_seq: Option<u64>) -> allocation_ledger::Result<ExitCode> {
     let r = match expected_seq {
         Some(seq) => ledger.if_seq(seq).cleanup_expired()?,
@@ -633,7 +612,9 @@ fn log(out: &Out, dir: &Path, from_seq: u64, limit: Option<usize>) -> allocation
     // No preview here: its one event would be a ledger that does not exist.
     let ledger = Ledger::open_read_only(dir)?;
     report_recovery(&ledger);
-    let events = ledger.events(from_seq.max(1), limit.unwrap_or(usize::MAX))?;
+    let mut events = ledger.events(from_seq.max(1), limit.map_or(usize::MAX, |l| l.saturating_add(1)))?;
+    // One more than asked for tells whether more follow.
+    let next = limit.filter(|l| events.len() > *l).and_then(|_| events.pop()).map(|e| e.seq);
     let mut stdout = std::io::stdout().lock();
     let mut sink = output::EventSink::new(out);
     for e in events {
@@ -643,6 +624,9 @@ fn log(out: &Out, dir: &Path, from_seq: u64, limit: Option<usize>) -> allocation
         }
     }
     let _ = sink.finish(&mut stdout);
+    if let Some(seq) = next {
+        list::print_log_cursor(seq, None, None);
+    }
     Ok(ExitCode::Ok)
 }
 

@@ -25,6 +25,7 @@ pub(crate) mod index;
 mod metrics;
 mod open;
 mod options;
+mod page;
 mod pool;
 mod queries;
 mod replay;
@@ -34,6 +35,9 @@ pub use commit::Durable;
 pub use contract::IfSeq;
 pub use metrics::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
 pub use options::{LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
+pub use page::{
+    log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
+};
 pub use pool::{PoolChangeReport, PoolReport, PoolSlot};
 
 use crate::domain::clock::{Clock, Micros};
@@ -87,6 +91,8 @@ struct Shared {
     snapshots: snapshots::Snapshots,
     /// One capacity-index build at a time.
     index_build_lock: Mutex<()>,
+    /// The index `list_page` serves ended allocations from (built on the first page).
+    pages: Mutex<Option<page::PageIndex>>,
     commit: commit::Commit,
     _lock: Option<Box<dyn LockGuard>>,
 }

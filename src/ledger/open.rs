@@ -127,6 +127,7 @@ impl Ledger {
             commit: Commit::new(durable, outbox),
             snapshots: Snapshots::default(),
             index_build_lock: Mutex::new(()),
+            pages: Mutex::new(None),
             recovery,
             _lock: lock_guard,
         });

@@ -131,22 +131,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
             "required": ["allocation_id"],
             "additionalProperties": false,
         }),
-        "list_allocations" => json!({
-            "type": "object",
-            "properties": {
-                "state": {
-                    "type": "string",
-                    "enum": ["active", "released", "expired", "failed"],
-                    "description": "Only allocations in this state: active, released, expired or failed (a request that could not be granted). Omit for all states.",
-                },
-                "job_id": {
-                    "type": "string",
-                    "description": "Only allocations of this job. Omit for all jobs.",
-                },
-                "at": super::tools::history::at_schema(),
-            },
-            "additionalProperties": false,
-        }),
+        "list_allocations" => super::tools::list::list_input(),
         "get_capacity" => json!({
             "type": "object",
             "properties": {
@@ -431,8 +416,12 @@ fn list() -> Value {
                 },
             },
             "count": int("Number of allocations listed."),
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "Pass as cursor (with the same filters) for the next page; null on the last page.",
+            },
         },
-        "required": ["allocations", "count"],
+        "required": ["allocations", "count", "next_cursor"],
     })
 }
 

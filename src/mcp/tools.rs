@@ -3,7 +3,6 @@
 //! report types, which serialise to the original system's shapes.
 
 use super::schemas;
-use crate::domain::model::AllocationState;
 use crate::{Config, Error, Ledger, RequestOutcome, ResourceRequest};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{CallToolResult, CustomRequest, CustomResult, JsonObject};
@@ -15,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 pub(super) mod contract;
 pub(super) mod history;
+pub(super) mod list;
 pub(super) mod pool;
 pub(super) mod whatif;
 
@@ -44,6 +44,7 @@ impl LedgerTools {
     pub(crate) fn router(config: &Config) -> ToolRouter<Self> {
         let mut router = Self::tool_router()
             + Self::history_router()
+            + Self::list_router()
             + Self::contract_router()
             + Self::whatif_router()
             + Self::pool_router();
@@ -314,45 +315,6 @@ impl LedgerTools {
         match self.call(move |l| l.get_allocation(&lookup)).await? {
             Ok(Some(details)) => ok(details),
             Ok(None) => tool_error(error_value(&Error::NotFound(id))),
-            Err(e) => tool_error(error_value(&e)),
-        }
-    }
-
-    #[tool(
-        description = "List allocations as summaries (allocation_id, job_id, state, priority, workers, age_seconds, is_expired, created_at), oldest first, optionally only those in one state and/or of one job. With `at` (RFC 3339 or relative such as -1h) it lists them as they were at that instant: states then, allocations granted later absent. The result is {allocations: [...], count}.",
-        annotations(
-            title = "List allocations",
-            read_only_hint = true,
-            idempotent_hint = true,
-            open_world_hint = false
-        )
-    )]
-    async fn list_allocations(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        let parsed = check_known(&args, &["state", "job_id", "at"]).and_then(|()| {
-            let state = opt_str(&args, "state")?.map(|s| AllocationState::parse("state", s)).transpose()?;
-            // The CLI's check (`list --job-id`): the same job ids are refused with the same error.
-            let job_id = opt_str(&args, "job_id")?.map(str::to_string);
-            if let Some(j) = &job_id {
-                crate::domain::input::validate_job_id("job_id", j)?;
-            }
-            let at = opt_str(&args, "at")?.map(str::to_string);
-            Ok((state, job_id, at))
-        });
-        let (state, job_id, at) = match parsed {
-            Ok(x) => x,
-            Err(e) => return tool_error(error_value(&e)),
-        };
-        let listed = self
-            .call(move |l| match history::parse_at(l, "at", at.as_deref())? {
-                None => l.list_allocations(state, job_id.as_deref()),
-                Some(t) => l.list_allocations_at(t, state, job_id.as_deref()),
-            })
-            .await?;
-        match listed {
-            Ok(list) => {
-                let count = list.len();
-                ok(json!({ "allocations": list, "count": count }))
-            }
             Err(e) => tool_error(error_value(&e)),
         }
     }

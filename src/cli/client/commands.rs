@@ -2,9 +2,9 @@
 //! and the answer printed with the local mode's printers.
 
 use super::{Failure, Server};
-use crate::cli::{contract, human_capacity, human_details, human_list, human_outcome, human_release, human_tenants};
+use crate::cli::{contract, human_capacity, human_details, human_outcome, human_release, human_tenants};
 use crate::cli::{output, parse_metadata, parse_number, Cli, Command, Out};
-use allocation_ledger::{AllocationDetails, AllocationState, AllocationSummary, CapacityReport, CleanupReport};
+use allocation_ledger::{AllocationDetails, CapacityReport, CleanupReport};
 use allocation_ledger::{Error, ExitCode, PlanReport, Priority, ReleaseReport, RenewReport, RequestOutcome};
 use allocation_ledger::{ResourceRequest, TenantCapacity};
 use serde::de::DeserializeOwned;
@@ -67,7 +67,7 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
             out.doc(&d, || human_details(&d))?;
             Ok(ExitCode::Ok)
         }
-        Command::List { state, job_id, at } => list(server, out, state.as_deref(), job_id.as_deref(), at.as_deref()),
+        Command::List(args) => list(server, out, args),
         Command::CleanupExpired { expect } => cleanup(server, out, expect.seq()?),
         Command::Pool(cmd) => pool(server, out, cmd),
         _ => Err(Failure::Ledger(Error::invalid("server", "this command has no server equivalent"))),
@@ -156,20 +156,20 @@ fn renew(server: &Server, out: &Out, a: &contract::RenewArgs) -> Result<ExitCode
     Ok(ExitCode::Ok)
 }
 
-fn list(server: &Server, out: &Out, state: Option<&str>, job_id: Option<&str>, at: Option<&str>) -> Result<ExitCode> {
-    if let Some(s) = state {
-        AllocationState::parse("state", s)?;
+/// `list` through `list_allocations`: one page when `--limit`/`--cursor` asks for one, else
+/// every page (the local mode prints every row; the tool's default page is bounded).
+fn list(server: &Server, out: &Out, args: &crate::cli::list::ListArgs) -> Result<ExitCode> {
+    let mut tool_args = args.tool_args()?;
+    let mut page: allocation_ledger::AllocationPage = decode(server.call("list_allocations", tool_args.clone())?)?;
+    while !args.paged() {
+        let Some(next) = page.next_cursor.take() else { break };
+        tool_args.insert("cursor".into(), next.into());
+        let more: allocation_ledger::AllocationPage = decode(server.call("list_allocations", tool_args.clone())?)?;
+        page.allocations.extend(more.allocations);
+        page.count = page.allocations.len();
+        page.next_cursor = more.next_cursor;
     }
-    if let Some(j) = job_id {
-        allocation_ledger::validate_job_id("job_id", j)?;
-    }
-    let mut args = Map::new();
-    put(&mut args, "state", state);
-    put(&mut args, "job_id", job_id);
-    put(&mut args, "at", at);
-    let v = server.call("list_allocations", args)?;
-    let rows: Vec<AllocationSummary> = decode(v["allocations"].clone())?;
-    out.tabular(&rows, || human_list(&rows), || output::list_table(&rows), || output::list_csv(&rows))?;
+    crate::cli::list::print_page(out, &page, args.paged())?;
     Ok(ExitCode::Ok)
 }
 

@@ -65,7 +65,7 @@ fn subject_arg(args: &JsonObject) -> Result<Subject, Error> {
 #[tool_router(router = history_router, vis = "pub(crate)")]
 impl LedgerTools {
     #[tool(
-        description = "The audit trail of one allocation (allocation_id) or of every allocation of a job (job_id): its events in order — granted, rejected, released, expired — each with seq, at (RFC 3339 timestamp) and the event's fields (workers, MCP servers, deadline, rejection reason). Returns {allocation_id?, job_id, allocation_ids, events, count, truncated}; for long histories only the most recent `limit` events (default 500) are returned and truncated is true. An unknown allocation_id is an error; a job the ledger never saw has no events.",
+        description = "The audit trail of one allocation (allocation_id) or of every allocation of a job (job_id): its events in order — granted, rejected, released, expired — each with seq, at (RFC 3339 timestamp) and the event's fields (workers, MCP servers, deadline, rejection reason). Returns {allocation_id?, job_id, allocation_ids, events, count, truncated, next_cursor}; for long histories only the most recent `limit` events (default 500, at most 10000) are returned, truncated is true and next_cursor (null when there is nothing older) is a string to pass as `cursor` (with the same allocation_id or job_id) for the page of older events before them. An unknown allocation_id is an error; a job the ledger never saw has no events.",
         annotations(
             title = "Allocation history",
             read_only_hint = true,
@@ -74,28 +74,28 @@ impl LedgerTools {
         )
     )]
     async fn allocation_history(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        let parsed = check_known(&args, &["allocation_id", "job_id", "limit"])
-            .and_then(|()| Ok((subject_arg(&args)?, limit_arg(&args)?)));
-        let (subject, limit) = match parsed {
+        let parsed = check_known(&args, &["allocation_id", "job_id", "limit", "cursor"])
+            .and_then(|()| Ok((subject_arg(&args)?, limit_arg(&args)?, opt_str(&args, "cursor")?.map(str::to_string))));
+        let (subject, limit, cursor) = match parsed {
             Ok(x) => x,
             Err(e) => return tool_error(error_value(&e)),
         };
         let result = self
-            .call(move |l| match subject {
-                Subject::Allocation(id) => l.allocation_history(&id),
-                Subject::Job(job) => l.job_history(&job),
+            .call(move |l| {
+                let (h, key) = match &subject {
+                    Subject::Allocation(id) => (l.allocation_history(id)?, format!("allocation:{id}")),
+                    Subject::Job(job) => (l.job_history(job)?, format!("job:{job}")),
+                };
+                // `limit` is at most HISTORY_MAX_LIMIT.
+                crate::page_history(h, &key, usize::try_from(limit).unwrap_or(usize::MAX), cursor.as_deref())
             })
             .await?;
         match result {
-            Ok(mut h) => {
-                let total = h.events.len();
-                let truncated = total as u64 > limit;
-                if truncated {
-                    h.events.drain(..total - limit as usize);
-                }
+            Ok((h, next)) => {
                 let mut v = serde_json::to_value(&h).map_err(|e| McpError::internal_error(e.to_string(), None))?;
                 v["count"] = h.events.len().into();
-                v["truncated"] = truncated.into();
+                v["truncated"] = next.is_some().into();
+                v["next_cursor"] = next.into();
                 ok(v)
             }
             Err(e) => tool_error(error_value(&e)),
@@ -162,6 +162,10 @@ pub(crate) fn history_input() -> Value {
                 "maximum": HISTORY_MAX_LIMIT,
                 "default": HISTORY_DEFAULT_LIMIT,
                 "description": format!("At most this many events, the most recent ones (1 to {HISTORY_MAX_LIMIT}, default {HISTORY_DEFAULT_LIMIT})."),
+            },
+            "cursor": {
+                "type": "string",
+                "description": "The next_cursor of the previous page, as given (with the same allocation_id or job_id): the events before that page. Omit for the most recent events.",
             },
         },
         "additionalProperties": false,
@@ -278,6 +282,7 @@ pub(crate) fn history_output() -> Value {
             },
             "count": int("Events returned."),
             "truncated": { "type": "boolean", "description": "Older events were left out (see limit)." },
+            "next_cursor": { "type": ["string", "null"], "description": "Pass as cursor for the older events; null when there are none." },
         },
         "required": ["job_id", "allocation_ids", "events", "count", "truncated"],
     })
