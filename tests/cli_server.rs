@@ -189,8 +189,16 @@ fn writes_find_their_server_and_answer_as_the_local_mode() {
     assert_eq!((r.code, l.code), (0, 0), "{r:?}\n{l:?}");
     assert_eq!(keys(&r.json()), keys(&l.json()));
 
+    // A snapshot is written by the server (write_snapshot), at the server's last seq.
+    let r = cli(served.path(), &["--json", "snapshot"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let seq = r.json()["seq"].as_u64().unwrap();
+    let cap = cli(served.path(), &["--server", url, "--json", "capacity"], &[]).json();
+    assert_eq!(Some(seq), cap["seq"].as_u64(), "{cap}");
+    assert!(served.path().join("snapshots").read_dir().unwrap().count() >= 1);
+
     // Commands the server has no tool for: locked (5), with a note naming the server.
-    let r = cli(served.path(), &["snapshot"], &[]);
+    let r = cli(served.path(), &["init"], &[]);
     assert_eq!(r.code, 5, "{r:?}");
     assert!(r.stderr.contains(url) && r.stderr.contains("stop the server"), "{r:?}");
     let r = cli(served.path(), &["--server", url, "log"], &[]);
@@ -277,6 +285,7 @@ fn pool_changes_go_to_the_server_and_answer_as_the_local_mode() {
     let served = tempfile::tempdir().unwrap();
     let local = tempfile::tempdir().unwrap();
     let server = HttpServer::start(served.path(), &[]);
+    server_file(served.path()); // written just after the server listens
     let both = |args: &[&str]| (cli(served.path(), args, &[]), cli(local.path(), args, &[]));
     let (r, l) = both(&["--json", "request", "--job-id", "a", "--workers", "1"]);
     assert_eq!((r.code, l.code), (0, 0), "{r:?}\n{l:?}");
@@ -310,6 +319,7 @@ fn pool_changes_go_to_the_server_and_answer_as_the_local_mode() {
 fn list_pages_through_the_server_as_the_local_mode() {
     let served = tempfile::tempdir().unwrap();
     let server = HttpServer::start(served.path(), &[]);
+    server_file(served.path()); // written just after the server listens
     for job in ["a", "b", "c"] {
         let r = cli(served.path(), &["--json", "request", "--job-id", job, "--workers", "1"], &[]);
         assert_eq!(r.code, 0, "{r:?}");

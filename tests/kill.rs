@@ -126,10 +126,10 @@ fn client(url: String, tag: String, shared: Arc<Shared>, stop: Arc<AtomicBool>) 
     }
 }
 
-/// While the server runs: another writer is locked out, a reader works. (A CLI `request`
-/// would go to the server by itself: `snapshot` has no server equivalent.)
+/// While the server runs: another writer is locked out, a reader works. (A CLI `request` or
+/// `snapshot` would go to the server by itself: `init` has no server equivalent.)
 fn check_lock_and_reader(dir: &Path) {
-    let o = mcp_common::bin().arg("--data-dir").arg(dir).args(["--json", "snapshot"]).output().unwrap();
+    let o = mcp_common::bin().arg("--data-dir").arg(dir).args(["--json", "init"]).output().unwrap();
     assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stdout));
     let e: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(e["error"]["kind"], "locked");

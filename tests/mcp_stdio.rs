@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 13] = [
+const TOOLS: [&str; 14] = [
     "allocation_history",
     "change_pool",
     "cleanup_expired",
@@ -25,6 +25,7 @@ const TOOLS: [&str; 13] = [
     "request_resources",
     "usage_report",
     "what_if",
+    "write_snapshot",
 ];
 
 fn tool_names(list: &Value) -> Vec<String> {

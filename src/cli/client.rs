@@ -51,7 +51,8 @@ fn route(command: &Command) -> Route {
         | Command::Capacity { .. }
         | Command::Get { .. }
         | Command::List { .. }
-        | Command::CleanupExpired { .. } => Route::Remote,
+        | Command::CleanupExpired { .. }
+        | Command::Snapshot => Route::Remote,
         Command::Demo | Command::Completions { .. } | Command::Man => Route::Local,
         #[cfg(feature = "server")]
         Command::Serve(_) => Route::Local,
@@ -62,7 +63,6 @@ fn route(command: &Command) -> Route {
         Command::Replay(_) => Route::NoServer("replay"),
         Command::WhatIf(_) => Route::NoServer("what-if"),
         Command::Verify => Route::NoServer("verify"),
-        Command::Snapshot => Route::NoServer("snapshot"),
         Command::Repair { .. } => Route::NoServer("repair"),
         Command::Init => Route::NoServer("init"),
         Command::Config(_) => Route::NoServer("config"),
@@ -75,7 +75,11 @@ fn route(command: &Command) -> Route {
 fn writes(command: &Command) -> bool {
     matches!(
         command,
-        Command::Request { .. } | Command::Release { .. } | Command::Renew(_) | Command::CleanupExpired { .. }
+        Command::Request { .. }
+            | Command::Release { .. }
+            | Command::Renew(_)
+            | Command::CleanupExpired { .. }
+            | Command::Snapshot
     ) || matches!(command, Command::Pool(p) if p.writes())
 }
 

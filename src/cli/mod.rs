@@ -411,6 +411,11 @@ pub(super) fn report_recovery(ledger: &Ledger) {
     }
 }
 
+/// `snapshot`'s text (local or through a server).
+fn snapshot_text(s: &SnapshotInfo) -> String {
+    format!("snapshot at sequence number {} written to {}", s.seq, s.path.display())
+}
+
 /// `capacity [--at TIME]`.
 fn capacity(out: &Out, ledger: &Ledger, at: Option<&str>) -> allocation_ledger::Result<ExitCode> {
     let c = match at {
@@ -465,7 +470,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         Command::Snapshot => {
             let ledger = open_writer(&dir, config)?;
             let s: SnapshotInfo = ledger.snapshot()?;
-            out.doc(&s, || format!("snapshot at sequence number {} written to {}", s.seq, s.path.display()))?;
+            out.doc(&s, || snapshot_text(&s))?;
             Ok(ExitCode::Ok)
         }
         Command::Demo => demo(out, config),

@@ -98,7 +98,7 @@ pub struct RecoveryReport {
 }
 
 /// A snapshot that was written.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotInfo {
     /// The sequence number of the last event it holds.
     pub seq: u64,

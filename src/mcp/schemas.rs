@@ -148,6 +148,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         "what_if" => super::tools::whatif::whatif_input(),
         "get_pool" => super::tools::pool::get_pool_input(),
         "change_pool" => super::tools::pool::change_pool_input(),
+        "write_snapshot" => super::tools::admin::write_snapshot_input(),
         // cleanup_expired
         _ => json!({
             "type": "object",
@@ -452,6 +453,7 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "what_if" => with_error(vec![super::tools::whatif::whatif_output()]),
         "get_pool" => with_error(vec![super::tools::pool::get_pool_output()]),
         "change_pool" => with_error(vec![super::tools::pool::change_pool_output()]),
+        "write_snapshot" => with_error(vec![super::tools::admin::write_snapshot_output()]),
         other => unreachable!("no output schema for tool {other}"),
     }
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_util::task::TaskTracker;
 
+pub(super) mod admin;
 pub(super) mod contract;
 pub(super) mod history;
 pub(super) mod list;
@@ -47,7 +48,8 @@ impl LedgerTools {
             + Self::list_router()
             + Self::contract_router()
             + Self::whatif_router()
-            + Self::pool_router();
+            + Self::pool_router()
+            + Self::admin_router();
         for (name, route) in &mut router.map {
             route.attr.input_schema = schemas::input(name, config);
             route.attr.output_schema = Some(schemas::output(name));

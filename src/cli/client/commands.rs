@@ -70,6 +70,11 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
         Command::List(args) => list(server, out, args),
         Command::CleanupExpired { expect } => cleanup(server, out, expect.seq()?),
         Command::Pool(cmd) => pool(server, out, cmd),
+        Command::Snapshot => {
+            let s: allocation_ledger::SnapshotInfo = decode(server.call("write_snapshot", Map::new())?)?;
+            out.doc(&s, || crate::cli::snapshot_text(&s))?;
+            Ok(ExitCode::Ok)
+        }
         _ => Err(Failure::Ledger(Error::invalid("server", "this command has no server equivalent"))),
     }
 }
