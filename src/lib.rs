@@ -48,9 +48,9 @@ pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use ledger::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
+pub use ledger::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
-pub use ledger::{PoolChangeReport, PoolReport, PoolSlot};
 pub use log::follow::{gone_error, oldest_servable_seq, LogFollower, DAMAGE_GRACE};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,

@@ -304,12 +304,30 @@ fn pool_changes_go_to_the_server_and_answer_as_the_local_mode() {
     let r = cli(served.path(), &["--json", "pool", "add-workers", "--count", "2", "--dry-run"], &[]);
     assert_eq!((r.code, r.json()["applied"].as_bool()), (0, Some(false)), "{r:?}");
 
+    // `config apply` goes to apply_config: the same report both ways, a dry run first.
+    let file = local.path().join("..").join(format!("cfg-{}.json", std::process::id()));
+    let drained =
+        r#"{"worker_slots": 12, "total_cpu_millicores": 18000, "total_memory_mib": 36864, "drained_workers": [0]}"#;
+    std::fs::write(&file, drained).unwrap();
+    let path = file.to_str().unwrap();
+    let r = cli(served.path(), &["--json", "config", "apply", path, "--dry-run"], &[]);
+    assert_eq!((r.code, r.json()["applied"].as_bool()), (0, Some(false)), "{r:?}");
+    let (r, l) = both(&["--json", "config", "apply", path]);
+    assert_eq!((r.code, l.code), (0, 0), "{r:?}\n{l:?}");
+    assert_eq!(r.json(), l.json());
+    assert_eq!(r.json()["applied"], true, "{r:?}");
+    // Applying it again changes nothing, and writes nothing.
+    let (r, l) = both(&["--json", "config", "apply", path]);
+    assert_eq!((r.json()["applied"].as_bool(), l.json()["applied"].as_bool()), (Some(false), Some(false)));
+    std::fs::remove_file(&file).unwrap();
+
     let r = cli(served.path(), &["--server", &server.url, "--json", "pool", "show"], &[]);
     assert_eq!(r.code, 0, "{r:?}");
     let shown = r.json();
     assert_eq!(shown["workers"][0]["state"], "draining", "{shown}");
     assert_eq!(shown["workers"][1]["state"], "free", "{shown}");
-    assert_eq!(shown["seq"], 3, "created, granted, drained: {shown}");
+    assert_eq!(shown["workers"][11]["state"], "free", "added by the config: {shown}");
+    assert_eq!(shown["seq"], 4, "created, granted, drained, the config applied: {shown}");
     assert!(server.stop().success());
 }
 

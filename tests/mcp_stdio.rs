@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 14] = [
+const TOOLS: [&str; 15] = [
     "allocation_history",
+    "apply_config",
     "change_pool",
     "cleanup_expired",
     "get_allocation",

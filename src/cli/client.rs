@@ -10,7 +10,7 @@
 //! cannot be reached exits 1 (kind `io`), except that a server found through `server.json`
 //! which does not answer is taken for stale, and the command runs locally.
 
-use super::{default_data_dir, Cli, Command, Out};
+use super::{config, default_data_dir, Cli, Command, Out};
 use allocation_ledger::{Error, ExitCode};
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::{ClientInitializeError, RoleClient, RunningService};
@@ -65,7 +65,8 @@ fn route(command: &Command) -> Route {
         Command::Verify => Route::NoServer("verify"),
         Command::Repair { .. } => Route::NoServer("repair"),
         Command::Init => Route::NoServer("init"),
-        Command::Config(_) => Route::NoServer("config"),
+        Command::Config(config::ConfigCommand::Apply { .. }) => Route::Remote,
+        Command::Config(_) => Route::NoServer("config show"),
         Command::Pool(_) => Route::Remote,
     }
 }
@@ -80,6 +81,7 @@ fn writes(command: &Command) -> bool {
             | Command::Renew(_)
             | Command::CleanupExpired { .. }
             | Command::Snapshot
+            | Command::Config(config::ConfigCommand::Apply { .. })
     ) || matches!(command, Command::Pool(p) if p.writes())
 }
 

@@ -4,7 +4,7 @@
 
 use super::contract::ExpectSeq;
 use super::{open_options, report_recovery, warn_snapshot_error, Out};
-use allocation_ledger::{Config, Error, ExitCode, Ledger};
+use allocation_ledger::{Config, ConfigApplyReport, Error, ExitCode, Ledger};
 use clap::Subcommand;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -35,17 +35,6 @@ pub(super) struct FieldChange {
     to: serde_json::Value,
 }
 
-/// What `config apply` did (or, with `--dry-run`, would do).
-#[derive(Debug, Serialize)]
-struct ApplyReport {
-    changes: Vec<FieldChange>,
-    applied: bool,
-    dry_run: bool,
-    /// The `config_changed` event's sequence number when applied.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-}
-
 /// The fields of `to` that differ from `from`, in the config's field order.
 pub(super) fn diff(from: &Config, to: &Config) -> Vec<FieldChange> {
     let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
@@ -57,10 +46,6 @@ pub(super) fn diff(from: &Config, to: &Config) -> Vec<FieldChange> {
         .filter(|(k, v)| a.get(k) != Some(v))
         .map(|(field, to)| FieldChange { from: a.get(&field).cloned().unwrap_or_default(), field, to })
         .collect()
-}
-
-fn human_changes(changes: &[FieldChange]) -> String {
-    changes.iter().map(|c| format!("  {}: {} -> {}\n", c.field, c.from, c.to)).collect()
 }
 
 /// A `--config` given for a ledger that exists must be the config it records: an existing
@@ -132,28 +117,18 @@ fn apply(
     dry_run: bool,
     expected_seq: Option<u64>,
 ) -> allocation_ledger::Result<ExitCode> {
-    let new = Config::from_file(file)?;
-    let (current, verdict) = ledger.with_state(|s| (s.config.clone(), s.decide_config_change(new.clone()).map(|_| ())));
-    let changes = diff(&current, &new);
-    if changes.is_empty() {
-        let report = ApplyReport { changes, applied: false, dry_run, seq: None };
-        out.doc(&report, || "no change: the ledger already records this config".to_string())?;
-        return Ok(ExitCode::Ok);
-    }
-    verdict?;
-    let seq = if dry_run {
-        None
-    } else {
-        Some(match expected_seq {
-            Some(seq) => ledger.if_seq(seq).reconfigure(new)?,
-            None => ledger.reconfigure(new)?,
-        })
-    };
+    let report = ledger.apply_config(Config::from_file(file)?, expected_seq, dry_run)?;
     warn_snapshot_error(ledger);
-    let report = ApplyReport { applied: seq.is_some(), dry_run, seq, changes };
-    out.doc(&report, || match report.seq {
-        Some(seq) => format!("recorded the config change as event {seq}:\n{}", human_changes(&report.changes)),
-        None => format!("dry run: the change would be accepted (nothing written):\n{}", human_changes(&report.changes)),
+    print_apply(out, &report)
+}
+
+/// `config apply`'s report (local, or from a server's `apply_config`).
+pub(super) fn print_apply(out: &Out, report: &ConfigApplyReport) -> allocation_ledger::Result<ExitCode> {
+    let changes: String = report.changes.iter().map(|c| format!("  {}: {} -> {}\n", c.field, c.from, c.to)).collect();
+    out.doc(report, || match report.seq {
+        _ if report.changes.is_empty() => "no change: the ledger already records this config".to_string(),
+        Some(seq) => format!("recorded the config change as event {seq}:\n{changes}"),
+        None => format!("dry run: the change would be accepted (nothing written):\n{changes}"),
     })?;
     Ok(ExitCode::Ok)
 }

@@ -38,7 +38,7 @@ pub use options::{LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotI
 pub use page::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
-pub use pool::{PoolChangeReport, PoolReport, PoolSlot};
+pub use pool::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 
 use crate::domain::clock::{Clock, Micros};
 use crate::domain::config::Config;

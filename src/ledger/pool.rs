@@ -9,7 +9,7 @@ use crate::domain::model::AllocationState;
 use crate::domain::pool::{config_diff, describe_change, ConfigFieldChange, PoolChange};
 use crate::domain::state::State;
 use crate::report::CapacityReport;
-use crate::Result;
+use crate::{Config, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -141,5 +141,41 @@ impl Ledger {
                 Ok((events, report))
             },
         )
+    }
+}
+
+/// What `config apply` / `apply_config` did (or, dry run, would do).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigApplyReport {
+    /// The config fields that change (none: the ledger already records this config).
+    pub changes: Vec<ConfigFieldChange>,
+    /// Whether a `config_changed` event was written.
+    pub applied: bool,
+    /// Nothing was written because it was asked not to be.
+    pub dry_run: bool,
+    /// The change's event, when applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+impl Ledger {
+    /// Records `new` as the config (a `config_changed` event) after showing what changes: refused,
+    /// naming the field and the allocation, if it would take away what an active allocation
+    /// holds; a config equal to the recorded one writes nothing; `dry_run` writes nothing.
+    /// `expected_seq`: apply only if the ledger is still there.
+    pub fn apply_config(&self, new: Config, expected_seq: Option<u64>, dry_run: bool) -> Result<ConfigApplyReport> {
+        let (current, verdict) =
+            self.with_state(|s| (s.config.clone(), s.decide_config_change(new.clone()).map(|_| ())));
+        let changes = config_diff(&current, &new);
+        if changes.is_empty() {
+            return Ok(ConfigApplyReport { changes, applied: false, dry_run, seq: None });
+        }
+        verdict?;
+        let seq = match (dry_run, expected_seq) {
+            (true, _) => None,
+            (false, Some(seq)) => Some(self.if_seq(seq).reconfigure(new)?),
+            (false, None) => Some(self.reconfigure(new)?),
+        };
+        Ok(ConfigApplyReport { applied: seq.is_some(), dry_run, seq, changes })
     }
 }

@@ -149,6 +149,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         "get_pool" => super::tools::pool::get_pool_input(),
         "change_pool" => super::tools::pool::change_pool_input(),
         "write_snapshot" => super::tools::admin::write_snapshot_input(),
+        "apply_config" => super::tools::admin::apply_config_input(),
         // cleanup_expired
         _ => json!({
             "type": "object",
@@ -454,6 +455,7 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "get_pool" => with_error(vec![super::tools::pool::get_pool_output()]),
         "change_pool" => with_error(vec![super::tools::pool::change_pool_output()]),
         "write_snapshot" => with_error(vec![super::tools::admin::write_snapshot_output()]),
+        "apply_config" => with_error(vec![super::tools::admin::apply_config_output()]),
         other => unreachable!("no output schema for tool {other}"),
     }
 }

@@ -49,7 +49,8 @@ impl LedgerTools {
             + Self::contract_router()
             + Self::whatif_router()
             + Self::pool_router()
-            + Self::admin_router();
+            + Self::admin_router()
+            + Self::config_router();
         for (name, route) in &mut router.map {
             route.attr.input_schema = schemas::input(name, config);
             route.attr.output_schema = Some(schemas::output(name));

@@ -70,6 +70,9 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
         Command::List(args) => list(server, out, args),
         Command::CleanupExpired { expect } => cleanup(server, out, expect.seq()?),
         Command::Pool(cmd) => pool(server, out, cmd),
+        Command::Config(crate::cli::config::ConfigCommand::Apply { file, dry_run, expect }) => {
+            apply_config(server, out, file, *dry_run, expect.seq()?)
+        }
         Command::Snapshot => {
             let s: allocation_ledger::SnapshotInfo = decode(server.call("write_snapshot", Map::new())?)?;
             out.doc(&s, || crate::cli::snapshot_text(&s))?;
@@ -77,6 +80,24 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
         }
         _ => Err(Failure::Ledger(Error::invalid("server", "this command has no server equivalent"))),
     }
+}
+
+/// `config apply FILE` through `apply_config` (the file is read here, as the local mode does).
+fn apply_config(
+    server: &Server,
+    out: &Out,
+    file: &std::path::Path,
+    dry_run: bool,
+    expected_seq: Option<u64>,
+) -> Result<ExitCode> {
+    let config = allocation_ledger::Config::from_file(file)?;
+    let mut args = args_with("config", to_value(&config)?);
+    put(&mut args, "expected_seq", expected_seq);
+    if dry_run {
+        args.insert("dry_run".into(), true.into());
+    }
+    let r: allocation_ledger::ConfigApplyReport = decode(server.call("apply_config", args)?)?;
+    Ok(crate::cli::config::print_apply(out, &r)?)
 }
 
 /// `pool ...` through `get_pool` and `change_pool`.
