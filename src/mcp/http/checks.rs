@@ -87,6 +87,20 @@ pub(super) struct Checks {
     origins: Vec<AllowedOrigin>,
 }
 
+/// Middleware (`axum::middleware::from_fn_with_state`) that answers 403 to a request whose
+/// Host header `checks` does not allow: the ops routes and `/events` (`/mcp` has rmcp's own).
+pub(super) async fn host_check(
+    axum::extract::State(checks): axum::extract::State<std::sync::Arc<Checks>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if checks.host_header_allowed(req.headers()) {
+        next.run(req).await
+    } else {
+        (StatusCode::FORBIDDEN, "Forbidden: Host header is not allowed\n").into_response()
+    }
+}
+
 impl Checks {
     pub(super) fn new(allowed_hosts: &[String], allowed_origins: &[String]) -> Checks {
         Checks {

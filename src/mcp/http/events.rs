@@ -14,7 +14,6 @@ use super::checks::Checks;
 use crate::{format_micros, Ledger, LogFollower, LoggedEvent};
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper::body::{Bytes, Frame};
 use std::convert::Infallible;
@@ -54,16 +53,7 @@ pub(super) fn routes(ledger: Ledger, checks: Checks, shutdown: CancellationToken
     let checks = Arc::new(checks);
     axum::Router::new()
         .route("/events", axum::routing::get(move |req: Request| events(streams.clone(), req)))
-        .route_layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-            let allowed = checks.host_header_allowed(req.headers());
-            async move {
-                if allowed {
-                    next.run(req).await
-                } else {
-                    (StatusCode::FORBIDDEN, "Forbidden: Host header is not allowed\n").into_response()
-                }
-            }
-        }))
+        .route_layer(axum::middleware::from_fn_with_state(checks, super::checks::host_check))
 }
 
 /// A JSON error body with `status`.

@@ -8,9 +8,7 @@ use super::checks::Checks;
 use crate::ledger::HistogramSnapshot;
 use crate::log::layout::WAL_DIR;
 use crate::Ledger;
-use axum::extract::Request;
 use axum::http::{header, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -40,16 +38,7 @@ pub(super) fn routes(ledger: Ledger, checks: Checks) -> axum::Router {
         .route("/healthz", axum::routing::get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/readyz", axum::routing::get(move || readyz(ledger.clone())))
         .route("/metrics", axum::routing::get(move || metrics(registry.clone())))
-        .route_layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-            let allowed = checks.host_header_allowed(req.headers());
-            async move {
-                if allowed {
-                    next.run(req).await
-                } else {
-                    (StatusCode::FORBIDDEN, "Forbidden: Host header is not allowed\n").into_response()
-                }
-            }
-        }))
+        .route_layer(axum::middleware::from_fn_with_state(checks, super::checks::host_check))
 }
 
 /// 200 with `{"ready": true, ...}` while the ledger accepts writes; 503 with the reason
