@@ -539,10 +539,12 @@ fn keys_section(report: &mut Report, rounds_n: usize, dur_n: Duration, quick: bo
             plain.push(run(grant_request));
         }
         eprintln!(
-            "[durable] keys, round {}/{rounds_n}: without {}  with {}",
+            "[durable] keys, round {}/{rounds_n}: without {} ({} snapshots)  with {} ({} snapshots)",
             round + 1,
             fmt_rate(plain[round].per_s),
-            fmt_rate(keyed[round].per_s)
+            plain[round].snapshots,
+            fmt_rate(keyed[round].per_s),
+            keyed[round].snapshots
         );
     }
     let r = ratio(&keyed, &plain);

@@ -75,6 +75,13 @@ pub struct ServeArgs {
     /// RUST_LOG sets what is logged (default `warn,allocation_ledger=info`).
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// Also serve the MCP conformance suite's fixture tools, resources and prompts
+    /// (`test_simple_text`, `test://static-text`, ...), and advertise prompts and completions,
+    /// so `@modelcontextprotocol/conformance` can exercise every scenario through this server.
+    /// For conformance runs (tests/conformance.sh) only.
+    #[arg(long, hide = true)]
+    conformance_fixtures: bool,
 }
 
 /// `serve --log-format`.
@@ -129,13 +136,16 @@ pub fn serve(data_dir: PathBuf, config_file: Option<PathBuf>, args: ServeArgs) -
         torn_tail = report.torn_tail.is_some(),
         "ledger opened"
     );
-    let code = run(ledger, args.expiry_interval_seconds, http);
+    let mut opts = ServeOptions::default();
+    opts.expiry_interval = Duration::from_secs(args.expiry_interval_seconds);
+    opts.conformance_fixtures = args.conformance_fixtures;
+    let code = run(ledger, opts, http);
     tracing::info!("server stopped");
     code
 }
 
 /// Runs the server on its own runtime, then drops the ledger (releasing its lock).
-fn run(ledger: Ledger, expiry_interval_seconds: u64, http: Option<HttpOptions>) -> ExitCode {
+fn run(ledger: Ledger, opts: ServeOptions, http: Option<HttpOptions>) -> ExitCode {
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("allocation-ledger-mcp").build() {
             Ok(rt) => rt,
@@ -144,8 +154,6 @@ fn run(ledger: Ledger, expiry_interval_seconds: u64, http: Option<HttpOptions>) 
                 return ExitCode::Other;
             }
         };
-    let mut opts = ServeOptions::default();
-    opts.expiry_interval = Duration::from_secs(expiry_interval_seconds);
     let dir = ledger.dir().to_path_buf();
     let result = runtime.block_on(async {
         match http {

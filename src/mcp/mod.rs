@@ -16,6 +16,7 @@
 //! This is a plain library API: argument parsing, logging setup, the runtime and process
 //! signals belong to the caller (the CLI's `serve` subcommand).
 
+mod fixtures;
 mod http;
 mod resources;
 mod schemas;
@@ -36,11 +37,14 @@ pub struct ServeOptions {
     /// How often the server checks for allocations past their deadline and records their
     /// expiry (the CLI's `--expiry-interval-seconds`, default 1 s).
     pub expiry_interval: Duration,
+    /// Also serve the MCP conformance suite's fixture tools, resources and prompts
+    /// (`test_simple_text`, `test://static-text`, ...), for conformance runs only.
+    pub conformance_fixtures: bool,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { expiry_interval: Duration::from_secs(1) }
+        ServeOptions { expiry_interval: Duration::from_secs(1), conformance_fixtures: false }
     }
 }
 
@@ -89,12 +93,13 @@ async fn run(
 
     let hub = resources::Hub::new(shutdown.child_token());
     let watcher = tokio::spawn(resources::watch(ledger.clone(), hub.clone(), tasks.clone(), shutdown.child_token()));
-    let router = tools::LedgerTools::router(&ledger.with_state(|s| s.config.clone()));
+    let fixtures = opts.conformance_fixtures;
+    let router = tools::LedgerTools::router(&ledger.with_state(|s| s.config.clone()), fixtures);
     let factory = {
         let (ledger, tasks) = (ledger.clone(), tasks.clone());
         move || {
             let watch = resources::Session::new(hub.clone());
-            tools::LedgerTools::new(ledger.clone(), tasks.clone(), router.clone(), watch)
+            tools::LedgerTools::new(ledger.clone(), tasks.clone(), router.clone(), watch, fixtures)
         }
     };
     let result = match http_plan {

@@ -385,14 +385,21 @@ impl Limiter {
     }
 }
 
-/// The capabilities the server advertises: tools, resources with subscriptions, logging.
-pub(crate) fn capabilities() -> ServerCapabilities {
-    ServerCapabilities::builder()
+/// The capabilities the server advertises: tools, resources with subscriptions, logging; with
+/// the conformance fixtures also prompts and completions (which only the fixtures offer).
+pub(crate) fn capabilities(fixtures: bool) -> ServerCapabilities {
+    let mut caps = ServerCapabilities::builder()
         .enable_logging()
         .enable_resources()
         .enable_resources_subscribe()
         .enable_tools()
-        .build()
+        .build();
+    if fixtures {
+        let extra = ServerCapabilities::builder().enable_prompts().enable_completions().build();
+        caps.prompts = extra.prompts;
+        caps.completions = extra.completions;
+    }
+    caps
 }
 
 /// `resources/list`: the two fixed resources (allocations are reached through the template).
@@ -491,7 +498,7 @@ mod tests {
 
     #[test]
     fn the_capabilities_include_subscriptions_and_logging() {
-        let caps = serde_json::to_value(capabilities()).unwrap();
+        let caps = serde_json::to_value(capabilities(false)).unwrap();
         assert_eq!(caps["resources"]["subscribe"], true, "{caps}");
         assert!(caps["logging"].is_object(), "{caps}");
         assert!(caps["tools"].is_object(), "{caps}");

@@ -28,6 +28,8 @@ pub(crate) struct LedgerTools {
     tool_router: ToolRouter<Self>,
     /// This session's resource subscriptions and log level.
     watch: super::resources::Session,
+    /// Serve the conformance suite's fixtures too (`serve --conformance-fixtures`).
+    fixtures: bool,
 }
 
 impl LedgerTools {
@@ -36,13 +38,14 @@ impl LedgerTools {
         tasks: TaskTracker,
         tool_router: ToolRouter<Self>,
         watch: super::resources::Session,
+        fixtures: bool,
     ) -> Self {
-        LedgerTools { ledger, tasks, tool_router, watch }
+        LedgerTools { ledger, tasks, tool_router, watch, fixtures }
     }
 
     /// The tool list with input schemas that state the limits of `config` (TTL range, worker
     /// count) and output schemas that admit each tool's error shape too.
-    pub(crate) fn router(config: &Config) -> ToolRouter<Self> {
+    pub(crate) fn router(config: &Config, fixtures: bool) -> ToolRouter<Self> {
         let mut router = Self::tool_router()
             + Self::history_router()
             + Self::list_router()
@@ -54,6 +57,9 @@ impl LedgerTools {
         for (name, route) in &mut router.map {
             route.attr.input_schema = schemas::input(name, config);
             route.attr.output_schema = Some(schemas::output(name));
+        }
+        if fixtures {
+            router += super::fixtures::router();
         }
         router
     }
@@ -354,7 +360,7 @@ const INSTRUCTIONS: &str = "A durable ledger of worker slots and MCP servers for
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for LedgerTools {
     fn get_info(&self) -> rmcp::model::ServerConfig {
-        rmcp::model::ServerConfig::new(super::resources::capabilities())
+        rmcp::model::ServerConfig::new(super::resources::capabilities(self.fixtures))
             .with_server_info(rmcp::model::Implementation::new("allocation-ledger", env!("CARGO_PKG_VERSION")))
             .with_instructions(INSTRUCTIONS)
     }
@@ -364,7 +370,11 @@ impl ServerHandler for LedgerTools {
         _request: Option<rmcp::model::PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::ListResourcesResult, McpError> {
-        Ok(super::resources::list())
+        let mut list = super::resources::list();
+        if self.fixtures {
+            super::fixtures::add_resources(&mut list)?;
+        }
+        Ok(list)
     }
 
     async fn list_resource_templates(
@@ -372,7 +382,11 @@ impl ServerHandler for LedgerTools {
         _request: Option<rmcp::model::PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::ListResourceTemplatesResult, McpError> {
-        Ok(super::resources::templates())
+        let mut list = super::resources::templates();
+        if self.fixtures {
+            super::fixtures::add_templates(&mut list)?;
+        }
+        Ok(list)
     }
 
     async fn read_resource(
@@ -380,7 +394,44 @@ impl ServerHandler for LedgerTools {
         request: rmcp::model::ReadResourceRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::ReadResourceResponse, McpError> {
+        if let Some(read) = self.fixtures.then(|| super::fixtures::read(&request.uri)).flatten() {
+            return read.map(Into::into);
+        }
         super::resources::read(&self.ledger, &self.tasks, request.uri).await.map(Into::into)
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListPromptsResult, McpError> {
+        if self.fixtures {
+            return super::fixtures::prompts();
+        }
+        Err(McpError::method_not_found::<rmcp::model::ListPromptsRequestMethod>())
+    }
+
+    async fn get_prompt(
+        &self,
+        request: rmcp::model::GetPromptRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::GetPromptResponse, McpError> {
+        if self.fixtures {
+            let args = request.arguments.unwrap_or_default();
+            return super::fixtures::prompt(&request.name, &args).map(Into::into);
+        }
+        Err(McpError::method_not_found::<rmcp::model::GetPromptRequestMethod>())
+    }
+
+    async fn complete(
+        &self,
+        _request: rmcp::model::CompleteRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CompleteResult, McpError> {
+        if self.fixtures {
+            return super::fixtures::complete();
+        }
+        Err(McpError::method_not_found::<rmcp::model::CompleteRequestMethod>())
     }
 
     async fn subscribe(
@@ -475,7 +526,7 @@ mod tests {
     #[test]
     fn every_tool_gets_schemas_from_the_config() {
         let config = Config { worker_slots: 40, min_ttl_seconds: 10, ..Config::default() };
-        let router = LedgerTools::router(&config);
+        let router = LedgerTools::router(&config, false);
         let tools = router.list_all();
         for name in [
             "request_resources",
