@@ -217,3 +217,21 @@ fn the_man_page_mentions_every_subcommand() {
     }
     assert!(text.contains("--data-dir") && text.contains("--no-headers"), "global options are documented");
 }
+
+/// `allocation-ledger ... | head` ends the way any Unix tool does (SIGPIPE), not with Rust's
+/// "failed printing to stdout" panic (exit 101).
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut child = bin().args(["completions", "bash"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // The reader is gone before the first write.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(SIGPIPE), "{:?} {stderr}", out.status);
+}
+
+/// Linux's SIGPIPE.
+const SIGPIPE: i32 = 13;

@@ -301,6 +301,16 @@ fn to_json<T: Serialize>(value: &T) -> allocation_ledger::Result<serde_json::Val
 }
 
 /// Runs the command line; returns the process exit code.
+/// A report piped into `head` ends like any Unix tool's (killed by SIGPIPE, quietly) instead
+/// of a panic on the failed write: Rust ignores SIGPIPE, so `println!` would panic with exit 101.
+/// Not for `serve`, whose clients may go away mid-answer.
+fn die_quietly_on_closed_pipe() {
+    // SAFETY: called at startup, before any other thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -322,6 +332,9 @@ pub fn main() -> ExitCode {
             return ExitCode::InvalidInput;
         }
     };
+    if !matches!(cli.command, Command::Serve(_)) {
+        die_quietly_on_closed_pipe();
+    }
     let out = Out::new(&cli);
     if let Err(e) = output::check(&cli) {
         return out.error(&e);
