@@ -29,6 +29,7 @@ mod page;
 mod pool;
 mod queries;
 mod replay;
+mod reservation;
 mod snapshots;
 
 pub use commit::Durable;
@@ -39,6 +40,7 @@ pub use page::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
 pub use pool::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
+pub use reservation::{CancelReservationReport, ReservationInfo, ReservationList, ReserveReport};
 
 use crate::domain::clock::{Clock, Micros};
 use crate::domain::config::Config;
