@@ -211,3 +211,31 @@ fn reservations_survive_snapshots_and_reopening() {
     assert_eq!(again.reservations().unwrap().reservations.len(), 2);
     assert!(!again.request_resources(&ResourceRequest::new("x").workers(9).ttl_seconds(120)).unwrap().is_granted());
 }
+
+#[test]
+fn time_travel_and_the_timeline_show_reservations() {
+    let storage = FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let ledger = open(&storage, &clock);
+    let made = ledger.now_micros();
+    let r = ledger.reserve(&ReservationRequest::for_tenant("t", 3).window_seconds(600, 600)).unwrap();
+    assert!(r.is_reserved());
+    assert!(ledger.request_resources(&ResourceRequest::new("j").workers(2).ttl_seconds(3600)).unwrap().is_granted());
+    clock.advance_seconds(700);
+    ledger.cancel_reservation(&r.reservation.reservation_id).unwrap();
+    clock.advance_seconds(100);
+    assert!(ledger.reservations().unwrap().reservations.is_empty());
+    let second = 1_000_000;
+    let upcoming = ledger.reservations_at(made + 10 * second).unwrap();
+    assert_eq!(upcoming.reservations.len(), 1);
+    assert_eq!(upcoming.reservations[0].state, "upcoming");
+    let during = ledger.reservations_at(made + 650 * second).unwrap();
+    assert_eq!(during.reservations[0].state, "in_force");
+    let state = ledger.state_at_point(allocation_ledger::LogPoint::At(made + 650 * second)).unwrap();
+    assert_eq!(state.reservations.len(), 1);
+    let reserved = state.capacity.reserved.unwrap();
+    assert_eq!((reserved.workers, reserved.unused_workers), (3, 3));
+    let tl = ledger.timeline(made, made + 800 * second, 60 * second).unwrap();
+    let svg = tl.to_svg_with_events(&all_events(&ledger));
+    assert!(svg.contains(r#"<rect class="reserved""#), "{svg}");
+}

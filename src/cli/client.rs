@@ -67,7 +67,9 @@ fn route(command: &Command) -> Route {
         Command::Init => Route::NoServer("init"),
         Command::Config(config::ConfigCommand::Apply { .. }) => Route::Remote,
         Command::Config(_) => Route::NoServer("config show"),
-        Command::Pool(_) | Command::Reserve(_) | Command::Reservations | Command::Reservation(_) => Route::Remote,
+        Command::Pool(_) | Command::Reserve(_) | Command::Reservations { .. } | Command::Reservation(_) => {
+            Route::Remote
+        }
     }
 }
 

@@ -192,8 +192,12 @@ enum Command {
     /// Reserve workers for a tenant or a job over a future window (exit 3 if it cannot be
     /// honoured beside what is held and reserved; recorded either way)
     Reserve(reservation::ReserveArgs),
-    /// List the reservations in force or upcoming
-    Reservations,
+    /// List the reservations in force or upcoming (now, or as of --at)
+    Reservations {
+        /// As of this instant: RFC 3339 (2026-11-27T03:12:00Z) or relative (-15m, -2h, -1d)
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        at: Option<String>,
+    },
     /// Cancel a reservation
     #[command(subcommand)]
     Reservation(reservation::ReservationCommand),
@@ -496,7 +500,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
             pool::run(out, &ledger, &cmd)
         }
         Command::Reserve(args) => reservation::reserve(out, &open_writer(&dir, config)?, &args),
-        Command::Reservations => reservation::print_list(out, &open_reader(&dir, config)?.reservations()?),
+        Command::Reservations { at } => reservation::list(out, &open_reader(&dir, config)?, at.as_deref()),
         Command::Reservation(reservation::ReservationCommand::Cancel { reservation_id }) => {
             reservation::cancel(out, &open_writer(&dir, config)?, &reservation_id)
         }

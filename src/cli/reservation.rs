@@ -96,6 +96,15 @@ pub(super) fn print_cancel(out: &Out, r: &CancelReservationReport) -> allocation
     Ok(ExitCode::Ok)
 }
 
+/// `reservations [--at TIME]` against the ledger.
+pub(super) fn list(out: &Out, ledger: &Ledger, at: Option<&str>) -> allocation_ledger::Result<ExitCode> {
+    let l = match at {
+        None => ledger.reservations()?,
+        Some(at) => ledger.reservations_at(allocation_ledger::parse_time("at", at, ledger.now_micros())?)?,
+    };
+    print_list(out, &l)
+}
+
 /// `reservations`: the list, in force and upcoming.
 pub(super) fn print_list(out: &Out, l: &ReservationList) -> allocation_ledger::Result<ExitCode> {
     out.tabular(l, || human_list(l), || list_rows(&l.reservations), || list_rows(&l.reservations))?;

@@ -70,7 +70,9 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
         Command::List(args) => list(server, out, args),
         Command::CleanupExpired { expect } => cleanup(server, out, expect.seq()?),
         Command::Pool(cmd) => pool(server, out, cmd),
-        Command::Reserve(_) | Command::Reservations | Command::Reservation(_) => reservation(server, out, &cli.command),
+        Command::Reserve(_) | Command::Reservations { .. } | Command::Reservation(_) => {
+            reservation(server, out, &cli.command)
+        }
         Command::Config(crate::cli::config::ConfigCommand::Apply { file, dry_run, expect }) => {
             apply_config(server, out, file, *dry_run, expect.seq()?)
         }
@@ -163,7 +165,12 @@ fn reservation(server: &Server, out: &Out, command: &Command) -> Result<ExitCode
             let args = args_with("reservation_id", reservation_id.as_str().into());
             Ok(print_cancel(out, &decode(server.call("cancel_reservation", args)?)?)?)
         }
-        _ => Ok(print_list(out, &decode(server.call("list_reservations", Map::new())?)?)?),
+        Command::Reservations { at } => {
+            let mut args = Map::new();
+            put(&mut args, "at", at.clone());
+            Ok(print_list(out, &decode(server.call("list_reservations", args)?)?)?)
+        }
+        _ => Err(Failure::Ledger(Error::invalid("server", "this command has no server equivalent"))),
     }
 }
 

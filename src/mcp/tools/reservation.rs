@@ -96,7 +96,7 @@ pub(crate) fn cancel_input() -> Value {
 }
 
 pub(crate) fn list_input() -> Value {
-    json!({ "type": "object", "properties": {}, "additionalProperties": false })
+    json!({ "type": "object", "properties": { "at": super::history::at_schema() }, "additionalProperties": false })
 }
 
 pub(crate) fn list_output() -> Value {
@@ -165,7 +165,7 @@ impl LedgerTools {
     }
 
     #[tool(
-        description = "List the reservations in force or upcoming now, by start: each with its holder (tenant or job_id), workers, CPU and memory, window (start, end) and state (in_force or upcoming). get_capacity shows what the reservations in force hold now and what their holders leave unused.",
+        description = "List the reservations in force or upcoming now (or, with `at`: RFC 3339 or relative such as -15m, as they were then), by start: each with its holder (tenant or job_id), workers, CPU and memory, window (start, end) and state (in_force or upcoming). get_capacity shows what the reservations in force hold now and what their holders leave unused.",
         annotations(
             title = "List reservations",
             read_only_hint = true,
@@ -174,9 +174,16 @@ impl LedgerTools {
         )
     )]
     async fn list_reservations(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
-        if let Err(e) = check_known(&args, &[]) {
-            return tool_error(error_value(&e));
-        }
-        from_ledger(self.call(crate::Ledger::reservations).await?)
+        let at = match check_known(&args, &["at"]).and_then(|()| opt_str(&args, "at").map(|a| a.map(str::to_string))) {
+            Ok(at) => at,
+            Err(e) => return tool_error(error_value(&e)),
+        };
+        from_ledger(
+            self.call(move |l| match at {
+                None => l.reservations(),
+                Some(at) => l.reservations_at(crate::parse_time("at", &at, l.now_micros())?),
+            })
+            .await?,
+        )
     }
 }
