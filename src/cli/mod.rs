@@ -499,10 +499,8 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
             let ledger = if cmd.writes() { open_writer(&dir, &None)? } else { open_reader(&dir, config)? };
             pool::run(out, &ledger, &cmd)
         }
-        Command::Reserve(args) => reservation::reserve(out, &open_writer(&dir, config)?, &args),
-        Command::Reservations { at } => reservation::list(out, &open_reader(&dir, config)?, at.as_deref()),
-        Command::Reservation(reservation::ReservationCommand::Cancel { reservation_id }) => {
-            reservation::cancel(out, &open_writer(&dir, config)?, &reservation_id)
+        cmd @ (Command::Reserve(_) | Command::Reservations { .. } | Command::Reservation(_)) => {
+            reservation::run(out, &dir, config, &cmd)
         }
         #[cfg(feature = "server")]
         Command::Serve(mut args) => {

@@ -60,6 +60,23 @@ pub(super) enum ReservationCommand {
     },
 }
 
+/// `reserve`, `reservations` or `reservation cancel` on the ledger in `dir`.
+pub(super) fn run(
+    out: &Out,
+    dir: &std::path::PathBuf,
+    config: &Option<std::path::PathBuf>,
+    cmd: &super::Command,
+) -> allocation_ledger::Result<ExitCode> {
+    match cmd {
+        super::Command::Reserve(args) => reserve(out, &super::open_writer(dir, config)?, args),
+        super::Command::Reservation(ReservationCommand::Cancel { reservation_id }) => {
+            cancel(out, &super::open_writer(dir, config)?, reservation_id)
+        }
+        super::Command::Reservations { at } => list(out, &super::open_reader(dir, config)?, at.as_deref()),
+        _ => Err(allocation_ledger::Error::invalid("command", "not a reservation command")),
+    }
+}
+
 /// `reserve ...` against the ledger: exit 0 if reserved, 3 if it could not be honoured.
 pub(super) fn reserve(out: &Out, ledger: &Ledger, args: &ReserveArgs) -> allocation_ledger::Result<ExitCode> {
     let report = ledger.reserve(&args.request()?)?;

@@ -553,17 +553,12 @@ fn unused_at<'a>(in_force: &[&Reservation], holds: impl Iterator<Item = &'a Hold
     let mut by_job: BTreeMap<&str, Resources> = BTreeMap::new();
     let mut by_tenant: BTreeMap<&str, Resources> = BTreeMap::new();
     for r in in_force {
-        match (&r.job_id, &r.tenant) {
-            (Some(j), _) => {
-                *by_job.entry(j.as_str()).or_default() =
-                    add_res(by_job.get(j.as_str()).copied().unwrap_or_default(), r.resources)
-            }
-            (None, Some(t)) => {
-                *by_tenant.entry(t.as_str()).or_default() =
-                    add_res(by_tenant.get(t.as_str()).copied().unwrap_or_default(), r.resources)
-            }
-            (None, None) => {}
-        }
+        let slot = match (&r.job_id, &r.tenant) {
+            (Some(j), _) => by_job.entry(j.as_str()).or_default(),
+            (None, Some(t)) => by_tenant.entry(t.as_str()).or_default(),
+            (None, None) => continue,
+        };
+        *slot = add_res(*slot, r.resources);
     }
     for h in holds {
         let mut rest = h.resources;
