@@ -239,3 +239,65 @@ fn time_travel_and_the_timeline_show_reservations() {
     let svg = tl.to_svg_with_events(&all_events(&ledger));
     assert!(svg.contains(r#"<rect class="reserved""#), "{svg}");
 }
+
+#[cfg(feature = "server")]
+mod mcp_common;
+
+/// The tools over stdio, and the CLI through a running `serve --http`.
+#[cfg(feature = "server")]
+#[test]
+fn the_tools_and_the_cli_through_a_server() {
+    use mcp_common::{bin, err, ok, HttpServer, StdioServer};
+    use serde_json::{json, Value};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut mcp = StdioServer::start(tmp.path(), &[]);
+    mcp.initialize();
+    let r = ok(&mcp.call("reserve_resources", json!({"tenant": "team-a", "workers": 4, "duration_seconds": 600})));
+    assert_eq!(
+        (r["status"].as_str(), r["state"].as_str(), r["workers"].as_u64()),
+        (Some("reserved"), Some("in_force"), Some(4))
+    );
+    let id = r["reservation_id"].as_str().unwrap().to_string();
+    let f = err(&mcp.call(
+        "reserve_resources",
+        json!({"job_id": "j", "workers": 7, "start_in_seconds": 10, "duration_seconds": 60}),
+    ));
+    assert_eq!((f["status"].as_str(), f["reason"].as_str()), (Some("failed"), Some("reservation_conflict")));
+    assert!(f["conflict_at"].is_string());
+    let bad = err(
+        &mcp.call("reserve_resources", json!({"tenant": "t", "job_id": "j", "workers": 1, "duration_seconds": 60}))
+    );
+    assert_eq!((bad["kind"].as_str(), bad["field"].as_str()), (Some("invalid_input"), Some("tenant")));
+    let cap = ok(&mcp.call("get_capacity", json!({})));
+    assert_eq!(cap["reserved"]["unused_workers"], 4);
+    let g = err(&mcp.call("request_resources", json!({"job_id": "x", "mcp_servers": [], "workers": 7})));
+    assert_eq!(g["reason"], "reserved");
+    let l = ok(&mcp.call("list_reservations", json!({})));
+    assert_eq!(l["reservations"].as_array().unwrap().len(), 1);
+    let c = ok(&mcp.call("cancel_reservation", json!({"reservation_id": id})));
+    assert_eq!(c["status"], "cancelled");
+    assert_eq!(err(&mcp.call("cancel_reservation", json!({"reservation_id": id})))["field"], "reservation_id");
+    mcp.close();
+
+    let served = tempfile::tempdir().unwrap();
+    let server = HttpServer::start(served.path(), &[]);
+    let cli = |args: &[&str]| {
+        let o = bin()
+            .env_remove("ALLOCATION_LEDGER_SERVER")
+            .args(["--server", &server.url, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        (o.status.code(), v)
+    };
+    let (code, v) = cli(&["reserve", "--job-id", "train", "--workers", "3", "--duration-seconds", "600"]);
+    assert_eq!((code, v["status"].as_str()), (Some(0), Some("reserved")), "{v}");
+    let (code, v) = cli(&["reserve", "--tenant", "b", "--workers", "8", "--duration-seconds", "600"]);
+    assert_eq!((code, v["status"].as_str()), (Some(3), Some("failed")), "{v}");
+    let (code, v) = cli(&["reservations"]);
+    assert_eq!((code, v["reservations"].as_array().map(Vec::len)), (Some(0), Some(1)), "{v}");
+    let id = v["reservations"][0]["reservation_id"].as_str().unwrap().to_string();
+    let (code, v) = cli(&["reservation", "cancel", &id]);
+    assert_eq!((code, v["status"].as_str()), (Some(0), Some("cancelled")), "{v}");
+}

@@ -461,7 +461,7 @@ impl State {
         let change =
             Change { hold: Some(hold), extra: sub_res(cost.needed, cost.workers), replaces: None, reservation: None };
         let breach = self.first_breach(now, until, &change)?;
-        let error = self.breach_message(&breach, &req.job_id, valid.tenant.as_deref(), now, until);
+        let error = self.breach_message(&breach, &req.job_id, valid.tenant.as_deref(), now, Some(until));
         Some(Rejection {
             allocation_id: id,
             job_id: req.job_id.clone(),
@@ -493,7 +493,7 @@ impl State {
             Hold { job_id: &a.job_id, tenant: a.tenant.as_deref(), resources: held_by(self, a), until: deadline_us };
         let change = Change { hold: Some(hold), extra: Resources::default(), replaces: Some(a.id), reservation: None };
         let Some(breach) = self.first_breach(from, deadline_us, &change) else { return Ok(()) };
-        let why = self.breach_message(&breach, &a.job_id, a.tenant.as_deref(), from, deadline_us);
+        let why = self.breach_message(&breach, &a.job_id, a.tenant.as_deref(), now, None);
         let most = (breach.at.saturating_since(now) / MICROS_PER_SECOND).max(0);
         Err(Error::invalid(
             "ttl_seconds",
@@ -507,7 +507,15 @@ impl State {
 
     /// The rejection message: what was short, when, and the reservations in force then that
     /// the requester does not hold.
-    fn breach_message(&self, b: &Breach, job_id: &str, tenant: Option<&str>, now: Micros, until: Micros) -> String {
+    /// `until`: the lease a grant would get, for the hint to end it before the window.
+    fn breach_message(
+        &self,
+        b: &Breach,
+        job_id: &str,
+        tenant: Option<&str>,
+        now: Micros,
+        until: Option<Micros>,
+    ) -> String {
         let others: Vec<String> = self
             .reservations
             .current(now)
@@ -525,14 +533,13 @@ impl State {
             })
             .collect();
         let when = if b.at <= now { "now".to_string() } else { format!("at {}", format_micros(b.at)) };
-        let lease = if b.at > now {
-            format!(
+        let lease = match until {
+            Some(until) if b.at > now => format!(
                 " (the lease would last until {}; end it before {} or ask for less)",
                 format_micros(until),
                 format_micros(b.at)
-            )
-        } else {
-            String::new()
+            ),
+            _ => String::new(),
         };
         format!(
             "Insufficient {} outside reservations: requested {}, available {} {when}{lease}; {}",

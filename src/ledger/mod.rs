@@ -17,6 +17,7 @@
 //! | `snapshots.rs` | when a snapshot is due, and writing one |
 //! | `queries.rs` | reads of the state and of the log files |
 //! | `index.rs` | the capacity index (derived data the history room asks for) |
+//! | `reservation.rs` | advance reservations: reserve, cancel, list, and their reports |
 
 mod apply;
 mod commit;
