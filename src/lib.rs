@@ -38,6 +38,7 @@ pub use domain::input::{validate_job_id, ResourceRequest};
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 pub use domain::pool::{describe_change, parse_worker, pool_summary, ConfigFieldChange, PoolChange, POOL_ACTIONS};
 pub use domain::quota::{Quota, QuotaExceeded, TenantUse, NO_TENANT};
+pub use domain::reservation::{Reservation, ReservationId, ReservationRejection, ReservationRequest, ReservedAt};
 pub use domain::state::{Allocation, State};
 pub use error::{Damage, Error, ErrorKind, ExitCode, Result};
 pub use history::{
@@ -48,6 +49,7 @@ pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use ledger::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
+pub use ledger::{CancelReservationReport, ReservationInfo, ReservationList, ReserveReport};
 pub use ledger::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
@@ -59,7 +61,7 @@ pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyRepor
 pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
     GrantReport, GrantedResources, McpServerInfo, PlanReport, ReleaseReport, ReleaseStatus, RenewReport,
-    RequestOutcome, TenantCapacity, Timestamps, WorkerInfo, WorkerStatus,
+    RequestOutcome, ReservedCapacity, TenantCapacity, Timestamps, WorkerInfo, WorkerStatus,
 };
 pub use whatif::{
     BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WhatIfOptions,

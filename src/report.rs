@@ -479,6 +479,43 @@ pub struct CapacityReport {
     /// Drained workers nobody holds: out of the total, never granted until undrained.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drained: Vec<String>,
+    /// Capacity the reservations in force hold (absent when none is in force).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<ReservedCapacity>,
+}
+
+/// The `reserved` block of a capacity report: what the reservations in force hold, and the
+/// part their holders do not use (which nobody else may take).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedCapacity {
+    /// Workers reserved.
+    pub workers: u32,
+    /// CPU reserved (the reserved workers' share).
+    pub cpu_millicores: u64,
+    /// Memory reserved.
+    pub memory_mib: u64,
+    /// Reserved workers their holders do not hold now.
+    pub unused_workers: u32,
+    /// Reserved CPU their holders do not hold now.
+    pub unused_cpu_millicores: u64,
+    /// Reserved memory their holders do not hold now.
+    pub unused_memory_mib: u64,
+    /// The reservations in force, by start.
+    pub reservations: Vec<String>,
+}
+
+impl ReservedCapacity {
+    fn of(r: crate::domain::reservation::ReservedAt) -> Self {
+        ReservedCapacity {
+            workers: r.reserved.workers,
+            cpu_millicores: r.reserved.cpu_millicores,
+            memory_mib: r.reserved.memory_mib,
+            unused_workers: r.unused.workers,
+            unused_cpu_millicores: r.unused.cpu_millicores,
+            unused_memory_mib: r.unused.memory_mib,
+            reservations: r.reservations.iter().map(ToString::to_string).collect(),
+        }
+    }
 }
 
 impl CapacityReport {
@@ -528,6 +565,7 @@ impl CapacityReport {
             seq,
             draining: Vec::new(),
             drained: Vec::new(),
+            reserved: None,
         }
     }
 
@@ -798,7 +836,9 @@ impl AllocationSummary {
 impl State {
     /// `get_capacity` at `now`; see [`CapacityReport`].
     pub fn capacity(&self, now: Micros) -> CapacityReport {
-        CapacityReport::of(self, now)
+        let mut report = CapacityReport::of(self, now);
+        report.reserved = self.reserved_at(now).map(ReservedCapacity::of);
+        report
     }
 
     /// `get_allocation` of `id` at `now`, if memory holds it.

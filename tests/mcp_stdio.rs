@@ -11,19 +11,22 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 15] = [
+const TOOLS: [&str; 18] = [
     "allocation_history",
     "apply_config",
+    "cancel_reservation",
     "change_pool",
     "cleanup_expired",
     "get_allocation",
     "get_capacity",
     "get_pool",
     "list_allocations",
+    "list_reservations",
     "plan_request",
     "release_resources",
     "renew_allocation",
     "request_resources",
+    "reserve_resources",
     "usage_report",
     "what_if",
     "write_snapshot",

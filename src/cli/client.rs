@@ -67,7 +67,9 @@ fn route(command: &Command) -> Route {
         Command::Init => Route::NoServer("init"),
         Command::Config(config::ConfigCommand::Apply { .. }) => Route::Remote,
         Command::Config(_) => Route::NoServer("config show"),
-        Command::Pool(_) => Route::Remote,
+        Command::Pool(_) | Command::Reserve(_) | Command::Reservations { .. } | Command::Reservation(_) => {
+            Route::Remote
+        }
     }
 }
 
@@ -82,6 +84,8 @@ fn writes(command: &Command) -> bool {
             | Command::CleanupExpired { .. }
             | Command::Snapshot
             | Command::Config(config::ConfigCommand::Apply { .. })
+            | Command::Reserve(_)
+            | Command::Reservation(_)
     ) || matches!(command, Command::Pool(p) if p.writes())
 }
 

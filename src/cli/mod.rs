@@ -23,6 +23,7 @@ mod list;
 mod output;
 mod pool;
 mod replay;
+mod reservation;
 #[cfg(feature = "server")]
 mod serve;
 
@@ -188,6 +189,18 @@ enum Command {
     /// or remove MCP catalog entries (each a recorded config change)
     #[command(subcommand)]
     Pool(pool::PoolCommand),
+    /// Reserve workers for a tenant or a job over a future window (exit 3 if it cannot be
+    /// honoured beside what is held and reserved; recorded either way)
+    Reserve(reservation::ReserveArgs),
+    /// List the reservations in force or upcoming (now, or as of --at)
+    Reservations {
+        /// As of this instant: RFC 3339 (2026-11-27T03:12:00Z) or relative (-15m, -2h, -1d)
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        at: Option<String>,
+    },
+    /// Cancel a reservation
+    #[command(subcommand)]
+    Reservation(reservation::ReservationCommand),
     /// Run the MCP server (stdio, or Streamable HTTP with --http)
     #[cfg(feature = "server")]
     Serve(serve::ServeArgs),
@@ -499,6 +512,9 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
             let ledger = if cmd.writes() { open_writer(&dir, &None)? } else { open_reader(&dir, config)? };
             pool::run(out, &ledger, &cmd)
         }
+        cmd @ (Command::Reserve(_) | Command::Reservations { .. } | Command::Reservation(_)) => {
+            reservation::run(out, &dir, config, &cmd)
+        }
         #[cfg(feature = "server")]
         Command::Serve(mut args) => {
             args.token_file = cli.token_file.clone();
@@ -793,6 +809,14 @@ fn human_capacity(c: &CapacityReport) -> String {
     let rows = output::capacity_table(c);
     let mut s = table(&rows.header, &rows.rows);
     s.push_str(&format!("active allocations:  {}\n", c.active_allocations));
+    if let Some(r) = &c.reserved {
+        s.push_str(&format!(
+            "reserved:            {} workers ({} unused by their holders: kept from others) by {}\n",
+            r.workers,
+            r.unused_workers,
+            r.reservations.join(", ")
+        ));
+    }
     if !c.draining.is_empty() || !c.drained.is_empty() {
         let ids = |v: &[String]| if v.is_empty() { "(none)".to_string() } else { v.join(", ") };
         s.push_str(&format!("draining (held):     {}\n", ids(&c.draining)));

@@ -215,6 +215,16 @@ pub fn event_detail(body: &EventBody) -> String {
             format_micros(r.previous_deadline_us)
         ),
         EventBody::ConfigChanged { config } => allocation_ledger::pool_summary(config),
+        EventBody::Reserved(r) => format!(
+            "{} reserves {} workers for {} from {} to {}",
+            r.reservation_id,
+            r.resources.workers,
+            r.holder_text(),
+            format_micros(r.start_us),
+            format_micros(r.end_us)
+        ),
+        EventBody::ReservationRejected(r) => format!("{}: {}", r.reservation_id, r.error),
+        EventBody::ReservationCancelled { reservation_id } => format!("{reservation_id} cancelled"),
         _ => String::new(),
     }
 }

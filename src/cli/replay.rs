@@ -137,8 +137,23 @@ fn human_state(s: &StateAt) -> String {
             ]
         })
         .collect();
+    let reservations: Vec<String> = s
+        .reservations
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} workers for {}, {} to {} ({})\n",
+                r.reservation_id,
+                r.workers,
+                r.holder_text(),
+                r.start,
+                r.end,
+                r.state.replace('_', " ")
+            )
+        })
+        .collect();
     format!(
-        "state after event {} (at {})\nworkers {}/{} allocated, cpu {:.1}/{:.1} cores, memory {}/{} MiB, {} active\n{}",
+        "state after event {} (at {})\nworkers {}/{} allocated, cpu {:.1}/{:.1} cores, memory {}/{} MiB, {} active\n{}{}",
         s.seq,
         s.at,
         c.allocated_workers,
@@ -148,7 +163,8 @@ fn human_state(s: &StateAt) -> String {
         c.allocated_memory,
         c.total_memory,
         c.active_allocations,
-        table(&["ALLOCATION", "JOB", "WORKERS", "MCP", "EXPIRES"], &rows)
+        table(&["ALLOCATION", "JOB", "WORKERS", "MCP", "EXPIRES"], &rows),
+        reservations.concat()
     )
 }
 

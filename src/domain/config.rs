@@ -151,6 +151,25 @@ pub struct Config {
     /// remove-worker`).
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub removed_workers: BTreeSet<u32>,
+    /// Longest window a reservation may hold capacity for (written only when not the default).
+    #[serde(skip_serializing_if = "is_default_reservation_seconds")]
+    pub max_reservation_seconds: u64,
+    /// How far ahead a reservation's window may open.
+    #[serde(skip_serializing_if = "is_default_reservation_lead_seconds")]
+    pub max_reservation_lead_seconds: u64,
+}
+
+/// Default of [`Config::max_reservation_seconds`]: 7 days, the longest lease.
+pub const DEFAULT_MAX_RESERVATION_SECONDS: u64 = 604_800;
+/// Default of [`Config::max_reservation_lead_seconds`]: 30 days.
+pub const DEFAULT_MAX_RESERVATION_LEAD_SECONDS: u64 = 2_592_000;
+
+fn is_default_reservation_seconds(v: &u64) -> bool {
+    *v == DEFAULT_MAX_RESERVATION_SECONDS
+}
+
+fn is_default_reservation_lead_seconds(v: &u64) -> bool {
+    *v == DEFAULT_MAX_RESERVATION_LEAD_SECONDS
 }
 
 impl Default for Config {
@@ -182,6 +201,8 @@ impl Default for Config {
             tenant_metadata_key: "tenant".to_string(),
             drained_workers: BTreeSet::new(),
             removed_workers: BTreeSet::new(),
+            max_reservation_seconds: DEFAULT_MAX_RESERVATION_SECONDS,
+            max_reservation_lead_seconds: DEFAULT_MAX_RESERVATION_LEAD_SECONDS,
         }
     }
 }
@@ -220,7 +241,7 @@ impl Config {
             Error::invalid(
                 "config",
                 format!(
-                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers)"
+                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers, max_reservation_seconds, max_reservation_lead_seconds)"
                 ),
             )
         })?;
@@ -243,6 +264,9 @@ impl Config {
         self.validate_ttls()?;
         self.validate_limits()?;
         crate::domain::quota::validate_quotas(&self.quotas, self.default_quota.as_ref())?;
+        if self.max_reservation_seconds == 0 {
+            return Err(cfg_err("max_reservation_seconds", "must be at least 1"));
+        }
         if !crate::domain::input::metadata_key_allowed(&self.tenant_metadata_key) {
             return Err(cfg_err("tenant_metadata_key", "must be 1 to 128 characters without control characters"));
         }

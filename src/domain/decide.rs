@@ -181,6 +181,8 @@ pub fn rejection_message(s: &Shortfall, usable: &Usable, priority: Priority) -> 
         }
         // Quota rejections are worded by `quota::QuotaExceeded::message`; no shortfall has it.
         RejectReason::Quota => format!("exceeded quota: requested {}, available {}", s.needed, s.available),
+        // Worded by `State::reserved_rejection`; no shortfall has it either.
+        RejectReason::Reserved => format!("reserved: requested {}, available {}", s.needed, s.available),
     }
 }
 
@@ -348,6 +350,11 @@ impl State {
             return Ok(Err(rejection));
         }
         let cost = price(&valid, self);
+        if shortfall(&cost).is_none() {
+            if let Some(rejection) = self.reserved_rejection(&valid, &cost, now, id) {
+                return Ok(Err(rejection));
+            }
+        }
         Ok(place(self, valid, cost, now, id))
     }
 
@@ -519,6 +526,7 @@ impl State {
             ));
         }
         debug_assert!(deadline_us > now, "an active allocation's lifetime end is after now");
+        self.check_renewal_reservations(a, deadline_us, now)?;
         Ok(Renewal { allocation_id: id, previous_deadline_us: a.deadline_us, deadline_us, ttl_seconds: ttl })
     }
 

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 /// Bumped whenever the event schema changes; old versions stay readable.
 /// 2: `granted`/`rejected` carry `idempotency_key` and `max_lifetime_seconds` (both optional),
 /// and the `renewed` event exists.
-pub const EVENT_SCHEMA_VERSION: u32 = 2;
+/// 3: the reservation events (`reserved`, `reservation_rejected`, `reservation_cancelled`) and
+/// the rejection reason `reserved`.
+pub const EVENT_SCHEMA_VERSION: u32 = 3;
 
 /// One logged fact: what happened, when, in which schema version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +60,15 @@ pub enum EventBody {
     },
     /// An active allocation's lease was renewed: its deadline moved.
     Renewed(Renewal),
+    /// Capacity was reserved for a holder over a window (see `domain/reservation.rs`).
+    Reserved(crate::domain::reservation::Reservation),
+    /// A reservation could not be honoured beside what is held and reserved.
+    ReservationRejected(crate::domain::reservation::ReservationRejection),
+    /// A reservation was cancelled before its window closed.
+    ReservationCancelled {
+        /// The reservation cancelled.
+        reservation_id: crate::domain::reservation::ReservationId,
+    },
 }
 
 /// What a renewal decided: the deadline before and after.
@@ -155,6 +166,8 @@ pub enum RejectReason {
     InsufficientMemory,
     /// The request would take its tenant past a quota.
     Quota,
+    /// It would take capacity reserved for someone else (see `domain/reservation.rs`).
+    Reserved,
 }
 
 impl RejectReason {
@@ -165,6 +178,7 @@ impl RejectReason {
             RejectReason::InsufficientCpu => "insufficient_cpu",
             RejectReason::InsufficientMemory => "insufficient_memory",
             RejectReason::Quota => "quota",
+            RejectReason::Reserved => "reserved",
         }
     }
 }
@@ -246,6 +260,9 @@ impl EventBody {
             EventBody::Released { .. } => "released",
             EventBody::Expired { .. } => "expired",
             EventBody::Renewed(_) => "renewed",
+            EventBody::Reserved(_) => "reserved",
+            EventBody::ReservationRejected(_) => "reservation_rejected",
+            EventBody::ReservationCancelled { .. } => "reservation_cancelled",
         }
     }
 
@@ -281,7 +298,11 @@ impl Event {
                 self.encode_lean(&mut out, &ExpiredOut { allocation_id, deadline_us });
             }
             EventBody::Renewed(r) => self.encode_lean(&mut out, r),
-            EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => put_json(&mut out, self),
+            EventBody::LedgerCreated { .. }
+            | EventBody::ConfigChanged { .. }
+            | EventBody::Reserved(_)
+            | EventBody::ReservationRejected(_)
+            | EventBody::ReservationCancelled { .. } => put_json(&mut out, self),
         }
         debug_assert!(serde_json::to_vec(self).is_ok_and(|general| general == out), "lean encoding differs");
         out

@@ -19,5 +19,7 @@ pub mod model;
 pub mod pool;
 /// Per-tenant quotas.
 pub mod quota;
+/// Advance reservations: capacity held for a future window.
+pub mod reservation;
 /// The fold (`evolve`) and its queries.
 pub mod state;

@@ -231,6 +231,9 @@ pub struct StateData {
     /// binary part).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub idempotency_keys: Vec<KeyRecord>,
+    /// The reservations in force or upcoming as of the last event, by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<crate::domain::reservation::Reservation>,
 }
 
 /// The in-memory projection of the log.
@@ -270,6 +273,8 @@ pub struct State {
     pub(super) keys: KeyTable,
     /// What each tenant's active allocations hold (`quota::NO_TENANT` for those without one).
     tenants: BTreeMap<String, TenantUse>,
+    /// Reservations in force or upcoming as of the last event (`domain/reservation.rs`).
+    pub(super) reservations: crate::domain::reservation::Reservations,
     /// Events that did not apply cleanly (an anomaly counter; evolve never panics).
     pub anomalies: u64,
 }
@@ -297,6 +302,7 @@ impl State {
             evicted: 0,
             keys: KeyTable::default(),
             tenants: BTreeMap::new(),
+            reservations: crate::domain::reservation::Reservations::default(),
             anomalies: 0,
         }
     }
@@ -447,7 +453,15 @@ impl State {
             EventBody::Expired { allocation_id, deadline_us } => {
                 self.apply_end(seq, allocation_id, deadline_us, AllocationState::Expired);
             }
+            reservation @ (EventBody::Reserved(_)
+            | EventBody::ReservationRejected(_)
+            | EventBody::ReservationCancelled { .. }) => {
+                if !self.fold_reservation(&reservation) {
+                    self.anomalies += 1;
+                }
+            }
         }
+        self.forget_reservations_over(ts_us);
         self.evict_ended(graveyard);
         self.keys.forget_older(ts_us, self.config.idempotency_window_seconds);
         debug_assert!(self.check_invariants().is_ok(), "{:?}", self.check_invariants());
@@ -808,6 +822,7 @@ impl State {
             assigned_mcp_endpoints: self.assigned_mcp_endpoints.clone(),
             assigned_mcp_count: self.assigned_mcp_count,
             idempotency_keys: self.keys.records(),
+            reservations: self.reservations.list(),
         };
         (data, shared)
     }
@@ -862,6 +877,7 @@ impl StateLoader {
         s.assigned_mcp_count = data.assigned_mcp_count;
         s.evicted = data.evicted;
         s.keys = KeyTable::from_records(data.idempotency_keys)?;
+        s.reservations = crate::domain::reservation::Reservations::from_list(data.reservations);
         s.allocations.reserve(expected.min(1 << 24));
         Ok(StateLoader { s })
     }

@@ -271,6 +271,12 @@ impl Ledger {
         Ok(state)
     }
 
+    /// The reservations in force or upcoming at `at`, as the log had them then (time travel:
+    /// `reservations --at`, `list_reservations` with `at`).
+    pub fn reservations_at(&self, at: Micros) -> Result<crate::ledger::ReservationList> {
+        self.with_state_at("at", at, crate::ledger::ReservationList::of)
+    }
+
     /// The allocations active at `at`, as they were then (state, age and expiry as of `at`),
     /// oldest first.
     pub fn allocations_at(&self, at: Micros) -> Result<Vec<AllocationDetails>> {

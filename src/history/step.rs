@@ -120,6 +120,9 @@ pub struct StateAt {
     pub capacity: CapacityReport,
     /// The allocations active then, oldest first.
     pub allocations: Vec<AllocationDetails>,
+    /// The reservations in force or upcoming then, by start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<crate::ledger::ReservationInfo>,
 }
 
 /// Whether `body` (folded into `s` next) is about what `filter` follows.
@@ -249,6 +252,7 @@ impl Ledger {
                 at: format_micros(t),
                 capacity: s.capacity(t),
                 allocations: active.into_iter().filter_map(|a| s.details(a.id, t)).collect(),
+                reservations: crate::ledger::ReservationList::of(s, t).reservations,
             }
         };
         match to {

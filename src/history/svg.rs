@@ -20,6 +20,8 @@ const ALLOCATED_COLOR: &str = "#3b7dd8";
 const TOTAL_COLOR: &str = "#c0392b";
 const REJECTED_COLOR: &str = "#e67e22";
 const EXPIRED_COLOR: &str = "#7f8c8d";
+/// Reserved windows: a faint band behind the series.
+const RESERVED_COLOR: &str = "#8e44ad";
 const SECOND_US: i64 = 1_000_000;
 const DAY_US: i64 = 86_400 * SECOND_US;
 /// Tick spacings the x axis may use, in seconds: the first that gives at most `MAX_X_TICKS`
@@ -181,6 +183,50 @@ impl Frame {
 
 /// Renders `tl` as an SVG document, with `marks` on every panel.
 fn render(tl: &Timeline, marks: &[Mark]) -> String {
+    render_with_windows(tl, marks, &[])
+}
+
+/// The reservation windows among `events`: `(start, end, workers)` of each `reserved`, cut
+/// short at its `reservation_cancelled` if that is among them too.
+fn windows_of(events: &[LoggedEvent]) -> Vec<(Micros, Micros, u32)> {
+    let mut windows: Vec<(crate::domain::reservation::ReservationId, Micros, Micros, u32)> = Vec::new();
+    for e in events {
+        match &e.event.body {
+            EventBody::Reserved(r) => windows.push((r.reservation_id, r.start_us, r.end_us, r.resources.workers)),
+            EventBody::ReservationCancelled { reservation_id } => {
+                for w in windows.iter_mut().filter(|w| w.0 == *reservation_id) {
+                    w.2 = w.2.min(e.event.ts_us.max(w.1));
+                }
+            }
+            _ => {}
+        }
+    }
+    windows.into_iter().filter(|w| w.2 > w.1).map(|(_, s, e, n)| (s, e, n)).collect()
+}
+
+/// Reserved windows as bands across a panel (clipped to the chart), each titled with its size.
+fn render_windows(s: &mut String, frame: &Frame, top: f64, windows: &[(Micros, Micros, u32)]) {
+    if windows.is_empty() {
+        return;
+    }
+    let t1 = frame.t0 + frame.span;
+    let _ = writeln!(s, r#"<g class="reserved">"#);
+    for &(start, end, workers) in windows {
+        if end <= frame.t0 || start >= t1 {
+            continue;
+        }
+        let (x0, x1) = (frame.x_of(start.max(frame.t0)), frame.x_of(end.min(t1)));
+        let _ = writeln!(
+            s,
+            r#"<rect class="reserved" x="{x0:.1}" y="{top:.1}" width="{:.1}" height="{PANEL_H:.1}" fill="{RESERVED_COLOR}" fill-opacity="0.12"><title>{workers} workers reserved</title></rect>"#,
+            (x1 - x0).max(1.0)
+        );
+    }
+    let _ = writeln!(s, "</g>");
+}
+
+/// [`render`] with reservation `windows` shaded behind every panel's marks.
+fn render_with_windows(tl: &Timeline, marks: &[Mark], windows: &[(Micros, Micros, u32)]) -> String {
     let panels = panels(tl);
     let height = TOP + panels.len() as f64 * (PANEL_H + PANEL_GAP);
     let plot_w = WIDTH - LEFT - RIGHT;
@@ -195,6 +241,7 @@ fn render(tl: &Timeline, marks: &[Mark]) -> String {
     render_header(&mut s, tl, height, &marks);
     for (i, panel) in panels.iter().enumerate() {
         render_panel(&mut s, tl, &frame, i, panel);
+        render_windows(&mut s, &frame, TOP + i as f64 * (PANEL_H + PANEL_GAP), windows);
         render_marks(&mut s, &frame, TOP + i as f64 * (PANEL_H + PANEL_GAP), &marks);
     }
     let _ = writeln!(s, "</svg>");
@@ -379,11 +426,11 @@ impl Timeline {
         render(self, &[])
     }
 
-    /// [`Timeline::to_svg`] with the window's rejections and expiries marked; `events` may be
-    /// any events (the others are ignored), e.g. those `Ledger::for_each_event` gives for the
-    /// window.
+    /// [`Timeline::to_svg`] with the window's rejections and expiries marked, and the windows
+    /// of the reservations recorded among `events` shaded; `events` may be any events (the
+    /// others are ignored), e.g. those `Ledger::for_each_event` gives for the window.
     pub fn to_svg_with_events(&self, events: &[LoggedEvent]) -> String {
-        render(self, &marks_of(events))
+        render_with_windows(self, &marks_of(events), &windows_of(events))
     }
 }
 

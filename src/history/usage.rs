@@ -276,6 +276,8 @@ impl<'a> UsageBuilder<'a> {
             // An expiry ends the holding at the deadline, known from the grant or the last
             // renewal.
             EventBody::Expired { .. } | EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => {}
+            // Reservations hold nothing in use until an allocation does.
+            EventBody::Reserved(_) | EventBody::ReservationRejected(_) | EventBody::ReservationCancelled { .. } => {}
         }
     }
 

@@ -194,6 +194,8 @@ impl CapacityIndex {
             }
             // Nothing changes hands at a renewal; the holding now ends at the new deadline.
             EventBody::Renewed(r) => self.renew(r.allocation_id, r.deadline_us),
+            // A reservation holds nothing until an allocation does.
+            EventBody::Reserved(_) | EventBody::ReservationRejected(_) | EventBody::ReservationCancelled { .. } => {}
         }
         self.push_step(ts_us);
         true

@@ -17,6 +17,7 @@
 //! | `snapshots.rs` | when a snapshot is due, and writing one |
 //! | `queries.rs` | reads of the state and of the log files |
 //! | `index.rs` | the capacity index (derived data the history room asks for) |
+//! | `reservation.rs` | advance reservations: reserve, cancel, list, and their reports |
 
 mod apply;
 mod commit;
@@ -29,6 +30,7 @@ mod page;
 mod pool;
 mod queries;
 mod replay;
+mod reservation;
 mod snapshots;
 
 pub use commit::Durable;
@@ -39,6 +41,7 @@ pub use page::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
 pub use pool::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
+pub use reservation::{CancelReservationReport, ReservationInfo, ReservationList, ReserveReport};
 
 use crate::domain::clock::{Clock, Micros};
 use crate::domain::config::Config;

@@ -185,6 +185,8 @@ struct MetaOut<'a> {
     assigned_mcp_endpoints: &'a BTreeMap<String, String>,
     assigned_mcp_count: u64,
     log_position: Option<LogPosition>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    reservations: &'a [crate::domain::reservation::Reservation],
 }
 
 #[derive(Deserialize)]
@@ -197,6 +199,8 @@ struct MetaIn {
     evicted: u64,
     assigned_mcp_endpoints: BTreeMap<String, String>,
     assigned_mcp_count: u64,
+    #[serde(default)]
+    reservations: Vec<crate::domain::reservation::Reservation>,
     #[serde(default)]
     log_position: Option<LogPosition>,
 }
@@ -242,6 +246,7 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
         assigned_mcp_endpoints: &state.assigned_mcp_endpoints,
         assigned_mcp_count: state.assigned_mcp_count,
         log_position: position,
+        reservations: &state.reservations,
     })
     .expect("snapshot meta serializes");
     // The payload goes straight after room for the header (filled in last): a large state's
@@ -440,6 +445,7 @@ fn decode_v3(
         assigned_mcp_endpoints: meta.assigned_mcp_endpoints,
         assigned_mcp_count: meta.assigned_mcp_count,
         idempotency_keys: Vec::new(),
+        reservations: meta.reservations,
     };
     let inconsistent = |e: String| format!("snapshot state is inconsistent: {e}");
     let mut loader = StateLoader::new(data, count as usize).map_err(inconsistent)?;
@@ -458,11 +464,12 @@ fn decode_v3(
 const KEYS_VERSION: u32 = 4;
 /// On-disk codes of a key's rejection reason: 0 granted, else 1 + the index here. Never
 /// reorder; only append.
-const REJECT_CODES: [RejectReason; 4] = [
+const REJECT_CODES: [RejectReason; 5] = [
     RejectReason::InsufficientWorkers,
     RejectReason::InsufficientCpu,
     RejectReason::InsufficientMemory,
     RejectReason::Quota,
+    RejectReason::Reserved,
 ];
 /// The fewest bytes a key record takes (an empty key).
 const MIN_KEY_BYTES: usize = STR_LEN_BYTES + 8 + 8 + 8 + 1 + 8;

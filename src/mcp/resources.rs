@@ -101,6 +101,15 @@ impl Change {
                 EventBody::Renewed(r) => (LoggingLevel::Info, false, format!("renewed for {} s", r.ttl_seconds)),
                 EventBody::ConfigChanged { .. } => (LoggingLevel::Notice, true, "the config changed".to_string()),
                 EventBody::LedgerCreated { .. } => (LoggingLevel::Debug, true, "ledger created".to_string()),
+                EventBody::Reserved(r) => (
+                    LoggingLevel::Notice,
+                    true,
+                    format!("reserved {} worker(s) for {}", r.resources.workers, r.holder_text()),
+                ),
+                EventBody::ReservationRejected(r) => (LoggingLevel::Notice, false, r.error.clone()),
+                EventBody::ReservationCancelled { reservation_id } => {
+                    (LoggingLevel::Notice, true, format!("reservation {reservation_id} cancelled"))
+                }
             };
             self.capacity |= changes_capacity;
             let mut data = json!({"event": body.type_name(), "seq": e.seq, "message": message});

@@ -148,6 +148,9 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         "what_if" => super::tools::whatif::whatif_input(),
         "get_pool" => super::tools::pool::get_pool_input(),
         "change_pool" => super::tools::pool::change_pool_input(),
+        "reserve_resources" => super::tools::reservation::reserve_input(config),
+        "cancel_reservation" => super::tools::reservation::cancel_input(),
+        "list_reservations" => super::tools::reservation::list_input(),
         "write_snapshot" => super::tools::admin::write_snapshot_input(),
         "apply_config" => super::tools::admin::apply_config_input(),
         // cleanup_expired
@@ -336,6 +339,7 @@ fn capacity() -> Value {
             "available_cpu_millicores": int("CPU free, in millicores."),
             "as_of": s("The instant this report describes (RFC 3339, UTC)."),
             "seq": int("Sequence number of the last ledger event in this report."),
+            "reserved": { "type": "object", "description": "Present while a reservation is in force: what the reservations in force hold (workers, cpu_millicores, memory_mib), what their holders leave unused (unused_workers, unused_cpu_millicores, unused_memory_mib: nobody else may take it) and their ids (reservations)." },
         },
         "required": ["total_cpu", "total_memory", "total_workers", "allocated_cpu", "allocated_memory", "allocated_workers", "available_cpu", "available_memory", "available_workers", "running_mcp_servers", "active_allocations"],
     })
@@ -454,6 +458,8 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "what_if" => with_error(vec![super::tools::whatif::whatif_output()]),
         "get_pool" => with_error(vec![super::tools::pool::get_pool_output()]),
         "change_pool" => with_error(vec![super::tools::pool::change_pool_output()]),
+        "reserve_resources" | "cancel_reservation" => with_error(vec![super::tools::reservation::reserve_output()]),
+        "list_reservations" => with_error(vec![super::tools::reservation::list_output()]),
         "write_snapshot" => with_error(vec![super::tools::admin::write_snapshot_output()]),
         "apply_config" => with_error(vec![super::tools::admin::apply_config_output()]),
         other => unreachable!("no output schema for tool {other}"),

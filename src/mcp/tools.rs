@@ -17,6 +17,7 @@ pub(super) mod contract;
 pub(super) mod history;
 pub(super) mod list;
 pub(super) mod pool;
+pub(super) mod reservation;
 pub(super) mod whatif;
 
 /// One MCP handler instance (one per stdio session, HTTP session or stateless HTTP request);
@@ -52,6 +53,7 @@ impl LedgerTools {
             + Self::contract_router()
             + Self::whatif_router()
             + Self::pool_router()
+            + Self::reservation_router()
             + Self::admin_router()
             + Self::config_router();
         for (name, route) in &mut router.map {

@@ -66,6 +66,7 @@ async def scenario(client, mode):
         "allocation_history", "usage_report", "what_if",
         "renew_allocation", "plan_request", "get_pool", "change_pool",
         "write_snapshot", "apply_config",
+        "reserve_resources", "cancel_reservation", "list_reservations",
     }, set(tools)
     req = tools["request_resources"].input_schema
     assert set(req["required"]) == {"job_id", "mcp_servers"}

@@ -70,6 +70,9 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
         Command::List(args) => list(server, out, args),
         Command::CleanupExpired { expect } => cleanup(server, out, expect.seq()?),
         Command::Pool(cmd) => pool(server, out, cmd),
+        Command::Reserve(_) | Command::Reservations { .. } | Command::Reservation(_) => {
+            reservation(server, out, &cli.command)
+        }
         Command::Config(crate::cli::config::ConfigCommand::Apply { file, dry_run, expect }) => {
             apply_config(server, out, file, *dry_run, expect.seq()?)
         }
@@ -135,6 +138,40 @@ fn pool(server: &Server, out: &Out, cmd: &crate::cli::pool::PoolCommand) -> Resu
     let r: PoolChangeReport = decode(server.call("change_pool", args)?)?;
     out.doc(&r, || human_change(&r))?;
     Ok(ExitCode::Ok)
+}
+
+/// `reserve`, `reservations` and `reservation cancel` through the reservation tools.
+fn reservation(server: &Server, out: &Out, command: &Command) -> Result<ExitCode> {
+    use crate::cli::reservation::{print_cancel, print_list, print_reserve, ReservationCommand};
+    match command {
+        Command::Reserve(a) => {
+            let req = a.request()?;
+            let mut args = args_with("workers", req.workers.into());
+            put(&mut args, "tenant", req.tenant);
+            put(&mut args, "job_id", req.job_id);
+            put(&mut args, "start", req.start);
+            put(&mut args, "end", req.end);
+            put(&mut args, "start_in_seconds", req.start_in_seconds);
+            put(&mut args, "duration_seconds", req.duration_seconds);
+            let r = match server.call("reserve_resources", args) {
+                Ok(v) => decode(v)?,
+                // Not honoured: the tool's error result is the recorded rejection itself.
+                Err(Failure::Tool(v)) if v["status"] == "failed" => decode(v)?,
+                Err(e) => return Err(e),
+            };
+            Ok(print_reserve(out, &r)?)
+        }
+        Command::Reservation(ReservationCommand::Cancel { reservation_id }) => {
+            let args = args_with("reservation_id", reservation_id.as_str().into());
+            Ok(print_cancel(out, &decode(server.call("cancel_reservation", args)?)?)?)
+        }
+        Command::Reservations { at } => {
+            let mut args = Map::new();
+            put(&mut args, "at", at.clone());
+            Ok(print_list(out, &decode(server.call("list_reservations", args)?)?)?)
+        }
+        _ => Err(Failure::Ledger(Error::invalid("server", "this command has no server equivalent"))),
+    }
 }
 
 fn request_args(req: &ResourceRequest) -> Result<Map<String, Value>> {
