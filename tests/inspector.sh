@@ -36,9 +36,11 @@ call() {
 # check LABEL JSON EXPR: EXPR is Python over `r` (the parsed result) and `s` (its structuredContent).
 check() {
   local label="$1" json="$2" expr="$3"
-  if JSON="$json" python3 -c '
-import json, os, sys
-r = json.loads(os.environ["JSON"])
+  # On stdin, not in the environment: one environment string is limited to 128 KiB, and
+  # tools/list with every schema is larger.
+  if printf '%s' "$json" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
 s = r.get("structuredContent") or {}
 sys.exit(0 if eval(sys.argv[1]) else 1)' "$expr"; then
     echo "ok   $label"
@@ -49,7 +51,7 @@ sys.exit(0 if eval(sys.argv[1]) else 1)' "$expr"; then
   fi
 }
 
-field() { JSON="$1" python3 -c 'import json, os, sys; print(json.loads(os.environ["JSON"])["structuredContent"][sys.argv[1]])' "$2"; }
+field() { printf '%s' "$1" | python3 -c 'import json, sys; print(json.load(sys.stdin)["structuredContent"][sys.argv[1]])' "$2"; }
 
 out=$(inspect --method tools/list)
 check "tools/list: every tool, each with an output schema" "$out" \
