@@ -22,6 +22,7 @@ mod history;
 mod list;
 mod output;
 mod pool;
+mod queue;
 mod replay;
 #[cfg(feature = "server")]
 mod serve;
@@ -98,6 +99,13 @@ enum Command {
         tenant: Option<String>,
         #[command(flatten)]
         contract: contract::RequestContract,
+        #[command(flatten)]
+        wait: queue::WaitArgs,
+    },
+    /// Withdraw a request waiting in the queue (`request --wait`)
+    Cancel {
+        /// alloc-xxxxxxxxxxxx (the pending request's id)
+        allocation_id: String,
     },
     /// Release an allocation (safe to retry: an ended allocation is reported, nothing written)
     Release {
@@ -430,7 +438,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
     let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let config = &cli.config;
     match cli.command {
-        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, tenant, contract } => {
+        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, tenant, contract, wait } => {
             let req = ResourceRequest {
                 job_id,
                 mcp_servers,
@@ -441,10 +449,12 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
                 idempotency_key: contract.idempotency_key.clone(),
                 max_lifetime_seconds: contract.max_lifetime_seconds()?,
                 tenant,
+                ..wait.fields()?
             };
             request_or_plan(out, &open_writer(&dir, config)?, &req, &contract)
         }
         Command::Release { allocation_id, expect } => release(out, &dir, config, &allocation_id, expect.seq()?),
+        Command::Cancel { allocation_id } => queue::cancel(out, &open_writer(&dir, config)?, &allocation_id),
         Command::Renew(args) => contract::renew(out, &open_writer(&dir, config)?, &args),
         Command::Capacity { by_tenant: true, .. } => tenant_capacity(out, &open_reader(&dir, config)?),
         Command::Capacity { at, .. } => capacity(out, &open_reader(&dir, config)?, at.as_deref()),
@@ -544,6 +554,9 @@ fn request(
     req: &ResourceRequest,
     expected_seq: Option<u64>,
 ) -> allocation_ledger::Result<ExitCode> {
+    if req.wait && expected_seq.is_none() {
+        return queue::request(out, ledger, req);
+    }
     let outcome = match expected_seq {
         Some(seq) => ledger.if_seq(seq).request_resources(req)?,
         None => ledger.request_resources(req)?,
@@ -821,6 +834,9 @@ fn human_details(d: &AllocationDetails) -> String {
     rows.push(vec!["ttl".into(), format!("{} s", d.ttl_seconds)]);
     if let Some(e) = &d.error {
         rows.push(vec!["error".into(), e.clone()]);
+    }
+    if let (Some(p), Some(why)) = (d.queue_position, &d.waiting_reason) {
+        rows.push(vec!["queue".into(), format!("position {p}: {why}")]);
     }
     if !d.metadata.is_empty() {
         rows.push(vec!["metadata".into(), serde_json::Value::Object(d.metadata.clone()).to_string()]);

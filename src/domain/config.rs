@@ -151,6 +151,9 @@ pub struct Config {
     /// remove-worker`).
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub removed_workers: BTreeSet<u32>,
+    /// The pending queue: wait timeouts, aging, backfill depth (`docs/policy.md`, "Fair queue").
+    #[serde(skip_serializing_if = "crate::domain::queue::QueueConfig::is_default")]
+    pub queue: crate::domain::queue::QueueConfig,
 }
 
 impl Default for Config {
@@ -182,6 +185,7 @@ impl Default for Config {
             tenant_metadata_key: "tenant".to_string(),
             drained_workers: BTreeSet::new(),
             removed_workers: BTreeSet::new(),
+            queue: crate::domain::queue::QueueConfig::default(),
         }
     }
 }
@@ -220,7 +224,7 @@ impl Config {
             Error::invalid(
                 "config",
                 format!(
-                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers)"
+                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers, queue)"
                 ),
             )
         })?;
@@ -243,6 +247,7 @@ impl Config {
         self.validate_ttls()?;
         self.validate_limits()?;
         crate::domain::quota::validate_quotas(&self.quotas, self.default_quota.as_ref())?;
+        self.queue.validate()?;
         if !crate::domain::input::metadata_key_allowed(&self.tenant_metadata_key) {
             return Err(cfg_err("tenant_metadata_key", "must be 1 to 128 characters without control characters"));
         }

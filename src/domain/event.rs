@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 /// Bumped whenever the event schema changes; old versions stay readable.
 /// 2: `granted`/`rejected` carry `idempotency_key` and `max_lifetime_seconds` (both optional),
 /// and the `renewed` event exists.
-pub const EVENT_SCHEMA_VERSION: u32 = 2;
+/// 3: the queue: `queued` and `cancelled` events, `granted.queued_seq`, reason `queue_timeout`.
+pub const EVENT_SCHEMA_VERSION: u32 = 3;
 
 /// One logged fact: what happened, when, in which schema version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +59,13 @@ pub enum EventBody {
     },
     /// An active allocation's lease was renewed: its deadline moved.
     Renewed(Renewal),
+    /// A request that did not fit waits in the queue (it asked to, with `wait`).
+    Queued(crate::domain::queue::Queued),
+    /// A waiting request was withdrawn by its caller.
+    Cancelled {
+        /// The request withdrawn.
+        allocation_id: AllocationId,
+    },
 }
 
 /// What a renewal decided: the deadline before and after.
@@ -140,6 +148,9 @@ pub struct Grant {
     /// The tenant whose quota it counts against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Set when the grant ended a wait: the sequence number of the request's `queued` event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_seq: Option<u64>,
 }
 
 /// Which resource a rejected request needed more of than its priority may take.
@@ -155,6 +166,10 @@ pub enum RejectReason {
     InsufficientMemory,
     /// The request would take its tenant past a quota.
     Quota,
+    /// The request waited in the queue for its whole `queue_timeout_seconds` without fitting.
+    QueueTimeout,
+    /// The waiting request was cancelled (a report's reason; the log has a `cancelled` event).
+    Cancelled,
 }
 
 impl RejectReason {
@@ -165,6 +180,8 @@ impl RejectReason {
             RejectReason::InsufficientCpu => "insufficient_cpu",
             RejectReason::InsufficientMemory => "insufficient_memory",
             RejectReason::Quota => "quota",
+            RejectReason::QueueTimeout => "queue_timeout",
+            RejectReason::Cancelled => "cancelled",
         }
     }
 }
@@ -246,6 +263,8 @@ impl EventBody {
             EventBody::Released { .. } => "released",
             EventBody::Expired { .. } => "expired",
             EventBody::Renewed(_) => "renewed",
+            EventBody::Queued(_) => "queued",
+            EventBody::Cancelled { .. } => "cancelled",
         }
     }
 
@@ -256,6 +275,8 @@ impl EventBody {
             EventBody::Rejected(r) => Some(r.allocation_id),
             EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => Some(*allocation_id),
             EventBody::Renewed(r) => Some(r.allocation_id),
+            EventBody::Queued(q) => Some(q.allocation_id),
+            EventBody::Cancelled { allocation_id } => Some(*allocation_id),
             _ => None,
         }
     }
@@ -281,7 +302,10 @@ impl Event {
                 self.encode_lean(&mut out, &ExpiredOut { allocation_id, deadline_us });
             }
             EventBody::Renewed(r) => self.encode_lean(&mut out, r),
-            EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => put_json(&mut out, self),
+            EventBody::LedgerCreated { .. }
+            | EventBody::ConfigChanged { .. }
+            | EventBody::Queued(_)
+            | EventBody::Cancelled { .. } => put_json(&mut out, self),
         }
         debug_assert!(serde_json::to_vec(self).is_ok_and(|general| general == out), "lean encoding differs");
         out
@@ -359,6 +383,8 @@ struct GrantedWire<'a> {
     max_lifetime_seconds: Option<u64>,
     #[serde(default)]
     tenant: Option<String>,
+    #[serde(default)]
+    queued_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -428,6 +454,7 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
                 idempotency_key: w.idempotency_key,
                 max_lifetime_seconds: w.max_lifetime_seconds,
                 tenant: w.tenant,
+                queued_seq: w.queued_seq,
             })
         }
         b"rejected" => {
@@ -535,6 +562,7 @@ mod tests {
                     idempotency_key: Some("retry-\"7\"".into()),
                     max_lifetime_seconds: Some(86_400),
                     tenant: Some("team \"a\"".into()),
+                    queued_seq: Some(3),
                 }),
             ),
             Event::new(

@@ -185,6 +185,8 @@ struct MetaOut<'a> {
     assigned_mcp_endpoints: &'a BTreeMap<String, String>,
     assigned_mcp_count: u64,
     log_position: Option<LogPosition>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    queue: &'a [crate::domain::queue::QueueEntry],
 }
 
 #[derive(Deserialize)]
@@ -199,6 +201,8 @@ struct MetaIn {
     assigned_mcp_count: u64,
     #[serde(default)]
     log_position: Option<LogPosition>,
+    #[serde(default)]
+    queue: Vec<crate::domain::queue::QueueEntry>,
 }
 
 /// A v3 snapshot of `state` without a log position.
@@ -242,6 +246,7 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
         assigned_mcp_endpoints: &state.assigned_mcp_endpoints,
         assigned_mcp_count: state.assigned_mcp_count,
         log_position: position,
+        queue: &state.queue,
     })
     .expect("snapshot meta serializes");
     // The payload goes straight after room for the header (filled in last): a large state's
@@ -440,6 +445,7 @@ fn decode_v3(
         assigned_mcp_endpoints: meta.assigned_mcp_endpoints,
         assigned_mcp_count: meta.assigned_mcp_count,
         idempotency_keys: Vec::new(),
+        queue: meta.queue,
     };
     let inconsistent = |e: String| format!("snapshot state is inconsistent: {e}");
     let mut loader = StateLoader::new(data, count as usize).map_err(inconsistent)?;
@@ -458,11 +464,13 @@ fn decode_v3(
 const KEYS_VERSION: u32 = 4;
 /// On-disk codes of a key's rejection reason: 0 granted, else 1 + the index here. Never
 /// reorder; only append.
-const REJECT_CODES: [RejectReason; 4] = [
+const REJECT_CODES: [RejectReason; 6] = [
     RejectReason::InsufficientWorkers,
     RejectReason::InsufficientCpu,
     RejectReason::InsufficientMemory,
     RejectReason::Quota,
+    RejectReason::QueueTimeout,
+    RejectReason::Cancelled,
 ];
 /// The fewest bytes a key record takes (an empty key).
 const MIN_KEY_BYTES: usize = STR_LEN_BYTES + 8 + 8 + 8 + 1 + 8;
@@ -603,8 +611,14 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 /// On-disk codes: the index in these tables. Never reorder them; only append.
 const PRIORITY_CODES: [Priority; 4] = [Priority::Low, Priority::Normal, Priority::High, Priority::Critical];
-const STATE_CODES: [AllocationState; 4] =
-    [AllocationState::Active, AllocationState::Released, AllocationState::Expired, AllocationState::Failed];
+const STATE_CODES: [AllocationState; 6] = [
+    AllocationState::Active,
+    AllocationState::Released,
+    AllocationState::Expired,
+    AllocationState::Failed,
+    AllocationState::Pending,
+    AllocationState::Cancelled,
+];
 
 /// A priority's on-disk code: its index in [`PRIORITY_CODES`] (a test holds the two together).
 fn priority_code(priority: Priority) -> u8 {
@@ -623,6 +637,8 @@ fn state_code(state: AllocationState) -> u8 {
         AllocationState::Released => 1,
         AllocationState::Expired => 2,
         AllocationState::Failed => 3,
+        AllocationState::Pending => 4,
+        AllocationState::Cancelled => 5,
     }
 }
 

@@ -101,6 +101,12 @@ impl Change {
                 EventBody::Renewed(r) => (LoggingLevel::Info, false, format!("renewed for {} s", r.ttl_seconds)),
                 EventBody::ConfigChanged { .. } => (LoggingLevel::Notice, true, "the config changed".to_string()),
                 EventBody::LedgerCreated { .. } => (LoggingLevel::Debug, true, "ledger created".to_string()),
+                EventBody::Queued(q) => (
+                    LoggingLevel::Info,
+                    false,
+                    format!("queued a request of job {} at position {}", q.job_id, q.position),
+                ),
+                EventBody::Cancelled { .. } => (LoggingLevel::Info, false, "cancelled while waiting".to_string()),
             };
             self.capacity |= changes_capacity;
             let mut data = json!({"event": body.type_name(), "seq": e.seq, "message": message});
