@@ -53,7 +53,7 @@ field() { JSON="$1" python3 -c 'import json, os, sys; print(json.loads(os.enviro
 
 out=$(inspect --method tools/list)
 check "tools/list: every tool, each with an output schema" "$out" \
-  'sorted(t["name"] for t in r["tools"]) == ["allocation_history", "apply_config", "change_pool", "cleanup_expired", "get_allocation", "get_capacity", "get_pool", "list_allocations", "plan_request", "release_resources", "renew_allocation", "request_resources", "usage_report", "what_if", "write_snapshot"] and all("outputSchema" in t for t in r["tools"])'
+  'sorted(t["name"] for t in r["tools"]) == ["allocation_history", "apply_config", "cancel_request", "change_pool", "cleanup_expired", "get_allocation", "get_capacity", "get_pool", "list_allocations", "plan_request", "release_resources", "renew_allocation", "request_resources", "usage_report", "what_if", "write_snapshot"] and all("outputSchema" in t for t in r["tools"])'
 
 out=$(call get_capacity)
 check "1. a fresh ledger has 10 total and 10 available workers" "$out" \

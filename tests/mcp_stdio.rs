@@ -11,9 +11,10 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 15] = [
+const TOOLS: [&str; 16] = [
     "allocation_history",
     "apply_config",
+    "cancel_request",
     "change_pool",
     "cleanup_expired",
     "get_allocation",

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 mod common;
+mod mcp_common;
 
 use allocation_ledger::storage::FaultyStorage;
 use allocation_ledger::{
@@ -168,6 +169,10 @@ fn cancel_and_timeout_are_recorded_and_wake_waiters() {
     let o = l.wait_for_grant_blocking(&t).unwrap();
     let RequestOutcome::Failed(f) = o else { panic!() };
     assert_eq!(f.reason, RejectReason::QueueTimeout);
+    let h = l.allocation_history(&t).unwrap();
+    assert_eq!(h.events.last().unwrap().explanation.as_deref(), Some("rejected: waited 101 s, queue_timeout"));
+    let h = l.allocation_history(&c).unwrap();
+    assert_eq!(h.events.last().unwrap().explanation.as_deref(), Some("cancelled by its caller after 0 s in the queue"));
     assert_eq!(fold(&all_events(&l)), l.with_state(Clone::clone));
 }
 
@@ -202,4 +207,70 @@ fn snapshots_carry_the_queue() {
     assert_eq!(l.get_allocation(&w).unwrap().unwrap().queue_position, Some(1));
     l.release_resources(&a).unwrap();
     assert_eq!(state_of(&l, &w), AllocationState::Active);
+}
+
+#[test]
+fn history_explains_every_wait_in_words() {
+    let (storage, clock) = (FaultyStorage::new(), ManualClock::at_default_epoch());
+    let l = open(&storage, &clock, Config::default());
+    let a = grant(&l, "a", 9, 3600);
+    let _h1 = pending(&l, &ResourceRequest::new("h1").workers(2).priority(Priority::High).wait(Some(600)));
+    let w = pending(&l, &ResourceRequest::new("w").workers(2).wait(Some(600)));
+    let t = pending(&l, &ResourceRequest::new("t").workers(2).wait(Some(60)));
+    clock.advance_seconds(41);
+    l.release_resources(&a).unwrap();
+    let h = l.allocation_history(&w).unwrap();
+    let words: Vec<String> = h.events.iter().filter_map(|e| e.explanation.clone()).collect();
+    assert!(words[0].starts_with("queued at position 2 behind 1 higher-priority request(s)"), "{words:?}");
+    assert_eq!(words[1], format!("granted after 41 s in the queue when {a} released"));
+    let _ = t;
+    let h = l.allocation_history(&t).unwrap();
+    assert!(h.events.iter().any(|e| e.explanation.as_deref().is_some_and(|w| w.contains("granted after 41 s"))));
+}
+
+/// Over MCP, a `wait: true` call stays open and returns the grant once a release frees room,
+/// and the cancelled result once `cancel_request` withdraws it: no polling.
+#[test]
+fn a_waiting_mcp_call_returns_when_granted_or_cancelled() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = mcp_common::StdioServer::start(dir.path(), &[]);
+    s.initialize();
+    let a = s.call("request_resources", json!({"job_id": "a", "mcp_servers": [], "workers": 9}));
+    let a = a["structuredContent"]["allocation_id"].as_str().unwrap().to_string();
+    let call = |id: u64, job: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "request_resources",
+            "arguments": {"job_id": job, "mcp_servers": [], "workers": 3, "wait": true, "queue_timeout_seconds": 600}}})
+    };
+    s.send(&call(9001, "w"));
+    s.send(&call(9002, "c"));
+    // Both wait: the list shows them in queue order.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let ids = loop {
+        let l = s.call("list_allocations", json!({"state": "pending"}));
+        let rows = l["structuredContent"]["allocations"].as_array().unwrap().clone();
+        if rows.len() == 2 {
+            break rows.iter().map(|r| r["allocation_id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+        }
+        assert!(std::time::Instant::now() < deadline, "{l}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let jobs: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            s.call("get_allocation", json!({"allocation_id": id}))["structuredContent"]["job_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let c = &ids[jobs.iter().position(|j| j == "c").unwrap()];
+    let cancelled = s.call("cancel_request", json!({"allocation_id": c}));
+    assert_eq!(cancelled["structuredContent"]["status"], "cancelled", "{cancelled}");
+    let r = s.recv_id(&json!(9002));
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert_eq!(r["result"]["structuredContent"]["reason"], "cancelled", "{r}");
+    s.call("release_resources", json!({"allocation_id": a}));
+    let r = s.recv_id(&json!(9001));
+    assert_eq!(r["result"]["structuredContent"]["status"], "active", "{r}");
 }
