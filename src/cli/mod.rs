@@ -451,7 +451,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
                 tenant,
                 ..wait.fields()?
             };
-            request_or_plan(out, &open_writer(&dir, config)?, &req, &contract)
+            queue::request_or_plan(out, || open_writer(&dir, config), &req, &contract)
         }
         Command::Release { allocation_id, expect } => release(out, &dir, config, &allocation_id, expect.seq()?),
         Command::Cancel { allocation_id } => queue::cancel(out, &open_writer(&dir, config)?, &allocation_id),
@@ -554,9 +554,6 @@ fn request(
     req: &ResourceRequest,
     expected_seq: Option<u64>,
 ) -> allocation_ledger::Result<ExitCode> {
-    if req.wait && expected_seq.is_none() {
-        return queue::request(out, ledger, req);
-    }
     let outcome = match expected_seq {
         Some(seq) => ledger.if_seq(seq).request_resources(req)?,
         None => ledger.request_resources(req)?,

@@ -28,16 +28,55 @@ impl WaitArgs {
     }
 }
 
-/// `request --wait` on a local ledger: queued (said on stderr), then blocks until decided.
-pub(super) fn request(out: &Out, ledger: &Ledger, req: &ResourceRequest) -> allocation_ledger::Result<ExitCode> {
-    let outcome = match ledger.request_or_queue(req)? {
+/// `request` on a local ledger: `--wait` (without `--dry-run` or `--expected-seq`) waits here;
+/// anything else is the usual request or plan.
+pub(super) fn request_or_plan(
+    out: &Out,
+    open: impl Fn() -> allocation_ledger::Result<Ledger>,
+    req: &ResourceRequest,
+    contract: &super::contract::RequestContract,
+) -> allocation_ledger::Result<ExitCode> {
+    if req.wait && !contract.dry_run && contract.expect.seq()?.is_none() {
+        return request(out, open, req);
+    }
+    super::request_or_plan(out, &open()?, req, contract)
+}
+
+/// How often a local `request --wait` looks again.
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `request --wait` on a local ledger: queued (said on stderr), then blocks until decided. The
+/// ledger is not kept open while it waits (its lock would keep every other writer out, the
+/// releases it waits for included): it is opened again every 200 ms to look, and to write the
+/// queue's timeouts when due. (Through a running server the call itself waits, no polling.)
+fn request(
+    out: &Out,
+    open: impl Fn() -> allocation_ledger::Result<Ledger>,
+    req: &ResourceRequest,
+) -> allocation_ledger::Result<ExitCode> {
+    let ledger = open()?;
+    let admitted = ledger.request_or_queue(req)?;
+    warn_snapshot_error(&ledger);
+    drop(ledger);
+    let outcome = match admitted {
         Admission::Decided(o) => o,
         Admission::Pending(p) => {
             eprintln!("{}", human_pending(&p));
-            ledger.wait_for_grant_blocking(&p.allocation_id.to_string())?
+            let id = p.allocation_id.to_string();
+            loop {
+                std::thread::sleep(LOOK_EVERY);
+                match open() {
+                    Ok(l) => {
+                        if let Some(o) = l.queued_outcome(&id)? {
+                            break o;
+                        }
+                    }
+                    Err(allocation_ledger::Error::Locked { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
     };
-    warn_snapshot_error(ledger);
     out.doc(&outcome, || human_outcome(&outcome))?;
     Ok(if outcome.is_granted() { ExitCode::Ok } else { ExitCode::NotGranted })
 }

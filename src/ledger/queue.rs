@@ -279,6 +279,18 @@ impl Ledger {
         }
     }
 
+    /// A waiting request's outcome if it has been decided (`None`: it still waits), writing the
+    /// queue's timeouts that are due first. For a caller that cannot keep the ledger open while
+    /// it waits (the CLI beside other processes): it asks again later.
+    pub fn queued_outcome(&self, allocation_id: &str) -> Result<Option<RequestOutcome>> {
+        let id = AllocationId::parse("allocation_id", allocation_id)?;
+        if self.next_deadline().is_some_and(|t| t <= self.now_micros()) {
+            self.cleanup_expired()?;
+        }
+        let known = self.shared.queue_waiters.resolved(id);
+        self.read(|s, now| resolution(s, id, now, known)).and_then(Option::transpose)
+    }
+
     /// `request_resources` with `wait` for a blocking caller: returns once granted, timed out
     /// or cancelled.
     pub(super) fn request_and_wait(&self, req: &ResourceRequest) -> Result<RequestOutcome> {
@@ -290,7 +302,9 @@ impl Ledger {
 
     /// The pending rows of `list --state pending`, in queue order.
     pub(super) fn pending_rows(&self) -> Result<Vec<AllocationSummary>> {
-        self.read(|s, now| s.queue().order(now, &s.config.queue).map(|e| pending_allocation(e).summary(now)).collect())
+        self.read(|s, now| {
+            s.queue().order(now, &s.config.queue).map(|e| pending_allocation(s, e).summary(now)).collect()
+        })
     }
 
     /// `get` of a waiting request: its place and why it waits.
@@ -352,9 +366,11 @@ fn decide_cancel(state: &State, ts: Micros, id: AllocationId) -> Result<(Vec<Eve
     Ok((vec![body], report))
 }
 
-/// A waiting request as an allocation row (state `pending`, nothing held).
-fn pending_allocation(e: &QueueEntry) -> Allocation {
+/// A waiting request as an allocation row (state `pending`, nothing held; `resources` what its
+/// workers will hold).
+fn pending_allocation(s: &State, e: &QueueEntry) -> Allocation {
     let mut a = Allocation::from_cancel(e.seq, e.queued_us, e);
+    a.resources = crate::domain::decide::price_queued(s, &e.request).workers;
     a.state = AllocationState::Pending;
     a.created_us = e.queued_us;
     a.ended_us = None;
@@ -366,7 +382,7 @@ fn pending_allocation(e: &QueueEntry) -> Allocation {
 fn pending_details(s: &State, id: AllocationId, now: Micros) -> Option<AllocationDetails> {
     let e = s.queue().get(id)?;
     let (position, higher) = s.queue().position(id, now, &s.config.queue)?;
-    let mut d = pending_allocation(e).details(now);
+    let mut d = pending_allocation(s, e).details(now);
     d.timestamps.activated_at = None;
     d.timestamps.expires_at = None;
     d.queue_position = Some(position);

@@ -103,16 +103,8 @@ pub(crate) fn request_input(config: &Config) -> Value {
                 "maxLength": crate::domain::quota::MAX_TENANT_CHARS,
                 "description": format!("The tenant whose quota the request counts against (default: metadata.{}). A request past its tenant's quota is refused with reason quota, e.g. \"exceeded quota for tenant t1: requested workers=4, used=8, limited=10\".", config.tenant_metadata_key),
             },
-            "wait": {
-                "type": "boolean",
-                "description": format!("If the pool cannot hold the request now, wait in the fair queue instead of failing: the call returns when it is granted, cancelled (cancel_request) or after queue_timeout_seconds (then an error with reason queue_timeout). Priority first, FIFO within a priority; a waiting request's priority rises one level every {} s. A request that could never fit is still refused at once.", config.queue.aging_seconds),
-            },
-            "queue_timeout_seconds": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": config.queue.max_timeout_seconds,
-                "description": format!("With wait: the longest wait, in seconds (default {}).", config.queue.default_timeout_seconds),
-            },
+            "wait": super::tools::queue::wait_schema(config),
+            "queue_timeout_seconds": super::tools::queue::queue_timeout_schema(config),
             "expected_seq": super::tools::contract::expected_seq_schema(),
         },
         "required": ["job_id", "mcp_servers"],

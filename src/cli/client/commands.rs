@@ -34,12 +34,7 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
                 request(server, out, &req, contract.expect.seq()?)
             }
         }
-        Command::Cancel { allocation_id } => {
-            let r: allocation_ledger::CancelReport =
-                decode(server.call("cancel_request", args_with("allocation_id", allocation_id.as_str().into()))?)?;
-            out.doc(&r, || crate::cli::queue::human_cancel(&r))?;
-            Ok(ExitCode::Ok)
-        }
+        Command::Cancel { allocation_id } => cancel(server, out, allocation_id),
         Command::Release { allocation_id, expect } => {
             allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
             let mut args = args_with("allocation_id", allocation_id.as_str().into());
@@ -162,6 +157,14 @@ fn request_args(req: &ResourceRequest) -> Result<Map<String, Value>> {
         put(&mut args, "queue_timeout_seconds", req.queue_timeout_seconds);
     }
     Ok(args)
+}
+
+/// `cancel ID` through the server: the `cancel_request` tool.
+fn cancel(server: &Server, out: &Out, allocation_id: &str) -> Result<ExitCode> {
+    let r: allocation_ledger::CancelReport =
+        decode(server.call("cancel_request", args_with("allocation_id", allocation_id.into()))?)?;
+    out.doc(&r, || crate::cli::queue::human_cancel(&r))?;
+    Ok(ExitCode::Ok)
 }
 
 fn request(server: &Server, out: &Out, req: &ResourceRequest, expected_seq: Option<u64>) -> Result<ExitCode> {

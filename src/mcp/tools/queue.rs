@@ -14,6 +14,24 @@ use std::time::Duration;
 /// record the timeout (the server's expiry loop writes it).
 const WAIT_SLACK: Duration = Duration::from_secs(10);
 
+/// `request_resources`' `wait` argument.
+pub(crate) fn wait_schema(config: &crate::Config) -> Value {
+    json!({
+        "type": "boolean",
+        "description": format!("If the pool cannot hold the request now, wait in the fair queue instead of failing: the call returns when it is granted, cancelled (cancel_request) or after queue_timeout_seconds (then an error with reason queue_timeout). Priority first, FIFO within a priority; a waiting request's priority rises one level every {} s. A request that could never fit is still refused at once.", config.queue.aging_seconds),
+    })
+}
+
+/// `request_resources`' `queue_timeout_seconds` argument.
+pub(crate) fn queue_timeout_schema(config: &crate::Config) -> Value {
+    json!({
+        "type": "integer",
+        "minimum": 1,
+        "maximum": config.queue.max_timeout_seconds,
+        "description": format!("With wait: the longest wait, in seconds (default {}).", config.queue.default_timeout_seconds),
+    })
+}
+
 pub(crate) fn cancel_request_input() -> Value {
     json!({
         "type": "object",
