@@ -696,10 +696,13 @@ fn place_granted(
 
 /// Whether an event can let a waiting request start (capacity freed, the pool changed, the
 /// queue's order or a reserved start changed, a new request whose aging steps must be timed).
+/// A grant that did not come from the queue counts: one that outranked the head may have moved
+/// the head's reserved start later, which lets more requests backfill.
 pub fn wakes_queue(body: &EventBody) -> bool {
     matches!(
         body,
-        EventBody::Released { .. }
+        EventBody::Granted(Grant { queued_seq: None, .. })
+            | EventBody::Released { .. }
             | EventBody::Expired { .. }
             | EventBody::ConfigChanged { .. }
             | EventBody::Cancelled { .. }
