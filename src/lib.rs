@@ -37,6 +37,7 @@ pub use domain::idempotency::{KeyRecord, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use domain::input::{validate_job_id, ResourceRequest};
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 pub use domain::pool::{describe_change, parse_worker, pool_summary, ConfigFieldChange, PoolChange, POOL_ACTIONS};
+pub use domain::queue::{HeadStart, Queue, QueueConfig, QueueEntry, Queued};
 pub use domain::quota::{Quota, QuotaExceeded, TenantUse, NO_TENANT};
 pub use domain::reservation::{Reservation, ReservationId, ReservationRejection, ReservationRequest, ReservedAt};
 pub use domain::state::{Allocation, State};
@@ -49,6 +50,7 @@ pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use ledger::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
+pub use ledger::{Admission, CancelReport, GrantWait, PendingReport};
 pub use ledger::{CancelReservationReport, ReservationInfo, ReservationList, ReserveReport};
 pub use ledger::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};

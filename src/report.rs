@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 /// Serde `with` module for report timestamps: the text [`format_micros`](crate::format_micros)
 /// writes, byte for byte, written straight into the output without an intermediate string.
-mod rfc3339_micros {
+pub(crate) mod rfc3339_micros {
     use crate::domain::clock::{Micros, MicrosText};
     use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
@@ -332,7 +332,8 @@ impl ReleaseStatus {
         match state {
             AllocationState::Released => ReleaseStatus::AlreadyReleased,
             AllocationState::Expired => ReleaseStatus::AlreadyExpired,
-            AllocationState::Failed => ReleaseStatus::AlreadyFailed,
+            AllocationState::Failed | AllocationState::Cancelled => ReleaseStatus::AlreadyFailed,
+            AllocationState::Pending => ReleaseStatus::AlreadyActive,
             AllocationState::Active => ReleaseStatus::AlreadyActive,
         }
     }
@@ -688,6 +689,12 @@ pub struct AllocationDetails {
     /// The bound on renewals: the deadline never passes creation + this (absent if unbounded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_seconds: Option<u64>,
+    /// A pending request's place in the queue (1 = next), absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    /// Why a pending request waits: the resource that is short, or who is ahead of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -747,6 +754,8 @@ impl AllocationDetails {
             error: a.error.clone(),
             renewals: a.renewals,
             max_lifetime_seconds: a.max_lifetime_seconds,
+            queue_position: None,
+            waiting_reason: None,
         }
     }
 }
@@ -970,15 +979,17 @@ pub(crate) fn decide_request_outcome(
     req: &ResourceRequest,
 ) -> Result<(Vec<EventBody>, RequestOutcome)> {
     let seq = state.last_seq + 1;
-    Ok(match state.decide_grant(req, ts, state.next_allocation_id())? {
-        Ok(g) => {
+    Ok(match state.decide_admission(req, ts, state.next_allocation_id())? {
+        EventBody::Granted(g) => {
             let report = RequestOutcome::Granted(GrantReport::from_grant(&g, ts, seq));
             (vec![EventBody::Granted(g)], report)
         }
-        Err(r) => {
+        EventBody::Rejected(r) => {
             let report = RequestOutcome::Failed(FailedReport::from_rejection(&r, ts, seq));
             (vec![EventBody::Rejected(r)], report)
         }
+        // Only a request with `wait` is queued, and those take `Ledger::request_or_queue`.
+        _ => return Err(crate::Error::invalid("wait", "a waiting request is answered by request_or_queue")),
     })
 }
 

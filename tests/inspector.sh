@@ -55,7 +55,7 @@ field() { printf '%s' "$1" | python3 -c 'import json, sys; print(json.load(sys.s
 
 out=$(inspect --method tools/list)
 check "tools/list: every tool, each with an output schema" "$out" \
-  'sorted(t["name"] for t in r["tools"]) == ["allocation_history", "apply_config", "cancel_reservation", "change_pool", "cleanup_expired", "get_allocation", "get_capacity", "get_pool", "list_allocations", "list_reservations", "plan_request", "release_resources", "renew_allocation", "request_resources", "reserve_resources", "usage_report", "what_if", "write_snapshot"] and all("outputSchema" in t for t in r["tools"])'
+  'sorted(t["name"] for t in r["tools"]) == ["allocation_history", "apply_config", "cancel_request", "cancel_reservation", "change_pool", "cleanup_expired", "get_allocation", "get_capacity", "get_pool", "list_allocations", "list_reservations", "plan_request", "release_resources", "renew_allocation", "request_resources", "reserve_resources", "usage_report", "what_if", "write_snapshot"] and all("outputSchema" in t for t in r["tools"])'
 
 out=$(call get_capacity)
 check "1. a fresh ledger has 10 total and 10 available workers" "$out" \

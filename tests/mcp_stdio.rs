@@ -11,9 +11,10 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TOOLS: [&str; 18] = [
+const TOOLS: [&str; 19] = [
     "allocation_history",
     "apply_config",
+    "cancel_request",
     "cancel_reservation",
     "change_pool",
     "cleanup_expired",

@@ -46,6 +46,7 @@ enum Route {
 fn route(command: &Command) -> Route {
     match command {
         Command::Request { .. }
+        | Command::Cancel { .. }
         | Command::Release { .. }
         | Command::Renew(_)
         | Command::Capacity { .. }
@@ -79,6 +80,7 @@ fn writes(command: &Command) -> bool {
     matches!(
         command,
         Command::Request { .. }
+            | Command::Cancel { .. }
             | Command::Release { .. }
             | Command::Renew(_)
             | Command::CleanupExpired { .. }
@@ -222,12 +224,17 @@ impl Server {
 
     /// Calls `tool`: its structured result, or its error as the failure it reports.
     fn call(&self, tool: &'static str, args: Map<String, Value>) -> Result<Value, Failure> {
+        self.call_for(tool, args, CALL_TIMEOUT)
+    }
+
+    /// [`Server::call`] that waits up to `timeout` for the answer (`request --wait`).
+    fn call_for(&self, tool: &'static str, args: Map<String, Value>, timeout: Duration) -> Result<Value, Failure> {
         let mut params = CallToolRequestParams::new(tool);
         params.arguments = Some(args);
         let result =
-            self.runtime.block_on(async { tokio::time::timeout(CALL_TIMEOUT, self.client.call_tool(params)).await });
+            self.runtime.block_on(async { tokio::time::timeout(timeout, self.client.call_tool(params)).await });
         let result = match result {
-            Err(_) => return Err(self.transport_failure(&format!("no answer within {} s", CALL_TIMEOUT.as_secs()))),
+            Err(_) => return Err(self.transport_failure(&format!("no answer within {} s", timeout.as_secs()))),
             Ok(Err(e)) => return Err(self.transport_failure(&describe(&e))),
             Ok(Ok(r)) => r,
         };

@@ -22,6 +22,7 @@ mod history;
 mod list;
 mod output;
 mod pool;
+mod queue;
 mod replay;
 mod reservation;
 #[cfg(feature = "server")]
@@ -99,6 +100,13 @@ enum Command {
         tenant: Option<String>,
         #[command(flatten)]
         contract: contract::RequestContract,
+        #[command(flatten)]
+        wait: queue::WaitArgs,
+    },
+    /// Withdraw a request waiting in the queue (`request --wait`)
+    Cancel {
+        /// alloc-xxxxxxxxxxxx (the pending request's id)
+        allocation_id: String,
     },
     /// Release an allocation (safe to retry: an ended allocation is reported, nothing written)
     Release {
@@ -456,7 +464,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
     let dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let config = &cli.config;
     match cli.command {
-        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, tenant, contract } => {
+        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, tenant, contract, wait } => {
             let req = ResourceRequest {
                 job_id,
                 mcp_servers,
@@ -467,10 +475,12 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
                 idempotency_key: contract.idempotency_key.clone(),
                 max_lifetime_seconds: contract.max_lifetime_seconds()?,
                 tenant,
+                ..wait.fields()?
             };
-            request_or_plan(out, &open_writer(&dir, config)?, &req, &contract)
+            queue::request_or_plan(out, || open_writer(&dir, config), &req, &contract)
         }
         Command::Release { allocation_id, expect } => release(out, &dir, config, &allocation_id, expect.seq()?),
+        Command::Cancel { allocation_id } => queue::cancel(out, &open_writer(&dir, config)?, &allocation_id),
         Command::Renew(args) => contract::renew(out, &open_writer(&dir, config)?, &args),
         Command::Capacity { by_tenant: true, .. } => tenant_capacity(out, &open_reader(&dir, config)?),
         Command::Capacity { at, .. } => capacity(out, &open_reader(&dir, config)?, at.as_deref()),
@@ -493,12 +503,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         Command::WhatIf(args) => replay::what_if(&open_existing(&dir)?, out, config.as_deref(), args),
         Command::Verify => verify(out, dir),
         Command::Repair { force_truncate, dry_run } => repair(out, &dir, force_truncate, dry_run),
-        Command::Snapshot => {
-            let ledger = open_writer(&dir, config)?;
-            let s: SnapshotInfo = ledger.snapshot()?;
-            out.doc(&s, || snapshot_text(&s))?;
-            Ok(ExitCode::Ok)
-        }
+        Command::Snapshot => snapshot(out, &open_writer(&dir, config)?),
         Command::Demo => demo(out, config),
         Command::Init => config::init(out, &dir, config),
         Command::Config(cmd) => {
@@ -523,6 +528,13 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Man => man(),
     }
+}
+
+/// `snapshot`: writes one now.
+fn snapshot(out: &Out, ledger: &Ledger) -> allocation_ledger::Result<ExitCode> {
+    let s: SnapshotInfo = ledger.snapshot()?;
+    out.doc(&s, || snapshot_text(&s))?;
+    Ok(ExitCode::Ok)
 }
 
 /// `completions SHELL`: the script, written in one piece (clap_complete panics on a failed
@@ -858,6 +870,9 @@ fn human_details(d: &AllocationDetails) -> String {
     rows.push(vec!["ttl".into(), format!("{} s", d.ttl_seconds)]);
     if let Some(e) = &d.error {
         rows.push(vec!["error".into(), e.clone()]);
+    }
+    if let (Some(p), Some(why)) = (d.queue_position, &d.waiting_reason) {
+        rows.push(vec!["queue".into(), format!("position {p}: {why}")]);
     }
     if !d.metadata.is_empty() {
         rows.push(vec!["metadata".into(), serde_json::Value::Object(d.metadata.clone()).to_string()]);

@@ -260,7 +260,17 @@ fn event_csv_row(seq: u64, at: &str, e: &allocation_ledger::Event) -> Vec<String
 
 /// `history`'s table.
 pub fn history_table(h: &History) -> Rows {
-    let rows = h.events.iter().map(|e| event_table_row(e.seq, &e.at, &e.event.body)).collect();
+    let rows = h
+        .events
+        .iter()
+        .map(|e| {
+            let mut row = event_table_row(e.seq, &e.at, &e.event.body);
+            if let (Some(words), Some(detail)) = (&e.explanation, row.last_mut()) {
+                *detail = words.clone();
+            }
+            row
+        })
+        .collect();
     Rows { header: EVENT_TABLE_HEADER.to_vec(), rows }
 }
 

@@ -151,6 +151,9 @@ pub struct Config {
     /// remove-worker`).
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub removed_workers: BTreeSet<u32>,
+    /// The pending queue: wait timeouts, aging, backfill depth (`docs/policy.md`, "Fair queue").
+    #[serde(skip_serializing_if = "crate::domain::queue::QueueConfig::is_default")]
+    pub queue: crate::domain::queue::QueueConfig,
     /// Longest window a reservation may hold capacity for (written only when not the default).
     #[serde(skip_serializing_if = "is_default_reservation_seconds")]
     pub max_reservation_seconds: u64,
@@ -203,6 +206,7 @@ impl Default for Config {
             removed_workers: BTreeSet::new(),
             max_reservation_seconds: DEFAULT_MAX_RESERVATION_SECONDS,
             max_reservation_lead_seconds: DEFAULT_MAX_RESERVATION_LEAD_SECONDS,
+            queue: crate::domain::queue::QueueConfig::default(),
         }
     }
 }
@@ -241,7 +245,7 @@ impl Config {
             Error::invalid(
                 "config",
                 format!(
-                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers, max_reservation_seconds, max_reservation_lead_seconds)"
+                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers, queue, max_reservation_seconds, max_reservation_lead_seconds)"
                 ),
             )
         })?;
@@ -267,6 +271,7 @@ impl Config {
         if self.max_reservation_seconds == 0 {
             return Err(cfg_err("max_reservation_seconds", "must be at least 1"));
         }
+        self.queue.validate()?;
         if !crate::domain::input::metadata_key_allowed(&self.tenant_metadata_key) {
             return Err(cfg_err("tenant_metadata_key", "must be 1 to 128 characters without control characters"));
         }

@@ -88,6 +88,23 @@ pub fn price(valid: &ValidRequest<'_>, state: &State) -> Cost {
     Cost { workers, needed, mcp_servers, usable: usable(state, req.priority) }
 }
 
+/// [`price`] for a request waiting in the queue (validated when it joined).
+pub fn price_queued(state: &State, q: &crate::domain::queue::Queued) -> Cost {
+    let cfg = &state.config;
+    let (mcp_servers, servers) = price_mcp_servers(&q.mcp_servers, state);
+    let workers = Resources {
+        cpu_millicores: cfg.worker_cpu_millicores * u64::from(q.workers),
+        memory_mib: cfg.worker_memory_mib * u64::from(q.workers),
+        workers: q.workers,
+    };
+    let needed = Resources {
+        cpu_millicores: workers.cpu_millicores.saturating_add(servers.cpu_millicores),
+        memory_mib: workers.memory_mib.saturating_add(servers.memory_mib),
+        workers: workers.workers,
+    };
+    Cost { workers, needed, mcp_servers, usable: usable(state, q.priority) }
+}
+
 /// Each named server's endpoint and cost, and the cost of those this grant would start: a
 /// running server keeps its endpoint and is charged already; a catalog server has its own;
 /// a name seen before keeps the endpoint it was given; a new name gets the next port.
@@ -183,6 +200,9 @@ pub fn rejection_message(s: &Shortfall, usable: &Usable, priority: Priority) -> 
         RejectReason::Quota => format!("exceeded quota: requested {}, available {}", s.needed, s.available),
         // Worded by `State::reserved_rejection`; no shortfall has it either.
         RejectReason::Reserved => format!("reserved: requested {}, available {}", s.needed, s.available),
+        RejectReason::QueueTimeout | RejectReason::Cancelled => {
+            format!("{}: requested {}, available {}", s.reason, s.needed, s.available)
+        }
     }
 }
 
@@ -233,6 +253,7 @@ pub fn place(
         idempotency_key: req.idempotency_key.as_deref().map(std::sync::Arc::from),
         max_lifetime_seconds: req.max_lifetime_seconds,
         tenant: valid.tenant,
+        queued_seq: None,
     })
 }
 
@@ -270,7 +291,7 @@ pub fn quota_rejection(state: &State, valid: &ValidRequest<'_>, id: AllocationId
 }
 
 /// The lowest `count` free slots as worker grants (the caller checked there are enough).
-fn take_slots(state: &State, count: u32) -> Vec<WorkerGrant> {
+pub(crate) fn take_slots(state: &State, count: u32) -> Vec<WorkerGrant> {
     let cfg = &state.config;
     let workers = state
         .free_slots
@@ -324,7 +345,15 @@ impl State {
             &expired
         };
         let ts_us = next_event_ts(state, clock);
-        let outcome = state.decide_grant(req, ts_us, state.next_allocation_id())?;
+        // Decided as a write decides it (the queue's head and the reservations included), as
+        // an answer now: a plan never queues.
+        let mut now_only = req.clone();
+        now_only.wait = false;
+        let outcome = match state.decide_admission(&now_only, ts_us, state.next_allocation_id())? {
+            EventBody::Granted(g) => Ok(g),
+            EventBody::Rejected(r) => Err(r),
+            other => return Err(Error::invalid("wait", format!("a plan cannot be {}", other.type_name()))),
+        };
         Ok(Planned { ts_us, seq: state.last_seq + 1, outcome })
     }
 

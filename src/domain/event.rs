@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 /// Bumped whenever the event schema changes; old versions stay readable.
 /// 2: `granted`/`rejected` carry `idempotency_key` and `max_lifetime_seconds` (both optional),
 /// and the `renewed` event exists.
-/// 3: the reservation events (`reserved`, `reservation_rejected`, `reservation_cancelled`) and
-/// the rejection reason `reserved`.
+/// 3: the queue (`queued` and `cancelled` events, `granted.queued_seq`, reason `queue_timeout`)
+/// and reservations (`reserved`, `reservation_rejected`, `reservation_cancelled`, reason
+/// `reserved`).
 pub const EVENT_SCHEMA_VERSION: u32 = 3;
 
 /// One logged fact: what happened, when, in which schema version.
@@ -68,6 +69,13 @@ pub enum EventBody {
     ReservationCancelled {
         /// The reservation cancelled.
         reservation_id: crate::domain::reservation::ReservationId,
+    },
+    /// A request that did not fit waits in the queue (it asked to, with `wait`).
+    Queued(crate::domain::queue::Queued),
+    /// A waiting request was withdrawn by its caller.
+    Cancelled {
+        /// The request withdrawn.
+        allocation_id: AllocationId,
     },
 }
 
@@ -151,6 +159,9 @@ pub struct Grant {
     /// The tenant whose quota it counts against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Set when the grant ended a wait: the sequence number of the request's `queued` event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_seq: Option<u64>,
 }
 
 /// Which resource a rejected request needed more of than its priority may take.
@@ -168,6 +179,10 @@ pub enum RejectReason {
     Quota,
     /// It would take capacity reserved for someone else (see `domain/reservation.rs`).
     Reserved,
+    /// The request waited in the queue for its whole `queue_timeout_seconds` without fitting.
+    QueueTimeout,
+    /// The waiting request was cancelled (a report's reason; the log has a `cancelled` event).
+    Cancelled,
 }
 
 impl RejectReason {
@@ -179,6 +194,8 @@ impl RejectReason {
             RejectReason::InsufficientMemory => "insufficient_memory",
             RejectReason::Quota => "quota",
             RejectReason::Reserved => "reserved",
+            RejectReason::QueueTimeout => "queue_timeout",
+            RejectReason::Cancelled => "cancelled",
         }
     }
 }
@@ -263,6 +280,8 @@ impl EventBody {
             EventBody::Reserved(_) => "reserved",
             EventBody::ReservationRejected(_) => "reservation_rejected",
             EventBody::ReservationCancelled { .. } => "reservation_cancelled",
+            EventBody::Queued(_) => "queued",
+            EventBody::Cancelled { .. } => "cancelled",
         }
     }
 
@@ -273,6 +292,8 @@ impl EventBody {
             EventBody::Rejected(r) => Some(r.allocation_id),
             EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => Some(*allocation_id),
             EventBody::Renewed(r) => Some(r.allocation_id),
+            EventBody::Queued(q) => Some(q.allocation_id),
+            EventBody::Cancelled { allocation_id } => Some(*allocation_id),
             _ => None,
         }
     }
@@ -303,6 +324,7 @@ impl Event {
             | EventBody::Reserved(_)
             | EventBody::ReservationRejected(_)
             | EventBody::ReservationCancelled { .. } => put_json(&mut out, self),
+            EventBody::Queued(_) | EventBody::Cancelled { .. } => put_json(&mut out, self),
         }
         debug_assert!(serde_json::to_vec(self).is_ok_and(|general| general == out), "lean encoding differs");
         out
@@ -380,6 +402,8 @@ struct GrantedWire<'a> {
     max_lifetime_seconds: Option<u64>,
     #[serde(default)]
     tenant: Option<String>,
+    #[serde(default)]
+    queued_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -449,6 +473,7 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
                 idempotency_key: w.idempotency_key,
                 max_lifetime_seconds: w.max_lifetime_seconds,
                 tenant: w.tenant,
+                queued_seq: w.queued_seq,
             })
         }
         b"rejected" => {
@@ -556,6 +581,7 @@ mod tests {
                     idempotency_key: Some("retry-\"7\"".into()),
                     max_lifetime_seconds: Some(86_400),
                     tenant: Some("team \"a\"".into()),
+                    queued_seq: Some(3),
                 }),
             ),
             Event::new(

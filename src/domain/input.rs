@@ -32,6 +32,11 @@ pub struct ResourceRequest {
     /// The tenant whose quota the request counts against; `None` takes the value of the
     /// config's `tenant_metadata_key` in the metadata, if any.
     pub tenant: Option<String>,
+    /// Wait in the queue instead of being rejected when the pool cannot hold it now
+    /// (`docs/policy.md`, "Fair queue").
+    pub wait: bool,
+    /// How long to wait at most (`None`: the config's `queue.default_timeout_seconds`).
+    pub queue_timeout_seconds: Option<u64>,
 }
 
 impl ResourceRequest {
@@ -82,6 +87,14 @@ impl ResourceRequest {
         self
     }
 
+    /// Waits in the queue (at most `timeout_seconds`, or the config's default) instead of
+    /// being rejected when the pool cannot hold it now.
+    pub fn wait(mut self, timeout_seconds: Option<u64>) -> Self {
+        self.wait = true;
+        self.queue_timeout_seconds = timeout_seconds;
+        self
+    }
+
     /// Bounds the allocation's lifetime across renewals.
     pub fn max_lifetime_seconds(mut self, seconds: u64) -> Self {
         self.max_lifetime_seconds = Some(seconds);
@@ -113,15 +126,16 @@ impl ResourceRequest {
             idempotency_key: json_idempotency_key(args.get("idempotency_key"))?,
             max_lifetime_seconds: json_seconds("max_lifetime_seconds", args.get("max_lifetime_seconds"))?,
             tenant: json_tenant(args.get("tenant"))?,
+            wait: json_wait(args.get("wait"))?,
+            queue_timeout_seconds: json_seconds("queue_timeout_seconds", args.get("queue_timeout_seconds"))?,
         })
     }
 }
 
 /// The fields of a request, as its errors list them.
-const REQUEST_ARGUMENTS: &str =
-    "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant";
+const REQUEST_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant, wait, queue_timeout_seconds";
 /// The arguments the `request_resources` tool takes.
-const TOOL_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant, expected_seq";
+const TOOL_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant, wait, queue_timeout_seconds, expected_seq";
 
 fn reject_unknown_arguments(args: &serde_json::Map<String, serde_json::Value>, known: &str) -> Result<()> {
     for key in args.keys() {
@@ -197,6 +211,15 @@ fn json_seconds(field: &str, v: Option<&serde_json::Value>) -> Result<Option<u64
             None => Err(Error::invalid(field, format!("{n} is not allowed: use a whole number of seconds"))),
         },
         Some(other) => Err(type_err(field, "a whole number of seconds", other)),
+    }
+}
+
+fn json_wait(v: Option<&serde_json::Value>) -> Result<bool> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(type_err("wait", "true or false", other)),
     }
 }
 

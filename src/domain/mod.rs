@@ -17,6 +17,10 @@ pub mod input;
 pub mod model;
 /// Pool changes (add, drain, remove workers; the MCP catalog) and their words.
 pub mod pool;
+/// Priority preemption: which allocations a request would preempt (the decision only).
+pub mod preempt;
+/// The fair pending queue: waiting requests, aging, backfill.
+pub mod queue;
 /// Per-tenant quotas.
 pub mod quota;
 /// Advance reservations: capacity held for a future window.

@@ -156,7 +156,7 @@ impl fmt::Display for Priority {
     }
 }
 
-/// Lifecycle of an allocation. Every state but `active` is terminal.
+/// Lifecycle of an allocation. Every state but `active` and `pending` is terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AllocationState {
@@ -168,11 +168,15 @@ pub enum AllocationState {
     Expired,
     /// The request was valid but the pool could not hold it; it never held anything.
     Failed,
+    /// The request waits in the queue (it asked to wait); nothing is held yet.
+    Pending,
+    /// The request was cancelled while it waited; it never held anything.
+    Cancelled,
 }
 
 impl AllocationState {
     /// The accepted spellings, for error messages.
-    pub const ALLOWED: &'static str = "active, released, expired, failed";
+    pub const ALLOWED: &'static str = "active, released, expired, failed, pending, cancelled";
 
     /// The state as JSON and the CLI write it.
     pub fn as_str(self) -> &'static str {
@@ -181,12 +185,14 @@ impl AllocationState {
             AllocationState::Released => "released",
             AllocationState::Expired => "expired",
             AllocationState::Failed => "failed",
+            AllocationState::Pending => "pending",
+            AllocationState::Cancelled => "cancelled",
         }
     }
 
-    /// Whether the state is final (every state but `active`).
+    /// Whether the state is final (every state but `active` and `pending`).
     pub fn is_terminal(self) -> bool {
-        self != AllocationState::Active
+        !matches!(self, AllocationState::Active | AllocationState::Pending)
     }
 
     /// Parses a state given by a caller; the error names `field` and lists the allowed values.
@@ -196,6 +202,8 @@ impl AllocationState {
             "released" => Ok(AllocationState::Released),
             "expired" => Ok(AllocationState::Expired),
             "failed" => Ok(AllocationState::Failed),
+            "pending" => Ok(AllocationState::Pending),
+            "cancelled" => Ok(AllocationState::Cancelled),
             other => Err(Error::invalid(
                 field,
                 format!("{:?} is not a state; allowed values: {}", truncate(other), Self::ALLOWED),

@@ -273,11 +273,11 @@ struct Change<'a> {
 /// The first instant of `[from, until)` at which the rule would fail, with the resource,
 /// what the change needs of it and what is left.
 #[derive(Debug, Clone)]
-struct Breach {
+pub(crate) struct Breach {
     at: Micros,
     resource: &'static str,
-    needed: u64,
-    available: u64,
+    pub(crate) needed: u64,
+    pub(crate) available: u64,
 }
 
 /// The reservations the state keeps: in force or upcoming as of the last event (one whose end
@@ -443,6 +443,28 @@ impl State {
         None
     }
 
+    /// The reservation rule for a lease of `cost` by `job_id` (of `tenant`) over `[now, until)`:
+    /// `None` if it fits beside the reservations, else where it breaches and the message naming
+    /// the reservation in the way (shared by new requests and the queue's grants).
+    pub(crate) fn reserved_breach(
+        &self,
+        job_id: &str,
+        tenant: Option<&str>,
+        cost: &Cost,
+        now: Micros,
+        until: Micros,
+    ) -> Option<(Breach, String)> {
+        if !self.reservations.any_overlapping(now, until) {
+            return None;
+        }
+        let hold = Hold { job_id, tenant, resources: cost.workers, until };
+        let change =
+            Change { hold: Some(hold), extra: sub_res(cost.needed, cost.workers), replaces: None, reservation: None };
+        let breach = self.first_breach(now, until, &change)?;
+        let error = self.breach_message(&breach, job_id, tenant, now, Some(until));
+        Some((breach, error))
+    }
+
     /// The reservation rule for a grant that fits the pool now: `None` if it may be made, or
     /// the rejection (reason `reserved`) naming the reservation in the way and its window.
     pub fn reserved_rejection(
@@ -453,15 +475,8 @@ impl State {
         id: AllocationId,
     ) -> Option<Rejection> {
         let until = now.saturating_add((valid.ttl_seconds as i64).saturating_mul(MICROS_PER_SECOND));
-        if !self.reservations.any_overlapping(now, until) {
-            return None;
-        }
         let req = valid.request;
-        let hold = Hold { job_id: &req.job_id, tenant: valid.tenant.as_deref(), resources: cost.workers, until };
-        let change =
-            Change { hold: Some(hold), extra: sub_res(cost.needed, cost.workers), replaces: None, reservation: None };
-        let breach = self.first_breach(now, until, &change)?;
-        let error = self.breach_message(&breach, &req.job_id, valid.tenant.as_deref(), now, Some(until));
+        let (breach, error) = self.reserved_breach(&req.job_id, valid.tenant.as_deref(), cost, now, until)?;
         Some(Rejection {
             allocation_id: id,
             job_id: req.job_id.clone(),

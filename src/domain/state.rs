@@ -152,6 +152,30 @@ impl Allocation {
         }
     }
 
+    /// The ended allocation a cancelled wait leaves (state `cancelled`, nothing held).
+    pub fn from_cancel(seq: u64, ts_us: Micros, e: &crate::domain::queue::QueueEntry) -> Allocation {
+        let q = &e.request;
+        let waited = (ts_us - e.queued_us).max(0) / crate::domain::clock::MICROS_PER_SECOND;
+        let r = Rejection {
+            allocation_id: q.allocation_id,
+            job_id: q.job_id.clone(),
+            priority: q.priority,
+            ttl_seconds: q.ttl_seconds,
+            workers: q.workers,
+            mcp_servers: q.mcp_servers.clone(),
+            reason: crate::domain::event::RejectReason::Cancelled,
+            needed: 0,
+            available: 0,
+            error: format!("cancelled after waiting {waited} s in the queue"),
+            metadata: q.metadata.clone(),
+            idempotency_key: None,
+            max_lifetime_seconds: q.max_lifetime_seconds,
+            tenant: q.tenant.clone(),
+            quota: None,
+        };
+        Allocation { state: AllocationState::Cancelled, ..Allocation::from_rejection(seq, ts_us, &r) }
+    }
+
     /// The latest deadline a renewal may give it (`None`: only `max_ttl_seconds` bounds each
     /// renewal).
     pub fn lifetime_end(&self) -> Option<Micros> {
@@ -234,6 +258,9 @@ pub struct StateData {
     /// The reservations in force or upcoming as of the last event, by id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reservations: Vec<crate::domain::reservation::Reservation>,
+    /// The requests waiting in the queue, in `queued` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue: Vec<crate::domain::queue::QueueEntry>,
 }
 
 /// The in-memory projection of the log.
@@ -275,6 +302,8 @@ pub struct State {
     tenants: BTreeMap<String, TenantUse>,
     /// Reservations in force or upcoming as of the last event (`domain/reservation.rs`).
     pub(super) reservations: crate::domain::reservation::Reservations,
+    /// The requests waiting for capacity (`domain/queue.rs`).
+    pub(super) queue: crate::domain::queue::Queue,
     /// Events that did not apply cleanly (an anomaly counter; evolve never panics).
     pub anomalies: u64,
 }
@@ -303,6 +332,7 @@ impl State {
             keys: KeyTable::default(),
             tenants: BTreeMap::new(),
             reservations: crate::domain::reservation::Reservations::default(),
+            queue: crate::domain::queue::Queue::default(),
             anomalies: 0,
         }
     }
@@ -391,6 +421,11 @@ impl State {
         self.by_deadline.range(..=(now, AllocationId::from_u64(AllocationId::MAX))).map(|&(d, id)| (id, d)).collect()
     }
 
+    /// Active allocations by deadline, earliest first (the queue's reserved start).
+    pub(crate) fn active_by_deadline(&self) -> impl Iterator<Item = (Micros, &Allocation)> {
+        self.by_deadline.iter().filter_map(|&(d, id)| self.allocations.get(&id).map(|a| (d, &**a)))
+    }
+
     /// The earliest deadline of an active allocation.
     pub fn next_deadline(&self) -> Option<Micros> {
         self.by_deadline.iter().next().map(|&(d, _)| d)
@@ -435,18 +470,33 @@ impl State {
                 // The allocation keeps no key: the table takes it (no copy of the string).
                 let fingerprint = g.idempotency_key.is_some().then(|| grant_fingerprint(&g));
                 let key = g.idempotency_key.take().zip(fingerprint).map(|(k, f)| (k, g.allocation_id, f));
+                let id = g.allocation_id;
                 if self.apply_grant(ts_us, g) {
+                    self.queue.remove(id);
                     self.remember_key(key, seq, ts_us, None);
                 }
             }
             EventBody::Rejected(r) => {
                 if self.apply_rejection(seq, ts_us, &r) {
+                    self.queue.remove(r.allocation_id);
                     let key =
                         r.idempotency_key.as_ref().map(|k| (k.clone(), r.allocation_id, rejection_fingerprint(&r)));
                     self.remember_key(key, seq, ts_us, Some(r.reason));
                 }
             }
             EventBody::Renewed(r) => self.apply_renewal(&r),
+            EventBody::Queued(q) => {
+                if self.allocations.contains_key(&q.allocation_id) || !self.queue.push(seq, ts_us, q) {
+                    self.anomalies += 1;
+                }
+            }
+            EventBody::Cancelled { allocation_id } => match self.queue.remove(allocation_id) {
+                Some(e) => {
+                    self.ended.insert(seq, allocation_id);
+                    self.allocations.insert(allocation_id, Arc::new(Allocation::from_cancel(seq, ts_us, &e)));
+                }
+                None => self.anomalies += 1,
+            },
             EventBody::Released { allocation_id } => {
                 self.apply_end(seq, allocation_id, ts_us, AllocationState::Released);
             }
@@ -749,6 +799,10 @@ impl State {
             return Err("running MCP servers disagree with the allocations".into());
         }
         self.check_tenants()?;
+        self.queue.check()?;
+        if let Some(e) = self.queue.entries().iter().find(|e| self.allocations.contains_key(&e.request.allocation_id)) {
+            return Err(format!("{} is both queued and an allocation", e.request.allocation_id));
+        }
         held.workers = self.slots.iter().filter(|s| s.is_some()).count() as u32;
         if held != self.allocated {
             return Err(format!("allocated {:?} but allocations hold {:?}", self.allocated, held));
@@ -823,6 +877,7 @@ impl State {
             assigned_mcp_count: self.assigned_mcp_count,
             idempotency_keys: self.keys.records(),
             reservations: self.reservations.list(),
+            queue: self.queue.entries(),
         };
         (data, shared)
     }
@@ -878,6 +933,11 @@ impl StateLoader {
         s.evicted = data.evicted;
         s.keys = KeyTable::from_records(data.idempotency_keys)?;
         s.reservations = crate::domain::reservation::Reservations::from_list(data.reservations);
+        for e in data.queue {
+            if !s.queue.push(e.seq, e.queued_us, e.request) {
+                return Err("a request is queued twice".into());
+            }
+        }
         s.allocations.reserve(expected.min(1 << 24));
         Ok(StateLoader { s })
     }

@@ -10,6 +10,7 @@
 //! - [`Ledger::usage`] and [`Ledger::timeline`] integrate holding intervals and the step
 //!   function in integer units; floats appear only in the reports.
 
+mod queue;
 mod step;
 mod svg;
 mod usage;
@@ -48,6 +49,10 @@ pub struct HistoryEvent {
     /// The event itself.
     #[serde(flatten)]
     pub event: Event,
+    /// The event in words, where the event alone does not say it (a wait in the queue: where
+    /// it joined, how long it waited, what ended the wait).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
 }
 
 /// The events of one allocation, or of every allocation of one job, in log order.
@@ -419,14 +424,15 @@ impl Ledger {
             let about = match (&event.body, subject) {
                 (EventBody::Granted(g), Subject::Job(j)) if g.job_id == *j => Some(g.allocation_id),
                 (EventBody::Rejected(r), Subject::Job(j)) if r.job_id == *j => Some(r.allocation_id),
+                (EventBody::Queued(q), Subject::Job(j)) if q.job_id == *j => Some(q.allocation_id),
                 (body, _) => body.allocation_id().filter(|id| wanted.contains(id)),
             };
             let Some(id) = about else { return Ok(pos.seq < upto) };
             if wanted.insert(id) {
                 ids.push(id);
             }
-            let terminal = !matches!(event.body, EventBody::Granted(_) | EventBody::Renewed(_));
-            out.push(HistoryEvent { seq: pos.seq, at: format_micros(event.ts_us), event });
+            let terminal = !matches!(event.body, EventBody::Granted(_) | EventBody::Renewed(_) | EventBody::Queued(_));
+            out.push(HistoryEvent { seq: pos.seq, at: format_micros(event.ts_us), event, explanation: None });
             if stop_when_done.is_some() && terminal && pending.remove(&id) && !any_active && pending.is_empty() {
                 return Ok(false);
             }
@@ -453,11 +459,14 @@ impl Ledger {
                 let job_id = match events.first().map(|e| &e.event.body) {
                     Some(EventBody::Granted(g)) => g.job_id.clone(),
                     Some(EventBody::Rejected(r)) => r.job_id.clone(),
+                    Some(EventBody::Queued(q)) => q.job_id.clone(),
                     _ => return Err(Error::NotFound(id.to_string())),
                 };
                 (events, job_id)
             }
         };
+        let mut events = events;
+        self.explain_waits(&mut events)?;
         Ok(History { allocation_id: Some(id), job_id, allocation_ids: vec![id], events })
     }
 
@@ -502,6 +511,8 @@ impl Ledger {
                 }
             }
         };
+        let mut events = events;
+        self.explain_waits(&mut events)?;
         Ok(History { allocation_id: None, job_id: job_id.to_string(), allocation_ids: ids, events })
     }
 

@@ -275,7 +275,11 @@ impl<'a> UsageBuilder<'a> {
             }
             // An expiry ends the holding at the deadline, known from the grant or the last
             // renewal.
-            EventBody::Expired { .. } | EventBody::LedgerCreated { .. } | EventBody::ConfigChanged { .. } => {}
+            EventBody::Expired { .. }
+            | EventBody::LedgerCreated { .. }
+            | EventBody::ConfigChanged { .. }
+            | EventBody::Queued(_)
+            | EventBody::Cancelled { .. } => {}
             // Reservations hold nothing in use until an allocation does.
             EventBody::Reserved(_) | EventBody::ReservationRejected(_) | EventBody::ReservationCancelled { .. } => {}
         }

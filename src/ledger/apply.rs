@@ -65,6 +65,7 @@ impl Ledger {
                 return Ok(answer);
             }
             let expired = self.expire_due(core)?;
+            self.settle_queue(core)?;
             let ts = self.next_ts(&core.state);
             let (bodies, r) = decide(&core.state, ts, &expired)?;
             let mut ts = ts;
@@ -72,6 +73,7 @@ impl Ledger {
                 self.append(core, ts, body)?;
                 ts = self.next_ts(&core.state);
             }
+            self.settle_queue(core)?;
             Ok(r)
         })();
         (result, core.state.last_seq != before)
@@ -91,12 +93,12 @@ impl Ledger {
     }
 
     /// The timestamp the next event gets: the clock, but strictly after the last event.
-    fn next_ts(&self, state: &State) -> Micros {
+    pub(super) fn next_ts(&self, state: &State) -> Micros {
         crate::domain::decide::next_event_ts(state, self.shared.clock.now_micros())
     }
 
     /// Appends one event and folds it into the state (and the capacity index, if built).
-    fn append(&self, core: &mut Core, ts: Micros, body: EventBody) -> Result<u64> {
+    pub(super) fn append(&self, core: &mut Core, ts: Micros, body: EventBody) -> Result<u64> {
         debug_assert!(ts > core.state.last_ts_us);
         let ev = Event::new(ts, body);
         let payload = ev.encode();
@@ -115,7 +117,9 @@ impl Ledger {
                     core.capacity_index = None;
                 }
                 self.shared.commit.metrics.on_event(&ev.body, crate::log::record::HEADER_LEN + payload.len());
+                let note = super::queue::QueueNote::of(&ev.body);
                 core.state.evolve_owned(seq, ts, ev.body);
+                self.after_queue_event(core, seq, note);
                 core.since_snapshot += 1;
                 core.log_bytes_since_snapshot += (crate::log::record::HEADER_LEN + payload.len()) as u64;
                 if core.snapshot_is_due() {

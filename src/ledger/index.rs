@@ -187,7 +187,7 @@ impl CapacityIndex {
                 };
             }
             EventBody::Granted(g) => self.grant(g),
-            EventBody::Rejected(_) => {}
+            EventBody::Rejected(_) | EventBody::Queued(_) | EventBody::Cancelled { .. } => {}
             // An expiry ended the holding at its deadline, which `advance_to` has passed.
             EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => {
                 self.end(*allocation_id);

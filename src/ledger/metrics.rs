@@ -173,6 +173,9 @@ impl LedgerMetrics {
                 RejectReason::InsufficientMemory => &self.rejections_memory,
                 RejectReason::Quota => &self.rejections_quota,
                 RejectReason::Reserved => &self.rejections_reserved,
+                // Ended waits are not capacity rejections; counted with the quota ones until
+                // they get a counter of their own.
+                RejectReason::QueueTimeout | RejectReason::Cancelled => &self.rejections_quota,
             }),
             EventBody::Renewed(_) => bump(&self.renewals),
             EventBody::Released { .. } => bump(&self.releases),

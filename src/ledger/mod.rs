@@ -29,6 +29,7 @@ mod options;
 mod page;
 mod pool;
 mod queries;
+mod queue;
 mod replay;
 mod reservation;
 mod snapshots;
@@ -41,6 +42,7 @@ pub use page::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
 pub use pool::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
+pub use queue::{Admission, CancelReport, GrantWait, PendingReport};
 pub use reservation::{CancelReservationReport, ReservationInfo, ReservationList, ReserveReport};
 
 use crate::domain::clock::{Clock, Micros};
@@ -78,6 +80,8 @@ struct Core {
     last_snapshot_error: Option<String>,
     /// Derived capacity index (see `history`); built on first use, kept current by `append`.
     capacity_index: Option<index::CapacityIndex>,
+    /// When the pending queue needs its next decision (`queue.rs`).
+    queue: queue::QueueWake,
 }
 
 /// What every handle shares, grouped by who uses it: the place (fixed at open), the state
@@ -96,6 +100,8 @@ struct Shared {
     index_build_lock: Mutex<()>,
     /// The index `list_page` serves ended allocations from (built on the first page).
     pages: Mutex<Option<page::PageIndex>>,
+    /// Callers waiting for a queued request to be decided (`queue.rs`).
+    queue_waiters: queue::Waiters,
     commit: commit::Commit,
     _lock: Option<Box<dyn LockGuard>>,
 }
@@ -325,6 +331,9 @@ impl Ledger {
     /// `get_allocation`: `Ok(None)` for a well-formed id the ledger does not know.
     pub fn get_allocation(&self, allocation_id: &str) -> Result<Option<AllocationDetails>> {
         let id = AllocationId::parse("allocation_id", allocation_id)?;
+        if let Some(pending) = self.pending_details(id)? {
+            return Ok(Some(pending));
+        }
         let (details, evicted, now) = self.read(|s, now| (s.details(id, now), s.evicted_count(), now))?;
         if details.is_some() || evicted == 0 {
             return Ok(details);
@@ -339,6 +348,10 @@ impl Ledger {
         state: Option<AllocationState>,
         job_id: Option<&str>,
     ) -> Result<Vec<AllocationSummary>> {
+        if state == Some(AllocationState::Pending) {
+            let rows = self.pending_rows()?;
+            return Ok(rows.into_iter().filter(|r| job_id.is_none_or(|j| r.job_id == j)).collect());
+        }
         let (mut rows, evicted, now) = self.read(|s, now| (s.list(state, job_id, now), s.evicted_count(), now))?;
         // Ended allocations beyond the in-memory window are read from the log; active ones are
         // always in memory.
@@ -356,7 +369,9 @@ impl Ledger {
 
     /// The earliest deadline among active allocations (for an expiry timer).
     pub fn next_deadline(&self) -> Option<Micros> {
-        lock(&self.shared.core).state.next_deadline()
+        let core = lock(&self.shared.core);
+        let queue = core.state.queue().next_wakeup(self.now_micros(), &core.state.config.queue);
+        [core.state.next_deadline(), queue].into_iter().flatten().min()
     }
 
     /// Events with `seq >= from_seq`, at most `limit` of them, read from the log files, up to

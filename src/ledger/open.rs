@@ -123,11 +123,13 @@ impl Ledger {
                 last_snapshot_bytes: opened.last_snapshot_bytes,
                 last_snapshot_error: None,
                 capacity_index: None,
+                queue: super::queue::QueueWake::default(),
             }),
             commit: Commit::new(durable, outbox),
             snapshots: Snapshots::default(),
             index_build_lock: Mutex::new(()),
             pages: Mutex::new(None),
+            queue_waiters: super::queue::Waiters::default(),
             recovery,
             _lock: lock_guard,
         });

@@ -463,6 +463,11 @@ impl Ledger {
     /// foreign cursors are errors naming `cursor`.
     pub fn list_page(&self, filter: &ListFilter, limit: Option<usize>, cursor: Option<&str>) -> Result<AllocationPage> {
         filter.validate()?;
+        if filter.state == Some(AllocationState::Pending) && filter.at.is_none() {
+            // Queue order, not creation order: one page of the whole queue.
+            let rows = self.list_allocations(filter.state, filter.job_id.as_deref())?;
+            return Ok(AllocationPage { count: rows.len(), allocations: rows, next_cursor: None });
+        }
         let fingerprint = filter.fingerprint();
         let after = list_after(cursor, fingerprint)?;
         let now = self.now_micros();

@@ -187,6 +187,7 @@ struct MetaOut<'a> {
     log_position: Option<LogPosition>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     reservations: &'a [crate::domain::reservation::Reservation],
+    queue: &'a [crate::domain::queue::QueueEntry],
 }
 
 #[derive(Deserialize)]
@@ -203,6 +204,8 @@ struct MetaIn {
     reservations: Vec<crate::domain::reservation::Reservation>,
     #[serde(default)]
     log_position: Option<LogPosition>,
+    #[serde(default)]
+    queue: Vec<crate::domain::queue::QueueEntry>,
 }
 
 /// A v3 snapshot of `state` without a log position.
@@ -247,6 +250,7 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
         assigned_mcp_count: state.assigned_mcp_count,
         log_position: position,
         reservations: &state.reservations,
+        queue: &state.queue,
     })
     .expect("snapshot meta serializes");
     // The payload goes straight after room for the header (filled in last): a large state's
@@ -446,6 +450,7 @@ fn decode_v3(
         assigned_mcp_count: meta.assigned_mcp_count,
         idempotency_keys: Vec::new(),
         reservations: meta.reservations,
+        queue: meta.queue,
     };
     let inconsistent = |e: String| format!("snapshot state is inconsistent: {e}");
     let mut loader = StateLoader::new(data, count as usize).map_err(inconsistent)?;
@@ -464,12 +469,14 @@ fn decode_v3(
 const KEYS_VERSION: u32 = 4;
 /// On-disk codes of a key's rejection reason: 0 granted, else 1 + the index here. Never
 /// reorder; only append.
-const REJECT_CODES: [RejectReason; 5] = [
+const REJECT_CODES: [RejectReason; 7] = [
     RejectReason::InsufficientWorkers,
     RejectReason::InsufficientCpu,
     RejectReason::InsufficientMemory,
     RejectReason::Quota,
     RejectReason::Reserved,
+    RejectReason::QueueTimeout,
+    RejectReason::Cancelled,
 ];
 /// The fewest bytes a key record takes (an empty key).
 const MIN_KEY_BYTES: usize = STR_LEN_BYTES + 8 + 8 + 8 + 1 + 8;
@@ -610,8 +617,14 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 /// On-disk codes: the index in these tables. Never reorder them; only append.
 const PRIORITY_CODES: [Priority; 4] = [Priority::Low, Priority::Normal, Priority::High, Priority::Critical];
-const STATE_CODES: [AllocationState; 4] =
-    [AllocationState::Active, AllocationState::Released, AllocationState::Expired, AllocationState::Failed];
+const STATE_CODES: [AllocationState; 6] = [
+    AllocationState::Active,
+    AllocationState::Released,
+    AllocationState::Expired,
+    AllocationState::Failed,
+    AllocationState::Pending,
+    AllocationState::Cancelled,
+];
 
 /// A priority's on-disk code: its index in [`PRIORITY_CODES`] (a test holds the two together).
 fn priority_code(priority: Priority) -> u8 {
@@ -630,6 +643,8 @@ fn state_code(state: AllocationState) -> u8 {
         AllocationState::Released => 1,
         AllocationState::Expired => 2,
         AllocationState::Failed => 3,
+        AllocationState::Pending => 4,
+        AllocationState::Cancelled => 5,
     }
 }
 

@@ -110,6 +110,12 @@ impl Change {
                 EventBody::ReservationCancelled { reservation_id } => {
                     (LoggingLevel::Notice, true, format!("reservation {reservation_id} cancelled"))
                 }
+                EventBody::Queued(q) => (
+                    LoggingLevel::Info,
+                    false,
+                    format!("queued a request of job {} at position {}", q.job_id, q.position),
+                ),
+                EventBody::Cancelled { .. } => (LoggingLevel::Info, false, "cancelled while waiting".to_string()),
             };
             self.capacity |= changes_capacity;
             let mut data = json!({"event": body.type_name(), "seq": e.seq, "message": message});

@@ -103,6 +103,8 @@ pub(crate) fn request_input(config: &Config) -> Value {
                 "maxLength": crate::domain::quota::MAX_TENANT_CHARS,
                 "description": format!("The tenant whose quota the request counts against (default: metadata.{}). A request past its tenant's quota is refused with reason quota, e.g. \"exceeded quota for tenant t1: requested workers=4, used=8, limited=10\".", config.tenant_metadata_key),
             },
+            "wait": super::tools::queue::wait_schema(config),
+            "queue_timeout_seconds": super::tools::queue::queue_timeout_schema(config),
             "expected_seq": super::tools::contract::expected_seq_schema(),
         },
         "required": ["job_id", "mcp_servers"],
@@ -153,6 +155,7 @@ pub(crate) fn input(name: &str, config: &Config) -> Arc<JsonObject> {
         "list_reservations" => super::tools::reservation::list_input(),
         "write_snapshot" => super::tools::admin::write_snapshot_input(),
         "apply_config" => super::tools::admin::apply_config_input(),
+        "cancel_request" => super::tools::queue::cancel_request_input(),
         // cleanup_expired
         _ => json!({
             "type": "object",
@@ -214,7 +217,7 @@ fn priority_out() -> Value {
 }
 
 fn state_out() -> Value {
-    json!({ "type": "string", "enum": ["active", "released", "expired", "failed"] })
+    json!({ "type": "string", "enum": ["active", "released", "expired", "failed", "pending", "cancelled"] })
 }
 
 fn mcp_servers_out() -> Value {
@@ -284,10 +287,10 @@ fn failed() -> Value {
         "description": "The pool cannot hold the request (isError is true); the rejection is recorded with state failed.",
         "properties": {
             "allocation_id": allocation_id_out(),
-            "status": { "const": "failed" },
+            "status": { "type": "string", "enum": ["failed", "cancelled"] },
             "error": s("e.g. \"Insufficient workers: requested 5, available 3\", \"Insufficient CPU: needed 4.0, available 2.0\", \"Insufficient memory: needed 8192MB, available 4096MB\"."),
             "job_id": s("The job that asked."),
-            "reason": { "type": "string", "enum": ["insufficient_workers", "insufficient_cpu", "insufficient_memory", "quota"] },
+            "reason": { "type": "string", "enum": ["insufficient_workers", "insufficient_cpu", "insufficient_memory", "quota", "queue_timeout", "cancelled"] },
             "created_at": s("When the rejection was recorded (RFC 3339, UTC)."),
             "seq": int("Sequence number of the ledger event that recorded the rejection."),
             "replayed": { "type": "boolean", "description": "Present (true) when idempotency_key was decided before: this is the original rejection." },
@@ -445,7 +448,7 @@ fn cleanup() -> Value {
 /// The output schema of tool `name`: its result shapes and the error shape.
 pub(crate) fn output(name: &str) -> Arc<JsonObject> {
     match name {
-        "request_resources" => with_error(vec![granted(), failed()]),
+        "request_resources" => with_error(vec![granted(), failed(), super::tools::queue::pending_output()]),
         "release_resources" => with_error(vec![released()]),
         "get_capacity" => with_error(vec![capacity()]),
         "get_allocation" => with_error(vec![details()]),
@@ -462,6 +465,7 @@ pub(crate) fn output(name: &str) -> Arc<JsonObject> {
         "list_reservations" => with_error(vec![super::tools::reservation::list_output()]),
         "write_snapshot" => with_error(vec![super::tools::admin::write_snapshot_output()]),
         "apply_config" => with_error(vec![super::tools::admin::apply_config_output()]),
+        "cancel_request" => with_error(vec![super::tools::queue::cancel_request_output()]),
         other => unreachable!("no output schema for tool {other}"),
     }
 }

@@ -17,6 +17,7 @@ pub(super) mod contract;
 pub(super) mod history;
 pub(super) mod list;
 pub(super) mod pool;
+pub(super) mod queue;
 pub(super) mod reservation;
 pub(super) mod whatif;
 
@@ -55,6 +56,7 @@ impl LedgerTools {
             + Self::pool_router()
             + Self::reservation_router()
             + Self::admin_router()
+            + Self::queue_router()
             + Self::config_router();
         for (name, route) in &mut router.map {
             route.attr.input_schema = schemas::input(name, config);
@@ -212,6 +214,9 @@ impl LedgerTools {
             Ok(r) => r,
             Err(e) => return tool_error(error_value(&e)),
         };
+        if req.wait && expected_seq.is_none() {
+            return self.request_waiting(req).await;
+        }
         // Awaited on the runtime, not on a blocking thread: waiting for the fsync costs a task,
         // and a flush covers every connected agent's grant at once.
         let outcome = match expected_seq {

@@ -29,6 +29,7 @@ pub fn request_of(body: &EventBody) -> Option<(AllocationId, ResourceRequest)> {
                 idempotency_key: g.idempotency_key.as_deref().map(str::to_string),
                 max_lifetime_seconds: g.max_lifetime_seconds,
                 tenant: g.tenant.clone(),
+                ..ResourceRequest::default()
             },
         )),
         EventBody::Rejected(r) => Some((
@@ -43,6 +44,7 @@ pub fn request_of(body: &EventBody) -> Option<(AllocationId, ResourceRequest)> {
                 idempotency_key: r.idempotency_key.as_deref().map(str::to_string),
                 max_lifetime_seconds: r.max_lifetime_seconds,
                 tenant: r.tenant.clone(),
+                ..ResourceRequest::default()
             },
         )),
         _ => None,

@@ -65,7 +65,7 @@ async def scenario(client, mode):
         "get_allocation", "list_allocations", "cleanup_expired",
         "allocation_history", "usage_report", "what_if",
         "renew_allocation", "plan_request", "get_pool", "change_pool",
-        "write_snapshot", "apply_config",
+        "write_snapshot", "apply_config", "cancel_request",
         "reserve_resources", "cancel_reservation", "list_reservations",
     }, set(tools)
     req = tools["request_resources"].input_schema

@@ -15,7 +15,7 @@ type Result<T> = std::result::Result<T, Failure>;
 /// Runs `cli`'s command through `server` (only the commands `route` sends there).
 pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
     match &cli.command {
-        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, tenant, contract } => {
+        Command::Request { job_id, mcp_servers, workers, priority, ttl_seconds, metadata, tenant, contract, wait } => {
             let req = ResourceRequest {
                 job_id: job_id.clone(),
                 mcp_servers: mcp_servers.clone(),
@@ -26,6 +26,7 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
                 idempotency_key: contract.idempotency_key.clone(),
                 max_lifetime_seconds: contract.max_lifetime_seconds()?,
                 tenant: tenant.clone(),
+                ..wait.fields()?
             };
             if contract.dry_run {
                 plan(server, out, &req)
@@ -33,14 +34,8 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
                 request(server, out, &req, contract.expect.seq()?)
             }
         }
-        Command::Release { allocation_id, expect } => {
-            allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
-            let mut args = args_with("allocation_id", allocation_id.as_str().into());
-            put(&mut args, "expected_seq", expect.seq()?);
-            let r: ReleaseReport = decode(server.call("release_resources", args)?)?;
-            out.doc(&r, || human_release(&r))?;
-            Ok(ExitCode::Ok)
-        }
+        Command::Cancel { allocation_id } => cancel(server, out, allocation_id),
+        Command::Release { allocation_id, expect } => release(server, out, allocation_id, expect.seq()?),
         Command::Renew(a) => renew(server, out, a),
         Command::Capacity { by_tenant: true, .. } => {
             let v = server.call("get_capacity", args_with("by_tenant", true.into()))?;
@@ -60,13 +55,7 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
             out.tabular(&c, || human_capacity(&c), || output::capacity_table(&c), || output::capacity_csv(&c))?;
             Ok(ExitCode::Ok)
         }
-        Command::Get { allocation_id } => {
-            allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
-            let d: AllocationDetails =
-                decode(server.call("get_allocation", args_with("allocation_id", allocation_id.as_str().into()))?)?;
-            out.doc(&d, || human_details(&d))?;
-            Ok(ExitCode::Ok)
-        }
+        Command::Get { allocation_id } => get(server, out, allocation_id),
         Command::List(args) => list(server, out, args),
         Command::CleanupExpired { expect } => cleanup(server, out, expect.seq()?),
         Command::Pool(cmd) => pool(server, out, cmd),
@@ -83,6 +72,25 @@ pub(super) fn run(server: &Server, cli: &Cli, out: &Out) -> Result<ExitCode> {
         }
         _ => Err(Failure::Ledger(Error::invalid("server", "this command has no server equivalent"))),
     }
+}
+
+/// `release ID` through `release_resources`.
+fn release(server: &Server, out: &Out, allocation_id: &str, expected_seq: Option<u64>) -> Result<ExitCode> {
+    allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
+    let mut args = args_with("allocation_id", allocation_id.into());
+    put(&mut args, "expected_seq", expected_seq);
+    let r: ReleaseReport = decode(server.call("release_resources", args)?)?;
+    out.doc(&r, || human_release(&r))?;
+    Ok(ExitCode::Ok)
+}
+
+/// `get ID` through `get_allocation`.
+fn get(server: &Server, out: &Out, allocation_id: &str) -> Result<ExitCode> {
+    allocation_ledger::AllocationId::parse("allocation_id", allocation_id)?;
+    let d: AllocationDetails =
+        decode(server.call("get_allocation", args_with("allocation_id", allocation_id.into()))?)?;
+    out.doc(&d, || human_details(&d))?;
+    Ok(ExitCode::Ok)
 }
 
 /// `config apply FILE` through `apply_config` (the file is read here, as the local mode does).
@@ -187,16 +195,31 @@ fn request_args(req: &ResourceRequest) -> Result<Map<String, Value>> {
     put(&mut args, "idempotency_key", req.idempotency_key.clone());
     put(&mut args, "max_lifetime_seconds", req.max_lifetime_seconds);
     put(&mut args, "tenant", req.tenant.clone());
+    if req.wait {
+        args.insert("wait".into(), true.into());
+        put(&mut args, "queue_timeout_seconds", req.queue_timeout_seconds);
+    }
     Ok(args)
+}
+
+/// `cancel ID` through the server: the `cancel_request` tool.
+fn cancel(server: &Server, out: &Out, allocation_id: &str) -> Result<ExitCode> {
+    let r: allocation_ledger::CancelReport =
+        decode(server.call("cancel_request", args_with("allocation_id", allocation_id.into()))?)?;
+    out.doc(&r, || crate::cli::queue::human_cancel(&r))?;
+    Ok(ExitCode::Ok)
 }
 
 fn request(server: &Server, out: &Out, req: &ResourceRequest, expected_seq: Option<u64>) -> Result<ExitCode> {
     let mut args = request_args(req)?;
     put(&mut args, "expected_seq", expected_seq);
-    let outcome: RequestOutcome = match server.call("request_resources", args) {
+    // A waiting call stays open until the request is decided (at most its queue timeout).
+    let wait = req.wait.then(|| std::time::Duration::from_secs(req.queue_timeout_seconds.unwrap_or(86_400) + 60));
+    let outcome: RequestOutcome = match server.call_for("request_resources", args, wait.unwrap_or(super::CALL_TIMEOUT))
+    {
         Ok(v) => decode(v)?,
         // Not granted: the tool's error result is the recorded failure itself.
-        Err(Failure::Tool(v)) if v["status"] == "failed" => decode(v)?,
+        Err(Failure::Tool(v)) if v["status"] == "failed" || v["status"] == "cancelled" => decode(v)?,
         Err(e) => return Err(e),
     };
     out.doc(&outcome, || human_outcome(&outcome))?;

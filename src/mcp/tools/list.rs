@@ -74,7 +74,7 @@ pub(crate) fn list_input() -> Value {
         "properties": {
             "state": {
                 "type": "string",
-                "enum": ["active", "released", "expired", "failed"],
+                "enum": ["active", "released", "expired", "failed", "pending", "cancelled"],
                 "description": "Only allocations in this state: active, released, expired or failed (a request that could not be granted). Omit for all states.",
             },
             "job_id": { "type": "string", "description": "Only allocations of this job. Omit for all jobs." },
