@@ -86,7 +86,7 @@ fn every_kind_of_allocation_round_trips_in_the_current_version_and_v2() {
     assert!(state.idempotency_key_count() > 0);
 
     let data = state.to_data();
-    let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq, record_crc: None };
+    let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq, record_crc: None, chain: None };
     // The binary form (v4 now; v3 files share its decoder and are read by the fixtures' test).
     let v3 = encode_with_position(&data, Some(position));
     assert_eq!(&v3[8..12], &4u32.to_le_bytes());
