@@ -117,7 +117,7 @@ impl Ledger {
                 self.shared.commit.metrics.on_event(&ev.body, crate::log::record::HEADER_LEN + payload.len());
                 core.state.evolve_owned(seq, ts, ev.body);
                 core.since_snapshot += 1;
-                core.log_bytes_since_snapshot += (crate::log::record::HEADER_LEN + payload.len()) as u64;
+                core.log_bytes_since_snapshot += (crate::log::record::CHAINED_OVERHEAD + payload.len()) as u64;
                 if core.snapshot_is_due() {
                     self.shared.snapshots.due.store(true, Ordering::Relaxed);
                 }

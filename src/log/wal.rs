@@ -310,11 +310,12 @@ impl WalWriter {
                 .open_append(&last.path, false)
                 .map_err(|e| Error::io(format!("opening {}", last.path.display()), e))?,
         );
-        let last_record = end.last_record.filter(|r| r.seq == end.last_seq).and_then(|r| {
+        let last_record = end.last_record.filter(|r| r.seq == end.last_seq).map(|r| {
             let found = read_record(&*storage, dir, r.segment_first_seq, r.offset).filter(|f| f.seq == r.seq);
-            Some(LogPosition { record_crc: found.as_ref().map(|f| f.record_crc), chain: found?.chain, ..r })
+            let chain = r.chain.or_else(|| found.as_ref().and_then(|f| f.chain));
+            LogPosition { record_crc: found.map(|f| f.record_crc), chain, ..r }
         });
-        let stamped = resumed_chain(&header, last, end, last_record.as_ref())?;
+        let stamped = resumed_chain(&*storage, &header, last, end, last_record.as_ref())?;
         let outbox = Outbox::new(active.clone(), &last.path, len, stamped, header.records_durable_lags());
         Ok(WalWriter {
             storage,
@@ -516,10 +517,9 @@ impl WalWriter {
         }
         // The chain goes on from the last record stamped (all of them now), or begins here
         // after an older build's segments.
-        let chain_start = match lock(&self.outbox.queued).records_durable_lags {
-            true => lock(&self.outbox.writing).chain,
-            false => chain::GENESIS,
-        };
+        // (The queue's lock is let go first: `writing` is always taken before it.)
+        let chained = lock(&self.outbox.queued).records_durable_lags;
+        let chain_start = if chained { lock(&self.outbox.writing).chain } else { chain::GENESIS };
         let (file, path, prefilled_len) =
             new_segment_or_why(&*self.storage, &self.dir, self.next_seq, &chain_start, self.segment_size_bytes)
                 .map_err(|(e, fsync_failed)| {
@@ -642,6 +642,7 @@ impl Stamped {
 /// last record, whose value is stored with it (or in the header of a segment that holds none
 /// yet); where the last segment is an older build's, the chain begins at the next one.
 fn resumed_chain(
+    storage: &dyn Storage,
     header: &segment::Header,
     last: &SegmentInfo,
     end: &LogEnd,
@@ -651,6 +652,13 @@ fn resumed_chain(
         return Ok(Stamped::genesis(end.last_seq));
     }
     let chain = if end.last_seq < last.first_seq { header.chain_start } else { last_record.and_then(|r| r.chain) };
+    // The read did not pass the last record (the segment after it was set aside as torn): the
+    // segment holds it, read it again.
+    let chain = chain.or_else(|| {
+        let bytes = storage.read(&last.path).ok()?;
+        let scan = segment::scan(&last.path, &bytes, last.first_seq, &mut |_, _| Ok(true));
+        scan.chain.filter(|_| scan.next_seq == end.last_seq + 1)
+    });
     let chain = chain.ok_or_else(|| Error::Inconsistent {
         path: last.path.clone(),
         message: format!("the chain value of record {} could not be read", end.last_seq),
