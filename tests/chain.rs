@@ -267,7 +267,7 @@ proptest! {
         let report = check(&dir);
         prop_assert!(report.ok, "cut at {}: {:?}", cut, report.problems);
         if let Some(head) = report.chain_head {
-            prop_assert!(heads.iter().any(|h| *h == head), "cut at {}: head {} was never the ledger's", cut, head);
+            prop_assert!(heads.contains(&head), "cut at {}: head {} was never the ledger's", cut, head);
             prop_assert!(check_pinned(&dir, head).expect_head.unwrap().matches);
         }
     }

@@ -81,7 +81,7 @@ pub fn record_decode(data: &[u8]) {
 /// Scans `bytes` as a segment file and checks that offsets, sequence numbers and the tail add up.
 fn scan_checked(bytes: &[u8], first_seq: u64) {
     let mut next = first_seq;
-    let mut end = segment::decode_header(bytes).map_or(segment::BASE_HEADER_LEN, |h| h.len()) as u64;
+    let mut end = segment::decode_header(bytes).map_or(segment::BASE_HEADER_LEN, |h| h.records_offset()) as u64;
     let scan = segment::scan(Path::new("fuzz.wal"), bytes, first_seq, &mut |pos, payload| {
         assert_eq!(pos.seq, next, "records are handed over in sequence");
         // Back to back, but for version 3's zeros up to the sector where a write starts.

@@ -477,7 +477,7 @@ impl<'a> LogReader<'a> {
         let header = segment::decode_header(bytes).ok()?;
         match crate::log::record::decode_framed(bytes.get(usize::try_from(h.offset).ok()?..)?, header.framing()) {
             crate::log::record::Decoded::Record { seq, frame_len, chain, .. }
-                if seq == h.seq && h.offset >= header.len() as u64 =>
+                if seq == h.seq && h.offset >= header.records_offset() as u64 =>
             {
                 Some((LogPosition { chain, ..h }, h.offset + frame_len as u64))
             }

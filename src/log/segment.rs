@@ -82,7 +82,7 @@ pub fn encode_header_version(first_seq: u64, version: u32) -> Vec<u8> {
     debug_assert!((OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version));
     let chain_start = (version >= CHAINED_SINCE_VERSION).then_some(chain::GENESIS);
     let header = Header { first_seq, version, chain_start };
-    let mut raw = vec![0; header.len()];
+    let mut raw = vec![0; header.records_offset()];
     header.encode_into(&mut raw);
     raw
 }
@@ -122,7 +122,7 @@ impl Header {
     pub const CHAINED_LEN: usize = Self::CHAIN_START_OFFSET + CHAIN_BYTES;
 
     /// Bytes of this header: where the first record starts.
-    pub fn len(&self) -> usize {
+    pub fn records_offset(&self) -> usize {
         if self.chained() {
             Self::CHAINED_LEN
         } else {
@@ -349,7 +349,7 @@ pub fn scan_from(path: &Path, bytes: &[u8], expected_first: u64, start: ScanStar
         return Scan::at_header(Some(header), expected_first, Tail::Corrupt(damage(expected_first, reason)));
     }
     let (offset, next_seq, chain) = if start.offset == 0 {
-        (header.len(), header.first_seq, header.chain_start)
+        (header.records_offset(), header.first_seq, header.chain_start)
     } else {
         (start.offset as usize, start.seq, start.chain.filter(|_| header.chained()))
     };
@@ -427,7 +427,7 @@ impl Walk<'_> {
             // Version 3 starts each write at a sector (see `WalWriter::hand_off`), but a
             // segment's first: zeros up to the next sector boundary, then written bytes, are
             // that padding. Checked before decoding (once per write, on the replay's hot path).
-            if self.header.records_durable_lags() && self.offset != self.header.len() {
+            if self.header.records_durable_lags() && self.offset != self.header.records_offset() {
                 if let Some(pad) = write_padding(rest, self.offset as u64, self.framing) {
                     self.offset += pad;
                     continue;
@@ -701,7 +701,7 @@ mod tests {
         let start = chain::chain_next(&chain::GENESIS, 41876, b"{}");
         for version in OLDEST_READABLE_VERSION..=FORMAT_VERSION {
             let h = Header { first_seq: 41877, version, chain_start: (version >= 4).then_some(start) };
-            let mut raw = vec![0; h.len()];
+            let mut raw = vec![0; h.records_offset()];
             h.encode_into(&mut raw);
             assert_eq!(Header::decode(&raw), Ok(h));
             assert_eq!(&raw[..MAGIC.len()], MAGIC);

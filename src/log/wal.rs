@@ -95,7 +95,7 @@ pub struct RecordAt {
 pub fn read_record(storage: &dyn Storage, dir: &Path, segment_first_seq: u64, offset: u64) -> Option<RecordAt> {
     let path = dir.join(segment::file_name(segment_first_seq));
     let header = segment::decode_header(&storage.read_range(&path, 0, segment::HEADER_LEN).ok()?).ok()?;
-    if offset < header.len() as u64 {
+    if offset < header.records_offset() as u64 {
         return None;
     }
     let framing = header.framing();

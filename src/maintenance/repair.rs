@@ -143,7 +143,7 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
 /// How the records of a segment whose bytes are `bytes` are framed, and where they start: as its
 /// header says, or, when the header is damaged, as this build writes them.
 fn framing_of(bytes: &[u8]) -> (Framing, usize) {
-    segment::decode_header(bytes).map_or((Framing::Chained, segment::HEADER_LEN), |h| (h.framing(), h.len()))
+    segment::decode_header(bytes).map_or((Framing::Chained, segment::HEADER_LEN), |h| (h.framing(), h.records_offset()))
 }
 
 /// Readable records in `bytes` from `from` on, found by trying every offset: a damaged record
