@@ -83,6 +83,7 @@ impl RecordHeader {
         payload_len(self.len_field)
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     /// The checksum a record with this length field and sequence number and `payload` has.
     #[inline]
     pub fn checksum_of(&self, payload: &[u8]) -> u32 {
@@ -152,6 +153,7 @@ fn len_field(payload_len: usize, lag: u64) -> u32 {
     payload_len as u32 | lag_bits
 }
 
+#[cfg(any(test, feature = "test-util"))]
 /// Sets the durable lag of every record framed in `frames` (whole records back to back, as
 /// [`encode`] wrote them) from `durable_seq`, the last sequence number known durable, and
 /// checksums each again. Done when the records are written, so the lag is as small as it can be
@@ -231,6 +233,7 @@ pub fn checksum_framed(len: u32, seq: u64, link: &[u8], payload: &[u8]) -> u32 {
     h.finalize()
 }
 
+#[cfg(any(test, feature = "test-util"))]
 /// Appends one framed record to `out` ([`Framing::Plain`], segment versions 1 to 3).
 #[inline]
 pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
@@ -252,6 +255,7 @@ pub fn encode_unstamped(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+#[cfg(any(test, feature = "test-util"))]
 /// Appends one whole chained record (lag 0) after the record whose chain value is `chain`,
 /// which moves on to this one's (for tests, fixtures and tools that write a log by hand).
 pub fn encode_chained(seq: u64, payload: &[u8], chain: &mut ChainValue, out: &mut Vec<u8>) {

@@ -47,6 +47,7 @@ pub const CHAINED_SINCE_VERSION: u32 = 4;
 pub const SECTOR_BYTES: u64 = 512;
 /// Bytes of the header of a segment written now (`Header::CHAINED_LEN`); records follow.
 pub const HEADER_LEN: usize = Header::CHAINED_LEN;
+#[cfg(any(test, feature = "test-util"))]
 /// Bytes of a version 1 to 3 header (`Header::LEN`), also the start of a version 4 one.
 pub const BASE_HEADER_LEN: usize = Header::LEN;
 /// The file name extension of segments.
