@@ -55,11 +55,13 @@ pub use ledger::{CancelReservationReport, ReservationInfo, ReservationList, Rese
 pub use ledger::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
+pub use log::chain::{chain_next, BadChainValue, ChainHead, ChainValue, GENESIS as CHAIN_GENESIS};
 pub use log::follow::{gone_error, oldest_servable_seq, LogFollower, DAMAGE_GRACE};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };
 pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyReport};
+pub use maintenance::verify::{verify_with, ExpectHeadReport, VerifyOptions};
 pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
     GrantReport, GrantedResources, McpServerInfo, PlanReport, ReleaseReport, ReleaseStatus, RenewReport,

@@ -112,12 +112,12 @@ fn open(storage: &FaultyStorage, read_only: bool) -> allocation_ledger::Result<L
 /// zeros that pad a write out to its sector is reported where the next record was expected,
 /// right after the one before.
 fn owner(bounds: &[(u64, u64, u64)], at: u64) -> u64 {
-    if at < 32 {
+    if at < 64 {
         return 0;
     }
     match bounds.iter().find(|b| b.0 <= at && at < b.1) {
         Some(b) => b.0,
-        None => bounds.iter().filter(|b| b.1 <= at).map(|b| b.1).max().unwrap_or(32),
+        None => bounds.iter().filter(|b| b.1 <= at).map(|b| b.1).max().unwrap_or(64),
     }
 }
 
@@ -147,7 +147,7 @@ fn check_segment_damage(base: &Base, seg: &Path, bounds: &[(u64, u64, u64)], at:
     let newest = base.snapshots.last().unwrap().0;
     let last_seg = seg == base.segments.last().unwrap().as_path();
     let torn_seq = seq_at(bounds, at as u64);
-    if last_seg && at >= 32 && torn_seq >= base.last_write_first && torn_seq > newest {
+    if last_seg && at >= 64 && torn_seq >= base.last_write_first && torn_seq > newest {
         return check_torn(base, &storage, seg, offset, torn_seq, modes, at, ctx);
     }
     // verify replays everything and loads every snapshot: every other byte, every record.
@@ -169,7 +169,7 @@ fn check_segment_damage(base: &Base, seg: &Path, bounds: &[(u64, u64, u64)], at:
     // open resumes, too.
     let read_from_here = match owner_seq {
         Some(s) => s >= newest,
-        None => at < 32 || seq_at(bounds, at as u64) > newest,
+        None => at < 64 || seq_at(bounds, at as u64) > newest,
     };
     let covered = wholly_covered || (first_seq_of(seg) <= newest && !read_from_here);
     // Except the first segment's header and first record: every open reads the ledger's
@@ -453,12 +453,12 @@ fn a_segment_header_with_a_wrong_magic_version_or_first_seq_is_damage_at_offset_
     let cases: [(&str, HeaderEdit, bool, &str); 6] = [
         ("magic", Box::new(|h: &mut [u8]| h[0..8].copy_from_slice(b"NOTAWAL!")), false, "bad magic"),
         ("magic, checksum fixed", Box::new(|h: &mut [u8]| h[0] = b'X'), true, "bad magic"),
-        ("version", Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&4u32.to_le_bytes())), false, "checksum"),
+        ("version", Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&5u32.to_le_bytes())), false, "checksum"),
         (
             "version, checksum fixed",
-            Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&4u32.to_le_bytes())),
+            Box::new(|h: &mut [u8]| h[8..12].copy_from_slice(&5u32.to_le_bytes())),
             true,
-            "segment format version 4 is not supported (this build reads versions 1 to 3)",
+            "segment format version 5 is not supported (this build reads versions 1 to 4)",
         ),
         ("flags, checksum fixed", Box::new(|h: &mut [u8]| h[12] = 1), true, "segment header flags are 0x1, expected 0"),
         (

@@ -205,18 +205,18 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, tear: Tear, clock: 
     let whole_here = log.bounds[seg].iter().filter(|b| b.1 as usize <= cut).count();
     let expected = whole_before + whole_here;
     // Where the valid part of the cut segment ends, and whether a torn tail is left.
-    let boundary = if cut < 32 {
+    let boundary = if cut < 64 {
         0
     } else {
-        log.bounds[seg].iter().map(|b| b.1 as usize).filter(|&e| e <= cut).max().unwrap_or(32)
+        log.bounds[seg].iter().map(|b| b.1 as usize).filter(|&e| e <= cut).max().unwrap_or(64)
     };
     // What of the torn record landed: up to the cut, less the zeros it ends in (a pre-filled
     // segment's zeros after the records are free space, not part of a torn write).
-    let landed = if cut < 32 { cut } else { common::records_end(&bytes[..cut]).max(boundary) };
-    let torn = cut < 32 || landed != boundary;
+    let landed = if cut < 64 { cut } else { common::records_end(&bytes[..cut]).max(boundary) };
+    let torn = cut < 64 || landed != boundary;
     // Where the torn record starts: a write starts at a sector, after zeros that pad the one
     // before, and the cut is made there.
-    let torn_at = if cut < 32 {
+    let torn_at = if cut < 64 {
         0
     } else {
         log.bounds[seg].iter().map(|b| b.0 as usize).find(|&start| start >= boundary).unwrap_or(boundary)
@@ -246,7 +246,7 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, tear: Tear, clock: 
             assert!(saved.starts_with(work.join("quarantine")), "{ctx}: {saved:?}");
             let kept = std::fs::read(saved).unwrap();
             assert_eq!(t.len, kept.len() as u64, "{ctx}");
-            if cut < 32 {
+            if cut < 64 {
                 // A torn header: the whole file is set aside.
                 assert_eq!(kept, torn_bytes, "{ctx}: the cut bytes are kept");
             } else {
@@ -257,7 +257,7 @@ fn check_cut(log: &Log, work: &Path, seg: usize, cut: usize, tear: Tear, clock: 
     }
     // The cut is on disk: the segment ends at the boundary (a segment whose header was torn
     // is gone).
-    if cut >= 32 {
+    if cut >= 64 {
         let len = std::fs::metadata(&seg_path).unwrap().len();
         if torn {
             assert_eq!(len, torn_at as u64, "{ctx}");
@@ -340,7 +340,7 @@ fn cuts_at_record_edges_recover_with_real_fsyncs() {
         for &(_, end, _) in &log.bounds[seg] {
             at.extend([end as usize - 1, end as usize, end as usize + 1]);
         }
-        at.push(32);
+        at.push(64);
         at.push(33);
         at.sort();
         at.dedup();
@@ -357,7 +357,7 @@ fn cuts_at_record_edges_recover_with_real_fsyncs() {
 /// The record (start offset and sequence number) that byte `at` of a segment belongs to; the
 /// segment header counts as offset 0 with the segment's first sequence number.
 fn owner(bounds: &[(u64, u64, u64)], at: u64) -> (u64, u64) {
-    if at < 32 {
+    if at < 64 {
         return (0, bounds[0].2);
     }
     match bounds.iter().find(|b| b.0 <= at && at < b.1) {
@@ -366,7 +366,7 @@ fn owner(bounds: &[(u64, u64, u64)], at: u64) -> (u64, u64) {
         // record was expected, right after the one before.
         None => {
             let next = bounds.iter().find(|b| b.0 > at).unwrap();
-            let prev_end = bounds.iter().filter(|b| b.1 <= at).map(|b| b.1).max().unwrap_or(32);
+            let prev_end = bounds.iter().filter(|b| b.1 <= at).map(|b| b.1).max().unwrap_or(64);
             (prev_end, next.2)
         }
     }
@@ -402,7 +402,7 @@ fn every_bit_flip_in_the_log_is_reported_as_damage_at_its_record() {
                             // The torn tail of the last write: read-only, so it is reported, not
                             // cut. Damage: read-write (which refuses without changing anything,
                             // and without the read-only retries for a write in flight).
-                            let torn = seg == last_seg && seq >= last_write && at >= 32;
+                            let torn = seg == last_seg && seq >= last_write && at >= 64;
                             let opts = if torn { OpenOptions::read_only() } else { OpenOptions::default() };
                             let opened = Ledger::open_with(&dir, opts.clock(Arc::new(clock.clone())));
                             match opened {

@@ -694,9 +694,10 @@ fn disk_full_while_rotating_a_segment_is_an_error_and_reopen_is_clean() {
 }
 
 #[test]
-fn a_failed_append_whose_cut_back_fails_too_stops_writes() {
-    // A version 1 segment (left by an older build) is appended to one record at a time, and a
-    // failed append is cut back off; here the cut fails too.
+fn an_empty_segment_of_an_older_build_is_replaced_and_a_failure_there_loses_nothing() {
+    // An empty version 1 segment (an older build's rotation that wrote nothing yet) is not
+    // appended to: this build replaces it with a chained (version 4) one, where the chain
+    // begins. Here every operation fails from the replacement on.
     let storage = FaultyStorage::new();
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-snap3");
     for sub in ["wal", "snapshots"] {
@@ -710,28 +711,25 @@ fn a_failed_append_whose_cut_back_fails_too_stops_writes() {
     clock.advance_seconds(7200);
     let opts =
         || allocation_ledger::OpenOptions::default().storage(Arc::new(storage.clone())).clock(Arc::new(clock.clone()));
-    // A version 1 segment with records is left as it is (the first write starts a version 3
-    // one); an empty one, just started by an older build, is continued in its own format.
     let next = Ledger::open_with(MEM_DIR, opts()).unwrap().with_state(|s| s.last_seq) + 1;
     let empty_v1 = Path::new(MEM_DIR).join("wal").join(allocation_ledger::testing::segment::file_name(next));
-    storage.put_file(&empty_v1, allocation_ledger::testing::segment::encode_header_version(next, 1).to_vec());
+    storage.put_file(&empty_v1, allocation_ledger::testing::segment::encode_header_version(next, 1));
     let ledger = Ledger::open_with(MEM_DIR, opts()).unwrap();
     let acked = common::all_events(&ledger);
-    // From the append's write on, every operation fails: the write leaves half the record and
-    // the truncate that should remove it fails as well.
     storage.set_plan(Some(FaultPlan { kind: None, nth: 0, fault: Fault::ShortWrite, sticky: true }));
-    let e = ledger.request_resources(&request_of("b", 1, &[], 3600)).unwrap_err();
-    assert!(matches!(&e, Error::Poisoned(m) if m.contains("cutting the partial record back off also failed")), "{e}");
-    let ops = storage.ops();
-    assert!(matches!(ledger.request_resources(&request_of("c", 1, &[], 3600)), Err(Error::Poisoned(_))));
-    assert_eq!(storage.ops(), ops);
+    assert!(ledger.request_resources(&request_of("b", 1, &[], 3600)).is_err());
     drop(ledger);
     storage.set_plan(None);
-    // The half record is a torn tail: reopening saves it aside and cuts it.
     let ledger = Ledger::open_with(MEM_DIR, opts()).unwrap();
-    let torn = ledger.recovery_report().torn_tail.clone().expect("a torn tail");
-    assert!(torn.saved_to.is_some());
-    assert_eq!(common::all_events(&ledger), acked);
+    assert_eq!(common::all_events(&ledger), acked, "nothing acknowledged is lost");
+    // Without faults the replacement goes through: the segment is version 4, the chain begins there.
+    assert!(ledger.request_resources(&request_of("c", 1, &[], 3600)).unwrap().is_granted());
+    drop(ledger);
+    let bytes = storage.files().get(&empty_v1).cloned().expect("the segment is there again");
+    assert_eq!(&bytes[8..12], &4u32.to_le_bytes());
+    let report = allocation_ledger::verify(&storage, Path::new(MEM_DIR), &mut |_, _| {}).unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(report.chain_from, Some(next));
 }
 
 /// In a pre-filled segment the records a batch of commands appended are written with one

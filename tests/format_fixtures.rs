@@ -11,6 +11,9 @@
 //!   holds the checksum of the record they were taken after.
 //! - `v4`: segments v3, events of schema v2 (idempotency keys, lifetime bounds, `renewed`),
 //!   snapshots v4 (the idempotency keys, renewals and lifetime bounds of allocations).
+//! - `v5`: segments v4 (the tamper-evident chain: each record carries its chain value, each
+//!   segment header the value it starts from), snapshots v4 whose log position holds the chain
+//!   value of the record they were taken after. The test pins the head `verify` prints.
 //!
 //! Add a fixture when a format version is released; never regenerate an old one. The newest is
 //! written by `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`.
@@ -135,7 +138,9 @@ fn v3_fixture_opens_and_reads_the_same() {
 
 /// The v4 fixture: the v3 scenario, each request with an idempotency key, one with a lifetime
 /// bound renewed twice (the second renewal cut short by the bound), and a retry that wrote
-/// nothing; a v4 snapshot after the renewals.
+/// nothing; a v4 snapshot after the renewals. (How the fixture was written; the newest
+/// fixture is the one regenerated now.)
+#[allow(dead_code)]
 fn regenerate_v4(dir: &Path) {
     regenerate(dir);
     let clock = ManualClock::at_default_epoch();
@@ -162,9 +167,6 @@ fn regenerate_v4(dir: &Path) {
 #[test]
 fn v4_fixture_opens_and_reads_the_same() {
     let fixture = fixture_dir("v4");
-    if std::env::var_os("REGENERATE_FIXTURES").is_some() {
-        regenerate_v4(&fixture);
-    }
     let snaps: Vec<PathBuf> =
         std::fs::read_dir(fixture.join("snapshots")).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(snaps.iter().any(|p| std::fs::read(p).unwrap()[8..12] == 4u32.to_le_bytes()), "a v4 snapshot");
@@ -212,6 +214,33 @@ fn v4_fixture_opens_and_reads_the_same() {
     assert_eq!(replayed.with_state(std::clone::Clone::clone), with_snapshot);
 }
 
+/// The head `verify` prints for the `v5` fixture: the chain's definition is part of the format.
+const V5_HEAD: &str = "20:d8dfd626ded86c88920dc1e13825af6fdea99b0dc8d5857c1cda42e538530354";
+
+#[test]
+fn v5_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v5");
+    if std::env::var_os("REGENERATE_FIXTURES").is_some() {
+        regenerate(&fixture);
+    }
+    for seg in segment_paths(&fixture) {
+        assert_eq!(&std::fs::read(&seg).unwrap()[8..12], &4u32.to_le_bytes(), "{} is v4", seg.display());
+    }
+    let snap = std::fs::read(fixture.join("snapshots/00000000000000000006.snap")).unwrap();
+    assert!(snap.windows(9).any(|w| w == br#""chain":""#), "the snapshot's log position holds the chain value");
+    let report = allocation_ledger::verify(&FsStorage::default(), &fixture, &mut |_, _| {}).unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(report.chain_from, Some(1));
+    let head = report.chain_head.expect("a chained log has a head");
+    if std::env::var_os("REGENERATE_FIXTURES").is_some() {
+        eprintln!("v5 head: {head}");
+    } else {
+        assert_eq!(head.to_string(), V5_HEAD, "the fixture's head");
+    }
+    check_fixture("v5", true);
+    appends_continue_the_fixture("v5", 4);
+}
+
 #[test]
 fn v2_fixture_opens_and_reads_the_same() {
     let fixture = fixture_dir("v2");
@@ -231,9 +260,10 @@ fn segment_paths(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// A copy of the fixture takes writes: its last segment (of `last_version`) is left as it is
-/// when it is older than version 3 (the first write starts a version 3 segment, whose records
-/// carry durable lags) and continued when it is version 3; the segments it rotates to are
-/// the current version; and everything reads back after a reopen.
+/// when it is older than version 4 (the first write starts a version 4 segment, whose records
+/// are chained and carry durable lags, the chain beginning there) and continued when it is
+/// version 4; the segments it rotates to are the current version; everything reads back after
+/// a reopen, and `verify` reports where the chain begins.
 fn appends_continue_the_fixture(name: &str, last_version: u32) {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join(name);
@@ -245,12 +275,16 @@ fn appends_continue_the_fixture(name: &str, last_version: u32) {
     rw.request_resources(&ResourceRequest::new("after-upgrade").workers(1)).unwrap();
     let bytes = std::fs::read(&last).unwrap();
     assert_eq!(&bytes[8..12], &last_version.to_le_bytes());
-    if last_version < 3 {
+    let chain_from = if last_version < 4 {
         assert_eq!(bytes, last_before, "an older segment is not appended to");
-        assert!(segment_paths(&copy).last().unwrap() > &last, "the first write started a new segment");
+        let first_new =
+            segment_paths(&copy).into_iter().find(|p| *p > last).expect("the first write started a new segment");
+        let name = first_new.file_name().unwrap().to_str().unwrap();
+        name.trim_end_matches(".wal").parse::<u64>().unwrap()
     } else {
-        assert_ne!(bytes, last_before, "a version 3 segment is continued");
-    }
+        assert_ne!(bytes, last_before, "a version 4 segment is continued");
+        1
+    };
     // On to the next segments (the fixture's segments are 4 KiB).
     for i in 0..40 {
         let o = rw.request_resources(&ResourceRequest::new(format!("rotate-{i}")).workers(1)).unwrap();
@@ -262,12 +296,16 @@ fn appends_continue_the_fixture(name: &str, last_version: u32) {
     let newer: Vec<PathBuf> = segment_paths(&copy).into_iter().filter(|p| *p > last).collect();
     assert!(newer.len() >= 2, "the writes rotated segments");
     for seg in &newer {
-        assert_eq!(&std::fs::read(seg).unwrap()[8..12], &3u32.to_le_bytes(), "{} is v3", seg.display());
+        assert_eq!(&std::fs::read(seg).unwrap()[8..12], &4u32.to_le_bytes(), "{} is v4", seg.display());
     }
     let again = Ledger::open(&copy).unwrap();
     assert_eq!(again.events(1, usize::MAX).unwrap(), events);
+    let head = again.chain_head().unwrap().expect("the log ends chained");
+    drop(again);
     let report = allocation_ledger::verify(&FsStorage::default(), &copy, &mut |_, _| {}).unwrap();
     assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(report.chain_from, Some(chain_from));
+    assert_eq!(report.chain_head, Some(head));
 }
 
 fn check_fixture(name: &str, snapshot_readable: bool) {

@@ -113,9 +113,9 @@ fn build_log(segment_size_bytes: u64) -> Log {
 
 fn owners_of(bytes: &[u8], acked: u64, last: bool) -> Vec<Owner> {
     let mut owners = vec![if last { Owner::Free } else { Owner::Sealed }; bytes.len()];
-    owners[..32].fill(Owner::Header);
+    owners[..64].fill(Owner::Header);
     let bounds = common::record_bounds(bytes);
-    let mut prev_end = 32;
+    let mut prev_end = 64;
     for &(start, end, seq) in &bounds {
         owners[prev_end as usize..start as usize].fill(Owner::Padding(seq));
         let owner = if seq <= acked { Owner::Durable(seq) } else { Owner::LastWrite(seq) };

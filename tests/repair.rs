@@ -260,7 +260,7 @@ fn damage_in_the_first_record_is_never_cut() {
     let tmp = tempfile::tempdir().unwrap();
     build(tmp.path());
     let first = segments(tmp.path())[0].clone();
-    flip(&first, 32 + 20);
+    flip(&first, 64 + 20);
     let before = snapshot_tree(tmp.path());
     for args in [&[][..], &["--force-truncate"][..]] {
         let (code, v) = run_repair(tmp.path(), args);

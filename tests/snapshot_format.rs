@@ -86,7 +86,7 @@ fn every_kind_of_allocation_round_trips_in_the_current_version_and_v2() {
     assert!(state.idempotency_key_count() > 0);
 
     let data = state.to_data();
-    let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq, record_crc: None };
+    let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq, record_crc: None, chain: None };
     // The binary form (v4 now; v3 files share its decoder and are read by the fixtures' test).
     let v3 = encode_with_position(&data, Some(position));
     assert_eq!(&v3[8..12], &4u32.to_le_bytes());
@@ -220,7 +220,8 @@ fn snapshots_of_a_large_state_are_spaced_by_the_log_they_save() {
             .collect()
     };
     let mut meta = serde_json::Map::new();
-    meta.insert("note".into(), "n".repeat(600).into());
+    // (Each record fits in two sectors with its 48 bytes of framing: one write per grant.)
+    meta.insert("note".into(), "n".repeat(560).into());
     for i in 0..4000 {
         let req = ResourceRequest::new(format!("big-{i}")).mcp_server("github").metadata(meta.clone());
         assert!(ledger.request_resources(&req).unwrap().is_granted());

@@ -37,7 +37,7 @@ fn check_invalid_input(e: &Error, what: &str) {
 pub fn record_decode(data: &[u8]) {
     if !data.is_empty() {
         match record::decode(data) {
-            Decoded::Record { seq, payload, frame_len, durable_lag } => {
+            Decoded::Record { seq, payload, frame_len, durable_lag, chain: _ } => {
                 assert_eq!(frame_len, record::HEADER_LEN + payload.len());
                 assert!(frame_len <= data.len());
                 let mut again = Vec::new();
@@ -68,7 +68,7 @@ pub fn record_decode(data: &[u8]) {
         record::encode(seq, data, &mut frame);
         assert_eq!(
             record::decode(&frame),
-            Decoded::Record { seq, payload: data, frame_len: frame.len(), durable_lag: 0 }
+            Decoded::Record { seq, payload: data, frame_len: frame.len(), durable_lag: 0, chain: None }
         );
         let cut = 1 + data[0] as usize % (frame.len() - 1);
         assert_eq!(record::decode(&frame[..cut]), Decoded::Incomplete);
@@ -81,7 +81,7 @@ pub fn record_decode(data: &[u8]) {
 /// Scans `bytes` as a segment file and checks that offsets, sequence numbers and the tail add up.
 fn scan_checked(bytes: &[u8], first_seq: u64) {
     let mut next = first_seq;
-    let mut end = segment::HEADER_LEN as u64;
+    let mut end = segment::decode_header(bytes).map_or(segment::BASE_HEADER_LEN, |h| h.records_offset()) as u64;
     let scan = segment::scan(Path::new("fuzz.wal"), bytes, first_seq, &mut |pos, payload| {
         assert_eq!(pos.seq, next, "records are handed over in sequence");
         // Back to back, but for version 3's zeros up to the sector where a write starts.
@@ -89,7 +89,8 @@ fn scan_checked(bytes: &[u8], first_seq: u64) {
         let pad_ok = pos.offset == padded && bytes[end as usize..padded as usize].iter().all(|&b| b == 0);
         assert!(pos.offset == end || pad_ok, "records are back to back");
         end = pos.offset;
-        assert_eq!(pos.frame_len as usize, record::HEADER_LEN + payload.len());
+        let overhead = if pos.chain.is_some() { record::CHAINED_OVERHEAD } else { record::HEADER_LEN };
+        assert_eq!(pos.frame_len as usize, overhead + payload.len());
         next += 1;
         end += u64::from(pos.frame_len);
         Ok(true)
@@ -119,9 +120,10 @@ fn scan_checked(bytes: &[u8], first_seq: u64) {
 
 /// Frames `payloads` as records `1..` of a first segment.
 pub fn frame_segment(payloads: &[&[u8]]) -> Vec<u8> {
-    let mut seg = segment::encode_header(1).to_vec();
+    let mut seg = segment::encode_header(1, &allocation_ledger::CHAIN_GENESIS).to_vec();
+    let mut chain = allocation_ledger::CHAIN_GENESIS;
     for (i, p) in payloads.iter().enumerate() {
-        record::encode(i as u64 + 1, p, &mut seg);
+        record::encode_chained(i as u64 + 1, p, &mut chain, &mut seg);
     }
     seg
 }
@@ -166,7 +168,7 @@ pub fn segment_scan(data: &[u8]) {
     let mut v1 = segment::encode_header_version(1, 1).to_vec();
     v1.extend_from_slice(data);
     scan_checked(&v1, 1);
-    let mut seg = segment::encode_header(1).to_vec();
+    let mut seg = segment::encode_header(1, &allocation_ledger::CHAIN_GENESIS).to_vec();
     seg.extend_from_slice(data);
     scan_checked(&seg, 1);
     let payloads: Vec<&[u8]> = data.split(|&b| b == b'\n').filter(|p| !p.is_empty()).take(64).collect();

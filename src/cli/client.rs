@@ -63,7 +63,7 @@ fn route(command: &Command) -> Route {
         Command::Timeline(_) => Route::NoServer("timeline"),
         Command::Replay(_) => Route::NoServer("replay"),
         Command::WhatIf(_) => Route::NoServer("what-if"),
-        Command::Verify => Route::NoServer("verify"),
+        Command::Verify(_) => Route::NoServer("verify"),
         Command::Repair { .. } => Route::NoServer("repair"),
         Command::Init => Route::NoServer("init"),
         Command::Config(config::ConfigCommand::Apply { .. }) => Route::Remote,

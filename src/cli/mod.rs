@@ -27,6 +27,7 @@ mod replay;
 mod reservation;
 #[cfg(feature = "server")]
 mod serve;
+mod verify_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -170,8 +171,8 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Re-decide the recorded demand under another config (--config FILE: fields over the recorded one); writes nothing
     WhatIf(replay::WhatIfArgs),
-    /// Check every record and snapshot; non-zero exit on damage
-    Verify,
+    /// Check every record and snapshot and the chain, print the head (SEQ:HASH); non-zero exit on damage
+    Verify(verify_cmd::VerifyArgs),
     /// Write a snapshot now
     Snapshot,
     /// Cut a torn or damaged tail off the log, after copying the cut bytes to quarantine/.
@@ -501,7 +502,7 @@ fn run(cli: Cli, out: &Out) -> allocation_ledger::Result<ExitCode> {
         }
         Command::Replay(args) => replay::replay(&open_existing(&dir)?, out, args),
         Command::WhatIf(args) => replay::what_if(&open_existing(&dir)?, out, config.as_deref(), args),
-        Command::Verify => verify(out, dir),
+        Command::Verify(args) => verify_cmd::run(out, dir, &args),
         Command::Repair { force_truncate, dry_run } => repair(out, &dir, force_truncate, dry_run),
         Command::Snapshot => snapshot(out, &open_writer(&dir, config)?),
         Command::Demo => demo(out, config),
@@ -674,18 +675,6 @@ fn log(out: &Out, dir: &Path, from_seq: u64, limit: Option<usize>) -> allocation
         list::print_log_cursor(seq, None, None);
     }
     Ok(ExitCode::Ok)
-}
-
-fn verify(out: &Out, dir: PathBuf) -> allocation_ledger::Result<ExitCode> {
-    if !dir.join(allocation_ledger::layout::WAL_DIR).exists() {
-        return Err(Error::NoLedger { path: dir });
-    }
-    let storage = FsStorage::default();
-    let mut bar = history::ProgressBar::new("verifying");
-    let report = allocation_ledger::verify(&storage, &dir, &mut |done, total| bar.update(done, total))?;
-    bar.finish();
-    out.doc(&report, || human_verify(&report))?;
-    Ok(if report.ok { ExitCode::Ok } else { ExitCode::Damaged })
 }
 
 fn repair(out: &Out, dir: &Path, force_truncate: bool, dry_run: bool) -> allocation_ledger::Result<ExitCode> {
@@ -984,6 +973,7 @@ fn human_verify(r: &VerifyReport) -> String {
     if let (Some(a), Some(b)) = (&r.first_event_at, &r.last_event_at) {
         s.push_str(&format!("events from {a} to {b}\n"));
     }
+    s.push_str(&verify_cmd::human_chain(r));
     let rows: Vec<Vec<String>> = r
         .segments
         .iter()

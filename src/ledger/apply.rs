@@ -121,7 +121,7 @@ impl Ledger {
                 core.state.evolve_owned(seq, ts, ev.body);
                 self.after_queue_event(core, seq, note);
                 core.since_snapshot += 1;
-                core.log_bytes_since_snapshot += (crate::log::record::HEADER_LEN + payload.len()) as u64;
+                core.log_bytes_since_snapshot += (crate::log::record::CHAINED_OVERHEAD + payload.len()) as u64;
                 if core.snapshot_is_due() {
                     self.shared.snapshots.due.store(true, Ordering::Relaxed);
                 }

@@ -197,7 +197,32 @@ impl Ledger {
             durable_seq,
             poisoned: core.poisoned.clone().or(failed),
             last_snapshot_error: core.last_snapshot_error.clone(),
+            chain_head: core.wal.as_ref().and_then(WalWriter::durable_head),
         }
+    }
+
+    /// The head of the log's tamper-evident chain (`{seq, hash}`, as `verify` prints it): a
+    /// writer's as far as it is durable; a read-only handle's read from the last segment. `None`
+    /// while the log ends in an older, unchained segment. Not verified: `verify` recomputes it.
+    pub fn chain_head(&self) -> Result<Option<crate::ChainHead>> {
+        if let Some(head) = self.status().chain_head {
+            return Ok(Some(head));
+        }
+        let wal_dir = self.shared.dir.join(crate::log::layout::WAL_DIR);
+        let storage = &*self.shared.storage;
+        crate::log::reader::retry_beside_writer(storage, &wal_dir, || {
+            crate::log::reader::LogReader::new(storage, &wal_dir).head()
+        })
+    }
+
+    /// The chain value stored with record `seq` (`None`: the log does not hold it, or it is not
+    /// chained), to compare with another copy of the log. Reads only the segment holding it.
+    pub fn chain_at(&self, seq: u64) -> Result<Option<crate::ChainValue>> {
+        let wal_dir = self.shared.dir.join(crate::log::layout::WAL_DIR);
+        let storage = &*self.shared.storage;
+        crate::log::reader::retry_beside_writer(storage, &wal_dir, || {
+            crate::log::reader::LogReader::new(storage, &wal_dir).chain_at(seq)
+        })
     }
 
     /// What this handle counted since open (grants, rejections, fsyncs, snapshots...), for

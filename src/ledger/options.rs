@@ -124,4 +124,8 @@ pub struct LedgerStatus {
     /// Why the last periodic snapshot failed, if it did (snapshots are derived data: the write
     /// that triggered it succeeded).
     pub last_snapshot_error: Option<String>,
+    /// The head of the log's tamper-evident chain as far as it is durable (`{seq, hash}`);
+    /// `None` for a read-only handle, or while the log ends in an older, unchained segment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chain_head: Option<crate::log::chain::ChainHead>,
 }

@@ -22,7 +22,8 @@ pub use snapshots::{list_snapshots, newest_loadable};
 use crate::domain::clock::{format_micros, Micros};
 use crate::domain::event::{Event, EventBody};
 use crate::error::Damage;
-use crate::log::segment::{self, RecordPos, Tail, Visit};
+use crate::log::chain::{self, ChainHead, ChainValue};
+use crate::log::segment::{self, RecordPos, ScanStart, Tail, Visit};
 use crate::log::storage::Storage;
 use crate::log::wal::{self, LogEnd, LogPosition, SegmentInfo, TornTail};
 use crate::{Error, Result};
@@ -277,6 +278,9 @@ pub struct LogReader<'a> {
     /// The log may start after 1 (its first segments were archived): a follower reads what
     /// is left instead of reporting the missing start as a gap.
     retained: bool,
+    /// Recompute every record's chain value and check it, and each segment's chain start
+    /// (`verify`); reads otherwise trust the values the checksums cover.
+    verify_chain: bool,
 }
 
 impl std::fmt::Debug for LogReader<'_> {
@@ -302,12 +306,18 @@ struct Progress {
     expected_next: Option<u64>,
     /// A problem was met (survey only): records are counted, not handed over.
     quiet: bool,
+    /// The chain value of `last_seq`, where the log is chained.
+    chain: Option<ChainValue>,
+    /// The first record of the chain the read is in (see [`LogEnd::chain_from`]).
+    chain_from: Option<u64>,
+    /// The previous segment read was chained, and read whole (`chain` is its last value).
+    previous_chained: Option<bool>,
 }
 
 impl<'a> LogReader<'a> {
     /// A read of the whole log in `wal_dir`.
     pub fn new(storage: &'a dyn Storage, wal_dir: &'a Path) -> LogReader<'a> {
-        LogReader { storage, wal_dir, after_seq: 0, upto: None, hint: None, retained: false }
+        LogReader { storage, wal_dir, after_seq: 0, upto: None, hint: None, retained: false, verify_chain: false }
     }
 
     /// Reads the records after `seq` only; segments wholly at or before it are not read.
@@ -326,6 +336,38 @@ impl<'a> LogReader<'a> {
     /// follower, which checks the oldest sequence number it can serve itself).
     pub fn retained(self) -> LogReader<'a> {
         LogReader { retained: true, ..self }
+    }
+
+    /// Checks the chain as it reads: each record's chain value against the one recomputed from
+    /// the record before it, and each segment's chain start against the previous segment's last
+    /// value (or the genesis value where a chain begins). A mismatch is damage at that record.
+    pub fn verify_chain(self) -> LogReader<'a> {
+        LogReader { verify_chain: true, ..self }
+    }
+
+    /// The head of the chain: the last record's sequence number and chain value, read from the
+    /// last segment alone (its header when it holds no record yet). `None` when the last segment
+    /// is an older build's (not chained). Checks nothing beyond the checksums.
+    pub fn head(&self) -> Result<Option<ChainHead>> {
+        let segments = wal::list_segments(self.storage, self.wal_dir)?;
+        let Some(last) = segments.last() else { return Ok(None) };
+        let end = LogReader { after_seq: last.first_seq.saturating_sub(1), upto: None, ..*self }
+            .records(&mut |_, _| Ok(true))?;
+        Ok(end.chain.map(|hash| ChainHead { seq: end.last_seq, hash }))
+    }
+
+    /// The chain value of record `seq` (stored with it), or `None` if the log does not hold it
+    /// or it is not chained. Reads only the segment that holds it.
+    pub fn chain_at(&self, seq: u64) -> Result<Option<ChainValue>> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        let mut found = None;
+        LogReader { after_seq: seq - 1, upto: Some(seq), ..*self }.records(&mut |pos, _| {
+            found = pos.chain.filter(|_| pos.seq == seq);
+            Ok(false)
+        })?;
+        Ok(found)
     }
 
     /// Where the record `after` sits (from a snapshot): when a valid record with that sequence
@@ -386,11 +428,16 @@ impl<'a> LogReader<'a> {
                     continue;
                 }
             };
+            if let Some(problem) = self.chain_start_problem(seg, &bytes, &mut at).filter(|_| !at.quiet) {
+                report(&mut survey, &mut at, problem)?;
+            }
             let hint = if i == start { self.hint_in(seg, &bytes) } else { None };
             let (scan, records, stop) = self.scan_segment(seg, &bytes, hint, &mut at, visit);
             if scan.next_seq > seg.first_seq {
                 at.last_seq = scan.next_seq - 1;
             }
+            at.chain = scan.chain;
+            at.previous_chained = Some(scan.chain_start.is_some());
             at.last_valid_len = scan.valid_len;
             if stop || scan.stopped {
                 break;
@@ -423,17 +470,54 @@ impl<'a> LogReader<'a> {
     }
 
     /// `hint` if it names the record `after_seq` in `seg` (where the read starts) and a valid
-    /// record with that sequence number is there: (the hint, the offset after that record).
+    /// record with that sequence number is there: (the hint with the record's chain value, the
+    /// offset after that record).
     fn hint_in(&self, seg: &SegmentInfo, bytes: &[u8]) -> Option<(LogPosition, u64)> {
         let h = self.hint.filter(|h| h.seq == self.after_seq && h.segment_first_seq == seg.first_seq)?;
-        match crate::log::record::decode(bytes.get(usize::try_from(h.offset).ok()?..)?) {
-            crate::log::record::Decoded::Record { seq, frame_len, .. }
-                if seq == h.seq && h.offset >= segment::HEADER_LEN as u64 =>
+        let header = segment::decode_header(bytes).ok()?;
+        match crate::log::record::decode_framed(bytes.get(usize::try_from(h.offset).ok()?..)?, header.framing()) {
+            crate::log::record::Decoded::Record { seq, frame_len, chain, .. }
+                if seq == h.seq && h.offset >= header.records_offset() as u64 =>
             {
-                Some((h, h.offset + frame_len as u64))
+                Some((LogPosition { chain, ..h }, h.offset + frame_len as u64))
             }
             _ => None,
         }
+    }
+
+    /// Where the chain stands at the start of `seg` (whose bytes are `bytes`): a chained segment
+    /// after a chained one goes on from its last value; one after an older build's segment (or
+    /// the first of the log) begins a chain, from the genesis value. Checked when the read
+    /// verifies the chain and saw the segment before whole; the damage, if any.
+    fn chain_start_problem(&self, seg: &SegmentInfo, bytes: &[u8], at: &mut Progress) -> Option<LogProblem> {
+        let header = segment::decode_header(bytes).ok()?;
+        let previous = at.previous_chained.or((seg.first_seq == 1).then_some(false));
+        let Some(start) = header.chain_start else {
+            at.chain_from = None;
+            let after_chain = self.verify_chain && previous == Some(true);
+            return after_chain.then(|| chain_damage(seg, "an older format version follows a chained segment".into()));
+        };
+        if previous == Some(false) {
+            at.chain_from = Some(seg.first_seq);
+        }
+        let expected = match previous {
+            Some(true) => at.chain?,
+            Some(false) => chain::GENESIS,
+            None => return None,
+        };
+        (self.verify_chain && start != expected).then(|| {
+            chain_damage(
+                seg,
+                format!(
+                    "chain mismatch: the segment's chain start {start} is not {} ({expected})",
+                    if previous == Some(true) {
+                        "the previous segment's last chain value"
+                    } else {
+                        "the genesis value"
+                    }
+                ),
+            )
+        })
     }
 
     /// Scans one segment's bytes, handing over the records in range unless the read has gone
@@ -450,6 +534,7 @@ impl<'a> LogReader<'a> {
             at.resumed_from_hint = true;
             at.last_record = Some(h);
         }
+        let verify_chain = self.verify_chain;
         let (after_seq, upto, quiet) = (self.after_seq, self.upto, at.quiet);
         let (mut stop, mut records, mut released) = (false, 0u64, 0u64);
         let last_record = &mut at.last_record;
@@ -460,6 +545,7 @@ impl<'a> LogReader<'a> {
                 offset: pos.offset,
                 seq: pos.seq,
                 record_crc: None,
+                chain: pos.chain,
             });
             if pos.offset - released >= RELEASE_EVERY_BYTES {
                 bytes.release_before(pos.offset as usize);
@@ -473,12 +559,11 @@ impl<'a> LogReader<'a> {
             stop = !go_on;
             Ok(go_on)
         };
-        let scan = match hint {
-            Some((h, next_offset)) => {
-                segment::scan_from(&seg.path, bytes, seg.first_seq, next_offset, h.seq + 1, &mut on_record)
-            }
-            None => segment::scan(&seg.path, bytes, seg.first_seq, &mut on_record),
+        let start = match hint {
+            Some((h, next_offset)) => ScanStart { offset: next_offset, seq: h.seq + 1, chain: h.chain, verify_chain },
+            None => ScanStart { verify_chain, ..ScanStart::default() },
         };
+        let scan = segment::scan_from(&seg.path, bytes, seg.first_seq, start, &mut on_record);
         (scan, records, stop)
     }
 }
@@ -517,7 +602,14 @@ fn end_of(segments: Vec<SegmentInfo>, at: Progress) -> LogEnd {
         resumed_from_hint: at.resumed_from_hint,
         last_valid_len: at.last_valid_len,
         torn: at.torn,
+        chain: at.chain,
+        chain_from: at.chain_from,
     }
+}
+
+/// Damage to the chain at the start of `seg` (its header).
+fn chain_damage(seg: &SegmentInfo, reason: String) -> LogProblem {
+    LogProblem::Damaged(Damage { file: seg.path.clone(), offset: 0, seq: seg.first_seq, reason })
 }
 
 /// How long a read-only reader waits before it reads the log again when it found damage: a

@@ -14,7 +14,20 @@
 //! up to `s - l` was durable before it was written, so damage there cannot be a torn write (see
 //! [`crate::log::segment`]). A lag of 1 marks the first record of a write made when everything
 //! before it was durable. 0 means unknown (a lag too large to hold). The checksum covers it.
+//!
+//! Segment format version 4 *chains* its records ([`Framing::Chained`]): the 32-byte chain
+//! value of the record ([`crate::log::chain`]) follows the header, before the payload, and the
+//! checksum covers it too:
+//!
+//! ```text
+//! | len: u32 LE | seq: u64 LE | crc: u32 LE | chain: 32 bytes | payload: len bytes |
+//! ```
+//!
+//! The writer frames a record with a zero chain value under the ledger's lock and stamps the
+//! value (with the durable lag and the checksum) when the flush writes it ([`stamp_chained`]),
+//! outside that lock.
 
+use crate::log::chain::{self, ChainValue, CHAIN_BYTES};
 use crate::log::fields::{self, ShortInput};
 
 /// The header in front of every record's payload (`docs/format.md`, "Record framing").
@@ -70,6 +83,7 @@ impl RecordHeader {
         payload_len(self.len_field)
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     /// The checksum a record with this length field and sequence number and `payload` has.
     #[inline]
     pub fn checksum_of(&self, payload: &[u8]) -> u32 {
@@ -81,6 +95,30 @@ impl RecordHeader {
 pub const HEADER_LEN: usize = RecordHeader::LEN;
 const _: () = assert!(HEADER_LEN == 16, "docs/format.md: a record header is 16 bytes");
 const _: () = assert!(RecordHeader::CRC_OFFSET == 12, "the checksum follows len and seq");
+
+/// How the records of a segment are framed: the segment's format version says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Versions 1 to 3: the header, then the payload.
+    Plain,
+    /// Version 4: the header, the record's chain value, then the payload.
+    Chained,
+}
+
+impl Framing {
+    /// Bytes in front of a payload.
+    #[inline]
+    pub const fn overhead(self) -> usize {
+        match self {
+            Framing::Plain => HEADER_LEN,
+            Framing::Chained => CHAINED_OVERHEAD,
+        }
+    }
+}
+
+/// Bytes in front of a chained record's payload: the header and the chain value.
+pub const CHAINED_OVERHEAD: usize = HEADER_LEN + CHAIN_BYTES;
+const _: () = assert!(CHAINED_OVERHEAD == 48, "docs/format.md: a chained record's payload starts at 48");
 
 /// Upper bound on a payload; a length above it is damage, never a torn write.
 pub const MAX_PAYLOAD_LEN: usize = 1 << 20;
@@ -115,28 +153,62 @@ fn len_field(payload_len: usize, lag: u64) -> u32 {
     payload_len as u32 | lag_bits
 }
 
+#[cfg(any(test, feature = "test-util"))]
 /// Sets the durable lag of every record framed in `frames` (whole records back to back, as
 /// [`encode`] wrote them) from `durable_seq`, the last sequence number known durable, and
 /// checksums each again. Done when the records are written, so the lag is as small as it can be
 /// proven.
 pub fn set_durable_lags(frames: &mut [u8], durable_seq: u64) {
+    stamp(frames, Framing::Plain, Some(durable_seq), None);
+}
+
+/// Stamps every chained record in `frames` (whole records back to back, as
+/// [`encode_unstamped`] wrote them): its chain value, following on from `chain` (the value of
+/// the record before the first; left at the last one's), its durable lag from `durable_seq`,
+/// and its checksum. Returns the last record's sequence number and checksum framed with a lag of
+/// 0 (what a snapshot's `record_crc` holds), if any record was stamped.
+pub fn stamp_chained(frames: &mut [u8], durable_seq: u64, chain: &mut ChainValue) -> Option<(u64, u32)> {
+    stamp(frames, Framing::Chained, Some(durable_seq), Some(chain))
+}
+
+/// [`set_durable_lags`] and [`stamp_chained`]; `durable_seq` `None` writes a lag of 0.
+fn stamp(
+    frames: &mut [u8],
+    framing: Framing,
+    durable_seq: Option<u64>,
+    mut chain: Option<&mut ChainValue>,
+) -> Option<(u64, u32)> {
     let mut rest = frames;
+    let mut last_crc = None;
     while !rest.is_empty() {
         let Some((raw, after)) = std::mem::take(&mut rest).split_first_chunk_mut::<HEADER_LEN>() else {
             debug_assert!(false, "frames end inside a record header");
-            return;
+            return last_crc;
         };
         let mut header = RecordHeader::from_array(raw);
-        let Some((payload, next)) = after.split_at_mut_checked(header.payload_len()) else {
+        let Some((body, next)) = after.split_at_mut_checked(framing.overhead() - HEADER_LEN + header.payload_len())
+        else {
             debug_assert!(false, "frames end inside record {}", header.seq);
-            return;
+            return last_crc;
         };
-        debug_assert!(header.seq > durable_seq, "record {} written again after {durable_seq} was durable", header.seq);
-        header.len_field = len_field(payload.len(), header.seq.saturating_sub(durable_seq));
-        header.crc = header.checksum_of(payload);
+        debug_assert!(
+            durable_seq.is_none_or(|d| header.seq > d),
+            "record {} written again after it was durable",
+            header.seq
+        );
+        let (link, payload) = body.split_at_mut(framing.overhead() - HEADER_LEN);
+        if let Some(chain) = chain.as_deref_mut() {
+            *chain = chain::chain_next(chain, header.seq, payload);
+            link.copy_from_slice(chain.as_bytes());
+        }
+        let plain_len = len_field(payload.len(), 0);
+        last_crc = Some((header.seq, checksum_framed(plain_len, header.seq, link, payload)));
+        header.len_field = len_field(payload.len(), durable_seq.map_or(0, |d| header.seq.saturating_sub(d)));
+        header.crc = checksum_framed(header.len_field, header.seq, link, payload);
         *raw = header.encode();
         rest = next;
     }
+    last_crc
 }
 
 /// CRC-32 of a record: its length field and sequence number as stored, then its payload.
@@ -149,7 +221,20 @@ pub fn checksum(len: u32, seq: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Appends one framed record to `out`.
+/// CRC-32 of a record of any framing: its length field and sequence number as stored, its
+/// chain value (`link`, empty in [`Framing::Plain`]), then its payload.
+#[inline]
+pub fn checksum_framed(len: u32, seq: u64, link: &[u8], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&len.to_le_bytes());
+    h.update(&seq.to_le_bytes());
+    h.update(link);
+    h.update(payload);
+    h.finalize()
+}
+
+#[cfg(any(test, feature = "test-util"))]
+/// Appends one framed record to `out` ([`Framing::Plain`], segment versions 1 to 3).
 #[inline]
 pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     assert!(!payload.is_empty() && payload.len() <= MAX_PAYLOAD_LEN, "payload of {} bytes", payload.len());
@@ -157,6 +242,26 @@ pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     let header = RecordHeader { len_field, seq, crc: checksum(len_field, seq, payload) };
     out.extend_from_slice(&header.encode());
     out.extend_from_slice(payload);
+}
+
+/// Appends one chained record to `out` with a zero chain value and checksum, for
+/// [`stamp_chained`] to complete when it is written.
+#[inline]
+pub fn encode_unstamped(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+    assert!(!payload.is_empty() && payload.len() <= MAX_PAYLOAD_LEN, "payload of {} bytes", payload.len());
+    let header = RecordHeader { len_field: len_field(payload.len(), 0), seq, crc: 0 };
+    out.extend_from_slice(&header.encode());
+    out.extend_from_slice(&[0; CHAIN_BYTES]);
+    out.extend_from_slice(payload);
+}
+
+#[cfg(any(test, feature = "test-util"))]
+/// Appends one whole chained record (lag 0) after the record whose chain value is `chain`,
+/// which moves on to this one's (for tests, fixtures and tools that write a log by hand).
+pub fn encode_chained(seq: u64, payload: &[u8], chain: &mut ChainValue, out: &mut Vec<u8>) {
+    let start = out.len();
+    encode_unstamped(seq, payload, out);
+    stamp(&mut out[start..], Framing::Chained, None, Some(chain));
 }
 
 /// What the bytes at some offset of a segment are.
@@ -172,6 +277,8 @@ pub enum Decoded<'a> {
         frame_len: usize,
         /// As written in its length field (0: none).
         durable_lag: u64,
+        /// Its chain value as stored ([`Framing::Chained`] only).
+        chain: Option<ChainValue>,
     },
     /// The buffer ends inside a record whose header is plausible: what a torn write leaves.
     Incomplete,
@@ -179,9 +286,16 @@ pub enum Decoded<'a> {
     Corrupt(String),
 }
 
-/// Decodes the record at the start of `buf` (which must not be empty).
+/// Decodes the record at the start of `buf` (which must not be empty), framed as in segment
+/// versions 1 to 3.
 #[inline]
 pub fn decode(buf: &[u8]) -> Decoded<'_> {
+    decode_framed(buf, Framing::Plain)
+}
+
+/// Decodes the record at the start of `buf` (which must not be empty) framed as `framing`.
+#[inline]
+pub fn decode_framed(buf: &[u8], framing: Framing) -> Decoded<'_> {
     debug_assert!(!buf.is_empty());
     let Ok(header) = RecordHeader::decode(buf) else {
         return Decoded::Incomplete;
@@ -190,16 +304,19 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     if payload_bytes == 0 || payload_bytes > MAX_PAYLOAD_LEN {
         return Decoded::Corrupt(format!("record length {payload_bytes} is outside 1..={MAX_PAYLOAD_LEN}"));
     }
-    let end = HEADER_LEN + payload_bytes;
-    let Some(payload) = buf.get(HEADER_LEN..end) else {
+    let overhead = framing.overhead();
+    let end = overhead + payload_bytes;
+    let Some(body) = buf.get(HEADER_LEN..end) else {
         return Decoded::Incomplete;
     };
-    let actual = header.checksum_of(payload);
+    let (link, payload) = body.split_at(overhead - HEADER_LEN);
+    let actual = checksum_framed(header.len_field, header.seq, link, payload);
     if actual != header.crc {
         let stored = header.crc;
         return Decoded::Corrupt(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
     }
-    Decoded::Record { seq: header.seq, payload, frame_len: end, durable_lag: durable_lag(header.len_field) }
+    let chain = <[u8; CHAIN_BYTES]>::try_from(link).ok().map(ChainValue);
+    Decoded::Record { seq: header.seq, payload, frame_len: end, durable_lag: durable_lag(header.len_field), chain }
 }
 
 /// True if `buf` (which [`decode`] called incomplete) is exactly one valid record whose length
@@ -222,10 +339,11 @@ pub fn valid_record_follows(buf: &[u8]) -> bool {
     (1..buf.len().saturating_sub(HEADER_LEN - 1)).any(|i| matches!(decode(&buf[i..]), Decoded::Record { .. }))
 }
 
-/// The first whole valid record in `buf[1..]` whose durable lag proves that the record
-/// `seq` was durable before it was written, as (offset in `buf`, its sequence number).
-pub fn durability_proof_follows(buf: &[u8], seq: u64) -> Option<(usize, u64)> {
-    (1..buf.len().saturating_sub(HEADER_LEN - 1)).find_map(|i| match decode(&buf[i..]) {
+/// The first whole valid record in `buf[1..]` (framed as `framing`) whose durable lag proves
+/// that the record `seq` was durable before it was written, as (offset in `buf`, its sequence
+/// number).
+pub fn durability_proof_follows(buf: &[u8], seq: u64, framing: Framing) -> Option<(usize, u64)> {
+    (1..buf.len().saturating_sub(HEADER_LEN - 1)).find_map(|i| match decode_framed(&buf[i..], framing) {
         Decoded::Record { seq: later, durable_lag, .. } if durable_lag > 0 && later - durable_lag >= seq => {
             Some((i, later))
         }
@@ -256,12 +374,12 @@ mod tests {
         fn round_trip(seq in any::<u64>(), payload in proptest::collection::vec(any::<u8>(), 1..512)) {
             let mut buf = Vec::new();
             encode(seq, &payload, &mut buf);
-            prop_assert_eq!(decode(&buf), Decoded::Record { seq, payload: &payload, frame_len: buf.len(), durable_lag: 0 });
+            prop_assert_eq!(decode(&buf), Decoded::Record { seq, payload: &payload, frame_len: buf.len(), durable_lag: 0, chain: None });
             let lag = 1 + seq % MAX_DURABLE_LAG;
             if seq >= lag {
                 let mut lagged = buf.clone();
                 set_durable_lags(&mut lagged, seq - lag);
-                prop_assert_eq!(decode(&lagged), Decoded::Record { seq, payload: &payload, frame_len: buf.len(), durable_lag: lag });
+                prop_assert_eq!(decode(&lagged), Decoded::Record { seq, payload: &payload, frame_len: buf.len(), durable_lag: lag, chain: None });
                 // The lag is covered by the checksum: changing it alone is damage.
                 let mut cleared = lagged.clone();
                 cleared[3] ^= 0x80;
@@ -270,6 +388,43 @@ mod tests {
             // Every strict prefix is incomplete, never a record and never silently accepted.
             for cut in 1..buf.len() {
                 prop_assert_eq!(decode(&buf[..cut]), Decoded::Incomplete);
+            }
+        }
+
+        #[test]
+        fn chained_records_round_trip_and_link(seq in 1..u64::MAX / 2, payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..256), 1..6)) {
+            let mut by_hand = Vec::new();
+            let mut chain = chain::GENESIS;
+            let mut unstamped = Vec::new();
+            for (i, p) in payloads.iter().enumerate() {
+                encode_chained(seq + i as u64, p, &mut chain, &mut by_hand);
+                encode_unstamped(seq + i as u64, p, &mut unstamped);
+            }
+            // The writer's way (framed, then stamped at once) gives the same chain; lags aside.
+            let mut stamped_chain = chain::GENESIS;
+            let last_crc = stamp_chained(&mut unstamped, seq - 1, &mut stamped_chain);
+            prop_assert_eq!(stamped_chain, chain);
+            let (mut at, mut prev) = (0, chain::GENESIS);
+            for (i, p) in payloads.iter().enumerate() {
+                let Decoded::Record { seq: s, payload, frame_len, chain: Some(link), durable_lag } = decode_framed(&by_hand[at..], Framing::Chained) else {
+                    panic!("record {i} does not decode");
+                };
+                prop_assert_eq!((s, payload, durable_lag), (seq + i as u64, &p[..], 0));
+                prev = chain::chain_next(&prev, s, payload);
+                prop_assert_eq!(link, prev);
+                let again = decode_framed(&unstamped[at..], Framing::Chained);
+                let stamped_ok = matches!(again, Decoded::Record { chain: Some(c), durable_lag: l, .. } if c == link && l == i as u64 + 1);
+                prop_assert!(stamped_ok);
+                if i + 1 == payloads.len() {
+                    // The lag-0 checksum is the one the record framed by hand has.
+                    prop_assert_eq!(last_crc, RecordHeader::decode(&by_hand[at..]).ok().map(|h| (s, h.crc)));
+                }
+                for bit in 0..frame_len * 8 {
+                    let mut b = by_hand[at..at + frame_len].to_vec();
+                    b[bit / 8] ^= 1 << (bit % 8);
+                    prop_assert!(!matches!(decode_framed(&b, Framing::Chained), Decoded::Record { .. }), "bit {} flipped went unnoticed", bit);
+                }
+                at += frame_len;
             }
         }
 

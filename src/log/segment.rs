@@ -16,9 +16,16 @@
 //! Version 3 adds the durable lag to records (see [`crate::log::record`]): damage followed by a valid
 //! record whose lag proves the damaged one durable is damage, never a torn tail, whatever its
 //! bytes look like; damage that nothing proves durable lies in the last write, which is cut.
+//!
+//! Version 4 chains its records (see [`crate::log::chain`]): the header grows to 64 bytes, the
+//! 32 after the version 3 layout holding the chain value in force at the segment's start (of
+//! the record before its first), so a segment can be checked alone; the reserved field holds
+//! their CRC-32, which the header's own checksum covers. Records carry their chain value
+//! ([`record::Framing::Chained`]).
 
 use crate::error::Damage;
-use crate::log::record::{self, Decoded, RecordHeader};
+use crate::log::chain::{self, ChainValue, CHAIN_BYTES};
+use crate::log::record::{self, Decoded, Framing, RecordHeader};
 use std::path::{Path, PathBuf};
 
 use crate::log::fields;
@@ -26,18 +33,23 @@ use crate::log::fields;
 /// The first bytes of every segment file.
 pub const MAGIC: &[u8; 8] = b"ALLOCWAL";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest version this build reads (and appends to, without pre-filling).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// The first version whose segments are pre-filled with zeros (free space after the records).
 const PREFILLED_SINCE_VERSION: u32 = 2;
 /// The first version whose records carry durable lags, each write starting at a sector.
 const DURABLE_LAGS_SINCE_VERSION: u32 = 3;
+/// The first version whose records are chained (and whose header holds the chain's start).
+pub const CHAINED_SINCE_VERSION: u32 = 4;
 /// A sector: the unit a disk writes whole or not at all. A torn write leaves whole sectors of
 /// a pre-filled segment still zero.
 pub const SECTOR_BYTES: u64 = 512;
-/// Bytes of a segment header (`Header::LEN`); records follow.
-pub const HEADER_LEN: usize = Header::LEN;
+/// Bytes of the header of a segment written now (`Header::CHAINED_LEN`); records follow.
+pub const HEADER_LEN: usize = Header::CHAINED_LEN;
+#[cfg(any(test, feature = "test-util"))]
+/// Bytes of a version 1 to 3 header (`Header::LEN`), also the start of a version 4 one.
+pub const BASE_HEADER_LEN: usize = Header::LEN;
 /// The file name extension of segments.
 pub const EXTENSION: &str = "wal";
 /// Digits of the sequence number in a segment's file name (zero-padded).
@@ -57,16 +69,23 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
     stem.parse().ok()
 }
 
-/// The header of a segment written now: [`Header::encode`] of [`FORMAT_VERSION`].
-pub fn encode_header(first_seq: u64) -> [u8; HEADER_LEN] {
-    Header { first_seq, version: FORMAT_VERSION }.encode()
+/// The header of a segment written now ([`FORMAT_VERSION`]) whose first record follows the one
+/// with chain value `chain_start` ([`chain::GENESIS`] where the chain begins).
+pub fn encode_header(first_seq: u64, chain_start: &ChainValue) -> [u8; HEADER_LEN] {
+    let mut raw = [0; HEADER_LEN];
+    Header { first_seq, version: FORMAT_VERSION, chain_start: Some(*chain_start) }.encode_into(&mut raw);
+    raw
 }
 
-/// A header of an older readable `version` (for tests and fixtures).
+/// A header of an older readable `version` (for tests and fixtures); version 4 starts the chain.
 #[cfg(any(test, feature = "test-util"))]
-pub fn encode_header_version(first_seq: u64, version: u32) -> [u8; HEADER_LEN] {
+pub fn encode_header_version(first_seq: u64, version: u32) -> Vec<u8> {
     debug_assert!((OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version));
-    Header { first_seq, version }.encode()
+    let chain_start = (version >= CHAINED_SINCE_VERSION).then_some(chain::GENESIS);
+    let header = Header { first_seq, version, chain_start };
+    let mut raw = vec![0; header.records_offset()];
+    header.encode_into(&mut raw);
+    raw
 }
 
 /// A segment header (`docs/format.md`, "Segment files"): what it says, and its layout.
@@ -76,6 +95,9 @@ pub struct Header {
     pub first_seq: u64,
     /// Format version, [`OLDEST_READABLE_VERSION`] to [`FORMAT_VERSION`].
     pub version: u32,
+    /// The chain value of the record before the first (version 4 on; [`chain::GENESIS`] where
+    /// the chain begins).
+    pub chain_start: Option<ChainValue>,
 }
 
 impl Header {
@@ -91,8 +113,37 @@ impl Header {
     pub const RESERVED_OFFSET: usize = Self::FIRST_SEQ_OFFSET + size_of::<u64>();
     /// Where the checksum sits; it covers the bytes before it.
     pub const CRC_OFFSET: usize = Self::RESERVED_OFFSET + size_of::<u32>();
-    /// Bytes of the header.
+    /// Bytes of a version 1 to 3 header, checksummed by the field at [`Self::CRC_OFFSET`].
     pub const LEN: usize = Self::CRC_OFFSET + size_of::<u32>();
+    /// Version 4: where the CRC-32 of the chain start sits (the reserved field of version 3).
+    pub const CHAIN_CRC_OFFSET: usize = Self::RESERVED_OFFSET;
+    /// Version 4: where the chain start sits, after the version 3 layout.
+    pub const CHAIN_START_OFFSET: usize = Self::LEN;
+    /// Bytes of a version 4 header.
+    pub const CHAINED_LEN: usize = Self::CHAIN_START_OFFSET + CHAIN_BYTES;
+
+    /// Bytes of this header: where the first record starts.
+    pub fn records_offset(&self) -> usize {
+        if self.chained() {
+            Self::CHAINED_LEN
+        } else {
+            Self::LEN
+        }
+    }
+
+    /// The records are chained (version 4 on; see [`crate::log::chain`]).
+    pub fn chained(&self) -> bool {
+        self.version >= CHAINED_SINCE_VERSION
+    }
+
+    /// How the records are framed.
+    pub fn framing(&self) -> Framing {
+        if self.chained() {
+            Framing::Chained
+        } else {
+            Framing::Plain
+        }
+    }
 
     /// Zeros after the last record are free space (version 2 on).
     pub fn prefilled(&self) -> bool {
@@ -104,20 +155,43 @@ impl Header {
         self.version >= DURABLE_LAGS_SINCE_VERSION
     }
 
-    /// The header's bytes, checksummed (flags and reserved field 0).
-    pub fn encode(&self) -> [u8; Self::LEN] {
+    /// Writes the header's bytes, checksummed (flags 0; the reserved field 0 before version 4)
+    /// to the start of `out`, which holds at least [`Self::len`] bytes.
+    pub fn encode_into(&self, out: &mut [u8]) {
         let mut raw = [0; Self::LEN];
         fields::put(&mut raw, Self::MAGIC_OFFSET, *MAGIC);
         fields::put(&mut raw, Self::VERSION_OFFSET, self.version.to_le_bytes());
         fields::put(&mut raw, Self::FIRST_SEQ_OFFSET, self.first_seq.to_le_bytes());
+        if let Some(start) = self.chain_start.filter(|_| self.chained()) {
+            fields::put(&mut raw, Self::CHAIN_CRC_OFFSET, crc32fast::hash(start.as_bytes()).to_le_bytes());
+            out[Self::CHAIN_START_OFFSET..Self::CHAINED_LEN].copy_from_slice(start.as_bytes());
+        }
         let crc = crc32fast::hash(&raw[..Self::CRC_OFFSET]);
         fields::put(&mut raw, Self::CRC_OFFSET, crc.to_le_bytes());
-        raw
+        out[..Self::LEN].copy_from_slice(&raw);
     }
 
     /// Checks and reads the header at the start of `bytes`: magic, checksum, a readable
-    /// version and flags of 0, in that order.
+    /// version and flags of 0, in that order; then, in version 4, the chain start.
     pub fn decode(bytes: &[u8]) -> Result<Header, String> {
+        let mut header = Self::decode_base(bytes)?;
+        if header.chained() {
+            let start = bytes
+                .get(Self::CHAIN_START_OFFSET..Self::CHAINED_LEN)
+                .ok_or_else(|| format!("segment header is {} bytes, expected {}", bytes.len(), Self::CHAINED_LEN))?;
+            let raw = fields::prefix::<{ Self::LEN }>(bytes).map_err(|e| format!("segment header is {e}"))?;
+            if crc32fast::hash(start) != fields::u32_at(raw, Self::CHAIN_CRC_OFFSET) {
+                return Err("segment header checksum mismatch (chain start)".into());
+            }
+            let mut value = [0; CHAIN_BYTES];
+            value.copy_from_slice(start);
+            header.chain_start = Some(ChainValue(value));
+        }
+        Ok(header)
+    }
+
+    /// The version 1 to 3 part of a header (all of it before version 4).
+    fn decode_base(bytes: &[u8]) -> Result<Header, String> {
         let raw = fields::prefix::<{ Self::LEN }>(bytes).map_err(|e| format!("segment header is {e}"))?;
         if fields::get(raw, Self::MAGIC_OFFSET) != *MAGIC {
             return Err("not a segment file (bad magic)".into());
@@ -136,13 +210,15 @@ impl Header {
         if flags != 0 {
             return Err(format!("segment header flags are {flags:#x}, expected 0"));
         }
-        Ok(Header { first_seq: fields::u64_at(raw, Self::FIRST_SEQ_OFFSET), version })
+        Ok(Header { first_seq: fields::u64_at(raw, Self::FIRST_SEQ_OFFSET), version, chain_start: None })
     }
 }
 
 const _: () = assert!(Header::LEN == 32, "docs/format.md: a segment header is 32 bytes");
 const _: () = assert!(Header::CRC_OFFSET == 28 && Header::FIRST_SEQ_OFFSET == 16);
-const _: () = assert!(Header::LEN as u64 <= SECTOR_BYTES, "a segment's first write shares the header's sector");
+const _: () = assert!(Header::CHAINED_LEN == 64 && Header::CHAIN_CRC_OFFSET == 24, "docs/format.md: version 4");
+const _: () = assert!(Header::CHAINED_LEN as u64 <= SECTOR_BYTES, "a segment's first write shares the header's sector");
+const _: () = assert!(FORMAT_VERSION == CHAINED_SINCE_VERSION, "this build writes chained segments");
 const _: () =
     assert!(FORMAT_VERSION >= DURABLE_LAGS_SINCE_VERSION && DURABLE_LAGS_SINCE_VERSION > PREFILLED_SINCE_VERSION);
 
@@ -158,8 +234,10 @@ pub struct RecordPos {
     pub seq: u64,
     /// Byte offset of its frame (header) in the segment.
     pub offset: u64,
-    /// Header plus payload.
+    /// Header plus payload (plus chain value in version 4).
     pub frame_len: u32,
+    /// Its chain value as stored (version 4 on).
+    pub chain: Option<ChainValue>,
 }
 
 /// How the scan of a segment ended.
@@ -197,6 +275,10 @@ pub struct Scan {
     pub tail: Tail,
     /// The visitor asked to stop early; `tail` is `Clean` and says nothing of the rest.
     pub stopped: bool,
+    /// The header's chain start (version 4 on; `None` if the header could not be read).
+    pub chain_start: Option<ChainValue>,
+    /// The chain value of record `next_seq - 1` (the last valid one visited, or the chain start).
+    pub chain: Option<ChainValue>,
 }
 
 impl Scan {
@@ -213,8 +295,25 @@ impl Scan {
             next_seq: expected_first,
             tail,
             stopped: false,
+            chain_start: header.and_then(|h| h.chain_start),
+            chain: header.and_then(|h| h.chain_start),
         }
     }
+}
+
+/// Where a scan starts other than at the segment's first record (see [`scan_from`]), and
+/// whether it checks the chain.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScanStart {
+    /// A record boundary found earlier (0: the first record, after the header).
+    pub offset: u64,
+    /// The sequence number expected there.
+    pub seq: u64,
+    /// The chain value of the record before it (version 4; `None`: unknown, the first record
+    /// read is not checked against it).
+    pub chain: Option<ChainValue>,
+    /// Recompute each record's chain value and compare it with the one stored (`verify`).
+    pub verify_chain: bool,
 }
 
 /// What a visitor wants after seeing a record.
@@ -224,28 +323,19 @@ pub type Visit<'a> = dyn FnMut(RecordPos, &[u8]) -> Result<bool, String> + 'a;
 /// `expected_first` is the sequence number the file name promises. Whether a torn tail is
 /// acceptable is the caller's call: only in the last segment.
 pub fn scan(path: &Path, bytes: &[u8], expected_first: u64, visit: &mut Visit<'_>) -> Scan {
-    scan_from(path, bytes, expected_first, 0, expected_first, visit)
+    scan_from(path, bytes, expected_first, ScanStart::default(), visit)
 }
 
-/// Like [`scan`], but starts at `start_offset` (a record boundary found earlier, 0 for the
-/// header) expecting `start_seq` there.
-pub fn scan_from(
-    path: &Path,
-    bytes: &[u8],
-    expected_first: u64,
-    start_offset: u64,
-    start_seq: u64,
-    visit: &mut Visit<'_>,
-) -> Scan {
+/// Like [`scan`], but starts at `start` (a record boundary found earlier, offset 0 for the
+/// first record) and checks the chain if it says so.
+pub fn scan_from(path: &Path, bytes: &[u8], expected_first: u64, start: ScanStart, visit: &mut Visit<'_>) -> Scan {
     let damage = |seq: u64, reason: String| Damage { file: PathBuf::from(path), offset: 0, seq, reason };
     let header = match decode_header(bytes) {
         Ok(h) => h,
         Err(reason) => {
             // A crash while the segment was being created: the header's start, then nothing
             // (or the zeros of the pre-filled chunk written with it).
-            let expected = encode_header(expected_first);
-            let landed = bytes.iter().zip(&expected).take_while(|(a, b)| a == b).count();
-            let tail = if landed < HEADER_LEN && bytes[landed..].iter().all(|&b| b == 0) {
+            let tail = if header_torn(bytes, expected_first) {
                 Tail::Torn { offset: 0, len: bytes.len() as u64 }
             } else {
                 Tail::Corrupt(damage(expected_first, reason))
@@ -259,9 +349,22 @@ pub fn scan_from(
             format!("header says the segment starts at sequence number {first_seq}, its name says {expected_first}");
         return Scan::at_header(Some(header), expected_first, Tail::Corrupt(damage(expected_first, reason)));
     }
-    let (offset, next_seq) =
-        if start_offset == 0 { (HEADER_LEN, header.first_seq) } else { (start_offset as usize, start_seq) };
-    let mut walk = Walk { path, bytes, header, offset, next_seq, stopped: false };
+    let (offset, next_seq, chain) = if start.offset == 0 {
+        (header.records_offset(), header.first_seq, header.chain_start)
+    } else {
+        (start.offset as usize, start.seq, start.chain.filter(|_| header.chained()))
+    };
+    let mut walk = Walk {
+        path,
+        bytes,
+        header,
+        framing: header.framing(),
+        offset,
+        next_seq,
+        chain,
+        verify_chain: start.verify_chain && header.chained(),
+        stopped: false,
+    };
     let tail = walk.run(visit);
     Scan {
         #[cfg(any(test, feature = "test-util"))]
@@ -272,7 +375,29 @@ pub fn scan_from(
         next_seq: walk.next_seq,
         tail,
         stopped: walk.stopped,
+        chain_start: header.chain_start,
+        chain: walk.chain,
     }
+}
+
+/// Whether `bytes` (whose header does not decode) are a header a crash cut short: a prefix of
+/// the header a build writes for `expected_first` (of any version), then only zeros; or, in
+/// version 4, its fixed fields whole and nothing but zeros after the header (the chain start
+/// and the checksums are not known beforehand): a segment that holds no record either way.
+fn header_torn(bytes: &[u8], expected_first: u64) -> bool {
+    let torn_against = |expected: &[u8]| {
+        let landed = bytes.iter().zip(expected).take_while(|(a, b)| a == b).count();
+        landed < expected.len() && bytes[landed..].iter().all(|&b| b == 0)
+    };
+    let fixed = &encode_header(expected_first, &chain::GENESIS)[..Header::CHAIN_CRC_OFFSET];
+    let fixed_whole = bytes.starts_with(fixed) && bytes.get(HEADER_LEN..).is_none_or(|r| r.iter().all(|&b| b == 0));
+    fixed_whole
+        || torn_against(fixed)
+        || (OLDEST_READABLE_VERSION..CHAINED_SINCE_VERSION).any(|version| {
+            let mut raw = [0; Header::LEN];
+            Header { first_seq: expected_first, version, chain_start: None }.encode_into(&mut raw);
+            torn_against(&raw)
+        })
 }
 
 /// A scan of one segment in progress: where it is and what it expects there.
@@ -280,10 +405,15 @@ struct Walk<'a> {
     path: &'a Path,
     bytes: &'a [u8],
     header: Header,
+    framing: Framing,
     /// Where the next record is expected.
     offset: usize,
     /// The sequence number it must have.
     next_seq: u64,
+    /// The chain value of the record before it (version 4; `None` when not known).
+    chain: Option<ChainValue>,
+    /// Check each record's chain value against the one recomputed from `chain`.
+    verify_chain: bool,
     stopped: bool,
 }
 
@@ -298,15 +428,15 @@ impl Walk<'_> {
             // Version 3 starts each write at a sector (see `WalWriter::hand_off`), but a
             // segment's first: zeros up to the next sector boundary, then written bytes, are
             // that padding. Checked before decoding (once per write, on the replay's hot path).
-            if self.header.records_durable_lags() && self.offset != HEADER_LEN {
-                if let Some(pad) = write_padding(rest, self.offset as u64) {
+            if self.header.records_durable_lags() && self.offset != self.header.records_offset() {
+                if let Some(pad) = write_padding(rest, self.offset as u64, self.framing) {
                     self.offset += pad;
                     continue;
                 }
             }
-            match record::decode(rest) {
-                Decoded::Record { seq, payload, frame_len, .. } => {
-                    if let Some(tail) = self.visit_record(seq, payload, frame_len, visit) {
+            match record::decode_framed(rest, self.framing) {
+                Decoded::Record { seq, payload, frame_len, chain, .. } => {
+                    if let Some(tail) = self.visit_record(seq, payload, frame_len, chain, visit) {
                         return tail;
                     }
                 }
@@ -325,17 +455,36 @@ impl Walk<'_> {
 
     /// Hands a valid record to the visitor and moves past it; the tail if the scan ends here.
     #[inline]
-    fn visit_record(&mut self, seq: u64, payload: &[u8], frame_len: usize, visit: &mut Visit<'_>) -> Option<Tail> {
+    fn visit_record(
+        &mut self,
+        seq: u64,
+        payload: &[u8],
+        frame_len: usize,
+        chain: Option<ChainValue>,
+        visit: &mut Visit<'_>,
+    ) -> Option<Tail> {
         if seq != self.next_seq {
             return Some(self.corrupt(format!("record has sequence number {seq}, expected {}", self.next_seq)));
         }
-        let pos = RecordPos { seq, offset: self.offset as u64, frame_len: frame_len as u32 };
+        if let (true, Some(prev), Some(stored)) = (self.verify_chain, self.chain, chain) {
+            let computed = chain::chain_next(&prev, seq, payload);
+            if computed != stored {
+                return Some(self.corrupt(format!(
+                    "chain mismatch: the record's chain value {stored} is not the one that follows the record \
+                     before it ({computed}): the record or one before it was rewritten"
+                )));
+            }
+        }
+        let pos = RecordPos { seq, offset: self.offset as u64, frame_len: frame_len as u32, chain };
         match visit(pos, payload) {
             Ok(go_on) => self.stopped = !go_on,
             Err(reason) => return Some(self.corrupt(reason)),
         }
         self.offset += frame_len;
         self.next_seq += 1;
+        if chain.is_some() {
+            self.chain = chain;
+        }
         self.stopped.then_some(Tail::Clean)
     }
 
@@ -364,7 +513,7 @@ impl Walk<'_> {
             _ => (true, "record length runs past the end of the file".to_string()),
         };
         // First, before any guess: a later record proves this one was durable.
-        if let Some((at, seq)) = record::durability_proof_follows(&rest[..written], self.next_seq) {
+        if let Some((at, seq)) = record::durability_proof_follows(&rest[..written], self.next_seq, self.framing) {
             return self.corrupt(format!(
                 "{reason}; record {seq} at offset {} was written after this record was durable \
                  (a later flush): damage, not a torn write",
@@ -428,7 +577,7 @@ impl Walk<'_> {
 /// is expected) before a write that starts at the next sector boundary: zeros up to it, and
 /// bytes written in the sector there. Whatever is there is read as the next record (and reported
 /// there if it is not one).
-fn write_padding(rest: &[u8], offset: u64) -> Option<usize> {
+fn write_padding(rest: &[u8], offset: u64, framing: Framing) -> Option<usize> {
     let pad = (offset.next_multiple_of(SECTOR_BYTES) - offset) as usize;
     // Something was written in the sector at the boundary (a torn write may have left only
     // some of it, or none of its length field).
@@ -439,7 +588,7 @@ fn write_padding(rest: &[u8], offset: u64) -> Option<usize> {
     }
     // With 4 zero bytes or more, `offset` holds a zero length, which no record has. With fewer,
     // a record there whose length starts with zero bytes reads the same: decode it (rare).
-    if pad < size_of::<u32>() && matches!(record::decode(rest), Decoded::Record { .. }) {
+    if pad < size_of::<u32>() && matches!(record::decode_framed(rest, framing), Decoded::Record { .. }) {
         return None;
     }
     Some(pad)
@@ -550,14 +699,24 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_refuses_short_input() {
+        let start = chain::chain_next(&chain::GENESIS, 41876, b"{}");
         for version in OLDEST_READABLE_VERSION..=FORMAT_VERSION {
-            let h = Header { first_seq: 41877, version };
-            assert_eq!(Header::decode(&h.encode()), Ok(h));
-            assert_eq!(&h.encode()[..MAGIC.len()], MAGIC);
+            let h = Header { first_seq: 41877, version, chain_start: (version >= 4).then_some(start) };
+            let mut raw = vec![0; h.records_offset()];
+            h.encode_into(&mut raw);
+            assert_eq!(Header::decode(&raw), Ok(h));
+            assert_eq!(&raw[..MAGIC.len()], MAGIC);
         }
-        let raw = encode_header(7);
+        let raw = encode_header(7, &start);
         for cut in 0..HEADER_LEN {
-            assert_eq!(Header::decode(&raw[..cut]), Err(format!("segment header is {cut} bytes, expected 32")));
+            let expected = if cut < BASE_HEADER_LEN { BASE_HEADER_LEN } else { HEADER_LEN };
+            assert_eq!(Header::decode(&raw[..cut]), Err(format!("segment header is {cut} bytes, expected {expected}")));
+        }
+        // The chain start is checksummed, and that checksum by the header's.
+        for byte in Header::CHAIN_CRC_OFFSET..HEADER_LEN {
+            let mut b = raw;
+            b[byte] ^= 1;
+            assert!(Header::decode(&b).is_err(), "byte {byte}");
         }
     }
 
@@ -620,7 +779,7 @@ mod tests {
         assert_eq!((s.tail, s.valid_len, s.next_seq, s.version), (Tail::Clean, *ends.last().unwrap() as u64, 7, 2));
         // A version 1 segment reads zeros at its end as a torn write.
         let mut v1 = b.clone();
-        v1[..HEADER_LEN].copy_from_slice(&encode_header_version(1, 1));
+        v1[..BASE_HEADER_LEN].copy_from_slice(&encode_header_version(1, 1));
         let s = scan(Path::new("x.wal"), &v1, 1, &mut |_, _| Ok(true));
         assert!(matches!(s.tail, Tail::Torn { .. }), "{:?}", s.tail);
     }
@@ -771,13 +930,21 @@ mod tests {
 
     #[test]
     fn a_segment_torn_while_being_created_is_torn() {
-        let header = encode_header(1);
-        for landed in 0..HEADER_LEN {
-            let mut b = vec![0u8; 4096];
-            b[..landed].copy_from_slice(&header[..landed]);
-            let s = scan(Path::new("x.wal"), &b, 1, &mut |_, _| Ok(true));
-            assert!(matches!(s.tail, Tail::Torn { offset: 0, .. }), "{landed}: {:?}", s.tail);
+        for start in [chain::GENESIS, chain::chain_next(&chain::GENESIS, 1, b"{}")] {
+            let header = encode_header(1, &start);
+            for landed in 0..HEADER_LEN {
+                let mut b = vec![0u8; 4096];
+                b[..landed].copy_from_slice(&header[..landed]);
+                if Header::decode(&b).is_ok() {
+                    // The genesis value is zeros: the header was whole already.
+                    assert!(start == chain::GENESIS && landed >= BASE_HEADER_LEN);
+                    continue;
+                }
+                let s = scan(Path::new("x.wal"), &b, 1, &mut |_, _| Ok(true));
+                assert!(matches!(s.tail, Tail::Torn { offset: 0, .. }), "{landed}: {:?}", s.tail);
+            }
         }
+        let header = encode_header(1, &chain::GENESIS);
         let mut b = vec![0u8; 4096];
         b[..HEADER_LEN].copy_from_slice(&header);
         b[Header::VERSION_OFFSET] = 9; // a version from the future, with the checksum to match
@@ -815,13 +982,13 @@ mod tests {
     /// record flagged; returns the bytes (zeros after the records) and each record's
     /// (start, end, seq).
     fn v3_segment(flushes: u64, per_flush: u64) -> (Vec<u8>, Vec<(usize, usize, u64)>) {
-        let mut b = encode_header(1).to_vec();
+        let mut b = encode_header_version(1, 3);
         let mut bounds = Vec::new();
         let mut seq = 1;
         for _ in 0..flushes {
             // Each write starts at a sector, as the writer lays them out (but the first, right
             // after the header).
-            if b.len() > HEADER_LEN {
+            if b.len() > BASE_HEADER_LEN {
                 b.resize(b.len().next_multiple_of(SECTOR_BYTES as usize), 0);
             }
             for i in 0..per_flush {
@@ -887,7 +1054,7 @@ mod tests {
         let mut sector = 0;
         while sector < records_end {
             let mut d = b.clone();
-            let from = sector.max(HEADER_LEN);
+            let from = sector.max(BASE_HEADER_LEN);
             d[from..sector + SECTOR_BYTES as usize].fill(0);
             let Some(hit) = bounds.iter().find(|r| r.1 > from && r.0 < sector + SECTOR_BYTES as usize) else {
                 // Only padding in this sector.
@@ -922,7 +1089,7 @@ mod tests {
     #[test]
     fn v3_padding_shorter_than_a_length_field() {
         for pad in 1..=4usize {
-            let mut b = encode_header(1).to_vec();
+            let mut b = encode_header_version(1, 3);
             b.extend(record_of(1, 100, 1));
             let first_end = SECTOR_BYTES as usize - pad;
             b.extend(record_of(2, first_end - b.len() - record::HEADER_LEN, 1));
@@ -933,7 +1100,7 @@ mod tests {
             assert_eq!(count(&b), (3, Tail::Clean), "padding of {pad} bytes");
         }
         // No padding: record 3 right after record 2, its length field starting with zero bytes.
-        let mut b = encode_header(1).to_vec();
+        let mut b = encode_header_version(1, 3);
         b.extend(record_of(1, 100, 1));
         b.extend(record_of(2, SECTOR_BYTES as usize - 1 - b.len() - record::HEADER_LEN, 1));
         let r3 = record_of(3, 256, 2);
@@ -941,5 +1108,80 @@ mod tests {
         b.extend(r3);
         b.resize(4096, 0);
         assert_eq!(count(&b), (3, Tail::Clean));
+    }
+
+    /// A version 4 segment starting at `first` after `start`: `n` chained records, zeros after.
+    fn v4_segment(first: u64, n: u64, start: ChainValue) -> (Vec<u8>, Vec<(usize, usize)>, ChainValue) {
+        let mut b = encode_header(first, &start).to_vec();
+        let mut chain = start;
+        let mut bounds = Vec::new();
+        for seq in first..first + n {
+            let at = b.len();
+            let pad = "x".repeat((seq as usize * 37) % 200);
+            record::encode_chained(seq, format!(r#"{{"event":{seq},"pad":"{pad}"}}"#).as_bytes(), &mut chain, &mut b);
+            bounds.push((at, b.len()));
+        }
+        b.resize(b.len() + 1024, 0);
+        (b, bounds, chain)
+    }
+
+    /// Recomputes the checksum of the chained record at the start of `frame` over what it holds.
+    fn fix_crc(frame: &mut [u8]) {
+        let h = RecordHeader::decode(frame).unwrap();
+        let end = record::CHAINED_OVERHEAD + h.payload_len();
+        let crc = record::checksum_framed(h.len_field, h.seq, &frame[16..48], &frame[48..end]);
+        frame[12..16].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    fn scan_v4(b: &[u8], first: u64, verify_chain: bool) -> Scan {
+        let start = ScanStart { verify_chain, ..ScanStart::default() };
+        scan_from(Path::new("x.wal"), b, first, start, &mut |_, _| Ok(true))
+    }
+
+    #[test]
+    fn v4_chains_from_its_header() {
+        let start = chain::chain_next(&chain::GENESIS, 9, b"{}");
+        let (b, bounds, head) = v4_segment(10, 5, start);
+        let s = scan_v4(&b, 10, true);
+        assert_eq!((s.tail, s.next_seq, s.chain_start, s.chain), (Tail::Clean, 15, Some(start), Some(head)));
+        assert_eq!(s.valid_len, bounds.last().unwrap().1 as u64);
+        // A record's payload rewritten and its checksum made good by hand: the CRC passes, the
+        // chain does not.
+        let (at, _) = bounds[2];
+        let mut forged = b.clone();
+        forged[at + record::CHAINED_OVERHEAD + 2] = b'X';
+        fix_crc(&mut forged[at..]);
+        assert_eq!(scan_v4(&forged, 10, false).tail, Tail::Clean, "without the chain check it reads");
+        let s = scan_v4(&forged, 10, true);
+        assert!(
+            matches!(&s.tail, Tail::Corrupt(d) if d.seq == 12 && d.offset == at as u64 && d.reason.contains("chain")),
+            "{:?}",
+            s.tail
+        );
+        // Every single-byte flip of the records is found (by the CRC).
+        for at in (HEADER_LEN..bounds.last().unwrap().1).step_by(3) {
+            let mut d = b.clone();
+            d[at] ^= 0x20;
+            assert!(!matches!(scan_v4(&d, 10, true).tail, Tail::Clean), "byte {at}");
+        }
+        // A truncation is a torn tail (or a clean end at a record boundary), never damage.
+        for cut in HEADER_LEN..bounds.last().unwrap().1 {
+            let t = scan_v4(&b[..cut], 10, true).tail;
+            assert!(matches!(t, Tail::Clean | Tail::Torn { .. }), "cut {cut}: {t:?}");
+        }
+    }
+
+    #[test]
+    fn v4_scan_resumes_mid_segment_with_the_chain() {
+        let (b, bounds, head) = v4_segment(1, 4, chain::GENESIS);
+        let Decoded::Record { chain, .. } = record::decode_framed(&b[bounds[1].0..], Framing::Chained) else {
+            panic!()
+        };
+        let start = ScanStart { offset: bounds[2].0 as u64, seq: 3, chain, verify_chain: true };
+        let s = scan_from(Path::new("x.wal"), &b, 1, start, &mut |_, _| Ok(true));
+        assert_eq!((s.tail, s.next_seq, s.chain), (Tail::Clean, 5, Some(head)));
+        let wrong = ScanStart { chain: Some(ChainValue([1; 32])), ..start };
+        let s = scan_from(Path::new("x.wal"), &b, 1, wrong, &mut |_, _| Ok(true));
+        assert!(matches!(s.tail, Tail::Corrupt(ref d) if d.seq == 3), "{:?}", s.tail);
     }
 }

@@ -1,6 +1,7 @@
 //! The write-ahead log: an ordered set of segment files in `<data-dir>/wal/`. This room knows
 //! bytes and sequence numbers, not events.
 
+use crate::log::chain::{self, ChainValue};
 #[cfg(any(test, feature = "test-util"))]
 use crate::log::reader::LogReader;
 use crate::log::record::{self, RecordHeader};
@@ -57,6 +58,11 @@ pub struct LogPosition {
     /// wrote), when known: a snapshot records it to prove it belongs to this log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_crc: Option<u32>,
+    /// The record's chain value (segment version 4 on), when known: a snapshot records it, so
+    /// that opening from it continues the chain and `verify` can check the snapshot's place in
+    /// the chained history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainValue>,
 }
 
 /// The record at `offset` of the segment named for `segment_first_seq`, as (sequence number,
@@ -68,20 +74,42 @@ pub fn read_record_at(
     segment_first_seq: u64,
     offset: u64,
 ) -> Option<(u64, Vec<u8>, u32)> {
+    read_record(storage, dir, segment_first_seq, offset).map(|r| (r.seq, r.payload, r.record_crc))
+}
+
+/// A whole valid record read at a known place ([`read_record`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordAt {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// CRC-32 of the record framed with a durable lag of 0.
+    pub record_crc: u32,
+    /// Its chain value (segment version 4 on).
+    pub chain: Option<ChainValue>,
+}
+
+/// The record at `offset` of the segment named for `segment_first_seq`, framed as the
+/// segment's header says, if a whole valid record is there.
+pub fn read_record(storage: &dyn Storage, dir: &Path, segment_first_seq: u64, offset: u64) -> Option<RecordAt> {
     let path = dir.join(segment::file_name(segment_first_seq));
-    if offset < segment::HEADER_LEN as u64 {
+    let header = segment::decode_header(&storage.read_range(&path, 0, segment::HEADER_LEN).ok()?).ok()?;
+    if offset < header.records_offset() as u64 {
         return None;
     }
-    let header = storage.read_range(&path, offset, record::HEADER_LEN).ok()?;
-    let len = RecordHeader::decode(&header).ok()?.payload_len();
+    let framing = header.framing();
+    let raw = storage.read_range(&path, offset, record::HEADER_LEN).ok()?;
+    let len = RecordHeader::decode(&raw).ok()?.payload_len();
     if len == 0 || len > record::MAX_PAYLOAD_LEN {
         return None;
     }
-    let frame = storage.read_range(&path, offset, record::HEADER_LEN + len).ok()?;
-    match record::decode(&frame) {
-        record::Decoded::Record { seq, payload, .. } => {
-            let crc = record::checksum(len as u32, seq, payload);
-            Some((seq, payload.to_vec(), crc))
+    let frame = storage.read_range(&path, offset, framing.overhead() + len).ok()?;
+    match record::decode_framed(&frame, framing) {
+        record::Decoded::Record { seq, payload, chain, .. } => {
+            let link = chain.as_ref().map_or(&[][..], |c| &c.0[..]);
+            let record_crc = record::checksum_framed(len as u32, seq, link, payload);
+            Some(RecordAt { seq, payload: payload.to_vec(), record_crc, chain })
         }
         _ => None,
     }
@@ -102,6 +130,12 @@ pub struct LogEnd {
     pub last_valid_len: u64,
     /// A torn tail found at the end of the last segment (not cut by the scan).
     pub torn: Option<TornTail>,
+    /// The chain value of record `last_seq` (`None` where the log is not chained there, or the
+    /// read did not learn it).
+    pub chain: Option<ChainValue>,
+    /// Where the chain the read passed through begins: the first record it covers (a new
+    /// ledger's: 1; an older ledger's: the first record of its first version 4 segment).
+    pub chain_from: Option<u64>,
 }
 
 // Kept for benchmarks, fuzzing and tests; the library reads through `LogReader`.
@@ -213,18 +247,16 @@ pub struct WalWriter {
     pending: Vec<u8>,
     /// Where batches wait for the flush that writes them (see [`Outbox`]).
     outbox: Arc<Outbox>,
-    /// The active segment is pre-filled (format version 2): zeros were written up to
-    /// `prefilled_len`. False for a version 1 segment continued from an older build.
-    prefill: bool,
+    /// Zeros were written up to here in the active segment (pre-filled since version 2).
     prefilled_len: u64,
     active_first_seq: u64,
     next_seq: u64,
     last_record: Option<LogPosition>,
     segment_size_bytes: u64,
-    frame: Vec<u8>,
-    /// The active segment was left by an older build (format version 1 or 2, no durable
-    /// lags) and holds records: the first append starts a new segment, so that every record
-    /// this build writes can be proven durable or torn.
+    /// The active segment was left by an older build (format version 1 to 3: no chain, in
+    /// versions 1 and 2 no durable lags): the first append starts a new segment, so that every
+    /// record this build writes is chained and can be proven durable or torn. An empty one is
+    /// replaced by the new one (same first record).
     rotate_first: bool,
 }
 
@@ -235,8 +267,8 @@ impl WalWriter {
         if let Some(parent) = dir.parent() {
             storage.sync_dir(parent).map_err(|e| Error::io(format!("syncing {}", parent.display()), e))?;
         }
-        let (active, path, prefilled_len) = new_segment(&*storage, dir, 1, segment_size_bytes)?;
-        let outbox = Outbox::new(active.clone(), &path, segment::HEADER_LEN as u64, 0, true);
+        let (active, path, prefilled_len) = new_segment(&*storage, dir, 1, &chain::GENESIS, segment_size_bytes)?;
+        let outbox = Outbox::new(active.clone(), &path, segment::HEADER_LEN as u64, Stamped::genesis(0), true);
         Ok(WalWriter {
             storage,
             dir: dir.to_path_buf(),
@@ -246,13 +278,11 @@ impl WalWriter {
             written_len: segment::HEADER_LEN as u64,
             pending: Vec::new(),
             outbox,
-            prefill: true,
             prefilled_len,
             active_first_seq: 1,
             next_seq: 1,
             last_record: None,
             segment_size_bytes,
-            frame: Vec::new(),
             rotate_first: false,
         })
     }
@@ -280,13 +310,13 @@ impl WalWriter {
                 .open_append(&last.path, false)
                 .map_err(|e| Error::io(format!("opening {}", last.path.display()), e))?,
         );
-        let outbox = Outbox::new(active.clone(), &last.path, len, end.last_seq, header.records_durable_lags());
-        let last_record = end.last_record.filter(|r| r.seq == end.last_seq).map(|r| LogPosition {
-            record_crc: read_record_at(&*storage, dir, r.segment_first_seq, r.offset)
-                .filter(|(seq, ..)| *seq == r.seq)
-                .map(|(.., crc)| crc),
-            ..r
+        let last_record = end.last_record.filter(|r| r.seq == end.last_seq).map(|r| {
+            let found = read_record(&*storage, dir, r.segment_first_seq, r.offset).filter(|f| f.seq == r.seq);
+            let chain = r.chain.or_else(|| found.as_ref().and_then(|f| f.chain));
+            LogPosition { record_crc: found.map(|f| f.record_crc), chain, ..r }
         });
+        let stamped = resumed_chain(&*storage, &header, last, end, last_record.as_ref())?;
+        let outbox = Outbox::new(active.clone(), &last.path, len, stamped, header.records_durable_lags());
         Ok(WalWriter {
             storage,
             dir: dir.to_path_buf(),
@@ -296,14 +326,12 @@ impl WalWriter {
             written_len: len,
             pending: Vec::new(),
             outbox,
-            prefill: header.prefilled(),
             prefilled_len: file_len,
             active_first_seq: last.first_seq,
             next_seq: end.last_seq + 1,
             last_record,
             segment_size_bytes,
-            frame: Vec::new(),
-            rotate_first: !header.records_durable_lags() && end.last_seq >= last.first_seq,
+            rotate_first: !header.chained(),
         })
     }
 
@@ -325,9 +353,33 @@ impl WalWriter {
         self.next_seq
     }
 
-    /// Where the last record appended (or found on resume) sits.
+    /// Where the last record appended (or found on resume) sits, with its chain value and
+    /// checksum: the records the flush has not stamped yet are chained here (a snapshot asks,
+    /// under the ledger's lock; it waits for a write in flight).
     pub fn last_record(&self) -> Option<LogPosition> {
-        self.last_record
+        let mut last = self.last_record?;
+        if last.chain.is_some() || last.segment_first_seq != self.active_first_seq {
+            return Some(last);
+        }
+        let stamped = lock(&self.outbox.writing);
+        let queued = lock(&self.outbox.queued);
+        let mut head = *stamped;
+        for frames in [&queued.bytes[..], &self.pending[..]] {
+            let mut copy = frames.to_vec();
+            if let Some((seq, crc)) = record::stamp_chained(&mut copy, 0, &mut head.chain) {
+                (head.seq, head.record_crc) = (seq, Some(crc));
+            }
+        }
+        if head.seq == last.seq {
+            (last.chain, last.record_crc) = (Some(head.chain), head.record_crc);
+        }
+        Some(last)
+    }
+
+    /// The head of the chain as far as it is durable: the last record an fsync covered and its
+    /// chain value. `None` while the log ends in an older build's segment (not chained).
+    pub fn durable_head(&self) -> Option<chain::ChainHead> {
+        lock(&self.outbox.queued).durable_head
     }
 
     /// Sequence number of the first record of the segment being appended to.
@@ -370,20 +422,17 @@ impl WalWriter {
         let seq = self.next_seq;
         // The scan of a pre-filled segment tells a torn write by its zeros (see `segment`).
         debug_assert!(payload.last() != Some(&0), "a payload must not end in a zero byte");
-        let end = self.active_len + (record::HEADER_LEN + payload.len()) as u64;
-        let framed = if self.prefill {
-            self.make_room(end, seq)?;
-            let start = self.pending.len();
-            record::encode(seq, payload, &mut self.pending);
-            &self.pending[start..]
-        } else {
-            self.write_unfilled(seq, payload, end)?;
-            &self.frame[..]
-        };
-        let record_crc = RecordHeader::decode(framed).ok().map(|h| h.crc);
-        debug_assert!(record_crc.is_some());
-        self.last_record =
-            Some(LogPosition { segment_first_seq: self.active_first_seq, offset: self.active_len, seq, record_crc });
+        let end = self.active_len + (record::CHAINED_OVERHEAD + payload.len()) as u64;
+        self.make_room(end, seq)?;
+        // The chain value and checksum are stamped by the flush, outside the ledger's lock.
+        record::encode_unstamped(seq, payload, &mut self.pending);
+        self.last_record = Some(LogPosition {
+            segment_first_seq: self.active_first_seq,
+            offset: self.active_len,
+            seq,
+            record_crc: None,
+            chain: None,
+        });
         self.active_len = end;
         self.next_seq += 1;
         Ok(seq)
@@ -402,24 +451,6 @@ impl WalWriter {
                 .map_err(|e| AppendError::Failed(record_failed(e, "making room for", seq, &self.active_path)))?;
             self.prefilled_len = target;
         }
-        Ok(())
-    }
-
-    /// Writes the record `seq` at once to a version 1 segment (not pre-filled), which ends
-    /// where its records do: a failed write is cut back off.
-    fn write_unfilled(&mut self, seq: u64, payload: &[u8], end: u64) -> std::result::Result<(), AppendError> {
-        self.frame.clear();
-        record::encode(seq, payload, &mut self.frame);
-        if let Err(e) = self.active.write_at(self.active_len, &self.frame) {
-            let err = record_failed(e, "appending", seq, &self.active_path);
-            return Err(match self.active.truncate(self.active_len) {
-                Ok(()) => AppendError::Failed(err),
-                Err(u) => {
-                    AppendError::Poison(Error::io(format!("{err}; cutting the partial record back off also failed"), u))
-                }
-            });
-        }
-        self.written_len = end;
         Ok(())
     }
 
@@ -477,9 +508,21 @@ impl WalWriter {
     /// append tries again.
     fn rotate(&mut self) -> std::result::Result<(), AppendError> {
         self.seal_active().map_err(AppendError::Poison)?;
+        if self.active_first_seq == self.next_seq {
+            // An older build's empty segment, replaced by this one's (same name): the log ends
+            // with the full segment before it in between.
+            remove_failed_segment(&*self.storage, &self.dir, self.next_seq).map_err(|e| {
+                AppendError::Failed(Error::io(format!("replacing the empty segment {}", self.active_path.display()), e))
+            })?;
+        }
+        // The chain goes on from the last record stamped (all of them now), or begins here
+        // after an older build's segments.
+        // (The queue's lock is let go first: `writing` is always taken before it.)
+        let chained = lock(&self.outbox.queued).records_durable_lags;
+        let chain_start = if chained { lock(&self.outbox.writing).chain } else { chain::GENESIS };
         let (file, path, prefilled_len) =
-            new_segment_or_why(&*self.storage, &self.dir, self.next_seq, self.segment_size_bytes).map_err(
-                |(e, fsync_failed)| {
+            new_segment_or_why(&*self.storage, &self.dir, self.next_seq, &chain_start, self.segment_size_bytes)
+                .map_err(|(e, fsync_failed)| {
                     if fsync_failed {
                         // Latched like every failed fsync: no storage operation after it.
                         return AppendError::Poison(e);
@@ -491,8 +534,7 @@ impl WalWriter {
                             undo,
                         )),
                     }
-                },
-            )?;
+                })?;
         {
             let mut queued = lock(&self.outbox.queued);
             queued.file = file.clone();
@@ -504,7 +546,6 @@ impl WalWriter {
         self.active_path = path;
         self.active_len = segment::HEADER_LEN as u64;
         self.written_len = segment::HEADER_LEN as u64;
-        self.prefill = true;
         self.prefilled_len = prefilled_len;
         self.active_first_seq = self.next_seq;
         Ok(())
@@ -518,7 +559,7 @@ impl WalWriter {
             // covers that one too, and a crash cannot leave a hole before records it made
             // durable).
             let outbox = self.outbox.clone();
-            let _writing = lock(&outbox.writing);
+            let mut stamped = lock(&outbox.writing);
             let mut queued = lock(&outbox.queued);
             if queued.bytes.is_empty() && queued.records_durable_lags {
                 self.start_write_at_a_sector();
@@ -526,7 +567,8 @@ impl WalWriter {
             queued.catch_up(self.written_len);
             queued.bytes.extend_from_slice(&self.pending);
             queued.last_seq = self.next_seq - 1;
-            let taken = queued.take();
+            let mut taken = queued.take();
+            stamped.stamp(&mut taken);
             if !taken.bytes.is_empty() {
                 self.active
                     .write_at(taken.offset, &taken.bytes)
@@ -538,6 +580,9 @@ impl WalWriter {
             // Every write so far went to this segment (or to older ones, fsynced when they
             // filled): all durable now.
             queued.durable_seq = queued.last_seq;
+            if let Some(head) = stamped.head(queued.records_durable_lags, queued.last_seq) {
+                queued.durable_head = Some(head);
+            }
             self.pending.clear();
             self.written_len = self.active_len;
         }
@@ -551,10 +596,74 @@ impl WalWriter {
 /// write per batch was a system call per two or three grants.
 #[derive(Debug)]
 pub struct Outbox {
-    /// Held while queued bytes are written: a rotation waits for a flush's write in flight to
-    /// the segment before fsyncing it for the last time. Taken before `queued`.
-    writing: Mutex<()>,
+    /// Held while queued bytes are stamped and written: a rotation waits for a flush's write in
+    /// flight to the segment before fsyncing it for the last time. Taken before `queued`. Holds
+    /// the chain as far as it is stamped: records are chained in the order they are written.
+    writing: Mutex<Stamped>,
     queued: Mutex<Queued>,
+}
+
+/// The last record stamped with its chain value (see [`record::stamp_chained`]).
+#[derive(Debug, Clone, Copy)]
+struct Stamped {
+    seq: u64,
+    chain: ChainValue,
+    /// Its checksum framed with a lag of 0, when it was stamped here.
+    record_crc: Option<u32>,
+}
+
+impl Stamped {
+    /// The chain begins after record `seq`.
+    fn genesis(seq: u64) -> Stamped {
+        Stamped { seq, chain: chain::GENESIS, record_crc: None }
+    }
+
+    /// The head once everything up to `last_seq` is stamped, in a chained segment.
+    fn head(&self, chained: bool, last_seq: u64) -> Option<chain::ChainHead> {
+        debug_assert!(!chained || self.seq == last_seq, "stamped up to {}, written up to {last_seq}", self.seq);
+        (chained && self.seq == last_seq && last_seq > 0)
+            .then_some(chain::ChainHead { seq: last_seq, hash: self.chain })
+    }
+
+    /// Stamps the records taken for a write (chain values, durable lags, checksums), following
+    /// on from the last one stamped. Outside the queue's lock: the ledger's appends go on.
+    fn stamp(&mut self, taken: &mut Taken) {
+        if taken.bytes.is_empty() || !taken.chained {
+            return;
+        }
+        if let Some((seq, crc)) = record::stamp_chained(&mut taken.bytes, taken.durable_seq, &mut self.chain) {
+            debug_assert_eq!(seq, taken.last_seq);
+            (self.seq, self.record_crc) = (seq, Some(crc));
+        }
+    }
+}
+
+/// The chain as it stands when a writer resumes the log (its last segment's `header`): after the
+/// last record, whose value is stored with it (or in the header of a segment that holds none
+/// yet); where the last segment is an older build's, the chain begins at the next one.
+fn resumed_chain(
+    storage: &dyn Storage,
+    header: &segment::Header,
+    last: &SegmentInfo,
+    end: &LogEnd,
+    last_record: Option<&LogPosition>,
+) -> Result<Stamped> {
+    if !header.chained() {
+        return Ok(Stamped::genesis(end.last_seq));
+    }
+    let chain = if end.last_seq < last.first_seq { header.chain_start } else { last_record.and_then(|r| r.chain) };
+    // The read did not pass the last record (the segment after it was set aside as torn): the
+    // segment holds it, read it again.
+    let chain = chain.or_else(|| {
+        let bytes = storage.read(&last.path).ok()?;
+        let scan = segment::scan(&last.path, &bytes, last.first_seq, &mut |_, _| Ok(true));
+        scan.chain.filter(|_| scan.next_seq == end.last_seq + 1)
+    });
+    let chain = chain.ok_or_else(|| Error::Inconsistent {
+        path: last.path.clone(),
+        message: format!("the chain value of record {} could not be read", end.last_seq),
+    })?;
+    Ok(Stamped { seq: end.last_seq, chain, record_crc: last_record.and_then(|r| r.record_crc) })
 }
 
 #[derive(Debug)]
@@ -569,19 +678,26 @@ struct Queued {
     last_seq: u64,
     /// The last written buffer, kept for its allocation.
     spare: Vec<u8>,
-    /// The active segment's records carry durable lags (format version 3).
+    /// The active segment's records carry durable lags and chain values (format version 4;
+    /// false only for an older build's segment, never written to).
     records_durable_lags: bool,
     /// The last record an fsync that returned success covered: each record written gets its
     /// lag from it.
     durable_seq: u64,
+    /// That record's chain value, where the log is chained.
+    durable_head: Option<chain::ChainHead>,
 }
 
-/// Queued bytes taken for one write.
+/// Queued bytes taken for one write, not yet stamped.
 struct Taken {
     file: Arc<dyn AppendFile>,
     offset: u64,
     bytes: Vec<u8>,
     last_seq: u64,
+    /// The last record known durable when they were taken: their durable lags count from it.
+    durable_seq: u64,
+    /// They go to a chained segment (always, once anything is queued).
+    chained: bool,
 }
 
 /// What [`Outbox::write_out`] wrote: the file to fsync and the last sequence number that fsync
@@ -592,19 +708,26 @@ pub struct WriteOut {
     pub file: Arc<dyn AppendFile>,
     /// The last record the fsync of `file` makes durable.
     pub last_seq: u64,
+    /// Its chain value, where the log is chained.
+    head: Option<chain::ChainHead>,
 }
 
 impl Queued {
-    /// Takes the queued bytes for one write, each record stamped with its durable lag.
+    /// Takes the queued bytes for one write, for [`Stamped::stamp`].
     fn take(&mut self) -> Taken {
         let spare = std::mem::take(&mut self.spare);
-        let mut bytes = std::mem::replace(&mut self.bytes, spare);
+        let bytes = std::mem::replace(&mut self.bytes, spare);
         let offset = self.offset;
         self.offset += bytes.len() as u64;
-        if self.records_durable_lags {
-            record::set_durable_lags(&mut bytes, self.durable_seq);
+        debug_assert!(bytes.is_empty() || self.records_durable_lags, "records queued for an older build's segment");
+        Taken {
+            file: self.file.clone(),
+            offset,
+            bytes,
+            last_seq: self.last_seq,
+            durable_seq: self.durable_seq,
+            chained: self.records_durable_lags,
         }
-        Taken { file: self.file.clone(), offset, bytes, last_seq: self.last_seq }
     }
 
     /// Checks that the queued bytes end where the writer's handed-on bytes do; with nothing
@@ -622,11 +745,12 @@ impl Outbox {
         file: Arc<dyn AppendFile>,
         path: &Path,
         offset: u64,
-        last_seq: u64,
+        stamped: Stamped,
         records_durable_lags: bool,
     ) -> Arc<Outbox> {
+        let last_seq = stamped.seq;
         Arc::new(Outbox {
-            writing: Mutex::new(()),
+            writing: Mutex::new(stamped),
             queued: Mutex::new(Queued {
                 file,
                 path: path.to_path_buf(),
@@ -638,6 +762,8 @@ impl Outbox {
                 // A new log has nothing durable; a resumed one is fsynced by the open before
                 // anything is written.
                 durable_seq: last_seq,
+                durable_head: (records_durable_lags && last_seq > 0)
+                    .then_some(chain::ChainHead { seq: last_seq, hash: stamped.chain }),
             }),
         })
     }
@@ -649,6 +775,9 @@ impl Outbox {
         written.file.sync_data()?;
         let mut q = lock(&self.queued);
         q.durable_seq = q.durable_seq.max(written.last_seq);
+        if let Some(head) = written.head.filter(|h| q.durable_head.is_none_or(|d| d.seq < h.seq)) {
+            q.durable_head = Some(head);
+        }
         Ok(())
     }
 
@@ -658,8 +787,12 @@ impl Outbox {
     /// On failure the records are in an unknown state while their events are folded: the
     /// caller must stop writing, as after a failed fsync.
     pub fn write_out(&self) -> Result<WriteOut> {
-        let _writing = lock(&self.writing);
-        let Taken { file, offset, mut bytes, last_seq } = lock(&self.queued).take();
+        let mut stamped = lock(&self.writing);
+        let mut taken = lock(&self.queued).take();
+        stamped.stamp(&mut taken);
+        // Held until the bytes are written: a rotation waits for a write in flight.
+        let head = stamped.head(taken.chained, taken.last_seq);
+        let Taken { file, offset, mut bytes, last_seq, .. } = taken;
         if !bytes.is_empty() {
             file.write_at(offset, &bytes)
                 .map_err(|e| records_write_failed(e, last_seq, offset, &lock(&self.queued).path))?;
@@ -669,7 +802,7 @@ impl Outbox {
                 q.spare = bytes;
             }
         }
-        Ok(WriteOut { file, last_seq })
+        Ok(WriteOut { file, last_seq, head })
     }
 }
 
@@ -728,8 +861,14 @@ fn remove_failed_segment(storage: &dyn Storage, dir: &Path, first_seq: u64) -> s
 
 /// Creates a segment: its header and its first pre-filled chunk, fsynced, and its directory
 /// entry, fsynced. Returns the file, its path and its length.
-fn new_segment(storage: &dyn Storage, dir: &Path, first_seq: u64, segment_size_bytes: u64) -> Result<NewSegment> {
-    new_segment_or_why(storage, dir, first_seq, segment_size_bytes).map_err(|(e, _)| e)
+fn new_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    first_seq: u64,
+    chain_start: &ChainValue,
+    segment_size_bytes: u64,
+) -> Result<NewSegment> {
+    new_segment_or_why(storage, dir, first_seq, chain_start, segment_size_bytes).map_err(|(e, _)| e)
 }
 
 /// A new segment: its file, path and length (its header and first pre-filled chunk).
@@ -741,12 +880,13 @@ fn new_segment_or_why(
     storage: &dyn Storage,
     dir: &Path,
     first_seq: u64,
+    chain_start: &ChainValue,
     segment_size_bytes: u64,
 ) -> std::result::Result<NewSegment, (Error, bool)> {
     let path = dir.join(segment::file_name(first_seq));
     let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
     let file = storage.open_append(&path, true).map_err(|e| (io("creating segment", e), false))?;
-    let header = segment::encode_header(first_seq);
+    let header = segment::encode_header(first_seq, chain_start);
     let len = PREFILL_CHUNK_BYTES.min(segment_size_bytes).max(segment::HEADER_LEN as u64);
     let mut first = vec![0u8; len as usize];
     first[..segment::HEADER_LEN].copy_from_slice(&header);

@@ -18,7 +18,8 @@ use crate::domain::clock::format_micros;
 use crate::domain::event::{Event, EventBody};
 use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOT_DIR, WAL_DIR};
 use crate::log::reader::{list_snapshots, LogReader, LogRules, Wording};
-use crate::log::record::{self, Decoded};
+use crate::log::record::{self, Decoded, Framing};
+use crate::log::segment;
 use crate::log::storage::{write_atomic, Storage};
 use crate::log::wal::{self, SegmentInfo, TornTail};
 use crate::{Error, Result};
@@ -139,16 +140,24 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
 }
 
+/// How the records of a segment whose bytes are `bytes` are framed, and where they start: as its
+/// header says, or, when the header is damaged, as this build writes them.
+fn framing_of(bytes: &[u8]) -> (Framing, usize) {
+    segment::decode_header(bytes).map_or((Framing::Chained, segment::HEADER_LEN), |h| (h.framing(), h.records_offset()))
+}
+
 /// Readable records in `bytes` from `from` on, found by trying every offset: a damaged record
-/// says nothing reliable about where the next one starts.
+/// says nothing reliable about where the next one starts. The same decoder as every read, framed
+/// as the segment's header says.
 fn readable_records(path: &Path, bytes: &[u8], from: usize, out: &mut Vec<LostEvent>) -> u64 {
+    let (framing, _) = framing_of(bytes);
     let mut pos = from;
     let mut unreadable = 0u64;
     // Zeros at the end hold nothing: a pre-filled segment's free space (or, in a version 1
     // segment, a write that never landed).
     let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     while pos < end {
-        match record::decode(&bytes[pos..]) {
+        match record::decode_framed(&bytes[pos..], framing) {
             Decoded::Record { seq, payload, frame_len, .. } => {
                 let ev = Event::decode(payload).ok();
                 out.push(LostEvent {
@@ -252,7 +261,7 @@ fn plan_cut(
     let mut unreadable = readable_records(&file, &bytes, offset as usize, &mut lost);
     for seg in &segments[idx + 1..] {
         let b = storage.read(&seg.path).map_err(io(format!("reading {}", seg.path.display())))?;
-        let hdr = crate::log::segment::HEADER_LEN.min(b.len());
+        let hdr = framing_of(&b).1.min(b.len());
         unreadable += readable_records(&seg.path, &b, hdr, &mut lost) + hdr as u64;
         p.segments_set_aside.push(seg.path.clone());
     }

@@ -1,9 +1,12 @@
 //! `verify`: reads every record of every segment and every snapshot without changing anything,
 //! folds the whole log, and checks each snapshot against the fold at its sequence number.
+//! In a chained log (segment version 4) it recomputes every record's chain value, reports the
+//! head `{seq, hash}`, and checks a head pinned earlier (`--expect-head SEQ:HASH`).
 
 use crate::domain::clock::{format_micros, Micros};
 use crate::domain::event::Event;
 use crate::domain::state::State;
+use crate::log::chain::{ChainHead, ChainValue};
 use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
 use crate::log::reader::{list_snapshots, LogProblem, LogReader, LogRules, SegmentRead, Survey};
 use crate::log::segment::Tail;
@@ -69,6 +72,36 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Active allocations in the state the log folds to.
     pub active_allocations: usize,
+    /// The head of the chain: the last record and its chain value, every link checked. `None`
+    /// when the log is not chained there (an older ledger's last segment) or has problems.
+    pub chain_head: Option<ChainHead>,
+    /// The first record the chain covers: 1 for a ledger created chained; for an older ledger,
+    /// the first record of its first version 4 segment (the records before are checked by
+    /// their checksums only). `None` when the log is not chained.
+    pub chain_from: Option<u64>,
+    /// What the check of a pinned head found (`None` when none was given).
+    pub expect_head: Option<ExpectHeadReport>,
+}
+
+/// The check of a head pinned earlier: is the log up to its sequence number the one pinned?
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpectHeadReport {
+    /// The head given.
+    pub expected: ChainHead,
+    /// The chain value the log holds at `expected.seq`, verified, if it reaches it.
+    pub found: Option<ChainValue>,
+    /// The log up to `expected.seq` is the one pinned.
+    pub matches: bool,
+    /// What was found, in words.
+    pub message: String,
+}
+
+/// What `verify` checks besides the log itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyOptions {
+    /// A head printed by an earlier `verify` (`SEQ:HASH`): the log up to `SEQ` must be the
+    /// one it was then.
+    pub expect_head: Option<ChainHead>,
 }
 
 /// Progress callback: (bytes done, bytes total).
@@ -80,6 +113,16 @@ type Snapshots = BTreeMap<u64, (PathBuf, std::result::Result<State, String>)>;
 /// Reads every segment and every snapshot of the ledger in `dir` and reports what is wrong,
 /// changing nothing. `progress` hears of each segment read, in bytes.
 pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Result<VerifyReport> {
+    verify_with(storage, dir, VerifyOptions::default(), progress)
+}
+
+/// [`verify`], checking what `opts` asks for too (a pinned head: a mismatch is a problem).
+pub fn verify_with(
+    storage: &dyn Storage,
+    dir: &Path,
+    opts: VerifyOptions,
+    progress: Progress<'_>,
+) -> Result<VerifyReport> {
     let wal_dir = dir.join(WAL_DIR);
     let snaps = decode_snapshots(storage, dir)?;
     let mut fold = Fold {
@@ -102,9 +145,14 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
         total_bytes,
         progress,
     };
-    let end = LogReader::new(storage, &wal_dir).survey(
+    let pinned_seq = opts.expect_head.map(|h| h.seq);
+    let mut at_pin = None;
+    let end = LogReader::new(storage, &wal_dir).verify_chain().survey(
         &mut LogRules::from_start(),
         &mut |pos, ev| {
+            if Some(pos.seq) == pinned_seq {
+                at_pin = pos.chain;
+            }
             fold.event(pos.seq, ev);
             Ok(true)
         },
@@ -114,6 +162,14 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
     let folded = tally.problems.is_empty();
     let mut problems = std::mem::take(&mut tally.problems);
     check_fold(&wal_dir, &end.segments, &fold.state, folded, &mut problems);
+    let chain_head = end.chain.filter(|_| folded).map(|hash| ChainHead { seq: fold.state.last_seq, hash });
+    let expect_head = opts.expect_head.map(|expected| {
+        let report = check_pinned(expected, at_pin, fold.state.last_seq, end.chain_from, folded);
+        if !report.matches {
+            problems.push(format!("expected head {expected}: {}", report.message));
+        }
+        report
+    });
     let snapshots = snapshot_reports(&snaps, &fold.snap_status, fold.state.last_seq, &mut problems);
     let state = &fold.state;
     Ok(VerifyReport {
@@ -129,7 +185,47 @@ pub fn verify(storage: &dyn Storage, dir: &Path, progress: Progress<'_>) -> Resu
         torn_tail: tally.torn_tail,
         problems,
         active_allocations: state.active_count(),
+        chain_head,
+        chain_from: end.chain_from,
+        expect_head,
     })
+}
+
+/// Checks the head pinned as `expected` against the chain value `found` at its sequence number
+/// (the log verified up to `verified_seq`; `folded`: with no problem at all).
+fn check_pinned(
+    expected: ChainHead,
+    found: Option<ChainValue>,
+    verified_seq: u64,
+    chain_from: Option<u64>,
+    folded: bool,
+) -> ExpectHeadReport {
+    let seq = expected.seq;
+    let (matches, message) = match found {
+        Some(value) if value == expected.hash => (true, format!("the log up to record {seq} is the one pinned")),
+        Some(value) => (
+            false,
+            format!(
+                "the log diverges from the pinned history at or before record {seq}: its chain value there is \
+                 {value}, the pinned one {}",
+                expected.hash
+            ),
+        ),
+        None if seq > verified_seq && folded => {
+            (false, format!("record {seq} is beyond the head of the log (the last record is {verified_seq})"))
+        }
+        None if seq > verified_seq => {
+            (false, format!("the log could not be checked up to record {seq}: see the problems above"))
+        }
+        None => match chain_from {
+            Some(from) if from <= seq => {
+                (false, format!("the log could not be checked up to record {seq}: see the problems above"))
+            }
+            Some(from) => (false, format!("record {seq} is not chained: the chain begins at record {from}")),
+            None => (false, format!("record {seq} is not chained: this log has no chain (an older format)")),
+        },
+    };
+    ExpectHeadReport { expected, found, matches, message }
 }
 
 /// Every snapshot, decoded (one a writer beside us pruned after we listed it is gone, not

@@ -343,6 +343,7 @@ fn capacity() -> Value {
             "as_of": s("The instant this report describes (RFC 3339, UTC)."),
             "seq": int("Sequence number of the last ledger event in this report."),
             "reserved": { "type": "object", "description": "Present while a reservation is in force: what the reservations in force hold (workers, cpu_millicores, memory_mib), what their holders leave unused (unused_workers, unused_cpu_millicores, unused_memory_mib: nobody else may take it) and their ids (reservations)." },
+            "chain_head": { "type": "object", "properties": { "seq": int("The last durable record."), "hash": s("Its chain value (64 hex digits).") }, "description": "The head of the log's tamper-evident chain, as `verify` prints it (pin it; `verify --expect-head SEQ:HASH` proves the log up to SEQ unchanged). Present for the pool now on a writing ledger whose log is chained." },
         },
         "required": ["total_cpu", "total_memory", "total_workers", "allocated_cpu", "allocated_memory", "allocated_workers", "available_cpu", "available_memory", "available_workers", "running_mcp_servers", "active_allocations"],
     })

@@ -303,11 +303,15 @@ impl LedgerTools {
         };
         let report = self
             .call(move |l| {
+                let now = at.is_none();
                 let capacity = match history::parse_at(l, "at", at.as_deref())? {
                     None => l.get_capacity()?,
                     Some(t) => l.capacity_at(t)?,
                 };
                 let mut v = serde_json::to_value(capacity).map_err(|e| Error::io("serialising", e.into()))?;
+                if let Some(head) = l.status().chain_head.filter(|_| now) {
+                    v["chain_head"] = serde_json::json!(head);
+                }
                 if by_tenant {
                     v["tenants"] =
                         serde_json::to_value(l.tenant_capacity()?).map_err(|e| Error::io("serialising", e.into()))?;

@@ -112,14 +112,15 @@ pub fn copy_ledger_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Record boundaries of a segment, read with the documented framing (32-byte segment header,
-/// then records of `len: u32 LE | seq: u64 LE | crc: u32 LE | payload`, version 3 writes
-/// starting at a 512-byte boundary): for each record its start offset, end offset and sequence
-/// number.
+/// Record boundaries of a segment, read with the documented framing (a 32-byte segment header,
+/// 64 bytes in version 4; then records of `len: u32 LE | seq: u64 LE | crc: u32 LE | payload`,
+/// in version 4 with the 32-byte chain value before the payload; version 3 on, writes start at
+/// a 512-byte boundary): for each record its start offset, end offset and sequence number.
 pub fn record_bounds(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
     let end = records_end(bytes);
+    let (header, overhead) = framing(bytes);
     let mut out = Vec::new();
-    let mut off = 32usize;
+    let mut off = header;
     while off < end {
         // Version 3 starts each write at a sector: zeros pad the end of the one before.
         if bytes[off..off + 4] == [0; 4] {
@@ -129,11 +130,21 @@ pub fn record_bounds(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
         // The top 11 bits of the length are the durable lag (format version 3).
         let len = (u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) & 0x1f_ffff) as usize;
         let seq = u64::from_le_bytes(bytes[off + 4..off + 12].try_into().unwrap());
-        out.push((off as u64, (off + 16 + len) as u64, seq));
-        off += 16 + len;
+        out.push((off as u64, (off + overhead + len) as u64, seq));
+        off += overhead + len;
     }
-    assert!(off == end || end <= 32, "a clean segment's records end where its zeros start");
+    assert!(off == end || end <= header, "a clean segment's records end where its zeros start");
     out
+}
+
+/// A segment's header length and the bytes in front of each record's payload, by its version.
+pub fn framing(bytes: &[u8]) -> (usize, usize) {
+    let version = bytes.get(8..12).map_or(0, |v| u32::from_le_bytes(v.try_into().unwrap()));
+    if version >= 4 {
+        (64, 48)
+    } else {
+        (32, 16)
+    }
 }
 
 /// The sequence number of the first record of the last write in a version 3 segment: the last
@@ -147,5 +158,5 @@ pub fn last_write_first_seq(bytes: &[u8]) -> u64 {
 /// Where the records of a segment end: a pre-filled segment holds zeros after them (and a
 /// record never ends in a zero byte: its payload is a JSON object).
 pub fn records_end(bytes: &[u8]) -> usize {
-    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1).max(32.min(bytes.len()))
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1).max(framing(bytes).0.min(bytes.len()))
 }
