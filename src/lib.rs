@@ -21,6 +21,8 @@ mod history;
 mod ledger;
 mod log;
 mod maintenance;
+#[cfg(feature = "etcd")]
+mod replica;
 mod report;
 mod whatif;
 
@@ -51,11 +53,14 @@ pub use ledger::{
 pub use ledger::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
+pub use ledger::{Replication, WeakLedger};
 pub use log::follow::{gone_error, oldest_servable_seq, LogFollower, DAMAGE_GRACE};
 pub use maintenance::repair::{
     plan_repair, repair, Cut, LostEvent, RepairKind, RepairOptions, RepairPlan, RepairReport, SnapshotAside,
 };
 pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyReport};
+#[cfg(feature = "etcd")]
+pub use replica::{compare_chain, EtcdOptions};
 pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
     GrantReport, GrantedResources, McpServerInfo, PlanReport, ReleaseReport, ReleaseStatus, RenewReport,

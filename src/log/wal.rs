@@ -658,9 +658,17 @@ impl Outbox {
     /// On failure the records are in an unknown state while their events are folded: the
     /// caller must stop writing, as after a failed fsync.
     pub fn write_out(&self) -> Result<WriteOut> {
+        self.write_out_after(&|_| Ok(()))
+    }
+
+    /// [`Outbox::write_out`], once `first` accepted the bytes about to be written (a
+    /// replicated log commits them elsewhere first: `log/backend.rs`). If `first` fails,
+    /// nothing is written and the records are dropped: the caller must stop writing.
+    pub fn write_out_after(&self, first: &dyn Fn(&[u8]) -> std::result::Result<(), String>) -> Result<WriteOut> {
         let _writing = lock(&self.writing);
         let Taken { file, offset, mut bytes, last_seq } = lock(&self.queued).take();
         if !bytes.is_empty() {
+            first(&bytes).map_err(Error::Unavailable)?;
             file.write_at(offset, &bytes)
                 .map_err(|e| records_write_failed(e, last_seq, offset, &lock(&self.queued).path))?;
             bytes.clear();
