@@ -171,6 +171,9 @@ pub(super) struct SyncState {
     /// that they must look at (the ledger failed, combining ended with work left).
     wakers: Vec<(Arc<AtomicU64>, std::task::Waker)>,
     failed: Option<String>,
+    /// `failed` is a replicated copy that could not commit (not the leader, no quorum), not a
+    /// storage failure: callers get `Error::Unavailable`, and the copy reloads (`reset`).
+    failed_unavailable: bool,
 }
 
 impl SyncState {
@@ -218,8 +221,21 @@ impl SyncState {
         debug_assert!(self.failed.is_some());
     }
 
+    /// Latches `e` (see `latch_failure`), remembering whether it was a replicated copy's
+    /// refusal rather than a storage failure.
+    fn latch_error(&mut self, e: &Error) {
+        if self.failed.is_none() {
+            self.failed_unavailable = matches!(e, Error::Unavailable(_));
+        }
+        self.latch_failure(|| match e {
+            Error::Poisoned(why) | Error::Unavailable(why) => why.clone(),
+            other => other.to_string(),
+        });
+    }
+
     fn check_failed(&self) -> Result<()> {
         match &self.failed {
+            Some(why) if self.failed_unavailable => Err(Error::Unavailable(why.clone())),
             Some(why) => Err(Error::Poisoned(why.clone())),
             None => Ok(()),
         }
@@ -312,6 +328,7 @@ impl Commit {
             backend.reopened(outbox);
         }
         s.failed = None;
+        s.failed_unavailable = false;
         s.durable_seq = s.durable_seq.max(last_seq);
         self.appended_seq.store(last_seq.max(s.durable_seq), Ordering::Release);
         wake_settled(s, true);
@@ -341,9 +358,9 @@ impl Commit {
         let Some(backend) = &self.backend else { return Ok(()) };
         self.check_failed()?;
         backend.write_queued().map_err(|e| {
-            let why = e.to_string();
-            self.latch_failure(|| why.clone());
-            Error::Poisoned(why)
+            let mut s = lock(&self.sync);
+            s.latch_error(&e);
+            s.check_failed().err().unwrap_or(e)
         })
     }
 
@@ -396,7 +413,7 @@ impl Commit {
             Ok(_) => {}
             // Never retried: after a failed write or fsync the page cache may have dropped the
             // data, so a later "successful" fsync would prove nothing.
-            Err(why) => s.latch_failure(|| why),
+            Err(e) => s.latch_error(&e),
         }
         let more = s.failed.is_none() && self.appended_seq.load(Ordering::Acquire) > s.durable_seq;
         (s, more)
@@ -405,7 +422,7 @@ impl Commit {
     /// The I/O of a flush round, outside every lock. The outbox names the last record appended
     /// together with the file whose fsync makes it durable (a rotation fsynced the segment
     /// before it), and writes what is still queued. Returns the sequence number now durable.
-    fn write_and_sync(&self) -> std::result::Result<u64, String> {
+    fn write_and_sync(&self) -> Result<u64> {
         self.backend.as_ref().map_or(Ok(0), |backend| backend.sync())
     }
 

@@ -13,7 +13,7 @@
 
 use crate::log::record::RecordHeader;
 use crate::log::wal::{Outbox, WriteOut};
-use crate::Result;
+use crate::{Error, Result};
 use std::sync::{Arc, Mutex};
 
 /// Where the commit pipeline makes records durable (see the module docs).
@@ -21,7 +21,7 @@ pub trait LogBackend: Send + Sync + std::fmt::Debug {
     /// Makes every record handed to the writer's outbox so far durable, as one batch after the
     /// last durable one. Returns the last sequence number now durable. An error stops the
     /// ledger (the records are folded, their fate is unknown): it is never retried.
-    fn sync(&self) -> std::result::Result<u64, String>;
+    fn sync(&self) -> Result<u64>;
     /// Writes the queued records to the local files without making them durable, so a reader
     /// of the files finds every event folded so far. A replicated log commits them first (a
     /// local file must never hold a record the shared log refused).
@@ -108,10 +108,10 @@ impl LocalWal {
 }
 
 impl LogBackend for LocalWal {
-    fn sync(&self) -> std::result::Result<u64, String> {
+    fn sync(&self) -> Result<u64> {
         let outbox = self.outbox();
-        let written = self.write_out(&outbox).map_err(|e| e.to_string())?;
-        outbox.sync(&written).map_err(|e| format!("fsync of the log failed: {e}"))?;
+        let written = self.write_out(&outbox)?;
+        outbox.sync(&written).map_err(|e| Error::Poisoned(format!("fsync of the log failed: {e}")))?;
         Ok(written.last_seq)
     }
 

@@ -195,6 +195,54 @@ impl EtcdLog {
     }
 }
 
+impl EtcdLog {
+    /// Commits one part of a batch. A transport error (an etcd member went away) is retried
+    /// until the request timeout: the head compare makes a retry safe, and a retry refused
+    /// after an error checks whether the earlier attempt landed.
+    fn commit_part(
+        &self,
+        key: &[u8],
+        rev: i64,
+        after: u64,
+        batch: &[&FramedRecord<'_>],
+    ) -> std::result::Result<(), String> {
+        let deadline = std::time::Instant::now() + self.opts.request_timeout;
+        let mut retried = false;
+        loop {
+            let (mut client, txn) = (self.client.clone(), self.txn(key, rev, after, batch));
+            match self.block(async move { client.txn(txn).await }) {
+                Some(Ok(r)) if r.succeeded() => return Ok(()),
+                Some(Ok(_)) if retried && self.landed(batch) => return Ok(()),
+                Some(Ok(_)) => return Err(self.step_down(self.refused())),
+                Some(Err(_)) if std::time::Instant::now() < deadline => {
+                    retried = true;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Some(Err(e)) => return Err(self.step_down(etcd_error("the append", &e).to_string())),
+                None => {
+                    return Err(self.step_down(format!(
+                        "no quorum: the shared log (etcd) did not commit within {:?}; the write was not acknowledged",
+                        self.opts.request_timeout
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Whether `batch` is in etcd as written (an attempt whose answer was lost committed it).
+    fn landed(&self, batch: &[&FramedRecord<'_>]) -> bool {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return true };
+        let (mut client, keys, (from, to)) = (self.client.clone(), self.keys.clone(), (first.seq, last.seq));
+        let limit = i64::try_from(batch.len()).unwrap_or(i64::MAX);
+        match self.block(async move { EtcdLog::records(&mut client, &keys, from, to, limit).await }) {
+            Some(Ok((found, _))) => {
+                found.len() == batch.len() && found.iter().zip(batch).all(|((s, p), r)| *s == r.seq && p == r.payload)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Splits `records` into transactions within etcd's limits.
 fn batches<'r, 'a>(records: &'r [&'r FramedRecord<'a>]) -> Vec<&'r [&'r FramedRecord<'a>]> {
     let mut out = Vec::new();
@@ -222,21 +270,9 @@ impl Replicator for EtcdLog {
         let mut after = first.seq - 1;
         for batch in batches(&fresh) {
             let last = batch.last().map_or(after, |r| r.seq);
-            let (mut client, txn) = (self.client.clone(), self.txn(&key, rev, after, batch));
-            match self.block(async move { client.txn(txn).await }) {
-                None => {
-                    return Err(self.step_down(format!(
-                        "no quorum: the shared log (etcd) did not commit within {:?}; the write was not acknowledged",
-                        self.opts.request_timeout
-                    )))
-                }
-                Some(Err(e)) => return Err(self.step_down(etcd_error("the append", &e).to_string())),
-                Some(Ok(r)) if !r.succeeded() => return Err(self.step_down(self.refused())),
-                Some(Ok(_)) => {
-                    self.note_committed(last);
-                    after = last;
-                }
-            }
+            self.commit_part(&key, rev, after, batch)?;
+            self.note_committed(last);
+            after = last;
         }
         Ok(())
     }
