@@ -259,3 +259,50 @@ fn etcd_losing_quorum_stops_writes_and_they_resume_after() {
     assert_eq!(resumed.unwrap()["status"], "active", "writes resume");
     check_one_log(&[&a, &b], &BTreeSet::new());
 }
+
+#[test]
+fn a_standby_down_past_retention_says_it_cannot_catch_up() {
+    if !enabled("a_standby_down_past_retention_says_it_cannot_catch_up") {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let dirs = tempfile::tempdir().unwrap();
+    let config = dirs.path().join("config.json");
+    std::fs::write(&config, r#"{"snapshot_every": 5}"#).unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let a = Replica::start_with(&dirs.path().join("a"), &cluster.endpoints(), "ret", 1, &["--config", &config]);
+    let mut b = Replica::start_with(&dirs.path().join("b"), &cluster.endpoints(), "ret", 1, &["--config", &config]);
+    let agent = agent();
+    let urls = vec![a.url(), b.url()];
+    let grant = |job: String| {
+        let r = write(&agent, &urls, "request_resources", &json!({"job_id": job, "workers": 0, "mcp_servers": ["github"]}), Duration::from_secs(30));
+        assert_eq!(r.unwrap()["status"], "active");
+    };
+    (0..3).for_each(|i| grant(format!("early-{i}")));
+    wait_until("b to follow", Duration::from_secs(30), || b.events().len() == 4);
+    b.kill();
+    // B's progress key goes with its lease; A's snapshots then let the leader trim the log.
+    let a_urls = [a.url()];
+    let mut i = 0;
+    wait_until("retention to pass b's end", Duration::from_secs(60), || {
+        i += 1;
+        let r = write(&agent, &a_urls, "request_resources", &json!({"job_id": format!("late-{i}"), "workers": 0, "mcp_servers": ["github"]}), Duration::from_secs(30));
+        assert_eq!(r.unwrap()["status"], "active");
+        let start = cluster.etcdctl(&["get", "--print-value-only", "/ret/log-start"]);
+        start.trim().parse::<u64>().is_ok_and(|s| s > 5)
+    });
+    let mut child = b.command(&cluster.endpoints(), "ret", 1).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the copy behind retention started serving");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("cannot catch up"), "{stderr}");
+    assert!(stderr.contains("copy a peer's data directory"), "{stderr}");
+}

@@ -137,6 +137,8 @@ impl Drop for EtcdCluster {
 
 /// One ledger copy: `serve --http 127.0.0.1:PORT --etcd ... --cluster ...`.
 pub struct Replica {
+    /// Extra arguments for `serve` (e.g. `--config FILE`).
+    pub extra: Vec<String>,
     pub dir: PathBuf,
     pub port: u16,
     pub child: Option<Child>,
@@ -145,7 +147,12 @@ pub struct Replica {
 
 impl Replica {
     pub fn start(dir: &Path, etcd: &str, cluster: &str, ttl_seconds: u64) -> Replica {
-        let mut r = Replica { dir: dir.to_path_buf(), port: free_port(), child: None, stderr: Arc::default() };
+        Self::start_with(dir, etcd, cluster, ttl_seconds, &[])
+    }
+
+    pub fn start_with(dir: &Path, etcd: &str, cluster: &str, ttl_seconds: u64, extra: &[&str]) -> Replica {
+        let extra = extra.iter().map(|s| (*s).to_string()).collect();
+        let mut r = Replica { extra, dir: dir.to_path_buf(), port: free_port(), child: None, stderr: Arc::default() };
         r.spawn(etcd, cluster, ttl_seconds);
         r
     }
@@ -155,19 +162,31 @@ impl Replica {
     }
 
     pub fn spawn(&mut self, etcd: &str, cluster: &str, ttl_seconds: u64) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_allocation-ledger"))
-            .env_remove("ALLOCATION_LEDGER_DIR")
-            .env("RUST_LOG", "warn")
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(["--http", &format!("127.0.0.1:{}", self.port), "--etcd", etcd, "--cluster", cluster])
-            .args(["--lease-ttl-seconds", &ttl_seconds.to_string(), "--expiry-interval-seconds", "3600"])
+        let child = self
+            .command(etcd, cluster, ttl_seconds)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        self.watch_stderr(child);
+    }
+
+    /// The `serve` command line of this copy.
+    pub fn command(&self, etcd: &str, cluster: &str, ttl_seconds: u64) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_allocation-ledger"));
+        c.env_remove("ALLOCATION_LEDGER_DIR")
+            .env("RUST_LOG", "warn")
+            .args(&self.extra)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--http", &format!("127.0.0.1:{}", self.port), "--etcd", etcd, "--cluster", cluster])
+            .args(["--lease-ttl-seconds", &ttl_seconds.to_string(), "--expiry-interval-seconds", "3600"]);
+        c
+    }
+
+    fn watch_stderr(&mut self, mut child: Child) {
         let (tx, rx) = std::sync::mpsc::channel();
         let log = self.stderr.clone();
         let stderr = child.stderr.take().unwrap();
