@@ -275,7 +275,13 @@ fn a_standby_down_past_retention_says_it_cannot_catch_up() {
     let agent = agent();
     let urls = vec![a.url(), b.url()];
     let grant = |job: String| {
-        let r = write(&agent, &urls, "request_resources", &json!({"job_id": job, "workers": 0, "mcp_servers": ["github"]}), Duration::from_secs(30));
+        let r = write(
+            &agent,
+            &urls,
+            "request_resources",
+            &json!({"job_id": job, "workers": 0, "mcp_servers": ["github"]}),
+            Duration::from_secs(30),
+        );
         assert_eq!(r.unwrap()["status"], "active");
     };
     (0..3).for_each(|i| grant(format!("early-{i}")));
@@ -286,12 +292,23 @@ fn a_standby_down_past_retention_says_it_cannot_catch_up() {
     let mut i = 0;
     wait_until("retention to pass b's end", Duration::from_secs(60), || {
         i += 1;
-        let r = write(&agent, &a_urls, "request_resources", &json!({"job_id": format!("late-{i}"), "workers": 0, "mcp_servers": ["github"]}), Duration::from_secs(30));
+        let r = write(
+            &agent,
+            &a_urls,
+            "request_resources",
+            &json!({"job_id": format!("late-{i}"), "workers": 0, "mcp_servers": ["github"]}),
+            Duration::from_secs(30),
+        );
         assert_eq!(r.unwrap()["status"], "active");
         let start = cluster.etcdctl(&["get", "--print-value-only", "/ret/log-start"]);
         start.trim().parse::<u64>().is_ok_and(|s| s > 5)
     });
-    let mut child = b.command(&cluster.endpoints(), "ret", 1).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = b
+        .command(&cluster.endpoints(), "ret", 1)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {

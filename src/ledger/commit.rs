@@ -311,6 +311,7 @@ impl Commit {
         self.backend.as_ref().map_or(Ok(()), |b| b.check_writable())
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// A replicated ledger reloaded its files (`open.rs`, after it lost leadership): a new
     /// epoch (nothing run before it is acknowledged), the failure that stopped it cleared, the
     /// durable end where the files end, the new writer's outbox. Called holding the core lock,

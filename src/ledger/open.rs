@@ -20,6 +20,9 @@ use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// The shared log a replicated copy commits to first.
+type ReplicatorRef = Arc<dyn Replicator>;
+
 /// What makes an open the local copy of a replicated ledger (nothing, for a local one).
 #[derive(Default)]
 struct LocalCopy {
@@ -78,6 +81,7 @@ impl Ledger {
         })
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// Opens the local copy of a replicated ledger (`src/replica/`): the same files and open as
     /// a local ledger, with every batch committed to `replicator` before it is written here.
     /// An empty directory is created from `first_record` (the shared log's record 1) when
@@ -123,6 +127,7 @@ impl Ledger {
         Ok(Self::assemble(paths.dir, opts, (lock_guard, copy.replicator), start.state, wal, report, opened))
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// The handle around a state opened (or created) at `dir`.
     /// A replicated copy that lost leadership (its last batch was refused by the shared log)
     /// drops what it folded but never committed: the state, writer and capacity index are
@@ -161,7 +166,7 @@ impl Ledger {
     fn assemble(
         dir: PathBuf,
         opts: OpenOptions,
-        (lock_guard, replicator): (Option<Box<dyn LockGuard>>, Option<Arc<dyn Replicator>>),
+        (lock_guard, replicator): (Option<Box<dyn LockGuard>>, Option<ReplicatorRef>),
         state: State,
         wal: Option<WalWriter>,
         recovery: RecoveryReport,

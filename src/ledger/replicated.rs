@@ -34,11 +34,13 @@ impl Ledger {
         }
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// The last sequence number folded into the state.
     pub(crate) fn last_seq(&self) -> u64 {
         lock(&self.shared.core).state.last_seq
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// Folds records the shared log committed (`(seq, payload)`, in order) into the state and
     /// appends them to the local files, then waits until they are durable here. Records at or
     /// below the local end are skipped (the leader's own, seen again); a gap is an error.

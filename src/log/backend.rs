@@ -31,6 +31,7 @@ pub trait LogBackend: Send + Sync + std::fmt::Debug {
     fn check_writable(&self) -> Result<()>;
     /// The last handle is gone: make what is queued durable if that is still safe.
     fn close(&self);
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// The ledger reloaded its files (a replicated copy that lost leadership): its writer now
     /// queues into `outbox`.
     fn reopened(&self, outbox: Arc<Outbox>);
@@ -51,6 +52,10 @@ pub trait Replicator: Send + Sync + std::fmt::Debug {
 pub struct FramedRecord<'a> {
     /// Its sequence number.
     pub seq: u64,
+    #[cfg_attr(
+        not(feature = "etcd"),
+        allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it")
+    )]
     /// The event's bytes (the record's payload; framing is each copy's own).
     pub payload: &'a [u8],
 }
@@ -83,6 +88,7 @@ impl LocalWal {
         LocalWal { outbox: Mutex::new(outbox), replicator }
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// Points the backend at a new writer's outbox (after the ledger reloaded its files).
     pub fn set_outbox(&self, outbox: Arc<Outbox>) {
         *lock(&self.outbox) = outbox;

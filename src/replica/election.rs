@@ -162,12 +162,14 @@ pub(super) fn behind_retention(local: u64) -> Error {
 /// created here, or an existing local ledger put on an empty cluster), then serve writes.
 fn take_lead(ledger: &Ledger, log: &Arc<EtcdLog>, key: &LeaderKey) -> Result<()> {
     catch_up(ledger, log)?;
+    // Writes are still refused here, so the local files end at the ledger's last record.
+    follower::push_local(ledger, log, key)?;
     log.set_role(|r| {
         r.leading = Some((key.key().to_vec(), key.rev()));
         r.leader_url = Some(log.opts.advertise_url.clone());
         r.why_not = None;
     });
-    follower::push_local(ledger, log)
+    Ok(())
 }
 
 /// The background leadership loop: campaign (with a lease kept alive), lead until an append is
@@ -190,12 +192,13 @@ async fn supervise(log: Weak<EtcdLog>, ledger: WeakLedger, mut won: Option<Leade
         };
         let keeper = tokio::spawn(keep_alive(log.clone(), client.clone(), lease_id, ttl));
         l.set_lease(lease_id);
-        let key = match won.take() {
-            Some(key) => Some(key),
-            None => campaign(&l, &mut client, lease_id).await,
+        // The copy that won at open leads already (it created the ledger).
+        let (key, leading) = match won.take() {
+            Some(key) => (Some(key), true),
+            None => (campaign(&l, &mut client, lease_id).await, false),
         };
         if let Some(key) = key {
-            lead(&l, &ledger, &key).await;
+            lead(&l, &ledger, &key, leading).await;
             let _ = client.resign(Some(ResignOptions::new().with_leader(key))).await;
         }
         keeper.abort();
@@ -218,14 +221,18 @@ async fn campaign(l: &EtcdLog, client: &mut Client, lease_id: i64) -> Option<Lea
 }
 
 /// Leads until leadership is lost, then drops what was folded but not committed.
-async fn lead(l: &Arc<EtcdLog>, ledger: &WeakLedger, key: &LeaderKey) {
+async fn lead(l: &Arc<EtcdLog>, ledger: &WeakLedger, key: &LeaderKey, leading: bool) {
     let Some(led) = ledger.upgrade() else { return };
     let lost = l.lost.notified();
     let (l2, key2) = (l.clone(), key.clone());
-    let took = tokio::task::spawn_blocking(move || take_lead(&led, &l2, &key2)).await;
+    let took = match leading {
+        true => Ok(Ok(())),
+        false => tokio::task::spawn_blocking(move || take_lead(&led, &l2, &key2)).await,
+    };
     if let Ok(Err(e)) | Err(e) = took.map_err(|e| Error::Unavailable(e.to_string())) {
         l.set_role(|r| {
             r.leading = None;
+            r.leader_url = None;
             r.why_not = Some(format!("this copy won the election but could not take the lead: {e}"));
         });
         return;

@@ -113,10 +113,14 @@ impl EtcdLog {
         let was_leading = {
             let mut role = lock(&self.role);
             role.why_not = Some(why.clone());
-            role.leading.take().is_some()
+            let was_leading = role.leading.take().is_some();
+            if was_leading || role.leader_url.as_deref() == Some(&self.opts.advertise_url) {
+                role.leader_url = None;
+            }
+            was_leading
         };
         if was_leading {
-            self.set_role(|r| r.leader_url = None);
+            eprintln!("allocation-ledger replica {}: stepped down: {why}", self.opts.replica_id);
             self.lost.notify_one();
         }
         why
@@ -263,18 +267,11 @@ fn batches<'r, 'a>(records: &'r [&'r FramedRecord<'a>]) -> Vec<&'r [&'r FramedRe
 
 impl Replicator for EtcdLog {
     fn append(&self, _after_seq: u64, records: &[FramedRecord<'_>]) -> std::result::Result<(), String> {
-        let committed = self.committed();
-        let fresh: Vec<&FramedRecord<'_>> = records.iter().filter(|r| r.seq > committed).collect();
-        let Some(first) = fresh.first() else { return Ok(()) };
-        let Some((key, rev)) = self.role().leading else { return Err(self.step_down(self.not_leader())) };
-        let mut after = first.seq - 1;
-        for batch in batches(&fresh) {
-            let last = batch.last().map_or(after, |r| r.seq);
-            self.commit_part(&key, rev, after, batch)?;
-            self.note_committed(last);
-            after = last;
+        if !records.iter().any(|r| r.seq > self.committed()) {
+            return Ok(());
         }
-        Ok(())
+        let Some((key, rev)) = self.role().leading else { return Err(self.step_down(self.not_leader())) };
+        self.append_as(&key, rev, records)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -282,6 +279,23 @@ impl Replicator for EtcdLog {
             Some(_) => Ok(()),
             None => Err(Error::Unavailable(self.not_leader())),
         }
+    }
+}
+
+impl EtcdLog {
+    /// Appends the records not yet committed, fenced by the election key `key` won at `rev`.
+    pub fn append_as(&self, key: &[u8], rev: i64, records: &[FramedRecord<'_>]) -> std::result::Result<(), String> {
+        let committed = self.committed();
+        let fresh: Vec<&FramedRecord<'_>> = records.iter().filter(|r| r.seq > committed).collect();
+        let Some(first) = fresh.first() else { return Ok(()) };
+        let mut after = first.seq - 1;
+        for batch in batches(&fresh) {
+            let last = batch.last().map_or(after, |r| r.seq);
+            self.commit_part(key, rev, after, batch)?;
+            self.note_committed(last);
+            after = last;
+        }
+        Ok(())
     }
 }
 

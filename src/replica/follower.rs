@@ -6,7 +6,7 @@
 use super::election::{behind_retention, catch_up};
 use super::etcd_log::EtcdLog;
 use crate::ledger::{Ledger, WeakLedger};
-use crate::log::backend::{FramedRecord, Replicator};
+use crate::log::backend::FramedRecord;
 use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
 use crate::log::reader::LogReader;
 use crate::log::storage::FsStorage;
@@ -52,9 +52,20 @@ pub async fn follow(log: Weak<EtcdLog>, ledger: WeakLedger) {
 /// Standbys name the leader to clients: the election's current value.
 async fn observe_leader(l: &EtcdLog) {
     let mut client = l.client.clone();
-    if let Ok(Ok(r)) = tokio::time::timeout(TICK, client.leader(l.keys.election())).await {
-        let url = r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string);
-        l.set_role(|role| role.leader_url = url.filter(|u| *u != l.opts.advertise_url));
+    match tokio::time::timeout(TICK * 4, client.leader(l.keys.election())).await {
+        Ok(Ok(r)) => {
+            let url = r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string);
+            l.set_role(|role| role.leader_url = url.filter(|u| *u != l.opts.advertise_url));
+        }
+        // The leader named last may be gone: say what is known.
+        Ok(Err(e)) => l.set_role(|role| {
+            role.leader_url = None;
+            role.why_not = Some(format!("not the leader, and no quorum: the shared log (etcd) did not answer: {e}"));
+        }),
+        Err(_) => l.set_role(|role| {
+            role.leader_url = None;
+            role.why_not = Some("not the leader, and no quorum: the shared log (etcd) did not answer in time".into());
+        }),
     }
 }
 
@@ -149,7 +160,7 @@ async fn trim(l: &EtcdLog) {
 
 /// A new leader whose local files hold records the shared log does not (a ledger created
 /// here, or a local ledger put on an empty cluster) appends them first.
-pub(super) fn push_local(ledger: &Ledger, log: &EtcdLog) -> Result<()> {
+pub(super) fn push_local(ledger: &Ledger, log: &EtcdLog, key: &etcd_client::LeaderKey) -> Result<()> {
     let (from, to) = (log.committed(), ledger.last_seq());
     if from >= to {
         return Ok(());
@@ -166,5 +177,5 @@ pub(super) fn push_local(ledger: &Ledger, log: &EtcdLog) -> Result<()> {
     }
     let records: Vec<FramedRecord<'_>> =
         payloads.iter().map(|(seq, p)| FramedRecord { seq: *seq, payload: p }).collect();
-    log.append(from, &records).map_err(Error::Unavailable)
+    log.append_as(key.key(), key.rev(), &records).map_err(Error::Unavailable)
 }
