@@ -195,10 +195,16 @@ async fn supervise(log: Weak<EtcdLog>, ledger: WeakLedger, mut won: Option<Leade
         // The copy that won at open leads already (it created the ledger).
         let (key, leading) = match won.take() {
             Some(key) => (Some(key), true),
-            None => (campaign(&l, &mut client, lease_id).await, false),
+            None => tokio::select! {
+                key = campaign(&l, &mut client, lease_id) => (key, false),
+                () = dropped(&ledger) => (None, false),
+            },
         };
         if let Some(key) = key {
-            lead(&l, &ledger, &key, leading).await;
+            tokio::select! {
+                () = lead(&l, &ledger, &key, leading) => {}
+                () = dropped(&ledger) => {}
+            }
             let _ = client.resign(Some(ResignOptions::new().with_leader(key))).await;
         }
         keeper.abort();
@@ -222,13 +228,15 @@ async fn campaign(l: &EtcdLog, client: &mut Client, lease_id: i64) -> Option<Lea
 
 /// Leads until leadership is lost, then drops what was folded but not committed.
 async fn lead(l: &Arc<EtcdLog>, ledger: &WeakLedger, key: &LeaderKey, leading: bool) {
-    let Some(led) = ledger.upgrade() else { return };
     let lost = l.lost.notified();
     let (l2, key2) = (l.clone(), key.clone());
-    let took = match leading {
-        true => Ok(Ok(())),
-        false => tokio::task::spawn_blocking(move || take_lead(&led, &l2, &key2)).await,
+    // No strong handle of the ledger is held while leading: dropping the last one ends this.
+    let took = match (leading, ledger.upgrade()) {
+        (true, _) => Ok(Ok(())),
+        (false, None) => return,
+        (false, Some(led)) => tokio::task::spawn_blocking(move || take_lead(&led, &l2, &key2)).await,
     };
+
     if let Ok(Err(e)) | Err(e) = took.map_err(|e| Error::Unavailable(e.to_string())) {
         l.set_role(|r| {
             r.leading = None;
@@ -240,6 +248,14 @@ async fn lead(l: &Arc<EtcdLog>, ledger: &WeakLedger, key: &LeaderKey, leading: b
     lost.await;
     if let Some(led) = ledger.upgrade() {
         let _ = tokio::task::spawn_blocking(move || led.reload_from_files()).await;
+    }
+}
+
+/// Resolves once the last handle of the ledger is gone (the copy then resigns and revokes
+/// its lease, and the background tasks end).
+async fn dropped(ledger: &WeakLedger) {
+    while ledger.upgrade().is_some() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
