@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 cargo build --all-features --bins
+# tests/replication.rs starts a real etcd cluster only with ALLOCATION_LEDGER_ETCD_TESTS=1
+# (.ci/run sets it and installs etcd); without it those tests say they were skipped.
 cargo test --all-features
 
 if [ ! -x .venv/bin/python ]; then

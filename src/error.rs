@@ -100,6 +100,12 @@ pub enum Error {
         state: String,
     },
 
+    /// This copy of a replicated ledger cannot take the write now: it is not the leader (the
+    /// message names the leader), or the shared log (etcd) has no quorum. Nothing was
+    /// acknowledged; retry at the leader or later.
+    #[error("{0}")]
+    Unavailable(String),
+
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -136,6 +142,7 @@ impl Error {
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::NotActive { .. } => ErrorKind::NotActive,
             Error::Io { .. } => ErrorKind::Io,
+            Error::Unavailable(_) => ErrorKind::Unavailable,
         }
     }
 
@@ -148,7 +155,7 @@ impl Error {
             Error::Damaged(_) | Error::Inconsistent { .. } => ExitCode::Damaged,
             Error::Conflict { .. } => ExitCode::Conflict,
             Error::NotActive { .. } => ExitCode::NotActive,
-            Error::ReadOnly | Error::Poisoned(_) | Error::Io { .. } => ExitCode::Other,
+            Error::ReadOnly | Error::Poisoned(_) | Error::Io { .. } | Error::Unavailable(_) => ExitCode::Other,
         }
     }
 }
@@ -179,6 +186,8 @@ pub enum ErrorKind {
     NotActive,
     /// [`Error::Io`].
     Io,
+    /// [`Error::Unavailable`].
+    Unavailable,
 }
 
 impl ErrorKind {
@@ -195,6 +204,7 @@ impl ErrorKind {
             ErrorKind::Conflict => "conflict",
             ErrorKind::NotActive => "not_active",
             ErrorKind::Io => "io",
+            ErrorKind::Unavailable => "unavailable",
         }
     }
 }

@@ -21,6 +21,8 @@ mod history;
 mod ledger;
 mod log;
 mod maintenance;
+#[cfg(feature = "etcd")]
+mod replica;
 mod report;
 mod whatif;
 
@@ -55,6 +57,7 @@ pub use ledger::{CancelReservationReport, ReservationInfo, ReservationList, Rese
 pub use ledger::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
 pub use ledger::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
+pub use ledger::{Replication, WeakLedger};
 pub use log::chain::{chain_next, BadChainValue, ChainHead, ChainValue, GENESIS as CHAIN_GENESIS};
 pub use log::follow::{gone_error, oldest_servable_seq, LogFollower, DAMAGE_GRACE};
 pub use maintenance::repair::{
@@ -62,6 +65,8 @@ pub use maintenance::repair::{
 };
 pub use maintenance::verify::{verify, SegmentReport, SnapshotReport, VerifyReport};
 pub use maintenance::verify::{verify_with, ExpectHeadReport, VerifyOptions};
+#[cfg(feature = "etcd")]
+pub use replica::{compare_chain, EtcdOptions};
 pub use report::{
     AllocationDetails, AllocationResources, AllocationSummary, CapacityReport, CleanupReport, FailedReport,
     GrantReport, GrantedResources, McpServerInfo, PlanReport, ReleaseReport, ReleaseStatus, RenewReport,

@@ -82,6 +82,29 @@ pub struct ServeArgs {
     /// For conformance runs (tests/conformance.sh) only.
     #[arg(long, hide = true)]
     conformance_fixtures: bool,
+    /// Replicated mode (docs/replication.md): the log lives on this etcd v3 cluster (client
+    /// URLs, comma-separated); this server is one copy: it serves writes while it is the
+    /// elected leader, reads always. Requires --http with a fixed port and --cluster.
+    #[cfg(feature = "etcd")]
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', requires = "cluster")]
+    etcd: Vec<String>,
+
+    /// Replicated mode: the cluster's name (keys live under /NAME/ in etcd).
+    #[cfg(feature = "etcd")]
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    cluster: Option<String>,
+
+    /// Replicated mode: the election lease; a leader that cannot renew it for this long (paused,
+    /// partitioned, dead) loses the lead to a standby.
+    #[cfg(feature = "etcd")]
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..=600))]
+    lease_ttl_seconds: i64,
+
+    /// Replicated mode: the URL standbys name to clients as the leader's (default:
+    /// http://ADDR/mcp of --http).
+    #[cfg(feature = "etcd")]
+    #[arg(long, value_name = "URL")]
+    advertise_url: Option<String>,
 }
 
 /// `serve --log-format`.
@@ -116,7 +139,14 @@ pub fn serve(data_dir: PathBuf, config_file: Option<PathBuf>, args: ServeArgs) -
         },
         None => None,
     };
-    let ledger = match Ledger::open_with(&data_dir, OpenOptions { config, ..Default::default() }) {
+    let opts = match replication(OpenOptions { config, ..Default::default() }, &args, http.as_ref()) {
+        Ok(opts) => opts,
+        Err(msg) => {
+            eprintln!("allocation-ledger serve: {msg}");
+            return ExitCode::InvalidInput;
+        }
+    };
+    let ledger = match Ledger::open_with(&data_dir, opts) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("allocation-ledger serve: {e}");
@@ -142,6 +172,27 @@ pub fn serve(data_dir: PathBuf, config_file: Option<PathBuf>, args: ServeArgs) -
     let code = run(ledger, opts, http);
     tracing::info!("server stopped");
     code
+}
+
+/// `--etcd`: the options of a replicated copy (checked before the ledger is touched).
+#[cfg(feature = "etcd")]
+fn replication(opts: OpenOptions, args: &ServeArgs, http: Option<&HttpOptions>) -> Result<OpenOptions, String> {
+    let Some(cluster) = args.cluster.as_ref().filter(|_| !args.etcd.is_empty()) else { return Ok(opts) };
+    let Some(http) = http else { return Err("--etcd needs --http (standbys name the leader's URL to clients)".into()) };
+    if http.addr.port() == 0 && args.advertise_url.is_none() {
+        return Err("--etcd needs a fixed --http port (or --advertise-url): standbys name it to clients".into());
+    }
+    let url = args.advertise_url.clone().unwrap_or_else(|| format!("http://{}/mcp", http.addr));
+    let mut etcd = allocation_ledger::EtcdOptions::new(args.etcd.clone(), cluster.clone(), url);
+    etcd.lease_ttl_seconds = args.lease_ttl_seconds;
+    Ok(opts.etcd(etcd))
+}
+
+/// Without the `etcd` feature there is no replicated mode.
+#[cfg(not(feature = "etcd"))]
+#[allow(clippy::unnecessary_wraps, reason = "the same signature as with the feature")]
+fn replication(opts: OpenOptions, _: &ServeArgs, _: Option<&HttpOptions>) -> Result<OpenOptions, String> {
+    Ok(opts)
 }
 
 /// Runs the server on its own runtime, then drops the ledger (releasing its lock).

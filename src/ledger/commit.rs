@@ -17,7 +17,7 @@
 //! parks (a thread) or returns `Pending` (a future): a flush wakes only the callers it settled.
 
 use super::{lock, Core, Ledger, Shared};
-use crate::log::wal;
+use crate::log::backend::LogBackend;
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -44,6 +44,9 @@ struct Call<R> {
     /// The sequence number that must be durable before the result is given out: the last
     /// record when the command ran (its own, or earlier ones it may have observed).
     target: Arc<AtomicU64>,
+    /// `Commit::epoch` when the command ran: a replicated ledger that lost leadership reloads
+    /// its files (a new epoch), and nothing run before that may be acknowledged after it.
+    epoch: AtomicU64,
     result: Mutex<Option<Outcome<R>>>,
 }
 
@@ -56,7 +59,7 @@ enum Outcome<R> {
 
 impl<R> Call<R> {
     fn new() -> Arc<Call<R>> {
-        Arc::new(Call { target: Arc::new(AtomicU64::new(PENDING)), result: Mutex::new(None) })
+        Arc::new(Call { target: Arc::new(AtomicU64::new(PENDING)), epoch: AtomicU64::new(0), result: Mutex::new(None) })
     }
 
     fn target(&self) -> Option<u64> {
@@ -65,7 +68,14 @@ impl<R> Call<R> {
     }
 
     /// The caller's answer once `settle` (or the future) finished with `settled`.
-    fn finish(&self, settled: Result<()>) -> Result<R> {
+    fn finish(&self, settled: Result<()>, epoch: u64) -> Result<R> {
+        let settled = match settled {
+            Ok(()) if self.target().is_some() && self.epoch.load(Ordering::Acquire) != epoch => Err(Error::Unavailable(
+                "this copy lost the leadership before the write was committed: it was not acknowledged (retry at the leader)"
+                    .into(),
+            )),
+            other => other,
+        };
         match (settled, lock(&self.result).take()) {
             (_, Some(Outcome::Panicked(payload))) => std::panic::resume_unwind(payload),
             // Not acknowledged: what it appended (or expired on the way) is not durable. A
@@ -89,6 +99,12 @@ impl<R> Call<R> {
             // A panic must not leave the combiner's own caller, and everyone queued behind it,
             // waiting forever: it is caught here and handed to the caller whose command it was.
             // (Appends are single calls, so the log is whole; see `lock`.)
+            call.epoch.store(ledger.shared.commit.epoch.load(Ordering::Acquire), Ordering::Release);
+            // A copy that may not decide (a replicated standby) refuses before deciding.
+            let run = |ledger: &Ledger, core: &mut Core| match ledger.shared.commit.check_writable() {
+                Ok(()) => run(ledger, core),
+                Err(e) => (Err(e), false),
+            };
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(ledger, core)));
             let (outcome, appended) = match ran {
                 Ok((result, appended)) => (Outcome::Done(result), appended),
@@ -155,6 +171,9 @@ pub(super) struct SyncState {
     /// that they must look at (the ledger failed, combining ended with work left).
     wakers: Vec<(Arc<AtomicU64>, std::task::Waker)>,
     failed: Option<String>,
+    /// `failed` is a replicated copy that could not commit (not the leader, no quorum), not a
+    /// storage failure: callers get `Error::Unavailable`, and the copy reloads (`reset`).
+    failed_unavailable: bool,
 }
 
 impl SyncState {
@@ -202,8 +221,21 @@ impl SyncState {
         debug_assert!(self.failed.is_some());
     }
 
+    /// Latches `e` (see `latch_failure`), remembering whether it was a replicated copy's
+    /// refusal rather than a storage failure.
+    fn latch_error(&mut self, e: &Error) {
+        if self.failed.is_none() {
+            self.failed_unavailable = matches!(e, Error::Unavailable(_));
+        }
+        self.latch_failure(|| match e {
+            Error::Poisoned(why) | Error::Unavailable(why) => why.clone(),
+            other => other.to_string(),
+        });
+    }
+
     fn check_failed(&self) -> Result<()> {
         match &self.failed {
+            Some(why) if self.failed_unavailable => Err(Error::Unavailable(why.clone())),
             Some(why) => Err(Error::Poisoned(why.clone())),
             None => Ok(()),
         }
@@ -234,10 +266,14 @@ pub(super) struct Commit {
     /// Sequence number of the last record appended (durable or not); written under the core
     /// lock, read without it by a flush deciding whether another round is due.
     appended_seq: AtomicU64,
-    /// Appended records for flushes to write and fsync without taking the core lock (64
-    /// callers queue for that lock; a flush that waits its turn delays all of them). `None`
-    /// for a read-only ledger.
-    outbox: Option<Arc<wal::Outbox>>,
+    /// Where flushes make the appended records durable (`log/backend.rs`: the local log, or
+    /// the local log behind a replicated one), without taking the core lock (64 callers queue
+    /// for that lock; a flush that waits its turn delays all of them). `None` for a read-only
+    /// ledger.
+    backend: Option<Arc<dyn LogBackend>>,
+    /// Bumped when a replicated ledger reloads its files after losing leadership (see
+    /// `Call::epoch`); always 0 for a local one.
+    pub(super) epoch: AtomicU64,
     /// A flush round is running (checked in debug builds only: two at once is a bug).
     flush_in_flight: AtomicBool,
     /// The ledger's counters (`Ledger::metrics`); here because flush rounds feed them.
@@ -246,12 +282,13 @@ pub(super) struct Commit {
 
 impl Commit {
     /// The pipeline of a ledger opened with everything up to `durable_seq` durable.
-    pub(super) fn new(durable_seq: u64, outbox: Option<Arc<wal::Outbox>>) -> Commit {
+    pub(super) fn new(durable_seq: u64, backend: Option<Arc<dyn LogBackend>>) -> Commit {
         Commit {
             sync: Mutex::new(SyncState { durable_seq, ..Default::default() }),
             flusher_wake: Condvar::new(),
             appended_seq: AtomicU64::new(durable_seq),
-            outbox,
+            backend,
+            epoch: AtomicU64::new(0),
             flush_in_flight: AtomicBool::new(false),
             metrics: super::metrics::LedgerMetrics::default(),
         }
@@ -264,11 +301,38 @@ impl Commit {
         let appended = *self.appended_seq.get_mut();
         let (failed, unflushed) =
             self.sync.get_mut().map_or((true, false), |s| (s.failed.is_some(), appended > s.durable_seq));
-        if let (Some(outbox), true, false, false) = (&self.outbox, unflushed, failed, poisoned) {
-            if let Ok(written) = outbox.write_out() {
-                let _ = outbox.sync(&written);
-            }
+        if let (Some(backend), true, false, false) = (&self.backend, unflushed, failed, poisoned) {
+            backend.close();
         }
+    }
+
+    /// `Err` when this copy may not decide writes (a replicated standby names its leader).
+    pub(super) fn check_writable(&self) -> Result<()> {
+        self.backend.as_ref().map_or(Ok(()), |b| b.check_writable())
+    }
+
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
+    /// A replicated ledger reloaded its files (`open.rs`, after it lost leadership): a new
+    /// epoch (nothing run before it is acknowledged), the failure that stopped it cleared, the
+    /// durable end where the files end, the new writer's outbox. Called holding the core lock,
+    /// so no command runs; waits for a flush round in flight (one that saw the failure ends
+    /// at once).
+    pub(super) fn reset(&self, last_seq: u64, outbox: Arc<crate::log::wal::Outbox>) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let mut s = lock(&self.sync);
+        while s.flushing {
+            drop(s);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            s = lock(&self.sync);
+        }
+        if let Some(backend) = &self.backend {
+            backend.reopened(outbox);
+        }
+        s.failed = None;
+        s.failed_unavailable = false;
+        s.durable_seq = s.durable_seq.max(last_seq);
+        self.appended_seq.store(last_seq.max(s.durable_seq), Ordering::Release);
+        wake_settled(s, true);
     }
 
     /// `Err(Poisoned)` once a write, fsync or rotation failed.
@@ -292,19 +356,19 @@ impl Commit {
     /// files finds every event folded so far. Call holding the core lock, under which nothing
     /// is appended. A failed write stops the ledger, as in a flush.
     pub(super) fn write_queued(&self) -> Result<()> {
-        let Some(outbox) = &self.outbox else { return Ok(()) };
+        let Some(backend) = &self.backend else { return Ok(()) };
         self.check_failed()?;
-        outbox.write_out().map(drop).map_err(|e| {
-            let why = e.to_string();
-            self.latch_failure(|| why.clone());
-            Error::Poisoned(why)
+        backend.write_queued().map_err(|e| {
+            let mut s = lock(&self.sync);
+            s.latch_error(&e);
+            s.check_failed().err().unwrap_or(e)
         })
     }
 
     /// Hands the records the commands just run appended to the outbox, where the next flush
     /// writes them, and only then publishes them to the flush (`appended_seq`). Called before
     /// the core lock is let go, so the flush never sees an event without its record.
-    fn write_appended(&self, core: &mut Core) {
+    pub(super) fn write_appended(&self, core: &mut Core) {
         if core.poisoned.is_some() {
             // Records of commands run before the failure are never written now; their
             // callers see the latched reason.
@@ -350,7 +414,7 @@ impl Commit {
             Ok(_) => {}
             // Never retried: after a failed write or fsync the page cache may have dropped the
             // data, so a later "successful" fsync would prove nothing.
-            Err(why) => s.latch_failure(|| why),
+            Err(e) => s.latch_error(&e),
         }
         let more = s.failed.is_none() && self.appended_seq.load(Ordering::Acquire) > s.durable_seq;
         (s, more)
@@ -359,13 +423,8 @@ impl Commit {
     /// The I/O of a flush round, outside every lock. The outbox names the last record appended
     /// together with the file whose fsync makes it durable (a rotation fsynced the segment
     /// before it), and writes what is still queued. Returns the sequence number now durable.
-    fn write_and_sync(&self) -> std::result::Result<u64, String> {
-        match &self.outbox {
-            Some(outbox) => outbox.write_out().map_err(|e| e.to_string()).and_then(|written| {
-                outbox.sync(&written).map(|()| written.last_seq).map_err(|e| format!("fsync of the log failed: {e}"))
-            }),
-            None => Ok(0),
-        }
+    fn write_and_sync(&self) -> Result<u64> {
+        self.backend.as_ref().map_or(Ok(0), |backend| backend.sync())
     }
 
     /// The flusher thread: once callers hand flushing over, flushes back to back until a round
@@ -459,7 +518,7 @@ impl Ledger {
         let mut s = lock(&self.shared.commit.sync);
         Self::enqueue(&mut s, call.command(run))?;
         let settled = self.settle(s, &call.target);
-        call.finish(settled)
+        call.finish(settled, self.shared.commit.epoch.load(Ordering::Acquire))
     }
 
     /// Returns once every event up to `seq` is durable.
@@ -698,7 +757,7 @@ impl<R> std::future::Future for Durable<R> {
         match this.ledger.advance(s, &|| call.target(), false) {
             Step::Settled(settled) => {
                 this.finished = true;
-                Poll::Ready(call.finish(settled))
+                Poll::Ready(call.finish(settled, this.ledger.shared.commit.epoch.load(Ordering::Acquire)))
             }
             Step::Wait(mut s) => {
                 s.wakers.push((call.target.clone(), cx.waker().clone()));

@@ -31,18 +31,20 @@ mod pool;
 mod queries;
 mod queue;
 mod replay;
+mod replicated;
 mod reservation;
 mod snapshots;
 
 pub use commit::Durable;
 pub use contract::IfSeq;
 pub use metrics::{HistogramSnapshot, LedgerMetrics, MetricsSnapshot};
-pub use options::{LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
+pub use options::{LedgerStatus, OpenOptions, RecoveryReport, Replication, SetAside, SnapshotInfo};
 pub use page::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
 pub use pool::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 pub use queue::{Admission, CancelReport, GrantWait, PendingReport};
+pub use replicated::WeakLedger;
 pub use reservation::{CancelReservationReport, ReservationInfo, ReservationList, ReserveReport};
 
 use crate::domain::clock::{Clock, Micros};

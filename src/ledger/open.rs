@@ -7,8 +7,10 @@ use super::commit::{Commit, Flusher};
 use super::replay::replay_into;
 use super::snapshots::{Snapshots, SNAPSHOT_SPACED_ABOVE_BYTES};
 use super::{Core, Ledger, OpenOptions, RecoveryReport, SetAside, Shared};
+use crate::domain::clock::Micros;
 use crate::domain::event::{Event, EventBody};
 use crate::domain::state::State;
+use crate::log::backend::{LocalWal, LogBackend, Replicator};
 use crate::log::layout::{LOCK_FILE, QUARANTINE_DIR, SNAPSHOT_DIR, WAL_DIR, WAL_STAGING_DIR};
 use crate::log::reader::{newest_loadable, retry_beside_writer, LogReader, LogRules, Wording};
 use crate::log::snapshot;
@@ -17,6 +19,16 @@ use crate::log::wal::{self, AppendError, WalWriter};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+/// The shared log a replicated copy commits to first.
+type ReplicatorRef = Arc<dyn Replicator>;
+
+/// What makes an open the local copy of a replicated ledger (nothing, for a local one).
+#[derive(Default)]
+struct LocalCopy {
+    replicator: Option<Arc<dyn Replicator>>,
+    first_record: Option<Vec<u8>>,
+}
 
 /// What an open learned of the log and the snapshot it started from (all zero for a new
 /// ledger), for the snapshot schedule.
@@ -57,15 +69,34 @@ struct Start {
 impl Ledger {
     /// [`Ledger::open_with`]: a read-only open reads again while damage may be a live writer's
     /// write in flight.
-    pub(super) fn open_dir(dir: &Path, opts: OpenOptions) -> Result<Ledger> {
-        if !opts.read_only {
-            return Self::open_once(dir, opts);
+    pub(super) fn open_dir(dir: &Path, mut opts: OpenOptions) -> Result<Ledger> {
+        if let Some(replication) = opts.replication.take().filter(|_| !opts.read_only) {
+            return replication.open(dir, opts);
         }
-        retry_beside_writer(&*opts.storage, &dir.join(WAL_DIR), || Self::open_once(dir, opts.clone()))
+        if !opts.read_only {
+            return Self::open_once(dir, opts, LocalCopy::default());
+        }
+        retry_beside_writer(&*opts.storage, &dir.join(WAL_DIR), || {
+            Self::open_once(dir, opts.clone(), LocalCopy::default())
+        })
+    }
+
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
+    /// Opens the local copy of a replicated ledger (`src/replica/`): the same files and open as
+    /// a local ledger, with every batch committed to `replicator` before it is written here.
+    /// An empty directory is created from `first_record` (the shared log's record 1) when
+    /// given, else as a new ledger.
+    pub(crate) fn open_local_copy(
+        dir: &Path,
+        opts: OpenOptions,
+        replicator: Arc<dyn Replicator>,
+        first_record: Option<Vec<u8>>,
+    ) -> Result<Ledger> {
+        Self::open_once(dir, opts, LocalCopy { replicator: Some(replicator), first_record })
     }
 
     /// One attempt at opening (or creating) the ledger in `dir`.
-    fn open_once(dir: &Path, opts: OpenOptions) -> Result<Ledger> {
+    fn open_once(dir: &Path, opts: OpenOptions, copy: LocalCopy) -> Result<Ledger> {
         let paths = Paths::of(dir);
         let storage = opts.storage.clone();
         let lock_guard = take_lock(&*storage, &paths.dir, &opts)?;
@@ -73,7 +104,7 @@ impl Ledger {
             if opts.read_only || !opts.create {
                 return Err(Error::NoLedger { path: paths.dir });
             }
-            return Self::create(paths.dir, opts, lock_guard);
+            return Self::create(paths.dir, opts, lock_guard, copy);
         }
         if !storage.exists(&paths.wal) {
             return Err(Error::Inconsistent {
@@ -93,14 +124,51 @@ impl Ledger {
         report.torn_tail = end.torn.clone();
         report.last_seq = start.state.last_seq;
         let opened = snapshot_schedule(&*storage, &paths, &end, &start, snapshot_seq);
-        Ok(Self::assemble(paths.dir, opts, lock_guard, start.state, wal, report, opened))
+        Ok(Self::assemble(paths.dir, opts, (lock_guard, copy.replicator), start.state, wal, report, opened))
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// The handle around a state opened (or created) at `dir`.
+    /// A replicated copy that lost leadership (its last batch was refused by the shared log)
+    /// drops what it folded but never committed: the state, writer and capacity index are
+    /// rebuilt from the local files, which hold only committed records, and the commit
+    /// pipeline starts a new epoch (nothing run before is acknowledged). Reads go on against
+    /// the reloaded state.
+    pub(crate) fn reload_from_files(&self) -> Result<()> {
+        let shared = &self.shared;
+        let paths = Paths::of(&shared.dir);
+        let storage = shared.storage.clone();
+        let opts = OpenOptions { storage: storage.clone(), clock: shared.clock.clone(), ..Default::default() };
+        let mut core = super::lock(&shared.core);
+        let mut report = RecoveryReport::default();
+        let mut start = load_newest_snapshot(&*storage, &paths, &opts, &mut report)?;
+        let snapshot_seq = start.state.last_seq;
+        let mut end = replay_tail(&*storage, &paths, &opts, &mut start, &mut report)?;
+        check_log_end(&paths, &end, snapshot_seq)?;
+        let wal = resume_writer(&storage, &paths, &mut end, start.state.config.segment_size_bytes)?;
+        let opened = snapshot_schedule(&*storage, &paths, &end, &start, snapshot_seq);
+        shared.commit.reset(start.state.last_seq, wal.outbox().clone());
+        *core = Core {
+            since_snapshot: start.state.last_seq - opened.snapshot_seq,
+            state: start.state,
+            wal: Some(wal),
+            poisoned: None,
+            log_bytes_since_snapshot: opened.log_bytes_since_snapshot,
+            last_snapshot_bytes: opened.last_snapshot_bytes,
+            last_snapshot_error: None,
+            capacity_index: None,
+            // The reloaded queue decides once, as after an open.
+            queue: super::queue::QueueWake::default(),
+        };
+        drop(core);
+        *super::lock(&shared.pages) = None;
+        Ok(())
+    }
+
     fn assemble(
         dir: PathBuf,
         opts: OpenOptions,
-        lock_guard: Option<Box<dyn LockGuard>>,
+        (lock_guard, replicator): (Option<Box<dyn LockGuard>>, Option<ReplicatorRef>),
         state: State,
         wal: Option<WalWriter>,
         recovery: RecoveryReport,
@@ -108,7 +176,9 @@ impl Ledger {
     ) -> Ledger {
         let durable = state.last_seq;
         let since_snapshot = state.last_seq - opened.snapshot_seq;
-        let outbox = wal.as_ref().map(|w: &WalWriter| w.outbox().clone());
+        let backend = wal.as_ref().map(|w: &WalWriter| {
+            Arc::new(LocalWal::new(w.outbox().clone(), replicator.clone())) as Arc<dyn LogBackend>
+        });
         let shared = Arc::new(Shared {
             dir,
             storage: opts.storage,
@@ -125,7 +195,7 @@ impl Ledger {
                 capacity_index: None,
                 queue: super::queue::QueueWake::default(),
             }),
-            commit: Commit::new(durable, outbox),
+            commit: Commit::new(durable, backend),
             snapshots: Snapshots::default(),
             index_build_lock: Mutex::new(()),
             pages: Mutex::new(None),
@@ -140,9 +210,21 @@ impl Ledger {
     /// record fsynced in it, is built in a staging directory that is then renamed to `wal/`: a
     /// log directory exists only with a durable first record, so one without is damage, never
     /// a ledger to create again.
-    fn create(dir: PathBuf, opts: OpenOptions, lock_guard: Option<Box<dyn LockGuard>>) -> Result<Ledger> {
+    fn create(
+        dir: PathBuf,
+        opts: OpenOptions,
+        lock_guard: Option<Box<dyn LockGuard>>,
+        copy: LocalCopy,
+    ) -> Result<Ledger> {
         let storage = opts.storage.clone();
-        let config = opts.config.clone().unwrap_or_default();
+        let (ts, body, payload) = first_record(&dir, &opts, copy.first_record.as_deref())?;
+        let EventBody::LedgerCreated { config, .. } = &body else {
+            return Err(Error::Inconsistent {
+                path: dir,
+                message: "the shared log's first record is not ledger_created".into(),
+            });
+        };
+        let config = config.clone();
         config.validate()?;
         let staging = dir.join(WAL_STAGING_DIR);
         let io = |what: &str, e| Error::io(format!("{what} {}", staging.display()), e);
@@ -153,9 +235,6 @@ impl Ledger {
             }
         }
         let mut w = WalWriter::create(storage.clone(), &staging, config.segment_size_bytes)?;
-        let ts = opts.clock.now_micros();
-        let body = EventBody::LedgerCreated { ledger_id: uuid::Uuid::new_v4().to_string(), config: config.clone() };
-        let payload = Event::new(ts, body.clone()).encode();
         let seq = w.append(&payload).map_err(|e| match e {
             AppendError::Failed(e) | AppendError::Poison(e) => e,
         })?;
@@ -169,12 +248,30 @@ impl Ledger {
         let mut state = State::empty(config);
         state.evolve(seq, ts, &body);
         let report = RecoveryReport { created: true, last_seq: state.last_seq, ..Default::default() };
-        Ok(Self::assemble(dir, opts, lock_guard, state, Some(w), report, OpenedLog::default()))
+        Ok(Self::assemble(dir, opts, (lock_guard, copy.replicator), state, Some(w), report, OpenedLog::default()))
     }
 }
 
 /// Step 1: a read-write open takes the directory's lock (creating the directory if it may);
 /// a read-only open takes none.
+/// The first record of a new ledger: the shared log's (a replicated copy created from it), or
+/// a new `ledger_created` with the options' config.
+fn first_record(dir: &Path, opts: &OpenOptions, given: Option<&[u8]>) -> Result<(Micros, EventBody, Vec<u8>)> {
+    let payload = match given {
+        Some(first) => first.to_vec(),
+        None => {
+            let config = opts.config.clone().unwrap_or_default();
+            let body = EventBody::LedgerCreated { ledger_id: uuid::Uuid::new_v4().to_string(), config };
+            Event::new(opts.clock.now_micros(), body).encode()
+        }
+    };
+    let ev = Event::decode(&payload).map_err(|e| Error::Inconsistent {
+        path: dir.to_path_buf(),
+        message: format!("the first record does not decode: {e}"),
+    })?;
+    Ok((ev.ts_us, ev.body, payload))
+}
+
 fn take_lock(storage: &dyn Storage, dir: &Path, opts: &OpenOptions) -> Result<Option<Box<dyn LockGuard>>> {
     if opts.read_only {
         return Ok(None);

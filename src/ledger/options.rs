@@ -21,6 +21,17 @@ pub struct OpenOptions {
     pub create: bool,
     /// Open without the write lock, beside a running writer; every write fails.
     pub read_only: bool,
+    /// Replicated mode: open the ledger as one copy of a log shared through a cluster
+    /// (`OpenOptions::etcd`, docs/replication.md); `None` is the local log.
+    pub replication: Option<Arc<dyn Replication>>,
+}
+
+/// How a replicated ledger opens (etcd: `OpenOptions::etcd`). The local copy keeps the log in
+/// the directory's files in the usual format, so every read, history and `verify` runs
+/// locally; writes are decided by one leader and committed to the shared log first.
+pub trait Replication: Send + Sync + std::fmt::Debug {
+    /// Opens the copy in `dir` (`opts` without the replication set).
+    fn open(&self, dir: &std::path::Path, opts: OpenOptions) -> crate::Result<super::Ledger>;
 }
 
 impl Default for OpenOptions {
@@ -31,6 +42,7 @@ impl Default for OpenOptions {
             storage: Arc::new(FsStorage { mmap_min_bytes: 1 << 20 }),
             create: true,
             read_only: false,
+            replication: None,
         }
     }
 }

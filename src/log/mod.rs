@@ -6,6 +6,7 @@
 //! `docs/format.md` ([`fields`] reads and writes them). Nothing here knows what an allocation
 //! is beyond the types it encodes.
 
+pub mod backend;
 pub mod chain;
 pub mod fields;
 pub mod follow;

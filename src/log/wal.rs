@@ -787,13 +787,22 @@ impl Outbox {
     /// On failure the records are in an unknown state while their events are folded: the
     /// caller must stop writing, as after a failed fsync.
     pub fn write_out(&self) -> Result<WriteOut> {
+        self.write_out_after(&|_, _| Ok(()))
+    }
+
+    /// [`Outbox::write_out`], once `first` accepted the bytes about to be written (a
+    /// replicated log commits them elsewhere first: `log/backend.rs`). If `first` fails,
+    /// nothing is written and the records are dropped: the caller must stop writing.
+    pub fn write_out_after(&self, first: &CommitFirst<'_>) -> Result<WriteOut> {
         let mut stamped = lock(&self.writing);
         let mut taken = lock(&self.queued).take();
         stamped.stamp(&mut taken);
         // Held until the bytes are written: a rotation waits for a write in flight.
         let head = stamped.head(taken.chained, taken.last_seq);
+        let framing = if taken.chained { record::Framing::Chained } else { record::Framing::Plain };
         let Taken { file, offset, mut bytes, last_seq, .. } = taken;
         if !bytes.is_empty() {
+            first(&bytes, framing).map_err(Error::Unavailable)?;
             file.write_at(offset, &bytes)
                 .map_err(|e| records_write_failed(e, last_seq, offset, &lock(&self.queued).path))?;
             bytes.clear();
@@ -805,6 +814,10 @@ impl Outbox {
         Ok(WriteOut { file, last_seq, head })
     }
 }
+
+/// What must accept a batch of framed records (framed as the `Framing` says) before it is
+/// written locally; its error is the reason it did not.
+pub type CommitFirst<'a> = dyn Fn(&[u8], record::Framing) -> std::result::Result<(), String> + 'a;
 
 /// The error of a failed append of record `seq` to the segment at `path`. Formats the path only
 /// on failure: appends run for every record.

@@ -1,0 +1,143 @@
+//! The log backend seam: where the commit pipeline (`ledger/commit.rs`) makes a batch of
+//! framed records durable. Two implementations share one interface:
+//!
+//! - the **local write-ahead log** ([`LocalWal`] without a replicator): the writer's outbox is
+//!   written with one positional write and fdatasynced (today's files and flock);
+//! - the **replicated log** ([`LocalWal`] with a [`Replicator`], e.g. etcd in `src/replica/`):
+//!   the same batch is first committed elsewhere ("append these records after seq N", refused
+//!   when the log there moved on or this copy lost the right to write), and only then written
+//!   and fsynced locally, so a local segment never holds a record the shared log does not.
+//!
+//! The core, history and interfaces do not know which one runs: they read the local segment
+//! files, which every copy keeps in the same format.
+
+use crate::log::record::{Framing, RecordHeader};
+use crate::log::wal::{Outbox, WriteOut};
+use crate::{Error, Result};
+use std::sync::{Arc, Mutex};
+
+/// Where the commit pipeline makes records durable (see the module docs).
+pub trait LogBackend: Send + Sync + std::fmt::Debug {
+    /// Makes every record handed to the writer's outbox so far durable, as one batch after the
+    /// last durable one. Returns the last sequence number now durable. An error stops the
+    /// ledger (the records are folded, their fate is unknown): it is never retried.
+    fn sync(&self) -> Result<u64>;
+    /// Writes the queued records to the local files without making them durable, so a reader
+    /// of the files finds every event folded so far. A replicated log commits them first (a
+    /// local file must never hold a record the shared log refused).
+    fn write_queued(&self) -> Result<()>;
+    /// `Err` when this copy may not decide writes now (a standby: the error names the
+    /// leader). Checked before a write command is queued.
+    fn check_writable(&self) -> Result<()>;
+    /// The last handle is gone: make what is queued durable if that is still safe.
+    fn close(&self);
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
+    /// The ledger reloaded its files (a replicated copy that lost leadership): its writer now
+    /// queues into `outbox`.
+    fn reopened(&self, outbox: Arc<Outbox>);
+}
+
+/// A shared log a batch must reach before it counts as durable (etcd: `src/replica/`).
+pub trait Replicator: Send + Sync + std::fmt::Debug {
+    /// Appends `records` (framed records, `after_seq + 1` first, contiguous) durably after
+    /// `after_seq`; fails, and appends nothing, when the shared log no longer ends at
+    /// `after_seq` or this copy lost the right to write (fencing).
+    fn append(&self, after_seq: u64, records: &[FramedRecord<'_>]) -> std::result::Result<(), String>;
+    /// `Err` when this copy may not decide writes now ([`LogBackend::check_writable`]).
+    fn check_writable(&self) -> Result<()>;
+}
+
+/// One record of a batch, as the writer framed it.
+#[derive(Debug, Clone, Copy)]
+pub struct FramedRecord<'a> {
+    /// Its sequence number.
+    pub seq: u64,
+    #[cfg_attr(
+        not(feature = "etcd"),
+        allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it")
+    )]
+    /// The event's bytes (the record's payload; framing is each copy's own).
+    pub payload: &'a [u8],
+}
+
+/// Splits a batch of framed records (as the outbox holds them) into records. The writer
+/// framed them moments ago, so a short or inconsistent frame is a bug, reported as an error.
+pub fn split_records(mut bytes: &[u8], framing: Framing) -> std::result::Result<Vec<FramedRecord<'_>>, String> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let header = RecordHeader::decode(bytes).map_err(|_| "a queued record's header is cut short".to_string())?;
+        let end = framing.overhead() + header.payload_len();
+        let payload = bytes.get(framing.overhead()..end).ok_or("a queued record's payload is cut short")?;
+        out.push(FramedRecord { seq: header.seq, payload });
+        bytes = &bytes[end..];
+    }
+    Ok(out)
+}
+
+/// The local write-ahead log as a backend, optionally behind a [`Replicator`].
+#[derive(Debug)]
+pub struct LocalWal {
+    /// The writer's outbox; replaced when a replicated ledger reloads from its files.
+    outbox: Mutex<Arc<Outbox>>,
+    replicator: Option<Arc<dyn Replicator>>,
+}
+
+impl LocalWal {
+    /// The local log whose writer queues into `outbox`.
+    pub fn new(outbox: Arc<Outbox>, replicator: Option<Arc<dyn Replicator>>) -> LocalWal {
+        LocalWal { outbox: Mutex::new(outbox), replicator }
+    }
+
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
+    /// Points the backend at a new writer's outbox (after the ledger reloaded its files).
+    pub fn set_outbox(&self, outbox: Arc<Outbox>) {
+        *lock(&self.outbox) = outbox;
+    }
+
+    fn outbox(&self) -> Arc<Outbox> {
+        lock(&self.outbox).clone()
+    }
+
+    /// Writes what is queued; with a replicator, after it committed the same records.
+    fn write_out(&self, outbox: &Outbox) -> Result<WriteOut> {
+        match &self.replicator {
+            None => outbox.write_out(),
+            Some(r) => outbox.write_out_after(&|bytes: &[u8], framing| {
+                let records = split_records(bytes, framing)?;
+                match records.first() {
+                    Some(first) => r.append(first.seq - 1, &records),
+                    None => Ok(()),
+                }
+            }),
+        }
+    }
+}
+
+impl LogBackend for LocalWal {
+    fn sync(&self) -> Result<u64> {
+        let outbox = self.outbox();
+        let written = self.write_out(&outbox)?;
+        outbox.sync(&written).map_err(|e| Error::Poisoned(format!("fsync of the log failed: {e}")))?;
+        Ok(written.last_seq)
+    }
+
+    fn write_queued(&self) -> Result<()> {
+        self.write_out(&self.outbox()).map(drop)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        self.replicator.as_ref().map_or(Ok(()), |r| r.check_writable())
+    }
+
+    fn close(&self) {
+        let _ = self.sync();
+    }
+
+    fn reopened(&self, outbox: Arc<Outbox>) {
+        self.set_outbox(outbox);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
