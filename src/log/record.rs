@@ -16,7 +16,7 @@
 //! before it was durable. 0 means unknown (a lag too large to hold). The checksum covers it.
 //!
 //! Segment format version 4 *chains* its records ([`Framing::Chained`]): the 32-byte chain
-//! value of the record ([`crate::log::chain`]) follows the header, before the payload, and the
+//! value of the record (`log/chain.rs`) follows the header, before the payload, and the
 //! checksum covers it too:
 //!
 //! ```text

@@ -17,7 +17,7 @@
 //! record whose lag proves the damaged one durable is damage, never a torn tail, whatever its
 //! bytes look like; damage that nothing proves durable lies in the last write, which is cut.
 //!
-//! Version 4 chains its records (see [`crate::log::chain`]): the header grows to 64 bytes, the
+//! Version 4 chains its records (see `log/chain.rs`): the header grows to 64 bytes, the
 //! 32 after the version 3 layout holding the chain value in force at the segment's start (of
 //! the record before its first), so a segment can be checked alone; the reserved field holds
 //! their CRC-32, which the header's own checksum covers. Records carry their chain value
@@ -131,7 +131,7 @@ impl Header {
         }
     }
 
-    /// The records are chained (version 4 on; see [`crate::log::chain`]).
+    /// The records are chained (version 4 on; see `log/chain.rs`).
     pub fn chained(&self) -> bool {
         self.version >= CHAINED_SINCE_VERSION
     }
@@ -156,7 +156,7 @@ impl Header {
     }
 
     /// Writes the header's bytes, checksummed (flags 0; the reserved field 0 before version 4)
-    /// to the start of `out`, which holds at least [`Self::len`] bytes.
+    /// to the start of `out`, which holds at least `records_offset()` bytes.
     pub fn encode_into(&self, out: &mut [u8]) {
         let mut raw = [0; Self::LEN];
         fields::put(&mut raw, Self::MAGIC_OFFSET, *MAGIC);
