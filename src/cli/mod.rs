@@ -354,7 +354,11 @@ pub fn main() -> ExitCode {
             return ExitCode::InvalidInput;
         }
     };
-    if !matches!(cli.command, Command::Serve(_)) {
+    #[cfg(feature = "server")]
+    let serving = matches!(cli.command, Command::Serve(_));
+    #[cfg(not(feature = "server"))]
+    let serving = false;
+    if !serving {
         die_quietly_on_closed_pipe();
     }
     let out = Out::new(&cli);
