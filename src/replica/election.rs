@@ -189,10 +189,7 @@ fn check_local_chain(ledger: &Ledger, log: &EtcdLog, head: u64) -> Result<()> {
     if local > 0 && end.chain_from != Some(1) {
         log.no_chain_check("this copy's log predates the chain (format 4)");
     }
-    let (off, _) = log_call(log, |mut c, k| async move {
-        let r = c.get(k.chain_off(), None).await?;
-        Ok((!r.kvs().is_empty(), ()))
-    })?;
+    let off = log_call(log, |mut c, k| async move { Ok(!c.get(k.chain_off(), None).await?.kvs().is_empty()) })?;
     if off {
         log.no_chain_check("the first leader's log predates the chain");
     }
@@ -341,16 +338,13 @@ async fn keep_alive(log: Weak<EtcdLog>, mut client: Client, lease_id: i64, ttl: 
             }
             return;
         }
-        let (keeper, messages) = match stream.as_mut() {
-            Some(s) => s,
-            None => {
-                if let Ok(Ok(s)) = tokio::time::timeout(left, client.lease_keep_alive(lease_id)).await {
-                    stream = Some(s);
-                } else {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                continue;
+        let Some((keeper, messages)) = stream.as_mut() else {
+            if let Ok(Ok(s)) = tokio::time::timeout(left, client.lease_keep_alive(lease_id)).await {
+                stream = Some(s);
+            } else {
+                tokio::time::sleep(RETRY_PAUSE).await;
             }
+            continue;
         };
         let sent = tokio::time::Instant::now();
         let renewed = match keeper.keep_alive().await {
