@@ -113,3 +113,58 @@ impl Ledger {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::clock::Micros;
+    use crate::domain::event::EventBody;
+    use crate::log::chain::chain_next;
+    use crate::log::storage::MemoryStorage;
+    use crate::{OpenOptions, ResourceRequest};
+    use std::sync::Arc;
+
+    /// A ledger holding one grant, and the record that releases it as the shared log would
+    /// carry it (seq 3), with its payload.
+    fn ledger_and_release() -> (Ledger, u64, Vec<u8>) {
+        let opts = OpenOptions::default().storage(Arc::new(MemoryStorage::new()));
+        let ledger = Ledger::open_with("/l", opts).unwrap();
+        let granted = ledger.request_resources(&ResourceRequest::new("j").workers(1)).unwrap();
+        let last_ts = lock(&ledger.shared.core).state.last_ts_us;
+        let body = EventBody::Released { allocation_id: granted.allocation_id() };
+        let payload = Event::new(Micros::from_micros(last_ts.as_micros() + 1), body).encode();
+        (ledger, 3, payload)
+    }
+
+    fn chain_now(ledger: &Ledger) -> ChainValue {
+        let core = lock(&ledger.shared.core);
+        ledger.local_chain(&core).unwrap()
+    }
+
+    #[test]
+    fn a_record_that_chains_on_is_folded() {
+        let (ledger, seq, payload) = ledger_and_release();
+        let chain = Some(chain_next(&chain_now(&ledger), seq, &payload));
+        assert_eq!(ledger.apply_replicated(&[SharedRecord { seq, payload, chain }], true).unwrap(), seq);
+        assert_eq!(ledger.chain_at(seq).unwrap(), chain, "the local chain value is the shared log's");
+        assert!(ledger.status().poisoned.is_none());
+    }
+
+    #[test]
+    fn a_record_whose_chain_value_is_not_ours_is_refused_before_it_is_written() {
+        let (ledger, seq, payload) = ledger_and_release();
+        let ours = chain_next(&chain_now(&ledger), seq, &payload);
+        let theirs = chain_next(&ChainValue::default(), seq, &payload);
+        let record = SharedRecord { seq, payload, chain: Some(theirs) };
+        let err = ledger.apply_replicated(std::slice::from_ref(&record), true).unwrap_err().to_string();
+        assert!(err.contains("diverged from the shared log at record 3"), "{err}");
+        assert!(err.contains(&ours.to_string()) && err.contains(&theirs.to_string()), "both values named: {err}");
+        assert_eq!(ledger.last_seq(), 2, "nothing was folded or written");
+        let status = ledger.status();
+        assert!(status.poisoned.as_deref().is_some_and(|p| p.contains("diverged")), "health says why: {status:?}");
+        assert!(ledger.request_resources(&ResourceRequest::new("k").workers(1)).is_err(), "no writes");
+        // Without the check (a log that predates the chain) the same record is folded.
+        let (ledger, seq, payload) = ledger_and_release();
+        assert_eq!(ledger.apply_replicated(&[SharedRecord { seq, payload, chain: Some(theirs) }], false).unwrap(), 3);
+    }
+}

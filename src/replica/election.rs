@@ -186,7 +186,9 @@ fn check_local_chain(ledger: &Ledger, log: &EtcdLog, head: u64) -> Result<()> {
                  healthy peer's"
             ))
         })?;
-    if local > 0 && end.chain_from != Some(1) {
+    // Older, unchained segments before the chain begins (archived ones are not counted).
+    let first = end.segments.first().map_or(1, |s| s.first_seq);
+    if local > 0 && end.chain_from.is_none_or(|from| from > first) {
         log.no_chain_check("this copy's log predates the chain (format 4)");
     }
     let off = log_call(log, |mut c, k| async move { Ok(!c.get(k.chain_off(), None).await?.kvs().is_empty()) })?;
