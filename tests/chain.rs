@@ -272,3 +272,39 @@ proptest! {
         }
     }
 }
+
+/// A snapshot whose recorded chain value is not the log's at its record (a snapshot of another
+/// history, its checksum recomputed) is a problem `verify` names; the untouched one is ok.
+#[test]
+fn verify_checks_a_snapshots_chain_value_against_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("l");
+    build(&dir, 8);
+    let clock = ManualClock::at_default_epoch();
+    clock.advance_seconds(100);
+    let ledger = Ledger::open_with(&dir, common::fs_options(&clock, common::small_config(0))).unwrap();
+    let snap = ledger.snapshot().unwrap();
+    let head = ledger.chain_head().unwrap().unwrap();
+    drop(ledger);
+    let report = check(&dir);
+    assert!(report.ok, "{:?}", report.problems);
+    assert!(report.snapshots.iter().all(|s| s.status == "ok"), "{:?}", report.snapshots);
+
+    let mut bytes = std::fs::read(&snap.path).unwrap();
+    let hex = head.hash.to_string();
+    let at = bytes.windows(hex.len()).position(|w| w == hex.as_bytes()).expect("the snapshot records the chain value");
+    let forged = chain_next(&head.hash, 0, b"another history").to_string();
+    bytes[at..at + hex.len()].copy_from_slice(forged.as_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&bytes[..36]);
+    h.update(&bytes[40..]);
+    let crc = h.finalize().to_le_bytes();
+    bytes[36..40].copy_from_slice(&crc);
+    std::fs::write(&snap.path, &bytes).unwrap();
+
+    let report = check(&dir);
+    assert!(!report.ok, "a snapshot of another history is a problem");
+    let status = &report.snapshots.iter().find(|s| s.seq == snap.seq).unwrap().status;
+    assert!(status.contains(&forged) && status.contains(&hex), "{status}");
+    assert!(report.problems.iter().any(|p| p.contains("does not belong to this history")), "{:?}", report.problems);
+}

@@ -17,11 +17,22 @@ use std::time::{Duration, Instant};
 /// seq 1..n with no gap or duplicate), no slot was ever held twice and no more workers were
 /// held than exist, and every acknowledged grant is in it.
 fn check_one_log(copies: &[&Replica], acked: &BTreeSet<String>) -> Vec<Value> {
-    let mut logs: Vec<Vec<Value>> = Vec::new();
-    wait_until("the copies to hold the same log", Duration::from_secs(60), || {
-        logs = copies.iter().map(|c| c.events()).collect();
-        logs.windows(2).all(|w| w[0].len() == w[1].len())
-    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let logs = loop {
+        let logs: Vec<Vec<Value>> = copies.iter().map(|c| c.events()).collect();
+        if logs.windows(2).all(|w| w[0].len() == w[1].len()) {
+            break logs;
+        }
+        if Instant::now() > deadline {
+            let agent = agent();
+            for (c, log) in copies.iter().zip(&logs) {
+                let probe = call(&agent, &c.url(), "request_resources", &json!({"job_id": "probe", "workers": 99}));
+                eprintln!("copy {}: {} events, last {:?}; a write there: {probe:?}", c.url(), log.len(), log.last());
+            }
+            panic!("timed out waiting for the copies to hold the same log");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let log = logs[0].clone();
     for other in &logs[1..] {
         assert_eq!(&log, other, "the copies' logs differ");
@@ -234,8 +245,10 @@ fn etcd_losing_quorum_stops_writes_and_they_resume_after() {
     };
     assert_eq!(grant("first").unwrap()["status"], "active");
     cluster.kill(0);
-    let answer = grant("one-member-down").unwrap();
-    assert_eq!(answer["status"], "active", "writes continue with 2 of 3: {answer}");
+    for i in 0..3 {
+        let answer = grant(&format!("one-member-down-{i}")).unwrap();
+        assert_eq!(answer["status"], "active", "writes continue with 2 of 3: {answer}");
+    }
     cluster.kill(1);
     let failed = write(
         &agent,
@@ -244,8 +257,23 @@ fn etcd_losing_quorum_stops_writes_and_they_resume_after() {
         &json!({"job_id": "no-quorum", "workers": 0, "mcp_servers": ["github"]}),
         Duration::from_secs(15),
     );
-    let why = failed.expect_err("a write without quorum fails");
-    assert!(why.contains("no quorum") || why.contains("no leader"), "{why}");
+    assert!(failed.is_err(), "a write without quorum fails: {failed:?}");
+    // Every copy refuses writes and says why (a copy may first name the leader it saw last,
+    // until it finds etcd without quorum).
+    for copy in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let args = json!({"job_id": "no-quorum-direct", "workers": 0, "mcp_servers": ["github"]});
+            let answer = call(&agent, &copy.url(), "request_resources", &args);
+            let message = answer.as_ref().ok().and_then(error_message).map(str::to_string);
+            assert!(answer.as_ref().map_or(true, |a| a["status"] != "active"), "a write without quorum: {answer:?}");
+            if message.as_deref().is_some_and(|m| m.contains("no quorum")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} does not say no quorum: {answer:?}", copy.url());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
     cluster.restart(0);
     cluster.restart(1);
     cluster.wait_healthy();
@@ -322,4 +350,132 @@ fn a_standby_down_past_retention_says_it_cannot_catch_up() {
     assert!(!status.success());
     assert!(stderr.contains("cannot catch up"), "{stderr}");
     assert!(stderr.contains("copy a peer's data directory"), "{stderr}");
+}
+
+/// Runs the `serve` of a stopped copy and waits until it exits (it must refuse to start):
+/// its stderr.
+fn refused_start(copy: &Replica, cluster: &EtcdCluster, name: &str, ttl: u64) -> String {
+    let mut child = copy
+        .command(&cluster.endpoints(), name, ttl)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the copy started serving");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    stderr
+}
+
+/// The 64-hex-digit words of `text` (chain values).
+fn hashes(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_ascii_hexdigit()).filter(|w| w.len() == 64).map(str::to_string).collect()
+}
+
+#[test]
+fn a_copy_whose_local_log_was_altered_refuses_to_serve() {
+    if !enabled("a_copy_whose_local_log_was_altered_refuses_to_serve") {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let (dirs, a, mut b) = two_copies(&cluster, "tamper", 2);
+    let agent = agent();
+    let urls = vec![a.url(), b.url()];
+    for i in 0..4 {
+        let args = json!({"job_id": format!("early-{i}"), "workers": 0, "mcp_servers": ["github"]});
+        let r = write(&agent, &urls, "request_resources", &args, Duration::from_secs(30));
+        assert_eq!(r.unwrap()["status"], "active");
+    }
+    wait_until("b to follow", Duration::from_secs(30), || b.events().len() == 5 && a.events().len() == 5);
+    b.kill();
+    let wal = b.dir.join("wal");
+    let pristine = dirs.path().join("b-wal");
+    std::fs::create_dir_all(&pristine).unwrap();
+    for f in std::fs::read_dir(&wal).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, pristine.join(f.file_name().unwrap())).unwrap();
+    }
+
+    // A flipped byte (its CRC made good again): the copy's own chain check finds it.
+    etcd::tamper::rewrite(&b.dir, 3, b"early-", b'E', false);
+    let stderr = refused_start(&b, &cluster, "tamper", 2);
+    assert!(stderr.contains("fails its chain check") && stderr.contains("refuses to serve"), "{stderr}");
+
+    // A different but valid record at seq 3 (the chain recomputed after it): its chain value
+    // at its last record is not the shared log's.
+    std::fs::remove_dir_all(&wal).unwrap();
+    std::fs::create_dir_all(&wal).unwrap();
+    for f in std::fs::read_dir(&pristine).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, wal.join(f.file_name().unwrap())).unwrap();
+    }
+    etcd::tamper::rewrite(&b.dir, 3, b"early-", b'E', true);
+    let stderr = refused_start(&b, &cluster, "tamper", 2);
+    assert!(stderr.contains("diverged from the shared log at record 5"), "{stderr}");
+    let named = hashes(&stderr);
+    assert!(named.len() >= 2 && named[0] != named[1], "both chain values are named: {stderr}");
+
+    // The healthy copy goes on serving writes.
+    let r = write(
+        &agent,
+        &[a.url()],
+        "request_resources",
+        &json!({"job_id": "after", "workers": 1}),
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.unwrap()["status"], "active");
+}
+
+#[test]
+fn the_cli_pointed_at_a_standby_writes_through_the_leader() {
+    if !enabled("the_cli_pointed_at_a_standby_writes_through_the_leader") {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let (_dirs, a, b) = two_copies(&cluster, "cli", 2);
+    let agent = agent();
+    let urls = vec![a.url(), b.url()];
+    let r =
+        write(&agent, &urls, "request_resources", &json!({"job_id": "first", "workers": 1}), Duration::from_secs(30));
+    assert_eq!(r.unwrap()["status"], "active");
+    // The standby: the copy whose direct answer is "not the leader, the leader is X".
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (standby, leader) = loop {
+        let probe = json!({"job_id": "probe", "workers": 0, "mcp_servers": ["github"]});
+        let named =
+            |url: &str| call(&agent, url, "request_resources", &probe).ok().as_ref().and_then(etcd::leader_named);
+        if named(&b.url()) == Some(a.url()) {
+            break (b.url(), a.url());
+        }
+        if named(&a.url()) == Some(b.url()) {
+            break (a.url(), b.url());
+        }
+        assert!(Instant::now() < deadline, "one copy names the other as the leader");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_allocation-ledger"))
+        .env_remove("ALLOCATION_LEDGER_DIR")
+        .args(["--server", &standby, "--json", "request", "--job-id", "via-standby", "--workers", "1"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let granted: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(granted["status"], "active", "{stdout}");
+    assert!(stderr.contains("not the leader") && stderr.contains(&leader), "the CLI says it followed: {stderr}");
+    // MCP callers still get the clear error naming the leader.
+    let direct = call(&agent, &standby, "request_resources", &json!({"job_id": "direct", "workers": 1})).unwrap();
+    assert_eq!(direct["kind"], "unavailable", "{direct}");
+    assert_eq!(etcd::leader_named(&direct).as_deref(), Some(leader.as_str()), "{direct}");
 }

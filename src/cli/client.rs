@@ -145,6 +145,11 @@ struct Server {
     runtime: tokio::runtime::Runtime,
     client: RunningService<RoleClient, ()>,
     url: String,
+    /// The token sent, sent again to the leader when this server names one.
+    token: Option<String>,
+    /// A replica that is not the leader named it: the session with the leader, to which this
+    /// command's calls go from then on (followed once, never further).
+    leader: std::cell::OnceCell<Box<Server>>,
 }
 
 /// Why connecting failed.
@@ -190,6 +195,7 @@ impl Server {
             .build()
             .map_err(|e| ConnectError::Other(format!("cannot start the async runtime: {e}")))?;
         let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_string());
+        let config_token = token.clone();
         if let Some(token) = token {
             config = config.auth_header(token);
         }
@@ -205,7 +211,7 @@ impl Server {
                 Ok(Ok(client)) => Ok(client),
             }
         })?;
-        Ok(Server { runtime, client, url: url.to_string() })
+        Ok(Server { runtime, client, url: url.to_string(), token: config_token, leader: std::cell::OnceCell::new() })
     }
 
     /// Runs the command through the server's tools, prints its answer as the local mode
@@ -215,11 +221,19 @@ impl Server {
             Ok(code) => code,
             Err(failure) => report(out, failure),
         };
-        let Server { runtime, client, .. } = self;
+        self.close();
+        code
+    }
+
+    /// Closes the session (and the leader's, if a call was sent there).
+    fn close(self) {
+        let Server { runtime, client, leader, .. } = self;
+        if let Some(leader) = leader.into_inner() {
+            leader.close();
+        }
         runtime.block_on(async {
             let _ = tokio::time::timeout(Duration::from_secs(5), client.cancel()).await;
         });
-        code
     }
 
     /// Calls `tool`: its structured result, or its error as the failure it reports.
@@ -228,7 +242,28 @@ impl Server {
     }
 
     /// [`Server::call`] that waits up to `timeout` for the answer (`request --wait`).
+    /// A replica that is not the leader and names it ("not the leader, the leader is X") gets
+    /// the call sent on to X once, said on stderr, so a write through any replica works.
     fn call_for(&self, tool: &'static str, args: Map<String, Value>, timeout: Duration) -> Result<Value, Failure> {
+        if let Some(leader) = self.leader.get() {
+            return leader.call_here(tool, args, timeout);
+        }
+        match self.call_here(tool, args.clone(), timeout) {
+            Err(Failure::Tool(v)) => match leader_named(&v).filter(|url| *url != self.url) {
+                Some(url) => {
+                    let leader = Self::connect(&url, self.token.clone())
+                        .map_err(|e| Failure::Ledger(connect_error(&url, self.token.is_some(), e)))?;
+                    eprintln!("note: {} is not the leader; sent the call to the leader at {url}", self.url);
+                    self.leader.get_or_init(|| Box::new(leader)).call_here(tool, args, timeout)
+                }
+                None => Err(Failure::Tool(v)),
+            },
+            other => other,
+        }
+    }
+
+    /// [`Server::call_for`] on this server only.
+    fn call_here(&self, tool: &'static str, args: Map<String, Value>, timeout: Duration) -> Result<Value, Failure> {
         let mut params = CallToolRequestParams::new(tool);
         params.arguments = Some(args);
         let result =
@@ -276,6 +311,16 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         Failure::Ledger(e)
     }
+}
+
+/// The leader a replicated copy names when it refuses a write (`unavailable`: "not the
+/// leader, the leader is URL").
+fn leader_named(v: &Value) -> Option<String> {
+    if v["kind"].as_str() != Some("unavailable") {
+        return None;
+    }
+    let url = v["error"].as_str()?.split("not the leader, the leader is ").nth(1)?.trim();
+    (url.starts_with("http://") || url.starts_with("https://")).then(|| url.to_string())
 }
 
 /// A tool's error result as the error the local mode would have reported.

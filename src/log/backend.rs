@@ -11,7 +11,8 @@
 //! The core, history and interfaces do not know which one runs: they read the local segment
 //! files, which every copy keeps in the same format.
 
-use crate::log::record::{Framing, RecordHeader};
+use crate::log::chain::{ChainValue, CHAIN_BYTES};
+use crate::log::record::{Framing, RecordHeader, HEADER_LEN};
 use crate::log::wal::{Outbox, WriteOut};
 use crate::{Error, Result};
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,13 @@ pub struct FramedRecord<'a> {
     )]
     /// The event's bytes (the record's payload; framing is each copy's own).
     pub payload: &'a [u8],
+    #[cfg_attr(
+        not(feature = "etcd"),
+        allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it")
+    )]
+    /// The record's chain value as this copy stamped it (`None` in an older, unchained
+    /// segment): the shared log carries it, so that other copies compare theirs with it.
+    pub chain: Option<ChainValue>,
 }
 
 /// Splits a batch of framed records (as the outbox holds them) into records. The writer
@@ -68,7 +76,14 @@ pub fn split_records(mut bytes: &[u8], framing: Framing) -> std::result::Result<
         let header = RecordHeader::decode(bytes).map_err(|_| "a queued record's header is cut short".to_string())?;
         let end = framing.overhead() + header.payload_len();
         let payload = bytes.get(framing.overhead()..end).ok_or("a queued record's payload is cut short")?;
-        out.push(FramedRecord { seq: header.seq, payload });
+        let chain = match framing {
+            Framing::Chained => bytes
+                .get(HEADER_LEN..HEADER_LEN + CHAIN_BYTES)
+                .and_then(|b| <[u8; CHAIN_BYTES]>::try_from(b).ok())
+                .map(ChainValue),
+            Framing::Plain => None,
+        };
+        out.push(FramedRecord { seq: header.seq, payload, chain });
         bytes = &bytes[end..];
     }
     Ok(out)
@@ -140,4 +155,17 @@ impl LogBackend for LocalWal {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A record as the shared log holds it (a copy that follows folds these): its sequence number,
+/// payload, and the chain value the copy that wrote it gave it, if it carried one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedRecord {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The event's bytes.
+    pub payload: Vec<u8>,
+    /// The writer's chain value for it (`None`: written without one, by an older build or
+    /// from an unchained segment): a follower compares its own with it.
+    pub chain: Option<ChainValue>,
 }

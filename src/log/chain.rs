@@ -133,6 +133,17 @@ impl FromStr for ChainHead {
     }
 }
 
+#[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
+/// Why a copy of a replicated ledger stops: its chain value at `seq` (`here`) is not the one
+/// the shared log carries (`there`), so its history is not the leader's.
+pub(crate) fn diverged_reason(seq: u64, here: &ChainValue, there: &ChainValue) -> String {
+    format!(
+        "this copy diverged from the shared log at record {seq}: its chain value there is {here}, the \
+         shared log's is {there}; it refuses to serve (no writes, no campaign). Move its data directory \
+         aside and start it empty (it rebuilds from the shared log) or from a copy of a healthy peer's"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

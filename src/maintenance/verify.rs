@@ -39,8 +39,9 @@ pub struct SnapshotReport {
     pub file: PathBuf,
     /// The sequence number in its name: the last event it holds.
     pub seq: u64,
-    /// `ok`, `damaged: ...`, `differs from the replayed log`, `ahead of the log` or `not
-    /// checked (...)`.
+    /// `ok` (`ok (records no chain value ...)` for an older snapshot), `damaged: ...`,
+    /// `differs from the replayed log`, `records chain value ...` (not the log's chain value at
+    /// its record), `ahead of the log` or `not checked (...)`.
     pub status: String,
 }
 
@@ -108,7 +109,9 @@ pub struct VerifyOptions {
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 /// Snapshots to compare against the fold, by sequence number, each decoded or why not.
-type Snapshots = BTreeMap<u64, (PathBuf, std::result::Result<State, String>)>;
+/// A decoded snapshot: its state and the chain value it recorded for its record (`None` in an
+/// older snapshot, or one of an unchained log).
+type Snapshots = BTreeMap<u64, (PathBuf, std::result::Result<(State, Option<ChainValue>), String>)>;
 
 /// Reads every segment and every snapshot of the ledger in `dir` and reports what is wrong,
 /// changing nothing. `progress` hears of each segment read, in bytes.
@@ -153,7 +156,7 @@ pub fn verify_with(
             if Some(pos.seq) == pinned_seq {
                 at_pin = pos.chain;
             }
-            fold.event(pos.seq, ev);
+            fold.event(pos.seq, pos.chain, ev);
             Ok(true)
         },
         &mut tally,
@@ -233,9 +236,13 @@ fn check_pinned(
 fn decode_snapshots(storage: &dyn Storage, dir: &Path) -> Result<Snapshots> {
     let mut snaps = Snapshots::new();
     for file in list_snapshots(storage, &dir.join(SNAPSHOT_DIR))? {
-        if let Some(decoded) = file.decode(storage) {
-            snaps.insert(file.seq, (file.path, decoded));
-        }
+        let decoded = match storage.read(&file.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            read => read.map_err(|e| e.to_string()).and_then(|b| {
+                crate::log::snapshot::decode_with_position(&b, file.seq).map(|(s, p)| (s, p.and_then(|p| p.chain)))
+            }),
+        };
+        snaps.insert(file.seq, (file.path, decoded));
     }
     Ok(snaps)
 }
@@ -250,12 +257,27 @@ struct Fold<'a> {
 }
 
 impl Fold<'_> {
-    fn event(&mut self, seq: u64, ev: Event) {
+    /// Folds record `seq` (whose chain value in the log is `chain`, where chained) and checks
+    /// a snapshot taken at it: its state, and the chain value it recorded.
+    fn event(&mut self, seq: u64, chain: Option<ChainValue>, ev: Event) {
         self.first_ts.get_or_insert(ev.ts_us);
         self.state.evolve(seq, ev.ts_us, &ev.body);
-        if let Some((_, Ok(snap))) = self.snaps.get(&seq) {
-            let status = if *snap == self.state { "ok" } else { "differs from the replayed log" };
-            self.snap_status.insert(seq, status.to_string());
+        if let Some((_, Ok((snap, snap_chain)))) = self.snaps.get(&seq) {
+            let status = if *snap != self.state {
+                "differs from the replayed log".to_string()
+            } else {
+                match (snap_chain, chain) {
+                    (Some(s), Some(l)) if s != &l => format!(
+                        "records chain value {s} for record {seq}, but the log's chain value there is {l}: \
+                         it does not belong to this history"
+                    ),
+                    (None, Some(_)) => {
+                        "ok (records no chain value: an older snapshot; its state matches the log)".into()
+                    }
+                    _ => "ok".into(),
+                }
+            };
+            self.snap_status.insert(seq, status);
         }
     }
 }
@@ -337,7 +359,7 @@ fn snapshot_reports(
                 "not checked (the log could not be replayed up to it)".to_string()
             }
         });
-        if status != "ok" && !status.starts_with("not checked") {
+        if !status.starts_with("ok") && !status.starts_with("not checked") {
             problems.push(format!("{}: snapshot {status}", path.display()));
         }
         reports.push(SnapshotReport { file: path.clone(), seq: *seq, status });

@@ -49,7 +49,7 @@ pub fn open(dir: &Path, opts: OpenOptions, etcd: &EtcdOptions) -> Result<Ledger>
             "this copy's log ends at {local}, beyond the shared log's head {head}: it diverged; move its directory aside"
         )));
     }
-    compare_chain(local.min(head), &[])?;
+    check_local_chain(&ledger, &log, head)?;
     log.note_committed(local.min(head));
     catch_up(&ledger, &log)?;
     if let Some(key) = &won {
@@ -75,28 +75,40 @@ fn run<T: Send + 'static>(
         .map_err(|_| Error::Unavailable(format!("no quorum: the shared log (etcd) did not answer within {timeout:?}")))
 }
 
-/// One etcd call on the log's client, waited for from this thread.
+/// One etcd read on the log's client, waited for from this thread. A read that fails (an
+/// etcd member went away: the client's balancer may still pick it) is tried again until the
+/// request timeout: reads are idempotent.
 pub(super) fn log_call<
     T: Send + 'static,
     F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>> + Send + 'static,
 >(
     log: &EtcdLog,
-    call: impl FnOnce(Client, super::Keys) -> F,
+    call: impl Fn(Client, super::Keys) -> F,
 ) -> Result<T> {
-    let fut = call(log.client.clone(), log.keys.clone());
-    match log.block(fut) {
-        Some(r) => r.map_err(|e| etcd_error("a read", &e)),
-        None => Err(Error::Unavailable(format!(
-            "no quorum: the shared log (etcd) did not answer within {:?}",
-            log.opts.request_timeout
-        ))),
+    let deadline = std::time::Instant::now() + log.opts.request_timeout;
+    loop {
+        let fut = call(log.client.clone(), log.keys.clone());
+        match log.block(fut) {
+            Some(Ok(v)) => return Ok(v),
+            Some(Err(_)) if std::time::Instant::now() + RETRY_PAUSE < deadline => std::thread::sleep(RETRY_PAUSE),
+            Some(Err(e)) => return Err(etcd_error("a read", &e)),
+            None => {
+                return Err(Error::Unavailable(format!(
+                    "no quorum: the shared log (etcd) did not answer within {:?}",
+                    log.opts.request_timeout
+                )))
+            }
+        }
     }
 }
+
+/// The pause before a failed etcd request is tried again.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// The shared log's first record (a new copy's local files start from it).
 fn first_record(log: &EtcdLog) -> Result<Vec<u8>> {
     let (records, _) = log_call(log, |mut c, k| async move { EtcdLog::records(&mut c, &k, 1, 1, 1).await })?;
-    records.into_iter().next().map(|(_, payload)| payload).ok_or_else(|| {
+    records.into_iter().next().map(|r| r.payload).ok_or_else(|| {
         Error::Unavailable(
             "cannot create this copy from the shared log: its first records were removed by retention; \
              copy a peer's data directory (snapshots and log) here and start again"
@@ -139,13 +151,57 @@ pub(super) fn catch_up(ledger: &Ledger, log: &EtcdLog) -> Result<u64> {
             EtcdLog::records(&mut c, &k, local + 1, head, CATCH_UP_PAGE).await
         })?;
         match records.first() {
-            Some((seq, _)) if *seq == local + 1 => {}
+            Some(r) if r.seq == local + 1 => {}
             _ => return Err(behind_retention(local)),
         }
-        let last = records.last().map_or(local, |r| r.0);
+        let last = records.last().map_or(local, |r| r.seq);
         log.note_committed(last);
-        ledger.apply_replicated(&records)?;
+        if let Err(e) = ledger.apply_replicated(&records, log.check_chain()) {
+            if let Error::Poisoned(why) = &e {
+                log.set_diverged(why);
+            }
+            return Err(e);
+        }
     }
+}
+
+/// Before this copy serves: its local log must pass its own chain check (every stored value
+/// recomputed: an edited record is found even with a good CRC), and its chain value at its
+/// last record must be the one the shared log carries there (a record replaced and the chain
+/// recomputed after it is found). Chain values are not compared when either log predates the
+/// chain (their values count from different records).
+fn check_local_chain(ledger: &Ledger, log: &EtcdLog, head: u64) -> Result<()> {
+    let local = ledger.last_seq();
+    let storage = crate::log::storage::FsStorage { mmap_min_bytes: 1 << 20 };
+    let wal = ledger.dir().join(WAL_DIR);
+    let end = crate::log::reader::LogReader::new(&storage, &wal)
+        .retained()
+        .verify_chain()
+        .upto(local)
+        .records(&mut |_, _| Ok(true))
+        .map_err(|e| {
+            Error::Poisoned(format!(
+                "this copy's local log fails its chain check: {e}; it refuses to serve. Move its data \
+                 directory aside and start it empty (it rebuilds from the shared log) or from a copy of a \
+                 healthy peer's"
+            ))
+        })?;
+    // Older, unchained segments before the chain begins (archived ones are not counted).
+    let first = end.segments.first().map_or(1, |s| s.first_seq);
+    if local > 0 && end.chain_from.is_none_or(|from| from > first) {
+        log.no_chain_check("this copy's log predates the chain (format 4)");
+    }
+    let off = log_call(log, |mut c, k| async move { Ok(!c.get(k.chain_off(), None).await?.kvs().is_empty()) })?;
+    if off {
+        log.no_chain_check("the first leader's log predates the chain");
+    }
+    if local == 0 || local > head || !log.check_chain() {
+        return Ok(());
+    }
+    let (records, _) =
+        log_call(log, move |mut c, k| async move { EtcdLog::records(&mut c, &k, local, local, 1).await })?;
+    let there = records.first().filter(|r| r.seq == local).and_then(|r| r.chain);
+    compare_chain(local, end.chain, there)
 }
 
 /// The error of a copy whose next record the shared log no longer keeps.
@@ -177,6 +233,12 @@ fn take_lead(ledger: &Ledger, log: &Arc<EtcdLog>, key: &LeaderKey) -> Result<()>
 async fn supervise(log: Weak<EtcdLog>, ledger: WeakLedger, mut won: Option<LeaderKey>, mut lease: Option<i64>) {
     loop {
         let Some(l) = log.upgrade() else { return };
+        if l.diverged().is_some() {
+            // It refuses to serve: no campaign (and no lease, so retention goes on without it).
+            drop(l);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         let (mut client, ttl) = (l.client.clone(), l.opts.lease_ttl_seconds);
         let lease_id = match lease.take() {
             Some(id) => id,
@@ -259,24 +321,57 @@ async fn dropped(ledger: &WeakLedger) {
     }
 }
 
-/// Keeps the lease alive (every third of its TTL); a lapse steps the copy down.
+/// Keeps the lease alive (every third of its TTL). A broken keep-alive stream (the etcd member
+/// it ran through went away) is opened again, through whichever member answers, for as long
+/// as the lease is surely still alive (its TTL counted from the last renewal *sent* that
+/// etcd confirmed); only a lease that may have lapsed, or that etcd says is gone, steps the
+/// copy down. Holding on that long is safe: the fence, not the lease, refuses a stale append.
 async fn keep_alive(log: Weak<EtcdLog>, mut client: Client, lease_id: i64, ttl: i64) {
-    let period = Duration::from_millis(u64::try_from(ttl).unwrap_or(5).max(1) * 1000 / 3);
-    let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease_id).await else {
-        if let Some(l) = log.upgrade() {
-            l.lose("lost the election lease (etcd unreachable)");
-        }
-        return;
-    };
+    let ttl = Duration::from_secs(u64::try_from(ttl).unwrap_or(5).max(1));
+    let period = ttl / 3;
+    // The lease was granted moments ago; count conservatively.
+    let mut alive_until = tokio::time::Instant::now() + period;
+    let mut stream = None;
     loop {
-        let alive = keeper.keep_alive().await.is_ok()
-            && matches!(tokio::time::timeout(period * 2, stream.message()).await, Ok(Ok(Some(r))) if r.ttl() > 0);
-        let Some(l) = log.upgrade() else { return };
-        if !alive {
-            l.lose("lost the election lease: etcd did not renew it in time (no quorum, or this copy was paused)");
+        let left = alive_until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            if let Some(l) = log.upgrade() {
+                l.lose("lost the election lease: etcd did not renew it in time (no quorum, or this copy was paused)");
+            }
             return;
         }
-        drop(l);
-        tokio::time::sleep(period).await;
+        let Some((keeper, messages)) = stream.as_mut() else {
+            if let Ok(Ok(s)) = tokio::time::timeout(left, client.lease_keep_alive(lease_id)).await {
+                stream = Some(s);
+            } else {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            continue;
+        };
+        let sent = tokio::time::Instant::now();
+        let renewed = match keeper.keep_alive().await {
+            Ok(()) => tokio::time::timeout(left, messages.message()).await,
+            Err(e) => Ok(Err(e)),
+        };
+        match renewed {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                alive_until = sent + Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
+                if log.upgrade().is_none() {
+                    return;
+                }
+                tokio::time::sleep(period).await;
+            }
+            Ok(Ok(Some(_))) => {
+                if let Some(l) = log.upgrade() {
+                    l.lose("lost the election lease: etcd says it expired (no quorum for too long, or this copy was paused)");
+                }
+                return;
+            }
+            // The stream broke or did not answer in time: open it again while the lease lasts.
+            _ => {
+                stream = None;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
     }
 }

@@ -4,8 +4,8 @@
 //! election key still exists with the create revision it won with (fencing: a lease alone does
 //! not give mutual exclusion, a paused leader's lease may have expired and been re-won).
 
-use super::{etcd_error, EtcdOptions, Keys};
-use crate::log::backend::{FramedRecord, Replicator};
+use super::{decode_value, encode_value, etcd_error, EtcdOptions, Keys};
+use crate::log::backend::{FramedRecord, Replicator, SharedRecord};
 use crate::{Error, Result};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use std::future::Future;
@@ -43,6 +43,12 @@ pub struct EtcdLog {
     lease: std::sync::atomic::AtomicI64,
     /// Told when an append was refused or failed: the copy must drop what it folded.
     pub(super) lost: tokio::sync::Notify,
+    /// Why this copy refuses to serve: its chain diverged from the shared log's (it then
+    /// neither campaigns nor follows).
+    diverged: Mutex<Option<String>>,
+    /// Compare chain values with the shared log's (off when either side's log predates the
+    /// chain: their values count from different records).
+    check_chain: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for EtcdLog {
@@ -64,6 +70,8 @@ impl EtcdLog {
             committed: AtomicU64::new(0),
             lease: std::sync::atomic::AtomicI64::new(0),
             lost: tokio::sync::Notify::new(),
+            diverged: Mutex::new(None),
+            check_chain: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -75,6 +83,33 @@ impl EtcdLog {
             let _ = tx.send(fut.await);
         });
         rx.recv_timeout(self.opts.request_timeout).ok()
+    }
+
+    /// Why this copy refuses to serve, once its chain diverged.
+    pub fn diverged(&self) -> Option<String> {
+        lock(&self.diverged).clone()
+    }
+
+    /// The copy's chain diverged from the shared log's (`why`): it steps down and refuses to
+    /// serve until it is rebuilt.
+    pub fn set_diverged(&self, why: &str) {
+        let first = lock(&self.diverged).replace(why.to_string()).is_none();
+        if first {
+            eprintln!("allocation-ledger replica {}: {why}", self.opts.replica_id);
+        }
+        let _ = self.step_down(why.to_string());
+    }
+
+    /// Whether chain values are compared with the shared log's.
+    pub fn check_chain(&self) -> bool {
+        self.check_chain.load(Ordering::Acquire)
+    }
+
+    /// Stops comparing chain values (`why`, said once on stderr).
+    pub fn no_chain_check(&self, why: &str) {
+        if self.check_chain.swap(false, Ordering::AcqRel) {
+            eprintln!("allocation-ledger replica {}: chain values are not compared: {why}", self.opts.replica_id);
+        }
     }
 
     /// The role now.
@@ -99,6 +134,9 @@ impl EtcdLog {
 
     /// The message a write gets on a copy that does not lead.
     pub fn not_leader(&self) -> String {
+        if let Some(why) = self.diverged() {
+            return why;
+        }
         let role = self.role();
         match (role.leader_url, role.why_not) {
             (Some(url), _) => format!("not the leader, the leader is {url}"),
@@ -156,7 +194,7 @@ impl EtcdLog {
         from: u64,
         to: u64,
         limit: i64,
-    ) -> std::result::Result<(Vec<(u64, Vec<u8>)>, i64), etcd_client::Error> {
+    ) -> std::result::Result<(Vec<SharedRecord>, i64), etcd_client::Error> {
         let opts = GetOptions::new().with_range(keys.log(to + 1)).with_limit(limit);
         let mut resp = client.get(keys.log(from), Some(opts)).await?;
         let rev = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
@@ -165,7 +203,7 @@ impl EtcdLog {
             .into_iter()
             .filter_map(|kv| {
                 let seq = keys.seq_of(kv.key())?;
-                Some((seq, kv.into_key_value().1))
+                Some(shared_record(seq, kv.value()))
             })
             .collect();
         Ok((out, rev))
@@ -178,7 +216,10 @@ impl EtcdLog {
             0 => Compare::version(head.clone(), CompareOp::Equal, 0),
             n => Compare::value(head.clone(), CompareOp::Equal, n.to_string()),
         };
-        let mut ops: Vec<TxnOp> = records.iter().map(|r| TxnOp::put(self.keys.log(r.seq), r.payload, None)).collect();
+        let mut ops: Vec<TxnOp> = records
+            .iter()
+            .map(|r| TxnOp::put(self.keys.log(r.seq), encode_value(r.chain.as_ref(), r.payload), None))
+            .collect();
         let last = records.last().map_or(after, |r| r.seq);
         ops.push(TxnOp::put(head, last.to_string(), None));
         Txn::new().when([Compare::create_revision(key.to_vec(), CompareOp::Equal, rev), head_is]).and_then(ops)
@@ -240,7 +281,8 @@ impl EtcdLog {
         let limit = i64::try_from(batch.len()).unwrap_or(i64::MAX);
         match self.block(async move { EtcdLog::records(&mut client, &keys, from, to, limit).await }) {
             Some(Ok((found, _))) => {
-                found.len() == batch.len() && found.iter().zip(batch).all(|((s, p), r)| *s == r.seq && p == r.payload)
+                found.len() == batch.len()
+                    && found.iter().zip(batch).all(|(f, r)| f.seq == r.seq && f.payload == r.payload)
             }
             _ => false,
         }
@@ -252,12 +294,13 @@ fn batches<'r, 'a>(records: &'r [&'r FramedRecord<'a>]) -> Vec<&'r [&'r FramedRe
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, r) in records.iter().enumerate() {
-        let full = i - start == MAX_TXN_OPS - 1 || (i > start && bytes + r.payload.len() > MAX_TXN_BYTES);
+        let full = i - start == MAX_TXN_OPS - 1
+            || (i > start && bytes + r.payload.len() + 1 + crate::log::chain::CHAIN_BYTES > MAX_TXN_BYTES);
         if full {
             out.push(&records[start..i]);
             (start, bytes) = (i, 0);
         }
-        bytes += r.payload.len();
+        bytes += r.payload.len() + 1 + crate::log::chain::CHAIN_BYTES;
     }
     if start < records.len() {
         out.push(&records[start..]);
@@ -297,6 +340,12 @@ impl EtcdLog {
         }
         Ok(())
     }
+}
+
+/// A record read from etcd (its value as [`encode_value`] wrote it).
+pub fn shared_record(seq: u64, value: &[u8]) -> SharedRecord {
+    let (chain, payload) = decode_value(value);
+    SharedRecord { seq, payload: payload.to_vec(), chain }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -4,9 +4,10 @@
 //! records every live copy has applied and snapshotted (retention).
 
 use super::election::{behind_retention, catch_up};
+use super::etcd_log::shared_record;
 use super::etcd_log::EtcdLog;
 use crate::ledger::{Ledger, WeakLedger};
-use crate::log::backend::FramedRecord;
+use crate::log::backend::{FramedRecord, SharedRecord};
 use crate::log::layout::{SNAPSHOT_DIR, WAL_DIR};
 use crate::log::reader::LogReader;
 use crate::log::storage::FsStorage;
@@ -23,6 +24,11 @@ pub async fn follow(log: Weak<EtcdLog>, ledger: WeakLedger) {
     let mut reported: Option<String> = None;
     loop {
         let (Some(l), Some(led)) = (log.upgrade(), ledger.upgrade()) else { return };
+        if l.diverged().is_some() {
+            drop((l, led));
+            tokio::time::sleep(TICK).await;
+            continue;
+        }
         if l.role().leading.is_none() {
             observe_leader(&l).await;
             let (l2, led2) = (l.clone(), led.clone());
@@ -92,21 +98,26 @@ async fn watch(l: &Arc<EtcdLog>, led: &Ledger) {
             );
             return;
         }
-        let mut records: Vec<(u64, Vec<u8>)> = msg
+        let mut records: Vec<SharedRecord> = msg
             .events()
             .iter()
             .filter(|e| e.event_type() == EventType::Put)
-            .filter_map(|e| e.kv().and_then(|kv| Some((l.keys.seq_of(kv.key())?, kv.value().to_vec()))))
+            .filter_map(|e| e.kv().and_then(|kv| Some(shared_record(l.keys.seq_of(kv.key())?, kv.value()))))
             .collect();
-        records.sort_by_key(|r| r.0);
-        let Some(last) = records.last().map(|r| r.0) else { continue };
-        if records.first().map(|r| r.0) > Some(led.last_seq() + 1) || l.role().leading.is_some() {
+        records.sort_by_key(|r| r.seq);
+        let Some(last) = records.last().map(|r| r.seq) else { continue };
+        if records.first().map(|r| r.seq) > Some(led.last_seq() + 1) || l.role().leading.is_some() {
             return;
         }
         l.note_committed(last);
-        let led2 = led.clone();
-        if !matches!(tokio::task::spawn_blocking(move || led2.apply_replicated(&records)).await, Ok(Ok(_))) {
-            return;
+        let (led2, check) = (led.clone(), l.check_chain());
+        match tokio::task::spawn_blocking(move || led2.apply_replicated(&records, check)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(Error::Poisoned(why))) => {
+                l.set_diverged(&why);
+                return;
+            }
+            _ => return,
         }
     }
 }
@@ -169,13 +180,21 @@ pub(super) fn push_local(ledger: &Ledger, log: &EtcdLog, key: &etcd_client::Lead
     let wal = ledger.dir().join(WAL_DIR);
     let mut payloads = Vec::new();
     LogReader::new(&storage, &wal).after(from).upto(to).records(&mut |pos, payload| {
-        payloads.push((pos.seq, payload.to_vec()));
+        payloads.push((pos.seq, payload.to_vec(), pos.chain));
         Ok(true)
     })?;
     if payloads.first().map(|p| p.0) != Some(from + 1) {
         return Err(behind_retention(from));
     }
     let records: Vec<FramedRecord<'_>> =
-        payloads.iter().map(|(seq, p)| FramedRecord { seq: *seq, payload: p }).collect();
+        payloads.iter().map(|(seq, p, chain)| FramedRecord { seq: *seq, payload: p, chain: *chain }).collect();
+    if from == 0 && records.iter().any(|r| r.chain.is_none()) {
+        // This log predates the chain: copies cannot compare values with it (docs/replication.md).
+        let (mut client, k) = (log.client.clone(), log.keys.clone());
+        log.block(async move { client.put(k.chain_off(), "the first leader's log predates the chain", None).await })
+            .transpose()
+            .map_err(|e| super::etcd_error("the chain-off marker", &e))?;
+        log.no_chain_check("this copy's log predates the chain (format 4)");
+    }
     log.append_as(key.key(), key.rev(), &records).map_err(Error::Unavailable)
 }

@@ -11,13 +11,15 @@
 //! Keys, under `/<cluster>/`: `log/<seq, 20 digits>` (one event's bytes each), `head` (the
 //! last committed seq, decimal), `log-start` (the first seq still kept), `election` (the
 //! election's prefix; the leader's value is its advertised URL), `replicas/<id>` (each copy's
-//! applied and snapshot seqs, on its lease).
+//! applied and snapshot seqs, on its lease), `chain-off` (present when the first leader's log
+//! predates the chain: copies then do not compare chain values).
 
 pub mod election;
 pub mod etcd_log;
 pub mod follower;
 
 use crate::ledger::{Ledger, OpenOptions, Replication};
+use crate::log::chain::{ChainValue, CHAIN_BYTES};
 use crate::{Error, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -110,6 +112,10 @@ impl Keys {
     pub fn log_start(&self) -> String {
         format!("{}log-start", self.root)
     }
+    /// Present when the first leader's log predates the chain (copies compare no values).
+    pub fn chain_off(&self) -> String {
+        format!("{}chain-off", self.root)
+    }
     /// The election's name.
     pub fn election(&self) -> String {
         format!("{}election", self.root)
@@ -124,13 +130,47 @@ impl Keys {
     }
 }
 
-/// The hook where copies compare chain values (issue 18 §3, the tamper-evident chain, is
-/// built separately): given this copy's head sequence number and the chain value the shared
-/// log recorded for it, returns `Err` on divergence, and the copy refuses to serve. Until the
-/// chain exists, there is nothing to compare and every value passes.
-pub fn compare_chain(local_head_seq: u64, value: &[u8]) -> Result<()> {
-    let _ = (local_head_seq, value);
-    Ok(())
+/// The first byte of a record's value in etcd that carries its writer's chain value (then the
+/// 32 bytes of the value, then the payload). An event's payload is JSON and starts with `{`,
+/// so a value without it is a bare payload (written by an older build: nothing to compare).
+pub const CHAINED_VALUE: u8 = 0x01;
+
+/// A record's value in etcd: its payload, behind its writer's chain value when it has one.
+pub fn encode_value(chain: Option<&ChainValue>, payload: &[u8]) -> Vec<u8> {
+    match chain {
+        Some(c) => {
+            let mut v = Vec::with_capacity(1 + CHAIN_BYTES + payload.len());
+            v.push(CHAINED_VALUE);
+            v.extend_from_slice(c.as_bytes());
+            v.extend_from_slice(payload);
+            v
+        }
+        None => payload.to_vec(),
+    }
+}
+
+/// Reads a record's value in etcd ([`encode_value`]): the writer's chain value, if any, and
+/// the payload.
+pub fn decode_value(value: &[u8]) -> (Option<ChainValue>, &[u8]) {
+    match value.split_first() {
+        Some((&CHAINED_VALUE, rest)) if rest.len() >= CHAIN_BYTES => {
+            let (chain, payload) = rest.split_at(CHAIN_BYTES);
+            (<[u8; CHAIN_BYTES]>::try_from(chain).ok().map(ChainValue), payload)
+        }
+        _ => (None, value),
+    }
+}
+
+/// Compares this copy's chain value at `seq` with the one the shared log carries for it:
+/// `Err` (the copy refuses to serve) when they differ; nothing to compare when either is
+/// unknown.
+pub fn compare_chain(seq: u64, here: Option<ChainValue>, there: Option<ChainValue>) -> Result<()> {
+    match (here, there) {
+        (Some(here), Some(there)) if here != there => {
+            Err(Error::Poisoned(crate::log::chain::diverged_reason(seq, &here, &there)))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Reads an etcd error as the error a write gets.

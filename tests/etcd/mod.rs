@@ -241,6 +241,10 @@ impl Replica {
 impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            // A failed scenario shows what each copy said.
+            eprintln!("--- stderr of the copy in {}:\n{}", self.dir.display(), self.stderr.lock().unwrap());
+        }
     }
 }
 
@@ -336,5 +340,78 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Editing a copy's local segment files (stopped), as a forger who knows the format would.
+pub mod tamper {
+    use allocation_ledger::testing::segment;
+    use allocation_ledger::{chain_next, CHAIN_GENESIS};
+    use std::path::{Path, PathBuf};
+
+    /// The segment files of the ledger in `dir`, oldest first.
+    pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("wal"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn first_seq_of(path: &Path) -> u64 {
+        segment::parse_file_name(path.file_name().unwrap().to_str().unwrap()).unwrap()
+    }
+
+    /// The chained records of a segment: (offset, frame length, sequence number).
+    fn records(bytes: &[u8], first_seq: u64) -> Vec<(usize, usize, u64)> {
+        let mut out = Vec::new();
+        segment::scan(Path::new("x.wal"), bytes, first_seq, &mut |pos, _| {
+            out.push((pos.offset as usize, pos.frame_len as usize, pos.seq));
+            Ok(true)
+        });
+        out
+    }
+
+    /// Recomputes the checksum of the chained record at `at` from what it holds.
+    fn fix_crc(bytes: &mut [u8], at: usize) {
+        let len = (u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) & 0x1f_ffff) as usize;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&bytes[at..at + 12]);
+        h.update(&bytes[at + 16..at + 48 + len]);
+        bytes[at + 12..at + 16].copy_from_slice(&h.finalize().to_le_bytes());
+    }
+
+    /// Changes one byte of record `seq`'s payload where `find` occurs (its first byte becomes
+    /// `to`), makes its CRC good again and, with `rechain`, recomputes every chain value from
+    /// the genesis value (a different but valid history).
+    pub fn rewrite(dir: &Path, seq: u64, find: &[u8], to: u8, rechain: bool) {
+        for path in segment_files(dir) {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let found = records(&bytes, first_seq_of(&path)).into_iter().find(|r| r.2 == seq);
+            if let Some((at, frame_len, _)) = found {
+                let payload = &mut bytes[at + 48..at + frame_len];
+                let i = payload.windows(find.len()).position(|w| w == find).expect("the text to change");
+                payload[i] = to;
+                fix_crc(&mut bytes, at);
+                std::fs::write(&path, &bytes).unwrap();
+            }
+        }
+        if rechain {
+            let mut chain = CHAIN_GENESIS;
+            for path in segment_files(dir) {
+                let mut bytes = std::fs::read(&path).unwrap();
+                let first = first_seq_of(&path);
+                let header = segment::encode_header(first, &chain);
+                bytes[..header.len()].copy_from_slice(&header);
+                for (at, frame_len, seq) in records(&bytes, first) {
+                    chain = chain_next(&chain, seq, &bytes[at + 48..at + frame_len]);
+                    bytes[at + 16..at + 48].copy_from_slice(&chain.0);
+                    fix_crc(&mut bytes, at);
+                }
+                std::fs::write(&path, bytes).unwrap();
+            }
+        }
     }
 }
