@@ -133,9 +133,13 @@ impl Ledger {
                 core.poisoned = Some(why.clone());
                 // Events appended before this one may not be durable, and the failure may have
                 // been an fsync (at rotation): latch it where waiters look, so that nothing
-                // retries the fsync and acknowledges them.
-                self.shared.commit.latch_failure(|| why.clone());
-                Err(Error::Poisoned(why))
+                // retries the fsync and acknowledges them. A replicated copy whose rotation the
+                // shared log refused is `Unavailable`, as after a refused flush (it reloads).
+                self.shared.commit.latch_error(&e);
+                Err(match e {
+                    Error::Unavailable(_) => e,
+                    _ => Error::Poisoned(why),
+                })
             }
         }
     }

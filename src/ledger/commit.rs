@@ -340,10 +340,11 @@ impl Commit {
         lock(&self.sync).check_failed()
     }
 
-    /// Stops the ledger for `why` (the first failure's reason stays): nothing is flushed or
+    /// Stops the ledger for `e` (the first failure's reason stays): nothing is flushed or
     /// acknowledged any more, so nothing retries an fsync and acknowledges what it lost.
-    pub(super) fn latch_failure(&self, why: impl FnOnce() -> String) {
-        lock(&self.sync).latch_failure(why);
+    /// Remembers whether it was a replicated copy's refusal (callers then get `Unavailable`).
+    pub(super) fn latch_error(&self, e: &Error) {
+        lock(&self.sync).latch_error(e);
     }
 
     /// The durable sequence number, and why the ledger failed if it did.

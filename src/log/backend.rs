@@ -13,7 +13,7 @@
 
 use crate::log::chain::{ChainValue, CHAIN_BYTES};
 use crate::log::record::{Framing, RecordHeader, HEADER_LEN};
-use crate::log::wal::{Outbox, WriteOut};
+use crate::log::wal::Outbox;
 use crate::{Error, Result};
 use std::sync::{Arc, Mutex};
 
@@ -100,12 +100,15 @@ pub struct LocalWal {
 impl LocalWal {
     /// The local log whose writer queues into `outbox`.
     pub fn new(outbox: Arc<Outbox>, replicator: Option<Arc<dyn Replicator>>) -> LocalWal {
-        LocalWal { outbox: Mutex::new(outbox), replicator }
+        let wal = LocalWal { outbox: Mutex::new(outbox.clone()), replicator };
+        wal.hook_into(&outbox);
+        wal
     }
 
     #[cfg_attr(not(feature = "etcd"), allow(dead_code, reason = "replicated mode (src/replica, feature etcd) uses it"))]
     /// Points the backend at a new writer's outbox (after the ledger reloaded its files).
     pub fn set_outbox(&self, outbox: Arc<Outbox>) {
+        self.hook_into(&outbox);
         *lock(&self.outbox) = outbox;
     }
 
@@ -113,31 +116,30 @@ impl LocalWal {
         lock(&self.outbox).clone()
     }
 
-    /// Writes what is queued; with a replicator, after it committed the same records.
-    fn write_out(&self, outbox: &Outbox) -> Result<WriteOut> {
-        match &self.replicator {
-            None => outbox.write_out(),
-            Some(r) => outbox.write_out_after(&|bytes: &[u8], framing| {
-                let records = split_records(bytes, framing)?;
-                match records.first() {
-                    Some(first) => r.append(first.seq - 1, &records),
-                    None => Ok(()),
-                }
-            }),
-        }
+    /// With a replicator, every batch the writer writes (by a flush, or by a rotation that
+    /// seals a full segment) is committed to the shared log first.
+    fn hook_into(&self, outbox: &Outbox) {
+        let Some(r) = self.replicator.clone() else { return };
+        outbox.set_commit_first(Arc::new(move |bytes: &[u8], framing| {
+            let records = split_records(bytes, framing)?;
+            match records.first() {
+                Some(first) => r.append(first.seq - 1, &records),
+                None => Ok(()),
+            }
+        }));
     }
 }
 
 impl LogBackend for LocalWal {
     fn sync(&self) -> Result<u64> {
         let outbox = self.outbox();
-        let written = self.write_out(&outbox)?;
+        let written = outbox.write_out()?;
         outbox.sync(&written).map_err(|e| Error::Poisoned(format!("fsync of the log failed: {e}")))?;
         Ok(written.last_seq)
     }
 
     fn write_queued(&self) -> Result<()> {
-        self.write_out(&self.outbox()).map(drop)
+        self.outbox().write_out().map(drop)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -168,4 +170,79 @@ pub struct SharedRecord {
     /// The writer's chain value for it (`None`: written without one, by an older build or
     /// from an unchained segment): a follower compares its own with it.
     pub chain: Option<ChainValue>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::storage::MemoryStorage;
+    use crate::log::wal::WalWriter;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A shared log that takes batches in order until `refuse_after`, then refuses them all.
+    #[derive(Debug)]
+    struct Shared {
+        head: AtomicU64,
+        refuse_after: u64,
+    }
+
+    impl Replicator for Shared {
+        fn append(&self, after_seq: u64, records: &[FramedRecord<'_>]) -> std::result::Result<(), String> {
+            let last = records.last().map_or(after_seq, |r| r.seq);
+            if self.head.load(Ordering::SeqCst) != after_seq || last > self.refuse_after {
+                return Err(format!("refused {}..={last}", after_seq + 1));
+            }
+            self.head.store(last, Ordering::SeqCst);
+            Ok(())
+        }
+        fn check_writable(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The last sequence number in the local files.
+    fn local_last_seq(storage: &MemoryStorage, dir: &Path) -> u64 {
+        crate::log::wal::scan_log(storage, dir, 0, &mut |_, _| Ok(true)).unwrap().last_seq
+    }
+
+    /// A rotation (a full segment sealed) writes the segment's last batch to the files only
+    /// after the shared log took it, as a flush does: a copy's files never hold a record the
+    /// shared log refused, whichever of the two wrote it.
+    #[test]
+    fn a_rotation_commits_to_the_shared_log_before_writing_locally() {
+        for refuse_after in [u64::MAX, 5] {
+            let storage = Arc::new(MemoryStorage::new());
+            let dir = Path::new("/wal");
+            let mut wal = WalWriter::create(storage.clone(), dir, 4096).unwrap();
+            let shared = Arc::new(Shared { head: AtomicU64::new(0), refuse_after });
+            let backend = LocalWal::new(wal.outbox().clone(), Some(shared.clone()));
+            let payload = vec![b'x'; 600];
+            let mut refused = false;
+            for _ in 0..40 {
+                match wal.append(&payload) {
+                    Ok(_) => wal.hand_off(),
+                    Err(crate::log::wal::AppendError::Poison(e)) => {
+                        assert!(matches!(e, crate::error::Error::Unavailable(_)), "{e}");
+                        refused = true;
+                        break;
+                    }
+                    Err(crate::log::wal::AppendError::Failed(e)) => panic!("{e}"),
+                }
+            }
+            if !refused {
+                backend.sync().unwrap();
+            }
+            let local = local_last_seq(&storage, dir);
+            let committed = shared.head.load(Ordering::SeqCst);
+            assert!(local <= committed, "local files hold {local}, the shared log only {committed}");
+            if refuse_after == u64::MAX {
+                assert_eq!((local, committed), (40, 40));
+                assert!(crate::log::wal::list_segments(&*storage, dir).unwrap().len() > 2, "rotated");
+            } else {
+                assert!(refused, "a rotation hit the refusal");
+                assert!(committed <= 5);
+            }
+        }
+    }
 }

@@ -569,6 +569,9 @@ impl WalWriter {
             queued.last_seq = self.next_seq - 1;
             let mut taken = queued.take();
             stamped.stamp(&mut taken);
+            let framing = if taken.chained { record::Framing::Chained } else { record::Framing::Plain };
+            // A replicated log commits the segment's last batch first, as a flush does.
+            outbox.commit_first(&taken.bytes, framing)?;
             if !taken.bytes.is_empty() {
                 self.active
                     .write_at(taken.offset, &taken.bytes)
@@ -601,6 +604,19 @@ pub struct Outbox {
     /// the chain as far as it is stamped: records are chained in the order they are written.
     writing: Mutex<Stamped>,
     queued: Mutex<Queued>,
+    /// What must accept every batch before it is written to the files, by a flush or by a
+    /// rotation (a replicated log: `log/backend.rs`); `None` for a local log.
+    commit_first: Mutex<Option<HookRef>>,
+}
+
+/// The commit hook as the outbox keeps it (a closure has no `Debug`).
+#[derive(Clone)]
+struct HookRef(Arc<CommitHook>);
+
+impl std::fmt::Debug for HookRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitHook")
+    }
 }
 
 /// The last record stamped with its chain value (see [`record::stamp_chained`]).
@@ -765,7 +781,23 @@ impl Outbox {
                 durable_head: (records_durable_lags && last_seq > 0)
                     .then_some(chain::ChainHead { seq: last_seq, hash: stamped.chain }),
             }),
+            commit_first: Mutex::new(None),
         })
+    }
+
+    /// From now on every batch goes to `hook` before it is written to the files, by a flush
+    /// or by a rotation: a local file must never hold a record the shared log refused.
+    pub fn set_commit_first(&self, hook: Arc<CommitHook>) {
+        *lock(&self.commit_first) = Some(HookRef(hook));
+    }
+
+    /// `bytes` (framed as `framing`) accepted by the commit hook, if there is one.
+    fn commit_first(&self, bytes: &[u8], framing: record::Framing) -> Result<()> {
+        let hook = lock(&self.commit_first).clone();
+        match hook {
+            Some(HookRef(hook)) if !bytes.is_empty() => hook(bytes, framing).map_err(Error::Unavailable),
+            _ => Ok(()),
+        }
     }
 
     /// Fsyncs what `written` wrote (and everything written before it to the same file; older
@@ -786,14 +818,10 @@ impl Outbox {
     /// before and fsynced by an earlier flush or by a rotation (flushes run one at a time).
     /// On failure the records are in an unknown state while their events are folded: the
     /// caller must stop writing, as after a failed fsync.
+    /// With a commit hook ([`Outbox::set_commit_first`]), the bytes are written only once it
+    /// accepted them; if it fails, nothing is written and the records are dropped: the caller
+    /// must stop writing.
     pub fn write_out(&self) -> Result<WriteOut> {
-        self.write_out_after(&|_, _| Ok(()))
-    }
-
-    /// [`Outbox::write_out`], once `first` accepted the bytes about to be written (a
-    /// replicated log commits them elsewhere first: `log/backend.rs`). If `first` fails,
-    /// nothing is written and the records are dropped: the caller must stop writing.
-    pub fn write_out_after(&self, first: &CommitFirst<'_>) -> Result<WriteOut> {
         let mut stamped = lock(&self.writing);
         let mut taken = lock(&self.queued).take();
         stamped.stamp(&mut taken);
@@ -802,7 +830,7 @@ impl Outbox {
         let framing = if taken.chained { record::Framing::Chained } else { record::Framing::Plain };
         let Taken { file, offset, mut bytes, last_seq, .. } = taken;
         if !bytes.is_empty() {
-            first(&bytes, framing).map_err(Error::Unavailable)?;
+            self.commit_first(&bytes, framing)?;
             file.write_at(offset, &bytes)
                 .map_err(|e| records_write_failed(e, last_seq, offset, &lock(&self.queued).path))?;
             bytes.clear();
@@ -817,7 +845,7 @@ impl Outbox {
 
 /// What must accept a batch of framed records (framed as the `Framing` says) before it is
 /// written locally; its error is the reason it did not.
-pub type CommitFirst<'a> = dyn Fn(&[u8], record::Framing) -> std::result::Result<(), String> + 'a;
+pub type CommitHook = dyn Fn(&[u8], record::Framing) -> std::result::Result<(), String> + Send + Sync;
 
 /// The error of a failed append of record `seq` to the segment at `path`. Formats the path only
 /// on failure: appends run for every record.
