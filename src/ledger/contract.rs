@@ -55,7 +55,7 @@ fn check_release(state: &State, id: AllocationId, expected_seq: Option<u64>) -> 
 impl Ledger {
     /// `request_resources` with an optional precondition; see [`Ledger::request_resources`].
     pub(super) fn request_checked(&self, req: &ResourceRequest, expected_seq: Option<u64>) -> Result<RequestOutcome> {
-        if req.wait {
+        if req.wait || (expected_seq.is_none() && self.preempts_with_grace(req.priority)) {
             return self.request_and_wait(req);
         }
         let req = Arc::new(req.clone());

@@ -202,6 +202,7 @@ impl Ledger {
         if core.state.queue().is_empty() {
             return Ok(());
         }
+        self.settle_preemptions(core)?;
         let now = self.next_ts(&core.state);
         for body in core.state.decide_queue_timeouts(now) {
             let ts = self.next_ts(&core.state);
@@ -338,17 +339,21 @@ fn admission_command(req: &ResourceRequest) -> (Check<Admission>, Decide<Admissi
         Ok(state.allocation(record.allocation_id).map(|a| Admission::Decided(replayed_outcome(a, &record, now))))
     });
     let decide: Decide<Admission> = Box::new(move |state, ts, _| {
-        let seq = state.last_seq + 1;
-        let body = state.decide_admission(&for_decide, ts, state.next_allocation_id())?;
+        let mut bodies = state.decide_admission_preempting(&for_decide, ts, true)?;
+        // Victims preempted at once (grace 0) come before the grant.
+        let seq = state.last_seq + bodies.len() as u64;
+        let Some(body) = bodies.pop() else { return Err(Error::invalid("request", "no decision")) };
         let answer = match &body {
             EventBody::Granted(g) => Admission::Decided(RequestOutcome::Granted(GrantReport::from_grant(g, ts, seq))),
             EventBody::Rejected(r) => {
                 Admission::Decided(RequestOutcome::Failed(FailedReport::from_rejection(r, ts, seq)))
             }
             EventBody::Queued(q) => Admission::Pending(PendingReport::of(q, ts, seq)),
+            EventBody::Preempting(p) => Admission::Pending(PendingReport::of(&p.request, ts, seq)),
             _ => return Err(Error::invalid("request", "unexpected decision")),
         };
-        Ok((vec![body], answer))
+        bodies.push(body);
+        Ok((bodies, answer))
     });
     (check, decide)
 }
