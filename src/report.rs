@@ -167,7 +167,7 @@ impl GrantReport {
     /// The answer to a retry of the grant that created `a` (event `seq`), as `a` is at `now`.
     pub(crate) fn replay_of(a: &Allocation, seq: u64, now: Micros) -> GrantReport {
         let state = a.state_at(now);
-        let mcp_status = if state == AllocationState::Active { "running" } else { "stopped" };
+        let mcp_status = if a.holds_at(now) { "running" } else { "stopped" };
         GrantReport {
             allocation_id: a.id,
             status: state,
@@ -719,7 +719,7 @@ impl AllocationDetails {
     /// `get_allocation`'s view of `a` at `now`.
     pub(crate) fn of(a: &Allocation, now: Micros) -> AllocationDetails {
         let state = a.state_at(now);
-        let active = state == AllocationState::Active;
+        let active = a.holds_at(now);
         let failed = a.state == AllocationState::Failed;
         let mcp_status = if failed {
             "not_started"
@@ -728,7 +728,7 @@ impl AllocationDetails {
         } else {
             "stopped"
         };
-        let worker_status = if active { "allocated" } else { state.as_str() };
+        let worker_status = if state == AllocationState::Active { "allocated" } else { state.as_str() };
         AllocationDetails {
             allocation_id: a.id,
             job_id: a.job_id.clone(),

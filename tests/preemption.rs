@@ -232,3 +232,66 @@ fn a_blocking_request_waits_for_its_grant() {
     assert!(outcome.is_granted(), "{outcome:?}");
     let _ = EventBody::Released { allocation_id: allocation_ledger::AllocationId::from_u64(1) };
 }
+
+mod cli {
+    use serde_json::Value;
+    use std::path::Path;
+    use std::process::Command;
+
+    fn json(dir: &Path, cfg: &Path, args: &[&str]) -> (i32, Value) {
+        let o = Command::new(env!("CARGO_BIN_EXE_allocation-ledger"))
+            .env_remove("ALLOCATION_LEDGER_DIR")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(cfg)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        let v = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout:?} {}", String::from_utf8_lossy(&o.stderr)));
+        (o.status.code().unwrap(), v)
+    }
+
+    fn ledger(grace: u64) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("config.json");
+        std::fs::write(&cfg, format!(r#"{{"preemption_grace_seconds": {grace}}}"#)).unwrap();
+        let d = tmp.path().join("ledger");
+        assert_eq!(json(&d, &cfg, &["init"]).0, 0);
+        (tmp, d, cfg)
+    }
+
+    #[test]
+    fn the_binary_preempts_and_explains_it() {
+        let (_tmp, d, cfg) = ledger(0);
+        let (code, low) = json(&d, &cfg, &["request", "--job-id", "batch", "--workers", "7", "--priority", "low"]);
+        assert_eq!(code, 0, "{low}");
+        let low_id = low["allocation_id"].as_str().unwrap().to_string();
+        let (code, e) = json(&d, &cfg, &["request", "--job-id", "x", "--workers", "1", "--not-preemptible"]);
+        assert_eq!((code, e["error"]["field"].as_str()), (2, Some("preemptible")), "{e}");
+        let (code, g) = json(&d, &cfg, &["request", "--job-id", "urgent", "--workers", "8", "--priority", "critical"]);
+        assert_eq!(code, 0, "{g}");
+        let (_, got) = json(&d, &cfg, &["get", &low_id]);
+        assert_eq!(got["state"], "preempted", "{got}");
+        assert_eq!(got["preempted_by"], g["allocation_id"], "{got}");
+        let (_, list) = json(&d, &cfg, &["list", "--state", "preempted"]);
+        assert_eq!(list.as_array().map(Vec::len).or(list["allocations"].as_array().map(Vec::len)), Some(1), "{list}");
+        let (_, h) = json(&d, &cfg, &["history", "--allocation", &low_id]);
+        assert!(h.to_string().contains("preempted by urgent (critical) to make room; grace 0 s"), "{h}");
+    }
+
+    #[test]
+    fn the_binary_waits_out_the_grace() {
+        let (_tmp, d, cfg) = ledger(1);
+        let (code, low) = json(&d, &cfg, &["request", "--job-id", "batch", "--workers", "7", "--priority", "low"]);
+        assert_eq!(code, 0, "{low}");
+        // Blocks for the one second of grace, then is granted.
+        let (code, g) = json(&d, &cfg, &["request", "--job-id", "urgent", "--workers", "5", "--priority", "high"]);
+        assert_eq!((code, g["status"].as_str()), (0, Some("active")), "{g}");
+        let (_, got) = json(&d, &cfg, &["get", low["allocation_id"].as_str().unwrap()]);
+        assert_eq!(got["state"], "preempted", "{got}");
+    }
+}

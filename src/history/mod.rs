@@ -286,7 +286,7 @@ impl Ledger {
     /// oldest first.
     pub fn allocations_at(&self, at: Micros) -> Result<Vec<AllocationDetails>> {
         self.with_state_at("at", at, |s, t| {
-            let mut active: Vec<_> = s.allocations().filter(|a| a.state_at(t) == AllocationState::Active).collect();
+            let mut active: Vec<_> = s.allocations().filter(|a| a.holds_at(t)).collect();
             active.sort_by_key(|a| (a.created_us, a.id));
             active.into_iter().filter_map(|a| s.details(a.id, t)).collect()
         })

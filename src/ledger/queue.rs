@@ -377,6 +377,7 @@ fn pending_allocation(s: &State, e: &QueueEntry) -> Allocation {
     let mut a = Allocation::from_cancel(e.seq, e.queued_us, e);
     a.resources = crate::domain::decide::price_queued(s, &e.request).workers;
     a.state = AllocationState::Pending;
+    a.preemptible = e.request.preemptible;
     a.created_us = e.queued_us;
     a.ended_us = None;
     a.ended_seq = None;
