@@ -700,8 +700,9 @@ pub struct AllocationDetails {
     /// Why a pending request waits: the resource that is short, or who is ahead of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_reason: Option<String>,
-    /// Whether a higher priority may preempt it (`docs/policy.md` §2).
-    #[serde(default = "crate::domain::preempt::yes")]
+    /// Whether a higher priority may preempt it (`docs/policy.md` §8; written only when
+    /// `false`, so the original's shape is unchanged).
+    #[serde(default = "crate::domain::preempt::yes", skip_serializing_if = "crate::domain::preempt::is_true")]
     pub preemptible: bool,
     /// While `preempting`: when its grace ends and it is preempted unless released first.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339_micros::option")]

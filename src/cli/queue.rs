@@ -45,10 +45,17 @@ pub(super) fn request_or_plan(
     req: &ResourceRequest,
     contract: &super::contract::RequestContract,
 ) -> allocation_ledger::Result<ExitCode> {
-    if req.wait && !contract.dry_run && contract.expect.seq()?.is_none() {
+    let direct = contract.dry_run || contract.expect.seq()?.is_some();
+    if req.wait && !direct {
         return request(out, open, req);
     }
-    super::request_or_plan(out, &open()?, req, contract)
+    let ledger = open()?;
+    // A preemption with a grace period waits for its victims: here, not holding the ledger.
+    if !direct && ledger.preempts_with_grace(req.priority) {
+        drop(ledger);
+        return request(out, open, req);
+    }
+    super::request_or_plan(out, &ledger, req, contract)
 }
 
 /// How often a local `request --wait` looks again.
