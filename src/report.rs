@@ -1010,21 +1010,39 @@ pub(crate) fn decide_request_outcome(
     ts: Micros,
     req: &ResourceRequest,
 ) -> Result<(Vec<EventBody>, RequestOutcome)> {
-    // Victims preempted at once (grace 0) come before the grant; a preemption with a grace
-    // period is decided only where the caller waits (`request_or_queue`).
-    let mut bodies = state.decide_admission_preempting(req, ts, false)?;
+    match decide_request_or_wait(state, ts, req, false)? {
+        (events, Ok(outcome)) => Ok((events, outcome)),
+        (_, Err(_)) => Err(crate::Error::invalid("wait", "a waiting request is answered by request_or_queue")),
+    }
+}
+
+/// [`decide_request_outcome`], where a preemption with a grace period may be decided
+/// (`allow_grace`): then the answer is the preemptor's id, which waits for its grant.
+pub(crate) fn decide_request_or_wait(
+    state: &State,
+    ts: Micros,
+    req: &ResourceRequest,
+    allow_grace: bool,
+) -> Result<(Vec<EventBody>, std::result::Result<RequestOutcome, AllocationId>)> {
+    // Victims preempted at once (grace 0) come before the grant.
+    let mut bodies = state.decide_admission_preempting(req, ts, allow_grace)?;
     let seq = state.last_seq + bodies.len() as u64;
     let last = bodies.pop().ok_or_else(|| crate::Error::invalid("request", "no decision"))?;
     Ok(match last {
         EventBody::Granted(g) => {
             let report = RequestOutcome::Granted(GrantReport::from_grant(&g, ts, seq));
             bodies.push(EventBody::Granted(g));
-            (bodies, report)
+            (bodies, Ok(report))
         }
         EventBody::Rejected(r) => {
             let report = RequestOutcome::Failed(FailedReport::from_rejection(&r, ts, seq));
             bodies.push(EventBody::Rejected(r));
-            (bodies, report)
+            (bodies, Ok(report))
+        }
+        EventBody::Preempting(p) => {
+            let id = p.preemptor;
+            bodies.push(EventBody::Preempting(p));
+            (bodies, Err(id))
         }
         // Only a request with `wait` is queued, and those take `Ledger::request_or_queue`.
         _ => return Err(crate::Error::invalid("wait", "a waiting request is answered by request_or_queue")),

@@ -230,6 +230,13 @@ fn a_blocking_request_waits_for_its_grant() {
     l.release_resources(&b).unwrap();
     let outcome = waiter.join().unwrap().unwrap();
     assert!(outcome.is_granted(), "{outcome:?}");
+    // Without `wait` the library call answers at once: no preemption with a grace period.
+    let b2 = grant(&l, low("b2", 8));
+    match l.request_resources(&ResourceRequest::new("hot2").workers(2).priority(Priority::High)).unwrap() {
+        RequestOutcome::Failed(f) => assert!(f.error.contains("Insufficient workers"), "{}", f.error),
+        RequestOutcome::Granted(g) => panic!("{g:?}"),
+    }
+    assert_eq!(state_of(&l, &b2), AllocationState::Active);
     let _ = EventBody::Released { allocation_id: allocation_ledger::AllocationId::from_u64(1) };
 }
 

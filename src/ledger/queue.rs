@@ -336,7 +336,11 @@ fn admission_command(req: &ResourceRequest) -> (Check<Admission>, Decide<Admissi
     let for_decide = req.clone();
     let check: Check<Admission> = Box::new(move |state, now| {
         let Some(record) = state.decide_replay(&req, now)? else { return Ok(None) };
-        Ok(state.allocation(record.allocation_id).map(|a| Admission::Decided(replayed_outcome(a, &record, now))))
+        match state.allocation(record.allocation_id) {
+            Some(a) => Ok(Some(Admission::Decided(replayed_outcome(a, &record, now)))),
+            // Left memory: the log has it (`request_resources` reads it); never decided again.
+            None => Err(Error::NotFound(record.allocation_id.to_string())),
+        }
     });
     let decide: Decide<Admission> = Box::new(move |state, ts, _| {
         let mut bodies = state.decide_admission_preempting(&for_decide, ts, true)?;
