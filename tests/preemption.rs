@@ -220,9 +220,8 @@ fn a_blocking_request_waits_for_its_grant() {
     let b = grant(&l, low("b", 10));
     let waiter = {
         let l = l.clone();
-        std::thread::spawn(move || {
-            l.request_resources(&ResourceRequest::new("hot").workers(2).priority(Priority::High))
-        })
+        let req = ResourceRequest::new("hot").workers(2).priority(Priority::High).wait(Some(120));
+        std::thread::spawn(move || l.request_resources(&req))
     };
     while state_of(&l, &b) != AllocationState::Preempting {
         std::thread::yield_now();
