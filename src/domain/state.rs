@@ -626,6 +626,10 @@ impl State {
 
     /// An active victim in grace that ends otherwise (released, expired) leaves its preemption.
     fn unmark_victim(&mut self, id: AllocationId) {
+        // The release and expiry path: nothing to look up while no preemption is in grace.
+        if self.preemptions.is_empty() {
+            return;
+        }
         let Some(shared) = self.allocations.get_mut(&id) else { return };
         let Some(mark) = shared.preempt.filter(|_| shared.state == AllocationState::Active) else { return };
         Arc::make_mut(shared).preempt = None;
