@@ -39,6 +39,7 @@ pub use domain::idempotency::{KeyRecord, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use domain::input::{validate_job_id, ResourceRequest};
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 pub use domain::pool::{describe_change, parse_worker, pool_summary, ConfigFieldChange, PoolChange, POOL_ACTIONS};
+pub use domain::preempt::{PendingPreemption, PreemptMark, PreemptPolicy, Preempted, Preempting, PreemptionPolicy};
 pub use domain::queue::{HeadStart, Queue, QueueConfig, QueueEntry, Queued};
 pub use domain::quota::{Quota, QuotaExceeded, TenantUse, NO_TENANT};
 pub use domain::reservation::{Reservation, ReservationId, ReservationRejection, ReservationRequest, ReservedAt};

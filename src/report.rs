@@ -167,7 +167,7 @@ impl GrantReport {
     /// The answer to a retry of the grant that created `a` (event `seq`), as `a` is at `now`.
     pub(crate) fn replay_of(a: &Allocation, seq: u64, now: Micros) -> GrantReport {
         let state = a.state_at(now);
-        let mcp_status = if state == AllocationState::Active { "running" } else { "stopped" };
+        let mcp_status = if a.holds_at(now) { "running" } else { "stopped" };
         GrantReport {
             allocation_id: a.id,
             status: state,
@@ -313,6 +313,8 @@ pub enum ReleaseStatus {
     /// Never seen in practice: the log answered for an allocation that is still active (the
     /// release raced with the grant of that very id). Kept so the answer is what it always was.
     AlreadyActive,
+    /// A higher-priority request had preempted it; nothing was written.
+    AlreadyPreempted,
 }
 
 impl ReleaseStatus {
@@ -324,6 +326,7 @@ impl ReleaseStatus {
             ReleaseStatus::AlreadyExpired => "already_expired",
             ReleaseStatus::AlreadyFailed => "already_failed",
             ReleaseStatus::AlreadyActive => "already_active",
+            ReleaseStatus::AlreadyPreempted => "already_preempted",
         }
     }
 
@@ -333,8 +336,10 @@ impl ReleaseStatus {
             AllocationState::Released => ReleaseStatus::AlreadyReleased,
             AllocationState::Expired => ReleaseStatus::AlreadyExpired,
             AllocationState::Failed | AllocationState::Cancelled => ReleaseStatus::AlreadyFailed,
-            AllocationState::Pending => ReleaseStatus::AlreadyActive,
-            AllocationState::Active => ReleaseStatus::AlreadyActive,
+            AllocationState::Pending | AllocationState::Active | AllocationState::Preempting => {
+                ReleaseStatus::AlreadyActive
+            }
+            AllocationState::Preempted => ReleaseStatus::AlreadyPreempted,
         }
     }
 }
@@ -695,6 +700,16 @@ pub struct AllocationDetails {
     /// Why a pending request waits: the resource that is short, or who is ahead of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_reason: Option<String>,
+    /// Whether a higher priority may preempt it (`docs/policy.md` §8; written only when
+    /// `false`, so the original's shape is unchanged).
+    #[serde(default = "crate::domain::preempt::yes", skip_serializing_if = "crate::domain::preempt::is_true")]
+    pub preemptible: bool,
+    /// While `preempting`: when its grace ends and it is preempted unless released first.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339_micros::option")]
+    pub preempt_deadline: Option<DateTime<Utc>>,
+    /// The allocation that preempts it (or did), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempted_by: Option<AllocationId>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -705,7 +720,7 @@ impl AllocationDetails {
     /// `get_allocation`'s view of `a` at `now`.
     pub(crate) fn of(a: &Allocation, now: Micros) -> AllocationDetails {
         let state = a.state_at(now);
-        let active = state == AllocationState::Active;
+        let active = a.holds_at(now);
         let failed = a.state == AllocationState::Failed;
         let mcp_status = if failed {
             "not_started"
@@ -714,7 +729,7 @@ impl AllocationDetails {
         } else {
             "stopped"
         };
-        let worker_status = if active { "allocated" } else { state.as_str() };
+        let worker_status = if state == AllocationState::Active { "allocated" } else { state.as_str() };
         AllocationDetails {
             allocation_id: a.id,
             job_id: a.job_id.clone(),
@@ -756,6 +771,12 @@ impl AllocationDetails {
             max_lifetime_seconds: a.max_lifetime_seconds,
             queue_position: None,
             waiting_reason: None,
+            preemptible: a.preemptible,
+            preempt_deadline: a
+                .preempt
+                .filter(|_| state == AllocationState::Preempting)
+                .map(|m| datetime(m.deadline_us)),
+            preempted_by: a.preempt.map(|m| m.by),
         }
     }
 }
@@ -802,6 +823,12 @@ pub struct AllocationSummary {
     /// When it was requested.
     #[serde(with = "rfc3339_micros")]
     pub created_at: DateTime<Utc>,
+    /// Whether a higher priority may preempt it (written only when `false`).
+    #[serde(default = "crate::domain::preempt::yes", skip_serializing_if = "crate::domain::preempt::is_true")]
+    pub preemptible: bool,
+    /// While `preempting`: when its grace ends.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339_micros::option")]
+    pub preempt_deadline: Option<DateTime<Utc>>,
 }
 
 impl AllocationSummary {
@@ -817,6 +844,11 @@ impl AllocationSummary {
             age_seconds: seconds_between(a.created_us, now),
             is_expired: state == AllocationState::Expired,
             created_at: datetime(a.created_us),
+            preemptible: a.preemptible,
+            preempt_deadline: a
+                .preempt
+                .filter(|_| state == AllocationState::Preempting)
+                .map(|m| datetime(m.deadline_us)),
         }
     }
 
@@ -978,15 +1010,39 @@ pub(crate) fn decide_request_outcome(
     ts: Micros,
     req: &ResourceRequest,
 ) -> Result<(Vec<EventBody>, RequestOutcome)> {
-    let seq = state.last_seq + 1;
-    Ok(match state.decide_admission(req, ts, state.next_allocation_id())? {
+    match decide_request_or_wait(state, ts, req, false)? {
+        (events, Ok(outcome)) => Ok((events, outcome)),
+        (_, Err(_)) => Err(crate::Error::invalid("wait", "a waiting request is answered by request_or_queue")),
+    }
+}
+
+/// [`decide_request_outcome`], where a preemption with a grace period may be decided
+/// (`allow_grace`): then the answer is the preemptor's id, which waits for its grant.
+pub(crate) fn decide_request_or_wait(
+    state: &State,
+    ts: Micros,
+    req: &ResourceRequest,
+    allow_grace: bool,
+) -> Result<(Vec<EventBody>, std::result::Result<RequestOutcome, AllocationId>)> {
+    // Victims preempted at once (grace 0) come before the grant.
+    let mut bodies = state.decide_admission_preempting(req, ts, allow_grace)?;
+    let seq = state.last_seq + bodies.len() as u64;
+    let last = bodies.pop().ok_or_else(|| crate::Error::invalid("request", "no decision"))?;
+    Ok(match last {
         EventBody::Granted(g) => {
             let report = RequestOutcome::Granted(GrantReport::from_grant(&g, ts, seq));
-            (vec![EventBody::Granted(g)], report)
+            bodies.push(EventBody::Granted(g));
+            (bodies, Ok(report))
         }
         EventBody::Rejected(r) => {
             let report = RequestOutcome::Failed(FailedReport::from_rejection(&r, ts, seq));
-            (vec![EventBody::Rejected(r)], report)
+            bodies.push(EventBody::Rejected(r));
+            (bodies, Ok(report))
+        }
+        EventBody::Preempting(p) => {
+            let id = p.preemptor;
+            bodies.push(EventBody::Preempting(p));
+            (bodies, Err(id))
         }
         // Only a request with `wait` is queued, and those take `Ledger::request_or_queue`.
         _ => return Err(crate::Error::invalid("wait", "a waiting request is answered by request_or_queue")),

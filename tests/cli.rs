@@ -203,7 +203,7 @@ fn log_is_ndjson_and_human_output_is_tabular() {
     assert_eq!(events[0]["type"], "ledger_created");
     assert_eq!(events[1]["type"], "granted");
     assert_eq!(events[1]["seq"], 2);
-    assert_eq!(events[1]["v"], 3, "events are written in schema version 3");
+    assert_eq!(events[1]["v"], 4, "events are written in schema version 4");
     assert_eq!(events[1]["metadata"]["tenant"], "acme");
     let o = run(d, &["log", "--from-seq", "2", "--limit", "1"]);
     assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 1);

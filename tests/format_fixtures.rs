@@ -369,3 +369,82 @@ fn check_fixture(name: &str, snapshot_readable: bool) {
     assert_eq!(rw.with_state(std::clone::Clone::clone), with_snapshot);
     assert_eq!(ro.with_state(std::clone::Clone::clone), with_snapshot);
 }
+
+/// The v7 fixture: event schema 4 with a preemption in grace (`preempting`, then `preempted`
+/// and the preemptor's `granted` when the grace ends), a `preemptible: false` grant, and a v6
+/// snapshot taken mid-grace (a victim's preemption mark, the preemption in the meta part).
+fn regenerate_v7(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    let clock = ManualClock::at_default_epoch();
+    let config = Config { segment_size_bytes: 4096, ..Config::default() };
+    let opts = OpenOptions::default().config(config).clock(Arc::new(clock.clone()));
+    let ledger = Ledger::open_with(dir, opts).unwrap();
+    let low = ResourceRequest::new("v7-low").workers(6).priority(Priority::Low).ttl_seconds(3600);
+    assert!(ledger.request_resources(&low.clone().workers(5)).unwrap().is_granted());
+    assert!(ledger.request_resources(&ResourceRequest::new("v7-normal").workers(2)).unwrap().is_granted());
+    let keep = ResourceRequest::new("v7-keep").workers(1).priority(Priority::Critical).preemptible(false);
+    assert!(ledger.request_resources(&keep).unwrap().is_granted());
+    clock.advance_seconds(1);
+    let hot = ResourceRequest::new("v7-hot").workers(4).priority(Priority::Critical);
+    assert!(matches!(ledger.request_or_queue(&hot).unwrap(), allocation_ledger::Admission::Pending(_)));
+    ledger.snapshot().unwrap();
+    clock.advance_seconds(40);
+    ledger.cleanup_expired().unwrap();
+    for i in 0..12 {
+        clock.advance_seconds(5);
+        let o = ledger.request_resources(&ResourceRequest::new(format!("v7-e{i}")).workers(1)).unwrap();
+        if o.is_granted() {
+            ledger.release_resources(&o.allocation_id().to_string()).unwrap();
+        }
+    }
+    drop(ledger);
+    let _ = std::fs::remove_file(dir.join("LOCK"));
+}
+
+#[test]
+fn v7_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v7");
+    if std::env::var_os("REGENERATE_FIXTURES").is_some() {
+        regenerate_v7(&fixture);
+    }
+    let snaps = std::fs::read_dir(fixture.join("snapshots")).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();
+    assert!(snaps.iter().any(|p| std::fs::read(p).unwrap()[8..12] == 6u32.to_le_bytes()), "a v6 snapshot");
+    let ro = Ledger::open_with(
+        &fixture,
+        OpenOptions { storage: Arc::new(FsStorage::default()), ..OpenOptions::read_only() },
+    )
+    .unwrap();
+    let events = ro.events(1, usize::MAX).unwrap();
+    assert!(events.iter().all(|e| e.event.v <= 4) && events.iter().any(|e| e.event.v == 4));
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.body.type_name()).collect();
+    let at = |k: &str| kinds.iter().position(|x| *x == k).unwrap_or_else(|| panic!("no {k} event"));
+    assert!(at("preempting") < at("preempted"), "{kinds:?}");
+    assert_eq!(kinds[at("preempted") + 1], "granted");
+    let victim = match &events[at("preempted")].event.body {
+        EventBody::Preempted(p) => {
+            assert_eq!((p.preemptor_job_id.as_str(), p.grace_seconds), ("v7-hot", 30));
+            p.allocation_id
+        }
+        other => panic!("{other:?}"),
+    };
+    let d = ro.get_allocation(&victim.to_string()).unwrap().unwrap();
+    assert_eq!(d.state, AllocationState::Preempted);
+    let kept = ro.list_allocations(None, Some("v7-keep")).unwrap();
+    assert!(!kept[0].preemptible);
+
+    // Read-write on a copy: the mid-grace snapshot plus the tail equals a full replay.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("v7");
+    copy_dir(&fixture, &copy);
+    let rw = Ledger::open(&copy).unwrap();
+    assert!(rw.recovery_report().snapshot_seq.is_some(), "the v6 snapshot is used");
+    let with_snapshot = rw.with_state(std::clone::Clone::clone);
+    drop(rw);
+    std::fs::remove_dir_all(copy.join("snapshots")).unwrap();
+    let rw = Ledger::open(&copy).unwrap();
+    assert_eq!(rw.recovery_report().snapshot_seq, None);
+    assert_eq!(rw.with_state(std::clone::Clone::clone), with_snapshot);
+    assert_eq!(ro.with_state(std::clone::Clone::clone), with_snapshot);
+    // Appends continue the fixture.
+    assert!(rw.request_resources(&ResourceRequest::new("after").workers(1)).unwrap().is_granted());
+}

@@ -14,6 +14,13 @@ use allocation_ledger::{
 use common::{all_events, fold, mem_options, MEM_DIR};
 
 fn open(storage: &FaultyStorage, clock: &ManualClock, config: Config) -> Ledger {
+    // The queue alone: no preemption (tests/preemption.rs has it).
+    let never = allocation_ledger::PreemptionPolicy {
+        high: allocation_ledger::PreemptPolicy::Never,
+        critical: allocation_ledger::PreemptPolicy::Never,
+        ..Default::default()
+    };
+    let config = Config { preemption: never, ..config };
     Ledger::open_with(MEM_DIR, mem_options(storage, clock, config)).unwrap()
 }
 

@@ -42,6 +42,9 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn config() -> Config {
     let mut c = Config { worker_slots: 10, ..Config::default() };
+    // The queue alone: no preemption (tests/preemption_props.rs has it).
+    c.preemption.high = allocation_ledger::PreemptPolicy::Never;
+    c.preemption.critical = allocation_ledger::PreemptPolicy::Never;
     c.queue.aging_seconds = 90;
     c.queue.backfill_depth = 8;
     c

@@ -87,10 +87,9 @@ fn every_kind_of_allocation_round_trips_in_the_current_version_and_v2() {
 
     let data = state.to_data();
     let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq, record_crc: None, chain: None };
-    // The binary form (v5 now; v3 and v4 files share its decoder and are read by the fixtures'
-    // test).
+    // The binary form (v6 now; v3 to v5 files share its decoder and are read by the fixtures' test).
     let v3 = encode_with_position(&data, Some(position));
-    assert_eq!(&v3[8..12], &5u32.to_le_bytes());
+    assert_eq!(&v3[8..12], &6u32.to_le_bytes());
     let (back, pos) = decode_with_position(&v3, data.last_seq).unwrap();
     assert_eq!(back, state);
     assert_eq!(pos, Some(position));

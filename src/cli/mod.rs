@@ -867,6 +867,7 @@ fn human_details(d: &AllocationDetails) -> String {
     if let (Some(p), Some(why)) = (d.queue_position, &d.waiting_reason) {
         rows.push(vec!["queue".into(), format!("position {p}: {why}")]);
     }
+    rows.extend(preempt_rows(d));
     if !d.metadata.is_empty() {
         rows.push(vec!["metadata".into(), serde_json::Value::Object(d.metadata.clone()).to_string()]);
     }
@@ -1060,4 +1061,19 @@ fn demo(out: &Out, config_file: &Option<PathBuf>) -> allocation_ledger::Result<E
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// `get`'s rows about preemption: in grace (until when, by whom), preempted, protected.
+fn preempt_rows(d: &AllocationDetails) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    if let (Some(t), Some(by)) = (d.preempt_deadline, d.preempted_by) {
+        let until = format_micros(Micros::from_micros(t.timestamp_micros()));
+        rows.push(vec!["preempting".into(), format!("by {by} until {until}: checkpoint and release before then")]);
+    } else if let Some(by) = d.preempted_by.filter(|_| d.state == allocation_ledger::AllocationState::Preempted) {
+        rows.push(vec!["preempted".into(), format!("by {by}")]);
+    }
+    if !d.preemptible {
+        rows.push(vec!["preemptible".into(), "no".into()]);
+    }
+    rows
 }

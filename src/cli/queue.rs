@@ -17,6 +17,13 @@ pub(super) struct WaitArgs {
     /// queue.default_timeout_seconds, 300]
     #[arg(long, value_name = "SECONDS", requires = "wait", allow_hyphen_values = true)]
     pub(super) timeout: Option<String>,
+    /// Ask not to be preempted by higher priorities (allowed only for the config's
+    /// non_preemptible_priorities: by default critical)
+    #[arg(long, conflicts_with = "preemptible")]
+    pub(super) not_preemptible: bool,
+    /// true or false: whether a higher priority may preempt the allocation [default: true]
+    #[arg(long, value_name = "BOOL")]
+    pub(super) preemptible: Option<bool>,
 }
 
 impl WaitArgs {
@@ -24,7 +31,9 @@ impl WaitArgs {
     pub(super) fn fields(&self) -> allocation_ledger::Result<ResourceRequest> {
         let queue_timeout_seconds =
             self.timeout.as_deref().map(|t| parse_number("queue_timeout_seconds", t, u64::MAX)).transpose()?;
-        Ok(ResourceRequest { wait: self.wait, queue_timeout_seconds, ..ResourceRequest::default() })
+        // Preemption's flag rides here too: a preempting request may wait like a queued one.
+        let preemptible = if self.not_preemptible { Some(false) } else { self.preemptible };
+        Ok(ResourceRequest { wait: self.wait, queue_timeout_seconds, preemptible, ..ResourceRequest::default() })
     }
 }
 
@@ -36,10 +45,17 @@ pub(super) fn request_or_plan(
     req: &ResourceRequest,
     contract: &super::contract::RequestContract,
 ) -> allocation_ledger::Result<ExitCode> {
-    if req.wait && !contract.dry_run && contract.expect.seq()?.is_none() {
+    let direct = contract.dry_run || contract.expect.seq()?.is_some();
+    if req.wait && !direct {
         return request(out, open, req);
     }
-    super::request_or_plan(out, &open()?, req, contract)
+    let ledger = open()?;
+    // A preemption with a grace period waits for its victims: here, not holding the ledger.
+    if !direct && ledger.preempts_with_grace(req.priority) {
+        drop(ledger);
+        return request(out, open, req);
+    }
+    super::request_or_plan(out, &ledger, req, contract)
 }
 
 /// How often a local `request --wait` looks again.

@@ -160,6 +160,37 @@ pub struct Config {
     /// How far ahead a reservation's window may open.
     #[serde(skip_serializing_if = "is_default_reservation_lead_seconds")]
     pub max_reservation_lead_seconds: u64,
+    /// What each priority may do when it does not fit: `never` or `preempt_lower`
+    /// (`docs/policy.md` §2; default: `critical` and `high` preempt lower priorities).
+    #[serde(skip_serializing_if = "is_default_preemption")]
+    pub preemption: crate::domain::preempt::PreemptionPolicy,
+    /// How long a preempted allocation keeps its resources to checkpoint (0: preempted at once).
+    #[serde(skip_serializing_if = "is_default_grace_seconds")]
+    pub preemption_grace_seconds: u64,
+    /// The priorities whose requests may ask for `preemptible: false` (default: `critical`).
+    #[serde(skip_serializing_if = "is_default_non_preemptible")]
+    pub non_preemptible_priorities: BTreeSet<crate::domain::model::Priority>,
+}
+
+/// Default of [`Config::preemption_grace_seconds`]: 30 s to checkpoint.
+pub const DEFAULT_PREEMPTION_GRACE_SECONDS: u64 = 30;
+/// Longest `preemption_grace_seconds`: a day.
+const MAX_PREEMPTION_GRACE_SECONDS: u64 = 86_400;
+
+fn is_default_preemption(p: &crate::domain::preempt::PreemptionPolicy) -> bool {
+    *p == crate::domain::preempt::PreemptionPolicy::default()
+}
+
+fn is_default_grace_seconds(v: &u64) -> bool {
+    *v == DEFAULT_PREEMPTION_GRACE_SECONDS
+}
+
+fn default_non_preemptible() -> BTreeSet<crate::domain::model::Priority> {
+    BTreeSet::from([crate::domain::model::Priority::Critical])
+}
+
+fn is_default_non_preemptible(v: &BTreeSet<crate::domain::model::Priority>) -> bool {
+    *v == default_non_preemptible()
 }
 
 /// Default of [`Config::max_reservation_seconds`]: 7 days, the longest lease.
@@ -207,6 +238,9 @@ impl Default for Config {
             max_reservation_seconds: DEFAULT_MAX_RESERVATION_SECONDS,
             max_reservation_lead_seconds: DEFAULT_MAX_RESERVATION_LEAD_SECONDS,
             queue: crate::domain::queue::QueueConfig::default(),
+            preemption: crate::domain::preempt::PreemptionPolicy::default(),
+            preemption_grace_seconds: DEFAULT_PREEMPTION_GRACE_SECONDS,
+            non_preemptible_priorities: default_non_preemptible(),
         }
     }
 }
@@ -245,7 +279,7 @@ impl Config {
             Error::invalid(
                 "config",
                 format!(
-                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers, queue, max_reservation_seconds, max_reservation_lead_seconds)"
+                    "{msg} (known fields: total_cpu_millicores, total_memory_mib, worker_slots, worker_cpu_millicores, worker_memory_mib, worker_endpoints, worker_base_port, mcp_catalog, mcp_base_port, strict_mcp_catalog, min_ttl_seconds, max_ttl_seconds, default_ttl_seconds, snapshot_every, max_metadata_bytes, segment_size_bytes, terminal_retained, priority_reserve_percent, idempotency_window_seconds, quotas, default_quota, tenant_metadata_key, drained_workers, removed_workers, queue, max_reservation_seconds, max_reservation_lead_seconds, preemption, preemption_grace_seconds, non_preemptible_priorities)"
                 ),
             )
         })?;
@@ -272,6 +306,15 @@ impl Config {
             return Err(cfg_err("max_reservation_seconds", "must be at least 1"));
         }
         self.queue.validate()?;
+        if self.preemption_grace_seconds > MAX_PREEMPTION_GRACE_SECONDS {
+            return Err(cfg_err(
+                "preemption_grace_seconds",
+                format!(
+                    "{} is out of range; allowed values: 0 (preempt at once) to {MAX_PREEMPTION_GRACE_SECONDS} seconds",
+                    self.preemption_grace_seconds
+                ),
+            ));
+        }
         if !crate::domain::input::metadata_key_allowed(&self.tenant_metadata_key) {
             return Err(cfg_err("tenant_metadata_key", "must be 1 to 128 characters without control characters"));
         }

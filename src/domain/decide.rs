@@ -138,7 +138,8 @@ fn price_mcp_servers(names: &[String], state: &State) -> (Vec<McpGrant>, Resourc
 /// The reserve policy: a request of `priority` may take what is free less the config's
 /// reserve percent of each total.
 fn usable(state: &State, priority: Priority) -> Usable {
-    let avail = state.available();
+    // What victims of a preemption in grace have freed is kept for its preemptor.
+    let avail = crate::domain::preempt::sat_sub(state.available(), state.kept_for_preemptors());
     let total = state.total();
     let reserve_percent = u64::from(state.config.priority_reserve_percent.for_priority(priority));
     let mut u = Usable { workers: 0, cpu_millicores: 0, memory_mib: 0, total, reserve_percent };
@@ -254,6 +255,7 @@ pub fn place(
         max_lifetime_seconds: req.max_lifetime_seconds,
         tenant: valid.tenant,
         queued_seq: None,
+        preemptible: req.is_preemptible(),
     })
 }
 

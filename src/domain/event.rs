@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 /// 3: the queue (`queued` and `cancelled` events, `granted.queued_seq`, reason `queue_timeout`)
 /// and reservations (`reserved`, `reservation_rejected`, `reservation_cancelled`, reason
 /// `reserved`).
-pub const EVENT_SCHEMA_VERSION: u32 = 3;
+/// 4: preemption (`preempting` and `preempted` events; `granted.preemptible` and
+/// `queued.preemptible`, written only when `false`).
+pub const EVENT_SCHEMA_VERSION: u32 = 4;
 
 /// One logged fact: what happened, when, in which schema version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,6 +79,11 @@ pub enum EventBody {
         /// The request withdrawn.
         allocation_id: AllocationId,
     },
+    /// A request preempts lower-priority allocations with a grace period: it waits in the
+    /// queue, its victims keep their resources until the deadline (`domain/preempt.rs`).
+    Preempting(crate::domain::preempt::Preempting),
+    /// A victim of a preemption stopped holding its resources.
+    Preempted(crate::domain::preempt::Preempted),
 }
 
 /// What a renewal decided: the deadline before and after.
@@ -162,6 +169,9 @@ pub struct Grant {
     /// Set when the grant ended a wait: the sequence number of the request's `queued` event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_seq: Option<u64>,
+    /// Whether a higher priority may preempt it (written only when `false`).
+    #[serde(default = "crate::domain::preempt::yes", skip_serializing_if = "crate::domain::preempt::is_true")]
+    pub preemptible: bool,
 }
 
 /// Which resource a rejected request needed more of than its priority may take.
@@ -282,6 +292,8 @@ impl EventBody {
             EventBody::ReservationCancelled { .. } => "reservation_cancelled",
             EventBody::Queued(_) => "queued",
             EventBody::Cancelled { .. } => "cancelled",
+            EventBody::Preempting(_) => "preempting",
+            EventBody::Preempted(_) => "preempted",
         }
     }
 
@@ -294,6 +306,8 @@ impl EventBody {
             EventBody::Renewed(r) => Some(r.allocation_id),
             EventBody::Queued(q) => Some(q.allocation_id),
             EventBody::Cancelled { allocation_id } => Some(*allocation_id),
+            EventBody::Preempting(p) => Some(p.preemptor),
+            EventBody::Preempted(p) => Some(p.allocation_id),
             _ => None,
         }
     }
@@ -325,6 +339,7 @@ impl Event {
             | EventBody::ReservationRejected(_)
             | EventBody::ReservationCancelled { .. } => put_json(&mut out, self),
             EventBody::Queued(_) | EventBody::Cancelled { .. } => put_json(&mut out, self),
+            EventBody::Preempting(_) | EventBody::Preempted(_) => put_json(&mut out, self),
         }
         debug_assert!(serde_json::to_vec(self).is_ok_and(|general| general == out), "lean encoding differs");
         out
@@ -404,6 +419,8 @@ struct GrantedWire<'a> {
     tenant: Option<String>,
     #[serde(default)]
     queued_seq: Option<u64>,
+    #[serde(default = "crate::domain::preempt::yes")]
+    preemptible: bool,
 }
 
 #[derive(Deserialize)]
@@ -474,6 +491,7 @@ fn decode_lean(bytes: &[u8]) -> Option<Event> {
                 max_lifetime_seconds: w.max_lifetime_seconds,
                 tenant: w.tenant,
                 queued_seq: w.queued_seq,
+                preemptible: w.preemptible,
             })
         }
         b"rejected" => {
@@ -582,6 +600,7 @@ mod tests {
                     max_lifetime_seconds: Some(86_400),
                     tenant: Some("team \"a\"".into()),
                     queued_seq: Some(3),
+                    preemptible: false,
                 }),
             ),
             Event::new(

@@ -37,6 +37,9 @@ pub struct ResourceRequest {
     pub wait: bool,
     /// How long to wait at most (`None`: the config's `queue.default_timeout_seconds`).
     pub queue_timeout_seconds: Option<u64>,
+    /// `Some(false)` protects the allocation from preemption; allowed only for the config's
+    /// `non_preemptible_priorities` (`None`: preemptible).
+    pub preemptible: Option<bool>,
 }
 
 impl ResourceRequest {
@@ -95,6 +98,18 @@ impl ResourceRequest {
         self
     }
 
+    /// Marks the allocation preemptible or not (`false` only for the priorities the config's
+    /// `non_preemptible_priorities` names).
+    pub fn preemptible(mut self, preemptible: bool) -> Self {
+        self.preemptible = Some(preemptible);
+        self
+    }
+
+    /// Whether the allocation may be preempted (the default).
+    pub fn is_preemptible(&self) -> bool {
+        self.preemptible != Some(false)
+    }
+
     /// Bounds the allocation's lifetime across renewals.
     pub fn max_lifetime_seconds(mut self, seconds: u64) -> Self {
         self.max_lifetime_seconds = Some(seconds);
@@ -128,14 +143,15 @@ impl ResourceRequest {
             tenant: json_tenant(args.get("tenant"))?,
             wait: json_wait(args.get("wait"))?,
             queue_timeout_seconds: json_seconds("queue_timeout_seconds", args.get("queue_timeout_seconds"))?,
+            preemptible: json_preemptible(args.get("preemptible"))?,
         })
     }
 }
 
 /// The fields of a request, as its errors list them.
-const REQUEST_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant, wait, queue_timeout_seconds";
+const REQUEST_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant, wait, queue_timeout_seconds, preemptible";
 /// The arguments the `request_resources` tool takes.
-const TOOL_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant, wait, queue_timeout_seconds, expected_seq";
+const TOOL_ARGUMENTS: &str = "job_id, mcp_servers, workers, priority, ttl_seconds, metadata, idempotency_key, max_lifetime_seconds, tenant, wait, queue_timeout_seconds, preemptible, expected_seq";
 
 fn reject_unknown_arguments(args: &serde_json::Map<String, serde_json::Value>, known: &str) -> Result<()> {
     for key in args.keys() {
@@ -223,6 +239,15 @@ fn json_wait(v: Option<&serde_json::Value>) -> Result<bool> {
     }
 }
 
+fn json_preemptible(v: Option<&serde_json::Value>) -> Result<Option<bool>> {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(type_err("preemptible", "true or false", other)),
+    }
+}
+
 fn json_tenant(v: Option<&serde_json::Value>) -> Result<Option<String>> {
     use serde_json::Value;
     match v {
@@ -294,7 +319,24 @@ pub fn validate<'a>(req: &'a ResourceRequest, config: &Config) -> Result<ValidRe
     }
     validate_max_lifetime(req.max_lifetime_seconds, ttl_seconds)?;
     let tenant = resolve_tenant(req, config)?;
+    validate_preemptible(req, config)?;
     Ok(ValidRequest { request: req, ttl_seconds, metadata, tenant })
+}
+
+/// `preemptible: false` only from a priority the config lets opt out of preemption.
+fn validate_preemptible(req: &ResourceRequest, config: &Config) -> Result<()> {
+    if req.is_preemptible() || config.non_preemptible_priorities.contains(&req.priority) {
+        return Ok(());
+    }
+    let allowed: Vec<&str> = config.non_preemptible_priorities.iter().map(|p| p.as_str()).collect();
+    Err(Error::invalid(
+        "preemptible",
+        format!(
+            "false is not allowed for {} priority requests; only priorities {} may ask not to be preempted (config non_preemptible_priorities)",
+            req.priority,
+            if allowed.is_empty() { "(none)".to_string() } else { allowed.join(", ") }
+        ),
+    ))
 }
 
 /// The request's tenant: its `tenant` field (checked as a tenant name), else a string under the

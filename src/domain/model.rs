@@ -172,11 +172,16 @@ pub enum AllocationState {
     Pending,
     /// The request was cancelled while it waited; it never held anything.
     Cancelled,
+    /// A higher-priority request preempts it: it still holds its resources (so its job can
+    /// checkpoint) until its `preempt_deadline`, or until it is released (`docs/policy.md` §2).
+    Preempting,
+    /// It was preempted by a higher-priority request: it held its resources until then.
+    Preempted,
 }
 
 impl AllocationState {
     /// The accepted spellings, for error messages.
-    pub const ALLOWED: &'static str = "active, released, expired, failed, pending, cancelled";
+    pub const ALLOWED: &'static str = "active, released, expired, failed, pending, cancelled, preempting, preempted";
 
     /// The state as JSON and the CLI write it.
     pub fn as_str(self) -> &'static str {
@@ -187,12 +192,14 @@ impl AllocationState {
             AllocationState::Failed => "failed",
             AllocationState::Pending => "pending",
             AllocationState::Cancelled => "cancelled",
+            AllocationState::Preempting => "preempting",
+            AllocationState::Preempted => "preempted",
         }
     }
 
-    /// Whether the state is final (every state but `active` and `pending`).
+    /// Whether the state is final (every state but `active`, `pending` and `preempting`).
     pub fn is_terminal(self) -> bool {
-        !matches!(self, AllocationState::Active | AllocationState::Pending)
+        !matches!(self, AllocationState::Active | AllocationState::Pending | AllocationState::Preempting)
     }
 
     /// Parses a state given by a caller; the error names `field` and lists the allowed values.
@@ -204,6 +211,8 @@ impl AllocationState {
             "failed" => Ok(AllocationState::Failed),
             "pending" => Ok(AllocationState::Pending),
             "cancelled" => Ok(AllocationState::Cancelled),
+            "preempting" => Ok(AllocationState::Preempting),
+            "preempted" => Ok(AllocationState::Preempted),
             other => Err(Error::invalid(
                 field,
                 format!("{:?} is not a state; allowed values: {}", truncate(other), Self::ALLOWED),

@@ -1,6 +1,19 @@
-//! Priority preemption (issue 17 §2), the pure decision only: which active allocations a
-//! request would preempt. Not wired into the write path yet (no `preempting` state, grace or
-//! `preempted` events): see the report of the helper that wrote it.
+//! Priority preemption (issue 17 §2): which active allocations a request preempts, the grace
+//! they get, and the events that record it (`preempting`, `preempted`); `docs/policy.md` §2.
+//!
+//! - **Grace 0**: the victims' `preempted` events and the preemptor's `granted` are written by
+//!   the same command.
+//! - **Grace > 0**: one `preempting` event queues the preemptor (it waits in the fair queue,
+//!   `pending`) and marks its victims `preempting` until the deadline; they keep their
+//!   resources so their jobs can checkpoint. What a victim frees early is kept for the
+//!   preemptor ([`State::kept_for_preemptors`]); the queue's own decisions pass preemptors
+//!   over. When the deadline passes (the expiry sweep) the victims still holding get
+//!   `preempted` and the preemptor is granted in the same command; once every victim has
+//!   ended early (released, expired) it is granted at once.
+//! - The preemptor leaving the queue otherwise (cancelled, `queue_timeout`) ends the
+//!   preemption: its victims are `active` again (the fold does it on that event).
+//! - A victim in grace cannot be renewed (an error naming its state `preempting`), may be
+//!   released, and expires at its own deadline if that comes first.
 //!
 //! The rule: a request whose priority's policy is `preempt_lower` and that does not fit may
 //! preempt active allocations of *strictly lower* priority. Candidates are ordered lowest
@@ -14,9 +27,97 @@
 //! pool shared by teams needs urgent work to get through without an operator; `normal` work
 //! preempting `low` would turn every busy hour into churn, and `low` has nothing below it.
 
+use crate::domain::clock::{Micros, MICROS_PER_SECOND};
+use crate::domain::event::{EventBody, Grant, RejectReason};
+use crate::domain::input::ResourceRequest;
 use crate::domain::model::{AllocationId, Priority, Resources};
+use crate::domain::queue::Queued;
 use crate::domain::state::{Allocation, State};
+use crate::Result;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Serde's default for the `preemptible` flags.
+pub(crate) fn yes() -> bool {
+    true
+}
+
+/// The `preemptible` flags are written only when `false`.
+#[allow(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
+pub(crate) fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// `a - b`, each resource at least 0.
+pub(crate) fn sat_sub(a: Resources, b: Resources) -> Resources {
+    Resources {
+        workers: a.workers.saturating_sub(b.workers),
+        cpu_millicores: a.cpu_millicores.saturating_sub(b.cpu_millicores),
+        memory_mib: a.memory_mib.saturating_sub(b.memory_mib),
+    }
+}
+
+/// The `preempting` event: a request preempts `victims` with a grace period, and waits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preempting {
+    /// The preemptor: the allocation id its grant will have.
+    pub preemptor: AllocationId,
+    /// The preemptor's job.
+    pub job_id: String,
+    /// The preemptor's priority.
+    pub priority: Priority,
+    /// The allocations preempted, in the order chosen.
+    pub victims: Vec<AllocationId>,
+    /// The grace the victims get.
+    pub grace_seconds: u64,
+    /// When the grace ends: the victims still holding are then preempted.
+    pub deadline_us: Micros,
+    /// The preemptor's request, queued as a `queued` event would queue it.
+    pub request: Queued,
+}
+
+/// The `preempted` event: a victim stopped holding its resources.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preempted {
+    /// The victim.
+    pub allocation_id: AllocationId,
+    /// The allocation that preempted it.
+    pub preemptor: AllocationId,
+    /// The preemptor's job.
+    pub preemptor_job_id: String,
+    /// The preemptor's priority.
+    pub preemptor_priority: Priority,
+    /// The grace the victim had (0: preempted at once).
+    pub grace_seconds: u64,
+}
+
+/// On a victim: who preempts it and when its grace ends (kept once it is preempted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreemptMark {
+    /// The preemptor.
+    pub by: AllocationId,
+    /// The end of the grace.
+    pub deadline_us: Micros,
+}
+
+/// A preemption in grace, as the state keeps it (snapshots carry it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPreemption {
+    /// The preemptor (waiting in the queue).
+    pub preemptor: AllocationId,
+    /// Its job.
+    pub job_id: String,
+    /// Its priority.
+    pub priority: Priority,
+    /// The victims still holding their resources.
+    pub victims: BTreeSet<AllocationId>,
+    /// When the grace ends.
+    pub deadline_us: Micros,
+    /// The grace given.
+    pub grace_seconds: u64,
+    /// What the preemptor's workers need (kept for it as its victims free it).
+    pub workers: Resources,
+}
 
 /// What a priority may do when it does not fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +218,163 @@ impl State {
             }
         }
         Some(chosen.into_iter().map(|a| a.id).collect())
+    }
+}
+
+impl State {
+    /// Whether `id` waits for victims of its preemption to end (the queue passes it over).
+    pub fn is_preempting_for(&self, id: AllocationId) -> bool {
+        self.preemptions.get(&id).is_some_and(|p| !p.victims.is_empty())
+    }
+
+    /// The preemptions in grace, by preemptor.
+    pub fn preemptions(&self) -> impl Iterator<Item = &PendingPreemption> {
+        self.preemptions.values()
+    }
+
+    /// What is free but kept for preemptors in grace: for each, what it needs beyond what its
+    /// victims still hold. Nobody else may take it (requests, the queue, backfill).
+    pub fn kept_for_preemptors(&self) -> Resources {
+        let mut kept = Resources::default();
+        for p in self.preemptions.values().filter(|p| !p.victims.is_empty()) {
+            let held = p
+                .victims
+                .iter()
+                .filter_map(|v| self.allocation(*v))
+                .fold(Resources::default(), |acc, a| acc.checked_add(a.resources).unwrap_or(acc));
+            kept = kept.checked_add(sat_sub(p.workers, held)).unwrap_or(kept);
+        }
+        kept
+    }
+
+    /// The earliest end of a grace still running.
+    pub fn next_preempt_deadline(&self) -> Option<Micros> {
+        self.preemptions.values().filter(|p| !p.victims.is_empty()).map(|p| p.deadline_us).min()
+    }
+
+    /// Whether requests of `priority` may preempt (the config's policy).
+    pub fn may_preempt(&self, priority: Priority) -> bool {
+        self.config.preemption.of(priority) == PreemptPolicy::PreemptLower
+    }
+
+    /// [`State::decide_admission`] with preemption: a request that does not fit, whose
+    /// priority preempts lower ones, takes the victims [`State::choose_victims`] picks if the
+    /// request would then be granted (quota, reservations and the queue's head included).
+    /// Grace 0: the victims' `preempted` events, then the grant. Grace > 0: one `preempting`
+    /// event (only if `allow_grace`; otherwise, as when no victims make it fit, the decision
+    /// without preemption).
+    pub fn decide_admission_preempting(
+        &self,
+        req: &ResourceRequest,
+        now: Micros,
+        allow_grace: bool,
+    ) -> Result<Vec<EventBody>> {
+        let id = self.next_allocation_id();
+        let base = self.decide_admission(req, now, id)?;
+        let grace = self.config.preemption_grace_seconds;
+        let quota = matches!(&base, EventBody::Rejected(r) if r.reason == RejectReason::Quota);
+        if !self.may_preempt(req.priority)
+            || quota
+            || matches!(base, EventBody::Granted(_))
+            || (grace > 0 && !allow_grace)
+        {
+            return Ok(vec![base]);
+        }
+        Ok(self.try_preemption(req, now, id, grace)?.unwrap_or_else(|| vec![base]))
+    }
+
+    fn try_preemption(
+        &self,
+        req: &ResourceRequest,
+        now: Micros,
+        id: AllocationId,
+        grace: u64,
+    ) -> Result<Option<Vec<EventBody>>> {
+        let valid = crate::domain::input::validate(req, &self.config)?;
+        let cost = crate::domain::decide::price(&valid, self);
+        if crate::domain::decide::shortfall(&cost).is_none() {
+            return Ok(None);
+        }
+        let u = cost.usable;
+        let usable = Resources {
+            workers: u32::try_from(u.workers).unwrap_or(u32::MAX),
+            cpu_millicores: u.cpu_millicores,
+            memory_mib: u.memory_mib,
+        };
+        let protected = |v: AllocationId| self.allocation(v).is_none_or(|a| !a.preemptible || a.preempt.is_some());
+        let Some(victims) = self.choose_victims(&self.config.preemption, req.priority, cost.needed, usable, &protected)
+        else {
+            return Ok(None);
+        };
+        // Decided again as if the victims were gone: it must then be granted outright.
+        let mut after = self.clone();
+        let mut preempted: Vec<Preempted> = victims
+            .iter()
+            .map(|&v| Preempted {
+                allocation_id: v,
+                preemptor: id,
+                preemptor_job_id: req.job_id.clone(),
+                preemptor_priority: req.priority,
+                grace_seconds: grace,
+            })
+            .collect();
+        for p in &preempted {
+            after.evolve_owned(after.last_seq + 1, now, EventBody::Preempted(p.clone()));
+        }
+        let mut now_only = req.clone();
+        now_only.wait = false;
+        let grant_id = if grace == 0 { after.next_allocation_id() } else { id };
+        let EventBody::Granted(grant) = after.decide_admission(&now_only, now, grant_id)? else { return Ok(None) };
+        if grace == 0 {
+            let mut events: Vec<EventBody> =
+                preempted.drain(..).map(|p| EventBody::Preempted(Preempted { preemptor: grant_id, ..p })).collect();
+            events.push(EventBody::Granted(grant));
+            return Ok(Some(events));
+        }
+        let mut waiting = req.clone();
+        waiting.wait = true;
+        let EventBody::Queued(mut request) = self.decide_admission(&waiting, now, id)? else { return Ok(None) };
+        let deadline_us = now + i64::try_from(grace).unwrap_or(i64::MAX / 2 / MICROS_PER_SECOND) * MICROS_PER_SECOND;
+        request.waiting_reason = format!(
+            "preempting {} allocation(s) until {}",
+            victims.len(),
+            crate::domain::clock::format_micros(deadline_us)
+        );
+        Ok(Some(vec![EventBody::Preempting(Preempting {
+            preemptor: id,
+            job_id: req.job_id.clone(),
+            priority: req.priority,
+            victims,
+            grace_seconds: grace,
+            deadline_us,
+            request,
+        })]))
+    }
+
+    /// The `preempted` events of the victims whose grace is over at `now` (the expiry sweep).
+    pub fn decide_preemptions_due(&self, now: Micros) -> Vec<EventBody> {
+        let mut events = Vec::new();
+        for p in self.preemptions.values().filter(|p| p.deadline_us <= now) {
+            for &v in &p.victims {
+                events.push(EventBody::Preempted(Preempted {
+                    allocation_id: v,
+                    preemptor: p.preemptor,
+                    preemptor_job_id: p.job_id.clone(),
+                    preemptor_priority: p.priority,
+                    grace_seconds: p.grace_seconds,
+                }));
+            }
+        }
+        events
+    }
+
+    /// The grant of a preemptor none of whose victims holds anything any more, if it fits now.
+    pub fn decide_preemptor_grant(&self, now: Micros) -> Option<Grant> {
+        self.preemptions.values().filter(|p| p.victims.is_empty()).find_map(|p| {
+            let e = self.queue().get(p.preemptor)?;
+            self.queued_fits_now(e, now)
+                .then(|| self.grant_queued(e, crate::domain::decide::price_queued(self, &e.request), now))
+        })
     }
 }
 

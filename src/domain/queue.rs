@@ -129,6 +129,9 @@ pub struct Queued {
     pub behind_higher: u64,
     /// Why it waits, in words (which resource is short, or who is ahead).
     pub waiting_reason: String,
+    /// Whether the allocation may be preempted once granted (written only when `false`).
+    #[serde(default = "crate::domain::preempt::yes", skip_serializing_if = "crate::domain::preempt::is_true")]
+    pub preemptible: bool,
 }
 
 /// One waiting request: its `queued` event and where that sits in the log.
@@ -415,7 +418,7 @@ impl State {
 
     /// The head of the queue at `now` and its reservation (`None`: nobody waits).
     pub fn head_reservation(&self, now: Micros) -> Option<HeadStart> {
-        let head = self.queue.order(now, self.qcfg()).next()?;
+        let head = self.queue.order(now, self.qcfg()).find(|e| !self.is_preempting_for(e.request.allocation_id))?;
         Some(self.head_start_of(head, &price_queued(self, &head.request)))
     }
 
@@ -445,7 +448,8 @@ impl State {
     /// of the next `backfill_depth` requests that fits and cannot delay the head. `None`:
     /// nothing waiting can start now.
     pub fn decide_queue_step(&self, now: Micros) -> Option<Grant> {
-        let mut order = self.queue.order(now, self.qcfg());
+        // A preemptor waits for its victims, not its turn (`domain/preempt.rs`).
+        let mut order = self.queue.order(now, self.qcfg()).filter(|e| !self.is_preempting_for(e.request.allocation_id));
         let head = order.next()?;
         let head_cost = price_queued(self, &head.request);
         if self.queued_fits(head, &head_cost, now) {
@@ -469,7 +473,7 @@ impl State {
         None
     }
 
-    fn grant_queued(&self, e: &QueueEntry, cost: Cost, now: Micros) -> Grant {
+    pub(crate) fn grant_queued(&self, e: &QueueEntry, cost: Cost, now: Micros) -> Grant {
         let q = &e.request;
         Grant {
             allocation_id: q.allocation_id,
@@ -485,6 +489,7 @@ impl State {
             max_lifetime_seconds: q.max_lifetime_seconds,
             tenant: q.tenant.clone(),
             queued_seq: Some(e.seq),
+            preemptible: q.preemptible,
         }
     }
 
@@ -586,6 +591,7 @@ impl State {
             position,
             behind_higher,
             waiting_reason,
+            preemptible: req.is_preemptible(),
         }))
     }
 
@@ -598,7 +604,7 @@ impl State {
         deadline_us: Micros,
         needed: Resources,
     ) -> Option<(AllocationId, Resources)> {
-        let head = self.queue.order(now, self.qcfg()).next()?;
+        let head = self.queue.order(now, self.qcfg()).find(|e| !self.is_preempting_for(e.request.allocation_id))?;
         if rank(priority) > head.effective_rank(now, self.qcfg().aging_us()) {
             return None;
         }

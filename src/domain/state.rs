@@ -83,6 +83,13 @@ pub struct Allocation {
     /// The tenant whose quota it counts against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Whether a higher priority may preempt it (`preemptible: false` in the request: no).
+    #[serde(default = "crate::domain::preempt::yes", skip_serializing_if = "crate::domain::preempt::is_true")]
+    pub preemptible: bool,
+    /// Set by a `preempting` event: who preempts it and when its grace ends (kept once it is
+    /// preempted; cleared if the preemption is withdrawn or it ends otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempt: Option<crate::domain::preempt::PreemptMark>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -115,6 +122,8 @@ impl Allocation {
             max_lifetime_seconds: g.max_lifetime_seconds,
             renewals: 0,
             tenant: g.tenant,
+            preemptible: g.preemptible,
+            preempt: None,
         }
     }
 
@@ -149,6 +158,8 @@ impl Allocation {
             max_lifetime_seconds: r.max_lifetime_seconds,
             renewals: 0,
             tenant: r.tenant.clone(),
+            preemptible: true,
+            preempt: None,
         }
     }
 
@@ -198,13 +209,21 @@ impl Allocation {
         self.ended_seq = Some(seq);
     }
 
-    /// Terminal state as seen at `now`: an active allocation past its deadline reads as expired.
+    /// Terminal state as seen at `now`: an active allocation past its deadline reads as expired;
+    /// one a preemption's grace runs for reads as `preempting`.
     pub fn state_at(&self, now: Micros) -> AllocationState {
         if self.state == AllocationState::Active && now >= self.deadline_us {
             AllocationState::Expired
+        } else if self.state == AllocationState::Active && self.preempt.is_some() {
+            AllocationState::Preempting
         } else {
             self.state
         }
+    }
+
+    /// Whether it holds its resources at `now` (`active` or `preempting`).
+    pub fn holds_at(&self, now: Micros) -> bool {
+        matches!(self.state_at(now), AllocationState::Active | AllocationState::Preempting)
     }
 
     /// End of the interval over which the allocation held resources.
@@ -261,6 +280,9 @@ pub struct StateData {
     /// The requests waiting in the queue, in `queued` order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queue: Vec<crate::domain::queue::QueueEntry>,
+    /// The preemptions in grace, by preemptor.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preemptions: Vec<crate::domain::preempt::PendingPreemption>,
 }
 
 /// The in-memory projection of the log.
@@ -304,6 +326,8 @@ pub struct State {
     pub(super) reservations: crate::domain::reservation::Reservations,
     /// The requests waiting for capacity (`domain/queue.rs`).
     pub(super) queue: crate::domain::queue::Queue,
+    /// Preemptions in grace, by preemptor (`domain/preempt.rs`).
+    pub(super) preemptions: BTreeMap<AllocationId, crate::domain::preempt::PendingPreemption>,
     /// Events that did not apply cleanly (an anomaly counter; evolve never panics).
     pub anomalies: u64,
 }
@@ -333,6 +357,7 @@ impl State {
             tenants: BTreeMap::new(),
             reservations: crate::domain::reservation::Reservations::default(),
             queue: crate::domain::queue::Queue::default(),
+            preemptions: BTreeMap::new(),
             anomalies: 0,
         }
     }
@@ -473,12 +498,14 @@ impl State {
                 let id = g.allocation_id;
                 if self.apply_grant(ts_us, g) {
                     self.queue.remove(id);
+                    self.end_preemption(id);
                     self.remember_key(key, seq, ts_us, None);
                 }
             }
             EventBody::Rejected(r) => {
                 if self.apply_rejection(seq, ts_us, &r) {
                     self.queue.remove(r.allocation_id);
+                    self.end_preemption(r.allocation_id);
                     let key =
                         r.idempotency_key.as_ref().map(|k| (k.clone(), r.allocation_id, rejection_fingerprint(&r)));
                     self.remember_key(key, seq, ts_us, Some(r.reason));
@@ -492,16 +519,24 @@ impl State {
             }
             EventBody::Cancelled { allocation_id } => match self.queue.remove(allocation_id) {
                 Some(e) => {
+                    self.end_preemption(allocation_id);
                     self.ended.insert(seq, allocation_id);
                     self.allocations.insert(allocation_id, Arc::new(Allocation::from_cancel(seq, ts_us, &e)));
                 }
                 None => self.anomalies += 1,
             },
             EventBody::Released { allocation_id } => {
+                self.unmark_victim(allocation_id);
                 self.apply_end(seq, allocation_id, ts_us, AllocationState::Released);
             }
             EventBody::Expired { allocation_id, deadline_us } => {
+                self.unmark_victim(allocation_id);
                 self.apply_end(seq, allocation_id, deadline_us, AllocationState::Expired);
+            }
+            body @ (EventBody::Preempting(_) | EventBody::Preempted(_)) => {
+                if !self.fold_preemption(seq, ts_us, body) {
+                    self.anomalies += 1;
+                }
             }
             reservation @ (EventBody::Reserved(_)
             | EventBody::ReservationRejected(_)
@@ -515,6 +550,128 @@ impl State {
         self.evict_ended(graveyard);
         self.keys.forget_older(ts_us, self.config.idempotency_window_seconds);
         debug_assert!(self.check_invariants().is_ok(), "{:?}", self.check_invariants());
+    }
+
+    /// A `preempting` or `preempted` event; `false` if it does not apply (an anomaly).
+    fn fold_preemption(&mut self, seq: u64, ts_us: Micros, body: EventBody) -> bool {
+        match body {
+            EventBody::Preempting(p) => self.apply_preempting(seq, ts_us, p),
+            EventBody::Preempted(p) => self.apply_preempted(seq, ts_us, &p),
+            _ => false,
+        }
+    }
+
+    /// A `preempting` event: the preemptor joins the queue and its victims (active,
+    /// preemptible, not preempted already) are marked; `false` (nothing applied) otherwise.
+    fn apply_preempting(&mut self, seq: u64, ts_us: Micros, p: crate::domain::preempt::Preempting) -> bool {
+        let mark = crate::domain::preempt::PreemptMark { by: p.preemptor, deadline_us: p.deadline_us };
+        let victims: BTreeSet<AllocationId> = p.victims.iter().copied().collect();
+        let valid = victims.len() == p.victims.len()
+            && p.request.allocation_id == p.preemptor
+            && !self.allocations.contains_key(&p.preemptor)
+            && self.queue.get(p.preemptor).is_none()
+            && victims.iter().all(|v| {
+                self.allocation(*v).is_some_and(|a| {
+                    a.state == AllocationState::Active
+                        && a.preemptible
+                        && a.preempt.is_none()
+                        && a.priority < p.priority
+                })
+            });
+        if !valid {
+            return false;
+        }
+        for v in &victims {
+            if let Some(shared) = self.allocations.get_mut(v) {
+                Arc::make_mut(shared).preempt = Some(mark);
+            }
+        }
+        let cfg = &self.config;
+        let n = p.request.workers;
+        let workers = Resources {
+            workers: n,
+            cpu_millicores: cfg.worker_cpu_millicores * u64::from(n),
+            memory_mib: cfg.worker_memory_mib * u64::from(n),
+        };
+        let pending = crate::domain::preempt::PendingPreemption {
+            preemptor: p.preemptor,
+            job_id: p.job_id,
+            priority: p.priority,
+            victims,
+            deadline_us: p.deadline_us,
+            grace_seconds: p.grace_seconds,
+            workers,
+        };
+        self.preemptions.insert(p.preemptor, pending);
+        self.queue.push(seq, ts_us, p.request)
+    }
+
+    /// A `preempted` event: the victim (active) ends, holding its resources until now.
+    fn apply_preempted(&mut self, seq: u64, ts_us: Micros, p: &crate::domain::preempt::Preempted) -> bool {
+        let Some(a) = self.allocation(p.allocation_id) else { return false };
+        if a.state != AllocationState::Active || a.preempt.is_some_and(|m| m.by != p.preemptor) {
+            return false;
+        }
+        if let Some(pending) = self.preemptions.get_mut(&p.preemptor) {
+            pending.victims.remove(&p.allocation_id);
+        }
+        self.apply_end(seq, p.allocation_id, ts_us, AllocationState::Preempted);
+        // The ended allocation keeps who preempted it, and when (as a rebuild from the log does).
+        if let Some(shared) = self.allocations.get_mut(&p.allocation_id) {
+            Arc::make_mut(shared).preempt =
+                Some(crate::domain::preempt::PreemptMark { by: p.preemptor, deadline_us: ts_us });
+        }
+        true
+    }
+
+    /// An active victim in grace that ends otherwise (released, expired) leaves its preemption.
+    fn unmark_victim(&mut self, id: AllocationId) {
+        // The release and expiry path: nothing to look up while no preemption is in grace.
+        if self.preemptions.is_empty() {
+            return;
+        }
+        let Some(shared) = self.allocations.get_mut(&id) else { return };
+        let Some(mark) = shared.preempt.filter(|_| shared.state == AllocationState::Active) else { return };
+        Arc::make_mut(shared).preempt = None;
+        if let Some(p) = self.preemptions.get_mut(&mark.by) {
+            p.victims.remove(&id);
+        }
+    }
+
+    /// The preemptor `id` left the queue (granted, timed out, cancelled): its preemption ends
+    /// and the victims still holding are `active` again.
+    fn end_preemption(&mut self, id: AllocationId) {
+        let Some(p) = self.preemptions.remove(&id) else { return };
+        for v in p.victims {
+            if let Some(shared) = self.allocations.get_mut(&v) {
+                Arc::make_mut(shared).preempt = None;
+            }
+        }
+    }
+
+    /// The preemptions agree with the marks on their victims and with the queue.
+    fn check_preemptions(&self) -> std::result::Result<(), String> {
+        let mut marked = 0usize;
+        for a in self.allocations.values().filter(|a| a.state == AllocationState::Active) {
+            if let Some(m) = a.preempt {
+                marked += 1;
+                if !self
+                    .preemptions
+                    .get(&m.by)
+                    .is_some_and(|p| p.victims.contains(&a.id) && p.deadline_us == m.deadline_us)
+                {
+                    return Err(format!("{} is marked preempting by {} which does not list it", a.id, m.by));
+                }
+            }
+        }
+        let listed: usize = self.preemptions.values().map(|p| p.victims.len()).sum();
+        if listed != marked {
+            return Err(format!("preemptions list {listed} victims but {marked} are marked"));
+        }
+        if let Some(p) = self.preemptions.values().find(|p| self.queue.get(p.preemptor).is_none()) {
+            return Err(format!("preemptor {} is not in the queue", p.preemptor));
+        }
+        Ok(())
     }
 
     /// Records the idempotency key of the request event `seq` decided, if it had one.
@@ -800,6 +957,7 @@ impl State {
         }
         self.check_tenants()?;
         self.queue.check()?;
+        self.check_preemptions()?;
         if let Some(e) = self.queue.entries().iter().find(|e| self.allocations.contains_key(&e.request.allocation_id)) {
             return Err(format!("{} is both queued and an allocation", e.request.allocation_id));
         }
@@ -878,6 +1036,7 @@ impl State {
             idempotency_keys: self.keys.records(),
             reservations: self.reservations.list(),
             queue: self.queue.entries(),
+            preemptions: self.preemptions.values().cloned().collect(),
         };
         (data, shared)
     }
@@ -938,6 +1097,7 @@ impl StateLoader {
                 return Err("a request is queued twice".into());
             }
         }
+        s.preemptions = data.preemptions.into_iter().map(|p| (p.preemptor, p)).collect();
         s.allocations.reserve(expected.min(1 << 24));
         Ok(StateLoader { s })
     }

@@ -286,7 +286,7 @@ impl Ledger {
     /// oldest first.
     pub fn allocations_at(&self, at: Micros) -> Result<Vec<AllocationDetails>> {
         self.with_state_at("at", at, |s, t| {
-            let mut active: Vec<_> = s.allocations().filter(|a| a.state_at(t) == AllocationState::Active).collect();
+            let mut active: Vec<_> = s.allocations().filter(|a| a.holds_at(t)).collect();
             active.sort_by_key(|a| (a.created_us, a.id));
             active.into_iter().filter_map(|a| s.details(a.id, t)).collect()
         })
@@ -402,13 +402,24 @@ impl Ledger {
             Subject::Job(j) => format!("\"job_id\":{}", serde_json::Value::from(*j)),
         };
         let finder = memchr::memmem::Finder::new(needle.as_bytes());
+        // A victim is named in a `preempting` event's list, not as its `allocation_id`.
+        let victim = match subject {
+            Subject::Allocation(id) => format!("\"{id}\""),
+            Subject::Job(_) => String::new(),
+        };
+        let victim_finder = memchr::memmem::Finder::new(victim.as_bytes());
         if after >= upto {
             return Ok((out, ids));
         }
         let wal_dir = self.dir().join(WAL_DIR);
         LogReader::new(&**self.storage(), &wal_dir).after(after).upto(upto).records(&mut |pos, payload| {
             let relevant = match subject {
-                Subject::Allocation(_) => finder.find(payload).is_some(),
+                Subject::Allocation(_) => {
+                    let head = &payload[..payload.len().min(ENVELOPE_BYTES)];
+                    finder.find(payload).is_some()
+                        || (memchr::memmem::find(head, b"\"type\":\"preempting\"").is_some()
+                            && victim_finder.find(payload).is_some())
+                }
                 Subject::Job(_) => {
                     let head = &payload[..payload.len().min(ENVELOPE_BYTES)];
                     finder.find(payload).is_some()
@@ -425,13 +436,18 @@ impl Ledger {
                 (EventBody::Granted(g), Subject::Job(j)) if g.job_id == *j => Some(g.allocation_id),
                 (EventBody::Rejected(r), Subject::Job(j)) if r.job_id == *j => Some(r.allocation_id),
                 (EventBody::Queued(q), Subject::Job(j)) if q.job_id == *j => Some(q.allocation_id),
+                (EventBody::Preempting(p), Subject::Job(j)) if p.job_id == *j => Some(p.preemptor),
+                (EventBody::Preempting(p), Subject::Allocation(v)) if p.victims.contains(v) => Some(*v),
                 (body, _) => body.allocation_id().filter(|id| wanted.contains(id)),
             };
             let Some(id) = about else { return Ok(pos.seq < upto) };
             if wanted.insert(id) {
                 ids.push(id);
             }
-            let terminal = !matches!(event.body, EventBody::Granted(_) | EventBody::Renewed(_) | EventBody::Queued(_));
+            let terminal = !matches!(
+                event.body,
+                EventBody::Granted(_) | EventBody::Renewed(_) | EventBody::Queued(_) | EventBody::Preempting(_)
+            );
             out.push(HistoryEvent { seq: pos.seq, at: format_micros(event.ts_us), event, explanation: None });
             if stop_when_done.is_some() && terminal && pending.remove(&id) && !any_active && pending.is_empty() {
                 return Ok(false);

@@ -68,6 +68,7 @@ impl Ledger {
         let queued_at = |id| {
             events[..i].iter().rev().find_map(|x| match &x.event.body {
                 EventBody::Queued(q) if q.allocation_id == id => Some(x.event.ts_us),
+                EventBody::Preempting(p) if p.preemptor == id => Some(x.event.ts_us),
                 _ => None,
             })
         };
@@ -92,6 +93,11 @@ impl Ledger {
                     .map_or_else(String::new, |t| format!("waited {} s, ", seconds(e.event.ts_us - t)));
                 Some(format!("rejected: {waited}queue_timeout"))
             }
+            EventBody::Preempting(p) => Some(preempting_words(p)),
+            EventBody::Preempted(p) => Some(format!(
+                "preempted by {} ({}) to make room; grace {} s",
+                p.preemptor_job_id, p.preemptor_priority, p.grace_seconds
+            )),
             EventBody::Cancelled { allocation_id } => {
                 let waited = queued_at(*allocation_id)
                     .map_or_else(String::new, |t| format!(" after {} s in the queue", seconds(e.event.ts_us - t)));
@@ -120,7 +126,9 @@ impl Ledger {
                 EventBody::ReservationCancelled { reservation_id } => {
                     Some(format!(" when reservation {reservation_id} was cancelled"))
                 }
+                EventBody::Preempted(p) => Some(format!(" when {} was preempted", p.allocation_id)),
                 EventBody::Renewed(_)
+                | EventBody::Preempting(_)
                 | EventBody::Queued(_)
                 | EventBody::Granted(_)
                 | EventBody::Rejected(_)
@@ -130,6 +138,19 @@ impl Ledger {
             })
             .unwrap_or_default())
     }
+}
+
+/// A `preempting` event in words: who preempts whom, and until when.
+fn preempting_words(p: &crate::domain::preempt::Preempting) -> String {
+    let victims: Vec<String> = p.victims.iter().map(ToString::to_string).collect();
+    format!(
+        "{} ({}) preempts {} to make room; they keep their resources until {} (grace {} s), then it is granted",
+        p.job_id,
+        p.priority,
+        victims.join(", "),
+        format_micros(p.deadline_us),
+        p.grace_seconds
+    )
 }
 
 /// Whole seconds, rounded.

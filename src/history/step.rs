@@ -245,7 +245,7 @@ impl Ledger {
     /// instant (allocations past their deadline then read as expired).
     pub fn state_at_point(&self, to: LogPoint) -> Result<StateAt> {
         let view = |s: &State, t: Micros| {
-            let mut active: Vec<_> = s.allocations().filter(|a| a.state_at(t) == AllocationState::Active).collect();
+            let mut active: Vec<_> = s.allocations().filter(|a| a.holds_at(t)).collect();
             active.sort_by_key(|a| (a.created_us, a.id));
             StateAt {
                 seq: s.last_seq,

@@ -20,6 +20,8 @@ const ALLOCATED_COLOR: &str = "#3b7dd8";
 const TOTAL_COLOR: &str = "#c0392b";
 const REJECTED_COLOR: &str = "#e67e22";
 const EXPIRED_COLOR: &str = "#7f8c8d";
+/// Preemptions: a circle where a grace begins, a triangle where a victim is preempted.
+const PREEMPT_COLOR: &str = "#c0392b";
 /// Reserved windows: a faint band behind the series.
 const RESERVED_COLOR: &str = "#8e44ad";
 const SECOND_US: i64 = 1_000_000;
@@ -109,6 +111,22 @@ type Panel = (&'static str, String, String, Vec<(f64, f64)>);
 enum Mark {
     Rejected(Micros),
     Expired(Micros),
+    /// A preemption's grace began (at its `preempting` event).
+    Preempting(Micros),
+    /// A victim stopped holding its resources (at its `preempted` event).
+    Preempted(Micros),
+}
+
+impl Mark {
+    /// When, and the class, colour and whether it is drawn as a triangle (else a circle).
+    fn style(self) -> (Micros, &'static str, &'static str, bool) {
+        match self {
+            Mark::Rejected(t) => (t, "rejected", REJECTED_COLOR, true),
+            Mark::Expired(t) => (t, "expired", EXPIRED_COLOR, false),
+            Mark::Preempting(t) => (t, "preempting", PREEMPT_COLOR, false),
+            Mark::Preempted(t) => (t, "preempted", PREEMPT_COLOR, true),
+        }
+    }
 }
 
 fn marks_of(events: &[LoggedEvent]) -> Vec<Mark> {
@@ -117,6 +135,8 @@ fn marks_of(events: &[LoggedEvent]) -> Vec<Mark> {
         .filter_map(|e| match &e.event.body {
             EventBody::Rejected(_) => Some(Mark::Rejected(e.event.ts_us)),
             EventBody::Expired { deadline_us, .. } => Some(Mark::Expired(*deadline_us)),
+            EventBody::Preempting(_) => Some(Mark::Preempting(e.event.ts_us)),
+            EventBody::Preempted(_) => Some(Mark::Preempted(e.event.ts_us)),
             _ => None,
         })
         .collect()
@@ -232,11 +252,7 @@ fn render_with_windows(tl: &Timeline, marks: &[Mark], windows: &[(Micros, Micros
     let plot_w = WIDTH - LEFT - RIGHT;
     let (t0, t1) = (tl.since_us, tl.until_us.max(tl.since_us + 1));
     let frame = Frame { t0, span: t1 - t0, plot_w };
-    let marks: Vec<Mark> = marks
-        .iter()
-        .copied()
-        .filter(|m| matches!(m, Mark::Rejected(t) | Mark::Expired(t) if *t >= t0 && *t <= t1))
-        .collect();
+    let marks: Vec<Mark> = marks.iter().copied().filter(|m| (t0..=t1).contains(&m.style().0)).collect();
     let mut s = String::new();
     render_header(&mut s, tl, height, &marks);
     for (i, panel) in panels.iter().enumerate() {
@@ -254,16 +270,12 @@ fn render_marks(s: &mut String, frame: &Frame, top: f64, marks: &[Mark]) {
     let mut drawn = std::collections::HashSet::new();
     let _ = writeln!(s, r#"<g class="marks">"#);
     for m in marks {
-        let (t, rejected) = match *m {
-            Mark::Rejected(t) => (t, true),
-            Mark::Expired(t) => (t, false),
-        };
+        let (t, class, color, rejected) = m.style();
         let x = frame.x_of(t);
         #[allow(clippy::cast_possible_truncation, reason = "a pixel column of a 1000-wide chart")]
-        if !drawn.insert((x.round() as i64, rejected)) {
+        if !drawn.insert((x.round() as i64, class)) {
             continue;
         }
-        let (color, class) = if rejected { (REJECTED_COLOR, "rejected") } else { (EXPIRED_COLOR, "expired") };
         let bottom = top + PANEL_H;
         let _ = writeln!(
             s,
@@ -318,7 +330,7 @@ fn render_header(s: &mut String, tl: &Timeline, height: f64, marks: &[Mark]) {
     );
     let _ = writeln!(s, r#"<text x="{}" y="70">total (pool size)</text>"#, lx + 141.0);
     let rejections = marks.iter().filter(|m| matches!(m, Mark::Rejected(_))).count();
-    let expiries = marks.len() - rejections;
+    let expiries = marks.iter().filter(|m| matches!(m, Mark::Expired(_))).count();
     if !marks.is_empty() {
         // On the legend's row, left of it.
         let _ = writeln!(

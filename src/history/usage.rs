@@ -253,7 +253,8 @@ impl<'a> UsageBuilder<'a> {
                 self.groups.entry(group.clone()).or_default().granted += 1;
                 self.hold(g.allocation_id, group, ts, g.deadline_us, g.resources, &g.mcp_servers);
             }
-            EventBody::Released { allocation_id } => {
+            EventBody::Released { allocation_id }
+            | EventBody::Preempted(crate::domain::preempt::Preempted { allocation_id, .. }) => {
                 if let Some(h) = self.holdings.get_mut(allocation_id) {
                     if h.released_at.is_none() && ts < h.deadline {
                         h.released_at = Some(ts);
@@ -279,6 +280,7 @@ impl<'a> UsageBuilder<'a> {
             | EventBody::LedgerCreated { .. }
             | EventBody::ConfigChanged { .. }
             | EventBody::Queued(_)
+            | EventBody::Preempting(_)
             | EventBody::Cancelled { .. } => {}
             // Reservations hold nothing in use until an allocation does.
             EventBody::Reserved(_) | EventBody::ReservationRejected(_) | EventBody::ReservationCancelled { .. } => {}

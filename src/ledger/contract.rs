@@ -56,12 +56,18 @@ impl Ledger {
     /// `request_resources` with an optional precondition; see [`Ledger::request_resources`].
     pub(super) fn request_checked(&self, req: &ResourceRequest, expected_seq: Option<u64>) -> Result<RequestOutcome> {
         if req.wait {
-            return self.request_and_wait(req);
+            match self.request_and_wait(req) {
+                // A retry whose allocation left memory: the log has it (below).
+                Err(Error::NotFound(_)) if req.idempotency_key.is_some() => {}
+                other => return other,
+            }
         }
         let req = Arc::new(req.clone());
         let for_decide = req.clone();
         let answer = self.write_checked(
             move |state, now| check_request(state, now, &req, expected_seq),
+            // Without `wait`, a preemption with a grace period is not decided here (the call
+            // would block on the ledger's clock): `request_or_queue` and `wait` decide it.
             move |state, ts, _| {
                 decide_request_outcome(state, ts, &for_decide).map(|(e, o)| (e, RequestAnswer::Outcome(o)))
             },

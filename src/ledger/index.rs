@@ -187,7 +187,8 @@ impl CapacityIndex {
                 };
             }
             EventBody::Granted(g) => self.grant(g),
-            EventBody::Rejected(_) | EventBody::Queued(_) | EventBody::Cancelled { .. } => {}
+            EventBody::Rejected(_) | EventBody::Queued(_) | EventBody::Cancelled { .. } | EventBody::Preempting(_) => {}
+            EventBody::Preempted(p) => self.end(p.allocation_id),
             // An expiry ended the holding at its deadline, which `advance_to` has passed.
             EventBody::Released { allocation_id } | EventBody::Expired { allocation_id, .. } => {
                 self.end(*allocation_id);

@@ -28,6 +28,7 @@ mod open;
 mod options;
 mod page;
 mod pool;
+mod preempt;
 mod queries;
 mod queue;
 mod replay;
@@ -398,7 +399,7 @@ impl Ledger {
     pub fn next_deadline(&self) -> Option<Micros> {
         let core = lock(&self.shared.core);
         let queue = core.state.queue().next_wakeup(self.now_micros(), &core.state.config.queue);
-        [core.state.next_deadline(), queue].into_iter().flatten().min()
+        [core.state.next_deadline(), queue, core.state.next_preempt_deadline()].into_iter().flatten().min()
     }
 
     /// Events with `seq >= from_seq`, at most `limit` of them, read from the log files, up to

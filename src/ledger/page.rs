@@ -244,6 +244,8 @@ impl Row {
             age_seconds: now.saturating_since(self.created_us).max(0) as f64 / 1e6,
             is_expired: self.state == AllocationState::Expired,
             created_at: datetime(self.created_us),
+            preemptible: true,
+            preempt_deadline: None,
         }
     }
 }

@@ -5,7 +5,6 @@
 use super::Ledger;
 use crate::domain::clock::Micros;
 use crate::domain::config::{worker_id_of, McpCatalogEntry};
-use crate::domain::model::AllocationState;
 use crate::domain::pool::{config_diff, describe_change, ConfigFieldChange, PoolChange};
 use crate::domain::state::State;
 use crate::report::CapacityReport;
@@ -69,9 +68,7 @@ impl PoolReport {
         let c = &state.config;
         let workers = (0..c.worker_slots)
             .map(|slot| {
-                let holder = state
-                    .slot_owner(slot)
-                    .filter(|id| state.allocation(*id).is_some_and(|a| a.state_at(now) == AllocationState::Active));
+                let holder = state.slot_owner(slot).filter(|id| state.allocation(*id).is_some_and(|a| a.holds_at(now)));
                 let drained = c.drained_workers.contains(&slot);
                 let what = match (c.removed_workers.contains(&slot), drained, holder.is_some()) {
                     (true, _, _) => "removed",

@@ -202,6 +202,7 @@ impl Ledger {
         if core.state.queue().is_empty() {
             return Ok(());
         }
+        self.settle_preemptions(core)?;
         let now = self.next_ts(&core.state);
         for body in core.state.decide_queue_timeouts(now) {
             let ts = self.next_ts(&core.state);
@@ -335,20 +336,28 @@ fn admission_command(req: &ResourceRequest) -> (Check<Admission>, Decide<Admissi
     let for_decide = req.clone();
     let check: Check<Admission> = Box::new(move |state, now| {
         let Some(record) = state.decide_replay(&req, now)? else { return Ok(None) };
-        Ok(state.allocation(record.allocation_id).map(|a| Admission::Decided(replayed_outcome(a, &record, now))))
+        match state.allocation(record.allocation_id) {
+            Some(a) => Ok(Some(Admission::Decided(replayed_outcome(a, &record, now)))),
+            // Left memory: the log has it (`request_resources` reads it); never decided again.
+            None => Err(Error::NotFound(record.allocation_id.to_string())),
+        }
     });
     let decide: Decide<Admission> = Box::new(move |state, ts, _| {
-        let seq = state.last_seq + 1;
-        let body = state.decide_admission(&for_decide, ts, state.next_allocation_id())?;
+        let mut bodies = state.decide_admission_preempting(&for_decide, ts, true)?;
+        // Victims preempted at once (grace 0) come before the grant.
+        let seq = state.last_seq + bodies.len() as u64;
+        let Some(body) = bodies.pop() else { return Err(Error::invalid("request", "no decision")) };
         let answer = match &body {
             EventBody::Granted(g) => Admission::Decided(RequestOutcome::Granted(GrantReport::from_grant(g, ts, seq))),
             EventBody::Rejected(r) => {
                 Admission::Decided(RequestOutcome::Failed(FailedReport::from_rejection(r, ts, seq)))
             }
             EventBody::Queued(q) => Admission::Pending(PendingReport::of(q, ts, seq)),
+            EventBody::Preempting(p) => Admission::Pending(PendingReport::of(&p.request, ts, seq)),
             _ => return Err(Error::invalid("request", "unexpected decision")),
         };
-        Ok((vec![body], answer))
+        bodies.push(body);
+        Ok((bodies, answer))
     });
     (check, decide)
 }
@@ -372,6 +381,7 @@ fn pending_allocation(s: &State, e: &QueueEntry) -> Allocation {
     let mut a = Allocation::from_cancel(e.seq, e.queued_us, e);
     a.resources = crate::domain::decide::price_queued(s, &e.request).workers;
     a.state = AllocationState::Pending;
+    a.preemptible = e.request.preemptible;
     a.created_us = e.queued_us;
     a.ended_us = None;
     a.ended_seq = None;

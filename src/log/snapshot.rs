@@ -34,7 +34,9 @@ pub const MAGIC: &[u8; 8] = b"ALLOCSNP";
 /// 4: allocations may carry `max_lifetime_seconds` and `renewals` (two new flags), and the meta
 /// part the idempotency keys.
 /// 5: compact key records (varint deltas; the allocation id implied by the sequence number).
-pub const FORMAT_VERSION: u32 = 5;
+/// 6: allocations may carry `preemptible: false` and a preemption mark (two new flags), and the
+/// meta part the preemptions in grace.
+pub const FORMAT_VERSION: u32 = 6;
 /// The first version with the binary payload (3 and 4 share the decoder: 4 adds flags).
 const BINARY_PAYLOAD_VERSION: u32 = 3;
 /// Oldest version this build reads.
@@ -189,6 +191,8 @@ struct MetaOut<'a> {
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     reservations: &'a [crate::domain::reservation::Reservation],
     queue: &'a [crate::domain::queue::QueueEntry],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    preemptions: &'a [crate::domain::preempt::PendingPreemption],
 }
 
 #[derive(Deserialize)]
@@ -207,6 +211,8 @@ struct MetaIn {
     log_position: Option<LogPosition>,
     #[serde(default)]
     queue: Vec<crate::domain::queue::QueueEntry>,
+    #[serde(default)]
+    preemptions: Vec<crate::domain::preempt::PendingPreemption>,
 }
 
 /// A v3 snapshot of `state` without a log position.
@@ -252,6 +258,7 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
         log_position: position,
         reservations: &state.reservations,
         queue: &state.queue,
+        preemptions: &state.preemptions,
     })
     .expect("snapshot meta serializes");
     // The payload goes straight after room for the header (filled in last): a large state's
@@ -297,6 +304,7 @@ struct CachedEncoding {
     state: AllocationState,
     ended_seq: Option<u64>,
     renewals: u32,
+    preempt: Option<crate::domain::preempt::PreemptMark>,
     bytes: Box<[u8]>,
 }
 
@@ -328,7 +336,12 @@ pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
         // Entries before this one belong to allocations that left the state.
         while old.next_if(|c| (c.created_us, c.id) < key).is_some() {}
         match old.next_if(|c| (c.created_us, c.id) == key) {
-            Some(c) if c.state == a.state && c.ended_seq == a.ended_seq && c.renewals == a.renewals => {
+            Some(c)
+                if c.state == a.state
+                    && c.ended_seq == a.ended_seq
+                    && c.renewals == a.renewals
+                    && c.preempt == a.preempt =>
+            {
                 debug_assert!(
                     {
                         let mut fresh = Vec::new();
@@ -351,6 +364,7 @@ pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
                     state: a.state,
                     ended_seq: a.ended_seq,
                     renewals: a.renewals,
+                    preempt: a.preempt,
                     bytes,
                 });
             }
@@ -453,6 +467,7 @@ fn decode_v3(
         idempotency_keys: Vec::new(),
         reservations: meta.reservations,
         queue: meta.queue,
+        preemptions: meta.preemptions,
     };
     let inconsistent = |e: String| format!("snapshot state is inconsistent: {e}");
     let mut loader = StateLoader::new(data, count as usize).map_err(inconsistent)?;
@@ -676,6 +691,10 @@ const FLAG_MAX_LIFETIME: u8 = 8;
 const FLAG_RENEWALS: u8 = 16;
 /// Version 4 only: the allocation counts against a tenant's quota.
 const FLAG_TENANT: u8 = 32;
+/// Version 6 only: the allocation asked not to be preempted.
+const FLAG_NOT_PREEMPTIBLE: u8 = 64;
+/// Version 6 only: a preemption marks it (preemptor id u64, grace deadline i64 follow).
+const FLAG_PREEMPT: u8 = 128;
 /// MCP server flags: this grant gave the name its endpoint; no other allocation was using it.
 const MCP_FLAG_ASSIGNED: u8 = 1;
 const MCP_FLAG_STARTED: u8 = 2;
@@ -704,13 +723,15 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 /// On-disk codes: the index in these tables. Never reorder them; only append.
 const PRIORITY_CODES: [Priority; 4] = [Priority::Low, Priority::Normal, Priority::High, Priority::Critical];
-const STATE_CODES: [AllocationState; 6] = [
+const STATE_CODES: [AllocationState; 8] = [
     AllocationState::Active,
     AllocationState::Released,
     AllocationState::Expired,
     AllocationState::Failed,
     AllocationState::Pending,
     AllocationState::Cancelled,
+    AllocationState::Preempting,
+    AllocationState::Preempted,
 ];
 
 /// A priority's on-disk code: its index in [`PRIORITY_CODES`] (a test holds the two together).
@@ -732,6 +753,8 @@ fn state_code(state: AllocationState) -> u8 {
         AllocationState::Failed => 3,
         AllocationState::Pending => 4,
         AllocationState::Cancelled => 5,
+        AllocationState::Preempting => 6,
+        AllocationState::Preempted => 7,
     }
 }
 
@@ -752,7 +775,9 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
         | if a.error.is_some() { FLAG_ERROR } else { 0 }
         | if a.max_lifetime_seconds.is_some() { FLAG_MAX_LIFETIME } else { 0 }
         | if a.renewals > 0 { FLAG_RENEWALS } else { 0 }
-        | if a.tenant.is_some() { FLAG_TENANT } else { 0 };
+        | if a.tenant.is_some() { FLAG_TENANT } else { 0 }
+        | if a.preemptible { 0 } else { FLAG_NOT_PREEMPTIBLE }
+        | if a.preempt.is_some() { FLAG_PREEMPT } else { 0 };
     out.push(flags);
     out.extend_from_slice(&a.ttl_seconds.to_le_bytes());
     out.extend_from_slice(&a.created_us.as_micros().to_le_bytes());
@@ -794,6 +819,10 @@ fn put_allocation(out: &mut Vec<u8>, a: &Allocation) {
     }
     if let Some(t) = &a.tenant {
         put_str(out, t);
+    }
+    if let Some(m) = a.preempt {
+        out.extend_from_slice(&m.by.as_u64().to_le_bytes());
+        out.extend_from_slice(&m.deadline_us.as_micros().to_le_bytes());
     }
 }
 
@@ -949,7 +978,15 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     let priority = from_code(&PRIORITY_CODES, r.u8()?, "priority")?;
     let state = from_code(&STATE_CODES, r.u8()?, "state")?;
     let flags = r.u8()?;
-    if flags & !(FLAG_ENDED_US | FLAG_ENDED_SEQ | FLAG_ERROR | FLAG_MAX_LIFETIME | FLAG_RENEWALS | FLAG_TENANT) != 0 {
+    let known = FLAG_ENDED_US
+        | FLAG_ENDED_SEQ
+        | FLAG_ERROR
+        | FLAG_MAX_LIFETIME
+        | FLAG_RENEWALS
+        | FLAG_TENANT
+        | FLAG_NOT_PREEMPTIBLE
+        | FLAG_PREEMPT;
+    if flags & !known != 0 {
         return Err(format!("unknown flags {flags:#x}"));
     }
     let ttl_seconds = r.u64()?;
@@ -966,6 +1003,16 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
     let max_lifetime_seconds = if flags & FLAG_MAX_LIFETIME != 0 { Some(r.u64()?) } else { None };
     let renewals = if flags & FLAG_RENEWALS != 0 { r.u32()? } else { 0 };
     let tenant = if flags & FLAG_TENANT != 0 { Some(r.string()?) } else { None };
+    let preempt = if flags & FLAG_PREEMPT != 0 {
+        let by = r.u64()?;
+        if by > AllocationId::MAX {
+            return Err(format!("preemptor id {by:#x} is beyond 48 bits"));
+        }
+        let deadline_us = Micros::from_micros(r.i64()?);
+        Some(crate::domain::preempt::PreemptMark { by: AllocationId::from_u64(by), deadline_us })
+    } else {
+        None
+    };
     Ok(Allocation {
         id,
         job_id,
@@ -984,6 +1031,8 @@ fn get_allocation(r: &mut impl Source) -> Result<Allocation, String> {
         max_lifetime_seconds,
         renewals,
         tenant,
+        preemptible: flags & FLAG_NOT_PREEMPTIBLE == 0,
+        preempt,
     })
 }
 

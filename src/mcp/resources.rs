@@ -116,6 +116,21 @@ impl Change {
                     format!("queued a request of job {} at position {}", q.job_id, q.position),
                 ),
                 EventBody::Cancelled { .. } => (LoggingLevel::Info, false, "cancelled while waiting".to_string()),
+                EventBody::Preempting(p) => (
+                    LoggingLevel::Notice,
+                    false,
+                    format!(
+                        "job {} preempts {} allocation(s) after {} s of grace",
+                        p.job_id,
+                        p.victims.len(),
+                        p.grace_seconds
+                    ),
+                ),
+                EventBody::Preempted(p) => (
+                    LoggingLevel::Notice,
+                    true,
+                    format!("preempted by {} (job {}, {})", p.preemptor, p.preemptor_job_id, p.preemptor_priority),
+                ),
             };
             self.capacity |= changes_capacity;
             let mut data = json!({"event": body.type_name(), "seq": e.seq, "message": message});

@@ -105,10 +105,21 @@ pub(crate) fn request_input(config: &Config) -> Value {
             },
             "wait": super::tools::queue::wait_schema(config),
             "queue_timeout_seconds": super::tools::queue::queue_timeout_schema(config),
+            "preemptible": preemptible_schema(config),
             "expected_seq": super::tools::contract::expected_seq_schema(),
         },
         "required": ["job_id", "mcp_servers"],
         "additionalProperties": false,
+    })
+}
+
+/// `request_resources`' `preemptible` argument (`docs/policy.md` §2).
+fn preemptible_schema(config: &Config) -> Value {
+    let allowed: Vec<&str> = config.non_preemptible_priorities.iter().map(|p| p.as_str()).collect();
+    json!({
+        "type": "boolean",
+        "default": true,
+        "description": format!("false protects the allocation from preemption by higher priorities; allowed only for priorities {} (otherwise an error naming preemptible). A preempted allocation first turns preempting (get_allocation shows preempt_deadline: checkpoint and release before it), then preempted after {} s of grace.", if allowed.is_empty() { "(none)".to_string() } else { allowed.join(", ") }, config.preemption_grace_seconds),
     })
 }
 
@@ -217,7 +228,7 @@ fn priority_out() -> Value {
 }
 
 fn state_out() -> Value {
-    json!({ "type": "string", "enum": ["active", "released", "expired", "failed", "pending", "cancelled"] })
+    json!({ "type": "string", "enum": ["active", "released", "expired", "failed", "pending", "cancelled", "preempting", "preempted"] })
 }
 
 fn mcp_servers_out() -> Value {

@@ -214,7 +214,7 @@ impl LedgerTools {
             Ok(r) => r,
             Err(e) => return tool_error(error_value(&e)),
         };
-        if req.wait && expected_seq.is_none() {
+        if (req.wait || self.ledger.preempts_with_grace(req.priority)) && expected_seq.is_none() {
             return self.request_waiting(req).await;
         }
         // Awaited on the runtime, not on a blocking thread: waiting for the fsync costs a task,

@@ -76,7 +76,7 @@ async def scenario(client, mode):
     assert req["properties"]["ttl_seconds"]["default"] == 3600
     assert req["properties"]["workers"]["minimum"] == 0
     assert tools["list_allocations"].input_schema["properties"]["state"]["enum"] == [
-        "active", "released", "expired", "failed", "pending", "cancelled"]
+        "active", "released", "expired", "failed", "pending", "cancelled", "preempting", "preempted"]
     assert all(t.output_schema for t in tools.values())
 
     # 1. a fresh ledger reports 10 total and 10 available workers

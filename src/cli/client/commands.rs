@@ -195,6 +195,7 @@ fn request_args(req: &ResourceRequest) -> Result<Map<String, Value>> {
     put(&mut args, "idempotency_key", req.idempotency_key.clone());
     put(&mut args, "max_lifetime_seconds", req.max_lifetime_seconds);
     put(&mut args, "tenant", req.tenant.clone());
+    put(&mut args, "preemptible", req.preemptible);
     if req.wait {
         args.insert("wait".into(), true.into());
         put(&mut args, "queue_timeout_seconds", req.queue_timeout_seconds);
@@ -214,7 +215,9 @@ fn request(server: &Server, out: &Out, req: &ResourceRequest, expected_seq: Opti
     let mut args = request_args(req)?;
     put(&mut args, "expected_seq", expected_seq);
     // A waiting call stays open until the request is decided (at most its queue timeout).
-    let wait = req.wait.then(|| std::time::Duration::from_secs(req.queue_timeout_seconds.unwrap_or(86_400) + 60));
+    // A preempting request waits the same way, whether or not it asked to (its victims' grace).
+    let wait = (req.wait || matches!(req.priority, Priority::High | Priority::Critical))
+        .then(|| std::time::Duration::from_secs(req.queue_timeout_seconds.unwrap_or(86_400) + 60));
     let outcome: RequestOutcome = match server.call_for("request_resources", args, wait.unwrap_or(super::CALL_TIMEOUT))
     {
         Ok(v) => decode(v)?,

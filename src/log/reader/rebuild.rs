@@ -108,7 +108,10 @@ pub fn rebuild_allocations(
 
 /// Whether `body` leaves its allocation in a terminal state (nothing later is about it).
 fn ends_allocation(body: &EventBody) -> bool {
-    matches!(body, EventBody::Rejected(_) | EventBody::Released { .. } | EventBody::Expired { .. })
+    matches!(
+        body,
+        EventBody::Rejected(_) | EventBody::Released { .. } | EventBody::Expired { .. } | EventBody::Preempted(_)
+    )
 }
 
 /// Folds one logged event into allocations being rebuilt from the log: grants and rejections
@@ -140,6 +143,12 @@ fn fold_rebuilt(
         EventBody::Renewed(r) => {
             if let Some(a) = found.get_mut(&r.allocation_id).filter(|a| a.state == AllocationState::Active) {
                 a.renew(r.deadline_us);
+            }
+        }
+        EventBody::Preempted(p) => {
+            if let Some(a) = found.get_mut(&p.allocation_id).filter(|a| a.state == AllocationState::Active) {
+                a.preempt = Some(crate::domain::preempt::PreemptMark { by: p.preemptor, deadline_us: ev.ts_us });
+                a.end(seq, ev.ts_us, AllocationState::Preempted);
             }
         }
         _ => {}

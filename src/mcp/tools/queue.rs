@@ -4,7 +4,7 @@
 //! `cancel_request` withdraws a waiting request.
 
 use super::{allocation_id_arg, error_value, from_ledger, ok, tool_error, LedgerTools};
-use crate::{Admission, RequestOutcome, ResourceRequest};
+use crate::{Admission, Error, RequestOutcome, ResourceRequest};
 use rmcp::model::{CallToolResult, JsonObject};
 use rmcp::{tool, tool_router, ErrorData as McpError};
 use serde_json::{json, Value};
@@ -90,6 +90,13 @@ impl LedgerTools {
         let pending = match admitted {
             Ok(Admission::Decided(o)) => return outcome_result(o),
             Ok(Admission::Pending(p)) => p,
+            // A retry whose allocation left memory: the log has it (a blocking read).
+            Err(Error::NotFound(_)) if req.idempotency_key.is_some() => {
+                return match self.call(move |l| l.request_resources(&req)).await? {
+                    Ok(o) => outcome_result(o),
+                    Err(e) => tool_error(error_value(&e)),
+                };
+            }
             Err(e) => return tool_error(error_value(&e)),
         };
         let timeout_us = (pending.timeout_at - pending.created_at).num_microseconds().unwrap_or(i64::MAX);
