@@ -305,3 +305,93 @@ fn the_pending_list_pages_in_queue_order() {
     let other = ListFilter { state: Some(AllocationState::Pending), job_id: Some("j1".into()), ..Default::default() };
     assert!(l.list_page(&other, Some(5), first.next_cursor.as_deref()).is_err());
 }
+
+mod props {
+    use super::*;
+    use allocation_ledger::EventBody;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A keyed request (key index, workers: a different count with the same key is a mismatch).
+        Keyed {
+            key: u8,
+            workers: u32,
+            wait: bool,
+        },
+        Release(usize),
+        Cancel(usize),
+        Advance(i64),
+        Snapshot,
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..4u8, 2..=5u32, prop::bool::weighted(0.8)).prop_map(|(key, workers, wait)| Op::Keyed { key, workers, wait }),
+            2 => (0..32usize).prop_map(Op::Release),
+            1 => (0..32usize).prop_map(Op::Cancel),
+            2 => (1..=120i64).prop_map(Op::Advance),
+            1 => Just(Op::Snapshot),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// Every key names one allocation across the whole log (the window outlasts the run), and
+    /// the queue never holds two entries of one key.
+    fn check_keys(l: &Ledger) {
+        let mut owner: std::collections::HashMap<String, allocation_ledger::AllocationId> = Default::default();
+        for e in all_events(l) {
+            let (key, id) = match &e.event.body {
+                EventBody::Granted(g) => (g.idempotency_key.clone(), g.allocation_id),
+                EventBody::Rejected(r) => (r.idempotency_key.clone(), r.allocation_id),
+                EventBody::Queued(q) => (q.idempotency_key.clone(), q.allocation_id),
+                _ => continue,
+            };
+            let Some(key) = key else { continue };
+            let first = *owner.entry(key.to_string()).or_insert(id);
+            assert_eq!(first, id, "key {key} decided twice (event {})", e.seq);
+        }
+        let waiting = l.list_allocations(Some(AllocationState::Pending), None).unwrap();
+        let mut ids: Vec<_> = waiting.iter().map(|r| r.allocation_id).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), waiting.len());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn never_two_queue_entries_or_grants_for_one_key(ops in prop::collection::vec(op(), 1..40)) {
+            let (storage, clock) = (FaultyStorage::new(), ManualClock::at_default_epoch());
+            let config = Config { worker_slots: 8, ..Config::default() };
+            let mut l = open(&storage, &clock, config.clone());
+            let mut ids: Vec<String> = Vec::new();
+            for op in &ops {
+                match op {
+                    Op::Keyed { key, workers, wait } => {
+                        // Mostly the key's own shape; sometimes another (a mismatch).
+                        let shape = if *workers == 5 { 5 } else { u32::from(*key) + 2 };
+                        let mut req = ResourceRequest::new(format!("job-{key}")).workers(shape).ttl_seconds(300).idempotency_key(format!("key-{key}"));
+                        if *wait {
+                            req = req.wait(Some(200));
+                        }
+                        match l.request_or_queue(&req) {
+                            Ok(Admission::Decided(o)) => ids.push(o.allocation_id().to_string()),
+                            Ok(Admission::Pending(p)) => ids.push(p.allocation_id.to_string()),
+                            Err(Error::InvalidInput { field, .. }) => prop_assert_eq!(field, "idempotency_key"),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    Op::Release(i) if !ids.is_empty() => { l.release_resources(&ids[i % ids.len()]).unwrap(); }
+                    Op::Cancel(i) if !ids.is_empty() => { let _ = l.cancel_request(&ids[i % ids.len()]); }
+                    Op::Advance(s) => { clock.advance_seconds(*s); l.cleanup_expired().unwrap(); }
+                    Op::Snapshot => { l.snapshot().unwrap(); }
+                    Op::Reopen => { drop(l); l = open(&storage, &clock, config.clone()); }
+                    _ => {}
+                }
+                check_keys(&l);
+            }
+            prop_assert_eq!(fold(&all_events(&l)), l.with_state(Clone::clone));
+        }
+    }
+}
