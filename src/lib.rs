@@ -73,8 +73,8 @@ pub use report::{
     RequestOutcome, ReservedCapacity, TenantCapacity, Timestamps, WorkerInfo, WorkerStatus,
 };
 pub use whatif::{
-    BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WhatIfOptions,
-    WhatIfReport,
+    BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WaitStats,
+    WhatIfOptions, WhatIfReport,
 };
 
 /// The layout of a ledger directory.
