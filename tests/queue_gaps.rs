@@ -249,7 +249,7 @@ fn cancelled_allocations_that_left_memory_are_rebuilt_from_the_log() {
     assert_eq!(d, in_memory, "as the live fold had it");
     assert_eq!(l.get_allocation(&t).unwrap().unwrap().state, AllocationState::Failed);
     let rows = l.list_allocations(Some(AllocationState::Cancelled), None).unwrap();
-    assert_eq!(rows.iter().map(|r| r.allocation_id.to_string()).collect::<Vec<_>>(), [c.clone()]);
+    assert_eq!(rows.iter().map(|r| r.allocation_id.to_string()).collect::<Vec<_>>(), [c.as_str()]);
     let filter = ListFilter { state: Some(AllocationState::Cancelled), ..Default::default() };
     let page = l.list_page(&filter, Some(10), None).unwrap();
     assert_eq!(page.allocations, rows);
@@ -272,9 +272,9 @@ fn the_pending_list_pages_in_queue_order() {
         let id =
             admit(&l, &ResourceRequest::new(format!("j{i}")).workers(1).priority(p).wait(Some(3000))).allocation_id;
         if high {
-            expected_high.push(id)
+            expected_high.push(id);
         } else {
-            expected_normal.push(id)
+            expected_normal.push(id);
         }
         clock.advance_micros(10);
     }
@@ -392,6 +392,85 @@ mod props {
                 check_keys(&l);
             }
             prop_assert_eq!(fold(&all_events(&l)), l.with_state(Clone::clone));
+        }
+    }
+}
+
+mod cli {
+    use serde_json::Value;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+
+    fn bin() -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_allocation-ledger"));
+        c.env_remove("ALLOCATION_LEDGER_DIR");
+        c
+    }
+
+    fn json(dir: &Path, args: &[&str]) -> (i32, Value) {
+        let o = bin().arg("--data-dir").arg(dir).arg("--json").args(args).output().unwrap();
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        let v = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout:?} {}", String::from_utf8_lossy(&o.stderr)));
+        (o.status.code().unwrap(), v)
+    }
+
+    fn waiter(dir: &Path, job: &str) -> Child {
+        bin()
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--json", "request", "--job-id", job, "--workers", "2", "--wait", "--timeout", "120"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn pending(dir: &Path) -> Vec<Value> {
+        json(dir, &["list", "--state", "pending"]).1.as_array().unwrap().clone()
+    }
+
+    #[test]
+    fn release_of_a_waiting_request_and_the_pending_pages_through_the_binary() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        assert_eq!(json(d, &["init"]).0, 0);
+        let (code, _) = json(d, &["request", "--job-id", "big", "--workers", "10", "--ttl-seconds", "600"]);
+        assert_eq!(code, 0);
+        let mut children = Vec::new();
+        for (n, job) in ["w0", "w1", "w2"].into_iter().enumerate() {
+            children.push(waiter(d, job));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while pending(d).len() <= n {
+                assert!(std::time::Instant::now() < deadline, "{job} never queued");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        // Pages of the queue, in queue order.
+        let (code, first) = json(d, &["list", "--state", "pending", "--limit", "2"]);
+        assert_eq!(code, 0, "{first}");
+        let jobs: Vec<&str> =
+            first["allocations"].as_array().unwrap().iter().map(|r| r["job_id"].as_str().unwrap()).collect();
+        assert_eq!(jobs, ["w0", "w1"]);
+        let cursor = first["next_cursor"].as_str().expect("a cursor").to_string();
+        let (_, second) = json(d, &["list", "--state", "pending", "--limit", "2", "--cursor", &cursor]);
+        assert_eq!(second["allocations"][0]["job_id"], "w2");
+        assert!(second["next_cursor"].is_null());
+        // Releasing a waiting request cancels it; its waiting command ends (exit 3, cancelled).
+        let id = first["allocations"][0]["allocation_id"].as_str().unwrap().to_string();
+        let (code, r) = json(d, &["release", &id]);
+        assert_eq!((code, r["status"].as_str(), r["state"].as_str()), (0, Some("cancelled"), Some("cancelled")), "{r}");
+        let out = children.remove(0).wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["reason"], "cancelled", "{v}");
+        let (code, r) = json(d, &["release", &id]);
+        assert_eq!((code, r["status"].as_str()), (0, Some("already_cancelled")), "{r}");
+        let (_, rows) = json(d, &["list", "--state", "cancelled"]);
+        assert_eq!(rows.as_array().unwrap().len(), 1);
+        for mut c in children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }

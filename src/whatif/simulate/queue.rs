@@ -27,20 +27,20 @@ pub(super) struct Waiting {
 /// The request a `queued` event recorded, asking to wait as long as it did.
 fn request_of_queued(q: &Queued, ts: Micros) -> ResourceRequest {
     let timeout_seconds = u64::try_from((q.timeout_us - ts).max(MICROS_PER_SECOND) / MICROS_PER_SECOND).unwrap_or(1);
-    ResourceRequest {
-        job_id: q.job_id.clone(),
-        mcp_servers: q.mcp_servers.clone(),
-        workers: q.workers,
-        priority: q.priority,
-        ttl_seconds: Some(q.ttl_seconds),
-        metadata: q.metadata.to_map(),
-        idempotency_key: q.idempotency_key.as_deref().map(str::to_string),
-        max_lifetime_seconds: q.max_lifetime_seconds,
-        tenant: q.tenant.clone(),
-        wait: true,
-        queue_timeout_seconds: Some(timeout_seconds),
-        ..ResourceRequest::default()
-    }
+    // Field by field over the default, so a field added to requests later keeps its default.
+    let mut req = ResourceRequest::default();
+    req.job_id.clone_from(&q.job_id);
+    req.mcp_servers.clone_from(&q.mcp_servers);
+    req.workers = q.workers;
+    req.priority = q.priority;
+    req.ttl_seconds = Some(q.ttl_seconds);
+    req.metadata = q.metadata.to_map();
+    req.idempotency_key = q.idempotency_key.as_deref().map(str::to_string);
+    req.max_lifetime_seconds = q.max_lifetime_seconds;
+    req.tenant.clone_from(&q.tenant);
+    req.wait = true;
+    req.queue_timeout_seconds = Some(timeout_seconds);
+    req
 }
 
 /// How an event ends a wait: the allocation, how, and the outcome it gives.
