@@ -1038,6 +1038,15 @@ pub(crate) fn plan_report(
     let now = crate::domain::decide::next_event_ts(state, clock);
     let current_seq = state.last_seq;
     if let Some(record) = state.decide_replay(req, now)? {
+        if state.queue().get(record.allocation_id).is_some() {
+            return Err(crate::Error::invalid(
+                "idempotency_key",
+                format!(
+                    "names {}, which waits in the queue: nothing to plan (get_allocation shows its place)",
+                    record.allocation_id
+                ),
+            ));
+        }
         let Some(a) = state.allocation(record.allocation_id) else { return Ok(Err(record)) };
         let outcome = replayed_outcome(a, &record, now);
         return Ok(Ok(PlanReport { would_grant: outcome.is_granted(), current_seq, outcome }));

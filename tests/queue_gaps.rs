@@ -72,6 +72,8 @@ fn a_keyed_retry_of_a_waiting_request_is_answered_by_it_and_writes_nothing() {
     let e = l.request_or_queue(&other).unwrap_err();
     assert!(e.to_string().contains("already used for a different request"), "{e}");
     assert!(l.plan_request(&other).is_err());
+    let e = l.plan_request(&req).unwrap_err().to_string();
+    assert!(e.contains("waits in the queue"), "{e}");
     // Across a snapshot and a restart.
     l.snapshot().unwrap();
     drop(l);
