@@ -333,3 +333,40 @@ fn capacity_at_shows_the_reservations_then_and_a_jobs_history_has_its_reservatio
     let kinds: Vec<&str> = h.events.iter().map(|e| e.event.body.type_name()).collect();
     assert_eq!(kinds, ["granted", "reserved", "reservation_rejected", "reservation_cancelled", "released"]);
 }
+
+#[test]
+fn capacity_at_and_a_jobs_history_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let json = |args: &[&str]| -> (i32, serde_json::Value) {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_allocation-ledger"))
+            .env_remove("ALLOCATION_LEDGER_DIR")
+            .arg("--data-dir")
+            .arg(d)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        let v = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout:?} {}", String::from_utf8_lossy(&o.stderr)));
+        (o.status.code().unwrap(), v)
+    };
+    assert_eq!(json(&["init"]).0, 0);
+    let (code, r) = json(&["reserve", "--job-id", "train-7", "--workers", "4", "--duration-seconds", "1"]);
+    assert_eq!(code, 0, "{r}");
+    let start = r["start"].as_str().unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // A later event, so that the instant is time travel, and the window over now.
+    let (code, _) = json(&["request", "--job-id", "other", "--workers", "1"]);
+    assert_eq!(code, 0);
+    let (_, now) = json(&["capacity"]);
+    assert!(now.get("reserved").is_none(), "{now}");
+    let (code, then) = json(&["capacity", "--at", &start]);
+    assert_eq!(code, 0, "{then}");
+    assert_eq!(then["reserved"]["workers"], 4, "{then}");
+    let (code, h) = json(&["history", "--job-id", "train-7"]);
+    assert_eq!(code, 0, "{h}");
+    let types: Vec<&str> = h["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["reserved"], "{h}");
+}

@@ -518,18 +518,14 @@ impl Ledger {
             (known, s.evicted_count() > 0 || Self::job_holds_reservations(s, job_id))
         })?;
         let subject = Subject::Job(job_id);
-        let (events, ids) = if evicted {
-            // Older allocations of the job may be only in the log: read all of it.
-            self.history_scan(&subject, 0, upto, None)?
-        } else {
-            match known.iter().map(|x| x.1).min() {
-                None => (Vec::new(), Vec::new()),
-                Some(first) => {
-                    let after = self.seq_hint(first)?;
-                    let expect: Vec<(AllocationId, bool)> = known.iter().map(|x| (x.0, x.2)).collect();
-                    self.history_scan(&subject, after, upto, Some(&expect))?
-                }
-            }
+        let (events, ids) = match known.iter().map(|x| x.1).min() {
+            // Older allocations of the job may be only in the log, and a job with nothing in
+            // memory may have held reservations: read all of it.
+            _ if evicted => self.history_scan(&subject, 0, upto, None)?,
+            None => self.history_scan(&subject, 0, upto, None)?,
+            // From its first allocation in memory to the end (not stopping at its last end: a
+            // reservation of the job may come later).
+            Some(first) => self.history_scan(&subject, self.seq_hint(first)?, upto, None)?,
         };
         let mut events = events;
         self.explain_waits(&mut events)?;
