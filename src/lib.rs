@@ -53,7 +53,7 @@ pub use history::{LogPoint, PoolView, StateAt, Step, StepFilter};
 pub use ledger::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
-pub use ledger::{Admission, CancelReport, GrantWait, PendingReport};
+pub use ledger::{Admission, CancelReport, GrantWait, PendingReport, RequestFuture};
 pub use ledger::{CancelReservationReport, ReservationInfo, ReservationList, ReserveReport};
 pub use ledger::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
 pub use ledger::{Durable, IfSeq, Ledger, LedgerStatus, OpenOptions, RecoveryReport, SetAside, SnapshotInfo};
@@ -74,8 +74,8 @@ pub use report::{
     RequestOutcome, ReservedCapacity, TenantCapacity, Timestamps, WorkerInfo, WorkerStatus,
 };
 pub use whatif::{
-    BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WhatIfOptions,
-    WhatIfReport,
+    BucketPair, Comparison, GroupRow, Hold, OutcomeChanges, ResourceUse, SideReport, SimObserver, WaitStats,
+    WhatIfOptions, WhatIfReport,
 };
 
 /// The layout of a ledger directory.

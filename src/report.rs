@@ -261,7 +261,7 @@ impl FailedReport {
     pub(crate) fn replay_of(a: &Allocation, reason: RejectReason, seq: u64) -> FailedReport {
         FailedReport {
             allocation_id: a.id,
-            status: AllocationState::Failed,
+            status: if a.state == AllocationState::Cancelled { a.state } else { AllocationState::Failed },
             error: a.error.clone().unwrap_or_default(),
             job_id: a.job_id.clone(),
             reason,
@@ -315,6 +315,11 @@ pub enum ReleaseStatus {
     AlreadyActive,
     /// A higher-priority request had preempted it; nothing was written.
     AlreadyPreempted,
+    /// It was waiting in the queue: this call cancelled it (a `cancelled` event, as
+    /// `cancel_request` writes); nothing was held.
+    Cancelled,
+    /// Its wait had been cancelled already; nothing was written.
+    AlreadyCancelled,
 }
 
 impl ReleaseStatus {
@@ -327,6 +332,8 @@ impl ReleaseStatus {
             ReleaseStatus::AlreadyFailed => "already_failed",
             ReleaseStatus::AlreadyActive => "already_active",
             ReleaseStatus::AlreadyPreempted => "already_preempted",
+            ReleaseStatus::Cancelled => "cancelled",
+            ReleaseStatus::AlreadyCancelled => "already_cancelled",
         }
     }
 
@@ -335,7 +342,8 @@ impl ReleaseStatus {
         match state {
             AllocationState::Released => ReleaseStatus::AlreadyReleased,
             AllocationState::Expired => ReleaseStatus::AlreadyExpired,
-            AllocationState::Failed | AllocationState::Cancelled => ReleaseStatus::AlreadyFailed,
+            AllocationState::Failed => ReleaseStatus::AlreadyFailed,
+            AllocationState::Cancelled => ReleaseStatus::AlreadyCancelled,
             AllocationState::Pending | AllocationState::Active | AllocationState::Preempting => {
                 ReleaseStatus::AlreadyActive
             }
@@ -415,6 +423,22 @@ impl ReleaseReport {
             released_at: Some(datetime(ts)),
             expired_at: None,
             duration_seconds: seconds_between(a.created_us, ts),
+        }
+    }
+
+    /// The report of a release of the waiting request `e`, cancelled at `ts`.
+    pub(crate) fn cancelled(e: &crate::domain::queue::QueueEntry) -> ReleaseReport {
+        ReleaseReport {
+            status: ReleaseStatus::Cancelled,
+            allocation_id: e.request.allocation_id,
+            job_id: e.request.job_id.clone(),
+            state: AllocationState::Cancelled,
+            workers_released: 0,
+            cpu_freed: 0.0,
+            memory_freed: 0,
+            released_at: None,
+            expired_at: None,
+            duration_seconds: 0.0,
         }
     }
 
@@ -1070,6 +1094,15 @@ pub(crate) fn plan_report(
     let now = crate::domain::decide::next_event_ts(state, clock);
     let current_seq = state.last_seq;
     if let Some(record) = state.decide_replay(req, now)? {
+        if state.queue().get(record.allocation_id).is_some() {
+            return Err(crate::Error::invalid(
+                "idempotency_key",
+                format!(
+                    "names {}, which waits in the queue: nothing to plan (get_allocation shows its place)",
+                    record.allocation_id
+                ),
+            ));
+        }
         let Some(a) = state.allocation(record.allocation_id) else { return Ok(Err(record)) };
         let outcome = replayed_outcome(a, &record, now);
         return Ok(Ok(PlanReport { would_grant: outcome.is_granted(), current_seq, outcome }));
@@ -1109,6 +1142,10 @@ pub(crate) fn decide_renewal(
 /// `release_resources` decided against `state` at `ts`. An unknown id (which may have ended
 /// long ago and left memory) is `NotFound`; an ended one is reported and nothing is written.
 pub(crate) fn decide_release(state: &State, ts: Micros, id: AllocationId) -> Result<(Vec<EventBody>, ReleaseReport)> {
+    // A request waiting in the queue holds nothing: releasing it cancels it.
+    if let Some(e) = state.queue().get(id) {
+        return Ok((vec![state.decide_cancel(id, ts)?], ReleaseReport::cancelled(e)));
+    }
     Ok(match state.decide_release(id)? {
         (a, Some(event)) => (vec![event], ReleaseReport::released(a, ts)),
         (a, None) => (Vec::new(), ReleaseReport::already_ended(a)),

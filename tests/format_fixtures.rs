@@ -14,9 +14,16 @@
 //! - `v5`: segments v4 (the tamper-evident chain: each record carries its chain value, each
 //!   segment header the value it starts from), snapshots v4 whose log position holds the chain
 //!   value of the record they were taken after. The test pins the head `verify` prints.
+//! - `v6`: segments v4, events of schema 3 (the fair queue: `queued`, `cancelled`, the
+//!   `queue_timeout` rejection, grants from the queue; advance reservations: `reserved`,
+//!   `reservation_rejected`, `reservation_cancelled`), snapshots carrying a non-empty queue and
+//!   a reservation.
+//! - `v7`: segments v4, events of schema 4 (preemption: `preempting`, `preempted`, a
+//!   `preemptible: false` grant), a v6 snapshot taken mid-grace.
 //!
 //! Add a fixture when a format version is released; never regenerate an old one. The newest is
-//! written by `REGENERATE_FIXTURES=1 cargo test --test format_fixtures`.
+//! written by `REGENERATE_FIXTURES=v7 cargo test --test format_fixtures` (the value names the
+//! fixture, so an older one is never rewritten by accident).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use allocation_ledger::storage::FsStorage;
@@ -220,7 +227,7 @@ const V5_HEAD: &str = "20:d8dfd626ded86c88920dc1e13825af6fdea99b0dc8d5857c1cda42
 #[test]
 fn v5_fixture_opens_and_reads_the_same() {
     let fixture = fixture_dir("v5");
-    if std::env::var_os("REGENERATE_FIXTURES").is_some() {
+    if std::env::var_os("REGENERATE_FIXTURES").is_some_and(|v| v == "v5") {
         regenerate(&fixture);
     }
     for seg in segment_paths(&fixture) {
@@ -232,7 +239,7 @@ fn v5_fixture_opens_and_reads_the_same() {
     assert!(report.ok, "{:?}", report.problems);
     assert_eq!(report.chain_from, Some(1));
     let head = report.chain_head.expect("a chained log has a head");
-    if std::env::var_os("REGENERATE_FIXTURES").is_some() {
+    if std::env::var_os("REGENERATE_FIXTURES").is_some_and(|v| v == "v5") {
         eprintln!("v5 head: {head}");
     } else {
         assert_eq!(head.to_string(), V5_HEAD, "the fixture's head");
@@ -370,6 +377,119 @@ fn check_fixture(name: &str, snapshot_readable: bool) {
     assert_eq!(ro.with_state(std::clone::Clone::clone), with_snapshot);
 }
 
+/// The `v6` fixture: events of schema 3 (the fair queue and advance reservations: `queued`,
+/// `cancelled`, a `queue_timeout` rejection, a grant from the queue, `reserved`,
+/// `reservation_rejected`, `reservation_cancelled`, `renewed`, keyed grants) and a snapshot
+/// taken while two requests wait and a reservation is upcoming.
+fn regenerate_v6(dir: &Path) {
+    use allocation_ledger::{Admission, ReservationRequest};
+    let _ = std::fs::remove_dir_all(dir);
+    let clock = ManualClock::at_default_epoch();
+    let config = Config { segment_size_bytes: 4096, ..Config::default() };
+    let opts = OpenOptions::default().config(config).clock(Arc::new(clock.clone()));
+    let ledger = Ledger::open_with(dir, opts).unwrap();
+    let queue = |req: &ResourceRequest| match ledger.request_or_queue(req).unwrap() {
+        Admission::Pending(p) => p.allocation_id.to_string(),
+        Admission::Decided(o) => panic!("{o:?}"),
+    };
+    let a = ledger.request_resources(&ResourceRequest::new("v6-a").workers(8).idempotency_key("k-a")).unwrap();
+    let a = a.allocation_id().to_string();
+    clock.advance_seconds(5);
+    ledger.renew_allocation(&a, Some(7200)).unwrap();
+    assert!(ledger
+        .reserve(&ReservationRequest::for_tenant("team-r", 2).window_seconds(1800, 600))
+        .unwrap()
+        .is_reserved());
+    assert!(!ledger.reserve(&ReservationRequest::for_job("v6-big", 5).window_seconds(600, 600)).unwrap().is_reserved());
+    let j = ledger.reserve(&ReservationRequest::for_job("v6-j", 1).window_seconds(3000, 600)).unwrap();
+    ledger.cancel_reservation(&j.reservation.reservation_id).unwrap();
+    clock.advance_seconds(5);
+    queue(&ResourceRequest::new("v6-q1").workers(4).idempotency_key("k-q1").wait(Some(3600)));
+    queue(&ResourceRequest::new("v6-q2").workers(4).wait(Some(30)));
+    let q3 = queue(&ResourceRequest::new("v6-q3").workers(3).wait(Some(600)));
+    ledger.cancel_request(&q3).unwrap();
+    ledger.snapshot().unwrap();
+    clock.advance_seconds(31);
+    ledger.cleanup_expired().unwrap();
+    for i in 0..6 {
+        clock.advance_seconds(1);
+        let req =
+            ResourceRequest::new(format!("v6-e{i}")).workers(1).ttl_seconds(60).idempotency_key(format!("k-e{i}"));
+        let o = ledger.request_resources(&req).unwrap();
+        assert!(o.is_granted(), "{o:?}");
+        ledger.release_resources(&o.allocation_id().to_string()).unwrap();
+    }
+    ledger.release_resources(&a).unwrap();
+    drop(ledger);
+    let _ = std::fs::remove_file(dir.join("LOCK"));
+}
+
+#[test]
+fn v6_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v6");
+    if std::env::var_os("REGENERATE_FIXTURES").is_some_and(|v| v == "v6") {
+        regenerate_v6(&fixture);
+    }
+    let report = allocation_ledger::verify(&FsStorage::default(), &fixture, &mut |_, _| {}).unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert!(std::fs::read_dir(fixture.join("wal")).unwrap().count() >= 2, "the fixture spans segments");
+    let ro = Ledger::open_with(
+        &fixture,
+        OpenOptions { storage: Arc::new(FsStorage::default()), ..OpenOptions::read_only() },
+    )
+    .unwrap();
+    let events = ro.events(1, usize::MAX).unwrap();
+    let count = |kind: &str| events.iter().filter(|e| e.event.body.type_name() == kind).count();
+    for (kind, n) in [
+        ("queued", 3),
+        ("cancelled", 1),
+        ("reserved", 2),
+        ("reservation_rejected", 1),
+        ("reservation_cancelled", 1),
+        ("renewed", 1),
+        ("granted", 8),
+        ("released", 7),
+        ("rejected", 1),
+    ] {
+        assert_eq!(count(kind), n, "{kind}");
+    }
+    let keyed = events.iter().filter(|e| matches!(&e.event.body, EventBody::Granted(g) if g.idempotency_key.is_some()));
+    assert_eq!(keyed.count(), 8, "a, q1 (from the queue) and e0..e5");
+    assert!(events.iter().any(|e| matches!(&e.event.body, EventBody::Granted(g) if g.queued_seq.is_some())));
+    assert!(events.iter().any(
+        |e| matches!(&e.event.body, EventBody::Rejected(r) if r.reason == allocation_ledger::RejectReason::QueueTimeout)
+    ));
+    // The snapshot was taken with two requests waiting and a reservation upcoming (verify above
+    // compared it with the fold of the log up to it).
+    let snap_seq = std::fs::read_dir(fixture.join("snapshots"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".snap")?.parse::<usize>().ok())
+        .max()
+        .expect("a snapshot");
+    let then = common::fold(&events[..snap_seq]);
+    assert_eq!(then.queue().len(), 2);
+    assert_eq!(then.reservations_at(then.last_ts_us).len(), 1);
+    // The state now: nobody waits; q1 was granted from the queue when a was released.
+    assert_eq!(ro.list_allocations(Some(AllocationState::Pending), None).unwrap().len(), 0);
+    assert_eq!(ro.list_allocations(Some(AllocationState::Cancelled), None).unwrap().len(), 1);
+    let q1 = ro.list_allocations(None, Some("v6-q1")).unwrap();
+    // Granted (by now past its deadline: the fixture's clock is in the past).
+    assert!(matches!(q1[0].state, AllocationState::Active | AllocationState::Expired), "{q1:?}");
+    // Read-write on a copy: snapshot + tail equals a full replay, and appends go on.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("v6");
+    copy_dir(&fixture, &copy);
+    let rw = Ledger::open(&copy).unwrap();
+    assert_eq!(rw.recovery_report().snapshot_seq, Some(snap_seq as u64));
+    let with_snapshot = rw.with_state(std::clone::Clone::clone);
+    assert_eq!(with_snapshot, ro.with_state(std::clone::Clone::clone));
+    drop(rw);
+    std::fs::remove_dir_all(copy.join("snapshots")).unwrap();
+    let replayed = Ledger::open(&copy).unwrap();
+    assert_eq!(replayed.with_state(std::clone::Clone::clone), with_snapshot);
+    assert!(replayed.request_resources(&ResourceRequest::new("after").workers(1)).unwrap().is_granted());
+}
+
 /// The v7 fixture: event schema 4 with a preemption in grace (`preempting`, then `preempted`
 /// and the preemptor's `granted` when the grace ends), a `preemptible: false` grant, and a v6
 /// snapshot taken mid-grace (a victim's preemption mark, the preemption in the meta part).
@@ -404,7 +524,7 @@ fn regenerate_v7(dir: &Path) {
 #[test]
 fn v7_fixture_opens_and_reads_the_same() {
     let fixture = fixture_dir("v7");
-    if std::env::var_os("REGENERATE_FIXTURES").is_some() {
+    if std::env::var_os("REGENERATE_FIXTURES").is_some_and(|v| v == "v7") {
         regenerate_v7(&fixture);
     }
     let snaps = std::fs::read_dir(fixture.join("snapshots")).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();

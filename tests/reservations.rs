@@ -301,3 +301,72 @@ fn the_tools_and_the_cli_through_a_server() {
     let (code, v) = cli(&["reservation", "cancel", &id]);
     assert_eq!((code, v["status"].as_str()), (Some(0), Some("cancelled")), "{v}");
 }
+
+#[test]
+fn capacity_at_shows_the_reservations_then_and_a_jobs_history_has_its_reservations() {
+    let storage = FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let ledger = open(&storage, &clock);
+    let a = ledger.request_resources(&ResourceRequest::new("train-7").workers(1).ttl_seconds(60)).unwrap();
+    let r = ledger.reserve(&ReservationRequest::for_job("train-7", 4).window_seconds(0, 600)).unwrap();
+    assert!(r.is_reserved());
+    let refused = ledger.reserve(&ReservationRequest::for_job("train-7", 10).window_seconds(0, 600)).unwrap();
+    assert!(!refused.is_reserved());
+    let other = ledger.reserve(&ReservationRequest::for_job("other", 1).window_seconds(0, 600)).unwrap();
+    clock.advance_seconds(10);
+    let during = ledger.now_micros();
+    assert!(ledger.get_capacity().unwrap().reserved.is_some(), "now");
+    clock.advance_seconds(10);
+    ledger.cancel_reservation(&r.reservation.reservation_id).unwrap();
+    ledger.release_resources(&a.allocation_id().to_string()).unwrap();
+    clock.advance_seconds(1000);
+    ledger.request_resources(&ResourceRequest::new("later").workers(1)).unwrap();
+    // Time travel from the capacity index: the reserved block as it was.
+    let then = ledger.capacity_at(during).unwrap();
+    let reserved = then.reserved.as_ref().expect("a reserved block at T");
+    assert_eq!(reserved.workers, 5);
+    assert!(reserved.reservations.contains(&r.reservation.reservation_id));
+    assert!(reserved.reservations.contains(&other.reservation.reservation_id));
+    assert!(ledger.capacity_at(ledger.now_micros()).unwrap().reserved.is_none(), "over now");
+    // The job's history holds its reservation events, not the other job's.
+    let h = ledger.job_history("train-7").unwrap();
+    let kinds: Vec<&str> = h.events.iter().map(|e| e.event.body.type_name()).collect();
+    assert_eq!(kinds, ["granted", "reserved", "reservation_rejected", "reservation_cancelled", "released"]);
+}
+
+#[test]
+fn capacity_at_and_a_jobs_history_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let json = |args: &[&str]| -> (i32, serde_json::Value) {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_allocation-ledger"))
+            .env_remove("ALLOCATION_LEDGER_DIR")
+            .arg("--data-dir")
+            .arg(d)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        let v = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout:?} {}", String::from_utf8_lossy(&o.stderr)));
+        (o.status.code().unwrap(), v)
+    };
+    assert_eq!(json(&["init"]).0, 0);
+    let (code, r) = json(&["reserve", "--job-id", "train-7", "--workers", "4", "--duration-seconds", "1"]);
+    assert_eq!(code, 0, "{r}");
+    let start = r["start"].as_str().unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // A later event, so that the instant is time travel, and the window over now.
+    let (code, _) = json(&["request", "--job-id", "other", "--workers", "1"]);
+    assert_eq!(code, 0);
+    let (_, now) = json(&["capacity"]);
+    assert!(now.get("reserved").is_none(), "{now}");
+    let (code, then) = json(&["capacity", "--at", &start]);
+    assert_eq!(code, 0, "{then}");
+    assert_eq!(then["reserved"]["workers"], 4, "{then}");
+    let (code, h) = json(&["history", "--job-id", "train-7"]);
+    assert_eq!(code, 0, "{h}");
+    let types: Vec<&str> = h["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["reserved"], "{h}");
+}

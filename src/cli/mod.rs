@@ -790,6 +790,8 @@ fn human_release(r: &ReleaseReport) -> String {
             "released {} (job {}): {} worker(s), {:.1} CPU, {} MiB freed after {:.1} s",
             r.allocation_id, r.job_id, r.workers_released, r.cpu_freed, r.memory_freed, r.duration_seconds
         )
+    } else if r.status == "cancelled" {
+        format!("cancelled {} (job {}): it was waiting in the queue; nothing was held", r.allocation_id, r.job_id)
     } else {
         format!("{} is already {}; nothing changed", r.allocation_id, r.state)
     }

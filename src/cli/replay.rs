@@ -227,6 +227,15 @@ fn side_rows(r: &SideReport, w: &SideReport) -> Vec<Vec<String>> {
     rows.push(count("invalid under the config", r.invalid, w.invalid));
     rows.push(count("released", r.released, w.released));
     rows.push(count("expired", r.expired, w.expired));
+    if r.waits.count + w.waits.count > 0 {
+        rows.push(count("waited in the queue", r.waits.count, w.waits.count));
+        rows.push(count("  granted after waiting", r.waits.granted, w.waits.granted));
+        let secs = |v: f64| format!("{v:.1} s");
+        let (rt, wt) = (r.waits.total_wait_seconds, w.waits.total_wait_seconds);
+        rows.push(vec!["  wait (total)".into(), secs(rt), secs(wt), String::new()]);
+        let (rm, wm) = (r.waits.max_wait_seconds, w.waits.max_wait_seconds);
+        rows.push(vec!["  wait (longest)".into(), secs(rm), secs(wm), String::new()]);
+    }
     for (name, a, b, unit) in [
         ("workers", &r.workers, &w.workers, ""),
         ("cpu", &r.cpu, &w.cpu, " cores"),

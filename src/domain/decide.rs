@@ -486,7 +486,19 @@ impl State {
     pub fn decide_replay(&self, req: &ResourceRequest, now: Micros) -> Result<Option<KeyRecord>> {
         let Some(key) = &req.idempotency_key else { return Ok(None) };
         validate_idempotency_key("idempotency_key", key)?;
-        let Some(record) = self.keys.get(key, now, self.config.idempotency_window_seconds) else { return Ok(None) };
+        // A key decided within the window; else one a waiting request carries (its record as
+        // of its `queued` event: the caller finds it in the queue, not among the allocations).
+        let record = self.keys.get(key, now, self.config.idempotency_window_seconds).or_else(|| {
+            self.queue.by_key(key).map(|e| KeyRecord {
+                key: std::sync::Arc::from(key.as_str()),
+                ts_us: e.queued_us,
+                seq: e.seq,
+                allocation_id: e.request.allocation_id,
+                rejected: None,
+                fingerprint: crate::domain::idempotency::queued_fingerprint(&e.request),
+            })
+        });
+        let Some(record) = record else { return Ok(None) };
         // Fingerprinted as decided (the lifetime resolved), without the rest of validation: a
         // retry is answered even if the config has changed since.
         let names: Vec<&str> = req.mcp_servers.iter().map(String::as_str).collect();

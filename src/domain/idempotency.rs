@@ -174,6 +174,21 @@ pub fn rejection_fingerprint(r: &Rejection) -> u64 {
     fingerprint_of(&shape, r.mcp_servers.iter().map(String::as_str))
 }
 
+/// The fingerprint of a waiting request (the same as its grant's will be).
+pub fn queued_fingerprint(q: &crate::domain::queue::Queued) -> u64 {
+    let shape = RequestShape {
+        job_id: &q.job_id,
+        workers: q.workers,
+        mcp_servers: &[],
+        priority: q.priority,
+        ttl_seconds: q.ttl_seconds,
+        metadata: &q.metadata,
+        max_lifetime_seconds: q.max_lifetime_seconds,
+        tenant: q.tenant.as_deref(),
+    };
+    fingerprint_of(&shape, q.mcp_servers.iter().map(String::as_str))
+}
+
 /// One remembered key: which event decided it, and what it was asked with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {

@@ -152,6 +152,10 @@ pub struct Queue {
     classes: [BTreeMap<u64, QueueEntry>; 4],
     by_id: HashMap<AllocationId, (u8, u64)>,
     by_timeout: BTreeSet<(Micros, AllocationId)>,
+    /// Idempotency key to the waiting request that carries it: a keyed retry of a waiting
+    /// request is answered by it, never queued twice. Derived from the entries (a snapshot
+    /// rebuilds it).
+    by_key: HashMap<Arc<str>, AllocationId>,
 }
 
 /// A priority's rank: low 0, normal 1, high 2, critical 3.
@@ -229,8 +233,16 @@ impl Queue {
         let class = rank(request.priority);
         self.by_id.insert(id, (class, seq));
         self.by_timeout.insert((request.timeout_us, id));
+        if let Some(key) = &request.idempotency_key {
+            self.by_key.insert(key.clone(), id);
+        }
         self.classes[usize::from(class)].insert(seq, QueueEntry { seq, queued_us: ts, request });
         true
+    }
+
+    /// The waiting request that carries idempotency key `key`.
+    pub fn by_key(&self, key: &str) -> Option<&QueueEntry> {
+        self.get(*self.by_key.get(key)?)
     }
 
     /// Takes `id` out of the queue (granted, timed out or cancelled).
@@ -238,6 +250,11 @@ impl Queue {
         let (class, seq) = self.by_id.remove(&id)?;
         let e = self.classes[usize::from(class)].remove(&seq)?;
         self.by_timeout.remove(&(e.request.timeout_us, id));
+        if let Some(key) = &e.request.idempotency_key {
+            if self.by_key.get(key) == Some(&id) {
+                self.by_key.remove(key);
+            }
+        }
         Some(e)
     }
 

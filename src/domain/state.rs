@@ -522,6 +522,13 @@ impl State {
                     self.end_preemption(allocation_id);
                     self.ended.insert(seq, allocation_id);
                     self.allocations.insert(allocation_id, Arc::new(Allocation::from_cancel(seq, ts_us, &e)));
+                    // A keyed retry of a cancelled wait is answered `cancelled`, not queued again.
+                    let key = e
+                        .request
+                        .idempotency_key
+                        .clone()
+                        .map(|k| (k, allocation_id, crate::domain::idempotency::queued_fingerprint(&e.request)));
+                    self.remember_key(key, seq, ts_us, Some(crate::domain::event::RejectReason::Cancelled));
                 }
                 None => self.anomalies += 1,
             },

@@ -207,16 +207,24 @@ impl Ledger {
     /// # Ok::<(), allocation_ledger::Error>(())
     /// ```
     pub fn capacity_at(&self, at: Micros) -> Result<CapacityReport> {
-        self.with_index(|s, ix, now| {
+        let (mut report, t) = self.with_index(|s, ix, now| {
             if at < s.created_us {
                 return Err(before_start("at", at, s.created_us));
             }
             let t = at.min(now);
             if t >= s.last_ts_us {
-                return Ok(s.capacity(t));
+                return Ok((s.capacity(t), None));
             }
-            ix.capacity_at(t).ok_or_else(|| before_start("at", at, ix.first_ts().unwrap_or(s.created_us)))
-        })
+            let report =
+                ix.capacity_at(t).ok_or_else(|| before_start("at", at, ix.first_ts().unwrap_or(s.created_us)))?;
+            Ok((report, Some(t)))
+        })?;
+        if let Some(t) = t {
+            // The index counts allocations only: the reservations in force then come from the
+            // state as it was.
+            report.reserved = self.with_state_at("at", t, |s, t| s.capacity(t).reserved)?;
+        }
+        Ok(report)
     }
 
     /// Runs `f` on the state as it was at `at` (and the instant, clamped to now): the live state
@@ -389,6 +397,7 @@ impl Ledger {
         let mut out = Vec::new();
         let mut ids: Vec<AllocationId> = Vec::new();
         let mut wanted: BTreeSet<AllocationId> = BTreeSet::new();
+        let mut reservations = BTreeSet::new();
         if let Subject::Allocation(id) = subject {
             wanted.insert(*id);
             ids.push(*id);
@@ -426,12 +435,17 @@ impl Ledger {
                         || memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
                         || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some()
                         || memchr::memmem::find(head, b"\"type\":\"renewed\"").is_some()
+                        || memchr::memmem::find(head, b"\"type\":\"reservation_cancelled\"").is_some()
                 }
             };
             if !relevant {
                 return Ok(pos.seq < upto);
             }
             let event = Event::decode(payload)?;
+            if job_reservation_event(&event.body, subject, &mut reservations) {
+                out.push(HistoryEvent { seq: pos.seq, at: format_micros(event.ts_us), event, explanation: None });
+                return Ok(pos.seq < upto);
+            }
             let about = match (&event.body, subject) {
                 (EventBody::Granted(g), Subject::Job(j)) if g.job_id == *j => Some(g.allocation_id),
                 (EventBody::Rejected(r), Subject::Job(j)) if r.job_id == *j => Some(r.allocation_id),
@@ -455,6 +469,12 @@ impl Ledger {
             Ok(pos.seq < upto)
         })?;
         Ok((out, ids))
+    }
+
+    /// Whether the job `job_id` holds a reservation in force or upcoming now (its history then
+    /// reads the whole log: the reservation may be older than its allocations).
+    fn job_holds_reservations(s: &State, job_id: &str) -> bool {
+        s.reservations_at(s.last_ts_us).iter().any(|r| r.job_id.as_deref() == Some(job_id))
     }
 
     /// Every event about one allocation, in order, with timestamps. One that ended long ago
@@ -511,21 +531,17 @@ impl Ledger {
                 .filter_map(|row| s.allocation(row.allocation_id))
                 .map(|a| (a.id, a.created_us, a.state.is_terminal()))
                 .collect();
-            (known, s.evicted_count() > 0)
+            (known, s.evicted_count() > 0 || Self::job_holds_reservations(s, job_id))
         })?;
         let subject = Subject::Job(job_id);
-        let (events, ids) = if evicted {
-            // Older allocations of the job may be only in the log: read all of it.
-            self.history_scan(&subject, 0, upto, None)?
-        } else {
-            match known.iter().map(|x| x.1).min() {
-                None => (Vec::new(), Vec::new()),
-                Some(first) => {
-                    let after = self.seq_hint(first)?;
-                    let expect: Vec<(AllocationId, bool)> = known.iter().map(|x| (x.0, x.2)).collect();
-                    self.history_scan(&subject, after, upto, Some(&expect))?
-                }
-            }
+        let (events, ids) = match known.iter().map(|x| x.1).min() {
+            // Older allocations of the job may be only in the log, and a job with nothing in
+            // memory may have held reservations: read all of it.
+            _ if evicted => self.history_scan(&subject, 0, upto, None)?,
+            None => self.history_scan(&subject, 0, upto, None)?,
+            // From its first allocation in memory to the end (not stopping at its last end: a
+            // reservation of the job may come later).
+            Some(first) => self.history_scan(&subject, self.seq_hint(first)?, upto, None)?,
         };
         let mut events = events;
         self.explain_waits(&mut events)?;
@@ -631,5 +647,25 @@ impl Ledger {
     /// Drops this handle's capacity index (it is rebuilt from the log on next use).
     pub fn drop_history_index(&self) -> Result<()> {
         self.read_history(|_, ix, _| *ix = None)
+    }
+}
+
+/// Whether `body` is a reservation event of the job `subject` names: `reserved` or
+/// `reservation_rejected` with the job as holder, or the `reservation_cancelled` of one of its
+/// reservations (`ids`: those seen so far).
+fn job_reservation_event(
+    body: &EventBody,
+    subject: &Subject<'_>,
+    ids: &mut BTreeSet<crate::domain::reservation::ReservationId>,
+) -> bool {
+    let Subject::Job(job) = subject else { return false };
+    match body {
+        EventBody::Reserved(r) if r.job_id.as_deref() == Some(*job) => {
+            ids.insert(r.reservation_id);
+            true
+        }
+        EventBody::ReservationRejected(r) => r.job_id.as_deref() == Some(*job),
+        EventBody::ReservationCancelled { reservation_id, .. } => ids.contains(reservation_id),
+        _ => false,
     }
 }

@@ -2,7 +2,7 @@
 //! then act with `expected_seq` (check-and-set). Decided in `domain/decide.rs` and
 //! `domain/idempotency.rs`; here they meet the write path (`apply.rs`) and the log.
 
-use super::{lock, Durable, Ledger};
+use super::{lock, Durable, Ledger, RequestFuture};
 use crate::domain::idempotency::KeyRecord;
 use crate::domain::input::ResourceRequest;
 use crate::domain::model::{AllocationId, AllocationState};
@@ -20,6 +20,8 @@ pub(super) enum RequestAnswer {
     Outcome(RequestOutcome),
     /// A retry whose allocation has left memory: the log has it.
     InLog(KeyRecord),
+    /// A retry of a request that waits in the queue: answered by its outcome.
+    Waiting(AllocationId),
 }
 
 /// The first step of a request: a retry of a decided key is answered as decided (even with a
@@ -32,6 +34,9 @@ fn check_request(
     expected_seq: Option<u64>,
 ) -> Result<Option<RequestAnswer>> {
     if let Some(record) = state.decide_replay(req, now)? {
+        if state.queue().get(record.allocation_id).is_some() {
+            return Ok(Some(RequestAnswer::Waiting(record.allocation_id)));
+        }
         return Ok(Some(match state.allocation(record.allocation_id) {
             Some(a) => RequestAnswer::Outcome(replayed_outcome(a, &record, now)),
             None => RequestAnswer::InLog(record),
@@ -75,27 +80,15 @@ impl Ledger {
         match answer {
             RequestAnswer::Outcome(o) => Ok(o),
             RequestAnswer::InLog(record) => self.replay_from_log(&record),
+            RequestAnswer::Waiting(id) => self.wait_for_grant_blocking(&id.to_string()),
         }
     }
 
-    /// The async form of [`Ledger::request_checked`]. A retry whose allocation has left memory
-    /// resolves to `NotFound` (the log must be read: blocking); [`Ledger::request_resources`]
-    /// answers it.
-    pub(super) fn request_checked_async(
-        &self,
-        req: &ResourceRequest,
-        expected_seq: Option<u64>,
-    ) -> Durable<RequestOutcome> {
-        let req = Arc::new(req.clone());
-        let for_decide = req.clone();
-        self.write_async_checked(
-            move |state, now| match check_request(state, now, &req, expected_seq)? {
-                Some(RequestAnswer::Outcome(o)) => Ok(Some(o)),
-                Some(RequestAnswer::InLog(record)) => Err(Error::NotFound(record.allocation_id.to_string())),
-                None => Ok(None),
-            },
-            move |state, ts, _| decide_request_outcome(state, ts, &for_decide),
-        )
+    /// The async form of [`Ledger::request_checked`], `wait` included. A retry whose allocation
+    /// has left memory resolves to `NotFound` (the log must be read: blocking);
+    /// [`Ledger::request_resources`] answers it.
+    pub(super) fn request_checked_async(&self, req: &ResourceRequest, expected_seq: Option<u64>) -> RequestFuture {
+        self.request_future(req, expected_seq)
     }
 
     /// The answer to a retry of `record` whose allocation is no longer in memory, rebuilt from
@@ -238,7 +231,7 @@ impl IfSeq<'_> {
     }
 
     /// [`Ledger::request_resources_async`], if the ledger is still at `expected_seq`.
-    pub fn request_resources_async(&self, req: &ResourceRequest) -> Durable<RequestOutcome> {
+    pub fn request_resources_async(&self, req: &ResourceRequest) -> RequestFuture {
         self.ledger.request_checked_async(req, Some(self.expected_seq))
     }
 

@@ -44,7 +44,7 @@ pub use page::{
     log_cursor, log_cursor_seq, page_history, AllocationPage, ListFilter, PAGE_DEFAULT_LIMIT, PAGE_MAX_LIMIT,
 };
 pub use pool::{ConfigApplyReport, PoolChangeReport, PoolReport, PoolSlot};
-pub use queue::{Admission, CancelReport, GrantWait, PendingReport};
+pub use queue::{Admission, CancelReport, GrantWait, PendingReport, RequestFuture};
 pub use replicated::WeakLedger;
 pub use reservation::{CancelReservationReport, ReservationInfo, ReservationList, ReserveReport};
 
@@ -265,10 +265,12 @@ impl Ledger {
         self.request_checked(req, None)
     }
 
-    /// [`Ledger::request_resources`] for async callers: resolves once the outcome is durable.
-    /// A retry (same idempotency key) whose allocation has left memory resolves to `NotFound`:
-    /// reading the log is blocking, and [`Ledger::request_resources`] answers it.
-    pub fn request_resources_async(&self, req: &ResourceRequest) -> Durable<RequestOutcome> {
+    /// [`Ledger::request_resources`] for async callers: resolves once the outcome is durable;
+    /// a request with `wait` that waits in the queue resolves when it is granted, timed out or
+    /// cancelled ([`Ledger::wait_for_grant`]). A retry (same idempotency key) whose allocation
+    /// has left memory resolves to `NotFound`: reading the log is blocking, and
+    /// [`Ledger::request_resources`] answers it.
+    pub fn request_resources_async(&self, req: &ResourceRequest) -> RequestFuture {
         self.request_checked_async(req, None)
     }
 

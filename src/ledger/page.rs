@@ -16,6 +16,7 @@ use super::{lock, Ledger};
 use crate::domain::clock::{datetime, parse_time, Micros};
 use crate::domain::event::{EventBody, LoggedEvent};
 use crate::domain::model::{AllocationId, AllocationState, Priority};
+use crate::domain::queue::{rank, QueueEntry};
 use crate::domain::state::{Allocation, State};
 use crate::history::History;
 use crate::log::layout::WAL_DIR;
@@ -95,6 +96,7 @@ const CURSOR_VERSION: u8 = 1;
 const KIND_LIST: u8 = 1;
 const KIND_HISTORY: u8 = 2;
 const KIND_LOG: u8 = 3;
+const KIND_PENDING: u8 = 4;
 const CURSOR_BYTES: usize = 30;
 const CURSOR_CHARS: usize = 40;
 
@@ -258,6 +260,8 @@ pub(crate) struct PageIndex {
     rows: Vec<Row>,
     /// Allocations not yet ended, by id: when each was created (to find its row).
     open: HashMap<AllocationId, Micros>,
+    /// Requests waiting in the queue: the row a `cancelled` event gives each (created then).
+    waiting: HashMap<AllocationId, Row>,
 }
 
 impl PageIndex {
@@ -303,10 +307,29 @@ impl PageIndex {
                 },
                 false,
             ),
+            EventBody::Queued(q) => {
+                let row = Row {
+                    created_us: ts,
+                    id: q.allocation_id,
+                    job_id: q.job_id.as_str().into(),
+                    tenant: q.tenant.as_deref().map(Into::into),
+                    priority: q.priority,
+                    workers: q.workers,
+                    state: AllocationState::Cancelled,
+                };
+                self.waiting.insert(q.allocation_id, row);
+                return;
+            }
+            EventBody::Cancelled { allocation_id } => match self.waiting.remove(allocation_id) {
+                // The live fold creates a cancelled allocation at its cancel.
+                Some(row) => (Row { created_us: ts, ..row }, false),
+                None => return,
+            },
             EventBody::Released { allocation_id } => return self.end(*allocation_id, AllocationState::Released),
             EventBody::Expired { allocation_id, .. } => return self.end(*allocation_id, AllocationState::Expired),
             _ => return,
         };
+        self.waiting.remove(&row.id);
         if open {
             self.open.insert(row.id, row.created_us);
         }
@@ -465,12 +488,10 @@ impl Ledger {
     /// foreign cursors are errors naming `cursor`.
     pub fn list_page(&self, filter: &ListFilter, limit: Option<usize>, cursor: Option<&str>) -> Result<AllocationPage> {
         filter.validate()?;
-        if filter.state == Some(AllocationState::Pending) && filter.at.is_none() {
-            // Queue order, not creation order: one page of the whole queue.
-            let rows = self.list_allocations(filter.state, filter.job_id.as_deref())?;
-            return Ok(AllocationPage { count: rows.len(), allocations: rows, next_cursor: None });
-        }
         let fingerprint = filter.fingerprint();
+        if filter.state == Some(AllocationState::Pending) && filter.at.is_none() {
+            return self.pending_page(filter, fingerprint, limit, cursor);
+        }
         let after = list_after(cursor, fingerprint)?;
         let now = self.now_micros();
         let resolve = |field: &str, t: &Option<String>| t.as_deref().map(|t| parse_time(field, t, now)).transpose();
@@ -504,6 +525,80 @@ impl Ledger {
             ix.catch_up(storage, &wal_dir, s.last_seq)?;
             Ok(page_now(ix, s, r, after, limit, now))
         })?
+    }
+}
+
+// ----- the queue's pages -----
+
+/// Where a page of the queue ended: the last row's priority rank, enqueue time and `queued`
+/// sequence number, enough to place it in the queue's order at any later instant even once it
+/// has left the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct QueueKey {
+    rank: u8,
+    queued_us: Micros,
+    seq: u64,
+}
+
+impl QueueKey {
+    fn of(e: &QueueEntry) -> QueueKey {
+        QueueKey { rank: rank(e.request.priority), queued_us: e.queued_us, seq: e.seq }
+    }
+
+    /// Its order at `now` (smaller first), as `domain/queue.rs` orders the waiting requests:
+    /// effective priority (aging), then arrival.
+    fn order(&self, now: Micros, aging_us: i64) -> (std::cmp::Reverse<u8>, u64) {
+        let steps = if aging_us > 0 && now > self.queued_us { (now - self.queued_us) / aging_us } else { 0 };
+        let effective = (i64::from(self.rank) + steps).min(3) as u8;
+        (std::cmp::Reverse(effective), self.seq)
+    }
+
+    fn cursor(&self, filter: u64) -> String {
+        let b = (u64::from(self.rank) << 56) | (self.seq & ((1 << 56) - 1));
+        Cursor { kind: KIND_PENDING, a: self.queued_us.as_micros(), b, filter }.encode()
+    }
+
+    fn decode(text: &str, filter: u64) -> Result<QueueKey> {
+        let c = Cursor::decode(text, KIND_PENDING, filter)?;
+        Ok(QueueKey { rank: (c.b >> 56) as u8, queued_us: Micros::from_micros(c.a), seq: c.b & ((1 << 56) - 1) })
+    }
+}
+
+impl Ledger {
+    /// A page of `list --state pending`, in queue order (priority with aging, then arrival):
+    /// the rows that come after the cursor's row in the order the queue has now. A request
+    /// that ages past the cursor's row between pages is not shown again, nor is one that a
+    /// newer arrival of a higher priority pushes ahead of it.
+    fn pending_page(
+        &self,
+        filter: &ListFilter,
+        fingerprint: u64,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> Result<AllocationPage> {
+        let after = cursor.map(|c| QueueKey::decode(c, fingerprint)).transpose()?;
+        let now = self.now_micros();
+        let resolve = |field: &str, t: &Option<String>| t.as_deref().map(|t| parse_time(field, t, now)).transpose();
+        let r =
+            Resolved { f: filter, since: resolve("since", &filter.since)?, until: resolve("until", &filter.until)? };
+        let limit = limit.unwrap_or(usize::MAX);
+        let (rows, next) = self.read(|s, now| {
+            let aging_us = i64::try_from(s.config.queue.aging_seconds).unwrap_or(i64::MAX).saturating_mul(1_000_000);
+            let mut page: Vec<(QueueKey, AllocationSummary)> = s
+                .queue()
+                .order(now, &s.config.queue)
+                .filter(|e| after.is_none_or(|k| QueueKey::of(e).order(now, aging_us) > k.order(now, aging_us)))
+                .filter(|e| filter.tenant.as_deref().is_none_or(|t| e.request.tenant.as_deref() == Some(t)))
+                .map(|e| (QueueKey::of(e), super::queue::pending_summary(s, e, now)))
+                .filter(|(_, row)| r.summary_ok(row))
+                .take(limit.saturating_add(1))
+                .collect();
+            let more = page.len() > limit;
+            page.truncate(limit);
+            let next = more.then(|| page.last().map(|(k, _)| k.cursor(fingerprint))).flatten();
+            (page.into_iter().map(|(_, row)| row).collect::<Vec<_>>(), next)
+        })?;
+        Ok(AllocationPage { count: rows.len(), allocations: rows, next_cursor: next })
     }
 }
 

@@ -22,6 +22,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
+mod request;
+pub use request::RequestFuture;
+
 /// When the queue needs its next decision: after an event that may let a request start, or at
 /// the next timeout or aging step.
 #[derive(Debug)]
@@ -139,6 +142,10 @@ pub struct PendingReport {
     pub timeout_at: DateTime<Utc>,
     /// Sequence number of its `queued` event.
     pub seq: u64,
+    /// This answers a retry (same idempotency key) of the request already waiting: nothing was
+    /// written, and the position is the one it has now.
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 impl PendingReport {
@@ -153,6 +160,18 @@ impl PendingReport {
             created_at: datetime(ts),
             timeout_at: datetime(q.timeout_us),
             seq,
+            replayed: false,
+        }
+    }
+
+    /// A keyed retry's answer: the waiting request `e` as it stands at `now`.
+    pub(super) fn replay_of(s: &State, e: &QueueEntry, now: Micros) -> PendingReport {
+        let (position, higher) = s.queue().position(e.request.allocation_id, now, &s.config.queue).unwrap_or((0, 0));
+        PendingReport {
+            queue_position: position,
+            waiting_reason: waiting_words(position, higher, &current_reason(s, e)),
+            replayed: true,
+            ..PendingReport::of(&e.request, e.queued_us, e.seq)
         }
     }
 }
@@ -224,14 +243,31 @@ impl Ledger {
     /// `request_resources` with `wait`: granted or rejected now, or queued (`pending`, with its
     /// position). A request that can never fit, or past its tenant's quota, is rejected at once.
     pub fn request_or_queue(&self, req: &ResourceRequest) -> Result<Admission> {
-        let (check, decide) = admission_command(req);
-        self.write_checked(check, decide)
+        let (check, decide) = admission_command(req, None);
+        match self.write_checked(check, decide) {
+            // A keyed retry whose allocation has left memory: the log has it.
+            Err(Error::NotFound(_)) if req.idempotency_key.is_some() => {
+                let mut now_only = req.clone();
+                now_only.wait = false;
+                self.request_checked(&now_only, None).map(Admission::Decided)
+            }
+            other => other,
+        }
     }
 
-    /// [`Ledger::request_or_queue`] for async callers.
+    /// [`Ledger::request_or_queue`] for async callers. A keyed retry whose allocation has left
+    /// memory resolves to `NotFound` (the log must be read: blocking); the blocking call
+    /// answers it.
     pub fn request_or_queue_async(&self, req: &ResourceRequest) -> Durable<Admission> {
-        let (check, decide) = admission_command(req);
+        let (check, decide) = admission_command(req, None);
         self.write_async_checked(check, decide)
+    }
+
+    /// `request_resources_async` with an optional precondition: admitted, then waited for if
+    /// it waits in the queue.
+    pub(super) fn request_future(&self, req: &ResourceRequest, expected_seq: Option<u64>) -> RequestFuture {
+        let (check, decide) = admission_command(req, expected_seq);
+        RequestFuture::new(self, self.write_async_checked(check, decide))
     }
 
     /// `cancel_request`: withdraws a waiting request (a `cancelled` event). One that is not
@@ -314,6 +350,11 @@ impl Ledger {
     }
 }
 
+/// A waiting request's row in `list --state pending`.
+pub(super) fn pending_summary(s: &State, e: &QueueEntry, now: Micros) -> AllocationSummary {
+    pending_allocation(s, e).summary(now)
+}
+
 /// Waits at most this long between looks at the clock (a manual clock moves without waking).
 fn park_for(micros: i64) -> std::time::Duration {
     std::time::Duration::from_micros(u64::try_from(micros.clamp(1_000, 100_000)).unwrap_or(100_000))
@@ -330,12 +371,19 @@ impl std::task::Wake for ThreadWake {
 type Check<R> = Box<dyn FnOnce(&State, Micros) -> Result<Option<R>> + Send>;
 type Decide<R> = Box<dyn FnOnce(&State, Micros, &[AllocationId]) -> Result<(Vec<EventBody>, R)> + Send>;
 
-/// The check (an idempotent retry is answered as decided) and decision of a waiting request.
-fn admission_command(req: &ResourceRequest) -> (Check<Admission>, Decide<Admission>) {
+/// The check (an idempotent retry is answered as decided, or as it waits now; then the
+/// precondition) and decision of a request that may wait. A retry whose allocation has left
+/// memory is `NotFound`: the log has it.
+fn admission_command(req: &ResourceRequest, expected_seq: Option<u64>) -> (Check<Admission>, Decide<Admission>) {
     let req = Arc::new(req.clone());
     let for_decide = req.clone();
     let check: Check<Admission> = Box::new(move |state, now| {
-        let Some(record) = state.decide_replay(&req, now)? else { return Ok(None) };
+        let Some(record) = state.decide_replay(&req, now)? else {
+            return state.check_expected_seq(expected_seq).map(|()| None);
+        };
+        if let Some(e) = state.queue().get(record.allocation_id) {
+            return Ok(Some(Admission::Pending(PendingReport::replay_of(state, e, now))));
+        }
         match state.allocation(record.allocation_id) {
             Some(a) => Ok(Some(Admission::Decided(replayed_outcome(a, &record, now)))),
             // Left memory: the log has it (`request_resources` reads it); never decided again.

@@ -316,8 +316,8 @@ fn released() -> Value {
         "properties": {
             "status": {
                 "type": "string",
-                "enum": ["released", "already_released", "already_expired", "already_failed"],
-                "description": "released: this call released it; already_*: it had already ended and nothing changed.",
+                "enum": ["released", "already_released", "already_expired", "already_failed", "already_preempted", "cancelled", "already_cancelled"],
+                "description": "released: this call released it; cancelled: it was waiting in the queue and this call cancelled it (nothing was held); already_*: it had already ended and nothing changed.",
             },
             "allocation_id": allocation_id_out(),
             "job_id": s("The job the allocation belonged to."),

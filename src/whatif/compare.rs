@@ -67,12 +67,55 @@ pub struct SideReport {
     pub released: u64,
     /// Allocations that reached their deadline.
     pub expired: u64,
+    /// Requests that waited in the queue (`wait: true`) and how long.
+    pub waits: WaitStats,
     /// Worker slots.
     pub workers: ResourceUse,
     /// CPU, in cores.
     pub cpu: ResourceUse,
     /// Memory, in MiB.
     pub memory: ResourceUse,
+}
+
+/// The queue on one side: requests that waited, what became of them, and how long they
+/// waited (until granted, timed out, cancelled, or the window's end).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct WaitStats {
+    /// Requests that joined the queue.
+    pub count: u64,
+    /// Of them, granted from the queue.
+    pub granted: u64,
+    /// Timed out (`queue_timeout`).
+    pub timed_out: u64,
+    /// Cancelled by their caller.
+    pub cancelled: u64,
+    /// Still waiting at the window's end.
+    pub waiting_at_end: u64,
+    /// Seconds waited, all of them together.
+    pub total_wait_seconds: f64,
+    /// The longest wait, seconds.
+    pub max_wait_seconds: f64,
+}
+
+impl WaitStats {
+    fn waited(&mut self, wait_us: i64) {
+        let seconds = wait_us.max(0) as f64 / 1e6;
+        self.total_wait_seconds += seconds;
+        self.max_wait_seconds = self.max_wait_seconds.max(seconds);
+    }
+}
+
+/// How a wait ended on one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// Granted from the queue.
+    Granted,
+    /// Timed out.
+    TimedOut,
+    /// Cancelled by its caller.
+    Cancelled,
+    /// Still waiting when the window closed.
+    Open,
 }
 
 /// One job's (or tenant's) requests and their outcomes on both sides.
@@ -393,6 +436,23 @@ impl Compare {
         if let Some(t) = tenant {
             self.tenants.record(t, reality, what_if);
         }
+    }
+
+    /// A request joined the queue on `side`.
+    pub fn queued(&mut self, side: Side) {
+        self.track(side).report.waits.count += 1;
+    }
+
+    /// A wait on `side` ended as `end` after `wait_us`.
+    pub fn wait_ended(&mut self, side: Side, end: WaitEnd, wait_us: i64) {
+        let w = &mut self.track(side).report.waits;
+        match end {
+            WaitEnd::Granted => w.granted += 1,
+            WaitEnd::TimedOut => w.timed_out += 1,
+            WaitEnd::Cancelled => w.cancelled += 1,
+            WaitEnd::Open => w.waiting_at_end += 1,
+        }
+        w.waited(wait_us);
     }
 
     fn side_report(&self, side: Side) -> SideReport {

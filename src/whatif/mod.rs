@@ -16,7 +16,7 @@ mod demand;
 mod simulate;
 mod svg;
 
-pub use compare::{BucketPair, Comparison, GroupRow, OutcomeChanges, ResourceUse, SideReport};
+pub use compare::{BucketPair, Comparison, GroupRow, OutcomeChanges, ResourceUse, SideReport, WaitStats};
 pub use simulate::SimObserver;
 
 use crate::domain::clock::{parse_duration_micros, Micros, MICROS_PER_SECOND};

@@ -26,6 +26,8 @@ use crate::{Error, Result};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 
+mod queue;
+
 /// Sees both runs event by event (tests compare them; the report needs neither).
 pub trait SimObserver {
     /// A recorded event the run read (every event up to the window's end).
@@ -183,6 +185,8 @@ pub struct Simulator<'o> {
     reality: Reality,
     holds: HashMap<String, VecDeque<i64>>,
     compare: Compare,
+    /// Requests that waited in the queue on a side, until both sides decided them.
+    waiting: HashMap<AllocationId, queue::Waiting>,
     observer: &'o mut dyn SimObserver,
     /// The what-if's config at the window's start.
     pub config: Option<Config>,
@@ -224,6 +228,7 @@ impl<'o> Simulator<'o> {
             reality: Reality::default(),
             holds: HashMap::new(),
             compare: Compare::new(since, until),
+            waiting: HashMap::new(),
             observer,
             config: None,
             config_changes_ignored: 0,
@@ -235,6 +240,9 @@ impl<'o> Simulator<'o> {
     /// Folds one event into the what-if with the next sequence number.
     fn fold(&mut self, ts_us: Micros, body: EventBody) {
         self.seq += 1;
+        if self.in_window {
+            self.what_if_wait_ends(ts_us, &body);
+        }
         self.observer.what_if(self.seq, ts_us, &body);
         self.state.evolve_owned(self.seq, ts_us, body);
     }
@@ -305,14 +313,27 @@ impl<'o> Simulator<'o> {
             }
             kept.push_back(held_us);
         }
+        // As the ledger's write: expiries, then the queue (timeouts due, grants), then the
+        // decision, then the queue again. Recorded expiries come as events of their own.
+        let expiry = matches!(event.body, EventBody::Expired { .. });
+        if !expiry {
+            self.settle_queue(ts);
+        }
         self.decide_or_mirror(seq, ts, event.body);
+        if !expiry {
+            self.settle_queue(ts);
+        }
         self.compare.set(Side::Reality, self.reality.allocated, self.reality.total);
         self.compare.set(Side::WhatIf, self.state.allocated(), self.state.total());
         Ok(true)
     }
 
     fn decide_or_mirror(&mut self, seq: u64, ts: Micros, body: EventBody) {
+        if self.reality_wait_ends(ts, &body) {
+            return;
+        }
         match body {
+            EventBody::Queued(_) => self.queued_request(ts, &body),
             EventBody::Granted(_) | EventBody::Rejected(_) => self.request(seq, ts, body),
             EventBody::ConfigChanged { .. } if self.alternative.is_some() => self.config_changes_ignored += 1,
             EventBody::LedgerCreated { ledger_id, config } => {
@@ -364,16 +385,20 @@ impl Simulator<'_> {
     fn request(&mut self, seq: u64, ts: Micros, recorded: EventBody) {
         let Some((id, req)) = request_of(&recorded) else { return };
         let reality = outcome_of(&recorded);
-        let (what_if, body) = match self.state.decide_grant(&req, ts, id) {
-            Err(_) => (Outcome::Invalid, None),
-            Ok(Ok(grant)) => {
+        // Decided as the ledger decides a request that does not wait: the queue's head and
+        // the reservations count.
+        let (what_if, body) = match self.state.decide_admission(&req, ts, id) {
+            Ok(EventBody::Granted(grant)) => {
                 if reality != Outcome::Granted {
                     let end = self.held_until(&req.job_id, ts, grant.deadline_us);
                     self.sim_only_ends.push(Reverse((end, id)));
                 }
                 (Outcome::Granted, Some(EventBody::Granted(grant)))
             }
-            Ok(Err(rejection)) => (Outcome::Rejected(rejection.reason.as_str()), Some(EventBody::Rejected(rejection))),
+            Ok(EventBody::Rejected(rejection)) => {
+                (Outcome::Rejected(rejection.reason.as_str()), Some(EventBody::Rejected(rejection)))
+            }
+            Ok(_) | Err(_) => (Outcome::Invalid, None),
         };
         if self.alternative.is_none() && body.as_ref() != Some(&recorded) {
             self.differing_decisions += 1;
@@ -437,6 +462,7 @@ impl Simulator<'_> {
             self.enter(None)?;
         }
         self.end_sim_only(self.until - 1);
+        self.close_waits();
         let comparison = self.compare.finish();
         Ok(super::WhatIfReport {
             hold: self.hold.to_string(),

@@ -293,3 +293,43 @@ async def plan_then_act():
 
 def test_plan_then_act_with_expected_seq():
     asyncio.run(plan_then_act())
+
+
+async def queue_gaps():
+    """A keyed retry of a waiting request waits for the same one (never queued twice), and
+    release_resources of a waiting request cancels it (status "cancelled"; the waiting call
+    returns cancelled); a second release is already_cancelled. Shapes checked against the
+    tools' outputSchema."""
+    with tempfile.TemporaryDirectory() as d:
+        async with stdio_client(d) as client:
+            tools = await schemas(client)
+            await call(client, "request_resources", {"job_id": "big", "mcp_servers": [], "workers": 10})
+            req = {"job_id": "w", "mcp_servers": [], "workers": 2, "wait": True,
+                   "queue_timeout_seconds": 120, "idempotency_key": "k-wait"}
+            first = asyncio.create_task(client.call_tool("request_resources", req))
+            pending = []
+            for _ in range(200):
+                pending = (await call(client, "list_allocations", {"state": "pending"}))["allocations"]
+                if pending:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(pending) == 1, pending
+            retry = asyncio.create_task(client.call_tool("request_resources", req))
+            await asyncio.sleep(0.2)
+            page = await call(client, "list_allocations", {"state": "pending", "limit": 10})
+            assert page["count"] == 1 and page["next_cursor"] is None, page
+            rel = await call(client, "release_resources", {"allocation_id": pending[0]["allocation_id"]})
+            jsonschema.validate(rel, tools["release_resources"].output_schema)
+            assert rel["status"] == "cancelled" and rel["state"] == "cancelled", rel
+            for task in (first, retry):
+                r = await task
+                assert r.is_error, r.structured_content
+                assert r.structured_content["reason"] == "cancelled", r.structured_content
+                assert r.structured_content["allocation_id"] == pending[0]["allocation_id"]
+            again = await call(client, "release_resources", {"allocation_id": pending[0]["allocation_id"]})
+            jsonschema.validate(again, tools["release_resources"].output_schema)
+            assert again["status"] == "already_cancelled", again
+
+
+def test_queue_gaps_over_mcp():
+    asyncio.run(queue_gaps())

@@ -3,6 +3,7 @@
 
 use crate::domain::event::{Event, EventBody};
 use crate::domain::model::{AllocationId, AllocationState};
+use crate::domain::queue::QueueEntry;
 use crate::domain::state::Allocation;
 use crate::log::reader::LogReader;
 use crate::Result;
@@ -76,6 +77,7 @@ impl Prefilter {
             let head = &payload[..payload.len().min(ENVELOPE_BYTES)];
             if memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
                 || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some()
+                || memchr::memmem::find(head, b"\"type\":\"cancelled\"").is_some()
             {
                 return true;
             }
@@ -92,6 +94,8 @@ pub fn rebuild_allocations(
 ) -> Result<HashMap<AllocationId, Allocation>> {
     let prefilter = Prefilter::new(filter);
     let mut found = HashMap::new();
+    // Requests waiting in the queue as of the record being read: a `cancelled` event ends one.
+    let mut waiting = HashMap::new();
     reader.records(&mut |pos, payload| {
         if !prefilter.matters(payload) {
             return Ok(true);
@@ -100,7 +104,9 @@ pub fn rebuild_allocations(
         // The only allocation wanted has ended: nothing later is about it.
         let done =
             filter.allocation_id.is_some_and(|id| ends_allocation(&ev.body) && ev.body.allocation_id() == Some(id));
-        fold_rebuilt(&mut found, |id| filter.skips(id), filter.job_id, pos.seq, ev);
+        if !fold_waiting(&mut found, &mut waiting, |id| filter.skips(id), filter.job_id, pos.seq, &ev) {
+            fold_rebuilt(&mut found, |id| filter.skips(id), filter.job_id, pos.seq, ev);
+        }
         Ok(!done)
     })?;
     Ok(found)
@@ -110,8 +116,49 @@ pub fn rebuild_allocations(
 fn ends_allocation(body: &EventBody) -> bool {
     matches!(
         body,
-        EventBody::Rejected(_) | EventBody::Released { .. } | EventBody::Expired { .. } | EventBody::Preempted(_)
+        EventBody::Rejected(_)
+            | EventBody::Released { .. }
+            | EventBody::Expired { .. }
+            | EventBody::Cancelled { .. }
+            | EventBody::Preempted(_)
     )
+}
+
+/// Folds the queue's events: a `queued` request (of `job_id`, not in `skip`) is remembered
+/// until it is decided, and a `cancelled` one becomes the ended allocation the live fold keeps
+/// (state `cancelled`). Grants and rejections from the queue are folded as any other; this
+/// only forgets the wait. `false`: not a queue event, fold it as usual.
+fn fold_waiting(
+    found: &mut HashMap<AllocationId, Allocation>,
+    waiting: &mut HashMap<AllocationId, QueueEntry>,
+    skip: impl Fn(&AllocationId) -> bool,
+    job_id: Option<&str>,
+    seq: u64,
+    ev: &Event,
+) -> bool {
+    match &ev.body {
+        EventBody::Queued(q) => {
+            if !skip(&q.allocation_id) && job_id.is_none_or(|j| q.job_id == j) {
+                waiting.insert(q.allocation_id, QueueEntry { seq, queued_us: ev.ts_us, request: q.clone() });
+            }
+            true
+        }
+        EventBody::Cancelled { allocation_id } => {
+            if let Some(e) = waiting.remove(allocation_id) {
+                found.insert(*allocation_id, Allocation::from_cancel(seq, ev.ts_us, &e));
+            }
+            true
+        }
+        EventBody::Granted(g) => {
+            waiting.remove(&g.allocation_id);
+            false
+        }
+        EventBody::Rejected(r) => {
+            waiting.remove(&r.allocation_id);
+            false
+        }
+        _ => false,
+    }
 }
 
 /// Folds one logged event into allocations being rebuilt from the log: grants and rejections

@@ -75,6 +75,7 @@ pub(crate) fn pending_output() -> Value {
             "created_at": { "type": "string" },
             "timeout_at": { "type": "string", "description": "When it is rejected with reason queue_timeout unless granted first." },
             "seq": { "type": "integer" },
+            "replayed": { "type": "boolean", "description": "true: a retry (same idempotency_key) of the request already waiting; nothing was written." },
         },
         "required": ["allocation_id", "status", "queue_position", "waiting_reason"],
     })
