@@ -470,6 +470,23 @@ impl State {
         self.evolve_collecting(seq, ts_us, body, None);
     }
 
+    /// A waiting request was cancelled: it leaves the queue and becomes an ended allocation
+    /// (state `cancelled`). `false`: it was not waiting (an anomaly).
+    fn apply_cancel(&mut self, seq: u64, ts_us: Micros, allocation_id: AllocationId) -> bool {
+        let Some(e) = self.queue.remove(allocation_id) else { return false };
+        self.end_preemption(allocation_id);
+        self.ended.insert(seq, allocation_id);
+        self.allocations.insert(allocation_id, Arc::new(Allocation::from_cancel(seq, ts_us, &e)));
+        // A keyed retry of a cancelled wait is answered `cancelled`, not queued again.
+        let key = e
+            .request
+            .idempotency_key
+            .clone()
+            .map(|k| (k, allocation_id, crate::domain::idempotency::queued_fingerprint(&e.request)));
+        self.remember_key(key, seq, ts_us, Some(crate::domain::event::RejectReason::Cancelled));
+        true
+    }
+
     /// [`State::evolve_owned`] that hands ended allocations leaving memory to `graveyard`
     /// instead of dropping them: the parallel replay has them dropped by the decoder thread
     /// that allocated their strings, which most allocators free much faster than a free from
@@ -517,21 +534,11 @@ impl State {
                     self.anomalies += 1;
                 }
             }
-            EventBody::Cancelled { allocation_id } => match self.queue.remove(allocation_id) {
-                Some(e) => {
-                    self.end_preemption(allocation_id);
-                    self.ended.insert(seq, allocation_id);
-                    self.allocations.insert(allocation_id, Arc::new(Allocation::from_cancel(seq, ts_us, &e)));
-                    // A keyed retry of a cancelled wait is answered `cancelled`, not queued again.
-                    let key = e
-                        .request
-                        .idempotency_key
-                        .clone()
-                        .map(|k| (k, allocation_id, crate::domain::idempotency::queued_fingerprint(&e.request)));
-                    self.remember_key(key, seq, ts_us, Some(crate::domain::event::RejectReason::Cancelled));
+            EventBody::Cancelled { allocation_id } => {
+                if !self.apply_cancel(seq, ts_us, allocation_id) {
+                    self.anomalies += 1;
                 }
-                None => self.anomalies += 1,
-            },
+            }
             EventBody::Released { allocation_id } => {
                 self.unmark_victim(allocation_id);
                 self.apply_end(seq, allocation_id, ts_us, AllocationState::Released);

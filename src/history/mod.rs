@@ -422,22 +422,7 @@ impl Ledger {
         }
         let wal_dir = self.dir().join(WAL_DIR);
         LogReader::new(&**self.storage(), &wal_dir).after(after).upto(upto).records(&mut |pos, payload| {
-            let relevant = match subject {
-                Subject::Allocation(_) => {
-                    let head = &payload[..payload.len().min(ENVELOPE_BYTES)];
-                    finder.find(payload).is_some()
-                        || (memchr::memmem::find(head, b"\"type\":\"preempting\"").is_some()
-                            && victim_finder.find(payload).is_some())
-                }
-                Subject::Job(_) => {
-                    let head = &payload[..payload.len().min(ENVELOPE_BYTES)];
-                    finder.find(payload).is_some()
-                        || memchr::memmem::find(head, b"\"type\":\"released\"").is_some()
-                        || memchr::memmem::find(head, b"\"type\":\"expired\"").is_some()
-                        || memchr::memmem::find(head, b"\"type\":\"renewed\"").is_some()
-                        || memchr::memmem::find(head, b"\"type\":\"reservation_cancelled\"").is_some()
-                }
-            };
+            let relevant = may_concern(subject, payload, &finder, &victim_finder);
             if !relevant {
                 return Ok(pos.seq < upto);
             }
@@ -667,5 +652,32 @@ fn job_reservation_event(
         EventBody::ReservationRejected(r) => r.job_id.as_deref() == Some(*job),
         EventBody::ReservationCancelled { reservation_id, .. } => ids.contains(reservation_id),
         _ => false,
+    }
+}
+
+/// Whether the record `payload` can be about `subject`, without decoding it: it names the
+/// allocation (`finder`) or job, or it is a `preempting` event naming the allocation as a victim
+/// (`victim_finder`), or (for a job) an event that names only an allocation id.
+fn may_concern(
+    subject: &Subject<'_>,
+    payload: &[u8],
+    finder: &memchr::memmem::Finder<'_>,
+    victim_finder: &memchr::memmem::Finder<'_>,
+) -> bool {
+    let head = &payload[..payload.len().min(ENVELOPE_BYTES)];
+    let is = |kind: &[u8]| memchr::memmem::find(head, kind).is_some();
+    match subject {
+        Subject::Allocation(_) => {
+            finder.find(payload).is_some() || (is(b"\"type\":\"preempting\"") && victim_finder.find(payload).is_some())
+        }
+        Subject::Job(_) => {
+            finder.find(payload).is_some()
+                || is(b"\"type\":\"released\"")
+                || is(b"\"type\":\"expired\"")
+                || is(b"\"type\":\"renewed\"")
+                || is(b"\"type\":\"cancelled\"")
+                || is(b"\"type\":\"preempted\"")
+                || is(b"\"type\":\"reservation_cancelled\"")
+        }
     }
 }
