@@ -75,6 +75,30 @@ fn grace_zero_preempts_the_newest_lowest_in_the_same_command() {
     assert_replays(&l);
 }
 
+/// A plan predicts what the request with its `expected_seq` then gets: with grace 0 the grant
+/// that preempting makes possible (the same slots); with a grace period, an answer without
+/// preemption (neither waits).
+#[test]
+fn a_plan_predicts_the_request_with_its_expected_seq() {
+    for grace in [0, 30] {
+        let (storage, clock) = (FaultyStorage::new(), ManualClock::at_default_epoch());
+        let l = open(&storage, &clock, config(grace));
+        let victim = grant(&l, low("low", 8));
+        let req = ResourceRequest::new("crit").workers(4).priority(Priority::Critical);
+        let plan = l.plan_request(&req).unwrap();
+        assert_eq!(plan.would_grant, grace == 0, "grace {grace}: {plan:?}");
+        let outcome = l.if_seq(plan.current_seq).request_resources(&req).unwrap();
+        assert_eq!(outcome.is_granted(), plan.would_grant, "grace {grace}");
+        if let (RequestOutcome::Granted(p), RequestOutcome::Granted(g)) = (&plan.outcome, &outcome) {
+            let slots = |r: &allocation_ledger::GrantReport| serde_json::to_value(&r.workers_allocated).unwrap();
+            assert_eq!(slots(p), slots(g), "the planned slots");
+        }
+        let expected = if grace == 0 { AllocationState::Preempted } else { AllocationState::Active };
+        assert_eq!(state_of(&l, &victim), expected);
+        assert_replays(&l);
+    }
+}
+
 #[test]
 fn grace_keeps_victims_holding_until_the_deadline() {
     let (storage, clock) = (FaultyStorage::new(), ManualClock::at_default_epoch());

@@ -13,7 +13,13 @@ use proptest::prelude::*;
 use std::sync::Arc;
 
 fn open(clock: &ManualClock) -> Ledger {
-    let config = Config { snapshot_every: 0, ..Config::default() };
+    // The queue alone: what-if does not model preemption (docs/queries.md), so none happens.
+    let never = allocation_ledger::PreemptionPolicy {
+        high: allocation_ledger::PreemptPolicy::Never,
+        critical: allocation_ledger::PreemptPolicy::Never,
+        ..Default::default()
+    };
+    let config = Config { snapshot_every: 0, preemption: never, ..Config::default() };
     let opts =
         OpenOptions::default().config(config).storage(Arc::new(MemoryStorage::new())).clock(Arc::new(clock.clone()));
     Ledger::open_with("/ledger", opts).unwrap()

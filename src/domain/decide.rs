@@ -347,16 +347,22 @@ impl State {
             &expired
         };
         let ts_us = next_event_ts(state, clock);
-        // Decided as a write decides it (the queue's head and the reservations included), as
-        // an answer now: a plan never queues.
+        // Decided as a write without `wait` decides it (the queue's head, the reservations and
+        // a preemption without grace included), as an answer now: a plan never queues.
         let mut now_only = req.clone();
         now_only.wait = false;
-        let outcome = match state.decide_admission(&now_only, ts_us, state.next_allocation_id())? {
-            EventBody::Granted(g) => Ok(g),
-            EventBody::Rejected(r) => Err(r),
-            other => return Err(Error::invalid("wait", format!("a plan cannot be {}", other.type_name()))),
+        let mut bodies = state.decide_admission_preempting(&now_only, ts_us, false)?;
+        // Victims preempted at once come first: the decision is the last event.
+        let seq = state.last_seq + bodies.len() as u64;
+        let outcome = match bodies.pop() {
+            Some(EventBody::Granted(g)) => Ok(g),
+            Some(EventBody::Rejected(r)) => Err(r),
+            other => {
+                let kind = other.as_ref().map_or("nothing", EventBody::type_name);
+                return Err(Error::invalid("wait", format!("a plan cannot be {kind}")));
+            }
         };
-        Ok(Planned { ts_us, seq: state.last_seq + 1, outcome })
+        Ok(Planned { ts_us, seq, outcome })
     }
 
     /// Validates a request and decides it against this state at `now` (the event's timestamp).
