@@ -74,8 +74,8 @@ pub(crate) fn list_input() -> Value {
         "properties": {
             "state": {
                 "type": "string",
-                "enum": ["active", "released", "expired", "failed", "pending", "cancelled"],
-                "description": "Only allocations in this state: active, released, expired or failed (a request that could not be granted). Omit for all states.",
+                "enum": ["active", "released", "expired", "failed", "pending", "cancelled", "preempting", "preempted"],
+                "description": "Only allocations in this state: active, released, expired, failed (a request that could not be granted), pending (waiting in the queue, in queue order), cancelled (a wait cancelled), preempting (in its grace before preemption) or preempted. Omit for all states.",
             },
             "job_id": { "type": "string", "description": "Only allocations of this job. Omit for all jobs." },
             "tenant": { "type": "string", "description": "Only allocations counted against this tenant's quota. Not with `at`." },
