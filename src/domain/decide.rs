@@ -73,36 +73,28 @@ pub struct Shortfall {
 /// what starting it costs), its workers, and what its priority may take.
 pub fn price(valid: &ValidRequest<'_>, state: &State) -> Cost {
     let req = valid.request;
-    let cfg = &state.config;
-    let (mcp_servers, servers) = price_mcp_servers(&req.mcp_servers, state);
-    let workers = Resources {
-        cpu_millicores: cfg.worker_cpu_millicores * u64::from(req.workers),
-        memory_mib: cfg.worker_memory_mib * u64::from(req.workers),
-        workers: req.workers,
-    };
-    let needed = Resources {
-        cpu_millicores: workers.cpu_millicores.saturating_add(servers.cpu_millicores),
-        memory_mib: workers.memory_mib.saturating_add(servers.memory_mib),
-        workers: workers.workers,
-    };
-    Cost { workers, needed, mcp_servers, usable: usable(state, req.priority) }
+    price_of(state, &req.mcp_servers, req.workers, req.priority)
 }
 
 /// [`price`] for a request waiting in the queue (validated when it joined).
 pub fn price_queued(state: &State, q: &crate::domain::queue::Queued) -> Cost {
+    price_of(state, &q.mcp_servers, q.workers, q.priority)
+}
+
+fn price_of(state: &State, mcp_server_names: &[String], worker_count: u32, priority: Priority) -> Cost {
     let cfg = &state.config;
-    let (mcp_servers, servers) = price_mcp_servers(&q.mcp_servers, state);
+    let (mcp_servers, servers) = price_mcp_servers(mcp_server_names, state);
     let workers = Resources {
-        cpu_millicores: cfg.worker_cpu_millicores * u64::from(q.workers),
-        memory_mib: cfg.worker_memory_mib * u64::from(q.workers),
-        workers: q.workers,
+        cpu_millicores: cfg.worker_cpu_millicores * u64::from(worker_count),
+        memory_mib: cfg.worker_memory_mib * u64::from(worker_count),
+        workers: worker_count,
     };
     let needed = Resources {
         cpu_millicores: workers.cpu_millicores.saturating_add(servers.cpu_millicores),
         memory_mib: workers.memory_mib.saturating_add(servers.memory_mib),
         workers: workers.workers,
     };
-    Cost { workers, needed, mcp_servers, usable: usable(state, q.priority) }
+    Cost { workers, needed, mcp_servers, usable: usable(state, priority) }
 }
 
 /// Each named server's endpoint and cost, and the cost of those this grant would start: a
@@ -222,23 +214,8 @@ pub fn place(
 ) -> std::result::Result<Grant, Rejection> {
     let req = valid.request;
     if let Some(s) = shortfall(&cost) {
-        return Err(Rejection {
-            allocation_id: id,
-            job_id: req.job_id.clone(),
-            priority: req.priority,
-            ttl_seconds: valid.ttl_seconds,
-            workers: req.workers,
-            mcp_servers: req.mcp_servers.clone(),
-            reason: s.reason,
-            needed: s.needed,
-            available: s.available,
-            error: rejection_message(&s, &cost.usable, req.priority),
-            metadata: valid.metadata,
-            idempotency_key: req.idempotency_key.as_deref().map(std::sync::Arc::from),
-            max_lifetime_seconds: req.max_lifetime_seconds,
-            tenant: valid.tenant,
-            quota: None,
-        });
+        let error = rejection_message(&s, &cost.usable, req.priority);
+        return Err(valid.rejection(id, s.reason, s.needed, s.available, error));
     }
     let workers = take_slots(state, req.workers);
     Ok(Grant {
@@ -273,23 +250,9 @@ pub fn quota_rejection(state: &State, valid: &ValidRequest<'_>, id: AllocationId
     let tenant = valid.tenant.as_deref().unwrap_or(crate::domain::quota::NO_TENANT);
     let used = state.tenant_use(valid.tenant.as_deref());
     let exceeded = crate::domain::quota::first_exceeded(tenant, quota, &used, asked, &req.mcp_servers)?;
-    Some(Rejection {
-        allocation_id: id,
-        job_id: req.job_id.clone(),
-        priority: req.priority,
-        ttl_seconds: valid.ttl_seconds,
-        workers: req.workers,
-        mcp_servers: req.mcp_servers.clone(),
-        reason: RejectReason::Quota,
-        needed: exceeded.requested,
-        available: exceeded.limited.saturating_sub(exceeded.used),
-        error: exceeded.message(),
-        metadata: valid.metadata.clone(),
-        idempotency_key: req.idempotency_key.as_deref().map(std::sync::Arc::from),
-        max_lifetime_seconds: req.max_lifetime_seconds,
-        tenant: valid.tenant.clone(),
-        quota: Some(exceeded),
-    })
+    let (needed, available) = (exceeded.requested, exceeded.limited.saturating_sub(exceeded.used));
+    let error = exceeded.message();
+    Some(Rejection { quota: Some(exceeded), ..valid.rejection(id, RejectReason::Quota, needed, available, error) })
 }
 
 /// The lowest `count` free slots as worker grants (the caller checked there are enough).

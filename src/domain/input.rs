@@ -305,6 +305,40 @@ pub struct ValidRequest<'a> {
     pub tenant: Option<String>,
 }
 
+impl ValidRequest<'_> {
+    /// The rejection of this request as `id`: short of `reason` (`needed` against `available`,
+    /// in the reason's unit), with `error` the message the caller gets. Every rejection of a
+    /// valid request (pool, quota, reservation, queue) is built here; a quota rejection adds
+    /// which limit it hit.
+    pub fn rejection(
+        &self,
+        id: crate::domain::model::AllocationId,
+        reason: crate::domain::event::RejectReason,
+        needed: u64,
+        available: u64,
+        error: String,
+    ) -> crate::domain::event::Rejection {
+        let req = self.request;
+        crate::domain::event::Rejection {
+            allocation_id: id,
+            job_id: req.job_id.clone(),
+            priority: req.priority,
+            ttl_seconds: self.ttl_seconds,
+            workers: req.workers,
+            mcp_servers: req.mcp_servers.clone(),
+            reason,
+            needed,
+            available,
+            error,
+            metadata: self.metadata.clone(),
+            idempotency_key: req.idempotency_key.as_deref().map(std::sync::Arc::from),
+            max_lifetime_seconds: req.max_lifetime_seconds,
+            tenant: self.tenant.clone(),
+            quota: None,
+        }
+    }
+}
+
 /// Checks a request against `config`, field by field in a fixed order (job id, MCP servers,
 /// workers, lifetime, metadata); the error names the first field that is wrong and says what
 /// is allowed. Nothing here depends on what the pool holds: that is pricing and placement.

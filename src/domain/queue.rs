@@ -683,23 +683,7 @@ impl State {
                 (s, msg)
             }
         };
-        Rejection {
-            allocation_id: id,
-            job_id: req.job_id.clone(),
-            priority: req.priority,
-            ttl_seconds: valid.ttl_seconds,
-            workers: req.workers,
-            mcp_servers: req.mcp_servers.clone(),
-            reason: s.reason,
-            needed: s.needed,
-            available: s.available,
-            error,
-            metadata: valid.metadata.clone(),
-            idempotency_key: req.idempotency_key.as_deref().map(Arc::from),
-            max_lifetime_seconds: req.max_lifetime_seconds,
-            tenant: valid.tenant.clone(),
-            quota: None,
-        }
+        valid.rejection(id, s.reason, s.needed, s.available, error)
     }
 }
 

@@ -477,23 +477,7 @@ impl State {
         let until = now.saturating_add((valid.ttl_seconds as i64).saturating_mul(MICROS_PER_SECOND));
         let req = valid.request;
         let (breach, error) = self.reserved_breach(&req.job_id, valid.tenant.as_deref(), cost, now, until)?;
-        Some(Rejection {
-            allocation_id: id,
-            job_id: req.job_id.clone(),
-            priority: req.priority,
-            ttl_seconds: valid.ttl_seconds,
-            workers: req.workers,
-            mcp_servers: req.mcp_servers.clone(),
-            reason: RejectReason::Reserved,
-            needed: breach.needed,
-            available: breach.available,
-            error,
-            metadata: valid.metadata.clone(),
-            idempotency_key: req.idempotency_key.as_deref().map(std::sync::Arc::from),
-            max_lifetime_seconds: req.max_lifetime_seconds,
-            tenant: valid.tenant.clone(),
-            quota: None,
-        })
+        Some(valid.rejection(id, RejectReason::Reserved, breach.needed, breach.available, error))
     }
 
     /// The reservation rule for a renewal of `a` to `deadline_us` at `now`: an error naming
