@@ -138,12 +138,15 @@ fn a_blocking_retry_of_a_waiting_request_waits_for_the_same_one() {
     let a = grant(&l, "a", 10, 3600);
     let req = ResourceRequest::new("w").workers(3).idempotency_key("kw").wait(Some(600));
     let p = admit(&l, &req);
+    // A retry that may not block is answered by the waiting request, which stays the only one.
+    assert_eq!(admit(&l, &req).allocation_id, p.allocation_id);
+    assert_eq!(l.list_allocations(Some(AllocationState::Pending), None).unwrap().len(), 1, "not queued twice");
+    // A blocking retry waits for that same request, whether it starts before the release
+    // or after it.
     let retry = {
         let (l, req) = (l.clone(), req.clone());
         std::thread::spawn(move || l.request_resources(&req).unwrap())
     };
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    assert_eq!(l.list_allocations(Some(AllocationState::Pending), None).unwrap().len(), 1, "not queued twice");
     l.release_resources(&a).unwrap();
     let o = retry.join().unwrap();
     assert_eq!(o.allocation_id(), p.allocation_id);
