@@ -12,7 +12,7 @@ use crate::domain::event::{Grant, RejectReason, Rejection};
 use crate::domain::model::{AllocationId, Metadata, Priority};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Longest idempotency key, in bytes.
@@ -21,6 +21,9 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 /// Checks a key from outside: 1 to 128 bytes of printable characters (no control characters,
 /// no leading or trailing space).
 pub fn validate_idempotency_key(field: &str, key: &str) -> Result<()> {
+    if is_plain_ascii_key(key.as_bytes()) {
+        return Ok(());
+    }
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(Error::invalid(
             field,
@@ -34,6 +37,14 @@ pub fn validate_idempotency_key(field: &str, key: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The usual key (a UUID, a job name and an attempt): 1 to 128 bytes of printable ASCII, not
+/// starting or ending with a space (ASCII's only printable whitespace). Checked without an early
+/// exit, so that it vectorises: it runs twice per keyed request under the state lock.
+fn is_plain_ascii_key(b: &[u8]) -> bool {
+    let printable = b.iter().fold(true, |ok, &c| ok & (c.wrapping_sub(0x20) < 0x5f));
+    printable && (1..=MAX_IDEMPOTENCY_KEY_BYTES).contains(&b.len()) && b[0] != b' ' && b[b.len() - 1] != b' '
 }
 
 /// Whether `s` holds a control character (Unicode `Cc`: U+0000..=U+001F, U+007F..=U+009F), by
@@ -211,6 +222,9 @@ pub struct KeyRecord {
 #[derive(Debug, Clone)]
 struct Slot {
     key: Arc<str>,
+    /// The key's hash in the table's index (kept, so that growing the index and forgetting
+    /// the key never read the key's bytes again).
+    hash: u64,
     ts_us: Micros,
     seq: u64,
     allocation_id: AllocationId,
@@ -234,20 +248,126 @@ impl Slot {
     }
 }
 
-/// The keys decided within the window, oldest first: the entries live in a queue in log order
-/// (so a snapshot copies them with one linear pass, no hashing) and a hash index maps each key
-/// to its entry's position. About 150 bytes a key plus its length (docs/benchmarks.md measures
-/// it).
+/// An index entry: a key's hash and the absolute position of its current slot.
+#[derive(Debug, Clone, Copy)]
+struct Indexed {
+    hash: u64,
+    position: u64,
+}
+
+/// Slots per chunk of the age queue: 64 KiB of slots, so that a snapshot shares the queue by
+/// copying one pointer per 1024 keys, and a write after it copies at most one chunk.
+const CHUNK_SLOTS: usize = 1024;
+
+/// The age queue: slots in log order, in chunks of [`CHUNK_SLOTS`] shared by reference
+/// counting. Every chunk but the last is full; the oldest `front` slots of the first chunk have
+/// left the window already.
 #[derive(Debug, Clone, Default)]
+struct AgeQueue {
+    chunks: VecDeque<Arc<Vec<Slot>>>,
+    front: usize,
+    len: usize,
+}
+
+impl AgeQueue {
+    fn get(&self, index: usize) -> Option<&Slot> {
+        if index >= self.len {
+            return None;
+        }
+        let at = self.front + index;
+        self.chunks.get(at / CHUNK_SLOTS)?.get(at % CHUNK_SLOTS)
+    }
+
+    /// The slot at `index`, copying its chunk first if a snapshot still shares it.
+    fn get_mut(&mut self, index: usize) -> Option<&mut Slot> {
+        if index >= self.len {
+            return None;
+        }
+        let at = self.front + index;
+        Arc::make_mut(self.chunks.get_mut(at / CHUNK_SLOTS)?).get_mut(at % CHUNK_SLOTS)
+    }
+
+    fn front(&self) -> Option<&Slot> {
+        self.get(0)
+    }
+
+    fn back(&self) -> Option<&Slot> {
+        self.len.checked_sub(1).and_then(|i| self.get(i))
+    }
+
+    fn push_back(&mut self, slot: Slot) {
+        match self.chunks.back_mut() {
+            Some(last) if last.len() < CHUNK_SLOTS => Arc::make_mut(last).push(slot),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK_SLOTS);
+                chunk.push(slot);
+                self.chunks.push_back(Arc::new(chunk));
+            }
+        }
+        self.len += 1;
+    }
+
+    /// Drops the oldest slot (its chunk, once all of its slots have left): its hash and
+    /// whether it was current.
+    fn pop_front(&mut self) -> Option<(u64, bool)> {
+        let slot = self.front().map(|s| (s.hash, s.current))?;
+        self.front += 1;
+        self.len -= 1;
+        if self.front == CHUNK_SLOTS || self.len == 0 {
+            self.chunks.pop_front();
+            self.front = 0;
+        }
+        debug_assert_eq!(self.len == 0, self.chunks.is_empty());
+        Some(slot)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.chunks.iter().flat_map(|c| c.iter()).skip(self.front)
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.chunks.capacity() * size_of::<Arc<Vec<Slot>>>()
+            + self.chunks.iter().map(|c| c.capacity() * size_of::<Slot>() + 2 * size_of::<usize>()).sum::<usize>()
+    }
+}
+
+/// The keys of a [`KeyTable`] as a snapshot takes them under the ledger's lock: the age queue
+/// shared chunk by chunk, read into records later, outside the lock.
+#[derive(Debug, Clone)]
+pub struct SharedKeys(AgeQueue);
+
+impl SharedKeys {
+    /// Every remembered key, oldest first.
+    pub fn records(&self) -> Vec<KeyRecord> {
+        let mut out = Vec::with_capacity(self.0.len);
+        out.extend(self.0.iter().filter(|s| s.current).map(Slot::record));
+        out
+    }
+}
+
+/// The keys decided within the window, oldest first: the entries live in a queue in log order
+/// (so a snapshot shares them chunk by chunk, and copies them with one linear pass, no
+/// hashing, outside the ledger's lock) and a hash index maps each key to its entry's position.
+/// The index holds only hashes and positions, not the keys: a keyed grant (under the state
+/// lock) adds one index entry of 16 bytes and touches no reference count, and the index grows
+/// without reading a key. About 150 bytes a key plus its length (docs/benchmarks.md measures
+/// it).
+#[derive(Clone, Default)]
 pub struct KeyTable {
-    /// Key to the absolute position of its current slot (`first_position` + index in `by_age`).
-    /// foldhash, seeded per process: keys come from outside, and SipHash was a tenth of a
-    /// keyed grant's cost under the state lock.
-    by_key: HashMap<Arc<str>, u64, foldhash::quality::RandomState>,
+    /// Current slots by key. foldhash, seeded per process: keys come from outside, and SipHash
+    /// was a tenth of a keyed grant's cost under the state lock.
+    by_key: hashbrown::HashTable<Indexed>,
+    hasher: foldhash::quality::RandomState,
     /// In log order, so the oldest leave first.
-    by_age: VecDeque<Slot>,
-    /// The absolute position of `by_age[0]`.
+    by_age: AgeQueue,
+    /// The absolute position of `by_age`'s first slot.
     first_position: u64,
+}
+
+impl std::fmt::Debug for KeyTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyTable").field("keys", &self.len()).field("queued", &self.by_age.len).finish()
+    }
 }
 
 impl PartialEq for KeyTable {
@@ -266,21 +386,39 @@ impl KeyTable {
         self.by_key.len()
     }
 
-    /// Heap bytes the table holds: both indexes at their capacity (a hash table slot also has
-    /// a control byte) and each key's shared string (two counters and the bytes, rounded up
-    /// to 8 as allocators do).
+    /// Heap bytes the table holds: the index at its capacity (a hash table slot also has a
+    /// control byte), the age queue's chunks and each key's shared string (two counters and
+    /// the bytes, rounded up to 8 as allocators do).
     pub fn heap_bytes(&self) -> usize {
-        let map = self.by_key.capacity() * (size_of::<(Arc<str>, u64)>() + 1);
-        let queue = self.by_age.capacity() * size_of::<Slot>();
-        let keys: usize = self.by_key.keys().map(|k| (2 * size_of::<usize>() + k.len()).next_multiple_of(8)).sum();
-        map + queue + keys
+        let index = self.by_key.capacity() * (size_of::<Indexed>() + 1);
+        let keys: usize = self
+            .by_age
+            .iter()
+            .filter(|s| s.current)
+            .map(|s| (2 * size_of::<usize>() + s.key.len()).next_multiple_of(8))
+            .sum();
+        index + self.by_age.heap_bytes() + keys
+    }
+
+    fn hash_of(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    /// The index in `by_age` of absolute position `position` (past the end if it left).
+    fn index_of(first_position: u64, position: u64) -> usize {
+        usize::try_from(position.wrapping_sub(first_position)).unwrap_or(usize::MAX)
     }
 
     /// The current slot of `key`.
     fn slot(&self, key: &str) -> Option<&Slot> {
-        let position = *self.by_key.get(key)?;
-        let slot = self.by_age.get(usize::try_from(position - self.first_position).ok()?);
-        debug_assert!(slot.is_some_and(|s| s.current && *s.key == *key), "the index points at the key's slot");
+        let hash = self.hash_of(key);
+        let (by_age, first) = (&self.by_age, self.first_position);
+        let found = self.by_key.find(hash, |e| {
+            e.hash == hash && by_age.get(Self::index_of(first, e.position)).is_some_and(|s| *s.key == *key)
+        })?;
+        let slot = by_age.get(Self::index_of(first, found.position));
+        debug_assert!(slot.is_some_and(|s| s.current), "the index points at the key's current slot");
         slot
     }
 
@@ -294,15 +432,28 @@ impl KeyTable {
     /// which only happens once the older one left the window).
     pub fn insert(&mut self, r: KeyRecord) {
         debug_assert!(self.by_age.back().is_none_or(|s| s.ts_us <= r.ts_us), "keys arrive in log order");
-        let position = self.first_position + self.by_age.len() as u64;
-        if let Some(old) = self.by_key.insert(r.key.clone(), position) {
-            let index = usize::try_from(old - self.first_position).unwrap_or(usize::MAX);
-            if let Some(slot) = self.by_age.get_mut(index) {
-                slot.current = false;
+        let position = self.first_position + self.by_age.len as u64;
+        let hash = self.hash_of(&r.key);
+        let first = self.first_position;
+        let by_age = &mut self.by_age;
+        let same_key = |e: &Indexed| {
+            e.hash == hash && by_age.get(Self::index_of(first, e.position)).is_some_and(|s| s.key == r.key)
+        };
+        match self.by_key.find_mut(hash, same_key) {
+            Some(e) => {
+                let old = Self::index_of(first, e.position);
+                e.position = position;
+                if let Some(slot) = by_age.get_mut(old) {
+                    slot.current = false;
+                }
+            }
+            None => {
+                self.by_key.insert_unique(hash, Indexed { hash, position }, |e| e.hash);
             }
         }
-        self.by_age.push_back(Slot {
+        by_age.push_back(Slot {
             key: r.key,
+            hash,
             ts_us: r.ts_us,
             seq: r.seq,
             allocation_id: r.allocation_id,
@@ -315,32 +466,42 @@ impl KeyTable {
     /// Forgets the keys decided more than `window_seconds` before `now`.
     pub fn forget_older(&mut self, now: Micros, window_seconds: u64) {
         while self.by_age.front().is_some_and(|s| outside_window(s.ts_us, now, window_seconds)) {
-            let Some(slot) = self.by_age.pop_front() else { break };
+            let Some((hash, current)) = self.by_age.pop_front() else { break };
+            let position = self.first_position;
             self.first_position += 1;
-            if slot.current {
-                self.by_key.remove(&slot.key);
+            if current {
+                // The entry naming this very position: no key comparison needed.
+                match self.by_key.find_entry(hash, |e| e.position == position) {
+                    Ok(entry) => {
+                        entry.remove();
+                    }
+                    Err(_) => debug_assert!(false, "a current slot has its index entry"),
+                }
             }
         }
     }
 
     /// Every remembered key, oldest first (for snapshots): one pass over the queue.
     pub fn records(&self) -> Vec<KeyRecord> {
-        let mut out = Vec::with_capacity(self.len());
-        out.extend(self.by_age.iter().filter(|s| s.current).map(Slot::record));
+        let out = self.shared().records();
         debug_assert_eq!(out.len(), self.len());
         out
+    }
+
+    /// The keys shared for a snapshot: a pointer per chunk (see [`SharedKeys::records`]).
+    pub fn shared(&self) -> SharedKeys {
+        SharedKeys(self.by_age.clone())
     }
 
     /// The table of `records` (oldest first, as [`KeyTable::records`] gives them).
     pub fn from_records(records: Vec<KeyRecord>) -> std::result::Result<KeyTable, String> {
         let mut t = KeyTable::default();
-        t.by_key.reserve(records.len());
-        t.by_age.reserve(records.len());
+        t.by_key.reserve(records.len(), |e| e.hash);
         for r in records {
             if t.by_age.back().is_some_and(|s| s.ts_us > r.ts_us) {
                 return Err(format!("idempotency key {:?} is out of order", r.key));
             }
-            if t.by_key.contains_key(&*r.key) {
+            if t.slot(&r.key).is_some() {
                 return Err(format!("idempotency key {:?} appears twice", r.key));
             }
             t.insert(r);
@@ -442,6 +603,67 @@ mod tests {
         assert_eq!(t.len(), 1, "b left; the stale slot of a left without removing the current a");
         assert_eq!(t.get("a", Micros::from_micros(20_000_000), 10).map(|r| r.seq), Some(3));
         assert_ne!(reloaded, t);
+    }
+
+    /// Across chunk boundaries, with a snapshot sharing the chunks while the table goes on:
+    /// the shared copy keeps what it saw, the table what it has now.
+    #[test]
+    fn a_shared_copy_is_unchanged_by_later_inserts_and_forgets() {
+        let mut t = KeyTable::default();
+        let n = 3 * CHUNK_SLOTS as u64 + 17;
+        for i in 0..n {
+            t.insert(record(&format!("k{i}"), i as i64 * 1_000_000, i + 1));
+        }
+        let shared = t.shared();
+        let before = t.records();
+        // Forget the first chunk and a half, supersede a key in a shared chunk, add more.
+        t.forget_older(Micros::from_micros((CHUNK_SLOTS as i64 * 3 / 2 + 10) * 1_000_000), 10);
+        t.insert(record("k2000", n as i64 * 1_000_000, n + 1));
+        t.insert(record("new", n as i64 * 1_000_000, n + 2));
+        assert_eq!(shared.records(), before, "the snapshot's copy did not change");
+        let now = t.records();
+        assert_eq!(now.len(), t.len());
+        assert_eq!(now.first().map(|r| r.seq), Some(CHUNK_SLOTS as u64 * 3 / 2 + 1));
+        assert_eq!(now.last().map(|r| &*r.key), Some("new"));
+        assert_eq!(now.iter().filter(|r| &*r.key == "k2000").count(), 1, "k2000's old slot is superseded");
+        let later = Micros::from_micros(n as i64 * 1_000_000);
+        assert_eq!(t.get("k2000", later, 10_000).map(|r| r.seq), Some(n + 1));
+        assert_eq!(KeyTable::from_records(now.clone()).unwrap().records(), now);
+        // Everything leaves: the queue is empty and starts again cleanly.
+        t.forget_older(Micros::from_micros(i64::MAX / 2), 10);
+        assert_eq!((t.len(), t.records().len()), (0, 0));
+        t.insert(record("again", i64::MAX / 2, n + 3));
+        assert_eq!(t.get("again", Micros::from_micros(i64::MAX / 2), 10).map(|r| r.seq), Some(n + 3));
+    }
+
+    /// The ASCII fast path agrees with the full rule on every short ASCII string around its
+    /// edges (spaces, DEL, controls, length bounds).
+    #[test]
+    fn the_ascii_fast_path_accepts_only_what_the_full_rule_accepts() {
+        let full = |k: &str| {
+            !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY_BYTES
+                && !k.chars().any(char::is_control)
+                && !k.starts_with(char::is_whitespace)
+                && !k.ends_with(char::is_whitespace)
+        };
+        let edge = [0u8, 0x1f, b' ', b'!', b'a', b'~', 0x7f];
+        for a in edge {
+            for b in edge {
+                for c in edge {
+                    for bytes in [vec![a], vec![a, b], vec![a, b, c]] {
+                        let k = std::str::from_utf8(&bytes).unwrap();
+                        if is_plain_ascii_key(k.as_bytes()) {
+                            assert!(full(k), "{k:?} passed the fast path");
+                        }
+                        assert_eq!(validate_idempotency_key("k", k).is_ok(), full(k), "{k:?}");
+                    }
+                }
+            }
+        }
+        assert!(is_plain_ascii_key("k".repeat(128).as_bytes()));
+        assert!(!is_plain_ascii_key("k".repeat(129).as_bytes()));
+        assert!(!is_plain_ascii_key(b""));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use crate::domain::clock::Micros;
 use crate::domain::config::Config;
 use crate::domain::event::{EventBody, Grant, McpGrant, Rejection, Renewal, WorkerGrant};
-use crate::domain::idempotency::{grant_fingerprint, rejection_fingerprint, KeyRecord, KeyTable};
+use crate::domain::idempotency::{grant_fingerprint, rejection_fingerprint, KeyRecord, KeyTable, SharedKeys};
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::domain::quota::{TenantUse, NO_TENANT};
 use serde::{Deserialize, Serialize};
@@ -1036,6 +1036,15 @@ impl State {
     /// allocations in `StateData`, and the allocations shared, in no order (see
     /// `sort_for_snapshot`).
     pub fn snapshot_parts(&self) -> (StateData, Vec<Arc<Allocation>>) {
+        let (mut data, shared, keys) = self.snapshot_parts_shared();
+        data.idempotency_keys = keys.records();
+        (data, shared)
+    }
+
+    /// [`State::snapshot_parts`] with the idempotency keys left out of the data and shared
+    /// instead (a pointer per chunk): the ledger reads them into the data outside its lock, a
+    /// busy window's keys being as many as its allocations.
+    pub fn snapshot_parts_shared(&self) -> (StateData, Vec<Arc<Allocation>>, SharedKeys) {
         let shared: Vec<Arc<Allocation>> = self.allocations.values().cloned().collect();
         let data = StateData {
             ledger_id: self.ledger_id.clone(),
@@ -1047,12 +1056,12 @@ impl State {
             evicted: self.evicted,
             assigned_mcp_endpoints: self.assigned_mcp_endpoints.clone(),
             assigned_mcp_count: self.assigned_mcp_count,
-            idempotency_keys: self.keys.records(),
+            idempotency_keys: Vec::new(),
             reservations: self.reservations.list(),
             queue: self.queue.entries(),
             preemptions: self.preemptions.values().cloned().collect(),
         };
-        (data, shared)
+        (data, shared, self.keys.shared())
     }
 
     /// Rebuilds every index from snapshot data and checks the invariants.

@@ -78,19 +78,22 @@ impl Ledger {
         let started = std::time::Instant::now();
         // Under the lock only the references are copied; sorting and encoding happen outside
         // it while writers go on (an allocation they end is copied then, not shared).
-        let (data, mut shared, position) = {
+        let (data, mut shared, keys, position) = {
             let mut core = self.writable_core()?;
             core.since_snapshot = 0;
             core.log_bytes_since_snapshot = 0;
             self.shared.snapshots.due.store(false, Ordering::Relaxed);
-            let (data, shared) = core.state.snapshot_parts();
+            let (data, shared, keys) = core.state.snapshot_parts_shared();
             let position = core
                 .wal
                 .as_ref()
                 .and_then(super::super::log::wal::WalWriter::last_record)
                 .filter(|p| p.seq == data.last_seq);
-            (data, shared, position)
+            (data, shared, keys, position)
         };
+        let mut data = data;
+        data.idempotency_keys = keys.records();
+        drop(keys);
         crate::domain::state::sort_for_snapshot(&mut shared);
         let bytes = snapshot::encode_parts_cached(&data, &shared, position, &mut cache);
         drop(shared);
