@@ -201,8 +201,11 @@ fn stamp(
             *chain = chain::chain_next(chain, header.seq, payload);
             link.copy_from_slice(chain.as_bytes());
         }
-        let plain_len = len_field(payload.len(), 0);
-        last_crc = Some((header.seq, checksum_framed(plain_len, header.seq, link, payload)));
+        if next.is_empty() {
+            // Only the last record's lag-0 checksum is asked for (a snapshot names the record it
+            // follows by it), not a second CRC of every record of the batch.
+            last_crc = Some((header.seq, checksum_framed(len_field(payload.len(), 0), header.seq, link, payload)));
+        }
         header.len_field = len_field(payload.len(), durable_seq.map_or(0, |d| header.seq.saturating_sub(d)));
         header.crc = checksum_framed(header.len_field, header.seq, link, payload);
         *raw = header.encode();
