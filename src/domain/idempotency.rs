@@ -331,7 +331,7 @@ impl AgeQueue {
     }
 }
 
-/// The keys of a [`KeyTable`] as a snapshot takes them under the ledger's lock: the age queue
+/// The idempotency keys as a snapshot takes them under the ledger's lock: the age queue
 /// shared chunk by chunk, read into records later, outside the lock.
 #[derive(Debug, Clone)]
 pub struct SharedKeys(AgeQueue);
