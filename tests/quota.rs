@@ -180,9 +180,29 @@ proptest! {
                 Op::Release(_) => {}
                 Op::Advance(s) => clock.advance_seconds(s),
                 Op::Requota { t0, default } => {
-                    let before = ledger.get_capacity().unwrap().allocated_workers;
+                    // Nothing active before ends by the change, but by its deadline: the
+                    // reconfigure's write expires what is due at its own timestamp, which may be
+                    // a microsecond past the clock the read before it saw.
+                    let active = |l: &Ledger| {
+                        l.with_state(|s| {
+                            s.allocations()
+                                .filter(|a| a.state == allocation_ledger::AllocationState::Active)
+                                .map(|a| a.id)
+                                .collect::<Vec<_>>()
+                        })
+                    };
+                    let before = active(&ledger);
                     ledger.reconfigure(quotas(t0, default)).unwrap();
-                    prop_assert_eq!(ledger.get_capacity().unwrap().allocated_workers, before, "a quota change revoked");
+                    let after = active(&ledger);
+                    for id in before.iter().filter(|id| !after.contains(id)) {
+                        let state = ledger.with_state(|s| s.allocation(*id).map(|a| a.state));
+                        prop_assert_eq!(
+                            state,
+                            Some(allocation_ledger::AllocationState::Expired),
+                            "a quota change ended {}",
+                            id
+                        );
+                    }
                 }
                 Op::Reopen => {
                     drop(ledger);
