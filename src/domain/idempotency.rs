@@ -414,9 +414,7 @@ impl KeyTable {
     fn slot(&self, key: &str) -> Option<&Slot> {
         let hash = self.hash_of(key);
         let (by_age, first) = (&self.by_age, self.first_position);
-        let found = self.by_key.find(hash, |e| {
-            e.hash == hash && by_age.get(Self::index_of(first, e.position)).is_some_and(|s| *s.key == *key)
-        })?;
+        let found = self.by_key.find(hash, |e| names_key(by_age, first, e, hash, key))?;
         let slot = by_age.get(Self::index_of(first, found.position));
         debug_assert!(slot.is_some_and(|s| s.current), "the index points at the key's current slot");
         slot
@@ -436,10 +434,7 @@ impl KeyTable {
         let hash = self.hash_of(&r.key);
         let first = self.first_position;
         let by_age = &mut self.by_age;
-        let same_key = |e: &Indexed| {
-            e.hash == hash && by_age.get(Self::index_of(first, e.position)).is_some_and(|s| s.key == r.key)
-        };
-        match self.by_key.find_mut(hash, same_key) {
+        match self.by_key.find_mut(hash, |e| names_key(by_age, first, e, hash, &r.key)) {
             Some(e) => {
                 let old = Self::index_of(first, e.position);
                 e.position = position;
@@ -508,6 +503,12 @@ impl KeyTable {
         }
         Ok(t)
     }
+}
+
+/// Whether index entry `e` is `key`'s (its hash is `hash`), the age queue starting at
+/// absolute position `first`: the hashes first, the key's bytes only when they agree.
+fn names_key(by_age: &AgeQueue, first: u64, e: &Indexed, hash: u64, key: &str) -> bool {
+    e.hash == hash && by_age.get(KeyTable::index_of(first, e.position)).is_some_and(|s| *s.key == *key)
 }
 
 /// Whether an entry recorded at `ts_us` is older than the window at `now`.
