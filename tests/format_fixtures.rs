@@ -20,15 +20,17 @@
 //!   a reservation.
 //! - `v7`: segments v4, events of schema 4 (preemption: `preempting`, `preempted`, a
 //!   `preemptible: false` grant), a v6 snapshot taken mid-grace.
+//! - `v8`: segments v4, events of schema 4, a v7 snapshot (key records start with their flags;
+//!   a canonical UUID key is stored as its 16 bytes) holding keys of both kinds.
 //!
 //! Add a fixture when a format version is released; never regenerate an old one. The newest is
-//! written by `REGENERATE_FIXTURES=v7 cargo test --test format_fixtures` (the value names the
+//! written by `REGENERATE_FIXTURES=v8 cargo test --test format_fixtures` (the value names the
 //! fixture, so an older one is never rewritten by accident).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // a test or benchmark: a failure should panic, and a scenario reads best in one piece
 
 use allocation_ledger::storage::FsStorage;
 use allocation_ledger::{
-    AllocationState, Config, EventBody, Ledger, ManualClock, OpenOptions, Priority, ResourceRequest,
+    AllocationState, Config, EventBody, Ledger, ManualClock, OpenOptions, Priority, RequestOutcome, ResourceRequest,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -565,6 +567,108 @@ fn v7_fixture_opens_and_reads_the_same() {
     assert_eq!(rw.recovery_report().snapshot_seq, None);
     assert_eq!(rw.with_state(std::clone::Clone::clone), with_snapshot);
     assert_eq!(ro.with_state(std::clone::Clone::clone), with_snapshot);
+    // Appends continue the fixture.
+    assert!(rw.request_resources(&ResourceRequest::new("after").workers(1)).unwrap().is_granted());
+}
+
+/// The keys of the `v8` fixture's requests: canonical UUIDs (stored as bytes in a v7 snapshot),
+/// an upper-case UUID and a plain key (stored as text).
+fn v8_keys() -> [String; 5] {
+    [
+        "0192f0c4-7b1e-7cc3-9a41-5d2e8f6b3a10".into(),
+        "b5e2a7d1-3c4f-4e8a-9f01-23456789abcd".into(),
+        "B5E2A7D1-3C4F-4E8A-9F01-23456789ABCD".into(),
+        "retry-token-42".into(),
+        "00000000-0000-0000-0000-000000000000".into(),
+    ]
+}
+
+/// The v8 fixture: a v7 snapshot holding idempotency keys of both encodings (granted and
+/// rejected), taken after some of their allocations ended, and a tail after it.
+fn regenerate_v8(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    let clock = ManualClock::at_default_epoch();
+    let config = Config { segment_size_bytes: 4096, ..Config::default() };
+    let opts = OpenOptions::default().config(config).clock(Arc::new(clock.clone()));
+    let ledger = Ledger::open_with(dir, opts).unwrap();
+    let keys = v8_keys();
+    let mut granted = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        clock.advance_seconds(3);
+        let workers = if i == 4 { 5 } else { 2 };
+        let o = ledger.request_resources(&v8_request(i, workers).idempotency_key(key.clone())).unwrap();
+        assert_eq!(o.is_granted(), i != 4, "{key}");
+        granted.push(o.allocation_id());
+    }
+    ledger.release_resources(&granted[1].to_string()).unwrap();
+    ledger.snapshot().unwrap();
+    for i in 0..10 {
+        clock.advance_seconds(5);
+        let o = ledger.request_resources(&ResourceRequest::new(format!("v8-e{i}")).workers(1)).unwrap();
+        ledger.release_resources(&o.allocation_id().to_string()).unwrap();
+    }
+    drop(ledger);
+    let _ = std::fs::remove_file(dir.join("LOCK"));
+}
+
+fn v8_request(i: usize, workers: u32) -> ResourceRequest {
+    ResourceRequest::new(format!("v8-{i}")).workers(workers).mcp_server("github")
+}
+
+#[test]
+fn v8_fixture_opens_and_reads_the_same() {
+    let fixture = fixture_dir("v8");
+    if std::env::var_os("REGENERATE_FIXTURES").is_some_and(|v| v == "v8") {
+        regenerate_v8(&fixture);
+    }
+    let snaps = std::fs::read_dir(fixture.join("snapshots")).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();
+    assert_eq!(snaps.len(), 1);
+    let snap = std::fs::read(&snaps[0]).unwrap();
+    assert_eq!(snap[8..12], 7u32.to_le_bytes(), "a v7 snapshot");
+    // The canonical UUIDs are in it as bytes, not as text; the others as text.
+    let keys = v8_keys();
+    let contains = |needle: &[u8]| snap.windows(needle.len()).any(|w| w == needle);
+    for key in [&keys[0], &keys[1], &keys[4]] {
+        assert!(contains(uuid::Uuid::parse_str(key).unwrap().as_bytes()) && !contains(key.as_bytes()), "{key}");
+    }
+    assert!(contains(keys[2].as_bytes()) && contains(keys[3].as_bytes()));
+
+    let ro = Ledger::open_with(
+        &fixture,
+        OpenOptions { storage: Arc::new(FsStorage::default()), ..OpenOptions::read_only() },
+    )
+    .unwrap();
+    // Read-write on a copy: the snapshot plus the tail equals a full replay.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("v8");
+    copy_dir(&fixture, &copy);
+    // A clock within the keys' window (the fixture was written from the default epoch on).
+    let clock = ManualClock::at_default_epoch();
+    clock.advance_seconds(600);
+    let opts = || OpenOptions::default().clock(Arc::new(clock.clone()));
+    let rw = Ledger::open_with(&copy, opts()).unwrap();
+    assert!(rw.recovery_report().snapshot_seq.is_some(), "the v7 snapshot is used");
+    let with_snapshot = rw.with_state(std::clone::Clone::clone);
+    assert_eq!(with_snapshot.idempotency_key_count(), 5);
+    assert_eq!(ro.with_state(std::clone::Clone::clone), with_snapshot);
+    // Every key read from the snapshot answers its retry as decided, without writing.
+    let events_before = rw.events(1, usize::MAX).unwrap().len();
+    for (i, key) in keys.iter().enumerate() {
+        let workers = if i == 4 { 5 } else { 2 };
+        let again = rw.request_resources(&v8_request(i, workers).idempotency_key(key.clone())).unwrap();
+        assert_eq!(again.is_granted(), i != 4, "{key}");
+        let first = ro.list_allocations(None, Some(&format!("v8-{i}"))).unwrap();
+        assert_eq!(again.allocation_id(), first[0].allocation_id, "{key}");
+        assert!(matches!(&again, RequestOutcome::Granted(g) if g.replayed) || i == 4, "{key}: {again:?}");
+    }
+    assert_eq!(rw.events(1, usize::MAX).unwrap().len(), events_before, "retries write nothing");
+    drop(rw);
+    std::fs::remove_dir_all(copy.join("snapshots")).unwrap();
+    let rw = Ledger::open_with(&copy, opts()).unwrap();
+    assert_eq!(rw.recovery_report().snapshot_seq, None);
+    assert_eq!(rw.with_state(std::clone::Clone::clone), with_snapshot);
+    let again = rw.request_resources(&v8_request(0, 2).idempotency_key(keys[0].clone())).unwrap();
+    assert_eq!(again.allocation_id(), ro.list_allocations(None, Some("v8-0")).unwrap()[0].allocation_id);
     // Appends continue the fixture.
     assert!(rw.request_resources(&ResourceRequest::new("after").workers(1)).unwrap().is_granted());
 }

@@ -47,6 +47,10 @@ fn busy_ledger(dir: &Path, clock: &ManualClock) -> Ledger {
             // Version 4: idempotency keys and lifetime bounds.
             req = req.idempotency_key(format!("key-{i}")).max_lifetime_seconds(3600);
         }
+        if i % 7 == 1 {
+            // Version 7: a canonical UUID key is stored as its bytes.
+            req = req.idempotency_key(uuid::Uuid::from_u128(u128::from(i) << 64 | 0x4000).to_string());
+        }
         let o = ledger.request_resources(&req).unwrap();
         held.push(o.allocation_id());
         if i % 7 == 3 {
@@ -87,9 +91,9 @@ fn every_kind_of_allocation_round_trips_in_the_current_version_and_v2() {
 
     let data = state.to_data();
     let position = LogPosition { segment_first_seq: 1, offset: 32, seq: data.last_seq, record_crc: None, chain: None };
-    // The binary form (v6 now; v3 to v5 files share its decoder and are read by the fixtures' test).
+    // The binary form (v7 now; v3 to v6 files share its decoder and are read by the fixtures' test).
     let v3 = encode_with_position(&data, Some(position));
-    assert_eq!(&v3[8..12], &6u32.to_le_bytes());
+    assert_eq!(&v3[8..12], &7u32.to_le_bytes());
     let (back, pos) = decode_with_position(&v3, data.last_seq).unwrap();
     assert_eq!(back, state);
     assert_eq!(pos, Some(position));

@@ -218,6 +218,37 @@ pub struct KeyRecord {
     pub fingerprint: u64,
 }
 
+impl KeyRecord {
+    /// The record, borrowed.
+    pub fn view(&self) -> KeyView<'_> {
+        KeyView {
+            key: &self.key,
+            ts_us: self.ts_us,
+            seq: self.seq,
+            allocation_id: self.allocation_id,
+            rejected: self.rejected,
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
+/// A remembered key, borrowed from the table or a [`KeyRecord`]: what a snapshot encodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyView<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// When the deciding event was recorded.
+    pub ts_us: Micros,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The allocation it created (granted or failed).
+    pub allocation_id: AllocationId,
+    /// Why it was rejected; `None`: it was granted.
+    pub rejected: Option<RejectReason>,
+    /// The request's fingerprint.
+    pub fingerprint: u64,
+}
+
 /// One decided key, in the age queue.
 #[derive(Debug, Clone)]
 struct Slot {
@@ -239,6 +270,17 @@ impl Slot {
     fn record(&self) -> KeyRecord {
         KeyRecord {
             key: self.key.clone(),
+            ts_us: self.ts_us,
+            seq: self.seq,
+            allocation_id: self.allocation_id,
+            rejected: self.rejected,
+            fingerprint: self.fingerprint,
+        }
+    }
+
+    fn view(&self) -> KeyView<'_> {
+        KeyView {
+            key: &self.key,
             ts_us: self.ts_us,
             seq: self.seq,
             allocation_id: self.allocation_id,
@@ -342,6 +384,12 @@ impl SharedKeys {
         let mut out = Vec::with_capacity(self.0.len);
         out.extend(self.0.iter().filter(|s| s.current).map(Slot::record));
         out
+    }
+
+    /// Every remembered key, oldest first, borrowed: a snapshot encodes them from here without
+    /// copying a record or touching a key's reference count.
+    pub fn views(&self) -> impl Iterator<Item = KeyView<'_>> {
+        self.0.iter().filter(|s| s.current).map(Slot::view)
     }
 }
 

@@ -91,12 +91,9 @@ impl Ledger {
                 .filter(|p| p.seq == data.last_seq);
             (data, shared, keys, position)
         };
-        let mut data = data;
-        data.idempotency_keys = keys.records();
-        drop(keys);
         crate::domain::state::sort_for_snapshot(&mut shared);
-        let bytes = snapshot::encode_parts_cached(&data, &shared, position, &mut cache);
-        drop(shared);
+        let bytes = snapshot::encode_parts_cached(&data, &shared, keys.views(), position, &mut cache);
+        drop((shared, keys));
         lock(&self.shared.core).last_snapshot_bytes = bytes.len() as u64;
         // A snapshot must never be ahead of the durable log.
         self.wait_durable(data.last_seq)?;
@@ -148,6 +145,12 @@ mod tests {
                     .workers(i % 3)
                     .mcp_server("github")
                     .ttl_seconds(60 + 30 * u64::from(i));
+                // Keys of both encodings: canonical UUIDs and others.
+                let req = match i % 3 {
+                    0 => req,
+                    1 => req.idempotency_key(uuid::Uuid::new_v4().to_string()),
+                    _ => req.idempotency_key(format!("key-{round}-{i}")),
+                };
                 held.push(ledger.request_resources(&req).unwrap().allocation_id());
             }
             for _ in 0..3 {
@@ -157,10 +160,12 @@ mod tests {
             clock.advance_seconds(45);
             ledger.cleanup_expired().unwrap();
             let before = cache.len();
-            let (data, mut shared) = ledger.with_state(crate::domain::state::State::snapshot_parts);
+            let (mut data, mut shared, keys) = ledger.with_state(crate::domain::state::State::snapshot_parts_shared);
             crate::domain::state::sort_for_snapshot(&mut shared);
-            let fresh = encode_parts(&data, &shared, None);
-            assert_eq!(encode_parts_cached(&data, &shared, None, &mut cache), fresh, "round {round}");
+            let cached = encode_parts_cached(&data, &shared, keys.views(), None, &mut cache);
+            data.idempotency_keys = keys.records();
+            assert!(!data.idempotency_keys.is_empty());
+            assert_eq!(cached, encode_parts(&data, &shared, None), "round {round}");
             assert_eq!(cache.len(), shared.len(), "round {round}");
             reused_some |= before > 0;
         }

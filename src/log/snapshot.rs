@@ -17,7 +17,7 @@
 
 use crate::domain::clock::Micros;
 use crate::domain::event::{McpGrant, RejectReason, WorkerGrant};
-use crate::domain::idempotency::KeyRecord;
+use crate::domain::idempotency::{KeyRecord, KeyView};
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::domain::state::{Allocation, State, StateData, StateLoader};
 use crate::log::fields;
@@ -36,7 +36,7 @@ pub const MAGIC: &[u8; 8] = b"ALLOCSNP";
 /// 5: compact key records (varint deltas; the allocation id implied by the sequence number).
 /// 6: allocations may carry `preemptible: false` and a preemption mark (two new flags), and the
 /// meta part the preemptions in grace.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// The first version with the binary payload (3 and 4 share the decoder: 4 adds flags).
 const BINARY_PAYLOAD_VERSION: u32 = 3;
 /// Oldest version this build reads.
@@ -236,12 +236,14 @@ pub fn encode_parts<A: std::borrow::Borrow<Allocation>>(
     allocations: &[A],
     position: Option<LogPosition>,
 ) -> Vec<u8> {
-    encode_with(state, allocations, position, put_allocation)
+    let keys = state.idempotency_keys.iter().map(KeyRecord::view);
+    encode_with(state, allocations, keys, position, put_allocation)
 }
 
-fn encode_with<A: std::borrow::Borrow<Allocation>>(
+fn encode_with<'k, A: std::borrow::Borrow<Allocation>>(
     state: &StateData,
     allocations: &[A],
+    keys: impl IntoIterator<Item = KeyView<'k>>,
     position: Option<LogPosition>,
     mut put: impl FnMut(&mut Vec<u8>, &Allocation),
 ) -> Vec<u8> {
@@ -273,7 +275,7 @@ fn encode_with<A: std::borrow::Borrow<Allocation>>(
     for a in allocations {
         put(&mut out, a.borrow());
     }
-    put_keys(&mut out, AllocationId::ledger_key(&state.ledger_id), &state.idempotency_keys);
+    put_keys(&mut out, AllocationId::ledger_key(&state.ledger_id), keys);
     seal(FORMAT_VERSION, state.last_seq, out)
 }
 
@@ -323,15 +325,18 @@ impl EncodingCache {
 
 /// [`encode_parts`], reusing (and then replacing) `cache`: the same bytes. `allocations` must be
 /// in snapshot order (`state::sort_for_snapshot`); the reuse depends on it, the bytes do not.
-pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
+/// The idempotency keys are `keys`, oldest first (those in `state` are ignored): a ledger
+/// encodes them from its shared table, without copying them into records first.
+pub fn encode_parts_cached<'k, A: std::borrow::Borrow<Allocation>>(
     state: &StateData,
     allocations: &[A],
+    keys: impl IntoIterator<Item = KeyView<'k>>,
     position: Option<LogPosition>,
     cache: &mut EncodingCache,
 ) -> Vec<u8> {
     let mut next = Vec::with_capacity(allocations.len());
     let mut old = std::mem::take(&mut cache.entries).into_iter().peekable();
-    let bytes = encode_with(state, allocations, position, |payload, a| {
+    let bytes = encode_with(state, allocations, keys, position, |payload, a| {
         let key = (a.created_us, a.id.as_u64());
         // Entries before this one belong to allocations that left the state.
         while old.next_if(|c| (c.created_us, c.id) < key).is_some() {}
@@ -477,7 +482,7 @@ fn decode_v3(
     }
     if version >= KEYS_VERSION {
         let keys = if version >= COMPACT_KEYS_VERSION {
-            get_keys(r, payload_len, ledger_key)
+            get_keys(r, payload_len, ledger_key, version)
         } else {
             get_keys_v4(r, payload_len)
         };
@@ -507,51 +512,106 @@ const MIN_KEY_BYTES_V4: usize = STR_LEN_BYTES + 8 + 8 + 8 + 1 + 8;
 /// The fewest bytes a version 5 key record takes (an empty key, one-byte deltas, the implied
 /// allocation id).
 const MIN_KEY_BYTES: usize = 1 + 1 + 1 + 1 + 8;
+/// The first version whose key records start with their flags and store a key that is a
+/// canonical UUID as its 16 bytes.
+const UUID_KEYS_VERSION: u32 = 7;
 /// Set in a version 5 key record's flags when the allocation id is the one its sequence
 /// number gives (`AllocationId::for_seq`), which is every id this build decides; the id is
 /// then not stored.
 const KEY_ID_FROM_SEQ: u8 = 0x80;
-/// The bits of a key record's flags that hold its rejection code.
-const KEY_REJECT_MASK: u8 = 0x7f;
+/// Set in a version 7 key record's flags when the key is a canonical UUID (36 characters:
+/// lowercase hex digits, hyphens after the 8th, 12th, 16th and 20th) stored as its 16 bytes:
+/// the key clients most often send, in 17 bytes instead of 37.
+const KEY_IS_UUID: u8 = 0x40;
+/// The bits of a key record's flags that hold its rejection code: 7 bits in versions 5 and 6,
+/// 6 from version 7 on.
+const KEY_REJECT_MASK_V5: u8 = 0x7f;
+const KEY_REJECT_MASK: u8 = 0x3f;
 const _: () = assert!(REJECT_CODES.len() < KEY_REJECT_MASK as usize);
+const _: () = assert!(KEY_IS_UUID & KEY_REJECT_MASK == 0 && KEY_IS_UUID & KEY_ID_FROM_SEQ == 0);
 
-/// The idempotency keys (version 5), oldest first: `count u64`, then each
-/// `key_len varint | key | ts_delta varint (zigzag, from the previous key's, the first from 0) |
-/// seq_delta varint (zigzag, the same way) | flags u8 | [allocation_id u64] | fingerprint u64`.
-/// `flags` holds the rejection code (0 granted, else 1 + reason code) and [`KEY_ID_FROM_SEQ`].
-/// Binary, not in the JSON meta, and compact: a busy window holds hundreds of thousands of
-/// keys, which every snapshot copies (a 38-byte key takes about 52 bytes, not 77 as in 4).
-fn put_keys(out: &mut Vec<u8>, ledger_key: u64, keys: &[KeyRecord]) {
-    out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+/// The idempotency keys (version 7), oldest first: `count u64`, then each
+/// `flags u8 | key | ts_delta varint (zigzag, from the previous key's, the first from 0) |
+/// seq_delta varint (zigzag, the same way) | [allocation_id u64] | fingerprint u64`, where `key`
+/// is the 16 bytes of a canonical UUID when `flags` has [`KEY_IS_UUID`], else `key_len varint |
+/// key`. `flags` holds the rejection code (0 granted, else 1 + reason code),
+/// [`KEY_ID_FROM_SEQ`] and [`KEY_IS_UUID`]. Binary, not in the JSON meta, and compact: a busy
+/// window holds hundreds of thousands of keys, which every snapshot copies (a UUID key takes
+/// about 30 bytes, other 38-byte keys about 52, against 77 in version 4). The count is written
+/// last, where room was left for it, so the keys are read once, straight from the table.
+fn put_keys<'k>(out: &mut Vec<u8>, ledger_key: u64, keys: impl IntoIterator<Item = KeyView<'k>>) {
+    let count_at = out.len();
+    out.extend_from_slice(&0u64.to_le_bytes());
+    let mut count = 0u64;
     let (mut ts_before, mut seq_before) = (0i64, 0u64);
     for k in keys {
-        put_varint(out, k.key.len() as u64);
-        out.extend_from_slice(k.key.as_bytes());
+        let code = k.rejected.and_then(|r| REJECT_CODES.iter().position(|c| *c == r)).map_or(0, |i| i as u8 + 1);
+        let implied = k.seq <= AllocationId::MAX && AllocationId::for_seq(ledger_key, k.seq) == k.allocation_id;
+        let uuid = canonical_uuid(k.key);
+        out.push(code | if implied { KEY_ID_FROM_SEQ } else { 0 } | if uuid.is_some() { KEY_IS_UUID } else { 0 });
+        if let Some(bytes) = uuid {
+            out.extend_from_slice(&bytes);
+        } else {
+            put_varint(out, k.key.len() as u64);
+            out.extend_from_slice(k.key.as_bytes());
+        }
         put_varint(out, zigzag(k.ts_us.as_micros().wrapping_sub(ts_before)));
         put_varint(out, zigzag(k.seq.wrapping_sub(seq_before) as i64));
         (ts_before, seq_before) = (k.ts_us.as_micros(), k.seq);
-        let code = k.rejected.and_then(|r| REJECT_CODES.iter().position(|c| *c == r)).map_or(0, |i| i as u8 + 1);
-        let implied = k.seq <= AllocationId::MAX && AllocationId::for_seq(ledger_key, k.seq) == k.allocation_id;
-        out.push(code | if implied { KEY_ID_FROM_SEQ } else { 0 });
         if !implied {
             out.extend_from_slice(&k.allocation_id.as_u64().to_le_bytes());
         }
         out.extend_from_slice(&k.fingerprint.to_le_bytes());
+        count += 1;
     }
+    out[count_at..count_at + 8].copy_from_slice(&count.to_le_bytes());
 }
 
-fn get_keys(r: &mut impl Source, payload_len: usize, ledger_key: u64) -> Result<Vec<KeyRecord>, String> {
+/// The 16 bytes of `key` if it is a UUID in canonical form (lowercase, hyphenated), which
+/// [`uuid_key`] gives back exactly; `None` for anything else (uppercase hex included).
+fn canonical_uuid(key: &str) -> Option<[u8; 16]> {
+    // uuid's parser is table-driven; of the forms it accepts only the hyphenated one has 36
+    // characters, and it accepts upper-case hex, which would not read back as written.
+    let b = key.as_bytes();
+    if b.len() != uuid::fmt::Hyphenated::LENGTH || b.iter().any(u8::is_ascii_uppercase) {
+        return None;
+    }
+    uuid::Uuid::try_parse_ascii(b).ok().map(uuid::Uuid::into_bytes)
+}
+
+/// The canonical form of the UUID whose bytes are `bytes`.
+fn uuid_key(bytes: [u8; 16]) -> std::sync::Arc<str> {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    (&*uuid::Uuid::from_bytes(bytes).hyphenated().encode_lower(&mut buf)).into()
+}
+
+/// The compact key records of version 5 to 7 (see [`put_keys`]; versions 5 and 6 put the
+/// flags after the deltas and store every key as `key_len varint | key`).
+fn get_keys(r: &mut impl Source, payload_len: usize, ledger_key: u64, version: u32) -> Result<Vec<KeyRecord>, String> {
     let count = key_count(r, payload_len, MIN_KEY_BYTES)?;
     let mut keys = Vec::with_capacity(count.min(MAX_PREALLOCATED_ITEMS));
+    let flags_first = version >= UUID_KEYS_VERSION;
+    let reject_mask = if flags_first { KEY_REJECT_MASK } else { KEY_REJECT_MASK_V5 };
     let (mut ts_before, mut seq_before) = (0i64, 0u64);
     for _ in 0..count {
-        let len = usize::try_from(r.varint()?).ok().filter(|&l| l <= payload_len).ok_or("key length overflows")?;
-        let key: std::sync::Arc<str> =
-            std::str::from_utf8(r.take(len)?).map_err(|e| format!("invalid UTF-8: {e}"))?.into();
+        let early_flags = if flags_first { Some(r.u8()?) } else { None };
+        let key = match early_flags {
+            Some(flags) if flags & KEY_IS_UUID != 0 => {
+                uuid_key(r.take(16)?.try_into().map_err(|_| "a UUID key is 16 bytes")?)
+            }
+            _ => {
+                let len =
+                    usize::try_from(r.varint()?).ok().filter(|&l| l <= payload_len).ok_or("key length overflows")?;
+                std::str::from_utf8(r.take(len)?).map_err(|e| format!("invalid UTF-8: {e}"))?.into()
+            }
+        };
         let ts_us = ts_before.wrapping_add(unzigzag(r.varint()?));
         let seq = seq_before.wrapping_add(unzigzag(r.varint()?) as u64);
         (ts_before, seq_before) = (ts_us, seq);
-        let flags = r.u8()?;
+        let flags = match early_flags {
+            Some(flags) => flags,
+            None => r.u8()?,
+        };
         let allocation_id = if flags & KEY_ID_FROM_SEQ == 0 {
             let id = r.u64()?;
             if id > AllocationId::MAX {
@@ -563,7 +623,7 @@ fn get_keys(r: &mut impl Source, payload_len: usize, ledger_key: u64) -> Result<
         } else {
             return Err(format!("sequence number {seq} beyond 48 bits"));
         };
-        let rejected = match flags & KEY_REJECT_MASK {
+        let rejected = match flags & reject_mask {
             0 => None,
             code => Some(from_code(&REJECT_CODES, code - 1, "rejection reason")?),
         };
@@ -1143,28 +1203,52 @@ mod tests {
         KeyRecord { key: key.into(), ts_us: Micros::from_micros(ts), seq, allocation_id, rejected, fingerprint }
     }
 
+    /// A key: printable ASCII, a canonical UUID (stored as 16 bytes), or one in upper case or
+    /// almost canonical (stored as text).
+    fn any_key() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "[ -~]{0,40}",
+            any::<u128>().prop_map(|u| uuid::Uuid::from_u128(u).to_string()),
+            any::<u128>().prop_map(|u| uuid::Uuid::from_u128(u).to_string().to_uppercase()),
+            "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-fA-G]{4}-[0-9a-f]{4}[-_][0-9a-f]{12}",
+        ]
+    }
+
     proptest::proptest! {
         /// Compact key records read back exactly, whatever the order of their timestamps and
-        /// sequence numbers and whether or not their ids are the ones their seqs give; every
-        /// truncation is an error, never a shorter table.
+        /// sequence numbers, whether or not their ids are the ones their seqs give, and whether
+        /// or not the keys are canonical UUIDs; every truncation is an error, never a shorter
+        /// table.
         #[test]
         fn key_records_round_trip(
             ledger_key in proptest::prelude::any::<u64>(),
             raw in proptest::collection::vec(
-                ("[ -~]{0,40}", proptest::prelude::any::<i64>(), proptest::prelude::any::<u64>(),
+                (any_key(), proptest::prelude::any::<i64>(), proptest::prelude::any::<u64>(),
                  proptest::prelude::any::<bool>(), 0u8..8, proptest::prelude::any::<u64>()),
                 0..20,
             ),
         ) {
             let keys: Vec<KeyRecord> = raw.into_iter().map(|k| key_record(ledger_key, k)).collect();
             let mut out = Vec::new();
-            put_keys(&mut out, ledger_key, &keys);
+            put_keys(&mut out, ledger_key, keys.iter().map(KeyRecord::view));
             let mut r = Reader { bytes: &out, at: 0 };
-            proptest::prop_assert_eq!(&get_keys(&mut r, out.len(), ledger_key).unwrap(), &keys);
+            proptest::prop_assert_eq!(&get_keys(&mut r, out.len(), ledger_key, FORMAT_VERSION).unwrap(), &keys);
             proptest::prop_assert_eq!(r.at, out.len());
             for cut in 0..out.len() {
                 let mut r = Reader { bytes: &out[..cut], at: 0 };
-                proptest::prop_assert!(get_keys(&mut r, out.len(), ledger_key).is_err(), "cut at {}", cut);
+                proptest::prop_assert!(
+                    get_keys(&mut r, out.len(), ledger_key, FORMAT_VERSION).is_err(), "cut at {}", cut
+                );
+            }
+        }
+
+        /// Only a canonical UUID is stored as bytes, and it reads back as the same text.
+        #[test]
+        fn only_canonical_uuids_are_stored_as_bytes(key in any_key()) {
+            match canonical_uuid(&key) {
+                Some(bytes) => proptest::prop_assert_eq!(&*uuid_key(bytes), key.as_str()),
+                None => proptest::prop_assert!(uuid::Uuid::try_parse(&key).map_or(true, |u| u.to_string() != key)),
             }
         }
     }
@@ -1179,8 +1263,47 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        put_keys(&mut out, ledger_key, &keys);
+        put_keys(&mut out, ledger_key, keys.iter().map(KeyRecord::view));
         // 38 key bytes + 1 length + 2 (ts delta 250 µs) + 1 (seq delta) + 1 flags + 8 fingerprint.
         assert!(out.len() <= 8 + 1000 * 52, "{} bytes", out.len());
+        // The same with UUID keys: 16 bytes each, no length.
+        let uuids: Vec<KeyRecord> = keys
+            .iter()
+            .map(|k| KeyRecord { key: uuid::Uuid::from_u128(u128::from(k.seq)).to_string().into(), ..k.clone() })
+            .collect();
+        let mut out = Vec::new();
+        put_keys(&mut out, ledger_key, uuids.iter().map(KeyRecord::view));
+        assert!(out.len() <= 8 + 1000 * 29, "{} bytes", out.len());
+    }
+
+    /// A version 6 key record (flags after the deltas, every key as text) still reads, and its
+    /// flags' bit 6 is part of the rejection code there, not the UUID mark.
+    #[test]
+    fn version_6_key_records_still_read() {
+        let ledger_key = AllocationId::ledger_key("ledger");
+        let key = uuid::Uuid::from_u128(7).to_string();
+        let mut out = 1u64.to_le_bytes().to_vec();
+        put_varint(&mut out, key.len() as u64);
+        out.extend_from_slice(key.as_bytes());
+        put_varint(&mut out, zigzag(1_000));
+        put_varint(&mut out, zigzag(5));
+        out.push(KEY_ID_FROM_SEQ | 2);
+        out.extend_from_slice(&9u64.to_le_bytes());
+        let mut r = Reader { bytes: &out, at: 0 };
+        let keys = get_keys(&mut r, out.len(), ledger_key, 6).unwrap();
+        let expected = KeyRecord {
+            key: key.into(),
+            ts_us: Micros::from_micros(1_000),
+            seq: 5,
+            allocation_id: AllocationId::for_seq(ledger_key, 5),
+            rejected: Some(REJECT_CODES[1]),
+            fingerprint: 9,
+        };
+        assert_eq!(keys, [expected]);
+        let flags_at = out.len() - 9;
+        out[flags_at] |= KEY_IS_UUID;
+        let mut r = Reader { bytes: &out, at: 0 };
+        let err = get_keys(&mut r, out.len(), ledger_key, 6).unwrap_err();
+        assert!(err.contains("rejection reason"), "{err}");
     }
 }
