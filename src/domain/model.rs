@@ -82,6 +82,16 @@ impl fmt::Display for AllocationId {
     }
 }
 
+impl AllocationId {
+    /// Appends the id as [`fmt::Display`] writes it (`alloc-` and 12 hex digits), without the
+    /// formatting machinery: every `granted` event writes one.
+    pub(crate) fn put_text(self, out: &mut Vec<u8>) {
+        debug_assert!(self.0 <= AllocationId::MAX, "ids have 12 hex digits");
+        out.extend_from_slice(b"alloc-");
+        out.extend((0..12).rev().map(|i| b"0123456789abcdef"[((self.0 >> (4 * i)) & 0xf) as usize]));
+    }
+}
+
 impl FromStr for AllocationId {
     type Err = ();
     fn from_str(s: &str) -> std::result::Result<Self, ()> {
