@@ -492,14 +492,21 @@ impl Config {
     pub fn worker_endpoint(&self, slot: u32) -> String {
         match self.worker_endpoints.get(slot as usize) {
             Some(e) => e.clone(),
-            None => format!("http://localhost:{}", u32::from(self.worker_base_port) + slot),
+            None => {
+                // By hand, not `format!`: every grant makes one per worker.
+                let port = u32::from(self.worker_base_port) + slot;
+                let mut digits = itoa::Buffer::new();
+                ["http://localhost:", digits.format(port)].concat()
+            }
         }
     }
 }
 
-/// The id of the worker in `slot` (`worker-07`); the same in every config.
+/// The id of the worker in `slot` (`worker-07`: at least two digits); the same in every config.
 pub fn worker_id_of(slot: u32) -> String {
-    format!("worker-{slot:02}")
+    let mut digits = itoa::Buffer::new();
+    let zero = if slot < 10 { "0" } else { "" };
+    ["worker-", zero, digits.format(slot)].concat()
 }
 
 fn check_endpoint(field: &str, e: &str) -> Result<()> {
@@ -549,6 +556,17 @@ mod tests {
         assert_eq!(c.total_memory_mib, 32_768);
         assert_eq!(c.worker_slots, 10);
         assert_eq!(c.worker_endpoint(3), "http://localhost:8003");
+    }
+
+    /// Worker ids and default endpoints are what `format!` made of them before (ids with at
+    /// least two digits), for every slot the limits allow.
+    #[test]
+    fn worker_ids_and_endpoints_are_the_formatted_ones() {
+        let c = Config { worker_slots: MAX_WORKER_SLOTS, ..Config::default() };
+        for slot in (0..200).chain([MAX_WORKER_SLOTS - 1, 65_535, u32::MAX - u32::from(c.worker_base_port)]) {
+            assert_eq!(worker_id_of(slot), format!("worker-{slot:02}"));
+            assert_eq!(c.worker_endpoint(slot), format!("http://localhost:{}", u32::from(c.worker_base_port) + slot));
+        }
     }
 
     #[test]
