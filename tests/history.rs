@@ -42,12 +42,30 @@ fn config() -> Config {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Request { job: u8, workers: u32, mcp: Vec<&'static str>, ttl: u64, tenant: Option<u8> },
+    Request {
+        job: u8,
+        workers: u32,
+        mcp: Vec<&'static str>,
+        ttl: u64,
+        tenant: Option<u8>,
+    },
     Release(usize),
     Advance(u64),
     Cleanup,
-    Reconfigure { cpu: u64, workers: u32, costly_cpu: u64 },
+    Reconfigure {
+        cpu: u64,
+        workers: u32,
+        costly_cpu: u64,
+    },
     Snapshot,
+    /// A reservation for a job over a window starting `start_seconds` from now.
+    Reserve {
+        job: u8,
+        workers: u32,
+        start_seconds: u64,
+        duration_seconds: u64,
+    },
+    CancelReservation(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,6 +78,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (prop_oneof![Just(6_000u64), Just(8_000), Just(12_000)], 4u32..9, prop_oneof![Just(250u64), Just(500), Just(1000)])
             .prop_map(|(cpu, workers, costly_cpu)| Op::Reconfigure { cpu, workers, costly_cpu }),
         1 => Just(Op::Snapshot),
+        1 => (0u8..4, 1u32..4, 0u64..400, 30u64..600).prop_map(|(job, workers, start_seconds, duration_seconds)| {
+            Op::Reserve { job, workers, start_seconds, duration_seconds }
+        }),
+        1 => (0usize..8).prop_map(Op::CancelReservation),
     ]
 }
 
@@ -76,6 +98,7 @@ fn dir() -> PathBuf {
 /// Runs `ops` against a ledger; returns the granted ids.
 fn run(ledger: &Ledger, clock: &ManualClock, ops: &[Op]) {
     let mut granted = Vec::new();
+    let mut reserved = Vec::new();
     for op in ops {
         // Distinct, irregular event times.
         clock.advance_micros(1_237);
@@ -113,6 +136,21 @@ fn run(ledger: &Ledger, clock: &ManualClock, ops: &[Op]) {
             }
             Op::Snapshot => {
                 ledger.snapshot().unwrap();
+            }
+            Op::Reserve { job, workers, start_seconds, duration_seconds } => {
+                let req = allocation_ledger::ReservationRequest::for_job(format!("job-{job}"), *workers)
+                    .window_seconds(*start_seconds, *duration_seconds);
+                let r = ledger.reserve(&req).unwrap();
+                if r.is_reserved() {
+                    reserved.push(r.reservation.reservation_id);
+                }
+            }
+            Op::CancelReservation(i) => {
+                if !reserved.is_empty() {
+                    let id = reserved.remove(i % reserved.len());
+                    // Refused once its window is over.
+                    let _ = ledger.cancel_reservation(&id.to_string());
+                }
             }
         }
     }
@@ -317,22 +355,29 @@ fn check_history(ops: Vec<Op>, salt: u64) -> Result<(), TestCaseError> {
             events.iter().filter(|x| x.event.body.allocation_id() == Some(id)).map(|x| x.seq).collect();
         prop_assert_eq!(h.events.iter().map(|x| x.seq).collect::<Vec<_>>(), expected);
     }
-    // History of each job: the events of its allocations, granted or rejected.
+    // History of each job: the events of its allocations, granted or rejected, and of its
+    // reservations.
     for job in ["job-0", "job-2", "nobody"] {
         let h = ledger.job_history(job).unwrap();
         let mut ids = std::collections::BTreeSet::new();
+        let mut reservations = std::collections::BTreeSet::new();
         let mut expected = Vec::new();
         for e in &events {
-            match &e.event.body {
+            let reservation_event = match &e.event.body {
                 EventBody::Granted(g) if g.job_id == job => {
                     ids.insert(g.allocation_id);
+                    false
                 }
                 EventBody::Rejected(r) if r.job_id == job => {
                     ids.insert(r.allocation_id);
+                    false
                 }
-                _ => {}
-            }
-            if e.event.body.allocation_id().is_some_and(|id| ids.contains(&id)) {
+                EventBody::Reserved(r) if r.job_id.as_deref() == Some(job) => reservations.insert(r.reservation_id),
+                EventBody::ReservationRejected(r) => r.job_id.as_deref() == Some(job),
+                EventBody::ReservationCancelled { reservation_id } => reservations.contains(reservation_id),
+                _ => false,
+            };
+            if reservation_event || e.event.body.allocation_id().is_some_and(|id| ids.contains(&id)) {
                 expected.push(e.seq);
             }
         }

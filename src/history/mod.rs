@@ -217,11 +217,12 @@ impl Ledger {
             }
             let report =
                 ix.capacity_at(t).ok_or_else(|| before_start("at", at, ix.first_ts().unwrap_or(s.created_us)))?;
-            Ok((report, Some(t)))
+            Ok((report, ix.reservation_may_be_in_force(t).then_some(t)))
         })?;
         if let Some(t) = t {
-            // The index counts allocations only: the reservations in force then come from the
-            // state as it was.
+            // The index counts allocations only: the reservations in force then (and what their
+            // holders held) come from the state as it was, rebuilt from a snapshot; only when a
+            // reservation's window holds `t`.
             report.reserved = self.with_state_at("at", t, |s, t| s.capacity(t).reserved)?;
         }
         Ok(report)

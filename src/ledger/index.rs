@@ -102,6 +102,19 @@ pub struct CapacityIndex {
     drain_sets: Vec<DrainSet>,
     drain_set_ids: HashMap<DrainSet, u32>,
     sweep: Sweep,
+    /// Every reservation recorded: so that a capacity query knows when none can be in force
+    /// (the common case) and needs no state as of then.
+    reservations: Vec<ReservationSpan>,
+}
+
+/// When a reservation was recorded, its window and when it was cancelled.
+#[derive(Debug, Clone)]
+struct ReservationSpan {
+    id: crate::domain::reservation::ReservationId,
+    recorded_us: Micros,
+    start_us: Micros,
+    end_us: Micros,
+    cancelled_us: Option<Micros>,
 }
 
 /// The drained slots still held, and the idle ones, in slot order.
@@ -137,6 +150,15 @@ impl CapacityIndex {
     /// The sequence number of the last event strictly before `t` (0 if none).
     pub(crate) fn seq_before(&self, t: Micros) -> u64 {
         self.ts.partition_point(|&x| x < t) as u64
+    }
+
+    /// Whether a reservation may be in force at `t`: one recorded by then whose window holds
+    /// `t` and that was not cancelled before `t`. When false, none is (the state as of `t`
+    /// would report none); when true, only that state can tell.
+    pub(crate) fn reservation_may_be_in_force(&self, t: Micros) -> bool {
+        self.reservations
+            .iter()
+            .any(|r| r.recorded_us <= t && r.start_us <= t && t < r.end_us && r.cancelled_us.is_none_or(|c| c >= t))
     }
 
     /// Every change of what the pool held, in time order.
@@ -195,8 +217,20 @@ impl CapacityIndex {
             }
             // Nothing changes hands at a renewal; the holding now ends at the new deadline.
             EventBody::Renewed(r) => self.renew(r.allocation_id, r.deadline_us),
-            // A reservation holds nothing until an allocation does.
-            EventBody::Reserved(_) | EventBody::ReservationRejected(_) | EventBody::ReservationCancelled { .. } => {}
+            // A reservation holds nothing until an allocation does; its window is kept.
+            EventBody::Reserved(r) => self.reservations.push(ReservationSpan {
+                id: r.reservation_id,
+                recorded_us: ts_us,
+                start_us: r.start_us,
+                end_us: r.end_us,
+                cancelled_us: None,
+            }),
+            EventBody::ReservationCancelled { reservation_id } => {
+                if let Some(span) = self.reservations.iter_mut().rev().find(|r| r.id == *reservation_id) {
+                    span.cancelled_us.get_or_insert(ts_us);
+                }
+            }
+            EventBody::ReservationRejected(_) => {}
         }
         self.push_step(ts_us);
         true
