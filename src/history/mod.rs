@@ -520,13 +520,21 @@ impl Ledger {
             (known, s.evicted_count() > 0 || Self::job_holds_reservations(s, job_id))
         })?;
         let subject = Subject::Job(job_id);
-        let (events, ids) = match known.iter().map(|x| x.1).min() {
+        // A reservation of the job (held, cancelled, over or refused) may come before its
+        // first allocation in memory: the capacity index knows when the first one was.
+        let first_reservation = if known.is_empty() || evicted {
+            None // read from the start anyway
+        } else {
+            self.with_index(|_, ix, _| Ok(ix.first_reservation_of_job(job_id)))?
+        };
+        let first = known.iter().map(|x| x.1).chain(first_reservation).min();
+        let (events, ids) = match first {
             // Older allocations of the job may be only in the log, and a job with nothing in
             // memory may have held reservations: read all of it.
             _ if evicted => self.history_scan(&subject, 0, upto, None)?,
             None => self.history_scan(&subject, 0, upto, None)?,
-            // From its first allocation in memory to the end (not stopping at its last end: a
-            // reservation of the job may come later).
+            // From its first allocation in memory or first reservation event to the end (not
+            // stopping at its last end: a reservation of the job may come later).
             Some(first) => self.history_scan(&subject, self.seq_hint(first)?, upto, None)?,
         };
         let mut events = events;

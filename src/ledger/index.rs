@@ -105,6 +105,9 @@ pub struct CapacityIndex {
     /// Every reservation recorded: so that a capacity query knows when none can be in force
     /// (the common case) and needs no state as of then.
     reservations: Vec<ReservationSpan>,
+    /// When each job was first named by a reservation event (`reserved` or
+    /// `reservation_rejected`): where its history begins if before its first allocation.
+    first_reservation_of_job: HashMap<String, Micros>,
 }
 
 /// When a reservation was recorded, its window and when it was cancelled.
@@ -159,6 +162,19 @@ impl CapacityIndex {
         self.reservations
             .iter()
             .any(|r| r.recorded_us <= t && r.start_us <= t && t < r.end_us && r.cancelled_us.is_none_or(|c| c >= t))
+    }
+
+    /// When a reservation event first named `job_id`, if one did.
+    pub(crate) fn first_reservation_of_job(&self, job_id: &str) -> Option<Micros> {
+        self.first_reservation_of_job.get(job_id).copied()
+    }
+
+    fn note_job_reservation(&mut self, job_id: Option<&str>, ts_us: Micros) {
+        if let Some(job) = job_id {
+            if !self.first_reservation_of_job.contains_key(job) {
+                self.first_reservation_of_job.insert(job.to_string(), ts_us);
+            }
+        }
     }
 
     /// Every change of what the pool held, in time order.
@@ -218,19 +234,22 @@ impl CapacityIndex {
             // Nothing changes hands at a renewal; the holding now ends at the new deadline.
             EventBody::Renewed(r) => self.renew(r.allocation_id, r.deadline_us),
             // A reservation holds nothing until an allocation does; its window is kept.
-            EventBody::Reserved(r) => self.reservations.push(ReservationSpan {
-                id: r.reservation_id,
-                recorded_us: ts_us,
-                start_us: r.start_us,
-                end_us: r.end_us,
-                cancelled_us: None,
-            }),
+            EventBody::Reserved(r) => {
+                self.note_job_reservation(r.job_id.as_deref(), ts_us);
+                self.reservations.push(ReservationSpan {
+                    id: r.reservation_id,
+                    recorded_us: ts_us,
+                    start_us: r.start_us,
+                    end_us: r.end_us,
+                    cancelled_us: None,
+                });
+            }
             EventBody::ReservationCancelled { reservation_id } => {
                 if let Some(span) = self.reservations.iter_mut().rev().find(|r| r.id == *reservation_id) {
                     span.cancelled_us.get_or_insert(ts_us);
                 }
             }
-            EventBody::ReservationRejected(_) => {}
+            EventBody::ReservationRejected(r) => self.note_job_reservation(r.job_id.as_deref(), ts_us),
         }
         self.push_step(ts_us);
         true
