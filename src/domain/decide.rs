@@ -10,7 +10,7 @@
 use crate::domain::clock::{Micros, MICROS_PER_SECOND};
 use crate::domain::config::Config;
 use crate::domain::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, Renewal, WorkerGrant};
-use crate::domain::idempotency::{validate_idempotency_key, KeyRecord, RequestShape};
+use crate::domain::idempotency::{KeyRecord, RequestShape};
 use crate::domain::input::{validate, ResourceRequest, ValidRequest};
 use crate::domain::model::{cores, AllocationId, AllocationState, Priority, Resources};
 use crate::domain::state::{Allocation, State};
@@ -454,7 +454,12 @@ impl State {
     /// within the window). The same key with a different request is invalid input.
     pub fn decide_replay(&self, req: &ResourceRequest, now: Micros) -> Result<Option<KeyRecord>> {
         let Some(key) = &req.idempotency_key else { return Ok(None) };
-        validate_idempotency_key("idempotency_key", key)?;
+        // Only valid keys are ever recorded, so an invalid one is simply not found here; the
+        // decision that follows validates the whole request and names it (once per request,
+        // under the state lock). Too long a key is not even hashed.
+        if key.len() > crate::domain::idempotency::MAX_IDEMPOTENCY_KEY_BYTES {
+            return Ok(None);
+        }
         // A key decided within the window; else one a waiting request carries (its record as
         // of its `queued` event: the caller finds it in the queue, not among the allocations).
         let record = self.keys.get(key, now, self.config.idempotency_window_seconds).or_else(|| {

@@ -48,7 +48,7 @@ fn is_plain_ascii_key(b: &[u8]) -> bool {
 }
 
 /// Whether `s` holds a control character (Unicode `Cc`: U+0000..=U+001F, U+007F..=U+009F), by
-/// bytes: a key is checked twice per keyed request under the state lock, and decoding chars was
+/// bytes: a key is checked once per keyed request, under the state lock, and decoding chars was
 /// a visible part of it. In UTF-8 the C1 controls are 0xC2 followed by 0x80..=0x9F.
 fn has_control_character(s: &str) -> bool {
     let b = s.as_bytes();
@@ -390,6 +390,56 @@ impl SharedKeys {
     /// copying a record or touching a key's reference count.
     pub fn views(&self) -> impl Iterator<Item = KeyView<'_>> {
         self.0.iter().filter(|s| s.current).map(Slot::view)
+    }
+
+    /// The same keys chunk by chunk, oldest first (see [`KeyChunk`]): a snapshot reuses the
+    /// encoding of a chunk the last one encoded.
+    pub fn chunks(&self) -> impl Iterator<Item = KeyChunk<'_>> {
+        let front = self.0.front;
+        self.0.chunks.iter().enumerate().map(move |(i, chunk)| KeyChunk { chunk, skip: if i == 0 { front } else { 0 } })
+    }
+}
+
+/// One chunk of the shared key queue. A *whole* chunk (full, none of its slots left the
+/// window) never changes while something keeps it: the table marks a superseded slot only
+/// after copying a chunk that is shared (`Arc::make_mut`), and never adds to a full one. So a
+/// [`ChunkHandle`] kept from one snapshot names the same keys at the next, and their encoding
+/// can be reused.
+pub struct KeyChunk<'a> {
+    chunk: &'a Arc<Vec<Slot>>,
+    skip: usize,
+}
+
+impl<'a> KeyChunk<'a> {
+    /// The chunk's remembered keys, oldest first.
+    pub fn views(&self) -> impl Iterator<Item = KeyView<'a>> + 'a {
+        let slots: &'a [Slot] = self.chunk;
+        slots[self.skip..].iter().filter(|s| s.current).map(Slot::view)
+    }
+
+    /// Whether the chunk is full and none of its slots left the window.
+    pub fn is_whole(&self) -> bool {
+        self.skip == 0 && self.chunk.len() == CHUNK_SLOTS
+    }
+
+    /// A handle that keeps the chunk (and so its contents) as they are now.
+    pub fn handle(&self) -> ChunkHandle {
+        ChunkHandle(self.chunk.clone())
+    }
+
+    /// Whether `handle` was taken from this very chunk, unchanged since.
+    pub fn is(&self, handle: &ChunkHandle) -> bool {
+        Arc::ptr_eq(self.chunk, &handle.0)
+    }
+}
+
+/// A chunk of the key queue kept by a snapshot's encoding cache (see [`KeyChunk`]).
+#[derive(Clone)]
+pub struct ChunkHandle(Arc<Vec<Slot>>);
+
+impl std::fmt::Debug for ChunkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkHandle({} slots)", self.0.len())
     }
 }
 

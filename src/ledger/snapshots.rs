@@ -92,7 +92,7 @@ impl Ledger {
             (data, shared, keys, position)
         };
         crate::domain::state::sort_for_snapshot(&mut shared);
-        let bytes = snapshot::encode_parts_cached(&data, &shared, keys.views(), position, &mut cache);
+        let bytes = snapshot::encode_parts_cached(&data, &shared, &keys, position, &mut cache);
         drop((shared, keys));
         lock(&self.shared.core).last_snapshot_bytes = bytes.len() as u64;
         // A snapshot must never be ahead of the durable log.
@@ -162,7 +162,7 @@ mod tests {
             let before = cache.len();
             let (mut data, mut shared, keys) = ledger.with_state(crate::domain::state::State::snapshot_parts_shared);
             crate::domain::state::sort_for_snapshot(&mut shared);
-            let cached = encode_parts_cached(&data, &shared, keys.views(), None, &mut cache);
+            let cached = encode_parts_cached(&data, &shared, &keys, None, &mut cache);
             data.idempotency_keys = keys.records();
             assert!(!data.idempotency_keys.is_empty());
             assert_eq!(cached, encode_parts(&data, &shared, None), "round {round}");

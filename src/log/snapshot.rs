@@ -17,7 +17,7 @@
 
 use crate::domain::clock::Micros;
 use crate::domain::event::{McpGrant, RejectReason, WorkerGrant};
-use crate::domain::idempotency::{KeyRecord, KeyView};
+use crate::domain::idempotency::{ChunkHandle, KeyRecord, KeyView, SharedKeys};
 use crate::domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 use crate::domain::state::{Allocation, State, StateData, StateLoader};
 use crate::log::fields;
@@ -237,13 +237,15 @@ pub fn encode_parts<A: std::borrow::Borrow<Allocation>>(
     position: Option<LogPosition>,
 ) -> Vec<u8> {
     let keys = state.idempotency_keys.iter().map(KeyRecord::view);
-    encode_with(state, allocations, keys, position, put_allocation)
+    encode_with(state, allocations, |out, ledger_key| put_keys(out, ledger_key, keys), position, put_allocation)
 }
 
-fn encode_with<'k, A: std::borrow::Borrow<Allocation>>(
+/// The snapshot of `state` with `allocations`, each written by `put`, and the idempotency keys
+/// written by `put_keys` (given the ledger's key).
+fn encode_with<A: std::borrow::Borrow<Allocation>>(
     state: &StateData,
     allocations: &[A],
-    keys: impl IntoIterator<Item = KeyView<'k>>,
+    put_keys: impl FnOnce(&mut Vec<u8>, u64),
     position: Option<LogPosition>,
     mut put: impl FnMut(&mut Vec<u8>, &Allocation),
 ) -> Vec<u8> {
@@ -275,7 +277,7 @@ fn encode_with<'k, A: std::borrow::Borrow<Allocation>>(
     for a in allocations {
         put(&mut out, a.borrow());
     }
-    put_keys(&mut out, AllocationId::ledger_key(&state.ledger_id), keys);
+    put_keys(&mut out, AllocationId::ledger_key(&state.ledger_id));
     seal(FORMAT_VERSION, state.last_seq, out)
 }
 
@@ -293,9 +295,25 @@ const TYPICAL_ALLOCATION_BYTES: usize = 256;
 /// name its encoding. Holds the allocations of the last snapshot only, in snapshot order
 /// (`state::sort_for_snapshot`), so the next snapshot finds them by walking both lists in
 /// step rather than by hashing every id.
+///
+/// It keeps the encoding of each whole chunk of idempotency keys too (see
+/// [`crate::domain::idempotency::KeyChunk`]): a key never changes once decided, and the window
+/// holds many more keys than a snapshot interval adds, so most of them were encoded last time.
 #[derive(Debug, Default)]
 pub struct EncodingCache {
     entries: Vec<CachedEncoding>,
+    keys: Vec<CachedKeys>,
+}
+
+/// The encoding of one whole chunk of keys, and what it was encoded after: key records are
+/// deltas from the key before, so the bytes hold only after the same one.
+#[derive(Debug)]
+struct CachedKeys {
+    chunk: ChunkHandle,
+    before: KeyCursor,
+    after: KeyCursor,
+    count: u64,
+    bytes: Box<[u8]>,
 }
 
 #[derive(Debug)]
@@ -321,22 +339,32 @@ impl EncodingCache {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Chunks of keys whose encoding is kept.
+    pub fn key_chunks(&self) -> usize {
+        self.keys.len()
+    }
 }
 
 /// [`encode_parts`], reusing (and then replacing) `cache`: the same bytes. `allocations` must be
 /// in snapshot order (`state::sort_for_snapshot`); the reuse depends on it, the bytes do not.
-/// The idempotency keys are `keys`, oldest first (those in `state` are ignored): a ledger
-/// encodes them from its shared table, without copying them into records first.
-pub fn encode_parts_cached<'k, A: std::borrow::Borrow<Allocation>>(
+/// The idempotency keys are `keys` (those in `state` are ignored): a ledger encodes them from
+/// its shared table, without copying them into records first.
+pub fn encode_parts_cached<A: std::borrow::Borrow<Allocation>>(
     state: &StateData,
     allocations: &[A],
-    keys: impl IntoIterator<Item = KeyView<'k>>,
+    keys: &SharedKeys,
     position: Option<LogPosition>,
     cache: &mut EncodingCache,
 ) -> Vec<u8> {
     let mut next = Vec::with_capacity(allocations.len());
     let mut old = std::mem::take(&mut cache.entries).into_iter().peekable();
-    let bytes = encode_with(state, allocations, keys, position, |payload, a| {
+    let old_keys = std::mem::take(&mut cache.keys);
+    let mut next_keys = Vec::with_capacity(old_keys.len() + 1);
+    let put_keys = |out: &mut Vec<u8>, ledger_key| {
+        put_keys_cached(out, ledger_key, keys, old_keys, &mut next_keys);
+    };
+    let bytes = encode_with(state, allocations, put_keys, position, |payload, a| {
         let key = (a.created_us, a.id.as_u64());
         // Entries before this one belong to allocations that left the state.
         while old.next_if(|c| (c.created_us, c.id) < key).is_some() {}
@@ -377,6 +405,7 @@ pub fn encode_parts_cached<'k, A: std::borrow::Borrow<Allocation>>(
     });
     debug_assert!(next.windows(2).all(|w| (w[0].created_us, w[0].id) < (w[1].created_us, w[1].id)));
     cache.entries = next;
+    cache.keys = next_keys;
     bytes
 }
 
@@ -530,41 +559,114 @@ const KEY_REJECT_MASK: u8 = 0x3f;
 const _: () = assert!(REJECT_CODES.len() < KEY_REJECT_MASK as usize);
 const _: () = assert!(KEY_IS_UUID & KEY_REJECT_MASK == 0 && KEY_IS_UUID & KEY_ID_FROM_SEQ == 0);
 
-/// The idempotency keys (version 7), oldest first: `count u64`, then each
-/// `flags u8 | key | ts_delta varint (zigzag, from the previous key's, the first from 0) |
-/// seq_delta varint (zigzag, the same way) | [allocation_id u64] | fingerprint u64`, where `key`
-/// is the 16 bytes of a canonical UUID when `flags` has [`KEY_IS_UUID`], else `key_len varint |
-/// key`. `flags` holds the rejection code (0 granted, else 1 + reason code),
-/// [`KEY_ID_FROM_SEQ`] and [`KEY_IS_UUID`]. Binary, not in the JSON meta, and compact: a busy
-/// window holds hundreds of thousands of keys, which every snapshot copies (a UUID key takes
-/// about 30 bytes, other 38-byte keys about 52, against 77 in version 4). The count is written
-/// last, where room was left for it, so the keys are read once, straight from the table.
+/// [`put_keys_cached`] with no cache, from any run of keys.
+#[cfg(any(test, feature = "test-util"))]
 fn put_keys<'k>(out: &mut Vec<u8>, ledger_key: u64, keys: impl IntoIterator<Item = KeyView<'k>>) {
     let count_at = out.len();
     out.extend_from_slice(&0u64.to_le_bytes());
+    let mut cursor = KeyCursor { ledger_key, ts_us: 0, seq: 0 };
     let mut count = 0u64;
-    let (mut ts_before, mut seq_before) = (0i64, 0u64);
     for k in keys {
-        let code = k.rejected.and_then(|r| REJECT_CODES.iter().position(|c| *c == r)).map_or(0, |i| i as u8 + 1);
-        let implied = k.seq <= AllocationId::MAX && AllocationId::for_seq(ledger_key, k.seq) == k.allocation_id;
-        let uuid = canonical_uuid(k.key);
-        out.push(code | if implied { KEY_ID_FROM_SEQ } else { 0 } | if uuid.is_some() { KEY_IS_UUID } else { 0 });
-        if let Some(bytes) = uuid {
-            out.extend_from_slice(&bytes);
-        } else {
-            put_varint(out, k.key.len() as u64);
-            out.extend_from_slice(k.key.as_bytes());
-        }
-        put_varint(out, zigzag(k.ts_us.as_micros().wrapping_sub(ts_before)));
-        put_varint(out, zigzag(k.seq.wrapping_sub(seq_before) as i64));
-        (ts_before, seq_before) = (k.ts_us.as_micros(), k.seq);
-        if !implied {
-            out.extend_from_slice(&k.allocation_id.as_u64().to_le_bytes());
-        }
-        out.extend_from_slice(&k.fingerprint.to_le_bytes());
+        put_key(out, &mut cursor, k);
         count += 1;
     }
     out[count_at..count_at + 8].copy_from_slice(&count.to_le_bytes());
+}
+
+/// The idempotency keys (version 7), oldest first: `count u64`, then each key's record
+/// ([`put_key`]). Binary, not in the JSON meta, and compact: a busy window holds hundreds of
+/// thousands of keys, which every snapshot copies (a UUID key takes about 30 bytes, other
+/// 38-byte keys about 52, against 77 in version 4). The count is written last, where room was
+/// left for it, so the keys are read once, straight from the table.
+///
+/// The keys come chunk by chunk: a whole chunk whose encoding `old` holds (encoded after the
+/// same key) is copied from there. `next` gets the encoding of every whole chunk,
+/// for the next snapshot; a chunk that left the window or changed (copied on write, so a new
+/// chunk) is not found again and its encoding is dropped. Returns how many chunks were copied.
+fn put_keys_cached(
+    out: &mut Vec<u8>,
+    ledger_key: u64,
+    keys: &SharedKeys,
+    mut old: Vec<CachedKeys>,
+    next: &mut Vec<CachedKeys>,
+) -> usize {
+    let count_at = out.len();
+    out.extend_from_slice(&0u64.to_le_bytes());
+    let mut cursor = KeyCursor { ledger_key, ts_us: 0, seq: 0 };
+    let mut count = 0u64;
+    // Chunks come in queue order, and so do the cached ones: the search resumes after the
+    // last one found.
+    let (mut from, mut reused) = (0, 0);
+    for chunk in keys.chunks() {
+        let whole = chunk.is_whole();
+        let found =
+            if whole { old[from..].iter().position(|c| chunk.is(&c.chunk) && c.before == cursor) } else { None };
+        if let Some(i) = found {
+            let cached = &mut old[from + i];
+            from += i + 1;
+            debug_assert!(
+                {
+                    let (mut fresh, mut c) = (Vec::new(), cursor);
+                    chunk.views().for_each(|k| put_key(&mut fresh, &mut c, k));
+                    fresh[..] == cached.bytes[..] && c == cached.after
+                },
+                "a whole chunk of keys changed while its encoding was kept"
+            );
+            out.extend_from_slice(&cached.bytes);
+            count += cached.count;
+            cursor = cached.after;
+            next.push(CachedKeys { bytes: std::mem::take(&mut cached.bytes), chunk: chunk.handle(), ..*cached });
+            reused += 1;
+            continue;
+        }
+        let (start, before, count_before) = (out.len(), cursor, count);
+        for k in chunk.views() {
+            put_key(out, &mut cursor, k);
+            count += 1;
+        }
+        if whole {
+            let bytes = out[start..].into();
+            next.push(CachedKeys { chunk: chunk.handle(), before, after: cursor, count: count - count_before, bytes });
+        }
+    }
+    out[count_at..count_at + 8].copy_from_slice(&count.to_le_bytes());
+    reused
+}
+
+/// Where a run of key records stands: the ledger's key (which implied allocation ids depend
+/// on) and the timestamp and sequence number of the key before (which the next one's deltas
+/// are from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyCursor {
+    ledger_key: u64,
+    ts_us: i64,
+    seq: u64,
+}
+
+/// One version 7 key record, after the key `cursor` stands at: `flags u8 | key | ts_delta
+/// varint (zigzag, from the previous key's, the first from 0) | seq_delta varint (zigzag, the
+/// same way) | [allocation_id u64] | fingerprint u64`, where `key` is the 16 bytes of a
+/// canonical UUID when `flags` has [`KEY_IS_UUID`], else `key_len varint | key`. `flags` holds
+/// the rejection code (0 granted, else 1 + reason code), [`KEY_ID_FROM_SEQ`] and
+/// [`KEY_IS_UUID`].
+fn put_key(out: &mut Vec<u8>, cursor: &mut KeyCursor, k: KeyView<'_>) {
+    let code = k.rejected.and_then(|r| REJECT_CODES.iter().position(|c| *c == r)).map_or(0, |i| i as u8 + 1);
+    let implied = k.seq <= AllocationId::MAX && AllocationId::for_seq(cursor.ledger_key, k.seq) == k.allocation_id;
+    let uuid = canonical_uuid(k.key);
+    out.push(code | if implied { KEY_ID_FROM_SEQ } else { 0 } | if uuid.is_some() { KEY_IS_UUID } else { 0 });
+    if let Some(bytes) = uuid {
+        out.extend_from_slice(&bytes);
+    } else {
+        put_varint(out, k.key.len() as u64);
+        out.extend_from_slice(k.key.as_bytes());
+    }
+    put_varint(out, zigzag(k.ts_us.as_micros().wrapping_sub(cursor.ts_us)));
+    put_varint(out, zigzag(k.seq.wrapping_sub(cursor.seq) as i64));
+    (cursor.ts_us, cursor.seq) = (k.ts_us.as_micros(), k.seq);
+    if !implied {
+        out.extend_from_slice(&k.allocation_id.as_u64().to_le_bytes());
+    }
+    out.extend_from_slice(&k.fingerprint.to_le_bytes());
 }
 
 /// The 16 bytes of `key` if it is a UUID in canonical form (lowercase, hyphenated), which
@@ -585,7 +687,7 @@ fn uuid_key(bytes: [u8; 16]) -> std::sync::Arc<str> {
     (&*uuid::Uuid::from_bytes(bytes).hyphenated().encode_lower(&mut buf)).into()
 }
 
-/// The compact key records of version 5 to 7 (see [`put_keys`]; versions 5 and 6 put the
+/// The compact key records of version 5 to 7 (see [`put_key`]; versions 5 and 6 put the
 /// flags after the deltas and store every key as `key_len varint | key`).
 fn get_keys(r: &mut impl Source, payload_len: usize, ledger_key: u64, version: u32) -> Result<Vec<KeyRecord>, String> {
     let count = key_count(r, payload_len, MIN_KEY_BYTES)?;
@@ -1250,6 +1352,76 @@ mod tests {
                 Some(bytes) => proptest::prop_assert_eq!(&*uuid_key(bytes), key.as_str()),
                 None => proptest::prop_assert!(uuid::Uuid::try_parse(&key).map_or(true, |u| u.to_string() != key)),
             }
+        }
+    }
+
+    /// Keys encoded chunk by chunk, reusing the last snapshot's encodings, give the bytes of a
+    /// fresh encoding as keys arrive, leave the window (part of a chunk, then whole chunks) and
+    /// are decided again (which marks a slot of a whole, cached chunk: copied on write); and
+    /// the whole chunks are reused.
+    #[test]
+    fn cached_key_chunks_match_a_fresh_encoding() {
+        use crate::domain::idempotency::KeyTable;
+        let ledger_key = AllocationId::ledger_key("ledger");
+        let ts = |seq: u64| Micros::from_micros(1_700_000_000_000_000 + seq as i64 * 1_000);
+        let record = |seq: u64, key: String| {
+            // Every seventh with an id its seq does not imply, every fifth rejected.
+            let id = if seq.is_multiple_of(7) {
+                AllocationId::from_u64(seq)
+            } else {
+                AllocationId::for_seq(ledger_key, seq)
+            };
+            let rejected = seq.is_multiple_of(5).then_some(RejectReason::InsufficientWorkers);
+            KeyRecord { key: key.into(), ts_us: ts(seq), seq, allocation_id: id, rejected, fingerprint: seq }
+        };
+        let key_of = |n: u64| {
+            if n.is_multiple_of(2) {
+                uuid::Uuid::from_u128(u128::from(n)).to_string()
+            } else {
+                format!("key-{n}")
+            }
+        };
+        let (mut table, mut cache, mut seq) = (KeyTable::default(), Vec::new(), 0u64);
+        for round in 0..7 {
+            for _ in 0..1500 {
+                seq += 1;
+                table.insert(record(seq, key_of(seq)));
+            }
+            match round {
+                // Decided again: key 1101 sits in the second chunk, cached whole since round 1.
+                2 => {
+                    seq += 1;
+                    table.insert(record(seq, key_of(1101)));
+                }
+                // The last key of chunk 1 decided again: chunk 2 now follows another key.
+                // And part of the first chunk leaves the window (whole chunks later).
+                3 => {
+                    seq += 1;
+                    table.insert(record(seq, key_of(2048)));
+                    table.forget_older(ts(300 + 1_000), 1);
+                }
+                4.. => table.forget_older(ts(seq - 3_500 + 1_000), 1),
+                _ => {}
+            }
+            let shared = table.shared();
+            let mut fresh = Vec::new();
+            put_keys(&mut fresh, ledger_key, shared.views());
+            let (mut cached, mut next) = (Vec::new(), Vec::new());
+            let reused = put_keys_cached(&mut cached, ledger_key, &shared, std::mem::take(&mut cache), &mut next);
+            assert_eq!(cached, fresh, "round {round}");
+            let whole = shared.chunks().filter(crate::domain::idempotency::KeyChunk::is_whole).count();
+            assert_eq!(next.len(), whole, "round {round}: every whole chunk is kept");
+            match round {
+                0 => assert_eq!(reused, 0),
+                // Chunk 0, whole at round 0.
+                1 => assert_eq!(reused, 1),
+                // Chunks 0 and 1 were whole at round 1; chunk 1 was copied on write.
+                2 => assert_eq!((reused, whole), (1, 4)),
+                // Chunks 1 (copied on write) and 2 (after another key) are encoded again.
+                3 => assert_eq!((reused, whole), (1, 4)),
+                _ => assert!(reused > 0, "round {round}: nothing reused"),
+            }
+            cache = next;
         }
     }
 
