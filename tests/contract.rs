@@ -266,6 +266,27 @@ fn plan_then_act_with_expected_seq() {
     assert_eq!(ledger.if_seq(stale).release_resources(&id).unwrap().status, "already_released");
 }
 
+/// The precondition is checked before the request is validated (docs/policy.md, section 3): a
+/// stale `expected_seq` is a conflict whatever the fields say, an invalid key included; at the
+/// current seq the invalid field is named. Nothing is written either way.
+#[test]
+fn a_stale_seq_is_a_conflict_before_an_invalid_key_is_named() {
+    let storage = FaultyStorage::new();
+    let clock = ManualClock::at_default_epoch();
+    let ledger = open(&storage, &clock, config());
+    ledger.request_resources(&ResourceRequest::new("first").workers(1)).unwrap();
+    let now = ledger.status().last_seq;
+    for bad_key in ["", " padded", "tab\tinside", &"k".repeat(129)] {
+        let req = keyed("bad-key", 1, bad_key);
+        let err = ledger.if_seq(now - 1).request_resources(&req).unwrap_err();
+        assert!(matches!(err, Error::Conflict { current_seq, .. } if current_seq == now), "{bad_key:?}: {err:?}");
+        let err = ledger.if_seq(now).request_resources(&req).unwrap_err();
+        assert!(err.to_string().contains("idempotency_key"), "{bad_key:?}: {err}");
+        assert_eq!(err.exit_code().code(), 2, "{bad_key:?}");
+        assert_eq!(ledger.status().last_seq, now, "{bad_key:?}: nothing written");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Properties over random interleavings.
 
