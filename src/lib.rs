@@ -35,7 +35,7 @@ pub use domain::config::{Config, McpCatalogEntry, PriorityReservePercent};
 pub use domain::event::{
     Event, EventBody, Grant, LoggedEvent, McpGrant, RejectReason, Rejection, Renewal, WorkerGrant,
 };
-pub use domain::idempotency::{ChunkHandle, KeyChunk, KeyRecord, KeyView, SharedKeys, MAX_IDEMPOTENCY_KEY_BYTES};
+pub use domain::idempotency::{KeyRecord, KeyView, SharedKeys, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use domain::input::{validate_job_id, ResourceRequest};
 pub use domain::model::{AllocationId, AllocationState, Metadata, Priority, Resources};
 pub use domain::pool::{describe_change, parse_worker, pool_summary, ConfigFieldChange, PoolChange, POOL_ACTIONS};

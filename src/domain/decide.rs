@@ -10,7 +10,7 @@
 use crate::domain::clock::{Micros, MICROS_PER_SECOND};
 use crate::domain::config::Config;
 use crate::domain::event::{EventBody, Grant, McpGrant, RejectReason, Rejection, Renewal, WorkerGrant};
-use crate::domain::idempotency::{KeyRecord, RequestShape};
+use crate::domain::idempotency::{KeyRecord, RequestShape, MAX_IDEMPOTENCY_KEY_BYTES};
 use crate::domain::input::{validate, ResourceRequest, ValidRequest};
 use crate::domain::model::{cores, AllocationId, AllocationState, Priority, Resources};
 use crate::domain::state::{Allocation, State};
@@ -457,7 +457,7 @@ impl State {
         // Only valid keys are ever recorded, so an invalid one is simply not found here; the
         // decision that follows validates the whole request and names it (once per request,
         // under the state lock). Too long a key is not even hashed.
-        if key.len() > crate::domain::idempotency::MAX_IDEMPOTENCY_KEY_BYTES {
+        if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
             return Ok(None);
         }
         // A key decided within the window; else one a waiting request carries (its record as

@@ -394,7 +394,7 @@ impl SharedKeys {
 
     /// The same keys chunk by chunk, oldest first (see [`KeyChunk`]): a snapshot reuses the
     /// encoding of a chunk the last one encoded.
-    pub fn chunks(&self) -> impl Iterator<Item = KeyChunk<'_>> {
+    pub(crate) fn chunks(&self) -> impl Iterator<Item = KeyChunk<'_>> {
         let front = self.0.front;
         self.0.chunks.iter().enumerate().map(move |(i, chunk)| KeyChunk { chunk, skip: if i == 0 { front } else { 0 } })
     }
@@ -405,37 +405,37 @@ impl SharedKeys {
 /// after copying a chunk that is shared (`Arc::make_mut`), and never adds to a full one. So a
 /// [`ChunkHandle`] kept from one snapshot names the same keys at the next, and their encoding
 /// can be reused.
-pub struct KeyChunk<'a> {
+pub(crate) struct KeyChunk<'a> {
     chunk: &'a Arc<Vec<Slot>>,
     skip: usize,
 }
 
 impl<'a> KeyChunk<'a> {
     /// The chunk's remembered keys, oldest first.
-    pub fn views(&self) -> impl Iterator<Item = KeyView<'a>> + 'a {
+    pub(crate) fn views(&self) -> impl Iterator<Item = KeyView<'a>> + 'a {
         let slots: &'a [Slot] = self.chunk;
         slots[self.skip..].iter().filter(|s| s.current).map(Slot::view)
     }
 
     /// Whether the chunk is full and none of its slots left the window.
-    pub fn is_whole(&self) -> bool {
+    pub(crate) fn is_whole(&self) -> bool {
         self.skip == 0 && self.chunk.len() == CHUNK_SLOTS
     }
 
     /// A handle that keeps the chunk (and so its contents) as they are now.
-    pub fn handle(&self) -> ChunkHandle {
+    pub(crate) fn handle(&self) -> ChunkHandle {
         ChunkHandle(self.chunk.clone())
     }
 
     /// Whether `handle` was taken from this very chunk, unchanged since.
-    pub fn is(&self, handle: &ChunkHandle) -> bool {
+    pub(crate) fn is(&self, handle: &ChunkHandle) -> bool {
         Arc::ptr_eq(self.chunk, &handle.0)
     }
 }
 
 /// A chunk of the key queue kept by a snapshot's encoding cache (see [`KeyChunk`]).
 #[derive(Clone)]
-pub struct ChunkHandle(Arc<Vec<Slot>>);
+pub(crate) struct ChunkHandle(Arc<Vec<Slot>>);
 
 impl std::fmt::Debug for ChunkHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -297,7 +297,7 @@ const TYPICAL_ALLOCATION_BYTES: usize = 256;
 /// step rather than by hashing every id.
 ///
 /// It keeps the encoding of each whole chunk of idempotency keys too (see
-/// [`crate::domain::idempotency::KeyChunk`]): a key never changes once decided, and the window
+/// `KeyChunk` in `domain/idempotency.rs`): a key never changes once decided, and the window
 /// holds many more keys than a snapshot interval adds, so most of them were encoded last time.
 #[derive(Debug, Default)]
 pub struct EncodingCache {
@@ -338,11 +338,6 @@ impl EncodingCache {
     /// No encoding is kept (no snapshot yet, or the last one had no allocations).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
-    }
-
-    /// Chunks of keys whose encoding is kept.
-    pub fn key_chunks(&self) -> usize {
-        self.keys.len()
     }
 }
 
