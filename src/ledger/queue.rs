@@ -216,13 +216,25 @@ impl Ledger {
     }
 
     /// Writes the queue timeouts due, then grants what the queue decides, one event at a time
-    /// (each decision sees the grants before it).
+    /// (each decision sees the grants before it), until nothing is due at the instant the next
+    /// event would get: each event written moves that instant on, and a wait that times out by
+    /// it ends before the decision that follows is stamped (a replay decides it there).
     pub(super) fn settle_queue(&self, core: &mut Core) -> Result<()> {
         if core.state.queue().is_empty() {
             return Ok(());
         }
         self.settle_preemptions(core)?;
-        let now = self.next_ts(&core.state);
+        loop {
+            let before = core.state.last_seq;
+            self.settle_queue_at(core, self.next_ts(&core.state))?;
+            if core.state.last_seq == before || core.state.queue().is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One pass of [`Ledger::settle_queue`] with the clock at `now`.
+    fn settle_queue_at(&self, core: &mut Core, now: Micros) -> Result<()> {
         for body in core.state.decide_queue_timeouts(now) {
             let ts = self.next_ts(&core.state);
             self.append(core, ts, body)?;
